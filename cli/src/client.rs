@@ -1,0 +1,408 @@
+//! The client verbs. Each finds the JobManager (and, for `cluster`, the ResourceManager) leader
+//! through the HA services named in the configuration, follows not-leader redirects, and falls
+//! back to the configured `jobmanager.rpc.address` when the HA services name no leader. Errors
+//! name what was tried.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use keel_client::LeaderClient;
+use keel_config::{Config, HaBackend};
+use keel_ha::{HaServices, Role};
+use keel_proto::pb::job_manager_client::JobManagerClient;
+use keel_proto::pb::resource_manager_client::ResourceManagerClient;
+use keel_proto::pb::{self};
+use keel_proto::KeelError;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::format::{bytes, millis, table, timestamp};
+use crate::Output;
+
+/// How long a verb keeps retrying while no leader answers.
+const RETRY_FOR: Duration = Duration::from_secs(10);
+/// How long `keel run` waits for a job to run (slot waits end earlier, at slot.request.timeout).
+const RUN_WAIT: Duration = Duration::from_secs(3600);
+
+pub struct Client {
+    config: Config,
+    output: Output,
+    jm: LeaderClient,
+    rm: LeaderClient,
+    ha_description: String,
+}
+
+fn describe_ha(config: &Config) -> String {
+    match &config.ha.backend {
+        HaBackend::Local { storage_dir } => {
+            format!("local HA store {} (cluster {})", storage_dir.display(), config.ha.cluster_id)
+        }
+        HaBackend::Etcd { endpoints, .. } => {
+            format!("etcd {} (cluster {})", endpoints.join(","), config.ha.cluster_id)
+        }
+    }
+}
+
+impl Client {
+    pub async fn connect(
+        config: Config,
+        output: Output,
+        jobmanager: Option<String>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Client> {
+        let ha_description = describe_ha(&config);
+        let ha: Arc<dyn HaServices> = keel_ha::connect(&config.ha)
+            .await
+            .with_context(|| format!("cannot reach the cluster's HA services ({ha_description})"))?;
+        let jm = match jobmanager {
+            Some(addr) => LeaderClient::from_addresses(Role::JobManager, vec![addr]),
+            None => LeaderClient::from_ha(Role::JobManager, &ha, shutdown.clone())
+                .with_fallback(vec![config.jobmanager_rpc.to_string()]),
+        }
+        .with_retry_for(RETRY_FOR);
+        let rm = LeaderClient::from_ha(Role::ResourceManager, &ha, shutdown)
+            .with_fallback(vec![config.resourcemanager_rpc.to_string()])
+            .with_retry_for(RETRY_FOR);
+        Ok(Client { config, output, jm, rm, ha_description })
+    }
+
+    fn unreachable(&self, role: &str, err: KeelError) -> anyhow::Error {
+        match err {
+            KeelError::Unavailable { .. } | KeelError::NotLeader { .. } => anyhow!(
+                "cannot reach the {role} leader (looked up in {}): {err}",
+                self.ha_description
+            ),
+            other => anyhow::Error::new(other),
+        }
+    }
+
+    async fn describe(&self, job: &str) -> anyhow::Result<pb::JobDetails> {
+        let req = pb::DescribeJobRequest { job: job.to_string() };
+        self.jm
+            .call(|ch| {
+                let req = req.clone();
+                async move { JobManagerClient::new(ch).describe_job(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))
+    }
+
+    async fn overview(&self) -> anyhow::Result<pb::ClusterOverviewResponse> {
+        self.rm
+            .call(|ch| async move {
+                ResourceManagerClient::new(ch)
+                    .cluster_overview(pb::ClusterOverviewRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+            })
+            .await
+            .map_err(|e| self.unreachable("resourcemanager", e))
+    }
+
+    /// `keel run FILE`: submits, then (unless detached) waits until the job runs or fails.
+    pub async fn run(&self, file: &Path, detached: bool) -> anyhow::Result<()> {
+        let spec_yaml = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read job spec {}", file.display()))?;
+        // Validate here first: the same check the JobManager makes, without a round trip.
+        keel_spec::JobSpec::parse(&spec_yaml).with_context(|| format!("job spec {}", file.display()))?;
+        let req = pb::SubmitJobRequest { spec_yaml };
+        let submitted = self
+            .jm
+            .call(|ch| {
+                let req = req.clone();
+                async move { JobManagerClient::new(ch).submit_job(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))?;
+        if self.output == Output::Text {
+            println!("submitted job {} as {} (version {})", submitted.name, submitted.job_id, submitted.version);
+        }
+        if detached {
+            if self.output == Output::Json {
+                println!("{}", json!({"job_id": submitted.job_id, "name": submitted.name, "version": submitted.version}));
+            }
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut last_line = String::new();
+        let mut slot_hint_shown = false;
+        loop {
+            let details = self.describe(&submitted.job_id).await?;
+            let summary = details.summary.clone().unwrap_or_default();
+            let line = if details.status_message.is_empty() {
+                format!("state: {}", summary.state)
+            } else {
+                format!("state: {} ({})", summary.state, details.status_message)
+            };
+            if line != last_line && self.output == Output::Text {
+                println!("  {line}");
+                last_line = line;
+            }
+            match summary.state.as_str() {
+                "running" | "finished" => {
+                    if self.output == Output::Json {
+                        println!("{}", details_json(&details));
+                    } else {
+                        let tms: std::collections::BTreeSet<&str> =
+                            details.tasks.iter().map(|t| t.taskmanager_id.as_str()).collect();
+                        println!(
+                            "job {} is {}: {} task(s) on {} taskmanager(s), after {}",
+                            summary.name,
+                            summary.state,
+                            details.tasks.len(),
+                            tms.len(),
+                            millis(started.elapsed().as_millis() as u64)
+                        );
+                    }
+                    return Ok(());
+                }
+                "failed" | "canceled" => {
+                    bail!("job {} {}: {}", summary.name, summary.state, details.status_message)
+                }
+                "scheduled" if !slot_hint_shown && started.elapsed() > Duration::from_secs(2) => {
+                    slot_hint_shown = true;
+                    if let Ok(o) = self.overview().await {
+                        if self.output == Output::Text {
+                            println!(
+                                "  waiting for slots: {} needed, {} free of {} on {} taskmanager(s); \
+                                 the request fails after slot.request.timeout ({:?})",
+                                summary.parallelism,
+                                o.slots_free,
+                                o.slots_total,
+                                o.taskmanagers.len(),
+                                self.config.slot_request_timeout
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if started.elapsed() > RUN_WAIT {
+                bail!("job {} still {} after {:?}", summary.name, summary.state, RUN_WAIT);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn list(&self) -> anyhow::Result<()> {
+        let jobs = self
+            .jm
+            .call(|ch| async move {
+                JobManagerClient::new(ch).list_jobs(pb::ListJobsRequest {}).await.map(|r| r.into_inner().jobs)
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))?;
+        match self.output {
+            Output::Json => println!("{}", serde_json::Value::Array(jobs.iter().map(summary_json).collect())),
+            Output::Text => {
+                if jobs.is_empty() {
+                    println!("no jobs");
+                    return Ok(());
+                }
+                let rows: Vec<Vec<String>> = jobs
+                    .iter()
+                    .map(|j| {
+                        vec![
+                            j.job_id.clone(),
+                            j.name.clone(),
+                            j.state.clone(),
+                            j.active_version.to_string(),
+                            j.parallelism.to_string(),
+                            format!("{}/{}", j.tasks_running, j.tasks_total),
+                            timestamp(j.created_at_ms),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(&["ID", "NAME", "STATE", "VERSION", "PARALLELISM", "RUNNING", "CREATED"], &rows)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn status(&self, job: &str) -> anyhow::Result<()> {
+        let d = self.describe(job).await?;
+        if self.output == Output::Json {
+            println!("{}", details_json(&d));
+            return Ok(());
+        }
+        let s = d.summary.clone().unwrap_or_default();
+        println!("job {} ({})", s.name, s.job_id);
+        println!(
+            "  state: {}   active version: {}   parallelism: {}   restarts: {}",
+            s.state, s.active_version, s.parallelism, d.restarts
+        );
+        if !d.status_message.is_empty() {
+            println!("  status: {}", d.status_message);
+        }
+        println!("\nversions");
+        let rows: Vec<Vec<String>> = d
+            .versions
+            .iter()
+            .map(|v| {
+                vec![
+                    v.version.to_string(),
+                    v.state.clone(),
+                    v.parallelism.to_string(),
+                    timestamp(v.created_at_ms),
+                ]
+            })
+            .collect();
+        print!("{}", indent(&table(&["VERSION", "STATE", "PARALLELISM", "CREATED"], &rows)));
+        println!("\ntasks");
+        if d.tasks.is_empty() {
+            println!("  none deployed");
+        } else {
+            let rows: Vec<Vec<String>> = d
+                .tasks
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.subtask.to_string(),
+                        t.attempt.to_string(),
+                        t.state.clone(),
+                        t.taskmanager_id.clone(),
+                        t.taskmanager_address.clone(),
+                        t.slot_index.to_string(),
+                        t.records_in.to_string(),
+                        t.records_out.to_string(),
+                        t.failure.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                indent(&table(
+                    &["SUBTASK", "ATTEMPT", "STATE", "TASKMANAGER", "ADDRESS", "SLOT", "IN", "OUT", "FAILURE"],
+                    &rows
+                ))
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn cancel(&self, job: &str, detached: bool) -> anyhow::Result<()> {
+        let req = pb::CancelJobRequest { job: job.to_string() };
+        let resp = self
+            .jm
+            .call(|ch| {
+                let req = req.clone();
+                async move { JobManagerClient::new(ch).cancel_job(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))?;
+        let mut state = resp.state.clone();
+        if !detached {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while state != "canceled" && state != "failed" && state != "finished" {
+                if Instant::now() > deadline {
+                    bail!("job {} still {state} 60 s after the cancel request", resp.job_id);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                state = self.describe(&resp.job_id).await?.summary.unwrap_or_default().state;
+            }
+        }
+        match self.output {
+            Output::Json => println!("{}", json!({"job_id": resp.job_id, "state": state})),
+            Output::Text => println!("job {} {state}", resp.job_id),
+        }
+        Ok(())
+    }
+
+    pub async fn cluster(&self) -> anyhow::Result<()> {
+        let jm = self
+            .jm
+            .call(|ch| async move {
+                JobManagerClient::new(ch).leader_info(pb::LeaderInfoRequest {}).await.map(|r| r.into_inner())
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))?;
+        let rm = self.overview().await?;
+        if self.output == Output::Json {
+            let tms: Vec<serde_json::Value> = rm
+                .taskmanagers
+                .iter()
+                .map(|t| {
+                    json!({"id": t.taskmanager_id, "address": t.address, "slots": t.num_slots,
+                           "free_slots": t.free_slots, "last_heartbeat_ms_ago": t.last_heartbeat_ms_ago,
+                           "memory_rss_bytes": t.memory_rss_bytes})
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "ha": self.ha_description,
+                    "jobmanager": {"leader": jm.leader_address, "epoch": jm.epoch},
+                    "resourcemanager": {"leader": rm.resourcemanager_address, "epoch": rm.resourcemanager_epoch},
+                    "taskmanagers": tms,
+                    "slots": {"total": rm.slots_total, "free": rm.slots_free, "used": rm.slots_total - rm.slots_free},
+                })
+            );
+            return Ok(());
+        }
+        println!("HA services: {}", self.ha_description);
+        print!(
+            "{}",
+            table(
+                &["ROLE", "LEADER", "EPOCH"],
+                &[
+                    vec!["resourcemanager".into(), rm.resourcemanager_address.clone(), rm.resourcemanager_epoch.to_string()],
+                    vec!["jobmanager".into(), jm.leader_address.clone(), jm.epoch.to_string()],
+                ]
+            )
+        );
+        println!(
+            "\n{} taskmanager(s), slots: {} used, {} free, {} total",
+            rm.taskmanagers.len(),
+            rm.slots_total - rm.slots_free,
+            rm.slots_free,
+            rm.slots_total
+        );
+        if !rm.taskmanagers.is_empty() {
+            let rows: Vec<Vec<String>> = rm
+                .taskmanagers
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.taskmanager_id.clone(),
+                        t.address.clone(),
+                        format!("{}/{}", t.num_slots - t.free_slots, t.num_slots),
+                        format!("{} ago", millis(t.last_heartbeat_ms_ago)),
+                        bytes(t.memory_rss_bytes),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["TASKMANAGER", "ADDRESS", "USED", "HEARTBEAT", "MEMORY"], &rows));
+        }
+        Ok(())
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn summary_json(j: &pb::JobSummary) -> serde_json::Value {
+    json!({"job_id": j.job_id, "name": j.name, "state": j.state, "active_version": j.active_version,
+           "parallelism": j.parallelism, "tasks_running": j.tasks_running, "tasks_total": j.tasks_total,
+           "created_at_ms": j.created_at_ms})
+}
+
+fn details_json(d: &pb::JobDetails) -> serde_json::Value {
+    let s = d.summary.clone().unwrap_or_default();
+    json!({
+        "job": summary_json(&s),
+        "status_message": d.status_message,
+        "restarts": d.restarts,
+        "versions": d.versions.iter().map(|v| json!({"version": v.version, "state": v.state,
+            "parallelism": v.parallelism, "created_at_ms": v.created_at_ms})).collect::<Vec<_>>(),
+        "tasks": d.tasks.iter().map(|t| json!({"task_id": t.task_id, "version": t.version, "subtask": t.subtask,
+            "attempt": t.attempt, "state": t.state, "taskmanager_id": t.taskmanager_id,
+            "taskmanager_address": t.taskmanager_address, "slot": t.slot_index, "failure": t.failure,
+            "records_in": t.records_in, "records_out": t.records_out})).collect::<Vec<_>>(),
+    })
+}

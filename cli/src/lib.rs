@@ -1,0 +1,178 @@
+//! What the `keel` binary does, as a library.
+//!
+//! Layout:
+//! - [`Session`]: the global flags (config file, `--set` overrides, output format) and the entry
+//!   points: running a role, running a client verb, the dev cluster, config listings.
+//! - [`client`]: the client verbs (`run`, `list`, `status`, `cancel`, `cluster`) and their
+//!   output, as text for people and JSON for scripts.
+
+pub mod client;
+mod format;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use keel_config::{Config, ConfigSources, KEYS};
+use tokio_util::sync::CancellationToken;
+
+pub use client::Client;
+
+/// Output format of client verbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum RoleCmd {
+    ResourceManager,
+    JobManager,
+    TaskManager,
+}
+
+/// The global flags of one invocation.
+pub struct Session {
+    pub config_file: Option<PathBuf>,
+    pub set: Vec<String>,
+    pub output: Output,
+    pub jobmanager: Option<String>,
+}
+
+/// An error with its whole cause chain on one line.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested");
+        token.cancel();
+    });
+}
+
+impl Session {
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(&ConfigSources::from_process(self.config_file.clone(), self.set.clone()))?)
+    }
+
+    /// Runs one cluster role until SIGTERM or Ctrl-C.
+    pub fn role(&self, role: RoleCmd) -> anyhow::Result<()> {
+        init_logging();
+        let config = self.load_config()?;
+        runtime()?.block_on(async move {
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            let ha = keel_ha::connect(&config.ha).await?;
+            match role {
+                RoleCmd::ResourceManager => keel_resourcemanager::run(config, ha, shutdown).await?,
+                RoleCmd::JobManager => keel_jobmanager::run(config, ha, shutdown).await?,
+                RoleCmd::TaskManager => keel_taskmanager::run(config, ha, shutdown).await?,
+            }
+            tracing::info!("stopped");
+            Ok(())
+        })
+    }
+
+    /// Runs a client verb.
+    pub fn client<F, Fut>(&self, verb: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Arc<Client>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        if std::env::var_os("KEEL_LOG").is_some() {
+            init_logging();
+        }
+        let config = self.load_config()?;
+        let output = self.output;
+        let jobmanager = self.jobmanager.clone();
+        runtime()?.block_on(async move {
+            let shutdown = CancellationToken::new();
+            let client = Arc::new(Client::connect(config, output, jobmanager, shutdown.clone()).await?);
+            let result = verb(client).await;
+            shutdown.cancel();
+            result
+        })
+    }
+
+    pub fn dev(&self, args: keel_deploy::DevArgs) -> anyhow::Result<()> {
+        runtime()?.block_on(async move {
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            keel_deploy::run_dev_cluster(args, self.set.clone(), shutdown).await
+        })
+    }
+
+    pub fn config_keys(&self) -> anyhow::Result<()> {
+        match self.output {
+            Output::Json => {
+                let keys: Vec<serde_json::Value> = KEYS
+                    .iter()
+                    .map(|k| serde_json::json!({"key": k.key, "default": k.default, "env": k.env_var(), "help": k.help}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            }
+            Output::Text => {
+                let rows: Vec<Vec<String>> = KEYS
+                    .iter()
+                    .map(|k| vec![k.key.to_string(), k.default.to_string(), k.env_var(), k.help.to_string()])
+                    .collect();
+                print!("{}", format::table(&["KEY", "DEFAULT", "ENVIRONMENT", "MEANING"], &rows));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config_show(&self) -> anyhow::Result<()> {
+        let config = self.load_config()?;
+        match self.output {
+            Output::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = config
+                    .effective
+                    .iter()
+                    .map(|(k, (v, origin))| (k.clone(), serde_json::json!({"value": v, "from": origin})))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&map)?);
+            }
+            Output::Text => {
+                let rows: Vec<Vec<String>> =
+                    config.effective.iter().map(|(k, (v, o))| vec![k.clone(), v.clone(), o.clone()]).collect();
+                print!("{}", format::table(&["KEY", "VALUE", "FROM"], &rows));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! The `keel` binary: parses arguments and calls the libraries. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keel::{Output, Session};
+
+#[derive(Parser)]
+#[command(name = "keel", version, about = "Keel: a high-availability cluster runtime for streaming jobs")]
+struct Cli {
+    /// Configuration file (YAML, Flink-like keys).
+    #[arg(long, short = 'c', global = true, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override a configuration key: --set heartbeat.interval=500ms (repeatable).
+    #[arg(long = "set", short = 'D', global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Output format of client verbs.
+    #[arg(long, short = 'o', global = true, default_value = "text", env = "KEEL_OUTPUT")]
+    output: Output,
+    /// Talk to this JobManager instead of finding the leader through the HA services.
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    jobmanager: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a ResourceManager (leader or standby).
+    Resourcemanager,
+    /// Run a JobManager (leader or standby).
+    Jobmanager,
+    /// Run a TaskManager.
+    Taskmanager,
+    /// Submit a job spec and wait until it runs.
+    Run {
+        file: PathBuf,
+        /// Return right after submission instead of waiting for the job to run.
+        #[arg(long, short = 'd')]
+        detached: bool,
+    },
+    /// List jobs.
+    List,
+    /// Show a job: versions, tasks and where each runs.
+    Status { job: String },
+    /// Cancel a job and wait until its slots are free.
+    Cancel {
+        job: String,
+        /// Return right after the request instead of waiting for `canceled`.
+        #[arg(long, short = 'd')]
+        detached: bool,
+    },
+    /// Show the cluster: leaders with epochs, TaskManagers, slots used and free.
+    Cluster,
+    /// Start a local three-process cluster (ResourceManager, JobManager, TaskManager).
+    Dev(keel_deploy::DevArgs),
+    /// Configuration keys and the effective configuration.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Every known key with its default and environment variable.
+    Keys,
+    /// The effective configuration and where each value comes from.
+    Show,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let session = Session { config_file: cli.config, set: cli.set, output: cli.output, jobmanager: cli.jobmanager };
+    let result = match cli.command {
+        Command::Resourcemanager => session.role(keel::RoleCmd::ResourceManager),
+        Command::Jobmanager => session.role(keel::RoleCmd::JobManager),
+        Command::Taskmanager => session.role(keel::RoleCmd::TaskManager),
+        Command::Run { file, detached } => session.client(|c| async move { c.run(&file, detached).await }),
+        Command::List => session.client(|c| async move { c.list().await }),
+        Command::Status { job } => session.client(|c| async move { c.status(&job).await }),
+        Command::Cancel { job, detached } => session.client(|c| async move { c.cancel(&job, detached).await }),
+        Command::Cluster => session.client(|c| async move { c.cluster().await }),
+        Command::Dev(args) => session.dev(args),
+        Command::Config { what: ConfigCommand::Keys } => session.config_keys(),
+        Command::Config { what: ConfigCommand::Show } => session.config_show(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", keel::error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}

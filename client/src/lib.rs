@@ -1,0 +1,267 @@
+//! RPC clients that find a role's leader and follow it.
+//!
+//! Layout:
+//! - [`channel`]: a lazily connected tonic channel to one address, with a connect timeout.
+//! - [`LeaderClient`]: calls the leader of a role. It learns the leader from the HA services'
+//!   leader watch (or from a static address list, for clients without HA access), follows
+//!   `NotLeader` redirects to the address they carry, and retries while the cluster is between
+//!   leaders, up to a deadline. Its errors name the address that was tried.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_ha::{HaServices, LeaderInfo, Role};
+use keel_proto::{KeelError, Result};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long to wait for a TCP connection to a peer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A lazily connected channel to `address` (`host:port`). Connection errors surface on the first
+/// call as `Unavailable` statuses.
+pub fn channel(address: &str) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| KeelError::InvalidArgument { reason: format!("bad address {address:?}: {e}") })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(endpoint.connect_lazy())
+}
+
+/// Rebuilds the typed error of a failed call, with the transport cause when there is one.
+pub fn status_error(status: &tonic::Status, address: &str) -> KeelError {
+    let mut err = KeelError::from_status(status, address);
+    if let KeelError::Unavailable { reason, .. } = &mut err {
+        let mut source = std::error::Error::source(status);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !reason.contains(&text) {
+                reason.push_str(": ");
+                reason.push_str(&text);
+            }
+            source = s.source();
+        }
+    }
+    err
+}
+
+/// Channels by address, shared by the clients of one process.
+#[derive(Clone, Default)]
+pub struct Channels {
+    inner: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    pub fn get(&self, address: &str) -> Result<Channel> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let c = channel(address)?;
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the channel to `address` (after the peer went away), so the next call reconnects.
+    pub fn forget(&self, address: &str) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(address);
+    }
+}
+
+/// Calls the leader of one role, wherever it is.
+#[derive(Clone)]
+pub struct LeaderClient {
+    role: Role,
+    leader: Option<watch::Receiver<Option<LeaderInfo>>>,
+    fallback: Vec<String>,
+    redirect: Arc<Mutex<Option<String>>>,
+    channels: Channels,
+    retry_for: Duration,
+}
+
+impl LeaderClient {
+    /// A client that learns the leader from the HA services. The watch runs until `shutdown`.
+    pub fn from_ha(role: Role, ha: &Arc<dyn HaServices>, shutdown: CancellationToken) -> Self {
+        LeaderClient {
+            role,
+            leader: Some(ha.watch_leader(role, shutdown)),
+            fallback: Vec::new(),
+            redirect: Arc::new(Mutex::new(None)),
+            channels: Channels::default(),
+            retry_for: Duration::from_secs(30),
+        }
+    }
+
+    /// A client for a fixed list of addresses (any of them may redirect to the leader).
+    pub fn from_addresses(role: Role, addresses: Vec<String>) -> Self {
+        LeaderClient {
+            role,
+            leader: None,
+            fallback: addresses,
+            redirect: Arc::new(Mutex::new(None)),
+            channels: Channels::default(),
+            retry_for: Duration::from_secs(30),
+        }
+    }
+
+    /// Adds addresses to try when the HA services name no leader.
+    pub fn with_fallback(mut self, addresses: Vec<String>) -> Self {
+        self.fallback = addresses;
+        self
+    }
+
+    /// How long a call keeps retrying while no leader answers (default 30 s).
+    pub fn with_retry_for(mut self, retry_for: Duration) -> Self {
+        self.retry_for = retry_for;
+        self
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The leader as currently known (from the HA watch), if any.
+    pub fn known_leader(&self) -> Option<LeaderInfo> {
+        self.leader.as_ref().and_then(|w| w.borrow().clone())
+    }
+
+    /// A receiver of leader changes (None for a static client).
+    pub fn leader_watch(&self) -> Option<watch::Receiver<Option<LeaderInfo>>> {
+        self.leader.clone()
+    }
+
+    fn candidates(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(r) = self.redirect.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            out.push(r);
+        }
+        if let Some(info) = self.known_leader() {
+            if !out.contains(&info.address) {
+                out.push(info.address);
+            }
+        }
+        for a in &self.fallback {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+
+    /// Calls `f` against the leader. `f` gets a channel and the address it points to. Retries on
+    /// `NotLeader` (following the address it carries) and on `Unavailable` until the retry
+    /// deadline; other errors are returned at once.
+    pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(50);
+        let mut last_err: Option<KeelError> = None;
+        loop {
+            let candidates = self.candidates();
+            if candidates.is_empty() {
+                last_err = Some(KeelError::NotLeader { role: self.role.to_string(), leader: None });
+            }
+            for address in candidates {
+                let channel = self.channels.get(&address)?;
+                match f(channel).await {
+                    Ok(v) => {
+                        *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(address.clone());
+                        return Ok(v);
+                    }
+                    Err(status) => {
+                        let err = status_error(&status, &address);
+                        match &err {
+                            KeelError::NotLeader { leader: Some(l), .. } if *l != address => {
+                                tracing::debug!(role = %self.role, from = %address, to = %l, "following leader redirect");
+                                *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(l.clone());
+                            }
+                            _ if err.is_retryable() => {
+                                let mut r = self.redirect.lock().unwrap_or_else(|p| p.into_inner());
+                                if r.as_deref() == Some(address.as_str()) {
+                                    *r = None;
+                                }
+                            }
+                            _ => return Err(err),
+                        }
+                        last_err = Some(err);
+                    }
+                }
+            }
+            // A redirect learned in this round is tried at once.
+            if let Some(KeelError::NotLeader { leader: Some(_), .. }) = &last_err {
+                if tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // Avoid spinning between two standbys that point at each other.
+                    last_err = last_err.map(|e| match e {
+                        KeelError::NotLeader { role, .. } => KeelError::NotLeader { role, leader: None },
+                        e => e,
+                    });
+                    continue;
+                }
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(last_err.unwrap_or_else(|| {
+                    KeelError::NotLeader { role: self.role.to_string(), leader: None }
+                }));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Binds a listener for a gRPC server on `host:port` (port 0 picks a free one) and returns it
+/// with the address to advertise (`host:actual_port`).
+pub async fn bind(host: &str, port: u16) -> Result<(tokio_stream::wrappers::TcpListenerStream, String)> {
+    let wanted = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&wanted)
+        .await
+        .map_err(|e| KeelError::unavailable(&wanted, format!("cannot listen: {e}")))?;
+    let actual = listener
+        .local_addr()
+        .map_err(|e| KeelError::unavailable(&wanted, format!("cannot read bound address: {e}")))?;
+    let advertised = format!("{host}:{}", actual.port());
+    Ok((tokio_stream::wrappers::TcpListenerStream::new(listener), advertised))
+}
+
+/// Tracks the highest epoch seen from the leader of one role, and fences out lower ones.
+#[derive(Debug)]
+pub struct EpochFence {
+    role: Role,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl EpochFence {
+    pub fn new(role: Role) -> Self {
+        EpochFence { role, seen: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Accepts `epoch` if it is at least the highest seen (and remembers it); otherwise a typed
+    /// `StaleEpoch` error.
+    pub fn check(&self, epoch: u64) -> Result<()> {
+        let prev = self.seen.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+        if epoch < prev {
+            return Err(KeelError::StaleEpoch {
+                role: self.role.to_string(),
+                received: epoch,
+                seen: prev,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn seen(&self) -> u64 {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,518 @@
+//! Keel configuration: one YAML file with Flink-like keys.
+//!
+//! Layout:
+//! - [`KEYS`]: every key Keel knows, its default, the environment variable that overrides it and
+//!   what it means. `keel config keys` prints this table.
+//! - [`Config`]: the typed configuration, built from (lowest to highest precedence) the defaults,
+//!   the YAML file, `KEEL_*` environment variables and `--set key=value` flags.
+//! - [`parse_duration`]: Flink-style durations (`500 ms`, `3 s`, `5 min`; a bare number is ms).
+//!
+//! Unknown keys are an error that names them, wherever they come from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid YAML: {source}")]
+    Yaml { path: PathBuf, source: serde_yaml::Error },
+    #[error("config file {path}: top level must be a mapping of keys to values")]
+    NotAMapping { path: PathBuf },
+    #[error("unknown configuration key{} {} (from {origin}); known keys are listed by `keel config keys`",
+        if keys.len() == 1 { "" } else { "s" }, keys.join(", "))]
+    UnknownKeys { keys: Vec<String>, origin: String },
+    #[error("configuration key {key} = {value:?} (from {origin}): {reason}")]
+    InvalidValue { key: String, value: String, origin: String, reason: String },
+    #[error("flag --set {0:?} must have the form key=value")]
+    BadFlag(String),
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// One known configuration key.
+pub struct KeyInfo {
+    pub key: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+impl KeyInfo {
+    /// The environment variable that overrides this key: `KEEL_` + the key in upper case with
+    /// `.` and `-` turned into `_` (`heartbeat.interval` -> `KEEL_HEARTBEAT_INTERVAL`).
+    pub fn env_var(&self) -> String {
+        env_var_for(self.key)
+    }
+}
+
+pub fn env_var_for(key: &str) -> String {
+    let mut out = String::from("KEEL_");
+    for c in key.chars() {
+        match c {
+            '.' | '-' => out.push('_'),
+            c => out.extend(c.to_uppercase()),
+        }
+    }
+    out
+}
+
+/// Every key Keel knows.
+pub const KEYS: &[KeyInfo] = &[
+    KeyInfo { key: "high-availability.type", default: "local", help: "HA backend: `local` (lock files on one host) or `etcd`" },
+    KeyInfo { key: "high-availability.storageDir", default: "/tmp/keel/ha", help: "directory of the local HA backend (lock files, metadata)" },
+    KeyInfo { key: "high-availability.cluster-id", default: "default", help: "name of the cluster; separates clusters sharing one etcd or storage dir" },
+    KeyInfo { key: "high-availability.etcd.endpoints", default: "127.0.0.1:2379", help: "comma-separated etcd client endpoints (host:port)" },
+    KeyInfo { key: "high-availability.etcd.lease-ttl", default: "3 s", help: "TTL of a leader's etcd lease; a dead leader is replaced after about this long" },
+    KeyInfo { key: "high-availability.etcd.connect-timeout", default: "5 s", help: "how long to wait for etcd before failing with an error naming the endpoints" },
+    KeyInfo { key: "heartbeat.interval", default: "1 s", help: "how often TaskManagers send heartbeats" },
+    KeyInfo { key: "heartbeat.timeout", default: "5 s", help: "a TaskManager without heartbeat for this long is declared lost" },
+    KeyInfo { key: "taskmanager.numberOfTaskSlots", default: "1", help: "number of task slots a TaskManager offers" },
+    KeyInfo { key: "taskmanager.id", default: "", help: "TaskManager id; generated from host and port when empty" },
+    KeyInfo { key: "slot.request.timeout", default: "5 min", help: "how long a slot request waits for free slots before failing" },
+    KeyInfo { key: "resourcemanager.rpc.address", default: "127.0.0.1", help: "host the ResourceManager binds and advertises" },
+    KeyInfo { key: "resourcemanager.rpc.port", default: "6124", help: "port of the ResourceManager (0 picks a free one)" },
+    KeyInfo { key: "jobmanager.rpc.address", default: "127.0.0.1", help: "host the JobManager binds and advertises; clients fall back to it when the HA services name no leader" },
+    KeyInfo { key: "jobmanager.rpc.port", default: "6123", help: "port of the JobManager (0 picks a free one)" },
+    KeyInfo { key: "taskmanager.rpc.address", default: "127.0.0.1", help: "host the TaskManager binds and advertises" },
+    KeyInfo { key: "taskmanager.rpc.port", default: "0", help: "port of the TaskManager (0 picks a free one)" },
+    KeyInfo { key: "restart-strategy.fixed-delay.delay", default: "1 s", help: "pause before a failed job version is restarted" },
+    KeyInfo { key: "state.checkpoints.dir", default: "/tmp/keel/checkpoints", help: "directory where checkpoint data is written" },
+];
+
+fn key_info(key: &str) -> Option<&'static KeyInfo> {
+    KEYS.iter().find(|k| k.key == key)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HaBackend {
+    Local { storage_dir: PathBuf },
+    Etcd { endpoints: Vec<String>, lease_ttl: Duration, connect_timeout: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaConfig {
+    pub backend: HaBackend,
+    pub cluster_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for RpcAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// The typed configuration of a Keel process or client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub ha: HaConfig,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub slots_per_taskmanager: u32,
+    pub taskmanager_id: Option<String>,
+    pub slot_request_timeout: Duration,
+    pub resourcemanager_rpc: RpcAddress,
+    pub jobmanager_rpc: RpcAddress,
+    pub taskmanager_rpc: RpcAddress,
+    pub restart_delay: Duration,
+    pub checkpoints_dir: PathBuf,
+    /// Every key with its effective value and where it came from, for `keel config show`.
+    pub effective: BTreeMap<String, (String, String)>,
+}
+
+/// Where configuration comes from, lowest precedence first.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigSources {
+    pub file: Option<PathBuf>,
+    /// Environment variables (normally `std::env::vars()`); only `KEEL_*` names matching a key
+    /// are used, other `KEEL_*` names are reported as unknown.
+    pub env: Vec<(String, String)>,
+    /// `key=value` flags.
+    pub flags: Vec<String>,
+}
+
+/// Environment variables read by the binary itself rather than as configuration keys.
+pub const NON_KEY_ENV_VARS: &[&str] = &["KEEL_CONFIG", "KEEL_LOG", "KEEL_OUTPUT", "KEEL_BIN"];
+
+impl ConfigSources {
+    pub fn from_process(file: Option<PathBuf>, flags: Vec<String>) -> Self {
+        ConfigSources { file, env: std::env::vars().collect(), flags }
+    }
+}
+
+impl Config {
+    /// The configuration with every key at its default.
+    pub fn defaults() -> Config {
+        // The defaults are valid by construction; a failure here is a bug in `KEYS`.
+        Self::from_raw(BTreeMap::new()).unwrap_or_else(|e| panic!("built-in defaults: {e}"))
+    }
+
+    pub fn load(sources: &ConfigSources) -> Result<Config> {
+        let mut raw: BTreeMap<String, (String, String)> = BTreeMap::new();
+        if let Some(path) = &sources.file {
+            for (k, v) in read_file(path)? {
+                raw.insert(k, (v, path.display().to_string()));
+            }
+        }
+        let mut unknown_env = Vec::new();
+        let env_names: BTreeMap<String, &'static str> =
+            KEYS.iter().map(|k| (k.env_var(), k.key)).collect();
+        for (name, value) in &sources.env {
+            if !name.starts_with("KEEL_") || NON_KEY_ENV_VARS.contains(&name.as_str()) {
+                continue;
+            }
+            match env_names.get(name) {
+                Some(key) => {
+                    raw.insert(key.to_string(), (value.clone(), format!("env {name}")));
+                }
+                None => unknown_env.push(name.clone()),
+            }
+        }
+        if !unknown_env.is_empty() {
+            unknown_env.sort();
+            return Err(ConfigError::UnknownKeys {
+                keys: unknown_env,
+                origin: "environment".into(),
+            });
+        }
+        let mut unknown_flags = Vec::new();
+        for flag in &sources.flags {
+            let (k, v) = flag.split_once('=').ok_or_else(|| ConfigError::BadFlag(flag.clone()))?;
+            let k = k.trim();
+            if key_info(k).is_none() {
+                unknown_flags.push(k.to_string());
+                continue;
+            }
+            raw.insert(k.to_string(), (v.trim().to_string(), format!("flag --set {k}")));
+        }
+        if !unknown_flags.is_empty() {
+            return Err(ConfigError::UnknownKeys {
+                keys: unknown_flags,
+                origin: "--set flags".into(),
+            });
+        }
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(mut raw: BTreeMap<String, (String, String)>) -> Result<Config> {
+        for info in KEYS {
+            raw.entry(info.key.to_string())
+                .or_insert_with(|| (info.default.to_string(), "default".to_string()));
+        }
+        let get = |key: &str| -> (&str, &str) {
+            raw.get(key).map(|(v, o)| (v.as_str(), o.as_str())).unwrap_or(("", "default"))
+        };
+        let invalid = |key: &str, reason: String| {
+            let (value, origin) = get(key);
+            ConfigError::InvalidValue {
+                key: key.to_string(),
+                value: value.to_string(),
+                origin: origin.to_string(),
+                reason,
+            }
+        };
+        let duration = |key: &str| -> Result<Duration> {
+            let d = parse_duration(get(key).0).map_err(|r| invalid(key, r))?;
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero".into()));
+            }
+            Ok(d)
+        };
+        let string = |key: &str| get(key).0.trim().to_string();
+        let port = |key: &str| -> Result<u16> {
+            string(key).parse::<u16>().map_err(|e| invalid(key, format!("not a port number: {e}")))
+        };
+
+        let backend = match string("high-availability.type").as_str() {
+            "local" | "embedded" => {
+                HaBackend::Local { storage_dir: PathBuf::from(string("high-availability.storageDir")) }
+            }
+            "etcd" => {
+                let endpoints: Vec<String> = string("high-availability.etcd.endpoints")
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if endpoints.is_empty() {
+                    return Err(invalid(
+                        "high-availability.etcd.endpoints",
+                        "at least one endpoint is needed".into(),
+                    ));
+                }
+                HaBackend::Etcd {
+                    endpoints,
+                    lease_ttl: duration("high-availability.etcd.lease-ttl")?,
+                    connect_timeout: duration("high-availability.etcd.connect-timeout")?,
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "high-availability.type",
+                    format!("unknown backend {other:?}; expected `local` or `etcd`"),
+                ))
+            }
+        };
+        let cluster_id = string("high-availability.cluster-id");
+        if cluster_id.is_empty() || cluster_id.contains('/') {
+            return Err(invalid(
+                "high-availability.cluster-id",
+                "must be non-empty and contain no '/'".into(),
+            ));
+        }
+        let heartbeat_interval = duration("heartbeat.interval")?;
+        let heartbeat_timeout = duration("heartbeat.timeout")?;
+        if heartbeat_timeout <= heartbeat_interval {
+            return Err(invalid(
+                "heartbeat.timeout",
+                format!("must be longer than heartbeat.interval ({heartbeat_interval:?})"),
+            ));
+        }
+        let slots: u32 = string("taskmanager.numberOfTaskSlots")
+            .parse()
+            .map_err(|e| invalid("taskmanager.numberOfTaskSlots", format!("not a number: {e}")))?;
+        if slots == 0 {
+            return Err(invalid("taskmanager.numberOfTaskSlots", "must be at least 1".into()));
+        }
+        let tm_id = string("taskmanager.id");
+        let config = Config {
+            ha: HaConfig { backend, cluster_id },
+            heartbeat_interval,
+            heartbeat_timeout,
+            slots_per_taskmanager: slots,
+            taskmanager_id: (!tm_id.is_empty()).then_some(tm_id),
+            slot_request_timeout: duration("slot.request.timeout")?,
+            resourcemanager_rpc: RpcAddress {
+                host: string("resourcemanager.rpc.address"),
+                port: port("resourcemanager.rpc.port")?,
+            },
+            jobmanager_rpc: RpcAddress {
+                host: string("jobmanager.rpc.address"),
+                port: port("jobmanager.rpc.port")?,
+            },
+            taskmanager_rpc: RpcAddress {
+                host: string("taskmanager.rpc.address"),
+                port: port("taskmanager.rpc.port")?,
+            },
+            restart_delay: duration("restart-strategy.fixed-delay.delay")?,
+            checkpoints_dir: PathBuf::from(string("state.checkpoints.dir")),
+            effective: raw.clone(),
+        };
+        Ok(config)
+    }
+}
+
+/// Reads a YAML config file into flat `key -> value` pairs. Nested mappings are flattened with
+/// dots, so `heartbeat: {interval: 1 s}` and `heartbeat.interval: 1 s` mean the same.
+fn read_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let value: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|source| ConfigError::Yaml { path: path.to_path_buf(), source })?;
+    let mut out = Vec::new();
+    match value {
+        serde_yaml::Value::Null => {}
+        serde_yaml::Value::Mapping(map) => {
+            flatten(path, "", &map, &mut out)?;
+        }
+        _ => return Err(ConfigError::NotAMapping { path: path.to_path_buf() }),
+    }
+    let unknown: Vec<String> =
+        out.iter().filter(|(k, _)| key_info(k).is_none()).map(|(k, _)| k.clone()).collect();
+    if !unknown.is_empty() {
+        return Err(ConfigError::UnknownKeys { keys: unknown, origin: path.display().to_string() });
+    }
+    Ok(out)
+}
+
+fn flatten(
+    path: &Path,
+    prefix: &str,
+    map: &serde_yaml::Mapping,
+    out: &mut Vec<(String, String)>,
+) -> Result<()> {
+    for (k, v) in map {
+        let key = match k {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            _ => return Err(ConfigError::NotAMapping { path: path.to_path_buf() }),
+        };
+        let full = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+        match v {
+            serde_yaml::Value::Mapping(inner) if key_info(&full).is_none() => {
+                flatten(path, &full, inner, out)?
+            }
+            serde_yaml::Value::String(s) => out.push((full, s.clone())),
+            serde_yaml::Value::Number(n) => out.push((full, n.to_string())),
+            serde_yaml::Value::Bool(b) => out.push((full, b.to_string())),
+            serde_yaml::Value::Null => out.push((full, String::new())),
+            serde_yaml::Value::Sequence(items) => {
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|i| match i {
+                        serde_yaml::Value::String(s) => s.clone(),
+                        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+                    })
+                    .collect();
+                out.push((full, parts.join(",")));
+            }
+            other => {
+                out.push((full, serde_yaml::to_string(other).unwrap_or_default().trim().to_string()))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses a Flink-style duration: a number followed by an optional unit (`ms`, `s`, `min`, `h`,
+/// `d` and their long forms). A bare number is milliseconds.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (expected e.g. `500 ms`, `3 s`, `5 min`)"))?;
+    let millis_per_unit = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => 1.0,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1_000.0,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60_000.0,
+        "h" | "hour" | "hours" => 3_600_000.0,
+        "d" | "day" | "days" => 86_400_000.0,
+        other => return Err(format!("unknown time unit {other:?} in {text:?}")),
+    };
+    Ok(Duration::from_micros((value * millis_per_unit * 1000.0).round() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile_lite::TempFile {
+        let f = tempfile_lite::TempFile::new();
+        let mut h = std::fs::File::create(&f.path).expect("create temp file");
+        h.write_all(text.as_bytes()).expect("write temp file");
+        f
+    }
+
+    mod tempfile_lite {
+        pub struct TempFile {
+            pub path: std::path::PathBuf,
+        }
+        impl TempFile {
+            pub fn new() -> Self {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "keel-config-test-{}-{}.yaml",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst)
+                ));
+                TempFile { path }
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::defaults();
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(5));
+        assert_eq!(c.slot_request_timeout, Duration::from_secs(300));
+        assert!(matches!(c.ha.backend, HaBackend::Local { .. }));
+    }
+
+    #[test]
+    fn file_then_env_then_flags_in_that_order() {
+        let f = write(
+            "high-availability.type: etcd\nhigh-availability:\n  etcd:\n    endpoints: [\"a:1\", \"b:2\"]\nheartbeat.interval: 2 s\ntaskmanager.numberOfTaskSlots: 4\n",
+        );
+        let sources = ConfigSources {
+            file: Some(f.path.clone()),
+            env: vec![("KEEL_TASKMANAGER_NUMBEROFTASKSLOTS".into(), "8".into())],
+            flags: vec!["heartbeat.interval=500ms".into()],
+        };
+        let c = Config::load(&sources).expect("valid config");
+        assert_eq!(c.slots_per_taskmanager, 8);
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
+        match c.ha.backend {
+            HaBackend::Etcd { endpoints, lease_ttl, .. } => {
+                assert_eq!(endpoints, vec!["a:1".to_string(), "b:2".to_string()]);
+                assert_eq!(lease_ttl, Duration::from_secs(3));
+            }
+            other => panic!("expected etcd, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named_wherever_they_come_from() {
+        let f = write("heartbeat.intervall: 1 s\ntaskmanager.numberOfTaskSlots: 2\n");
+        let err = Config::load(&ConfigSources { file: Some(f.path.clone()), ..Default::default() })
+            .expect_err("unknown key must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("heartbeat.intervall"), "{msg}");
+
+        let err = Config::load(&ConfigSources {
+            env: vec![("KEEL_HEARTBEAT_INTERVALL".into(), "1".into())],
+            ..Default::default()
+        })
+        .expect_err("unknown env var must fail");
+        assert!(err.to_string().contains("KEEL_HEARTBEAT_INTERVALL"), "{err}");
+
+        let err = Config::load(&ConfigSources {
+            flags: vec!["slot.request.timeot=1s".into()],
+            ..Default::default()
+        })
+        .expect_err("unknown flag must fail");
+        assert!(err.to_string().contains("slot.request.timeot"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_origin() {
+        let err = Config::load(&ConfigSources {
+            flags: vec!["heartbeat.timeout=soon".into()],
+            ..Default::default()
+        })
+        .expect_err("bad duration");
+        let msg = err.to_string();
+        assert!(msg.contains("heartbeat.timeout") && msg.contains("soon"), "{msg}");
+        let err = Config::load(&ConfigSources {
+            flags: vec!["heartbeat.timeout=500ms".into()],
+            ..Default::default()
+        })
+        .expect_err("timeout below interval");
+        assert!(err.to_string().contains("longer than heartbeat.interval"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_like_flink() {
+        assert_eq!(parse_duration("500"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3 s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("5min"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn env_var_names_follow_the_key() {
+        assert_eq!(env_var_for("heartbeat.interval"), "KEEL_HEARTBEAT_INTERVAL");
+        assert_eq!(
+            env_var_for("high-availability.etcd.lease-ttl"),
+            "KEEL_HIGH_AVAILABILITY_ETCD_LEASE_TTL"
+        );
+    }
+}

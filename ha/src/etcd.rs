@@ -1,0 +1,1014 @@
+//! The etcd HA backend: leases and transactions, for clusters of several machines.
+//!
+//! Key space, all under `/keel/<cluster_id>/`:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `leader/<role>` | the leader's [`LeaderInfo`] as JSON, attached to the leader's lease |
+//! | `meta/<key>` | metadata, one etcd key per HA key |
+//!
+//! Election: a candidate creates the leader key with a transaction
+//! `if create_revision(key) == 0 then put(key, info, lease)`. The winner's epoch is the
+//! revision of that transaction, which is the key's `create_revision`: etcd revisions only
+//! grow, so every new leadership has a greater epoch than all before it. Readers always take the
+//! epoch from the key's `create_revision`, never from the value. A loser watches the key and
+//! tries again once it is deleted (resign, or lease expiry when the leader died).
+//!
+//! Leadership lifetime: a background task per leadership sends keep-alives every TTL/3 and
+//! extends the [`Leadership`] deadline to `sent_at + TTL` after every answered keep-alive
+//! (the server's lease cannot expire before that, since it counts from when it *received* the
+//! keep-alive). It re-opens the keep-alive stream when the etcd member it talks to goes away,
+//! and gives leadership up when the lease is gone, when the deadline passes, or when the leader
+//! key disappears or is re-created by someone else (it watches the key).
+//!
+//! Fencing: every leader-only write is a transaction guarded by
+//! `create_revision(leader key) == epoch`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, KeyValue,
+    LeaseGrantResponse, PutOptions, ResponseHeader, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchOptions, WatchStream,
+};
+use keel_proto::{KeelError, Result};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::{error_chain, validate_cluster_id, validate_key, validate_prefix};
+use crate::{HaServices, LeaderInfo, Leadership, Role};
+
+/// HTTP/2 keep-alive pings while a stream is open, to notice a member that vanished without
+/// closing its connections. etcd refuses pings more often than every 5 s by default.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Retry pauses after an etcd error (re-subscribing watches, re-opening keep-alive streams).
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A standby re-reads the leader key at least this often even when its watch is silent.
+const VACANCY_RECHECK: Duration = Duration::from_secs(10);
+/// How many times `increment` retries when another writer changed the counter in between.
+const MAX_INCREMENT_ATTEMPTS: usize = 100;
+
+/// HA services on etcd. See the module documentation for the key space and the protocol.
+pub struct EtcdHaServices {
+    conn: Conn,
+    prefix: String,
+    lease_ttl: Duration,
+    held: Arc<Mutex<HashMap<Role, Held>>>,
+}
+
+impl std::fmt::Debug for EtcdHaServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdHaServices")
+            .field("endpoints", &self.conn.endpoints)
+            .field("prefix", &self.prefix)
+            .field("lease_ttl", &self.lease_ttl)
+            .finish()
+    }
+}
+
+/// A leadership this backend holds.
+struct Held {
+    epoch: u64,
+    lease: i64,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The etcd client with the endpoint list (for error messages) and the per-request timeout.
+#[derive(Clone)]
+struct Conn {
+    client: Client,
+    endpoints: Arc<str>,
+    request_timeout: Duration,
+}
+
+/// Formats an etcd client error with its causes (the client's own `Display` drops them).
+fn describe(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::TransportError(t) => format!("transport error: {}", error_chain(t)),
+        etcd_client::Error::GRpcStatus(s) => {
+            let mut out = format!("{:?}: {}", s.code(), s.message());
+            if let Some(source) = std::error::Error::source(s) {
+                out.push_str(": ");
+                out.push_str(&error_chain(source));
+            }
+            out
+        }
+        etcd_client::Error::IoError(io) => error_chain(io),
+        other => other.to_string(),
+    }
+}
+
+/// True when the error says etcd could not be reached or could not serve the request right now
+/// (no connection, no raft leader, timeout): worth retrying elsewhere or later.
+fn is_unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
+}
+
+fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
+        _ => false,
+    }
+}
+
+fn header_revision(header: Option<&ResponseHeader>) -> Result<i64> {
+    header
+        .map(|h| h.revision())
+        .ok_or_else(|| KeelError::ha("etcd answered without a response header"))
+}
+
+fn encode_leader(address: &str, epoch: u64) -> Result<Vec<u8>> {
+    serde_json::to_vec(&LeaderInfo {
+        address: address.to_string(),
+        epoch,
+    })
+    .map_err(|e| KeelError::internal(format!("cannot encode leader record: {e}")))
+}
+
+/// The leader published in `kv`; the epoch is the key's `create_revision`.
+fn leader_from_kv(kv: &KeyValue) -> Result<LeaderInfo> {
+    let key = String::from_utf8_lossy(kv.key()).into_owned();
+    let info: LeaderInfo = serde_json::from_slice(kv.value())
+        .map_err(|e| KeelError::ha(format!("leader record {key} in etcd is not readable: {e}")))?;
+    let epoch = u64::try_from(kv.create_revision()).map_err(|_| {
+        KeelError::ha(format!(
+            "leader record {key} has create revision {}",
+            kv.create_revision()
+        ))
+    })?;
+    Ok(LeaderInfo {
+        address: info.address,
+        epoch,
+    })
+}
+
+fn parse_counter(key: &str, bytes: &[u8]) -> Result<u64> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .ok_or_else(|| KeelError::ha(format!("counter {key} in etcd is not a decimal number")))
+}
+
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(BACKOFF_MIN)
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+impl Conn {
+    fn error(&self, what: &str, e: &etcd_client::Error) -> KeelError {
+        if is_unreachable(e) {
+            KeelError::unavailable(
+                self.endpoints.to_string(),
+                format!("etcd {what}: {}", describe(e)),
+            )
+        } else {
+            KeelError::ha(format!(
+                "etcd {what} (endpoints {}): {}",
+                self.endpoints,
+                describe(e)
+            ))
+        }
+    }
+
+    /// Runs one etcd request under the request timeout, mapping its error.
+    async fn call<T>(
+        &self,
+        what: &str,
+        request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.request_timeout, request).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.error(what, &e)),
+            Err(_) => Err(KeelError::unavailable(
+                self.endpoints.to_string(),
+                format!("etcd {what}: no answer within {:?}", self.request_timeout),
+            )),
+        }
+    }
+
+    async fn get(&self, key: &str, options: Option<GetOptions>) -> Result<GetResponse> {
+        let mut c = self.client.clone();
+        let key = key.to_string();
+        self.call("get", async move { c.get(key, options).await })
+            .await
+    }
+
+    async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse> {
+        let mut c = self.client.clone();
+        self.call(what, async move { c.txn(txn).await }).await
+    }
+
+    async fn grant(&self, ttl_secs: i64) -> Result<LeaseGrantResponse> {
+        let mut c = self.client.clone();
+        self.call(
+            "lease grant",
+            async move { c.lease_grant(ttl_secs, None).await },
+        )
+        .await
+    }
+
+    /// Revokes a lease; a lease that is already gone counts as revoked.
+    async fn revoke(&self, lease: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        match tokio::time::timeout(self.request_timeout, c.lease_revoke(lease)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if is_lease_not_found(&e) => Ok(()),
+            Ok(Err(e)) => Err(self.error("lease revoke", &e)),
+            Err(_) => Err(KeelError::unavailable(
+                self.endpoints.to_string(),
+                format!(
+                    "etcd lease revoke: no answer within {:?}",
+                    self.request_timeout
+                ),
+            )),
+        }
+    }
+
+    /// Opens a watch on `key` from `start_revision`.
+    async fn watch(&self, key: &str, start_revision: i64) -> Result<WatchStream> {
+        let mut c = self.client.clone();
+        let key = key.to_string();
+        let options = WatchOptions::new().with_start_revision(start_revision);
+        self.call("watch", async move { c.watch(key, Some(options)).await })
+            .await
+    }
+}
+
+/// Revokes a freshly granted lease unless disarmed: a campaign step abandoned half-way (error,
+/// shutdown, dropped future) must not leave a leader key nobody keeps alive.
+struct LeaseGuard {
+    conn: Conn,
+    lease: Option<i64>,
+}
+
+impl LeaseGuard {
+    fn disarm(&mut self) {
+        self.lease = None;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let conn = self.conn.clone();
+                rt.spawn(async move {
+                    if let Err(e) = conn.revoke(lease).await {
+                        tracing::debug!(lease, error = %e, "cannot revoke unused lease");
+                    }
+                });
+            }
+        }
+    }
+}
+
+enum Step {
+    Won(Leadership),
+    /// Somebody else leads; the leader key existed at `revision`.
+    Taken {
+        revision: i64,
+    },
+}
+
+impl EtcdHaServices {
+    /// Connects to etcd and checks that a member answers. Fails within `connect_timeout` with
+    /// `KeelError::Unavailable` naming the endpoints when none can be reached.
+    pub async fn connect(
+        endpoints: &[String],
+        cluster_id: &str,
+        lease_ttl: Duration,
+        connect_timeout: Duration,
+    ) -> Result<Self> {
+        validate_cluster_id(cluster_id)?;
+        if endpoints.is_empty() {
+            return Err(KeelError::InvalidArgument {
+                reason: "no etcd endpoints given".into(),
+            });
+        }
+        if lease_ttl < Duration::from_millis(100) {
+            return Err(KeelError::InvalidArgument {
+                reason: format!("etcd lease TTL {lease_ttl:?} is too short"),
+            });
+        }
+        let joined = endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(connect_timeout)
+            .with_keep_alive(HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT)
+            // A member cut off from its cluster refuses requests and ends watches at once
+            // instead of serving stale data.
+            .with_require_leader(true);
+        let connecting = async {
+            let mut client = Client::connect(endpoints, Some(options)).await?;
+            // The client connects lazily: only a real request proves that a member answers.
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        let client = match tokio::time::timeout(connect_timeout, connecting).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(
+                e @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)),
+            )) => {
+                return Err(KeelError::InvalidArgument {
+                    reason: format!("etcd endpoints {joined}: {}", describe(&e)),
+                })
+            }
+            Ok(Err(e)) => return Err(KeelError::unavailable(joined, describe(&e))),
+            Err(_) => {
+                return Err(KeelError::unavailable(
+                    joined,
+                    format!("no etcd member answered within {connect_timeout:?}"),
+                ))
+            }
+        };
+        tracing::info!(endpoints = %joined, cluster_id, "connected to etcd");
+        Ok(EtcdHaServices {
+            conn: Conn {
+                client,
+                endpoints: joined.into(),
+                request_timeout: connect_timeout.max(Duration::from_secs(5)),
+            },
+            prefix: format!("/keel/{cluster_id}/"),
+            lease_ttl,
+            held: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Sets the timeout of each etcd request (default: the connect timeout, at least 5 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.conn.request_timeout = timeout;
+        self
+    }
+
+    /// The etcd key that holds the leader of `role`.
+    pub fn leader_key(&self, role: Role) -> String {
+        format!("{}leader/{}", self.prefix, role.as_str())
+    }
+
+    fn meta_key(&self, key: &str) -> String {
+        format!("{}meta/{key}", self.prefix)
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<Role, Held>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Test hook: stops the keep-alives (and the leader-key watch) of this backend's leadership
+    /// of `role` without revoking the lease or cancelling the leadership, which is what a
+    /// paused or partitioned leader looks like from the outside. Returns whether there was one.
+    #[doc(hidden)]
+    pub fn stop_keep_alive_for_tests(&self, role: Role) -> bool {
+        match self.held().remove(&role) {
+            Some(h) => {
+                h.task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The lease TTL asked of etcd, in whole seconds (etcd's unit), rounded up.
+    fn ttl_secs(&self) -> i64 {
+        let ms = self.lease_ttl.as_millis();
+        i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX).max(1)
+    }
+
+    fn fence(&self, leadership: &Leadership) -> Result<Compare> {
+        let epoch = i64::try_from(leadership.epoch).map_err(|_| self.lost(leadership))?;
+        Ok(Compare::create_revision(
+            self.leader_key(leadership.role),
+            CompareOp::Equal,
+            epoch,
+        ))
+    }
+
+    fn lost(&self, leadership: &Leadership) -> KeelError {
+        leadership.give_up();
+        KeelError::LeadershipLost {
+            reason: format!(
+                "leader key of {} no longer has epoch {}",
+                leadership.role, leadership.epoch
+            ),
+        }
+    }
+
+    /// One attempt: read the key; if free, grant a lease and create the key with it.
+    async fn campaign_step(&self, role: Role, key: &str, address: &str) -> Result<Step> {
+        let current = self.conn.get(key, None).await?;
+        if !current.kvs().is_empty() {
+            return Ok(Step::Taken {
+                revision: header_revision(current.header())?,
+            });
+        }
+        let sent = Instant::now();
+        let grant = self.conn.grant(self.ttl_secs()).await?;
+        let lease = grant.id();
+        let mut guard = LeaseGuard {
+            conn: self.conn.clone(),
+            lease: Some(lease),
+        };
+        let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
+        if granted.is_zero() {
+            return Err(KeelError::ha(format!(
+                "etcd granted lease {lease:x} with TTL {}",
+                grant.ttl()
+            )));
+        }
+        // The deadline we keep is never longer than what we asked for or what etcd granted.
+        let ttl = granted.min(self.lease_ttl);
+
+        let create = Txn::new()
+            .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(
+                key,
+                encode_leader(address, 0)?,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let created = self.conn.txn("campaign", create).await?;
+        let revision = header_revision(created.header())?;
+        if !created.succeeded() {
+            return Ok(Step::Taken { revision });
+        }
+        let epoch = u64::try_from(revision)
+            .map_err(|_| KeelError::ha(format!("etcd answered with revision {revision}")))?;
+        // Publish the epoch in the value too (readers take it from create_revision anyway).
+        let publish = Txn::new()
+            .when(vec![Compare::create_revision(
+                key,
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then(vec![TxnOp::put(
+                key,
+                encode_leader(address, epoch)?,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let published = self.conn.txn("publish leader", publish).await?;
+        if !published.succeeded() {
+            // The key vanished already (the lease expired while we were slow): start over.
+            return Ok(Step::Taken {
+                revision: header_revision(published.header())?,
+            });
+        }
+
+        let token = CancellationToken::new();
+        let leadership = Leadership::with_lease(
+            role,
+            epoch,
+            address.to_string(),
+            token.clone(),
+            Duration::ZERO,
+        );
+        leadership.extend_until(sent + ttl);
+        let keeper = Keeper {
+            conn: self.conn.clone(),
+            key: key.to_string(),
+            lease,
+            ttl,
+            leadership: leadership.clone(),
+        };
+        let task = tokio::spawn(keeper.run());
+        guard.disarm();
+        if let Some(old) = self.held().insert(
+            role,
+            Held {
+                epoch,
+                lease,
+                token,
+                task,
+            },
+        ) {
+            old.token.cancel();
+        }
+        tracing::info!(role = %role, epoch, lease = format_args!("{lease:x}"), address, "etcd leadership won");
+        Ok(Step::Won(leadership))
+    }
+
+    /// Waits until the leader key, which existed at `revision`, is deleted (or the watch gives
+    /// up, or a while passed: the caller then reads the key again).
+    async fn wait_for_vacancy(&self, key: &str, revision: i64) -> Result<()> {
+        let mut stream = self.conn.watch(key, revision + 1).await?;
+        let recheck = tokio::time::sleep(VACANCY_RECHECK);
+        tokio::pin!(recheck);
+        loop {
+            tokio::select! {
+                _ = &mut recheck => return Ok(()),
+                message = stream.message() => match message {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            return Ok(());
+                        }
+                        if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(KeelError::unavailable(
+                            self.conn.endpoints.to_string(),
+                            "etcd watch on the leader key ended",
+                        ))
+                    }
+                    Err(e) => return Err(self.conn.error("watch leader key", &e)),
+                },
+            }
+        }
+    }
+}
+
+/// Keeps one leadership alive: keep-alives, and a watch on the leader key.
+struct Keeper {
+    conn: Conn,
+    key: String,
+    lease: i64,
+    ttl: Duration,
+    leadership: Leadership,
+}
+
+impl Keeper {
+    async fn run(self) {
+        let token = self.leadership.lost().clone();
+        let reason = tokio::select! {
+            biased;
+            _ = token.cancelled() => None,
+            r = self.keep_alive_loop() => Some(r),
+            r = self.watch_key_loop() => Some(r),
+        };
+        let (role, epoch) = (self.leadership.role, self.leadership.epoch);
+        if let Some(reason) = reason {
+            tracing::warn!(role = %role, epoch, reason, "etcd leadership lost");
+            self.leadership.give_up();
+        }
+        // Best effort: deleting the key at once lets a standby take over without waiting for
+        // the lease to expire.
+        if let Err(e) = self.conn.revoke(self.lease).await {
+            tracing::debug!(role = %role, epoch, error = %e, "cannot revoke leader lease");
+        }
+    }
+
+    /// Returns why the lease can no longer be kept.
+    async fn keep_alive_loop(&self) -> String {
+        let interval = (self.ttl / 3).max(Duration::from_millis(50));
+        let (role, epoch) = (self.leadership.role, self.leadership.epoch);
+        let mut first = true;
+        loop {
+            if !first {
+                tokio::time::sleep(BACKOFF_MIN).await;
+            }
+            first = false;
+            if !self.leadership.is_valid() {
+                return "the lease deadline passed without a successful keep-alive".into();
+            }
+            // Opening the stream sends a keep-alive and waits for its answer.
+            let sent = Instant::now();
+            let mut client = self.conn.client.clone();
+            let (mut keeper, mut stream) = match tokio::time::timeout(
+                interval,
+                client.lease_keep_alive(self.lease),
+            )
+            .await
+            {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) if is_lease_not_found(&e) => {
+                    return format!("lease {:x} is gone", self.lease)
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(role = %role, epoch, error = %describe(&e), "cannot open keep-alive stream");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(role = %role, epoch, "keep-alive stream did not open in time");
+                    continue;
+                }
+            };
+            self.leadership.extend_until(sent + self.ttl);
+            loop {
+                tokio::time::sleep(interval).await;
+                if !self.leadership.is_valid() {
+                    return "the lease deadline passed without a successful keep-alive".into();
+                }
+                let sent = Instant::now();
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(interval, stream.message()).await {
+                    Ok(Ok(Some(resp))) => {
+                        if resp.ttl() <= 0 {
+                            return format!(
+                                "lease {:x} expired (keep-alive answered TTL {})",
+                                self.lease,
+                                resp.ttl()
+                            );
+                        }
+                        let ttl = Duration::from_secs(resp.ttl().unsigned_abs()).min(self.ttl);
+                        self.leadership.extend_until(sent + ttl);
+                    }
+                    Ok(Ok(None)) => {
+                        tracing::debug!(role = %role, epoch, "keep-alive stream ended, reopening");
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(role = %role, epoch, error = %describe(&e), "keep-alive failed, reopening");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!(role = %role, epoch, "keep-alive unanswered, reopening");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns when the leader key is gone or belongs to another leadership; re-subscribes on
+    /// any watch failure.
+    async fn watch_key_loop(&self) -> String {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.watch_key_once(&mut backoff).await {
+                Ok(reason) => return reason,
+                Err(e) => {
+                    tracing::debug!(role = %self.leadership.role, epoch = self.leadership.epoch, error = %e, "leader key watch interrupted");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+
+    async fn watch_key_once(&self, backoff: &mut Backoff) -> Result<String> {
+        let epoch = i64::try_from(self.leadership.epoch).unwrap_or(i64::MAX);
+        let current = self.conn.get(&self.key, None).await?;
+        let revision = header_revision(current.header())?;
+        match current.kvs().first() {
+            None => return Ok(format!("leader key {} is gone", self.key)),
+            Some(kv) if kv.create_revision() != epoch => {
+                return Ok(format!(
+                    "leader key {} was re-created at revision {}",
+                    self.key,
+                    kv.create_revision()
+                ))
+            }
+            Some(_) => {}
+        }
+        let mut stream = self.conn.watch(&self.key, revision + 1).await?;
+        backoff.reset();
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() {
+                        return Err(KeelError::ha(format!(
+                            "watch cancelled by etcd: {}",
+                            resp.cancel_reason()
+                        )));
+                    }
+                    for event in resp.events() {
+                        match event.event_type() {
+                            EventType::Delete => {
+                                return Ok(format!("leader key {} was deleted", self.key))
+                            }
+                            EventType::Put => {
+                                let created = event.kv().map(|kv| kv.create_revision());
+                                if created != Some(epoch) {
+                                    return Ok(format!(
+                                        "leader key {} was re-created at revision {}",
+                                        self.key,
+                                        created.unwrap_or(0)
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {
+                    return Err(KeelError::unavailable(
+                        self.conn.endpoints.to_string(),
+                        "etcd watch ended",
+                    ))
+                }
+                Err(e) => return Err(self.conn.error("watch leader key", &e)),
+            }
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<Option<LeaderInfo>>, role: Role, kv: Option<&KeyValue>) {
+    let current = match kv.map(leader_from_kv).transpose() {
+        Ok(current) => current,
+        Err(e) => {
+            tracing::warn!(role = %role, error = %e, "unreadable leader record");
+            None
+        }
+    };
+    tx.send_if_modified(|v| {
+        if *v != current {
+            *v = current;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Reads the leader key, then follows it with a watch; returns only on an error or the end
+/// of the watch (the caller re-subscribes).
+async fn follow_leader(
+    conn: &Conn,
+    key: &str,
+    role: Role,
+    tx: &watch::Sender<Option<LeaderInfo>>,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    let current = conn.get(key, None).await?;
+    publish(tx, role, current.kvs().first());
+    let revision = header_revision(current.header())?;
+    let mut stream = conn.watch(key, revision + 1).await?;
+    backoff.reset();
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) => {
+                if resp.canceled() {
+                    return Err(KeelError::ha(format!(
+                        "watch cancelled by etcd: {}",
+                        resp.cancel_reason()
+                    )));
+                }
+                for event in resp.events() {
+                    match event.event_type() {
+                        EventType::Put => publish(tx, role, event.kv()),
+                        EventType::Delete => publish(tx, role, None),
+                    }
+                }
+            }
+            Ok(None) => {
+                return Err(KeelError::unavailable(
+                    conn.endpoints.to_string(),
+                    "etcd watch ended",
+                ))
+            }
+            Err(e) => return Err(conn.error("watch leader key", &e)),
+        }
+    }
+}
+
+#[async_trait]
+impl HaServices for EtcdHaServices {
+    fn backend_name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn campaign(
+        &self,
+        role: Role,
+        address: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Leadership> {
+        let cancelled = || KeelError::Cancelled {
+            reason: format!("campaign for {role} leadership stopped"),
+        };
+        let key = self.leader_key(role);
+        let mut backoff = Backoff::new();
+        loop {
+            if shutdown.is_cancelled() {
+                return Err(cancelled());
+            }
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Err(cancelled()),
+                step = self.campaign_step(role, &key, address) => step,
+            };
+            let pause = match step {
+                Ok(Step::Won(leadership)) => return Ok(leadership),
+                Ok(Step::Taken { revision }) => {
+                    tracing::debug!(role = %role, revision, "leader key taken, waiting for it to go");
+                    let waited = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(cancelled()),
+                        waited = self.wait_for_vacancy(&key, revision) => waited,
+                    };
+                    match waited {
+                        Ok(()) => {
+                            backoff.reset();
+                            None
+                        }
+                        Err(e) => {
+                            tracing::debug!(role = %role, error = %e, "leader key watch interrupted");
+                            Some(backoff.next())
+                        }
+                    }
+                }
+                Err(e @ KeelError::Unavailable { .. }) => {
+                    tracing::warn!(role = %role, error = %e, "campaign step failed, retrying");
+                    Some(backoff.next())
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Err(cancelled()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    async fn resign(&self, leadership: &Leadership) -> Result<()> {
+        leadership.give_up();
+        let held = {
+            let mut held = self.held();
+            match held.get(&leadership.role) {
+                Some(h) if h.epoch == leadership.epoch => held.remove(&leadership.role),
+                _ => None,
+            }
+        };
+        let Some(held) = held else {
+            // Not (any longer) ours to keep alive; still make sure the key of this epoch goes.
+            let delete = Txn::new()
+                .when(vec![self.fence(leadership)?])
+                .and_then(vec![TxnOp::delete(self.leader_key(leadership.role), None)]);
+            self.conn.txn("resign", delete).await?;
+            return Ok(());
+        };
+        held.token.cancel();
+        // Revoking the lease deletes the leader key: a standby wins at once.
+        let deadline = Instant::now() + self.conn.request_timeout;
+        let mut backoff = Backoff::new();
+        loop {
+            match self.conn.revoke(held.lease).await {
+                Ok(()) => break,
+                Err(e @ KeelError::Unavailable { .. }) if Instant::now() < deadline => {
+                    tracing::debug!(role = %leadership.role, error = %e, "lease revoke failed, retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::info!(role = %leadership.role, epoch = leadership.epoch, "etcd leadership resigned");
+        Ok(())
+    }
+
+    async fn leader(&self, role: Role) -> Result<Option<LeaderInfo>> {
+        let current = self.conn.get(&self.leader_key(role), None).await?;
+        current.kvs().first().map(leader_from_kv).transpose()
+    }
+
+    fn watch_leader(
+        &self,
+        role: Role,
+        shutdown: CancellationToken,
+    ) -> watch::Receiver<Option<LeaderInfo>> {
+        let (tx, rx) = watch::channel(None);
+        let conn = self.conn.clone();
+        let key = self.leader_key(role);
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new();
+            loop {
+                let result = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    r = follow_leader(&conn, &key, role, &tx, &mut backoff) => r,
+                };
+                if let Err(e) = result {
+                    tracing::info!(role = %role, error = %e, "leader watch interrupted, re-subscribing");
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                }
+            }
+        });
+        rx
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        validate_key(key)?;
+        let resp = self.conn.get(&self.meta_key(key), None).await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        validate_prefix(prefix)?;
+        let root = self.meta_key("");
+        let resp = self
+            .conn
+            .get(
+                &self.meta_key(prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            let full = std::str::from_utf8(kv.key())
+                .map_err(|_| KeelError::ha("etcd holds a metadata key that is not utf-8"))?;
+            let Some(key) = full.strip_prefix(&root) else {
+                continue;
+            };
+            out.push((key.to_string(), kv.value().to_vec()));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn put(&self, leadership: &Leadership, key: &str, value: Vec<u8>) -> Result<()> {
+        validate_key(key)?;
+        leadership.check()?;
+        let txn = Txn::new()
+            .when(vec![self.fence(leadership)?])
+            .and_then(vec![TxnOp::put(self.meta_key(key), value, None)]);
+        if self.conn.txn("fenced put", txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(self.lost(leadership))
+        }
+    }
+
+    async fn delete(&self, leadership: &Leadership, key: &str) -> Result<()> {
+        validate_key(key)?;
+        leadership.check()?;
+        let txn = Txn::new()
+            .when(vec![self.fence(leadership)?])
+            .and_then(vec![TxnOp::delete(self.meta_key(key), None)]);
+        if self.conn.txn("fenced delete", txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(self.lost(leadership))
+        }
+    }
+
+    async fn increment(&self, leadership: &Leadership, key: &str) -> Result<u64> {
+        validate_key(key)?;
+        let counter = self.meta_key(key);
+        let leader_key = self.leader_key(leadership.role);
+        let epoch = i64::try_from(leadership.epoch).map_err(|_| self.lost(leadership))?;
+        for _ in 0..MAX_INCREMENT_ATTEMPTS {
+            leadership.check()?;
+            let current = self.conn.get(&counter, None).await?;
+            let (value, mod_revision) = match current.kvs().first() {
+                None => (0, 0),
+                Some(kv) => (parse_counter(key, kv.value())?, kv.mod_revision()),
+            };
+            let next = value
+                .checked_add(1)
+                .ok_or_else(|| KeelError::ha(format!("counter {key} overflowed")))?;
+            let txn = Txn::new()
+                .when(vec![
+                    self.fence(leadership)?,
+                    Compare::mod_revision(counter.as_str(), CompareOp::Equal, mod_revision),
+                ])
+                .and_then(vec![TxnOp::put(counter.as_str(), next.to_string(), None)])
+                .or_else(vec![TxnOp::get(leader_key.as_str(), None)]);
+            let resp = self.conn.txn("fenced increment", txn).await?;
+            if resp.succeeded() {
+                return Ok(next);
+            }
+            let still_leader = resp.op_responses().iter().any(|r| match r {
+                TxnOpResponse::Get(g) => {
+                    g.kvs().first().map(|kv| kv.create_revision()) == Some(epoch)
+                }
+                _ => false,
+            });
+            if !still_leader {
+                return Err(self.lost(leadership));
+            }
+            // Another writer changed the counter in between: read it again.
+        }
+        Err(KeelError::ha(format!(
+            "counter {key}: gave up after {MAX_INCREMENT_ATTEMPTS} conflicting increments"
+        )))
+    }
+}

@@ -1,0 +1,229 @@
+//! HA services: leader election, leader discovery and fenced metadata, behind one interface.
+//!
+//! Layout:
+//! - [`HaServices`]: the interface every role uses. Two real backends implement it:
+//!   - [`etcd::EtcdHaServices`]: leases + transactions on etcd, for clusters of several machines;
+//!   - [`local::LocalHaServices`]: a lock file per role held by the leader process (the kernel
+//!     drops it when the process dies) and metadata as atomically replaced files, for one host.
+//! - [`Leadership`]: what a won election hands to the leader: its epoch, and a token that is
+//!   cancelled the moment leadership is lost. Every leader-only write takes a `&Leadership` and
+//!   is conditional on it still being current, in the store itself (an etcd transaction that
+//!   compares the leader key; the lock file for the local backend).
+//! - [`stores`]: the typed stores built on the key space: jobs, checkpoint pointers, counters.
+//!
+//! Epochs: every new leadership of a role gets an epoch strictly greater than every earlier one
+//! (etcd: the revision at which the leader key was created; local: a counter file bumped under
+//! the lock).
+
+pub mod etcd;
+mod keys;
+pub mod local;
+pub mod stores;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use keel_proto::{KeelError, Result};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use stores::{CheckpointPointerStore, Counter, JobStore};
+
+/// The roles that elect a leader. TaskManagers are all equal and do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    ResourceManager,
+    JobManager,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ResourceManager => "resourcemanager",
+            Role::JobManager => "jobmanager",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The current leader of a role as published in the HA services.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaderInfo {
+    pub address: String,
+    pub epoch: u64,
+}
+
+/// Held by a leader. The token in [`Leadership::lost`] is cancelled as soon as the backend knows
+/// leadership is gone (lease expired, key deleted, keep-alive failing for a whole TTL), and
+/// [`Leadership::is_valid`] turns false even before that when the local lease deadline passed,
+/// so a process that was paused past its lease stops acting the moment it resumes.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    pub role: Role,
+    pub epoch: u64,
+    pub address: String,
+    lost: CancellationToken,
+    /// Milliseconds since `base` until which the lease is known to be held; `u64::MAX` for
+    /// backends whose leadership lasts as long as the process (local lock files).
+    valid_until_ms: Arc<AtomicU64>,
+    base: Instant,
+}
+
+impl Leadership {
+    /// A leadership with no lease deadline (it lasts until `lost` is cancelled).
+    pub fn new(role: Role, epoch: u64, address: String, lost: CancellationToken) -> Self {
+        Leadership {
+            role,
+            epoch,
+            address,
+            lost,
+            valid_until_ms: Arc::new(AtomicU64::new(u64::MAX)),
+            base: Instant::now(),
+        }
+    }
+
+    /// A leadership held through a lease: valid until `initial` from now unless extended with
+    /// [`Leadership::extend_until`].
+    pub fn with_lease(
+        role: Role,
+        epoch: u64,
+        address: String,
+        lost: CancellationToken,
+        valid_for: Duration,
+    ) -> Self {
+        let l = Leadership::new(role, epoch, address, lost);
+        l.valid_until_ms
+            .store(valid_for.as_millis() as u64, Ordering::SeqCst);
+        l
+    }
+
+    /// Extends the lease deadline to `deadline` (never shortens it).
+    pub fn extend_until(&self, deadline: Instant) {
+        let ms = deadline.saturating_duration_since(self.base).as_millis() as u64;
+        self.valid_until_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// The token cancelled when leadership is lost. Leader work runs under it.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// Marks leadership as lost (used by backends and on shutdown).
+    pub fn give_up(&self) {
+        self.lost.cancel();
+    }
+
+    /// True while this process may act as leader.
+    pub fn is_valid(&self) -> bool {
+        if self.lost.is_cancelled() {
+            return false;
+        }
+        let now = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis() as u64;
+        now < self.valid_until_ms.load(Ordering::SeqCst)
+    }
+
+    /// `Ok` while leadership is held, a typed `LeadershipLost` error otherwise. Call it before
+    /// any action that only a leader may take.
+    pub fn check(&self) -> Result<()> {
+        if self.is_valid() {
+            Ok(())
+        } else {
+            if !self.lost.is_cancelled() {
+                // The lease deadline passed without a successful keep-alive: we cannot know
+                // whether we are still leader, so we must behave as if we are not.
+                self.lost.cancel();
+            }
+            Err(KeelError::LeadershipLost {
+                reason: format!(
+                    "{} leadership of epoch {} is no longer held",
+                    self.role, self.epoch
+                ),
+            })
+        }
+    }
+
+    pub fn info(&self) -> LeaderInfo {
+        LeaderInfo {
+            address: self.address.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// Leader election, discovery and fenced metadata. Keys are relative paths such as
+/// `jobs/<id>`; each backend places them under its cluster id.
+#[async_trait]
+pub trait HaServices: Send + Sync + 'static {
+    /// A short name of the backend for logs and `keel cluster` (`etcd`, `local`).
+    fn backend_name(&self) -> &'static str;
+
+    /// Campaigns for leadership of `role`, publishing `address` for discovery. Returns once this
+    /// process is leader, or `Cancelled` when `shutdown` fires first.
+    async fn campaign(
+        &self,
+        role: Role,
+        address: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Leadership>;
+
+    /// Gives leadership up so a standby can take over at once (best effort).
+    async fn resign(&self, leadership: &Leadership) -> Result<()>;
+
+    /// The current leader of `role`, read once.
+    async fn leader(&self, role: Role) -> Result<Option<LeaderInfo>>;
+
+    /// The current leader of `role`, kept up to date in the background until `shutdown`. The
+    /// watch survives the loss of an etcd member (it re-subscribes).
+    fn watch_leader(
+        &self,
+        role: Role,
+        shutdown: CancellationToken,
+    ) -> watch::Receiver<Option<LeaderInfo>>;
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Every key under `prefix`, with its value, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+
+    /// Writes `key`, only if `leadership` is still current.
+    async fn put(&self, leadership: &Leadership, key: &str, value: Vec<u8>) -> Result<()>;
+
+    /// Deletes `key`, only if `leadership` is still current.
+    async fn delete(&self, leadership: &Leadership, key: &str) -> Result<()>;
+
+    /// Atomically increments the counter at `key` (only if `leadership` is still current) and
+    /// returns its new value; a missing counter starts at 0, so the first value is 1.
+    async fn increment(&self, leadership: &Leadership, key: &str) -> Result<u64>;
+}
+
+/// Builds the HA services the configuration asks for. Fails with an error naming the etcd
+/// endpoints when none can be reached within the connect timeout.
+pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaServices>> {
+    match &config.backend {
+        keel_config::HaBackend::Local { storage_dir } => Ok(Arc::new(
+            local::LocalHaServices::open(storage_dir, &config.cluster_id)?,
+        )),
+        keel_config::HaBackend::Etcd {
+            endpoints,
+            lease_ttl,
+            connect_timeout,
+        } => Ok(Arc::new(
+            etcd::EtcdHaServices::connect(
+                endpoints,
+                &config.cluster_id,
+                *lease_ttl,
+                *connect_timeout,
+            )
+            .await?,
+        )),
+    }
+}

@@ -1,0 +1,368 @@
+//! The driver of one job: scheduling, deployment, failure handling and cancellation.
+//!
+//! One tokio task per job, inside the leader scope. It owns the job's lifecycle and receives
+//! everything that happens to the job as [`JobEvent`]s. Every state change is written to the HA
+//! store with a fenced write before the driver acts on it, so a new leader continues from the
+//! last state this one managed to record; if the write is refused, leadership is gone and the
+//! driver stops without acting further.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::pb::task_manager_client::TaskManagerClient;
+use keel_proto::pb::{self, TaskState};
+use keel_proto::{JobState, KeelError, Result, TaskStateExt};
+use tokio::sync::mpsc;
+
+use crate::record::{task_id, TaskRecord};
+use crate::{JobHandle, JobManagerCtx, LeaderState};
+
+/// How long a deploy or cancel call to a TaskManager may take.
+const TM_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long canceled tasks get to report that they stopped.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub enum JobEvent {
+    /// A task changed state (from the TaskManager's report or heartbeat).
+    TaskState { task_id: String, state: TaskState, failure: String },
+    /// A TaskManager running tasks of this job was lost.
+    TaskManagerLost { taskmanager_id: String, reason: String },
+    /// The user asked to cancel the job.
+    Cancel,
+}
+
+/// How an attempt ended.
+enum AttemptEnd {
+    Finished,
+    Failed(String),
+    Cancel,
+}
+
+pub(crate) struct Driver {
+    pub ctx: Arc<JobManagerCtx>,
+    pub st: Arc<LeaderState>,
+    pub job: Arc<JobHandle>,
+    pub events: mpsc::UnboundedReceiver<JobEvent>,
+}
+
+impl Driver {
+    pub async fn run(mut self) {
+        let job_id = self.job.job_id.clone();
+        let lost = self.st.leadership.lost().clone();
+        let result = tokio::select! {
+            biased;
+            _ = lost.cancelled() => Ok(()),
+            r = self.drive() => r,
+        };
+        match result {
+            Ok(()) => {}
+            Err(KeelError::LeadershipLost { reason }) => {
+                tracing::warn!(%job_id, %reason, "job driver stopped: leadership lost")
+            }
+            Err(error) => tracing::error!(%job_id, %error, "job driver stopped"),
+        }
+    }
+
+    async fn persist(&self) -> Result<()> {
+        let record = self.job.record();
+        self.ctx.jobs.put(&self.st.leadership, &record.job_id, &record).await
+    }
+
+    async fn set_state(&self, state: JobState, message: impl Into<String>) -> Result<()> {
+        let message = message.into();
+        {
+            let mut r = self.job.record_mut();
+            r.set_state(state);
+            r.status_message = message.clone();
+        }
+        tracing::info!(job_id = %self.job.job_id, state = %state, message = %message, epoch = self.st.leadership.epoch, "job state");
+        self.persist().await
+    }
+
+    async fn drive(&mut self) -> Result<()> {
+        // Whatever an earlier attempt or an earlier leader left allocated for this job is given
+        // back first: this attempt starts from a clean slate.
+        self.release(Vec::new(), true).await;
+        if self.job.record().cancel_requested {
+            return self.finish_cancel(&[]).await;
+        }
+        loop {
+            let (version, spec_yaml, parallelism) = {
+                let r = self.job.record();
+                let v = r
+                    .active()
+                    .ok_or_else(|| KeelError::internal(format!("job {} has no active version", r.job_id)))?;
+                (v.version, v.spec_yaml.clone(), v.parallelism)
+            };
+            let attempt = {
+                let mut r = self.job.record_mut();
+                r.attempts += 1;
+                r.attempts
+            };
+            self.set_state(JobState::Scheduled, format!("waiting for {parallelism} slots")).await?;
+
+            // Slots.
+            let request = pb::RequestSlotsRequest {
+                jobmanager: Some(self.st.stamp()),
+                job_id: self.job.job_id.clone(),
+                version,
+                count: parallelism,
+                request_id: format!("{}/v{version}#{attempt}", self.job.job_id),
+                timeout_ms: self.ctx.config.slot_request_timeout.as_millis() as u64,
+            };
+            let ctx = self.ctx.clone();
+            let slots = tokio::select! {
+                r = ctx.request_slots(request) => r,
+                _ = self.wait_for_cancel() => return self.finish_cancel(&[]).await,
+            };
+            let slots = match slots {
+                Ok(s) => s,
+                Err(err @ KeelError::NotEnoughSlots { .. }) => {
+                    self.set_state(JobState::Failed, err.to_string()).await?;
+                    return Ok(());
+                }
+                Err(err) if matches!(err, KeelError::LeadershipLost { .. } | KeelError::StaleEpoch { .. }) => {
+                    return Err(KeelError::LeadershipLost { reason: err.to_string() });
+                }
+                Err(err) => {
+                    tracing::warn!(job_id = %self.job.job_id, error = %err, "slot request failed; retrying");
+                    if self.restart_pause(format!("slot request failed: {err}")).await? {
+                        return self.finish_cancel(&[]).await;
+                    }
+                    continue;
+                }
+            };
+
+            // Tasks.
+            let tasks: Vec<TaskRecord> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let slot = s.slot.clone().unwrap_or_default();
+                    TaskRecord {
+                        task_id: task_id(&self.job.job_id, version, i as u32, attempt),
+                        version,
+                        subtask: i as u32,
+                        attempt,
+                        state: TaskState::Deploying,
+                        taskmanager_id: slot.taskmanager_id,
+                        taskmanager_address: s.taskmanager_address.clone(),
+                        slot_index: slot.index,
+                        allocation_id: s.allocation_id.clone(),
+                        failure: String::new(),
+                        records_in: 0,
+                        records_out: 0,
+                    }
+                })
+                .collect();
+            for t in &tasks {
+                self.st.saw_taskmanager(&t.taskmanager_id, &t.taskmanager_address);
+            }
+            *self.job.tasks_mut() = tasks.clone();
+            self.set_state(JobState::Deploying, "").await?;
+
+            let end = match self.deploy(&tasks, &spec_yaml, parallelism).await {
+                Err(reason) => AttemptEnd::Failed(reason),
+                Ok(()) => self.watch_attempt().await?,
+            };
+            match end {
+                AttemptEnd::Finished => {
+                    self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
+                    self.set_state(JobState::Finished, "").await?;
+                    return Ok(());
+                }
+                AttemptEnd::Cancel => return self.finish_cancel(&tasks).await,
+                AttemptEnd::Failed(reason) => {
+                    tracing::warn!(job_id = %self.job.job_id, attempt, %reason, "job attempt failed; restarting");
+                    self.cancel_tasks(&tasks).await;
+                    self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
+                    self.job.record_mut().restarts += 1;
+                    if self.restart_pause(reason).await? {
+                        return self.finish_cancel(&[]).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks the job restarting and waits the restart delay. Returns true when the user asked
+    /// to cancel meanwhile.
+    async fn restart_pause(&mut self, reason: String) -> Result<bool> {
+        self.set_state(JobState::Restarting, reason).await?;
+        let delay = self.ctx.config.restart_delay;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(false),
+            _ = self.wait_for_cancel() => Ok(true),
+        }
+    }
+
+    async fn wait_for_cancel(&mut self) {
+        loop {
+            match self.events.recv().await {
+                Some(JobEvent::Cancel) => return,
+                Some(_) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    async fn deploy(&self, tasks: &[TaskRecord], spec_yaml: &str, parallelism: u32) -> std::result::Result<(), String> {
+        let calls = tasks.iter().map(|t| {
+            let req = pb::DeployTaskRequest {
+                jobmanager: Some(self.st.stamp()),
+                allocation_id: t.allocation_id.clone(),
+                slot_index: t.slot_index,
+                task_id: t.task_id.clone(),
+                job_id: self.job.job_id.clone(),
+                version: t.version,
+                subtask: t.subtask,
+                parallelism,
+                attempt: t.attempt,
+                spec_yaml: spec_yaml.to_string(),
+                restore_state: Vec::new(),
+            };
+            let address = t.taskmanager_address.clone();
+            async move {
+                self.st.leadership.check().map_err(|e| e.to_string())?;
+                let channel = self.ctx.channels.get(&address).map_err(|e| e.to_string())?;
+                let mut client = TaskManagerClient::new(channel);
+                match tokio::time::timeout(TM_CALL_TIMEOUT, client.deploy_task(req)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(format!(
+                        "deploying {} to {address} failed: {}",
+                        t.task_id,
+                        keel_client::status_error(&status, &address)
+                    )),
+                    Err(_) => Err(format!("deploying {} to {address} timed out", t.task_id)),
+                }
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        match results.into_iter().find_map(|r| r.err()) {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
+    }
+
+    /// Follows the attempt until it finishes, fails or is canceled.
+    async fn watch_attempt(&mut self) -> Result<AttemptEnd> {
+        let mut running_recorded = false;
+        loop {
+            let Some(event) = self.events.recv().await else {
+                return Ok(AttemptEnd::Failed("job event channel closed".into()));
+            };
+            match event {
+                JobEvent::Cancel => return Ok(AttemptEnd::Cancel),
+                JobEvent::TaskManagerLost { taskmanager_id, reason } => {
+                    let affected =
+                        self.job.tasks().iter().any(|t| t.taskmanager_id == taskmanager_id && !t.state.is_terminal());
+                    if affected {
+                        return Ok(AttemptEnd::Failed(format!("taskmanager {taskmanager_id} lost: {reason}")));
+                    }
+                }
+                JobEvent::TaskState { task_id, state, failure } => {
+                    let (all_running, all_finished, failed) = {
+                        let mut tasks = self.job.tasks_mut();
+                        let Some(t) = tasks.iter_mut().find(|t| t.task_id == task_id) else {
+                            continue;
+                        };
+                        if t.state.is_terminal() {
+                            continue;
+                        }
+                        t.state = state;
+                        if !failure.is_empty() {
+                            t.failure = failure.clone();
+                        }
+                        (
+                            tasks.iter().all(|t| t.state == TaskState::Running || t.state == TaskState::Finished),
+                            tasks.iter().all(|t| t.state == TaskState::Finished),
+                            matches!(state, TaskState::Failed | TaskState::Canceled),
+                        )
+                    };
+                    if failed {
+                        let why = if failure.is_empty() { state.name().to_string() } else { failure };
+                        return Ok(AttemptEnd::Failed(format!("task {task_id} {}: {why}", state.name())));
+                    }
+                    if all_finished {
+                        return Ok(AttemptEnd::Finished);
+                    }
+                    if all_running && !running_recorded {
+                        running_recorded = true;
+                        self.set_state(JobState::Running, "").await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn cancel_tasks(&self, tasks: &[TaskRecord]) {
+        let calls = tasks.iter().filter(|t| !t.state.is_terminal()).map(|t| {
+            let req = pb::CancelTaskRequest { jobmanager: Some(self.st.stamp()), task_id: t.task_id.clone() };
+            let address = t.taskmanager_address.clone();
+            async move {
+                let result = async {
+                    let mut client = TaskManagerClient::new(self.ctx.channels.get(&address)?);
+                    match tokio::time::timeout(TM_CALL_TIMEOUT, client.cancel_task(req)).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(status)) => Err(keel_client::status_error(&status, &address)),
+                        Err(_) => Err(KeelError::unavailable(&address, "CancelTask timed out")),
+                    }
+                }
+                .await;
+                if let Err(error) = result {
+                    tracing::warn!(task_id = %t.task_id, %error, "cancel task failed");
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    async fn finish_cancel(&mut self, tasks: &[TaskRecord]) -> Result<()> {
+        self.job.record_mut().cancel_requested = true;
+        self.set_state(JobState::Canceling, "").await?;
+        self.cancel_tasks(tasks).await;
+        // Give the tasks a moment to report that they stopped; the slots are released either way
+        // (releasing a slot cancels whatever still runs in it).
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        while self.job.tasks().iter().any(|t| !t.state.is_terminal()) {
+            tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Some(JobEvent::TaskState { task_id, state, .. }) => {
+                        if let Some(t) = self.job.tasks_mut().iter_mut().find(|t| t.task_id == task_id) {
+                            t.state = state;
+                        }
+                    }
+                    Some(JobEvent::TaskManagerLost { taskmanager_id, .. }) => {
+                        for t in self.job.tasks_mut().iter_mut().filter(|t| t.taskmanager_id == taskmanager_id) {
+                            t.state = TaskState::Canceled;
+                        }
+                    }
+                    Some(JobEvent::Cancel) => {}
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), true).await;
+        for t in self.job.tasks_mut().iter_mut().filter(|t| !t.state.is_terminal()) {
+            t.state = TaskState::Canceled;
+        }
+        self.set_state(JobState::Canceled, "canceled by user").await
+    }
+
+    /// Releases slots at the ResourceManager: the given allocations, and with `whole_job` every
+    /// slot the job holds. Failure is logged: the ResourceManager also frees slots of lost
+    /// TaskManagers, and a later attempt releases the whole job first.
+    async fn release(&self, allocation_ids: Vec<String>, whole_job: bool) {
+        let req = pb::ReleaseSlotsRequest {
+            jobmanager: Some(self.st.stamp()),
+            allocation_ids,
+            job_id: if whole_job { self.job.job_id.clone() } else { String::new() },
+            version: 0,
+        };
+        if let Err(error) = self.ctx.release_slots(req).await {
+            tracing::warn!(job_id = %self.job.job_id, %error, "releasing slots failed");
+        }
+    }
+}

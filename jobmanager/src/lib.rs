@@ -1,0 +1,574 @@
+//! The JobManager: jobs, versions, scheduling of tasks onto slots.
+//!
+//! Layout:
+//! - [`record`]: the durable job record kept in the HA store and the live task table.
+//! - [`driver`]: one task per job that schedules, deploys, watches, restarts and cancels it.
+//! - this file: the gRPC service and the leader scope. Every JobManager process serves gRPC;
+//!   only the elected leader has a [`LeaderState`]. Standbys answer with a typed `NotLeader`
+//!   error carrying the leader's address. A new leader recovers every job from the HA store and
+//!   brings each non-terminal one back to running; losing leadership drops the whole leader
+//!   state (every driver stops) instead of demoting in place.
+//!
+//! Fencing: every request to the ResourceManager and the TaskManagers carries this leader's
+//! epoch; every HA write is conditional on still holding leadership; task reports stamped with
+//! an older leader's epoch are treated as unknown, so the TaskManager cancels those tasks.
+
+pub mod driver;
+pub mod record;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use keel_client::{Channels, LeaderClient};
+use keel_config::Config;
+use keel_ha::{HaServices, JobStore, LeaderInfo, Leadership, Role};
+use keel_proto::pb::job_manager_server::{JobManager as JmApi, JobManagerServer};
+use keel_proto::pb::resource_manager_client::ResourceManagerClient;
+use keel_proto::pb::{self, task_manager_event, TaskState};
+use keel_proto::{JobState, KeelError, Result, TaskStateExt};
+use keel_spec::JobSpec;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::driver::{Driver, JobEvent};
+use crate::record::{now_ms, JobRecord, TaskRecord, VersionRecord};
+
+/// What every part of a JobManager process shares, leader or not.
+pub(crate) struct JobManagerCtx {
+    pub config: Config,
+    pub address: String,
+    pub jobs: JobStore,
+    pub rm: LeaderClient,
+    pub channels: Channels,
+    pub leader_watch: watch::Receiver<Option<LeaderInfo>>,
+}
+
+impl JobManagerCtx {
+    pub async fn request_slots(&self, req: pb::RequestSlotsRequest) -> Result<Vec<pb::AllocatedSlot>> {
+        self.rm
+            .call(|ch| {
+                let req = req.clone();
+                async move { ResourceManagerClient::new(ch).request_slots(req).await.map(|r| r.into_inner().slots) }
+            })
+            .await
+    }
+
+    pub async fn release_slots(&self, req: pb::ReleaseSlotsRequest) -> Result<u32> {
+        self.rm
+            .call(|ch| {
+                let req = req.clone();
+                async move { ResourceManagerClient::new(ch).release_slots(req).await.map(|r| r.into_inner().released) }
+            })
+            .await
+    }
+}
+
+/// A job known to the leader.
+pub(crate) struct JobHandle {
+    pub job_id: String,
+    record: Mutex<JobRecord>,
+    tasks: Mutex<Vec<TaskRecord>>,
+    events: mpsc::UnboundedSender<JobEvent>,
+}
+
+impl JobHandle {
+    pub fn record(&self) -> JobRecord {
+        self.record_mut().clone()
+    }
+
+    pub fn record_mut(&self) -> MutexGuard<'_, JobRecord> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn tasks(&self) -> Vec<TaskRecord> {
+        self.tasks_mut().clone()
+    }
+
+    pub fn tasks_mut(&self) -> MutexGuard<'_, Vec<TaskRecord>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, event: JobEvent) {
+        // The driver is gone only when the job is terminal; then there is nothing to tell.
+        let _ = self.events.send(event);
+    }
+
+    fn summary(&self) -> pb::JobSummary {
+        let r = self.record();
+        let tasks = self.tasks();
+        pb::JobSummary {
+            job_id: r.job_id.clone(),
+            name: r.name.clone(),
+            state: r.state.to_string(),
+            active_version: r.active_version,
+            parallelism: r.active().map(|v| v.parallelism).unwrap_or(0),
+            created_at_ms: r.created_at_ms,
+            tasks_running: tasks.iter().filter(|t| t.state == TaskState::Running).count() as u32,
+            tasks_total: tasks.len() as u32,
+        }
+    }
+}
+
+/// Everything only the leader has.
+pub(crate) struct LeaderState {
+    pub leadership: Leadership,
+    jobs: Mutex<BTreeMap<String, Arc<JobHandle>>>,
+    /// TaskManagers this leader deployed to or heard from: id -> (last heard, address).
+    taskmanagers: Mutex<HashMap<String, (Instant, String)>>,
+}
+
+impl LeaderState {
+    pub fn stamp(&self) -> pb::LeaderStamp {
+        pb::LeaderStamp { epoch: self.leadership.epoch, address: self.leadership.address.clone() }
+    }
+
+    pub fn saw_taskmanager(&self, id: &str, address: &str) {
+        self.taskmanagers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), (Instant::now(), address.to_string()));
+    }
+
+    fn jobs(&self) -> Vec<Arc<JobHandle>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Finds a job by id, by unique id prefix, or by name (the live job of that name first,
+    /// then the most recent one).
+    fn resolve(&self, job: &str) -> Result<Arc<JobHandle>> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(j) = jobs.get(job) {
+            return Ok(j.clone());
+        }
+        let mut by_name: Vec<&Arc<JobHandle>> = jobs.values().filter(|j| j.record_mut().name == job).collect();
+        by_name.sort_by_key(|j| {
+            let r = j.record_mut();
+            (!r.state.is_terminal(), r.created_at_ms)
+        });
+        if let Some(j) = by_name.last() {
+            return Ok((*j).clone());
+        }
+        let by_prefix: Vec<&Arc<JobHandle>> =
+            jobs.values().filter(|j| !job.is_empty() && j.job_id.starts_with(job)).collect();
+        match by_prefix.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(KeelError::JobNotFound { job: job.to_string() }),
+            _ => Err(KeelError::InvalidArgument {
+                reason: format!("job id prefix {job:?} matches {} jobs; give more of the id", by_prefix.len()),
+            }),
+        }
+    }
+
+    fn dispatch_taskmanager_lost(&self, taskmanager_id: &str, reason: &str) {
+        for job in self.jobs() {
+            if job.tasks().iter().any(|t| t.taskmanager_id == taskmanager_id && !t.state.is_terminal()) {
+                job.send(JobEvent::TaskManagerLost {
+                    taskmanager_id: taskmanager_id.to_string(),
+                    reason: reason.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// One JobManager process (leader or standby).
+pub struct JobManager {
+    ctx: Arc<JobManagerCtx>,
+    state: RwLock<Option<Arc<LeaderState>>>,
+}
+
+impl JobManager {
+    fn leader_state(&self) -> Result<Arc<LeaderState>> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match state {
+            Some(st) if st.leadership.check().is_ok() => Ok(st),
+            _ => {
+                let leader = self
+                    .ctx
+                    .leader_watch
+                    .borrow()
+                    .as_ref()
+                    .map(|l| l.address.clone())
+                    .filter(|a| *a != self.ctx.address);
+                Err(KeelError::not_leader(Role::JobManager.as_str(), leader))
+            }
+        }
+    }
+
+    fn spawn_driver(&self, st: &Arc<LeaderState>, record: JobRecord) -> Arc<JobHandle> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let terminal = record.state.is_terminal();
+        let handle = Arc::new(JobHandle {
+            job_id: record.job_id.clone(),
+            record: Mutex::new(record),
+            tasks: Mutex::new(Vec::new()),
+            events: tx,
+        });
+        st.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(handle.job_id.clone(), handle.clone());
+        if !terminal {
+            let driver = Driver { ctx: self.ctx.clone(), st: st.clone(), job: handle.clone(), events: rx };
+            tokio::spawn(driver.run());
+        }
+        handle
+    }
+
+    async fn submit(&self, spec_yaml: String) -> Result<pb::SubmitJobResponse> {
+        let st = self.leader_state()?;
+        let spec = JobSpec::parse(&spec_yaml)?;
+        if let Some(existing) = st
+            .jobs()
+            .into_iter()
+            .map(|j| j.record())
+            .find(|r| r.name == spec.name && !r.state.is_terminal())
+        {
+            return Err(KeelError::AlreadyExists {
+                what: format!(
+                    "a live job named {:?} (id {}, {}); cancel it first or pick another name",
+                    spec.name, existing.job_id, existing.state
+                ),
+            });
+        }
+        let now = now_ms();
+        let record = JobRecord {
+            job_id: uuid::Uuid::new_v4().simple().to_string(),
+            name: spec.name.clone(),
+            state: JobState::Created,
+            active_version: 1,
+            versions: vec![VersionRecord {
+                version: 1,
+                spec_yaml,
+                state: JobState::Created,
+                created_at_ms: now,
+                parallelism: spec.parallelism,
+            }],
+            created_at_ms: now,
+            attempts: 0,
+            restarts: 0,
+            status_message: String::new(),
+            cancel_requested: false,
+        };
+        // Durable before acknowledged: a leader that dies right after answering still leaves the
+        // job for the next one.
+        self.ctx.jobs.put(&st.leadership, &record.job_id, &record).await?;
+        tracing::info!(job_id = %record.job_id, name = %record.name, version = 1,
+            parallelism = spec.parallelism, epoch = st.leadership.epoch, "job submitted");
+        let handle = self.spawn_driver(&st, record);
+        Ok(pb::SubmitJobResponse { job_id: handle.job_id.clone(), name: spec.name, version: 1 })
+    }
+
+    fn details(&self, job: &JobHandle) -> pb::JobDetails {
+        let r = job.record();
+        pb::JobDetails {
+            summary: Some(job.summary()),
+            versions: r
+                .versions
+                .iter()
+                .map(|v| pb::VersionDetails {
+                    version: v.version,
+                    state: v.state.to_string(),
+                    created_at_ms: v.created_at_ms,
+                    parallelism: v.parallelism,
+                    spec_yaml: v.spec_yaml.clone(),
+                })
+                .collect(),
+            tasks: job.tasks().iter().map(TaskRecord::to_pb).collect(),
+            status_message: r.status_message.clone(),
+            restarts: r.restarts,
+        }
+    }
+
+    /// Applies a task report from a TaskManager. Returns false for a task this leader does not
+    /// run (an older attempt, or deployed by an earlier leader): the TaskManager cancels it.
+    fn apply_task_report(&self, st: &LeaderState, u: &pb::TaskStateUpdate) -> bool {
+        if u.jobmanager_epoch < st.leadership.epoch {
+            return false;
+        }
+        let Some(job) = st.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&u.job_id).cloned() else {
+            return false;
+        };
+        let state = TaskState::try_from(u.state).unwrap_or(TaskState::Unspecified);
+        let changed = {
+            let mut tasks = job.tasks_mut();
+            let Some(t) = tasks.iter_mut().find(|t| t.task_id == u.task_id) else {
+                return false;
+            };
+            t.records_in = t.records_in.max(u.records_in);
+            t.records_out = t.records_out.max(u.records_out);
+            t.state != state && !t.state.is_terminal()
+        };
+        if changed && state != TaskState::Unspecified {
+            job.send(JobEvent::TaskState { task_id: u.task_id.clone(), state, failure: u.failure.clone() });
+        }
+        true
+    }
+
+    /// The leader scope: recover jobs, follow TaskManager losses, until leadership ends.
+    async fn lead(&self, st: Arc<LeaderState>, shutdown: &CancellationToken) {
+        // Recover every job from the HA store.
+        let records = loop {
+            match self.ctx.jobs.list::<JobRecord>().await {
+                Ok(r) => break r,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read jobs from the HA store; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = st.leadership.lost().cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        };
+        let live = records.iter().filter(|r| !r.state.is_terminal()).count();
+        tracing::info!(jobs = records.len(), live, epoch = st.leadership.epoch, "recovered jobs from the HA store");
+        for record in records {
+            self.spawn_driver(&st, record);
+        }
+
+        let scope = st.leadership.lost().child_token();
+        let watcher = tokio::spawn(watch_rm_events(self.ctx.clone(), st.clone(), scope.clone()));
+        let tick = (self.ctx.config.heartbeat_interval / 2).max(Duration::from_millis(50));
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = st.leadership.lost().cancelled() => break,
+                _ = interval.tick() => self.expire_taskmanagers(&st),
+            }
+        }
+        scope.cancel();
+        let _ = watcher.await;
+    }
+
+    /// Declares lost the TaskManagers running our tasks that stopped heartbeating to us, in case
+    /// the ResourceManager could not tell (for instance while it fails over itself).
+    fn expire_taskmanagers(&self, st: &LeaderState) {
+        let timeout = self.ctx.config.heartbeat_timeout;
+        let now = Instant::now();
+        let expired: Vec<String> = {
+            let mut tms = st.taskmanagers.lock().unwrap_or_else(|p| p.into_inner());
+            let expired: Vec<String> = tms
+                .iter()
+                .filter(|(_, (seen, _))| now.saturating_duration_since(*seen) > timeout)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &expired {
+                tms.remove(id);
+            }
+            expired
+        };
+        for id in expired {
+            let busy = st.jobs().iter().any(|j| j.tasks().iter().any(|t| t.taskmanager_id == id && !t.state.is_terminal()));
+            if busy {
+                tracing::warn!(taskmanager_id = %id, "taskmanager stopped heartbeating to the jobmanager");
+                st.dispatch_taskmanager_lost(&id, &format!("no heartbeat for {timeout:?} (heartbeat.timeout)"));
+            }
+        }
+    }
+
+    async fn election_loop(self: Arc<Self>, ha: Arc<dyn HaServices>, shutdown: CancellationToken) {
+        loop {
+            let leadership = match ha.campaign(Role::JobManager, &self.ctx.address, &shutdown).await {
+                Ok(l) => l,
+                Err(KeelError::Cancelled { .. }) => return,
+                Err(error) => {
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    tracing::warn!(%error, "campaign for jobmanager leadership failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let epoch = leadership.epoch;
+            tracing::info!(epoch, address = %self.ctx.address, "became jobmanager leader");
+            let st = Arc::new(LeaderState {
+                leadership: leadership.clone(),
+                jobs: Mutex::new(BTreeMap::new()),
+                taskmanagers: Mutex::new(HashMap::new()),
+            });
+            *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
+            self.lead(st, &shutdown).await;
+            *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
+            if shutdown.is_cancelled() {
+                // Stop every driver before giving the lease back.
+                leadership.give_up();
+                if let Err(error) = ha.resign(&leadership).await {
+                    tracing::warn!(%error, "resign failed");
+                }
+                return;
+            }
+            tracing::warn!(epoch, "lost jobmanager leadership; back to standby");
+        }
+    }
+}
+
+/// Follows the ResourceManager's TaskManager events for the whole leader scope, re-subscribing
+/// when the stream ends (for instance when the ResourceManager fails over).
+async fn watch_rm_events(ctx: Arc<JobManagerCtx>, st: Arc<LeaderState>, scope: CancellationToken) {
+    use tokio_stream::StreamExt;
+    while !scope.is_cancelled() {
+        let req = pb::WatchTaskManagersRequest { jobmanager: Some(st.stamp()) };
+        let stream = tokio::select! {
+            _ = scope.cancelled() => return,
+            r = ctx.rm.call(|ch| {
+                let req = req.clone();
+                async move { ResourceManagerClient::new(ch).watch_task_managers(req).await.map(|r| r.into_inner()) }
+            }) => r,
+        };
+        match stream {
+            Ok(mut stream) => loop {
+                let item = tokio::select! {
+                    _ = scope.cancelled() => return,
+                    item = stream.next() => item,
+                };
+                match item {
+                    Some(Ok(pb::TaskManagerEvent { event: Some(task_manager_event::Event::Lost(lost)) })) => {
+                        st.dispatch_taskmanager_lost(&lost.taskmanager_id, &lost.reason);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "taskmanager event stream ended");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(error) => tracing::debug!(%error, "cannot subscribe to taskmanager events"),
+        }
+        tokio::select! {
+            _ = scope.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+struct JmService(Arc<JobManager>);
+
+#[tonic::async_trait]
+impl JmApi for JmService {
+    async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> std::result::Result<Response<pb::SubmitJobResponse>, Status> {
+        Ok(Response::new(self.0.submit(request.into_inner().spec_yaml).await?))
+    }
+
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> std::result::Result<Response<pb::CancelJobResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let job = st.resolve(&request.into_inner().job)?;
+        let state = job.record().state;
+        if !state.is_terminal() {
+            job.record_mut().cancel_requested = true;
+            job.send(JobEvent::Cancel);
+            tracing::info!(job_id = %job.job_id, "job cancel requested");
+        }
+        let state = if state.is_terminal() { state } else { JobState::Canceling };
+        Ok(Response::new(pb::CancelJobResponse { job_id: job.job_id.clone(), state: state.to_string() }))
+    }
+
+    async fn list_jobs(&self, _request: Request<pb::ListJobsRequest>) -> std::result::Result<Response<pb::ListJobsResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let mut jobs: Vec<pb::JobSummary> = st.jobs().iter().map(|j| j.summary()).collect();
+        jobs.sort_by_key(|j| j.created_at_ms);
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn describe_job(&self, request: Request<pb::DescribeJobRequest>) -> std::result::Result<Response<pb::JobDetails>, Status> {
+        let st = self.0.leader_state()?;
+        let job = st.resolve(&request.into_inner().job)?;
+        Ok(Response::new(self.0.details(&job)))
+    }
+
+    async fn update_task_state(&self, request: Request<pb::TaskStateUpdate>) -> std::result::Result<Response<pb::UpdateTaskStateResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let u = request.into_inner();
+        let known = self.0.apply_task_report(&st, &u);
+        if !known {
+            tracing::info!(task_id = %u.task_id, reported_epoch = u.jobmanager_epoch, epoch = st.leadership.epoch, "report for an unknown task; telling the taskmanager to cancel it");
+        }
+        Ok(Response::new(pb::UpdateTaskStateResponse { known }))
+    }
+
+    async fn task_manager_heartbeat(&self, request: Request<pb::JobManagerHeartbeatRequest>) -> std::result::Result<Response<pb::JobManagerHeartbeatResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let req = request.into_inner();
+        st.saw_taskmanager(&req.taskmanager_id, &req.address);
+        let cancel_task_ids = req
+            .tasks
+            .iter()
+            .filter(|u| {
+                let terminal = TaskState::try_from(u.state).map(|s| s.is_terminal()).unwrap_or(false);
+                !self.0.apply_task_report(&st, u) && !terminal
+            })
+            .map(|u| u.task_id.clone())
+            .collect();
+        Ok(Response::new(pb::JobManagerHeartbeatResponse { cancel_task_ids }))
+    }
+
+    async fn acknowledge_checkpoint(&self, request: Request<pb::AcknowledgeCheckpointRequest>) -> std::result::Result<Response<pb::AcknowledgeCheckpointResponse>, Status> {
+        let _st = self.0.leader_state()?;
+        let req = request.into_inner();
+        Err(KeelError::precondition(format!(
+            "checkpoint {} of task {} was not triggered by this jobmanager (checkpointing is not enabled for job {})",
+            req.checkpoint_id, req.task_id, req.job_id
+        ))
+        .into())
+    }
+
+    async fn leader_info(&self, _request: Request<pb::LeaderInfoRequest>) -> std::result::Result<Response<pb::LeaderInfoResponse>, Status> {
+        let jm = &self.0;
+        let own = jm.state.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let resp = match own {
+            Some(st) if st.leadership.is_valid() => pb::LeaderInfoResponse {
+                is_leader: true,
+                epoch: st.leadership.epoch,
+                leader_address: jm.ctx.address.clone(),
+                address: jm.ctx.address.clone(),
+            },
+            _ => {
+                let leader = jm.ctx.leader_watch.borrow().clone();
+                pb::LeaderInfoResponse {
+                    is_leader: false,
+                    epoch: leader.as_ref().map(|l| l.epoch).unwrap_or(0),
+                    leader_address: leader.map(|l| l.address).unwrap_or_default(),
+                    address: jm.ctx.address.clone(),
+                }
+            }
+        };
+        Ok(Response::new(resp))
+    }
+}
+
+/// Runs a JobManager process until `shutdown`: serves gRPC at once and campaigns for
+/// leadership; prints `keel jobmanager listening on <address>` when the port is bound.
+pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: CancellationToken) -> Result<()> {
+    let rpc = config.jobmanager_rpc.clone();
+    let (incoming, address) = keel_client::bind(&rpc.host, rpc.port).await?;
+    println!("keel jobmanager listening on {address}");
+    tracing::info!(%address, ha = ha.backend_name(), "jobmanager started");
+    let rm = LeaderClient::from_ha(Role::ResourceManager, &ha, shutdown.clone());
+    let ctx = Arc::new(JobManagerCtx {
+        leader_watch: ha.watch_leader(Role::JobManager, shutdown.clone()),
+        jobs: JobStore::new(ha.clone()),
+        rm,
+        channels: Channels::default(),
+        address,
+        config,
+    });
+    let jm = Arc::new(JobManager { ctx, state: RwLock::new(None) });
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(JobManagerServer::new(JmService(jm.clone())))
+            .serve_with_incoming_shutdown(incoming, async move { server_shutdown.cancelled().await }),
+    );
+    jm.clone().election_loop(ha, shutdown.clone()).await;
+    shutdown.cancel();
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(KeelError::internal(format!("jobmanager server: {e}"))),
+        Err(e) => Err(KeelError::internal(format!("jobmanager server task: {e}"))),
+    }
+}

@@ -1,0 +1,103 @@
+//! What the JobManager keeps about a job in the HA store, and the live task table.
+
+use keel_proto::pb::{self, TaskState};
+use keel_proto::JobState;
+use serde::{Deserialize, Serialize};
+
+/// One version of a job: every spec submitted for a job is a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub version: u32,
+    pub spec_yaml: String,
+    pub state: JobState,
+    pub created_at_ms: u64,
+    pub parallelism: u32,
+}
+
+/// The durable record of a job (`jobs/<job_id>` in the HA store).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub name: String,
+    pub state: JobState,
+    pub active_version: u32,
+    pub versions: Vec<VersionRecord>,
+    pub created_at_ms: u64,
+    /// Attempts made to run the active version; task ids carry it, so attempts of different
+    /// leaders never share an id.
+    pub attempts: u32,
+    /// Restarts after a failure (not counting recoveries by a new leader).
+    pub restarts: u32,
+    /// Why the job failed, or what it is waiting for.
+    pub status_message: String,
+    /// Set when the user asked to cancel, so a new leader finishes the cancellation.
+    #[serde(default)]
+    pub cancel_requested: bool,
+}
+
+impl JobRecord {
+    pub fn active(&self) -> Option<&VersionRecord> {
+        self.versions.iter().find(|v| v.version == self.active_version)
+    }
+
+    pub fn active_mut(&mut self) -> Option<&mut VersionRecord> {
+        let active = self.active_version;
+        self.versions.iter_mut().find(|v| v.version == active)
+    }
+
+    /// Sets the job state and the active version's state together.
+    pub fn set_state(&mut self, state: JobState) {
+        self.state = state;
+        if let Some(v) = self.active_mut() {
+            v.state = state;
+        }
+    }
+}
+
+/// A task of the current attempt, as the JobManager tracks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub version: u32,
+    pub subtask: u32,
+    pub attempt: u32,
+    pub state: TaskState,
+    pub taskmanager_id: String,
+    pub taskmanager_address: String,
+    pub slot_index: u32,
+    pub allocation_id: String,
+    pub failure: String,
+    pub records_in: u64,
+    pub records_out: u64,
+}
+
+impl TaskRecord {
+    pub fn to_pb(&self) -> pb::TaskDetails {
+        use keel_proto::TaskStateExt;
+        pb::TaskDetails {
+            task_id: self.task_id.clone(),
+            version: self.version,
+            subtask: self.subtask,
+            attempt: self.attempt,
+            state: self.state.name().to_string(),
+            taskmanager_id: self.taskmanager_id.clone(),
+            taskmanager_address: self.taskmanager_address.clone(),
+            slot_index: self.slot_index,
+            failure: self.failure.clone(),
+            records_in: self.records_in,
+            records_out: self.records_out,
+        }
+    }
+}
+
+/// The id of a task: readable, and unique across attempts and leaders.
+pub fn task_id(job_id: &str, version: u32, subtask: u32, attempt: u32) -> String {
+    format!("{job_id}/v{version}/{subtask}#{attempt}")
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

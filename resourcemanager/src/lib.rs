@@ -1,0 +1,494 @@
+//! The ResourceManager: TaskManager registry, heartbeats and the slot table.
+//!
+//! Layout:
+//! - [`slots`]: the slot table, pure logic (allocation spread, release, expiry, rebuild from
+//!   reports), unit-tested without a network.
+//! - this file: the gRPC service and the leader scope. Every ResourceManager process serves
+//!   gRPC; only the elected leader has a [`LeaderState`]. Standbys answer every call with a
+//!   typed `NotLeader` error carrying the leader's address. Losing leadership drops the whole
+//!   leader state (slot table, pending requests, event streams) rather than demoting in place;
+//!   a new leader starts with an empty table and rebuilds it from the TaskManagers, which
+//!   re-register when their heartbeat is answered with `known = false`.
+
+pub mod slots;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use keel_client::{Channels, EpochFence};
+use keel_config::Config;
+use keel_ha::{HaServices, LeaderInfo, Leadership, Role};
+use keel_proto::pb::resource_manager_server::{ResourceManager as RmApi, ResourceManagerServer};
+use keel_proto::pb::task_manager_client::TaskManagerClient;
+use keel_proto::pb::{self, task_manager_event, SlotAllocation, TaskManagerEvent};
+use keel_proto::{KeelError, Result};
+use tokio::sync::{broadcast, watch, Notify};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::slots::{Chosen, SlotTable};
+
+/// How long a call from the ResourceManager to a TaskManager may take.
+const TM_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything only the leader has. Dropped as a whole when leadership is lost.
+struct LeaderState {
+    leadership: Leadership,
+    table: Mutex<SlotTable>,
+    changed: Notify,
+    events: broadcast::Sender<TaskManagerEvent>,
+    jobmanager_fence: EpochFence,
+    served: Mutex<HashMap<String, Vec<pb::AllocatedSlot>>>,
+}
+
+impl LeaderState {
+    fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stamp(&self) -> pb::LeaderStamp {
+        pb::LeaderStamp { epoch: self.leadership.epoch, address: self.leadership.address.clone() }
+    }
+}
+
+/// One ResourceManager process (leader or standby).
+pub struct ResourceManager {
+    config: Config,
+    address: String,
+    leader_watch: watch::Receiver<Option<LeaderInfo>>,
+    state: RwLock<Option<Arc<LeaderState>>>,
+    channels: Channels,
+}
+
+impl ResourceManager {
+    fn leader_state(&self) -> Result<Arc<LeaderState>> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match state {
+            Some(st) if st.leadership.check().is_ok() => Ok(st),
+            _ => {
+                let leader = self
+                    .leader_watch
+                    .borrow()
+                    .as_ref()
+                    .map(|l| l.address.clone())
+                    .filter(|a| *a != self.address);
+                Err(KeelError::not_leader(Role::ResourceManager.as_str(), leader))
+            }
+        }
+    }
+
+    fn tm_client(&self, address: &str) -> Result<TaskManagerClient<tonic::transport::Channel>> {
+        Ok(TaskManagerClient::new(self.channels.get(address)?))
+    }
+
+    /// Asks each chosen TaskManager to reserve its slot. All or nothing: on any failure the
+    /// reservations that succeeded are undone.
+    async fn confirm(&self, st: &LeaderState, chosen: &[Chosen], alloc: &SlotAllocation) -> Result<()> {
+        let calls = chosen.iter().map(|c| {
+            let allocation = SlotAllocation { allocation_id: c.allocation_id.clone(), ..alloc.clone() };
+            let req = pb::AllocateSlotRequest {
+                resourcemanager: Some(st.stamp()),
+                index: c.index,
+                allocation: Some(allocation),
+            };
+            async move {
+                let mut client = self.tm_client(&c.address)?;
+                match tokio::time::timeout(TM_CALL_TIMEOUT, client.allocate_slot(req)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(keel_client::status_error(&status, &c.address)),
+                    Err(_) => Err(KeelError::unavailable(&c.address, "AllocateSlot timed out")),
+                }
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        if let Some(err) = results.iter().find_map(|r| r.as_ref().err()).cloned() {
+            let now = Instant::now();
+            let mut undo = Vec::new();
+            for (c, r) in chosen.iter().zip(results.iter()) {
+                st.table().free(&c.allocation_id, now);
+                if r.is_ok() {
+                    undo.push(c.clone());
+                }
+            }
+            self.free_on_taskmanagers(st, &undo).await;
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    async fn free_on_taskmanagers(&self, st: &LeaderState, freed: &[Chosen]) {
+        let calls = freed.iter().map(|c| {
+            let req = pb::FreeSlotRequest {
+                resourcemanager: Some(st.stamp()),
+                allocation_id: c.allocation_id.clone(),
+            };
+            async move {
+                let result = match self.tm_client(&c.address) {
+                    Ok(mut client) => {
+                        match tokio::time::timeout(TM_CALL_TIMEOUT, client.free_slot(req)).await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(status)) => Err(keel_client::status_error(&status, &c.address)),
+                            Err(_) => Err(KeelError::unavailable(&c.address, "FreeSlot timed out")),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(error) = result {
+                    tracing::warn!(taskmanager_id = %c.taskmanager_id, allocation_id = %c.allocation_id, %error, "free slot on taskmanager failed");
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    async fn request_slots(&self, req: pb::RequestSlotsRequest) -> Result<pb::RequestSlotsResponse> {
+        let st = self.leader_state()?;
+        let stamp = req.jobmanager.clone().unwrap_or_default();
+        st.jobmanager_fence.check(stamp.epoch)?;
+        if req.count == 0 {
+            return Err(KeelError::InvalidArgument { reason: "slot request for 0 slots".into() });
+        }
+        if let Some(slots) = st.served.lock().unwrap_or_else(|p| p.into_inner()).get(&req.request_id) {
+            return Ok(pb::RequestSlotsResponse { slots: slots.clone() });
+        }
+        let timeout = if req.timeout_ms > 0 {
+            Duration::from_millis(req.timeout_ms)
+        } else {
+            self.config.slot_request_timeout
+        };
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        let template = SlotAllocation {
+            allocation_id: String::new(),
+            job_id: req.job_id.clone(),
+            version: req.version,
+            jobmanager_epoch: stamp.epoch,
+        };
+        tracing::info!(job_id = %req.job_id, version = req.version, count = req.count, "slot request");
+        loop {
+            let notified = st.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let chosen = {
+                let mut make = || SlotAllocation {
+                    allocation_id: uuid::Uuid::new_v4().simple().to_string(),
+                    ..template.clone()
+                };
+                st.table().allocate(req.count, &mut make, Instant::now())
+            };
+            if let Some(chosen) = chosen {
+                match self.confirm(&st, &chosen, &template).await {
+                    Ok(()) => {
+                        let slots: Vec<pb::AllocatedSlot> = chosen
+                            .iter()
+                            .map(|c| pb::AllocatedSlot {
+                                slot: Some(pb::SlotId {
+                                    taskmanager_id: c.taskmanager_id.clone(),
+                                    index: c.index,
+                                }),
+                                allocation_id: c.allocation_id.clone(),
+                                taskmanager_address: c.address.clone(),
+                            })
+                            .collect();
+                        tracing::info!(job_id = %req.job_id, version = req.version, count = req.count,
+                            waited_ms = started.elapsed().as_millis() as u64, "slots allocated");
+                        st.served
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(req.request_id.clone(), slots.clone());
+                        return Ok(pb::RequestSlotsResponse { slots });
+                    }
+                    Err(error) => {
+                        tracing::warn!(job_id = %req.job_id, %error, "taskmanager refused slot allocation; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let table = st.table();
+                    return Err(KeelError::NotEnoughSlots {
+                        job: req.job_id.clone(),
+                        needed: req.count,
+                        free: table.free_slots() as u32,
+                        total: table.total_slots() as u32,
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    });
+                }
+                _ = st.leadership.lost().cancelled() => {
+                    return Err(KeelError::not_leader(Role::ResourceManager.as_str(), None));
+                }
+            }
+        }
+    }
+
+    async fn release_slots(&self, req: pb::ReleaseSlotsRequest) -> Result<pb::ReleaseSlotsResponse> {
+        let st = self.leader_state()?;
+        st.jobmanager_fence.check(req.jobmanager.as_ref().map(|s| s.epoch).unwrap_or(0))?;
+        let mut ids = req.allocation_ids.clone();
+        if !req.job_id.is_empty() {
+            ids.extend(st.table().allocations_of(&req.job_id, req.version));
+        }
+        let now = Instant::now();
+        let freed: Vec<Chosen> = ids.iter().filter_map(|id| st.table().free(id, now)).collect();
+        self.free_on_taskmanagers(&st, &freed).await;
+        st.changed.notify_waiters();
+        tracing::info!(job_id = %req.job_id, released = freed.len(), "slots released");
+        Ok(pb::ReleaseSlotsResponse { released: freed.len() as u32 })
+    }
+
+    fn lose(&self, st: &LeaderState, lost: slots::Lost, reason: &str) {
+        tracing::warn!(taskmanager_id = %lost.taskmanager_id, address = %lost.address,
+            allocations = lost.allocations.len(), reason, "taskmanager lost");
+        self.channels.forget(&lost.address);
+        let _ = st.events.send(TaskManagerEvent {
+            event: Some(task_manager_event::Event::Lost(pb::TaskManagerLost {
+                taskmanager_id: lost.taskmanager_id,
+                address: lost.address,
+                reason: reason.to_string(),
+                allocations: lost.allocations,
+            })),
+        });
+        st.changed.notify_waiters();
+    }
+
+    /// Leader work besides answering calls: expiring TaskManagers that stopped heartbeating.
+    async fn lead(&self, st: Arc<LeaderState>, shutdown: &CancellationToken) {
+        let tick = (self.config.heartbeat_interval / 2).max(Duration::from_millis(50));
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = st.leadership.lost().cancelled() => return,
+                _ = interval.tick() => {
+                    let expired = st.table().expire(self.config.heartbeat_timeout, Instant::now());
+                    for lost in expired {
+                        let reason = format!("no heartbeat for {:?} (heartbeat.timeout)", self.config.heartbeat_timeout);
+                        self.lose(&st, lost, &reason);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn election_loop(self: Arc<Self>, ha: Arc<dyn HaServices>, shutdown: CancellationToken) {
+        loop {
+            let leadership = match ha.campaign(Role::ResourceManager, &self.address, &shutdown).await {
+                Ok(l) => l,
+                Err(KeelError::Cancelled { .. }) => return,
+                Err(error) => {
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    tracing::warn!(%error, "campaign for resourcemanager leadership failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let epoch = leadership.epoch;
+            tracing::info!(epoch, address = %self.address, "became resourcemanager leader");
+            let (events, _) = broadcast::channel(1024);
+            let st = Arc::new(LeaderState {
+                leadership: leadership.clone(),
+                table: Mutex::new(SlotTable::new()),
+                changed: Notify::new(),
+                events,
+                jobmanager_fence: EpochFence::new(Role::JobManager),
+                served: Mutex::new(HashMap::new()),
+            });
+            *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
+            self.lead(st, &shutdown).await;
+            *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
+            if shutdown.is_cancelled() {
+                if let Err(error) = ha.resign(&leadership).await {
+                    tracing::warn!(%error, "resign failed");
+                }
+                return;
+            }
+            tracing::warn!(epoch, "lost resourcemanager leadership; back to standby");
+        }
+    }
+}
+
+struct RmService(Arc<ResourceManager>);
+
+type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::result::Result<TaskManagerEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RmApi for RmService {
+    async fn register_task_manager(
+        &self,
+        request: Request<pb::RegisterTaskManagerRequest>,
+    ) -> std::result::Result<Response<pb::RegisterTaskManagerResponse>, Status> {
+        let rm = &self.0;
+        let st = rm.leader_state()?;
+        let req = request.into_inner();
+        if req.taskmanager_id.is_empty() || req.address.is_empty() {
+            return Err(KeelError::InvalidArgument {
+                reason: "taskmanager registration needs an id and an address".into(),
+            }
+            .into());
+        }
+        // A TaskManager restarted on the same address under a new id replaces the old one.
+        let stale: Vec<String> = st
+            .table()
+            .taskmanagers()
+            .filter(|tm| tm.address == req.address && tm.id != req.taskmanager_id)
+            .map(|tm| tm.id.clone())
+            .collect();
+        for id in stale {
+            if let Some(lost) = st.table().remove(&id) {
+                rm.lose(&st, lost, "replaced by a new taskmanager on the same address");
+            }
+        }
+        let known_before = st.table().get(&req.taskmanager_id).is_some();
+        st.table().register(
+            &req.taskmanager_id,
+            &req.address,
+            req.num_slots,
+            &req.slots,
+            req.memory_rss_bytes,
+            Instant::now(),
+        );
+        tracing::info!(taskmanager_id = %req.taskmanager_id, address = %req.address,
+            slots = req.num_slots, reregistered = known_before, "taskmanager registered");
+        let _ = st.events.send(TaskManagerEvent {
+            event: Some(task_manager_event::Event::Registered(pb::TaskManagerRegistered {
+                taskmanager_id: req.taskmanager_id,
+                address: req.address,
+                num_slots: req.num_slots,
+            })),
+        });
+        st.changed.notify_waiters();
+        Ok(Response::new(pb::RegisterTaskManagerResponse {
+            resourcemanager_epoch: st.leadership.epoch,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::TaskManagerHeartbeatRequest>,
+    ) -> std::result::Result<Response<pb::TaskManagerHeartbeatResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let req = request.into_inner();
+        let (known, free_before, free_after) = {
+            let mut table = st.table();
+            let before = table.free_slots();
+            let known = table.heartbeat(&req.taskmanager_id, &req.slots, req.memory_rss_bytes, Instant::now());
+            (known, before, table.free_slots())
+        };
+        if free_after > free_before {
+            st.changed.notify_waiters();
+        }
+        Ok(Response::new(pb::TaskManagerHeartbeatResponse {
+            known,
+            resourcemanager_epoch: st.leadership.epoch,
+        }))
+    }
+
+    async fn request_slots(
+        &self,
+        request: Request<pb::RequestSlotsRequest>,
+    ) -> std::result::Result<Response<pb::RequestSlotsResponse>, Status> {
+        Ok(Response::new(self.0.request_slots(request.into_inner()).await?))
+    }
+
+    async fn release_slots(
+        &self,
+        request: Request<pb::ReleaseSlotsRequest>,
+    ) -> std::result::Result<Response<pb::ReleaseSlotsResponse>, Status> {
+        Ok(Response::new(self.0.release_slots(request.into_inner()).await?))
+    }
+
+    type WatchTaskManagersStream = EventStream;
+
+    async fn watch_task_managers(
+        &self,
+        request: Request<pb::WatchTaskManagersRequest>,
+    ) -> std::result::Result<Response<Self::WatchTaskManagersStream>, Status> {
+        let st = self.0.leader_state()?;
+        let req = request.into_inner();
+        st.jobmanager_fence.check(req.jobmanager.as_ref().map(|s| s.epoch).unwrap_or(0))?;
+        let lost = st.leadership.lost().clone();
+        let events = tokio_stream::wrappers::BroadcastStream::new(st.events.subscribe())
+            .filter_map(|item| item.ok().map(Ok));
+        // The stream ends with the leadership, so the JobManager re-subscribes to the new leader.
+        let stream = futures::StreamExt::take_until(events, async move { lost.cancelled_owned().await });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cluster_overview(
+        &self,
+        _request: Request<pb::ClusterOverviewRequest>,
+    ) -> std::result::Result<Response<pb::ClusterOverviewResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let now = Instant::now();
+        let table = st.table();
+        let taskmanagers = table
+            .taskmanagers()
+            .map(|tm| pb::TaskManagerInfo {
+                taskmanager_id: tm.id.clone(),
+                address: tm.address.clone(),
+                num_slots: tm.slots.len() as u32,
+                free_slots: tm.free_slots() as u32,
+                last_heartbeat_ms_ago: now.saturating_duration_since(tm.last_heartbeat).as_millis() as u64,
+                memory_rss_bytes: tm.memory_rss_bytes,
+                slots: tm
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| pb::SlotStatus {
+                        index: i as u32,
+                        allocation: s.allocation.clone(),
+                        task_id: s.task_id.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ClusterOverviewResponse {
+            resourcemanager_epoch: st.leadership.epoch,
+            resourcemanager_address: self.0.address.clone(),
+            taskmanagers,
+            slots_total: table.total_slots() as u32,
+            slots_free: table.free_slots() as u32,
+            pending_slot_requests: 0,
+        }))
+    }
+}
+
+/// Runs a ResourceManager process until `shutdown`: serves gRPC at once and campaigns for
+/// leadership; prints `keel resourcemanager listening on <address>` when the port is bound.
+pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: CancellationToken) -> Result<()> {
+    let rpc = config.resourcemanager_rpc.clone();
+    let (incoming, address) = keel_client::bind(&rpc.host, rpc.port).await?;
+    println!("keel resourcemanager listening on {address}");
+    tracing::info!(%address, ha = ha.backend_name(), "resourcemanager started");
+    let rm = Arc::new(ResourceManager {
+        leader_watch: ha.watch_leader(Role::ResourceManager, shutdown.clone()),
+        config,
+        address,
+        state: RwLock::new(None),
+        channels: Channels::default(),
+    });
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ResourceManagerServer::new(RmService(rm.clone())))
+            .serve_with_incoming_shutdown(incoming, async move { server_shutdown.cancelled().await }),
+    );
+    rm.clone().election_loop(ha, shutdown.clone()).await;
+    shutdown.cancel();
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(KeelError::internal(format!("resourcemanager server: {e}"))),
+        Err(e) => Err(KeelError::internal(format!("resourcemanager server task: {e}"))),
+    }
+}

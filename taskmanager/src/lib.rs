@@ -1,0 +1,1 @@
+//! The TaskManager: slots and the tasks running in them

@@ -1,0 +1,145 @@
+//! Sinks. They run on the task's blocking sink thread, never on the async runtime.
+//!
+//! - `print`: `<identifier>:<subtask>> <value>` (or `<subtask>> <value>`) to stdout or stderr.
+//! - `blackhole`: discards.
+//! - `file`: appends `<value>\n` to `<path>/part-<subtask>`; a restarted attempt continues the
+//!   same file. Flushed at least every [`FLUSH_INTERVAL`] or [`FLUSH_RECORDS`] records, and
+//!   flushed and fsynced at every checkpoint barrier and at the end.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use keel_proto::{KeelError, Result};
+use keel_spec::SinkConfig;
+
+use super::Record;
+
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+pub const FLUSH_RECORDS: usize = 1000;
+
+pub enum Sink {
+    Print { prefix: String, stderr: bool },
+    Blackhole,
+    File(FileSink),
+}
+
+pub struct FileSink {
+    path: PathBuf,
+    writer: BufWriter<File>,
+    pending: usize,
+    last_flush: Instant,
+}
+
+fn io_error(what: &str, path: &std::path::Path, e: std::io::Error) -> KeelError {
+    KeelError::internal(format!("file sink: cannot {what} {}: {e}", path.display()))
+}
+
+impl Sink {
+    /// Opens the sink of `subtask` (blocking: creates directories and files).
+    pub fn open(name: &str, config: &SinkConfig, subtask: u32) -> Result<Sink> {
+        match config {
+            SinkConfig::Print(p) => Ok(Sink::Print {
+                prefix: match &p.print_identifier {
+                    Some(id) => format!("{id}:{subtask}> "),
+                    None => format!("{subtask}> "),
+                },
+                stderr: p.standard_error,
+            }),
+            SinkConfig::Blackhole => Ok(Sink::Blackhole),
+            SinkConfig::File(f) => {
+                let dir = PathBuf::from(&f.path);
+                std::fs::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, e))?;
+                let path = dir.join(format!("part-{subtask}"));
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| io_error("open", &path, e))?;
+                Ok(Sink::File(FileSink {
+                    path,
+                    writer: BufWriter::with_capacity(64 * 1024, file),
+                    pending: 0,
+                    last_flush: Instant::now(),
+                }))
+            }
+            SinkConfig::Kafka(_) => Err(KeelError::FailedPrecondition {
+                reason: format!("sink '{name}': connector 'kafka' is not supported by this TaskManager yet"),
+            }),
+        }
+    }
+
+    pub fn write(&mut self, records: &[Record]) -> Result<()> {
+        match self {
+            Sink::Print { prefix, stderr } => {
+                let mut text = Vec::with_capacity(records.len() * (prefix.len() + 12));
+                for r in records {
+                    text.extend_from_slice(prefix.as_bytes());
+                    text.extend_from_slice(&r.value);
+                    text.push(b'\n');
+                }
+                let result = if *stderr {
+                    let mut out = std::io::stderr().lock();
+                    out.write_all(&text).and_then(|_| out.flush())
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&text).and_then(|_| out.flush())
+                };
+                result.map_err(|e| KeelError::internal(format!("print sink: cannot write: {e}")))
+            }
+            Sink::Blackhole => Ok(()),
+            Sink::File(f) => {
+                for r in records {
+                    f.writer
+                        .write_all(&r.value)
+                        .and_then(|_| f.writer.write_all(b"\n"))
+                        .map_err(|e| io_error("write", &f.path, e))?;
+                }
+                f.pending += records.len();
+                if f.pending >= FLUSH_RECORDS {
+                    f.flush(false)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Flushes when the flush interval has passed since the last flush.
+    pub fn flush_if_due(&mut self, now: Instant) -> Result<()> {
+        if let Sink::File(f) = self {
+            if f.pending > 0 && now.duration_since(f.last_flush) >= FLUSH_INTERVAL {
+                f.flush(false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When this sink next needs a timed flush, if it has buffered data.
+    pub fn flush_deadline(&self) -> Option<Instant> {
+        match self {
+            Sink::File(f) if f.pending > 0 => Some(f.last_flush + FLUSH_INTERVAL),
+            _ => None,
+        }
+    }
+
+    /// Flushes everything written so far; `durable` also fsyncs it (checkpoints, the end).
+    pub fn flush(&mut self, durable: bool) -> Result<()> {
+        match self {
+            Sink::File(f) => f.flush(durable),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FileSink {
+    fn flush(&mut self, durable: bool) -> Result<()> {
+        self.writer.flush().map_err(|e| io_error("flush", &self.path, e))?;
+        if durable {
+            self.writer.get_ref().sync_data().map_err(|e| io_error("fsync", &self.path, e))?;
+        }
+        self.pending = 0;
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+}

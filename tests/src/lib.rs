@@ -1,0 +1,1 @@
+//! Process-level integration tests: real etcd, real Keel processes
