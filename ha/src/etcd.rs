@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, KeyValue,
-    LeaseGrantResponse, PutOptions, ResponseHeader, Txn, TxnOp, TxnOpResponse, TxnResponse,
-    WatchOptions, WatchStream,
+    LeaseGrantResponse, PutOptions, ResponseHeader, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+    WatchStream,
 };
 use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
@@ -54,6 +54,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const VACANCY_RECHECK: Duration = Duration::from_secs(10);
 /// How many times `increment` retries when another writer changed the counter in between.
 const MAX_INCREMENT_ATTEMPTS: usize = 100;
+/// The shortest time one attempt of an idempotent request gets before it is sent again.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// HA services on etcd. See the module documentation for the key space and the protocol.
 pub struct EtcdHaServices {
@@ -131,17 +133,12 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 }
 
 fn header_revision(header: Option<&ResponseHeader>) -> Result<i64> {
-    header
-        .map(|h| h.revision())
-        .ok_or_else(|| KeelError::ha("etcd answered without a response header"))
+    header.map(|h| h.revision()).ok_or_else(|| KeelError::ha("etcd answered without a response header"))
 }
 
 fn encode_leader(address: &str, epoch: u64) -> Result<Vec<u8>> {
-    serde_json::to_vec(&LeaderInfo {
-        address: address.to_string(),
-        epoch,
-    })
-    .map_err(|e| KeelError::internal(format!("cannot encode leader record: {e}")))
+    serde_json::to_vec(&LeaderInfo { address: address.to_string(), epoch })
+        .map_err(|e| KeelError::internal(format!("cannot encode leader record: {e}")))
 }
 
 /// The leader published in `kv`; the epoch is the key's `create_revision`.
@@ -150,15 +147,9 @@ fn leader_from_kv(kv: &KeyValue) -> Result<LeaderInfo> {
     let info: LeaderInfo = serde_json::from_slice(kv.value())
         .map_err(|e| KeelError::ha(format!("leader record {key} in etcd is not readable: {e}")))?;
     let epoch = u64::try_from(kv.create_revision()).map_err(|_| {
-        KeelError::ha(format!(
-            "leader record {key} has create revision {}",
-            kv.create_revision()
-        ))
+        KeelError::ha(format!("leader record {key} has create revision {}", kv.create_revision()))
     })?;
-    Ok(LeaderInfo {
-        address: info.address,
-        epoch,
-    })
+    Ok(LeaderInfo { address: info.address, epoch })
 }
 
 fn parse_counter(key: &str, bytes: &[u8]) -> Result<u64> {
@@ -186,83 +177,147 @@ impl Backoff {
     }
 }
 
+/// Which failed requests [`Conn::call`] may send again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Sending the request twice has the same effect as once (reads, fenced puts and deletes,
+    /// revokes): retried on any "unreachable" error, with a per-attempt timeout, so that a
+    /// request stuck on a member that just lost its raft leader is sent again elsewhere.
+    Idempotent,
+    /// Retried only when the request certainly never left (no connection to the member the
+    /// balancer picked); any other failure may have been applied and is returned.
+    IfNotSent,
+}
+
+/// True when the request failed before it was sent: the connection to the picked member
+/// could not be made (a dead member stays in the client's balancer and fails fast).
+fn is_not_sent(e: &etcd_client::Error) -> bool {
+    let source: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::TransportError(t) => Some(t),
+        etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
+        _ => None,
+    };
+    let mut cause = source;
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        if c.to_string().contains("tcp connect error") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 impl Conn {
     fn error(&self, what: &str, e: &etcd_client::Error) -> KeelError {
         if is_unreachable(e) {
-            KeelError::unavailable(
-                self.endpoints.to_string(),
-                format!("etcd {what}: {}", describe(e)),
-            )
+            KeelError::unavailable(self.endpoints.to_string(), format!("etcd {what}: {}", describe(e)))
         } else {
-            KeelError::ha(format!(
-                "etcd {what} (endpoints {}): {}",
-                self.endpoints,
-                describe(e)
-            ))
+            KeelError::ha(format!("etcd {what} (endpoints {}): {}", self.endpoints, describe(e)))
         }
     }
 
-    /// Runs one etcd request under the request timeout, mapping its error.
-    async fn call<T>(
-        &self,
-        what: &str,
-        request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.request_timeout, request).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.error(what, &e)),
-            Err(_) => Err(KeelError::unavailable(
-                self.endpoints.to_string(),
-                format!("etcd {what}: no answer within {:?}", self.request_timeout),
-            )),
+    fn timed_out(&self, what: &str) -> KeelError {
+        KeelError::unavailable(
+            self.endpoints.to_string(),
+            format!("etcd {what}: no answer within {:?}", self.request_timeout),
+        )
+    }
+
+    /// Runs an etcd request (built anew by `request` for every attempt) until it succeeds,
+    /// fails in a way `retry` does not cover, or the request timeout has passed.
+    async fn call<T, F, Fut>(&self, what: &str, retry: Retry, mut request: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.timed_out(what));
+            }
+            let attempt_timeout = match retry {
+                Retry::Idempotent => (self.request_timeout / 4).max(ATTEMPT_TIMEOUT).min(remaining),
+                Retry::IfNotSent => remaining,
+            };
+            let e = match tokio::time::timeout(attempt_timeout, request()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+                Err(_) if retry == Retry::Idempotent && attempt_timeout < remaining => {
+                    tracing::debug!(what, "etcd request unanswered, sending it again");
+                    continue;
+                }
+                Err(_) => return Err(self.timed_out(what)),
+            };
+            let again = match retry {
+                Retry::Idempotent => is_unreachable(&e),
+                Retry::IfNotSent => is_not_sent(&e),
+            };
+            if !again || Instant::now() + pause >= deadline {
+                return Err(self.error(what, &e));
+            }
+            tracing::debug!(what, error = %describe(&e), "etcd request failed, retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(BACKOFF_MIN);
         }
     }
 
     async fn get(&self, key: &str, options: Option<GetOptions>) -> Result<GetResponse> {
-        let mut c = self.client.clone();
-        let key = key.to_string();
-        self.call("get", async move { c.get(key, options).await })
-            .await
+        self.call("get", Retry::Idempotent, || {
+            let mut c = self.client.clone();
+            let (key, options) = (key.to_string(), options.clone());
+            async move { c.get(key, options).await }
+        })
+        .await
     }
 
-    async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse> {
-        let mut c = self.client.clone();
-        self.call(what, async move { c.txn(txn).await }).await
+    async fn txn(&self, what: &str, retry: Retry, txn: Txn) -> Result<TxnResponse> {
+        self.call(what, retry, || {
+            let mut c = self.client.clone();
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
     }
 
     async fn grant(&self, ttl_secs: i64) -> Result<LeaseGrantResponse> {
-        let mut c = self.client.clone();
-        self.call(
-            "lease grant",
-            async move { c.lease_grant(ttl_secs, None).await },
-        )
+        self.call("lease grant", Retry::IfNotSent, || {
+            let mut c = self.client.clone();
+            async move { c.lease_grant(ttl_secs, None).await }
+        })
         .await
     }
 
     /// Revokes a lease; a lease that is already gone counts as revoked.
     async fn revoke(&self, lease: i64) -> Result<()> {
-        let mut c = self.client.clone();
-        match tokio::time::timeout(self.request_timeout, c.lease_revoke(lease)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if is_lease_not_found(&e) => Ok(()),
-            Ok(Err(e)) => Err(self.error("lease revoke", &e)),
-            Err(_) => Err(KeelError::unavailable(
-                self.endpoints.to_string(),
-                format!(
-                    "etcd lease revoke: no answer within {:?}",
-                    self.request_timeout
-                ),
-            )),
-        }
+        self.call("lease revoke", Retry::Idempotent, || {
+            let mut c = self.client.clone();
+            async move {
+                match c.lease_revoke(lease).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if is_lease_not_found(&e) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .await
     }
 
     /// Opens a watch on `key` from `start_revision`.
     async fn watch(&self, key: &str, start_revision: i64) -> Result<WatchStream> {
-        let mut c = self.client.clone();
-        let key = key.to_string();
-        let options = WatchOptions::new().with_start_revision(start_revision);
-        self.call("watch", async move { c.watch(key, Some(options)).await })
-            .await
+        self.call("watch", Retry::Idempotent, || {
+            let mut c = self.client.clone();
+            let key = key.to_string();
+            let options = WatchOptions::new().with_start_revision(start_revision);
+            async move { c.watch(key, Some(options)).await }
+        })
+        .await
     }
 }
 
@@ -313,9 +368,7 @@ impl EtcdHaServices {
     ) -> Result<Self> {
         validate_cluster_id(cluster_id)?;
         if endpoints.is_empty() {
-            return Err(KeelError::InvalidArgument {
-                reason: "no etcd endpoints given".into(),
-            });
+            return Err(KeelError::InvalidArgument { reason: "no etcd endpoints given".into() });
         }
         if lease_ttl < Duration::from_millis(100) {
             return Err(KeelError::InvalidArgument {
@@ -337,9 +390,7 @@ impl EtcdHaServices {
         };
         let client = match tokio::time::timeout(connect_timeout, connecting).await {
             Ok(Ok(client)) => client,
-            Ok(Err(
-                e @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)),
-            )) => {
+            Ok(Err(e @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)))) => {
                 return Err(KeelError::InvalidArgument {
                     reason: format!("etcd endpoints {joined}: {}", describe(&e)),
                 })
@@ -381,9 +432,7 @@ impl EtcdHaServices {
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<Role, Held>> {
-        self.held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Test hook: stops the keep-alives (and the leader-key watch) of this backend's leadership
@@ -408,20 +457,13 @@ impl EtcdHaServices {
 
     fn fence(&self, leadership: &Leadership) -> Result<Compare> {
         let epoch = i64::try_from(leadership.epoch).map_err(|_| self.lost(leadership))?;
-        Ok(Compare::create_revision(
-            self.leader_key(leadership.role),
-            CompareOp::Equal,
-            epoch,
-        ))
+        Ok(Compare::create_revision(self.leader_key(leadership.role), CompareOp::Equal, epoch))
     }
 
     fn lost(&self, leadership: &Leadership) -> KeelError {
         leadership.give_up();
         KeelError::LeadershipLost {
-            reason: format!(
-                "leader key of {} no longer has epoch {}",
-                leadership.role, leadership.epoch
-            ),
+            reason: format!("leader key of {} no longer has epoch {}", leadership.role, leadership.epoch),
         }
     }
 
@@ -429,23 +471,15 @@ impl EtcdHaServices {
     async fn campaign_step(&self, role: Role, key: &str, address: &str) -> Result<Step> {
         let current = self.conn.get(key, None).await?;
         if !current.kvs().is_empty() {
-            return Ok(Step::Taken {
-                revision: header_revision(current.header())?,
-            });
+            return Ok(Step::Taken { revision: header_revision(current.header())? });
         }
         let sent = Instant::now();
         let grant = self.conn.grant(self.ttl_secs()).await?;
         let lease = grant.id();
-        let mut guard = LeaseGuard {
-            conn: self.conn.clone(),
-            lease: Some(lease),
-        };
+        let mut guard = LeaseGuard { conn: self.conn.clone(), lease: Some(lease) };
         let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
         if granted.is_zero() {
-            return Err(KeelError::ha(format!(
-                "etcd granted lease {lease:x} with TTL {}",
-                grant.ttl()
-            )));
+            return Err(KeelError::ha(format!("etcd granted lease {lease:x} with TTL {}", grant.ttl())));
         }
         // The deadline we keep is never longer than what we asked for or what etcd granted.
         let ttl = granted.min(self.lease_ttl);
@@ -458,7 +492,7 @@ impl EtcdHaServices {
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else(vec![TxnOp::get(key, None)]);
-        let created = self.conn.txn("campaign", create).await?;
+        let created = self.conn.txn("campaign", Retry::IfNotSent, create).await?;
         let revision = header_revision(created.header())?;
         if !created.succeeded() {
             return Ok(Step::Taken { revision });
@@ -466,33 +500,19 @@ impl EtcdHaServices {
         let epoch = u64::try_from(revision)
             .map_err(|_| KeelError::ha(format!("etcd answered with revision {revision}")))?;
         // Publish the epoch in the value too (readers take it from create_revision anyway).
-        let publish = Txn::new()
-            .when(vec![Compare::create_revision(
-                key,
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then(vec![TxnOp::put(
-                key,
-                encode_leader(address, epoch)?,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let published = self.conn.txn("publish leader", publish).await?;
+        let publish =
+            Txn::new().when(vec![Compare::create_revision(key, CompareOp::Equal, revision)]).and_then(vec![
+                TxnOp::put(key, encode_leader(address, epoch)?, Some(PutOptions::new().with_lease(lease))),
+            ]);
+        let published = self.conn.txn("publish leader", Retry::Idempotent, publish).await?;
         if !published.succeeded() {
             // The key vanished already (the lease expired while we were slow): start over.
-            return Ok(Step::Taken {
-                revision: header_revision(published.header())?,
-            });
+            return Ok(Step::Taken { revision: header_revision(published.header())? });
         }
 
         let token = CancellationToken::new();
-        let leadership = Leadership::with_lease(
-            role,
-            epoch,
-            address.to_string(),
-            token.clone(),
-            Duration::ZERO,
-        );
+        let leadership =
+            Leadership::with_lease(role, epoch, address.to_string(), token.clone(), Duration::ZERO);
         leadership.extend_until(sent + ttl);
         let keeper = Keeper {
             conn: self.conn.clone(),
@@ -503,15 +523,7 @@ impl EtcdHaServices {
         };
         let task = tokio::spawn(keeper.run());
         guard.disarm();
-        if let Some(old) = self.held().insert(
-            role,
-            Held {
-                epoch,
-                lease,
-                token,
-                task,
-            },
-        ) {
+        if let Some(old) = self.held().insert(role, Held { epoch, lease, token, task }) {
             old.token.cancel();
         }
         tracing::info!(role = %role, epoch, lease = format_args!("{lease:x}"), address, "etcd leadership won");
@@ -602,9 +614,7 @@ impl Keeper {
             .await
             {
                 Ok(Ok(pair)) => pair,
-                Ok(Err(e)) if is_lease_not_found(&e) => {
-                    return format!("lease {:x} is gone", self.lease)
-                }
+                Ok(Err(e)) if is_lease_not_found(&e) => return format!("lease {:x} is gone", self.lease),
                 Ok(Err(e)) => {
                     tracing::debug!(role = %role, epoch, error = %describe(&e), "cannot open keep-alive stream");
                     continue;
@@ -696,9 +706,7 @@ impl Keeper {
                     }
                     for event in resp.events() {
                         match event.event_type() {
-                            EventType::Delete => {
-                                return Ok(format!("leader key {} was deleted", self.key))
-                            }
+                            EventType::Delete => return Ok(format!("leader key {} was deleted", self.key)),
                             EventType::Put => {
                                 let created = event.kv().map(|kv| kv.create_revision());
                                 if created != Some(epoch) {
@@ -713,10 +721,7 @@ impl Keeper {
                     }
                 }
                 Ok(None) => {
-                    return Err(KeelError::unavailable(
-                        self.conn.endpoints.to_string(),
-                        "etcd watch ended",
-                    ))
+                    return Err(KeelError::unavailable(self.conn.endpoints.to_string(), "etcd watch ended"))
                 }
                 Err(e) => return Err(self.conn.error("watch leader key", &e)),
             }
@@ -760,10 +765,7 @@ async fn follow_leader(
         match stream.message().await {
             Ok(Some(resp)) => {
                 if resp.canceled() {
-                    return Err(KeelError::ha(format!(
-                        "watch cancelled by etcd: {}",
-                        resp.cancel_reason()
-                    )));
+                    return Err(KeelError::ha(format!("watch cancelled by etcd: {}", resp.cancel_reason())));
                 }
                 for event in resp.events() {
                     match event.event_type() {
@@ -772,12 +774,7 @@ async fn follow_leader(
                     }
                 }
             }
-            Ok(None) => {
-                return Err(KeelError::unavailable(
-                    conn.endpoints.to_string(),
-                    "etcd watch ended",
-                ))
-            }
+            Ok(None) => return Err(KeelError::unavailable(conn.endpoints.to_string(), "etcd watch ended")),
             Err(e) => return Err(conn.error("watch leader key", &e)),
         }
     }
@@ -789,15 +786,8 @@ impl HaServices for EtcdHaServices {
         "etcd"
     }
 
-    async fn campaign(
-        &self,
-        role: Role,
-        address: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<Leadership> {
-        let cancelled = || KeelError::Cancelled {
-            reason: format!("campaign for {role} leadership stopped"),
-        };
+    async fn campaign(&self, role: Role, address: &str, shutdown: &CancellationToken) -> Result<Leadership> {
+        let cancelled = || KeelError::Cancelled { reason: format!("campaign for {role} leadership stopped") };
         let key = self.leader_key(role);
         let mut backoff = Backoff::new();
         loop {
@@ -859,23 +849,14 @@ impl HaServices for EtcdHaServices {
             let delete = Txn::new()
                 .when(vec![self.fence(leadership)?])
                 .and_then(vec![TxnOp::delete(self.leader_key(leadership.role), None)]);
-            self.conn.txn("resign", delete).await?;
+            self.conn.txn("resign", Retry::Idempotent, delete).await?;
             return Ok(());
         };
         held.token.cancel();
         // Revoking the lease deletes the leader key: a standby wins at once.
-        let deadline = Instant::now() + self.conn.request_timeout;
-        let mut backoff = Backoff::new();
-        loop {
-            match self.conn.revoke(held.lease).await {
-                Ok(()) => break,
-                Err(e @ KeelError::Unavailable { .. }) if Instant::now() < deadline => {
-                    tracing::debug!(role = %leadership.role, error = %e, "lease revoke failed, retrying");
-                    tokio::time::sleep(backoff.next()).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // (`revoke` retries on its own while members are unreachable, up to the request
+        // timeout; if it still fails, the key goes when the lease expires.)
+        self.conn.revoke(held.lease).await?;
         tracing::info!(role = %leadership.role, epoch = leadership.epoch, "etcd leadership resigned");
         Ok(())
     }
@@ -885,11 +866,7 @@ impl HaServices for EtcdHaServices {
         current.kvs().first().map(leader_from_kv).transpose()
     }
 
-    fn watch_leader(
-        &self,
-        role: Role,
-        shutdown: CancellationToken,
-    ) -> watch::Receiver<Option<LeaderInfo>> {
+    fn watch_leader(&self, role: Role, shutdown: CancellationToken) -> watch::Receiver<Option<LeaderInfo>> {
         let (tx, rx) = watch::channel(None);
         let conn = self.conn.clone();
         let key = self.leader_key(role);
@@ -924,13 +901,7 @@ impl HaServices for EtcdHaServices {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         validate_prefix(prefix)?;
         let root = self.meta_key("");
-        let resp = self
-            .conn
-            .get(
-                &self.meta_key(prefix),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await?;
+        let resp = self.conn.get(&self.meta_key(prefix), Some(GetOptions::new().with_prefix())).await?;
         let mut out = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
             let full = std::str::from_utf8(kv.key())
@@ -947,10 +918,12 @@ impl HaServices for EtcdHaServices {
     async fn put(&self, leadership: &Leadership, key: &str, value: Vec<u8>) -> Result<()> {
         validate_key(key)?;
         leadership.check()?;
-        let txn = Txn::new()
-            .when(vec![self.fence(leadership)?])
-            .and_then(vec![TxnOp::put(self.meta_key(key), value, None)]);
-        if self.conn.txn("fenced put", txn).await?.succeeded() {
+        let txn = Txn::new().when(vec![self.fence(leadership)?]).and_then(vec![TxnOp::put(
+            self.meta_key(key),
+            value,
+            None,
+        )]);
+        if self.conn.txn("fenced put", Retry::Idempotent, txn).await?.succeeded() {
             Ok(())
         } else {
             Err(self.lost(leadership))
@@ -963,7 +936,7 @@ impl HaServices for EtcdHaServices {
         let txn = Txn::new()
             .when(vec![self.fence(leadership)?])
             .and_then(vec![TxnOp::delete(self.meta_key(key), None)]);
-        if self.conn.txn("fenced delete", txn).await?.succeeded() {
+        if self.conn.txn("fenced delete", Retry::Idempotent, txn).await?.succeeded() {
             Ok(())
         } else {
             Err(self.lost(leadership))
@@ -982,9 +955,8 @@ impl HaServices for EtcdHaServices {
                 None => (0, 0),
                 Some(kv) => (parse_counter(key, kv.value())?, kv.mod_revision()),
             };
-            let next = value
-                .checked_add(1)
-                .ok_or_else(|| KeelError::ha(format!("counter {key} overflowed")))?;
+            let next =
+                value.checked_add(1).ok_or_else(|| KeelError::ha(format!("counter {key} overflowed")))?;
             let txn = Txn::new()
                 .when(vec![
                     self.fence(leadership)?,
@@ -992,14 +964,12 @@ impl HaServices for EtcdHaServices {
                 ])
                 .and_then(vec![TxnOp::put(counter.as_str(), next.to_string(), None)])
                 .or_else(vec![TxnOp::get(leader_key.as_str(), None)]);
-            let resp = self.conn.txn("fenced increment", txn).await?;
+            let resp = self.conn.txn("fenced increment", Retry::IfNotSent, txn).await?;
             if resp.succeeded() {
                 return Ok(next);
             }
             let still_leader = resp.op_responses().iter().any(|r| match r {
-                TxnOpResponse::Get(g) => {
-                    g.kvs().first().map(|kv| kv.create_revision()) == Some(epoch)
-                }
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.create_revision()) == Some(epoch),
                 _ => false,
             });
             if !still_leader {

@@ -7,9 +7,7 @@
 use keel_proto::{KeelError, Result};
 
 fn invalid(what: &str, key: &str, why: &str) -> KeelError {
-    KeelError::InvalidArgument {
-        reason: format!("HA {what} {key:?} {why}"),
-    }
+    KeelError::InvalidArgument { reason: format!("HA {what} {key:?} {why}") }
 }
 
 /// Checks a metadata key.
@@ -87,9 +85,7 @@ mod tests {
         for ok in ["a", "a/b", "jobs/job-1", "counters/checkpoint-id"] {
             assert!(validate_key(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "", "/a", "a//b", "a/", "../a", "a/../b", "a/./b", ".hidden", "a/.tmp", "a\\b",
-        ] {
+        for bad in ["", "/a", "a//b", "a/", "../a", "a/../b", "a/./b", ".hidden", "a/.tmp", "a\\b"] {
             assert!(
                 matches!(validate_key(bad), Err(KeelError::InvalidArgument { .. })),
                 "{bad:?} must be rejected"

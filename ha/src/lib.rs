@@ -99,8 +99,7 @@ impl Leadership {
         valid_for: Duration,
     ) -> Self {
         let l = Leadership::new(role, epoch, address, lost);
-        l.valid_until_ms
-            .store(valid_for.as_millis() as u64, Ordering::SeqCst);
+        l.valid_until_ms.store(valid_for.as_millis() as u64, Ordering::SeqCst);
         l
     }
 
@@ -125,9 +124,7 @@ impl Leadership {
         if self.lost.is_cancelled() {
             return false;
         }
-        let now = Instant::now()
-            .saturating_duration_since(self.base)
-            .as_millis() as u64;
+        let now = Instant::now().saturating_duration_since(self.base).as_millis() as u64;
         now < self.valid_until_ms.load(Ordering::SeqCst)
     }
 
@@ -143,19 +140,13 @@ impl Leadership {
                 self.lost.cancel();
             }
             Err(KeelError::LeadershipLost {
-                reason: format!(
-                    "{} leadership of epoch {} is no longer held",
-                    self.role, self.epoch
-                ),
+                reason: format!("{} leadership of epoch {} is no longer held", self.role, self.epoch),
             })
         }
     }
 
     pub fn info(&self) -> LeaderInfo {
-        LeaderInfo {
-            address: self.address.clone(),
-            epoch: self.epoch,
-        }
+        LeaderInfo { address: self.address.clone(), epoch: self.epoch }
     }
 }
 
@@ -168,12 +159,7 @@ pub trait HaServices: Send + Sync + 'static {
 
     /// Campaigns for leadership of `role`, publishing `address` for discovery. Returns once this
     /// process is leader, or `Cancelled` when `shutdown` fires first.
-    async fn campaign(
-        &self,
-        role: Role,
-        address: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<Leadership>;
+    async fn campaign(&self, role: Role, address: &str, shutdown: &CancellationToken) -> Result<Leadership>;
 
     /// Gives leadership up so a standby can take over at once (best effort).
     async fn resign(&self, leadership: &Leadership) -> Result<()>;
@@ -183,11 +169,7 @@ pub trait HaServices: Send + Sync + 'static {
 
     /// The current leader of `role`, kept up to date in the background until `shutdown`. The
     /// watch survives the loss of an etcd member (it re-subscribes).
-    fn watch_leader(
-        &self,
-        role: Role,
-        shutdown: CancellationToken,
-    ) -> watch::Receiver<Option<LeaderInfo>>;
+    fn watch_leader(&self, role: Role, shutdown: CancellationToken) -> watch::Receiver<Option<LeaderInfo>>;
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
 
@@ -209,21 +191,12 @@ pub trait HaServices: Send + Sync + 'static {
 /// endpoints when none can be reached within the connect timeout.
 pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaServices>> {
     match &config.backend {
-        keel_config::HaBackend::Local { storage_dir } => Ok(Arc::new(
-            local::LocalHaServices::open(storage_dir, &config.cluster_id)?,
-        )),
-        keel_config::HaBackend::Etcd {
-            endpoints,
-            lease_ttl,
-            connect_timeout,
-        } => Ok(Arc::new(
-            etcd::EtcdHaServices::connect(
-                endpoints,
-                &config.cluster_id,
-                *lease_ttl,
-                *connect_timeout,
-            )
-            .await?,
+        keel_config::HaBackend::Local { storage_dir } => {
+            Ok(Arc::new(local::LocalHaServices::open(storage_dir, &config.cluster_id)?))
+        }
+        keel_config::HaBackend::Etcd { endpoints, lease_ttl, connect_timeout } => Ok(Arc::new(
+            etcd::EtcdHaServices::connect(endpoints, &config.cluster_id, *lease_ttl, *connect_timeout)
+                .await?,
         )),
     }
 }

@@ -60,9 +60,7 @@ struct Held {
 
 impl std::fmt::Debug for LocalHaServices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalHaServices")
-            .field("root", &self.inner.root)
-            .finish()
+        f.debug_struct("LocalHaServices").field("root", &self.inner.root).finish()
     }
 }
 
@@ -72,10 +70,7 @@ fn io_err(what: &str, path: &Path, e: &std::io::Error) -> KeelError {
 
 fn lost(leadership: &Leadership, why: impl std::fmt::Display) -> KeelError {
     KeelError::LeadershipLost {
-        reason: format!(
-            "{} leadership of epoch {}: {why}",
-            leadership.role, leadership.epoch
-        ),
+        reason: format!("{} leadership of epoch {}: {why}", leadership.role, leadership.epoch),
     }
 }
 
@@ -114,9 +109,7 @@ fn open_lock_file(path: &Path) -> Result<File> {
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::IsADirectory => {
-            Ok(None)
-        }
+        Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::IsADirectory => Ok(None),
         Err(e) => Err(io_err("cannot read", path, &e)),
     }
 }
@@ -129,18 +122,12 @@ fn parse_u64(path: &Path, bytes: &[u8]) -> Result<u64> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("cannot fsync directory", dir, &e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("cannot fsync directory", dir, &e))
 }
 
 fn parse_leader(path: &Path, bytes: &[u8]) -> Result<LeaderInfo> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        KeelError::ha(format!(
-            "leader record {} is not readable: {e}",
-            path.display()
-        ))
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|e| KeelError::ha(format!("leader record {} is not readable: {e}", path.display())))
 }
 
 impl LocalHaServices {
@@ -151,8 +138,7 @@ impl LocalHaServices {
         let root = storage_dir.join(cluster_id);
         for sub in ["leader", "epochs", "meta"] {
             let dir = root.join(sub);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| io_err("cannot create HA directory", &dir, &e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| io_err("cannot create HA directory", &dir, &e))?;
         }
         // Creating a directory that already exists succeeds even when it is read-only: prove
         // that we can write.
@@ -162,11 +148,7 @@ impl LocalHaServices {
             .map_err(|e| io_err("HA directory is not writable:", &root, &e))?;
         tracing::debug!(root = %root.display(), "local ha services opened");
         Ok(LocalHaServices {
-            inner: Arc::new(Inner {
-                root,
-                held: Mutex::new(HashMap::new()),
-                seq: AtomicU64::new(0),
-            }),
+            inner: Arc::new(Inner { root, held: Mutex::new(HashMap::new()), seq: AtomicU64::new(0) }),
         })
     }
 
@@ -178,21 +160,15 @@ impl LocalHaServices {
 
 impl Inner {
     fn held(&self) -> MutexGuard<'_, HashMap<Role, Held>> {
-        self.held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock_path(&self, role: Role) -> PathBuf {
-        self.root
-            .join("leader")
-            .join(format!("{}.lock", role.as_str()))
+        self.root.join("leader").join(format!("{}.lock", role.as_str()))
     }
 
     fn leader_path(&self, role: Role) -> PathBuf {
-        self.root
-            .join("leader")
-            .join(format!("{}.json", role.as_str()))
+        self.root.join("leader").join(format!("{}.json", role.as_str()))
     }
 
     fn epoch_path(&self, role: Role) -> PathBuf {
@@ -218,9 +194,9 @@ impl Inner {
     /// Replaces `path` atomically: temporary file in the same directory, fsync, rename, fsync
     /// of the directory (and of the directories created on the way).
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let dir = path.parent().ok_or_else(|| {
-            KeelError::internal(format!("{} has no parent directory", path.display()))
-        })?;
+        let dir = path
+            .parent()
+            .ok_or_else(|| KeelError::internal(format!("{} has no parent directory", path.display())))?;
         if !dir.is_dir() {
             std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create directory", dir, &e))?;
             // Make the new directory entries durable, up to the backend root.
@@ -264,23 +240,11 @@ impl Inner {
     ) -> Result<u64> {
         let epoch = self.read_epoch(role)? + 1;
         self.write_atomic(&self.epoch_path(role), epoch.to_string().as_bytes())?;
-        let info = LeaderInfo {
-            address: address.clone(),
-            epoch,
-        };
+        let info = LeaderInfo { address: address.clone(), epoch };
         let json = serde_json::to_vec(&info)
             .map_err(|e| KeelError::internal(format!("cannot encode leader record: {e}")))?;
         self.write_atomic(&self.leader_path(role), &json)?;
-        self.held().insert(
-            role,
-            Held {
-                id,
-                epoch,
-                address,
-                token,
-                lock,
-            },
-        );
+        self.held().insert(role, Held { id, epoch, address, token, lock });
         Ok(epoch)
     }
 
@@ -302,18 +266,10 @@ impl Inner {
         let leader_path = self.leader_path(role);
         let mut result = Ok(());
         if let Some(bytes) = read_optional(&leader_path)? {
-            let ours = parse_leader(&leader_path, &bytes)
-                .map(|i| i.epoch == h.epoch)
-                .unwrap_or(false);
+            let ours = parse_leader(&leader_path, &bytes).map(|i| i.epoch == h.epoch).unwrap_or(false);
             if ours {
                 result = std::fs::remove_file(&leader_path)
-                    .or_else(|e| {
-                        if e.kind() == ErrorKind::NotFound {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
+                    .or_else(|e| if e.kind() == ErrorKind::NotFound { Ok(()) } else { Err(e) })
                     .map_err(|e| io_err("cannot remove leader record", &leader_path, &e))
                     .and_then(|()| sync_dir(&self.root.join("leader")));
             }
@@ -328,10 +284,7 @@ impl Inner {
     fn read_leader(&self, role: Role) -> Result<Option<LeaderInfo>> {
         if let Some(h) = self.held().get(&role) {
             if !h.token.is_cancelled() {
-                return Ok(Some(LeaderInfo {
-                    address: h.address.clone(),
-                    epoch: h.epoch,
-                }));
+                return Ok(Some(LeaderInfo { address: h.address.clone(), epoch: h.epoch }));
             }
         }
         let leader_path = self.leader_path(role);
@@ -369,10 +322,7 @@ impl Inner {
             Some(h) if h.epoch == leadership.epoch && !h.token.is_cancelled() => {}
             _ => {
                 leadership.give_up();
-                return Err(lost(
-                    leadership,
-                    "this process no longer holds the leader lock",
-                ));
+                return Err(lost(leadership, "this process no longer holds the leader lock"));
             }
         }
         let on_disk = self.read_epoch(leadership.role)?;
@@ -389,11 +339,7 @@ impl Inner {
             Some(i) => &prefix[..i],
             None => "",
         };
-        let base = if dir_part.is_empty() {
-            self.meta_root()
-        } else {
-            self.meta_path(dir_part)
-        };
+        let base = if dir_part.is_empty() { self.meta_root() } else { self.meta_path(dir_part) };
         let mut out = Vec::new();
         walk(&base, dir_part, prefix, &mut out)?;
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -404,9 +350,7 @@ impl Inner {
 fn walk(dir: &Path, rel: &str, prefix: &str, out: &mut Vec<(String, Vec<u8>)>) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::NotADirectory => {
-            return Ok(())
-        }
+        Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::NotADirectory => return Ok(()),
         Err(e) => return Err(io_err("cannot list", dir, &e)),
     };
     for entry in entries {
@@ -418,15 +362,9 @@ fn walk(dir: &Path, rel: &str, prefix: &str, out: &mut Vec<(String, Vec<u8>)>) -
         if name.starts_with('.') {
             continue; // temporary files
         }
-        let key = if rel.is_empty() {
-            name
-        } else {
-            format!("{rel}/{name}")
-        };
+        let key = if rel.is_empty() { name } else { format!("{rel}/{name}") };
         let path = entry.path();
-        let file_type = entry
-            .file_type()
-            .map_err(|e| io_err("cannot stat", &path, &e))?;
+        let file_type = entry.file_type().map_err(|e| io_err("cannot stat", &path, &e))?;
         if file_type.is_dir() {
             // Descend only where keys under the prefix can be.
             if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
@@ -459,15 +397,8 @@ impl HaServices for LocalHaServices {
         "local"
     }
 
-    async fn campaign(
-        &self,
-        role: Role,
-        address: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<Leadership> {
-        let cancelled = || KeelError::Cancelled {
-            reason: format!("campaign for {role} leadership stopped"),
-        };
+    async fn campaign(&self, role: Role, address: &str, shutdown: &CancellationToken) -> Result<Leadership> {
+        let cancelled = || KeelError::Cancelled { reason: format!("campaign for {role} leadership stopped") };
         let lock_path = self.inner.lock_path(role);
         let file = blocking({
             let p = lock_path.clone();
@@ -527,11 +458,7 @@ impl HaServices for LocalHaServices {
         blocking(move || inner.read_leader(role)).await
     }
 
-    fn watch_leader(
-        &self,
-        role: Role,
-        shutdown: CancellationToken,
-    ) -> watch::Receiver<Option<LeaderInfo>> {
+    fn watch_leader(&self, role: Role, shutdown: CancellationToken) -> watch::Receiver<Option<LeaderInfo>> {
         // The first value is read right away (a few small file reads) so that a caller sees the
         // current leader without waiting for the first poll.
         let initial = self.inner.read_leader(role).unwrap_or_else(|e| {
@@ -639,22 +566,10 @@ mod tests {
     async fn fenced_write_refused_when_epoch_file_moved_on() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ha = LocalHaServices::open(dir.path(), "c").expect("open");
-        let l = ha
-            .campaign(Role::JobManager, "a:1", &CancellationToken::new())
-            .await
-            .expect("win");
-        ha.put(&l, "k", b"v".to_vec())
-            .await
-            .expect("put while leader");
-        std::fs::write(
-            ha.inner.epoch_path(Role::JobManager),
-            format!("{}", l.epoch + 1),
-        )
-        .expect("tamper");
-        let err = ha
-            .put(&l, "k", b"w".to_vec())
-            .await
-            .expect_err("must be refused");
+        let l = ha.campaign(Role::JobManager, "a:1", &CancellationToken::new()).await.expect("win");
+        ha.put(&l, "k", b"v".to_vec()).await.expect("put while leader");
+        std::fs::write(ha.inner.epoch_path(Role::JobManager), format!("{}", l.epoch + 1)).expect("tamper");
+        let err = ha.put(&l, "k", b"w".to_vec()).await.expect_err("must be refused");
         assert!(matches!(err, KeelError::LeadershipLost { .. }), "{err:?}");
         assert!(!l.is_valid());
         assert_eq!(ha.get("k").await.expect("get"), Some(b"v".to_vec()));
@@ -667,10 +582,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = LocalHaServices::open(dir.path(), "c").expect("open");
         let b = LocalHaServices::open(dir.path(), "c").expect("open");
-        let la = a
-            .campaign(Role::ResourceManager, "a:1", &CancellationToken::new())
-            .await
-            .expect("a");
+        let la = a.campaign(Role::ResourceManager, "a:1", &CancellationToken::new()).await.expect("a");
         la.give_up();
         let lb = tokio::time::timeout(
             Duration::from_secs(5),

@@ -38,15 +38,8 @@ impl JobStore {
         format!("jobs/{job_id}")
     }
 
-    pub async fn put<T: Serialize>(
-        &self,
-        leadership: &Leadership,
-        job_id: &str,
-        job: &T,
-    ) -> Result<()> {
-        self.ha
-            .put(leadership, &Self::key(job_id), encode("job record", job)?)
-            .await
+    pub async fn put<T: Serialize>(&self, leadership: &Leadership, job_id: &str, job: &T) -> Result<()> {
+        self.ha.put(leadership, &Self::key(job_id), encode("job record", job)?).await
     }
 
     pub async fn get<T: DeserializeOwned>(&self, job_id: &str) -> Result<Option<T>> {
@@ -87,19 +80,8 @@ impl CheckpointPointerStore {
         format!("checkpoints/{job_id}")
     }
 
-    pub async fn set<T: Serialize>(
-        &self,
-        leadership: &Leadership,
-        job_id: &str,
-        pointer: &T,
-    ) -> Result<()> {
-        self.ha
-            .put(
-                leadership,
-                &Self::key(job_id),
-                encode("checkpoint pointer", pointer)?,
-            )
-            .await
+    pub async fn set<T: Serialize>(&self, leadership: &Leadership, job_id: &str, pointer: &T) -> Result<()> {
+        self.ha.put(leadership, &Self::key(job_id), encode("checkpoint pointer", pointer)?).await
     }
 
     pub async fn get<T: DeserializeOwned>(&self, job_id: &str) -> Result<Option<T>> {
@@ -120,10 +102,7 @@ pub struct Counter {
 
 impl Counter {
     pub fn new(ha: Arc<dyn HaServices>, name: &str) -> Self {
-        Counter {
-            ha,
-            key: format!("counters/{name}"),
-        }
+        Counter { ha, key: format!("counters/{name}") }
     }
 
     pub async fn next(&self, leadership: &Leadership) -> Result<u64> {

@@ -1,1 +1,422 @@
-//! Process-level integration tests: real etcd, real Keel processes
+//! A cluster sandbox for process-level tests: real etcd servers, real `keel` processes.
+//!
+//! Layout:
+//! - [`Sandbox`]: a directory of its own, a config file, and every process a test starts; all
+//!   of them are killed when the sandbox is dropped. Ports come from binding `127.0.0.1:0`.
+//! - [`EtcdCluster`]: one or three real etcd members on loopback.
+//! - [`KeelProc`]: one `keel` role process, with its address and log.
+//! - [`wait_until`]: polls a condition with a timeout and a message saying what was awaited.
+//!
+//! The `keel` binary is taken from `KEEL_BIN`, else from the target directory next to the test
+//! executable; `scripts/test.sh` builds it before running the tests.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+/// A free TCP port on loopback (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout` saying what was
+/// awaited and what the last attempt saw.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("condition not met");
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}; last: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `keel` binary under test.
+pub fn keel_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEEL_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test-exe> -> target/<profile>/keel
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("cannot find the test executable: {e}"));
+    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap_or_else(|| Path::new("."));
+    let bin = profile_dir.join("keel");
+    assert!(
+        bin.exists(),
+        "keel binary not found at {}; build it first with `cargo build -p keel` (scripts/test.sh does) or set KEEL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The etcd binary; the project's install script puts it there.
+pub fn etcd_bin() -> PathBuf {
+    let p = PathBuf::from(std::env::var_os("ETCD_BIN").unwrap_or_else(|| "/usr/bin/etcd".into()));
+    assert!(p.exists(), "etcd not found at {}; run scripts/install-deps.sh (installs Debian's etcd-server)", p.display());
+    p
+}
+
+static SANDBOX_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A process started by a test, killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status()?;
+        if !status.success() {
+            bail!("kill -{name} {} ({}) failed", self.pid(), self.name);
+        }
+        Ok(())
+    }
+
+    /// kill -9, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Real etcd members on loopback.
+pub struct EtcdCluster {
+    pub members: Vec<Option<Proc>>,
+    names: Vec<String>,
+    client_ports: Vec<u16>,
+    peer_ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl EtcdCluster {
+    pub fn start(dir: &Path, size: usize) -> anyhow::Result<EtcdCluster> {
+        let names: Vec<String> = (0..size).map(|i| format!("etcd{i}")).collect();
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let peer_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let mut cluster = EtcdCluster { members: Vec::new(), names, client_ports, peer_ports, dir: dir.to_path_buf() };
+        for i in 0..size {
+            let p = cluster.spawn(i, "new")?;
+            cluster.members.push(Some(p));
+        }
+        cluster.wait_healthy(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.names
+            .iter()
+            .zip(&self.peer_ports)
+            .map(|(n, p)| format!("{n}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&self, i: usize, state: &str) -> anyhow::Result<Proc> {
+        let data = self.dir.join(format!("{}.data", self.names[i]));
+        let log = self.dir.join(format!("{}.log", self.names[i]));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(etcd_bin())
+            .arg("--name").arg(&self.names[i])
+            .arg("--data-dir").arg(&data)
+            .arg("--listen-client-urls").arg(format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .arg("--advertise-client-urls").arg(format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .arg("--listen-peer-urls").arg(format!("http://127.0.0.1:{}", self.peer_ports[i]))
+            .arg("--initial-advertise-peer-urls").arg(format!("http://127.0.0.1:{}", self.peer_ports[i]))
+            .arg("--initial-cluster").arg(self.initial_cluster())
+            .arg("--initial-cluster-state").arg(state)
+            .arg("--initial-cluster-token").arg(format!("keel-test-{}", self.peer_ports[0]))
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| "cannot start etcd")?;
+        Ok(Proc { name: self.names[i].clone(), child, log })
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.client_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    /// Waits until every running member answers `etcdctl endpoint health`, or, without
+    /// etcdctl, until each client port accepts connections.
+    pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let eps: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_some())
+            .map(|(i, _)| format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .collect();
+        wait_until("etcd to be healthy", timeout, || {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(eps.join(","))
+                .arg("endpoint")
+                .arg("health")
+                .output();
+            match out {
+                Ok(o) if o.status.success() => Ok(Some(())),
+                Ok(o) => Err(anyhow!("{}", String::from_utf8_lossy(&o.stderr))),
+                Err(e) => Err(anyhow!("cannot run etcdctl: {e}")),
+            }
+        })
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].take() {
+            p.kill9();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i);
+        let p = self.spawn(i, "existing")?;
+        self.members[i] = Some(p);
+        Ok(())
+    }
+}
+
+/// Which HA backend a sandbox uses.
+pub enum Ha {
+    Local,
+    Etcd(String),
+}
+
+/// A `keel` role process with its address.
+pub struct KeelProc {
+    pub role: String,
+    pub address: String,
+    pub proc: Proc,
+}
+
+/// A test's own directory, config and processes.
+pub struct Sandbox {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub procs: Vec<KeelProc>,
+    pub etcd: Option<EtcdCluster>,
+}
+
+impl Sandbox {
+    /// A new sandbox under the system temp dir; `settings` are extra config lines.
+    pub fn new(test: &str, ha: Ha, settings: &[(&str, &str)]) -> anyhow::Result<Sandbox> {
+        let dir = std::env::temp_dir().join(format!(
+            "keel-test-{test}-{}-{}",
+            std::process::id(),
+            SANDBOX_SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let mut lines = vec![
+            "high-availability.cluster-id: test".to_string(),
+            format!("high-availability.storageDir: {}", dir.join("ha").display()),
+            format!("state.checkpoints.dir: {}", dir.join("checkpoints").display()),
+            "resourcemanager.rpc.address: 127.0.0.1".into(),
+            "jobmanager.rpc.address: 127.0.0.1".into(),
+            "taskmanager.rpc.address: 127.0.0.1".into(),
+            // Client fallback addresses point nowhere useful: tests find leaders through HA.
+            format!("resourcemanager.rpc.port: {}", free_port()),
+            format!("jobmanager.rpc.port: {}", free_port()),
+            "taskmanager.rpc.port: 0".into(),
+        ];
+        match &ha {
+            Ha::Local => lines.push("high-availability.type: local".into()),
+            Ha::Etcd(endpoints) => {
+                lines.push("high-availability.type: etcd".into());
+                lines.push(format!("high-availability.etcd.endpoints: \"{endpoints}\""));
+            }
+        }
+        for (k, v) in settings {
+            lines.retain(|l| !l.starts_with(&format!("{k}:")));
+            lines.push(format!("{k}: \"{v}\""));
+        }
+        let config = dir.join("keel.yaml");
+        let mut f = std::fs::File::create(&config)?;
+        writeln!(f, "{}", lines.join("\n"))?;
+        Ok(Sandbox { dir, config, procs: Vec::new(), etcd: None })
+    }
+
+    /// A sandbox on a fresh etcd cluster of `members` members.
+    pub fn with_etcd(test: &str, members: usize, settings: &[(&str, &str)]) -> anyhow::Result<Sandbox> {
+        let etcd_dir = std::env::temp_dir().join(format!(
+            "keel-test-{test}-etcd-{}-{}",
+            std::process::id(),
+            SANDBOX_SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&etcd_dir)?;
+        let etcd = EtcdCluster::start(&etcd_dir, members)?;
+        let mut sb = Sandbox::new(test, Ha::Etcd(etcd.endpoints()), settings)?;
+        sb.etcd = Some(etcd);
+        Ok(sb)
+    }
+
+    /// Starts a role (`resourcemanager`, `jobmanager`, `taskmanager`) named `name`, with extra
+    /// `--set` flags, and waits until it listens. A role that needs its own port gets port 0.
+    pub fn start(&mut self, role: &str, name: &str, sets: &[String]) -> anyhow::Result<usize> {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(keel_bin());
+        cmd.arg(role).arg("--config").arg(&self.config);
+        match role {
+            "resourcemanager" => {
+                cmd.arg("--set").arg("resourcemanager.rpc.port=0");
+            }
+            "jobmanager" => {
+                cmd.arg("--set").arg("jobmanager.rpc.port=0");
+            }
+            _ => {
+                cmd.arg("--set").arg(format!("taskmanager.id={name}"));
+            }
+        }
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        let child = cmd
+            .env("KEEL_LOG", "info,keel=debug,h2=warn,tower=warn,hyper=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .context("cannot start keel")?;
+        let mut proc = Proc { name: name.to_string(), child, log };
+        let marker = format!("keel {role} listening on ");
+        let address = wait_until(&format!("{name} to listen"), Duration::from_secs(60), || {
+            if let Some(line) = proc.log_text().lines().find(|l| l.starts_with(&marker)) {
+                return Ok(Some(line[marker.len()..].split_whitespace().next().unwrap_or_default().to_string()));
+            }
+            if !proc.is_running() {
+                bail!("{name} exited; log:\n{}", proc.log_text());
+            }
+            Ok(None)
+        })?;
+        self.procs.push(KeelProc { role: role.to_string(), address, proc });
+        Ok(self.procs.len() - 1)
+    }
+
+    pub fn proc(&mut self, name: &str) -> &mut KeelProc {
+        self.procs
+            .iter_mut()
+            .find(|p| p.proc.name == name)
+            .unwrap_or_else(|| panic!("no process named {name} in the sandbox"))
+    }
+
+    /// The process listening on `address`, if the sandbox started it.
+    pub fn by_address(&mut self, address: &str) -> Option<&mut KeelProc> {
+        self.procs.iter_mut().find(|p| p.address == address)
+    }
+
+    /// Runs a client verb (`keel --config <sandbox> ARGS`) and returns its output.
+    pub fn keel(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(keel_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run keel")
+    }
+
+    /// Runs a client verb with `--output json` and parses stdout; fails with stderr otherwise.
+    pub fn keel_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let out = self.keel(&full)?;
+        if !out.status.success() {
+            bail!("keel {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().rev().find(|l| l.trim_start().starts_with(['{', '['])).unwrap_or("");
+        serde_json::from_str(last).with_context(|| format!("keel {} printed no JSON: {stdout}", args.join(" ")))
+    }
+
+    /// Writes a job spec into the sandbox and returns its path.
+    pub fn write_spec(&self, name: &str, yaml: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml)?;
+        Ok(path)
+    }
+
+    /// `keel status JOB --output json`.
+    pub fn status(&self, job: &str) -> anyhow::Result<serde_json::Value> {
+        self.keel_json(&["status", job])
+    }
+
+    /// `keel cluster --output json`.
+    pub fn cluster(&self) -> anyhow::Result<serde_json::Value> {
+        self.keel_json(&["cluster"])
+    }
+
+    /// Waits until the job's state is `state`; returns its status.
+    pub fn wait_job_state(&self, job: &str, state: &str, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        wait_until(&format!("job {job} to be {state}"), timeout, || {
+            let s = self.status(job)?;
+            if s["job"]["state"] == state {
+                Ok(Some(s))
+            } else {
+                Err(anyhow!("job is {} ({})", s["job"]["state"], s["status_message"]))
+            }
+        })
+    }
+
+    /// Dumps every process log (for a failing test's output).
+    pub fn dump_logs(&self) {
+        for p in &self.procs {
+            eprintln!("===== {} ({}) =====\n{}", p.proc.name, p.address, p.proc.log_text());
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        self.procs.clear();
+        self.etcd = None;
+    }
+}
+
+/// A job spec: datagen (unbounded unless `rows` is given) into a file sink in the sandbox.
+pub fn datagen_to_file_spec(name: &str, parallelism: u32, rate: u32, rows: Option<u64>, out: &Path) -> String {
+    let rows = rows.map(|r| format!("    number-of-rows: {r}\n")).unwrap_or_default();
+    format!(
+        "name: {name}\nparallelism: {parallelism}\nmaxParallelism: 128\nsources:\n  - name: numbers\n    connector: datagen\n    rows-per-second: {rate}\n{rows}sinks:\n  - name: out\n    connector: file\n    from: numbers\n    path: {}\n",
+        out.display()
+    )
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing Keel needs and a fresh Debian machine lacks:
+# protoc (tonic code generation and etcd-client), etcd + etcdctl (HA backend and tests).
+# Idempotent: does nothing when everything is there.
+set -euo pipefail
+
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v kill >/dev/null 2>&1 || need+=(procps)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  # Debian's etcd-server package may start a system etcd; the tests start their own.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+    $SUDO systemctl stop etcd || true
+  fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is missing: install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi

@@ -1,0 +1,238 @@
+//! The state of one TaskManager shared by its gRPC service and its background loops: the slot
+//! table, the tasks, the epoch fences, and the clients of the leaders.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use keel_client::LeaderClient;
+use keel_ha::Role;
+use keel_proto::pb::{DeployTaskRequest, SlotStatus, TaskStateUpdate};
+use keel_proto::{KeelError, Result, TaskStateExt};
+use keel_spec::JobSpec;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::fence::EpochFence;
+use crate::jm;
+use crate::slots::SlotTable;
+use crate::task::{self, ChainPlan, Task, TaskInfo};
+
+/// How long a task in a terminal state is still reported in heartbeats before it is forgotten.
+pub const TERMINAL_RETENTION: Duration = Duration::from_secs(60);
+
+pub struct Table {
+    pub slots: SlotTable,
+    /// By task id; terminal tasks stay for [`TERMINAL_RETENTION`].
+    pub tasks: HashMap<String, Arc<Task>>,
+}
+
+pub struct Shared {
+    pub id: String,
+    pub address: String,
+    pub num_slots: u32,
+    pub heartbeat_interval: Duration,
+    table: Mutex<Table>,
+    pub rm_fence: EpochFence,
+    pub jm_fence: EpochFence,
+    /// The JobManager leader (from the HA services), retrying for one heartbeat interval.
+    jm: LeaderClient,
+    /// The address of the JobManager that deployed the latest task, tried when the HA services
+    /// name no leader.
+    last_jm_address: Mutex<Option<String>>,
+    /// Task runners.
+    pub tasks_tracker: TaskTracker,
+    /// State reporters and checkpoint ackers.
+    pub reporters: TaskTracker,
+    /// Cancelled when shutdown begins: no new tasks.
+    pub stopping: CancellationToken,
+    /// Cancelled when reporters must give up (end of the shutdown drain).
+    pub reporters_stop: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(
+        id: String,
+        address: String,
+        num_slots: u32,
+        heartbeat_interval: Duration,
+        jm: LeaderClient,
+    ) -> Shared {
+        Shared {
+            table: Mutex::new(Table { slots: SlotTable::new(id.clone(), num_slots), tasks: HashMap::new() }),
+            id,
+            address,
+            num_slots,
+            heartbeat_interval,
+            rm_fence: EpochFence::new(Role::ResourceManager),
+            jm_fence: EpochFence::new(Role::JobManager),
+            jm,
+            last_jm_address: Mutex::new(None),
+            tasks_tracker: TaskTracker::new(),
+            reporters: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            reporters_stop: CancellationToken::new(),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A client of the JobManager leader that falls back to `address` (or to the last deploying
+    /// JobManager) when the HA services name no leader.
+    pub fn jm_client(&self, address: Option<&str>) -> LeaderClient {
+        let fallback = match address.filter(|a| !a.is_empty()) {
+            Some(a) => Some(a.to_string()),
+            None => self.last_jm_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
+        match fallback {
+            Some(a) => self.jm.clone().with_fallback(vec![a]),
+            None => self.jm.clone(),
+        }
+    }
+
+    pub fn slot_report(&self) -> Vec<SlotStatus> {
+        self.lock().slots.report()
+    }
+
+    pub fn find_task(&self, task_id: &str) -> Option<Arc<Task>> {
+        self.lock().tasks.get(task_id).cloned()
+    }
+
+    /// Every task as reported to the JobManager.
+    pub fn task_updates(&self) -> Vec<TaskStateUpdate> {
+        let tasks: Vec<Arc<Task>> = self.lock().tasks.values().cloned().collect();
+        let mut updates: Vec<TaskStateUpdate> = tasks.iter().map(|t| t.update(&self.id)).collect();
+        updates.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        updates
+    }
+
+    /// Cancels a task; false when it is unknown.
+    pub fn cancel_task(&self, task_id: &str, reason: &str) -> bool {
+        match self.find_task(task_id) {
+            Some(task) => {
+                task.cancel(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn cancel_all(&self, reason: &str) {
+        let tasks: Vec<Arc<Task>> = self.lock().tasks.values().cloned().collect();
+        for t in tasks {
+            t.cancel(reason);
+        }
+    }
+
+    /// Forgets tasks that have been terminal for longer than [`TERMINAL_RETENTION`].
+    pub fn forget_old_tasks(&self, now: Instant) {
+        let mut table = self.lock();
+        table.tasks.retain(|_, t| {
+            let keep = t
+                .terminal_since()
+                .is_none_or(|since| now.saturating_duration_since(since) < TERMINAL_RETENTION);
+            if !keep {
+                tracing::debug!(task_id = %t.info.task_id, "forgetting task");
+                t.forgotten().cancel();
+            }
+            keep
+        });
+    }
+
+    /// Deploys a task: checks the fence and the slot, plans its chain from the spec, and starts
+    /// it with its state reporter and checkpoint acker.
+    pub fn deploy(self: &Arc<Self>, req: DeployTaskRequest) -> Result<()> {
+        if self.stopping.is_cancelled() {
+            return Err(KeelError::FailedPrecondition {
+                reason: format!("taskmanager {} is shutting down", self.id),
+            });
+        }
+        let stamp = req.jobmanager.as_ref().ok_or_else(|| KeelError::InvalidArgument {
+            reason: "DeployTask needs the jobmanager leader stamp".into(),
+        })?;
+        self.jm_fence.observe(stamp.epoch)?;
+        if req.task_id.is_empty() {
+            return Err(KeelError::InvalidArgument { reason: "DeployTask needs a task_id".into() });
+        }
+        let spec = JobSpec::parse(&req.spec_yaml)?;
+        let parallelism = if req.parallelism == 0 { spec.parallelism } else { req.parallelism };
+        let plan = ChainPlan::build(&spec, req.subtask, parallelism, &req.restore_state)?;
+        let info = TaskInfo {
+            task_id: req.task_id.clone(),
+            job_id: req.job_id.clone(),
+            version: req.version,
+            subtask: req.subtask,
+            parallelism,
+            attempt: req.attempt,
+            slot_index: req.slot_index,
+            allocation_id: req.allocation_id.clone(),
+            jobmanager_epoch: stamp.epoch,
+            jobmanager_address: stamp.address.clone(),
+        };
+        let span = tracing::info_span!(
+            "task",
+            task_id = %info.task_id,
+            job_id = %info.job_id,
+            version = info.version,
+            subtask = info.subtask,
+            attempt = info.attempt,
+            epoch = info.jobmanager_epoch,
+        );
+        let (task, control_rx) = Task::new(info);
+        let predecessors = {
+            let mut table = self.lock();
+            table.slots.check_deploy(req.slot_index, &req.allocation_id, &req.job_id)?;
+            if let Some(existing) = table.tasks.get(&req.task_id) {
+                if !existing.state().is_terminal() {
+                    return Err(KeelError::AlreadyExists {
+                        what: format!(
+                            "task {} (on taskmanager {}, {})",
+                            req.task_id,
+                            self.id,
+                            existing.state().name()
+                        ),
+                    });
+                }
+                existing.forgotten().cancel();
+            }
+            let predecessors: Vec<Arc<Task>> = table
+                .tasks
+                .values()
+                .filter(|t| t.info.slot_index == req.slot_index && !t.done().is_cancelled())
+                .cloned()
+                .collect();
+            table.tasks.insert(req.task_id.clone(), task.clone());
+            table.slots.set_task(req.slot_index, &req.task_id);
+            predecessors
+        };
+        for p in &predecessors {
+            p.cancel(&format!("replaced by task {} in slot {}", req.task_id, req.slot_index));
+        }
+        if !stamp.address.is_empty() {
+            *self.last_jm_address.lock().unwrap_or_else(|p| p.into_inner()) = Some(stamp.address.clone());
+        }
+
+        let client = self.jm_client(Some(&stamp.address));
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        self.reporters
+            .spawn(jm::report_states(self.clone(), task.clone(), client.clone()).instrument(span.clone()));
+        self.reporters.spawn(jm::send_acks(self.clone(), task.clone(), client, ack_rx).instrument(span.clone()));
+        let shared = self.clone();
+        let slot_index = req.slot_index;
+        span.in_scope(|| {
+            tracing::info!(slot = slot_index, allocation_id = %req.allocation_id, "task deployed")
+        });
+        self.tasks_tracker.spawn(
+            async move {
+                task::run(task.clone(), plan, control_rx, predecessors, ack_tx).await;
+                shared.lock().slots.clear_task(slot_index, &task.info.task_id);
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+}

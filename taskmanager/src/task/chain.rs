@@ -1,0 +1,510 @@
+//! The operator chain of one subtask: its sources, merged, feeding its sinks.
+//!
+//! ```text
+//!  control (trigger / notify)
+//!        │
+//!  ┌─────▼──────────┐  bounded channel   ┌────────────────────────┐  acks
+//!  │ source driver  │ ─────────────────▶ │ sink thread (blocking) │ ─────▶ JobManager
+//!  │ (async, paced) │  records, barriers │ routes by `from`       │
+//!  └────────────────┘  end               └────────────────────────┘
+//! ```
+//!
+//! The source driver owns every source of the subtask. A checkpoint trigger makes it snapshot
+//! the sources (their next positions) and put a barrier carrying that snapshot into the stream,
+//! behind every record emitted before it. When the barrier reaches the sink thread, every earlier
+//! record has been written; the sinks are flushed and fsynced and the snapshot is acknowledged.
+//! The bounded channel gives backpressure: a slow sink slows the sources down.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::{KeelError, Result};
+use keel_spec::{JobSpec, SinkConfig, SourceConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::datagen::{Datagen, MAX_BATCH};
+use super::sinks::{Sink, FLUSH_INTERVAL};
+
+/// Elements in flight between the source driver and the sink thread (each up to
+/// [`MAX_BATCH`] records).
+const CHANNEL_CAPACITY: usize = 16;
+/// Shortest pause between two pacing rounds of a source that is not behind.
+const MIN_TICK: Duration = Duration::from_millis(5);
+/// How long a canceled chain waits for its sink thread before giving up on it.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+/// One record: an optional key and a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+}
+
+/// Requests delivered to a running task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    TriggerCheckpoint { checkpoint_id: u64, timestamp_ms: u64, is_savepoint: bool },
+    NotifyCheckpointComplete { checkpoint_id: u64 },
+}
+
+/// A checkpoint barrier that has passed every sink of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub checkpoint_id: u64,
+    pub is_savepoint: bool,
+    /// [`TaskSnapshot`] as JSON.
+    pub state: Vec<u8>,
+}
+
+/// The state of a subtask at a checkpoint: the position of each of its sources. Sent as JSON in
+/// `AcknowledgeCheckpoint.state_handle` and given back in `DeployTaskRequest.restore_state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSnapshot {
+    pub subtask: u32,
+    pub parallelism: u32,
+    /// By source name.
+    pub sources: BTreeMap<String, SourceSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "connector", rename_all = "lowercase")]
+pub enum SourceSnapshot {
+    /// The next sequence number the datagen source emits.
+    Datagen { next_sequence: i64 },
+}
+
+impl TaskSnapshot {
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| KeelError::internal(format!("cannot encode task snapshot: {e}")))
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<TaskSnapshot> {
+        serde_json::from_slice(bytes).map_err(|e| KeelError::InvalidArgument {
+            reason: format!("restore_state is not a task snapshot of this TaskManager: {e}"),
+        })
+    }
+}
+
+/// Records counted by a task: read by its sources, written by its sinks (a record written by two
+/// sinks counts twice).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub records_in: AtomicU64,
+    pub records_out: AtomicU64,
+}
+
+impl Counters {
+    pub fn records_in(&self) -> u64 {
+        self.records_in.load(Ordering::Relaxed)
+    }
+    pub fn records_out(&self) -> u64 {
+        self.records_out.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SourcePlan {
+    pub name: String,
+    pub config: SourceConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkPlan {
+    pub name: String,
+    pub config: SinkConfig,
+    /// Index of the source feeding it.
+    pub source: usize,
+}
+
+/// What a subtask runs, decided from the spec before anything is opened.
+#[derive(Debug, Clone)]
+pub struct ChainPlan {
+    pub subtask: u32,
+    pub parallelism: u32,
+    pub sources: Vec<SourcePlan>,
+    pub sinks: Vec<SinkPlan>,
+    pub restore: Option<TaskSnapshot>,
+}
+
+impl ChainPlan {
+    /// Plans subtask `subtask` of `parallelism` of `spec`, restoring from `restore_state` (a
+    /// [`TaskSnapshot`] as JSON) when it is not empty. Connectors this TaskManager cannot run
+    /// yet (kafka) are refused here, before the task exists.
+    pub fn build(
+        spec: &JobSpec,
+        subtask: u32,
+        parallelism: u32,
+        restore_state: &[u8],
+    ) -> Result<ChainPlan> {
+        if parallelism == 0 || subtask >= parallelism {
+            return Err(KeelError::InvalidArgument {
+                reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
+            });
+        }
+        let mut sources = Vec::new();
+        for (i, s) in spec.sources.iter().enumerate() {
+            let config = spec.source_config(i)?;
+            if let SourceConfig::Kafka(_) = config {
+                return Err(unsupported(&format!("sources[{i}]"), &s.name, "kafka"));
+            }
+            sources.push(SourcePlan { name: s.name.clone(), config });
+        }
+        let mut sinks = Vec::new();
+        for (i, s) in spec.sinks.iter().enumerate() {
+            let config = spec.sink_config(i)?;
+            if let SinkConfig::Kafka(_) = config {
+                return Err(unsupported(&format!("sinks[{i}]"), &s.name, "kafka"));
+            }
+            let from = s.from.as_deref().unwrap_or_default();
+            let source = spec.sources.iter().position(|src| src.name == from).ok_or_else(|| {
+                KeelError::invalid_spec(format!("sinks[{i}].from"), format!("no source is named '{from}'"))
+            })?;
+            sinks.push(SinkPlan { name: s.name.clone(), config, source });
+        }
+        let restore = if restore_state.is_empty() {
+            None
+        } else {
+            let snapshot = TaskSnapshot::from_json(restore_state)?;
+            if snapshot.subtask != subtask || snapshot.parallelism != parallelism {
+                return Err(KeelError::InvalidArgument {
+                    reason: format!(
+                        "restore_state belongs to subtask {} of {}, not to subtask {subtask} of \
+                         {parallelism}; restoring into a different parallelism is not supported yet",
+                        snapshot.subtask, snapshot.parallelism
+                    ),
+                });
+            }
+            Some(snapshot)
+        };
+        let plan = ChainPlan { subtask, parallelism, sources, sinks, restore };
+        // Build the sources once now so that a bad restore position fails the deployment.
+        plan.sources()?;
+        Ok(plan)
+    }
+
+    fn sources(&self) -> Result<Vec<(String, Datagen)>> {
+        let mut out = Vec::new();
+        for s in &self.sources {
+            match &s.config {
+                SourceConfig::Datagen(opts) => {
+                    let restore = match self.restore.as_ref().and_then(|r| r.sources.get(&s.name)) {
+                        Some(SourceSnapshot::Datagen { next_sequence }) => Some(*next_sequence),
+                        None => None,
+                    };
+                    out.push((
+                        s.name.clone(),
+                        Datagen::new(opts, self.subtask, self.parallelism, restore)?,
+                    ));
+                }
+                SourceConfig::Kafka(_) => return Err(unsupported("sources", &s.name, "kafka")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens the sinks (blocking work, run off the async runtime) and builds the sources.
+    pub async fn open(self) -> Result<OpenChain> {
+        let sources = self.sources()?;
+        let subtask = self.subtask;
+        let sink_plans = self.sinks.clone();
+        let sinks = tokio::task::spawn_blocking(move || {
+            sink_plans
+                .iter()
+                .map(|s| Sink::open(&s.name, &s.config, subtask).map(|sink| (s.name.clone(), sink)))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| KeelError::internal(format!("opening the sinks panicked: {e}")))??;
+        let mut routes = vec![Vec::new(); self.sources.len()];
+        for (i, s) in self.sinks.iter().enumerate() {
+            if let Some(r) = routes.get_mut(s.source) {
+                r.push(i);
+            }
+        }
+        Ok(OpenChain { subtask, parallelism: self.parallelism, sources, sinks, routes })
+    }
+}
+
+fn unsupported(field: &str, name: &str, connector: &str) -> KeelError {
+    KeelError::FailedPrecondition {
+        reason: format!(
+            "{field} '{name}': connector '{connector}' is not supported by this TaskManager yet"
+        ),
+    }
+}
+
+/// How a chain ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainEnd {
+    /// Every source reached its end and the sinks flushed everything.
+    Finished,
+    Canceled,
+}
+
+/// What a running chain is connected to.
+pub struct ChainIo {
+    pub cancel: CancellationToken,
+    pub control: mpsc::Receiver<Control>,
+    pub acks: mpsc::UnboundedSender<Ack>,
+    pub counters: Arc<Counters>,
+}
+
+/// A chain whose sinks are open, ready to run.
+pub struct OpenChain {
+    subtask: u32,
+    parallelism: u32,
+    sources: Vec<(String, Datagen)>,
+    sinks: Vec<(String, Sink)>,
+    routes: Vec<Vec<usize>>,
+}
+
+enum Element {
+    Records { source: usize, records: Vec<Record> },
+    Barrier(Ack),
+    End,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SourceEnd {
+    Exhausted,
+    Canceled,
+    DownstreamGone,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SinkEnd {
+    /// The end of the input was reached.
+    End,
+    /// The input stopped without an end (cancel, or the source failed).
+    Closed,
+}
+
+impl OpenChain {
+    /// Runs the chain until its sources end, it is canceled or an operator fails.
+    pub async fn run(self, io: ChainIo) -> Result<ChainEnd> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let span = tracing::Span::current();
+        let driver = SourceDriver {
+            sources: self.sources,
+            subtask: self.subtask,
+            parallelism: self.parallelism,
+            tx,
+            cancel: io.cancel.clone(),
+            counters: io.counters.clone(),
+        };
+        let source = tokio::spawn(driver.run(io.control).instrument(span.clone()));
+        let handle = tokio::runtime::Handle::current();
+        let (sinks, routes, acks, counters) = (self.sinks, self.routes, io.acks, io.counters);
+        let mut sink = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| run_sinks(sinks, routes, rx, acks, &counters, &handle))
+        });
+
+        let source_result = source
+            .await
+            .map_err(|e| KeelError::internal(format!("the source driver panicked: {e}")))
+            .and_then(|r| r);
+        let sink_result = tokio::select! {
+            r = &mut sink => r
+                .map_err(|e| KeelError::internal(format!("the sink thread panicked: {e}")))
+                .and_then(|r| r),
+            _ = async {
+                io.cancel.cancelled().await;
+                tokio::time::sleep(CANCEL_GRACE).await;
+            } => Err(KeelError::internal(format!(
+                "the sinks did not stop within {CANCEL_GRACE:?} of the cancellation"
+            ))),
+        };
+        match (source_result, sink_result) {
+            (_, Err(e)) | (Err(e), _) => Err(e),
+            (_, Ok(SinkEnd::End)) => Ok(ChainEnd::Finished),
+            (Ok(SourceEnd::Canceled), Ok(SinkEnd::Closed)) => Ok(ChainEnd::Canceled),
+            (Ok(end), Ok(SinkEnd::Closed)) => {
+                if io.cancel.is_cancelled() {
+                    Ok(ChainEnd::Canceled)
+                } else {
+                    Err(KeelError::internal(format!(
+                        "the chain stopped before the end of its input ({end:?})"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+struct SourceDriver {
+    sources: Vec<(String, Datagen)>,
+    subtask: u32,
+    parallelism: u32,
+    tx: mpsc::Sender<Element>,
+    cancel: CancellationToken,
+    counters: Arc<Counters>,
+}
+
+impl SourceDriver {
+    fn snapshot(&self) -> TaskSnapshot {
+        TaskSnapshot {
+            subtask: self.subtask,
+            parallelism: self.parallelism,
+            sources: self
+                .sources
+                .iter()
+                .map(|(name, g)| {
+                    (name.clone(), SourceSnapshot::Datagen { next_sequence: g.next_sequence() })
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends one element; `Some(end)` when the driver must stop instead.
+    async fn send(&self, element: Element) -> Option<SourceEnd> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Some(SourceEnd::Canceled),
+            r = self.tx.send(element) => match r {
+                Ok(()) => None,
+                Err(_) => Some(SourceEnd::DownstreamGone),
+            },
+        }
+    }
+
+    async fn run(mut self, mut control: mpsc::Receiver<Control>) -> Result<SourceEnd> {
+        let mut control_open = true;
+        let mut last_round = Instant::now();
+        let mut behind = true;
+        loop {
+            if self.sources.iter().all(|(_, g)| g.is_exhausted()) {
+                // Checkpoints requested before the end still get their barrier.
+                while let Ok(msg) = control.try_recv() {
+                    if let Some(end) = self.handle_control(msg).await? {
+                        return Ok(end);
+                    }
+                }
+                tracing::info!("sources reached their end");
+                return Ok(self.send(Element::End).await.unwrap_or(SourceEnd::Exhausted));
+            }
+            let due = self
+                .sources
+                .iter()
+                .filter(|(_, g)| !g.is_exhausted())
+                .map(|(_, g)| g.next_due())
+                .min()
+                .unwrap_or_else(Instant::now);
+            let wake = if behind { due } else { due.max(last_round + MIN_TICK) };
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(SourceEnd::Canceled),
+                _ = self.tx.closed() => return Ok(SourceEnd::DownstreamGone),
+                msg = control.recv(), if control_open => match msg {
+                    None => control_open = false,
+                    Some(msg) => {
+                        if let Some(end) = self.handle_control(msg).await? {
+                            return Ok(end);
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    last_round = now;
+                    behind = false;
+                    for idx in 0..self.sources.len() {
+                        let values = match self.sources.get_mut(idx) {
+                            Some((_, g)) => g.emit_due(now),
+                            None => continue,
+                        };
+                        if values.is_empty() {
+                            continue;
+                        }
+                        behind |= values.len() >= MAX_BATCH;
+                        let records: Vec<Record> = values
+                            .into_iter()
+                            .map(|v| Record { key: None, value: v.to_string().into_bytes() })
+                            .collect();
+                        self.counters.records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
+                        if let Some(end) = self.send(Element::Records { source: idx, records }).await {
+                            return Ok(end);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_control(&mut self, msg: Control) -> Result<Option<SourceEnd>> {
+        match msg {
+            Control::TriggerCheckpoint { checkpoint_id, timestamp_ms, is_savepoint } => {
+                let snapshot = self.snapshot();
+                let state = snapshot.to_json()?;
+                tracing::info!(checkpoint_id, timestamp_ms, is_savepoint, "checkpoint barrier injected");
+                Ok(self.send(Element::Barrier(Ack { checkpoint_id, is_savepoint, state })).await)
+            }
+            Control::NotifyCheckpointComplete { checkpoint_id } => {
+                // Sinks have nothing to commit yet; sources commit nothing either.
+                tracing::info!(checkpoint_id, "checkpoint complete");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The sink thread: writes records to the sinks their source feeds, flushes on time, on
+/// barriers and at the end.
+fn run_sinks(
+    mut sinks: Vec<(String, Sink)>,
+    routes: Vec<Vec<usize>>,
+    mut rx: mpsc::Receiver<Element>,
+    acks: mpsc::UnboundedSender<Ack>,
+    counters: &Counters,
+    handle: &tokio::runtime::Handle,
+) -> Result<SinkEnd> {
+    let flush_all = |sinks: &mut Vec<(String, Sink)>, durable: bool| -> Result<()> {
+        for (_, s) in sinks.iter_mut() {
+            s.flush(durable)?;
+        }
+        Ok(())
+    };
+    loop {
+        let now = std::time::Instant::now();
+        let wait = sinks
+            .iter()
+            .filter_map(|(_, s)| s.flush_deadline())
+            .min()
+            .map(|d| d.saturating_duration_since(now))
+            .unwrap_or(FLUSH_INTERVAL);
+        let received = handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+        match received {
+            Err(_elapsed) => {}
+            Ok(None) => {
+                flush_all(&mut sinks, true)?;
+                return Ok(SinkEnd::Closed);
+            }
+            Ok(Some(Element::Records { source, records })) => {
+                for &i in routes.get(source).map(Vec::as_slice).unwrap_or_default() {
+                    if let Some((_, sink)) = sinks.get_mut(i) {
+                        sink.write(&records)?;
+                        counters.records_out.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(Some(Element::Barrier(ack))) => {
+                flush_all(&mut sinks, true)?;
+                tracing::debug!(checkpoint_id = ack.checkpoint_id, "checkpoint barrier passed the sinks");
+                // The task may be gone already; then nobody waits for the ack.
+                let _ = acks.send(ack);
+            }
+            Ok(Some(Element::End)) => {
+                flush_all(&mut sinks, true)?;
+                return Ok(SinkEnd::End);
+            }
+        }
+        let now = std::time::Instant::now();
+        for (_, s) in sinks.iter_mut() {
+            s.flush_if_due(now)?;
+        }
+    }
+}

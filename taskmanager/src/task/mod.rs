@@ -1,0 +1,287 @@
+//! Tasks: one subtask of one job version, running in one slot.
+//!
+//! - [`Task`]: the shared handle of a task: its identity, state, counters and controls.
+//! - [`chain`]: the operator chain a task runs (sources → bounded channel → sink thread) and
+//!   the checkpoint barrier protocol.
+//! - [`datagen`], [`sinks`]: the connectors.
+//!
+//! States: deploying → running → finished | failed | canceled, with canceling between a cancel
+//! request and the end. [`can_transition`] is the one place that says which moves are legal; a
+//! terminal state is never left.
+
+pub mod chain;
+pub mod datagen;
+pub mod sinks;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use keel_proto::pb::{TaskState, TaskStateUpdate};
+use keel_proto::TaskStateExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use chain::{Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, Record, TaskSnapshot};
+
+/// Pending control requests (checkpoint triggers, notifications) a task buffers.
+pub const CONTROL_CAPACITY: usize = 64;
+
+/// Who a task is and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub task_id: String,
+    pub job_id: String,
+    pub version: u32,
+    pub subtask: u32,
+    pub parallelism: u32,
+    pub attempt: u32,
+    pub slot_index: u32,
+    pub allocation_id: String,
+    /// Epoch of the JobManager leader that deployed the task.
+    pub jobmanager_epoch: u64,
+    /// Address of that JobManager, the fallback for reports.
+    pub jobmanager_address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskStatus {
+    pub state: TaskState,
+    /// Why the task failed (empty otherwise).
+    pub failure: String,
+}
+
+/// Whether a task may move from `from` to `to`.
+pub fn can_transition(from: TaskState, to: TaskState) -> bool {
+    use TaskState::*;
+    match from {
+        Deploying => matches!(to, Running | Canceling | Failed | Canceled),
+        Running => matches!(to, Finished | Failed | Canceling | Canceled),
+        // A task that reaches its end while being canceled reports what really happened.
+        Canceling => matches!(to, Canceled | Failed | Finished),
+        _ => false,
+    }
+}
+
+/// The shared handle of a task.
+pub struct Task {
+    pub info: TaskInfo,
+    status: watch::Sender<TaskStatus>,
+    pub counters: Arc<Counters>,
+    cancel: CancellationToken,
+    /// Cancelled when the task's chain has stopped (whatever its end).
+    done: CancellationToken,
+    /// Cancelled when the TaskManager forgets the task (a while after its end).
+    forgotten: CancellationToken,
+    control: mpsc::Sender<Control>,
+    terminal_at: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task").field("info", &self.info).field("status", &self.status()).finish()
+    }
+}
+
+impl Task {
+    /// A new task in state deploying, with the receiving end of its control channel.
+    pub fn new(info: TaskInfo) -> (Arc<Task>, mpsc::Receiver<Control>) {
+        let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+        let (status, _) =
+            watch::channel(TaskStatus { state: TaskState::Deploying, failure: String::new() });
+        let task = Task {
+            info,
+            status,
+            counters: Arc::new(Counters::default()),
+            cancel: CancellationToken::new(),
+            done: CancellationToken::new(),
+            forgotten: CancellationToken::new(),
+            control,
+            terminal_at: Mutex::new(None),
+        };
+        (Arc::new(task), control_rx)
+    }
+
+    pub fn status(&self) -> TaskStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn state(&self) -> TaskState {
+        self.status.borrow().state
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<TaskStatus> {
+        self.status.subscribe()
+    }
+
+    /// Moves to `to` if that is a legal transition; returns whether it moved.
+    pub fn transition(&self, to: TaskState, failure: Option<String>) -> bool {
+        let moved = self.status.send_if_modified(|s| {
+            if !can_transition(s.state, to) {
+                return false;
+            }
+            s.state = to;
+            if let Some(f) = &failure {
+                s.failure = f.clone();
+            }
+            true
+        });
+        if moved {
+            if to.is_terminal() {
+                *self.terminal_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            }
+            match &failure {
+                Some(f) => tracing::warn!(task_id = %self.info.task_id, state = to.name(), failure = %f, "task state changed"),
+                None => tracing::info!(task_id = %self.info.task_id, state = to.name(), "task state changed"),
+            }
+        }
+        moved
+    }
+
+    /// Asks the task to stop: canceling now, canceled once its chain has stopped.
+    pub fn cancel(&self, reason: &str) {
+        if !self.state().is_terminal() && !self.cancel.is_cancelled() {
+            tracing::info!(task_id = %self.info.task_id, reason, "canceling task");
+            self.transition(TaskState::Canceling, None);
+        }
+        self.cancel.cancel();
+    }
+
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub fn done(&self) -> &CancellationToken {
+        &self.done
+    }
+
+    pub fn forgotten(&self) -> &CancellationToken {
+        &self.forgotten
+    }
+
+    pub fn control(&self) -> &mpsc::Sender<Control> {
+        &self.control
+    }
+
+    /// Since when the task is in a terminal state.
+    pub fn terminal_since(&self) -> Option<Instant> {
+        *self.terminal_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The task as reported to the JobManager.
+    pub fn update(&self, taskmanager_id: &str) -> TaskStateUpdate {
+        let status = self.status();
+        TaskStateUpdate {
+            taskmanager_id: taskmanager_id.to_string(),
+            task_id: self.info.task_id.clone(),
+            job_id: self.info.job_id.clone(),
+            version: self.info.version,
+            subtask: self.info.subtask,
+            attempt: self.info.attempt,
+            state: status.state as i32,
+            failure: status.failure,
+            jobmanager_epoch: self.info.jobmanager_epoch,
+            records_in: self.counters.records_in(),
+            records_out: self.counters.records_out(),
+        }
+    }
+}
+
+/// Runs a deployed task to its end: waits for the tasks it replaces in its slot, opens its
+/// chain, runs it, and records the terminal state. `acks` receives the checkpoint
+/// acknowledgements of the chain.
+pub async fn run(
+    task: Arc<Task>,
+    plan: ChainPlan,
+    control: mpsc::Receiver<Control>,
+    predecessors: Vec<Arc<Task>>,
+    acks: mpsc::UnboundedSender<Ack>,
+) {
+    let end = run_inner(&task, plan, control, predecessors, acks).await;
+    match end {
+        Ok(ChainEnd::Finished) => {
+            task.transition(TaskState::Finished, None);
+        }
+        Ok(ChainEnd::Canceled) => {
+            task.transition(TaskState::Canceled, None);
+        }
+        Err(e) => {
+            if !task.transition(TaskState::Failed, Some(e.to_string())) {
+                tracing::warn!(task_id = %task.info.task_id, error = %e, "task failed after it had ended");
+            }
+        }
+    }
+    task.done.cancel();
+}
+
+async fn run_inner(
+    task: &Arc<Task>,
+    plan: ChainPlan,
+    control: mpsc::Receiver<Control>,
+    predecessors: Vec<Arc<Task>>,
+    acks: mpsc::UnboundedSender<Ack>,
+) -> keel_proto::Result<ChainEnd> {
+    for p in predecessors {
+        tracing::info!(previous_task = %p.info.task_id, "waiting for the previous task of the slot to stop");
+        tokio::select! {
+            _ = p.done.cancelled() => {}
+            _ = task.cancel.cancelled() => return Ok(ChainEnd::Canceled),
+        }
+    }
+    let chain = tokio::select! {
+        r = plan.open() => r?,
+        _ = task.cancel.cancelled() => return Ok(ChainEnd::Canceled),
+    };
+    if !task.transition(TaskState::Running, None) {
+        // Canceled while opening.
+        return Ok(ChainEnd::Canceled);
+    }
+    chain
+        .run(ChainIo { cancel: task.cancel.clone(), control, acks, counters: task.counters.clone() })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the documented moves are legal, and no terminal state is ever left.
+    #[test]
+    fn transitions_follow_the_state_machine() {
+        use TaskState::*;
+        assert!(can_transition(Deploying, Running));
+        assert!(can_transition(Running, Finished));
+        assert!(can_transition(Running, Canceling));
+        assert!(can_transition(Canceling, Canceled));
+        assert!(!can_transition(Running, Deploying));
+        for terminal in [Finished, Failed, Canceled] {
+            for to in [Deploying, Running, Finished, Failed, Canceling, Canceled] {
+                assert!(!can_transition(terminal, to), "{terminal:?} -> {to:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_terminal_task_stays_terminal() {
+        let (task, _rx) = Task::new(TaskInfo {
+            task_id: "j/1/0#0".into(),
+            job_id: "j".into(),
+            version: 1,
+            subtask: 0,
+            parallelism: 1,
+            attempt: 0,
+            slot_index: 0,
+            allocation_id: "a".into(),
+            jobmanager_epoch: 1,
+            jobmanager_address: "127.0.0.1:1".into(),
+        });
+        assert!(task.transition(TaskState::Running, None));
+        assert!(task.transition(TaskState::Failed, Some("boom".into())));
+        assert!(!task.transition(TaskState::Finished, None));
+        task.cancel("test");
+        assert_eq!(task.status(), TaskStatus { state: TaskState::Failed, failure: "boom".into() });
+        assert!(task.terminal_since().is_some());
+        let update = task.update("tm");
+        assert_eq!(update.state, TaskState::Failed as i32);
+        assert_eq!(update.failure, "boom");
+    }
+}

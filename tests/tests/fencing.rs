@@ -1,0 +1,97 @@
+//! Fencing by leader epochs, checked against real processes over gRPC.
+
+use std::time::Duration;
+
+use keel_proto::pb::resource_manager_client::ResourceManagerClient;
+use keel_proto::pb::task_manager_client::TaskManagerClient;
+use keel_proto::pb::{self, LeaderStamp};
+use keel_proto::KeelError;
+use keel_tests::{datagen_to_file_spec, wait_until, Ha, Sandbox};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// After a JobManager failover, requests stamped with the deposed leader's epoch are refused
+/// with a typed `StaleEpoch` error that carries both epochs: by the TaskManager (deploy and
+/// cancel) and by the ResourceManager (slot release). The refused cancel has no effect: the
+/// task of the new leader keeps running. A request that reaches the standby is refused with a
+/// typed `NotLeader` error carrying the leader's address.
+#[test]
+fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
+    let mut sb = Sandbox::new("fencing", Ha::Local, &[])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    sb.start("jobmanager", "jm-a", &[])?;
+    sb.start("jobmanager", "jm-b", &[])?;
+    sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=2".into()])?;
+    let spec = sb.write_spec("job", &datagen_to_file_spec("fenced", 1, 50, None, &sb.dir.join("out")))?;
+    let run = sb.keel(&["run", spec.to_str().unwrap_or_default()])?;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let cluster = sb.cluster()?;
+    let old_epoch = cluster["jobmanager"]["epoch"].as_u64().unwrap_or(0);
+    let leader = cluster["jobmanager"]["leader"].as_str().unwrap_or_default().to_string();
+    let leader_name = sb.by_address(&leader).map(|p| p.proc.name.clone()).unwrap_or_default();
+    let standby_addr = sb.procs.iter().find(|p| p.role == "jobmanager" && p.address != leader).map(|p| p.address.clone()).unwrap_or_default();
+
+    let rt = tokio::runtime::Runtime::new()?;
+    // A standby answers with NotLeader and the leader's address.
+    let err = rt.block_on(async {
+        let mut c = keel_proto::pb::job_manager_client::JobManagerClient::new(keel_client::channel(&standby_addr)?);
+        match c.list_jobs(pb::ListJobsRequest {}).await {
+            Ok(_) => anyhow::bail!("a standby served ListJobs"),
+            Err(s) => Ok(KeelError::from_status(&s, &standby_addr)),
+        }
+    })?;
+    assert_eq!(err, KeelError::NotLeader { role: "jobmanager".into(), leader: Some(leader.clone()) });
+
+    sb.proc(&leader_name).proc.kill9();
+    let status = wait_until("a new leader running the job", LONG, || {
+        let c = sb.cluster()?;
+        let epoch = c["jobmanager"]["epoch"].as_u64().unwrap_or(0);
+        let s = sb.status("fenced")?;
+        let attempt_by_new = s["tasks"].as_array().is_some_and(|ts| !ts.is_empty());
+        Ok((epoch > old_epoch && s["job"]["state"] == "running" && attempt_by_new).then_some((epoch, s)))
+    })?;
+    let (new_epoch, status) = status;
+    let task = &status["tasks"][0];
+    let task_id = task["task_id"].as_str().unwrap_or_default().to_string();
+    let tm_addr = task["taskmanager_address"].as_str().unwrap_or_default().to_string();
+    let job_id = status["job"]["job_id"].as_str().unwrap_or_default().to_string();
+    let stale = Some(LeaderStamp { epoch: old_epoch, address: leader.clone() });
+    let expected = KeelError::StaleEpoch { role: "jobmanager".into(), received: old_epoch, seen: new_epoch };
+
+    let rm_addr = sb.cluster()?["resourcemanager"]["leader"].as_str().unwrap_or_default().to_string();
+    rt.block_on(async {
+        let mut tm = TaskManagerClient::new(keel_client::channel(&tm_addr)?);
+        let cancel = tm.cancel_task(pb::CancelTaskRequest { jobmanager: stale.clone(), task_id: task_id.clone() }).await;
+        let err = KeelError::from_status(&cancel.expect_err("stale cancel must be refused"), &tm_addr);
+        assert_eq!(err, expected, "taskmanager refuses a cancel from the deposed leader");
+
+        let deploy = tm
+            .deploy_task(pb::DeployTaskRequest {
+                jobmanager: stale.clone(),
+                task_id: "intruder".into(),
+                job_id: job_id.clone(),
+                ..Default::default()
+            })
+            .await;
+        let err = KeelError::from_status(&deploy.expect_err("stale deploy must be refused"), &tm_addr);
+        assert_eq!(err, expected, "taskmanager refuses a deploy from the deposed leader");
+
+        let mut rm = ResourceManagerClient::new(keel_client::channel(&rm_addr)?);
+        let release = rm
+            .release_slots(pb::ReleaseSlotsRequest { jobmanager: stale.clone(), job_id: job_id.clone(), ..Default::default() })
+            .await;
+        let err = KeelError::from_status(&release.expect_err("stale release must be refused"), &rm_addr);
+        assert_eq!(err, expected, "resourcemanager refuses a release from the deposed leader");
+        anyhow::Ok(())
+    })?;
+
+    // The refused cancel and release changed nothing.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = sb.status("fenced")?;
+    assert_eq!(after["job"]["state"], "running");
+    assert_eq!(after["tasks"][0]["task_id"], task_id.as_str());
+    assert_eq!(after["tasks"][0]["state"], "running");
+    assert_eq!(sb.cluster()?["slots"]["used"], 1);
+    Ok(())
+}
