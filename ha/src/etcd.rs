@@ -94,14 +94,15 @@ struct Conn {
 /// Formats an etcd client error with its causes (the client's own `Display` drops them).
 fn describe(e: &etcd_client::Error) -> String {
     match e {
-        etcd_client::Error::TransportError(t) => format!("transport error: {}", error_chain(t)),
+        etcd_client::Error::TransportError(t) => error_chain(t),
         etcd_client::Error::GRpcStatus(s) => {
-            let mut out = format!("{:?}: {}", s.code(), s.message());
-            if let Some(source) = std::error::Error::source(s) {
-                out.push_str(": ");
-                out.push_str(&error_chain(source));
+            let head = format!("{:?}: {}", s.code(), s.message());
+            match std::error::Error::source(s).map(error_chain) {
+                // The message often repeats the start of the cause chain.
+                Some(causes) if causes.starts_with(s.message()) => format!("{:?}: {causes}", s.code()),
+                Some(causes) => format!("{head}: {causes}"),
+                None => head,
             }
-            out
         }
         etcd_client::Error::IoError(io) => error_chain(io),
         other => other.to_string(),

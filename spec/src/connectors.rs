@@ -97,16 +97,8 @@ const FILE_OPTIONS: &[&str] = &["path"];
 
 /// Formats of Flink's Kafka connector; each has options prefixed with its name (`json.*`), also
 /// as `key.<format>.*` and `value.<format>.*`.
-const KAFKA_FORMATS: &[&str] = &[
-    "csv",
-    "json",
-    "avro",
-    "avro-confluent",
-    "debezium-json",
-    "canal-json",
-    "maxwell-json",
-    "raw",
-];
+const KAFKA_FORMATS: &[&str] =
+    &["csv", "json", "avro", "avro-confluent", "debezium-json", "canal-json", "maxwell-json", "raw"];
 const KAFKA_COMMON_OPTIONS: &[&str] = &[
     "topic",
     "format",
@@ -126,12 +118,8 @@ const KAFKA_SOURCE_OPTIONS: &[&str] = &[
     "scan.header-filter",
     "scan.check.duplicated.group.id",
 ];
-const KAFKA_SINK_OPTIONS: &[&str] = &[
-    "sink.partitioner",
-    "sink.delivery-guarantee",
-    "sink.transactional-id-prefix",
-    "sink.parallelism",
-];
+const KAFKA_SINK_OPTIONS: &[&str] =
+    &["sink.partitioner", "sink.delivery-guarantee", "sink.transactional-id-prefix", "sink.parallelism"];
 
 pub(crate) fn source_config(spec: &ConnectorSpec, base: &str) -> Result<SourceConfig> {
     match spec.connector.as_str() {
@@ -142,10 +130,7 @@ pub(crate) fn source_config(spec: &ConnectorSpec, base: &str) -> Result<SourceCo
                 Some(text) => {
                     let field = format!("{base}.rows-per-second");
                     let v: f64 = text.trim().parse().map_err(|_| {
-                        KeelError::invalid_spec(
-                            &field,
-                            format!("must be a positive number, got {text:?}"),
-                        )
+                        KeelError::invalid_spec(&field, format!("must be a positive number, got {text:?}"))
                     })?;
                     if !v.is_finite() || v <= 0.0 {
                         return Err(KeelError::invalid_spec(
@@ -182,19 +167,12 @@ pub(crate) fn source_config(spec: &ConnectorSpec, base: &str) -> Result<SourceCo
                     ));
                 }
             }
-            Ok(SourceConfig::Datagen(DatagenOptions {
-                rows_per_second,
-                number_of_rows,
-                start,
-            }))
+            Ok(SourceConfig::Datagen(DatagenOptions { rows_per_second, number_of_rows, start }))
         }
         "kafka" => kafka(spec, base, true).map(SourceConfig::Kafka),
         other => Err(KeelError::invalid_spec(
             format!("{base}.connector"),
-            format!(
-                "unknown connector '{other}'; known connectors: {}",
-                SOURCE_CONNECTORS.join(", ")
-            ),
+            format!("unknown connector '{other}'; known connectors: {}", SOURCE_CONNECTORS.join(", ")),
         )),
     }
 }
@@ -223,28 +201,19 @@ pub(crate) fn sink_config(spec: &ConnectorSpec, base: &str) -> Result<SinkConfig
         }
         "file" => {
             check_keys(spec, base, FILE_OPTIONS)?;
-            let path = spec
-                .options
-                .get("path")
-                .map(|p| p.trim())
-                .unwrap_or_default();
+            let path = spec.options.get("path").map(|p| p.trim()).unwrap_or_default();
             if path.is_empty() {
                 return Err(KeelError::invalid_spec(
                     format!("{base}.path"),
                     "the file connector requires `path`, the output directory",
                 ));
             }
-            Ok(SinkConfig::File(FileOptions {
-                path: path.to_string(),
-            }))
+            Ok(SinkConfig::File(FileOptions { path: path.to_string() }))
         }
         "kafka" => kafka(spec, base, false).map(SinkConfig::Kafka),
         other => Err(KeelError::invalid_spec(
             format!("{base}.connector"),
-            format!(
-                "unknown connector '{other}'; known connectors: {}",
-                SINK_CONNECTORS.join(", ")
-            ),
+            format!("unknown connector '{other}'; known connectors: {}", SINK_CONNECTORS.join(", ")),
         )),
     }
 }
@@ -268,10 +237,7 @@ fn check_keys(spec: &ConnectorSpec, base: &str, accepted: &[&str]) -> Result<()>
             };
             return Err(KeelError::invalid_spec(
                 format!("{base}.{key}"),
-                format!(
-                    "unknown option '{key}' for connector '{}'; {list}",
-                    spec.connector
-                ),
+                format!("unknown option '{key}' for connector '{}'; {list}", spec.connector),
             ));
         }
     }
@@ -282,24 +248,14 @@ fn kafka_key_known(key: &str, source: bool) -> bool {
     if KAFKA_COMMON_OPTIONS.contains(&key) {
         return true;
     }
-    let side = if source {
-        KAFKA_SOURCE_OPTIONS
-    } else {
-        KAFKA_SINK_OPTIONS
-    };
+    let side = if source { KAFKA_SOURCE_OPTIONS } else { KAFKA_SINK_OPTIONS };
     if side.contains(&key) {
         return true;
     }
-    if key
-        .strip_prefix("properties.")
-        .is_some_and(|rest| !rest.is_empty())
-    {
+    if key.strip_prefix("properties.").is_some_and(|rest| !rest.is_empty()) {
         return true;
     }
-    let unprefixed = key
-        .strip_prefix("key.")
-        .or_else(|| key.strip_prefix("value."))
-        .unwrap_or(key);
+    let unprefixed = key.strip_prefix("key.").or_else(|| key.strip_prefix("value.")).unwrap_or(key);
     KAFKA_FORMATS.iter().any(|f| {
         unprefixed
             .strip_prefix(f)
@@ -311,11 +267,7 @@ fn kafka_key_known(key: &str, source: bool) -> bool {
 fn kafka(spec: &ConnectorSpec, base: &str, source: bool) -> Result<KafkaOptions> {
     for key in spec.options.keys() {
         if !kafka_key_known(key, source) {
-            let side = if source {
-                KAFKA_SOURCE_OPTIONS
-            } else {
-                KAFKA_SINK_OPTIONS
-            };
+            let side = if source { KAFKA_SOURCE_OPTIONS } else { KAFKA_SINK_OPTIONS };
             let mut names: Vec<&str> = KAFKA_COMMON_OPTIONS.iter().chain(side).copied().collect();
             names.sort_unstable();
             return Err(KeelError::invalid_spec(
@@ -331,12 +283,7 @@ fn kafka(spec: &ConnectorSpec, base: &str, source: bool) -> Result<KafkaOptions>
             ));
         }
     }
-    let get = |k: &str| {
-        spec.options
-            .get(k)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |k: &str| spec.options.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
     let topic = get("topic");
     let topic_pattern = if source { get("topic-pattern") } else { None };
     if topic.is_none() && topic_pattern.is_none() {
@@ -353,10 +300,5 @@ fn kafka(spec: &ConnectorSpec, base: &str, source: bool) -> Result<KafkaOptions>
             "the kafka connector requires `properties.bootstrap.servers` (host:port,...)",
         )
     })?;
-    Ok(KafkaOptions {
-        topic,
-        topic_pattern,
-        bootstrap_servers,
-        options: spec.options.clone(),
-    })
+    Ok(KafkaOptions { topic, topic_pattern, bootstrap_servers, options: spec.options.clone() })
 }

@@ -19,9 +19,7 @@ use keel_proto::{KeelError, Result};
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
-pub use connectors::{
-    DatagenOptions, FileOptions, KafkaOptions, PrintOptions, SinkConfig, SourceConfig,
-};
+pub use connectors::{DatagenOptions, FileOptions, KafkaOptions, PrintOptions, SinkConfig, SourceConfig};
 
 /// The default of `maxParallelism`.
 pub const DEFAULT_MAX_PARALLELISM: u32 = 128;
@@ -61,11 +59,9 @@ impl JobSpec {
     pub fn parse(yaml: &str) -> Result<JobSpec> {
         let value: Value = serde_yaml::from_str(yaml).map_err(|e| {
             let reason = match e.location() {
-                Some(loc) if !e.to_string().contains("line") => format!(
-                    "not valid YAML at line {} column {}: {e}",
-                    loc.line(),
-                    loc.column()
-                ),
+                Some(loc) if !e.to_string().contains("line") => {
+                    format!("not valid YAML at line {} column {}: {e}", loc.line(), loc.column())
+                }
                 _ => format!("not valid YAML: {e}"),
             };
             KeelError::invalid_spec("spec", reason)
@@ -78,10 +74,7 @@ impl JobSpec {
             other => {
                 return Err(KeelError::invalid_spec(
                     "spec",
-                    format!(
-                        "the top level must be a mapping of keys, found {}",
-                        kind(&other)
-                    ),
+                    format!("the top level must be a mapping of keys, found {}", kind(&other)),
                 ))
             }
         };
@@ -102,10 +95,7 @@ impl JobSpec {
                 other => {
                     return Err(KeelError::invalid_spec(
                         other,
-                        format!(
-                            "unknown key; accepted top-level keys: {}",
-                            TOP_LEVEL_KEYS.join(", ")
-                        ),
+                        format!("unknown key; accepted top-level keys: {}", TOP_LEVEL_KEYS.join(", ")),
                     ))
                 }
             }
@@ -127,9 +117,7 @@ impl JobSpec {
         let parallelism = u32::try_from(parallelism).map_err(|_| {
             KeelError::invalid_spec(
                 "parallelism",
-                format!(
-                    "{parallelism} is too large (maxParallelism is at most {MAX_MAX_PARALLELISM})"
-                ),
+                format!("{parallelism} is too large (maxParallelism is at most {MAX_MAX_PARALLELISM})"),
             )
         })?;
 
@@ -152,7 +140,9 @@ impl JobSpec {
             };
             return Err(KeelError::invalid_spec(
                 "maxParallelism",
-                format!("{what} is lower than parallelism {parallelism}; maxParallelism must be >= parallelism"),
+                format!(
+                    "{what} is lower than parallelism {parallelism}; maxParallelism must be >= parallelism"
+                ),
             ));
         }
 
@@ -168,10 +158,7 @@ impl JobSpec {
                     if !source_names.contains(&from.as_str()) {
                         return Err(KeelError::invalid_spec(
                             field,
-                            format!(
-                                "no source is named '{from}'; sources: {}",
-                                source_names.join(", ")
-                            ),
+                            format!("no source is named '{from}'; sources: {}", source_names.join(", ")),
                         ));
                     }
                 }
@@ -188,13 +175,7 @@ impl JobSpec {
             }
         }
 
-        let spec = JobSpec {
-            name,
-            parallelism,
-            max_parallelism,
-            sources,
-            sinks,
-        };
+        let spec = JobSpec { name, parallelism, max_parallelism, sources, sinks };
         for i in 0..spec.sources.len() {
             spec.source_config(i)?;
         }
@@ -213,20 +194,15 @@ impl JobSpec {
     /// The typed configuration of source `index`. Errors name `sources[index].<option>`.
     pub fn source_config(&self, index: usize) -> Result<SourceConfig> {
         let field = format!("sources[{index}]");
-        let spec = self
-            .sources
-            .get(index)
-            .ok_or_else(|| KeelError::invalid_spec(&field, "no such source"))?;
+        let spec =
+            self.sources.get(index).ok_or_else(|| KeelError::invalid_spec(&field, "no such source"))?;
         connectors::source_config(spec, &field)
     }
 
     /// The typed configuration of sink `index`. Errors name `sinks[index].<option>`.
     pub fn sink_config(&self, index: usize) -> Result<SinkConfig> {
         let field = format!("sinks[{index}]");
-        let spec = self
-            .sinks
-            .get(index)
-            .ok_or_else(|| KeelError::invalid_spec(&field, "no such sink"))?;
+        let spec = self.sinks.get(index).ok_or_else(|| KeelError::invalid_spec(&field, "no such sink"))?;
         connectors::sink_config(spec, &field)
     }
 
@@ -248,17 +224,10 @@ enum Side {
 }
 
 fn connector_list(value: Option<&Value>, field: &str, side: Side) -> Result<Vec<ConnectorSpec>> {
-    let what = if side == Side::Source {
-        "source"
-    } else {
-        "sink"
-    };
+    let what = if side == Side::Source { "source" } else { "sink" };
     let items = match value {
         None | Some(Value::Null) => {
-            return Err(KeelError::invalid_spec(
-                field,
-                format!("the job needs at least one {what}"),
-            ))
+            return Err(KeelError::invalid_spec(field, format!("the job needs at least one {what}")))
         }
         Some(Value::Sequence(items)) => items,
         Some(other) => {
@@ -269,10 +238,7 @@ fn connector_list(value: Option<&Value>, field: &str, side: Side) -> Result<Vec<
         }
     };
     if items.is_empty() {
-        return Err(KeelError::invalid_spec(
-            field,
-            format!("the job needs at least one {what}"),
-        ));
+        return Err(KeelError::invalid_spec(field, format!("the job needs at least one {what}")));
     }
     let mut out: Vec<ConnectorSpec> = Vec::with_capacity(items.len());
     let mut seen = BTreeSet::new();
@@ -296,10 +262,7 @@ fn connector_entry(item: &Value, base: &str, side: Side) -> Result<ConnectorSpec
         other => {
             return Err(KeelError::invalid_spec(
                 base,
-                format!(
-                    "must be a mapping with name, connector and options, found {}",
-                    kind(other)
-                ),
+                format!("must be a mapping with name, connector and options, found {}", kind(other)),
             ))
         }
     };
@@ -345,32 +308,16 @@ fn connector_entry(item: &Value, base: &str, side: Side) -> Result<ConnectorSpec
         let reason = if other_side {
             format!(
                 "'{connector}' is a {} connector; known {} connectors: {}",
-                if side == Side::Source {
-                    "sink"
-                } else {
-                    "source"
-                },
-                if side == Side::Source {
-                    "source"
-                } else {
-                    "sink"
-                },
+                if side == Side::Source { "sink" } else { "source" },
+                if side == Side::Source { "source" } else { "sink" },
                 known_connectors(side)
             )
         } else {
-            format!(
-                "unknown connector '{connector}'; known connectors: {}",
-                known_connectors(side)
-            )
+            format!("unknown connector '{connector}'; known connectors: {}", known_connectors(side))
         };
         return Err(KeelError::invalid_spec(format!("{base}.connector"), reason));
     }
-    Ok(ConnectorSpec {
-        name,
-        connector,
-        from,
-        options,
-    })
+    Ok(ConnectorSpec { name, connector, from, options })
 }
 
 fn known_connectors(side: Side) -> String {
@@ -381,12 +328,7 @@ fn known_connectors(side: Side) -> String {
 }
 
 /// Stores an option, flattening nested mappings with dots.
-fn flatten_option(
-    key: &str,
-    value: &Value,
-    base: &str,
-    out: &mut BTreeMap<String, String>,
-) -> Result<()> {
+fn flatten_option(key: &str, value: &Value, base: &str, out: &mut BTreeMap<String, String>) -> Result<()> {
     let field = format!("{base}.{key}");
     match value {
         Value::Mapping(inner) => {
@@ -412,10 +354,9 @@ fn key_string(key: &Value, field: &str) -> Result<String> {
         Value::String(s) => Ok(s.clone()),
         Value::Number(n) => Ok(n.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
-        other => Err(KeelError::invalid_spec(
-            field,
-            format!("keys must be plain strings, found {}", kind(other)),
-        )),
+        other => {
+            Err(KeelError::invalid_spec(field, format!("keys must be plain strings, found {}", kind(other))))
+        }
     }
 }
 
@@ -429,10 +370,7 @@ fn scalar_string(value: &Value, field: &str) -> Result<String> {
         Value::Null => Err(KeelError::invalid_spec(field, "has no value")),
         other => Err(KeelError::invalid_spec(
             field,
-            format!(
-                "must be a single value (string, number or boolean), found {}",
-                kind(other)
-            ),
+            format!("must be a single value (string, number or boolean), found {}", kind(other)),
         )),
     }
 }
@@ -458,10 +396,7 @@ fn check_name(name: &str, field: &str) -> Result<()> {
     if name.is_empty() {
         return Err(KeelError::invalid_spec(field, "must not be empty"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(KeelError::invalid_spec(
             field,
             format!("{name:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"),

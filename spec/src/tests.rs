@@ -12,10 +12,7 @@ fn invalid(yaml: &str) -> (String, String) {
 fn assert_invalid(yaml: &str, field: &str, reason_contains: &str) {
     let (f, r) = invalid(yaml);
     assert_eq!(f, field, "reason: {r}");
-    assert!(
-        r.contains(reason_contains),
-        "field {f}: reason {r:?} lacks {reason_contains:?}"
-    );
+    assert!(r.contains(reason_contains), "field {f}: reason {r:?} lacks {reason_contains:?}");
 }
 
 const EXAMPLE: &str = "
@@ -44,13 +41,7 @@ fn documented_example_parses() {
     assert_eq!(spec.slots_needed(), 2);
     assert_eq!(spec.sources.len(), 1);
     assert_eq!(spec.sources[0].connector, "datagen");
-    assert_eq!(
-        spec.sources[0]
-            .options
-            .get("rows-per-second")
-            .map(String::as_str),
-        Some("1000")
-    );
+    assert_eq!(spec.sources[0].options.get("rows-per-second").map(String::as_str), Some("1000"));
     assert_eq!(spec.sources[0].from, None);
     assert_eq!(spec.sinks[0].from.as_deref(), Some("numbers"));
     assert_eq!(
@@ -63,9 +54,7 @@ fn documented_example_parses() {
     );
     assert_eq!(
         spec.sink_config(0).expect("file"),
-        SinkConfig::File(FileOptions {
-            path: "/tmp/keel-out".into()
-        })
+        SinkConfig::File(FileOptions { path: "/tmp/keel-out".into() })
     );
 }
 
@@ -82,16 +71,9 @@ fn defaults_are_filled_in() {
     assert_eq!(spec.sinks[0].from.as_deref(), Some("s"));
     assert_eq!(
         spec.source_config(0).expect("datagen"),
-        SourceConfig::Datagen(DatagenOptions {
-            rows_per_second: 10_000.0,
-            number_of_rows: None,
-            start: 0
-        })
+        SourceConfig::Datagen(DatagenOptions { rows_per_second: 10_000.0, number_of_rows: None, start: 0 })
     );
-    assert_eq!(
-        spec.sink_config(0).expect("blackhole"),
-        SinkConfig::Blackhole
-    );
+    assert_eq!(spec.sink_config(0).expect("blackhole"), SinkConfig::Blackhole);
     assert_eq!(spec.sinks_of("s"), vec![0]);
 }
 
@@ -142,29 +124,19 @@ sinks:
     assert_eq!(spec.sinks_of("b"), vec![1]);
     assert_eq!(
         spec.source_config(0).expect("datagen"),
-        SourceConfig::Datagen(DatagenOptions {
-            rows_per_second: 0.5,
-            number_of_rows: None,
-            start: -5
-        })
+        SourceConfig::Datagen(DatagenOptions { rows_per_second: 0.5, number_of_rows: None, start: -5 })
     );
     match spec.source_config(1).expect("kafka") {
         SourceConfig::Kafka(k) => {
             assert_eq!(k.topic.as_deref(), Some("in"));
             assert_eq!(k.bootstrap_servers, "localhost:9092");
-            assert_eq!(
-                k.options.get("properties.group.id").map(String::as_str),
-                Some("g")
-            );
+            assert_eq!(k.options.get("properties.group.id").map(String::as_str), Some("g"));
         }
         other => panic!("expected kafka, got {other:?}"),
     }
     assert_eq!(
         spec.sink_config(0).expect("print"),
-        SinkConfig::Print(PrintOptions {
-            print_identifier: Some("left".into()),
-            standard_error: true
-        })
+        SinkConfig::Print(PrintOptions { print_identifier: Some("left".into()), standard_error: true })
     );
     assert!(matches!(spec.sink_config(1), Ok(SinkConfig::Kafka(_))));
 }
@@ -214,8 +186,7 @@ fn unknown_top_level_key_is_named() {
 
 #[test]
 fn missing_or_empty_or_bad_name() {
-    let body =
-        "sources: [{name: s, connector: datagen}]\nsinks: [{name: k, connector: blackhole}]\n";
+    let body = "sources: [{name: s, connector: datagen}]\nsinks: [{name: k, connector: blackhole}]\n";
     assert_invalid(body, "name", "needs a name");
     assert_invalid(&format!("name: ''\n{body}"), "name", "must not be empty");
     assert_invalid(&format!("name: 'a b'\n{body}"), "name", "only letters");
@@ -224,73 +195,37 @@ fn missing_or_empty_or_bad_name() {
 
 #[test]
 fn parallelism_must_be_a_positive_integer() {
-    let body =
-        "sources: [{name: s, connector: datagen}]\nsinks: [{name: k, connector: blackhole}]\n";
-    assert_invalid(
-        &format!("name: a\nparallelism: 0\n{body}"),
-        "parallelism",
-        "at least 1",
-    );
-    assert_invalid(
-        &format!("name: a\nparallelism: -1\n{body}"),
-        "parallelism",
-        "non-negative integer",
-    );
-    assert_invalid(
-        &format!("name: a\nparallelism: two\n{body}"),
-        "parallelism",
-        "integer",
-    );
-    assert_invalid(
-        &format!("name: a\nparallelism: 1.5\n{body}"),
-        "parallelism",
-        "integer",
-    );
+    let body = "sources: [{name: s, connector: datagen}]\nsinks: [{name: k, connector: blackhole}]\n";
+    assert_invalid(&format!("name: a\nparallelism: 0\n{body}"), "parallelism", "at least 1");
+    assert_invalid(&format!("name: a\nparallelism: -1\n{body}"), "parallelism", "non-negative integer");
+    assert_invalid(&format!("name: a\nparallelism: two\n{body}"), "parallelism", "integer");
+    assert_invalid(&format!("name: a\nparallelism: 1.5\n{body}"), "parallelism", "integer");
 }
 
 #[test]
 fn max_parallelism_bounds() {
-    let body =
-        "sources: [{name: s, connector: datagen}]\nsinks: [{name: k, connector: blackhole}]\n";
+    let body = "sources: [{name: s, connector: datagen}]\nsinks: [{name: k, connector: blackhole}]\n";
     assert_invalid(
         &format!("name: a\nparallelism: 4\nmaxParallelism: 2\n{body}"),
         "maxParallelism",
         "lower than parallelism 4",
     );
-    assert_invalid(
-        &format!("name: a\nparallelism: 200\n{body}"),
-        "maxParallelism",
-        "the default 128",
-    );
-    assert_invalid(
-        &format!("name: a\nmaxParallelism: 40000\n{body}"),
-        "maxParallelism",
-        "32768",
-    );
-    let ok = JobSpec::parse(&format!(
-        "name: a\nparallelism: 200\nmaxParallelism: 32768\n{body}"
-    ))
-    .expect("valid");
+    assert_invalid(&format!("name: a\nparallelism: 200\n{body}"), "maxParallelism", "the default 128");
+    assert_invalid(&format!("name: a\nmaxParallelism: 40000\n{body}"), "maxParallelism", "32768");
+    let ok =
+        JobSpec::parse(&format!("name: a\nparallelism: 200\nmaxParallelism: 32768\n{body}")).expect("valid");
     assert_eq!(ok.max_parallelism, 32768);
 }
 
 #[test]
 fn sources_and_sinks_are_required() {
-    assert_invalid(
-        "name: a\nsinks: [{name: k, connector: blackhole}]\n",
-        "sources",
-        "at least one source",
-    );
+    assert_invalid("name: a\nsinks: [{name: k, connector: blackhole}]\n", "sources", "at least one source");
     assert_invalid(
         "name: a\nsources: []\nsinks: [{name: k, connector: blackhole}]\n",
         "sources",
         "at least one source",
     );
-    assert_invalid(
-        "name: a\nsources: [{name: s, connector: datagen}]\n",
-        "sinks",
-        "at least one sink",
-    );
+    assert_invalid("name: a\nsources: [{name: s, connector: datagen}]\n", "sinks", "at least one sink");
     assert_invalid(
         "name: a\nsources: {name: s}\nsinks: [{name: k, connector: blackhole}]\n",
         "sources",
@@ -373,9 +308,7 @@ fn datagen_option_types_are_checked() {
         "positive number",
     );
     assert_invalid(
-        &format!(
-            "name: a\nsources: [{{name: s, connector: datagen, rows-per-second: fast}}]\n{sink}"
-        ),
+        &format!("name: a\nsources: [{{name: s, connector: datagen, rows-per-second: fast}}]\n{sink}"),
         "sources[0].rows-per-second",
         "positive number",
     );
@@ -444,7 +377,9 @@ fn sink_from_must_name_a_source() {
 fn kafka_required_options_and_option_names() {
     let sink = "sinks: [{name: k, connector: blackhole}]\n";
     assert_invalid(
-        &format!("name: a\nsources: [{{name: s, connector: kafka, properties.bootstrap.servers: 'b:1'}}]\n{sink}"),
+        &format!(
+            "name: a\nsources: [{{name: s, connector: kafka, properties.bootstrap.servers: 'b:1'}}]\n{sink}"
+        ),
         "sources[0].topic",
         "topic-pattern",
     );
@@ -471,7 +406,9 @@ fn kafka_required_options_and_option_names() {
         "as a sink",
     );
     assert_invalid(
-        &format!("name: a\n{src}sinks: [{{name: k, connector: kafka, properties.bootstrap.servers: 'b:1'}}]\n"),
+        &format!(
+            "name: a\n{src}sinks: [{{name: k, connector: kafka, properties.bootstrap.servers: 'b:1'}}]\n"
+        ),
         "sinks[0].topic",
         "requires `topic`",
     );
@@ -499,4 +436,3 @@ fn duplicate_yaml_keys_are_a_syntax_error() {
     assert_eq!(field, "spec");
     assert!(reason.contains("duplicate"), "{reason}");
 }
-

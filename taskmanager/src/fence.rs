@@ -38,8 +38,7 @@ impl EpochFence {
             if received == current {
                 return Ok(());
             }
-            match self.seen.compare_exchange(current, received, Ordering::SeqCst, Ordering::SeqCst)
-            {
+            match self.seen.compare_exchange(current, received, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => {
                     tracing::info!(role = %self.role, epoch = received, previous = current, "new leader epoch seen");
                     return Ok(());

@@ -123,7 +123,11 @@ pub async fn send_acks(
             }) => r,
         };
         match result {
-            Ok(_) => tracing::info!(checkpoint_id = request.checkpoint_id, state_size = request.state_size, "checkpoint acknowledged"),
+            Ok(_) => tracing::info!(
+                checkpoint_id = request.checkpoint_id,
+                state_size = request.state_size,
+                "checkpoint acknowledged"
+            ),
             Err(e) => tracing::warn!(
                 checkpoint_id = request.checkpoint_id,
                 error = %e,

@@ -67,11 +67,7 @@ impl RunningTaskManager {
 }
 
 /// Starts a TaskManager and runs it until `shutdown` is cancelled.
-pub async fn run(
-    config: Config,
-    ha: Arc<dyn HaServices>,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: CancellationToken) -> Result<()> {
     start(config, ha, shutdown).await?.wait().await
 }
 
@@ -84,9 +80,9 @@ pub async fn start(
 ) -> Result<RunningTaskManager> {
     let host = config.taskmanager_rpc.host.trim().to_string();
     let bind = format!("{host}:{}", config.taskmanager_rpc.port);
-    let listener = tokio::net::TcpListener::bind(&bind).await.map_err(|e| {
-        KeelError::internal(format!("cannot bind the taskmanager rpc address {bind}: {e}"))
-    })?;
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .map_err(|e| KeelError::internal(format!("cannot bind the taskmanager rpc address {bind}: {e}")))?;
     let port = listener
         .local_addr()
         .map_err(|e| KeelError::internal(format!("cannot read the bound address of {bind}: {e}")))?
@@ -99,8 +95,7 @@ pub async fn start(
     // Lives until the very end of the drain: the leader watches and the background loops.
     let background = CancellationToken::new();
     let jm = LeaderClient::from_ha(Role::JobManager, &ha, background.clone()).with_retry_for(interval);
-    let rm =
-        LeaderClient::from_ha(Role::ResourceManager, &ha, background.clone()).with_retry_for(interval);
+    let rm = LeaderClient::from_ha(Role::ResourceManager, &ha, background.clone()).with_retry_for(interval);
     let shared = Arc::new(Shared::new(id.clone(), address.clone(), slots, interval, jm));
 
     let loops = tokio_util::task::TaskTracker::new();
@@ -164,10 +159,7 @@ async fn lifecycle(
     };
     let result = match served {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(KeelError::internal(format!(
-            "taskmanager rpc server failed: {}",
-            error_chain(&e)
-        ))),
+        Ok(Err(e)) => Err(KeelError::internal(format!("taskmanager rpc server failed: {}", error_chain(&e)))),
         Err(e) => Err(KeelError::internal(format!("taskmanager rpc server panicked: {e}"))),
     };
     tracing::info!(taskmanager_id = %shared.id, "taskmanager stopped");

@@ -78,11 +78,7 @@ async fn heartbeat(shared: &Shared, client: &LeaderClient) -> Result<Outcome> {
         })
         .await?
         .into_inner();
-    Ok(if response.known {
-        Outcome::Known(response.resourcemanager_epoch)
-    } else {
-        Outcome::Unknown
-    })
+    Ok(if response.known { Outcome::Known(response.resourcemanager_epoch) } else { Outcome::Unknown })
 }
 
 /// The registration and heartbeat loop, until `stop`.

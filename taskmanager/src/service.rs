@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use keel_proto::pb::task_manager_server::TaskManager;
 use keel_proto::pb::{
-    AllocateSlotRequest, AllocateSlotResponse, CancelTaskRequest, CancelTaskResponse,
-    DeployTaskRequest, DeployTaskResponse, FreeSlotRequest, FreeSlotResponse, LeaderStamp,
-    NotifyCheckpointCompleteRequest, NotifyCheckpointCompleteResponse, TriggerCheckpointRequest,
-    TriggerCheckpointResponse,
+    AllocateSlotRequest, AllocateSlotResponse, CancelTaskRequest, CancelTaskResponse, DeployTaskRequest,
+    DeployTaskResponse, FreeSlotRequest, FreeSlotResponse, LeaderStamp, NotifyCheckpointCompleteRequest,
+    NotifyCheckpointCompleteResponse, TriggerCheckpointRequest, TriggerCheckpointResponse,
 };
 use keel_proto::{KeelError, Result, TaskStateExt};
 use tokio::sync::mpsc::error::TrySendError;
@@ -84,7 +83,12 @@ impl TaskManagerService {
         }
     }
 
-    fn task_for_checkpoint(&self, stamp: Option<&LeaderStamp>, task_id: &str, rpc: &str) -> Result<Arc<Task>> {
+    fn task_for_checkpoint(
+        &self,
+        stamp: Option<&LeaderStamp>,
+        task_id: &str,
+        rpc: &str,
+    ) -> Result<Arc<Task>> {
         fenced(&self.shared.jm_fence, stamp, rpc)?;
         self.shared.find_task(task_id).ok_or_else(|| KeelError::FailedPrecondition {
             reason: format!("task {task_id} is not known on taskmanager {}", self.shared.id),

@@ -220,12 +220,13 @@ impl Shared {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         self.reporters
             .spawn(jm::report_states(self.clone(), task.clone(), client.clone()).instrument(span.clone()));
-        self.reporters.spawn(jm::send_acks(self.clone(), task.clone(), client, ack_rx).instrument(span.clone()));
+        self.reporters
+            .spawn(jm::send_acks(self.clone(), task.clone(), client, ack_rx).instrument(span.clone()));
         let shared = self.clone();
         let slot_index = req.slot_index;
-        span.in_scope(|| {
-            tracing::info!(slot = slot_index, allocation_id = %req.allocation_id, "task deployed")
-        });
+        span.in_scope(
+            || tracing::info!(slot = slot_index, allocation_id = %req.allocation_id, "task deployed"),
+        );
         self.tasks_tracker.spawn(
             async move {
                 task::run(task.clone(), plan, control_rx, predecessors, ack_tx).await;

@@ -81,9 +81,11 @@ impl SlotTable {
     /// Frees the slot allocated to `allocation_id`. Returns its index and the task running in
     /// it, or `None` when no slot has that allocation.
     pub fn free(&mut self, allocation_id: &str) -> Option<(u32, Option<String>)> {
-        let (index, slot) = self.slots.iter_mut().enumerate().find(|(_, s)| {
-            s.allocation.as_ref().is_some_and(|a| a.allocation_id == allocation_id)
-        })?;
+        let (index, slot) = self
+            .slots
+            .iter_mut()
+            .enumerate()
+            .find(|(_, s)| s.allocation.as_ref().is_some_and(|a| a.allocation_id == allocation_id))?;
         slot.allocation = None;
         Some((index as u32, slot.task_id.take()))
     }

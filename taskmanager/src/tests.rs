@@ -1,0 +1,861 @@
+//! In-process tests of the TaskManager: operator chains driven directly, and the gRPC service
+//! started on 127.0.0.1:0 with the local HA backend, a fake ResourceManager and a fake
+//! JobManager that record what the TaskManager sends them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_ha::local::LocalHaServices;
+use keel_ha::{HaServices, Role};
+use keel_proto::pb::job_manager_server::{JobManager, JobManagerServer};
+use keel_proto::pb::resource_manager_server::{ResourceManager, ResourceManagerServer};
+use keel_proto::pb::task_manager_client::TaskManagerClient;
+use keel_proto::pb::*;
+use keel_proto::KeelError;
+use keel_spec::JobSpec;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::task::{Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, TaskSnapshot};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------------------------
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "keel-tm-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until `cond` holds, polling, or panics with `what` after `timeout`.
+async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read_numbers(path: &Path) -> Vec<i64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| l.parse::<i64>().expect("a number per line")).collect()
+}
+
+fn datagen_to_file(dir: &Path, parallelism: u32, rows: Option<u64>, rate: u64) -> String {
+    let rows = rows.map(|n| format!("    number-of-rows: {n}\n")).unwrap_or_default();
+    format!(
+        "name: numbers-to-file\nparallelism: {parallelism}\nsources:\n  - name: numbers\n    connector: datagen\n    rows-per-second: {rate}\n{rows}sinks:\n  - name: out\n    connector: file\n    path: {}\n",
+        dir.display()
+    )
+}
+
+struct Chain {
+    cancel: CancellationToken,
+    control: mpsc::Sender<Control>,
+    acks: mpsc::UnboundedReceiver<Ack>,
+    counters: Arc<Counters>,
+    handle: tokio::task::JoinHandle<keel_proto::Result<ChainEnd>>,
+}
+
+/// Opens and starts the chain of `subtask` of `spec` directly, without RPC.
+async fn start_chain(spec: &str, subtask: u32, restore: &[u8]) -> Chain {
+    let spec = JobSpec::parse(spec).expect("valid spec");
+    let plan = ChainPlan::build(&spec, subtask, spec.parallelism, restore).expect("plan");
+    let open = plan.open().await.expect("open chain");
+    let cancel = CancellationToken::new();
+    let (control, control_rx) = mpsc::channel(8);
+    let (ack_tx, acks) = mpsc::unbounded_channel();
+    let counters = Arc::new(Counters::default());
+    let io =
+        ChainIo { cancel: cancel.clone(), control: control_rx, acks: ack_tx, counters: counters.clone() };
+    let handle = tokio::spawn(open.run(io));
+    Chain { cancel, control, acks, counters, handle }
+}
+
+// ---------------------------------------------------------------------------------------------
+// chains, without RPC
+// ---------------------------------------------------------------------------------------------
+
+/// Each subtask of a bounded datagen → file job writes exactly its share of the numbers, in
+/// order, to `part-<subtask>`; together the parts hold every number once; a second attempt
+/// appends to the same part file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sink_writes_each_subtasks_share_to_its_part_file() {
+    let dir = TempDir::new("file-sink");
+    let out = dir.path().join("out");
+    let spec = datagen_to_file(&out, 3, Some(1000), 1_000_000);
+    let mut all = Vec::new();
+    for subtask in 0..3 {
+        let chain = start_chain(&spec, subtask, &[]).await;
+        let end = tokio::time::timeout(Duration::from_secs(20), chain.handle)
+            .await
+            .expect("chain finishes")
+            .expect("no panic")
+            .expect("no error");
+        assert_eq!(end, ChainEnd::Finished);
+        let values = read_numbers(&out.join(format!("part-{subtask}")));
+        let expected: Vec<i64> = (0..1000).filter(|v| v % 3 == i64::from(subtask)).collect();
+        assert_eq!(values, expected, "part-{subtask}");
+        assert_eq!(chain.counters.records_in(), expected.len() as u64);
+        assert_eq!(chain.counters.records_out(), expected.len() as u64);
+        all.extend(values);
+    }
+    let unique: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(unique.len(), 1000);
+    assert_eq!(all.len(), 1000);
+
+    // A restarted attempt of subtask 0 appends to part-0.
+    let chain = start_chain(&spec, 0, &[]).await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), chain.handle).await.expect("finishes");
+    assert_eq!(read_numbers(&out.join("part-0")).len(), 2 * 334);
+}
+
+/// A checkpoint barrier is acknowledged only after every record before it is durably in the
+/// file; restoring a new attempt from the acknowledged state continues the sequence exactly
+/// where the barrier cut it: no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_state_restores_without_gap_or_duplicate() {
+    let dir = TempDir::new("checkpoint");
+    let first_out = dir.path().join("first");
+    let second_out = dir.path().join("second");
+    let total = 20_000u64;
+    let parallelism = 2;
+    let subtask = 1;
+
+    // First attempt: runs at 2000 rows/s, checkpointed after a while, then canceled.
+    let first_spec = datagen_to_file(&first_out, parallelism, Some(total), 2000);
+    let mut chain = start_chain(&first_spec, subtask, &[]).await;
+    let counters = chain.counters.clone();
+    wait_until("records flowing", Duration::from_secs(10), || counters.records_out() > 100).await;
+    chain
+        .control
+        .send(Control::TriggerCheckpoint { checkpoint_id: 7, timestamp_ms: 0, is_savepoint: false })
+        .await
+        .expect("deliver trigger");
+    let ack = tokio::time::timeout(Duration::from_secs(10), chain.acks.recv())
+        .await
+        .expect("ack in time")
+        .expect("an ack");
+    assert_eq!(ack.checkpoint_id, 7);
+    let snapshot = TaskSnapshot::from_json(&ack.state).expect("snapshot json");
+    let next = match snapshot.sources.get("numbers") {
+        Some(crate::task::chain::SourceSnapshot::Datagen { next_sequence }) => *next_sequence,
+        other => panic!("no datagen state: {other:?}"),
+    };
+    // Everything before the barrier is in the file when the ack arrives.
+    let expected_before: Vec<i64> = (0..next).filter(|v| v % 2 == 1).collect();
+    assert!(!expected_before.is_empty());
+    let written = read_numbers(&first_out.join("part-1"));
+    assert!(written.len() >= expected_before.len(), "ack before the data was flushed");
+    assert_eq!(&written[..expected_before.len()], &expected_before[..]);
+
+    chain
+        .control
+        .send(Control::NotifyCheckpointComplete { checkpoint_id: 7 })
+        .await
+        .expect("deliver notification");
+    chain.cancel.cancel();
+    let end = tokio::time::timeout(Duration::from_secs(10), chain.handle)
+        .await
+        .expect("cancel in time")
+        .expect("no panic")
+        .expect("no error");
+    assert_eq!(end, ChainEnd::Canceled);
+
+    // Second attempt, restored from the acknowledged state, runs to the end.
+    let second_spec = datagen_to_file(&second_out, parallelism, Some(total), 1_000_000);
+    let chain = start_chain(&second_spec, subtask, &ack.state).await;
+    let end = tokio::time::timeout(Duration::from_secs(20), chain.handle)
+        .await
+        .expect("finish in time")
+        .expect("no panic")
+        .expect("no error");
+    assert_eq!(end, ChainEnd::Finished);
+    let after = read_numbers(&second_out.join("part-1"));
+    assert_eq!(after.first().copied(), Some(next));
+
+    let combined: Vec<i64> = expected_before.into_iter().chain(after).collect();
+    let expected_all: Vec<i64> = (0..total as i64).filter(|v| v % 2 == 1).collect();
+    assert_eq!(combined, expected_all);
+}
+
+/// A kafka source or sink is refused before a task exists, with a message that says so.
+#[test]
+fn kafka_tasks_are_refused_with_a_clear_error() {
+    let spec = JobSpec::parse(
+        "name: k\nsources:\n  - {name: in, connector: kafka, topic: t, properties.bootstrap.servers: 'b:1'}\nsinks:\n  - {name: out, connector: blackhole}\n",
+    )
+    .expect("valid spec");
+    let err = ChainPlan::build(&spec, 0, 1, &[]).expect_err("kafka refused");
+    assert!(matches!(err, KeelError::FailedPrecondition { .. }), "{err:?}");
+    assert!(err.to_string().contains("connector 'kafka' is not supported by this TaskManager yet"), "{err}");
+    let spec = JobSpec::parse(
+        "name: k\nsources:\n  - {name: in, connector: datagen}\nsinks:\n  - {name: out, connector: kafka, topic: t, properties.bootstrap.servers: 'b:1'}\n",
+    )
+    .expect("valid spec");
+    let err = ChainPlan::build(&spec, 0, 1, &[]).expect_err("kafka refused");
+    assert!(err.to_string().contains("sinks[0] 'out': connector 'kafka'"), "{err}");
+}
+
+/// A restore state of another subtask or parallelism is refused instead of silently
+/// duplicating or skipping numbers.
+#[test]
+fn restore_state_of_another_subtask_is_refused() {
+    let spec = JobSpec::parse(&datagen_to_file(Path::new("/tmp/unused"), 2, None, 10)).expect("spec");
+    let state = TaskSnapshot {
+        subtask: 0,
+        parallelism: 2,
+        sources: [("numbers".to_string(), crate::task::chain::SourceSnapshot::Datagen { next_sequence: 4 })]
+            .into_iter()
+            .collect(),
+    };
+    let json = state.to_json().expect("json");
+    ChainPlan::build(&spec, 0, 2, &json).expect("own state");
+    assert!(ChainPlan::build(&spec, 1, 2, &json).is_err());
+    assert!(ChainPlan::build(&spec, 0, 3, &json).is_err());
+    assert!(ChainPlan::build(&spec, 0, 2, b"not json").is_err());
+    let odd = TaskSnapshot {
+        sources: [("numbers".to_string(), crate::task::chain::SourceSnapshot::Datagen { next_sequence: 5 })]
+            .into_iter()
+            .collect(),
+        ..state
+    };
+    assert!(ChainPlan::build(&spec, 0, 2, &odd.to_json().expect("json")).is_err());
+}
+
+/// Several sources in one subtask: each record reaches exactly the sinks whose `from` names
+/// its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_routed_to_the_sinks_of_their_source() {
+    let dir = TempDir::new("routing");
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let spec = format!(
+        "name: two\nsources:\n  - {{name: low, connector: datagen, number-of-rows: 50, rows-per-second: 100000}}\n  - {{name: high, connector: datagen, start: 1000, number-of-rows: 30, rows-per-second: 100000}}\nsinks:\n  - {{name: a, connector: file, from: low, path: {}}}\n  - {{name: b, connector: file, from: high, path: {}}}\n  - {{name: c, connector: blackhole, from: high}}\n",
+        a.display(),
+        b.display()
+    );
+    let chain = start_chain(&spec, 0, &[]).await;
+    let counters = chain.counters.clone();
+    let end = tokio::time::timeout(Duration::from_secs(20), chain.handle)
+        .await
+        .expect("finish")
+        .expect("no panic")
+        .expect("no error");
+    assert_eq!(end, ChainEnd::Finished);
+    assert_eq!(read_numbers(&a.join("part-0")), (0..50).collect::<Vec<_>>());
+    assert_eq!(read_numbers(&b.join("part-0")), (1000..1030).collect::<Vec<_>>());
+    assert_eq!(counters.records_in(), 80);
+    assert_eq!(counters.records_out(), 50 + 30 + 30);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fake leaders
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct JmLog {
+    updates: Mutex<Vec<TaskStateUpdate>>,
+    acks: Mutex<Vec<AcknowledgeCheckpointRequest>>,
+    heartbeats: Mutex<Vec<JobManagerHeartbeatRequest>>,
+}
+
+impl JmLog {
+    fn states_of(&self, task_id: &str) -> Vec<TaskState> {
+        self.updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|u| u.task_id == task_id)
+            .map(|u| u.state())
+            .collect()
+    }
+}
+
+struct FakeJm(Arc<JmLog>);
+
+#[tonic::async_trait]
+impl JobManager for FakeJm {
+    async fn submit_job(&self, _: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cancel_job(&self, _: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn describe_job(&self, _: Request<DescribeJobRequest>) -> Result<Response<JobDetails>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn update_task_state(
+        &self,
+        request: Request<TaskStateUpdate>,
+    ) -> Result<Response<UpdateTaskStateResponse>, Status> {
+        self.0.updates.lock().unwrap_or_else(|p| p.into_inner()).push(request.into_inner());
+        Ok(Response::new(UpdateTaskStateResponse { known: true }))
+    }
+    async fn task_manager_heartbeat(
+        &self,
+        request: Request<JobManagerHeartbeatRequest>,
+    ) -> Result<Response<JobManagerHeartbeatResponse>, Status> {
+        self.0.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).push(request.into_inner());
+        Ok(Response::new(JobManagerHeartbeatResponse { cancel_task_ids: vec![] }))
+    }
+    async fn acknowledge_checkpoint(
+        &self,
+        request: Request<AcknowledgeCheckpointRequest>,
+    ) -> Result<Response<AcknowledgeCheckpointResponse>, Status> {
+        self.0.acks.lock().unwrap_or_else(|p| p.into_inner()).push(request.into_inner());
+        Ok(Response::new(AcknowledgeCheckpointResponse {}))
+    }
+    async fn leader_info(
+        &self,
+        _: Request<LeaderInfoRequest>,
+    ) -> Result<Response<LeaderInfoResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+#[derive(Default)]
+struct RmLog {
+    registrations: Mutex<Vec<RegisterTaskManagerRequest>>,
+    heartbeats: Mutex<Vec<TaskManagerHeartbeatRequest>>,
+    /// Answer heartbeats with `known = false` once (as a new leader that lost the registry).
+    forget_once: AtomicBool,
+}
+
+struct FakeRm(Arc<RmLog>);
+
+#[tonic::async_trait]
+impl ResourceManager for FakeRm {
+    async fn register_task_manager(
+        &self,
+        request: Request<RegisterTaskManagerRequest>,
+    ) -> Result<Response<RegisterTaskManagerResponse>, Status> {
+        self.0.registrations.lock().unwrap_or_else(|p| p.into_inner()).push(request.into_inner());
+        Ok(Response::new(RegisterTaskManagerResponse { resourcemanager_epoch: 3 }))
+    }
+    async fn heartbeat(
+        &self,
+        request: Request<TaskManagerHeartbeatRequest>,
+    ) -> Result<Response<TaskManagerHeartbeatResponse>, Status> {
+        self.0.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).push(request.into_inner());
+        let known = !self.0.forget_once.swap(false, Ordering::SeqCst);
+        Ok(Response::new(TaskManagerHeartbeatResponse { known, resourcemanager_epoch: 3 }))
+    }
+    async fn request_slots(
+        &self,
+        _: Request<RequestSlotsRequest>,
+    ) -> Result<Response<RequestSlotsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn release_slots(
+        &self,
+        _: Request<ReleaseSlotsRequest>,
+    ) -> Result<Response<ReleaseSlotsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type WatchTaskManagersStream = tokio_stream::Empty<Result<TaskManagerEvent, Status>>;
+    async fn watch_task_managers(
+        &self,
+        _: Request<WatchTaskManagersRequest>,
+    ) -> Result<Response<Self::WatchTaskManagersStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cluster_overview(
+        &self,
+        _: Request<ClusterOverviewRequest>,
+    ) -> Result<Response<ClusterOverviewResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+/// Serves `router` on 127.0.0.1:0 until `stop`; returns the address.
+async fn serve(router: tonic::transport::server::Router, stop: CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("local addr").to_string();
+    tokio::spawn(router.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        stop.cancelled_owned(),
+    ));
+    address
+}
+
+struct Cluster {
+    _dir: TempDir,
+    ha: Arc<dyn HaServices>,
+    shutdown: CancellationToken,
+    stop_fakes: CancellationToken,
+    tm: crate::RunningTaskManager,
+    client: TaskManagerClient<tonic::transport::Channel>,
+}
+
+/// A TaskManager with 2 slots on 127.0.0.1:0, the local HA backend in a temp dir, and no
+/// leaders yet.
+async fn start_tm(tag: &str) -> Cluster {
+    let dir = TempDir::new(tag);
+    let ha: Arc<dyn HaServices> =
+        Arc::new(LocalHaServices::open(&dir.path().join("ha"), "test").expect("local ha"));
+    let mut config = keel_config::Config::defaults();
+    config.taskmanager_rpc = keel_config::RpcAddress { host: "127.0.0.1".into(), port: 0 };
+    config.slots_per_taskmanager = 2;
+    config.heartbeat_interval = Duration::from_millis(100);
+    config.taskmanager_id = Some(format!("tm-{tag}"));
+    let shutdown = CancellationToken::new();
+    let tm = crate::start(config, ha.clone(), shutdown.clone()).await.expect("start taskmanager");
+    let client = TaskManagerClient::connect(format!("http://{}", tm.address)).await.expect("connect");
+    Cluster { _dir: dir, ha, shutdown, stop_fakes: CancellationToken::new(), tm, client }
+}
+
+fn rm_stamp(epoch: u64) -> Option<LeaderStamp> {
+    Some(LeaderStamp { epoch, address: "127.0.0.1:1".into() })
+}
+
+fn allocation(id: &str, job: &str) -> Option<SlotAllocation> {
+    Some(SlotAllocation { allocation_id: id.into(), job_id: job.into(), version: 1, jobmanager_epoch: 1 })
+}
+
+fn keel_error(status: &Status) -> KeelError {
+    KeelError::from_status(status, "taskmanager")
+}
+
+// ---------------------------------------------------------------------------------------------
+// the gRPC service
+// ---------------------------------------------------------------------------------------------
+
+/// After a ResourceManager request with epoch 5, one with epoch 3 is rejected with
+/// `StaleEpoch { received: 3, seen: 5 }`; the JobManager fence is separate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_a_stale_epoch_are_rejected() {
+    let mut c = start_tm("stale").await;
+    assert!(c.tm.address.starts_with("127.0.0.1:"));
+    assert_ne!(c.tm.address, "127.0.0.1:0");
+    c.client
+        .allocate_slot(AllocateSlotRequest {
+            resourcemanager: rm_stamp(5),
+            index: 0,
+            allocation: allocation("a1", "j"),
+        })
+        .await
+        .expect("epoch 5 accepted");
+    let status = c
+        .client
+        .allocate_slot(AllocateSlotRequest {
+            resourcemanager: rm_stamp(3),
+            index: 1,
+            allocation: allocation("a2", "j"),
+        })
+        .await
+        .expect_err("epoch 3 rejected");
+    assert_eq!(
+        keel_error(&status),
+        KeelError::StaleEpoch { role: "resourcemanager".into(), received: 3, seen: 5 }
+    );
+    let status = c
+        .client
+        .free_slot(FreeSlotRequest { resourcemanager: rm_stamp(4), allocation_id: "a1".into() })
+        .await
+        .expect_err("epoch 4 rejected");
+    assert!(matches!(keel_error(&status), KeelError::StaleEpoch { received: 4, seen: 5, .. }));
+
+    // JobManager epochs are fenced separately.
+    c.client
+        .cancel_task(CancelTaskRequest { jobmanager: rm_stamp(9), task_id: "nope".into() })
+        .await
+        .expect("jm epoch 9");
+    let status = c
+        .client
+        .cancel_task(CancelTaskRequest { jobmanager: rm_stamp(8), task_id: "nope".into() })
+        .await
+        .expect_err("jm epoch 8 rejected");
+    assert_eq!(
+        keel_error(&status),
+        KeelError::StaleEpoch { role: "jobmanager".into(), received: 8, seen: 9 }
+    );
+    // A request without a stamp is invalid.
+    let status = c
+        .client
+        .allocate_slot(AllocateSlotRequest {
+            resourcemanager: None,
+            index: 0,
+            allocation: allocation("a1", "j"),
+        })
+        .await
+        .expect_err("no stamp");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    c.shutdown.cancel();
+    c.tm.wait().await.expect("clean shutdown");
+}
+
+/// Slot allocation is idempotent, conflicts name the owner, indices out of range are invalid,
+/// and freeing an unknown allocation frees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_allocation_over_rpc() {
+    let mut c = start_tm("slots").await;
+    let req = |index, id: &str| AllocateSlotRequest {
+        resourcemanager: rm_stamp(1),
+        index,
+        allocation: allocation(id, "j"),
+    };
+    c.client.allocate_slot(req(0, "a1")).await.expect("allocate");
+    c.client.allocate_slot(req(0, "a1")).await.expect("idempotent");
+    let status = c.client.allocate_slot(req(0, "a2")).await.expect_err("taken");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("a1") && status.message().contains("tm-slots"), "{}", status.message());
+    let status = c.client.allocate_slot(req(2, "a3")).await.expect_err("out of range");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let freed = c
+        .client
+        .free_slot(FreeSlotRequest { resourcemanager: rm_stamp(1), allocation_id: "zz".into() })
+        .await
+        .expect("free")
+        .into_inner()
+        .freed;
+    assert!(!freed);
+    let freed = c
+        .client
+        .free_slot(FreeSlotRequest { resourcemanager: rm_stamp(1), allocation_id: "a1".into() })
+        .await
+        .expect("free")
+        .into_inner()
+        .freed;
+    assert!(freed);
+    c.shutdown.cancel();
+    c.tm.wait().await.expect("clean shutdown");
+}
+
+fn deploy_request(
+    jm: &str,
+    epoch: u64,
+    allocation_id: &str,
+    slot: u32,
+    spec: &str,
+    subtask: u32,
+    parallelism: u32,
+) -> DeployTaskRequest {
+    DeployTaskRequest {
+        jobmanager: Some(LeaderStamp { epoch, address: jm.into() }),
+        allocation_id: allocation_id.into(),
+        slot_index: slot,
+        task_id: format!("job-1/1/{subtask}#0"),
+        job_id: "job-1".into(),
+        version: 1,
+        subtask,
+        parallelism,
+        attempt: 0,
+        spec_yaml: spec.into(),
+        restore_state: vec![],
+    }
+}
+
+/// Deploying into a slot that is not allocated to the deploying allocation is refused with an
+/// error that says so; so are invalid specs and kafka connectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_into_a_slot_not_allocated_is_refused() {
+    let mut c = start_tm("unallocated").await;
+    let dir = TempDir::new("unallocated-out");
+    let spec = datagen_to_file(dir.path(), 1, Some(10), 100);
+    let status = c
+        .client
+        .deploy_task(deploy_request("127.0.0.1:1", 1, "a1", 0, &spec, 0, 1))
+        .await
+        .expect_err("slot is free");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("not allocated to allocation a1"), "{}", status.message());
+
+    c.client
+        .allocate_slot(AllocateSlotRequest {
+            resourcemanager: rm_stamp(1),
+            index: 0,
+            allocation: allocation("a2", "job-1"),
+        })
+        .await
+        .expect("allocate");
+    let status = c
+        .client
+        .deploy_task(deploy_request("127.0.0.1:1", 1, "a1", 0, &spec, 0, 1))
+        .await
+        .expect_err("slot belongs to a2");
+    assert!(status.message().contains("belongs to allocation a2"), "{}", status.message());
+
+    let status = c
+        .client
+        .deploy_task(deploy_request("127.0.0.1:1", 1, "a2", 0, "name: x\nparallelism: 0\n", 0, 1))
+        .await
+        .expect_err("bad spec");
+    assert!(matches!(keel_error(&status), KeelError::InvalidSpec { field, .. } if field == "parallelism"));
+
+    let kafka = "name: k\nsources:\n  - {name: in, connector: kafka, topic: t, properties.bootstrap.servers: 'b:1'}\nsinks:\n  - {name: out, connector: blackhole}\n";
+    let status = c
+        .client
+        .deploy_task(deploy_request("127.0.0.1:1", 1, "a2", 0, kafka, 0, 1))
+        .await
+        .expect_err("kafka");
+    assert!(
+        status.message().contains("connector 'kafka' is not supported by this TaskManager yet"),
+        "{}",
+        status.message()
+    );
+    assert!(c.tm.shared().find_task("job-1/1/0#0").is_none());
+    c.shutdown.cancel();
+    c.tm.wait().await.expect("clean shutdown");
+}
+
+/// The whole life of a task over RPC: the TaskManager registers with the ResourceManager named
+/// by the HA services (and again when it is forgotten), reports deploying/running/canceled to
+/// the JobManager of the deploy request, heartbeats its tasks, refuses a duplicate deployment,
+/// acknowledges a checkpoint with the source state, and cancels on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_lifecycle_reports_and_checkpoints() {
+    let mut c = start_tm("lifecycle").await;
+    let jm_log = Arc::new(JmLog::default());
+    let rm_log = Arc::new(RmLog::default());
+    let jm_address = serve(
+        tonic::transport::Server::builder().add_service(JobManagerServer::new(FakeJm(jm_log.clone()))),
+        c.stop_fakes.clone(),
+    )
+    .await;
+    let rm_address = serve(
+        tonic::transport::Server::builder().add_service(ResourceManagerServer::new(FakeRm(rm_log.clone()))),
+        c.stop_fakes.clone(),
+    )
+    .await;
+    // The fake ResourceManager becomes leader in the HA services; the TaskManager finds it.
+    let _rm_leadership =
+        c.ha.campaign(Role::ResourceManager, &rm_address, &c.stop_fakes).await.expect("campaign");
+    let regs = || rm_log.registrations.lock().unwrap_or_else(|p| p.into_inner()).len();
+    wait_until("registration with the resourcemanager", Duration::from_secs(10), || regs() >= 1).await;
+    {
+        let r = rm_log.registrations.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(r[0].taskmanager_id, "tm-lifecycle");
+        assert_eq!(r[0].address, c.tm.address);
+        assert_eq!(r[0].num_slots, 2);
+        assert_eq!(r[0].slots.len(), 2);
+        assert!(r[0].memory_rss_bytes > 0);
+    }
+    let hbs = || rm_log.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).len();
+    wait_until("heartbeats to the resourcemanager", Duration::from_secs(10), || hbs() >= 2).await;
+    rm_log.forget_once.store(true, Ordering::SeqCst);
+    wait_until("registration after known=false", Duration::from_secs(10), || regs() >= 2).await;
+
+    // Allocate and deploy a datagen -> file task.
+    c.client
+        .allocate_slot(AllocateSlotRequest {
+            resourcemanager: rm_stamp(3),
+            index: 1,
+            allocation: allocation("a1", "job-1"),
+        })
+        .await
+        .expect("allocate");
+    let out = TempDir::new("lifecycle-out");
+    let spec = datagen_to_file(out.path(), 2, None, 2000);
+    c.client.deploy_task(deploy_request(&jm_address, 4, "a1", 1, &spec, 1, 2)).await.expect("deploy");
+    let task_id = "job-1/1/1#0";
+    let status = c
+        .client
+        .deploy_task(deploy_request(&jm_address, 4, "a1", 1, &spec, 1, 2))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(status.code(), tonic::Code::AlreadyExists);
+
+    wait_until("running reported", Duration::from_secs(10), || {
+        jm_log.states_of(task_id).contains(&TaskState::Running)
+    })
+    .await;
+    wait_until("slot report names the task", Duration::from_secs(10), || {
+        rm_log
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .is_some_and(|h| h.slots.get(1).is_some_and(|s| s.task_id == task_id))
+    })
+    .await;
+    wait_until("jobmanager heartbeat lists the task", Duration::from_secs(10), || {
+        jm_log
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|h| h.tasks.iter().any(|t| t.task_id == task_id && t.records_out > 0))
+    })
+    .await;
+
+    // A checkpoint: triggered with a stale epoch is refused, with the current one acknowledged.
+    let status = c
+        .client
+        .trigger_checkpoint(TriggerCheckpointRequest {
+            jobmanager: rm_stamp(2),
+            task_id: task_id.into(),
+            checkpoint_id: 1,
+            timestamp_ms: 0,
+            is_savepoint: false,
+        })
+        .await
+        .expect_err("stale");
+    assert!(matches!(keel_error(&status), KeelError::StaleEpoch { .. }));
+    let status = c
+        .client
+        .trigger_checkpoint(TriggerCheckpointRequest {
+            jobmanager: rm_stamp(4),
+            task_id: "nope".into(),
+            checkpoint_id: 1,
+            timestamp_ms: 0,
+            is_savepoint: false,
+        })
+        .await
+        .expect_err("unknown task");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    c.client
+        .trigger_checkpoint(TriggerCheckpointRequest {
+            jobmanager: rm_stamp(4),
+            task_id: task_id.into(),
+            checkpoint_id: 1,
+            timestamp_ms: 0,
+            is_savepoint: false,
+        })
+        .await
+        .expect("trigger");
+    wait_until("checkpoint acknowledged", Duration::from_secs(10), || {
+        !jm_log.acks.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    })
+    .await;
+    let ack = jm_log.acks.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
+    assert_eq!(
+        (ack.task_id.as_str(), ack.job_id.as_str(), ack.version, ack.checkpoint_id),
+        (task_id, "job-1", 1, 1)
+    );
+    assert_eq!(ack.state_size, ack.state_handle.len() as u64);
+    let snapshot = TaskSnapshot::from_json(&ack.state_handle).expect("snapshot");
+    assert_eq!((snapshot.subtask, snapshot.parallelism), (1, 2));
+    c.client
+        .notify_checkpoint_complete(NotifyCheckpointCompleteRequest {
+            jobmanager: rm_stamp(4),
+            task_id: task_id.into(),
+            checkpoint_id: 1,
+        })
+        .await
+        .expect("notify");
+
+    // Cancel.
+    let found = c
+        .client
+        .cancel_task(CancelTaskRequest { jobmanager: rm_stamp(4), task_id: task_id.into() })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .found;
+    assert!(found);
+    wait_until("canceled reported", Duration::from_secs(10), || {
+        jm_log.states_of(task_id).last() == Some(&TaskState::Canceled)
+    })
+    .await;
+    let states = jm_log.states_of(task_id);
+    assert_eq!(states.first(), Some(&TaskState::Deploying), "{states:?}");
+    let update = jm_log
+        .updates
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .rfind(|u| u.task_id == task_id)
+        .cloned()
+        .expect("an update");
+    assert_eq!(update.jobmanager_epoch, 4);
+    assert_eq!(update.taskmanager_id, "tm-lifecycle");
+    assert!(update.records_out > 0 && update.records_in >= update.records_out, "{update:?}");
+    let written = read_numbers(&out.path().join("part-1"));
+    assert_eq!(written.len() as u64, update.records_out);
+    assert!(written.iter().enumerate().all(|(k, v)| *v == 1 + 2 * k as i64));
+    let found = c
+        .client
+        .cancel_task(CancelTaskRequest { jobmanager: rm_stamp(4), task_id: "nope".into() })
+        .await
+        .expect("cancel unknown")
+        .into_inner()
+        .found;
+    assert!(!found);
+
+    // The slot can take the next attempt of the task.
+    let mut next = deploy_request(&jm_address, 4, "a1", 1, &spec, 1, 2);
+    next.task_id = "job-1/1/1#1".into();
+    next.attempt = 1;
+    c.client.deploy_task(next).await.expect("deploy next attempt");
+    wait_until("next attempt running", Duration::from_secs(10), || {
+        jm_log.states_of("job-1/1/1#1").contains(&TaskState::Running)
+    })
+    .await;
+
+    // Shutdown cancels it and reports that before returning.
+    c.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), c.tm.wait())
+        .await
+        .expect("shutdown in time")
+        .expect("clean shutdown");
+    assert_eq!(jm_log.states_of("job-1/1/1#1").last(), Some(&TaskState::Canceled));
+    c.stop_fakes.cancel();
+}
+
+/// A bounded job finishes by itself and reports `finished` with its counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_task_finishes_and_reports_it() {
+    let mut c = start_tm("bounded").await;
+    let jm_log = Arc::new(JmLog::default());
+    let jm_address = serve(
+        tonic::transport::Server::builder().add_service(JobManagerServer::new(FakeJm(jm_log.clone()))),
+        c.stop_fakes.clone(),
+    )
+    .await;
+    c.client
+        .allocate_slot(AllocateSlotRequest {
+            resourcemanager: rm_stamp(1),
+            index: 0,
+            allocation: allocation("a1", "job-1"),
+        })
+        .await
+        .expect("allocate");
+    let out = TempDir::new("bounded-out");
+    let spec = datagen_to_file(out.path(), 1, Some(500), 100_000);
+    c.client.deploy_task(deploy_request(&jm_address, 1, "a1", 0, &spec, 0, 1)).await.expect("deploy");
+    wait_until("finished reported", Duration::from_secs(20), || {
+        jm_log.states_of("job-1/1/0#0").last() == Some(&TaskState::Finished)
+    })
+    .await;
+    let last = jm_log.updates.lock().unwrap_or_else(|p| p.into_inner()).last().cloned().expect("an update");
+    assert_eq!((last.records_in, last.records_out), (500, 500));
+    assert_eq!(read_numbers(&out.path().join("part-0")), (0..500).collect::<Vec<_>>());
+    c.shutdown.cancel();
+    c.tm.wait().await.expect("clean shutdown");
+    c.stop_fakes.cancel();
+}

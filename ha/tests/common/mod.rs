@@ -13,6 +13,14 @@ use keel_ha::{Counter, HaServices, JobStore, Role};
 use keel_proto::KeelError;
 use tokio_util::sync::CancellationToken;
 
+/// Logs of the code under test, filtered by `RUST_LOG` (nothing by default), captured per test.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// The etcd binary: `$KEEL_ETCD_BIN`, else `etcd` on the PATH, else `/usr/bin/etcd`. Panics with
 /// what to do when there is none: these tests never skip silently.
 pub fn etcd_binary() -> PathBuf {
@@ -97,6 +105,7 @@ impl EtcdCluster {
     }
 
     async fn start(n: usize) -> Self {
+        init_tracing();
         let bin = etcd_binary();
         let dir = tempfile::Builder::new().prefix("keel-etcd-").tempdir().expect("tempdir");
         let ports = free_ports(2 * n);

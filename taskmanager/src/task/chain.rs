@@ -136,12 +136,7 @@ impl ChainPlan {
     /// Plans subtask `subtask` of `parallelism` of `spec`, restoring from `restore_state` (a
     /// [`TaskSnapshot`] as JSON) when it is not empty. Connectors this TaskManager cannot run
     /// yet (kafka) are refused here, before the task exists.
-    pub fn build(
-        spec: &JobSpec,
-        subtask: u32,
-        parallelism: u32,
-        restore_state: &[u8],
-    ) -> Result<ChainPlan> {
+    pub fn build(spec: &JobSpec, subtask: u32, parallelism: u32, restore_state: &[u8]) -> Result<ChainPlan> {
         if parallelism == 0 || subtask >= parallelism {
             return Err(KeelError::InvalidArgument {
                 reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
@@ -197,10 +192,7 @@ impl ChainPlan {
                         Some(SourceSnapshot::Datagen { next_sequence }) => Some(*next_sequence),
                         None => None,
                     };
-                    out.push((
-                        s.name.clone(),
-                        Datagen::new(opts, self.subtask, self.parallelism, restore)?,
-                    ));
+                    out.push((s.name.clone(), Datagen::new(opts, self.subtask, self.parallelism, restore)?));
                 }
                 SourceConfig::Kafka(_) => return Err(unsupported("sources", &s.name, "kafka")),
             }
@@ -233,9 +225,7 @@ impl ChainPlan {
 
 fn unsupported(field: &str, name: &str, connector: &str) -> KeelError {
     KeelError::FailedPrecondition {
-        reason: format!(
-            "{field} '{name}': connector '{connector}' is not supported by this TaskManager yet"
-        ),
+        reason: format!("{field} '{name}': connector '{connector}' is not supported by this TaskManager yet"),
     }
 }
 
@@ -354,9 +344,7 @@ impl SourceDriver {
             sources: self
                 .sources
                 .iter()
-                .map(|(name, g)| {
-                    (name.clone(), SourceSnapshot::Datagen { next_sequence: g.next_sequence() })
-                })
+                .map(|(name, g)| (name.clone(), SourceSnapshot::Datagen { next_sequence: g.next_sequence() }))
                 .collect(),
         }
     }

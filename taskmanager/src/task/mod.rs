@@ -86,8 +86,7 @@ impl Task {
     /// A new task in state deploying, with the receiving end of its control channel.
     pub fn new(info: TaskInfo) -> (Arc<Task>, mpsc::Receiver<Control>) {
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
-        let (status, _) =
-            watch::channel(TaskStatus { state: TaskState::Deploying, failure: String::new() });
+        let (status, _) = watch::channel(TaskStatus { state: TaskState::Deploying, failure: String::new() });
         let task = Task {
             info,
             status,
@@ -130,7 +129,9 @@ impl Task {
                 *self.terminal_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             }
             match &failure {
-                Some(f) => tracing::warn!(task_id = %self.info.task_id, state = to.name(), failure = %f, "task state changed"),
+                Some(f) => {
+                    tracing::warn!(task_id = %self.info.task_id, state = to.name(), failure = %f, "task state changed")
+                }
                 None => tracing::info!(task_id = %self.info.task_id, state = to.name(), "task state changed"),
             }
         }
@@ -235,9 +236,7 @@ async fn run_inner(
         // Canceled while opening.
         return Ok(ChainEnd::Canceled);
     }
-    chain
-        .run(ChainIo { cancel: task.cancel.clone(), control, acks, counters: task.counters.clone() })
-        .await
+    chain.run(ChainIo { cancel: task.cancel.clone(), control, acks, counters: task.counters.clone() }).await
 }
 
 #[cfg(test)]
