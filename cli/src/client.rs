@@ -70,10 +70,9 @@ impl Client {
 
     fn unreachable(&self, role: &str, err: KeelError) -> anyhow::Error {
         match err {
-            KeelError::Unavailable { .. } | KeelError::NotLeader { .. } => anyhow!(
-                "cannot reach the {role} leader (looked up in {}): {err}",
-                self.ha_description
-            ),
+            KeelError::Unavailable { .. } | KeelError::NotLeader { .. } => {
+                anyhow!("cannot reach the {role} leader (looked up in {}): {err}", self.ha_description)
+            }
             other => anyhow::Error::new(other),
         }
     }
@@ -117,11 +116,17 @@ impl Client {
             .await
             .map_err(|e| self.unreachable("jobmanager", e))?;
         if self.output == Output::Text {
-            println!("submitted job {} as {} (version {})", submitted.name, submitted.job_id, submitted.version);
+            println!(
+                "submitted job {} as {} (version {})",
+                submitted.name, submitted.job_id, submitted.version
+            );
         }
         if detached {
             if self.output == Output::Json {
-                println!("{}", json!({"job_id": submitted.job_id, "name": submitted.name, "version": submitted.version}));
+                println!(
+                    "{}",
+                    json!({"job_id": submitted.job_id, "name": submitted.name, "version": submitted.version})
+                );
             }
             return Ok(());
         }
@@ -277,7 +282,17 @@ impl Client {
             print!(
                 "{}",
                 indent(&table(
-                    &["SUBTASK", "ATTEMPT", "STATE", "TASKMANAGER", "ADDRESS", "SLOT", "IN", "OUT", "FAILURE"],
+                    &[
+                        "SUBTASK",
+                        "ATTEMPT",
+                        "STATE",
+                        "TASKMANAGER",
+                        "ADDRESS",
+                        "SLOT",
+                        "IN",
+                        "OUT",
+                        "FAILURE"
+                    ],
                     &rows
                 ))
             );
@@ -350,7 +365,11 @@ impl Client {
             table(
                 &["ROLE", "LEADER", "EPOCH"],
                 &[
-                    vec!["resourcemanager".into(), rm.resourcemanager_address.clone(), rm.resourcemanager_epoch.to_string()],
+                    vec![
+                        "resourcemanager".into(),
+                        rm.resourcemanager_address.clone(),
+                        rm.resourcemanager_epoch.to_string()
+                    ],
                     vec!["jobmanager".into(), jm.leader_address.clone(), jm.epoch.to_string()],
                 ]
             )

@@ -61,7 +61,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
@@ -170,8 +172,11 @@ impl Session {
                 println!("{}", serde_json::to_string_pretty(&map)?);
             }
             Output::Text => {
-                let rows: Vec<Vec<String>> =
-                    config.effective.iter().map(|(k, (v, o))| vec![k.clone(), v.clone(), o.clone()]).collect();
+                let rows: Vec<Vec<String>> = config
+                    .effective
+                    .iter()
+                    .map(|(k, (v, o))| vec![k.clone(), v.clone(), o.clone()])
+                    .collect();
                 print!("{}", format::table(&["KEY", "VALUE", "FROM"], &rows));
             }
         }

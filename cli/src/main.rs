@@ -72,7 +72,8 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let session = Session { config_file: cli.config, set: cli.set, output: cli.output, jobmanager: cli.jobmanager };
+    let session =
+        Session { config_file: cli.config, set: cli.set, output: cli.output, jobmanager: cli.jobmanager };
     let result = match cli.command {
         Command::Resourcemanager => session.role(keel::RoleCmd::ResourceManager),
         Command::Jobmanager => session.role(keel::RoleCmd::JobManager),
@@ -80,7 +81,9 @@ fn main() -> ExitCode {
         Command::Run { file, detached } => session.client(|c| async move { c.run(&file, detached).await }),
         Command::List => session.client(|c| async move { c.list().await }),
         Command::Status { job } => session.client(|c| async move { c.status(&job).await }),
-        Command::Cancel { job, detached } => session.client(|c| async move { c.cancel(&job, detached).await }),
+        Command::Cancel { job, detached } => {
+            session.client(|c| async move { c.cancel(&job, detached).await })
+        }
         Command::Cluster => session.client(|c| async move { c.cluster().await }),
         Command::Dev(args) => session.dev(args),
         Command::Config { what: ConfigCommand::Keys } => session.config_keys(),

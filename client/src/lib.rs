@@ -174,8 +174,7 @@ impl LeaderClient {
                 let channel = self.channels.get(&address)?;
                 match f(channel).await {
                     Ok(v) => {
-                        *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(address.clone());
+                        *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.clone());
                         return Ok(v);
                     }
                     Err(status) => {
@@ -183,8 +182,7 @@ impl LeaderClient {
                         match &err {
                             KeelError::NotLeader { leader: Some(l), .. } if *l != address => {
                                 tracing::debug!(role = %self.role, from = %address, to = %l, "following leader redirect");
-                                *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) =
-                                    Some(l.clone());
+                                *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
                             }
                             _ if err.is_retryable() => {
                                 let mut r = self.redirect.lock().unwrap_or_else(|p| p.into_inner());
@@ -211,9 +209,8 @@ impl LeaderClient {
                 }
             }
             if tokio::time::Instant::now() + backoff > deadline {
-                return Err(last_err.unwrap_or_else(|| {
-                    KeelError::NotLeader { role: self.role.to_string(), leader: None }
-                }));
+                return Err(last_err
+                    .unwrap_or_else(|| KeelError::NotLeader { role: self.role.to_string(), leader: None }));
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -252,11 +249,7 @@ impl EpochFence {
     pub fn check(&self, epoch: u64) -> Result<()> {
         let prev = self.seen.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
         if epoch < prev {
-            return Err(KeelError::StaleEpoch {
-                role: self.role.to_string(),
-                received: epoch,
-                seen: prev,
-            });
+            return Err(KeelError::StaleEpoch { role: self.role.to_string(), received: epoch, seen: prev });
         }
         Ok(())
     }

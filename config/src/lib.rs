@@ -162,8 +162,7 @@ impl Config {
             }
         }
         let mut unknown_env = Vec::new();
-        let env_names: BTreeMap<String, &'static str> =
-            KEYS.iter().map(|k| (k.env_var(), k.key)).collect();
+        let env_names: BTreeMap<String, &'static str> = KEYS.iter().map(|k| (k.env_var(), k.key)).collect();
         for (name, value) in &sources.env {
             if !name.starts_with("KEEL_") || NON_KEY_ENV_VARS.contains(&name.as_str()) {
                 continue;
@@ -177,10 +176,7 @@ impl Config {
         }
         if !unknown_env.is_empty() {
             unknown_env.sort();
-            return Err(ConfigError::UnknownKeys {
-                keys: unknown_env,
-                origin: "environment".into(),
-            });
+            return Err(ConfigError::UnknownKeys { keys: unknown_env, origin: "environment".into() });
         }
         let mut unknown_flags = Vec::new();
         for flag in &sources.flags {
@@ -193,10 +189,7 @@ impl Config {
             raw.insert(k.to_string(), (v.trim().to_string(), format!("flag --set {k}")));
         }
         if !unknown_flags.is_empty() {
-            return Err(ConfigError::UnknownKeys {
-                keys: unknown_flags,
-                origin: "--set flags".into(),
-            });
+            return Err(ConfigError::UnknownKeys { keys: unknown_flags, origin: "--set flags".into() });
         }
         Self::from_raw(raw)
     }
@@ -363,9 +356,7 @@ fn flatten(
                     .collect();
                 out.push((full, parts.join(",")));
             }
-            other => {
-                out.push((full, serde_yaml::to_string(other).unwrap_or_default().trim().to_string()))
-            }
+            other => out.push((full, serde_yaml::to_string(other).unwrap_or_default().trim().to_string())),
         }
     }
     Ok(())
@@ -510,9 +501,6 @@ mod tests {
     #[test]
     fn env_var_names_follow_the_key() {
         assert_eq!(env_var_for("heartbeat.interval"), "KEEL_HEARTBEAT_INTERVAL");
-        assert_eq!(
-            env_var_for("high-availability.etcd.lease-ttl"),
-            "KEEL_HIGH_AVAILABILITY_ETCD_LEASE_TTL"
-        );
+        assert_eq!(env_var_for("high-availability.etcd.lease-ttl"), "KEEL_HIGH_AVAILABILITY_ETCD_LEASE_TTL");
     }
 }

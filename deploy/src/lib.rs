@@ -79,7 +79,12 @@ fn fill(template: &str, pairs: &[(&str, String)]) -> String {
 
 /// Waits until `log` holds the line `keel <role> listening on <address>` and returns the
 /// address; fails if the child exits first or nothing comes within `timeout`.
-pub async fn wait_for_listening(child: &mut Child, role: &str, log: &Path, timeout: Duration) -> anyhow::Result<String> {
+pub async fn wait_for_listening(
+    child: &mut Child,
+    role: &str,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let marker = format!("keel {role} listening on ");
     let deadline = Instant::now() + timeout;
     loop {
@@ -123,7 +128,14 @@ pub async fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn spawn_role(exe: &Path, role: &str, name: &str, config: &Path, set: &[String], logs: &Path) -> anyhow::Result<ChildProc> {
+async fn spawn_role(
+    exe: &Path,
+    role: &str,
+    name: &str,
+    config: &Path,
+    set: &[String],
+    logs: &Path,
+) -> anyhow::Result<ChildProc> {
     let log = logs.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).with_context(|| format!("cannot create log {}", log.display()))?;
     let err = file.try_clone().context("cannot share the log file")?;
@@ -148,7 +160,11 @@ async fn spawn_role(exe: &Path, role: &str, name: &str, config: &Path, set: &[St
 
 /// `keel dev`: starts the cluster, prints where everything is, optionally runs the demo job,
 /// and stops every child on shutdown.
-pub async fn run_dev_cluster(args: DevArgs, set: Vec<String>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_dev_cluster(
+    args: DevArgs,
+    set: Vec<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the keel binary")?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
     let dir = args.dir.canonicalize().with_context(|| format!("cannot resolve {}", args.dir.display()))?;
@@ -175,11 +191,13 @@ pub async fn run_dev_cluster(args: DevArgs, set: Vec<String>, shutdown: Cancella
         config.push_str(&format!("high-availability.etcd.endpoints: \"{}\"\n", args.etcd_endpoints));
     }
     let config_path = dir.join("keel.yaml");
-    std::fs::write(&config_path, config).with_context(|| format!("cannot write {}", config_path.display()))?;
+    std::fs::write(&config_path, config)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
 
     let mut children: Vec<ChildProc> = Vec::new();
     let started = async {
-        children.push(spawn_role(&exe, "resourcemanager", "resourcemanager", &config_path, &set, &logs).await?);
+        children
+            .push(spawn_role(&exe, "resourcemanager", "resourcemanager", &config_path, &set, &logs).await?);
         children.push(spawn_role(&exe, "jobmanager", "jobmanager", &config_path, &set, &logs).await?);
         for i in 0..args.taskmanagers {
             let name = format!("taskmanager-{i}");
@@ -196,10 +214,13 @@ pub async fn run_dev_cluster(args: DevArgs, set: Vec<String>, shutdown: Cancella
         return Err(e);
     }
 
-    println!("keel dev cluster is up ({} HA, directory {dir_s})", match args.ha {
-        HaChoice::Local => "local",
-        HaChoice::Etcd => "etcd",
-    });
+    println!(
+        "keel dev cluster is up ({} HA, directory {dir_s})",
+        match args.ha {
+            HaChoice::Local => "local",
+            HaChoice::Etcd => "etcd",
+        }
+    );
     println!("  {:<16} {:>7}  {:<21}  LOG", "PROCESS", "PID", "ADDRESS");
     for c in &children {
         println!("  {:<16} {:>7}  {:<21}  {}", c.role, c.child.id().unwrap_or(0), c.address, c.log.display());

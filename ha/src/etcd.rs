@@ -543,7 +543,11 @@ impl EtcdHaServices {
                 message = stream.message() => match message {
                     Ok(Some(resp)) => {
                         if resp.canceled() {
-                            return Ok(());
+                            // Compacted or refused: read the key again, after a pause.
+                            return Err(KeelError::ha(format!(
+                                "watch cancelled by etcd: {}",
+                                resp.cancel_reason()
+                            )));
                         }
                         if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
                             return Ok(());

@@ -87,7 +87,9 @@ impl LeaderProcess {
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if let Some(rest) = line.strip_prefix(CHILD_MARK) {
+                // The test harness may print "test child_process_leader ... " on the same line.
+                if let Some(at) = line.find(CHILD_MARK) {
+                    let rest = &line[at + CHILD_MARK.len()..];
                     if tx.send(rest.trim().to_string()).is_err() {
                         return;
                     }

@@ -122,7 +122,9 @@ impl Driver {
                     self.set_state(JobState::Failed, err.to_string()).await?;
                     return Ok(());
                 }
-                Err(err) if matches!(err, KeelError::LeadershipLost { .. } | KeelError::StaleEpoch { .. }) => {
+                Err(err)
+                    if matches!(err, KeelError::LeadershipLost { .. } | KeelError::StaleEpoch { .. }) =>
+                {
                     return Err(KeelError::LeadershipLost { reason: err.to_string() });
                 }
                 Err(err) => {
@@ -207,7 +209,12 @@ impl Driver {
         }
     }
 
-    async fn deploy(&self, tasks: &[TaskRecord], spec_yaml: &str, parallelism: u32) -> std::result::Result<(), String> {
+    async fn deploy(
+        &self,
+        tasks: &[TaskRecord],
+        spec_yaml: &str,
+        parallelism: u32,
+    ) -> std::result::Result<(), String> {
         let calls = tasks.iter().map(|t| {
             let req = pb::DeployTaskRequest {
                 jobmanager: Some(self.st.stamp()),
@@ -255,10 +262,15 @@ impl Driver {
             match event {
                 JobEvent::Cancel => return Ok(AttemptEnd::Cancel),
                 JobEvent::TaskManagerLost { taskmanager_id, reason } => {
-                    let affected =
-                        self.job.tasks().iter().any(|t| t.taskmanager_id == taskmanager_id && !t.state.is_terminal());
+                    let affected = self
+                        .job
+                        .tasks()
+                        .iter()
+                        .any(|t| t.taskmanager_id == taskmanager_id && !t.state.is_terminal());
                     if affected {
-                        return Ok(AttemptEnd::Failed(format!("taskmanager {taskmanager_id} lost: {reason}")));
+                        return Ok(AttemptEnd::Failed(format!(
+                            "taskmanager {taskmanager_id} lost: {reason}"
+                        )));
                     }
                 }
                 JobEvent::TaskState { task_id, state, failure } => {
@@ -275,7 +287,9 @@ impl Driver {
                             t.failure = failure.clone();
                         }
                         (
-                            tasks.iter().all(|t| t.state == TaskState::Running || t.state == TaskState::Finished),
+                            tasks
+                                .iter()
+                                .all(|t| t.state == TaskState::Running || t.state == TaskState::Finished),
                             tasks.iter().all(|t| t.state == TaskState::Finished),
                             matches!(state, TaskState::Failed | TaskState::Canceled),
                         )

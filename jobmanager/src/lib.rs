@@ -50,7 +50,9 @@ impl JobManagerCtx {
         self.rm
             .call(|ch| {
                 let req = req.clone();
-                async move { ResourceManagerClient::new(ch).request_slots(req).await.map(|r| r.into_inner().slots) }
+                async move {
+                    ResourceManagerClient::new(ch).request_slots(req).await.map(|r| r.into_inner().slots)
+                }
             })
             .await
     }
@@ -59,7 +61,9 @@ impl JobManagerCtx {
         self.rm
             .call(|ch| {
                 let req = req.clone();
-                async move { ResourceManagerClient::new(ch).release_slots(req).await.map(|r| r.into_inner().released) }
+                async move {
+                    ResourceManagerClient::new(ch).release_slots(req).await.map(|r| r.into_inner().released)
+                }
             })
             .await
     }
@@ -142,7 +146,8 @@ impl LeaderState {
         if let Some(j) = jobs.get(job) {
             return Ok(j.clone());
         }
-        let mut by_name: Vec<&Arc<JobHandle>> = jobs.values().filter(|j| j.record_mut().name == job).collect();
+        let mut by_name: Vec<&Arc<JobHandle>> =
+            jobs.values().filter(|j| j.record_mut().name == job).collect();
         by_name.sort_by_key(|j| {
             let r = j.record_mut();
             (!r.state.is_terminal(), r.created_at_ms)
@@ -156,7 +161,10 @@ impl LeaderState {
             [one] => Ok((*one).clone()),
             [] => Err(KeelError::JobNotFound { job: job.to_string() }),
             _ => Err(KeelError::InvalidArgument {
-                reason: format!("job id prefix {job:?} matches {} jobs; give more of the id", by_prefix.len()),
+                reason: format!(
+                    "job id prefix {job:?} matches {} jobs; give more of the id",
+                    by_prefix.len()
+                ),
             }),
         }
     }
@@ -217,11 +225,8 @@ impl JobManager {
     async fn submit(&self, spec_yaml: String) -> Result<pb::SubmitJobResponse> {
         let st = self.leader_state()?;
         let spec = JobSpec::parse(&spec_yaml)?;
-        if let Some(existing) = st
-            .jobs()
-            .into_iter()
-            .map(|j| j.record())
-            .find(|r| r.name == spec.name && !r.state.is_terminal())
+        if let Some(existing) =
+            st.jobs().into_iter().map(|j| j.record()).find(|r| r.name == spec.name && !r.state.is_terminal())
         {
             return Err(KeelError::AlreadyExists {
                 what: format!(
@@ -321,7 +326,12 @@ impl JobManager {
             }
         };
         let live = records.iter().filter(|r| !r.state.is_terminal()).count();
-        tracing::info!(jobs = records.len(), live, epoch = st.leadership.epoch, "recovered jobs from the HA store");
+        tracing::info!(
+            jobs = records.len(),
+            live,
+            epoch = st.leadership.epoch,
+            "recovered jobs from the HA store"
+        );
         for record in records {
             self.spawn_driver(&st, record);
         }
@@ -360,10 +370,16 @@ impl JobManager {
             expired
         };
         for id in expired {
-            let busy = st.jobs().iter().any(|j| j.tasks().iter().any(|t| t.taskmanager_id == id && !t.state.is_terminal()));
+            let busy = st
+                .jobs()
+                .iter()
+                .any(|j| j.tasks().iter().any(|t| t.taskmanager_id == id && !t.state.is_terminal()));
             if busy {
                 tracing::warn!(taskmanager_id = %id, "taskmanager stopped heartbeating to the jobmanager");
-                st.dispatch_taskmanager_lost(&id, &format!("no heartbeat for {timeout:?} (heartbeat.timeout)"));
+                st.dispatch_taskmanager_lost(
+                    &id,
+                    &format!("no heartbeat for {timeout:?} (heartbeat.timeout)"),
+                );
             }
         }
     }
@@ -451,11 +467,17 @@ struct JmService(Arc<JobManager>);
 
 #[tonic::async_trait]
 impl JmApi for JmService {
-    async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> std::result::Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> std::result::Result<Response<pb::SubmitJobResponse>, Status> {
         Ok(Response::new(self.0.submit(request.into_inner().spec_yaml).await?))
     }
 
-    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> std::result::Result<Response<pb::CancelJobResponse>, Status> {
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> std::result::Result<Response<pb::CancelJobResponse>, Status> {
         let st = self.0.leader_state()?;
         let job = st.resolve(&request.into_inner().job)?;
         let state = job.record().state;
@@ -468,20 +490,29 @@ impl JmApi for JmService {
         Ok(Response::new(pb::CancelJobResponse { job_id: job.job_id.clone(), state: state.to_string() }))
     }
 
-    async fn list_jobs(&self, _request: Request<pb::ListJobsRequest>) -> std::result::Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> std::result::Result<Response<pb::ListJobsResponse>, Status> {
         let st = self.0.leader_state()?;
         let mut jobs: Vec<pb::JobSummary> = st.jobs().iter().map(|j| j.summary()).collect();
         jobs.sort_by_key(|j| j.created_at_ms);
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
-    async fn describe_job(&self, request: Request<pb::DescribeJobRequest>) -> std::result::Result<Response<pb::JobDetails>, Status> {
+    async fn describe_job(
+        &self,
+        request: Request<pb::DescribeJobRequest>,
+    ) -> std::result::Result<Response<pb::JobDetails>, Status> {
         let st = self.0.leader_state()?;
         let job = st.resolve(&request.into_inner().job)?;
         Ok(Response::new(self.0.details(&job)))
     }
 
-    async fn update_task_state(&self, request: Request<pb::TaskStateUpdate>) -> std::result::Result<Response<pb::UpdateTaskStateResponse>, Status> {
+    async fn update_task_state(
+        &self,
+        request: Request<pb::TaskStateUpdate>,
+    ) -> std::result::Result<Response<pb::UpdateTaskStateResponse>, Status> {
         let st = self.0.leader_state()?;
         let u = request.into_inner();
         let known = self.0.apply_task_report(&st, &u);
@@ -491,7 +522,10 @@ impl JmApi for JmService {
         Ok(Response::new(pb::UpdateTaskStateResponse { known }))
     }
 
-    async fn task_manager_heartbeat(&self, request: Request<pb::JobManagerHeartbeatRequest>) -> std::result::Result<Response<pb::JobManagerHeartbeatResponse>, Status> {
+    async fn task_manager_heartbeat(
+        &self,
+        request: Request<pb::JobManagerHeartbeatRequest>,
+    ) -> std::result::Result<Response<pb::JobManagerHeartbeatResponse>, Status> {
         let st = self.0.leader_state()?;
         let req = request.into_inner();
         st.saw_taskmanager(&req.taskmanager_id, &req.address);
@@ -507,7 +541,10 @@ impl JmApi for JmService {
         Ok(Response::new(pb::JobManagerHeartbeatResponse { cancel_task_ids }))
     }
 
-    async fn acknowledge_checkpoint(&self, request: Request<pb::AcknowledgeCheckpointRequest>) -> std::result::Result<Response<pb::AcknowledgeCheckpointResponse>, Status> {
+    async fn acknowledge_checkpoint(
+        &self,
+        request: Request<pb::AcknowledgeCheckpointRequest>,
+    ) -> std::result::Result<Response<pb::AcknowledgeCheckpointResponse>, Status> {
         let _st = self.0.leader_state()?;
         let req = request.into_inner();
         Err(KeelError::precondition(format!(
@@ -517,7 +554,10 @@ impl JmApi for JmService {
         .into())
     }
 
-    async fn leader_info(&self, _request: Request<pb::LeaderInfoRequest>) -> std::result::Result<Response<pb::LeaderInfoResponse>, Status> {
+    async fn leader_info(
+        &self,
+        _request: Request<pb::LeaderInfoRequest>,
+    ) -> std::result::Result<Response<pb::LeaderInfoResponse>, Status> {
         let jm = &self.0;
         let own = jm.state.read().unwrap_or_else(|p| p.into_inner()).clone();
         let resp = match own {

@@ -98,9 +98,7 @@ impl KeelError {
         match self {
             KeelError::NotLeader { .. } => Code::Unavailable,
             KeelError::StaleEpoch { .. } => Code::FailedPrecondition,
-            KeelError::InvalidSpec { .. } | KeelError::InvalidArgument { .. } => {
-                Code::InvalidArgument
-            }
+            KeelError::InvalidSpec { .. } | KeelError::InvalidArgument { .. } => Code::InvalidArgument,
             KeelError::NotEnoughSlots { .. } => Code::ResourceExhausted,
             KeelError::JobNotFound { .. } => Code::NotFound,
             KeelError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -116,10 +114,7 @@ impl KeelError {
 
     /// True when the same call may succeed later or against another address.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            KeelError::NotLeader { .. } | KeelError::Unavailable { .. } | KeelError::Ha { .. }
-        )
+        matches!(self, KeelError::NotLeader { .. } | KeelError::Unavailable { .. } | KeelError::Ha { .. })
     }
 
     /// Rebuilds the error a Keel server raised. A status that did not come from a Keel server
@@ -166,13 +161,7 @@ mod tests {
             KeelError::not_leader("resourcemanager", None),
             KeelError::StaleEpoch { role: "jobmanager".into(), received: 3, seen: 7 },
             KeelError::invalid_spec("sources[0].connector", "unknown connector 'kafak'"),
-            KeelError::NotEnoughSlots {
-                job: "demo".into(),
-                needed: 4,
-                free: 2,
-                total: 2,
-                waited_ms: 1000,
-            },
+            KeelError::NotEnoughSlots { job: "demo".into(), needed: 4, free: 2, total: 2, waited_ms: 1000 },
             KeelError::JobNotFound { job: "x".into() },
             KeelError::unavailable("127.0.0.1:1", "connection refused"),
         ];
@@ -189,10 +178,7 @@ mod tests {
         let err = KeelError::from_status(&status, "10.0.0.1:9");
         assert_eq!(
             err,
-            KeelError::Unavailable {
-                address: "10.0.0.1:9".into(),
-                reason: "connection refused".into()
-            }
+            KeelError::Unavailable { address: "10.0.0.1:9".into(), reason: "connection refused".into() }
         );
         assert!(err.is_retryable());
     }

@@ -47,13 +47,13 @@ impl std::fmt::Display for JobState {
 
 /// Names and predicates for the generated [`TaskState`].
 pub trait TaskStateExt {
-    fn name(self) -> &'static str;
-    fn is_terminal(self) -> bool;
+    fn name(&self) -> &'static str;
+    fn is_terminal(&self) -> bool;
 }
 
 impl TaskStateExt for TaskState {
-    fn name(self) -> &'static str {
-        match self {
+    fn name(&self) -> &'static str {
+        match *self {
             TaskState::Unspecified => "unspecified",
             TaskState::Created => "created",
             TaskState::Scheduled => "scheduled",
@@ -66,7 +66,7 @@ impl TaskStateExt for TaskState {
         }
     }
 
-    fn is_terminal(self) -> bool {
+    fn is_terminal(&self) -> bool {
         matches!(self, TaskState::Finished | TaskState::Failed | TaskState::Canceled)
     }
 }

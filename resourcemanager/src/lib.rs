@@ -368,9 +368,7 @@ impl RmApi for RmService {
             })),
         });
         st.changed.notify_waiters();
-        Ok(Response::new(pb::RegisterTaskManagerResponse {
-            resourcemanager_epoch: st.leadership.epoch,
-        }))
+        Ok(Response::new(pb::RegisterTaskManagerResponse { resourcemanager_epoch: st.leadership.epoch }))
     }
 
     async fn heartbeat(
@@ -382,7 +380,8 @@ impl RmApi for RmService {
         let (known, free_before, free_after) = {
             let mut table = st.table();
             let before = table.free_slots();
-            let known = table.heartbeat(&req.taskmanager_id, &req.slots, req.memory_rss_bytes, Instant::now());
+            let known =
+                table.heartbeat(&req.taskmanager_id, &req.slots, req.memory_rss_bytes, Instant::now());
             (known, before, table.free_slots())
         };
         if free_after > free_before {

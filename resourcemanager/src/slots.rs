@@ -99,7 +99,13 @@ impl SlotTable {
 
     /// Applies a heartbeat's slot report. Returns false when the TaskManager is not registered
     /// (it must register).
-    pub fn heartbeat(&mut self, id: &str, report: &[SlotStatus], memory_rss_bytes: u64, now: Instant) -> bool {
+    pub fn heartbeat(
+        &mut self,
+        id: &str,
+        report: &[SlotStatus],
+        memory_rss_bytes: u64,
+        now: Instant,
+    ) -> bool {
         let Some(tm) = self.taskmanagers.get_mut(id) else {
             return false;
         };

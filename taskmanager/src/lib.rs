@@ -181,8 +181,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Logs repeated failures of a loop without flooding: the first failure, then every tenth, and
-/// a note when it works again.
+/// Logs repeated failures of a loop without flooding: failures number 1, 2, 4, ..., 32, then
+/// every 64th, and a note when it works again.
 #[derive(Debug, Default)]
 pub(crate) struct FailureLog {
     consecutive: u32,
@@ -191,7 +191,7 @@ pub(crate) struct FailureLog {
 impl FailureLog {
     pub(crate) fn failure(&mut self, log: impl FnOnce()) {
         self.consecutive += 1;
-        if self.consecutive == 1 || self.consecutive % 10 == 0 {
+        if self.consecutive.is_power_of_two() || self.consecutive & 63 == 0 {
             log();
         }
     }

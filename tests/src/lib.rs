@@ -29,7 +29,11 @@ pub fn free_port() -> u16 {
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout` saying what was
 /// awaited and what the last attempt saw.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("condition not met");
     loop {
@@ -65,7 +69,11 @@ pub fn keel_bin() -> PathBuf {
 /// The etcd binary; the project's install script puts it there.
 pub fn etcd_bin() -> PathBuf {
     let p = PathBuf::from(std::env::var_os("ETCD_BIN").unwrap_or_else(|| "/usr/bin/etcd".into()));
-    assert!(p.exists(), "etcd not found at {}; run scripts/install-deps.sh (installs Debian's etcd-server)", p.display());
+    assert!(
+        p.exists(),
+        "etcd not found at {}; run scripts/install-deps.sh (installs Debian's etcd-server)",
+        p.display()
+    );
     p
 }
 
@@ -127,7 +135,8 @@ impl EtcdCluster {
         let names: Vec<String> = (0..size).map(|i| format!("etcd{i}")).collect();
         let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let peer_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
-        let mut cluster = EtcdCluster { members: Vec::new(), names, client_ports, peer_ports, dir: dir.to_path_buf() };
+        let mut cluster =
+            EtcdCluster { members: Vec::new(), names, client_ports, peer_ports, dir: dir.to_path_buf() };
         for i in 0..size {
             let p = cluster.spawn(i, "new")?;
             cluster.members.push(Some(p));
@@ -150,15 +159,24 @@ impl EtcdCluster {
         let log = self.dir.join(format!("{}.log", self.names[i]));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(etcd_bin())
-            .arg("--name").arg(&self.names[i])
-            .arg("--data-dir").arg(&data)
-            .arg("--listen-client-urls").arg(format!("http://127.0.0.1:{}", self.client_ports[i]))
-            .arg("--advertise-client-urls").arg(format!("http://127.0.0.1:{}", self.client_ports[i]))
-            .arg("--listen-peer-urls").arg(format!("http://127.0.0.1:{}", self.peer_ports[i]))
-            .arg("--initial-advertise-peer-urls").arg(format!("http://127.0.0.1:{}", self.peer_ports[i]))
-            .arg("--initial-cluster").arg(self.initial_cluster())
-            .arg("--initial-cluster-state").arg(state)
-            .arg("--initial-cluster-token").arg(format!("keel-test-{}", self.peer_ports[0]))
+            .arg("--name")
+            .arg(&self.names[i])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_ports[i]))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_ports[i]))
+            .arg("--initial-cluster")
+            .arg(self.initial_cluster())
+            .arg("--initial-cluster-state")
+            .arg(state)
+            .arg("--initial-cluster-token")
+            .arg(format!("keel-test-{}", self.peer_ports[0]))
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .spawn()
@@ -318,7 +336,9 @@ impl Sandbox {
         let marker = format!("keel {role} listening on ");
         let address = wait_until(&format!("{name} to listen"), Duration::from_secs(60), || {
             if let Some(line) = proc.log_text().lines().find(|l| l.starts_with(&marker)) {
-                return Ok(Some(line[marker.len()..].split_whitespace().next().unwrap_or_default().to_string()));
+                return Ok(Some(
+                    line[marker.len()..].split_whitespace().next().unwrap_or_default().to_string(),
+                ));
             }
             if !proc.is_running() {
                 bail!("{name} exited; log:\n{}", proc.log_text());
@@ -362,7 +382,8 @@ impl Sandbox {
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let last = stdout.lines().rev().find(|l| l.trim_start().starts_with(['{', '['])).unwrap_or("");
-        serde_json::from_str(last).with_context(|| format!("keel {} printed no JSON: {stdout}", args.join(" ")))
+        serde_json::from_str(last)
+            .with_context(|| format!("keel {} printed no JSON: {stdout}", args.join(" ")))
     }
 
     /// Writes a job spec into the sandbox and returns its path.
@@ -383,7 +404,12 @@ impl Sandbox {
     }
 
     /// Waits until the job's state is `state`; returns its status.
-    pub fn wait_job_state(&self, job: &str, state: &str, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    pub fn wait_job_state(
+        &self,
+        job: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
         wait_until(&format!("job {job} to be {state}"), timeout, || {
             let s = self.status(job)?;
             if s["job"]["state"] == state {
@@ -413,7 +439,13 @@ impl Drop for Sandbox {
 }
 
 /// A job spec: datagen (unbounded unless `rows` is given) into a file sink in the sandbox.
-pub fn datagen_to_file_spec(name: &str, parallelism: u32, rate: u32, rows: Option<u64>, out: &Path) -> String {
+pub fn datagen_to_file_spec(
+    name: &str,
+    parallelism: u32,
+    rate: u32,
+    rows: Option<u64>,
+    out: &Path,
+) -> String {
     let rows = rows.map(|r| format!("    number-of-rows: {r}\n")).unwrap_or_default();
     format!(
         "name: {name}\nparallelism: {parallelism}\nmaxParallelism: 128\nsources:\n  - name: numbers\n    connector: datagen\n    rows-per-second: {rate}\n{rows}sinks:\n  - name: out\n    connector: file\n    from: numbers\n    path: {}\n",

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use keel_proto::pb::job_manager_client::JobManagerClient;
 use keel_proto::pb;
+use keel_proto::pb::job_manager_client::JobManagerClient;
 use keel_proto::KeelError;
 use keel_tests::{free_port, keel_bin, Ha, Sandbox};
 
@@ -54,7 +54,8 @@ fn unknown_config_key_is_named() -> anyhow::Result<()> {
 
     let file = sb.dir.join("typo.yaml");
     std::fs::write(&file, "taskmanager.numberOfTaskSlot: 4\n")?;
-    let out = std::process::Command::new(keel_bin()).arg("--config").arg(&file).arg("taskmanager").output()?;
+    let out =
+        std::process::Command::new(keel_bin()).arg("--config").arg(&file).arg("taskmanager").output()?;
     assert!(!out.status.success(), "a role must not start with an unknown key");
     assert!(stderr_of(&out).contains("taskmanager.numberOfTaskSlot"), "{}", stderr_of(&out));
 
@@ -74,7 +75,11 @@ fn unknown_config_key_is_named() -> anyhow::Result<()> {
 #[test]
 fn unreachable_etcd_is_named() -> anyhow::Result<()> {
     let endpoint = format!("127.0.0.1:{}", free_port());
-    let sb = Sandbox::new("bad-etcd", Ha::Etcd(endpoint.clone()), &[("high-availability.etcd.connect-timeout", "2 s")])?;
+    let sb = Sandbox::new(
+        "bad-etcd",
+        Ha::Etcd(endpoint.clone()),
+        &[("high-availability.etcd.connect-timeout", "2 s")],
+    )?;
     for verb in [&["jobmanager"][..], &["list"][..]] {
         let started = Instant::now();
         let out = sb.keel(verb)?;

@@ -17,7 +17,10 @@ fn lines_in(dir: &std::path::Path) -> usize {
 }
 
 fn max_attempt(status: &serde_json::Value) -> u64 {
-    status["tasks"].as_array().map(|ts| ts.iter().filter_map(|t| t["attempt"].as_u64()).max().unwrap_or(0)).unwrap_or(0)
+    status["tasks"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(|t| t["attempt"].as_u64()).max().unwrap_or(0))
+        .unwrap_or(0)
 }
 
 /// Kills the JobManager leader with SIGKILL while a job runs and checks that a standby takes
@@ -41,7 +44,8 @@ fn jobmanager_failover(mut sb: Sandbox, backend: &str) -> anyhow::Result<Duratio
     let old_epoch = cluster["jobmanager"]["epoch"].as_u64().unwrap_or(0);
     let leader = cluster["jobmanager"]["leader"].as_str().unwrap_or_default().to_string();
     let leader_proc = sb.by_address(&leader).map(|p| p.proc.name.clone());
-    let leader_name = leader_proc.ok_or_else(|| anyhow::anyhow!("leader {leader} is not a sandbox process"))?;
+    let leader_name =
+        leader_proc.ok_or_else(|| anyhow::anyhow!("leader {leader} is not a sandbox process"))?;
     let survivor = if leader_name == "jm-a" { "jm-b" } else { "jm-a" };
 
     let killed_at = Instant::now();
@@ -117,7 +121,10 @@ fn resourcemanager_leader_killed_taskmanagers_reregister_job_untouched() -> anyh
         Ok((epoch > old_epoch && tms == 2 && used == 2).then_some(()))
     })?;
     let takeover = killed_at.elapsed();
-    println!("resourcemanager takeover (etcd, lease TTL 3 s): {} ms (kill -9 to slot table rebuilt)", takeover.as_millis());
+    println!(
+        "resourcemanager takeover (etcd, lease TTL 3 s): {} ms (kill -9 to slot table rebuilt)",
+        takeover.as_millis()
+    );
 
     let lines = lines_in(&out);
     wait_until("output to keep growing", LONG, || Ok((lines_in(&out) > lines + 100).then_some(())))?;

@@ -30,12 +30,18 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
     let old_epoch = cluster["jobmanager"]["epoch"].as_u64().unwrap_or(0);
     let leader = cluster["jobmanager"]["leader"].as_str().unwrap_or_default().to_string();
     let leader_name = sb.by_address(&leader).map(|p| p.proc.name.clone()).unwrap_or_default();
-    let standby_addr = sb.procs.iter().find(|p| p.role == "jobmanager" && p.address != leader).map(|p| p.address.clone()).unwrap_or_default();
+    let standby_addr = sb
+        .procs
+        .iter()
+        .find(|p| p.role == "jobmanager" && p.address != leader)
+        .map(|p| p.address.clone())
+        .unwrap_or_default();
 
     let rt = tokio::runtime::Runtime::new()?;
     // A standby answers with NotLeader and the leader's address.
     let err = rt.block_on(async {
-        let mut c = keel_proto::pb::job_manager_client::JobManagerClient::new(keel_client::channel(&standby_addr)?);
+        let mut c =
+            keel_proto::pb::job_manager_client::JobManagerClient::new(keel_client::channel(&standby_addr)?);
         match c.list_jobs(pb::ListJobsRequest {}).await {
             Ok(_) => anyhow::bail!("a standby served ListJobs"),
             Err(s) => Ok(KeelError::from_status(&s, &standby_addr)),
@@ -62,7 +68,9 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
     let rm_addr = sb.cluster()?["resourcemanager"]["leader"].as_str().unwrap_or_default().to_string();
     rt.block_on(async {
         let mut tm = TaskManagerClient::new(keel_client::channel(&tm_addr)?);
-        let cancel = tm.cancel_task(pb::CancelTaskRequest { jobmanager: stale.clone(), task_id: task_id.clone() }).await;
+        let cancel = tm
+            .cancel_task(pb::CancelTaskRequest { jobmanager: stale.clone(), task_id: task_id.clone() })
+            .await;
         let err = KeelError::from_status(&cancel.expect_err("stale cancel must be refused"), &tm_addr);
         assert_eq!(err, expected, "taskmanager refuses a cancel from the deposed leader");
 
@@ -79,7 +87,11 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
 
         let mut rm = ResourceManagerClient::new(keel_client::channel(&rm_addr)?);
         let release = rm
-            .release_slots(pb::ReleaseSlotsRequest { jobmanager: stale.clone(), job_id: job_id.clone(), ..Default::default() })
+            .release_slots(pb::ReleaseSlotsRequest {
+                jobmanager: stale.clone(),
+                job_id: job_id.clone(),
+                ..Default::default()
+            })
             .await;
         let err = KeelError::from_status(&release.expect_err("stale release must be refused"), &rm_addr);
         assert_eq!(err, expected, "resourcemanager refuses a release from the deposed leader");

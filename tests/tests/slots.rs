@@ -82,7 +82,10 @@ fn cancel_frees_the_slots() -> anyhow::Result<()> {
     assert!(cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
     let status = sb.status("to-cancel")?;
     assert_eq!(status["job"]["state"], "canceled");
-    assert!(status["tasks"].as_array().is_some_and(|ts| ts.iter().all(|t| t["state"] == "canceled")), "{status}");
+    assert!(
+        status["tasks"].as_array().is_some_and(|ts| ts.iter().all(|t| t["state"] == "canceled")),
+        "{status}"
+    );
     wait_until("both slots to be free", LONG, || {
         let c = sb.cluster()?;
         Ok((c["slots"]["free"] == 2 && c["slots"]["used"] == 0).then_some(()))

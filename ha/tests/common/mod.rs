@@ -38,7 +38,7 @@ pub fn etcd_binary() -> PathBuf {
     }
     panic!(
         "etcd is not installed: the keel-ha tests need a real etcd server (3.4 or later). \
-         Run the project's test-dependency install script (it installs Debian's etcd-server: \
+         Run `scripts/install-deps.sh` (it installs Debian's etcd-server: \
          `apt-get install -y etcd-server`), or point KEEL_ETCD_BIN at an etcd binary."
     );
 }

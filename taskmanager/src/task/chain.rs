@@ -188,10 +188,11 @@ impl ChainPlan {
         for s in &self.sources {
             match &s.config {
                 SourceConfig::Datagen(opts) => {
-                    let restore = match self.restore.as_ref().and_then(|r| r.sources.get(&s.name)) {
-                        Some(SourceSnapshot::Datagen { next_sequence }) => Some(*next_sequence),
-                        None => None,
-                    };
+                    let restore = self
+                        .restore
+                        .as_ref()
+                        .and_then(|r| r.sources.get(&s.name))
+                        .map(|SourceSnapshot::Datagen { next_sequence }| *next_sequence);
                     out.push((s.name.clone(), Datagen::new(opts, self.subtask, self.parallelism, restore)?));
                 }
                 SourceConfig::Kafka(_) => return Err(unsupported("sources", &s.name, "kafka")),
