@@ -21,11 +21,17 @@ pub fn init_tracing() {
         .try_init();
 }
 
+const INSTALL_HINT: &str = "the keel-ha tests need a real etcd server (3.4 or later). Run \
+     `scripts/install-deps.sh` (it installs Debian's etcd-server: `apt-get install -y etcd-server`), \
+     or point KEEL_ETCD_BIN at an etcd binary.";
+
 /// The etcd binary: `$KEEL_ETCD_BIN`, else `etcd` on the PATH, else `/usr/bin/etcd`. Panics with
 /// what to do when there is none: these tests never skip silently.
 pub fn etcd_binary() -> PathBuf {
     if let Ok(bin) = std::env::var("KEEL_ETCD_BIN") {
-        return PathBuf::from(bin);
+        let bin = PathBuf::from(bin);
+        assert!(bin.is_file(), "KEEL_ETCD_BIN={} is not a file; {}", bin.display(), INSTALL_HINT);
+        return bin;
     }
     let on_path = std::env::var_os("PATH")
         .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("etcd")).find(|p| p.is_file()));
@@ -36,11 +42,7 @@ pub fn etcd_binary() -> PathBuf {
     if debian.is_file() {
         return debian;
     }
-    panic!(
-        "etcd is not installed: the keel-ha tests need a real etcd server (3.4 or later). \
-         Run `scripts/install-deps.sh` (it installs Debian's etcd-server: \
-         `apt-get install -y etcd-server`), or point KEEL_ETCD_BIN at an etcd binary."
-    );
+    panic!("etcd is not installed: {INSTALL_HINT}");
 }
 
 /// `n` distinct free loopback ports (all bound at once, then released).
