@@ -54,7 +54,8 @@ pub struct DevArgs {
     /// Submit the demo job once the cluster is up.
     #[arg(long)]
     pub demo: bool,
-    /// Keep the HA metadata of an earlier run (jobs are recovered) instead of starting clean.
+    /// Keep the HA metadata of an earlier run (jobs are recovered) instead of starting clean
+    /// (local: the HA directory is kept; etcd: the cluster id `dev` is reused).
     #[arg(long)]
     pub keep_state: bool,
     /// Stop the cluster after this many seconds instead of waiting for Ctrl-C (for scripts).
@@ -188,6 +189,17 @@ pub async fn run_dev_cluster(
     );
     if args.ha == HaChoice::Etcd {
         config = config.replace("high-availability.type: local", "high-availability.type: etcd");
+        if !args.keep_state {
+            // A fresh cluster id per run: jobs of an earlier run stay in etcd but are not recovered.
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            config = config.replace(
+                "high-availability.cluster-id: dev",
+                &format!("high-availability.cluster-id: dev-{secs}"),
+            );
+        }
         config.push_str(&format!("high-availability.etcd.endpoints: \"{}\"\n", args.etcd_endpoints));
     }
     let config_path = dir.join("keel.yaml");

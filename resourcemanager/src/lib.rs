@@ -32,6 +32,8 @@ use crate::slots::{Chosen, SlotTable};
 
 /// How long a call from the ResourceManager to a TaskManager may take.
 const TM_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the answer to a served slot request is kept for retries of the same request.
+const SERVED_RETENTION: Duration = Duration::from_secs(600);
 
 /// Everything only the leader has. Dropped as a whole when leadership is lost.
 struct LeaderState {
@@ -40,7 +42,9 @@ struct LeaderState {
     changed: Notify,
     events: broadcast::Sender<TaskManagerEvent>,
     jobmanager_fence: EpochFence,
-    served: Mutex<HashMap<String, Vec<pb::AllocatedSlot>>>,
+    /// Answers to served requests by request id, so a retried request gets the same slots.
+    /// Entries are kept for [`SERVED_RETENTION`].
+    served: Mutex<HashMap<String, (Instant, Vec<pb::AllocatedSlot>)>>,
 }
 
 impl LeaderState {
@@ -150,7 +154,7 @@ impl ResourceManager {
         if req.count == 0 {
             return Err(KeelError::InvalidArgument { reason: "slot request for 0 slots".into() });
         }
-        if let Some(slots) = st.served.lock().unwrap_or_else(|p| p.into_inner()).get(&req.request_id) {
+        if let Some((_, slots)) = st.served.lock().unwrap_or_else(|p| p.into_inner()).get(&req.request_id) {
             return Ok(pb::RequestSlotsResponse { slots: slots.clone() });
         }
         let timeout = if req.timeout_ms > 0 {
@@ -194,10 +198,10 @@ impl ResourceManager {
                             .collect();
                         tracing::info!(job_id = %req.job_id, version = req.version, count = req.count,
                             waited_ms = started.elapsed().as_millis() as u64, "slots allocated");
-                        st.served
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(req.request_id.clone(), slots.clone());
+                        let mut served = st.served.lock().unwrap_or_else(|p| p.into_inner());
+                        let now = Instant::now();
+                        served.retain(|_, (at, _)| now.saturating_duration_since(*at) < SERVED_RETENTION);
+                        served.insert(req.request_id.clone(), (now, slots.clone()));
                         return Ok(pb::RequestSlotsResponse { slots });
                     }
                     Err(error) => {
