@@ -37,14 +37,9 @@ pub fn channel(address: &str) -> Result<Channel> {
 pub fn status_error(status: &tonic::Status, address: &str) -> KeelError {
     let mut err = KeelError::from_status(status, address);
     if let KeelError::Unavailable { reason, .. } = &mut err {
-        let mut source = std::error::Error::source(status);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !reason.contains(&text) {
-                reason.push_str(": ");
-                reason.push_str(&text);
-            }
-            source = s.source();
+        let chain = keel_proto::error_chain(status);
+        if let Some(causes) = chain.strip_prefix(&status.to_string()) {
+            reason.push_str(causes);
         }
     }
     err

@@ -60,21 +60,7 @@ pub(crate) fn validate_cluster_id(cluster_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Formats an error with its whole cause chain (`a: b: c`), skipping causes whose text the
-/// outer message already contains.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
+pub(crate) use keel_proto::error_chain;
 
 #[cfg(test)]
 mod tests {

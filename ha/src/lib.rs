@@ -187,6 +187,51 @@ pub trait HaServices: Send + Sync + 'static {
     async fn increment(&self, leadership: &Leadership, key: &str) -> Result<u64>;
 }
 
+/// Campaigns for `role` and runs `lead` for every leadership won, until `shutdown`.
+///
+/// `lead` gets the leadership and must return once it is lost (its `lost()` token fires) or on
+/// shutdown; whatever it built for the leadership is dropped whole then, never demoted in
+/// place. On shutdown the leadership is given up and resigned, so a standby takes over at once
+/// instead of after the lease TTL. A failed campaign is logged and retried.
+pub async fn run_for_leadership<F, Fut>(
+    ha: Arc<dyn HaServices>,
+    role: Role,
+    address: String,
+    shutdown: CancellationToken,
+    mut lead: F,
+) where
+    F: FnMut(Leadership) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        let leadership = match ha.campaign(role, &address, &shutdown).await {
+            Ok(l) => l,
+            Err(KeelError::Cancelled { .. }) => return,
+            Err(error) => {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(%role, %error, "campaign for leadership failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let epoch = leadership.epoch;
+        tracing::info!(%role, epoch, %address, "became leader");
+        lead(leadership.clone()).await;
+        if shutdown.is_cancelled() {
+            leadership.give_up();
+            if let Err(error) = ha.resign(&leadership).await {
+                tracing::warn!(%role, %error, "resign failed");
+            }
+            return;
+        }
+        tracing::warn!(%role, epoch, "lost leadership; back to standby");
+    }
+}
+
 /// Builds the HA services the configuration asks for. Fails with an error naming the etcd
 /// endpoints when none can be reached within the connect timeout.
 pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaServices>> {

@@ -58,6 +58,11 @@ pub enum KeelError {
     #[error("leadership lost: {reason}")]
     LeadershipLost { reason: String },
 
+    /// A checkpoint acknowledgement was refused: the checkpoint is not pending (unknown,
+    /// expired, failed, abandoned) or the task is not part of the job's current attempt.
+    #[error("checkpoint {checkpoint_id} of job {job_id} rejected: {reason}")]
+    CheckpointRejected { job_id: String, checkpoint_id: u64, reason: String },
+
     #[error("operation cancelled: {reason}")]
     Cancelled { reason: String },
 
@@ -66,6 +71,22 @@ pub enum KeelError {
 }
 
 const DETAIL_PREFIX: &[u8] = b"keel-error:";
+
+/// Formats an error with its whole cause chain (`a: b: c`), skipping causes whose text the
+/// outer message already contains. Never format an error without its causes.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
 
 impl KeelError {
     pub fn not_leader(role: impl Into<String>, leader: Option<String>) -> Self {
@@ -102,9 +123,9 @@ impl KeelError {
             KeelError::NotEnoughSlots { .. } => Code::ResourceExhausted,
             KeelError::JobNotFound { .. } => Code::NotFound,
             KeelError::AlreadyExists { .. } => Code::AlreadyExists,
-            KeelError::FailedPrecondition { .. } | KeelError::LeadershipLost { .. } => {
-                Code::FailedPrecondition
-            }
+            KeelError::FailedPrecondition { .. }
+            | KeelError::LeadershipLost { .. }
+            | KeelError::CheckpointRejected { .. } => Code::FailedPrecondition,
             KeelError::Unavailable { .. } => Code::Unavailable,
             KeelError::Ha { .. } => Code::Unavailable,
             KeelError::Cancelled { .. } => Code::Cancelled,
@@ -164,6 +185,11 @@ mod tests {
             KeelError::NotEnoughSlots { job: "demo".into(), needed: 4, free: 2, total: 2, waited_ms: 1000 },
             KeelError::JobNotFound { job: "x".into() },
             KeelError::unavailable("127.0.0.1:1", "connection refused"),
+            KeelError::CheckpointRejected {
+                job_id: "j".into(),
+                checkpoint_id: 7,
+                reason: "checkpoint 7 expired".into(),
+            },
         ];
         for err in errors {
             let status: tonic::Status = err.clone().into();

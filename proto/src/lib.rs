@@ -15,5 +15,5 @@ pub mod pb {
     tonic::include_proto!("keel.v1");
 }
 
-pub use error::{KeelError, Result};
+pub use error::{error_chain, KeelError, Result};
 pub use state::{JobState, TaskStateExt};

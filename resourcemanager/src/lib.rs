@@ -280,44 +280,21 @@ impl ResourceManager {
         }
     }
 
-    async fn election_loop(self: Arc<Self>, ha: Arc<dyn HaServices>, shutdown: CancellationToken) {
-        loop {
-            let leadership = match ha.campaign(Role::ResourceManager, &self.address, &shutdown).await {
-                Ok(l) => l,
-                Err(KeelError::Cancelled { .. }) => return,
-                Err(error) => {
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    tracing::warn!(%error, "campaign for resourcemanager leadership failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            let epoch = leadership.epoch;
-            tracing::info!(epoch, address = %self.address, "became resourcemanager leader");
-            let (events, _) = broadcast::channel(1024);
-            let st = Arc::new(LeaderState {
-                leadership: leadership.clone(),
-                table: Mutex::new(SlotTable::new()),
-                changed: Notify::new(),
-                events,
-                jobmanager_fence: EpochFence::new(Role::JobManager),
-                served: Mutex::new(HashMap::new()),
-            });
-            *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
-            self.lead(st, &shutdown).await;
-            *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
-            if shutdown.is_cancelled() {
-                if let Err(error) = ha.resign(&leadership).await {
-                    tracing::warn!(%error, "resign failed");
-                }
-                return;
-            }
-            tracing::warn!(epoch, "lost resourcemanager leadership; back to standby");
-        }
+    /// One leadership: a fresh leader state (empty slot table, rebuilt from the TaskManagers'
+    /// re-registrations) that lives until leadership is lost or shutdown.
+    async fn lead_once(self: Arc<Self>, leadership: Leadership, shutdown: CancellationToken) {
+        let (events, _) = broadcast::channel(1024);
+        let st = Arc::new(LeaderState {
+            leadership,
+            table: Mutex::new(SlotTable::new()),
+            changed: Notify::new(),
+            events,
+            jobmanager_fence: EpochFence::new(Role::JobManager),
+            served: Mutex::new(HashMap::new()),
+        });
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
+        self.lead(st, &shutdown).await;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -487,7 +464,11 @@ pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: Cancellation
             .add_service(ResourceManagerServer::new(RmService(rm.clone())))
             .serve_with_incoming_shutdown(incoming, async move { server_shutdown.cancelled().await }),
     );
-    rm.clone().election_loop(ha, shutdown.clone()).await;
+    let address = rm.address.clone();
+    keel_ha::run_for_leadership(ha, Role::ResourceManager, address, shutdown.clone(), |leadership| {
+        rm.clone().lead_once(leadership, shutdown.clone())
+    })
+    .await;
     shutdown.cancel();
     match server.await {
         Ok(Ok(())) => Ok(()),

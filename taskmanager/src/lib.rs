@@ -159,26 +159,14 @@ async fn lifecycle(
     };
     let result = match served {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(KeelError::internal(format!("taskmanager rpc server failed: {}", error_chain(&e)))),
+        Ok(Err(e)) => Err(KeelError::internal(format!(
+            "taskmanager rpc server failed: {}",
+            keel_proto::error_chain(&e)
+        ))),
         Err(e) => Err(KeelError::internal(format!("taskmanager rpc server panicked: {e}"))),
     };
     tracing::info!(taskmanager_id = %shared.id, "taskmanager stopped");
     result
-}
-
-/// An error with its causes, `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// Logs repeated failures of a loop without flooding: failures number 1, 2, 4, ..., 32, then
