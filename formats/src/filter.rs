@@ -1,0 +1,582 @@
+//! [`Filter`]: keep the rows that satisfy every condition.
+//!
+//! One syntax, a string:
+//!
+//! ```yaml
+//! filter: "age >= 18 and country = 'NL' and email is not null"
+//! ```
+//!
+//! - a filter is one or more conditions joined by `and` (no `or`, no parentheses);
+//! - a condition is `<column> <op> <literal>` with `<op>` one of `=`, `!=` (or `<>`), `<`, `<=`,
+//!   `>`, `>=`, or `<column> is null` / `<column> is not null`;
+//! - a column is a name of letters, digits and `_` not starting with a digit, or any name in
+//!   backquotes (`` `order-id` ``); keywords (`and`, `is`, `not`, `null`, `true`, `false`) are
+//!   case-insensitive;
+//! - a literal is an integer (`18`, `-3`), a decimal (`2.5`, `1e3`), a string in single quotes
+//!   (`'it''s'`), or `true` / `false`.
+//!
+//! Literals are checked against the column type when the filter is built: numbers for INT,
+//! BIGINT and DOUBLE; strings for STRING; `true`/`false` for BOOLEAN (with `=` and `!=` only);
+//! a timestamp string (`'2024-05-01 12:00:00'`, UTC) or epoch milliseconds for TIMESTAMP. BYTES
+//! and MAP columns take only `is null` / `is not null`. As in SQL, a comparison with a null value
+//! is not true, so `age != 18` drops rows whose age is null; so does a comparison involving NaN.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use keel_proto::{KeelError, Result};
+
+use crate::schema::{DataType, Schema};
+use crate::value::{Row, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Op {
+    fn holds(self, ord: Ordering) -> bool {
+        match self {
+            Op::Eq => ord == Ordering::Equal,
+            Op::Ne => ord != Ordering::Equal,
+            Op::Lt => ord == Ordering::Less,
+            Op::Le => ord != Ordering::Greater,
+            Op::Gt => ord == Ordering::Greater,
+            Op::Ge => ord != Ordering::Less,
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Eq => "=",
+            Op::Ne => "!=",
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+        })
+    }
+}
+
+/// A literal, already converted to the column's type.
+#[derive(Debug, Clone, PartialEq)]
+enum Literal {
+    Int(i64),
+    Double(f64),
+    Str(String),
+    Bool(bool),
+    Timestamp(i64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Test {
+    IsNull,
+    IsNotNull,
+    Compare(Op, Literal),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Condition {
+    column: usize,
+    test: Test,
+}
+
+/// A conjunction of single-column conditions, built against a schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    conditions: Vec<Condition>,
+}
+
+// ----- lexer (shared with projection) -----
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Token {
+    /// A bare name (may be a keyword).
+    Word(String),
+    /// A backquoted name (never a keyword).
+    Quoted(String),
+    Str(String),
+    Number(String),
+    Op(&'static str),
+    Comma,
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Token::Word(w) => write!(f, "'{w}'"),
+            Token::Quoted(w) => write!(f, "`{w}`"),
+            Token::Str(s) => write!(f, "'{}'", s.replace('\'', "''")),
+            Token::Number(n) => write!(f, "{n}"),
+            Token::Op(o) => write!(f, "'{o}'"),
+            Token::Comma => f.write_str("','"),
+        }
+    }
+}
+
+pub(crate) fn lex(text: &str) -> std::result::Result<Vec<Token>, String> {
+    let mut out = Vec::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c.is_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            out.push(Token::Word(chars[start..i].iter().collect()));
+        } else if c == '`' || c == '\'' {
+            let mut s = String::new();
+            i += 1;
+            loop {
+                match chars.get(i) {
+                    None => {
+                        return Err(if c == '`' {
+                            format!("unterminated `name` starting with {s:?}")
+                        } else {
+                            format!("unterminated string '{s}")
+                        })
+                    }
+                    Some(&q) if q == c => {
+                        if chars.get(i + 1) == Some(&c) {
+                            s.push(c);
+                            i += 2;
+                        } else {
+                            i += 1;
+                            break;
+                        }
+                    }
+                    Some(&other) => {
+                        s.push(other);
+                        i += 1;
+                    }
+                }
+            }
+            if c == '`' {
+                if s.is_empty() {
+                    return Err("empty `` name".into());
+                }
+                out.push(Token::Quoted(s));
+            } else {
+                out.push(Token::Str(s));
+            }
+        } else if c.is_ascii_digit()
+            || ((c == '-' || c == '+') && chars.get(i + 1).is_some_and(char::is_ascii_digit))
+        {
+            let start = i;
+            i += 1;
+            while i < chars.len() {
+                let d = chars[i];
+                let exp_sign = (d == '-' || d == '+') && matches!(chars[i - 1], 'e' | 'E');
+                if d.is_ascii_alphanumeric() || d == '.' || exp_sign {
+                    i += 1;
+                } else {
+                    break;
+                }
+            }
+            out.push(Token::Number(chars[start..i].iter().collect()));
+        } else {
+            let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
+            let op = match two.as_str() {
+                "<=" => Some("<="),
+                ">=" => Some(">="),
+                "!=" => Some("!="),
+                "<>" => Some("<>"),
+                "==" => Some("=="),
+                _ => None,
+            };
+            if let Some(op) = op {
+                out.push(Token::Op(op));
+                i += 2;
+                continue;
+            }
+            match c {
+                '=' => out.push(Token::Op("=")),
+                '<' => out.push(Token::Op("<")),
+                '>' => out.push(Token::Op(">")),
+                ',' => out.push(Token::Comma),
+                other => return Err(format!("unexpected character {other:?}")),
+            }
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn is_keyword(token: &Token, word: &str) -> bool {
+    matches!(token, Token::Word(w) if w.eq_ignore_ascii_case(word))
+}
+
+const KEYWORDS: &[&str] = &["and", "or", "is", "not", "null", "true", "false", "as"];
+
+/// The column a token names, if it is a name (a bare keyword is not).
+pub(crate) fn column_name(token: &Token) -> Option<&str> {
+    match token {
+        Token::Word(w) if !KEYWORDS.iter().any(|k| w.eq_ignore_ascii_case(k)) => Some(w),
+        Token::Quoted(w) => Some(w),
+        _ => None,
+    }
+}
+
+// ----- parser -----
+
+impl Filter {
+    /// Parses `text` (syntax in the module docs) against `schema`. `field` is the path of the
+    /// filter in the spec (`sinks[0].filter`); every error names it.
+    pub fn parse(field: &str, text: &str, schema: &Schema) -> Result<Filter> {
+        let err = |reason: String| KeelError::invalid_spec(field, reason);
+        let tokens = lex(text).map_err(err)?;
+        if tokens.is_empty() {
+            return Err(err("empty filter; write conditions like \"age >= 18 and name is not null\"".into()));
+        }
+        let mut conditions = Vec::new();
+        let mut pos = 0;
+        let ops_list = "=, !=, <, <=, >, >=, is null, is not null";
+        loop {
+            // Column.
+            let tok = tokens.get(pos).ok_or_else(|| err("expected a column after 'and'".into()))?;
+            let name = column_name(tok).ok_or_else(|| err(format!("expected a column name, found {tok}")))?;
+            let column = schema
+                .index_of(name)
+                .ok_or_else(|| err(format!("unknown column '{name}'; columns: {}", schema.names())))?;
+            let data_type = schema.column(column).map_or(DataType::String, |c| c.data_type);
+            pos += 1;
+            // Operator.
+            let tok = tokens
+                .get(pos)
+                .ok_or_else(|| err(format!("expected an operator ({ops_list}) after '{name}'")))?;
+            let test = if is_keyword(tok, "is") {
+                pos += 1;
+                let negated = tokens.get(pos).is_some_and(|t| is_keyword(t, "not"));
+                if negated {
+                    pos += 1;
+                }
+                match tokens.get(pos) {
+                    Some(t) if is_keyword(t, "null") => pos += 1,
+                    other => {
+                        return Err(err(format!(
+                            "expected 'null' after '{name} is{}', found {}",
+                            if negated { " not" } else { "" },
+                            other.map_or("the end".to_string(), ToString::to_string)
+                        )))
+                    }
+                }
+                if negated {
+                    Test::IsNotNull
+                } else {
+                    Test::IsNull
+                }
+            } else {
+                let op = match tok {
+                    Token::Op("=") | Token::Op("==") => Op::Eq,
+                    Token::Op("!=") | Token::Op("<>") => Op::Ne,
+                    Token::Op("<") => Op::Lt,
+                    Token::Op("<=") => Op::Le,
+                    Token::Op(">") => Op::Gt,
+                    Token::Op(">=") => Op::Ge,
+                    other => {
+                        return Err(err(format!(
+                            "expected an operator ({ops_list}) after '{name}', found {other}"
+                        )))
+                    }
+                };
+                pos += 1;
+                let lit_tok =
+                    tokens.get(pos).ok_or_else(|| err(format!("expected a value after '{name} {op}'")))?;
+                pos += 1;
+                let literal = literal(lit_tok, data_type, op)
+                    .map_err(|reason| err(format!("'{name}' is {data_type}: {reason}")))?;
+                Test::Compare(op, literal)
+            };
+            conditions.push(Condition { column, test });
+            match tokens.get(pos) {
+                None => break,
+                Some(t) if is_keyword(t, "and") => pos += 1,
+                Some(t) if is_keyword(t, "or") => {
+                    return Err(err("only 'and' joins conditions; 'or' is not supported".into()))
+                }
+                Some(t) => {
+                    return Err(err(format!("expected 'and' or the end after a condition, found {t}")))
+                }
+            }
+        }
+        Ok(Filter { conditions })
+    }
+
+    /// Whether `row` satisfies every condition.
+    pub fn matches(&self, row: &Row) -> bool {
+        self.conditions.iter().all(|c| {
+            let v = row.get(c.column);
+            match &c.test {
+                Test::IsNull => v.is_null(),
+                Test::IsNotNull => !v.is_null(),
+                Test::Compare(op, lit) => compare(v, lit).is_some_and(|ord| op.holds(ord)),
+            }
+        })
+    }
+
+    /// The number of conditions.
+    pub fn len(&self) -> usize {
+        self.conditions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conditions.is_empty()
+    }
+}
+
+fn literal(tok: &Token, ty: DataType, op: Op) -> std::result::Result<Literal, String> {
+    if is_keyword(tok, "null") {
+        return Err("compare with null using 'is null' or 'is not null'".into());
+    }
+    match ty {
+        DataType::Int | DataType::BigInt | DataType::Double => match tok {
+            Token::Number(n) => {
+                if ty != DataType::Double {
+                    if let Ok(i) = n.parse::<i64>() {
+                        return Ok(Literal::Int(i));
+                    }
+                }
+                n.parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite())
+                    .map(Literal::Double)
+                    .ok_or_else(|| format!("{n} is not a number"))
+            }
+            other => Err(format!("compare it with a number, not {other}")),
+        },
+        DataType::String => match tok {
+            Token::Str(s) => Ok(Literal::Str(s.clone())),
+            other => Err(format!("compare it with a string in single quotes, not {other}")),
+        },
+        DataType::Boolean => {
+            if !matches!(op, Op::Eq | Op::Ne) {
+                return Err("a BOOLEAN takes only = and !=".into());
+            }
+            if is_keyword(tok, "true") {
+                Ok(Literal::Bool(true))
+            } else if is_keyword(tok, "false") {
+                Ok(Literal::Bool(false))
+            } else {
+                Err(format!("compare it with true or false, not {tok}"))
+            }
+        }
+        DataType::Timestamp => match tok {
+            Token::Str(s) => crate::time::parse(s)
+                .map(Literal::Timestamp)
+                .ok_or_else(|| format!("'{s}' is not a timestamp like '2024-05-01 12:00:00'")),
+            Token::Number(n) => {
+                n.parse::<i64>().map(Literal::Timestamp).map_err(|_| format!("{n} is not epoch milliseconds"))
+            }
+            other => Err(format!("compare it with a timestamp string or epoch milliseconds, not {other}")),
+        },
+        DataType::Bytes | DataType::Map => Err("it takes only 'is null' and 'is not null'".into()),
+    }
+}
+
+fn compare(v: &Value, lit: &Literal) -> Option<Ordering> {
+    match (v, lit) {
+        (Value::Int(a), Literal::Int(b)) => Some(a.cmp(b)),
+        (Value::Int(a), Literal::Double(b)) => (*a as f64).partial_cmp(b),
+        (Value::Double(a), Literal::Double(b)) => a.partial_cmp(b),
+        (Value::Double(a), Literal::Int(b)) => a.partial_cmp(&(*b as f64)),
+        (Value::String(a), Literal::Str(b)) => Some(a.as_str().cmp(b.as_str())),
+        (Value::Bool(a), Literal::Bool(b)) => Some(a.cmp(b)),
+        (Value::Timestamp(a), Literal::Timestamp(b)) | (Value::Int(a), Literal::Timestamp(b)) => {
+            Some(a.cmp(b))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{ColumnDef, MetadataKey};
+
+    fn schema() -> Schema {
+        Schema::from_columns(
+            "c",
+            &[
+                ColumnDef::new("id", DataType::BigInt),
+                ColumnDef::new("name", DataType::String),
+                ColumnDef::new("age", DataType::Int),
+                ColumnDef::new("score", DataType::Double),
+                ColumnDef::new("active", DataType::Boolean),
+                ColumnDef::metadata("ts", DataType::Timestamp, MetadataKey::Timestamp),
+                ColumnDef::new("order-id", DataType::String),
+                ColumnDef::new("blob", DataType::Bytes),
+            ],
+        )
+        .expect("schema")
+    }
+
+    fn row(id: i64, name: Option<&str>, age: Option<i64>, score: f64, active: bool, ts: i64) -> Row {
+        Row::new(vec![
+            Value::Int(id),
+            name.into(),
+            age.into(),
+            Value::Double(score),
+            Value::Bool(active),
+            Value::Timestamp(ts),
+            Value::from("o-1"),
+            Value::Null,
+        ])
+    }
+
+    fn keeps(filter: &str, r: &Row) -> bool {
+        Filter::parse("sinks[0].filter", filter, &schema()).expect(filter).matches(r)
+    }
+
+    #[test]
+    fn each_operator_compares_as_documented() {
+        let r = row(1, Some("ann"), Some(18), 2.5, true, 1_714_564_800_000);
+        for (f, want) in [
+            ("age >= 18", true),
+            ("age > 18", false),
+            ("age = 18", true),
+            ("age == 18", true),
+            ("age != 18", false),
+            ("age <> 17", true),
+            ("age < 18.5", true),
+            ("age <= 17", false),
+            ("score > 2", true),
+            ("score = 2.5", true),
+            ("score < -1e3", false),
+            ("name = 'ann'", true),
+            ("name > 'amy'", true),
+            ("name != 'ann'", false),
+            ("active = true", true),
+            ("active != TRUE", false),
+            ("ts = '2024-05-01 12:00:00'", true),
+            ("ts >= '2024-05-01T12:00:00Z'", true),
+            ("ts < 1714564800000", false),
+            ("`order-id` = 'o-1'", true),
+            ("blob is null", true),
+            ("blob IS NOT NULL", false),
+            ("id = -1", false),
+        ] {
+            assert_eq!(keeps(f, &r), want, "{f}");
+        }
+    }
+
+    #[test]
+    fn conditions_joined_by_and_must_all_hold() {
+        let f = "age >= 18 AND name is not null and score < 10";
+        assert!(keeps(f, &row(1, Some("a"), Some(30), 1.0, true, 0)));
+        assert!(!keeps(f, &row(1, None, Some(30), 1.0, true, 0)));
+        assert!(!keeps(f, &row(1, Some("a"), Some(10), 1.0, true, 0)));
+        assert_eq!(Filter::parse("f", f, &schema()).expect("ok").len(), 3);
+    }
+
+    #[test]
+    fn comparisons_with_null_or_nan_are_not_true() {
+        let r = row(1, None, None, f64::NAN, false, 0);
+        for f in ["age = 1", "age != 1", "age < 1", "name != 'x'", "score != 1", "score = 1"] {
+            assert!(!keeps(f, &r), "{f}");
+        }
+        assert!(keeps("age is null and name is null", &r));
+    }
+
+    #[test]
+    fn parsing_arbitrary_text_never_panics() {
+        let s = schema();
+        let pieces = [
+            "age",
+            "name",
+            "`order-id`",
+            "`",
+            "'",
+            "''",
+            "=",
+            "!=",
+            "<>",
+            "<",
+            ">=",
+            "is",
+            "not",
+            "null",
+            "and",
+            "or",
+            "-",
+            "1e",
+            "1e-3",
+            "-7",
+            "true",
+            "é",
+            " ",
+            ",",
+            "(",
+            "ts",
+            "'2024-05-01'",
+            "\\",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5000 {
+            let mut text = String::new();
+            for _ in 0..(seed % 7) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+                if seed & 1 == 0 {
+                    text.push(' ');
+                }
+            }
+            seed = seed.wrapping_add(0x9e37_79b9);
+            if let Ok(f) = Filter::parse("f", &text, &s) {
+                let _ = f.matches(&Row::nulls(2));
+            }
+        }
+    }
+
+    #[test]
+    fn string_literals_take_doubled_quotes_and_keep_spaces() {
+        let r = row(1, Some("it's  here"), Some(1), 0.0, true, 0);
+        assert!(keeps("name = 'it''s  here'", &r));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_problem() {
+        let s = schema();
+        for (f, needle) in [
+            ("", "empty filter"),
+            ("agee > 1", "unknown column 'agee'"),
+            ("age", "expected an operator"),
+            ("age >", "expected a value after 'age >'"),
+            ("age > 'x'", "'age' is INT: compare it with a number"),
+            ("name = 3", "'name' is STRING: compare it with a string"),
+            ("active < true", "only = and !="),
+            ("active = 1", "compare it with true or false"),
+            ("ts > 'yesterday'", "not a timestamp"),
+            ("blob = 'x'", "only 'is null'"),
+            ("age = null", "using 'is null'"),
+            ("age is nul", "expected 'null'"),
+            ("age > 1 or age < 0", "'or' is not supported"),
+            ("age > 1 age < 0", "expected 'and'"),
+            ("age > 1 and", "expected a column after 'and'"),
+            ("name = 'open", "unterminated string"),
+            ("age ~ 3", "unexpected character '~'"),
+            ("age > 12abc", "12abc is not a number"),
+            ("and > 1", "expected a column name"),
+        ] {
+            match Filter::parse("sinks[0].filter", f, &s) {
+                Err(KeelError::InvalidSpec { field, reason }) => {
+                    assert_eq!(field, "sinks[0].filter");
+                    assert!(reason.contains(needle), "{f}: {reason}");
+                }
+                other => panic!("{f}: expected an error, got {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Rows, schemas and the record formats of Keel's Kafka connector, plus two small transforms.
+//!
+//! Layout:
+//! - [`schema`]: [`DataType`], [`MetadataKey`], [`ColumnDef`] (what a spec's `columns:` entry
+//!   deserialises to) and the checked [`Schema`].
+//! - [`value`]: [`Value`] and [`Row`], the data a task moves (one `Value` per schema column).
+//! - [`options`]: [`FormatOptions`] for one side of a message (`format`/`value.format`,
+//!   `key.format` and each format's own options) and [`RecordFormat`], the whole key/value
+//!   layout (`key.fields`, `key.fields-prefix`, `value.fields-prefix`, `value.fields-include`),
+//!   both read from a connector's Flink-style options.
+//! - [`record`]: [`RecordDecoder`] (Kafka message → [`Row`]) and [`RecordEncoder`]
+//!   ([`Row`] → key, value, timestamp, headers).
+//! - `json`, `csv`, `raw`: the three formats (private; reached through the record codecs).
+//! - [`filter`]: [`Filter`], a conjunction of comparisons on single columns (`age >= 18 and
+//!   name is not null`).
+//! - [`projection`]: [`Projection`], select and rename (`select: [id, name as full_name]`), and
+//!   the by-name mapping of one schema onto another.
+//! - [`error`]: [`DecodeError`] and [`EncodeError`], the per-record errors; configuration errors
+//!   are [`keel_proto::KeelError::InvalidSpec`] naming the field.
+//! - `time`, `base64`: timestamp and BYTES text forms (private helpers).
+//!
+//! # Spec shapes
+//!
+//! ```yaml
+//! sources:
+//!   - name: people
+//!     connector: kafka
+//!     topic: people
+//!     format: csv                    # or value.format; raw | json | csv
+//!     csv.field-delimiter: ","       # format options: <format>.* or value.<format>.*
+//!     columns:
+//!       - {name: id, type: BIGINT}
+//!       - {name: name, type: STRING}
+//!       - {name: age, type: INT}
+//!       - {name: ts, type: TIMESTAMP, metadata: timestamp}
+//!       - {name: part, type: INT, metadata: partition}
+//!     filter: "age >= 18 and name is not null"
+//!     select: [id, name as full_name, age]
+//! ```
+//!
+//! Where `filter` and `select` sit in a spec is the spec crate's choice; [`Filter::parse`] and
+//! [`Projection::parse`] take the path of the field so errors name it.
+//!
+//! # Text forms of values
+//!
+//! | type | JSON | CSV | raw |
+//! | --- | --- | --- | --- |
+//! | STRING | string (any other JSON value is read as its JSON text) | field | the whole payload, UTF-8 |
+//! | BOOLEAN | `true`/`false` (or the strings) | `true`/`false` | - |
+//! | INT, BIGINT | number (or a numeric string) | digits | - |
+//! | DOUBLE | number; NaN and infinities as the strings `"NaN"`, `"Infinity"`, `"-Infinity"` | same | - |
+//! | TIMESTAMP | `"2024-05-01 12:00:00.000"` (UTC; `json.timestamp-format.standard: ISO-8601` writes `2024-05-01T12:00:00.000Z`); reads either form, an offset, or epoch milliseconds as a number | same, SQL form | - |
+//! | BYTES | base64 string | base64 | the whole payload |
+//! | MAP (headers) | object of base64 strings (null for a null header value) | that JSON object as one field | - |
+//!
+//! A null is JSON `null` (a missing field also reads as null unless
+//! `json.fail-on-missing-field`); in CSV it is an empty unquoted field (an empty string is
+//! written quoted, `""`, as PostgreSQL does), or `csv.null-literal` when set.
+
+pub mod error;
+pub mod filter;
+pub mod options;
+pub mod projection;
+pub mod record;
+pub mod schema;
+pub mod value;
+
+mod base64;
+mod csv;
+mod json;
+mod raw;
+mod time;
+
+pub use error::{DecodeError, EncodeError, Part};
+pub use filter::Filter;
+pub use options::{
+    CsvOptions, FieldsInclude, FormatKind, FormatOptions, FormatSide, JsonOptions, RawOptions, RecordFormat,
+    TimestampStandard,
+};
+pub use projection::Projection;
+pub use record::{EncodedRecord, KafkaMessage, RecordDecoder, RecordEncoder};
+pub use schema::{ColumnDef, DataType, MetadataKey, Schema};
+pub use value::{Headers, Row, Value};
+
+/// Formats a timestamp (epoch milliseconds, UTC) as `yyyy-MM-dd HH:mm:ss.SSS`.
+pub fn format_timestamp(epoch_ms: i64) -> String {
+    let mut out = String::with_capacity(23);
+    time::format(epoch_ms, TimestampStandard::Sql, &mut out);
+    out
+}
+
+/// Parses a timestamp written as `yyyy-MM-dd[( |T)HH:mm[:ss[.fraction]]][Z|±HH:mm]` (UTC
+/// unless an offset is given) into epoch milliseconds.
+pub fn parse_timestamp(text: &str) -> Option<i64> {
+    time::parse(text)
+}

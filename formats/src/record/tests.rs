@@ -1,0 +1,514 @@
+use std::collections::BTreeMap;
+
+use keel_proto::KeelError;
+
+use super::*;
+use crate::schema::ColumnDef;
+
+fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn setup(columns: &[ColumnDef], pairs: &[(&str, &str)]) -> (Schema, RecordDecoder, RecordEncoder) {
+    let schema = Schema::from_columns("sources[0].columns", columns).expect("schema");
+    let format = RecordFormat::from_options("sources[0]", &opts(pairs), &schema).expect("format");
+    let dec = RecordDecoder::new(&schema, &format);
+    let enc = RecordEncoder::new(&schema, &format);
+    (schema, dec, enc)
+}
+
+fn msg<'a>(key: Option<&'a [u8]>, value: Option<&'a [u8]>) -> KafkaMessage<'a> {
+    KafkaMessage { topic: "people", partition: 3, offset: 1042, timestamp: Some(0), headers: &[], key, value }
+}
+
+fn decode_value(dec: &mut RecordDecoder, value: &str) -> Result<Option<Row>, DecodeError> {
+    dec.decode(&msg(None, Some(value.as_bytes())))
+}
+
+fn id_name_age() -> Vec<ColumnDef> {
+    vec![
+        ColumnDef::new("id", DataType::Int),
+        ColumnDef::new("name", DataType::String),
+        ColumnDef::new("age", DataType::Int),
+    ]
+}
+
+fn all_types() -> Vec<ColumnDef> {
+    vec![
+        ColumnDef::new("s", DataType::String),
+        ColumnDef::new("b", DataType::Boolean),
+        ColumnDef::new("i", DataType::Int),
+        ColumnDef::new("l", DataType::BigInt),
+        ColumnDef::new("d", DataType::Double),
+        ColumnDef::new("t", DataType::Timestamp),
+        ColumnDef::new("y", DataType::Bytes),
+        ColumnDef::new("m", DataType::Map),
+    ]
+}
+
+fn sample_rows() -> Vec<Row> {
+    vec![
+        Row::new(vec![
+            Value::from("plain"),
+            Value::Bool(true),
+            Value::Int(-2_147_483_648),
+            Value::Int(i64::MAX),
+            Value::Double(0.1),
+            Value::Timestamp(1_609_331_594_123),
+            Value::Bytes(vec![0, 1, 2, 255]),
+            Value::Map(vec![("trace".into(), Some(b"abc".to_vec())), ("empty".into(), None)]),
+        ]),
+        Row::new(vec![
+            Value::from("with, \"quotes\"\nand a line break; and ünïcödé"),
+            Value::Bool(false),
+            Value::Int(0),
+            Value::Int(-1),
+            Value::Double(f64::NAN),
+            Value::Timestamp(-1),
+            Value::Bytes(vec![]),
+            Value::Map(vec![]),
+        ]),
+        Row::new(vec![
+            Value::from(""),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Double(f64::NEG_INFINITY),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ]),
+        Row::nulls(8),
+        Row::new(vec![
+            Value::from("\\N"),
+            Value::Null,
+            Value::Int(7),
+            Value::Int(7),
+            Value::Double(1e300),
+            Value::Timestamp(0),
+            Value::Null,
+            Value::Null,
+        ]),
+    ]
+}
+
+/// Rows equal, treating NaN as equal to NaN.
+fn same(a: &Row, b: &Row) -> bool {
+    a.len() == b.len()
+        && a.values.iter().zip(&b.values).all(|(x, y)| match (x, y) {
+            (Value::Double(x), Value::Double(y)) => (x.is_nan() && y.is_nan()) || x == y,
+            _ => x == y,
+        })
+}
+
+fn round_trip(pairs: &[(&str, &str)], columns: &[ColumnDef], rows: &[Row]) {
+    let (_, mut dec, enc) = setup(columns, pairs);
+    for row in rows {
+        let rec = enc.encode(row).unwrap_or_else(|e| panic!("{pairs:?}: encode {row}: {e}"));
+        let back = dec
+            .decode(&msg(rec.key.as_deref(), rec.value.as_deref()))
+            .unwrap_or_else(|e| panic!("{pairs:?}: decode {:?}: {e}", rec.value))
+            .unwrap_or_else(|| panic!("{pairs:?}: skipped {:?}", rec.value));
+        assert!(same(&back, row), "{pairs:?}\nwrote {:?}\nread  {back:?}\nwant  {row:?}", rec.value);
+    }
+}
+
+#[test]
+fn seed_example_1_csv_id_name_age_reads_and_writes_the_same_line() {
+    let (_, mut dec, enc) = setup(&id_name_age(), &[("format", "csv")]);
+    let row = decode_value(&mut dec, "1,alice,30").expect("parses").expect("not skipped");
+    assert_eq!(row, Row::new(vec![Value::Int(1), Value::from("alice"), Value::Int(30)]));
+    let rec = enc.encode(&row).expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&b"1,alice,30"[..]));
+    assert_eq!(rec.key, None);
+    assert_eq!(rec.timestamp, None);
+    // A trailing line break, as a console producer may leave, is accepted.
+    let row2 = decode_value(&mut dec, "2,bob,17\r\n").expect("parses").expect("row");
+    assert_eq!(row2.get(1), &Value::from("bob"));
+}
+
+#[test]
+fn json_round_trips_every_type_and_null() {
+    round_trip(&[("format", "json")], &all_types(), &sample_rows());
+    round_trip(
+        &[("format", "json"), ("json.timestamp-format.standard", "ISO-8601")],
+        &all_types(),
+        &sample_rows(),
+    );
+}
+
+#[test]
+fn csv_round_trips_every_type_null_and_empty_string() {
+    round_trip(&[("format", "csv")], &all_types(), &sample_rows());
+    round_trip(&[("format", "csv"), ("csv.field-delimiter", "\\t")], &all_types(), &sample_rows());
+    round_trip(&[("format", "csv"), ("csv.quote-character", "'")], &all_types(), &sample_rows());
+}
+
+#[test]
+fn csv_with_a_null_literal_round_trips_and_quotes_a_string_equal_to_it() {
+    round_trip(&[("format", "csv"), ("csv.null-literal", "\\N")], &all_types(), &sample_rows());
+    let (_, mut dec, enc) = setup(&id_name_age(), &[("format", "csv"), ("csv.null-literal", "NULL")]);
+    let rec = enc.encode(&Row::new(vec![Value::Null, Value::from("NULL"), Value::Int(1)])).expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&b"NULL,\"NULL\",1"[..]));
+    let row = decode_value(&mut dec, "1,,NULL").expect("ok").expect("row");
+    assert_eq!(row.values, vec![Value::Int(1), Value::from(""), Value::Null]);
+}
+
+#[test]
+fn csv_without_a_null_literal_reads_an_empty_field_as_null_and_quoted_empty_as_empty() {
+    let (_, mut dec, enc) = setup(&id_name_age(), &[("format", "csv")]);
+    let row = decode_value(&mut dec, ",,").expect("ok").expect("row");
+    assert_eq!(row, Row::nulls(3));
+    let row = decode_value(&mut dec, "1,\"\",2").expect("ok").expect("row");
+    assert_eq!(row.get(1), &Value::from(""));
+    let rec = enc.encode(&Row::new(vec![Value::Int(1), Value::from(""), Value::Null])).expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&b"1,\"\","[..]));
+}
+
+#[test]
+fn csv_reads_quoted_delimiters_doubled_quotes_and_line_breaks() {
+    let (_, mut dec, _) = setup(&id_name_age(), &[("format", "csv")]);
+    let row = decode_value(&mut dec, "7,\"Smith, \"\"Jo\"\"\nJr\",40").expect("ok").expect("row");
+    assert_eq!(row.get(1), &Value::from("Smith, \"Jo\"\nJr"));
+}
+
+#[test]
+fn csv_with_quoting_disabled_refuses_to_write_a_delimiter() {
+    let (_, mut dec, enc) =
+        setup(&id_name_age(), &[("format", "csv"), ("csv.disable-quote-character", "true")]);
+    let err =
+        enc.encode(&Row::new(vec![Value::Int(1), Value::from("a,b"), Value::Int(2)])).expect_err("delimiter");
+    assert_eq!(err.column, "name");
+    assert_eq!(err.part, Some((Part::Value, FormatKind::Csv)));
+    assert!(err.to_string().contains("csv.disable-quote-character"), "{err}");
+    // Quotes are plain text then.
+    let row = decode_value(&mut dec, "1,\"x\",2").expect("ok").expect("row");
+    assert_eq!(row.get(1), &Value::from("\"x\""));
+}
+
+#[test]
+fn raw_carries_the_whole_value_as_string_or_bytes() {
+    let text = [ColumnDef::new("line", DataType::String)];
+    round_trip(
+        &[("format", "raw")],
+        &text,
+        &[Row::new(vec![Value::from("a,b {\"c\"}\n")]), Row::new(vec![Value::from("")])],
+    );
+    let bytes = [ColumnDef::new("blob", DataType::Bytes)];
+    round_trip(&[("format", "raw")], &bytes, &[Row::new(vec![Value::Bytes(vec![0xff, 0, 0xfe])])]);
+
+    // A tombstone is a null value, and a null value is written as a tombstone.
+    let (_, mut dec, enc) = setup(&text, &[("format", "raw")]);
+    let row = dec.decode(&msg(None, None)).expect("ok").expect("row");
+    assert_eq!(row, Row::nulls(1));
+    assert_eq!(enc.encode(&row).expect("encodes").value, None);
+
+    // Invalid UTF-8 in a STRING column is malformed.
+    let err = dec.decode(&msg(None, Some(&[0xff, 0xfe]))).expect_err("not utf-8");
+    assert!(err.reason.contains("UTF-8"), "{err}");
+}
+
+#[test]
+fn malformed_json_fails_with_topic_partition_offset_and_reason() {
+    let (_, mut dec, _) = setup(&id_name_age(), &[("format", "json")]);
+    let err = decode_value(&mut dec, "{\"id\": 1, \"name\": ").expect_err("truncated");
+    let text = err.to_string();
+    for needle in ["topic 'people'", "partition 3", "offset 1042", "value (json)", "not valid JSON"] {
+        assert!(text.contains(needle), "{needle} not in {text}");
+    }
+    assert_eq!((err.partition, err.offset, err.part), (3, 1042, Part::Value));
+    let keel: KeelError = err.into();
+    assert!(keel.to_string().contains("offset 1042"), "{keel}");
+    assert_eq!(dec.skipped_malformed(), 0);
+}
+
+#[test]
+fn malformed_json_is_skipped_and_counted_with_ignore_parse_errors() {
+    let (_, mut dec, _) = setup(&id_name_age(), &[("format", "json"), ("json.ignore-parse-errors", "true")]);
+    for bad in ["not json", "[1,2]", "{\"id\": \"x\"}", "{\"age\": 3000000000}", ""] {
+        assert_eq!(decode_value(&mut dec, bad).expect("skipped, not failed"), None, "{bad}");
+    }
+    assert_eq!(dec.skipped_malformed(), 5);
+    let last = dec.last_skipped().expect("remembered");
+    assert_eq!(last.offset, 1042);
+    // Good records still come through.
+    let row = decode_value(&mut dec, "{\"id\": 1, \"name\": \"a\", \"age\": 2}").expect("ok").expect("row");
+    assert_eq!(row.get(2), &Value::Int(2));
+    assert_eq!(dec.skipped_malformed(), 5);
+}
+
+#[test]
+fn malformed_csv_is_skipped_and_counted_or_fails_with_its_position() {
+    let bad =
+        ["1,alice", "1,alice,30,extra", "x,alice,30", "1,\"alice,30", "1,\"al\"ice,30", "1,a,99999999999"];
+    let (_, mut skip, _) = setup(&id_name_age(), &[("format", "csv"), ("csv.ignore-parse-errors", "true")]);
+    let (_, mut fail, _) = setup(&id_name_age(), &[("format", "csv")]);
+    for b in bad {
+        assert_eq!(decode_value(&mut skip, b).expect("skipped"), None, "{b}");
+        let err = decode_value(&mut fail, b).expect_err(b);
+        let text = err.to_string();
+        assert!(text.contains("partition 3 offset 1042") && text.contains("value (csv)"), "{text}");
+    }
+    assert_eq!(skip.skipped_malformed(), bad.len() as u64);
+    let err = decode_value(&mut fail, "1,alice").expect_err("short");
+    assert!(err.reason.contains("expected 3 fields (id, name, age), found 2"), "{}", err.reason);
+    let err = decode_value(&mut fail, "x,alice,30").expect_err("type");
+    assert!(err.reason.contains("field 'id': expected INT, found \"x\""), "{}", err.reason);
+}
+
+#[test]
+fn json_type_mismatches_name_the_field_and_what_was_found() {
+    let (_, mut dec, _) = setup(&all_types(), &[("format", "json")]);
+    for (doc, needle) in [
+        ("{\"i\": \"abc\"}", "field 'i': expected INT, found \"abc\""),
+        ("{\"i\": 2147483648}", "field 'i': 2147483648 is out of range for INT"),
+        ("{\"i\": 1.5}", "field 'i': expected INT, found 1.5"),
+        ("{\"b\": 1}", "field 'b': expected BOOLEAN, found 1"),
+        ("{\"d\": [1]}", "field 'd': expected DOUBLE, found [1]"),
+        ("{\"t\": \"yesterday\"}", "field 't': expected TIMESTAMP"),
+        ("{\"y\": \"***\"}", "field 'y': expected BYTES as base64"),
+        ("{\"m\": {\"k\": 1}}", "field 'm': entry 'k'"),
+        ("{\"l\": 18446744073709551615}", "field 'l': expected BIGINT"),
+    ] {
+        let err = decode_value(&mut dec, doc).expect_err(doc);
+        assert!(err.reason.contains(needle), "{doc}: {}", err.reason);
+    }
+}
+
+#[test]
+fn json_reads_lenient_scalars_like_flink() {
+    let (_, mut dec, _) = setup(&all_types(), &[("format", "json")]);
+    let row = decode_value(
+        &mut dec,
+        r#"{"s": {"nested": [1]}, "b": "TRUE", "i": "42", "l": 18.0, "d": "2.5", "t": 1000, "y": "AAE", "extra": 1}"#,
+    )
+    .expect("ok")
+    .expect("row");
+    assert_eq!(row.get(0), &Value::from(r#"{"nested":[1]}"#));
+    assert_eq!(row.get(1), &Value::Bool(true));
+    assert_eq!(row.get(2), &Value::Int(42));
+    assert_eq!(row.get(3), &Value::Int(18));
+    assert_eq!(row.get(4), &Value::Double(2.5));
+    assert_eq!(row.get(5), &Value::Timestamp(1000));
+    assert_eq!(row.get(6), &Value::Bytes(vec![0, 1]));
+    assert_eq!(row.get(7), &Value::Null);
+}
+
+#[test]
+fn a_missing_json_field_is_null_unless_fail_on_missing_field() {
+    let (_, mut dec, _) = setup(&id_name_age(), &[("format", "json")]);
+    let row = decode_value(&mut dec, "{\"id\": 1}").expect("ok").expect("row");
+    assert_eq!(row.values, vec![Value::Int(1), Value::Null, Value::Null]);
+    let (_, mut strict, _) =
+        setup(&id_name_age(), &[("format", "json"), ("json.fail-on-missing-field", "true")]);
+    let err = decode_value(&mut strict, "{\"id\": 1}").expect_err("missing");
+    assert!(err.reason.contains("field 'name' is missing"), "{}", err.reason);
+}
+
+#[test]
+fn json_encode_keeps_declared_order_and_can_drop_nulls() {
+    let (_, _, enc) = setup(&id_name_age(), &[("format", "json")]);
+    let row = Row::new(vec![Value::Int(1), Value::from("a\"b"), Value::Null]);
+    let rec = enc.encode(&row).expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&br#"{"id":1,"name":"a\"b","age":null}"#[..]));
+    let (_, _, enc) =
+        setup(&id_name_age(), &[("format", "json"), ("json.encode.ignore-null-fields", "true")]);
+    let rec = enc.encode(&row).expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&br#"{"id":1,"name":"a\"b"}"#[..]));
+}
+
+#[test]
+fn json_strings_are_escaped_so_any_text_reads_back() {
+    let text: String = (0u8..0x80).map(char::from).chain("é€😀".chars()).collect();
+    round_trip(
+        &[("format", "json")],
+        &[ColumnDef::new("s", DataType::String)],
+        &[Row::new(vec![Value::from(text)])],
+    );
+}
+
+#[test]
+fn a_json_tombstone_is_skipped_and_counted_apart() {
+    let (_, mut dec, _) = setup(&id_name_age(), &[("format", "json")]);
+    assert_eq!(dec.decode(&msg(Some(b"k"), None)).expect("ok"), None);
+    assert_eq!(dec.skipped_tombstones(), 1);
+    assert_eq!(dec.skipped_malformed(), 0);
+}
+
+#[test]
+fn metadata_columns_are_read_from_the_record() {
+    let cols = vec![
+        ColumnDef::new("id", DataType::BigInt),
+        ColumnDef::metadata("topic", DataType::String, MetadataKey::Topic),
+        ColumnDef::metadata("part", DataType::Int, MetadataKey::Partition),
+        ColumnDef::metadata("off", DataType::BigInt, MetadataKey::Offset),
+        ColumnDef::metadata("ts", DataType::Timestamp, MetadataKey::Timestamp),
+        ColumnDef::metadata("h", DataType::Map, MetadataKey::Headers),
+    ];
+    let (_, mut dec, _) = setup(&cols, &[("format", "json")]);
+    assert!(dec.needs_headers());
+    let headers: [(&str, Option<&[u8]>); 2] = [("trace", Some(b"t-1")), ("trace", None)];
+    let m = KafkaMessage {
+        topic: "orders",
+        partition: 7,
+        offset: 1 << 40,
+        timestamp: Some(1_700_000_000_000),
+        headers: &headers,
+        key: None,
+        value: Some(b"{\"id\": 5}"),
+    };
+    let row = dec.decode(&m).expect("ok").expect("row");
+    assert_eq!(
+        row.values,
+        vec![
+            Value::Int(5),
+            Value::from("orders"),
+            Value::Int(7),
+            Value::Int(1 << 40),
+            Value::Timestamp(1_700_000_000_000),
+            Value::Map(vec![("trace".into(), Some(b"t-1".to_vec())), ("trace".into(), None)]),
+        ]
+    );
+    let no_ts = KafkaMessage { timestamp: None, ..m };
+    assert_eq!(dec.decode(&no_ts).expect("ok").expect("row").get(4), &Value::Null);
+}
+
+#[test]
+fn the_encoder_writes_timestamp_and_headers_and_ignores_read_only_metadata() {
+    let cols = vec![
+        ColumnDef::new("id", DataType::BigInt),
+        ColumnDef::metadata("off", DataType::BigInt, MetadataKey::Offset),
+        ColumnDef::metadata("ts", DataType::Timestamp, MetadataKey::Timestamp),
+        ColumnDef::metadata("h", DataType::Map, MetadataKey::Headers),
+    ];
+    let (_, _, enc) = setup(&cols, &[("format", "json")]);
+    let headers = vec![("a".to_string(), Some(b"1".to_vec()))];
+    let rec = enc
+        .encode(&Row::new(vec![
+            Value::Int(1),
+            Value::Int(99),
+            Value::Timestamp(123),
+            Value::Map(headers.clone()),
+        ]))
+        .expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&b"{\"id\":1}"[..]));
+    assert_eq!(rec.timestamp, Some(123));
+    assert_eq!(rec.headers, headers);
+    assert_eq!(rec.payload_len(), 8);
+
+    let err = enc
+        .encode(&Row::new(vec![Value::Int(1), Value::Null, Value::from("now"), Value::Null]))
+        .expect_err("bad timestamp");
+    assert_eq!((err.column.as_str(), err.part), ("ts", None));
+    let err = enc.encode(&Row::new(vec![Value::Int(1)])).expect_err("short row");
+    assert!(err.reason.contains("1 values"), "{err}");
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_an_encode_error_naming_the_column() {
+    let (_, _, json) = setup(&id_name_age(), &[("format", "json")]);
+    let (_, _, csv) = setup(&id_name_age(), &[("format", "csv")]);
+    let row = Row::new(vec![Value::Int(1), Value::Int(2), Value::from("x")]);
+    for enc in [json, csv] {
+        let err = enc.encode(&row).expect_err("type");
+        assert_eq!(err.column, "name");
+        assert!(err.reason.contains("INT value in a STRING column"), "{err}");
+        let keel: KeelError = err.into();
+        assert!(matches!(keel, KeelError::InvalidArgument { .. }));
+    }
+}
+
+#[test]
+fn key_fields_go_to_the_key_and_except_key_leaves_them_out_of_the_value() {
+    let cols = id_name_age();
+    let pairs = [
+        ("key.format", "json"),
+        ("key.fields", "id"),
+        ("value.format", "csv"),
+        ("value.fields-include", "EXCEPT_KEY"),
+    ];
+    let (_, mut dec, enc) = setup(&cols, &pairs);
+    let row = Row::new(vec![Value::Int(9), Value::from("ann"), Value::Int(41)]);
+    let rec = enc.encode(&row).expect("encodes");
+    assert_eq!(rec.key.as_deref(), Some(&b"{\"id\":9}"[..]));
+    assert_eq!(rec.value.as_deref(), Some(&b"ann,41"[..]));
+    round_trip(&pairs, &cols, std::slice::from_ref(&row));
+
+    // A message without a key leaves the key columns null.
+    let back = dec.decode(&msg(None, Some(b"ann,41"))).expect("ok").expect("row");
+    assert_eq!(back.values, vec![Value::Null, Value::from("ann"), Value::Int(41)]);
+
+    // With ALL the key columns are in the value as well.
+    let (_, _, all) = setup(&cols, &[("key.format", "raw"), ("key.fields", "name"), ("format", "json")]);
+    let rec = all.encode(&row).expect("encodes");
+    assert_eq!(rec.key.as_deref(), Some(&b"ann"[..]));
+    assert_eq!(rec.value.as_deref(), Some(&b"{\"id\":9,\"name\":\"ann\",\"age\":41}"[..]));
+}
+
+#[test]
+fn seed_example_3_prefixed_key_and_value_fields_round_trip() {
+    let cols = vec![ColumnDef::new("key_id", DataType::Int), ColumnDef::new("val_name", DataType::String)];
+    let pairs = [
+        ("key.format", "json"),
+        ("value.format", "json"),
+        ("key.fields", "key_id"),
+        ("key.fields-prefix", "key_"),
+        ("value.fields-prefix", "val_"),
+        ("value.fields-include", "EXCEPT_KEY"),
+    ];
+    let (_, mut dec, enc) = setup(&cols, &pairs);
+    let row = dec.decode(&msg(Some(b"{\"id\": 4}"), Some(b"{\"name\": \"vvp\"}"))).expect("ok").expect("row");
+    assert_eq!(row.values, vec![Value::Int(4), Value::from("vvp")]);
+    let rec = enc.encode(&row).expect("encodes");
+    assert_eq!(rec.key.as_deref(), Some(&b"{\"id\":4}"[..]));
+    assert_eq!(rec.value.as_deref(), Some(&b"{\"name\":\"vvp\"}"[..]));
+}
+
+#[test]
+fn a_malformed_key_is_reported_as_the_key_and_obeys_the_key_formats_option() {
+    let cols = id_name_age();
+    let (_, mut strict, _) = setup(
+        &cols,
+        &[
+            ("key.format", "json"),
+            ("key.fields", "id"),
+            ("format", "json"),
+            ("json.ignore-parse-errors", "true"),
+        ],
+    );
+    let err = strict
+        .decode(&msg(Some(b"{bad"), Some(b"{}")))
+        .expect_err("key errors are not ignored by the value's option");
+    assert_eq!(err.part, Part::Key);
+    assert!(err.to_string().contains("key (json)"), "{err}");
+
+    let (_, mut lenient, _) = setup(
+        &cols,
+        &[
+            ("key.format", "json"),
+            ("key.fields", "id"),
+            ("key.json.ignore-parse-errors", "true"),
+            ("format", "json"),
+        ],
+    );
+    assert_eq!(lenient.decode(&msg(Some(b"{bad"), Some(b"{}"))).expect("skipped"), None);
+    assert_eq!(lenient.skipped_malformed(), 1);
+}
+
+#[test]
+fn decoding_arbitrary_bytes_never_panics() {
+    let (_, mut json, _) = setup(&all_types(), &[("format", "json"), ("json.ignore-parse-errors", "true")]);
+    let (_, mut csv, _) = setup(&all_types(), &[("format", "csv"), ("csv.ignore-parse-errors", "true")]);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let alphabet = b",\"\n\r{}[]:0123456789abcdefnulltrue-.eE\\ \t\xff\xc3";
+    for _ in 0..5000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = (seed % 40) as usize;
+        let bytes: Vec<u8> =
+            (0..len).map(|i| alphabet[((seed >> (i % 50)) as usize + i * 7) % alphabet.len()]).collect();
+        let _ = json.decode(&msg(Some(&bytes), Some(&bytes)));
+        let _ = csv.decode(&msg(Some(&bytes), Some(&bytes)));
+    }
+}

@@ -1,0 +1,232 @@
+//! [`Value`] and [`Row`]: one value per column of a [`crate::Schema`], by position.
+
+use std::fmt;
+
+/// Kafka headers (and the MAP type): keys with optional byte values, in message order. Kafka
+/// allows a key to repeat, so this is a list, not a map.
+pub type Headers = Vec<(String, Option<Vec<u8>>)>;
+
+/// One value of a row. INT and BIGINT columns both hold [`Value::Int`] (an INT column's values
+/// are checked to fit 32 bits when they are read from a message).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Value {
+    #[default]
+    Null,
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    String(String),
+    Bytes(Vec<u8>),
+    /// Milliseconds since the Unix epoch, UTC.
+    Timestamp(i64),
+    Map(Headers),
+}
+
+impl Value {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// The name of the variant, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "NULL",
+            Value::Bool(_) => "BOOLEAN",
+            Value::Int(_) => "INT",
+            Value::Double(_) => "DOUBLE",
+            Value::String(_) => "STRING",
+            Value::Bytes(_) => "BYTES",
+            Value::Timestamp(_) => "TIMESTAMP",
+            Value::Map(_) => "MAP",
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(v) | Value::Timestamp(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Double(v) => Some(*v),
+            Value::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::Bytes(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// Human-readable text (as a print sink would show it): strings unquoted, BYTES as base64,
+/// timestamps in the SQL form, maps as `{k=base64, ...}`.
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => f.write_str("NULL"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(v) => write!(f, "{v}"),
+            Value::Double(v) => write!(f, "{v}"),
+            Value::String(s) => f.write_str(s),
+            Value::Bytes(b) => {
+                let mut out = String::new();
+                crate::base64::encode(b, &mut out);
+                f.write_str(&out)
+            }
+            Value::Timestamp(ms) => f.write_str(&crate::format_timestamp(*ms)),
+            Value::Map(entries) => {
+                f.write_str("{")?;
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    match v {
+                        Some(bytes) => {
+                            let mut out = String::new();
+                            crate::base64::encode(bytes, &mut out);
+                            write!(f, "{k}={out}")?;
+                        }
+                        None => write!(f, "{k}=NULL")?,
+                    }
+                }
+                f.write_str("}")
+            }
+        }
+    }
+}
+
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Bool(v)
+    }
+}
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<i32> for Value {
+    fn from(v: i32) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Value::Double(v)
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::String(v.to_string())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::String(v)
+    }
+}
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Self {
+        Value::Bytes(v)
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// A row: the values of a schema's columns, in the schema's order. Building one is one `Vec`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Row {
+    pub values: Vec<Value>,
+}
+
+impl Row {
+    pub fn new(values: Vec<Value>) -> Row {
+        Row { values }
+    }
+
+    /// A row of `len` nulls.
+    pub fn nulls(len: usize) -> Row {
+        Row { values: vec![Value::Null; len] }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The value of column `index`; `Null` past the end.
+    pub fn get(&self, index: usize) -> &Value {
+        const NULL: Value = Value::Null;
+        self.values.get(index).unwrap_or(&NULL)
+    }
+
+    pub fn into_values(self) -> Vec<Value> {
+        self.values
+    }
+}
+
+impl From<Vec<Value>> for Row {
+    fn from(values: Vec<Value>) -> Self {
+        Row { values }
+    }
+}
+
+impl fmt::Display for Row {
+    /// The values in brackets, as a print sink shows them: `[1, alice, 30]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, v) in self.values.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{v}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_display_like_a_print_sink() {
+        let row = Row::new(vec![
+            Value::Int(1),
+            Value::from("ann"),
+            Value::Null,
+            Value::Double(2.5),
+            Value::Timestamp(0),
+            Value::Bytes(b"hi".to_vec()),
+            Value::Map(vec![("k".into(), Some(b"v".to_vec())), ("n".into(), None)]),
+        ]);
+        assert_eq!(row.to_string(), "[1, ann, NULL, 2.5, 1970-01-01 00:00:00.000, aGk=, {k=dg==, n=NULL}]");
+        assert_eq!(row.get(99), &Value::Null);
+    }
+}
