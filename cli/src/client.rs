@@ -100,13 +100,15 @@ impl Client {
             .map_err(|e| self.unreachable("resourcemanager", e))
     }
 
-    /// `keel run FILE`: submits, then (unless detached) waits until the job runs or fails.
-    pub async fn run(&self, file: &Path, detached: bool) -> anyhow::Result<()> {
+    /// `keel run FILE`: submits, then (unless detached) waits until the job runs or fails. With
+    /// `restore`, the job starts from the latest completed checkpoint of the most recent earlier
+    /// job with the same name.
+    pub async fn run(&self, file: &Path, detached: bool, restore: bool) -> anyhow::Result<()> {
         let spec_yaml = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read job spec {}", file.display()))?;
         // Validate here first: the same check the JobManager makes, without a round trip.
         keel_spec::JobSpec::parse(&spec_yaml).with_context(|| format!("job spec {}", file.display()))?;
-        let req = pb::SubmitJobRequest { spec_yaml };
+        let req = pb::SubmitJobRequest { spec_yaml, restore };
         let submitted = self
             .jm
             .call(|ch| {
@@ -120,12 +122,16 @@ impl Client {
                 "submitted job {} as {} (version {})",
                 submitted.name, submitted.job_id, submitted.version
             );
+            if let Some(r) = &submitted.restored_from {
+                println!("  restoring from {}", describe_restore(r));
+            }
         }
         if detached {
             if self.output == Output::Json {
                 println!(
                     "{}",
-                    json!({"job_id": submitted.job_id, "name": submitted.name, "version": submitted.version})
+                    json!({"job_id": submitted.job_id, "name": submitted.name, "version": submitted.version,
+                           "restored_from": submitted.restored_from.as_ref().map(checkpoint_ref_json)})
                 );
             }
             return Ok(());
@@ -258,6 +264,10 @@ impl Client {
             })
             .collect();
         print!("{}", indent(&table(&["VERSION", "STATE", "PARALLELISM", "CREATED"], &rows)));
+        if let Some(r) = &d.restored_from {
+            println!("  restored from {}", describe_restore(r));
+        }
+        print_checkpoints(&d);
         println!("\ntasks");
         if d.tasks.is_empty() {
             println!("  none deployed");
@@ -401,6 +411,62 @@ impl Client {
     }
 }
 
+/// `checkpoint 12 of job <id> (<metadata path>)`.
+fn describe_restore(r: &pb::CheckpointRef) -> String {
+    format!("checkpoint {} of job {} ({})", r.checkpoint_id, r.job_id, r.metadata_path)
+}
+
+/// A state size for people: bytes, KiB or MiB.
+fn size(n: u64) -> String {
+    match n {
+        0 => "-".into(),
+        n if n < 1024 => format!("{n} B"),
+        n if n < 1024 * 1024 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0)),
+    }
+}
+
+fn print_checkpoints(d: &pb::JobDetails) {
+    if d.checkpoint_interval_ms == 0 && d.checkpoints.is_empty() {
+        println!("\ncheckpoints: disabled (execution.checkpointing.interval is not set)");
+        return;
+    }
+    if d.checkpoint_interval_ms > 0 {
+        println!("\ncheckpoints (every {})", millis(d.checkpoint_interval_ms));
+    } else {
+        println!("\ncheckpoints");
+    }
+    if d.checkpoints.is_empty() {
+        println!("  none yet");
+        return;
+    }
+    let rows: Vec<Vec<String>> = d
+        .checkpoints
+        .iter()
+        .rev()
+        .map(|c| {
+            vec![
+                c.checkpoint_id.to_string(),
+                c.state.clone(),
+                timestamp(c.trigger_time_ms),
+                millis(c.duration_ms),
+                size(c.size_bytes),
+                if c.total_tasks > 0 { format!("{}/{}", c.acknowledged, c.total_tasks) } else { "-".into() },
+                c.failure.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        indent(&table(&["ID", "STATE", "TRIGGERED", "DURATION", "SIZE", "ACKED", "FAILURE"], &rows))
+    );
+}
+
+fn checkpoint_ref_json(r: &pb::CheckpointRef) -> serde_json::Value {
+    json!({"job_id": r.job_id, "checkpoint_id": r.checkpoint_id, "metadata_path": r.metadata_path,
+           "restored_at_ms": r.restored_at_ms})
+}
+
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
@@ -418,7 +484,14 @@ fn details_json(d: &pb::JobDetails) -> serde_json::Value {
         "status_message": d.status_message,
         "restarts": d.restarts,
         "versions": d.versions.iter().map(|v| json!({"version": v.version, "state": v.state,
-            "parallelism": v.parallelism, "created_at_ms": v.created_at_ms})).collect::<Vec<_>>(),
+            "parallelism": v.parallelism, "created_at_ms": v.created_at_ms,
+            "restored_from": v.restored_from.as_ref().map(checkpoint_ref_json)})).collect::<Vec<_>>(),
+        "checkpoint_interval_ms": d.checkpoint_interval_ms,
+        "checkpoints": d.checkpoints.iter().map(|c| json!({"id": c.checkpoint_id, "state": c.state,
+            "trigger_time_ms": c.trigger_time_ms, "duration_ms": c.duration_ms, "size_bytes": c.size_bytes,
+            "failure": c.failure, "version": c.version, "attempt": c.attempt, "acknowledged": c.acknowledged,
+            "total_tasks": c.total_tasks, "metadata_path": c.metadata_path})).collect::<Vec<_>>(),
+        "restored_from": d.restored_from.as_ref().map(checkpoint_ref_json),
         "tasks": d.tasks.iter().map(|t| json!({"task_id": t.task_id, "version": t.version, "subtask": t.subtask,
             "attempt": t.attempt, "state": t.state, "taskmanager_id": t.taskmanager_id,
             "taskmanager_address": t.taskmanager_address, "slot": t.slot_index, "failure": t.failure,

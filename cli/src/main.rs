@@ -39,6 +39,10 @@ enum Command {
         /// Return right after submission instead of waiting for the job to run.
         #[arg(long, short = 'd')]
         detached: bool,
+        /// Start from the latest completed checkpoint of the most recent earlier job with the
+        /// same name (fails when there is none).
+        #[arg(long)]
+        restore: bool,
     },
     /// List jobs.
     List,
@@ -78,7 +82,9 @@ fn main() -> ExitCode {
         Command::Resourcemanager => session.role(keel::RoleCmd::ResourceManager),
         Command::Jobmanager => session.role(keel::RoleCmd::JobManager),
         Command::Taskmanager => session.role(keel::RoleCmd::TaskManager),
-        Command::Run { file, detached } => session.client(|c| async move { c.run(&file, detached).await }),
+        Command::Run { file, detached, restore } => {
+            session.client(|c| async move { c.run(&file, detached, restore).await })
+        }
         Command::List => session.client(|c| async move { c.list().await }),
         Command::Status { job } => session.client(|c| async move { c.status(&job).await }),
         Command::Cancel { job, detached } => {

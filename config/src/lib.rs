@@ -5,6 +5,8 @@
 //!   what it means. `keel config keys` prints this table.
 //! - [`Config`]: the typed configuration, built from (lowest to highest precedence) the defaults,
 //!   the YAML file, `KEEL_*` environment variables and `--set key=value` flags.
+//! - [`CheckpointConfig`]: the checkpointing settings; a job spec may override the keys in
+//!   [`JOB_CONFIG_KEYS`] for that job alone.
 //! - [`parse_duration`]: Flink-style durations (`500 ms`, `3 s`, `5 min`; a bare number is ms).
 //!
 //! Unknown keys are an error that names them, wherever they come from.
@@ -78,7 +80,11 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "taskmanager.rpc.address", default: "127.0.0.1", help: "host the TaskManager binds and advertises" },
     KeyInfo { key: "taskmanager.rpc.port", default: "0", help: "port of the TaskManager (0 picks a free one)" },
     KeyInfo { key: "restart-strategy.fixed-delay.delay", default: "1 s", help: "pause before a failed job version is restarted" },
-    KeyInfo { key: "state.checkpoints.dir", default: "/tmp/keel/checkpoints", help: "directory where checkpoint data is written" },
+    KeyInfo { key: "state.checkpoints.dir", default: "/tmp/keel/checkpoints", help: "directory where checkpoint metadata is written (`<dir>/<job_id>/chk-<id>/_metadata`); a job spec may override it" },
+    KeyInfo { key: "execution.checkpointing.interval", default: "", help: "how often the JobManager triggers a checkpoint of each running job; empty disables checkpointing; a job spec may override it" },
+    KeyInfo { key: "execution.checkpointing.timeout", default: "10 min", help: "a checkpoint not acknowledged by every task within this time is failed; a job spec may override it" },
+    KeyInfo { key: "execution.checkpointing.min-pause", default: "0", help: "least time between the end of one checkpoint and the trigger of the next; a job spec may override it" },
+    KeyInfo { key: "state.checkpoints.num-retained", default: "1", help: "completed checkpoints kept per job; older ones are deleted; a job spec may override it" },
 ];
 
 fn key_info(key: &str) -> Option<&'static KeyInfo> {
@@ -122,7 +128,10 @@ pub struct Config {
     pub jobmanager_rpc: RpcAddress,
     pub taskmanager_rpc: RpcAddress,
     pub restart_delay: Duration,
+    /// `state.checkpoints.dir` (the same as `checkpointing.dir`).
     pub checkpoints_dir: PathBuf,
+    /// The cluster's checkpointing defaults (`execution.checkpointing.*`, `state.checkpoints.*`).
+    pub checkpointing: CheckpointConfig,
     /// Every key with its effective value and where it came from, for `keel config show`.
     pub effective: BTreeMap<String, (String, String)>,
 }
@@ -274,6 +283,10 @@ impl Config {
             return Err(invalid("taskmanager.numberOfTaskSlots", "must be at least 1".into()));
         }
         let tm_id = string("taskmanager.id");
+        let mut checkpointing = CheckpointConfig::builtin();
+        for key in JOB_CONFIG_KEYS {
+            checkpointing.set(key, get(key).0).map_err(|reason| invalid(key, reason))?;
+        }
         let config = Config {
             ha: HaConfig { backend, cluster_id },
             heartbeat_interval,
@@ -294,11 +307,117 @@ impl Config {
                 port: port("taskmanager.rpc.port")?,
             },
             restart_delay: duration("restart-strategy.fixed-delay.delay")?,
-            checkpoints_dir: PathBuf::from(string("state.checkpoints.dir")),
+            checkpoints_dir: checkpointing.dir.clone(),
+            checkpointing,
             effective: raw.clone(),
         };
         Ok(config)
     }
+}
+
+/// The configuration keys a job spec may set for itself (its top-level `config:` mapping).
+pub const JOB_CONFIG_KEYS: &[&str] = &[
+    "execution.checkpointing.interval",
+    "execution.checkpointing.timeout",
+    "execution.checkpointing.min-pause",
+    "state.checkpoints.num-retained",
+    "state.checkpoints.dir",
+];
+
+/// Checkpointing settings. The cluster configuration gives the defaults; a job spec's
+/// `config:` mapping overrides them for that job ([`CheckpointConfig::with_overrides`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointConfig {
+    /// `execution.checkpointing.interval`; `None` (the default) disables checkpointing.
+    pub interval: Option<Duration>,
+    /// `execution.checkpointing.timeout`: a checkpoint not complete by then is failed.
+    pub timeout: Duration,
+    /// `execution.checkpointing.min-pause`: least time from the end of one checkpoint to the
+    /// trigger of the next.
+    pub min_pause: Duration,
+    /// `state.checkpoints.num-retained`: completed checkpoints kept per job (at least 1).
+    pub num_retained: u32,
+    /// `state.checkpoints.dir`: checkpoints go to `<dir>/<job_id>/chk-<id>/`.
+    pub dir: PathBuf,
+}
+
+impl CheckpointConfig {
+    /// The built-in defaults (those of [`KEYS`]).
+    fn builtin() -> CheckpointConfig {
+        CheckpointConfig {
+            interval: None,
+            timeout: Duration::from_secs(600),
+            min_pause: Duration::ZERO,
+            num_retained: 1,
+            dir: PathBuf::from("/tmp/keel/checkpoints"),
+        }
+    }
+
+    /// Sets one of the [`JOB_CONFIG_KEYS`] from its text; the error says why the value (or the
+    /// key) is not accepted.
+    pub fn set(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let value = value.trim();
+        let positive = |value: &str| -> std::result::Result<Duration, String> {
+            let d = parse_duration(value)?;
+            if d.is_zero() {
+                return Err("must be greater than zero".into());
+            }
+            Ok(d)
+        };
+        match key {
+            "execution.checkpointing.interval" => {
+                self.interval =
+                    if value.is_empty() {
+                        None
+                    } else {
+                        Some(positive(value).map_err(|r| {
+                            format!("{r} (leave the key empty or out to disable checkpointing)")
+                        })?)
+                    };
+            }
+            "execution.checkpointing.timeout" => self.timeout = positive(value)?,
+            "execution.checkpointing.min-pause" => self.min_pause = parse_duration(value)?,
+            "state.checkpoints.num-retained" => {
+                let n: u32 = value.parse().map_err(|e| format!("not a number: {e}"))?;
+                if n == 0 {
+                    return Err("must be at least 1".into());
+                }
+                self.num_retained = n;
+            }
+            "state.checkpoints.dir" => {
+                if value.is_empty() {
+                    return Err("must not be empty".into());
+                }
+                self.dir = PathBuf::from(value);
+            }
+            other => {
+                return Err(format!(
+                    "{other:?} cannot be set per job; accepted keys: {}",
+                    JOB_CONFIG_KEYS.join(", ")
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// These settings with a job's overrides applied. The error names the offending key and
+    /// says why.
+    pub fn with_overrides<'a>(
+        &self,
+        overrides: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> std::result::Result<CheckpointConfig, (String, String)> {
+        let mut out = self.clone();
+        for (key, value) in overrides {
+            out.set(key, value).map_err(|reason| (key.clone(), reason))?;
+        }
+        Ok(out)
+    }
+}
+
+/// Checks one entry of a job spec's `config:` mapping: the key must be one of
+/// [`JOB_CONFIG_KEYS`] and the value must parse. The error says why.
+pub fn check_job_config(key: &str, value: &str) -> std::result::Result<(), String> {
+    CheckpointConfig::builtin().set(key, value)
 }
 
 /// Reads a YAML config file into flat `key -> value` pairs. Nested mappings are flattened with
@@ -496,6 +615,53 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("3 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn checkpointing_is_off_by_default_and_set_by_keys() {
+        let c = Config::defaults();
+        assert_eq!(c.checkpointing.interval, None);
+        assert_eq!(c.checkpointing.timeout, Duration::from_secs(600));
+        assert_eq!(c.checkpointing.min_pause, Duration::ZERO);
+        assert_eq!(c.checkpointing.num_retained, 1);
+        assert_eq!(c.checkpointing.dir, c.checkpoints_dir);
+        let c = Config::load(&ConfigSources {
+            flags: vec![
+                "execution.checkpointing.interval=500 ms".into(),
+                "state.checkpoints.num-retained=3".into(),
+            ],
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(c.checkpointing.interval, Some(Duration::from_millis(500)));
+        assert_eq!(c.checkpointing.num_retained, 3);
+        let err = Config::load(&ConfigSources {
+            flags: vec!["execution.checkpointing.interval=0".into()],
+            ..Default::default()
+        })
+        .expect_err("zero interval");
+        assert!(err.to_string().contains("execution.checkpointing.interval"), "{err}");
+    }
+
+    #[test]
+    fn job_overrides_apply_and_name_the_bad_key() {
+        let base = Config::defaults().checkpointing;
+        let overrides: BTreeMap<String, String> = [
+            ("execution.checkpointing.interval".to_string(), "2 s".to_string()),
+            ("execution.checkpointing.min-pause".to_string(), "100ms".to_string()),
+        ]
+        .into();
+        let c = base.with_overrides(&overrides).expect("valid overrides");
+        assert_eq!(c.interval, Some(Duration::from_secs(2)));
+        assert_eq!(c.min_pause, Duration::from_millis(100));
+        assert_eq!(c.timeout, base.timeout);
+        let bad: BTreeMap<String, String> =
+            [("state.checkpoints.num-retained".to_string(), "0".to_string())].into();
+        let (key, reason) = base.with_overrides(&bad).expect_err("zero retained");
+        assert_eq!(key, "state.checkpoints.num-retained");
+        assert!(reason.contains("at least 1"), "{reason}");
+        assert!(check_job_config("heartbeat.interval", "1 s").is_err());
+        assert!(check_job_config("execution.checkpointing.timeout", "soon").is_err());
     }
 
     #[test]

@@ -5,16 +5,25 @@
 //! store with a fenced write before the driver acts on it, so a new leader continues from the
 //! last state this one managed to record; if the write is refused, leadership is gone and the
 //! driver stops without acting further.
+//!
+//! Every attempt starts from the checkpoint the job's HA pointer names, if any (the latest
+//! completed one, or for `keel run --restore` an earlier job's); a pointer whose metadata cannot
+//! be read fails the job with a message naming the file instead of starting fresh. While the
+//! attempt runs, a checkpoint coordinator loop ([`crate::coordinator`]) runs beside it; it is
+//! stopped, and a pending checkpoint abandoned, when the attempt ends.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_proto::pb::task_manager_client::TaskManagerClient;
 use keel_proto::pb::{self, TaskState};
 use keel_proto::{JobState, KeelError, Result, TaskStateExt};
+use keel_spec::JobSpec;
 use tokio::sync::mpsc;
 
-use crate::record::{task_id, TaskRecord};
+use crate::checkpoint::{AttemptTask, Settings};
+use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
+use crate::record::{now_ms, task_id, RestoredFrom, TaskRecord};
 use crate::{JobHandle, JobManagerCtx, LeaderState};
 
 /// How long a deploy or cancel call to a TaskManager may take.
@@ -102,6 +111,45 @@ impl Driver {
             };
             self.set_state(JobState::Scheduled, format!("waiting for {parallelism} slots")).await?;
 
+            // Checkpointing settings (the cluster's, overridden by the spec's `config:`).
+            let checkpointing = match JobSpec::parse(&spec_yaml).and_then(|spec| {
+                self.ctx
+                    .config
+                    .checkpointing
+                    .with_overrides(&spec.config)
+                    .map_err(|(key, reason)| KeelError::invalid_spec(format!("config.{key}"), reason))
+            }) {
+                Ok(c) => c,
+                Err(err) => {
+                    self.set_state(JobState::Failed, err.to_string()).await?;
+                    return Ok(());
+                }
+            };
+
+            // The checkpoint to restore from.
+            let restore = match coordinator::load_restore(&self.ctx.pointers, &self.job.job_id, parallelism)
+                .await
+            {
+                Ok(r) => r,
+                Err(RestoreError::Unusable(reason)) => {
+                    tracing::error!(job_id = %self.job.job_id, version, %reason, "cannot restore the job from its checkpoint");
+                    self.set_state(
+                        JobState::Failed,
+                        format!("cannot restore from the latest checkpoint: {reason}"),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                Err(RestoreError::Ha(err)) => {
+                    tracing::warn!(job_id = %self.job.job_id, error = %err, "cannot read the checkpoint pointer; retrying");
+                    if self.restart_pause(format!("cannot read the checkpoint pointer: {err}")).await? {
+                        return self.finish_cancel(&[]).await;
+                    }
+                    continue;
+                }
+            };
+            self.record_restore(restore.as_ref());
+
             // Slots.
             let request = pb::RequestSlotsRequest {
                 jobmanager: Some(self.st.stamp()),
@@ -164,9 +212,20 @@ impl Driver {
             *self.job.tasks_mut() = tasks.clone();
             self.set_state(JobState::Deploying, "").await?;
 
-            let end = match self.deploy(&tasks, &spec_yaml, parallelism).await {
+            let end = match self.deploy(&tasks, &spec_yaml, parallelism, restore.as_ref()).await {
                 Err(reason) => AttemptEnd::Failed(reason),
-                Ok(()) => self.watch_attempt().await?,
+                Ok(()) => {
+                    let coordinator = self.start_checkpointing(&tasks, &checkpointing, version, attempt);
+                    let watched = self.watch_attempt().await;
+                    let why = match &watched {
+                        Ok(AttemptEnd::Finished) => "the attempt finished".to_string(),
+                        Ok(AttemptEnd::Cancel) => "the job is being canceled".to_string(),
+                        Ok(AttemptEnd::Failed(reason)) => format!("attempt {attempt} failed: {reason}"),
+                        Err(e) => format!("attempt {attempt} ended: {e}"),
+                    };
+                    self.stop_checkpointing(coordinator, &why).await;
+                    watched?
+                }
             };
             match end {
                 AttemptEnd::Finished => {
@@ -209,11 +268,95 @@ impl Driver {
         }
     }
 
+    /// Records on the active version which checkpoint this attempt starts from, and shows a
+    /// checkpoint the job completed under an earlier leader in its stats.
+    fn record_restore(&self, restore: Option<&Restore>) {
+        let restored_from = restore.map(|r| RestoredFrom {
+            job_id: r.pointer.job_id.clone(),
+            checkpoint_id: r.pointer.checkpoint_id,
+            metadata_path: r.pointer.metadata_path.clone(),
+            restored_at_ms: now_ms(),
+        });
+        if let Some(r) = restore {
+            tracing::info!(job_id = %self.job.job_id, checkpoint_id = r.pointer.checkpoint_id,
+                checkpoint_job_id = %r.pointer.job_id, path = %r.pointer.metadata_path,
+                "restoring from checkpoint");
+            if r.pointer.job_id == self.job.job_id {
+                self.job.checkpoints().note_completed(r.pointer.stat());
+            }
+        }
+        if let Some(v) = self.job.record_mut().active_mut() {
+            v.restored_from = restored_from;
+        }
+    }
+
+    /// Hands the attempt's tasks to the job's checkpoint tracker and, when checkpointing is
+    /// enabled, starts the coordinator loop of the attempt.
+    fn start_checkpointing(
+        &self,
+        tasks: &[TaskRecord],
+        config: &keel_config::CheckpointConfig,
+        version: u32,
+        attempt: u32,
+    ) -> Option<(tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)> {
+        let settings = config.interval.map(|interval| Settings {
+            interval,
+            timeout: config.timeout,
+            min_pause: config.min_pause,
+            num_retained: config.num_retained,
+        });
+        let attempt_tasks = tasks
+            .iter()
+            .map(|t| AttemptTask {
+                task_id: t.task_id.clone(),
+                subtask: t.subtask,
+                address: t.taskmanager_address.clone(),
+            })
+            .collect();
+        self.job.checkpoints().begin_attempt(version, attempt, attempt_tasks, settings, Instant::now());
+        let settings = settings?;
+        tracing::info!(job_id = %self.job.job_id, version, attempt, interval_ms = settings.interval.as_millis() as u64,
+            dir = %config.dir.display(), "checkpointing enabled");
+        let scope = self.st.leadership.lost().child_token();
+        let cfg = AttemptCheckpointing {
+            dir: config.dir.clone(),
+            num_retained: settings.num_retained,
+            job_name: self.job.record().name,
+        };
+        let handle = tokio::spawn(coordinator::run(
+            self.ctx.clone(),
+            self.st.clone(),
+            self.job.clone(),
+            cfg,
+            scope.clone(),
+        ));
+        Some((scope, handle))
+    }
+
+    /// Stops the attempt's coordinator loop (a completion in progress finishes first) and
+    /// abandons a pending checkpoint.
+    async fn stop_checkpointing(
+        &self,
+        coordinator: Option<(tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)>,
+        why: &str,
+    ) {
+        if let Some((scope, handle)) = coordinator {
+            scope.cancel();
+            if let Err(error) = handle.await {
+                tracing::error!(job_id = %self.job.job_id, %error, "checkpoint coordinator panicked");
+            }
+        }
+        if let Some(id) = self.job.checkpoints().end_attempt(why, Instant::now()) {
+            tracing::info!(job_id = %self.job.job_id, checkpoint_id = id, reason = %why, "pending checkpoint abandoned");
+        }
+    }
+
     async fn deploy(
         &self,
         tasks: &[TaskRecord],
         spec_yaml: &str,
         parallelism: u32,
+        restore: Option<&Restore>,
     ) -> std::result::Result<(), String> {
         let calls = tasks.iter().map(|t| {
             let req = pb::DeployTaskRequest {
@@ -227,7 +370,9 @@ impl Driver {
                 parallelism,
                 attempt: t.attempt,
                 spec_yaml: spec_yaml.to_string(),
-                restore_state: Vec::new(),
+                restore_state: restore
+                    .and_then(|r| r.states.get(t.subtask as usize).cloned())
+                    .unwrap_or_default(),
             };
             let address = t.taskmanager_address.clone();
             async move {

@@ -2,7 +2,12 @@
 //!
 //! Layout:
 //! - [`record`]: the durable job record kept in the HA store and the live task table.
-//! - [`driver`]: one task per job that schedules, deploys, watches, restarts and cancels it.
+//! - [`driver`]: one task per job that schedules, deploys, watches, restarts and cancels it;
+//!   each attempt is deployed from the job's latest completed checkpoint, if it has one.
+//! - [`checkpoint`]: the checkpoint coordinator's decisions (pure: when to trigger, which
+//!   acknowledgements count, timeouts, retention) and the metadata and pointer formats.
+//! - [`coordinator`]: the checkpoint coordinator's I/O, one loop per running attempt: trigger,
+//!   complete (metadata file, fenced HA pointer, notify), retention, and restore.
 //! - this file: the gRPC service and the leader scope. Every JobManager process serves gRPC;
 //!   only the elected leader has a [`LeaderState`]. Standbys answer with a typed `NotLeader`
 //!   error carrying the leader's address. A new leader recovers every job from the HA store and
@@ -13,6 +18,8 @@
 //! epoch; every HA write is conditional on still holding leadership; task reports stamped with
 //! an older leader's epoch are treated as unknown, so the TaskManager cancels those tasks.
 
+pub mod checkpoint;
+pub mod coordinator;
 pub mod driver;
 pub mod record;
 
@@ -22,24 +29,28 @@ use std::time::{Duration, Instant};
 
 use keel_client::{Channels, LeaderClient};
 use keel_config::Config;
-use keel_ha::{HaServices, JobStore, LeaderInfo, Leadership, Role};
+use keel_ha::{CheckpointPointerStore, HaServices, JobStore, LeaderInfo, Leadership, Role};
 use keel_proto::pb::job_manager_server::{JobManager as JmApi, JobManagerServer};
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::{self, task_manager_event, TaskState};
 use keel_proto::{JobState, KeelError, Result, TaskStateExt};
 use keel_spec::JobSpec;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::checkpoint::{CheckpointPointer, CheckpointTracker};
 use crate::driver::{Driver, JobEvent};
-use crate::record::{now_ms, JobRecord, TaskRecord, VersionRecord};
+use crate::record::{now_ms, JobRecord, RestoredFrom, TaskRecord, VersionRecord};
 
 /// What every part of a JobManager process shares, leader or not.
 pub(crate) struct JobManagerCtx {
     pub config: Config,
     pub address: String,
     pub jobs: JobStore,
+    pub ha: Arc<dyn HaServices>,
+    /// `checkpoints/<job_id>`: each job's latest completed checkpoint.
+    pub pointers: CheckpointPointerStore,
     pub rm: LeaderClient,
     pub channels: Channels,
     pub leader_watch: watch::Receiver<Option<LeaderInfo>>,
@@ -75,6 +86,9 @@ pub(crate) struct JobHandle {
     record: Mutex<JobRecord>,
     tasks: Mutex<Vec<TaskRecord>>,
     events: mpsc::UnboundedSender<JobEvent>,
+    checkpoints: Mutex<CheckpointTracker>,
+    /// Wakes the checkpoint coordinator (the last acknowledgement of a checkpoint arrived).
+    pub checkpoint_wake: Notify,
 }
 
 impl JobHandle {
@@ -92,6 +106,11 @@ impl JobHandle {
 
     pub fn tasks_mut(&self) -> MutexGuard<'_, Vec<TaskRecord>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The job's checkpoint coordinator state.
+    pub fn checkpoints(&self) -> MutexGuard<'_, CheckpointTracker> {
+        self.checkpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn send(&self, event: JobEvent) {
@@ -208,11 +227,14 @@ impl JobManager {
     fn spawn_driver(&self, st: &Arc<LeaderState>, record: JobRecord) -> Arc<JobHandle> {
         let (tx, rx) = mpsc::unbounded_channel();
         let terminal = record.state.is_terminal();
+        let job_id = record.job_id.clone();
         let handle = Arc::new(JobHandle {
-            job_id: record.job_id.clone(),
+            job_id: job_id.clone(),
             record: Mutex::new(record),
             tasks: Mutex::new(Vec::new()),
             events: tx,
+            checkpoints: Mutex::new(CheckpointTracker::new(job_id)),
+            checkpoint_wake: Notify::new(),
         });
         st.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(handle.job_id.clone(), handle.clone());
         if !terminal {
@@ -222,7 +244,39 @@ impl JobManager {
         handle
     }
 
-    async fn submit(&self, spec_yaml: String) -> Result<pb::SubmitJobResponse> {
+    /// The checkpoint a job submitted with `--restore` starts from: the latest completed
+    /// checkpoint of the most recent earlier job named `name`. Its metadata is read now, so a
+    /// missing file or another parallelism is refused at submission.
+    async fn restore_source(
+        &self,
+        st: &LeaderState,
+        name: &str,
+        parallelism: u32,
+    ) -> Result<CheckpointPointer> {
+        let earlier = st
+            .jobs()
+            .into_iter()
+            .map(|j| j.record())
+            .filter(|r| r.name == name)
+            .max_by_key(|r| r.created_at_ms)
+            .ok_or_else(|| {
+                KeelError::precondition(format!(
+                    "cannot restore: there is no earlier job named {name:?} to restore from"
+                ))
+            })?;
+        let pointer: CheckpointPointer = self.ctx.pointers.get(&earlier.job_id).await?.ok_or_else(|| {
+            KeelError::precondition(format!(
+                "cannot restore: the latest job named {name:?} (id {}, {}) has no completed checkpoint",
+                earlier.job_id, earlier.state
+            ))
+        })?;
+        coordinator::load_states(&pointer, parallelism)
+            .await
+            .map_err(|reason| KeelError::precondition(format!("cannot restore: {reason}")))?;
+        Ok(pointer)
+    }
+
+    async fn submit(&self, spec_yaml: String, restore: bool) -> Result<pb::SubmitJobResponse> {
         let st = self.leader_state()?;
         let spec = JobSpec::parse(&spec_yaml)?;
         if let Some(existing) =
@@ -235,9 +289,20 @@ impl JobManager {
                 ),
             });
         }
+        let restore_from = match restore {
+            true => Some(self.restore_source(&st, &spec.name, spec.parallelism).await?),
+            false => None,
+        };
         let now = now_ms();
+        let job_id = uuid::Uuid::new_v4().simple().to_string();
+        let restored_from = restore_from.as_ref().map(|p| RestoredFrom {
+            job_id: p.job_id.clone(),
+            checkpoint_id: p.checkpoint_id,
+            metadata_path: p.metadata_path.clone(),
+            restored_at_ms: now,
+        });
         let record = JobRecord {
-            job_id: uuid::Uuid::new_v4().simple().to_string(),
+            job_id: job_id.clone(),
             name: spec.name.clone(),
             state: JobState::Created,
             active_version: 1,
@@ -247,6 +312,7 @@ impl JobManager {
                 state: JobState::Created,
                 created_at_ms: now,
                 parallelism: spec.parallelism,
+                restored_from: restored_from.clone(),
             }],
             created_at_ms: now,
             attempts: 0,
@@ -254,17 +320,42 @@ impl JobManager {
             status_message: String::new(),
             cancel_requested: false,
         };
+        if let Some(pointer) = &restore_from {
+            // The new job's pointer names the earlier job's checkpoint, so every attempt of the
+            // new job (and a new leader) starts from it until the job completes its own.
+            self.ctx.pointers.set(&st.leadership, &job_id, pointer).await?;
+        }
         // Durable before acknowledged: a leader that dies right after answering still leaves the
         // job for the next one.
         self.ctx.jobs.put(&st.leadership, &record.job_id, &record).await?;
         tracing::info!(job_id = %record.job_id, name = %record.name, version = 1,
-            parallelism = spec.parallelism, epoch = st.leadership.epoch, "job submitted");
+            parallelism = spec.parallelism, epoch = st.leadership.epoch,
+            restored_from_job = restore_from.as_ref().map(|p| p.job_id.as_str()).unwrap_or(""),
+            checkpoint_id = restore_from.as_ref().map(|p| p.checkpoint_id).unwrap_or(0),
+            "job submitted");
         let handle = self.spawn_driver(&st, record);
-        Ok(pb::SubmitJobResponse { job_id: handle.job_id.clone(), name: spec.name, version: 1 })
+        Ok(pb::SubmitJobResponse {
+            job_id: handle.job_id.clone(),
+            name: spec.name,
+            version: 1,
+            restored_from: restored_from.map(|r| r.to_pb()),
+        })
+    }
+
+    /// The effective `execution.checkpointing.interval` of the job's active version (the
+    /// cluster's, overridden by the spec's `config:`); zero when checkpointing is off.
+    fn checkpoint_interval(&self, r: &JobRecord) -> Duration {
+        r.active()
+            .and_then(|v| JobSpec::parse(&v.spec_yaml).ok())
+            .and_then(|spec| self.ctx.config.checkpointing.with_overrides(&spec.config).ok())
+            .and_then(|c| c.interval)
+            .unwrap_or_default()
     }
 
     fn details(&self, job: &JobHandle) -> pb::JobDetails {
         let r = job.record();
+        let checkpoints = job.checkpoints().stats(Instant::now());
+        let interval = self.checkpoint_interval(&r);
         pb::JobDetails {
             summary: Some(job.summary()),
             versions: r
@@ -276,11 +367,30 @@ impl JobManager {
                     created_at_ms: v.created_at_ms,
                     parallelism: v.parallelism,
                     spec_yaml: v.spec_yaml.clone(),
+                    restored_from: v.restored_from.as_ref().map(RestoredFrom::to_pb),
                 })
                 .collect(),
             tasks: job.tasks().iter().map(TaskRecord::to_pb).collect(),
             status_message: r.status_message.clone(),
             restarts: r.restarts,
+            checkpoints: checkpoints
+                .into_iter()
+                .map(|c| pb::CheckpointStats {
+                    checkpoint_id: c.checkpoint_id,
+                    state: c.state.as_str().to_string(),
+                    trigger_time_ms: c.trigger_time_ms,
+                    duration_ms: c.duration_ms,
+                    size_bytes: c.size_bytes,
+                    failure: c.failure,
+                    version: c.version,
+                    attempt: c.attempt,
+                    acknowledged: c.acknowledged,
+                    total_tasks: c.total_tasks,
+                    metadata_path: c.metadata_path,
+                })
+                .collect(),
+            restored_from: r.active().and_then(|v| v.restored_from.as_ref()).map(RestoredFrom::to_pb),
+            checkpoint_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
@@ -471,7 +581,8 @@ impl JmApi for JmService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> std::result::Result<Response<pb::SubmitJobResponse>, Status> {
-        Ok(Response::new(self.0.submit(request.into_inner().spec_yaml).await?))
+        let req = request.into_inner();
+        Ok(Response::new(self.0.submit(req.spec_yaml, req.restore).await?))
     }
 
     async fn cancel_job(
@@ -545,13 +656,43 @@ impl JmApi for JmService {
         &self,
         request: Request<pb::AcknowledgeCheckpointRequest>,
     ) -> std::result::Result<Response<pb::AcknowledgeCheckpointResponse>, Status> {
-        let _st = self.0.leader_state()?;
+        let st = self.0.leader_state()?;
         let req = request.into_inner();
-        Err(KeelError::precondition(format!(
-            "checkpoint {} of task {} was not triggered by this jobmanager (checkpointing is not enabled for job {})",
-            req.checkpoint_id, req.task_id, req.job_id
-        ))
-        .into())
+        let job = st.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&req.job_id).cloned();
+        let Some(job) = job else {
+            return Err(KeelError::CheckpointRejected {
+                job_id: req.job_id.clone(),
+                checkpoint_id: req.checkpoint_id,
+                reason: "this jobmanager leader does not know the job".into(),
+            }
+            .into());
+        };
+        let outcome = job.checkpoints().acknowledge(
+            &req.task_id,
+            req.version,
+            req.checkpoint_id,
+            &req.state_handle,
+            req.state_size,
+            Instant::now(),
+        );
+        match outcome {
+            Ok(outcome) => {
+                tracing::debug!(job_id = %req.job_id, task_id = %req.task_id, checkpoint_id = req.checkpoint_id,
+                    ?outcome, "checkpoint acknowledged");
+                if outcome == checkpoint::AckOutcome::AllAcknowledged {
+                    job.checkpoint_wake.notify_one();
+                }
+                Ok(Response::new(pb::AcknowledgeCheckpointResponse {}))
+            }
+            Err(error) => {
+                tracing::info!(job_id = %req.job_id, task_id = %req.task_id, checkpoint_id = req.checkpoint_id,
+                    epoch = st.leadership.epoch, %error, "checkpoint acknowledgement rejected");
+                // A state handle that was not JSON failed the pending checkpoint: let the
+                // coordinator move on.
+                job.checkpoint_wake.notify_one();
+                Err(error.into())
+            }
+        }
     }
 
     async fn leader_info(
@@ -592,6 +733,8 @@ pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: Cancellation
     let ctx = Arc::new(JobManagerCtx {
         leader_watch: ha.watch_leader(Role::JobManager, shutdown.clone()),
         jobs: JobStore::new(ha.clone()),
+        pointers: CheckpointPointerStore::new(ha.clone()),
+        ha: ha.clone(),
         rm,
         channels: Channels::default(),
         address,

@@ -12,6 +12,31 @@ pub struct VersionRecord {
     pub state: JobState,
     pub created_at_ms: u64,
     pub parallelism: u32,
+    /// The checkpoint the latest attempt of this version was deployed from (set at submission
+    /// for `keel run --restore`, and whenever an attempt restores from the job's HA pointer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<RestoredFrom>,
+}
+
+/// A checkpoint an attempt restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoredFrom {
+    /// The job that took the checkpoint (an earlier job for `keel run --restore`).
+    pub job_id: String,
+    pub checkpoint_id: u64,
+    pub metadata_path: String,
+    pub restored_at_ms: u64,
+}
+
+impl RestoredFrom {
+    pub fn to_pb(&self) -> pb::CheckpointRef {
+        pb::CheckpointRef {
+            job_id: self.job_id.clone(),
+            checkpoint_id: self.checkpoint_id,
+            metadata_path: self.metadata_path.clone(),
+            restored_at_ms: self.restored_at_ms,
+        }
+    }
 }
 
 /// The durable record of a job (`jobs/<job_id>` in the HA store).

@@ -7,6 +7,10 @@
 //! - [`connectors`]: the connectors Keel knows, the options each accepts, and their typed
 //!   configurations ([`SourceConfig`], [`SinkConfig`]) that the TaskManager builds tasks from.
 //!
+//! A spec may also carry a top-level `config:` mapping of configuration keys that apply to this
+//! job alone (the checkpointing keys of `keel_config::JOB_CONFIG_KEYS`); errors name
+//! `config.<key>`.
+//!
 //! Option values may be any YAML scalar; they are kept as strings, as in Flink's `WITH (...)`
 //! clause. A nested mapping is flattened with dots, so `properties: {bootstrap.servers: b:9092}`
 //! means `properties.bootstrap.servers: b:9092`.
@@ -26,7 +30,7 @@ pub const DEFAULT_MAX_PARALLELISM: u32 = 128;
 /// The highest `maxParallelism` accepted (Flink's limit, 2^15).
 pub const MAX_MAX_PARALLELISM: u32 = 32768;
 
-const TOP_LEVEL_KEYS: &[&str] = &["name", "parallelism", "maxParallelism", "sources", "sinks"];
+const TOP_LEVEL_KEYS: &[&str] = &["name", "parallelism", "maxParallelism", "config", "sources", "sinks"];
 
 /// A validated job spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +41,10 @@ pub struct JobSpec {
     pub max_parallelism: u32,
     pub sources: Vec<ConnectorSpec>,
     pub sinks: Vec<ConnectorSpec>,
+    /// Configuration keys set for this job alone (`config:`), checked against
+    /// `keel_config::JOB_CONFIG_KEYS`; values as strings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
 }
 
 /// One source or sink of a job.
@@ -84,6 +92,7 @@ impl JobSpec {
         let mut max_parallelism = None;
         let mut sources = None;
         let mut sinks = None;
+        let mut config = None;
         for (k, v) in &map {
             let key = key_string(k, "spec")?;
             match key.as_str() {
@@ -92,6 +101,7 @@ impl JobSpec {
                 "maxParallelism" => max_parallelism = Some(v),
                 "sources" => sources = Some(v),
                 "sinks" => sinks = Some(v),
+                "config" => config = Some(v),
                 other => {
                     return Err(KeelError::invalid_spec(
                         other,
@@ -175,7 +185,8 @@ impl JobSpec {
             }
         }
 
-        let spec = JobSpec { name, parallelism, max_parallelism, sources, sinks };
+        let config = job_config(config)?;
+        let spec = JobSpec { name, parallelism, max_parallelism, sources, sinks, config };
         for i in 0..spec.sources.len() {
             spec.source_config(i)?;
         }
@@ -215,6 +226,31 @@ impl JobSpec {
             .map(|(i, _)| i)
             .collect()
     }
+}
+
+/// The `config:` mapping: flattened with dots, every key one of `keel_config::JOB_CONFIG_KEYS`
+/// and every value parsed. Errors name `config.<key>`.
+fn job_config(value: Option<&Value>) -> Result<BTreeMap<String, String>> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(BTreeMap::new()),
+        Some(Value::Mapping(map)) => map,
+        Some(other) => {
+            return Err(KeelError::invalid_spec(
+                "config",
+                format!("must be a mapping of configuration keys to values, found {}", kind(other)),
+            ))
+        }
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in map {
+        let key = key_string(k, "config")?;
+        flatten_option(&key, v, "config", &mut out)?;
+    }
+    for (key, value) in &out {
+        keel_config::check_job_config(key, value)
+            .map_err(|reason| KeelError::invalid_spec(format!("config.{key}"), reason))?;
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -436,3 +436,38 @@ fn duplicate_yaml_keys_are_a_syntax_error() {
     assert_eq!(field, "spec");
     assert!(reason.contains("duplicate"), "{reason}");
 }
+
+/// A job's `config:` mapping keeps the checkpointing keys it sets (flat or nested), and is
+/// empty when left out.
+#[test]
+fn job_config_keeps_checkpointing_keys() {
+    let spec = JobSpec::parse(&format!(
+        "{EXAMPLE}config:\n  execution.checkpointing.interval: 500 ms\n  state:\n    checkpoints.num-retained: 3\n"
+    ))
+    .expect("valid spec");
+    assert_eq!(spec.config.get("execution.checkpointing.interval").map(String::as_str), Some("500 ms"));
+    assert_eq!(spec.config.get("state.checkpoints.num-retained").map(String::as_str), Some("3"));
+    assert!(JobSpec::parse(EXAMPLE).expect("valid").config.is_empty());
+}
+
+/// Only checkpointing keys are accepted in `config:`, their values must parse, and errors name
+/// `config.<key>`.
+#[test]
+fn job_config_rejects_other_keys_and_bad_values() {
+    assert_invalid(
+        &format!("{EXAMPLE}config:\n  heartbeat.interval: 1 s\n"),
+        "config.heartbeat.interval",
+        "accepted keys",
+    );
+    assert_invalid(
+        &format!("{EXAMPLE}config:\n  execution.checkpointing.interval: often\n"),
+        "config.execution.checkpointing.interval",
+        "not a duration",
+    );
+    assert_invalid(
+        &format!("{EXAMPLE}config:\n  state.checkpoints.num-retained: 0\n"),
+        "config.state.checkpoints.num-retained",
+        "at least 1",
+    );
+    assert_invalid(&format!("{EXAMPLE}config: [a]\n"), "config", "mapping");
+}

@@ -30,7 +30,8 @@ fn invalid_spec_names_the_field() -> anyhow::Result<()> {
     let bad_option = "name: broken\nsources:\n  - name: n\n    connector: datagen\n    rows-per-secnd: 5\nsinks:\n  - name: o\n    connector: blackhole\n";
     let err = rt.block_on(async {
         let mut c = JobManagerClient::new(keel_client::channel(&jm)?);
-        match c.submit_job(pb::SubmitJobRequest { spec_yaml: bad_option.into() }).await {
+        let req = pb::SubmitJobRequest { spec_yaml: bad_option.into(), ..Default::default() };
+        match c.submit_job(req).await {
             Ok(_) => anyhow::bail!("an invalid spec was accepted"),
             Err(s) => Ok(KeelError::from_status(&s, &jm)),
         }

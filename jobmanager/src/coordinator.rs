@@ -1,0 +1,596 @@
+//! The checkpoint coordinator's I/O, one loop per running attempt of a job with checkpointing
+//! enabled. The decisions are made by the job's [`CheckpointTracker`](crate::checkpoint); this
+//! module carries them out:
+//!
+//! 1. trigger: take the next id from the fenced HA counter `checkpoint-ids/<job_id>` and send
+//!    `TriggerCheckpoint` (stamped with the leader's epoch) to every task of the attempt; a task
+//!    that refuses fails the checkpoint;
+//! 2. acknowledgements arrive through the gRPC handler, which records them in the tracker and
+//!    wakes this loop when the last one is in;
+//! 3. complete ([`finalize`]): write `<dir>/<job_id>/chk-<id>/_metadata` (temporary file,
+//!    fsync, rename), check leadership, move the HA pointer `checkpoints/<job_id>` with a fenced
+//!    write, and only then send `NotifyCheckpointComplete` to every task;
+//! 4. retention: delete the checkpoint directories beyond `state.checkpoints.num-retained`.
+//!
+//! A checkpoint not complete within the timeout fails; ending the attempt (the driver cancels
+//! the loop's scope) abandons a pending one. Restoring reads the pointer and the metadata file
+//! ([`load_restore`]).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_ha::{CheckpointPointerStore, Counter, Leadership};
+use keel_proto::pb::task_manager_client::TaskManagerClient;
+use keel_proto::pb::{self, TaskState};
+use keel_proto::{KeelError, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{
+    checkpoints_to_delete, AttemptTask, CheckpointMetadata, CheckpointPointer, Next, ReadyCheckpoint,
+    SubtaskMetadata,
+};
+use crate::record::now_ms;
+use crate::{JobHandle, JobManagerCtx, LeaderState};
+
+/// How long a trigger or notify call to a TaskManager may take.
+const TM_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the loop looks again while the attempt's tasks are not all running yet.
+const NOT_RUNNING_POLL: Duration = Duration::from_millis(100);
+/// Pause after the checkpoint id could not be taken from the HA store.
+const COUNTER_RETRY: Duration = Duration::from_secs(1);
+/// The name of the metadata file in a checkpoint directory.
+pub const METADATA_FILE: &str = "_metadata";
+
+/// `<dir>/<job_id>`: the checkpoints of one job.
+pub fn job_dir(dir: &Path, job_id: &str) -> PathBuf {
+    dir.join(job_id)
+}
+
+/// `<dir>/<job_id>/chk-<id>/_metadata`.
+pub fn metadata_path(dir: &Path, job_id: &str, checkpoint_id: u64) -> PathBuf {
+    job_dir(dir, job_id).join(format!("chk-{checkpoint_id}")).join(METADATA_FILE)
+}
+
+/// The HA counter the ids of a job's checkpoints come from.
+pub fn counter_name(job_id: &str) -> String {
+    format!("checkpoint-ids/{job_id}")
+}
+
+/// What the coordinator of one attempt needs besides the job.
+pub(crate) struct AttemptCheckpointing {
+    pub dir: PathBuf,
+    pub num_retained: u32,
+    pub job_name: String,
+}
+
+/// Runs the coordinator of the job's current attempt until `scope` is cancelled. A completion
+/// in progress is finished before the loop looks at `scope` again, so a checkpoint is either
+/// complete (pointer moved) or failed when this returns.
+pub(crate) async fn run(
+    ctx: Arc<JobManagerCtx>,
+    st: Arc<LeaderState>,
+    job: Arc<JobHandle>,
+    cfg: AttemptCheckpointing,
+    scope: CancellationToken,
+) {
+    let counter = Counter::new(ctx.ha.clone(), &counter_name(&job.job_id));
+    let epoch = st.leadership.epoch;
+    loop {
+        if scope.is_cancelled() {
+            return;
+        }
+        let next = job.checkpoints().next();
+        match next {
+            Next::Idle => {
+                tokio::select! {
+                    biased;
+                    _ = scope.cancelled() => return,
+                    _ = job.checkpoint_wake.notified() => {}
+                }
+            }
+            Next::AwaitAcks { checkpoint_id, deadline } => {
+                tokio::select! {
+                    biased;
+                    _ = scope.cancelled() => return,
+                    _ = job.checkpoint_wake.notified() => {}
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        if job.checkpoints().expire(Instant::now()).is_some() {
+                            tracing::warn!(job_id = %job.job_id, checkpoint_id, epoch, "checkpoint timed out");
+                        }
+                    }
+                }
+            }
+            Next::Complete => {
+                let ready = job.checkpoints().take_ready();
+                if let Some(ready) = ready {
+                    complete(&ctx, &st, &job, &cfg, ready).await;
+                }
+            }
+            Next::TriggerAt(at) => {
+                tokio::select! {
+                    biased;
+                    _ = scope.cancelled() => return,
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+                if !all_running(&job) {
+                    tokio::select! {
+                        biased;
+                        _ = scope.cancelled() => return,
+                        _ = tokio::time::sleep(NOT_RUNNING_POLL) => {}
+                    }
+                    continue;
+                }
+                if let Err(error) = trigger(&ctx, &st, &job, &counter).await {
+                    tracing::warn!(job_id = %job.job_id, epoch, %error, "cannot trigger a checkpoint");
+                    tokio::select! {
+                        biased;
+                        _ = scope.cancelled() => return,
+                        _ = tokio::time::sleep(COUNTER_RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// True when every task of the attempt runs (checkpoints are taken of running tasks only).
+fn all_running(job: &JobHandle) -> bool {
+    let tasks = job.tasks();
+    !tasks.is_empty() && tasks.iter().all(|t| t.state == TaskState::Running)
+}
+
+/// Takes the next checkpoint id and sends the trigger to every task. A task that refuses fails
+/// the checkpoint. The error is for an id that could not be taken.
+async fn trigger(ctx: &JobManagerCtx, st: &LeaderState, job: &JobHandle, counter: &Counter) -> Result<()> {
+    let checkpoint_id = counter.next(&st.leadership).await?;
+    let now = Instant::now();
+    let timestamp_ms = now_ms();
+    let tasks: Vec<AttemptTask> = {
+        let mut tracker = job.checkpoints();
+        tracker.trigger(checkpoint_id, now, timestamp_ms)?;
+        tracker.tasks()
+    };
+    tracing::info!(job_id = %job.job_id, checkpoint_id, epoch = st.leadership.epoch, tasks = tasks.len(), "checkpoint triggered");
+    let calls = tasks.iter().map(|t| {
+        let req = pb::TriggerCheckpointRequest {
+            jobmanager: Some(st.stamp()),
+            task_id: t.task_id.clone(),
+            checkpoint_id,
+            timestamp_ms,
+            is_savepoint: false,
+        };
+        async move {
+            let result = async {
+                let mut client = TaskManagerClient::new(ctx.channels.get(&t.address)?);
+                match tokio::time::timeout(TM_CALL_TIMEOUT, client.trigger_checkpoint(req)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(keel_client::status_error(&status, &t.address)),
+                    Err(_) => Err(KeelError::unavailable(&t.address, "TriggerCheckpoint timed out")),
+                }
+            }
+            .await;
+            result.map_err(|e| format!("task {} declined: {e}", t.task_id))
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    if let Some(reason) = results.into_iter().find_map(|r| r.err()) {
+        tracing::warn!(job_id = %job.job_id, checkpoint_id, %reason, "checkpoint trigger failed");
+        job.checkpoints().fail(checkpoint_id, &format!("trigger failed: {reason}"), Instant::now());
+        job.checkpoint_wake.notify_one();
+    }
+    Ok(())
+}
+
+/// Makes a checkpoint every task acknowledged durable, tells the tasks, applies retention,
+/// and records the outcome in the tracker.
+async fn complete(
+    ctx: &JobManagerCtx,
+    st: &LeaderState,
+    job: &JobHandle,
+    cfg: &AttemptCheckpointing,
+    ready: ReadyCheckpoint,
+) {
+    let checkpoint_id = ready.checkpoint_id;
+    let epoch = st.leadership.epoch;
+    let tasks = job.checkpoints().tasks();
+    let notify = |id: u64| notify_tasks(ctx, st, tasks, id);
+    let result =
+        finalize(&st.leadership, &ctx.pointers, &cfg.dir, &job.job_id, &cfg.job_name, &ready, notify).await;
+    match result {
+        Ok(pointer) => {
+            job.checkpoints().complete(checkpoint_id, &pointer.metadata_path, Instant::now());
+            tracing::info!(
+                job_id = %job.job_id,
+                version = ready.version,
+                checkpoint_id,
+                epoch,
+                size_bytes = pointer.size_bytes,
+                duration_ms = pointer.duration_ms,
+                "checkpoint completed"
+            );
+            apply_retention(&cfg.dir, &job.job_id, checkpoint_id, cfg.num_retained).await;
+        }
+        Err(error) => {
+            tracing::warn!(job_id = %job.job_id, checkpoint_id, epoch, %error, "checkpoint could not be completed");
+            job.checkpoints().fail(checkpoint_id, &format!("completion failed: {error}"), Instant::now());
+        }
+    }
+}
+
+/// Completes a checkpoint every task acknowledged: writes its metadata file, then (still
+/// leader) moves the job's HA pointer with a fenced write, then calls `notify`. A leader that
+/// lost its leadership refuses before the metadata is written, again before the pointer moves,
+/// and the pointer write itself is conditional on leadership in the HA store: a deposed leader
+/// never moves the pointer and never notifies the tasks.
+pub(crate) async fn finalize<N, F>(
+    leadership: &Leadership,
+    pointers: &CheckpointPointerStore,
+    dir: &Path,
+    job_id: &str,
+    job_name: &str,
+    ready: &ReadyCheckpoint,
+    notify: N,
+) -> Result<CheckpointPointer>
+where
+    N: FnOnce(u64) -> F,
+    F: Future<Output = ()>,
+{
+    leadership.check()?;
+    let completed_at_ms = now_ms();
+    let duration_ms = u64::try_from(ready.triggered_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let metadata = CheckpointMetadata {
+        format: 1,
+        checkpoint_id: ready.checkpoint_id,
+        job_id: job_id.to_string(),
+        job_name: job_name.to_string(),
+        version: ready.version,
+        attempt: ready.attempt,
+        parallelism: ready.subtasks.len() as u32,
+        trigger_time_ms: ready.trigger_time_ms,
+        completed_at_ms,
+        duration_ms,
+        total_size_bytes: ready.total_size(),
+        subtasks: ready
+            .subtasks
+            .iter()
+            .map(|s| SubtaskMetadata {
+                subtask: s.subtask,
+                task_id: s.task_id.clone(),
+                state_size: s.state_size,
+                state: s.state.clone(),
+            })
+            .collect(),
+    };
+    let path = metadata_path(dir, job_id, ready.checkpoint_id);
+    write_metadata(&path, &metadata).await?;
+    // A deposed leader must not complete a checkpoint.
+    leadership.check()?;
+    let pointer = CheckpointPointer {
+        job_id: job_id.to_string(),
+        checkpoint_id: ready.checkpoint_id,
+        metadata_path: path.display().to_string(),
+        version: ready.version,
+        attempt: ready.attempt,
+        trigger_time_ms: ready.trigger_time_ms,
+        duration_ms,
+        size_bytes: metadata.total_size_bytes,
+        completed_at_ms,
+        epoch: leadership.epoch,
+    };
+    pointers.set(leadership, job_id, &pointer).await?;
+    notify(ready.checkpoint_id).await;
+    Ok(pointer)
+}
+
+/// Tells every task that checkpoint `checkpoint_id` is complete (best effort: a task that
+/// cannot be told commits at a later checkpoint or is restarted from this one).
+async fn notify_tasks(ctx: &JobManagerCtx, st: &LeaderState, tasks: Vec<AttemptTask>, checkpoint_id: u64) {
+    let calls = tasks.iter().map(|t| {
+        let req = pb::NotifyCheckpointCompleteRequest {
+            jobmanager: Some(st.stamp()),
+            task_id: t.task_id.clone(),
+            checkpoint_id,
+        };
+        async move {
+            let result = async {
+                let mut client = TaskManagerClient::new(ctx.channels.get(&t.address)?);
+                match tokio::time::timeout(TM_CALL_TIMEOUT, client.notify_checkpoint_complete(req)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(keel_client::status_error(&status, &t.address)),
+                    Err(_) => Err(KeelError::unavailable(&t.address, "NotifyCheckpointComplete timed out")),
+                }
+            }
+            .await;
+            if let Err(error) = result {
+                tracing::warn!(task_id = %t.task_id, checkpoint_id, %error, "cannot notify a task of a completed checkpoint");
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+}
+
+fn io_error(what: &str, path: &Path, e: &std::io::Error) -> KeelError {
+    KeelError::internal(format!("checkpoint storage: cannot {what} {}: {e}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("fsync directory", dir, &e))
+}
+
+/// Writes a metadata file atomically: a temporary file in the same directory, fsync, rename,
+/// fsync of the directory and of its parent (the new `chk-<id>` entry).
+async fn write_metadata(path: &Path, metadata: &CheckpointMetadata) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(metadata)
+        .map_err(|e| KeelError::internal(format!("cannot encode checkpoint metadata: {e}")))?;
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        use std::io::Write;
+        let dir = path
+            .parent()
+            .ok_or_else(|| KeelError::internal(format!("{} has no parent directory", path.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| io_error("create directory", dir, &e))?;
+        let tmp = dir.join(format!(".{METADATA_FILE}.tmp.{}", std::process::id()));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_error("write", &path, &e));
+        }
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| KeelError::internal(format!("writing checkpoint metadata panicked: {e}")))?
+}
+
+/// Reads a checkpoint's metadata file; the error names the path and the reason.
+pub(crate) async fn read_metadata(path: &Path) -> std::result::Result<CheckpointMetadata, String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("checkpoint metadata {} cannot be read: {e}", path.display()))?;
+        serde_json::from_slice::<CheckpointMetadata>(&bytes)
+            .map_err(|e| format!("checkpoint metadata {} is not valid: {e}", path.display()))
+    })
+    .await
+    .map_err(|e| format!("reading checkpoint metadata panicked: {e}"))?
+}
+
+/// Deletes the job's checkpoint directories beyond `num_retained` (see
+/// [`checkpoints_to_delete`]). Failures are logged: a directory left behind is deleted at the
+/// next completion.
+pub(crate) async fn apply_retention(dir: &Path, job_id: &str, latest: u64, num_retained: u32) {
+    let root = job_dir(dir, job_id);
+    let job_id = job_id.to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut on_disk = Vec::new();
+        let entries = std::fs::read_dir(&root).map_err(|e| io_error("list", &root, &e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_prefix("chk-")).and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            on_disk.push((id, entry.path().join(METADATA_FILE).is_file()));
+        }
+        for id in checkpoints_to_delete(&on_disk, latest, num_retained) {
+            let path = root.join(format!("chk-{id}"));
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => tracing::debug!(%job_id, checkpoint_id = id, "checkpoint deleted (retention)"),
+                Err(e) => tracing::warn!(%job_id, checkpoint_id = id, error = %e, path = %path.display(), "cannot delete checkpoint"),
+            }
+        }
+        Ok::<(), KeelError>(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "checkpoint retention failed"),
+        Err(error) => tracing::warn!(%error, "checkpoint retention panicked"),
+    }
+}
+
+/// Where an attempt restores from: the pointer and one restore state per subtask.
+#[derive(Debug, Clone)]
+pub(crate) struct Restore {
+    pub pointer: CheckpointPointer,
+    pub states: Vec<Vec<u8>>,
+}
+
+#[derive(Debug)]
+pub(crate) enum RestoreError {
+    /// The HA store could not be read; worth another try.
+    Ha(KeelError),
+    /// The checkpoint the pointer names cannot be used (missing or unreadable metadata, other
+    /// parallelism): the job fails with this message rather than silently starting fresh.
+    Unusable(String),
+}
+
+/// Reads the checkpoint the job's HA pointer names, if any, for an attempt of `parallelism`
+/// subtasks.
+pub(crate) async fn load_restore(
+    pointers: &CheckpointPointerStore,
+    job_id: &str,
+    parallelism: u32,
+) -> std::result::Result<Option<Restore>, RestoreError> {
+    let pointer: Option<CheckpointPointer> = pointers.get(job_id).await.map_err(RestoreError::Ha)?;
+    let Some(pointer) = pointer else { return Ok(None) };
+    let states = load_states(&pointer, parallelism).await.map_err(RestoreError::Unusable)?;
+    Ok(Some(Restore { pointer, states }))
+}
+
+/// The restore states of the checkpoint `pointer` names; the error says what is wrong with it.
+pub(crate) async fn load_states(
+    pointer: &CheckpointPointer,
+    parallelism: u32,
+) -> std::result::Result<Vec<Vec<u8>>, String> {
+    let path = Path::new(&pointer.metadata_path);
+    let metadata = read_metadata(path).await?;
+    if metadata.checkpoint_id != pointer.checkpoint_id || metadata.job_id != pointer.job_id {
+        return Err(format!(
+            "checkpoint metadata {} is checkpoint {} of job {}, but the HA pointer names checkpoint {} of job {}",
+            path.display(),
+            metadata.checkpoint_id,
+            metadata.job_id,
+            pointer.checkpoint_id,
+            pointer.job_id
+        ));
+    }
+    metadata
+        .restore_states(parallelism)
+        .map_err(|reason| format!("checkpoint metadata {}: {reason}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::SubtaskAck;
+    use keel_ha::{HaServices, Role};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn ready(checkpoint_id: u64) -> ReadyCheckpoint {
+        ReadyCheckpoint {
+            checkpoint_id,
+            version: 1,
+            attempt: 1,
+            trigger_time_ms: 1,
+            triggered_at: Instant::now(),
+            subtasks: (0..2)
+                .map(|i| SubtaskAck {
+                    subtask: i,
+                    task_id: format!("j/v1/{i}#1"),
+                    state_size: 10,
+                    state: serde_json::json!({"subtask": i}),
+                })
+                .collect(),
+        }
+    }
+
+    async fn leader(dir: &Path) -> (Arc<dyn HaServices>, Leadership) {
+        let ha: Arc<dyn HaServices> =
+            Arc::new(keel_ha::local::LocalHaServices::open(&dir.join("ha"), "c").expect("open local HA"));
+        let l = ha.campaign(Role::JobManager, "127.0.0.1:1", &CancellationToken::new()).await.expect("win");
+        (ha, l)
+    }
+
+    /// A leader completes a checkpoint: the metadata file holds every subtask's state, the HA
+    /// pointer names it, the tasks are notified, and the states read back for a restore.
+    #[tokio::test]
+    async fn leader_completes_and_restores() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (ha, l) = leader(tmp.path()).await;
+        let pointers = CheckpointPointerStore::new(ha);
+        let dir = tmp.path().join("chk");
+        let notified = AtomicBool::new(false);
+        let pointer = finalize(&l, &pointers, &dir, "j", "job", &ready(4), |_| async {
+            notified.store(true, Ordering::SeqCst);
+        })
+        .await
+        .expect("complete");
+        assert!(notified.load(Ordering::SeqCst));
+        assert_eq!(pointer.checkpoint_id, 4);
+        assert_eq!(Path::new(&pointer.metadata_path), metadata_path(&dir, "j", 4));
+        let stored: Option<CheckpointPointer> = pointers.get("j").await.expect("read pointer");
+        assert_eq!(stored, Some(pointer));
+        let restore = load_restore(&pointers, "j", 2).await.expect("restore").expect("a checkpoint");
+        assert_eq!(restore.states, vec![b"{\"subtask\":0}".to_vec(), b"{\"subtask\":1}".to_vec()]);
+        match load_restore(&pointers, "j", 3).await {
+            Err(RestoreError::Unusable(reason)) => assert!(reason.contains("parallelism 3"), "{reason}"),
+            other => panic!("expected an unusable checkpoint, got {other:?}"),
+        }
+    }
+
+    /// A deposed leader cannot complete a checkpoint: with its leadership token cancelled, the
+    /// completion path refuses with `LeadershipLost`, the HA pointer does not move, no metadata
+    /// is written and no task is notified.
+    #[tokio::test]
+    async fn deposed_leader_cannot_complete_a_checkpoint() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (ha, l) = leader(tmp.path()).await;
+        let pointers = CheckpointPointerStore::new(ha);
+        let dir = tmp.path().join("chk");
+        finalize(&l, &pointers, &dir, "j", "job", &ready(1), |_| async {}).await.expect("complete 1");
+
+        l.give_up();
+        let notified = AtomicBool::new(false);
+        let err = finalize(&l, &pointers, &dir, "j", "job", &ready(2), |_| async {
+            notified.store(true, Ordering::SeqCst);
+        })
+        .await
+        .expect_err("a deposed leader must not complete a checkpoint");
+        assert!(matches!(err, KeelError::LeadershipLost { .. }), "{err:?}");
+        assert!(!notified.load(Ordering::SeqCst), "no task may be notified");
+        let stored: Option<CheckpointPointer> = pointers.get("j").await.expect("read pointer");
+        assert_eq!(stored.map(|p| p.checkpoint_id), Some(1), "the pointer must not move");
+        assert!(!metadata_path(&dir, "j", 2).exists(), "no metadata for the refused checkpoint");
+    }
+
+    /// The HA store itself refuses the pointer write of a leader that was replaced, even when
+    /// the process has not noticed yet (its token is still valid).
+    #[tokio::test]
+    async fn replaced_leader_pointer_write_is_refused_by_the_store() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (ha, l) = leader(tmp.path()).await;
+        let pointers = CheckpointPointerStore::new(ha);
+        // Another leadership took office: the epoch file moved on.
+        let epoch_file = tmp.path().join("ha").join("c").join("epochs").join("jobmanager");
+        std::fs::write(&epoch_file, format!("{}", l.epoch + 1)).expect("bump epoch");
+        let notified = AtomicBool::new(false);
+        let err = finalize(&l, &pointers, &tmp.path().join("chk"), "j", "job", &ready(1), |_| async {
+            notified.store(true, Ordering::SeqCst);
+        })
+        .await
+        .expect_err("refused");
+        assert!(matches!(err, KeelError::LeadershipLost { .. }), "{err:?}");
+        assert!(!notified.load(Ordering::SeqCst));
+        let stored: Option<CheckpointPointer> = pointers.get("j").await.expect("read pointer");
+        assert_eq!(stored, None);
+    }
+
+    /// A pointer naming a metadata file that is gone is an unusable checkpoint whose message
+    /// names the path, not a fresh start.
+    #[tokio::test]
+    async fn missing_metadata_is_reported_with_its_path() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (ha, l) = leader(tmp.path()).await;
+        let pointers = CheckpointPointerStore::new(ha);
+        let dir = tmp.path().join("chk");
+        let pointer =
+            finalize(&l, &pointers, &dir, "j", "job", &ready(1), |_| async {}).await.expect("complete");
+        std::fs::remove_file(&pointer.metadata_path).expect("remove");
+        match load_restore(&pointers, "j", 2).await {
+            Err(RestoreError::Unusable(reason)) => {
+                assert!(reason.contains(&pointer.metadata_path), "{reason}")
+            }
+            other => panic!("expected an unusable checkpoint, got {other:?}"),
+        }
+    }
+
+    /// Retention on disk keeps the newest `num_retained` checkpoints.
+    #[tokio::test]
+    async fn retention_deletes_older_checkpoint_directories() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (ha, l) = leader(tmp.path()).await;
+        let pointers = CheckpointPointerStore::new(ha);
+        let dir = tmp.path().join("chk");
+        for id in 1..=4 {
+            finalize(&l, &pointers, &dir, "j", "job", &ready(id), |_| async {}).await.expect("complete");
+        }
+        apply_retention(&dir, "j", 4, 2).await;
+        let mut left: Vec<String> = std::fs::read_dir(job_dir(&dir, "j"))
+            .expect("list")
+            .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["chk-3".to_string(), "chk-4".to_string()]);
+    }
+}
