@@ -140,6 +140,8 @@ pub(crate) struct LeaderState {
     jobs: Mutex<BTreeMap<String, Arc<JobHandle>>>,
     /// TaskManagers this leader deployed to or heard from: id -> (last heard, address).
     taskmanagers: Mutex<HashMap<String, (Instant, String)>>,
+    /// The job drivers of this leadership; the scope waits for them before it ends.
+    drivers: tokio_util::task::TaskTracker,
 }
 
 impl LeaderState {
@@ -239,7 +241,7 @@ impl JobManager {
         st.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(handle.job_id.clone(), handle.clone());
         if !terminal {
             let driver = Driver { ctx: self.ctx.clone(), st: st.clone(), job: handle.clone(), events: rx };
-            tokio::spawn(driver.run());
+            st.drivers.spawn(driver.run());
         }
         handle
     }
@@ -494,42 +496,23 @@ impl JobManager {
         }
     }
 
-    async fn election_loop(self: Arc<Self>, ha: Arc<dyn HaServices>, shutdown: CancellationToken) {
-        loop {
-            let leadership = match ha.campaign(Role::JobManager, &self.ctx.address, &shutdown).await {
-                Ok(l) => l,
-                Err(KeelError::Cancelled { .. }) => return,
-                Err(error) => {
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    tracing::warn!(%error, "campaign for jobmanager leadership failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            let epoch = leadership.epoch;
-            tracing::info!(epoch, address = %self.ctx.address, "became jobmanager leader");
-            let st = Arc::new(LeaderState {
-                leadership: leadership.clone(),
-                jobs: Mutex::new(BTreeMap::new()),
-                taskmanagers: Mutex::new(HashMap::new()),
-            });
-            *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
-            self.lead(st, &shutdown).await;
-            *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
-            if shutdown.is_cancelled() {
-                // Stop every driver before giving the lease back.
-                leadership.give_up();
-                if let Err(error) = ha.resign(&leadership).await {
-                    tracing::warn!(%error, "resign failed");
-                }
-                return;
-            }
-            tracing::warn!(epoch, "lost jobmanager leadership; back to standby");
-        }
+    /// One leadership: recover the jobs and lead until leadership is lost or shutdown; then wait
+    /// for every driver to stop (they stop when leadership ends) before standing by again.
+    async fn lead_once(self: Arc<Self>, leadership: Leadership, shutdown: CancellationToken) {
+        let st = Arc::new(LeaderState {
+            leadership: leadership.clone(),
+            jobs: Mutex::new(BTreeMap::new()),
+            taskmanagers: Mutex::new(HashMap::new()),
+            drivers: tokio_util::task::TaskTracker::new(),
+        });
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
+        self.lead(st.clone(), &shutdown).await;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
+        // Drivers end with the leadership; on shutdown the leadership is given up here so that
+        // they stop before the lease is handed back.
+        leadership.give_up();
+        st.drivers.close();
+        st.drivers.wait().await;
     }
 }
 
@@ -747,7 +730,11 @@ pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: Cancellation
             .add_service(JobManagerServer::new(JmService(jm.clone())))
             .serve_with_incoming_shutdown(incoming, async move { server_shutdown.cancelled().await }),
     );
-    jm.clone().election_loop(ha, shutdown.clone()).await;
+    let address = jm.ctx.address.clone();
+    keel_ha::run_for_leadership(ha, Role::JobManager, address, shutdown.clone(), |leadership| {
+        jm.clone().lead_once(leadership, shutdown.clone())
+    })
+    .await;
     shutdown.cancel();
     match server.await {
         Ok(Ok(())) => Ok(()),
