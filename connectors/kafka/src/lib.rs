@@ -1,0 +1,43 @@
+//! Keel's Kafka connector: a source reader and a sink writer with the option names and the
+//! semantics of Flink's Kafka connector.
+//!
+//! Layout:
+//! - [`options`]: the connector options of a job spec (`topic`, `properties.*`, `scan.*`,
+//!   `sink.*`), checked and typed: [`KafkaSourceOptions`], [`KafkaSinkOptions`].
+//! - [`assign`]: which subtask reads which partition ([`assign()`], [`owner`]) and the
+//!   uneven-spread warning ([`spread_warning`]). Pure functions, no broker.
+//! - [`position`]: [`SourcePosition`], the next offset of each partition: a source's checkpoint
+//!   state.
+//! - [`source`]: [`KafkaSourceReader`]: start offsets, polling, partition discovery, offset
+//!   commits on checkpoint completion.
+//! - [`sink`]: [`KafkaSinkWriter`]: partitioners and delivery guarantees.
+//! - [`metrics`]: the source and sink metrics (Flink's names) as atomics, and their snapshots.
+//!
+//! Both the reader and the writer are synchronous: every call may block on the network (up to
+//! the configured timeouts). Run them on a thread of their own (or `spawn_blocking`), never on
+//! an async runtime's worker.
+//!
+//! Every error is a [`keel_proto::KeelError`]: bad options are `InvalidSpec` naming the field
+//! (`sources[0].scan.startup.mode`), an unreachable cluster is `Unavailable` naming the
+//! bootstrap servers, and broker-side failures name the topic and partition.
+
+pub mod assign;
+pub mod metrics;
+pub mod options;
+pub mod position;
+pub mod sink;
+pub mod source;
+
+mod client;
+
+pub use assign::{assign, owner, spread_warning, TopicPartition};
+pub use metrics::{
+    KafkaSinkMetrics, KafkaSourceMetrics, PartitionMetricsSnapshot, SinkMetricsSnapshot, SourceMetricsSnapshot,
+};
+pub use options::{
+    DeliveryGuarantee, KafkaSinkOptions, KafkaSourceOptions, OffsetReset, SinkPartitioner, StartupMode,
+    Subscription, TopicSelection,
+};
+pub use position::SourcePosition;
+pub use sink::KafkaSinkWriter;
+pub use source::{KafkaRecord, KafkaSourceReader};

@@ -1,0 +1,361 @@
+//! [`KafkaSinkWriter`]: writes one subtask's records to the sink topic.
+//!
+//! A librdkafka producer whose delivery reports are served on the caller's thread (in `send`
+//! and `flush`): each report counts an acknowledgement or remembers the first delivery error.
+//! A full producer queue is backpressure: `send` serves reports until there is room.
+//!
+//! Delivery guarantees:
+//! - `at-least-once`: [`KafkaSinkWriter::flush`] (what a checkpoint barrier calls) returns only
+//!   when everything sent before is acknowledged, or fails with the first delivery error, naming
+//!   topic and partition. After a delivery error every `send` fails too, so the task fails and
+//!   restarts from the last checkpoint: nothing acknowledged by a checkpoint is lost.
+//! - `none`: `flush` does not wait; delivery errors are logged and counted only.
+//! - `exactly-once`: not implemented yet; [`KafkaSinkWriter::open`] refuses it. It slots in as
+//!   another mode of the writer: open with a transactional producer, begin a transaction, and
+//!   turn the barrier's `flush` into a pre-commit that hands the open transaction to the
+//!   checkpoint, committed when the checkpoint completes.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_proto::{KeelError, Result};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::client::{log, to_keel};
+use crate::metrics::KafkaSinkMetrics;
+use crate::options::{DeliveryGuarantee, KafkaSinkOptions, SinkPartitioner};
+
+/// How long `send` serves delivery reports per round while the producer queue is full.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
+/// How often `flush` refreshes the partition count (for `fixed` and `round-robin`) at most.
+const PARTITION_REFRESH: Duration = Duration::from_secs(30);
+
+/// librdkafka's callbacks: logs, errors, delivery reports.
+struct WriterContext {
+    subtask: u32,
+    topic: String,
+    bootstrap: String,
+    metrics: Arc<KafkaSinkMetrics>,
+    /// Base of the send timestamps carried as each record's delivery opaque (µs since it).
+    started: Instant,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for WriterContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log("sink", self.subtask, level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(subtask = self.subtask, bootstrap = %self.bootstrap, error = %error, %reason,
+            "kafka producer error, the client retries");
+    }
+}
+
+impl ProducerContext for WriterContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent_at_us: usize) {
+        match result {
+            Ok(_) => {
+                self.metrics.records_acked.fetch_add(1, Ordering::Relaxed);
+                let now = self.started.elapsed().as_micros();
+                let took = now.saturating_sub(u128::try_from(sent_at_us).unwrap_or(0));
+                self.metrics.send_time_us.store(i64::try_from(took).unwrap_or(i64::MAX), Ordering::Relaxed);
+            }
+            Err((e, m)) => {
+                let n = self.metrics.delivery_errors.fetch_add(1, Ordering::Relaxed);
+                let reason = format!(
+                    "delivery to topic {} partition {} failed (bootstrap servers {}): {e}",
+                    self.topic,
+                    m.partition(),
+                    self.bootstrap
+                );
+                if n == 0 {
+                    tracing::warn!(subtask = self.subtask, topic = %self.topic, partition = m.partition(), error = %e,
+                        "kafka delivery failed");
+                } else {
+                    tracing::debug!(subtask = self.subtask, topic = %self.topic, partition = m.partition(), error = %e,
+                        "kafka delivery failed");
+                }
+                if let Ok(mut first) = self.first_error.lock() {
+                    first.get_or_insert(reason);
+                }
+            }
+        }
+    }
+}
+
+/// Writes records of subtask `subtask` of `parallelism` to the sink topic. See the module doc.
+pub struct KafkaSinkWriter {
+    producer: BaseProducer<WriterContext>,
+    opts: KafkaSinkOptions,
+    subtask: u32,
+    metrics: Arc<KafkaSinkMetrics>,
+    /// Partition count of the topic (0 = unknown, only with the default partitioner).
+    partitions: i32,
+    partitions_checked: Instant,
+    /// The next partition of `round-robin`.
+    next_partition: i32,
+}
+
+impl KafkaSinkWriter {
+    /// Connects and reads the topic's partition count. Blocks for at most the request timeout
+    /// (`properties.max.block.ms`); an unreachable cluster is `KeelError::Unavailable` naming the
+    /// bootstrap servers. `exactly-once` is refused (`FailedPrecondition`) until implemented.
+    pub fn open(
+        opts: KafkaSinkOptions,
+        subtask: u32,
+        parallelism: u32,
+        metrics: Arc<KafkaSinkMetrics>,
+    ) -> Result<KafkaSinkWriter> {
+        if parallelism == 0 || subtask >= parallelism {
+            return Err(KeelError::InvalidArgument {
+                reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
+            });
+        }
+        if let DeliveryGuarantee::ExactlyOnce { .. } = opts.delivery_guarantee {
+            return Err(KeelError::precondition(format!(
+                "{}.sink.delivery-guarantee: exactly-once is not implemented yet; use at-least-once",
+                opts.field_prefix
+            )));
+        }
+        let mut config = ClientConfig::new();
+        for (k, v) in &opts.client_properties {
+            config.set(k, v);
+        }
+        if !opts.client_properties.contains_key("partitioner") {
+            // The Java client's hash, so that keys land where Flink would put them.
+            config.set("partitioner", "murmur2_random");
+        }
+        if !opts.client_properties.contains_key("client.id") {
+            config.set("client.id", format!("keel-sink-{subtask}"));
+        }
+        let context = WriterContext {
+            subtask,
+            topic: opts.topic.clone(),
+            bootstrap: opts.bootstrap_servers.clone(),
+            metrics: metrics.clone(),
+            started: Instant::now(),
+            first_error: Mutex::new(None),
+        };
+        let producer: BaseProducer<WriterContext> = config.create_with_context(context).map_err(|e| {
+            KeelError::invalid_spec(
+                format!("{}.properties", opts.field_prefix),
+                format!("the Kafka client refuses the configuration: {e}"),
+            )
+        })?;
+        let mut writer = KafkaSinkWriter {
+            producer,
+            subtask,
+            metrics,
+            partitions: 0,
+            partitions_checked: Instant::now(),
+            next_partition: 0,
+            opts,
+        };
+        let count = writer.partition_count(writer.opts.request_timeout)?;
+        if count == 0 {
+            if writer.opts.partitioner == SinkPartitioner::Default {
+                tracing::warn!(subtask, topic = %writer.opts.topic, "the sink topic does not exist (yet); writing anyway");
+            } else {
+                return Err(KeelError::precondition(format!(
+                    "sink topic {} does not exist on {} ({}.topic); sink.partitioner {} needs its partitions",
+                    writer.opts.topic,
+                    writer.opts.bootstrap_servers,
+                    writer.opts.field_prefix,
+                    match writer.opts.partitioner {
+                        SinkPartitioner::Fixed => "fixed",
+                        _ => "round-robin",
+                    }
+                )));
+            }
+        }
+        writer.partitions = count;
+        let parallel = i32::try_from(subtask).unwrap_or(0);
+        writer.next_partition = if count > 0 { parallel % count } else { 0 };
+        tracing::info!(
+            subtask,
+            parallelism,
+            topic = %writer.opts.topic,
+            partitions = count,
+            bootstrap = %writer.opts.bootstrap_servers,
+            delivery_guarantee = writer.opts.delivery_guarantee.name(),
+            "kafka sink opened"
+        );
+        Ok(writer)
+    }
+
+    /// The topic's partition count from fresh metadata (0 when the topic does not exist).
+    fn partition_count(&self, timeout: Duration) -> Result<i32> {
+        let metadata = self.producer.client().fetch_metadata(Some(&self.opts.topic), timeout).map_err(|e| {
+            KeelError::unavailable(
+                &self.opts.bootstrap_servers,
+                format!(
+                    "no Kafka broker answered a metadata request for topic {} within {timeout:?} \
+                     (properties.max.block.ms): {e}",
+                    self.opts.topic
+                ),
+            )
+        })?;
+        let count = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.opts.topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        Ok(i32::try_from(count).unwrap_or(i32::MAX))
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.producer.context().first_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn check_delivery(&self) -> Result<()> {
+        if self.opts.delivery_guarantee == DeliveryGuarantee::None {
+            return Ok(());
+        }
+        match self.first_error() {
+            None => Ok(()),
+            Some(reason) => Err(KeelError::unavailable(&self.opts.bootstrap_servers, reason)),
+        }
+    }
+
+    /// Hands one record to the producer. Blocks (serving delivery reports) while the producer's
+    /// queue is full. With `at-least-once`, fails once any earlier delivery has failed.
+    pub fn send(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(String, Vec<u8>)],
+        timestamp_ms: Option<i64>,
+    ) -> Result<()> {
+        self.check_delivery()?;
+        let partition = match self.opts.partitioner {
+            SinkPartitioner::Default => None,
+            _ if self.partitions <= 0 => None,
+            SinkPartitioner::Fixed => Some(i32::try_from(self.subtask).unwrap_or(0) % self.partitions),
+            SinkPartitioner::RoundRobin => {
+                let p = self.next_partition % self.partitions;
+                self.next_partition = (p + 1) % self.partitions;
+                Some(p)
+            }
+        };
+        let sent_at = usize::try_from(self.producer.context().started.elapsed().as_micros()).unwrap_or(usize::MAX);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&self.opts.topic, sent_at);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Some(ts) = timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        let mut header_bytes = 0;
+        if !headers.is_empty() {
+            let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+            for (k, v) in headers {
+                header_bytes += k.len() + v.len();
+                owned = owned.insert(Header { key: k, value: Some(v) });
+            }
+            record = record.headers(owned);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    self.producer.poll(QUEUE_FULL_WAIT);
+                    self.check_delivery()?;
+                }
+                Err((e, _)) => {
+                    return Err(to_keel(
+                        &e,
+                        &format!("sending a record to topic {} partition {partition:?}", self.opts.topic),
+                        &self.opts.bootstrap_servers,
+                    ))
+                }
+            }
+        }
+        let bytes = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + header_bytes;
+        self.metrics.num_records_out.fetch_add(1, Ordering::Relaxed);
+        self.metrics.num_bytes_out.fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.producer.poll(Duration::ZERO);
+        Ok(())
+    }
+
+    /// At a checkpoint barrier. `at-least-once`: waits up to `timeout` until every record sent
+    /// before is acknowledged; fails with the first delivery error (naming topic and partition)
+    /// or when the time runs out. `none`: serves delivery reports and returns at once.
+    pub fn flush(&mut self, timeout: Duration) -> Result<()> {
+        match self.opts.delivery_guarantee {
+            DeliveryGuarantee::None => {
+                self.producer.poll(Duration::ZERO);
+            }
+            DeliveryGuarantee::AtLeastOnce | DeliveryGuarantee::ExactlyOnce { .. } => {
+                self.check_delivery()?;
+                if let Err(e) = self.producer.flush(timeout) {
+                    self.check_delivery()?;
+                    return Err(KeelError::unavailable(
+                        &self.opts.bootstrap_servers,
+                        format!(
+                            "{} records to topic {} not acknowledged within {timeout:?}: {e}",
+                            self.producer.in_flight_count(),
+                            self.opts.topic
+                        ),
+                    ));
+                }
+                self.check_delivery()?;
+            }
+        }
+        self.refresh_partitions();
+        Ok(())
+    }
+
+    /// Picks up partitions added to the topic (for `fixed` and `round-robin`), at most every
+    /// [`PARTITION_REFRESH`]. A failed look-up keeps the old count.
+    fn refresh_partitions(&mut self) {
+        if self.opts.partitioner == SinkPartitioner::Default || self.partitions_checked.elapsed() < PARTITION_REFRESH {
+            return;
+        }
+        self.partitions_checked = Instant::now();
+        match self.partition_count(Duration::from_secs(5)) {
+            Ok(n) if n > self.partitions => {
+                tracing::info!(subtask = self.subtask, topic = %self.opts.topic, from = self.partitions, to = n,
+                    "the sink topic has more partitions now");
+                self.partitions = n;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(subtask = self.subtask, error = %e, "sink partition refresh failed"),
+        }
+    }
+
+    /// Records handed to the producer and not yet acknowledged (or failed).
+    pub fn in_flight(&self) -> usize {
+        usize::try_from(self.producer.in_flight_count()).unwrap_or(0)
+    }
+
+    pub fn metrics(&self) -> &Arc<KafkaSinkMetrics> {
+        &self.metrics
+    }
+}
+
+impl Drop for KafkaSinkWriter {
+    fn drop(&mut self) {
+        let left = self.in_flight();
+        if left > 0 {
+            tracing::debug!(subtask = self.subtask, topic = %self.opts.topic, records = left,
+                "kafka sink closed with unacknowledged records");
+        }
+    }
+}

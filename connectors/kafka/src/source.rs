@@ -1,0 +1,855 @@
+//! [`KafkaSourceReader`]: reads the partitions one subtask owns.
+//!
+//! ```text
+//! open ──▶ list partitions ──▶ keep own (assign::owner) ──▶ resolve start offsets ──▶ assign
+//!            poll ─┬─▶ records (position advances)
+//!                  └─▶ discovery when due: new partitions start at the earliest offset
+//!            position() ──▶ checkpoint state;  commit(position) when the checkpoint completes
+//! ```
+//!
+//! The consumer is a librdkafka consumer that Keel assigns partitions to (`assign`, never
+//! `subscribe`: there is no group rebalance). Every start offset is resolved to a number at
+//! open, so [`KafkaSourceReader::position`] is exact from the first moment, even before the
+//! first record: a checkpoint taken right after a `latest-offset` start restores to the same
+//! place, not to "the end at restore time".
+//!
+//! Where a partition starts, first rule that applies:
+//! 1. its offset in the restored position;
+//! 2. with a restored position that lacks it: the earliest offset (the partition appeared after
+//!    that checkpoint, like one found by discovery);
+//! 3. `scan.startup.mode`: `earliest-offset`, `latest-offset`, `timestamp` (first record at or
+//!    after it, else the end), `specific-offsets` (listed partitions; the others as
+//!    `group-offsets`, falling back to earliest), `group-offsets` (the committed offset, else
+//!    `properties.auto.offset.reset`, else an error naming group, topic and partition).
+//!
+//! A position that is out of range later (records deleted by retention) moves per
+//! `properties.auto.offset.reset`; without one, `poll` fails naming the partition.
+//!
+//! Broker outages: librdkafka reconnects by itself; `poll` logs transient errors and returns
+//! what it has (possibly nothing) rather than failing. Fatal client errors and errors that need
+//! a human (authorization, out of range without a reset policy) are returned as `Err`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_proto::{KeelError, Result};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Headers, Message};
+use rdkafka::metadata::Metadata;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::assign::{assign, spread_warning, TopicPartition};
+use crate::client::{is_transient, log, to_keel};
+use crate::metrics::{now_ms, KafkaSourceMetrics, PartitionMetrics};
+use crate::options::{KafkaSourceOptions, OffsetReset, StartupMode, Subscription};
+use crate::position::SourcePosition;
+
+/// Longest a discovery round may block the poll loop waiting for metadata.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// librdkafka statistics interval unless `properties.statistics.interval.ms` says otherwise;
+/// they carry the high watermarks behind `pendingRecords`.
+const DEFAULT_STATISTICS_INTERVAL_MS: &str = "5000";
+/// How often `pendingRecords` is recomputed at most.
+const PENDING_EVERY: Duration = Duration::from_millis(500);
+
+/// The group id of a consumer whose source has no `properties.group.id`.
+const NO_GROUP_ID: &str = "keel-source-without-group";
+
+/// One record read from Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaRecord {
+    /// Shared by all records of the partition (no allocation per record).
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Create time or log-append time, as the topic is configured; `None` when absent.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// A header without a value has an empty one.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl KafkaRecord {
+    fn size(&self) -> u64 {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let total = self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len) + headers;
+        u64::try_from(total).unwrap_or(u64::MAX)
+    }
+}
+
+/// librdkafka's callbacks: logs, errors, statistics, commit results.
+struct ReaderContext {
+    subtask: u32,
+    bootstrap: String,
+    metrics: Arc<KafkaSourceMetrics>,
+    /// High watermarks from the statistics, by topic and partition.
+    high_watermarks: Mutex<HashMap<String, HashMap<i32, i64>>>,
+    /// A fatal client error; the reader is unusable once set.
+    fatal: Mutex<Option<String>>,
+}
+
+impl ClientContext for ReaderContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log("source", self.subtask, level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(subtask = self.subtask, bootstrap = %self.bootstrap, %reason, "kafka consumer fatal error");
+            if let Ok(mut fatal) = self.fatal.lock() {
+                fatal.get_or_insert_with(|| reason.to_string());
+            }
+        } else {
+            tracing::warn!(
+                subtask = self.subtask,
+                bootstrap = %self.bootstrap,
+                error = %error,
+                %reason,
+                "kafka consumer error, the client retries"
+            );
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let Ok(mut hw) = self.high_watermarks.lock() else { return };
+        for (name, topic) in statistics.topics {
+            let entry = hw.entry(name).or_default();
+            for (p, partition) in topic.partitions {
+                if p >= 0 && partition.hi_offset >= 0 {
+                    entry.insert(p, partition.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.metrics.commits_succeeded.fetch_add(1, Ordering::Relaxed);
+                for e in offsets.elements() {
+                    if let (Ok(()), Offset::Offset(o)) = (e.error(), e.offset()) {
+                        self.metrics.set_committed(&TopicPartition::new(e.topic(), e.partition()), o);
+                    }
+                }
+                tracing::debug!(subtask = self.subtask, partitions = offsets.count(), "offsets committed");
+            }
+            Err(e) => {
+                self.metrics.commits_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    subtask = self.subtask,
+                    bootstrap = %self.bootstrap,
+                    error = %e,
+                    "committing offsets to the consumer group failed (the checkpoint is unaffected)"
+                );
+            }
+        }
+    }
+}
+
+struct PartitionState {
+    topic: Arc<str>,
+    next_offset: i64,
+    gauges: Arc<PartitionMetrics>,
+}
+
+/// Reads the partitions subtask `subtask` of `parallelism` owns. See the module doc.
+pub struct KafkaSourceReader {
+    consumer: BaseConsumer<ReaderContext>,
+    opts: KafkaSourceOptions,
+    subtask: u32,
+    parallelism: u32,
+    metrics: Arc<KafkaSourceMetrics>,
+    /// Assigned partitions by topic, then partition (looked up by `&str` per record).
+    assigned: HashMap<String, BTreeMap<i32, PartitionState>>,
+    /// Partition count of each whole-topic subscription seen so far (for spread warnings).
+    topic_sizes: BTreeMap<String, usize>,
+    next_discovery: Option<Instant>,
+    pending_updated: Instant,
+}
+
+impl KafkaSourceReader {
+    /// Connects, lists the partitions, keeps this subtask's, resolves where each starts
+    /// (`restored` wins over the startup mode) and assigns them. Blocks for at most about the
+    /// request timeout per step; an unreachable cluster is `KeelError::Unavailable` naming the
+    /// bootstrap servers.
+    pub fn open(
+        opts: KafkaSourceOptions,
+        subtask: u32,
+        parallelism: u32,
+        restored: Option<SourcePosition>,
+        metrics: Arc<KafkaSourceMetrics>,
+    ) -> Result<KafkaSourceReader> {
+        if parallelism == 0 || subtask >= parallelism {
+            return Err(KeelError::InvalidArgument {
+                reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
+            });
+        }
+        let mut config = ClientConfig::new();
+        for (k, v) in &opts.client_properties {
+            config.set(k, v);
+        }
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "auto.offset.reset",
+                match opts.auto_offset_reset {
+                    Some(OffsetReset::Earliest) => "earliest",
+                    Some(OffsetReset::Latest) => "latest",
+                    None => "error",
+                },
+            );
+        if !opts.client_properties.contains_key("statistics.interval.ms") {
+            config.set("statistics.interval.ms", DEFAULT_STATISTICS_INTERVAL_MS);
+        }
+        if !opts.client_properties.contains_key("client.id") {
+            config.set("client.id", format!("keel-source-{subtask}"));
+        }
+        if opts.group_id.is_none() {
+            // librdkafka assigns partitions only to a consumer with a group id. This one never
+            // joins the group nor commits to it (commit is a no-op without properties.group.id).
+            config.set("group.id", NO_GROUP_ID);
+        }
+        let context = ReaderContext {
+            subtask,
+            bootstrap: opts.bootstrap_servers.clone(),
+            metrics: metrics.clone(),
+            high_watermarks: Mutex::new(HashMap::new()),
+            fatal: Mutex::new(None),
+        };
+        let consumer: BaseConsumer<ReaderContext> = config.create_with_context(context).map_err(|e| {
+            KeelError::invalid_spec(
+                format!("{}.properties", opts.field_prefix),
+                format!("the Kafka client refuses the configuration: {e}"),
+            )
+        })?;
+
+        let metadata = consumer.fetch_metadata(None, opts.request_timeout).map_err(|e| {
+            KeelError::unavailable(
+                &opts.bootstrap_servers,
+                format!(
+                    "no Kafka broker answered a metadata request within {:?} (properties.default.api.timeout.ms): {e}",
+                    opts.request_timeout
+                ),
+            )
+        })?;
+        let listing = list_partitions(&opts.subscription, &metadata);
+        if let Some(topic) = listing.missing_topics.first() {
+            return Err(KeelError::precondition(format!(
+                "topic {topic} does not exist on {} ({}.topic)",
+                opts.bootstrap_servers, opts.field_prefix
+            )));
+        }
+        if let Some(tp) = listing.missing_partitions.first() {
+            return Err(KeelError::precondition(format!(
+                "topic {} has no partition {} on {} ({}.topic)",
+                tp.topic, tp.partition, opts.bootstrap_servers, opts.field_prefix
+            )));
+        }
+        let mine = assign(&listing.partitions, parallelism, subtask);
+
+        let mut reader = KafkaSourceReader {
+            consumer,
+            subtask,
+            parallelism,
+            metrics,
+            assigned: HashMap::new(),
+            topic_sizes: BTreeMap::new(),
+            next_discovery: opts.discovery_interval.map(|i| Instant::now() + i),
+            pending_updated: Instant::now(),
+            opts,
+        };
+        let starts = reader.start_offsets(&mine, restored.as_ref())?;
+        reader.add_partitions(&starts)?;
+        reader.note_topic_sizes(&listing.whole_topic_sizes);
+        tracing::info!(
+            subtask,
+            parallelism,
+            bootstrap = %reader.opts.bootstrap_servers,
+            group = reader.opts.group_id.as_deref().unwrap_or(""),
+            startup_mode = reader.opts.startup_mode.name(),
+            restored = restored.is_some(),
+            partitions = %describe(&starts),
+            "kafka source opened"
+        );
+        Ok(reader)
+    }
+
+    /// Reads up to `max_records` records, waiting up to `timeout` for the first one (and not
+    /// at all for the rest). Runs partition discovery first when it is due. Transient broker
+    /// errors are logged and yield fewer (or no) records; fatal ones are `Err`. Polling also
+    /// serves the client's callbacks (commit results, statistics), so keep calling it; with
+    /// `max_records` 0 it reads nothing and serves nothing.
+    pub fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<KafkaRecord>> {
+        self.check_fatal()?;
+        self.discover_if_due(Instant::now())?;
+        let deadline = Instant::now() + timeout;
+        let mut out: Vec<KafkaRecord> = Vec::with_capacity(max_records.min(1024));
+        let mut wait = timeout;
+        let mut fetch_lag = None;
+        while out.len() < max_records {
+            let error = match self.consumer.poll(wait) {
+                None => {
+                    // A timeout, or an event that is not a record (statistics, commit result).
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if out.is_empty() && !left.is_zero() {
+                        wait = left;
+                        continue;
+                    }
+                    break;
+                }
+                Some(Ok(m)) => {
+                    let Some(state) = self.assigned.get_mut(m.topic()).and_then(|t| t.get_mut(&m.partition())) else {
+                        tracing::debug!(topic = m.topic(), partition = m.partition(), "record of a partition not assigned");
+                        continue;
+                    };
+                    let offset = m.offset();
+                    if offset < state.next_offset {
+                        // Cannot happen with librdkafka's fetch positions; never hand a record out twice.
+                        continue;
+                    }
+                    state.next_offset = offset + 1;
+                    let headers = match m.headers() {
+                        None => Vec::new(),
+                        Some(h) => h
+                            .iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect(),
+                    };
+                    let timestamp_ms = m.timestamp().to_millis();
+                    out.push(KafkaRecord {
+                        topic: state.topic.clone(),
+                        partition: m.partition(),
+                        offset,
+                        timestamp_ms,
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                    if let Some(ts) = timestamp_ms {
+                        fetch_lag = Some(now_ms() - ts);
+                    }
+                    wait = Duration::ZERO;
+                    continue;
+                }
+                Some(Err(e)) => e,
+            };
+            self.consume_error(error)?;
+            if !out.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            wait = left;
+        }
+        self.record_metrics(&out, fetch_lag);
+        Ok(out)
+    }
+
+    fn record_metrics(&mut self, out: &[KafkaRecord], fetch_lag: Option<i64>) {
+        let now = Instant::now();
+        if !out.is_empty() {
+            let m = &self.metrics;
+            let bytes: u64 = out.iter().map(KafkaRecord::size).sum();
+            m.num_records_in.fetch_add(u64::try_from(out.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
+            m.num_bytes_in.fetch_add(bytes, Ordering::Relaxed);
+            let now_ms = now_ms();
+            m.last_record_at_ms.store(now_ms, Ordering::Relaxed);
+            if let Some(lag) = fetch_lag {
+                m.fetch_lag_ms.store(lag.max(0), Ordering::Relaxed);
+            }
+            if let Some(ts) = out.iter().rev().find_map(|r| r.timestamp_ms) {
+                m.emit_lag_ms.store((now_ms - ts).max(0), Ordering::Relaxed);
+            }
+            for partitions in self.assigned.values() {
+                for state in partitions.values() {
+                    state.gauges.current_offset.store(state.next_offset, Ordering::Relaxed);
+                }
+            }
+        }
+        if now.duration_since(self.pending_updated) >= PENDING_EVERY {
+            self.pending_updated = now;
+            self.update_pending();
+        }
+    }
+
+    fn update_pending(&self) {
+        let Ok(hw) = self.consumer.context().high_watermarks.lock() else { return };
+        let mut pending = 0i64;
+        let mut known = false;
+        for (topic, partitions) in &self.assigned {
+            let Some(marks) = hw.get(topic.as_str()) else { continue };
+            for (p, state) in partitions {
+                if let Some(high) = marks.get(p) {
+                    known = true;
+                    pending += (high - state.next_offset).max(0);
+                }
+            }
+        }
+        if known {
+            self.metrics.pending_records.store(pending, Ordering::Relaxed);
+        }
+    }
+
+    /// An error the consumer reported instead of a record.
+    fn consume_error(&mut self, error: KafkaError) -> Result<()> {
+        if let KafkaError::PartitionEOF(_) = error {
+            return Ok(());
+        }
+        let fatal = matches!(error, KafkaError::MessageConsumptionFatal(_));
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AutoOffsetReset) | Some(RDKafkaErrorCode::OffsetOutOfRange) => {
+                Err(self.out_of_range_error(&error))
+            }
+            Some(code) if !fatal && is_transient(code) => {
+                tracing::warn!(subtask = self.subtask, bootstrap = %self.opts.bootstrap_servers, error = %error,
+                    "kafka fetch error, the client retries");
+                Ok(())
+            }
+            Some(
+                RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition,
+            ) if !fatal => {
+                tracing::warn!(subtask = self.subtask, error = %error, "a partition of the source is not known to the broker (deleted?)");
+                Ok(())
+            }
+            _ => Err(to_keel(&error, &format!("reading subtask {}'s partitions", self.subtask), &self.opts.bootstrap_servers)),
+        }
+    }
+
+    /// Names the partitions whose position lies outside what the broker has.
+    fn out_of_range_error(&self, error: &KafkaError) -> KeelError {
+        let positions: Vec<(TopicPartition, i64)> = self.position().iter().collect();
+        let tps: Vec<TopicPartition> = positions.iter().map(|(tp, _)| tp.clone()).collect();
+        let low = self.list_offsets(&tps, Offset::Beginning, self.opts.request_timeout).unwrap_or_default();
+        let high = self.list_offsets(&tps, Offset::End, self.opts.request_timeout).unwrap_or_default();
+        let outside: Vec<String> = positions
+            .iter()
+            .filter_map(|(tp, pos)| {
+                let (l, h) = (low.get(tp).copied()?, high.get(tp).copied()?);
+                (*pos < l || *pos > h).then(|| format!("topic {} partition {} at offset {pos} (broker has {l}..{h})", tp.topic, tp.partition))
+            })
+            .collect();
+        let which = if outside.is_empty() { "a partition of the source".to_string() } else { outside.join(", ") };
+        KeelError::precondition(format!(
+            "{which}: the position is out of range and there is no properties.auto.offset.reset \
+             (earliest or latest) to move it ({}.properties.auto.offset.reset; {error})",
+            self.opts.field_prefix
+        ))
+    }
+
+    fn check_fatal(&self) -> Result<()> {
+        let fatal = self.consumer.context().fatal.lock().ok().and_then(|f| f.clone());
+        match fatal {
+            None => Ok(()),
+            Some(reason) => Err(KeelError::precondition(format!(
+                "the Kafka consumer of subtask {} (bootstrap servers {}) failed fatally: {reason}",
+                self.subtask, self.opts.bootstrap_servers
+            ))),
+        }
+    }
+
+    /// The next offset of every assigned partition: the checkpoint state.
+    pub fn position(&self) -> SourcePosition {
+        let mut pos = SourcePosition::new();
+        for (topic, partitions) in &self.assigned {
+            for (p, state) in partitions {
+                pos.set(topic, *p, state.next_offset);
+            }
+        }
+        pos
+    }
+
+    /// The partitions this reader reads, sorted.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        let mut out: Vec<TopicPartition> = self
+            .assigned
+            .iter()
+            .flat_map(|(t, ps)| ps.keys().map(move |p| TopicPartition::new(t.clone(), *p)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn metrics(&self) -> &Arc<KafkaSourceMetrics> {
+        &self.metrics
+    }
+
+    /// Commits the offsets of `position` that belong to this reader to the consumer group
+    /// (call it when the checkpoint that holds `position` completes). Without a group id it
+    /// does nothing. The commit is asynchronous: its outcome is counted in `commitsSucceeded` /
+    /// `commitsFailed` (and `committedOffset`) during a later `poll`. A failed commit does not
+    /// call for failing the task: the group's offsets are for monitoring, the checkpoint holds
+    /// the truth.
+    pub fn commit(&mut self, position: &SourcePosition) -> Result<()> {
+        if self.opts.group_id.is_none() {
+            tracing::debug!(subtask = self.subtask, "no properties.group.id: offsets are not committed");
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (tp, offset) in position.iter() {
+            let ours = self.assigned.get(&tp.topic).is_some_and(|ps| ps.contains_key(&tp.partition));
+            if ours {
+                tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
+                    .map_err(|e| KeelError::internal(format!("offset {offset} of {tp}: {e}")))?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(|e| {
+            self.metrics.commits_failed.fetch_add(1, Ordering::Relaxed);
+            to_keel(&e, "committing offsets to the consumer group", &self.opts.bootstrap_servers)
+        })
+    }
+
+    /// Looks for new partitions when the discovery interval has passed since the last look;
+    /// see [`KafkaSourceReader::discover`]. `poll` calls it; calling it yourself is harmless.
+    pub fn discover_if_due(&mut self, now: Instant) -> Result<Vec<TopicPartition>> {
+        let (Some(interval), Some(due)) = (self.opts.discovery_interval, self.next_discovery) else {
+            return Ok(Vec::new());
+        };
+        if now < due {
+            return Ok(Vec::new());
+        }
+        self.next_discovery = Some(now + interval);
+        self.discover()
+    }
+
+    /// Lists the subscribed partitions (new partitions of the topics, new topics matching the
+    /// pattern) and starts reading the ones this subtask owns and does not read yet, at their
+    /// earliest offset (Flink's rule for discovered partitions), without disturbing the others.
+    /// Returns the partitions added. A broker that does not answer in time is logged and the
+    /// next round tries again.
+    pub fn discover(&mut self) -> Result<Vec<TopicPartition>> {
+        if let Subscription::Topics(list) = &self.opts.subscription {
+            if list.iter().all(|t| t.partitions.is_some()) {
+                return Ok(Vec::new());
+            }
+        }
+        let metadata = match self.consumer.fetch_metadata(None, self.opts.request_timeout.min(DISCOVERY_TIMEOUT)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(subtask = self.subtask, bootstrap = %self.opts.bootstrap_servers, error = %e,
+                    "partition discovery: no metadata, trying again next round");
+                return Ok(Vec::new());
+            }
+        };
+        let listing = list_partitions(&self.opts.subscription, &metadata);
+        let new: Vec<TopicPartition> = assign(&listing.partitions, self.parallelism, self.subtask)
+            .into_iter()
+            .filter(|tp| !self.assigned.get(&tp.topic).is_some_and(|ps| ps.contains_key(&tp.partition)))
+            .collect();
+        self.note_topic_sizes(&listing.whole_topic_sizes);
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let starts = match self.list_offsets(&new, Offset::Beginning, self.opts.request_timeout.min(DISCOVERY_TIMEOUT)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(subtask = self.subtask, error = %e, partitions = %describe_list(&new),
+                    "partition discovery: no start offsets for new partitions, trying again next round");
+                return Ok(Vec::new());
+            }
+        };
+        self.add_partitions(&starts)?;
+        tracing::info!(subtask = self.subtask, partitions = %describe(&starts), "discovered new partitions, reading them from the earliest offset");
+        Ok(new)
+    }
+
+    /// Starts reading `starts` (partition → first offset) in addition to what is assigned,
+    /// without disturbing the partitions read so far.
+    fn add_partitions(&mut self, starts: &BTreeMap<TopicPartition, i64>) -> Result<()> {
+        if starts.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(starts.len());
+        for (tp, offset) in starts {
+            tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
+                .map_err(|e| KeelError::internal(format!("start offset {offset} of {tp}: {e}")))?;
+        }
+        self.consumer.incremental_assign(&tpl).map_err(|e| {
+            to_keel(&e, &format!("assigning partitions {}", describe(starts)), &self.opts.bootstrap_servers)
+        })?;
+        for (tp, offset) in starts {
+            let gauges = self.metrics.partition(tp);
+            gauges.current_offset.store(*offset, Ordering::Relaxed);
+            let topics = self.assigned.entry(tp.topic.clone()).or_default();
+            let topic: Arc<str> = match topics.values().next() {
+                Some(s) => s.topic.clone(),
+                None => Arc::from(tp.topic.as_str()),
+            };
+            topics.insert(tp.partition, PartitionState { topic, next_offset: *offset, gauges });
+        }
+        Ok(())
+    }
+
+    /// Warns once per change when a whole-topic subscription spreads unevenly.
+    fn note_topic_sizes(&mut self, sizes: &BTreeMap<String, usize>) {
+        for (topic, count) in sizes {
+            if self.topic_sizes.get(topic) == Some(count) {
+                continue;
+            }
+            self.topic_sizes.insert(topic.clone(), *count);
+            if self.subtask == 0 {
+                if let Some(warning) = spread_warning(*count, self.parallelism) {
+                    tracing::warn!(topic = %topic, partitions = count, parallelism = self.parallelism, "{warning}");
+                }
+            }
+        }
+    }
+
+    /// Where each of `mine` starts; see the module doc for the rules.
+    fn start_offsets(
+        &self,
+        mine: &[TopicPartition],
+        restored: Option<&SourcePosition>,
+    ) -> Result<BTreeMap<TopicPartition, i64>> {
+        let timeout = self.opts.request_timeout;
+        let mut out = BTreeMap::new();
+        let mut earliest = Vec::new();
+        let mut latest = Vec::new();
+        let mut by_mode = Vec::new();
+        for tp in mine {
+            match restored {
+                Some(r) => match r.get(&tp.topic, tp.partition) {
+                    Some(o) => {
+                        out.insert(tp.clone(), o);
+                    }
+                    None => earliest.push(tp.clone()),
+                },
+                None => by_mode.push(tp.clone()),
+            }
+        }
+        // Partitions that go by the group's committed offset, falling back to the reset policy
+        // (`default_earliest`: or to earliest without one, instead of an error).
+        let mut by_group: Vec<TopicPartition> = Vec::new();
+        let mut default_earliest = false;
+        match &self.opts.startup_mode {
+            StartupMode::EarliestOffset => earliest.extend(by_mode),
+            StartupMode::LatestOffset => latest.extend(by_mode),
+            StartupMode::GroupOffsets => by_group = by_mode,
+            StartupMode::Timestamp(ts) => {
+                if !by_mode.is_empty() {
+                    let found = self.list_offsets(&by_mode, Offset::Offset(*ts), timeout)?;
+                    for tp in by_mode {
+                        match found.get(&tp) {
+                            Some(o) => {
+                                out.insert(tp, *o);
+                            }
+                            // No record at or after the timestamp: start at the end.
+                            None => latest.push(tp),
+                        }
+                    }
+                }
+            }
+            StartupMode::SpecificOffsets(offsets) => {
+                for tp in by_mode {
+                    match offsets.get(&tp) {
+                        Some(o) => {
+                            out.insert(tp, *o);
+                        }
+                        None => by_group.push(tp),
+                    }
+                }
+                default_earliest = true;
+            }
+        }
+        if !by_group.is_empty() {
+            let committed = match &self.opts.group_id {
+                Some(_) => self.committed(&by_group, timeout)?,
+                None => BTreeMap::new(),
+            };
+            for tp in by_group {
+                match (committed.get(&tp), self.opts.auto_offset_reset) {
+                    (Some(o), _) => {
+                        out.insert(tp, *o);
+                    }
+                    (None, Some(OffsetReset::Earliest)) => earliest.push(tp),
+                    (None, Some(OffsetReset::Latest)) => latest.push(tp),
+                    (None, None) if default_earliest => earliest.push(tp),
+                    (None, None) => {
+                        return Err(KeelError::precondition(format!(
+                            "no committed offset for group {} on topic {} partition {} and no \
+                             properties.auto.offset.reset ({}.properties.auto.offset.reset: earliest or latest)",
+                            self.opts.group_id.as_deref().unwrap_or(""),
+                            tp.topic,
+                            tp.partition,
+                            self.opts.field_prefix
+                        )))
+                    }
+                }
+            }
+        }
+        for (list, which) in [(earliest, Offset::Beginning), (latest, Offset::End)] {
+            if list.is_empty() {
+                continue;
+            }
+            let found = self.list_offsets(&list, which, timeout)?;
+            for tp in list {
+                let o = found.get(&tp).copied().ok_or_else(|| {
+                    KeelError::unavailable(
+                        &self.opts.bootstrap_servers,
+                        format!("the broker gave no {which:?} offset for topic {} partition {}", tp.topic, tp.partition),
+                    )
+                })?;
+                out.insert(tp, o);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The group's committed offsets of `tps`; partitions without one are absent.
+    fn committed(&self, tps: &[TopicPartition], timeout: Duration) -> Result<BTreeMap<TopicPartition, i64>> {
+        let mut tpl = TopicPartitionList::with_capacity(tps.len());
+        for tp in tps {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        let group = self.opts.group_id.as_deref().unwrap_or("");
+        let result = self.consumer.committed_offsets(tpl, timeout).map_err(|e| {
+            to_keel(&e, &format!("reading the committed offsets of group {group}"), &self.opts.bootstrap_servers)
+        })?;
+        let mut out = BTreeMap::new();
+        for e in result.elements() {
+            e.error().map_err(|err| {
+                to_keel(
+                    &err,
+                    &format!(
+                        "reading the committed offset of group {group} on topic {} partition {}",
+                        e.topic(),
+                        e.partition()
+                    ),
+                    &self.opts.bootstrap_servers,
+                )
+            })?;
+            if let Offset::Offset(o) = e.offset() {
+                out.insert(TopicPartition::new(e.topic(), e.partition()), o);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One ListOffsets round for `tps`: `Offset::Beginning` (earliest), `Offset::End` (latest)
+    /// or `Offset::Offset(timestamp)`. Partitions the broker has no offset for are absent.
+    fn list_offsets(
+        &self,
+        tps: &[TopicPartition],
+        which: Offset,
+        timeout: Duration,
+    ) -> Result<BTreeMap<TopicPartition, i64>> {
+        let mut tpl = TopicPartitionList::with_capacity(tps.len());
+        for tp in tps {
+            tpl.add_partition_offset(&tp.topic, tp.partition, which)
+                .map_err(|e| KeelError::internal(format!("offset query for {tp}: {e}")))?;
+        }
+        let what = match which {
+            Offset::Beginning => "looking up the earliest offsets".to_string(),
+            Offset::End => "looking up the latest offsets".to_string(),
+            Offset::Offset(ts) => format!("looking up the offsets for timestamp {ts}"),
+            other => format!("looking up offsets {other:?}"),
+        };
+        let result = self
+            .consumer
+            .offsets_for_times(tpl, timeout)
+            .map_err(|e| to_keel(&e, &format!("{what} of {}", describe_list(tps)), &self.opts.bootstrap_servers))?;
+        let mut out = BTreeMap::new();
+        for e in result.elements() {
+            e.error().map_err(|err| {
+                to_keel(&err, &format!("{what} of topic {} partition {}", e.topic(), e.partition()), &self.opts.bootstrap_servers)
+            })?;
+            if let Offset::Offset(o) = e.offset() {
+                if o >= 0 {
+                    out.insert(TopicPartition::new(e.topic(), e.partition()), o);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The partitions a subscription covers in one metadata snapshot.
+struct Listing {
+    partitions: Vec<TopicPartition>,
+    /// Listed topics the cluster does not have.
+    missing_topics: Vec<String>,
+    /// Listed partitions the cluster does not have.
+    missing_partitions: Vec<TopicPartition>,
+    /// Partition count of each topic read whole.
+    whole_topic_sizes: BTreeMap<String, usize>,
+}
+
+fn list_partitions(subscription: &Subscription, metadata: &Metadata) -> Listing {
+    let mut listing = Listing {
+        partitions: Vec::new(),
+        missing_topics: Vec::new(),
+        missing_partitions: Vec::new(),
+        whole_topic_sizes: BTreeMap::new(),
+    };
+    let present: BTreeMap<&str, BTreeSet<i32>> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name(), t.partitions().iter().map(|p| p.id()).collect()))
+        .collect();
+    match subscription {
+        Subscription::Topics(list) => {
+            for sel in list {
+                let Some(ids) = present.get(sel.topic.as_str()) else {
+                    listing.missing_topics.push(sel.topic.clone());
+                    continue;
+                };
+                match &sel.partitions {
+                    None => {
+                        listing.whole_topic_sizes.insert(sel.topic.clone(), ids.len());
+                        listing.partitions.extend(ids.iter().map(|p| TopicPartition::new(sel.topic.clone(), *p)));
+                    }
+                    Some(wanted) => {
+                        for p in wanted {
+                            let tp = TopicPartition::new(sel.topic.clone(), *p);
+                            if ids.contains(p) {
+                                listing.partitions.push(tp);
+                            } else {
+                                listing.missing_partitions.push(tp);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Subscription::Pattern { .. } => {
+            for (name, ids) in &present {
+                if subscription.matches(name) {
+                    listing.whole_topic_sizes.insert(name.to_string(), ids.len());
+                    listing.partitions.extend(ids.iter().map(|p| TopicPartition::new(*name, *p)));
+                }
+            }
+        }
+    }
+    listing
+}
+
+fn describe(starts: &BTreeMap<TopicPartition, i64>) -> String {
+    if starts.is_empty() {
+        return "none".into();
+    }
+    starts.iter().map(|(tp, o)| format!("{tp}@{o}")).collect::<Vec<_>>().join(" ")
+}
+
+fn describe_list(tps: &[TopicPartition]) -> String {
+    tps.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+}
