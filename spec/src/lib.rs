@@ -16,6 +16,7 @@
 //! means `properties.bootstrap.servers: b:9092`.
 
 pub mod connectors;
+pub mod pipeline;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -59,6 +60,15 @@ pub struct ConnectorSpec {
     /// Every other key of the entry, with its value as a string.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// Declared columns (`columns:`), for connectors with a format (kafka).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<keel_formats::ColumnDef>,
+    /// Sinks only: a filter on the source's columns (`filter: "age >= 18"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Sinks only: a projection of the source's columns (`select: [id, name as full_name]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub select: Vec<String>,
 }
 
 impl JobSpec {
@@ -193,6 +203,12 @@ impl JobSpec {
         for i in 0..spec.sinks.len() {
             spec.sink_config(i)?;
         }
+        for i in 0..spec.sources.len() {
+            spec.source_plan(i)?;
+        }
+        for i in 0..spec.sinks.len() {
+            spec.sink_plan(i)?;
+        }
         Ok(spec)
     }
 
@@ -215,6 +231,17 @@ impl JobSpec {
         let field = format!("sinks[{index}]");
         let spec = self.sinks.get(index).ok_or_else(|| KeelError::invalid_spec(&field, "no such sink"))?;
         connectors::sink_config(spec, &field)
+    }
+
+    /// The rows source `index` emits: its schema, and (kafka) how messages decode into rows.
+    pub fn source_plan(&self, index: usize) -> Result<pipeline::SourcePlan> {
+        pipeline::source_plan(self, index)
+    }
+
+    /// What sink `index` does with the rows of its source: filter, projection, its schema, and
+    /// (kafka) how rows encode into messages.
+    pub fn sink_plan(&self, index: usize) -> Result<pipeline::SinkPlan> {
+        pipeline::sink_plan(self, index)
     }
 
     /// Indices of the sinks fed by source `source` (by its name).
@@ -306,6 +333,9 @@ fn connector_entry(item: &Value, base: &str, side: Side) -> Result<ConnectorSpec
     let mut connector = None;
     let mut from = None;
     let mut options = BTreeMap::new();
+    let mut columns = Vec::new();
+    let mut filter = None;
+    let mut select = Vec::new();
     for (k, v) in map {
         let key = key_string(k, base)?;
         let field = format!("{base}.{key}");
@@ -317,6 +347,28 @@ fn connector_entry(item: &Value, base: &str, side: Side) -> Result<ConnectorSpec
                 return Err(KeelError::invalid_spec(
                     field,
                     "only sinks take `from` (the source that feeds them)",
+                ))
+            }
+            "columns" => columns = keel_formats::ColumnDef::list_from_yaml(&field, v)?,
+            "filter" if side == Side::Sink => filter = Some(scalar_string(v, &field)?),
+            "select" if side == Side::Sink => {
+                let items = match v {
+                    Value::Sequence(items) => items,
+                    other => {
+                        return Err(KeelError::invalid_spec(
+                            field,
+                            format!("must be a list of column names, found {}", kind(other)),
+                        ))
+                    }
+                };
+                for (j, item) in items.iter().enumerate() {
+                    select.push(scalar_string(item, &format!("{field}[{j}]"))?);
+                }
+            }
+            "filter" | "select" => {
+                return Err(KeelError::invalid_spec(
+                    field,
+                    format!("only sinks take `{key}` (it applies to the rows a sink receives)"),
                 ))
             }
             _ => flatten_option(&key, v, base, &mut options)?,
@@ -353,7 +405,7 @@ fn connector_entry(item: &Value, base: &str, side: Side) -> Result<ConnectorSpec
         };
         return Err(KeelError::invalid_spec(format!("{base}.connector"), reason));
     }
-    Ok(ConnectorSpec { name, connector, from, options })
+    Ok(ConnectorSpec { name, connector, from, options, columns, filter, select })
 }
 
 fn known_connectors(side: Side) -> String {

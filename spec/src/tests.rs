@@ -99,6 +99,9 @@ sources:
     scan.startup.mode: earliest-offset
     format: json
     json.ignore-parse-errors: true
+    columns:
+      - {name: id, type: BIGINT}
+      - {name: name, type: STRING}
 sinks:
   - name: p
     connector: print
@@ -144,7 +147,7 @@ sinks:
 #[test]
 fn kafka_source_with_topic_pattern_is_accepted() {
     let spec = JobSpec::parse(
-        "name: k\nsources:\n  - {name: s, connector: kafka, topic-pattern: 'in-.*', properties.bootstrap.servers: 'b:1'}\nsinks:\n  - {name: o, connector: blackhole}\n",
+        "name: k\nsources:\n  - {name: s, connector: kafka, topic-pattern: 'in-.*', properties.bootstrap.servers: 'b:1', properties.group.id: g}\nsinks:\n  - {name: o, connector: blackhole}\n",
     )
     .expect("valid");
     assert!(

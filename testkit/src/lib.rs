@@ -22,12 +22,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::client::ClientContext;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
@@ -212,9 +212,37 @@ impl Broker {
     }
 
     /// SIGKILL and start again on the same port.
+    ///
+    /// With tansu's in-memory storage every topic is gone afterwards. A librdkafka 2.12.1
+    /// consumer that still fetches a lost topic can crash (SIGSEGV in its KIP-951 leader
+    /// discovery: tansu answers such a Fetch v12 with a CurrentLeader tag, and librdkafka looks
+    /// the topic up by a NULL name). For an outage that keeps the data use [`Broker::pause`].
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop()?;
         self.start_again()
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open but nothing is answered, as with a
+    /// hung broker or a network partition. Data survives; [`Broker::resume`] ends the outage.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused broker run again (SIGCONT).
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let Some(child) = &self.child else {
+            bail!("no broker process of this test to signal ({})", self.bootstrap);
+        };
+        let status =
+            Command::new("kill").args([signal, &child.id().to_string()]).status().context("running kill")?;
+        if !status.success() {
+            bail!("kill {signal} {} failed: {status}", child.id());
+        }
+        Ok(())
     }
 
     /// The broker's log so far (empty for an external broker).
@@ -239,8 +267,15 @@ impl Broker {
         );
         result.with_context(|| {
             let log = self.log();
-            let tail: String =
-                log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             format!("broker log tail:\n{tail}")
         })
     }
@@ -357,7 +392,10 @@ pub struct Produce {
 }
 
 /// Records delivery reports: `(partition, offset)` or the error, by the index of the record.
-struct DeliveryLog(Mutex<Vec<Option<Result<(i32, i64), String>>>>);
+struct DeliveryLog(Mutex<Vec<Option<Delivery>>>);
+
+/// Where a record landed (partition, offset), or why it did not.
+type Delivery = Result<(i32, i64), String>;
 
 impl ClientContext for DeliveryLog {}
 
@@ -387,7 +425,11 @@ pub fn produce(bootstrap: &str, topic: &str, records: Vec<Produce>) -> anyhow::R
 /// tansu 0.6 reports a partition's high watermark (and its ListOffsets "latest") as the base
 /// offset of the last batch + 1, so only with one-record batches do its watermarks match the
 /// real end.
-pub fn produce_one_per_batch(bootstrap: &str, topic: &str, records: Vec<Produce>) -> anyhow::Result<Vec<TestRecord>> {
+pub fn produce_one_per_batch(
+    bootstrap: &str,
+    topic: &str,
+    records: Vec<Produce>,
+) -> anyhow::Result<Vec<TestRecord>> {
     produce_inner(bootstrap, topic, records, true)
 }
 
@@ -400,7 +442,7 @@ fn produce_inner(
     let context = DeliveryLog(Mutex::new(vec![None; records.len()]));
     let producer: BaseProducer<DeliveryLog> = client_config(bootstrap)
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", if flush_each { "0" } else { "5" })
         .create_with_context(context)
         .context("creating a producer")?;
     for (index, r) in records.iter().enumerate() {
@@ -470,7 +512,8 @@ pub fn produce_numbered(
     range: Range<u64>,
     key_fn: impl Fn(u64) -> Option<String>,
 ) -> anyhow::Result<Vec<TestRecord>> {
-    let records = range.map(|n| Produce { key: key_fn(n), value: n.to_string(), ..Produce::default() }).collect();
+    let records =
+        range.map(|n| Produce { key: key_fn(n), value: n.to_string(), ..Produce::default() }).collect();
     produce(bootstrap, topic, records)
 }
 
@@ -537,7 +580,9 @@ pub fn consume_all(
                 headers: m
                     .headers()
                     .map(|h| {
-                        h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
                     })
                     .unwrap_or_default(),
             }),
@@ -547,7 +592,11 @@ pub fn consume_all(
 }
 
 /// The offsets `group` has committed for each partition of `topic` (`None`: nothing committed).
-pub fn committed_offsets(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, Option<i64>>> {
+pub fn committed_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, Option<i64>>> {
     let consumer: BaseConsumer = client_config(bootstrap).set("group.id", group).create()?;
     let partitions = partition_count(bootstrap, topic)?;
     let mut tpl = TopicPartitionList::new();

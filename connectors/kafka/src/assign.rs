@@ -68,8 +68,11 @@ pub fn owner(topic: &str, partition: i32, parallelism: u32) -> u32 {
 /// The partitions of `partitions` that `subtask` of `parallelism` reads, sorted and without
 /// duplicates. See the module doc for why the assignment is stable.
 pub fn assign(partitions: &[TopicPartition], parallelism: u32, subtask: u32) -> Vec<TopicPartition> {
-    let mut mine: Vec<TopicPartition> =
-        partitions.iter().filter(|tp| owner(&tp.topic, tp.partition, parallelism) == subtask).cloned().collect();
+    let mut mine: Vec<TopicPartition> = partitions
+        .iter()
+        .filter(|tp| owner(&tp.topic, tp.partition, parallelism) == subtask)
+        .cloned()
+        .collect();
     mine.sort();
     mine.dedup();
     mine
@@ -81,11 +84,11 @@ pub fn assign(partitions: &[TopicPartition], parallelism: u32, subtask: u32) -> 
 /// there are no partitions.
 pub fn spread_warning(partition_count: usize, parallelism: u32) -> Option<String> {
     let p = usize::try_from(parallelism.max(1)).unwrap_or(usize::MAX);
-    if partition_count == 0 || partition_count % p == 0 {
+    if partition_count == 0 || partition_count.is_multiple_of(p) {
         return None;
     }
     let even: Vec<String> =
-        (1..=partition_count).filter(|d| partition_count % d == 0).map(|d| d.to_string()).collect();
+        (1..=partition_count).filter(|d| partition_count.is_multiple_of(*d)).map(|d| d.to_string()).collect();
     let even = even.join(", ");
     if p > partition_count {
         let idle = p - partition_count;

@@ -1,18 +1,29 @@
 //! What the reader and the writer share: librdkafka's logs and errors as `tracing` events, and
 //! rdkafka errors as `KeelError`s.
 
-use keel_proto::KeelError;
+use keel_proto::{error_chain, KeelError};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 /// Forwards one librdkafka log line to `tracing`.
 pub(crate) fn log(role: &'static str, subtask: u32, level: RDKafkaLogLevel, facility: &str, message: &str) {
+    // A failed connection ("FAIL") is logged as an error by librdkafka, but it retries by itself:
+    // a broker outage is a warning until it outlasts a timeout.
+    let level = match (level, facility) {
+        (RDKafkaLogLevel::Error, "FAIL") => RDKafkaLogLevel::Warning,
+        (level, _) => level,
+    };
     match level {
-        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
             tracing::error!(target: "librdkafka", role, subtask, facility, "{message}")
         }
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", role, subtask, facility, "{message}"),
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", role, subtask, facility, "{message}")
+        }
         RDKafkaLogLevel::Notice => tracing::info!(target: "librdkafka", role, subtask, facility, "{message}"),
         RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
             tracing::debug!(target: "librdkafka", role, subtask, facility, "{message}")
@@ -57,7 +68,9 @@ pub(crate) fn is_transient(code: RDKafkaErrorCode) -> bool {
 /// `FailedPrecondition` with the same context.
 pub(crate) fn to_keel(e: &KafkaError, what: &str, bootstrap: &str) -> KeelError {
     match e.rdkafka_error_code() {
-        Some(code) if is_transient(code) => KeelError::unavailable(bootstrap, format!("{what}: {e}")),
-        _ => KeelError::precondition(format!("{what} (bootstrap servers {bootstrap}): {e}")),
+        Some(code) if is_transient(code) => {
+            KeelError::unavailable(bootstrap, format!("{what}: {}", error_chain(e)))
+        }
+        _ => KeelError::precondition(format!("{what} (bootstrap servers {bootstrap}): {}", error_chain(e))),
     }
 }

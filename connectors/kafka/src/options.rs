@@ -13,6 +13,7 @@
 //! | `properties.bootstrap.servers` | required |
 //! | `properties.group.id` | the consumer group: where `group-offsets` reads from and where offsets are committed when a checkpoint completes; required for `group-offsets` |
 //! | `properties.auto.offset.reset` | `earliest`, `latest` or `none`: where to start a partition that has no committed offset (`group-offsets`), and where to go when a position is out of range. Unset (or `none`) means: fail with an error that names the partition. |
+//! | `properties.isolation.level` | passed through; librdkafka's default is `read_committed` (the Java client's is `read_uncommitted`), so records of open or aborted transactions are not read unless it is set to `read_uncommitted` |
 //! | `properties.default.api.timeout.ms` | Keel's timeout for each blocking request (metadata, offset look-ups), default 30000; an unreachable cluster fails `open` after it |
 //! | `properties.*` | everything else goes to librdkafka verbatim (`properties.fetch.max.bytes` → `fetch.max.bytes`), checked at parse time; `enable.auto.commit` is forced to false (offsets are committed only on checkpoint completion); `key.deserializer` and `value.deserializer` are ignored |
 //! | `scan.startup.mode` | `earliest-offset`, `latest-offset`, `group-offsets` (default), `timestamp`, `specific-offsets` |
@@ -50,7 +51,8 @@ pub const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Properties Flink overwrites and Keel ignores likewise (bytes are handed out as they are).
-const IGNORED_PROPERTIES: &[&str] = &["key.deserializer", "value.deserializer", "key.serializer", "value.serializer"];
+const IGNORED_PROPERTIES: &[&str] =
+    &["key.deserializer", "value.deserializer", "key.serializer", "value.serializer"];
 
 /// What a source reads.
 #[derive(Debug, Clone)]
@@ -214,7 +216,9 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(text) => match text.parse::<u64>() {
                 Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
-                _ => Err(self.err(option, format!("must be a positive number of milliseconds, got {text:?}"))),
+                _ => {
+                    Err(self.err(option, format!("must be a positive number of milliseconds, got {text:?}")))
+                }
             },
         }
     }
@@ -234,7 +238,10 @@ impl<'a> Fields<'a> {
                      librdkafka, so Java-only client properties are not supported"
                 ),
             )),
-            Err(e) => Err(self.err("properties", format!("the Kafka client (librdkafka) rejects them: {e}"))),
+            Err(e) => Err(self.err(
+                "properties",
+                format!("the Kafka client (librdkafka) rejects them: {}", keel_proto::error_chain(&e)),
+            )),
         }
     }
 
@@ -258,7 +265,9 @@ fn check_topic_name(name: &str) -> std::result::Result<(), String> {
         return Err(format!("topic name {name:?} is longer than 249 characters"));
     }
     if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("topic name {name:?} contains {c:?}; topic names consist of a-z, A-Z, 0-9, '.', '_', '-'"));
+        return Err(format!(
+            "topic name {name:?} contains {c:?}; topic names consist of a-z, A-Z, 0-9, '.', '_', '-'"
+        ));
     }
     if name == "." || name == ".." {
         return Err(format!("{name:?} is not a valid topic name"));
@@ -275,11 +284,9 @@ fn parse_topics(text: &str) -> std::result::Result<Vec<TopicSelection>, String> 
             Some((name, list)) => {
                 let mut parts = Vec::new();
                 for p in list.split(',').map(str::trim) {
-                    let n: i32 = p
-                        .parse()
-                        .ok()
-                        .filter(|n| *n >= 0)
-                        .ok_or_else(|| format!("partition {p:?} of topic {:?} is not a partition number", name.trim()))?;
+                    let n: i32 = p.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                        format!("partition {p:?} of topic {:?} is not a partition number", name.trim())
+                    })?;
                     if !parts.contains(&n) {
                         parts.push(n);
                     }
@@ -316,25 +323,22 @@ fn parse_specific_offsets(
             match key {
                 "topic" => topic = Some(value.to_string()),
                 "partition" => {
-                    partition = Some(
-                        value
-                            .parse::<i32>()
-                            .ok()
-                            .filter(|p| *p >= 0)
-                            .ok_or_else(|| format!("partition {value:?} in entry {entry:?} is not a partition number"))?,
-                    )
+                    partition = Some(value.parse::<i32>().ok().filter(|p| *p >= 0).ok_or_else(|| {
+                        format!("partition {value:?} in entry {entry:?} is not a partition number")
+                    })?)
                 }
                 "offset" => {
-                    offset = Some(
-                        value
-                            .parse::<i64>()
-                            .ok()
-                            .filter(|o| *o >= 0)
-                            .ok_or_else(|| format!("offset {value:?} in entry {entry:?} is not an offset"))?,
-                    )
+                    offset =
+                        Some(
+                            value.parse::<i64>().ok().filter(|o| *o >= 0).ok_or_else(|| {
+                                format!("offset {value:?} in entry {entry:?} is not an offset")
+                            })?,
+                        )
                 }
                 other => {
-                    return Err(format!("unknown key {other:?} in entry {entry:?}; keys: topic, partition, offset"))
+                    return Err(format!(
+                        "unknown key {other:?} in entry {entry:?}; keys: topic, partition, offset"
+                    ))
                 }
             }
         }
@@ -382,8 +386,8 @@ pub fn parse_flink_duration(text: &str) -> std::result::Result<i128, String> {
         "d" | "day" | "days" => 86_400_000_000_000,
         other => {
             return Err(format!(
-                "{text:?} has an unknown unit {other:?}; units: ms, s, min, h, d (a bare number is milliseconds)"
-            ))
+            "{text:?} has an unknown unit {other:?}; units: ms, s, min, h, d (a bare number is milliseconds)"
+        ))
         }
     };
     let nanos = number.checked_mul(nanos_per_unit).ok_or_else(|| format!("{text:?} is too large"))?;
@@ -446,14 +450,12 @@ impl KafkaSourceOptions {
             "group-offsets" => StartupMode::GroupOffsets,
             "timestamp" => {
                 let option = "scan.startup.timestamp-millis";
-                let text = f
-                    .get(option)
-                    .ok_or_else(|| f.err(option, "scan.startup.mode timestamp requires it (milliseconds since the epoch)"))?;
-                let ts = text
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|t| *t >= 0)
-                    .ok_or_else(|| f.err(option, format!("must be milliseconds since the epoch, got {text:?}")))?;
+                let text = f.get(option).ok_or_else(|| {
+                    f.err(option, "scan.startup.mode timestamp requires it (milliseconds since the epoch)")
+                })?;
+                let ts = text.parse::<i64>().ok().filter(|t| *t >= 0).ok_or_else(|| {
+                    f.err(option, format!("must be milliseconds since the epoch, got {text:?}"))
+                })?;
                 StartupMode::Timestamp(ts)
             }
             "specific-offsets" => {
@@ -464,7 +466,9 @@ impl KafkaSourceOptions {
                 let offsets = parse_specific_offsets(text, single_topic).map_err(|r| f.err(option, r))?;
                 for tp in offsets.keys() {
                     if !subscription.matches(&tp.topic) {
-                        return Err(f.err(option, format!("topic {:?} is not one the source reads", tp.topic)));
+                        return Err(
+                            f.err(option, format!("topic {:?} is not one the source reads", tp.topic))
+                        );
                     }
                 }
                 StartupMode::SpecificOffsets(offsets)
@@ -473,14 +477,18 @@ impl KafkaSourceOptions {
                 return Err(f.err(
                     "scan.startup.mode",
                     format!(
-                        "unknown startup mode {other:?}; one of earliest-offset, latest-offset, group-offsets, \
+                    "unknown startup mode {other:?}; one of earliest-offset, latest-offset, group-offsets, \
                          timestamp, specific-offsets"
-                    ),
+                ),
                 ))
             }
         };
         if startup_mode == StartupMode::GroupOffsets && group_id.is_none() {
-            let why = if mode_text.is_none() { "group-offsets (the default scan.startup.mode)" } else { "group-offsets" };
+            let why = if mode_text.is_none() {
+                "group-offsets (the default scan.startup.mode)"
+            } else {
+                "group-offsets"
+            };
             return Err(f.err(
                 "properties.group.id",
                 format!("{why} requires properties.group.id; or choose another scan.startup.mode"),
@@ -535,7 +543,8 @@ impl KafkaSinkOptions {
         let f = Fields { prefix: field_prefix, options };
         let bootstrap_servers = f.bootstrap_servers()?;
         let topic = f.get("topic").ok_or_else(|| f.err("topic", "the kafka sink requires `topic`"))?;
-        check_topic_name(topic).map_err(|r| f.err("topic", format!("{r} (a sink writes to exactly one topic)")))?;
+        check_topic_name(topic)
+            .map_err(|r| f.err("topic", format!("{r} (a sink writes to exactly one topic)")))?;
 
         let partitioner = match f.get("sink.partitioner").map(normalized).as_deref() {
             None | Some("default") => SinkPartitioner::Default,
@@ -627,7 +636,8 @@ mod tests {
 
     #[test]
     fn topics_partitions_and_patterns() {
-        let o = source(&[("topic", "a; b:2,0 ;c;"), ("scan.startup.mode", "earliest-offset")]).expect("valid");
+        let o =
+            source(&[("topic", "a; b:2,0 ;c;"), ("scan.startup.mode", "earliest-offset")]).expect("valid");
         let Subscription::Topics(list) = &o.subscription else { panic!("topics expected") };
         assert_eq!(
             list,
@@ -637,7 +647,8 @@ mod tests {
                 TopicSelection { topic: "c".into(), partitions: None },
             ]
         );
-        let o = source(&[("topic-pattern", "orders-.*"), ("scan.startup.mode", "earliest-offset")]).expect("valid");
+        let o = source(&[("topic-pattern", "orders-.*"), ("scan.startup.mode", "earliest-offset")])
+            .expect("valid");
         assert!(o.subscription.matches("orders-eu"));
         assert!(!o.subscription.matches("x-orders-eu"), "the pattern must match the whole name");
         assert!(!o.subscription.matches("__consumer_offsets"));
@@ -651,12 +662,12 @@ mod tests {
             ("bad/name", "contains '/'"),
             (" ; ", "names no topic"),
         ] {
-            let (field, reason) = field_of(source(&[("topic", text), ("properties.group.id", "g")]).expect_err(text));
+            let (field, reason) =
+                field_of(source(&[("topic", text), ("properties.group.id", "g")]).expect_err(text));
             assert_eq!(field, "sources[0].topic");
             assert!(reason.contains(needle), "{text}: {reason}");
         }
-        let (field, _) =
-            field_of(source(&[("topic", "a"), ("topic-pattern", "a.*")]).expect_err("both"));
+        let (field, _) = field_of(source(&[("topic", "a"), ("topic-pattern", "a.*")]).expect_err("both"));
         assert_eq!(field, "sources[0].topic-pattern");
         let (field, reason) = field_of(source(&[("topic-pattern", "(")]).expect_err("bad regex"));
         assert_eq!(field, "sources[0].topic-pattern");
@@ -694,23 +705,37 @@ mod tests {
             ("scan.startup.specific-offsets", "topic:u,partition:3,offset:1"),
         ])
         .expect("valid");
-        assert_eq!(o.startup_mode, StartupMode::SpecificOffsets(BTreeMap::from([(TopicPartition::new("u", 3), 1)])));
+        assert_eq!(
+            o.startup_mode,
+            StartupMode::SpecificOffsets(BTreeMap::from([(TopicPartition::new("u", 3), 1)]))
+        );
 
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case<'_>] = &[
             (&[("scan.startup.mode", "timestamp")], "sources[0].scan.startup.timestamp-millis", "requires"),
             (
                 &[("scan.startup.mode", "timestamp"), ("scan.startup.timestamp-millis", "soon")],
                 "sources[0].scan.startup.timestamp-millis",
                 "milliseconds",
             ),
-            (&[("scan.startup.mode", "specific-offsets")], "sources[0].scan.startup.specific-offsets", "requires"),
             (
-                &[("scan.startup.mode", "specific-offsets"), ("scan.startup.specific-offsets", "partition:0")],
+                &[("scan.startup.mode", "specific-offsets")],
+                "sources[0].scan.startup.specific-offsets",
+                "requires",
+            ),
+            (
+                &[
+                    ("scan.startup.mode", "specific-offsets"),
+                    ("scan.startup.specific-offsets", "partition:0"),
+                ],
                 "sources[0].scan.startup.specific-offsets",
                 "no offset",
             ),
             (
-                &[("scan.startup.mode", "specific-offsets"), ("scan.startup.specific-offsets", "topic:zz,partition:0,offset:1")],
+                &[
+                    ("scan.startup.mode", "specific-offsets"),
+                    ("scan.startup.specific-offsets", "topic:zz,partition:0,offset:1"),
+                ],
                 "sources[0].scan.startup.specific-offsets",
                 "not one the source reads",
             ),
@@ -740,25 +765,42 @@ mod tests {
 
     #[test]
     fn auto_offset_reset_and_timeouts() {
-        let o = source(&[("topic", "t"), ("properties.group.id", "g"), ("properties.auto.offset.reset", "Earliest")])
-            .expect("valid");
+        let o = source(&[
+            ("topic", "t"),
+            ("properties.group.id", "g"),
+            ("properties.auto.offset.reset", "Earliest"),
+        ])
+        .expect("valid");
         assert_eq!(o.auto_offset_reset, Some(OffsetReset::Earliest));
         assert!(!o.client_properties.contains_key("auto.offset.reset"));
-        let o = source(&[("topic", "t"), ("properties.group.id", "g"), ("properties.auto.offset.reset", "none")])
-            .expect("valid");
+        let o =
+            source(&[("topic", "t"), ("properties.group.id", "g"), ("properties.auto.offset.reset", "none")])
+                .expect("valid");
         assert_eq!(o.auto_offset_reset, None);
         let (field, _) = field_of(
-            source(&[("topic", "t"), ("properties.group.id", "g"), ("properties.auto.offset.reset", "smallest")])
-                .expect_err("bad reset"),
+            source(&[
+                ("topic", "t"),
+                ("properties.group.id", "g"),
+                ("properties.auto.offset.reset", "smallest"),
+            ])
+            .expect_err("bad reset"),
         );
         assert_eq!(field, "sources[0].properties.auto.offset.reset");
-        let o = source(&[("topic", "t"), ("properties.group.id", "g"), ("properties.default.api.timeout.ms", "1500")])
-            .expect("valid");
+        let o = source(&[
+            ("topic", "t"),
+            ("properties.group.id", "g"),
+            ("properties.default.api.timeout.ms", "1500"),
+        ])
+        .expect("valid");
         assert_eq!(o.request_timeout, Duration::from_millis(1500));
         assert!(!o.client_properties.contains_key("default.api.timeout.ms"));
         let (field, _) = field_of(
-            source(&[("topic", "t"), ("properties.group.id", "g"), ("properties.default.api.timeout.ms", "0")])
-                .expect_err("zero timeout"),
+            source(&[
+                ("topic", "t"),
+                ("properties.group.id", "g"),
+                ("properties.default.api.timeout.ms", "0"),
+            ])
+            .expect_err("zero timeout"),
         );
         assert_eq!(field, "sources[0].properties.default.api.timeout.ms");
     }
@@ -816,12 +858,17 @@ mod tests {
     #[test]
     fn unsupported_source_options_are_refused_not_ignored() {
         let (field, _) = field_of(
-            source(&[("topic", "t"), ("properties.group.id", "g"), ("scan.header-filter", "a:b")]).expect_err("filter"),
+            source(&[("topic", "t"), ("properties.group.id", "g"), ("scan.header-filter", "a:b")])
+                .expect_err("filter"),
         );
         assert_eq!(field, "sources[0].scan.header-filter");
         let (field, _) = field_of(
-            source(&[("topic", "t"), ("properties.group.id", "g"), ("scan.check.duplicated.group.id", "true")])
-                .expect_err("duplicate check"),
+            source(&[
+                ("topic", "t"),
+                ("properties.group.id", "g"),
+                ("scan.check.duplicated.group.id", "true"),
+            ])
+            .expect_err("duplicate check"),
         );
         assert_eq!(field, "sources[0].scan.check.duplicated.group.id");
     }
@@ -850,12 +897,21 @@ mod tests {
             ("sink.transactional-id-prefix", "job-a"),
         ])
         .expect("valid");
-        assert_eq!(o.delivery_guarantee, DeliveryGuarantee::ExactlyOnce { transactional_id_prefix: "job-a".into() });
+        assert_eq!(
+            o.delivery_guarantee,
+            DeliveryGuarantee::ExactlyOnce { transactional_id_prefix: "job-a".into() }
+        );
 
         for (pairs, want_field) in [
-            (vec![("topic", "out"), ("sink.delivery-guarantee", "exactly-once")], "sinks[1].sink.transactional-id-prefix"),
+            (
+                vec![("topic", "out"), ("sink.delivery-guarantee", "exactly-once")],
+                "sinks[1].sink.transactional-id-prefix",
+            ),
             (vec![("topic", "out"), ("sink.partitioner", "org.my.Partitioner")], "sinks[1].sink.partitioner"),
-            (vec![("topic", "out"), ("sink.delivery-guarantee", "twice")], "sinks[1].sink.delivery-guarantee"),
+            (
+                vec![("topic", "out"), ("sink.delivery-guarantee", "twice")],
+                "sinks[1].sink.delivery-guarantee",
+            ),
             (vec![("topic", "a;b")], "sinks[1].topic"),
             (vec![("sink.partitioner", "fixed")], "sinks[1].topic"),
         ] {
@@ -863,8 +919,11 @@ mod tests {
             assert_eq!(field, want_field, "{pairs:?}");
         }
         let (field, _) = field_of(
-            KafkaSinkOptions::from_spec("sinks[0]", &BTreeMap::from([("topic".to_string(), "t".to_string())]))
-                .expect_err("no bootstrap"),
+            KafkaSinkOptions::from_spec(
+                "sinks[0]",
+                &BTreeMap::from([("topic".to_string(), "t".to_string())]),
+            )
+            .expect_err("no bootstrap"),
         );
         assert_eq!(field, "sinks[0].properties.bootstrap.servers");
     }

@@ -44,9 +44,9 @@ impl SourcePosition {
 
     /// Every `(partition, next offset)`, sorted by topic then partition.
     pub fn iter(&self) -> impl Iterator<Item = (TopicPartition, i64)> + '_ {
-        self.offsets
-            .iter()
-            .flat_map(|(topic, parts)| parts.iter().map(move |(p, o)| (TopicPartition::new(topic.clone(), *p), *o)))
+        self.offsets.iter().flat_map(|(topic, parts)| {
+            parts.iter().map(move |(p, o)| (TopicPartition::new(topic.clone(), *p), *o))
+        })
     }
 
     /// Number of partitions.
@@ -108,7 +108,11 @@ mod tests {
         let all: Vec<(TopicPartition, i64)> = a.iter().collect();
         assert_eq!(
             all,
-            vec![(TopicPartition::new("t", 0), 5), (TopicPartition::new("t", 1), 9), (TopicPartition::new("u", 0), 1)]
+            vec![
+                (TopicPartition::new("t", 0), 5),
+                (TopicPartition::new("t", 1), 9),
+                (TopicPartition::new("u", 0), 1)
+            ]
         );
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_proto::{KeelError, Result};
+use keel_proto::{error_chain, KeelError, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
@@ -53,7 +53,7 @@ impl ClientContext for WriterContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(subtask = self.subtask, bootstrap = %self.bootstrap, error = %error, %reason,
+        tracing::warn!(subtask = self.subtask, bootstrap = %self.bootstrap, error = %error_chain(&error), %reason,
             "kafka producer error, the client retries");
     }
 }
@@ -72,16 +72,17 @@ impl ProducerContext for WriterContext {
             Err((e, m)) => {
                 let n = self.metrics.delivery_errors.fetch_add(1, Ordering::Relaxed);
                 let reason = format!(
-                    "delivery to topic {} partition {} failed (bootstrap servers {}): {e}",
+                    "delivery to topic {} partition {} failed (bootstrap servers {}): {}",
                     self.topic,
                     m.partition(),
-                    self.bootstrap
+                    self.bootstrap,
+                    error_chain(e)
                 );
                 if n == 0 {
-                    tracing::warn!(subtask = self.subtask, topic = %self.topic, partition = m.partition(), error = %e,
+                    tracing::warn!(subtask = self.subtask, topic = %self.topic, partition = m.partition(), error = %error_chain(e),
                         "kafka delivery failed");
                 } else {
-                    tracing::debug!(subtask = self.subtask, topic = %self.topic, partition = m.partition(), error = %e,
+                    tracing::debug!(subtask = self.subtask, topic = %self.topic, partition = m.partition(), error = %error_chain(e),
                         "kafka delivery failed");
                 }
                 if let Ok(mut first) = self.first_error.lock() {
@@ -148,7 +149,7 @@ impl KafkaSinkWriter {
         let producer: BaseProducer<WriterContext> = config.create_with_context(context).map_err(|e| {
             KeelError::invalid_spec(
                 format!("{}.properties", opts.field_prefix),
-                format!("the Kafka client refuses the configuration: {e}"),
+                format!("the Kafka client refuses the configuration: {}", error_chain(&e)),
             )
         })?;
         let mut writer = KafkaSinkWriter {
@@ -194,16 +195,18 @@ impl KafkaSinkWriter {
 
     /// The topic's partition count from fresh metadata (0 when the topic does not exist).
     fn partition_count(&self, timeout: Duration) -> Result<i32> {
-        let metadata = self.producer.client().fetch_metadata(Some(&self.opts.topic), timeout).map_err(|e| {
-            KeelError::unavailable(
-                &self.opts.bootstrap_servers,
-                format!(
-                    "no Kafka broker answered a metadata request for topic {} within {timeout:?} \
-                     (properties.max.block.ms): {e}",
-                    self.opts.topic
-                ),
-            )
-        })?;
+        let metadata =
+            self.producer.client().fetch_metadata(Some(&self.opts.topic), timeout).map_err(|e| {
+                KeelError::unavailable(
+                    &self.opts.bootstrap_servers,
+                    format!(
+                        "no Kafka broker answered a metadata request for topic {} within {timeout:?} \
+                     (properties.max.block.ms): {}",
+                        self.opts.topic,
+                        error_chain(&e)
+                    ),
+                )
+            })?;
         let count = metadata
             .topics()
             .iter()
@@ -247,8 +250,10 @@ impl KafkaSinkWriter {
                 Some(p)
             }
         };
-        let sent_at = usize::try_from(self.producer.context().started.elapsed().as_micros()).unwrap_or(usize::MAX);
-        let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&self.opts.topic, sent_at);
+        let sent_at =
+            usize::try_from(self.producer.context().started.elapsed().as_micros()).unwrap_or(usize::MAX);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.opts.topic, sent_at);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -309,9 +314,10 @@ impl KafkaSinkWriter {
                     return Err(KeelError::unavailable(
                         &self.opts.bootstrap_servers,
                         format!(
-                            "{} records to topic {} not acknowledged within {timeout:?}: {e}",
+                            "{} records to topic {} not acknowledged within {timeout:?}: {}",
                             self.producer.in_flight_count(),
-                            self.opts.topic
+                            self.opts.topic,
+                            error_chain(&e)
                         ),
                     ));
                 }
@@ -325,7 +331,9 @@ impl KafkaSinkWriter {
     /// Picks up partitions added to the topic (for `fixed` and `round-robin`), at most every
     /// [`PARTITION_REFRESH`]. A failed look-up keeps the old count.
     fn refresh_partitions(&mut self) {
-        if self.opts.partitioner == SinkPartitioner::Default || self.partitions_checked.elapsed() < PARTITION_REFRESH {
+        if self.opts.partitioner == SinkPartitioner::Default
+            || self.partitions_checked.elapsed() < PARTITION_REFRESH
+        {
             return;
         }
         self.partitions_checked = Instant::now();

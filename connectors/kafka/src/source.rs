@@ -31,14 +31,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_proto::{KeelError, Result};
+use keel_proto::{error_chain, KeelError, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::metadata::Metadata;
 use rdkafka::statistics::Statistics;
@@ -56,8 +56,6 @@ const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// librdkafka statistics interval unless `properties.statistics.interval.ms` says otherwise;
 /// they carry the high watermarks behind `pendingRecords`.
 const DEFAULT_STATISTICS_INTERVAL_MS: &str = "5000";
-/// How often `pendingRecords` is recomputed at most.
-const PENDING_EVERY: Duration = Duration::from_millis(500);
 
 /// The group id of a consumer whose source has no `properties.group.id`.
 const NO_GROUP_ID: &str = "keel-source-without-group";
@@ -89,7 +87,6 @@ impl KafkaRecord {
 struct ReaderContext {
     subtask: u32,
     bootstrap: String,
-    metrics: Arc<KafkaSourceMetrics>,
     /// High watermarks from the statistics, by topic and partition.
     high_watermarks: Mutex<HashMap<String, HashMap<i32, i64>>>,
     /// A fatal client error; the reader is unusable once set.
@@ -112,7 +109,7 @@ impl ClientContext for ReaderContext {
             tracing::warn!(
                 subtask = self.subtask,
                 bootstrap = %self.bootstrap,
-                error = %error,
+                error = %error_chain(&error),
                 %reason,
                 "kafka consumer error, the client retries"
             );
@@ -132,29 +129,14 @@ impl ClientContext for ReaderContext {
     }
 }
 
-impl ConsumerContext for ReaderContext {
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                self.metrics.commits_succeeded.fetch_add(1, Ordering::Relaxed);
-                for e in offsets.elements() {
-                    if let (Ok(()), Offset::Offset(o)) = (e.error(), e.offset()) {
-                        self.metrics.set_committed(&TopicPartition::new(e.topic(), e.partition()), o);
-                    }
-                }
-                tracing::debug!(subtask = self.subtask, partitions = offsets.count(), "offsets committed");
-            }
-            Err(e) => {
-                self.metrics.commits_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    subtask = self.subtask,
-                    bootstrap = %self.bootstrap,
-                    error = %e,
-                    "committing offsets to the consumer group failed (the checkpoint is unaffected)"
-                );
-            }
-        }
-    }
+impl ConsumerContext for ReaderContext {}
+
+enum Fetched {
+    Record(KafkaRecord),
+    /// An error that was logged, or a record of a partition not assigned.
+    Skipped,
+    /// Nothing within the wait.
+    Nothing,
 }
 
 struct PartitionState {
@@ -165,7 +147,10 @@ struct PartitionState {
 
 /// Reads the partitions subtask `subtask` of `parallelism` owns. See the module doc.
 pub struct KafkaSourceReader {
-    consumer: BaseConsumer<ReaderContext>,
+    /// Commits offsets off the poll loop; `None` without `properties.group.id`. Declared
+    /// before `consumer` so that it stops (and lets go of the consumer) first.
+    committer: Option<Committer>,
+    consumer: Arc<BaseConsumer<ReaderContext>>,
     opts: KafkaSourceOptions,
     subtask: u32,
     parallelism: u32,
@@ -175,7 +160,8 @@ pub struct KafkaSourceReader {
     /// Partition count of each whole-topic subscription seen so far (for spread warnings).
     topic_sizes: BTreeMap<String, usize>,
     next_discovery: Option<Instant>,
-    pending_updated: Instant,
+    /// A record fetched by a `poll` that was not to hand any out.
+    held: Option<KafkaRecord>,
 }
 
 impl KafkaSourceReader {
@@ -225,14 +211,13 @@ impl KafkaSourceReader {
         let context = ReaderContext {
             subtask,
             bootstrap: opts.bootstrap_servers.clone(),
-            metrics: metrics.clone(),
             high_watermarks: Mutex::new(HashMap::new()),
             fatal: Mutex::new(None),
         };
         let consumer: BaseConsumer<ReaderContext> = config.create_with_context(context).map_err(|e| {
             KeelError::invalid_spec(
                 format!("{}.properties", opts.field_prefix),
-                format!("the Kafka client refuses the configuration: {e}"),
+                format!("the Kafka client refuses the configuration: {}", error_chain(&e)),
             )
         })?;
 
@@ -240,8 +225,9 @@ impl KafkaSourceReader {
             KeelError::unavailable(
                 &opts.bootstrap_servers,
                 format!(
-                    "no Kafka broker answered a metadata request within {:?} (properties.default.api.timeout.ms): {e}",
-                    opts.request_timeout
+                    "no Kafka broker answered a metadata request within {:?} (properties.default.api.timeout.ms): {}",
+                    opts.request_timeout,
+                    error_chain(&e)
                 ),
             )
         })?;
@@ -260,7 +246,19 @@ impl KafkaSourceReader {
         }
         let mine = assign(&listing.partitions, parallelism, subtask);
 
+        let consumer = Arc::new(consumer);
+        let committer = match &opts.group_id {
+            Some(group) => Some(Committer::start(
+                consumer.clone(),
+                subtask,
+                group,
+                &opts.bootstrap_servers,
+                metrics.clone(),
+            )?),
+            None => None,
+        };
         let mut reader = KafkaSourceReader {
+            committer,
             consumer,
             subtask,
             parallelism,
@@ -268,7 +266,7 @@ impl KafkaSourceReader {
             assigned: HashMap::new(),
             topic_sizes: BTreeMap::new(),
             next_discovery: opts.discovery_interval.map(|i| Instant::now() + i),
-            pending_updated: Instant::now(),
+            held: None,
             opts,
         };
         let starts = reader.start_offsets(&mine, restored.as_ref())?;
@@ -289,79 +287,116 @@ impl KafkaSourceReader {
 
     /// Reads up to `max_records` records, waiting up to `timeout` for the first one (and not
     /// at all for the rest). Runs partition discovery first when it is due. Transient broker
-    /// errors are logged and yield fewer (or no) records; fatal ones are `Err`. Polling also
-    /// serves the client's callbacks (commit results, statistics), so keep calling it; with
-    /// `max_records` 0 it reads nothing and serves nothing.
+    /// errors are logged and yield fewer (or no) records; fatal ones are `Err`.
+    ///
+    /// Polling also serves the client's callbacks (statistics, logs, errors), so keep calling
+    /// it. With `max_records` 0 it only does that, for up to `timeout` (say, while downstream
+    /// is backpressured): a record that arrives meanwhile is held back for the next call, and
+    /// the position does not move.
     pub fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<KafkaRecord>> {
         self.check_fatal()?;
         self.discover_if_due(Instant::now())?;
         let deadline = Instant::now() + timeout;
         let mut out: Vec<KafkaRecord> = Vec::with_capacity(max_records.min(1024));
-        let mut wait = timeout;
-        let mut fetch_lag = None;
-        while out.len() < max_records {
-            let error = match self.consumer.poll(wait) {
-                None => {
-                    // A timeout, or an event that is not a record (statistics, commit result).
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if out.is_empty() && !left.is_zero() {
-                        wait = left;
-                        continue;
-                    }
-                    break;
-                }
-                Some(Ok(m)) => {
-                    let Some(state) = self.assigned.get_mut(m.topic()).and_then(|t| t.get_mut(&m.partition())) else {
-                        tracing::debug!(topic = m.topic(), partition = m.partition(), "record of a partition not assigned");
-                        continue;
-                    };
-                    let offset = m.offset();
-                    if offset < state.next_offset {
-                        // Cannot happen with librdkafka's fetch positions; never hand a record out twice.
-                        continue;
-                    }
-                    state.next_offset = offset + 1;
-                    let headers = match m.headers() {
-                        None => Vec::new(),
-                        Some(h) => h
-                            .iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                            .collect(),
-                    };
-                    let timestamp_ms = m.timestamp().to_millis();
-                    out.push(KafkaRecord {
-                        topic: state.topic.clone(),
-                        partition: m.partition(),
-                        offset,
-                        timestamp_ms,
-                        key: m.key().map(<[u8]>::to_vec),
-                        value: m.payload().map(<[u8]>::to_vec),
-                        headers,
-                    });
-                    if let Some(ts) = timestamp_ms {
-                        fetch_lag = Some(now_ms() - ts);
-                    }
-                    wait = Duration::ZERO;
-                    continue;
-                }
-                Some(Err(e)) => e,
-            };
-            self.consume_error(error)?;
-            if !out.is_empty() {
-                break;
+        if max_records > 0 {
+            if let Some(record) = self.held.take() {
+                self.hand_out(&record);
+                out.push(record);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            wait = left;
         }
-        self.record_metrics(&out, fetch_lag);
+        loop {
+            let full = if max_records == 0 { self.held.is_some() } else { out.len() >= max_records };
+            if full {
+                break;
+            }
+            let wait = if out.is_empty() {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            match self.fetch_one(wait)? {
+                Fetched::Record(record) => {
+                    if max_records == 0 {
+                        self.held = Some(record);
+                    } else {
+                        self.hand_out(&record);
+                        out.push(record);
+                    }
+                }
+                Fetched::Skipped => {}
+                Fetched::Nothing => {
+                    if !out.is_empty() || Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        self.record_metrics(&out);
         Ok(out)
     }
 
-    fn record_metrics(&mut self, out: &[KafkaRecord], fetch_lag: Option<i64>) {
-        let now = Instant::now();
+    /// One record from the client, or why there is none.
+    fn fetch_one(&mut self, wait: Duration) -> Result<Fetched> {
+        let error = match self.consumer.poll(wait) {
+            // A timeout, or an event that is not a record (statistics, an error).
+            None => return Ok(Fetched::Nothing),
+            Some(Err(e)) => e,
+            Some(Ok(m)) => {
+                let Some(state) = self.assigned.get(m.topic()).and_then(|t| t.get(&m.partition())) else {
+                    tracing::debug!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        "record of a partition not assigned"
+                    );
+                    return Ok(Fetched::Skipped);
+                };
+                if m.offset() < state.next_offset {
+                    // Only an offset reset moves a position back (properties.auto.offset.reset
+                    // after the position fell out of range).
+                    tracing::warn!(
+                        subtask = self.subtask,
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        from = state.next_offset,
+                        to = m.offset(),
+                        "position reset by properties.auto.offset.reset"
+                    );
+                }
+                let headers = match m.headers() {
+                    None => Vec::new(),
+                    Some(h) => h
+                        .iter()
+                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                        .collect(),
+                };
+                let timestamp_ms = m.timestamp().to_millis();
+                if let Some(ts) = timestamp_ms {
+                    self.metrics.fetch_lag_ms.store((now_ms() - ts).max(0), Ordering::Relaxed);
+                }
+                return Ok(Fetched::Record(KafkaRecord {
+                    topic: state.topic.clone(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp_ms,
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                }));
+            }
+        };
+        self.consume_error(error)?;
+        Ok(Fetched::Skipped)
+    }
+
+    /// Moves the position past `record`, which is being handed out.
+    fn hand_out(&mut self, record: &KafkaRecord) {
+        if let Some(state) = self.assigned.get_mut(&*record.topic).and_then(|t| t.get_mut(&record.partition))
+        {
+            state.next_offset = record.offset + 1;
+        }
+    }
+
+    fn record_metrics(&mut self, out: &[KafkaRecord]) {
         if !out.is_empty() {
             let m = &self.metrics;
             let bytes: u64 = out.iter().map(KafkaRecord::size).sum();
@@ -369,9 +404,6 @@ impl KafkaSourceReader {
             m.num_bytes_in.fetch_add(bytes, Ordering::Relaxed);
             let now_ms = now_ms();
             m.last_record_at_ms.store(now_ms, Ordering::Relaxed);
-            if let Some(lag) = fetch_lag {
-                m.fetch_lag_ms.store(lag.max(0), Ordering::Relaxed);
-            }
             if let Some(ts) = out.iter().rev().find_map(|r| r.timestamp_ms) {
                 m.emit_lag_ms.store((now_ms - ts).max(0), Ordering::Relaxed);
             }
@@ -381,10 +413,7 @@ impl KafkaSourceReader {
                 }
             }
         }
-        if now.duration_since(self.pending_updated) >= PENDING_EVERY {
-            self.pending_updated = now;
-            self.update_pending();
-        }
+        self.update_pending();
     }
 
     fn update_pending(&self) {
@@ -416,7 +445,7 @@ impl KafkaSourceReader {
                 Err(self.out_of_range_error(&error))
             }
             Some(code) if !fatal && is_transient(code) => {
-                tracing::warn!(subtask = self.subtask, bootstrap = %self.opts.bootstrap_servers, error = %error,
+                tracing::warn!(subtask = self.subtask, bootstrap = %self.opts.bootstrap_servers, error = %error_chain(&error),
                     "kafka fetch error, the client retries");
                 Ok(())
             }
@@ -425,10 +454,14 @@ impl KafkaSourceReader {
                 | RDKafkaErrorCode::UnknownTopic
                 | RDKafkaErrorCode::UnknownPartition,
             ) if !fatal => {
-                tracing::warn!(subtask = self.subtask, error = %error, "a partition of the source is not known to the broker (deleted?)");
+                tracing::warn!(subtask = self.subtask, error = %error_chain(&error), "a partition of the source is not known to the broker (deleted?)");
                 Ok(())
             }
-            _ => Err(to_keel(&error, &format!("reading subtask {}'s partitions", self.subtask), &self.opts.bootstrap_servers)),
+            _ => Err(to_keel(
+                &error,
+                &format!("reading subtask {}'s partitions", self.subtask),
+                &self.opts.bootstrap_servers,
+            )),
         }
     }
 
@@ -442,14 +475,21 @@ impl KafkaSourceReader {
             .iter()
             .filter_map(|(tp, pos)| {
                 let (l, h) = (low.get(tp).copied()?, high.get(tp).copied()?);
-                (*pos < l || *pos > h).then(|| format!("topic {} partition {} at offset {pos} (broker has {l}..{h})", tp.topic, tp.partition))
+                (*pos < l || *pos > h).then(|| {
+                    format!(
+                        "topic {} partition {} at offset {pos} (broker has {l}..{h})",
+                        tp.topic, tp.partition
+                    )
+                })
             })
             .collect();
-        let which = if outside.is_empty() { "a partition of the source".to_string() } else { outside.join(", ") };
+        let which =
+            if outside.is_empty() { "a partition of the source".to_string() } else { outside.join(", ") };
         KeelError::precondition(format!(
             "{which}: the position is out of range and there is no properties.auto.offset.reset \
-             (earliest or latest) to move it ({}.properties.auto.offset.reset; {error})",
-            self.opts.field_prefix
+             (earliest or latest) to move it ({}.properties.auto.offset.reset; {})",
+            self.opts.field_prefix,
+            error_chain(error)
         ))
     }
 
@@ -491,31 +531,27 @@ impl KafkaSourceReader {
     }
 
     /// Commits the offsets of `position` that belong to this reader to the consumer group
-    /// (call it when the checkpoint that holds `position` completes). Without a group id it
-    /// does nothing. The commit is asynchronous: its outcome is counted in `commitsSucceeded` /
-    /// `commitsFailed` (and `committedOffset`) during a later `poll`. A failed commit does not
-    /// call for failing the task: the group's offsets are for monitoring, the checkpoint holds
-    /// the truth.
+    /// (call it when the checkpoint that holds `position` completes). Without
+    /// `properties.group.id` it does nothing.
+    ///
+    /// The commit runs on a thread of its own, so a slow or absent group coordinator never
+    /// stalls the poll loop; commits requested while one is in flight are merged into one. Its
+    /// outcome is counted in `commitsSucceeded` / `commitsFailed` and shown as
+    /// `committedOffset`. A failed commit is logged and does not call for failing the task: the
+    /// group's offsets are for monitoring, the checkpoint holds the truth.
     pub fn commit(&mut self, position: &SourcePosition) -> Result<()> {
-        if self.opts.group_id.is_none() {
+        let Some(committer) = &self.committer else {
             tracing::debug!(subtask = self.subtask, "no properties.group.id: offsets are not committed");
             return Ok(());
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (tp, offset) in position.iter() {
-            let ours = self.assigned.get(&tp.topic).is_some_and(|ps| ps.contains_key(&tp.partition));
-            if ours {
-                tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
-                    .map_err(|e| KeelError::internal(format!("offset {offset} of {tp}: {e}")))?;
-            }
-        }
-        if tpl.count() == 0 {
+        };
+        let offsets: Vec<(TopicPartition, i64)> = position
+            .iter()
+            .filter(|(tp, _)| self.assigned.get(&tp.topic).is_some_and(|ps| ps.contains_key(&tp.partition)))
+            .collect();
+        if offsets.is_empty() {
             return Ok(());
         }
-        self.consumer.commit(&tpl, CommitMode::Async).map_err(|e| {
-            self.metrics.commits_failed.fetch_add(1, Ordering::Relaxed);
-            to_keel(&e, "committing offsets to the consumer group", &self.opts.bootstrap_servers)
-        })
+        committer.request(offsets)
     }
 
     /// Looks for new partitions when the discovery interval has passed since the last look;
@@ -542,10 +578,13 @@ impl KafkaSourceReader {
                 return Ok(Vec::new());
             }
         }
-        let metadata = match self.consumer.fetch_metadata(None, self.opts.request_timeout.min(DISCOVERY_TIMEOUT)) {
+        let metadata = match self
+            .consumer
+            .fetch_metadata(None, self.opts.request_timeout.min(DISCOVERY_TIMEOUT))
+        {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(subtask = self.subtask, bootstrap = %self.opts.bootstrap_servers, error = %e,
+                tracing::warn!(subtask = self.subtask, bootstrap = %self.opts.bootstrap_servers, error = %error_chain(&e),
                     "partition discovery: no metadata, trying again next round");
                 return Ok(Vec::new());
             }
@@ -559,7 +598,11 @@ impl KafkaSourceReader {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let starts = match self.list_offsets(&new, Offset::Beginning, self.opts.request_timeout.min(DISCOVERY_TIMEOUT)) {
+        let starts = match self.list_offsets(
+            &new,
+            Offset::Beginning,
+            self.opts.request_timeout.min(DISCOVERY_TIMEOUT),
+        ) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(subtask = self.subtask, error = %e, partitions = %describe_list(&new),
@@ -580,8 +623,9 @@ impl KafkaSourceReader {
         }
         let mut tpl = TopicPartitionList::with_capacity(starts.len());
         for (tp, offset) in starts {
-            tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
-                .map_err(|e| KeelError::internal(format!("start offset {offset} of {tp}: {e}")))?;
+            tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset)).map_err(|e| {
+                KeelError::internal(format!("start offset {offset} of {tp}: {}", error_chain(&e)))
+            })?;
         }
         self.consumer.incremental_assign(&tpl).map_err(|e| {
             to_keel(&e, &format!("assigning partitions {}", describe(starts)), &self.opts.bootstrap_servers)
@@ -705,7 +749,10 @@ impl KafkaSourceReader {
                 let o = found.get(&tp).copied().ok_or_else(|| {
                     KeelError::unavailable(
                         &self.opts.bootstrap_servers,
-                        format!("the broker gave no {which:?} offset for topic {} partition {}", tp.topic, tp.partition),
+                        format!(
+                            "the broker gave no {which:?} offset for topic {} partition {}",
+                            tp.topic, tp.partition
+                        ),
                     )
                 })?;
                 out.insert(tp, o);
@@ -722,7 +769,11 @@ impl KafkaSourceReader {
         }
         let group = self.opts.group_id.as_deref().unwrap_or("");
         let result = self.consumer.committed_offsets(tpl, timeout).map_err(|e| {
-            to_keel(&e, &format!("reading the committed offsets of group {group}"), &self.opts.bootstrap_servers)
+            to_keel(
+                &e,
+                &format!("reading the committed offsets of group {group}"),
+                &self.opts.bootstrap_servers,
+            )
         })?;
         let mut out = BTreeMap::new();
         for e in result.elements() {
@@ -755,7 +806,7 @@ impl KafkaSourceReader {
         let mut tpl = TopicPartitionList::with_capacity(tps.len());
         for tp in tps {
             tpl.add_partition_offset(&tp.topic, tp.partition, which)
-                .map_err(|e| KeelError::internal(format!("offset query for {tp}: {e}")))?;
+                .map_err(|e| KeelError::internal(format!("offset query for {tp}: {}", error_chain(&e))))?;
         }
         let what = match which {
             Offset::Beginning => "looking up the earliest offsets".to_string(),
@@ -763,14 +814,17 @@ impl KafkaSourceReader {
             Offset::Offset(ts) => format!("looking up the offsets for timestamp {ts}"),
             other => format!("looking up offsets {other:?}"),
         };
-        let result = self
-            .consumer
-            .offsets_for_times(tpl, timeout)
-            .map_err(|e| to_keel(&e, &format!("{what} of {}", describe_list(tps)), &self.opts.bootstrap_servers))?;
+        let result = self.consumer.offsets_for_times(tpl, timeout).map_err(|e| {
+            to_keel(&e, &format!("{what} of {}", describe_list(tps)), &self.opts.bootstrap_servers)
+        })?;
         let mut out = BTreeMap::new();
         for e in result.elements() {
             e.error().map_err(|err| {
-                to_keel(&err, &format!("{what} of topic {} partition {}", e.topic(), e.partition()), &self.opts.bootstrap_servers)
+                to_keel(
+                    &err,
+                    &format!("{what} of topic {} partition {}", e.topic(), e.partition()),
+                    &self.opts.bootstrap_servers,
+                )
             })?;
             if let Offset::Offset(o) = e.offset() {
                 if o >= 0 {
@@ -779,6 +833,94 @@ impl KafkaSourceReader {
             }
         }
         Ok(out)
+    }
+}
+
+/// The thread that commits offsets to the consumer group, one synchronous commit at a time.
+/// A synchronous commit waits for the group coordinator, up to `session.timeout.ms` when there
+/// is none, which is why it does not run on the poll loop.
+struct Committer {
+    requests: Option<mpsc::Sender<Vec<(TopicPartition, i64)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    fn start(
+        consumer: Arc<BaseConsumer<ReaderContext>>,
+        subtask: u32,
+        group: &str,
+        bootstrap: &str,
+        metrics: Arc<KafkaSourceMetrics>,
+    ) -> Result<Committer> {
+        let (tx, rx) = mpsc::channel::<Vec<(TopicPartition, i64)>>();
+        let (group, bootstrap) = (group.to_string(), bootstrap.to_string());
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-commit-{subtask}"))
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    // Later requests carry later offsets: merge everything waiting into one commit.
+                    let mut offsets: BTreeMap<TopicPartition, i64> = first.into_iter().collect();
+                    while let Ok(more) = rx.try_recv() {
+                        offsets.extend(more);
+                    }
+                    commit_now(&consumer, &offsets, subtask, &group, &bootstrap, &metrics);
+                }
+            })
+            .map_err(|e| {
+                KeelError::internal(format!("cannot start the offset commit thread: {}", error_chain(&e)))
+            })?;
+        Ok(Committer { requests: Some(tx), thread: Some(thread) })
+    }
+
+    fn request(&self, offsets: Vec<(TopicPartition, i64)>) -> Result<()> {
+        self.requests
+            .as_ref()
+            .and_then(|tx| tx.send(offsets).ok())
+            .ok_or_else(|| KeelError::internal("the offset commit thread has stopped"))
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once the commit in flight (if any) returns.
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn commit_now(
+    consumer: &BaseConsumer<ReaderContext>,
+    offsets: &BTreeMap<TopicPartition, i64>,
+    subtask: u32,
+    group: &str,
+    bootstrap: &str,
+    metrics: &KafkaSourceMetrics,
+) {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (tp, offset) in offsets {
+        if let Err(e) = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset)) {
+            tracing::warn!(subtask, partition = %tp, error = %error_chain(&e), "offset not committable");
+        }
+    }
+    let failed = match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => None,
+        Err(e) => Some(error_chain(&e)),
+    };
+    match failed {
+        None => {
+            metrics.commits_succeeded.fetch_add(1, Ordering::Relaxed);
+            for (tp, offset) in offsets {
+                metrics.set_committed(tp, *offset);
+            }
+            tracing::debug!(subtask, group, partitions = offsets.len(), "offsets committed");
+        }
+        Some(error) => {
+            metrics.commits_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(subtask, group, bootstrap, %error,
+                "committing offsets to the consumer group failed (the checkpoint is unaffected)");
+        }
     }
 }
 
@@ -816,7 +958,9 @@ fn list_partitions(subscription: &Subscription, metadata: &Metadata) -> Listing 
                 match &sel.partitions {
                     None => {
                         listing.whole_topic_sizes.insert(sel.topic.clone(), ids.len());
-                        listing.partitions.extend(ids.iter().map(|p| TopicPartition::new(sel.topic.clone(), *p)));
+                        listing
+                            .partitions
+                            .extend(ids.iter().map(|p| TopicPartition::new(sel.topic.clone(), *p)));
                     }
                     Some(wanted) => {
                         for p in wanted {

@@ -13,8 +13,8 @@ use common::{number, numbers, open, read_for, read_n, source_options};
 use keel_kafka::{KafkaSourceMetrics, KafkaSourceReader, SourcePosition, TopicPartition};
 use keel_proto::KeelError;
 use keel_testkit::{
-    committed_offsets, create_topic, free_port, produce_numbered, produce_numbered_to, produce_one_per_batch,
-    unique_topic, wait_until, Broker, Produce,
+    committed_offsets, create_topic, free_port, produce, produce_numbered, produce_numbered_to,
+    produce_one_per_batch, unique_topic, wait_until, Broker, Produce,
 };
 
 fn numbered(range: std::ops::Range<u64>, partition: Option<i32>) -> Vec<Produce> {
@@ -28,7 +28,8 @@ fn earliest_offset_reads_every_record_from_the_start() {
     let broker = Broker::start().expect("broker");
     let topic = unique_topic("earliest");
     create_topic(&broker.bootstrap, &topic, 3).expect("topic");
-    let written = produce_numbered(&broker.bootstrap, &topic, 0..30, |n| Some(format!("key-{n}"))).expect("produce");
+    let written =
+        produce_numbered(&broker.bootstrap, &topic, 0..30, |n| Some(format!("key-{n}"))).expect("produce");
 
     let mut reader = open(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
     let records = read_n(&mut reader, 30);
@@ -76,8 +77,11 @@ fn group_offsets_resume_where_the_last_commit_left_off() {
     create_topic(&broker.bootstrap, &topic, 1).expect("topic");
     produce_numbered(&broker.bootstrap, &topic, 0..20, |_| None).expect("produce");
 
-    let pairs =
-        [("topic", topic.as_str()), ("properties.group.id", group.as_str()), ("properties.auto.offset.reset", "earliest")];
+    let pairs = [
+        ("topic", topic.as_str()),
+        ("properties.group.id", group.as_str()),
+        ("properties.auto.offset.reset", "earliest"),
+    ];
     let mut reader = open(&broker.bootstrap, &pairs);
     let first = read_n(&mut reader, 10);
     assert_eq!(numbers(&first[..10]), (0..10).collect::<Vec<_>>());
@@ -85,7 +89,6 @@ fn group_offsets_resume_where_the_last_commit_left_off() {
     checkpoint.set(&topic, 0, 10);
     reader.commit(&checkpoint).expect("commit");
     wait_until("the commit to reach the group", Duration::from_secs(10), || {
-        reader.poll(1000, Duration::from_millis(50)).map_err(anyhow::Error::from)?;
         let committed = committed_offsets(&broker.bootstrap, &group, &topic)?;
         Ok((committed.get(&0) == Some(&Some(10))).then_some(()))
     })
@@ -114,7 +117,9 @@ fn group_offsets_without_a_commit_needs_auto_offset_reset() {
 
     let opts = source_options(&broker.bootstrap, &[("topic", &topic), ("properties.group.id", &group)]);
     let err = KafkaSourceReader::open(opts, 0, 1, None, KafkaSourceMetrics::new()).err().expect("must fail");
-    let KeelError::FailedPrecondition { reason } = &err else { panic!("expected FailedPrecondition, got {err:?}") };
+    let KeelError::FailedPrecondition { reason } = &err else {
+        panic!("expected FailedPrecondition, got {err:?}")
+    };
     let expected = format!("no committed offset for group {group} on topic {topic} partition 0 and no properties.auto.offset.reset");
     assert!(reason.contains(&expected), "{reason}");
     assert!(reason.contains("sources[0].properties.auto.offset.reset"), "{reason}");
@@ -128,8 +133,12 @@ fn group_offsets_without_a_commit_needs_auto_offset_reset() {
     assert_eq!(numbers(&read_n(&mut reader, 2)), vec![50, 51]);
 }
 
-/// timestamp: each partition starts at its first record whose timestamp is at or after
-/// scan.startup.timestamp-millis; past every record it starts at the end (tansu).
+/// timestamp: each partition starts where the broker's offset-for-timestamp lookup
+/// (ListOffsets) puts scan.startup.timestamp-millis. On Kafka that is the first record at or
+/// after it, or the end when there is none, and the test checks exactly that. tansu 0.6 has no
+/// lookup by time (it answers offset 0 for every timestamp), so on tansu the test can only
+/// check that the reader starts at the broker's answer; run it with KEEL_TEST_KAFKA_BOOTSTRAP
+/// against Kafka for the full property.
 #[test]
 fn timestamp_mode_starts_at_the_first_record_at_or_after_it() {
     let broker = Broker::start().expect("broker");
@@ -145,21 +154,53 @@ fn timestamp_mode_starts_at_the_first_record_at_or_after_it() {
         .collect();
     produce_one_per_batch(&broker.bootstrap, &topic, records).expect("produce");
 
-    let at = (base + 4500).to_string();
+    let (at, later) = (base + 4500, base + 60_000);
+    let answer = broker_offset_for_time(&broker.bootstrap, &topic, at);
+    let answer_later = broker_offset_for_time(&broker.bootstrap, &topic, later);
+    let lookup_works = answer == Some(5) && answer_later.is_none();
+    if !lookup_works {
+        eprintln!(
+            "the broker cannot look offsets up by time (it answers {answer:?} for the 6th record's time and \
+             {answer_later:?} past the last one); checking only that the reader follows its answers"
+        );
+    }
+    let at_text = at.to_string();
     let mut reader = open(
         &broker.bootstrap,
-        &[("topic", &topic), ("scan.startup.mode", "timestamp"), ("scan.startup.timestamp-millis", &at)],
+        &[("topic", &topic), ("scan.startup.mode", "timestamp"), ("scan.startup.timestamp-millis", &at_text)],
     );
-    let got = read_n(&mut reader, 5);
-    assert_eq!(numbers(&got), vec![5, 6, 7, 8, 9]);
-    assert_eq!(got.iter().map(|r| r.timestamp_ms).min(), Some(Some(base + 5000)));
+    assert_eq!(reader.position().get(&topic, 0), answer);
+    if lookup_works {
+        let got = read_n(&mut reader, 5);
+        assert_eq!(numbers(&got), vec![5, 6, 7, 8, 9]);
+        assert_eq!(got.iter().map(|r| r.timestamp_ms).min(), Some(Some(base + 5000)));
+    }
 
-    let later = (base + 60_000).to_string();
+    let later_text = later.to_string();
     let reader = open(
         &broker.bootstrap,
-        &[("topic", &topic), ("scan.startup.mode", "timestamp"), ("scan.startup.timestamp-millis", &later)],
+        &[
+            ("topic", &topic),
+            ("scan.startup.mode", "timestamp"),
+            ("scan.startup.timestamp-millis", &later_text),
+        ],
     );
-    assert_eq!(reader.position().get(&topic, 0), Some(10), "no record at or after it: the end");
+    // No record at or after it: the end (10 with one-record batches on tansu too).
+    assert_eq!(reader.position().get(&topic, 0), Some(answer_later.unwrap_or(10)));
+}
+
+/// The broker's answer to "which offset has the first record at or after `ts`" (`None`: none).
+fn broker_offset_for_time(bootstrap: &str, topic: &str, ts: i64) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(ts)).expect("tpl");
+    let found = consumer.offsets_for_times(tpl, Duration::from_secs(10)).expect("offsets for times");
+    found.elements().first().and_then(|e| match e.offset() {
+        rdkafka::Offset::Offset(o) if o >= 0 => Some(o),
+        _ => None,
+    })
 }
 
 /// specific-offsets: listed partitions start at the listed offsets; a partition not listed
@@ -213,7 +254,6 @@ fn a_restored_position_wins_over_every_startup_mode() {
     two.set(&topic, 0, 2);
     committer.commit(&two).expect("commit");
     wait_until("the commit to reach the group", Duration::from_secs(10), || {
-        committer.poll(1000, Duration::from_millis(50)).map_err(anyhow::Error::from)?;
         Ok((committed_offsets(&broker.bootstrap, &group, &topic)?.get(&0) == Some(&Some(2))).then_some(()))
     })
     .expect("committed");
@@ -225,7 +265,10 @@ fn a_restored_position_wins_over_every_startup_mode() {
         vec![("scan.startup.mode", "latest-offset")],
         vec![("scan.startup.mode", "group-offsets"), ("properties.group.id", &group)],
         vec![("scan.startup.mode", "timestamp"), ("scan.startup.timestamp-millis", &ts)],
-        vec![("scan.startup.mode", "specific-offsets"), ("scan.startup.specific-offsets", "partition:0,offset:1")],
+        vec![
+            ("scan.startup.mode", "specific-offsets"),
+            ("scan.startup.specific-offsets", "partition:0,offset:1"),
+        ],
     ];
     let mut restored = SourcePosition::new();
     restored.set(&topic, 0, 6);
@@ -235,8 +278,9 @@ fn a_restored_position_wins_over_every_startup_mode() {
         let mut pairs = vec![("topic", topic.as_str())];
         pairs.extend(mode.iter().copied());
         let opts = source_options(&broker.bootstrap, &pairs);
-        let mut reader = KafkaSourceReader::open(opts, 0, 1, Some(restored.clone()), KafkaSourceMetrics::new())
-            .unwrap_or_else(|e| panic!("open with {mode:?}: {e}"));
+        let mut reader =
+            KafkaSourceReader::open(opts, 0, 1, Some(restored.clone()), KafkaSourceMetrics::new())
+                .unwrap_or_else(|e| panic!("open with {mode:?}: {e}"));
         assert_eq!(reader.assignment(), vec![TopicPartition::new(topic.clone(), 0)]);
         let got = read_n(&mut reader, 4);
         assert_eq!(numbers(&got), vec![6, 7, 8, 9], "{mode:?}");
@@ -256,7 +300,7 @@ fn offsets_reach_the_group_only_through_commit() {
     let metrics = KafkaSourceMetrics::new();
     let opts = source_options(
         &broker.bootstrap,
-        &[("topic", &topic), ("properties.group.id", &group), ("properties.auto.offset.reset", "earliest"), ("properties.debug", "cgrp")],
+        &[("topic", &topic), ("properties.group.id", &group), ("properties.auto.offset.reset", "earliest")],
     );
     let mut reader = KafkaSourceReader::open(opts, 0, 1, None, metrics.clone()).expect("open");
     read_n(&mut reader, 20);
@@ -269,7 +313,6 @@ fn offsets_reach_the_group_only_through_commit() {
     let position = reader.position();
     reader.commit(&position).expect("commit");
     wait_until("commitsSucceeded", Duration::from_secs(10), || {
-        reader.poll(1000, Duration::from_millis(50)).map_err(anyhow::Error::from)?;
         Ok((metrics.commits_succeeded() == 1).then_some(()))
     })
     .expect("commit counted");
@@ -285,45 +328,69 @@ fn offsets_reach_the_group_only_through_commit() {
     assert_eq!(snapshot.commits_failed, 0);
 }
 
-/// The source metrics: numRecordsIn / numBytesIn count what poll handed out, pendingRecords
-/// is high watermark − position (tansu, one-record batches so its watermark is right), the
-/// event-time lags are measured from record timestamps, sourceIdleTime grows while idle.
+/// The source metrics: numRecordsIn / numBytesIn count what poll handed out, the event-time
+/// lags are measured from record timestamps, currentOffset is the position, sourceIdleTime grows
+/// while idle, and pendingRecords is high watermark − position: N − position while behind, 0 at
+/// the end (tansu; one-record batches so that its watermark is right, and tiny fetches so that
+/// the client's statistics arrive while records are still unread).
 #[test]
 fn source_metrics_follow_what_was_read() {
     let broker = Broker::start().expect("broker");
     let topic = unique_topic("metrics");
     create_topic(&broker.bootstrap, &topic, 1).expect("topic");
     let now = keel_kafka_now_ms();
-    let records: Vec<Produce> = (0..10u64)
-        .map(|n| Produce { value: format!("{n:04}"), timestamp_ms: Some(now - 60_000), ..Produce::default() })
-        .collect();
-    produce_one_per_batch(&broker.bootstrap, &topic, records).expect("produce");
+    // 1.5 MB in big batches, then one record alone: tansu's high watermark is the last batch's
+    // base offset + 1, right when that batch holds one record.
+    const N: u64 = 1500;
+    let record = |n: u64| Produce {
+        value: format!("{n:01000}"),
+        timestamp_ms: Some(now - 60_000),
+        ..Produce::default()
+    };
+    produce(&broker.bootstrap, &topic, (0..N - 1).map(record).collect()).expect("produce");
+    produce_one_per_batch(&broker.bootstrap, &topic, vec![record(N - 1)]).expect("produce the last");
     let metrics = KafkaSourceMetrics::new();
-    let opts = source_options(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let opts = source_options(
+        &broker.bootstrap,
+        &[
+            ("topic", &topic),
+            ("scan.startup.mode", "earliest-offset"),
+            // Prefetch little, so that statistics arrive while records are unread.
+            ("properties.queued.max.messages.kbytes", "1"),
+            ("properties.max.partition.fetch.bytes", "262144"),
+            ("properties.statistics.interval.ms", "50"),
+        ],
+    );
     let mut reader = KafkaSourceReader::open(opts, 0, 1, None, metrics.clone()).expect("open");
     let got = read_n(&mut reader, 4);
     assert_eq!(got.len(), 4);
     let snapshot = metrics.snapshot();
     assert_eq!(snapshot.num_records_in, 4);
-    assert_eq!(snapshot.num_bytes_in, 16);
+    assert_eq!(snapshot.num_bytes_in, 4 * 1000);
     assert!(snapshot.current_emit_event_time_lag.is_some_and(|l| l >= 60_000), "{snapshot:?}");
     assert!(snapshot.current_fetch_event_time_lag.is_some_and(|l| l >= 60_000), "{snapshot:?}");
     assert_eq!(snapshot.partitions.first().and_then(|p| p.current_offset), Some(4));
-    wait_until("pendingRecords = 6", Duration::from_secs(10), || {
-        reader.poll(1000, Duration::from_millis(100)).map_err(anyhow::Error::from)?;
+
+    let n = i64::try_from(N).expect("small");
+    let behind = wait_until("pendingRecords = N - position while behind", Duration::from_secs(10), || {
+        let read = reader.poll(10, Duration::from_millis(100)).map_err(anyhow::Error::from)?;
+        let position = reader.position().get(&topic, 0).unwrap_or(0);
         let pending = metrics.snapshot().pending_records;
-        if pending == Some(6) {
+        if read.is_empty() && position == n {
+            anyhow::bail!("read everything before the statistics showed pendingRecords {pending:?}");
+        }
+        Ok((pending == Some(n - position) && position < n).then_some(pending))
+    })
+    .expect("pending while behind");
+    assert!(behind.is_some_and(|p| p > 0));
+    wait_until("pendingRecords = 0 and sourceIdleTime > 0 at the end", Duration::from_secs(10), || {
+        reader.poll(1000, Duration::from_millis(100)).map_err(anyhow::Error::from)?;
+        let s = metrics.snapshot();
+        if s.pending_records == Some(0) && s.source_idle_time > 0 && s.num_records_in == N {
             Ok(Some(()))
         } else {
-            Err(anyhow::anyhow!("pendingRecords {pending:?}"))
+            Err(anyhow::anyhow!("{s:?}"))
         }
-    })
-    .expect("pending");
-    read_n(&mut reader, 6);
-    wait_until("pendingRecords = 0 and sourceIdleTime > 0", Duration::from_secs(10), || {
-        reader.poll(10, Duration::from_millis(100)).map_err(anyhow::Error::from)?;
-        let s = metrics.snapshot();
-        Ok((s.pending_records == Some(0) && s.source_idle_time > 0).then_some(()))
     })
     .expect("drained");
 }
@@ -335,121 +402,119 @@ fn keel_kafka_now_ms() -> i64 {
     .expect("fits")
 }
 
-/// Partitions added to a topic while two readers (subtasks 0 and 1 of 2) run are discovered
-/// without reopening, each by exactly one of them (their owner), and read from the earliest
-/// offset; the old partitions keep their readers. On tansu 0.6, which has no CreatePartitions,
-/// the topic is grown by deleting and re-creating it empty with more partitions (the readers
-/// are at offset 0 of the old, empty partition, which stays valid); with a broker that can
-/// add partitions (KEEL_TEST_KAFKA_BOOTSTRAP) it uses CreatePartitions.
-#[test]
-fn discovery_reads_partitions_added_while_running() {
-    let broker = Broker::start().expect("broker");
-    let topic = unique_topic("grow");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
-    let pairs = [
-        ("topic", topic.as_str()),
-        ("scan.startup.mode", "earliest-offset"),
-        ("scan.topic-partition-discovery.interval", "200 ms"),
-    ];
-    let mut readers: Vec<KafkaSourceReader> = (0..2)
+/// Opens subtasks 0 and 1 of 2 with the same options.
+fn two_readers(bootstrap: &str, pairs: &[(&str, &str)]) -> Vec<KafkaSourceReader> {
+    (0..2)
         .map(|s| {
-            KafkaSourceReader::open(source_options(&broker.bootstrap, &pairs), s, 2, None, KafkaSourceMetrics::new())
+            KafkaSourceReader::open(source_options(bootstrap, pairs), s, 2, None, KafkaSourceMetrics::new())
                 .expect("open")
         })
-        .collect();
-    let before: Vec<Vec<TopicPartition>> = readers.iter().map(KafkaSourceReader::assignment).collect();
-    assert_eq!(before.iter().map(Vec::len).sum::<usize>(), 1);
+        .collect()
+}
 
-    grow_topic(&broker.bootstrap, &topic, 4);
-    let mut all = Vec::new();
-    for p in 0..4 {
-        let base = u64::try_from(p).expect("small") * 100;
-        all.extend(produce_numbered_to(&broker.bootstrap, &topic, p, base..base + 5).expect("produce"));
-    }
+/// Polls every reader until `n` records arrived in total.
+fn read_all(readers: &mut [KafkaSourceReader], n: usize) -> Vec<keel_kafka::KafkaRecord> {
     let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < 20 {
-        assert!(Instant::now() < deadline, "read {} of 20: {:?}", got.len(), numbers(&got));
+    let deadline = Instant::now() + common::READ_TIMEOUT;
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "read {} of {n}: {:?}", got.len(), numbers(&got));
         for r in readers.iter_mut() {
             got.extend(r.poll(100, Duration::from_millis(100)).expect("poll"));
         }
     }
-    let mut expected: Vec<u64> = all.iter().filter_map(|r| r.value_str().parse().ok()).collect();
-    expected.sort_unstable();
-    assert_eq!(numbers(&got), expected, "every record exactly once");
+    got
+}
+
+/// After discovery, each subtask still reads what it read before and owns what it reads.
+fn check_assignments(before: &[Vec<TopicPartition>], readers: &[KafkaSourceReader], total: usize) {
     let after: Vec<Vec<TopicPartition>> = readers.iter().map(KafkaSourceReader::assignment).collect();
     for (s, (b, a)) in before.iter().zip(&after).enumerate() {
         for tp in b {
             assert!(a.contains(tp), "subtask {s} lost {tp}");
         }
         for tp in a {
-            assert_eq!(keel_kafka::owner(&tp.topic, tp.partition, 2), u32::try_from(s).expect("small"));
+            assert_eq!(
+                keel_kafka::owner(&tp.topic, tp.partition, 2),
+                u32::try_from(s).expect("small"),
+                "{tp}"
+            );
         }
     }
-    assert_eq!(after.iter().map(Vec::len).sum::<usize>(), 4);
+    assert_eq!(after.iter().map(Vec::len).sum::<usize>(), total, "{after:?}");
 }
 
-/// Grows `topic` to `total` partitions: CreatePartitions where the broker has it, else (tansu)
-/// delete and re-create it, which is only equivalent for a topic without records.
-fn grow_topic(bootstrap: &str, topic: &str, total: usize) {
-    match keel_testkit::add_partitions(bootstrap, topic, total) {
-        Ok(()) => {}
-        Err(e) if format!("{e:#}").contains("UnsupportedFeature") => {
-            let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-                rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin");
-            let deleted = futures::executor::block_on(
-                admin.delete_topics(&[topic], &rdkafka::admin::AdminOptions::new()),
-            )
-            .expect("delete topic");
-            assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
-            wait_until("the topic to be gone", Duration::from_secs(10), || {
-                Ok((keel_testkit::partition_count(bootstrap, topic)? == 0).then_some(()))
-            })
-            .expect("deleted");
-            create_topic(bootstrap, topic, i32::try_from(total).expect("small")).expect("re-create");
-        }
-        Err(e) => panic!("adding partitions: {e:#}"),
+/// Partitions added to a listed topic while subtasks 0 and 1 of 2 run are discovered without
+/// reopening, each by exactly one subtask (its owner), and read from their earliest offset; the
+/// old partitions keep their readers. Needs a broker with CreatePartitions: tansu 0.6 has none
+/// (and re-creating the topic instead crashes librdkafka 2.12.1, see the crate's notes), so on
+/// tansu the test stops after checking that; run it with KEEL_TEST_KAFKA_BOOTSTRAP against
+/// Kafka. `discovery_reads_a_new_topic_matching_the_pattern` covers discovery on tansu.
+#[test]
+fn discovery_reads_partitions_added_to_a_listed_topic() {
+    let broker = Broker::start().expect("broker");
+    let topic = unique_topic("grow");
+    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
+    produce_numbered_to(&broker.bootstrap, &topic, 0, 0..3).expect("produce");
+    let pairs = [
+        ("topic", topic.as_str()),
+        ("scan.startup.mode", "earliest-offset"),
+        ("scan.topic-partition-discovery.interval", "200 ms"),
+    ];
+    let mut readers = two_readers(&broker.bootstrap, &pairs);
+    assert_eq!(numbers(&read_all(&mut readers, 3)), vec![0, 1, 2]);
+    let before: Vec<Vec<TopicPartition>> = readers.iter().map(KafkaSourceReader::assignment).collect();
+
+    if let Err(e) = keel_testkit::add_partitions(&broker.bootstrap, &topic, 4) {
+        let e = format!("{e:#}");
+        assert!(e.contains("UnsupportedFeature"), "adding partitions failed: {e}");
+        eprintln!("NOT RUN: the broker cannot add partitions (CreatePartitions): {e}");
+        return;
     }
+    let mut expected = Vec::new();
+    for p in 1..4 {
+        let base = u64::try_from(p).expect("small") * 100;
+        produce_numbered_to(&broker.bootstrap, &topic, p, base..base + 5).expect("produce");
+        expected.extend(base..base + 5);
+    }
+    assert_eq!(numbers(&read_all(&mut readers, 15)), expected, "every record exactly once");
+    check_assignments(&before, &readers, 4);
 }
 
-/// With topic-pattern, a topic created later that matches is read without reopening; one that
-/// does not match is not (tansu).
+/// With topic-pattern, a topic created later that matches is discovered while subtasks 0 and
+/// 1 of 2 run, without reopening: each of its partitions is read by exactly one subtask (its
+/// owner) from the earliest offset, the partitions read before keep their readers, and a new
+/// topic that does not match is not read (tansu).
 #[test]
 fn discovery_reads_a_new_topic_matching_the_pattern() {
     let broker = Broker::start().expect("broker");
     let prefix = unique_topic("pat");
     let first = format!("{prefix}-a");
-    create_topic(&broker.bootstrap, &first, 1).expect("topic");
-    produce_numbered(&broker.bootstrap, &first, 0..3, |_| None).expect("produce");
+    create_topic(&broker.bootstrap, &first, 2).expect("topic");
+    produce_numbered(&broker.bootstrap, &first, 0..6, |n| Some(n.to_string())).expect("produce");
     let pattern = format!("{}-.*", regex_escape(&prefix));
-    let mut reader = open(
-        &broker.bootstrap,
-        &[
-            ("topic-pattern", &pattern),
-            ("scan.startup.mode", "earliest-offset"),
-            ("scan.topic-partition-discovery.interval", "200 ms"),
-        ],
-    );
-    assert_eq!(numbers(&read_n(&mut reader, 3)), vec![0, 1, 2]);
+    let pairs = [
+        ("topic-pattern", pattern.as_str()),
+        ("scan.startup.mode", "earliest-offset"),
+        ("scan.topic-partition-discovery.interval", "200 ms"),
+    ];
+    let mut readers = two_readers(&broker.bootstrap, &pairs);
+    assert_eq!(numbers(&read_all(&mut readers, 6)), (0..6).collect::<Vec<_>>());
+    let before: Vec<Vec<TopicPartition>> = readers.iter().map(KafkaSourceReader::assignment).collect();
 
     let second = format!("{prefix}-b");
     let other = format!("x{prefix}-c");
-    create_topic(&broker.bootstrap, &second, 2).expect("topic");
+    create_topic(&broker.bootstrap, &second, 3).expect("topic");
     create_topic(&broker.bootstrap, &other, 1).expect("topic");
-    produce_numbered(&broker.bootstrap, &second, 10..16, |n| Some(n.to_string())).expect("produce");
+    // Produced before any discovery round can have seen the topic: read from its earliest offset.
+    produce_numbered(&broker.bootstrap, &second, 10..22, |n| Some(n.to_string())).expect("produce");
     produce_numbered(&broker.bootstrap, &other, 90..93, |_| None).expect("produce");
-    let got = read_n(&mut reader, 6);
-    assert_eq!(numbers(&got), (10..16).collect::<Vec<_>>());
+    let got = read_all(&mut readers, 12);
+    assert_eq!(numbers(&got), (10..22).collect::<Vec<_>>(), "every record exactly once");
     assert!(got.iter().all(|r| &*r.topic == second.as_str()));
-    assert!(read_for(&mut reader, Duration::from_millis(600)).is_empty(), "the non-matching topic is not read");
-    assert_eq!(
-        reader.assignment(),
-        vec![
-            TopicPartition::new(first.clone(), 0),
-            TopicPartition::new(second.clone(), 0),
-            TopicPartition::new(second.clone(), 1)
-        ]
-    );
+    for r in readers.iter_mut() {
+        assert!(read_for(r, Duration::from_millis(500)).is_empty(), "the non-matching topic is not read");
+    }
+    check_assignments(&before, &readers, 5);
 }
 
 fn regex_escape(s: &str) -> String {
@@ -486,31 +551,34 @@ fn unreachable_broker_fails_open_naming_the_bootstrap_servers() {
 fn a_missing_topic_fails_open_naming_it() {
     let broker = Broker::start().expect("broker");
     let topic = unique_topic("missing");
-    let opts = source_options(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let opts =
+        source_options(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
     let err = KafkaSourceReader::open(opts, 0, 1, None, KafkaSourceMetrics::new()).err().expect("must fail");
     assert!(err.to_string().contains(&format!("topic {topic} does not exist")), "{err}");
 }
 
-/// A broker outage is not an error for `poll`: during it poll returns no records, and after
-/// the broker is back the reader reads again without being reopened. (tansu keeps nothing over
-/// a restart, so the topic is re-created empty; the reader was at offset 0 of the empty
-/// partition, which stays valid. Not run against an external broker.)
+/// A broker outage is not an error for `poll`: while the broker is frozen (SIGSTOP: no
+/// answers, connections open) poll returns no records and no error, and once it runs again the
+/// same reader (not reopened) reads what is produced (tansu; not run against an external
+/// broker). A kill and restart is not used: tansu keeps no data over a restart, and a consumer
+/// fetching a topic that vanished crashes librdkafka 2.12.1 against tansu (see the crate notes).
 #[test]
-fn poll_rides_out_a_broker_restart() {
+fn poll_rides_out_a_broker_outage() {
     let mut broker = Broker::start().expect("broker");
     if broker.is_external() {
         return;
     }
     let topic = unique_topic("outage");
     create_topic(&broker.bootstrap, &topic, 1).expect("topic");
+    produce_numbered(&broker.bootstrap, &topic, 0..3, |_| None).expect("produce");
     let mut reader = open(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
-    assert!(read_for(&mut reader, Duration::from_millis(300)).is_empty());
-    broker.stop().expect("stop");
-    assert!(read_for(&mut reader, Duration::from_millis(500)).is_empty(), "no records, and no error");
-    broker.start_again().expect("start again");
-    create_topic(&broker.bootstrap, &topic, 1).expect("re-create");
-    produce_numbered(&broker.bootstrap, &topic, 0..5, |_| None).expect("produce");
-    assert_eq!(numbers(&read_n(&mut reader, 5)), vec![0, 1, 2, 3, 4]);
+    assert_eq!(numbers(&read_n(&mut reader, 3)), vec![0, 1, 2]);
+    broker.pause().expect("pause");
+    assert!(read_for(&mut reader, Duration::from_millis(1500)).is_empty(), "no records, and no error");
+    broker.resume().expect("resume");
+    produce_numbered(&broker.bootstrap, &topic, 3..8, |_| None).expect("produce");
+    assert_eq!(numbers(&read_n(&mut reader, 5)), vec![3, 4, 5, 6, 7]);
+    assert_eq!(reader.position().get(&topic, 0), Some(8));
 }
 
 /// Builds source options without the test defaults of `common::options`.
@@ -529,4 +597,49 @@ impl KafkaSourceOptionsBuilder {
     fn build(self) -> keel_kafka::KafkaSourceOptions {
         keel_kafka::KafkaSourceOptions::from_spec("sources[0]", &self.0).expect("valid")
     }
+}
+
+/// A restored position beyond what the partition holds is out of range: without
+/// properties.auto.offset.reset, poll fails naming topic, partition and offset; with
+/// `earliest` the reader moves to the earliest offset and reads everything.
+///
+/// tansu 0.6 answers a fetch past the end with no records and no error (never
+/// OFFSET_OUT_OF_RANGE), so this runs against librdkafka's in-process mock cluster, which
+/// answers like Kafka here.
+#[test]
+fn an_out_of_range_position_needs_auto_offset_reset() {
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let topic = unique_topic("range");
+    mock.create_topic(&topic, 1, 1).expect("topic");
+    produce_one_per_batch(&bootstrap, &topic, numbered(0..5, Some(0))).expect("produce");
+    let mut restored = SourcePosition::new();
+    restored.set(&topic, 0, 1000);
+
+    let opts = source_options(&bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let mut reader =
+        KafkaSourceReader::open(opts, 0, 1, Some(restored.clone()), KafkaSourceMetrics::new()).expect("open");
+    let err = wait_until("poll to fail", Duration::from_secs(10), || {
+        match reader.poll(10, Duration::from_millis(200)) {
+            Ok(records) => Err(anyhow::anyhow!("poll returned {} records", records.len())),
+            Err(e) => Ok(Some(e)),
+        }
+    })
+    .expect("an error");
+    let text = err.to_string();
+    assert!(text.contains(&format!("topic {topic} partition 0 at offset 1000")), "{text}");
+    assert!(text.contains("sources[0].properties.auto.offset.reset"), "{text}");
+    drop(reader);
+
+    let opts = source_options(
+        &bootstrap,
+        &[
+            ("topic", &topic),
+            ("scan.startup.mode", "earliest-offset"),
+            ("properties.auto.offset.reset", "earliest"),
+        ],
+    );
+    let mut reader =
+        KafkaSourceReader::open(opts, 0, 1, Some(restored), KafkaSourceMetrics::new()).expect("open");
+    assert_eq!(numbers(&read_n(&mut reader, 5)), vec![0, 1, 2, 3, 4]);
 }

@@ -28,7 +28,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use keel_formats::{EncodedRecord, RecordEncoder};
+use keel_kafka::{KafkaSinkMetrics, SourcePosition};
+use keel_spec::pipeline;
+
 use super::datagen::{Datagen, MAX_BATCH};
+use super::kafka::{KafkaBatch, KafkaSource};
 use super::sinks::{Sink, FLUSH_INTERVAL};
 
 /// Elements in flight between the source driver and the sink thread (each up to
@@ -39,12 +44,8 @@ const MIN_TICK: Duration = Duration::from_millis(5);
 /// How long a canceled chain waits for its sink thread before giving up on it.
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
-/// One record: an optional key and a value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-}
+/// One record flowing from the sources to the sinks: a row of the source's schema.
+pub use keel_formats::Row as Record;
 
 /// Requests delivered to a running task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +78,10 @@ pub struct TaskSnapshot {
 pub enum SourceSnapshot {
     /// The next sequence number the datagen source emits.
     Datagen { next_sequence: i64 },
+    /// The next offset to read of every partition the source reads, as
+    /// `[topic, partition, offset]` (a list: JSON maps inside a tagged enum cannot have integer
+    /// keys).
+    Kafka { offsets: Vec<(String, i32, i64)> },
 }
 
 impl TaskSnapshot {
@@ -112,6 +117,8 @@ impl Counters {
 pub struct SourcePlan {
     pub name: String,
     pub config: SourceConfig,
+    /// Its rows (schema, and for kafka the format and client options).
+    pub rows: pipeline::SourcePlan,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +127,8 @@ pub struct SinkPlan {
     pub config: SinkConfig,
     /// Index of the source feeding it.
     pub source: usize,
+    /// Filter, projection and encoding of the rows it writes.
+    pub edge: pipeline::SinkPlan,
 }
 
 /// What a subtask runs, decided from the spec before anything is opened.
@@ -145,22 +154,14 @@ impl ChainPlan {
         let mut sources = Vec::new();
         for (i, s) in spec.sources.iter().enumerate() {
             let config = spec.source_config(i)?;
-            if let SourceConfig::Kafka(_) = config {
-                return Err(unsupported(&format!("sources[{i}]"), &s.name, "kafka"));
-            }
-            sources.push(SourcePlan { name: s.name.clone(), config });
+            let rows = spec.source_plan(i)?;
+            sources.push(SourcePlan { name: s.name.clone(), config, rows });
         }
         let mut sinks = Vec::new();
         for (i, s) in spec.sinks.iter().enumerate() {
             let config = spec.sink_config(i)?;
-            if let SinkConfig::Kafka(_) = config {
-                return Err(unsupported(&format!("sinks[{i}]"), &s.name, "kafka"));
-            }
-            let from = s.from.as_deref().unwrap_or_default();
-            let source = spec.sources.iter().position(|src| src.name == from).ok_or_else(|| {
-                KeelError::invalid_spec(format!("sinks[{i}].from"), format!("no source is named '{from}'"))
-            })?;
-            sinks.push(SinkPlan { name: s.name.clone(), config, source });
+            let edge = spec.sink_plan(i)?;
+            sinks.push(SinkPlan { name: s.name.clone(), config, source: edge.source, edge });
         }
         let restore = if restore_state.is_empty() {
             None
@@ -183,19 +184,32 @@ impl ChainPlan {
         Ok(plan)
     }
 
-    fn sources(&self) -> Result<Vec<(String, Datagen)>> {
+    fn restored(&self, name: &str) -> Option<&SourceSnapshot> {
+        self.restore.as_ref().and_then(|r| r.sources.get(name))
+    }
+
+    /// Builds the datagen sources (cheap, no I/O); Kafka sources are opened in [`Self::open`].
+    fn sources(&self) -> Result<Vec<(String, Option<Datagen>)>> {
         let mut out = Vec::new();
         for s in &self.sources {
             match &s.config {
                 SourceConfig::Datagen(opts) => {
-                    let restore = self
-                        .restore
-                        .as_ref()
-                        .and_then(|r| r.sources.get(&s.name))
-                        .map(|SourceSnapshot::Datagen { next_sequence }| *next_sequence);
-                    out.push((s.name.clone(), Datagen::new(opts, self.subtask, self.parallelism, restore)?));
+                    let restore = match self.restored(&s.name) {
+                        Some(SourceSnapshot::Datagen { next_sequence }) => Some(*next_sequence),
+                        Some(other) => return Err(wrong_snapshot(&s.name, other)),
+                        None => None,
+                    };
+                    out.push((
+                        s.name.clone(),
+                        Some(Datagen::new(opts, self.subtask, self.parallelism, restore)?),
+                    ));
                 }
-                SourceConfig::Kafka(_) => return Err(unsupported("sources", &s.name, "kafka")),
+                SourceConfig::Kafka(_) => {
+                    if let Some(other @ SourceSnapshot::Datagen { .. }) = self.restored(&s.name) {
+                        return Err(wrong_snapshot(&s.name, other));
+                    }
+                    out.push((s.name.clone(), None));
+                }
             }
         }
         Ok(out)
@@ -203,30 +217,138 @@ impl ChainPlan {
 
     /// Opens the sinks (blocking work, run off the async runtime) and builds the sources.
     pub async fn open(self) -> Result<OpenChain> {
-        let sources = self.sources()?;
+        let datagens = self.sources()?;
         let subtask = self.subtask;
+        let parallelism = self.parallelism;
         let sink_plans = self.sinks.clone();
         let sinks = tokio::task::spawn_blocking(move || {
             sink_plans
                 .iter()
-                .map(|s| Sink::open(&s.name, &s.config, subtask).map(|sink| (s.name.clone(), sink)))
+                .map(|s| {
+                    let sink = match &s.edge.kafka {
+                        Some(opts) => {
+                            Sink::open_kafka(opts.clone(), subtask, parallelism, KafkaSinkMetrics::new())?
+                        }
+                        None => Sink::open(&s.name, &s.config, subtask)?,
+                    };
+                    let edge = SinkEdge {
+                        filter: s.edge.filter.clone(),
+                        projection: s.edge.projection.clone(),
+                        encoder: RecordEncoder::new(&s.edge.schema, &s.edge.format),
+                    };
+                    Ok((s.name.clone(), sink, edge))
+                })
                 .collect::<Result<Vec<_>>>()
         })
         .await
         .map_err(|e| KeelError::internal(format!("opening the sinks panicked: {e}")))??;
+        // Kafka sources: readers on their own threads, all feeding one channel.
+        let (kafka_tx, kafka_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let mut sources = Vec::new();
+        for (idx, ((name, datagen), plan)) in datagens.into_iter().zip(self.sources.iter()).enumerate() {
+            let source = match (datagen, &plan.rows.kafka, &plan.rows.format) {
+                (Some(g), _, _) => SourceRt::Datagen(g),
+                (None, Some(opts), Some(format)) => {
+                    let restored = match self.restored(&name) {
+                        Some(SourceSnapshot::Kafka { offsets }) => {
+                            let mut position = SourcePosition::new();
+                            for (topic, partition, offset) in offsets {
+                                position.set(topic, *partition, *offset);
+                            }
+                            Some(position)
+                        }
+                        _ => None,
+                    };
+                    let (opts, schema, format, tx) =
+                        (opts.clone(), plan.rows.schema.clone(), format.clone(), kafka_tx.clone());
+                    let source_name = name.clone();
+                    let span = tracing::Span::current();
+                    let opened = tokio::task::spawn_blocking(move || {
+                        span.in_scope(|| {
+                            KafkaSource::open(
+                                idx,
+                                &source_name,
+                                opts,
+                                &schema,
+                                &format,
+                                subtask,
+                                parallelism,
+                                restored,
+                                tx,
+                            )
+                        })
+                    })
+                    .await
+                    .map_err(|e| {
+                        KeelError::internal(format!("opening kafka source {name} panicked: {e}"))
+                    })??;
+                    SourceRt::Kafka(opened)
+                }
+                _ => return Err(KeelError::internal(format!("source {name} has no runtime"))),
+            };
+            sources.push((name, source));
+        }
         let mut routes = vec![Vec::new(); self.sources.len()];
         for (i, s) in self.sinks.iter().enumerate() {
             if let Some(r) = routes.get_mut(s.source) {
                 r.push(i);
             }
         }
-        Ok(OpenChain { subtask, parallelism: self.parallelism, sources, sinks, routes })
+        Ok(OpenChain { subtask, parallelism: self.parallelism, sources, sinks, routes, kafka_rx })
     }
 }
 
-fn unsupported(field: &str, name: &str, connector: &str) -> KeelError {
-    KeelError::FailedPrecondition {
-        reason: format!("{field} '{name}': connector '{connector}' is not supported by this TaskManager yet"),
+fn wrong_snapshot(name: &str, snapshot: &SourceSnapshot) -> KeelError {
+    KeelError::InvalidArgument {
+        reason: format!("restore_state of source '{name}' is of another connector: {snapshot:?}"),
+    }
+}
+
+/// A source of a running chain.
+enum SourceRt {
+    Datagen(Datagen),
+    Kafka(KafkaSource),
+}
+
+impl SourceRt {
+    fn is_exhausted(&self) -> bool {
+        match self {
+            SourceRt::Datagen(g) => g.is_exhausted(),
+            SourceRt::Kafka(_) => false,
+        }
+    }
+
+    fn snapshot(&self) -> SourceSnapshot {
+        match self {
+            SourceRt::Datagen(g) => SourceSnapshot::Datagen { next_sequence: g.next_sequence() },
+            SourceRt::Kafka(k) => SourceSnapshot::Kafka {
+                offsets: k.position.iter().map(|(tp, offset)| (tp.topic, tp.partition, offset)).collect(),
+            },
+        }
+    }
+}
+
+/// What one sink does with the rows of its source.
+struct SinkEdge {
+    filter: Option<keel_formats::Filter>,
+    projection: Option<keel_formats::Projection>,
+    encoder: RecordEncoder,
+}
+
+impl SinkEdge {
+    fn encode(&self, rows: &[Record]) -> Result<Vec<EncodedRecord>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            if self.filter.as_ref().is_some_and(|f| !f.matches(row)) {
+                continue;
+            }
+            let encoded = match &self.projection {
+                Some(p) => self.encoder.encode(&p.apply(row.clone())),
+                None => self.encoder.encode(row),
+            };
+            out.push(encoded?);
+        }
+        Ok(out)
     }
 }
 
@@ -250,9 +372,10 @@ pub struct ChainIo {
 pub struct OpenChain {
     subtask: u32,
     parallelism: u32,
-    sources: Vec<(String, Datagen)>,
-    sinks: Vec<(String, Sink)>,
+    sources: Vec<(String, SourceRt)>,
+    sinks: Vec<(String, Sink, SinkEdge)>,
     routes: Vec<Vec<usize>>,
+    kafka_rx: mpsc::Receiver<Result<KafkaBatch>>,
 }
 
 enum Element {
@@ -282,6 +405,8 @@ impl OpenChain {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let span = tracing::Span::current();
         let driver = SourceDriver {
+            kafka_rx: self.kafka_rx,
+            pending_commits: BTreeMap::new(),
             sources: self.sources,
             subtask: self.subtask,
             parallelism: self.parallelism,
@@ -329,7 +454,11 @@ impl OpenChain {
 }
 
 struct SourceDriver {
-    sources: Vec<(String, Datagen)>,
+    sources: Vec<(String, SourceRt)>,
+    kafka_rx: mpsc::Receiver<Result<KafkaBatch>>,
+    /// Kafka positions of checkpoints not yet complete: committed to the consumer group when
+    /// their checkpoint completes.
+    pending_commits: BTreeMap<u64, Vec<(usize, SourcePosition)>>,
     subtask: u32,
     parallelism: u32,
     tx: mpsc::Sender<Element>,
@@ -342,11 +471,7 @@ impl SourceDriver {
         TaskSnapshot {
             subtask: self.subtask,
             parallelism: self.parallelism,
-            sources: self
-                .sources
-                .iter()
-                .map(|(name, g)| (name.clone(), SourceSnapshot::Datagen { next_sequence: g.next_sequence() }))
-                .collect(),
+            sources: self.sources.iter().map(|(name, source)| (name.clone(), source.snapshot())).collect(),
         }
     }
 
@@ -364,6 +489,7 @@ impl SourceDriver {
 
     async fn run(mut self, mut control: mpsc::Receiver<Control>) -> Result<SourceEnd> {
         let mut control_open = true;
+        let mut kafka_open = true;
         let mut last_round = Instant::now();
         let mut behind = true;
         loop {
@@ -380,15 +506,33 @@ impl SourceDriver {
             let due = self
                 .sources
                 .iter()
-                .filter(|(_, g)| !g.is_exhausted())
-                .map(|(_, g)| g.next_due())
+                .filter_map(|(_, s)| match s {
+                    SourceRt::Datagen(g) if !g.is_exhausted() => Some(g.next_due()),
+                    _ => None,
+                })
                 .min()
-                .unwrap_or_else(Instant::now);
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let wake = if behind { due } else { due.max(last_round + MIN_TICK) };
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(SourceEnd::Canceled),
                 _ = self.tx.closed() => return Ok(SourceEnd::DownstreamGone),
+                batch = self.kafka_rx.recv(), if kafka_open => match batch {
+                    Some(Ok(batch)) => {
+                        if let Some((_, SourceRt::Kafka(k))) = self.sources.get_mut(batch.source) {
+                            k.position = batch.position;
+                        }
+                        if !batch.rows.is_empty() {
+                            self.counters.records_in.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+                            if let Some(end) = self.send(Element::Records { source: batch.source, records: batch.rows }).await {
+                                return Ok(end);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    // Every reader is gone: there are no kafka sources.
+                    None => kafka_open = false,
+                },
                 msg = control.recv(), if control_open => match msg {
                     None => control_open = false,
                     Some(msg) => {
@@ -403,8 +547,8 @@ impl SourceDriver {
                     behind = false;
                     for idx in 0..self.sources.len() {
                         let values = match self.sources.get_mut(idx) {
-                            Some((_, g)) => g.emit_due(now),
-                            None => continue,
+                            Some((_, SourceRt::Datagen(g))) => g.emit_due(now),
+                            _ => continue,
                         };
                         if values.is_empty() {
                             continue;
@@ -412,7 +556,7 @@ impl SourceDriver {
                         behind |= values.len() >= MAX_BATCH;
                         let records: Vec<Record> = values
                             .into_iter()
-                            .map(|v| Record { key: None, value: v.to_string().into_bytes() })
+                            .map(|v| Record { values: vec![keel_formats::Value::Int(v)] })
                             .collect();
                         self.counters.records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
                         if let Some(end) = self.send(Element::Records { source: idx, records }).await {
@@ -429,11 +573,38 @@ impl SourceDriver {
             Control::TriggerCheckpoint { checkpoint_id, timestamp_ms, is_savepoint } => {
                 let snapshot = self.snapshot();
                 let state = snapshot.to_json()?;
+                let kafka: Vec<(usize, SourcePosition)> = self
+                    .sources
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (_, s))| match s {
+                        SourceRt::Kafka(k) => Some((i, k.position.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                if !kafka.is_empty() {
+                    self.pending_commits.insert(checkpoint_id, kafka);
+                }
                 tracing::info!(checkpoint_id, timestamp_ms, is_savepoint, "checkpoint barrier injected");
                 Ok(self.send(Element::Barrier(Ack { checkpoint_id, is_savepoint, state })).await)
             }
             Control::NotifyCheckpointComplete { checkpoint_id } => {
-                // Sinks have nothing to commit yet; sources commit nothing either.
+                // Offsets reach the consumer group only now (for monitoring: recovery uses the
+                // checkpoint). Older pending checkpoints are subsumed by this one.
+                let done: Vec<u64> =
+                    self.pending_commits.range(..=checkpoint_id).map(|(id, _)| *id).collect();
+                let latest = done.last().copied();
+                for id in done {
+                    if let Some(positions) = self.pending_commits.remove(&id) {
+                        if Some(id) == latest {
+                            for (i, position) in positions {
+                                if let Some((_, SourceRt::Kafka(k))) = self.sources.get(i) {
+                                    k.commit(position);
+                                }
+                            }
+                        }
+                    }
+                }
                 tracing::info!(checkpoint_id, "checkpoint complete");
                 Ok(None)
             }
@@ -444,15 +615,15 @@ impl SourceDriver {
 /// The sink thread: writes records to the sinks their source feeds, flushes on time, on
 /// barriers and at the end.
 fn run_sinks(
-    mut sinks: Vec<(String, Sink)>,
+    mut sinks: Vec<(String, Sink, SinkEdge)>,
     routes: Vec<Vec<usize>>,
     mut rx: mpsc::Receiver<Element>,
     acks: mpsc::UnboundedSender<Ack>,
     counters: &Counters,
     handle: &tokio::runtime::Handle,
 ) -> Result<SinkEnd> {
-    let flush_all = |sinks: &mut Vec<(String, Sink)>, durable: bool| -> Result<()> {
-        for (_, s) in sinks.iter_mut() {
+    let flush_all = |sinks: &mut Vec<(String, Sink, SinkEdge)>, durable: bool| -> Result<()> {
+        for (_, s, _) in sinks.iter_mut() {
             s.flush(durable)?;
         }
         Ok(())
@@ -461,7 +632,7 @@ fn run_sinks(
         let now = std::time::Instant::now();
         let wait = sinks
             .iter()
-            .filter_map(|(_, s)| s.flush_deadline())
+            .filter_map(|(_, s, _)| s.flush_deadline())
             .min()
             .map(|d| d.saturating_duration_since(now))
             .unwrap_or(FLUSH_INTERVAL);
@@ -474,9 +645,10 @@ fn run_sinks(
             }
             Ok(Some(Element::Records { source, records })) => {
                 for &i in routes.get(source).map(Vec::as_slice).unwrap_or_default() {
-                    if let Some((_, sink)) = sinks.get_mut(i) {
-                        sink.write(&records)?;
-                        counters.records_out.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    if let Some((_, sink, edge)) = sinks.get_mut(i) {
+                        let encoded = edge.encode(&records)?;
+                        sink.write(&encoded)?;
+                        counters.records_out.fetch_add(encoded.len() as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -492,7 +664,7 @@ fn run_sinks(
             }
         }
         let now = std::time::Instant::now();
-        for (_, s) in sinks.iter_mut() {
+        for (_, s, _) in sinks.iter_mut() {
             s.flush_if_due(now)?;
         }
     }

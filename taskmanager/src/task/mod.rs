@@ -11,6 +11,7 @@
 
 pub mod chain;
 pub mod datagen;
+pub mod kafka;
 pub mod sinks;
 
 use std::sync::{Arc, Mutex};

@@ -5,6 +5,10 @@
 //! - `file`: appends `<value>\n` to `<path>/part-<subtask>`; a restarted attempt continues the
 //!   same file. Flushed at least every [`FLUSH_INTERVAL`] or [`FLUSH_RECORDS`] records, and
 //!   flushed and fsynced at every checkpoint barrier and at the end.
+//! - `kafka`: a Kafka producer; at every checkpoint barrier (`at-least-once`) everything sent
+//!   before is acknowledged by the broker before the checkpoint is acknowledged.
+//!
+//! Sinks receive rows already encoded by the sink's format (`file`/`print`: one CSV line).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -14,7 +18,8 @@ use std::time::{Duration, Instant};
 use keel_proto::{KeelError, Result};
 use keel_spec::SinkConfig;
 
-use super::Record;
+use keel_formats::EncodedRecord as Record;
+use keel_kafka::{KafkaSinkMetrics, KafkaSinkWriter};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const FLUSH_RECORDS: usize = 1000;
@@ -23,7 +28,11 @@ pub enum Sink {
     Print { prefix: String, stderr: bool },
     Blackhole,
     File(FileSink),
+    Kafka(Box<KafkaSinkWriter>),
 }
+
+/// How long a checkpoint barrier waits for the broker to acknowledge what was sent.
+pub const KAFKA_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct FileSink {
     path: PathBuf,
@@ -64,10 +73,20 @@ impl Sink {
                     last_flush: Instant::now(),
                 }))
             }
-            SinkConfig::Kafka(_) => Err(KeelError::FailedPrecondition {
-                reason: format!("sink '{name}': connector 'kafka' is not supported by this TaskManager yet"),
-            }),
+            SinkConfig::Kafka(_) => Err(KeelError::internal(format!(
+                "sink '{name}': a kafka sink is opened with Sink::open_kafka"
+            ))),
         }
+    }
+
+    /// Opens a Kafka sink (blocking: connects and reads the topic's metadata).
+    pub fn open_kafka(
+        opts: keel_kafka::KafkaSinkOptions,
+        subtask: u32,
+        parallelism: u32,
+        metrics: std::sync::Arc<KafkaSinkMetrics>,
+    ) -> Result<Sink> {
+        Ok(Sink::Kafka(Box::new(KafkaSinkWriter::open(opts, subtask, parallelism, metrics)?)))
     }
 
     pub fn write(&mut self, records: &[Record]) -> Result<()> {
@@ -76,7 +95,7 @@ impl Sink {
                 let mut text = Vec::with_capacity(records.len() * (prefix.len() + 12));
                 for r in records {
                     text.extend_from_slice(prefix.as_bytes());
-                    text.extend_from_slice(&r.value);
+                    text.extend_from_slice(r.value.as_deref().unwrap_or_default());
                     text.push(b'\n');
                 }
                 let result = if *stderr {
@@ -92,13 +111,21 @@ impl Sink {
             Sink::File(f) => {
                 for r in records {
                     f.writer
-                        .write_all(&r.value)
+                        .write_all(r.value.as_deref().unwrap_or_default())
                         .and_then(|_| f.writer.write_all(b"\n"))
                         .map_err(|e| io_error("write", &f.path, e))?;
                 }
                 f.pending += records.len();
                 if f.pending >= FLUSH_RECORDS {
                     f.flush(false)?;
+                }
+                Ok(())
+            }
+            Sink::Kafka(k) => {
+                for r in records {
+                    let headers: Vec<(String, Vec<u8>)> =
+                        r.headers.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect();
+                    k.send(r.key.as_deref(), r.value.as_deref(), &headers, r.timestamp)?;
                 }
                 Ok(())
             }
@@ -127,6 +154,8 @@ impl Sink {
     pub fn flush(&mut self, durable: bool) -> Result<()> {
         match self {
             Sink::File(f) => f.flush(durable),
+            // A durable flush is a checkpoint barrier or the end: wait for the broker's acks.
+            Sink::Kafka(k) if durable => k.flush(KAFKA_FLUSH_TIMEOUT),
             _ => Ok(()),
         }
     }

@@ -1,0 +1,161 @@
+//! A Kafka source on its own thread.
+//!
+//! librdkafka's consumer is blocking, so each Kafka source of a subtask runs a reader thread
+//! that polls, decodes messages into rows with the source's format and hands batches to the
+//! async source driver through a bounded channel (backpressure: a full channel stops polling).
+//! Every batch carries the reader's position right after its records; the driver keeps the
+//! position of the last batch it forwarded, and that is what a checkpoint barrier snapshots:
+//! exactly the records before the barrier are behind it. Offsets are committed to the
+//! consumer group only when the driver asks, after a checkpoint completed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_formats::{KafkaMessage, RecordDecoder, RecordFormat, Row, Schema};
+use keel_kafka::{KafkaSourceMetrics, KafkaSourceOptions, KafkaSourceReader, SourcePosition};
+use keel_proto::{KeelError, Result};
+use tokio::sync::mpsc;
+
+/// Records read per poll.
+const POLL_BATCH: usize = 1024;
+/// How long one poll waits for records.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Rows read from one source, and the source's position right after them.
+pub struct KafkaBatch {
+    pub source: usize,
+    pub rows: Vec<Row>,
+    pub bytes: u64,
+    pub position: SourcePosition,
+}
+
+enum Command {
+    Commit(SourcePosition),
+}
+
+/// The driver's handle on a reader thread.
+pub struct KafkaSource {
+    /// The position of the last batch forwarded downstream (at open: where reading starts).
+    pub position: SourcePosition,
+    commands: std::sync::mpsc::Sender<Command>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaSource {
+    /// Opens the reader (blocking: connects, resolves start offsets) and starts its thread,
+    /// which sends its batches, or its fatal error, to `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        index: usize,
+        name: &str,
+        opts: KafkaSourceOptions,
+        schema: &Schema,
+        format: &RecordFormat,
+        subtask: u32,
+        parallelism: u32,
+        restored: Option<SourcePosition>,
+        out: mpsc::Sender<Result<KafkaBatch>>,
+    ) -> Result<KafkaSource> {
+        let metrics = KafkaSourceMetrics::new();
+        let reader = KafkaSourceReader::open(opts, subtask, parallelism, restored, metrics)?;
+        let position = reader.position();
+        let decoder = RecordDecoder::new(schema, format);
+        let (commands, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-{name}-{subtask}"))
+            .spawn(move || span.in_scope(|| read_loop(index, reader, decoder, rx, out, &thread_stop)))
+            .map_err(|e| KeelError::internal(format!("cannot start the kafka reader thread: {e}")))?;
+        Ok(KafkaSource { position, commands, stop, thread: Some(thread) })
+    }
+
+    /// Commits `position` to the consumer group (after the checkpoint holding it completed).
+    pub fn commit(&self, position: SourcePosition) {
+        let _ = self.commands.send(Command::Commit(position));
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            // The thread notices `stop` within one poll timeout; do not block the runtime on it.
+            std::thread::spawn(move || {
+                let _ = t.join();
+            });
+        }
+    }
+}
+
+fn read_loop(
+    index: usize,
+    mut reader: KafkaSourceReader,
+    mut decoder: RecordDecoder,
+    commands: std::sync::mpsc::Receiver<Command>,
+    out: mpsc::Sender<Result<KafkaBatch>>,
+    stop: &AtomicBool,
+) {
+    let needs_headers = decoder.needs_headers();
+    while !stop.load(Ordering::SeqCst) {
+        while let Ok(Command::Commit(position)) = commands.try_recv() {
+            if let Err(error) = reader.commit(&position) {
+                tracing::warn!(%error, "committing offsets to the consumer group failed");
+            }
+        }
+        match reader.discover_if_due(Instant::now()) {
+            Ok(new) if !new.is_empty() => {
+                tracing::info!(
+                    partitions = new.len(),
+                    "discovered new partitions; reading them from the earliest offset"
+                )
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "partition discovery failed"),
+        }
+        let records = match reader.poll(POLL_BATCH, POLL_TIMEOUT) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = out.blocking_send(Err(e));
+                return;
+            }
+        };
+        if records.is_empty() {
+            continue;
+        }
+        let mut rows = Vec::with_capacity(records.len());
+        let mut bytes = 0u64;
+        for r in &records {
+            bytes += (r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len)) as u64;
+            let headers: Vec<(&str, Option<&[u8]>)> = if needs_headers {
+                r.headers.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))).collect()
+            } else {
+                Vec::new()
+            };
+            let msg = KafkaMessage {
+                topic: &r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                timestamp: r.timestamp_ms,
+                headers: &headers,
+                key: r.key.as_deref(),
+                value: r.value.as_deref(),
+            };
+            match decoder.decode(&msg) {
+                Ok(Some(row)) => rows.push(row),
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = out.blocking_send(Err(e.into()));
+                    return;
+                }
+            }
+        }
+        let batch = KafkaBatch { source: index, rows, bytes, position: reader.position() };
+        if out.blocking_send(Ok(batch)).is_err() {
+            return;
+        }
+    }
+}
