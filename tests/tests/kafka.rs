@@ -184,3 +184,88 @@ fn offsets_are_not_committed_without_a_checkpoint() -> anyhow::Result<()> {
     assert_eq!(committed, BTreeMap::from([(0, None)]), "nothing committed without a checkpoint");
     Ok(())
 }
+
+/// A malformed JSON record: with `json.ignore-parse-errors: true` it is skipped (the good
+/// records still come out), and without it the task fails with the topic, partition and offset
+/// of the bad record in the job's status. Nothing panics.
+#[test]
+fn malformed_records_are_skipped_or_fail_naming_topic_partition_offset() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let bootstrap = broker.bootstrap().to_string();
+    let input = unique_topic("json-in");
+    let (skip_out, fail_out) = (unique_topic("skip-out"), unique_topic("fail-out"));
+    for t in [&input, &skip_out, &fail_out] {
+        create_topic(&bootstrap, t, 1)?;
+    }
+    let values = [r#"{"id": 1, "name": "a"}"#, "not json at all", r#"{"id": 3, "name": "c"}"#];
+    produce(
+        &bootstrap,
+        &input,
+        values.iter().map(|v| Produce { value: v.to_string(), ..Produce::default() }).collect(),
+    )?;
+    let sb = cluster("kafka-malformed")?;
+    let spec = |name: &str, out: &str, ignore: bool| {
+        format!(
+            r#"name: {name}
+sources:
+  - name: in
+    connector: kafka
+    topic: {input}
+    properties.bootstrap.servers: {bootstrap}
+    scan.startup.mode: earliest-offset
+    format: json
+    json.ignore-parse-errors: {ignore}
+    columns:
+      - {{name: id, type: BIGINT}}
+      - {{name: name, type: STRING}}
+sinks:
+  - name: out
+    connector: kafka
+    topic: {out}
+    properties.bootstrap.servers: {bootstrap}
+    format: csv
+"#
+        )
+    };
+    let path = sb.write_spec("skip", &spec("skip", &skip_out, true))?;
+    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let mut out = read_exactly(&bootstrap, &skip_out, 2)?;
+    out.sort();
+    assert_eq!(out, vec!["1,a".to_string(), "3,c".to_string()]);
+
+    let path = sb.write_spec("fail", &spec("fail", &fail_out, false))?;
+    let run = sb.keel(&["run", "--detached", path.to_str().unwrap_or_default()])?;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let message = wait_until("the task failure to name the bad record", LONG, || {
+        let s = sb.status("fail")?;
+        let text = format!("{} {}", s["status_message"], s["tasks"]);
+        Ok((text.contains("malformed")).then_some(text))
+    })?;
+    assert!(
+        message.contains(&input) && message.contains("partition 0") && message.contains("offset 1"),
+        "{message}"
+    );
+    Ok(())
+}
+
+/// A job whose broker cannot be reached fails its task after the client's timeout with an
+/// error naming the bootstrap servers (shown by `keel status`), instead of hanging.
+#[test]
+fn unreachable_broker_is_named_in_the_job_status() -> anyhow::Result<()> {
+    let sb = cluster("kafka-unreachable")?;
+    let bootstrap = format!("127.0.0.1:{}", keel_testkit::free_port());
+    let spec = format!(
+        "name: nobroker\nsources:\n  - {{name: in, connector: kafka, topic: t, scan.startup.mode: earliest-offset, properties.bootstrap.servers: '{bootstrap}', properties.default.api.timeout.ms: '2000'}}\nsinks:\n  - {{name: out, connector: blackhole}}\n"
+    );
+    let path = sb.write_spec("nobroker", &spec)?;
+    let run = sb.keel(&["run", "--detached", path.to_str().unwrap_or_default()])?;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let message = wait_until("the failure to name the bootstrap servers", LONG, || {
+        let s = sb.status("nobroker")?;
+        let text = format!("{} {}", s["status_message"], s["tasks"]);
+        Ok(text.contains(&bootstrap).then_some(text))
+    })?;
+    assert!(message.contains(&bootstrap), "{message}");
+    Ok(())
+}
