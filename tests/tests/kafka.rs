@@ -269,3 +269,60 @@ fn unreachable_broker_is_named_in_the_job_status() -> anyhow::Result<()> {
     assert!(message.contains(&bootstrap), "{message}");
     Ok(())
 }
+
+/// Partition discovery while a job runs: a job reads `topic-pattern` with discovery every
+/// second; a topic created afterwards that matches the pattern is picked up and read from its
+/// earliest offset without restarting the job (same attempt). (tansu cannot add partitions to
+/// an existing topic, so discovery is shown with a new matching topic; the connector's own
+/// tests cover added partitions against a broker that supports them.)
+#[test]
+fn topics_matching_the_pattern_later_are_read_without_a_restart() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let bootstrap = broker.bootstrap().to_string();
+    let prefix = unique_topic("disc");
+    let (first, second, output) = (format!("{prefix}-a"), format!("{prefix}-b"), unique_topic("disc-out"));
+    create_topic(&bootstrap, &first, 1)?;
+    create_topic(&bootstrap, &output, 1)?;
+    produce(
+        &bootstrap,
+        &first,
+        (0..10).map(|n| Produce { value: n.to_string(), ..Produce::default() }).collect(),
+    )?;
+    let sb = cluster("kafka-discovery")?;
+    let spec = format!(
+        r#"name: discovery
+sources:
+  - name: in
+    connector: kafka
+    topic-pattern: '{prefix}-.*'
+    properties.bootstrap.servers: {bootstrap}
+    scan.startup.mode: earliest-offset
+    scan.topic-partition-discovery.interval: 1 s
+sinks:
+  - name: out
+    connector: kafka
+    topic: {output}
+    properties.bootstrap.servers: {bootstrap}
+"#
+    );
+    let path = sb.write_spec("discovery", &spec)?;
+    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    read_exactly(&bootstrap, &output, 10)?;
+    let attempt = sb.status("discovery")?["tasks"][0]["attempt"].clone();
+
+    create_topic(&bootstrap, &second, 1)?;
+    produce(
+        &bootstrap,
+        &second,
+        (10..20).map(|n| Produce { value: n.to_string(), ..Produce::default() }).collect(),
+    )?;
+    let out = read_exactly(&bootstrap, &output, 20)?;
+    let mut numbers: Vec<u64> = out.iter().map(|v| v.parse()).collect::<Result<_, _>>()?;
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..20).collect::<Vec<u64>>());
+    let after = sb.status("discovery")?;
+    assert_eq!(after["tasks"][0]["attempt"], attempt, "no restart");
+    assert_eq!(after["restarts"], 0);
+    Ok(())
+}
