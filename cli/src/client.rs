@@ -250,6 +250,12 @@ impl Client {
         if !d.status_message.is_empty() {
             println!("  status: {}", d.status_message);
         }
+        if let Some(line) = throughput_line(d.throughput.as_ref()) {
+            println!("  {line}");
+        }
+        for w in &d.warnings {
+            println!("  warning: {w}");
+        }
         println!("\nversions");
         let rows: Vec<Vec<String>> = d
             .versions
@@ -285,6 +291,9 @@ impl Client {
                         t.slot_index.to_string(),
                         t.records_in.to_string(),
                         t.records_out.to_string(),
+                        rate(t.records_in_per_second),
+                        rate(t.records_out_per_second),
+                        t.current_emit_event_time_lag_ms.map_or_else(|| "-".into(), lag),
                         t.failure.clone(),
                     ]
                 })
@@ -301,6 +310,9 @@ impl Client {
                         "SLOT",
                         "IN",
                         "OUT",
+                        "IN/s",
+                        "OUT/s",
+                        "LAG",
                         "FAILURE"
                     ],
                     &rows
@@ -462,6 +474,62 @@ fn print_checkpoints(d: &pb::JobDetails) {
     );
 }
 
+/// A per-second rate for people: `0`, `3.25`, `812.5`, `12034`.
+fn rate(r: f64) -> String {
+    if !r.is_finite() || r <= 0.0 {
+        "0".into()
+    } else if r < 10.0 {
+        format!("{r:.2}")
+    } else if r < 1000.0 {
+        format!("{r:.1}")
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+/// An event-time lag in milliseconds for people.
+fn lag(ms: i64) -> String {
+    millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// `throughput: 812.5 records/s in, 810.0 records/s out, 42 records pending, max lag 350 ms`
+/// (pending and lag only when the Kafka sources know them), or nothing when no task runs.
+fn throughput_line(t: Option<&pb::JobThroughput>) -> Option<String> {
+    let t = t.filter(|t| t.tasks_reporting > 0)?;
+    let mut line = format!(
+        "throughput: {} records/s in, {} records/s out",
+        rate(t.records_in_per_second),
+        rate(t.records_out_per_second)
+    );
+    if let Some(p) = t.pending_records {
+        line.push_str(&format!(", {p} records pending"));
+    }
+    if let Some(l) = t.max_emit_event_time_lag_ms {
+        line.push_str(&format!(", max lag {}", lag(l)));
+    }
+    Some(line)
+}
+
+fn throughput_json(t: &pb::JobThroughput) -> serde_json::Value {
+    json!({"records_in_per_second": t.records_in_per_second, "records_out_per_second": t.records_out_per_second,
+           "bytes_in_per_second": t.bytes_in_per_second, "bytes_out_per_second": t.bytes_out_per_second,
+           "pending_records": t.pending_records, "max_emit_event_time_lag_ms": t.max_emit_event_time_lag_ms,
+           "tasks_reporting": t.tasks_reporting})
+}
+
+fn task_json(t: &pb::TaskDetails) -> serde_json::Value {
+    json!({"task_id": t.task_id, "version": t.version, "subtask": t.subtask,
+        "attempt": t.attempt, "state": t.state, "taskmanager_id": t.taskmanager_id,
+        "taskmanager_address": t.taskmanager_address, "slot": t.slot_index, "failure": t.failure,
+        "records_in": t.records_in, "records_out": t.records_out,
+        "records_in_per_second": t.records_in_per_second, "records_out_per_second": t.records_out_per_second,
+        "bytes_in_per_second": t.bytes_in_per_second, "bytes_out_per_second": t.bytes_out_per_second,
+        "pending_records": t.pending_records, "current_emit_event_time_lag_ms": t.current_emit_event_time_lag_ms,
+        "source_partitions": t.source_partitions.iter().map(|p| json!({"source": p.source, "topic": p.topic,
+            "partitions": p.partitions, "assigned": p.assigned, "spread_warning": p.spread_warning}))
+            .collect::<Vec<_>>()})
+}
+
 fn checkpoint_ref_json(r: &pb::CheckpointRef) -> serde_json::Value {
     json!({"job_id": r.job_id, "checkpoint_id": r.checkpoint_id, "metadata_path": r.metadata_path,
            "restored_at_ms": r.restored_at_ms})
@@ -492,9 +560,73 @@ fn details_json(d: &pb::JobDetails) -> serde_json::Value {
             "failure": c.failure, "version": c.version, "attempt": c.attempt, "acknowledged": c.acknowledged,
             "total_tasks": c.total_tasks, "metadata_path": c.metadata_path})).collect::<Vec<_>>(),
         "restored_from": d.restored_from.as_ref().map(checkpoint_ref_json),
-        "tasks": d.tasks.iter().map(|t| json!({"task_id": t.task_id, "version": t.version, "subtask": t.subtask,
-            "attempt": t.attempt, "state": t.state, "taskmanager_id": t.taskmanager_id,
-            "taskmanager_address": t.taskmanager_address, "slot": t.slot_index, "failure": t.failure,
-            "records_in": t.records_in, "records_out": t.records_out})).collect::<Vec<_>>(),
+        "throughput": throughput_json(&d.throughput.unwrap_or_default()),
+        "warnings": d.warnings,
+        "tasks": d.tasks.iter().map(task_json).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_the_throughput_line_read_well() {
+        assert_eq!(rate(0.0), "0");
+        assert_eq!(rate(f64::NAN), "0");
+        assert_eq!(rate(3.254), "3.25");
+        assert_eq!(rate(812.54), "812.5");
+        assert_eq!(rate(12034.4), "12034");
+        assert_eq!(throughput_line(None), None);
+        assert_eq!(throughput_line(Some(&pb::JobThroughput::default())), None);
+        let t = pb::JobThroughput {
+            records_in_per_second: 812.5,
+            records_out_per_second: 810.0,
+            pending_records: Some(42),
+            max_emit_event_time_lag_ms: Some(350),
+            tasks_reporting: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            throughput_line(Some(&t)).as_deref(),
+            Some("throughput: 812.5 records/s in, 810.0 records/s out, 42 records pending, max lag 350 ms")
+        );
+        let unknown = pb::JobThroughput { tasks_reporting: 1, ..Default::default() };
+        assert_eq!(
+            throughput_line(Some(&unknown)).as_deref(),
+            Some("throughput: 0 records/s in, 0 records/s out")
+        );
+    }
+
+    #[test]
+    fn status_json_has_throughput_warnings_and_task_rates() {
+        let d = pb::JobDetails {
+            throughput: Some(pb::JobThroughput {
+                records_in_per_second: 5.0,
+                tasks_reporting: 1,
+                ..Default::default()
+            }),
+            warnings: vec!["uneven".into()],
+            tasks: vec![pb::TaskDetails {
+                records_in_per_second: 5.0,
+                pending_records: Some(3),
+                source_partitions: vec![pb::SourcePartitions {
+                    source: "in".into(),
+                    topic: "t".into(),
+                    partitions: 3,
+                    assigned: 2,
+                    spread_warning: "uneven".into(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let j = details_json(&d);
+        assert_eq!(j["throughput"]["records_in_per_second"], 5.0);
+        assert_eq!(j["throughput"]["pending_records"], serde_json::Value::Null);
+        assert_eq!(j["warnings"][0], "uneven");
+        assert_eq!(j["tasks"][0]["records_in_per_second"], 5.0);
+        assert_eq!(j["tasks"][0]["pending_records"], 3);
+        assert_eq!(j["tasks"][0]["source_partitions"][0]["partitions"], 3);
+    }
 }

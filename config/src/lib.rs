@@ -79,6 +79,7 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "jobmanager.rpc.port", default: "6123", help: "port of the JobManager (0 picks a free one)" },
     KeyInfo { key: "taskmanager.rpc.address", default: "127.0.0.1", help: "host the TaskManager binds and advertises" },
     KeyInfo { key: "taskmanager.rpc.port", default: "0", help: "port of the TaskManager (0 picks a free one)" },
+    KeyInfo { key: "metrics.reporter.prom.port", default: "0", help: "port of the TaskManager's Prometheus endpoint (`GET /metrics`) on taskmanager.rpc.address (0 picks a free one; the TaskManager prints the bound address)" },
     KeyInfo { key: "restart-strategy.fixed-delay.delay", default: "1 s", help: "pause before a failed job version is restarted" },
     KeyInfo { key: "state.checkpoints.dir", default: "/tmp/keel/checkpoints", help: "directory where checkpoint metadata is written (`<dir>/<job_id>/chk-<id>/_metadata`); a job spec may override it" },
     KeyInfo { key: "execution.checkpointing.interval", default: "", help: "how often the JobManager triggers a checkpoint of each running job; empty disables checkpointing; a job spec may override it" },
@@ -127,6 +128,9 @@ pub struct Config {
     pub resourcemanager_rpc: RpcAddress,
     pub jobmanager_rpc: RpcAddress,
     pub taskmanager_rpc: RpcAddress,
+    /// `metrics.reporter.prom.port`: where a TaskManager serves its metrics (host:
+    /// `taskmanager.rpc.address`); 0 picks a free port.
+    pub metrics_prom_port: u16,
     pub restart_delay: Duration,
     /// `state.checkpoints.dir` (the same as `checkpointing.dir`).
     pub checkpoints_dir: PathBuf,
@@ -306,6 +310,7 @@ impl Config {
                 host: string("taskmanager.rpc.address"),
                 port: port("taskmanager.rpc.port")?,
             },
+            metrics_prom_port: port("metrics.reporter.prom.port")?,
             restart_delay: duration("restart-strategy.fixed-delay.delay")?,
             checkpoints_dir: checkpointing.dir.clone(),
             checkpointing,
@@ -543,6 +548,23 @@ mod tests {
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(5));
         assert_eq!(c.slot_request_timeout, Duration::from_secs(300));
         assert!(matches!(c.ha.backend, HaBackend::Local { .. }));
+        assert_eq!(c.metrics_prom_port, 0);
+    }
+
+    #[test]
+    fn the_metrics_port_is_a_key_with_an_env_var() {
+        let c = Config::load(&ConfigSources {
+            env: vec![("KEEL_METRICS_REPORTER_PROM_PORT".into(), "9249".into())],
+            ..Default::default()
+        })
+        .expect("valid port");
+        assert_eq!(c.metrics_prom_port, 9249);
+        let err = Config::load(&ConfigSources {
+            flags: vec!["metrics.reporter.prom.port=lots".into()],
+            ..Default::default()
+        })
+        .expect_err("not a port");
+        assert!(err.to_string().contains("metrics.reporter.prom.port"), "{err}");
     }
 
     #[test]

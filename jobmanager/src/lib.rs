@@ -85,6 +85,9 @@ pub(crate) struct JobHandle {
     pub job_id: String,
     record: Mutex<JobRecord>,
     tasks: Mutex<Vec<TaskRecord>>,
+    /// The latest report of each task in `tasks` (throughput, pending records, lag, Kafka
+    /// partitions), by task id.
+    reports: Mutex<HashMap<String, pb::TaskStateUpdate>>,
     events: mpsc::UnboundedSender<JobEvent>,
     checkpoints: Mutex<CheckpointTracker>,
     /// Wakes the checkpoint coordinator (the last acknowledgement of a checkpoint arrived).
@@ -106,6 +109,10 @@ impl JobHandle {
 
     pub fn tasks_mut(&self) -> MutexGuard<'_, Vec<TaskRecord>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reports(&self) -> MutexGuard<'_, HashMap<String, pb::TaskStateUpdate>> {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The job's checkpoint coordinator state.
@@ -234,6 +241,7 @@ impl JobManager {
             job_id: job_id.clone(),
             record: Mutex::new(record),
             tasks: Mutex::new(Vec::new()),
+            reports: Mutex::new(HashMap::new()),
             events: tx,
             checkpoints: Mutex::new(CheckpointTracker::new(job_id)),
             checkpoint_wake: Notify::new(),
@@ -358,6 +366,18 @@ impl JobManager {
         let r = job.record();
         let checkpoints = job.checkpoints().stats(Instant::now());
         let interval = self.checkpoint_interval(&r);
+        let records = job.tasks();
+        let tasks: Vec<pb::TaskDetails> = {
+            let reports = job.reports();
+            records.iter().map(|t| task_details(t, reports.get(&t.task_id))).collect()
+        };
+        let running: Vec<&pb::TaskDetails> = records
+            .iter()
+            .zip(&tasks)
+            .filter(|(r, _)| r.state == TaskState::Running)
+            .map(|(_, d)| d)
+            .collect();
+        let (throughput, warnings) = job_throughput(&running);
         pb::JobDetails {
             summary: Some(job.summary()),
             versions: r
@@ -372,7 +392,9 @@ impl JobManager {
                     restored_from: v.restored_from.as_ref().map(RestoredFrom::to_pb),
                 })
                 .collect(),
-            tasks: job.tasks().iter().map(TaskRecord::to_pb).collect(),
+            tasks,
+            throughput: Some(throughput),
+            warnings,
             status_message: r.status_message.clone(),
             restarts: r.restarts,
             checkpoints: checkpoints
@@ -413,7 +435,15 @@ impl JobManager {
             };
             t.records_in = t.records_in.max(u.records_in);
             t.records_out = t.records_out.max(u.records_out);
-            t.state != state && !t.state.is_terminal()
+            let changed = t.state != state && !t.state.is_terminal();
+            let mut reports = job.reports();
+            reports.insert(u.task_id.clone(), u.clone());
+            // Forget the reports of tasks the table no longer has (earlier attempts); only
+            // when there are more reports than tasks, so a heartbeat stays linear.
+            if reports.len() > tasks.len() {
+                reports.retain(|id, _| tasks.iter().any(|t| t.task_id == *id));
+            }
+            changed
         };
         if changed && state != TaskState::Unspecified {
             job.send(JobEvent::TaskState { task_id: u.task_id.clone(), state, failure: u.failure.clone() });
@@ -514,6 +544,47 @@ impl JobManager {
         st.drivers.close();
         st.drivers.wait().await;
     }
+}
+
+/// A task's details: its record, plus the throughput of its latest report while it runs.
+fn task_details(t: &TaskRecord, report: Option<&pb::TaskStateUpdate>) -> pb::TaskDetails {
+    let mut d = t.to_pb();
+    if let (TaskState::Running, Some(u)) = (t.state, report) {
+        d.records_in_per_second = u.records_in_per_second;
+        d.records_out_per_second = u.records_out_per_second;
+        d.bytes_in_per_second = u.bytes_in_per_second;
+        d.bytes_out_per_second = u.bytes_out_per_second;
+        d.pending_records = u.pending_records;
+        d.current_emit_event_time_lag_ms = u.current_emit_event_time_lag_ms;
+        d.source_partitions = u.source_partitions.clone();
+    }
+    d
+}
+
+/// A job's throughput from its running tasks' details (rates and pending records summed, the
+/// largest lag), and its warnings (the Kafka sources' uneven spreads, each once).
+fn job_throughput(running: &[&pb::TaskDetails]) -> (pb::JobThroughput, Vec<String>) {
+    let mut t = pb::JobThroughput::default();
+    let mut warnings: Vec<String> = Vec::new();
+    for d in running {
+        t.tasks_reporting += 1;
+        t.records_in_per_second += d.records_in_per_second;
+        t.records_out_per_second += d.records_out_per_second;
+        t.bytes_in_per_second += d.bytes_in_per_second;
+        t.bytes_out_per_second += d.bytes_out_per_second;
+        if let Some(p) = d.pending_records {
+            t.pending_records = Some(t.pending_records.unwrap_or(0).saturating_add(p));
+        }
+        if let Some(lag) = d.current_emit_event_time_lag_ms {
+            t.max_emit_event_time_lag_ms = Some(t.max_emit_event_time_lag_ms.map_or(lag, |l| l.max(lag)));
+        }
+        for p in &d.source_partitions {
+            if !p.spread_warning.is_empty() && !warnings.contains(&p.spread_warning) {
+                warnings.push(p.spread_warning.clone());
+            }
+        }
+    }
+    (t, warnings)
 }
 
 /// Follows the ResourceManager's TaskManager events for the whole leader scope, re-subscribing
@@ -740,5 +811,86 @@ pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: Cancellation
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(KeelError::internal(format!("jobmanager server: {e}"))),
         Err(e) => Err(KeelError::internal(format!("jobmanager server task: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(task_id: &str, state: TaskState) -> TaskRecord {
+        TaskRecord {
+            task_id: task_id.into(),
+            version: 1,
+            subtask: 0,
+            attempt: 0,
+            state,
+            taskmanager_id: "tm".into(),
+            taskmanager_address: "127.0.0.1:1".into(),
+            slot_index: 0,
+            allocation_id: "a".into(),
+            failure: String::new(),
+            records_in: 10,
+            records_out: 9,
+        }
+    }
+
+    fn report(rate: f64, pending: Option<i64>, lag: Option<i64>, warning: &str) -> pb::TaskStateUpdate {
+        pb::TaskStateUpdate {
+            records_in_per_second: rate,
+            records_out_per_second: rate / 2.0,
+            bytes_in_per_second: rate * 10.0,
+            pending_records: pending,
+            current_emit_event_time_lag_ms: lag,
+            source_partitions: vec![pb::SourcePartitions {
+                source: "in".into(),
+                topic: "t".into(),
+                partitions: 3,
+                assigned: 2,
+                spread_warning: warning.into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A running task shows its latest report; a task that is not running shows no rates.
+    #[test]
+    fn task_details_carry_the_latest_report_only_while_running() {
+        let r = report(100.0, Some(7), Some(250), "");
+        let d = task_details(&record("t0", TaskState::Running), Some(&r));
+        assert_eq!((d.records_in_per_second, d.records_out_per_second), (100.0, 50.0));
+        assert_eq!((d.pending_records, d.current_emit_event_time_lag_ms), (Some(7), Some(250)));
+        assert_eq!(d.source_partitions.len(), 1);
+        assert_eq!((d.records_in, d.records_out), (10, 9));
+        let d = task_details(&record("t0", TaskState::Failed), Some(&r));
+        assert_eq!((d.records_in_per_second, d.pending_records), (0.0, None));
+        assert!(d.source_partitions.is_empty());
+        let d = task_details(&record("t0", TaskState::Running), None);
+        assert_eq!(d.records_in_per_second, 0.0);
+    }
+
+    /// Rates and pending records add up, the lag is the largest, unknown stays unknown, and a
+    /// warning reported by several subtasks is listed once.
+    #[test]
+    fn job_throughput_sums_rates_and_takes_the_largest_lag() {
+        let warning = "source in, topic t: 3 partitions over parallelism 2 is uneven";
+        let a = task_details(
+            &record("t0", TaskState::Running),
+            Some(&report(100.0, Some(7), Some(250), warning)),
+        );
+        let b =
+            task_details(&record("t1", TaskState::Running), Some(&report(50.0, None, Some(900), warning)));
+        let (t, warnings) = job_throughput(&[&a, &b]);
+        assert_eq!(t.tasks_reporting, 2);
+        assert_eq!((t.records_in_per_second, t.records_out_per_second), (150.0, 75.0));
+        assert_eq!(t.bytes_in_per_second, 1500.0);
+        assert_eq!((t.pending_records, t.max_emit_event_time_lag_ms), (Some(7), Some(900)));
+        assert_eq!(warnings, vec![warning.to_string()]);
+
+        let c = task_details(&record("t2", TaskState::Running), Some(&report(1.0, None, None, "")));
+        let (t, warnings) = job_throughput(&[&c]);
+        assert_eq!((t.pending_records, t.max_emit_event_time_lag_ms), (None, None));
+        assert!(warnings.is_empty());
+        assert_eq!(job_throughput(&[]).0, pb::JobThroughput::default());
     }
 }

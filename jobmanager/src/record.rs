@@ -111,6 +111,8 @@ impl TaskRecord {
             failure: self.failure.clone(),
             records_in: self.records_in,
             records_out: self.records_out,
+            // Throughput comes from the latest task report (JobManager::details).
+            ..Default::default()
         }
     }
 }

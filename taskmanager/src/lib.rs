@@ -11,8 +11,11 @@
 //! - [`jm`]: task state reports, checkpoint acknowledgements and heartbeats to the JobManager
 //!   leader.
 //!
-//! On start the TaskManager prints one line to stdout that tests and the dev cluster parse:
-//! `keel taskmanager listening on <host:port> id <taskmanager id>`.
+//! On start the TaskManager prints two lines to stdout that tests and the dev cluster parse:
+//! `keel taskmanager listening on <host:port> id <taskmanager id>`, then
+//! `keel taskmanager metrics on <host:port>`: its Prometheus endpoint (`GET /metrics`, port
+//! `metrics.reporter.prom.port`), serving the metrics of its running tasks
+//! ([`task::metrics`]).
 
 pub mod fence;
 pub mod jm;
@@ -46,6 +49,8 @@ const REPORT_DRAIN: Duration = Duration::from_secs(3);
 pub struct RunningTaskManager {
     /// The advertised address, `host:port`.
     pub address: String,
+    /// Where `GET /metrics` is served, `host:port`.
+    pub metrics_address: String,
     pub taskmanager_id: String,
     shared: Arc<Shared>,
     handle: JoinHandle<Result<()>>,
@@ -89,6 +94,16 @@ pub async fn start(
         .port();
     let address = format!("{host}:{port}");
     let id = config.taskmanager_id.clone().unwrap_or_else(|| format!("tm-{host}-{port}"));
+    let registry = keel_metrics::Registry::new();
+    let metrics_bind = format!("{host}:{}", config.metrics_prom_port);
+    let metrics_stop = CancellationToken::new();
+    let (metrics_bound, metrics_server) =
+        keel_metrics::serve(&metrics_bind, registry.clone(), metrics_stop.clone()).await.map_err(|e| {
+            KeelError::internal(format!(
+                "cannot bind the taskmanager metrics address {metrics_bind} (metrics.reporter.prom.port): {e}"
+            ))
+        })?;
+    let metrics_address = format!("{host}:{}", metrics_bound.port());
     let slots = config.slots_per_taskmanager;
     let interval = config.heartbeat_interval;
 
@@ -96,7 +111,9 @@ pub async fn start(
     let background = CancellationToken::new();
     let jm = LeaderClient::from_ha(Role::JobManager, &ha, background.clone()).with_retry_for(interval);
     let rm = LeaderClient::from_ha(Role::ResourceManager, &ha, background.clone()).with_retry_for(interval);
-    let shared = Arc::new(Shared::new(id.clone(), address.clone(), slots, interval, jm));
+    let mut shared = Shared::new(id.clone(), address.clone(), slots, interval, jm);
+    shared.registry = registry;
+    let shared = Arc::new(shared);
 
     let loops = tokio_util::task::TaskTracker::new();
     loops.spawn(rm::run(shared.clone(), rm, background.clone()));
@@ -112,25 +129,36 @@ pub async fn start(
         );
     let server = tokio::spawn(server);
 
-    tracing::info!(address = %address, taskmanager_id = %id, slots, "taskmanager started");
+    tracing::info!(address = %address, metrics_address = %metrics_address, taskmanager_id = %id, slots, "taskmanager started");
     let mut stdout = std::io::stdout().lock();
-    // The line is what tests and the dev cluster wait for; a closed stdout is not fatal.
-    let _ = writeln!(stdout, "keel taskmanager listening on {address} id {id}").and_then(|_| stdout.flush());
+    // The lines are what tests and the dev cluster wait for; a closed stdout is not fatal.
+    let _ = writeln!(stdout, "keel taskmanager listening on {address} id {id}")
+        .and_then(|_| writeln!(stdout, "keel taskmanager metrics on {metrics_address}"))
+        .and_then(|_| stdout.flush());
     drop(stdout);
 
-    let handle = tokio::spawn(lifecycle(shared.clone(), server, server_stop, background, loops, shutdown));
-    Ok(RunningTaskManager { address, taskmanager_id: id, shared, handle })
+    let metrics = MetricsEndpoint { stop: metrics_stop, server: metrics_server };
+    let handle =
+        tokio::spawn(lifecycle(shared.clone(), server, server_stop, background, loops, metrics, shutdown));
+    Ok(RunningTaskManager { address, metrics_address, taskmanager_id: id, shared, handle })
+}
+
+/// The running `GET /metrics` server.
+struct MetricsEndpoint {
+    stop: CancellationToken,
+    server: JoinHandle<()>,
 }
 
 /// Waits for shutdown (or a server failure), then drains in order: no new tasks, cancel every
 /// task and wait for them, let their final states reach the JobManager, stop the loops, stop
-/// the server.
+/// the servers.
 async fn lifecycle(
     shared: Arc<Shared>,
     mut server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     server_stop: CancellationToken,
     background: CancellationToken,
     loops: tokio_util::task::TaskTracker,
+    metrics: MetricsEndpoint,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let early = tokio::select! {
@@ -157,6 +185,10 @@ async fn lifecycle(
         Some(r) => r,
         None => server.await,
     };
+    metrics.stop.cancel();
+    if let Err(e) = metrics.server.await {
+        tracing::warn!(error = %e, "the metrics endpoint panicked");
+    }
     let result = match served {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(KeelError::internal(format!(

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use keel_client::LeaderClient;
 use keel_ha::Role;
+use keel_metrics::Registry;
 use keel_proto::pb::{DeployTaskRequest, SlotStatus, TaskStateUpdate};
 use keel_proto::{KeelError, Result, TaskStateExt};
 use keel_spec::JobSpec;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// Cancelled when reporters must give up (end of the shutdown drain).
     pub reporters_stop: CancellationToken,
+    /// The metrics of the running tasks, served on `GET /metrics`.
+    pub registry: Registry,
 }
 
 impl Shared {
@@ -74,6 +77,7 @@ impl Shared {
             reporters: TaskTracker::new(),
             stopping: CancellationToken::new(),
             reporters_stop: CancellationToken::new(),
+            registry: Registry::new(),
         }
     }
 
@@ -164,6 +168,7 @@ impl Shared {
         let info = TaskInfo {
             task_id: req.task_id.clone(),
             job_id: req.job_id.clone(),
+            job_name: spec.name.clone(),
             version: req.version,
             subtask: req.subtask,
             parallelism,
@@ -223,13 +228,14 @@ impl Shared {
         self.reporters
             .spawn(jm::send_acks(self.clone(), task.clone(), client, ack_rx).instrument(span.clone()));
         let shared = self.clone();
+        let registry = self.registry.clone();
         let slot_index = req.slot_index;
         span.in_scope(
             || tracing::info!(slot = slot_index, allocation_id = %req.allocation_id, "task deployed"),
         );
         self.tasks_tracker.spawn(
             async move {
-                task::run(task.clone(), plan, control_rx, predecessors, ack_tx).await;
+                task::run(task.clone(), plan, control_rx, predecessors, ack_tx, registry).await;
                 shared.lock().slots.clear_task(slot_index, &task.info.task_id);
             }
             .instrument(span),

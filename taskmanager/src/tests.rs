@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::task::{Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, TaskSnapshot};
+use crate::task::{
+    Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, TaskInfo, TaskMetrics, TaskSnapshot,
+};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -84,22 +86,58 @@ struct Chain {
     control: mpsc::Sender<Control>,
     acks: mpsc::UnboundedReceiver<Ack>,
     counters: Arc<Counters>,
+    metrics: Arc<TaskMetrics>,
     handle: tokio::task::JoinHandle<keel_proto::Result<ChainEnd>>,
 }
 
-/// Opens and starts the chain of `subtask` of `spec` directly, without RPC.
-async fn start_chain(spec: &str, subtask: u32, restore: &[u8]) -> Chain {
+/// Who a test task is.
+fn task_info(job_name: &str, subtask: u32, parallelism: u32) -> TaskInfo {
+    TaskInfo {
+        task_id: format!("job-1/1/{subtask}#0"),
+        job_id: "job-1".into(),
+        job_name: job_name.into(),
+        version: 1,
+        subtask,
+        parallelism,
+        attempt: 0,
+        slot_index: 0,
+        allocation_id: "a1".into(),
+        jobmanager_epoch: 1,
+        jobmanager_address: "127.0.0.1:1".into(),
+    }
+}
+
+/// Opens and starts the chain of `subtask` of `spec` directly, without RPC, with its metrics
+/// in `registry`.
+async fn start_chain_in(
+    registry: &keel_metrics::Registry,
+    spec: &str,
+    subtask: u32,
+    restore: &[u8],
+) -> Chain {
     let spec = JobSpec::parse(spec).expect("valid spec");
     let plan = ChainPlan::build(&spec, subtask, spec.parallelism, restore).expect("plan");
-    let open = plan.open().await.expect("open chain");
+    let info = task_info(&spec.name, subtask, spec.parallelism);
+    let metrics = Arc::new(TaskMetrics::register(registry, &info, &plan));
+    let open = plan.open(&metrics).await.expect("open chain");
     let cancel = CancellationToken::new();
     let (control, control_rx) = mpsc::channel(8);
     let (ack_tx, acks) = mpsc::unbounded_channel();
     let counters = Arc::new(Counters::default());
-    let io =
-        ChainIo { cancel: cancel.clone(), control: control_rx, acks: ack_tx, counters: counters.clone() };
+    let io = ChainIo {
+        cancel: cancel.clone(),
+        control: control_rx,
+        acks: ack_tx,
+        counters: counters.clone(),
+        metrics: metrics.clone(),
+    };
     let handle = tokio::spawn(open.run(io));
-    Chain { cancel, control, acks, counters, handle }
+    Chain { cancel, control, acks, counters, metrics, handle }
+}
+
+/// [`start_chain_in`] with a registry nobody reads.
+async fn start_chain(spec: &str, subtask: u32, restore: &[u8]) -> Chain {
+    start_chain_in(&keel_metrics::Registry::new(), spec, subtask, restore).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -222,7 +260,9 @@ async fn unreachable_kafka_source_fails_naming_the_bootstrap_servers() {
     ))
     .expect("valid spec");
     let plan = ChainPlan::build(&spec, 0, 1, &[]).expect("plan");
-    let err = match tokio::time::timeout(Duration::from_secs(60), plan.open()).await.expect("no hang") {
+    let metrics = TaskMetrics::detached(&task_info("k", 0, 1), &plan);
+    let err = match tokio::time::timeout(Duration::from_secs(60), plan.open(&metrics)).await.expect("no hang")
+    {
         Ok(_) => panic!("opened a source on an unreachable broker"),
         Err(e) => e,
     };
@@ -279,6 +319,164 @@ async fn records_are_routed_to_the_sinks_of_their_source() {
     assert_eq!(read_numbers(&b.join("part-0")), (1000..1030).collect::<Vec<_>>());
     assert_eq!(counters.records_in(), 80);
     assert_eq!(counters.records_out(), 50 + 30 + 30);
+}
+
+/// Every source and sink of a chain counts its records (and a sink its bytes) under the task's
+/// labels plus its own name; closing the metrics removes every series of the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_metrics_count_per_source_and_sink_under_the_task_labels() {
+    let dir = TempDir::new("chain-metrics");
+    let a = dir.path().join("a");
+    let spec = format!(
+        "name: two\nsources:\n  - {{name: low, connector: datagen, number-of-rows: 50, rows-per-second: 100000}}\n  - {{name: high, connector: datagen, start: 1000, number-of-rows: 30, rows-per-second: 100000}}\nsinks:\n  - {{name: a, connector: file, from: low, path: {}}}\n  - {{name: c, connector: blackhole, from: high}}\n",
+        a.display()
+    );
+    let registry = keel_metrics::Registry::new();
+    let chain = start_chain_in(&registry, &spec, 0, &[]).await;
+    let metrics = chain.metrics.clone();
+    let end = tokio::time::timeout(Duration::from_secs(20), chain.handle)
+        .await
+        .expect("finish")
+        .expect("no panic")
+        .expect("no error");
+    assert_eq!(end, ChainEnd::Finished);
+    let task =
+        [("job", "two"), ("job_id", "job-1"), ("version", "1"), ("subtask", "0"), ("task_id", "job-1/1/0#0")];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut labels = task.to_vec();
+        labels.push(extra);
+        labels
+    };
+    assert_eq!(registry.get("numRecordsIn", &with(("source", "low"))), Some(50.0));
+    assert_eq!(registry.get("numRecordsIn", &with(("source", "high"))), Some(30.0));
+    assert_eq!(registry.get("numRecordsOut", &with(("sink", "a"))), Some(50.0));
+    assert_eq!(registry.get("numRecordsOut", &with(("sink", "c"))), Some(30.0));
+    // "0".."9" are one byte, "10".."49" two: the encoded values, without line ends.
+    assert_eq!(registry.get("numBytesOut", &with(("sink", "a"))), Some(10.0 + 40.0 * 2.0));
+    assert!(registry.get("numRecordsInPerSecond", &with(("source", "low"))).is_some_and(|r| r > 0.0));
+    assert!(registry.get("numRecordsOutPerSecond", &with(("sink", "c"))).is_some_and(|r| r > 0.0));
+    // Datagen sources and file sinks have no Kafka metrics.
+    assert_eq!(registry.get("pendingRecords", &with(("source", "low"))), None);
+    assert_eq!(registry.get("numBytesIn", &with(("source", "low"))), None);
+    assert_eq!(registry.get("currentSendTime", &with(("sink", "a"))), None);
+    let throughput = metrics.tick();
+    assert!(throughput.records_in_per_second > 0.0 && throughput.records_out_per_second > 0.0);
+    assert_eq!((throughput.pending_records, throughput.emit_lag_ms), (None, None));
+    assert!(throughput.sources.is_empty());
+
+    metrics.close();
+    assert!(registry.snapshot().is_empty(), "{:?}", registry.snapshot());
+    // The handles still count, unseen.
+    if let Some(s) = metrics.source(0) {
+        s.record_in(1, 0, 0);
+        assert_eq!(s.num_records_in(), 51);
+    }
+    assert!(registry.render().is_empty());
+}
+
+/// `GET /metrics` on the metrics endpoint, the body.
+async fn scrape(address: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to /metrics");
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").await.expect("request");
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await.expect("response");
+        bytes
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("scrape within 10 s");
+    let text = String::from_utf8(bytes).expect("utf-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the series `series` (`name{labels}`) in a scrape.
+fn series_value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A running task's metrics are served on the TaskManager's `GET /metrics` with the task's
+/// labels, its reports to the JobManager carry its rates, and when it ends its series leave
+/// the scrape and its last report shows no throughput.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_metrics_are_served_while_it_runs_and_gone_when_it_ends() {
+    let mut c = start_tm("metrics").await;
+    assert!(c.tm.metrics_address.starts_with("127.0.0.1:"), "{}", c.tm.metrics_address);
+    assert!(!scrape(&c.tm.metrics_address).await.contains("keel_num_records_in_total"), "no task, no series");
+    let jm_log = Arc::new(JmLog::default());
+    let jm_address = serve(
+        tonic::transport::Server::builder().add_service(JobManagerServer::new(FakeJm(jm_log.clone()))),
+        c.stop_fakes.clone(),
+    )
+    .await;
+    c.client
+        .allocate_slot(AllocateSlotRequest {
+            resourcemanager: rm_stamp(1),
+            index: 1,
+            allocation: allocation("a1", "job-1"),
+        })
+        .await
+        .expect("allocate");
+    let out = TempDir::new("metrics-out");
+    let spec = datagen_to_file(out.path(), 2, None, 2000);
+    c.client.deploy_task(deploy_request(&jm_address, 1, "a1", 1, &spec, 1, 2)).await.expect("deploy");
+    let task_id = "job-1/1/1#0";
+    let labels = format!("job=\"numbers-to-file\",job_id=\"job-1\",source=\"numbers\",subtask=\"1\",task_id=\"{task_id}\",version=\"1\"");
+    let records_in = format!("keel_num_records_in_total{{{labels}}}");
+    let records_out = format!(
+        "keel_num_records_out_total{{job=\"numbers-to-file\",job_id=\"job-1\",sink=\"out\",subtask=\"1\",task_id=\"{task_id}\",version=\"1\"}}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let body = scrape(&c.tm.metrics_address).await;
+        if series_value(&body, &records_in).is_some_and(|v| v > 0.0)
+            && series_value(&body, &records_out).is_some_and(|v| v > 0.0)
+        {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no records counted in 30 s:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.contains(&format!("keel_num_records_in_per_second{{{labels}}} ")), "{body}");
+    assert!(body.contains("# TYPE keel_num_records_in_total counter"), "{body}");
+
+    // Heartbeats carry the task's rates.
+    let rated = || {
+        jm_log.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|h| {
+            h.tasks.iter().any(|t| {
+                t.task_id == task_id && t.records_in_per_second > 0.0 && t.records_out_per_second > 0.0
+            })
+        })
+    };
+    wait_until("a heartbeat with the task's rates", Duration::from_secs(30), rated).await;
+
+    c.client
+        .cancel_task(CancelTaskRequest { jobmanager: rm_stamp(1), task_id: task_id.into() })
+        .await
+        .expect("cancel");
+    wait_until("canceled reported", Duration::from_secs(20), || {
+        jm_log.states_of(task_id).last() == Some(&TaskState::Canceled)
+    })
+    .await;
+    let body = scrape(&c.tm.metrics_address).await;
+    assert!(!body.contains(task_id), "series of the ended task remain:\n{body}");
+    let last = jm_log
+        .updates
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .rfind(|u| u.task_id == task_id)
+        .cloned()
+        .expect("an update");
+    assert_eq!((last.records_in_per_second, last.records_out_per_second), (0.0, 0.0), "{last:?}");
+    assert!(last.records_in > 0);
+
+    let address = c.tm.metrics_address.clone();
+    c.shutdown.cancel();
+    c.tm.wait().await.expect("clean shutdown");
+    assert!(tokio::net::TcpStream::connect(&address).await.is_err(), "the metrics endpoint stopped");
+    c.stop_fakes.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -530,6 +530,13 @@ impl KafkaSourceReader {
         &self.metrics
     }
 
+    /// The partition count of each topic the source reads whole (a `topic` list without
+    /// partitions, or a `topic-pattern`), as of the latest listing (open or discovery): what
+    /// [`spread_warning`] is about.
+    pub fn topic_sizes(&self) -> &BTreeMap<String, usize> {
+        &self.topic_sizes
+    }
+
     /// Commits the offsets of `position` that belong to this reader to the consumer group
     /// (call it when the checkpoint that holds `position` completes). Without
     /// `properties.group.id` it does nothing.

@@ -515,6 +515,11 @@ fn discovery_reads_a_new_topic_matching_the_pattern() {
         assert!(read_for(r, Duration::from_millis(500)).is_empty(), "the non-matching topic is not read");
     }
     check_assignments(&before, &readers, 5);
+    // Every subtask knows the size of every topic it reads whole, not only its own share.
+    for r in &readers {
+        let sizes: Vec<(&str, usize)> = r.topic_sizes().iter().map(|(t, n)| (t.as_str(), *n)).collect();
+        assert_eq!(sizes, vec![(first.as_str(), 2), (second.as_str(), 3)]);
+    }
 }
 
 fn regex_escape(s: &str) -> String {

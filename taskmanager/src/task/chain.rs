@@ -34,6 +34,7 @@ use keel_spec::pipeline;
 
 use super::datagen::{Datagen, MAX_BATCH};
 use super::kafka::{KafkaBatch, KafkaSource};
+use super::metrics::TaskMetrics;
 use super::sinks::{Sink, FLUSH_INTERVAL};
 
 /// Elements in flight between the source driver and the sink thread (each up to
@@ -215,20 +216,25 @@ impl ChainPlan {
         Ok(out)
     }
 
-    /// Opens the sinks (blocking work, run off the async runtime) and builds the sources.
-    pub async fn open(self) -> Result<OpenChain> {
+    /// Opens the sinks (blocking work, run off the async runtime) and builds the sources. The
+    /// Kafka readers and writers update the connector metrics of `metrics`.
+    pub async fn open(self, metrics: &TaskMetrics) -> Result<OpenChain> {
         let datagens = self.sources()?;
         let subtask = self.subtask;
         let parallelism = self.parallelism;
         let sink_plans = self.sinks.clone();
+        let sink_metrics: Vec<Arc<KafkaSinkMetrics>> = (0..sink_plans.len())
+            .map(|i| {
+                metrics.sink(i).and_then(|m| m.kafka_metrics().cloned()).unwrap_or_else(KafkaSinkMetrics::new)
+            })
+            .collect();
         let sinks = tokio::task::spawn_blocking(move || {
             sink_plans
                 .iter()
-                .map(|s| {
+                .zip(sink_metrics)
+                .map(|(s, kafka_metrics)| {
                     let sink = match &s.edge.kafka {
-                        Some(opts) => {
-                            Sink::open_kafka(opts.clone(), subtask, parallelism, KafkaSinkMetrics::new())?
-                        }
+                        Some(opts) => Sink::open_kafka(opts.clone(), subtask, parallelism, kafka_metrics)?,
                         None => Sink::open(&s.name, &s.config, subtask)?,
                     };
                     let edge = SinkEdge {
@@ -261,6 +267,8 @@ impl ChainPlan {
                     };
                     let (opts, schema, format, tx) =
                         (opts.clone(), plan.rows.schema.clone(), format.clone(), kafka_tx.clone());
+                    let probe =
+                        metrics.source(idx).and_then(|m| m.kafka_probe().cloned()).unwrap_or_default();
                     let source_name = name.clone();
                     let span = tracing::Span::current();
                     let opened = tokio::task::spawn_blocking(move || {
@@ -274,6 +282,7 @@ impl ChainPlan {
                                 subtask,
                                 parallelism,
                                 restored,
+                                probe,
                                 tx,
                             )
                         })
@@ -366,6 +375,8 @@ pub struct ChainIo {
     pub control: mpsc::Receiver<Control>,
     pub acks: mpsc::UnboundedSender<Ack>,
     pub counters: Arc<Counters>,
+    /// Counted per source and sink, as records flow.
+    pub metrics: Arc<TaskMetrics>,
 }
 
 /// A chain whose sinks are open, ready to run.
@@ -413,12 +424,14 @@ impl OpenChain {
             tx,
             cancel: io.cancel.clone(),
             counters: io.counters.clone(),
+            metrics: io.metrics.clone(),
         };
         let source = tokio::spawn(driver.run(io.control).instrument(span.clone()));
         let handle = tokio::runtime::Handle::current();
-        let (sinks, routes, acks, counters) = (self.sinks, self.routes, io.acks, io.counters);
+        let (sinks, routes, acks, counters, metrics) =
+            (self.sinks, self.routes, io.acks, io.counters, io.metrics);
         let mut sink = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| run_sinks(sinks, routes, rx, acks, &counters, &handle))
+            span.in_scope(|| run_sinks(sinks, routes, rx, acks, &counters, &metrics, &handle))
         });
 
         let source_result = source
@@ -464,6 +477,7 @@ struct SourceDriver {
     tx: mpsc::Sender<Element>,
     cancel: CancellationToken,
     counters: Arc<Counters>,
+    metrics: Arc<TaskMetrics>,
 }
 
 impl SourceDriver {
@@ -522,6 +536,9 @@ impl SourceDriver {
                         if let Some((_, SourceRt::Kafka(k))) = self.sources.get_mut(batch.source) {
                             k.position = batch.position;
                         }
+                        if let Some(m) = self.metrics.source(batch.source) {
+                            m.record_in(batch.rows.len() as u64, batch.bytes, batch.malformed);
+                        }
                         if !batch.rows.is_empty() {
                             self.counters.records_in.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
                             if let Some(end) = self.send(Element::Records { source: batch.source, records: batch.rows }).await {
@@ -559,6 +576,9 @@ impl SourceDriver {
                             .map(|v| Record { values: vec![keel_formats::Value::Int(v)] })
                             .collect();
                         self.counters.records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
+                        if let Some(m) = self.metrics.source(idx) {
+                            m.record_in(records.len() as u64, 0, 0);
+                        }
                         if let Some(end) = self.send(Element::Records { source: idx, records }).await {
                             return Ok(end);
                         }
@@ -620,6 +640,7 @@ fn run_sinks(
     mut rx: mpsc::Receiver<Element>,
     acks: mpsc::UnboundedSender<Ack>,
     counters: &Counters,
+    metrics: &TaskMetrics,
     handle: &tokio::runtime::Handle,
 ) -> Result<SinkEnd> {
     let flush_all = |sinks: &mut Vec<(String, Sink, SinkEdge)>, durable: bool| -> Result<()> {
@@ -649,6 +670,10 @@ fn run_sinks(
                         let encoded = edge.encode(&records)?;
                         sink.write(&encoded)?;
                         counters.records_out.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                        if let Some(m) = metrics.sink(i) {
+                            let bytes: usize = encoded.iter().map(EncodedRecord::payload_len).sum();
+                            m.record_out(encoded.len() as u64, bytes as u64);
+                        }
                     }
                 }
             }

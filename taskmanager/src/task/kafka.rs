@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_formats::{KafkaMessage, RecordDecoder, RecordFormat, Row, Schema};
-use keel_kafka::{KafkaSourceMetrics, KafkaSourceOptions, KafkaSourceReader, SourcePosition};
+use keel_kafka::{KafkaSourceOptions, KafkaSourceReader, SourcePosition};
 use keel_proto::{KeelError, Result};
 use tokio::sync::mpsc;
+
+use super::metrics::{KafkaSourceProbe, TopicSizes};
 
 /// Records read per poll.
 const POLL_BATCH: usize = 1024;
@@ -26,7 +28,10 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 pub struct KafkaBatch {
     pub source: usize,
     pub rows: Vec<Row>,
+    /// Key and value bytes of the records read (including skipped ones).
     pub bytes: u64,
+    /// Records skipped as malformed (`ignore-parse-errors`).
+    pub malformed: u64,
     pub position: SourcePosition,
 }
 
@@ -45,7 +50,7 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     /// Opens the reader (blocking: connects, resolves start offsets) and starts its thread,
-    /// which sends its batches, or its fatal error, to `out`.
+    /// which sends its batches, or its fatal error, to `out`, and keeps `probe` current.
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         index: usize,
@@ -56,10 +61,11 @@ impl KafkaSource {
         subtask: u32,
         parallelism: u32,
         restored: Option<SourcePosition>,
+        probe: KafkaSourceProbe,
         out: mpsc::Sender<Result<KafkaBatch>>,
     ) -> Result<KafkaSource> {
-        let metrics = KafkaSourceMetrics::new();
-        let reader = KafkaSourceReader::open(opts, subtask, parallelism, restored, metrics)?;
+        let reader = KafkaSourceReader::open(opts, subtask, parallelism, restored, probe.metrics)?;
+        publish_topic_sizes(&reader, &probe.topic_sizes);
         let position = reader.position();
         let decoder = RecordDecoder::new(schema, format);
         let (commands, rx) = std::sync::mpsc::channel();
@@ -68,7 +74,9 @@ impl KafkaSource {
         let span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{name}-{subtask}"))
-            .spawn(move || span.in_scope(|| read_loop(index, reader, decoder, rx, out, &thread_stop)))
+            .spawn(move || {
+                span.in_scope(|| read_loop(index, reader, decoder, rx, out, &probe.topic_sizes, &thread_stop))
+            })
             .map_err(|e| KeelError::internal(format!("cannot start the kafka reader thread: {e}")))?;
         Ok(KafkaSource { position, commands, stop, thread: Some(thread) })
     }
@@ -91,12 +99,21 @@ impl Drop for KafkaSource {
     }
 }
 
+/// Copies the reader's topic sizes to `sizes` when they changed (after open and discovery).
+fn publish_topic_sizes(reader: &KafkaSourceReader, sizes: &TopicSizes) {
+    let mut shared = sizes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *shared != *reader.topic_sizes() {
+        shared.clone_from(reader.topic_sizes());
+    }
+}
+
 fn read_loop(
     index: usize,
     mut reader: KafkaSourceReader,
     mut decoder: RecordDecoder,
     commands: std::sync::mpsc::Receiver<Command>,
     out: mpsc::Sender<Result<KafkaBatch>>,
+    topic_sizes: &TopicSizes,
     stop: &AtomicBool,
 ) {
     let needs_headers = decoder.needs_headers();
@@ -123,11 +140,14 @@ fn read_loop(
                 return;
             }
         };
+        // Discovery runs in `discover_if_due` and in `poll`.
+        publish_topic_sizes(&reader, topic_sizes);
         if records.is_empty() {
             continue;
         }
         let mut rows = Vec::with_capacity(records.len());
         let mut bytes = 0u64;
+        let malformed_before = decoder.skipped_malformed();
         for r in &records {
             bytes += (r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len)) as u64;
             let headers: Vec<(&str, Option<&[u8]>)> = if needs_headers {
@@ -153,7 +173,8 @@ fn read_loop(
                 }
             }
         }
-        let batch = KafkaBatch { source: index, rows, bytes, position: reader.position() };
+        let malformed = decoder.skipped_malformed().saturating_sub(malformed_before);
+        let batch = KafkaBatch { source: index, rows, bytes, malformed, position: reader.position() };
         if out.blocking_send(Ok(batch)).is_err() {
             return;
         }

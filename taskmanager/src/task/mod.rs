@@ -3,7 +3,9 @@
 //! - [`Task`]: the shared handle of a task: its identity, state, counters and controls.
 //! - [`chain`]: the operator chain a task runs (sources → bounded channel → sink thread) and
 //!   the checkpoint barrier protocol.
-//! - [`datagen`], [`sinks`]: the connectors.
+//! - [`datagen`], [`kafka`], [`sinks`]: the connectors.
+//! - [`metrics`]: the task's metrics in the TaskManager's registry, and its throughput for the
+//!   JobManager's reports.
 //!
 //! States: deploying → running → finished | failed | canceled, with canceling between a cancel
 //! request and the end. [`can_transition`] is the one place that says which moves are legal; a
@@ -12,17 +14,20 @@
 pub mod chain;
 pub mod datagen;
 pub mod kafka;
+pub mod metrics;
 pub mod sinks;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use keel_metrics::Registry;
 use keel_proto::pb::{TaskState, TaskStateUpdate};
 use keel_proto::TaskStateExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use chain::{Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, Record, TaskSnapshot};
+pub use metrics::{TaskMetrics, Throughput};
 
 /// Pending control requests (checkpoint triggers, notifications) a task buffers.
 pub const CONTROL_CAPACITY: usize = 64;
@@ -32,6 +37,8 @@ pub const CONTROL_CAPACITY: usize = 64;
 pub struct TaskInfo {
     pub task_id: String,
     pub job_id: String,
+    /// The job's name (from its spec), a label of the task's metrics.
+    pub job_name: String,
     pub version: u32,
     pub subtask: u32,
     pub parallelism: u32,
@@ -75,6 +82,8 @@ pub struct Task {
     forgotten: CancellationToken,
     control: mpsc::Sender<Control>,
     terminal_at: Mutex<Option<Instant>>,
+    /// The latest throughput while running (see [`metrics::tick_until`]).
+    throughput: Mutex<Throughput>,
 }
 
 impl std::fmt::Debug for Task {
@@ -97,6 +106,7 @@ impl Task {
             forgotten: CancellationToken::new(),
             control,
             terminal_at: Mutex::new(None),
+            throughput: Mutex::new(Throughput::default()),
         };
         (Arc::new(task), control_rx)
     }
@@ -169,9 +179,19 @@ impl Task {
         *self.terminal_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The latest throughput of the running task (zero before it runs and after it ended).
+    pub fn throughput(&self) -> Throughput {
+        self.throughput.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_throughput(&self, throughput: Throughput) {
+        *self.throughput.lock().unwrap_or_else(|p| p.into_inner()) = throughput;
+    }
+
     /// The task as reported to the JobManager.
     pub fn update(&self, taskmanager_id: &str) -> TaskStateUpdate {
         let status = self.status();
+        let throughput = self.throughput();
         TaskStateUpdate {
             taskmanager_id: taskmanager_id.to_string(),
             task_id: self.info.task_id.clone(),
@@ -184,21 +204,30 @@ impl Task {
             jobmanager_epoch: self.info.jobmanager_epoch,
             records_in: self.counters.records_in(),
             records_out: self.counters.records_out(),
+            records_in_per_second: throughput.records_in_per_second,
+            records_out_per_second: throughput.records_out_per_second,
+            bytes_in_per_second: throughput.bytes_in_per_second,
+            bytes_out_per_second: throughput.bytes_out_per_second,
+            pending_records: throughput.pending_records,
+            current_emit_event_time_lag_ms: throughput.emit_lag_ms,
+            source_partitions: throughput.sources,
         }
     }
 }
 
 /// Runs a deployed task to its end: waits for the tasks it replaces in its slot, opens its
 /// chain, runs it, and records the terminal state. `acks` receives the checkpoint
-/// acknowledgements of the chain.
+/// acknowledgements of the chain. The task's metrics live in `registry` from the end of the
+/// wait until the chain has stopped.
 pub async fn run(
     task: Arc<Task>,
     plan: ChainPlan,
     control: mpsc::Receiver<Control>,
     predecessors: Vec<Arc<Task>>,
     acks: mpsc::UnboundedSender<Ack>,
+    registry: Registry,
 ) {
-    let end = run_inner(&task, plan, control, predecessors, acks).await;
+    let end = run_inner(&task, plan, control, predecessors, acks, &registry).await;
     match end {
         Ok(ChainEnd::Finished) => {
             task.transition(TaskState::Finished, None);
@@ -221,6 +250,7 @@ async fn run_inner(
     control: mpsc::Receiver<Control>,
     predecessors: Vec<Arc<Task>>,
     acks: mpsc::UnboundedSender<Ack>,
+    registry: &Registry,
 ) -> keel_proto::Result<ChainEnd> {
     for p in predecessors {
         tracing::info!(previous_task = %p.info.task_id, "waiting for the previous task of the slot to stop");
@@ -229,15 +259,44 @@ async fn run_inner(
             _ = task.cancel.cancelled() => return Ok(ChainEnd::Canceled),
         }
     }
+    let metrics = Arc::new(TaskMetrics::register(registry, &task.info, &plan));
+    let ticker_stop = CancellationToken::new();
+    let ticker = tokio::spawn(metrics::tick_until(task.clone(), metrics.clone(), ticker_stop.clone()));
+    let end = open_and_run(task, plan, control, acks, &metrics).await;
+    ticker_stop.cancel();
+    if let Err(e) = ticker.await {
+        tracing::warn!(error = %e, "the task's metrics ticker panicked");
+    }
+    // The series go now, even if a stuck sink thread still holds the handles.
+    metrics.close();
+    task.set_throughput(Throughput::default());
+    end
+}
+
+async fn open_and_run(
+    task: &Arc<Task>,
+    plan: ChainPlan,
+    control: mpsc::Receiver<Control>,
+    acks: mpsc::UnboundedSender<Ack>,
+    metrics: &Arc<TaskMetrics>,
+) -> keel_proto::Result<ChainEnd> {
     let chain = tokio::select! {
-        r = plan.open() => r?,
+        r = plan.open(metrics) => r?,
         _ = task.cancel.cancelled() => return Ok(ChainEnd::Canceled),
     };
     if !task.transition(TaskState::Running, None) {
         // Canceled while opening.
         return Ok(ChainEnd::Canceled);
     }
-    chain.run(ChainIo { cancel: task.cancel.clone(), control, acks, counters: task.counters.clone() }).await
+    chain
+        .run(ChainIo {
+            cancel: task.cancel.clone(),
+            control,
+            acks,
+            counters: task.counters.clone(),
+            metrics: metrics.clone(),
+        })
+        .await
 }
 
 #[cfg(test)]
@@ -265,6 +324,7 @@ mod tests {
         let (task, _rx) = Task::new(TaskInfo {
             task_id: "j/1/0#0".into(),
             job_id: "j".into(),
+            job_name: "jn".into(),
             version: 1,
             subtask: 0,
             parallelism: 1,
