@@ -1,0 +1,352 @@
+//! The Kafka side of the benchmark: writing the input, the bare rdkafka pass-through loop (run
+//! (a)), and reading an output topic back to count its records and find their time span.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+/// How long a producer may wait for acknowledgements at its final flush.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Digits of the sequence number at the start of every input value.
+const SEQ_DIGITS: usize = 12;
+
+/// Milliseconds since the epoch (the clock Kafka create timestamps use).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+fn client(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap).set("log_level", "3");
+    config
+}
+
+/// The value of input record `seq`: the number, zero-padded to 12 digits, then `x` up to
+/// `size` bytes (cut to `size` when that is shorter).
+pub fn value(seq: u64, size: usize) -> Vec<u8> {
+    let mut v = format!("{seq:0SEQ_DIGITS$}").into_bytes();
+    v.resize(size, b'x');
+    v
+}
+
+/// Counts acknowledgements and keeps the first delivery error.
+#[derive(Default)]
+pub struct Deliveries {
+    acked: AtomicU64,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, m)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut first) = self.first_error.lock() {
+                    first.get_or_insert_with(|| format!("partition {}: {e}", m.partition()));
+                }
+            }
+        }
+    }
+}
+
+type Prod = BaseProducer<Deliveries>;
+
+/// An acks=all producer; `extra` are further librdkafka properties.
+fn producer(bootstrap: &str, extra: &[(&str, &str)]) -> anyhow::Result<Prod> {
+    let mut config = client(bootstrap);
+    config.set("acks", "all");
+    for (k, v) in extra {
+        config.set(*k, *v);
+    }
+    config.create_with_context(Deliveries::default()).context("creating a producer")
+}
+
+/// Hands one record to the producer, serving delivery reports while its queue is full.
+fn send(producer: &Prod, mut record: BaseRecord<'_, [u8], [u8]>, topic: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + FLUSH_TIMEOUT;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if Instant::now() < deadline =>
+            {
+                record = back;
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(anyhow!("producing to {topic}: {e}")),
+        }
+    }
+}
+
+/// Flushes and fails unless every record was acknowledged; returns the acknowledged count.
+fn finish(producer: &Prod, topic: &str) -> anyhow::Result<u64> {
+    producer.flush(FLUSH_TIMEOUT).with_context(|| format!("flushing to {topic}"))?;
+    let d = producer.context();
+    let failed = d.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        let first = d.first_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+        bail!("{failed} records to {topic} were not delivered; first error: {first}");
+    }
+    Ok(d.acked.load(Ordering::Relaxed))
+}
+
+/// Writes `records` values of `size` bytes to `topic`, record `i` to partition `i % partitions`.
+pub fn produce_input(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    records: u64,
+    size: usize,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let producer = producer(bootstrap, &[("linger.ms", "5")])?;
+    for seq in 0..records {
+        let v = value(seq, size);
+        let partition = i32::try_from(seq % u64::try_from(partitions.max(1))?)?;
+        send(&producer, BaseRecord::to(topic).payload(v.as_slice()).partition(partition), topic)?;
+        producer.poll(Duration::ZERO);
+    }
+    let acked = finish(&producer, topic)?;
+    if acked != records {
+        bail!("{acked} of {records} input records acknowledged");
+    }
+    Ok(started.elapsed())
+}
+
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let n = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    if n == 0 {
+        bail!("topic {topic} does not exist");
+    }
+    Ok(i32::try_from(n)?)
+}
+
+/// A consumer that reads `partitions` of `topic` (all when `None`) from the beginning
+/// (assigned, no group rebalance, nothing committed).
+fn reader(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    partitions: Option<&[i32]>,
+) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = client(bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .context("creating a consumer")?;
+    let all: Vec<i32> = (0..partition_count(&consumer, topic)?).collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions.unwrap_or(&all) {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// What the bare loop did.
+pub struct BareRun {
+    /// Wall clock (ms since the epoch) when the loop started.
+    pub started_ms: i64,
+}
+
+/// Run (a): `threads` threads, thread `i` reading the input partitions `p` with
+/// `p % threads == i` (one thread: all of them). Each consumes its partitions from the earliest
+/// offset and produces every record to `output` (acks=all, the Keel sink's partitioner) until
+/// it passed all its records (input partition `p` holds the sequence numbers `s` with
+/// `s % partitions == p`); then it flushes and checks that every one was acknowledged.
+#[allow(clippy::too_many_arguments)]
+pub fn bare_loop(
+    bootstrap: &str,
+    input: &str,
+    partitions: i32,
+    output: &str,
+    group: &str,
+    records: u64,
+    threads: usize,
+    timeout: Duration,
+) -> anyhow::Result<BareRun> {
+    let started_ms = now_ms();
+    let threads = i32::try_from(threads.max(1))?;
+    let per_partition = |p: i32| -> u64 {
+        let (p, n) = (u64::try_from(p).unwrap_or(0), u64::try_from(partitions).unwrap_or(1));
+        if p >= records {
+            0
+        } else {
+            (records - p).div_ceil(n)
+        }
+    };
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<i32> = (0..partitions).filter(|p| p % threads == t).collect();
+                let expect: u64 = mine.iter().map(|p| per_partition(*p)).sum();
+                scope.spawn(move || bare_thread(bootstrap, input, &mine, output, group, expect, timeout))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a bare loop thread panicked"))))
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    Ok(BareRun { started_ms })
+}
+
+fn bare_thread(
+    bootstrap: &str,
+    input: &str,
+    partitions: &[i32],
+    output: &str,
+    group: &str,
+    records: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let consumer = reader(bootstrap, input, group, Some(partitions))?;
+    let producer = producer(bootstrap, &[("partitioner", "murmur2_random")])?;
+    let mut passed = 0u64;
+    while passed < records {
+        if Instant::now() > deadline {
+            bail!("the bare loop passed {passed} of {records} records within {timeout:?}");
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => eprintln!("bare loop: consumer error (the client retries): {e}"),
+            Some(Ok(m)) => {
+                let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output);
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                if let Some(v) = m.payload() {
+                    record = record.payload(v);
+                }
+                send(&producer, record, output)?;
+                producer.poll(Duration::ZERO);
+                passed += 1;
+            }
+        }
+    }
+    let acked = finish(&producer, output)?;
+    if acked != records {
+        bail!("{acked} of {records} records to {output} acknowledged");
+    }
+    Ok(())
+}
+
+/// An output topic as read back.
+#[derive(Debug, Clone, Default)]
+pub struct OutputStats {
+    pub count: u64,
+    /// Distinct input sequence numbers among them (`None` when values are too short to carry
+    /// one).
+    pub distinct: Option<u64>,
+    /// Smallest and largest record timestamp (ms since the epoch).
+    pub first_ts: i64,
+    pub last_ts: i64,
+    /// Wall time from the first record read to the last (reading alone: the broker's pace).
+    pub read_secs: f64,
+}
+
+impl OutputStats {
+    /// From the first to the last record's timestamp, in seconds.
+    pub fn span_secs(&self) -> f64 {
+        (self.last_ts - self.first_ts).max(1) as f64 / 1000.0
+    }
+}
+
+/// Reads `topic` from the beginning until `expect` records arrived and no more came for a
+/// second; counts them, the distinct sequence numbers among them (of `0..expect`, values of
+/// [`value`]), and their first and last timestamps.
+pub fn read_output(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    expect: u64,
+    size: usize,
+    timeout: Duration,
+) -> anyhow::Result<OutputStats> {
+    const QUIET: Duration = Duration::from_secs(1);
+    let consumer = reader(bootstrap, topic, group, None)?;
+    let deadline = Instant::now() + timeout;
+    let mut seen = vec![0u64; usize::try_from(expect / 64 + 1)?];
+    let check_seq = size >= SEQ_DIGITS;
+    let mut stats = OutputStats { first_ts: i64::MAX, last_ts: i64::MIN, ..OutputStats::default() };
+    let mut distinct = 0u64;
+    let mut last_record = Instant::now();
+    let mut first_record = None;
+    loop {
+        let now = Instant::now();
+        if stats.count >= expect && now.duration_since(last_record) >= QUIET {
+            break;
+        }
+        if now > deadline {
+            bail!("read {} of {expect} records from {topic} within {timeout:?}", stats.count);
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => eprintln!("reading {topic}: consumer error (the client retries): {e}"),
+            Some(Ok(m)) => {
+                last_record = Instant::now();
+                first_record.get_or_insert(last_record);
+                stats.count += 1;
+                if stats.count == expect {
+                    stats.read_secs = first_record.map(|f| f.elapsed().as_secs_f64()).unwrap_or_default();
+                }
+                let ts = m
+                    .timestamp()
+                    .to_millis()
+                    .ok_or_else(|| anyhow!("a record of {topic} has no timestamp"))?;
+                stats.first_ts = stats.first_ts.min(ts);
+                stats.last_ts = stats.last_ts.max(ts);
+                let seq = m
+                    .payload()
+                    .and_then(|v| v.get(..SEQ_DIGITS))
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| d.parse::<u64>().ok())
+                    .filter(|s| *s < expect);
+                if let Some(seq) = seq.filter(|_| check_seq) {
+                    let (word, bit) = (usize::try_from(seq / 64)?, seq % 64);
+                    if let Some(w) = seen.get_mut(word) {
+                        if *w & (1 << bit) == 0 {
+                            *w |= 1 << bit;
+                            distinct += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    stats.distinct = check_seq.then_some(distinct);
+    Ok(stats)
+}

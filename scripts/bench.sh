@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Throughput benchmark: a bare rdkafka pass-through loop against the same pass-through as Keel
+# jobs (parallelism 1 and 2, with and without checkpoints) on one tansu broker on loopback.
+# Builds keel and keel-bench in release first. Arguments go to keel-bench
+# (e.g. --records 200000 --size 100 --runs bare,p1; see `keel-bench --help`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo build --release -p keel -p keel-bench
+exec target/release/keel-bench --keel-bin target/release/keel "$@"
