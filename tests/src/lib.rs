@@ -364,6 +364,21 @@ impl Sandbox {
         Ok(path)
     }
 
+    /// Writes a job spec into the sandbox and submits it with `keel run [extra args] FILE`;
+    /// fails with keel's stderr when the run fails. Returns the spec's path.
+    pub fn run_spec(&self, name: &str, yaml: &str, extra: &[&str]) -> anyhow::Result<PathBuf> {
+        let path = self.write_spec(name, yaml)?;
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        let file = path.to_str().unwrap_or_default();
+        args.push(file);
+        let out = self.keel(&args)?;
+        if !out.status.success() {
+            bail!("keel {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(path)
+    }
+
     /// `keel status JOB --output json`.
     pub fn status(&self, job: &str) -> anyhow::Result<serde_json::Value> {
         self.keel_json(&["status", job])

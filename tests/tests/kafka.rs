@@ -67,9 +67,7 @@ sinks:
     format: csv
 "#
     );
-    let path = sb.write_spec("csv-copy", &spec)?;
-    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("csv-copy", &spec, &[])?;
 
     let mut output = read_exactly(&bootstrap, &sink, input.len())?;
     let mut expected = input.clone();
@@ -121,9 +119,7 @@ sinks:
     sink.delivery-guarantee: at-least-once
 "#
     );
-    let path = sb.write_spec("numbers", &spec)?;
-    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let path = sb.run_spec("numbers", &spec, &[])?;
     read_exactly(&bootstrap, &output, 300)?;
     // A checkpoint triggered after all 300 came out holds the end offsets.
     let after = sb.status("numbers")?["checkpoints"]
@@ -176,9 +172,7 @@ fn offsets_are_not_committed_without_a_checkpoint() -> anyhow::Result<()> {
     let spec = format!(
         "name: nocommit\nsources:\n  - {{name: in, connector: kafka, topic: {input}, properties.bootstrap.servers: '{bootstrap}', properties.group.id: {group}, scan.startup.mode: earliest-offset}}\nsinks:\n  - {{name: out, connector: kafka, topic: {output}, properties.bootstrap.servers: '{bootstrap}'}}\n"
     );
-    let path = sb.write_spec("nocommit", &spec)?;
-    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("nocommit", &spec, &[])?;
     read_exactly(&bootstrap, &output, 50)?;
     let committed = committed_offsets(&bootstrap, &group, &input)?;
     assert_eq!(committed, BTreeMap::from([(0, None)]), "nothing committed without a checkpoint");
@@ -227,16 +221,12 @@ sinks:
 "#
         )
     };
-    let path = sb.write_spec("skip", &spec("skip", &skip_out, true))?;
-    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("skip", &spec("skip", &skip_out, true), &[])?;
     let mut out = read_exactly(&bootstrap, &skip_out, 2)?;
     out.sort();
     assert_eq!(out, vec!["1,a".to_string(), "3,c".to_string()]);
 
-    let path = sb.write_spec("fail", &spec("fail", &fail_out, false))?;
-    let run = sb.keel(&["run", "--detached", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("fail", &spec("fail", &fail_out, false), &["--detached"])?;
     let message = wait_until("the task failure to name the bad record", LONG, || {
         let s = sb.status("fail")?;
         let text = format!("{} {}", s["status_message"], s["tasks"]);
@@ -258,9 +248,7 @@ fn unreachable_broker_is_named_in_the_job_status() -> anyhow::Result<()> {
     let spec = format!(
         "name: nobroker\nsources:\n  - {{name: in, connector: kafka, topic: t, scan.startup.mode: earliest-offset, properties.bootstrap.servers: '{bootstrap}', properties.default.api.timeout.ms: '2000'}}\nsinks:\n  - {{name: out, connector: blackhole}}\n"
     );
-    let path = sb.write_spec("nobroker", &spec)?;
-    let run = sb.keel(&["run", "--detached", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("nobroker", &spec, &["--detached"])?;
     let message = wait_until("the failure to name the bootstrap servers", LONG, || {
         let s = sb.status("nobroker")?;
         let text = format!("{} {}", s["status_message"], s["tasks"]);
@@ -305,9 +293,7 @@ sinks:
     properties.bootstrap.servers: {bootstrap}
 "#
     );
-    let path = sb.write_spec("discovery", &spec)?;
-    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("discovery", &spec, &[])?;
     read_exactly(&bootstrap, &output, 10)?;
     let attempt = sb.status("discovery")?["tasks"][0]["attempt"].clone();
 

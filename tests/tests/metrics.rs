@@ -130,9 +130,7 @@ sinks:
     properties.bootstrap.servers: {bootstrap}
 "#
     );
-    let path = sb.write_spec("metered", &spec)?;
-    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("metered", &spec, &[])?;
     let copied = consume_all(&bootstrap, &output, &unique_topic("reader"), N, LONG)?;
     assert_eq!(copied.len(), N);
 
@@ -235,9 +233,7 @@ fn datagen_job_is_counted_on_a_configured_port() -> anyhow::Result<()> {
     assert_eq!(address, format!("127.0.0.1:{port}"));
     let out = sb.dir.join("out");
     let spec = keel_tests::datagen_to_file_spec("counted", 1, 500, None, &out);
-    let path = sb.write_spec("counted", &spec)?;
-    let run = sb.keel(&["run", path.to_str().unwrap_or_default()])?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    sb.run_spec("counted", &spec, &[])?;
     let labels = [("job", "counted"), ("subtask", "0")];
     let first = wait_until("records counted", LONG, || {
         let all = parse(&scrape(&address)?);
