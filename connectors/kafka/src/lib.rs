@@ -11,6 +11,8 @@
 //! - [`source`]: [`KafkaSourceReader`]: start offsets, polling, partition discovery, offset
 //!   commits on checkpoint completion.
 //! - [`sink`]: [`KafkaSinkWriter`]: partitioners and delivery guarantees.
+//! - [`eos`]: [`ExactlyOnceSink`]: `exactly-once` on Kafka transactions, with [`spool`] files
+//!   that let a restored task write again what a dead attempt pre-committed.
 //! - [`metrics`]: the source and sink metrics (Flink's names) as atomics, and their snapshots.
 //!
 //! Both the reader and the writer are synchronous: every call may block on the network (up to
@@ -38,15 +40,18 @@
 //!   CurrentLeader tag, and librdkafka then looks the topic up by a NULL name).
 
 pub mod assign;
+pub mod eos;
 pub mod metrics;
 pub mod options;
 pub mod position;
 pub mod sink;
 pub mod source;
+pub mod spool;
 
 mod client;
 
 pub use assign::{assign, owner, spread_warning, TopicPartition};
+pub use eos::{ExactlyOnceSink, ExactlyOnceState, SegmentState};
 pub use metrics::{
     KafkaSinkMetrics, KafkaSourceMetrics, PartitionMetricsSnapshot, SinkMetricsSnapshot,
     SourceMetricsSnapshot,

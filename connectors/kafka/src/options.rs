@@ -32,7 +32,7 @@
 //! | `properties.max.block.ms` | Keel's timeout for the metadata request of `open`, default 30000 |
 //! | `properties.*` | to librdkafka verbatim; without `properties.partitioner` the key hash is `murmur2_random`, the Java client's, so a key lands on the same partition as with Flink |
 //! | `sink.partitioner` | `default` (by key hash), `fixed` (subtask i writes partition i % partitions), `round-robin` |
-//! | `sink.delivery-guarantee` | `none`, `at-least-once` (default), `exactly-once` (needs `sink.transactional-id-prefix`; not implemented yet) |
+//! | `sink.delivery-guarantee` | `none`, `at-least-once` (default), `exactly-once` (needs `sink.transactional-id-prefix`, unique among running jobs, and checkpointing) |
 //! | `sink.transactional-id-prefix` | see above |
 
 use std::collections::BTreeMap;
@@ -575,6 +575,20 @@ impl KafkaSinkOptions {
         };
         let request_timeout = f.timeout_ms("properties.max.block.ms")?.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let client_properties = f.properties(&["max.block.ms"]);
+        if client_properties.contains_key("transactional.id") {
+            return Err(f.err(
+                "properties.transactional.id",
+                "Keel names the transactions itself: set sink.delivery-guarantee: exactly-once and \
+                 sink.transactional-id-prefix instead",
+            ));
+        }
+        if let DeliveryGuarantee::ExactlyOnce { transactional_id_prefix } = &delivery_guarantee {
+            if transactional_id_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(
+                    f.err("sink.transactional-id-prefix", "must not contain spaces or control characters")
+                );
+            }
+        }
         f.check_client_properties(&client_properties)?;
         Ok(KafkaSinkOptions {
             topic: topic.to_string(),

@@ -10,10 +10,9 @@
 //!   topic and partition. After a delivery error every `send` fails too, so the task fails and
 //!   restarts from the last checkpoint: nothing acknowledged by a checkpoint is lost.
 //! - `none`: `flush` does not wait; delivery errors are logged and counted only.
-//! - `exactly-once`: not implemented yet; [`KafkaSinkWriter::open`] refuses it. It slots in as
-//!   another mode of the writer: open with a transactional producer, begin a transaction, and
-//!   turn the barrier's `flush` into a pre-commit that hands the open transaction to the
-//!   checkpoint, committed when the checkpoint completes.
+//! - `exactly-once`: [`crate::ExactlyOnceSink`] drives a transactional writer (opened with
+//!   [`KafkaSinkWriter::open_transactional`]): `flush` waits for acknowledgements as with
+//!   `at-least-once`, and the transactions are committed when checkpoints complete.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -33,11 +32,14 @@ use crate::options::{DeliveryGuarantee, KafkaSinkOptions, SinkPartitioner};
 
 /// How long `send` serves delivery reports per round while the producer queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
+/// `transaction.timeout.ms` of exactly-once sinks unless the spec sets it: 15 min, the default
+/// `transaction.max.timeout.ms` of Kafka brokers.
+const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "900000";
 /// How often `flush` refreshes the partition count (for `fixed` and `round-robin`) at most.
 const PARTITION_REFRESH: Duration = Duration::from_secs(30);
 
 /// librdkafka's callbacks: logs, errors, delivery reports.
-struct WriterContext {
+pub(crate) struct WriterContext {
     subtask: u32,
     topic: String,
     bootstrap: String,
@@ -109,27 +111,58 @@ pub struct KafkaSinkWriter {
 impl KafkaSinkWriter {
     /// Connects and reads the topic's partition count. Blocks for at most the request timeout
     /// (`properties.max.block.ms`); an unreachable cluster is `KeelError::Unavailable` naming the
-    /// bootstrap servers. `exactly-once` is refused (`FailedPrecondition`) until implemented.
+    /// bootstrap servers. `exactly-once` sinks are opened by [`crate::ExactlyOnceSink::open`]
+    /// instead (`FailedPrecondition` here).
     pub fn open(
         opts: KafkaSinkOptions,
         subtask: u32,
         parallelism: u32,
         metrics: Arc<KafkaSinkMetrics>,
     ) -> Result<KafkaSinkWriter> {
+        if let DeliveryGuarantee::ExactlyOnce { .. } = opts.delivery_guarantee {
+            return Err(KeelError::internal(format!(
+                "{}: an exactly-once sink is opened with ExactlyOnceSink::open",
+                opts.field_prefix
+            )));
+        }
+        Self::open_with(opts, subtask, parallelism, metrics, None)
+    }
+
+    /// A writer whose producer has `transactional.id` = `transactional_id` (transactions are
+    /// initialised and driven by the caller, [`crate::ExactlyOnceSink`]).
+    pub(crate) fn open_transactional(
+        opts: KafkaSinkOptions,
+        subtask: u32,
+        parallelism: u32,
+        metrics: Arc<KafkaSinkMetrics>,
+        transactional_id: &str,
+    ) -> Result<KafkaSinkWriter> {
+        Self::open_with(opts, subtask, parallelism, metrics, Some(transactional_id))
+    }
+
+    fn open_with(
+        opts: KafkaSinkOptions,
+        subtask: u32,
+        parallelism: u32,
+        metrics: Arc<KafkaSinkMetrics>,
+        transactional_id: Option<&str>,
+    ) -> Result<KafkaSinkWriter> {
         if parallelism == 0 || subtask >= parallelism {
             return Err(KeelError::InvalidArgument {
                 reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
             });
         }
-        if let DeliveryGuarantee::ExactlyOnce { .. } = opts.delivery_guarantee {
-            return Err(KeelError::precondition(format!(
-                "{}.sink.delivery-guarantee: exactly-once is not implemented yet; use at-least-once",
-                opts.field_prefix
-            )));
-        }
         let mut config = ClientConfig::new();
         for (k, v) in &opts.client_properties {
             config.set(k, v);
+        }
+        if let Some(id) = transactional_id {
+            config.set("transactional.id", id);
+            if !opts.client_properties.contains_key("transaction.timeout.ms") {
+                // A pre-committed transaction waits for its checkpoint to complete; the broker
+                // must not abort it meanwhile (Kafka's default broker maximum).
+                config.set("transaction.timeout.ms", DEFAULT_TRANSACTION_TIMEOUT_MS);
+            }
         }
         if !opts.client_properties.contains_key("partitioner") {
             // The Java client's hash, so that keys land where Flink would put them.
@@ -355,6 +388,19 @@ impl KafkaSinkWriter {
 
     pub fn metrics(&self) -> &Arc<KafkaSinkMetrics> {
         &self.metrics
+    }
+
+    pub(crate) fn producer(&self) -> &BaseProducer<WriterContext> {
+        &self.producer
+    }
+
+    pub(crate) fn options(&self) -> &KafkaSinkOptions {
+        &self.opts
+    }
+
+    /// The number of partitions of the topic found at open (0 when it did not exist).
+    pub(crate) fn partitions(&self) -> i32 {
+        self.partitions
     }
 }
 

@@ -1,0 +1,499 @@
+//! [`ExactlyOnceSink`]: the `exactly-once` Kafka sink. Records reach `read_committed` readers
+//! only when the checkpoint that covers them has completed, once, even across task failures.
+//!
+//! One transactional producer per subtask, with the fixed id `<prefix>-<subtask>`: a bounded
+//! set of ids (one per subtask) reused by every checkpoint and every restart, never a new id per
+//! checkpoint. At most one transaction is open at a time.
+//!
+//! Records are grouped in *segments*: the records between two checkpoint barriers. Each
+//! segment is also appended to a spool file ([`crate::spool`]) under the job's checkpoint
+//! directory, and fsynced when the barrier seals it.
+//!
+//! - **Live**: the open transaction holds the current (unsealed) segment; records are sent as
+//!   they come.
+//! - **Barrier N** (pre-commit): the producer is flushed (everything acknowledged), the segment
+//!   is sealed as segment N, and the checkpoint's state lists the sealed segments that are not
+//!   committed yet (id, spool file). The transaction stays open, holding segment N. Records
+//!   after the barrier cannot join it (it must hold exactly what checkpoint N covers), so they
+//!   are only spooled until it is committed.
+//! - **Checkpoint K complete** (notify): the open transaction, if it holds only segments ≤ K,
+//!   is committed, and with it (`send_offsets_to_transaction`) the *marker*: the offset of the
+//!   marker group `<prefix>-<subtask>` on partition 0 of the sink topic is set to the highest
+//!   segment id committed. Commit and marker are one atomic transaction. Spooled segments ≤ K
+//!   are then written and committed the same way; a spooled segment above K is written into a
+//!   new pre-committed transaction; otherwise the spooled records of the current segment are
+//!   sent into a new transaction and the sink is live again.
+//! - **Restore from checkpoint N**: opening the producer (`init_transactions`) fences every
+//!   earlier producer of the id and aborts its open transaction (a lingering transaction of a
+//!   dead attempt). The marker says which segments committed: segments of N's state above the
+//!   marker are written again from their spool files in one transaction and committed with the
+//!   marker. So a transaction that was pre-committed for a completed checkpoint, and aborted
+//!   because its task died before committing it, is replaced by an identical one.
+//! - **End of input**: everything is committed. **Cancel**: the open transaction is aborted;
+//!   its records stay spooled for a restore.
+//!
+//! librdkafka cannot resume a transaction another producer opened (Flink's Java sink does this
+//! through reflection); the spool is what makes the re-write possible instead.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keel_proto::{error_chain, KeelError, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::Producer;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::client::to_keel;
+use crate::metrics::KafkaSinkMetrics;
+use crate::options::{DeliveryGuarantee, KafkaSinkOptions};
+use crate::sink::KafkaSinkWriter;
+use crate::spool::{SpoolReader, SpoolWriter};
+
+/// The part of a checkpoint an exactly-once sink needs to finish its transactions after a
+/// failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExactlyOnceState {
+    pub transactional_id: String,
+    /// Sealed segments not known to be committed at the barrier, oldest first.
+    pub segments: Vec<SegmentState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentState {
+    /// The checkpoint whose barrier sealed the segment.
+    pub checkpoint_id: u64,
+    /// Its spool file.
+    pub path: String,
+    pub records: u64,
+}
+
+/// What the open transaction holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Txn {
+    /// No transaction is open.
+    None,
+    /// The current (unsealed) segment: records are sent as they come.
+    Live,
+    /// Sealed segments up to this checkpoint id (pre-committed, awaiting completion).
+    Sealed(u64),
+}
+
+#[derive(Debug)]
+struct Segment {
+    checkpoint_id: u64,
+    path: PathBuf,
+    records: u64,
+    /// In the open transaction (else only spooled).
+    sent: bool,
+}
+
+/// The exactly-once sink of one subtask. See the module doc.
+pub struct ExactlyOnceSink {
+    writer: KafkaSinkWriter,
+    marker: BaseConsumer,
+    group: ConsumerGroupMetadata,
+    transactional_id: String,
+    marker_group: String,
+    spool_dir: PathBuf,
+    tag: String,
+    next_file: u64,
+    sealed: VecDeque<Segment>,
+    current: SpoolWriter,
+    txn: Txn,
+    /// The highest segment id known committed (the marker).
+    committed: Option<u64>,
+    timeout: Duration,
+}
+
+/// The transactional id (and marker group) of subtask `subtask` of a sink with `prefix`.
+pub fn transactional_id(prefix: &str, subtask: u32) -> String {
+    format!("{prefix}-{subtask}")
+}
+
+fn txn_error(e: &KafkaError, what: &str, opts: &KafkaSinkOptions, id: &str) -> KeelError {
+    to_keel(e, &format!("{what} (topic {}, transactional id {id})", opts.topic), &opts.bootstrap_servers)
+}
+
+impl ExactlyOnceSink {
+    /// Opens the sink of `subtask`: connects, fences earlier producers of its transactional id
+    /// (aborting what they left open), finishes the transactions of `restore` that did not
+    /// commit, and opens a transaction. Spool files go to `spool_dir`. Blocking.
+    pub fn open(
+        opts: KafkaSinkOptions,
+        subtask: u32,
+        parallelism: u32,
+        metrics: Arc<KafkaSinkMetrics>,
+        spool_dir: PathBuf,
+        attempt: u32,
+        restore: Option<&ExactlyOnceState>,
+    ) -> Result<ExactlyOnceSink> {
+        let DeliveryGuarantee::ExactlyOnce { transactional_id_prefix } = &opts.delivery_guarantee else {
+            return Err(KeelError::internal(format!("{}: not an exactly-once sink", opts.field_prefix)));
+        };
+        let id = transactional_id(transactional_id_prefix, subtask);
+        if let Some(state) = restore {
+            if state.transactional_id != id {
+                return Err(KeelError::precondition(format!(
+                    "{}.sink.transactional-id-prefix: the state to restore was written with transactional \
+                     id {}, this sink's is {id}; the prefix of an exactly-once sink cannot change across a \
+                     restore",
+                    opts.field_prefix, state.transactional_id
+                )));
+            }
+        }
+        let timeout = opts.request_timeout.max(Duration::from_secs(10));
+        let writer = KafkaSinkWriter::open_transactional(opts.clone(), subtask, parallelism, metrics, &id)?;
+        if writer.partitions() == 0 {
+            return Err(KeelError::precondition(format!(
+                "sink topic {} does not exist on {} ({}.topic); an exactly-once sink needs it to exist",
+                opts.topic, opts.bootstrap_servers, opts.field_prefix
+            )));
+        }
+        writer
+            .producer()
+            .init_transactions(timeout)
+            .map_err(|e| txn_error(&e, "initialising transactions", &opts, &id))?;
+
+        let mut config = ClientConfig::new();
+        for (k, v) in &opts.client_properties {
+            config.set(k, v);
+        }
+        config
+            .set("group.id", &id)
+            .set("enable.auto.commit", "false")
+            .set("client.id", format!("{id}-marker"));
+        let marker: BaseConsumer = config.create().map_err(|e| {
+            KeelError::invalid_spec(
+                format!("{}.properties", opts.field_prefix),
+                format!("the Kafka client refuses the configuration: {}", error_chain(&e)),
+            )
+        })?;
+        let group = marker.group_metadata().ok_or_else(|| {
+            KeelError::internal(format!("no consumer group metadata for the marker group {id}"))
+        })?;
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+        let tag = format!("{attempt}-{nanos:x}");
+        let current = SpoolWriter::create(spool_dir.join(format!("{tag}-0.spool")))?;
+        let mut sink = ExactlyOnceSink {
+            writer,
+            marker,
+            group,
+            marker_group: id.clone(),
+            transactional_id: id,
+            spool_dir,
+            tag,
+            next_file: 1,
+            sealed: VecDeque::new(),
+            current,
+            txn: Txn::None,
+            committed: None,
+            timeout,
+        };
+        sink.committed = sink.read_marker()?;
+        if let Some(state) = restore {
+            sink.finish_restored(state)?;
+        }
+        sink.remove_old_spools()?;
+        sink.begin()?;
+        sink.txn = Txn::Live;
+        tracing::info!(subtask, transactional_id = %sink.transactional_id, topic = %sink.opts().topic,
+            committed_checkpoint = ?sink.committed, restored_segments = restore.map_or(0, |s| s.segments.len()),
+            "exactly-once kafka sink opened");
+        Ok(sink)
+    }
+
+    fn opts(&self) -> &KafkaSinkOptions {
+        self.writer.options()
+    }
+
+    fn err(&self, e: &KafkaError, what: &str) -> KeelError {
+        txn_error(e, what, self.opts(), &self.transactional_id)
+    }
+
+    /// The marker: the highest checkpoint id whose segment was committed, if any.
+    fn read_marker(&self) -> Result<Option<u64>> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.opts().topic, 0);
+        let committed = self.marker.committed_offsets(tpl, self.timeout).map_err(|e| {
+            self.err(&e, &format!("reading the committed checkpoint of marker group {}", self.marker_group))
+        })?;
+        let offset = committed.elements().first().map(|e| e.offset());
+        Ok(match offset {
+            Some(Offset::Offset(n)) if n >= 0 => u64::try_from(n).ok(),
+            _ => None,
+        })
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        self.writer.producer().begin_transaction().map_err(|e| self.err(&e, "beginning a transaction"))
+    }
+
+    /// Flushes, then commits the open transaction together with the marker `marker`.
+    fn commit(&mut self, marker: Option<u64>) -> Result<()> {
+        self.writer.flush(self.timeout)?;
+        if let Some(m) = marker {
+            let mut tpl = TopicPartitionList::new();
+            let offset = i64::try_from(m).map_err(|_| KeelError::internal(format!("checkpoint id {m}")))?;
+            tpl.add_partition_offset(&self.opts().topic, 0, Offset::Offset(offset))
+                .map_err(|e| self.err(&e, "building the marker"))?;
+            self.writer.producer().send_offsets_to_transaction(&tpl, &self.group, self.timeout).map_err(
+                |e| self.err(&e, &format!("adding the marker of checkpoint {m} to the transaction")),
+            )?;
+        }
+        self.writer
+            .producer()
+            .commit_transaction(self.timeout)
+            .map_err(|e| self.err(&e, &format!("committing the transaction of checkpoint {marker:?}")))?;
+        self.txn = Txn::None;
+        if marker > self.committed {
+            self.committed = marker;
+        }
+        tracing::debug!(transactional_id = %self.transactional_id, checkpoint_id = ?marker, "transaction committed");
+        Ok(())
+    }
+
+    /// Sends every record of a spool file into the open transaction.
+    fn send_spooled(&mut self, path: &Path) -> Result<u64> {
+        let mut reader = SpoolReader::open(path)?;
+        let mut n = 0;
+        while let Some(r) = reader.next_record()? {
+            self.writer.send(r.key.as_deref(), r.value.as_deref(), &r.headers, r.timestamp_ms)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn remove_file(path: &Path) {
+        if let Err(e) = std::fs::remove_file(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file");
+            }
+        }
+    }
+
+    /// Writes again, in one transaction with the marker, the restored segments that did not
+    /// commit (above the marker); then removes their spool files.
+    fn finish_restored(&mut self, state: &ExactlyOnceState) -> Result<()> {
+        let pending: Vec<&SegmentState> =
+            state.segments.iter().filter(|s| Some(s.checkpoint_id) > self.committed).collect();
+        if let Some(last) = pending.last().map(|s| s.checkpoint_id) {
+            self.begin()?;
+            let mut records = 0;
+            for s in &pending {
+                records += self.send_spooled(Path::new(&s.path)).map_err(|e| {
+                    KeelError::precondition(format!(
+                        "cannot write again the uncommitted records of checkpoint {} (transactional id {}): {e}",
+                        s.checkpoint_id, self.transactional_id
+                    ))
+                })?;
+            }
+            self.commit(Some(last))?;
+            tracing::info!(transactional_id = %self.transactional_id, segments = pending.len(), records,
+                checkpoint_id = last, "restored transactions that had not committed were written and committed");
+        }
+        for s in &state.segments {
+            Self::remove_file(Path::new(&s.path));
+        }
+        Ok(())
+    }
+
+    /// Removes the spool files of earlier attempts (their segments are committed or were
+    /// written again by [`Self::finish_restored`]), keeping this attempt's.
+    fn remove_old_spools(&self) -> Result<()> {
+        let entries = match std::fs::read_dir(&self.spool_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(KeelError::internal(format!(
+                    "cannot list the spool directory {}: {e}",
+                    self.spool_dir.display()
+                )))
+            }
+        };
+        let mine = format!("{}-", self.tag);
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".spool") && !name.starts_with(&mine) {
+                Self::remove_file(&entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn new_spool(&mut self) -> Result<SpoolWriter> {
+        let path = self.spool_dir.join(format!("{}-{}.spool", self.tag, self.next_file));
+        self.next_file += 1;
+        SpoolWriter::create(path)
+    }
+
+    /// Writes one record: spooled always, and sent at once while the sink is live.
+    pub fn send(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(String, Vec<u8>)],
+        timestamp_ms: Option<i64>,
+    ) -> Result<()> {
+        self.current.append(key, value, headers, timestamp_ms)?;
+        if self.txn == Txn::Live {
+            self.writer.send(key, value, headers, timestamp_ms)?;
+        }
+        Ok(())
+    }
+
+    /// At the barrier of checkpoint `checkpoint_id`: pre-commits (flushes the open
+    /// transaction), seals the current segment, and returns the state to keep in the
+    /// checkpoint.
+    pub fn pre_commit(&mut self, checkpoint_id: u64) -> Result<ExactlyOnceState> {
+        if self.current.records() > 0 {
+            let live = self.txn == Txn::Live;
+            if live {
+                self.writer.flush(self.timeout)?;
+            }
+            self.current.flush(true)?;
+            let next = self.new_spool()?;
+            let sealed = std::mem::replace(&mut self.current, next);
+            self.sealed.push_back(Segment {
+                checkpoint_id,
+                path: sealed.path().to_path_buf(),
+                records: sealed.records(),
+                sent: live,
+            });
+            if live {
+                self.txn = Txn::Sealed(checkpoint_id);
+            }
+        }
+        Ok(self.state())
+    }
+
+    fn state(&self) -> ExactlyOnceState {
+        ExactlyOnceState {
+            transactional_id: self.transactional_id.clone(),
+            segments: self
+                .sealed
+                .iter()
+                .map(|s| SegmentState {
+                    checkpoint_id: s.checkpoint_id,
+                    path: s.path.display().to_string(),
+                    records: s.records,
+                })
+                .collect(),
+        }
+    }
+
+    /// Checkpoint `checkpoint_id` is complete: commits what it covers, then goes on writing.
+    pub fn notify_complete(&mut self, checkpoint_id: u64) -> Result<()> {
+        if let Txn::Sealed(top) = self.txn {
+            if top > checkpoint_id {
+                return Ok(());
+            }
+            self.commit(Some(top))?;
+            self.drop_sent();
+        }
+        if self.txn == Txn::None {
+            self.resume(checkpoint_id)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the segments that were in the transaction just committed.
+    fn drop_sent(&mut self) {
+        while self.sealed.front().is_some_and(|s| s.sent) {
+            if let Some(s) = self.sealed.pop_front() {
+                Self::remove_file(&s.path);
+            }
+        }
+    }
+
+    /// With no transaction open: commits the spooled segments `completed` covers, then opens
+    /// the next transaction (pre-committed for the remaining sealed segments, or live).
+    fn resume(&mut self, completed: u64) -> Result<()> {
+        let ready = self.sealed.iter().take_while(|s| s.checkpoint_id <= completed).count();
+        if ready > 0 {
+            self.begin()?;
+            let paths: Vec<PathBuf> = self.sealed.iter().take(ready).map(|s| s.path.clone()).collect();
+            for p in &paths {
+                self.send_spooled(p)?;
+            }
+            let top = self.sealed.get(ready - 1).map(|s| s.checkpoint_id);
+            for s in self.sealed.iter_mut().take(ready) {
+                s.sent = true;
+            }
+            self.commit(top)?;
+            self.drop_sent();
+        }
+        self.begin()?;
+        if self.sealed.is_empty() {
+            self.current.flush(false)?;
+            let path = self.current.path().to_path_buf();
+            self.send_spooled(&path)?;
+            self.txn = Txn::Live;
+        } else {
+            let paths: Vec<PathBuf> = self.sealed.iter().map(|s| s.path.clone()).collect();
+            for p in &paths {
+                self.send_spooled(p)?;
+            }
+            for s in self.sealed.iter_mut() {
+                s.sent = true;
+            }
+            self.txn = Txn::Sealed(self.sealed.back().map_or(0, |s| s.checkpoint_id));
+        }
+        Ok(())
+    }
+
+    /// The end of the input: commits everything written, then removes the spool files.
+    pub fn finish(&mut self) -> Result<()> {
+        let top = self.sealed.back().map(|s| s.checkpoint_id).or(self.committed);
+        if let Txn::Sealed(t) = self.txn {
+            self.commit(Some(t))?;
+            self.drop_sent();
+        }
+        if self.txn == Txn::None {
+            // The rest (spooled segments and the current one) go in one last transaction.
+            self.begin()?;
+            let paths: Vec<PathBuf> = self.sealed.iter().map(|s| s.path.clone()).collect();
+            for p in &paths {
+                self.send_spooled(p)?;
+            }
+            self.current.flush(false)?;
+            let path = self.current.path().to_path_buf();
+            self.send_spooled(&path)?;
+        }
+        self.commit(top)?;
+        for s in self.sealed.drain(..) {
+            Self::remove_file(&s.path);
+        }
+        Self::remove_file(self.current.path());
+        tracing::info!(transactional_id = %self.transactional_id, "exactly-once sink finished: everything committed");
+        Ok(())
+    }
+
+    /// Stops without committing (cancel, failure): aborts the open transaction. The spool files
+    /// stay for a restore.
+    pub fn abort(&mut self) {
+        if self.txn != Txn::None {
+            if let Err(e) = self.writer.producer().abort_transaction(Duration::from_secs(5)) {
+                tracing::warn!(transactional_id = %self.transactional_id, error = %error_chain(&e),
+                    "aborting the open transaction failed; the next attempt's producer aborts it");
+            }
+            self.txn = Txn::None;
+        }
+        if let Err(e) = self.current.flush(false) {
+            tracing::debug!(error = %e, "flushing the spool at abort");
+        }
+    }
+
+    pub fn transactional_id(&self) -> &str {
+        &self.transactional_id
+    }
+
+    pub fn metrics(&self) -> &Arc<KafkaSinkMetrics> {
+        self.writer.metrics()
+    }
+}
