@@ -209,7 +209,32 @@ impl JobSpec {
         for i in 0..spec.sinks.len() {
             spec.sink_plan(i)?;
         }
+        let prefixes = spec.transactional_id_prefixes();
+        for (i, (field, prefix)) in prefixes.iter().enumerate() {
+            if let Some((other, _)) = prefixes.iter().take(i).find(|(_, p)| p == prefix) {
+                return Err(KeelError::invalid_spec(
+                    field,
+                    format!("{prefix:?} is also the prefix of {other}; each exactly-once sink needs its own"),
+                ));
+            }
+        }
         Ok(spec)
+    }
+
+    /// The `sink.transactional-id-prefix` of every exactly-once Kafka sink, with its field
+    /// (`sinks[1].sink.transactional-id-prefix`).
+    pub fn transactional_id_prefixes(&self) -> Vec<(String, String)> {
+        (0..self.sinks.len())
+            .filter_map(|i| {
+                let plan = self.sink_plan(i).ok()?;
+                match plan.kafka?.delivery_guarantee {
+                    keel_kafka::DeliveryGuarantee::ExactlyOnce { transactional_id_prefix } => {
+                        Some((format!("sinks[{i}].sink.transactional-id-prefix"), transactional_id_prefix))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     /// Slots a version of this job needs: one per subtask (the operators of a subtask are

@@ -497,3 +497,12 @@ impl ExactlyOnceSink {
         self.writer.metrics()
     }
 }
+
+impl Drop for ExactlyOnceSink {
+    /// A sink dropped without [`ExactlyOnceSink::finish`] (a failed task) aborts its open
+    /// transaction at once rather than leaving it to block `read_committed` readers until the
+    /// next attempt opens or the transaction times out.
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
