@@ -250,6 +250,13 @@ impl Client {
         if !d.status_message.is_empty() {
             println!("  status: {}", d.status_message);
         }
+        if !d.restart_strategy.is_empty() {
+            println!("  restart strategy: {}", d.restart_strategy);
+        }
+        if let Some(f) = &d.failure {
+            println!("  failed at {} (attempt {}): {}", timestamp(f.time_ms), f.attempt, f.cause);
+            println!("  not restarted: {}", f.reason);
+        }
         if let Some(line) = throughput_line(d.throughput.as_ref()) {
             println!("  {line}");
         }
@@ -274,6 +281,7 @@ impl Client {
             println!("  restored from {}", describe_restore(r));
         }
         print_checkpoints(&d);
+        print_restarts(&d);
         println!("\ntasks");
         if d.tasks.is_empty() {
             println!("  none deployed");
@@ -474,6 +482,33 @@ fn print_checkpoints(d: &pb::JobDetails) {
     );
 }
 
+/// The restart history: the newest restarts the JobManager keeps, oldest first.
+fn print_restarts(d: &pb::JobDetails) {
+    if d.restarts == 0 {
+        return;
+    }
+    let shown = d.restart_history.len() as u32;
+    if shown < d.restarts {
+        println!("\nrestarts ({} in all, the last {shown} shown)", d.restarts);
+    } else {
+        println!("\nrestarts ({})", d.restarts);
+    }
+    let rows: Vec<Vec<String>> = d
+        .restart_history
+        .iter()
+        .map(|r| {
+            vec![
+                r.restart.to_string(),
+                timestamp(r.time_ms),
+                r.attempt.to_string(),
+                millis(r.delay_ms),
+                r.cause.clone(),
+            ]
+        })
+        .collect();
+    print!("{}", indent(&table(&["#", "TIME", "FAILED ATTEMPT", "DELAY", "CAUSE"], &rows)));
+}
+
 /// A per-second rate for people: `0`, `3.25`, `812.5`, `12034`.
 fn rate(r: f64) -> String {
     if !r.is_finite() || r <= 0.0 {
@@ -551,6 +586,11 @@ fn details_json(d: &pb::JobDetails) -> serde_json::Value {
         "job": summary_json(&s),
         "status_message": d.status_message,
         "restarts": d.restarts,
+        "restart_strategy": d.restart_strategy,
+        "restart_history": d.restart_history.iter().map(|r| json!({"restart": r.restart, "time_ms": r.time_ms,
+            "attempt": r.attempt, "delay_ms": r.delay_ms, "cause": r.cause})).collect::<Vec<_>>(),
+        "failure": d.failure.as_ref().map(|f| json!({"time_ms": f.time_ms, "attempt": f.attempt,
+            "cause": f.cause, "reason": f.reason})),
         "versions": d.versions.iter().map(|v| json!({"version": v.version, "state": v.state,
             "parallelism": v.parallelism, "created_at_ms": v.created_at_ms,
             "restored_from": v.restored_from.as_ref().map(checkpoint_ref_json)})).collect::<Vec<_>>(),
@@ -628,5 +668,36 @@ mod tests {
         assert_eq!(j["tasks"][0]["records_in_per_second"], 5.0);
         assert_eq!(j["tasks"][0]["pending_records"], 3);
         assert_eq!(j["tasks"][0]["source_partitions"][0]["partitions"], 3);
+        assert_eq!(j["failure"], serde_json::Value::Null);
+        assert_eq!(j["restart_history"], json!([]));
+    }
+
+    #[test]
+    fn status_json_has_the_restart_history_and_the_failure() {
+        let d = pb::JobDetails {
+            restarts: 2,
+            restart_strategy: "fixed-delay (2 restart attempts, 1 s delay)".into(),
+            restart_history: vec![pb::RestartEvent {
+                time_ms: 5,
+                attempt: 1,
+                restart: 1,
+                cause: "task t failed: boom".into(),
+                delay_ms: 1000,
+            }],
+            failure: Some(pb::JobFailure {
+                time_ms: 9,
+                attempt: 3,
+                cause: "task t failed: boom".into(),
+                reason: "fixed-delay restart strategy exhausted".into(),
+            }),
+            ..Default::default()
+        };
+        let j = details_json(&d);
+        assert_eq!(j["restarts"], 2);
+        assert_eq!(j["restart_strategy"], "fixed-delay (2 restart attempts, 1 s delay)");
+        assert_eq!(j["restart_history"][0]["delay_ms"], 1000);
+        assert_eq!(j["restart_history"][0]["cause"], "task t failed: boom");
+        assert_eq!(j["failure"]["attempt"], 3);
+        assert_eq!(j["failure"]["reason"], "fixed-delay restart strategy exhausted");
     }
 }

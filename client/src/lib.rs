@@ -6,6 +6,10 @@
 //!   leader watch (or from a static address list, for clients without HA access), follows
 //!   `NotLeader` redirects to the address they carry, and retries while the cluster is between
 //!   leaders, up to a deadline. Its errors name the address that was tried.
+//! - [`detector`]: failure detection by RPC outcome (`heartbeat.rpc-failure-threshold`): peers
+//!   that consecutive calls could not reach are declared lost.
+
+pub mod detector;
 
 use std::collections::HashMap;
 use std::future::Future;

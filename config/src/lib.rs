@@ -5,8 +5,9 @@
 //!   what it means. `keel config keys` prints this table.
 //! - [`Config`]: the typed configuration, built from (lowest to highest precedence) the defaults,
 //!   the YAML file, `KEEL_*` environment variables and `--set key=value` flags.
-//! - [`CheckpointConfig`]: the checkpointing settings; a job spec may override the keys in
-//!   [`JOB_CONFIG_KEYS`] for that job alone.
+//! - [`CheckpointConfig`]: the checkpointing settings, and [`RestartConfig`]: the restart
+//!   strategy (`restart-strategy.*`, Flink's keys, aliases and defaults); a job spec may
+//!   override the keys in [`JOB_CONFIG_KEYS`] for that job alone.
 //! - [`parse_duration`]: Flink-style durations (`500 ms`, `3 s`, `5 min`; a bare number is ms).
 //!
 //! Unknown keys are an error that names them, wherever they come from.
@@ -70,6 +71,7 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "high-availability.etcd.connect-timeout", default: "5 s", help: "how long to wait for etcd before failing with an error naming the endpoints" },
     KeyInfo { key: "heartbeat.interval", default: "1 s", help: "how often TaskManagers send heartbeats" },
     KeyInfo { key: "heartbeat.timeout", default: "5 s", help: "a TaskManager without heartbeat for this long is declared lost" },
+    KeyInfo { key: "heartbeat.rpc-failure-threshold", default: "2", help: "a TaskManager that this many consecutive RPCs could not reach (connection refused, reset, unreachable; not timeouts) is declared lost before heartbeat.timeout; the ResourceManager leader pings every TaskManager each heartbeat.interval; -1 disables" },
     KeyInfo { key: "taskmanager.numberOfTaskSlots", default: "1", help: "number of task slots a TaskManager offers" },
     KeyInfo { key: "taskmanager.id", default: "", help: "TaskManager id; generated from host and port when empty" },
     KeyInfo { key: "slot.request.timeout", default: "5 min", help: "how long a slot request waits for free slots before failing" },
@@ -80,7 +82,18 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "taskmanager.rpc.address", default: "127.0.0.1", help: "host the TaskManager binds and advertises" },
     KeyInfo { key: "taskmanager.rpc.port", default: "0", help: "port of the TaskManager (0 picks a free one)" },
     KeyInfo { key: "metrics.reporter.prom.port", default: "0", help: "port of the TaskManager's Prometheus endpoint (`GET /metrics`) on taskmanager.rpc.address (0 picks a free one; the TaskManager prints the bound address)" },
-    KeyInfo { key: "restart-strategy.fixed-delay.delay", default: "1 s", help: "pause before a failed job version is restarted" },
+    KeyInfo { key: "restart-strategy.type", default: "exponential-delay", help: "what a failed job does: `exponential-delay` (or `exponentialdelay`), `fixed-delay` (`fixeddelay`), `failure-rate` (`failurerate`), `none` (`off`, `disable`: fail at the first failure); a job spec may override every restart-strategy key" },
+    KeyInfo { key: "restart-strategy.fixed-delay.attempts", default: "1", help: "fixed-delay: restarts allowed over the job's life; the next failure fails the job" },
+    KeyInfo { key: "restart-strategy.fixed-delay.delay", default: "1 s", help: "fixed-delay: pause before each restart" },
+    KeyInfo { key: "restart-strategy.exponential-delay.initial-backoff", default: "1 s", help: "exponential-delay: pause before the first restart (and after a reset)" },
+    KeyInfo { key: "restart-strategy.exponential-delay.max-backoff", default: "1 min", help: "exponential-delay: the longest pause between restarts" },
+    KeyInfo { key: "restart-strategy.exponential-delay.backoff-multiplier", default: "1.5", help: "exponential-delay: each further restart waits this many times longer (at least 1)" },
+    KeyInfo { key: "restart-strategy.exponential-delay.reset-backoff-threshold", default: "1 h", help: "exponential-delay: a failure this long after the previous restart starts again from initial-backoff and resets the attempt count" },
+    KeyInfo { key: "restart-strategy.exponential-delay.jitter-factor", default: "0.1", help: "exponential-delay: each pause is moved by up to this fraction of itself, at random (0 to 1)" },
+    KeyInfo { key: "restart-strategy.exponential-delay.attempts-before-reset-backoff", default: "infinite", help: "exponential-delay: restarts allowed before the backoff is reset; the next failure fails the job; `infinite` for no limit" },
+    KeyInfo { key: "restart-strategy.failure-rate.max-failures-per-interval", default: "1", help: "failure-rate: restarts allowed within failure-rate-interval; one more failure within it fails the job" },
+    KeyInfo { key: "restart-strategy.failure-rate.failure-rate-interval", default: "1 min", help: "failure-rate: the window over which failures are counted" },
+    KeyInfo { key: "restart-strategy.failure-rate.delay", default: "1 s", help: "failure-rate: pause before each restart" },
     KeyInfo { key: "state.checkpoints.dir", default: "/tmp/keel/checkpoints", help: "directory where checkpoint metadata is written (`<dir>/<job_id>/chk-<id>/_metadata`); a job spec may override it" },
     KeyInfo { key: "execution.checkpointing.interval", default: "", help: "how often the JobManager triggers a checkpoint of each running job; empty disables checkpointing; a job spec may override it" },
     KeyInfo { key: "execution.checkpointing.timeout", default: "10 min", help: "a checkpoint not acknowledged by every task within this time is failed; a job spec may override it" },
@@ -131,7 +144,11 @@ pub struct Config {
     /// `metrics.reporter.prom.port`: where a TaskManager serves its metrics (host:
     /// `taskmanager.rpc.address`); 0 picks a free port.
     pub metrics_prom_port: u16,
-    pub restart_delay: Duration,
+    /// `heartbeat.rpc-failure-threshold`: how many consecutive RPCs that cannot reach a
+    /// TaskManager declare it lost; `None` when disabled (`-1`).
+    pub heartbeat_rpc_failure_threshold: Option<u32>,
+    /// The cluster's restart strategy (`restart-strategy.*`); a job spec may override it.
+    pub restart: RestartConfig,
     /// `state.checkpoints.dir` (the same as `checkpointing.dir`).
     pub checkpoints_dir: PathBuf,
     /// The cluster's checkpointing defaults (`execution.checkpointing.*`, `state.checkpoints.*`).
@@ -287,10 +304,27 @@ impl Config {
             return Err(invalid("taskmanager.numberOfTaskSlots", "must be at least 1".into()));
         }
         let tm_id = string("taskmanager.id");
+        let rpc_failure_threshold = match string("heartbeat.rpc-failure-threshold").as_str() {
+            "-1" => None,
+            text => match text.parse::<u32>() {
+                Ok(n) if n >= 1 => Some(n),
+                _ => {
+                    return Err(invalid(
+                        "heartbeat.rpc-failure-threshold",
+                        "must be a whole number of at least 1, or -1 to disable".into(),
+                    ))
+                }
+            },
+        };
         let mut checkpointing = CheckpointConfig::builtin();
-        for key in JOB_CONFIG_KEYS {
+        for key in CHECKPOINT_CONFIG_KEYS {
             checkpointing.set(key, get(key).0).map_err(|reason| invalid(key, reason))?;
         }
+        let mut restart = RestartConfig::builtin();
+        for key in RESTART_CONFIG_KEYS {
+            restart.set(key, get(key).0).map_err(|reason| invalid(key, reason))?;
+        }
+        restart.validate().map_err(|(key, reason)| invalid(&key, reason))?;
         let config = Config {
             ha: HaConfig { backend, cluster_id },
             heartbeat_interval,
@@ -311,7 +345,8 @@ impl Config {
                 port: port("taskmanager.rpc.port")?,
             },
             metrics_prom_port: port("metrics.reporter.prom.port")?,
-            restart_delay: duration("restart-strategy.fixed-delay.delay")?,
+            heartbeat_rpc_failure_threshold: rpc_failure_threshold,
+            restart,
             checkpoints_dir: checkpointing.dir.clone(),
             checkpointing,
             effective: raw.clone(),
@@ -320,14 +355,57 @@ impl Config {
     }
 }
 
-/// The configuration keys a job spec may set for itself (its top-level `config:` mapping).
+/// The configuration keys a job spec may set for itself (its top-level `config:` mapping): the
+/// checkpointing keys ([`CHECKPOINT_CONFIG_KEYS`]) and the restart-strategy keys
+/// ([`RESTART_CONFIG_KEYS`]).
 pub const JOB_CONFIG_KEYS: &[&str] = &[
     "execution.checkpointing.interval",
     "execution.checkpointing.timeout",
     "execution.checkpointing.min-pause",
     "state.checkpoints.num-retained",
     "state.checkpoints.dir",
+    "restart-strategy.type",
+    "restart-strategy.fixed-delay.attempts",
+    "restart-strategy.fixed-delay.delay",
+    "restart-strategy.exponential-delay.initial-backoff",
+    "restart-strategy.exponential-delay.max-backoff",
+    "restart-strategy.exponential-delay.backoff-multiplier",
+    "restart-strategy.exponential-delay.reset-backoff-threshold",
+    "restart-strategy.exponential-delay.jitter-factor",
+    "restart-strategy.exponential-delay.attempts-before-reset-backoff",
+    "restart-strategy.failure-rate.max-failures-per-interval",
+    "restart-strategy.failure-rate.failure-rate-interval",
+    "restart-strategy.failure-rate.delay",
 ];
+
+/// The checkpointing keys of [`JOB_CONFIG_KEYS`] ([`CheckpointConfig`]).
+pub const CHECKPOINT_CONFIG_KEYS: &[&str] = &[
+    "execution.checkpointing.interval",
+    "execution.checkpointing.timeout",
+    "execution.checkpointing.min-pause",
+    "state.checkpoints.num-retained",
+    "state.checkpoints.dir",
+];
+
+/// The restart-strategy keys of [`JOB_CONFIG_KEYS`] ([`RestartConfig`]).
+pub const RESTART_CONFIG_KEYS: &[&str] = &[
+    "restart-strategy.type",
+    "restart-strategy.fixed-delay.attempts",
+    "restart-strategy.fixed-delay.delay",
+    "restart-strategy.exponential-delay.initial-backoff",
+    "restart-strategy.exponential-delay.max-backoff",
+    "restart-strategy.exponential-delay.backoff-multiplier",
+    "restart-strategy.exponential-delay.reset-backoff-threshold",
+    "restart-strategy.exponential-delay.jitter-factor",
+    "restart-strategy.exponential-delay.attempts-before-reset-backoff",
+    "restart-strategy.failure-rate.max-failures-per-interval",
+    "restart-strategy.failure-rate.failure-rate-interval",
+    "restart-strategy.failure-rate.delay",
+];
+
+fn is_restart_key(key: &str) -> bool {
+    RESTART_CONFIG_KEYS.contains(&key)
+}
 
 /// Checkpointing settings. The cluster configuration gives the defaults; a job spec's
 /// `config:` mapping overrides them for that job ([`CheckpointConfig::with_overrides`]).
@@ -413,6 +491,9 @@ impl CheckpointConfig {
     ) -> std::result::Result<CheckpointConfig, (String, String)> {
         let mut out = self.clone();
         for (key, value) in overrides {
+            if is_restart_key(key) {
+                continue;
+            }
             out.set(key, value).map_err(|reason| (key.clone(), reason))?;
         }
         Ok(out)
@@ -420,9 +501,284 @@ impl CheckpointConfig {
 }
 
 /// Checks one entry of a job spec's `config:` mapping: the key must be one of
-/// [`JOB_CONFIG_KEYS`] and the value must parse. The error says why.
+/// [`JOB_CONFIG_KEYS`] and the value must parse. The error says why. (Rules that relate two
+/// restart-strategy keys, such as initial-backoff <= max-backoff, are checked when the job's
+/// strategy is built from the cluster's and the spec's keys: [`RestartConfig::with_overrides`].)
 pub fn check_job_config(key: &str, value: &str) -> std::result::Result<(), String> {
+    if is_restart_key(key) {
+        return RestartConfig::builtin().set(key, value);
+    }
     CheckpointConfig::builtin().set(key, value)
+}
+
+/// The kinds of restart strategy (`restart-strategy.type`), with Flink's names and aliases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartStrategyType {
+    /// `none`, `off`, `disable`: the first failure fails the job.
+    None,
+    /// `fixed-delay`, `fixeddelay`: a fixed number of restarts, a fixed pause before each.
+    FixedDelay,
+    /// `exponential-delay`, `exponentialdelay` (the default): growing pauses, reset after a
+    /// quiet period.
+    ExponentialDelay,
+    /// `failure-rate`, `failurerate`: fails the job when failures come too often.
+    FailureRate,
+}
+
+impl RestartStrategyType {
+    /// Parses a `restart-strategy.type` value (case-insensitive, Flink's aliases accepted).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "none" | "off" | "disable" => Ok(RestartStrategyType::None),
+            "fixed-delay" | "fixeddelay" => Ok(RestartStrategyType::FixedDelay),
+            "exponential-delay" | "exponentialdelay" => Ok(RestartStrategyType::ExponentialDelay),
+            "failure-rate" | "failurerate" => Ok(RestartStrategyType::FailureRate),
+            other => Err(format!(
+                "unknown restart strategy {other:?}; expected `exponential-delay`, `fixed-delay`, \
+                 `failure-rate` or `none` (aliases: exponentialdelay, fixeddelay, failurerate, off, disable)"
+            )),
+        }
+    }
+
+    /// The main name of the strategy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartStrategyType::None => "none",
+            RestartStrategyType::FixedDelay => "fixed-delay",
+            RestartStrategyType::ExponentialDelay => "exponential-delay",
+            RestartStrategyType::FailureRate => "failure-rate",
+        }
+    }
+}
+
+/// `restart-strategy.fixed-delay.*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedDelayConfig {
+    /// Restarts allowed over the job's life (0: none).
+    pub attempts: u32,
+    pub delay: Duration,
+}
+
+/// `restart-strategy.exponential-delay.*`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExponentialDelayConfig {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// At least 1 (1 keeps the pause at initial-backoff).
+    pub backoff_multiplier: f64,
+    pub reset_backoff_threshold: Duration,
+    /// 0 to 1.
+    pub jitter_factor: f64,
+    /// `None`: no limit (`infinite`).
+    pub attempts_before_reset_backoff: Option<u32>,
+}
+
+/// `restart-strategy.failure-rate.*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureRateConfig {
+    pub max_failures_per_interval: u32,
+    pub interval: Duration,
+    pub delay: Duration,
+}
+
+/// Restart-strategy settings: the chosen type and the options of every type (only the chosen
+/// type's options are used). The cluster configuration gives the defaults; a job spec's
+/// `config:` mapping overrides them for that job ([`RestartConfig::with_overrides`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestartConfig {
+    pub strategy: RestartStrategyType,
+    pub fixed_delay: FixedDelayConfig,
+    pub exponential_delay: ExponentialDelayConfig,
+    pub failure_rate: FailureRateConfig,
+}
+
+// The factors are checked to be finite numbers when they are set, so equality is an equivalence.
+impl Eq for RestartConfig {}
+
+impl RestartConfig {
+    /// The built-in defaults (those of [`KEYS`], which are Flink's).
+    pub fn builtin() -> RestartConfig {
+        RestartConfig {
+            strategy: RestartStrategyType::ExponentialDelay,
+            fixed_delay: FixedDelayConfig { attempts: 1, delay: Duration::from_secs(1) },
+            exponential_delay: ExponentialDelayConfig {
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(60),
+                backoff_multiplier: 1.5,
+                reset_backoff_threshold: Duration::from_secs(3600),
+                jitter_factor: 0.1,
+                attempts_before_reset_backoff: None,
+            },
+            failure_rate: FailureRateConfig {
+                max_failures_per_interval: 1,
+                interval: Duration::from_secs(60),
+                delay: Duration::from_secs(1),
+            },
+        }
+    }
+
+    /// Sets one of the [`RESTART_CONFIG_KEYS`] from its text; the error says why the value (or
+    /// the key) is not accepted.
+    pub fn set(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let value = value.trim();
+        let at_least_1ms = |value: &str| -> std::result::Result<Duration, String> {
+            let d = parse_duration(value)?;
+            if d < Duration::from_millis(1) {
+                return Err("must be at least 1 ms".into());
+            }
+            Ok(d)
+        };
+        let count = |value: &str, min: u32| -> std::result::Result<u32, String> {
+            let n: u32 = value.parse().map_err(|_| format!("{value:?} is not a whole number"))?;
+            if n < min {
+                return Err(format!("must be at least {min}"));
+            }
+            Ok(n)
+        };
+        let factor = |value: &str| -> std::result::Result<f64, String> {
+            let f: f64 = value.parse().map_err(|_| format!("{value:?} is not a number"))?;
+            if !f.is_finite() {
+                return Err(format!("{value:?} is not a finite number"));
+            }
+            Ok(f)
+        };
+        match key {
+            "restart-strategy.type" => self.strategy = RestartStrategyType::parse(value)?,
+            "restart-strategy.fixed-delay.attempts" => self.fixed_delay.attempts = count(value, 0)?,
+            "restart-strategy.fixed-delay.delay" => self.fixed_delay.delay = parse_duration(value)?,
+            "restart-strategy.exponential-delay.initial-backoff" => {
+                self.exponential_delay.initial_backoff = at_least_1ms(value)?
+            }
+            "restart-strategy.exponential-delay.max-backoff" => {
+                self.exponential_delay.max_backoff = at_least_1ms(value)?
+            }
+            "restart-strategy.exponential-delay.backoff-multiplier" => {
+                let f = factor(value)?;
+                if f < 1.0 {
+                    return Err("must be at least 1".into());
+                }
+                self.exponential_delay.backoff_multiplier = f;
+            }
+            "restart-strategy.exponential-delay.reset-backoff-threshold" => {
+                self.exponential_delay.reset_backoff_threshold = at_least_1ms(value)?
+            }
+            "restart-strategy.exponential-delay.jitter-factor" => {
+                let f = factor(value)?;
+                if !(0.0..=1.0).contains(&f) {
+                    return Err("must be between 0 and 1".into());
+                }
+                self.exponential_delay.jitter_factor = f;
+            }
+            "restart-strategy.exponential-delay.attempts-before-reset-backoff" => {
+                self.exponential_delay.attempts_before_reset_backoff =
+                    if value.eq_ignore_ascii_case("infinite") || value == i32::MAX.to_string() {
+                        None
+                    } else {
+                        Some(count(value, 1).map_err(|r| format!("{r} (or `infinite`)"))?)
+                    };
+            }
+            "restart-strategy.failure-rate.max-failures-per-interval" => {
+                self.failure_rate.max_failures_per_interval = count(value, 1)?
+            }
+            "restart-strategy.failure-rate.failure-rate-interval" => {
+                self.failure_rate.interval = at_least_1ms(value)?
+            }
+            "restart-strategy.failure-rate.delay" => self.failure_rate.delay = parse_duration(value)?,
+            other => {
+                return Err(format!(
+                    "{other:?} is not a restart-strategy key; accepted keys: {}",
+                    RESTART_CONFIG_KEYS.join(", ")
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the rules that relate two keys. The error names the offending key and says why.
+    pub fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let e = &self.exponential_delay;
+        if e.initial_backoff > e.max_backoff {
+            return Err((
+                "restart-strategy.exponential-delay.max-backoff".into(),
+                format!(
+                    "must not be shorter than restart-strategy.exponential-delay.initial-backoff ({:?})",
+                    e.initial_backoff
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// These settings with a job's overrides applied (keys other than the restart-strategy
+    /// keys are left to [`CheckpointConfig::with_overrides`]), then validated. The error names
+    /// the offending key and says why.
+    pub fn with_overrides<'a>(
+        &self,
+        overrides: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> std::result::Result<RestartConfig, (String, String)> {
+        let mut out = self.clone();
+        for (key, value) in overrides {
+            if is_restart_key(key) {
+                out.set(key, value).map_err(|reason| (key.clone(), reason))?;
+            }
+        }
+        out.validate()?;
+        Ok(out)
+    }
+
+    /// The chosen strategy with its options, for people:
+    /// `fixed-delay (2 restart attempts, 1 s delay)`.
+    pub fn describe(&self) -> String {
+        match self.strategy {
+            RestartStrategyType::None => "none (the first failure fails the job)".into(),
+            RestartStrategyType::FixedDelay => format!(
+                "fixed-delay ({} restart attempt{}, {} delay)",
+                self.fixed_delay.attempts,
+                if self.fixed_delay.attempts == 1 { "" } else { "s" },
+                format_duration(self.fixed_delay.delay)
+            ),
+            RestartStrategyType::ExponentialDelay => {
+                let e = &self.exponential_delay;
+                format!(
+                    "exponential-delay (backoff {} x{} up to {}, jitter {}, reset after {}, {})",
+                    format_duration(e.initial_backoff),
+                    e.backoff_multiplier,
+                    format_duration(e.max_backoff),
+                    e.jitter_factor,
+                    format_duration(e.reset_backoff_threshold),
+                    match e.attempts_before_reset_backoff {
+                        None => "unlimited restarts".to_string(),
+                        Some(n) => format!("{n} restart{} before reset", if n == 1 { "" } else { "s" }),
+                    }
+                )
+            }
+            RestartStrategyType::FailureRate => format!(
+                "failure-rate (at most {} restart{} per {}, {} delay)",
+                self.failure_rate.max_failures_per_interval,
+                if self.failure_rate.max_failures_per_interval == 1 { "" } else { "s" },
+                format_duration(self.failure_rate.interval),
+                format_duration(self.failure_rate.delay)
+            ),
+        }
+    }
+}
+
+/// A duration the way Keel's keys write them: `500 ms`, `1 s`, `1.5 s`, `2 min`, `1 h`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0 ms".into()
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{} h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{} min", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else if ms > 1000 {
+        format!("{} s", ms as f64 / 1000.0)
+    } else {
+        format!("{ms} ms")
+    }
 }
 
 /// Reads a YAML config file into flat `key -> value` pairs. Nested mappings are flattened with
@@ -684,6 +1040,142 @@ mod tests {
         assert!(reason.contains("at least 1"), "{reason}");
         assert!(check_job_config("heartbeat.interval", "1 s").is_err());
         assert!(check_job_config("execution.checkpointing.timeout", "soon").is_err());
+    }
+
+    #[test]
+    fn restart_strategy_defaults_are_flinks() {
+        let c = Config::defaults();
+        let r = &c.restart;
+        assert_eq!(r.strategy, RestartStrategyType::ExponentialDelay);
+        assert_eq!(r.fixed_delay, FixedDelayConfig { attempts: 1, delay: Duration::from_secs(1) });
+        let e = &r.exponential_delay;
+        assert_eq!((e.initial_backoff, e.max_backoff), (Duration::from_secs(1), Duration::from_secs(60)));
+        assert_eq!((e.backoff_multiplier, e.jitter_factor), (1.5, 0.1));
+        assert_eq!(e.reset_backoff_threshold, Duration::from_secs(3600));
+        assert_eq!(e.attempts_before_reset_backoff, None);
+        assert_eq!(r.failure_rate.max_failures_per_interval, 1);
+        assert_eq!(r.failure_rate.interval, Duration::from_secs(60));
+        assert_eq!(r.failure_rate.delay, Duration::from_secs(1));
+        assert_eq!(r, &RestartConfig::builtin());
+        assert_eq!(c.heartbeat_rpc_failure_threshold, Some(2));
+        // Every restart key is in KEYS and in JOB_CONFIG_KEYS; the job keys are exactly the
+        // checkpointing keys and the restart keys.
+        for key in RESTART_CONFIG_KEYS {
+            assert!(key_info(key).is_some(), "{key} missing from KEYS");
+        }
+        let both: Vec<&str> = CHECKPOINT_CONFIG_KEYS.iter().chain(RESTART_CONFIG_KEYS).copied().collect();
+        assert_eq!(JOB_CONFIG_KEYS, both.as_slice());
+    }
+
+    #[test]
+    fn restart_strategy_types_accept_flinks_aliases() {
+        for (text, t) in [
+            ("fixed-delay", RestartStrategyType::FixedDelay),
+            ("fixeddelay", RestartStrategyType::FixedDelay),
+            ("exponential-delay", RestartStrategyType::ExponentialDelay),
+            ("ExponentialDelay", RestartStrategyType::ExponentialDelay),
+            ("failure-rate", RestartStrategyType::FailureRate),
+            ("failurerate", RestartStrategyType::FailureRate),
+            ("none", RestartStrategyType::None),
+            ("off", RestartStrategyType::None),
+            ("disable", RestartStrategyType::None),
+        ] {
+            assert_eq!(RestartStrategyType::parse(text), Ok(t), "{text}");
+        }
+        let err = Config::load(&ConfigSources {
+            flags: vec!["restart-strategy.type=sometimes".into()],
+            ..Default::default()
+        })
+        .expect_err("unknown type");
+        assert!(err.to_string().contains("restart-strategy.type") && err.to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn restart_strategy_keys_are_set_and_checked() {
+        let c = Config::load(&ConfigSources {
+            flags: vec![
+                "restart-strategy.type=fixed-delay".into(),
+                "restart-strategy.fixed-delay.attempts=3".into(),
+                "restart-strategy.fixed-delay.delay=250 ms".into(),
+                "restart-strategy.exponential-delay.attempts-before-reset-backoff=5".into(),
+            ],
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(c.restart.strategy, RestartStrategyType::FixedDelay);
+        assert_eq!(
+            c.restart.fixed_delay,
+            FixedDelayConfig { attempts: 3, delay: Duration::from_millis(250) }
+        );
+        assert_eq!(c.restart.exponential_delay.attempts_before_reset_backoff, Some(5));
+        assert_eq!(c.restart.describe(), "fixed-delay (3 restart attempts, 250 ms delay)");
+        for (flag, key) in [
+            ("restart-strategy.exponential-delay.jitter-factor=1.5", "jitter-factor"),
+            ("restart-strategy.exponential-delay.backoff-multiplier=0.5", "backoff-multiplier"),
+            ("restart-strategy.exponential-delay.initial-backoff=0", "initial-backoff"),
+            ("restart-strategy.exponential-delay.attempts-before-reset-backoff=0", "attempts-before"),
+            ("restart-strategy.fixed-delay.attempts=-1", "fixed-delay.attempts"),
+            ("restart-strategy.failure-rate.max-failures-per-interval=0", "max-failures-per-interval"),
+            ("restart-strategy.failure-rate.failure-rate-interval=soon", "failure-rate-interval"),
+            // initial above max: the error names max-backoff.
+            ("restart-strategy.exponential-delay.initial-backoff=2 min", "max-backoff"),
+        ] {
+            let err = Config::load(&ConfigSources { flags: vec![flag.into()], ..Default::default() })
+                .expect_err(flag);
+            assert!(err.to_string().contains(key), "{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn restart_keys_are_overridden_per_job() {
+        let base = Config::defaults();
+        let overrides: BTreeMap<String, String> = [
+            ("restart-strategy.type".to_string(), "failure-rate".to_string()),
+            ("restart-strategy.failure-rate.max-failures-per-interval".to_string(), "3".to_string()),
+            ("execution.checkpointing.interval".to_string(), "2 s".to_string()),
+        ]
+        .into();
+        let r = base.restart.with_overrides(&overrides).expect("valid overrides");
+        assert_eq!(r.strategy, RestartStrategyType::FailureRate);
+        assert_eq!(r.failure_rate.max_failures_per_interval, 3);
+        assert_eq!(r.failure_rate.delay, base.restart.failure_rate.delay);
+        // The checkpointing settings take their keys and leave the restart keys alone.
+        let c = base.checkpointing.with_overrides(&overrides).expect("valid checkpoint overrides");
+        assert_eq!(c.interval, Some(Duration::from_secs(2)));
+        // A combination that is only wrong together is refused with the key named.
+        let bad: BTreeMap<String, String> =
+            [("restart-strategy.exponential-delay.max-backoff".to_string(), "100 ms".to_string())].into();
+        let (key, reason) = base.restart.with_overrides(&bad).expect_err("max below initial");
+        assert_eq!(key, "restart-strategy.exponential-delay.max-backoff");
+        assert!(reason.contains("initial-backoff"), "{reason}");
+        assert!(check_job_config("restart-strategy.type", "fixeddelay").is_ok());
+        assert!(check_job_config("restart-strategy.fixed-delay.attempts", "many").is_err());
+        assert!(check_job_config("restart-strategy.fixed-delay.tries", "2").is_err());
+    }
+
+    #[test]
+    fn rpc_failure_threshold_is_a_count_or_disabled() {
+        let load = |v: &str| {
+            Config::load(&ConfigSources {
+                flags: vec![format!("heartbeat.rpc-failure-threshold={v}")],
+                ..Default::default()
+            })
+        };
+        assert_eq!(load("5").expect("valid").heartbeat_rpc_failure_threshold, Some(5));
+        assert_eq!(load("-1").expect("valid").heartbeat_rpc_failure_threshold, None);
+        for bad in ["0", "-2", "two"] {
+            let err = load(bad).expect_err(bad);
+            assert!(err.to_string().contains("heartbeat.rpc-failure-threshold"), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations_are_written_back_readably() {
+        assert_eq!(format_duration(Duration::from_millis(250)), "250 ms");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(format_duration(Duration::from_secs(60)), "1 min");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1 h");
+        assert_eq!(format_duration(Duration::ZERO), "0 ms");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keel_client::detector::call_peer;
 use keel_ha::{CheckpointPointerStore, Counter, Leadership};
 use keel_proto::pb::task_manager_client::TaskManagerClient;
 use keel_proto::pb::{self, TaskState};
@@ -164,11 +165,11 @@ async fn trigger(ctx: &JobManagerCtx, st: &LeaderState, job: &JobHandle, counter
         async move {
             let result = async {
                 let mut client = TaskManagerClient::new(ctx.channels.get(&t.address)?);
-                match tokio::time::timeout(TM_CALL_TIMEOUT, client.trigger_checkpoint(req)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(status)) => Err(keel_client::status_error(&status, &t.address)),
-                    Err(_) => Err(KeelError::unavailable(&t.address, "TriggerCheckpoint timed out")),
-                }
+                let call = client.trigger_checkpoint(req);
+                let (result, outcome) =
+                    call_peer(&t.address, "TriggerCheckpoint", TM_CALL_TIMEOUT, call).await;
+                st.note_taskmanager_call(&t.address, outcome);
+                result.map(|_| ())
             }
             .await;
             result.map_err(|e| format!("task {} declined: {e}", t.task_id))
@@ -296,11 +297,11 @@ async fn notify_tasks(ctx: &JobManagerCtx, st: &LeaderState, tasks: Vec<AttemptT
         async move {
             let result = async {
                 let mut client = TaskManagerClient::new(ctx.channels.get(&t.address)?);
-                match tokio::time::timeout(TM_CALL_TIMEOUT, client.notify_checkpoint_complete(req)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(status)) => Err(keel_client::status_error(&status, &t.address)),
-                    Err(_) => Err(KeelError::unavailable(&t.address, "NotifyCheckpointComplete timed out")),
-                }
+                let call = client.notify_checkpoint_complete(req);
+                let (result, outcome) =
+                    call_peer(&t.address, "NotifyCheckpointComplete", TM_CALL_TIMEOUT, call).await;
+                st.note_taskmanager_call(&t.address, outcome);
+                result.map(|_| ())
             }
             .await;
             if let Err(error) = result {

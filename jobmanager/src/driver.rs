@@ -11,6 +11,14 @@
 //! be read fails the job with a message naming the file instead of starting fresh. While the
 //! attempt runs, a checkpoint coordinator loop ([`crate::coordinator`]) runs beside it; it is
 //! stopped, and a pending checkpoint abandoned, when the attempt ends.
+//!
+//! Failures: a failed or lost task, a failed deployment, and a slot request that timed out
+//! (`NotEnoughSlots`) are failures of the attempt, each counted once by the job's restart
+//! strategy ([`crate::restart`]), which either restarts the job after a pause (recorded in the
+//! restart history) or fails it. Waiting for slots is not a failure until the request times out
+//! (`slot.request.timeout`), so a job waiting for a TaskManager does not use up its restarts.
+//! Trouble of the cluster itself (the ResourceManager or the HA store cannot be reached) is
+//! retried after [`RETRY_PAUSE`] without counting.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,15 +29,22 @@ use keel_proto::{JobState, KeelError, Result, TaskStateExt};
 use keel_spec::JobSpec;
 use tokio::sync::mpsc;
 
+use keel_client::detector::call_peer;
+use keel_config::RestartConfig;
+
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
 use crate::record::{now_ms, task_id, RestoredFrom, TaskRecord};
+use crate::restart::{self, Decision, FailureEntry, RestartEntry, SplitMix64};
 use crate::{JobHandle, JobManagerCtx, LeaderState};
 
 /// How long a deploy or cancel call to a TaskManager may take.
 const TM_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long canceled tasks get to report that they stopped.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
+/// The pause before retrying after trouble that is not the job's own failure (the
+/// ResourceManager or the HA store could not be reached); not counted by the restart strategy.
+pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub enum JobEvent {
@@ -46,6 +61,16 @@ enum AttemptEnd {
     Finished,
     Failed(String),
     Cancel,
+}
+
+/// What the driver does after the restart strategy has seen a failure.
+enum AfterFailure {
+    /// The pause is over: start the next attempt.
+    Restart,
+    /// The user canceled during the pause.
+    Cancel,
+    /// The strategy gave up: the job is failed.
+    Failed,
 }
 
 pub(crate) struct Driver {
@@ -96,6 +121,7 @@ impl Driver {
         if self.job.record().cancel_requested {
             return self.finish_cancel(&[]).await;
         }
+        let mut rng = SplitMix64::from_entropy();
         loop {
             let (version, spec_yaml, parallelism) = {
                 let r = self.job.record();
@@ -111,14 +137,15 @@ impl Driver {
             };
             self.set_state(JobState::Scheduled, format!("waiting for {parallelism} slots")).await?;
 
-            // Checkpointing settings (the cluster's, overridden by the spec's `config:`).
-            let checkpointing = match JobSpec::parse(&spec_yaml).and_then(|spec| {
-                self.ctx
-                    .config
-                    .checkpointing
-                    .with_overrides(&spec.config)
-                    .map_err(|(key, reason)| KeelError::invalid_spec(format!("config.{key}"), reason))
-            }) {
+            // Checkpointing settings and restart strategy (the cluster's, overridden by the
+            // spec's `config:`).
+            let settings = JobSpec::parse(&spec_yaml).and_then(|spec| {
+                let checkpointing = self.ctx.config.checkpointing.with_overrides(&spec.config);
+                let checkpointing = checkpointing
+                    .map_err(|(key, reason)| KeelError::invalid_spec(format!("config.{key}"), reason))?;
+                Ok((checkpointing, restart::for_spec(&self.ctx.config.restart, &spec)?))
+            });
+            let (checkpointing, strategy) = match settings {
                 Ok(c) => c,
                 Err(err) => {
                     self.set_state(JobState::Failed, err.to_string()).await?;
@@ -142,7 +169,7 @@ impl Driver {
                 }
                 Err(RestoreError::Ha(err)) => {
                     tracing::warn!(job_id = %self.job.job_id, error = %err, "cannot read the checkpoint pointer; retrying");
-                    if self.restart_pause(format!("cannot read the checkpoint pointer: {err}")).await? {
+                    if self.retry_pause(format!("cannot read the checkpoint pointer: {err}")).await? {
                         return self.finish_cancel(&[]).await;
                     }
                     continue;
@@ -167,8 +194,11 @@ impl Driver {
             let slots = match slots {
                 Ok(s) => s,
                 Err(err @ KeelError::NotEnoughSlots { .. }) => {
-                    self.set_state(JobState::Failed, err.to_string()).await?;
-                    return Ok(());
+                    match self.on_failure(attempt, err.to_string(), &strategy, &mut rng).await? {
+                        AfterFailure::Restart => continue,
+                        AfterFailure::Cancel => return self.finish_cancel(&[]).await,
+                        AfterFailure::Failed => return Ok(()),
+                    }
                 }
                 Err(err)
                     if matches!(err, KeelError::LeadershipLost { .. } | KeelError::StaleEpoch { .. }) =>
@@ -177,7 +207,7 @@ impl Driver {
                 }
                 Err(err) => {
                     tracing::warn!(job_id = %self.job.job_id, error = %err, "slot request failed; retrying");
-                    if self.restart_pause(format!("slot request failed: {err}")).await? {
+                    if self.retry_pause(format!("slot request failed: {err}")).await? {
                         return self.finish_cancel(&[]).await;
                     }
                     continue;
@@ -235,25 +265,71 @@ impl Driver {
                 }
                 AttemptEnd::Cancel => return self.finish_cancel(&tasks).await,
                 AttemptEnd::Failed(reason) => {
-                    tracing::warn!(job_id = %self.job.job_id, attempt, %reason, "job attempt failed; restarting");
+                    tracing::warn!(job_id = %self.job.job_id, attempt, %reason, "job attempt failed");
                     self.cancel_tasks(&tasks).await;
                     self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
-                    self.job.record_mut().restarts += 1;
-                    if self.restart_pause(reason).await? {
-                        return self.finish_cancel(&[]).await;
+                    match self.on_failure(attempt, reason, &strategy, &mut rng).await? {
+                        AfterFailure::Restart => {}
+                        AfterFailure::Cancel => return self.finish_cancel(&[]).await,
+                        AfterFailure::Failed => return Ok(()),
                     }
                 }
             }
         }
     }
 
-    /// Marks the job restarting and waits the restart delay. Returns true when the user asked
-    /// to cancel meanwhile.
-    async fn restart_pause(&mut self, reason: String) -> Result<bool> {
-        self.set_state(JobState::Restarting, reason).await?;
-        let delay = self.ctx.config.restart_delay;
+    /// Hands a failure of `attempt` to the job's restart strategy. To restart: records the
+    /// restart in the job record's history, marks the job restarting and waits the pause the
+    /// strategy chose. Otherwise: records the failure and fails the job with the cause.
+    async fn on_failure(
+        &mut self,
+        attempt: u32,
+        cause: String,
+        strategy: &RestartConfig,
+        rng: &mut SplitMix64,
+    ) -> Result<AfterFailure> {
+        let now = now_ms();
+        let job_id = self.job.job_id.clone();
+        let decision = restart::on_failure(strategy, &mut self.job.record_mut().restart.state, now, rng);
+        match decision {
+            Decision::Restart { delay } => {
+                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                let restart = {
+                    let mut r = self.job.record_mut();
+                    r.restarts += 1;
+                    let restart = r.restarts;
+                    let entry = RestartEntry { at_ms: now, attempt, restart, cause: cause.clone(), delay_ms };
+                    r.restart.push(entry);
+                    restart
+                };
+                tracing::warn!(%job_id, attempt, restart, delay_ms, strategy = strategy.strategy.as_str(),
+                    %cause, "restarting the job");
+                let message =
+                    format!("{cause} (restart {restart} in {})", keel_config::format_duration(delay));
+                self.set_state(JobState::Restarting, message).await?;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => Ok(AfterFailure::Restart),
+                    _ = self.wait_for_cancel() => Ok(AfterFailure::Cancel),
+                }
+            }
+            Decision::Fail { why } => {
+                tracing::error!(%job_id, attempt, strategy = strategy.strategy.as_str(), %cause, reason = %why,
+                    "job failed: not restarted");
+                self.job.record_mut().restart.failure =
+                    Some(FailureEntry { at_ms: now, attempt, cause: cause.clone(), why: why.clone() });
+                self.set_state(JobState::Failed, format!("{cause} (not restarted: {why})")).await?;
+                Ok(AfterFailure::Failed)
+            }
+        }
+    }
+
+    /// Marks the job restarting and waits [`RETRY_PAUSE`] after trouble that is not a failure of
+    /// the job (not counted by the restart strategy). Returns true when the user asked to cancel
+    /// meanwhile.
+    async fn retry_pause(&mut self, reason: String) -> Result<bool> {
+        self.set_state(JobState::Restarting, format!("{reason} (retrying in {RETRY_PAUSE:?})")).await?;
         tokio::select! {
-            _ = tokio::time::sleep(delay) => Ok(false),
+            _ = tokio::time::sleep(RETRY_PAUSE) => Ok(false),
             _ = self.wait_for_cancel() => Ok(true),
         }
     }
@@ -379,15 +455,10 @@ impl Driver {
                 self.st.leadership.check().map_err(|e| e.to_string())?;
                 let channel = self.ctx.channels.get(&address).map_err(|e| e.to_string())?;
                 let mut client = TaskManagerClient::new(channel);
-                match tokio::time::timeout(TM_CALL_TIMEOUT, client.deploy_task(req)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(status)) => Err(format!(
-                        "deploying {} to {address} failed: {}",
-                        t.task_id,
-                        keel_client::status_error(&status, &address)
-                    )),
-                    Err(_) => Err(format!("deploying {} to {address} timed out", t.task_id)),
-                }
+                let call = client.deploy_task(req);
+                let (result, outcome) = call_peer(&address, "DeployTask", TM_CALL_TIMEOUT, call).await;
+                self.st.note_taskmanager_call(&address, outcome);
+                result.map(|_| ()).map_err(|e| format!("deploying {} to {address} failed: {e}", t.task_id))
             }
         });
         let results = futures::future::join_all(calls).await;
@@ -462,11 +533,10 @@ impl Driver {
             async move {
                 let result = async {
                     let mut client = TaskManagerClient::new(self.ctx.channels.get(&address)?);
-                    match tokio::time::timeout(TM_CALL_TIMEOUT, client.cancel_task(req)).await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(status)) => Err(keel_client::status_error(&status, &address)),
-                        Err(_) => Err(KeelError::unavailable(&address, "CancelTask timed out")),
-                    }
+                    let call = client.cancel_task(req);
+                    let (result, outcome) = call_peer(&address, "CancelTask", TM_CALL_TIMEOUT, call).await;
+                    self.st.note_taskmanager_call(&address, outcome);
+                    result.map(|_| ())
                 }
                 .await;
                 if let Err(error) = result {

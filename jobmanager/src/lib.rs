@@ -6,6 +6,8 @@
 //!   each attempt is deployed from the job's latest completed checkpoint, if it has one.
 //! - [`checkpoint`]: the checkpoint coordinator's decisions (pure: when to trigger, which
 //!   acknowledgements count, timeouts, retention) and the metadata and pointer formats.
+//! - [`restart`]: restart strategies (pure): whether and when a failed job restarts, and the
+//!   restart history kept in the job record.
 //! - [`coordinator`]: the checkpoint coordinator's I/O, one loop per running attempt: trigger,
 //!   complete (metadata file, fenced HA pointer, notify), retention, and restore.
 //! - this file: the gRPC service and the leader scope. Every JobManager process serves gRPC;
@@ -22,11 +24,13 @@ pub mod checkpoint;
 pub mod coordinator;
 pub mod driver;
 pub mod record;
+pub mod restart;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use keel_client::detector::{lost_reason, RpcFailureDetector, RpcOutcome, Verdict};
 use keel_client::{Channels, LeaderClient};
 use keel_config::Config;
 use keel_ha::{CheckpointPointerStore, HaServices, JobStore, LeaderInfo, Leadership, Role};
@@ -147,6 +151,9 @@ pub(crate) struct LeaderState {
     jobs: Mutex<BTreeMap<String, Arc<JobHandle>>>,
     /// TaskManagers this leader deployed to or heard from: id -> (last heard, address).
     taskmanagers: Mutex<HashMap<String, (Instant, String)>>,
+    /// Consecutive calls (deploy, cancel, checkpoint) that could not reach each TaskManager,
+    /// by address (`heartbeat.rpc-failure-threshold`).
+    detector: Mutex<RpcFailureDetector>,
     /// The job drivers of this leadership; the scope waits for them before it ends.
     drivers: tokio_util::task::TaskTracker,
 }
@@ -194,6 +201,35 @@ impl LeaderState {
                     by_prefix.len()
                 ),
             }),
+        }
+    }
+
+    /// Records how a call to the TaskManager at `address` went. When
+    /// `heartbeat.rpc-failure-threshold` consecutive calls could not reach it, every job with
+    /// tasks there is told that it is lost (the ResourceManager finds out on its own calls).
+    pub fn note_taskmanager_call(&self, address: &str, outcome: RpcOutcome) {
+        let verdict = self.detector.lock().unwrap_or_else(|p| p.into_inner()).record(address, outcome);
+        let Verdict::Lost { consecutive } = verdict else {
+            return;
+        };
+        let reason = lost_reason(consecutive, address);
+        let mut ids: Vec<String> = {
+            let mut tms = self.taskmanagers.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> =
+                tms.iter().filter(|(_, (_, a))| a == address).map(|(id, _)| id.clone()).collect();
+            tms.retain(|_, (_, a)| a != address);
+            ids
+        };
+        for job in self.jobs() {
+            for t in job.tasks().iter().filter(|t| t.taskmanager_address == address) {
+                if !ids.contains(&t.taskmanager_id) {
+                    ids.push(t.taskmanager_id.clone());
+                }
+            }
+        }
+        for id in ids {
+            tracing::warn!(taskmanager_id = %id, %address, consecutive, "taskmanager unreachable; declaring it lost");
+            self.dispatch_taskmanager_lost(&id, &reason);
         }
     }
 
@@ -329,6 +365,7 @@ impl JobManager {
             restarts: 0,
             status_message: String::new(),
             cancel_requested: false,
+            restart: Default::default(),
         };
         if let Some(pointer) = &restore_from {
             // The new job's pointer names the earlier job's checkpoint, so every attempt of the
@@ -395,6 +432,9 @@ impl JobManager {
             tasks,
             throughput: Some(throughput),
             warnings,
+            restart_strategy: restart::describe_for(&self.ctx.config.restart, &r),
+            restart_history: r.restart.history.iter().map(restart::RestartEntry::to_pb).collect(),
+            failure: r.restart.failure.as_ref().map(restart::FailureEntry::to_pb),
             status_message: r.status_message.clone(),
             restarts: r.restarts,
             checkpoints: checkpoints
@@ -533,6 +573,7 @@ impl JobManager {
             leadership: leadership.clone(),
             jobs: Mutex::new(BTreeMap::new()),
             taskmanagers: Mutex::new(HashMap::new()),
+            detector: Mutex::new(RpcFailureDetector::new(self.ctx.config.heartbeat_rpc_failure_threshold)),
             drivers: tokio_util::task::TaskTracker::new(),
         });
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());

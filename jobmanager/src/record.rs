@@ -4,6 +4,8 @@ use keel_proto::pb::{self, TaskState};
 use keel_proto::JobState;
 use serde::{Deserialize, Serialize};
 
+use crate::restart::RestartRecord;
+
 /// One version of a job: every spec submitted for a job is a version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionRecord {
@@ -51,13 +53,18 @@ pub struct JobRecord {
     /// Attempts made to run the active version; task ids carry it, so attempts of different
     /// leaders never share an id.
     pub attempts: u32,
-    /// Restarts after a failure (not counting recoveries by a new leader).
+    /// Restarts after a failure over the job's life (not counting recoveries by a new leader);
+    /// `restart.history` keeps the newest of them.
     pub restarts: u32,
     /// Why the job failed, or what it is waiting for.
     pub status_message: String,
     /// Set when the user asked to cancel, so a new leader finishes the cancellation.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The restart strategy's counters, the newest restarts (time, attempt, cause, delay) and,
+    /// once the strategy gave up, the failure that ended the job.
+    #[serde(default)]
+    pub restart: RestartRecord,
 }
 
 impl JobRecord {

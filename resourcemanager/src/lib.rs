@@ -9,6 +9,11 @@
 //!   leader state (slot table, pending requests, event streams) rather than demoting in place;
 //!   a new leader starts with an empty table and rebuilds it from the TaskManagers, which
 //!   re-register when their heartbeat is answered with `known = false`.
+//!
+//! Failure detection: a TaskManager is lost when its heartbeats stop for `heartbeat.timeout`,
+//! or sooner when `heartbeat.rpc-failure-threshold` consecutive calls to it (the leader's
+//! `Ping` every `heartbeat.interval`, `AllocateSlot`, `FreeSlot`) could not reach it. Either way
+//! its slots leave the table and the JobManagers are told on `WatchTaskManagers`.
 
 pub mod slots;
 
@@ -16,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use keel_client::detector::{call_peer, lost_reason, RpcFailureDetector, RpcOutcome, Verdict};
 use keel_client::{Channels, EpochFence};
 use keel_config::Config;
 use keel_ha::{HaServices, LeaderInfo, Leadership, Role};
@@ -45,6 +51,8 @@ struct LeaderState {
     /// Answers to served requests by request id, so a retried request gets the same slots.
     /// Entries are kept for [`SERVED_RETENTION`].
     served: Mutex<HashMap<String, (Instant, Vec<pb::AllocatedSlot>)>>,
+    /// Consecutive calls that could not reach each TaskManager, by address.
+    detector: Mutex<RpcFailureDetector>,
 }
 
 impl LeaderState {
@@ -54,6 +62,10 @@ impl LeaderState {
 
     fn stamp(&self) -> pb::LeaderStamp {
         pb::LeaderStamp { epoch: self.leadership.epoch, address: self.leadership.address.clone() }
+    }
+
+    fn detector(&self) -> std::sync::MutexGuard<'_, RpcFailureDetector> {
+        self.detector.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -99,11 +111,10 @@ impl ResourceManager {
             };
             async move {
                 let mut client = self.tm_client(&c.address)?;
-                match tokio::time::timeout(TM_CALL_TIMEOUT, client.allocate_slot(req)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(status)) => Err(keel_client::status_error(&status, &c.address)),
-                    Err(_) => Err(KeelError::unavailable(&c.address, "AllocateSlot timed out")),
-                }
+                let call = client.allocate_slot(req);
+                let (result, outcome) = call_peer(&c.address, "AllocateSlot", TM_CALL_TIMEOUT, call).await;
+                self.note_call(st, &c.address, outcome);
+                result.map(|_| ())
             }
         });
         let results = futures::future::join_all(calls).await;
@@ -131,11 +142,10 @@ impl ResourceManager {
             async move {
                 let result = match self.tm_client(&c.address) {
                     Ok(mut client) => {
-                        match tokio::time::timeout(TM_CALL_TIMEOUT, client.free_slot(req)).await {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err(status)) => Err(keel_client::status_error(&status, &c.address)),
-                            Err(_) => Err(KeelError::unavailable(&c.address, "FreeSlot timed out")),
-                        }
+                        let call = client.free_slot(req);
+                        let (result, outcome) = call_peer(&c.address, "FreeSlot", TM_CALL_TIMEOUT, call).await;
+                        self.note_call(st, &c.address, outcome);
+                        result.map(|_| ())
                     }
                     Err(e) => Err(e),
                 };
@@ -245,10 +255,81 @@ impl ResourceManager {
         Ok(pb::ReleaseSlotsResponse { released: freed.len() as u32 })
     }
 
+    /// Records how a call to the TaskManager at `address` went; declares it lost when
+    /// `heartbeat.rpc-failure-threshold` consecutive calls could not reach it.
+    fn note_call(&self, st: &LeaderState, address: &str, outcome: RpcOutcome) {
+        let verdict = st.detector().record(address, outcome);
+        match verdict {
+            Verdict::Reachable => {}
+            Verdict::Failing { consecutive } => {
+                tracing::info!(%address, consecutive, threshold = ?self.config.heartbeat_rpc_failure_threshold,
+                    "a call could not reach the taskmanager");
+            }
+            Verdict::Lost { consecutive } => {
+                let reason = lost_reason(consecutive, address);
+                let ids: Vec<String> = st
+                    .table()
+                    .taskmanagers()
+                    .filter(|tm| tm.address == address)
+                    .map(|tm| tm.id.clone())
+                    .collect();
+                for id in ids {
+                    let removed = st.table().remove(&id);
+                    if let Some(lost) = removed {
+                        self.lose(st, lost, &reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pings every registered TaskManager each `heartbeat.interval` (Flink's heartbeat
+    /// requests), so that a dead one is found by `heartbeat.rpc-failure-threshold` refused
+    /// connections, before its heartbeats time out. Off when the threshold is -1.
+    async fn probe_taskmanagers(self: Arc<Self>, st: Arc<LeaderState>, shutdown: CancellationToken) {
+        if self.config.heartbeat_rpc_failure_threshold.is_none() {
+            return;
+        }
+        let period = self.config.heartbeat_interval;
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = st.leadership.lost().cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let targets: Vec<String> = st.table().taskmanagers().map(|tm| tm.address.clone()).collect();
+            let pings = targets.iter().map(|address| {
+                let st = &st;
+                let this = &self;
+                async move {
+                    let outcome = match this.tm_client(address) {
+                        Ok(mut client) => {
+                            let call = client.ping(pb::PingRequest { resourcemanager: Some(st.stamp()) });
+                            call_peer(address, "Ping", period, call).await.1
+                        }
+                        Err(_) => RpcOutcome::Inconclusive,
+                    };
+                    (address, outcome)
+                }
+            });
+            let outcomes = tokio::select! {
+                _ = st.leadership.lost().cancelled() => return,
+                o = futures::future::join_all(pings) => o,
+            };
+            for (address, outcome) in outcomes {
+                self.note_call(&st, address, outcome);
+            }
+        }
+    }
+
     fn lose(&self, st: &LeaderState, lost: slots::Lost, reason: &str) {
         tracing::warn!(taskmanager_id = %lost.taskmanager_id, address = %lost.address,
             allocations = lost.allocations.len(), reason, "taskmanager lost");
         self.channels.forget(&lost.address);
+        st.detector().forget(&lost.address);
         let _ = st.events.send(TaskManagerEvent {
             event: Some(task_manager_event::Event::Lost(pb::TaskManagerLost {
                 taskmanager_id: lost.taskmanager_id,
@@ -291,10 +372,13 @@ impl ResourceManager {
             events,
             jobmanager_fence: EpochFence::new(Role::JobManager),
             served: Mutex::new(HashMap::new()),
+            detector: Mutex::new(RpcFailureDetector::new(self.config.heartbeat_rpc_failure_threshold)),
         });
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
+        let prober = tokio::spawn(self.clone().probe_taskmanagers(st.clone(), shutdown.clone()));
         self.lead(st, &shutdown).await;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
+        prober.abort();
     }
 }
 
@@ -331,6 +415,7 @@ impl RmApi for RmService {
             }
         }
         let known_before = st.table().get(&req.taskmanager_id).is_some();
+        st.detector().forget(&req.address);
         st.table().register(
             &req.taskmanager_id,
             &req.address,

@@ -7,7 +7,8 @@ use keel_proto::pb::task_manager_server::TaskManager;
 use keel_proto::pb::{
     AllocateSlotRequest, AllocateSlotResponse, CancelTaskRequest, CancelTaskResponse, DeployTaskRequest,
     DeployTaskResponse, FreeSlotRequest, FreeSlotResponse, LeaderStamp, NotifyCheckpointCompleteRequest,
-    NotifyCheckpointCompleteResponse, TriggerCheckpointRequest, TriggerCheckpointResponse,
+    NotifyCheckpointCompleteResponse, PingRequest, PingResponse, TriggerCheckpointRequest,
+    TriggerCheckpointResponse,
 };
 use keel_proto::{KeelError, Result, TaskStateExt};
 use tokio::sync::mpsc::error::TrySendError;
@@ -194,5 +195,10 @@ impl TaskManager for TaskManagerService {
     ) -> Result<Response<NotifyCheckpointCompleteResponse>, Status> {
         self.notify(request.into_inner())?;
         Ok(Response::new(NotifyCheckpointCompleteResponse {}))
+    }
+
+    /// The ResourceManager's liveness probe: answered at once, not fenced (it changes nothing).
+    async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse { taskmanager_id: self.shared.id.clone() }))
     }
 }

@@ -44,11 +44,17 @@ fn job_waits_for_slots_and_starts_when_a_taskmanager_joins() -> anyhow::Result<(
     Ok(())
 }
 
-/// A slot request that cannot be served within `slot.request.timeout` fails the job with an
-/// error that says how many slots were needed and how many were free; `keel run` reports it.
+/// A slot request that cannot be served within `slot.request.timeout` is a failure of the job
+/// with an error that says how many slots were needed and how many were free; with
+/// `restart-strategy.type: none` it fails the job at once and `keel run` reports it. (With a
+/// strategy that restarts, the job asks again after its restart delay.)
 #[test]
 fn slot_request_times_out_with_needed_and_free_counts() -> anyhow::Result<()> {
-    let mut sb = Sandbox::new("slots-timeout", Ha::Local, &[("slot.request.timeout", "2 s")])?;
+    let mut sb = Sandbox::new(
+        "slots-timeout",
+        Ha::Local,
+        &[("slot.request.timeout", "2 s"), ("restart-strategy.type", "none")],
+    )?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm", &[])?;
     sb.start("taskmanager", "tm-1", &one_slot())?;
