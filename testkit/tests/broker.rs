@@ -71,3 +71,64 @@ fn wait_until_reports_what_it_waited_for() {
     assert!(text.contains("the impossible") && text.contains("still 7"), "{text}");
     assert_ne!(free_port(), 0);
 }
+
+/// A persistent broker (tansu on moto's S3) keeps its data over a kill -9 and restart on the
+/// same port: the topic with its partitions, every record at its offset, a group's committed
+/// offset, and new records get offsets after the old ones (none reused). Skipped against an
+/// external broker, which this process cannot restart.
+#[test]
+fn a_persistent_broker_keeps_topics_and_records_over_a_restart() {
+    let mut broker = Broker::start_persistent().expect("persistent broker");
+    if broker.is_external() {
+        eprintln!(
+            "skipped: {} names an external broker, which cannot be restarted",
+            keel_testkit::ENV_BOOTSTRAP
+        );
+        return;
+    }
+    assert!(broker.is_persistent());
+    let topic = unique_topic("persist");
+    create_topic(&broker.bootstrap, &topic, 2).expect("topic");
+    let mut written =
+        produce_numbered(&broker.bootstrap, &topic, 0..200, |n| Some(format!("k{n}"))).expect("produce");
+    let group = unique_topic("persist-group");
+    let committer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", &group)
+        .create()
+        .expect("client");
+    let mut offsets = rdkafka::TopicPartitionList::new();
+    offsets.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(42)).expect("offset");
+    use rdkafka::consumer::Consumer;
+    committer.commit(&offsets, rdkafka::consumer::CommitMode::Sync).expect("commit");
+    drop(committer);
+
+    broker.restart().expect("restart");
+
+    assert_eq!(partition_count(&broker.bootstrap, &topic).expect("count"), 2);
+    assert_eq!(
+        committed_offsets(&broker.bootstrap, &group, &topic).expect("committed"),
+        [(0, Some(42)), (1, None)].into_iter().collect()
+    );
+    let before_end: std::collections::BTreeMap<i32, i64> =
+        written.iter().fold(Default::default(), |mut ends, r| {
+            let end = ends.entry(r.partition).or_insert(-1);
+            *end = (*end).max(r.offset);
+            ends
+        });
+    let after =
+        produce_numbered(&broker.bootstrap, &topic, 200..300, |n| Some(format!("k{n}"))).expect("produce");
+    for r in &after {
+        assert!(r.offset > before_end.get(&r.partition).copied().unwrap_or(-1), "offset reused: {r:?}");
+    }
+    written.extend(after);
+    let mut read = consume_all(&broker.bootstrap, &topic, "persist-check", 300, Duration::from_secs(20))
+        .expect("every record, old and new");
+    let key = |r: &keel_testkit::TestRecord| (r.partition, r.offset);
+    read.sort_by_key(key);
+    written.sort_by_key(key);
+    assert_eq!(
+        read.iter().map(|r| (r.partition, r.offset, r.number())).collect::<Vec<_>>(),
+        written.iter().map(|r| (r.partition, r.offset, r.number())).collect::<Vec<_>>()
+    );
+}

@@ -26,8 +26,13 @@
 //! `properties.auto.offset.reset`; without one, `poll` fails naming the partition.
 //!
 //! Broker outages: librdkafka reconnects by itself; `poll` logs transient errors and returns
-//! what it has (possibly nothing) rather than failing. Fatal client errors and errors that need
-//! a human (authorization, out of range without a reset policy) are returned as `Err`.
+//! what it has (possibly nothing) rather than failing, until the outage outlasts
+//! `properties.default.api.timeout.ms`: once librdkafka reported every broker connection down
+//! (`AllBrokersDown`), `poll` probes the cluster with a metadata request about once a second,
+//! and when none has answered for longer than that timeout it fails, naming the bootstrap
+//! servers (`KeelError::Unavailable`), so that the task fails visibly instead of idling
+//! forever; a record or an answered probe ends the outage. Fatal client errors and errors that
+//! need a human (authorization, out of range without a reset policy) are returned as `Err`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -56,6 +61,15 @@ const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// librdkafka statistics interval unless `properties.statistics.interval.ms` says otherwise;
 /// they carry the high watermarks behind `pendingRecords`.
 const DEFAULT_STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// While every broker connection is down: how often `poll` probes the cluster, and how long
+/// one probe (a metadata request) may block it at most.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// librdkafka's `reconnect.backoff.max.ms` unless the source sets it: the Java client's
+/// default (librdkafka's own, 10 s, leaves a source idle for up to 10 s after a broker is back).
+const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
 
 /// The group id of a consumer whose source has no `properties.group.id`.
 const NO_GROUP_ID: &str = "keel-source-without-group";
@@ -91,6 +105,9 @@ struct ReaderContext {
     high_watermarks: Mutex<HashMap<String, HashMap<i32, i64>>>,
     /// A fatal client error; the reader is unusable once set.
     fatal: Mutex<Option<String>>,
+    /// When librdkafka first reported every broker connection down (`AllBrokersDown`) with no
+    /// sign of life since; `poll` clears it on a record or an answered probe.
+    all_down_since: Mutex<Option<Instant>>,
 }
 
 impl ClientContext for ReaderContext {
@@ -106,6 +123,11 @@ impl ClientContext for ReaderContext {
                 fatal.get_or_insert_with(|| reason.to_string());
             }
         } else {
+            if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+                if let Ok(mut since) = self.all_down_since.lock() {
+                    since.get_or_insert_with(Instant::now);
+                }
+            }
             tracing::warn!(
                 subtask = self.subtask,
                 bootstrap = %self.bootstrap,
@@ -162,6 +184,8 @@ pub struct KafkaSourceReader {
     next_discovery: Option<Instant>,
     /// A record fetched by a `poll` that was not to hand any out.
     held: Option<KafkaRecord>,
+    /// When `poll` last probed the cluster during an outage.
+    last_probe: Option<Instant>,
 }
 
 impl KafkaSourceReader {
@@ -203,6 +227,10 @@ impl KafkaSourceReader {
         if !opts.client_properties.contains_key("client.id") {
             config.set("client.id", format!("keel-source-{subtask}"));
         }
+        if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
+            // The Java client's default: back within a second of a broker's return, not ten.
+            config.set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
+        }
         if opts.group_id.is_none() {
             // librdkafka assigns partitions only to a consumer with a group id. This one never
             // joins the group nor commits to it (commit is a no-op without properties.group.id).
@@ -213,6 +241,7 @@ impl KafkaSourceReader {
             bootstrap: opts.bootstrap_servers.clone(),
             high_watermarks: Mutex::new(HashMap::new()),
             fatal: Mutex::new(None),
+            all_down_since: Mutex::new(None),
         };
         let consumer: BaseConsumer<ReaderContext> = config.create_with_context(context).map_err(|e| {
             KeelError::invalid_spec(
@@ -267,6 +296,7 @@ impl KafkaSourceReader {
             topic_sizes: BTreeMap::new(),
             next_discovery: opts.discovery_interval.map(|i| Instant::now() + i),
             held: None,
+            last_probe: None,
             opts,
         };
         let starts = reader.start_offsets(&mine, restored.as_ref())?;
@@ -287,7 +317,9 @@ impl KafkaSourceReader {
 
     /// Reads up to `max_records` records, waiting up to `timeout` for the first one (and not
     /// at all for the rest). Runs partition discovery first when it is due. Transient broker
-    /// errors are logged and yield fewer (or no) records; fatal ones are `Err`.
+    /// errors are logged and yield fewer (or no) records; fatal ones are `Err`, and so is an
+    /// outage longer than `properties.default.api.timeout.ms` (see the module doc; a poll
+    /// during an outage may block up to a second longer, probing).
     ///
     /// Polling also serves the client's callbacks (statistics, logs, errors), so keep calling
     /// it. With `max_records` 0 it only does that, for up to `timeout` (say, while downstream
@@ -332,7 +364,55 @@ impl KafkaSourceReader {
             }
         }
         self.record_metrics(&out);
+        self.check_reachable(!out.is_empty() || self.held.is_some())?;
         Ok(out)
+    }
+
+    /// During an outage (librdkafka reported every broker connection down): ends it when
+    /// records arrived or a probe is answered, and fails once no broker has answered for
+    /// longer than the request timeout (`properties.default.api.timeout.ms`).
+    fn check_reachable(&mut self, got_records: bool) -> Result<()> {
+        let since = self.consumer.context().all_down_since.lock().ok().and_then(|s| *s);
+        let Some(since) = since else { return Ok(()) };
+        let now = Instant::now();
+        if !got_records && self.last_probe.is_some_and(|t| now.duration_since(t) < PROBE_EVERY) {
+            return Ok(());
+        }
+        let probe = if got_records {
+            Ok(())
+        } else {
+            self.last_probe = Some(now);
+            self.consumer
+                .fetch_metadata(None, self.opts.request_timeout.min(PROBE_TIMEOUT))
+                .map(|_| ())
+                .map_err(|e| error_chain(&e))
+        };
+        match probe {
+            Ok(()) => {
+                if let Ok(mut s) = self.consumer.context().all_down_since.lock() {
+                    *s = None;
+                }
+                self.last_probe = None;
+                tracing::info!(subtask = self.subtask, bootstrap = %self.opts.bootstrap_servers,
+                    down_for = ?since.elapsed(), "a Kafka broker is reachable again");
+                Ok(())
+            }
+            Err(error) => {
+                let down = since.elapsed();
+                if down < self.opts.request_timeout {
+                    return Ok(());
+                }
+                Err(KeelError::unavailable(
+                    &self.opts.bootstrap_servers,
+                    format!(
+                        "no Kafka broker has been reachable for {:.1} s, longer than {:?} \
+                         (properties.default.api.timeout.ms); the last probe: {error}",
+                        down.as_secs_f64(),
+                        self.opts.request_timeout
+                    ),
+                ))
+            }
+        }
     }
 
     /// One record from the client, or why there is none.
@@ -1003,4 +1083,86 @@ fn describe(starts: &BTreeMap<TopicPartition, i64>) -> String {
 
 fn describe_list(tps: &[TopicPartition]) -> String {
     tps.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    fn open_reader(bootstrap: &str, topic: &str, timeout_ms: &str) -> KafkaSourceReader {
+        let options: BTreeMap<String, String> = [
+            ("topic", topic),
+            ("properties.bootstrap.servers", bootstrap),
+            ("scan.startup.mode", "earliest-offset"),
+            ("properties.default.api.timeout.ms", timeout_ms),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let opts = KafkaSourceOptions::from_spec("sources[0]", &options).expect("valid options");
+        KafkaSourceReader::open(opts, 0, 1, None, KafkaSourceMetrics::new()).expect("open")
+    }
+
+    /// Polls until `n` records arrived (failing on any error) or 20 s passed.
+    fn read_n(reader: &mut KafkaSourceReader, n: usize) -> Vec<i64> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            out.extend(reader.poll(100, Duration::from_millis(100)).expect("poll").iter().map(|r| r.offset));
+        }
+        out
+    }
+
+    /// Every broker refusing connections for longer than `properties.default.api.timeout.ms`
+    /// makes `poll` fail with `Unavailable` naming the bootstrap servers (librdkafka's mock
+    /// cluster, broker set down). Proves an outage does not leave a running source idling
+    /// forever.
+    #[test]
+    fn poll_fails_when_no_broker_answers_for_longer_than_the_timeout() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let bootstrap = mock.bootstrap_servers();
+        mock.create_topic("down", 1, 1).expect("topic");
+        keel_testkit::produce_numbered_to(&bootstrap, "down", 0, 0..3).expect("produce");
+        let mut reader = open_reader(&bootstrap, "down", "1500");
+        assert_eq!(read_n(&mut reader, 3), vec![0, 1, 2]);
+
+        mock.broker_down(-1).expect("broker down");
+        let started = Instant::now();
+        let error = loop {
+            match reader.poll(100, Duration::from_millis(100)) {
+                Ok(records) => assert!(records.is_empty(), "records from a down broker"),
+                Err(e) => break e,
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "poll never failed during the outage");
+        };
+        assert!(matches!(error, KeelError::Unavailable { .. }), "{error:?}");
+        let text = error.to_string();
+        assert!(text.contains(&bootstrap) && text.contains("default.api.timeout.ms"), "{text}");
+        assert!(started.elapsed() >= Duration::from_millis(1500), "failed after {:?}", started.elapsed());
+    }
+
+    /// An outage shorter than the timeout is ridden out: `poll` returns nothing and no error
+    /// while every broker refuses connections, and once they accept again the same reader
+    /// reads what was produced meanwhile (librdkafka's mock cluster).
+    #[test]
+    fn poll_rides_out_an_outage_shorter_than_the_timeout() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let bootstrap = mock.bootstrap_servers();
+        mock.create_topic("blip", 1, 1).expect("topic");
+        keel_testkit::produce_numbered_to(&bootstrap, "blip", 0, 0..3).expect("produce");
+        let mut reader = open_reader(&bootstrap, "blip", "10000");
+        assert_eq!(read_n(&mut reader, 3), vec![0, 1, 2]);
+
+        mock.broker_down(-1).expect("broker down");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            let records = reader.poll(100, Duration::from_millis(100)).expect("no error within the timeout");
+            assert!(records.is_empty(), "records from a down broker");
+        }
+        mock.broker_up(-1).expect("broker up");
+        keel_testkit::produce_numbered_to(&bootstrap, "blip", 0, 3..5).expect("produce");
+        assert_eq!(read_n(&mut reader, 2), vec![3, 4]);
+        assert!(reader.consumer.context().all_down_since.lock().is_ok_and(|s| s.is_none()), "outage over");
+    }
 }

@@ -1,0 +1,400 @@
+//! Kafka jobs across broker outages: a real tansu broker killed with SIGKILL and started again
+//! on the same port, real `keel` processes.
+//!
+//! The broker is [`Broker::start_persistent`]: tansu on a moto S3 server, so topics, records and
+//! committed offsets survive the restart (tansu's in-memory storage would lose them). Against
+//! an external broker (`KEEL_TEST_KAFKA_BOOTSTRAP`) the tests cannot kill it and are skipped,
+//! saying so.
+//!
+//! The workload is numbered: the value of every input record is its number, partition
+//! `n % 2`. A background thread produces numbers in chunks before, during and after the
+//! outage (a chunk that fails is produced again, so the input itself may hold duplicates);
+//! at the end every number must be in the output (0 lost). Duplicates are allowed (an
+//! at-least-once sink, replay after a restart, producer retries) and are counted and printed.
+//! Timings are printed, not asserted; run with `-- --nocapture` to see them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use keel_testkit::{create_topic, produce, unique_topic, Broker, Produce, TopicReader};
+use keel_tests::{wait_until, Ha, Sandbox};
+
+/// Generous bound for every wait (never reached when things work).
+const LONG: Duration = Duration::from_secs(90);
+/// Numbers produced before the job starts.
+const BACKLOG: u64 = 10_000;
+/// Numbers per produce call of the background workload, and the pause between calls.
+const CHUNK: u64 = 200;
+const CHUNK_PAUSE: Duration = Duration::from_millis(20);
+
+fn cluster(test: &str) -> anyhow::Result<Sandbox> {
+    let mut sb = Sandbox::new(test, Ha::Local, &[])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    sb.start("jobmanager", "jm", &[])?;
+    sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=2".into()])?;
+    Ok(sb)
+}
+
+/// The broker for an outage test, or `None` (after saying why) when it is external.
+fn persistent_broker(test: &str) -> anyhow::Result<Option<Broker>> {
+    let broker = Broker::start_persistent()?;
+    if broker.is_external() {
+        eprintln!(
+            "{test}: skipped: {} names an external broker, which this test cannot kill and restart",
+            keel_testkit::ENV_BOOTSTRAP
+        );
+        return Ok(None);
+    }
+    Ok(Some(broker))
+}
+
+fn numbered(range: std::ops::Range<u64>) -> Vec<Produce> {
+    range
+        .map(|n| Produce { partition: Some((n % 2) as i32), value: n.to_string(), ..Produce::default() })
+        .collect()
+}
+
+/// A kafka -> kafka pass-through job at parallelism 2, at-least-once, checkpoints every second.
+/// `source_extra` / `sink_extra` are further option lines (indented like the others).
+fn job_spec(
+    name: &str,
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    source_extra: &str,
+    sink_extra: &str,
+) -> String {
+    format!(
+        r#"name: {name}
+parallelism: 2
+config:
+  execution.checkpointing.interval: 1 s
+sources:
+  - name: in
+    connector: kafka
+    topic: {input}
+    properties.bootstrap.servers: {bootstrap}
+    properties.group.id: {name}-group
+    scan.startup.mode: earliest-offset
+{source_extra}sinks:
+  - name: out
+    connector: kafka
+    from: in
+    topic: {output}
+    properties.bootstrap.servers: {bootstrap}
+    sink.delivery-guarantee: at-least-once
+{sink_extra}"#
+    )
+}
+
+/// Numbers produced by a thread of its own, in chunks, until stopped. A chunk that fails (the
+/// broker is down) is produced again until it is acknowledged.
+struct Workload {
+    /// The first number not yet acknowledged by the broker.
+    next: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<u64>>>,
+}
+
+impl Workload {
+    fn start(bootstrap: &str, topic: &str, from: u64) -> Workload {
+        let next = Arc::new(AtomicU64::new(from));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+        let (thread_next, thread_stop) = (next.clone(), stop.clone());
+        let thread = std::thread::spawn(move || -> anyhow::Result<u64> {
+            let mut retries = 0u64;
+            while !thread_stop.load(Ordering::SeqCst) {
+                let start = thread_next.load(Ordering::SeqCst);
+                let deadline = Instant::now() + LONG;
+                loop {
+                    match produce(&bootstrap, &topic, numbered(start..start + CHUNK)) {
+                        Ok(_) => break,
+                        Err(e) if Instant::now() < deadline => {
+                            retries += 1;
+                            eprintln!("workload: chunk {start}.. failed, producing it again: {e:#}");
+                        }
+                        Err(e) => return Err(e.context(format!("producing chunk {start}.. for {LONG:?}"))),
+                    }
+                }
+                thread_next.store(start + CHUNK, Ordering::SeqCst);
+                // Pacing, not waiting for anything.
+                std::thread::sleep(CHUNK_PAUSE);
+            }
+            Ok(retries)
+        });
+        Workload { next, stop, thread: Some(thread) }
+    }
+
+    fn next(&self) -> u64 {
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` numbers are acknowledged (the thread must still be running).
+    fn wait_for(&self, n: u64) -> anyhow::Result<()> {
+        wait_until(&format!("the workload to produce {n} numbers"), LONG, || {
+            if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+                return Ok(Some(Err(anyhow::anyhow!("the workload thread ended early at {}", self.next()))));
+            }
+            Ok((self.next() >= n).then_some(Ok(())))
+        })?
+    }
+
+    /// Stops after the chunk in progress; returns the end of the produced range and how many
+    /// chunks had to be produced again.
+    fn finish(mut self) -> anyhow::Result<(u64, u64)> {
+        self.stop.store(true, Ordering::SeqCst);
+        let retries = match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result?,
+            Some(Err(_)) => anyhow::bail!("the workload thread panicked"),
+            None => 0,
+        };
+        Ok((self.next(), retries))
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How often each number was seen on a topic.
+#[derive(Default)]
+struct Tally {
+    counts: BTreeMap<u64, u32>,
+    records: u64,
+    /// Values that are not numbers.
+    garbage: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, records: impl IntoIterator<Item = keel_testkit::TestRecord>) {
+        for r in records {
+            self.records += 1;
+            match r.number() {
+                Some(n) => *self.counts.entry(n).or_default() += 1,
+                None => self.garbage.push(r.value_str()),
+            }
+        }
+    }
+
+    /// Numbers of `0..end` never seen.
+    fn missing(&self, end: u64) -> Vec<u64> {
+        (0..end).filter(|n| !self.counts.contains_key(n)).collect()
+    }
+
+    /// Records beyond the first of each number.
+    fn duplicates(&self) -> u64 {
+        self.counts.values().map(|c| u64::from(c.saturating_sub(1))).sum()
+    }
+
+    fn max(&self) -> Option<u64> {
+        self.counts.keys().next_back().copied()
+    }
+}
+
+/// Reads `reader` into `tally` until every number of `0..end` was seen.
+fn read_all(reader: &TopicReader, tally: &mut Tally, end: u64, what: &str) -> anyhow::Result<()> {
+    wait_until(&format!("{what} to hold every number below {end}"), LONG, || {
+        tally.add(reader.read_for(Duration::from_millis(300)));
+        let missing = tally.missing(end);
+        if missing.is_empty() {
+            Ok(Some(()))
+        } else {
+            Err(anyhow::anyhow!(
+                "{} numbers missing (first {:?}), {} records read",
+                missing.len(),
+                &missing[..missing.len().min(5)],
+                tally.records
+            ))
+        }
+    })
+}
+
+/// Reads the output until it holds a number of at least `first`; returns how long that took.
+fn time_until_output_reaches(
+    reader: &TopicReader,
+    tally: &mut Tally,
+    first: u64,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    wait_until(&format!("the output to hold a number >= {first}"), LONG, || {
+        tally.add(reader.read_for(Duration::from_millis(50)));
+        Ok(tally.max().is_some_and(|m| m >= first).then_some(()))
+    })?;
+    Ok(started.elapsed())
+}
+
+/// The job's attempts (per subtask) and restarts from `keel status`.
+fn attempts(sb: &Sandbox, job: &str) -> anyhow::Result<(Vec<u64>, u64)> {
+    let s = sb.status(job)?;
+    let attempts = s["tasks"].as_array().map(|ts| ts.iter().filter_map(|t| t["attempt"].as_u64()).collect());
+    Ok((attempts.unwrap_or_default(), s["restarts"].as_u64().unwrap_or(0)))
+}
+
+/// Final accounting: the output holds every input number; prints duplicates of input and output.
+fn check_no_loss(
+    bootstrap: &str,
+    input: &str,
+    out_reader: &TopicReader,
+    mut out: Tally,
+    end: u64,
+) -> anyhow::Result<()> {
+    read_all(out_reader, &mut out, end, "the output")?;
+    // Whatever else the job still writes (replayed duplicates) arrives within the quiet time.
+    out.add(out_reader.read_until_quiet(Duration::from_secs(3)));
+    let in_reader = TopicReader::open(bootstrap, input, &unique_topic("input-check"))?;
+    let mut inp = Tally::default();
+    read_all(&in_reader, &mut inp, end, "the input")?;
+    inp.add(in_reader.read_until_quiet(Duration::from_secs(2)));
+    // Copies in the output beyond those in the input: what the job itself duplicated.
+    let by_job: u64 = out
+        .counts
+        .iter()
+        .map(|(n, c)| u64::from(c.saturating_sub(inp.counts.get(n).copied().unwrap_or(0))))
+        .sum();
+    println!(
+        "input: {} records, {} numbers, {} duplicates (chunks produced again); output: {} records, \
+         0 lost, {} duplicates, {by_job} of them beyond the input's",
+        inp.records,
+        inp.counts.len(),
+        inp.duplicates(),
+        out.records,
+        out.duplicates()
+    );
+    assert!(out.garbage.is_empty(), "output values that are not numbers: {:?}", out.garbage);
+    assert!(
+        out.counts.keys().all(|n| inp.counts.contains_key(n)),
+        "the output holds numbers that were never produced"
+    );
+    assert_eq!(out.missing(end), Vec::<u64>::new(), "numbers lost");
+    Ok(())
+}
+
+/// A broker killed with SIGKILL and started again 3 s later while a checkpointed Kafka job
+/// runs, with records produced before, during (delivered once it is back) and after the outage.
+/// Proves: the job keeps running (the attempt numbers are printed: same attempt or restarted)
+/// and its output holds every input number once the broker is back: 0 lost (duplicates are
+/// counted, not asserted: at-least-once).
+#[test]
+fn a_short_broker_restart_loses_no_record() -> anyhow::Result<()> {
+    let test_started = Instant::now();
+    let Some(mut broker) = persistent_broker("a_short_broker_restart_loses_no_record")? else {
+        return Ok(());
+    };
+    let bootstrap = broker.bootstrap().to_string();
+    let (input, output) = (unique_topic("outage-in"), unique_topic("outage-out"));
+    create_topic(&bootstrap, &input, 2)?;
+    create_topic(&bootstrap, &output, 2)?;
+    produce(&bootstrap, &input, numbered(0..BACKLOG))?;
+
+    let sb = cluster("outage-short")?;
+    sb.run_spec("short", &job_spec("short", &bootstrap, &input, &output, "", ""), &[])?;
+    let out_reader = TopicReader::open(&bootstrap, &output, &unique_topic("output-check"))?;
+    let mut out = Tally::default();
+    read_all(&out_reader, &mut out, BACKLOG, "the output")?;
+    let before = attempts(&sb, "short")?;
+
+    let workload = Workload::start(&bootstrap, &input, BACKLOG);
+    workload.wait_for(BACKLOG + 5_000)?;
+    broker.stop()?;
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(3)); // the outage
+    broker.start_again()?;
+    let back = Instant::now();
+    let first_after = workload.next();
+    let took = time_until_output_reaches(&out_reader, &mut out, first_after)?;
+    println!(
+        "broker down {:?}; output had a number produced after the restart {took:?} after the broker was back",
+        back - killed
+    );
+    workload.wait_for(first_after + 5_000)?;
+    let (end, retries) = workload.finish()?;
+    println!("workload: 0..{end}, {retries} chunks produced again");
+
+    check_no_loss(&bootstrap, &input, &out_reader, out, end)?;
+    let status = sb.wait_job_state("short", "running", LONG)?;
+    let after = attempts(&sb, "short")?;
+    println!(
+        "attempts/restarts before the outage {before:?}, after {after:?} ({}); status message: {}",
+        if after == before { "same attempt" } else { "restarted" },
+        status["status_message"]
+    );
+    println!("test took {:?}", test_started.elapsed());
+    Ok(())
+}
+
+/// A broker down longer than the connector's timeouts (5 s: `properties.default.api.timeout.ms`,
+/// `properties.message.timeout.ms`, `properties.max.block.ms`) while a checkpointed Kafka job
+/// runs. Proves: the task fails with an error naming the bootstrap servers (seen in `keel
+/// status`), the JobManager restarts the job, and once the broker is back the job runs again
+/// and its output holds every input number: 0 lost (duplicates from the replay are counted).
+#[test]
+fn a_long_broker_outage_fails_the_job_which_recovers_without_loss() -> anyhow::Result<()> {
+    let test_started = Instant::now();
+    let Some(mut broker) =
+        persistent_broker("a_long_broker_outage_fails_the_job_which_recovers_without_loss")?
+    else {
+        return Ok(());
+    };
+    let bootstrap = broker.bootstrap().to_string();
+    let (input, output) = (unique_topic("outage-in"), unique_topic("outage-out"));
+    create_topic(&bootstrap, &input, 2)?;
+    create_topic(&bootstrap, &output, 2)?;
+    produce(&bootstrap, &input, numbered(0..BACKLOG))?;
+
+    let sb = cluster("outage-long")?;
+    let spec = job_spec(
+        "long",
+        &bootstrap,
+        &input,
+        &output,
+        "    properties.default.api.timeout.ms: 5000\n",
+        "    properties.message.timeout.ms: 5000\n    properties.max.block.ms: 5000\n",
+    );
+    sb.run_spec("long", &spec, &[])?;
+    let out_reader = TopicReader::open(&bootstrap, &output, &unique_topic("output-check"))?;
+    let mut out = Tally::default();
+    read_all(&out_reader, &mut out, BACKLOG, "the output")?;
+    let (_, restarts_before) = attempts(&sb, "long")?;
+
+    let workload = Workload::start(&bootstrap, &input, BACKLOG);
+    workload.wait_for(BACKLOG + 5_000)?;
+    broker.stop()?;
+    let killed = Instant::now();
+    let failure = wait_until("the job to fail naming the bootstrap servers", LONG, || {
+        let s = sb.status("long")?;
+        let text = format!("{} {}", s["status_message"], s["tasks"]);
+        let restarted = s["restarts"].as_u64().unwrap_or(0) > restarts_before;
+        Ok((restarted && text.contains(&bootstrap)).then_some(s["status_message"].to_string()))
+    })?;
+    println!("failed {:?} after the kill: {failure}", killed.elapsed());
+    // Stay down a while longer: restarted attempts fail to open meanwhile.
+    std::thread::sleep(Duration::from_secs(5));
+    broker.start_again()?;
+    let back = Instant::now();
+    let first_after = workload.next();
+    let took = time_until_output_reaches(&out_reader, &mut out, first_after)?;
+    println!(
+        "broker down {:?}; output had a number produced after the restart {took:?} after the broker was back",
+        back - killed
+    );
+    workload.wait_for(first_after + 5_000)?;
+    let (end, retries) = workload.finish()?;
+    println!("workload: 0..{end}, {retries} chunks produced again");
+
+    check_no_loss(&bootstrap, &input, &out_reader, out, end)?;
+    let status = sb.wait_job_state("long", "running", LONG)?;
+    let (attempts_after, restarts) = attempts(&sb, "long")?;
+    println!(
+        "restarts {restarts}, attempts {attempts_after:?}; status message: {}",
+        status["status_message"]
+    );
+    assert!(restarts > restarts_before, "the job was restarted");
+    println!("test took {:?}", test_started.elapsed());
+    Ok(())
+}
