@@ -242,7 +242,10 @@ impl Driver {
             *self.job.tasks_mut() = tasks.clone();
             self.set_state(JobState::Deploying, "").await?;
 
-            let end = match self.deploy(&tasks, &spec_yaml, parallelism, restore.as_ref()).await {
+            let end = match self
+                .deploy(&tasks, &spec_yaml, parallelism, restore.as_ref(), &checkpointing.dir)
+                .await
+            {
                 Err(reason) => AttemptEnd::Failed(reason),
                 Ok(()) => {
                     let coordinator = self.start_checkpointing(&tasks, &checkpointing, version, attempt);
@@ -433,6 +436,7 @@ impl Driver {
         spec_yaml: &str,
         parallelism: u32,
         restore: Option<&Restore>,
+        checkpoints_dir: &std::path::Path,
     ) -> std::result::Result<(), String> {
         let calls = tasks.iter().map(|t| {
             let req = pb::DeployTaskRequest {
@@ -449,6 +453,7 @@ impl Driver {
                 restore_state: restore
                     .and_then(|r| r.states.get(t.subtask as usize).cloned())
                     .unwrap_or_default(),
+                checkpoints_dir: checkpoints_dir.display().to_string(),
             };
             let address = t.taskmanager_address.clone();
             async move {

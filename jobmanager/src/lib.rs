@@ -335,6 +335,7 @@ impl JobManager {
                 ),
             });
         }
+        self.check_exactly_once(&st, &spec)?;
         let restore_from = match restore {
             true => Some(self.restore_source(&st, &spec.name, spec.parallelism).await?),
             false => None,
@@ -387,6 +388,52 @@ impl JobManager {
             version: 1,
             restored_from: restored_from.map(|r| r.to_pb()),
         })
+    }
+
+    /// Exactly-once sinks commit at checkpoints, so the job must checkpoint; and no other live
+    /// job may use one of their transactional-id prefixes (the two would fence each other's
+    /// producers and commit each other's markers).
+    fn check_exactly_once(&self, st: &LeaderState, spec: &JobSpec) -> Result<()> {
+        let prefixes = spec.transactional_id_prefixes();
+        let Some((field, _)) = prefixes.first() else {
+            return Ok(());
+        };
+        let checkpointing = self
+            .ctx
+            .config
+            .checkpointing
+            .with_overrides(&spec.config)
+            .map_err(|(key, reason)| KeelError::invalid_spec(format!("config.{key}"), reason))?;
+        if checkpointing.interval.is_none() {
+            return Err(KeelError::invalid_spec(
+                field.replace("transactional-id-prefix", "delivery-guarantee"),
+                "exactly-once commits its transactions when checkpoints complete, and checkpointing is \
+                 off: set execution.checkpointing.interval (in the spec's config: or the cluster's)",
+            ));
+        }
+        for job in st.jobs() {
+            let r = job.record();
+            if r.state.is_terminal() {
+                continue;
+            }
+            let Some(other) = r.active().and_then(|v| JobSpec::parse(&v.spec_yaml).ok()) else {
+                continue;
+            };
+            for (_, theirs) in other.transactional_id_prefixes() {
+                if let Some((field, prefix)) = prefixes.iter().find(|(_, p)| *p == theirs) {
+                    return Err(KeelError::invalid_spec(
+                        field,
+                        format!(
+                            "{prefix:?} is used by the running job {:?} (id {}); two jobs writing with \
+                             one prefix would fence each other's transactions: pick another prefix, or \
+                             cancel that job first",
+                            r.name, r.job_id
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The effective `execution.checkpointing.interval` of the job's active version (the

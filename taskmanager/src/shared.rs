@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::fence::EpochFence;
 use crate::jm;
 use crate::slots::SlotTable;
-use crate::task::{self, ChainPlan, Task, TaskInfo};
+use crate::task::{self, ChainPlan, StateLocation, Task, TaskInfo};
 
 /// How long a task in a terminal state is still reported in heartbeats before it is forgotten.
 pub const TERMINAL_RETENTION: Duration = Duration::from_secs(60);
@@ -164,7 +164,8 @@ impl Shared {
         }
         let spec = JobSpec::parse(&req.spec_yaml)?;
         let parallelism = if req.parallelism == 0 { spec.parallelism } else { req.parallelism };
-        let plan = ChainPlan::build(&spec, req.subtask, parallelism, &req.restore_state)?;
+        let mut plan = ChainPlan::build(&spec, req.subtask, parallelism, &req.restore_state)?;
+        plan.state = StateLocation::of_task(&req.checkpoints_dir, &req.job_id, req.attempt);
         let info = TaskInfo {
             task_id: req.task_id.clone(),
             job_id: req.job_id.clone(),

@@ -280,6 +280,7 @@ fn restore_state_of_another_subtask_is_refused() {
         sources: [("numbers".to_string(), crate::task::chain::SourceSnapshot::Datagen { next_sequence: 4 })]
             .into_iter()
             .collect(),
+        sinks: Default::default(),
     };
     let json = state.to_json().expect("json");
     ChainPlan::build(&spec, 0, 2, &json).expect("own state");
@@ -777,6 +778,7 @@ fn deploy_request(
         attempt: 0,
         spec_yaml: spec.into(),
         restore_state: vec![],
+        checkpoints_dir: String::new(),
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use keel_testkit::{create_topic, produce, unique_topic, Broker, Produce};
-use keel_tests::{wait_until, Ha, Sandbox};
+use keel_tests::{Ha, Sandbox};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;

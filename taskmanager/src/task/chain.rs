@@ -12,7 +12,10 @@
 //! The source driver owns every source of the subtask. A checkpoint trigger makes it snapshot
 //! the sources (their next positions) and put a barrier carrying that snapshot into the stream,
 //! behind every record emitted before it. When the barrier reaches the sink thread, every earlier
-//! record has been written; the sinks are flushed and fsynced and the snapshot is acknowledged.
+//! record has been written; the sinks are flushed and fsynced (exactly-once Kafka sinks
+//! pre-commit and add their state to the snapshot), and the snapshot is acknowledged. A
+//! checkpoint-complete notification goes to the source driver (offsets to the consumer group)
+//! and, on a channel of its own that overtakes records, to the sink thread (transactions commit).
 //! The bounded channel gives backpressure: a slow sink slows the sources down.
 
 use std::collections::BTreeMap;
@@ -29,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use keel_formats::{EncodedRecord, RecordEncoder};
-use keel_kafka::{KafkaSinkMetrics, SourcePosition};
+use keel_kafka::{ExactlyOnceState, KafkaSinkMetrics, SourcePosition};
 use keel_spec::pipeline;
 
 use super::datagen::{Datagen, MAX_BATCH};
@@ -64,14 +67,57 @@ pub struct Ack {
     pub state: Vec<u8>,
 }
 
-/// The state of a subtask at a checkpoint: the position of each of its sources. Sent as JSON in
-/// `AcknowledgeCheckpoint.state_handle` and given back in `DeployTaskRequest.restore_state`.
+/// The state of a subtask at a checkpoint: the position of each of its sources, and the open
+/// transactions of its exactly-once sinks. Sent as JSON in `AcknowledgeCheckpoint.state_handle`
+/// and given back in `DeployTaskRequest.restore_state`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSnapshot {
     pub subtask: u32,
     pub parallelism: u32,
     /// By source name.
     pub sources: BTreeMap<String, SourceSnapshot>,
+    /// By sink name; only sinks with state (exactly-once Kafka sinks).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sinks: BTreeMap<String, SinkSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "connector", rename_all = "lowercase")]
+pub enum SinkSnapshot {
+    /// The transactions of an exactly-once Kafka sink not known to be committed.
+    Kafka(ExactlyOnceState),
+}
+
+/// Where a task keeps files that belong to its job's checkpoints: exactly-once sinks spool
+/// their uncommitted records under `<dir>/<job_id>/eos/<sink>/<subtask>/`. The directory must be
+/// reachable by every TaskManager that may restore the job (as Flink's checkpoint storage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateLocation {
+    pub dir: std::path::PathBuf,
+    pub job_id: String,
+    pub attempt: u32,
+}
+
+impl Default for StateLocation {
+    fn default() -> StateLocation {
+        StateLocation::of_task("", "job", 0)
+    }
+}
+
+impl StateLocation {
+    /// `dir` as the JobManager sent it; empty: the default `state.checkpoints.dir`.
+    pub fn of_task(dir: &str, job_id: &str, attempt: u32) -> StateLocation {
+        let dir = if dir.trim().is_empty() { "/tmp/keel/checkpoints" } else { dir.trim() };
+        StateLocation { dir: dir.into(), job_id: job_id.to_string(), attempt }
+    }
+
+    /// The spool directory of sink `sink` of subtask `subtask`.
+    pub fn spool_dir(&self, sink: &str, subtask: u32) -> std::path::PathBuf {
+        let safe = |s: &str| -> String {
+            s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
+        };
+        self.dir.join(safe(&self.job_id)).join("eos").join(safe(sink)).join(subtask.to_string())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +186,8 @@ pub struct ChainPlan {
     pub sources: Vec<SourcePlan>,
     pub sinks: Vec<SinkPlan>,
     pub restore: Option<TaskSnapshot>,
+    /// Where checkpoint files of the task go (set by the TaskManager from the deployment).
+    pub state: StateLocation,
 }
 
 impl ChainPlan {
@@ -179,7 +227,8 @@ impl ChainPlan {
             }
             Some(snapshot)
         };
-        let plan = ChainPlan { subtask, parallelism, sources, sinks, restore };
+        let plan =
+            ChainPlan { subtask, parallelism, sources, sinks, restore, state: StateLocation::default() };
         // Build the sources once now so that a bad restore position fails the deployment.
         plan.sources()?;
         Ok(plan)
@@ -223,6 +272,8 @@ impl ChainPlan {
         let subtask = self.subtask;
         let parallelism = self.parallelism;
         let sink_plans = self.sinks.clone();
+        let state = self.state.clone();
+        let restored_sinks = self.restore.as_ref().map(|r| r.sinks.clone()).unwrap_or_default();
         let sink_metrics: Vec<Arc<KafkaSinkMetrics>> = (0..sink_plans.len())
             .map(|i| {
                 metrics.sink(i).and_then(|m| m.kafka_metrics().cloned()).unwrap_or_else(KafkaSinkMetrics::new)
@@ -234,6 +285,18 @@ impl ChainPlan {
                 .zip(sink_metrics)
                 .map(|(s, kafka_metrics)| {
                     let sink = match &s.edge.kafka {
+                        Some(opts) if opts.delivery_guarantee.name() == "exactly-once" => {
+                            let restore = restored_sinks.get(&s.name).map(|SinkSnapshot::Kafka(state)| state);
+                            Sink::open_kafka_exactly_once(
+                                opts.clone(),
+                                subtask,
+                                parallelism,
+                                kafka_metrics,
+                                state.spool_dir(&s.name, subtask),
+                                state.attempt,
+                                restore,
+                            )?
+                        }
                         Some(opts) => Sink::open_kafka(opts.clone(), subtask, parallelism, kafka_metrics)?,
                         None => Sink::open(&s.name, &s.config, subtask)?,
                     };
@@ -391,8 +454,15 @@ pub struct OpenChain {
 
 enum Element {
     Records { source: usize, records: Vec<Record> },
-    Barrier(Ack),
+    Barrier(Barrier),
     End,
+}
+
+/// A checkpoint barrier on its way to the sinks, with the sources' part of the snapshot.
+struct Barrier {
+    checkpoint_id: u64,
+    is_savepoint: bool,
+    snapshot: TaskSnapshot,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -414,8 +484,10 @@ impl OpenChain {
     /// Runs the chain until its sources end, it is canceled or an operator fails.
     pub async fn run(self, io: ChainIo) -> Result<ChainEnd> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         let span = tracing::Span::current();
         let driver = SourceDriver {
+            sink_notify: notify_tx,
             kafka_rx: self.kafka_rx,
             pending_commits: BTreeMap::new(),
             sources: self.sources,
@@ -431,7 +503,7 @@ impl OpenChain {
         let (sinks, routes, acks, counters, metrics) =
             (self.sinks, self.routes, io.acks, io.counters, io.metrics);
         let mut sink = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| run_sinks(sinks, routes, rx, acks, &counters, &metrics, &handle))
+            span.in_scope(|| run_sinks(sinks, routes, rx, notify_rx, acks, &counters, &metrics, &handle))
         });
 
         let source_result = source
@@ -475,6 +547,8 @@ struct SourceDriver {
     subtask: u32,
     parallelism: u32,
     tx: mpsc::Sender<Element>,
+    /// Checkpoint-complete notifications for the sink thread.
+    sink_notify: mpsc::UnboundedSender<u64>,
     cancel: CancellationToken,
     counters: Arc<Counters>,
     metrics: Arc<TaskMetrics>,
@@ -486,6 +560,7 @@ impl SourceDriver {
             subtask: self.subtask,
             parallelism: self.parallelism,
             sources: self.sources.iter().map(|(name, source)| (name.clone(), source.snapshot())).collect(),
+            sinks: BTreeMap::new(),
         }
     }
 
@@ -592,7 +667,6 @@ impl SourceDriver {
         match msg {
             Control::TriggerCheckpoint { checkpoint_id, timestamp_ms, is_savepoint } => {
                 let snapshot = self.snapshot();
-                let state = snapshot.to_json()?;
                 let kafka: Vec<(usize, SourcePosition)> = self
                     .sources
                     .iter()
@@ -606,9 +680,11 @@ impl SourceDriver {
                     self.pending_commits.insert(checkpoint_id, kafka);
                 }
                 tracing::info!(checkpoint_id, timestamp_ms, is_savepoint, "checkpoint barrier injected");
-                Ok(self.send(Element::Barrier(Ack { checkpoint_id, is_savepoint, state })).await)
+                Ok(self.send(Element::Barrier(Barrier { checkpoint_id, is_savepoint, snapshot })).await)
             }
             Control::NotifyCheckpointComplete { checkpoint_id } => {
+                // The sinks commit their transactions (the sink thread may be gone already).
+                let _ = self.sink_notify.send(checkpoint_id);
                 // Offsets reach the consumer group only now (for monitoring: recovery uses the
                 // checkpoint). Older pending checkpoints are subsumed by this one.
                 let done: Vec<u64> =
@@ -634,10 +710,12 @@ impl SourceDriver {
 
 /// The sink thread: writes records to the sinks their source feeds, flushes on time, on
 /// barriers and at the end.
+#[allow(clippy::too_many_arguments)]
 fn run_sinks(
     mut sinks: Vec<(String, Sink, SinkEdge)>,
     routes: Vec<Vec<usize>>,
     mut rx: mpsc::Receiver<Element>,
+    mut notify_rx: mpsc::UnboundedReceiver<u64>,
     acks: mpsc::UnboundedSender<Ack>,
     counters: &Counters,
     metrics: &TaskMetrics,
@@ -657,14 +735,29 @@ fn run_sinks(
             .min()
             .map(|d| d.saturating_duration_since(now))
             .unwrap_or(FLUSH_INTERVAL);
-        let received = handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+        let received = handle.block_on(async {
+            tokio::select! {
+                biased;
+                Some(id) = notify_rx.recv() => Ok(Err(id)),
+                r = tokio::time::timeout(wait, rx.recv()) => r.map(Ok),
+            }
+        });
         match received {
             Err(_elapsed) => {}
-            Ok(None) => {
+            Ok(Err(checkpoint_id)) => {
+                for (_, s, _) in sinks.iter_mut() {
+                    s.notify_complete(checkpoint_id)?;
+                }
+            }
+            Ok(Ok(None)) => {
+                // Canceled or the sources failed: nothing more is committed.
+                for (_, s, _) in sinks.iter_mut() {
+                    s.abort();
+                }
                 flush_all(&mut sinks, true)?;
                 return Ok(SinkEnd::Closed);
             }
-            Ok(Some(Element::Records { source, records })) => {
+            Ok(Ok(Some(Element::Records { source, records }))) => {
                 for &i in routes.get(source).map(Vec::as_slice).unwrap_or_default() {
                     if let Some((_, sink, edge)) = sinks.get_mut(i) {
                         let encoded = edge.encode(&records)?;
@@ -677,14 +770,26 @@ fn run_sinks(
                     }
                 }
             }
-            Ok(Some(Element::Barrier(ack))) => {
-                flush_all(&mut sinks, true)?;
-                tracing::debug!(checkpoint_id = ack.checkpoint_id, "checkpoint barrier passed the sinks");
+            Ok(Ok(Some(Element::Barrier(mut barrier)))) => {
+                for (name, s, _) in sinks.iter_mut() {
+                    if let Some(state) = s.checkpoint(barrier.checkpoint_id)? {
+                        barrier.snapshot.sinks.insert(name.clone(), state);
+                    }
+                }
+                tracing::debug!(checkpoint_id = barrier.checkpoint_id, "checkpoint barrier passed the sinks");
+                let ack = Ack {
+                    checkpoint_id: barrier.checkpoint_id,
+                    is_savepoint: barrier.is_savepoint,
+                    state: barrier.snapshot.to_json()?,
+                };
                 // The task may be gone already; then nobody waits for the ack.
                 let _ = acks.send(ack);
             }
-            Ok(Some(Element::End)) => {
+            Ok(Ok(Some(Element::End))) => {
                 flush_all(&mut sinks, true)?;
+                for (_, s, _) in sinks.iter_mut() {
+                    s.finish()?;
+                }
                 return Ok(SinkEnd::End);
             }
         }

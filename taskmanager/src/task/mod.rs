@@ -26,7 +26,9 @@ use keel_proto::TaskStateExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use chain::{Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, Record, TaskSnapshot};
+pub use chain::{
+    Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, Record, SinkSnapshot, StateLocation, TaskSnapshot,
+};
 pub use metrics::{TaskMetrics, Throughput};
 
 /// Pending control requests (checkpoint triggers, notifications) a task buffers.

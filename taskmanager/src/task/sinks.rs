@@ -6,7 +6,9 @@
 //!   same file. Flushed at least every [`FLUSH_INTERVAL`] or [`FLUSH_RECORDS`] records, and
 //!   flushed and fsynced at every checkpoint barrier and at the end.
 //! - `kafka`: a Kafka producer; at every checkpoint barrier (`at-least-once`) everything sent
-//!   before is acknowledged by the broker before the checkpoint is acknowledged.
+//!   before is acknowledged by the broker before the checkpoint is acknowledged. With
+//!   `exactly-once`, a [`keel_kafka::ExactlyOnceSink`]: pre-commit at the barrier (its state goes
+//!   into the checkpoint), commit when the checkpoint completes.
 //!
 //! Sinks receive rows already encoded by the sink's format (`file`/`print`: one CSV line).
 
@@ -19,7 +21,9 @@ use keel_proto::{KeelError, Result};
 use keel_spec::SinkConfig;
 
 use keel_formats::EncodedRecord as Record;
-use keel_kafka::{KafkaSinkMetrics, KafkaSinkWriter};
+use keel_kafka::{ExactlyOnceSink, ExactlyOnceState, KafkaSinkMetrics, KafkaSinkWriter};
+
+use super::chain::SinkSnapshot;
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const FLUSH_RECORDS: usize = 1000;
@@ -29,6 +33,7 @@ pub enum Sink {
     Blackhole,
     File(FileSink),
     Kafka(Box<KafkaSinkWriter>),
+    KafkaExactlyOnce(Box<ExactlyOnceSink>),
 }
 
 /// How long a checkpoint barrier waits for the broker to acknowledge what was sent.
@@ -89,6 +94,28 @@ impl Sink {
         Ok(Sink::Kafka(Box::new(KafkaSinkWriter::open(opts, subtask, parallelism, metrics)?)))
     }
 
+    /// Opens an exactly-once Kafka sink (blocking: connects, fences earlier producers of its
+    /// transactional id, and finishes the transactions of `restore` that did not commit).
+    pub fn open_kafka_exactly_once(
+        opts: keel_kafka::KafkaSinkOptions,
+        subtask: u32,
+        parallelism: u32,
+        metrics: std::sync::Arc<KafkaSinkMetrics>,
+        spool_dir: PathBuf,
+        attempt: u32,
+        restore: Option<&ExactlyOnceState>,
+    ) -> Result<Sink> {
+        Ok(Sink::KafkaExactlyOnce(Box::new(ExactlyOnceSink::open(
+            opts,
+            subtask,
+            parallelism,
+            metrics,
+            spool_dir,
+            attempt,
+            restore,
+        )?)))
+    }
+
     pub fn write(&mut self, records: &[Record]) -> Result<()> {
         match self {
             Sink::Print { prefix, stderr } => {
@@ -123,12 +150,52 @@ impl Sink {
             }
             Sink::Kafka(k) => {
                 for r in records {
-                    let headers: Vec<(String, Vec<u8>)> =
-                        r.headers.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect();
-                    k.send(r.key.as_deref(), r.value.as_deref(), &headers, r.timestamp)?;
+                    k.send(r.key.as_deref(), r.value.as_deref(), &headers_of(r), r.timestamp)?;
                 }
                 Ok(())
             }
+            Sink::KafkaExactlyOnce(k) => {
+                for r in records {
+                    k.send(r.key.as_deref(), r.value.as_deref(), &headers_of(r), r.timestamp)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// At a checkpoint barrier: makes everything written so far durable (flush and fsync, or
+    /// the broker's acknowledgements); an exactly-once sink pre-commits and returns its state.
+    pub fn checkpoint(&mut self, checkpoint_id: u64) -> Result<Option<SinkSnapshot>> {
+        match self {
+            Sink::KafkaExactlyOnce(k) => Ok(Some(SinkSnapshot::Kafka(k.pre_commit(checkpoint_id)?))),
+            _ => {
+                self.flush(true)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Checkpoint `checkpoint_id` is complete: an exactly-once sink commits what it covers.
+    pub fn notify_complete(&mut self, checkpoint_id: u64) -> Result<()> {
+        match self {
+            Sink::KafkaExactlyOnce(k) => k.notify_complete(checkpoint_id),
+            _ => Ok(()),
+        }
+    }
+
+    /// The end of the input (after a durable flush): an exactly-once sink commits everything.
+    pub fn finish(&mut self) -> Result<()> {
+        match self {
+            Sink::KafkaExactlyOnce(k) => k.finish(),
+            _ => Ok(()),
+        }
+    }
+
+    /// The chain stops without reaching the end: an exactly-once sink aborts its open
+    /// transaction (its records stay spooled for a restore).
+    pub fn abort(&mut self) {
+        if let Sink::KafkaExactlyOnce(k) = self {
+            k.abort();
         }
     }
 
@@ -159,6 +226,10 @@ impl Sink {
             _ => Ok(()),
         }
     }
+}
+
+fn headers_of(r: &Record) -> Vec<(String, Vec<u8>)> {
+    r.headers.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect()
 }
 
 impl FileSink {
