@@ -14,7 +14,7 @@
 //! | `properties.group.id` | the consumer group: where `group-offsets` reads from and where offsets are committed when a checkpoint completes; required for `group-offsets` |
 //! | `properties.auto.offset.reset` | `earliest`, `latest` or `none`: where to start a partition that has no committed offset (`group-offsets`), and where to go when a position is out of range. Unset (or `none`) means: fail with an error that names the partition. |
 //! | `properties.isolation.level` | passed through; librdkafka's default is `read_committed` (the Java client's is `read_uncommitted`), so records of open or aborted transactions are not read unless it is set to `read_uncommitted` |
-//! | `properties.default.api.timeout.ms` | Keel's timeout for each blocking request (metadata, offset look-ups), default 30000; an unreachable cluster fails `open` after it |
+//! | `properties.default.api.timeout.ms` | Keel's timeout for each blocking request (metadata, offset look-ups), default 30000; an unreachable cluster fails `open` after it, and a running source fails when no broker has answered for longer |
 //! | `properties.*` | everything else goes to librdkafka verbatim (`properties.fetch.max.bytes` → `fetch.max.bytes`), checked at parse time; `enable.auto.commit` is forced to false (offsets are committed only on checkpoint completion); `key.deserializer` and `value.deserializer` are ignored |
 //! | `scan.startup.mode` | `earliest-offset`, `latest-offset`, `group-offsets` (default), `timestamp`, `specific-offsets` |
 //! | `scan.startup.timestamp-millis` | required by `timestamp`: start at the first record whose timestamp is at or after it |

@@ -171,6 +171,11 @@ impl KafkaSinkWriter {
         if !opts.client_properties.contains_key("client.id") {
             config.set("client.id", format!("keel-sink-{subtask}"));
         }
+        if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
+            // As the source: reconnect within 1 s after a broker outage (librdkafka's default
+            // backs off up to 10 s).
+            config.set("reconnect.backoff.max.ms", crate::source::RECONNECT_BACKOFF_MAX_MS);
+        }
         let context = WriterContext {
             subtask,
             topic: opts.topic.clone(),

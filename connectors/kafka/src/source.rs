@@ -69,7 +69,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// librdkafka's `reconnect.backoff.max.ms` unless the source sets it: the Java client's
 /// default (librdkafka's own, 10 s, leaves a source idle for up to 10 s after a broker is back).
-const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+pub(crate) const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
 
 /// The group id of a consumer whose source has no `properties.group.id`.
 const NO_GROUP_ID: &str = "keel-source-without-group";

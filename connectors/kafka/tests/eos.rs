@@ -248,3 +248,32 @@ fn a_missing_spool_of_an_uncommitted_checkpoint_is_a_clear_error() {
     assert!(err.contains("checkpoint 3"), "{err}");
     assert!(err.contains(&format!("{}-0", s.prefix)), "{err}");
 }
+
+/// Fencing of an old producer: once a new attempt opened the same transactional id (a restored
+/// task), the old attempt (a zombie: a task on a TaskManager cut off from the cluster) cannot
+/// commit: its commit fails (Apache Kafka: fenced; tansu: times out, TESTBED.md), and the new
+/// attempt's output is committed normally. On a broker that hides aborted records, the
+/// zombie's records never become visible.
+#[test]
+fn an_old_producer_is_fenced_and_cannot_commit() {
+    let s = setup("eos-fence");
+    let hides_aborted = broker_hides_aborted_records(&s.broker.bootstrap);
+    let mut zombie = s.open(1, None);
+    send_range(&mut zombie, 0..10);
+    let zombie_state = zombie.pre_commit(1).expect("zombie pre-commit");
+    let mut fresh = s.open(2, None);
+    let err = zombie.notify_complete(1).expect_err("a fenced producer must not commit");
+    println!("the zombie's commit failed: {err}");
+    assert!(zombie_state.segments.len() == 1);
+    send_range(&mut fresh, 100..105);
+    fresh.pre_commit(2).expect("pre-commit");
+    fresh.notify_complete(2).expect("the new attempt commits");
+    let seen = counts(&s.read());
+    for n in 100..105 {
+        assert_eq!(seen.get(&n), Some(&1), "the new attempt's record {n} exactly once: {seen:?}");
+    }
+    if hides_aborted {
+        assert!((0..10).all(|n| !seen.contains_key(&n)), "the zombie's records are not visible: {seen:?}");
+    }
+    std::mem::forget(zombie);
+}
