@@ -330,6 +330,154 @@ impl Client {
         Ok(())
     }
 
+    /// `keel upgrade JOB FILE` and `keel rescale JOB --parallelism N` (`file` = None): prints
+    /// each step as the JobManager reports it, then the measured pause and total time.
+    pub async fn upgrade(
+        &self,
+        job: &str,
+        file: Option<&Path>,
+        parallelism: u32,
+        mode: &str,
+        allow_non_restored_state: bool,
+    ) -> anyhow::Result<()> {
+        let spec_yaml = match file {
+            Some(f) => {
+                let yaml = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read job spec {}", f.display()))?;
+                keel_spec::JobSpec::parse(&yaml).with_context(|| format!("job spec {}", f.display()))?;
+                yaml
+            }
+            None => String::new(),
+        };
+        let req = pb::UpgradeJobRequest {
+            job: job.to_string(),
+            spec_yaml,
+            parallelism,
+            mode: mode.to_string(),
+            allow_non_restored_state,
+        };
+        let mut stream = self
+            .jm
+            .call(|ch| {
+                let req = req.clone();
+                async move { JobManagerClient::new(ch).upgrade_job(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))?;
+        let started = Instant::now();
+        let mut steps = Vec::new();
+        loop {
+            let message = stream
+                .message()
+                .await
+                .map_err(|status| anyhow::Error::new(KeelError::from_status(&status, "jobmanager")))?;
+            let Some(m) = message else {
+                bail!("the JobManager ended the upgrade's progress stream without a result (leader change?); see `keel status {job}`");
+            };
+            if self.output == Output::Text && !m.done {
+                println!("[{:>7}] {}", millis(started.elapsed().as_millis() as u64), m.step);
+            }
+            steps.push(json!({"step": m.step, "time_ms": m.time_ms}));
+            if m.done {
+                if self.output == Output::Json {
+                    println!(
+                        "{}",
+                        json!({"job": job, "from_version": m.from_version, "to_version": m.to_version,
+                               "error": m.error, "pause_ms": m.pause_ms, "total_ms": m.total_ms,
+                               "savepoint_id": m.savepoint_id, "savepoint_path": m.savepoint_path,
+                               "steps": steps})
+                    );
+                }
+                if !m.error.is_empty() {
+                    bail!("upgrade of {job} failed: {}", m.error);
+                }
+                if self.output == Output::Text {
+                    let pause =
+                        if m.pause_ms >= 0 { millis(m.pause_ms as u64) } else { "unknown".to_string() };
+                    println!(
+                        "version {} replaced version {} in {} (output paused {pause}; savepoint {} at {})",
+                        m.to_version,
+                        m.from_version,
+                        millis(m.total_ms),
+                        m.savepoint_id,
+                        m.savepoint_path
+                    );
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// `keel savepoint JOB`: a savepoint of the running version, kept until deleted.
+    pub async fn savepoint(&self, job: &str) -> anyhow::Result<()> {
+        let req = pb::TriggerSavepointRequest { job: job.to_string() };
+        let resp = self
+            .jm
+            .call(|ch| {
+                let req = req.clone();
+                async move { JobManagerClient::new(ch).trigger_savepoint(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))?;
+        match self.output {
+            Output::Json => println!(
+                "{}",
+                json!({"job_id": resp.job_id, "savepoint_id": resp.savepoint_id, "path": resp.path})
+            ),
+            Output::Text => println!("savepoint {} of job {}: {}", resp.savepoint_id, resp.job_id, resp.path),
+        }
+        Ok(())
+    }
+
+    /// `keel history JOB`: every version of the job.
+    pub async fn history(&self, job: &str) -> anyhow::Result<()> {
+        let d = self.describe(job).await?;
+        let s = d.summary.clone().unwrap_or_default();
+        let cp = |c: &Option<pb::CheckpointRef>| {
+            c.as_ref().map(|c| c.checkpoint_id.to_string()).unwrap_or_default()
+        };
+        match self.output {
+            Output::Json => {
+                let versions: Vec<serde_json::Value> = d
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        json!({"version": v.version, "state": v.state, "active": v.version == s.active_version,
+                               "parallelism": v.parallelism, "created_at_ms": v.created_at_ms,
+                               "started_from": v.restored_from.as_ref().map(|c| json!({"checkpoint_id": c.checkpoint_id, "path": c.metadata_path})),
+                               "ended_with": v.ended_with.as_ref().map(|c| json!({"checkpoint_id": c.checkpoint_id, "path": c.metadata_path}))})
+                    })
+                    .collect();
+                println!("{}", json!({"job_id": s.job_id, "name": s.name, "versions": versions}));
+            }
+            Output::Text => {
+                println!("job {} ({})", s.name, s.job_id);
+                let rows: Vec<Vec<String>> = d
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            format!("{}{}", v.version, if v.version == s.active_version { " *" } else { "" }),
+                            v.state.clone(),
+                            v.parallelism.to_string(),
+                            timestamp(v.created_at_ms),
+                            cp(&v.restored_from),
+                            cp(&v.ended_with),
+                        ]
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    table(
+                        &["VERSION", "STATE", "PARALLELISM", "CREATED", "STARTED FROM", "ENDED WITH"],
+                        &rows
+                    )
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub async fn cancel(&self, job: &str, detached: bool) -> anyhow::Result<()> {
         let req = pb::CancelJobRequest { job: job.to_string() };
         let resp = self

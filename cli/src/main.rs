@@ -55,6 +55,33 @@ enum Command {
         #[arg(long, short = 'd')]
         detached: bool,
     },
+    /// Replace a running job's version with the spec in FILE: a handover (the new version is
+    /// deployed while the old one runs, the old one drains with a savepoint, the new one
+    /// starts from it), printing each step and the measured output pause.
+    Upgrade {
+        job: String,
+        file: PathBuf,
+        /// `handover` (default) or `stop-start`.
+        #[arg(long, default_value = "handover")]
+        mode: String,
+        /// Drop the state of sources the new version no longer has.
+        #[arg(long)]
+        allow_non_restored_state: bool,
+    },
+    /// Change a running job's parallelism by a handover upgrade (Kafka partitions are
+    /// redistributed with their offsets).
+    Rescale {
+        job: String,
+        #[arg(long, short = 'p')]
+        parallelism: u32,
+        /// `handover` (default) or `stop-start`.
+        #[arg(long, default_value = "handover")]
+        mode: String,
+    },
+    /// Take a savepoint of a running job (kept until deleted); the job keeps running.
+    Savepoint { job: String },
+    /// List a job's versions: state, parallelism, the savepoints each started from and ended with.
+    History { job: String },
     /// Show the cluster: leaders with epochs, TaskManagers, slots used and free.
     Cluster,
     /// Start a local three-process cluster (ResourceManager, JobManager, TaskManager).
@@ -90,6 +117,14 @@ fn main() -> ExitCode {
         Command::Cancel { job, detached } => {
             session.client(|c| async move { c.cancel(&job, detached).await })
         }
+        Command::Upgrade { job, file, mode, allow_non_restored_state } => session.client(|c| async move {
+            c.upgrade(&job, Some(&file), 0, &mode, allow_non_restored_state).await
+        }),
+        Command::Rescale { job, parallelism, mode } => {
+            session.client(|c| async move { c.upgrade(&job, None, parallelism, &mode, false).await })
+        }
+        Command::Savepoint { job } => session.client(|c| async move { c.savepoint(&job).await }),
+        Command::History { job } => session.client(|c| async move { c.history(&job).await }),
         Command::Cluster => session.client(|c| async move { c.cluster().await }),
         Command::Dev(args) => session.dev(args),
         Command::Config { what: ConfigCommand::Keys } => session.config_keys(),

@@ -523,19 +523,20 @@ pub struct SubtaskMetadata {
 }
 
 impl CheckpointMetadata {
-    /// The restore state of each subtask, by subtask index. Fails (saying why) when the
-    /// checkpoint does not hold exactly one state per subtask of `parallelism`.
+    /// The restore state of each subtask of `parallelism`, by subtask index. At the
+    /// checkpoint's own parallelism every subtask gets its own state back. At another one (a
+    /// rescale) the states are redistributed with [`rescale_states`]. Fails (saying why) when
+    /// the checkpoint does not hold exactly one state per subtask, or cannot be rescaled.
     pub fn restore_states(&self, parallelism: u32) -> std::result::Result<Vec<Vec<u8>>, String> {
-        if self.parallelism != parallelism || self.subtasks.len() != parallelism as usize {
+        if self.subtasks.len() != self.parallelism as usize {
             return Err(format!(
-                "checkpoint {} holds state for {} subtask(s) (parallelism {}); the job version has \
-                 parallelism {parallelism}, and restoring into another parallelism is not supported yet",
+                "checkpoint {} holds state for {} subtask(s) but says parallelism {}",
                 self.checkpoint_id,
                 self.subtasks.len(),
                 self.parallelism
             ));
         }
-        let mut states: Vec<Option<Vec<u8>>> = vec![None; parallelism as usize];
+        let mut states: Vec<Option<serde_json::Value>> = vec![None; self.parallelism as usize];
         for s in &self.subtasks {
             let slot = states.get_mut(s.subtask as usize).ok_or_else(|| {
                 format!("checkpoint {} names subtask {} out of range", self.checkpoint_id, s.subtask)
@@ -543,17 +544,73 @@ impl CheckpointMetadata {
             if slot.is_some() {
                 return Err(format!("checkpoint {} holds subtask {} twice", self.checkpoint_id, s.subtask));
             }
-            *slot = Some(
-                serde_json::to_vec(&s.state)
-                    .map_err(|e| format!("cannot encode the state of subtask {}: {e}", s.subtask))?,
-            );
+            *slot = Some(s.state.clone());
         }
-        states
+        let states: Vec<serde_json::Value> = states
             .into_iter()
             .enumerate()
             .map(|(i, s)| s.ok_or_else(|| format!("checkpoint {} lacks subtask {i}", self.checkpoint_id)))
+            .collect::<std::result::Result<_, _>>()?;
+        let states = if parallelism == self.parallelism {
+            states
+        } else {
+            rescale_states(&states, parallelism)
+                .map_err(|e| format!("checkpoint {} cannot be rescaled: {e}", self.checkpoint_id))?
+        };
+        states
+            .iter()
+            .map(|s| serde_json::to_vec(s).map_err(|e| format!("cannot encode a restore state: {e}")))
             .collect()
     }
+}
+
+/// Redistributes subtask states (`{subtask, parallelism, sources: {name: state}, sinks}`, as
+/// TaskManagers acknowledge them) over `parallelism` subtasks:
+/// - a Kafka source's offsets are merged, and every new subtask gets all of them (each reads
+///   only the partitions the assignment rule gives it, from the merged offset);
+/// - a datagen source cannot change parallelism (its sequence is split by subtask);
+/// - sink state is dropped: a rescale restores from a drain savepoint whose transactions
+///   committed before the old version ended.
+pub fn rescale_states(
+    states: &[serde_json::Value],
+    parallelism: u32,
+) -> std::result::Result<Vec<serde_json::Value>, String> {
+    use serde_json::{json, Map, Value};
+    if parallelism == 0 {
+        return Err("parallelism 0".into());
+    }
+    let mut sources: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for state in states {
+        let Some(map) = state.get("sources").and_then(Value::as_object) else {
+            return Err(format!("a subtask state has no sources: {state}"));
+        };
+        for (name, source) in map {
+            match source.get("connector").and_then(Value::as_str) {
+                Some("kafka") => {
+                    let offsets = source
+                        .get("offsets")
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| format!("source '{name}': a kafka state without offsets: {source}"))?;
+                    sources.entry(name.clone()).or_default().extend(offsets.iter().cloned());
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "source '{name}' ({other}) cannot change parallelism; only kafka sources can"
+                    ))
+                }
+                None => return Err(format!("source '{name}': a state without connector: {source}")),
+            }
+        }
+    }
+    let mut merged = Map::new();
+    for (name, mut offsets) in sources {
+        offsets.sort_by_key(|o| o.to_string());
+        offsets.dedup();
+        merged.insert(name, json!({"connector": "kafka", "offsets": offsets}));
+    }
+    Ok((0..parallelism)
+        .map(|i| json!({"subtask": i, "parallelism": parallelism, "sources": Value::Object(merged.clone())}))
+        .collect())
 }
 
 /// The HA pointer to a job's latest completed checkpoint (`checkpoints/<job_id>`). For a job
@@ -830,9 +887,36 @@ mod tests {
         };
         let states = meta.restore_states(2).expect("two subtasks");
         assert_eq!(states, vec![b"{\"n\":0}".to_vec(), b"{\"n\":1}".to_vec()]);
-        assert!(meta.restore_states(3).expect_err("parallelism").contains("parallelism 3"));
+        // States without sources cannot be redistributed over another parallelism.
+        assert!(meta.restore_states(3).expect_err("rescale").contains("no sources"));
         let mut twice = meta.clone();
         twice.subtasks[0].subtask = 0;
         assert!(twice.restore_states(2).is_err());
+    }
+
+    /// A rescale gives every new subtask the merged offsets of every old subtask (each new
+    /// subtask then reads its own partitions from them), drops sink state, and refuses a
+    /// datagen source, naming it.
+    #[test]
+    fn rescale_merges_kafka_offsets_and_refuses_datagen() {
+        use serde_json::json;
+        let old = vec![
+            json!({"subtask": 0, "parallelism": 2, "sources": {"in": {"connector": "kafka", "offsets": [["t", 0, 5], ["t", 2, 9]]}},
+                   "sinks": {"out": {"connector": "kafka", "transactional_id": "p-0", "segments": []}}}),
+            json!({"subtask": 1, "parallelism": 2, "sources": {"in": {"connector": "kafka", "offsets": [["t", 1, 7]]}}}),
+        ];
+        let new = rescale_states(&old, 3).expect("rescale");
+        assert_eq!(new.len(), 3);
+        for (i, s) in new.iter().enumerate() {
+            assert_eq!(s["subtask"], i as u64);
+            assert_eq!(s["parallelism"], 3);
+            assert_eq!(s["sources"]["in"]["offsets"], json!([["t", 0, 5], ["t", 1, 7], ["t", 2, 9]]));
+            assert!(s.get("sinks").is_none());
+        }
+        let datagen = vec![
+            json!({"subtask": 0, "parallelism": 1, "sources": {"gen": {"connector": "datagen", "next_sequence": 4}}}),
+        ];
+        let err = rescale_states(&datagen, 2).expect_err("datagen");
+        assert!(err.contains("source 'gen' (datagen)"), "{err}");
     }
 }

@@ -29,8 +29,8 @@ use keel_proto::{KeelError, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{
-    checkpoints_to_delete, AttemptTask, CheckpointMetadata, CheckpointPointer, Next, ReadyCheckpoint,
-    SubtaskMetadata,
+    checkpoints_to_delete, AttemptTask, CheckpointMetadata, CheckpointPointer, CheckpointState, Next,
+    ReadyCheckpoint, SubtaskMetadata,
 };
 use crate::record::now_ms;
 use crate::{JobHandle, JobManagerCtx, LeaderState};
@@ -39,6 +39,8 @@ use crate::{JobHandle, JobManagerCtx, LeaderState};
 const TM_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the loop looks again while the attempt's tasks are not all running yet.
 const NOT_RUNNING_POLL: Duration = Duration::from_millis(100);
+/// How often a savepoint's requester looks at its progress.
+const SAVEPOINT_POLL: Duration = Duration::from_millis(10);
 /// Pause after the checkpoint id could not be taken from the HA store.
 const COUNTER_RETRY: Duration = Duration::from_secs(1);
 /// The name of the metadata file in a checkpoint directory.
@@ -113,6 +115,8 @@ pub(crate) async fn run(
                 tokio::select! {
                     biased;
                     _ = scope.cancelled() => return,
+                    // A savepoint was triggered by its requester: look again.
+                    _ = job.checkpoint_wake.notified() => continue,
                     _ = tokio::time::sleep_until(at.into()) => {}
                 }
                 if !all_running(&job) {
@@ -123,7 +127,7 @@ pub(crate) async fn run(
                     }
                     continue;
                 }
-                if let Err(error) = trigger(&ctx, &st, &job, &counter).await {
+                if let Err(error) = trigger(&ctx, &st, &job, &counter, Kind::Checkpoint).await {
                     tracing::warn!(job_id = %job.job_id, epoch, %error, "cannot trigger a checkpoint");
                     tokio::select! {
                         biased;
@@ -142,9 +146,25 @@ fn all_running(job: &JobHandle) -> bool {
     !tasks.is_empty() && tasks.iter().all(|t| t.state == TaskState::Running)
 }
 
+/// What a trigger asks of the tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Checkpoint,
+    Savepoint,
+    /// A savepoint after which the tasks stop (an upgrade's drain).
+    Drain,
+}
+
 /// Takes the next checkpoint id and sends the trigger to every task. A task that refuses fails
-/// the checkpoint. The error is for an id that could not be taken.
-async fn trigger(ctx: &JobManagerCtx, st: &LeaderState, job: &JobHandle, counter: &Counter) -> Result<()> {
+/// the checkpoint. The error is for an id that could not be taken; the id is returned (also
+/// for a checkpoint that failed at once: its state in the tracker says so).
+async fn trigger(
+    ctx: &JobManagerCtx,
+    st: &LeaderState,
+    job: &JobHandle,
+    counter: &Counter,
+    kind: Kind,
+) -> Result<u64> {
     let checkpoint_id = counter.next(&st.leadership).await?;
     let now = Instant::now();
     let timestamp_ms = now_ms();
@@ -160,7 +180,8 @@ async fn trigger(ctx: &JobManagerCtx, st: &LeaderState, job: &JobHandle, counter
             task_id: t.task_id.clone(),
             checkpoint_id,
             timestamp_ms,
-            is_savepoint: false,
+            is_savepoint: kind != Kind::Checkpoint,
+            drain: kind == Kind::Drain,
         };
         async move {
             let result = async {
@@ -181,7 +202,81 @@ async fn trigger(ctx: &JobManagerCtx, st: &LeaderState, job: &JobHandle, counter
         job.checkpoints().fail(checkpoint_id, &format!("trigger failed: {reason}"), Instant::now());
         job.checkpoint_wake.notify_one();
     }
-    Ok(())
+    Ok(checkpoint_id)
+}
+
+/// How a savepoint ended.
+#[derive(Debug, Clone)]
+pub(crate) struct SavepointDone {
+    pub checkpoint_id: u64,
+    /// The checkpoint's metadata (`chk-<id>/_metadata`; the job's HA pointer names it).
+    pub metadata_path: String,
+}
+
+/// Triggers a savepoint (or, with [`Kind::Drain`], a stop-with-savepoint) of the job's running
+/// attempt as soon as no checkpoint is pending, and waits until the attempt's coordinator
+/// completed or failed it, for at most `timeout`. The coordinator loop of the attempt must be
+/// running. The error says why it failed.
+pub(crate) async fn savepoint(
+    ctx: &JobManagerCtx,
+    st: &LeaderState,
+    job: &JobHandle,
+    kind: Kind,
+    timeout: Duration,
+) -> std::result::Result<SavepointDone, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let counter = Counter::new(ctx.ha.clone(), &counter_name(&job.job_id));
+    // Wait for a pending checkpoint to end; then trigger (the coordinator loop may trigger a
+    // periodic one in between: then wait again).
+    let checkpoint_id = loop {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("no savepoint could be triggered within {timeout:?}"));
+        }
+        if !all_running(job) {
+            return Err("the job's tasks are not all running".into());
+        }
+        if job.checkpoints().pending_id().is_none() {
+            match trigger(ctx, st, job, &counter, kind).await {
+                Ok(id) => {
+                    job.checkpoint_wake.notify_one();
+                    break id;
+                }
+                Err(KeelError::FailedPrecondition { .. }) => {}
+                Err(e) => return Err(format!("cannot trigger a savepoint: {e}")),
+            }
+        }
+        tokio::time::sleep(SAVEPOINT_POLL).await;
+    };
+    tracing::info!(job_id = %job.job_id, checkpoint_id, ?kind, "savepoint triggered");
+    loop {
+        let stat =
+            job.checkpoints().stats(Instant::now()).into_iter().find(|c| c.checkpoint_id == checkpoint_id);
+        match stat {
+            Some(c) if c.state == CheckpointState::Completed => {
+                return Ok(SavepointDone { checkpoint_id, metadata_path: c.metadata_path })
+            }
+            Some(c) if c.state == CheckpointState::Failed => {
+                return Err(format!("savepoint {checkpoint_id} failed: {}", c.failure))
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("savepoint {checkpoint_id} did not complete within {timeout:?}"));
+        }
+        tokio::time::sleep(SAVEPOINT_POLL).await;
+    }
+}
+
+/// Copies a completed savepoint's metadata to `<dir>/<job_id>/savepoints/sp-<id>/_metadata`,
+/// out of the reach of checkpoint retention: kept until the user deletes it. Returns its path.
+pub(crate) async fn keep_savepoint(dir: &Path, job_id: &str, done: &SavepointDone) -> Result<String> {
+    let target = job_dir(dir, job_id)
+        .join("savepoints")
+        .join(format!("sp-{}", done.checkpoint_id))
+        .join(METADATA_FILE);
+    let metadata = read_metadata(Path::new(&done.metadata_path)).await.map_err(KeelError::internal)?;
+    write_metadata(&target, &metadata).await?;
+    Ok(target.display().to_string())
 }
 
 /// Makes a checkpoint every task acknowledged durable, tells the tasks, applies retention,

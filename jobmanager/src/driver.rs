@@ -34,9 +34,12 @@ use keel_config::RestartConfig;
 
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
-use crate::record::{now_ms, task_id, RestoredFrom, TaskRecord};
+use crate::coordinator::{Kind, SavepointDone};
+use crate::record::{now_ms, task_id, RestoredFrom, TaskRecord, VersionRecord};
 use crate::restart::{self, Decision, FailureEntry, RestartEntry, SplitMix64};
+use crate::upgrade::{self, Progress, UpgradeMode, UpgradeRequest};
 use crate::{JobHandle, JobManagerCtx, LeaderState};
+use tokio::sync::oneshot;
 
 /// How long a deploy or cancel call to a TaskManager may take.
 const TM_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +48,16 @@ const CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// The pause before retrying after trouble that is not the job's own failure (the
 /// ResourceManager or the HA store could not be reached); not counted by the restart strategy.
 pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// The longest an upgrade waits for slots for its new version before falling back to
+/// stop-then-start.
+const UPGRADE_SLOT_WAIT: Duration = Duration::from_secs(5);
+/// How long drained tasks get to finish after their savepoint completed.
+const DRAIN_FINISH_WAIT: Duration = Duration::from_secs(10);
+/// How long an upgrade waits for the new version's first output to measure the pause.
+const PAUSE_MEASURE_WAIT: Duration = Duration::from_secs(60);
+/// The checkpoint interval of a job without periodic checkpoints: its coordinator only takes
+/// savepoints.
+const NO_PERIODIC_CHECKPOINTS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug)]
 pub enum JobEvent {
@@ -54,6 +67,55 @@ pub enum JobEvent {
     TaskManagerLost { taskmanager_id: String, reason: String },
     /// The user asked to cancel the job.
     Cancel,
+    /// A new version replaces the active one (`keel upgrade`, `keel rescale`).
+    Upgrade(Box<UpgradeRequest>),
+    /// A savepoint of the running version (`keel savepoint`).
+    Savepoint { reply: oneshot::Sender<Result<pb::TriggerSavepointResponse>> },
+}
+
+impl JobEvent {
+    /// Answers a request that arrives while the job cannot take it (not running).
+    fn refuse(self, why: &str) {
+        match self {
+            JobEvent::Upgrade(req) => req.progress.fail(why),
+            JobEvent::Savepoint { reply } => {
+                let _ = reply.send(Err(KeelError::precondition(why.to_string())));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The old version is drained and the new one is ready to take over.
+struct Drained {
+    progress: Progress,
+    to_version: u32,
+    /// The new version's slots, allocated while the old one ran (none: stop-then-start).
+    slots: Option<Vec<pb::AllocatedSlot>>,
+    savepoint: SavepointDone,
+    savepoint_path: String,
+    /// When the old version wrote its last record (ms since the epoch), if known.
+    last_output_ms: Option<u64>,
+}
+
+/// An upgrade after the switch, until the new version runs.
+pub(crate) struct UpgradeRun {
+    progress: Progress,
+    /// The old version's slots, released once the new version runs.
+    old_allocations: Vec<String>,
+    savepoint: SavepointDone,
+    savepoint_path: String,
+    last_output_ms: Option<u64>,
+}
+
+/// Why a drain did not happen.
+enum DrainError {
+    /// Refused before anything changed: the old version keeps running untouched.
+    Refused,
+    /// The old version's tasks may be stopped at the barrier: its attempt has failed.
+    Failed(String),
+    /// The user canceled meanwhile.
+    Cancel,
 }
 
 /// How an attempt ended.
@@ -61,6 +123,10 @@ enum AttemptEnd {
     Finished,
     Failed(String),
     Cancel,
+    /// An upgrade asked to replace the running version (handled while the attempt runs).
+    Upgrade(Box<UpgradeRequest>),
+    /// The attempt's version was drained for an upgrade.
+    Drained(Box<Drained>),
 }
 
 /// What the driver does after the restart strategy has seen a failure.
@@ -78,6 +144,12 @@ pub(crate) struct Driver {
     pub st: Arc<LeaderState>,
     pub job: Arc<JobHandle>,
     pub events: mpsc::UnboundedReceiver<JobEvent>,
+    /// Slots allocated for the next attempt (an upgrade's new version).
+    pub preallocated: Option<Vec<pb::AllocatedSlot>>,
+    /// The upgrade in progress after its switch.
+    pub upgrade: Option<UpgradeRun>,
+    /// The job's effective `state.checkpoints.dir` (for savepoints).
+    pub checkpoints_dir: std::path::PathBuf,
 }
 
 impl Driver {
@@ -146,7 +218,10 @@ impl Driver {
                 Ok((checkpointing, restart::for_spec(&self.ctx.config.restart, &spec)?))
             });
             let (checkpointing, strategy) = match settings {
-                Ok(c) => c,
+                Ok(c) => {
+                    self.checkpoints_dir = c.0.dir.clone();
+                    c
+                }
                 Err(err) => {
                     self.set_state(JobState::Failed, err.to_string()).await?;
                     return Ok(());
@@ -187,9 +262,12 @@ impl Driver {
                 timeout_ms: self.ctx.config.slot_request_timeout.as_millis() as u64,
             };
             let ctx = self.ctx.clone();
-            let slots = tokio::select! {
-                r = ctx.request_slots(request) => r,
-                _ = self.wait_for_cancel() => return self.finish_cancel(&[]).await,
+            let slots = match self.preallocated.take() {
+                Some(slots) => Ok(slots),
+                None => tokio::select! {
+                    r = ctx.request_slots(request) => r,
+                    _ = self.wait_for_cancel() => return self.finish_cancel(&[]).await,
+                },
             };
             let slots = match slots {
                 Ok(s) => s,
@@ -248,19 +326,54 @@ impl Driver {
             {
                 Err(reason) => AttemptEnd::Failed(reason),
                 Ok(()) => {
+                    if let Some(u) = &self.upgrade {
+                        u.progress.step(format!(
+                            "version {version} deployed ({parallelism} tasks) from savepoint {}",
+                            u.savepoint.checkpoint_id
+                        ));
+                    }
                     let coordinator = self.start_checkpointing(&tasks, &checkpointing, version, attempt);
-                    let watched = self.watch_attempt().await;
+                    let watched = loop {
+                        match self.watch_attempt().await {
+                            Ok(AttemptEnd::Upgrade(req)) => {
+                                match self.drain(*req, &tasks, version, &spec_yaml, &checkpointing).await {
+                                    Ok(d) => break Ok(AttemptEnd::Drained(Box::new(d))),
+                                    Err(DrainError::Refused) => continue,
+                                    Err(DrainError::Failed(reason)) => break Ok(AttemptEnd::Failed(reason)),
+                                    Err(DrainError::Cancel) => break Ok(AttemptEnd::Cancel),
+                                }
+                            }
+                            other => break other,
+                        }
+                    };
                     let why = match &watched {
                         Ok(AttemptEnd::Finished) => "the attempt finished".to_string(),
                         Ok(AttemptEnd::Cancel) => "the job is being canceled".to_string(),
                         Ok(AttemptEnd::Failed(reason)) => format!("attempt {attempt} failed: {reason}"),
+                        Ok(AttemptEnd::Upgrade(_)) | Ok(AttemptEnd::Drained(_)) => {
+                            format!("version {version} was drained for an upgrade")
+                        }
                         Err(e) => format!("attempt {attempt} ended: {e}"),
                     };
                     self.stop_checkpointing(coordinator, &why).await;
                     watched?
                 }
             };
+            if !matches!(end, AttemptEnd::Drained(_)) {
+                if let Some(u) = self.upgrade.take() {
+                    // The new version ended before it ran: the upgrade failed (its restarts go by
+                    // the restart strategy; an automatic rollback is not implemented yet).
+                    u.progress.fail(format!("version {version} did not reach running"));
+                    self.release(u.old_allocations, false).await;
+                }
+            }
             match end {
+                AttemptEnd::Upgrade(req) => {
+                    req.progress.fail("the attempt ended before the upgrade could start");
+                    self.cancel_tasks(&tasks).await;
+                    self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
+                }
+                AttemptEnd::Drained(d) => self.switch(*d, &tasks, version).await?,
                 AttemptEnd::Finished => {
                     self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
                     self.set_state(JobState::Finished, "").await?;
@@ -341,6 +454,10 @@ impl Driver {
         loop {
             match self.events.recv().await {
                 Some(JobEvent::Cancel) => return,
+                Some(ev @ (JobEvent::Upgrade(_) | JobEvent::Savepoint { .. })) => {
+                    ev.refuse("the job is not running");
+                    continue;
+                }
                 Some(_) => continue,
                 None => std::future::pending::<()>().await,
             }
@@ -378,8 +495,9 @@ impl Driver {
         version: u32,
         attempt: u32,
     ) -> Option<(tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)> {
-        let settings = config.interval.map(|interval| Settings {
-            interval,
+        // Without periodic checkpoints the coordinator still runs, for savepoints.
+        let settings = Some(Settings {
+            interval: config.interval.unwrap_or(NO_PERIODIC_CHECKPOINTS),
             timeout: config.timeout,
             min_pause: config.min_pause,
             num_retained: config.num_retained,
@@ -394,8 +512,8 @@ impl Driver {
             .collect();
         self.job.checkpoints().begin_attempt(version, attempt, attempt_tasks, settings, Instant::now());
         let settings = settings?;
-        tracing::info!(job_id = %self.job.job_id, version, attempt, interval_ms = settings.interval.as_millis() as u64,
-            dir = %config.dir.display(), "checkpointing enabled");
+        tracing::info!(job_id = %self.job.job_id, version, attempt, interval_ms = ?config.interval.map(|i| i.as_millis()),
+            dir = %config.dir.display(), "checkpoint coordinator started");
         let scope = self.st.leadership.lost().child_token();
         let cfg = AttemptCheckpointing {
             dir: config.dir.clone(),
@@ -482,6 +600,40 @@ impl Driver {
             };
             match event {
                 JobEvent::Cancel => return Ok(AttemptEnd::Cancel),
+                JobEvent::Upgrade(req) => {
+                    if running_recorded {
+                        return Ok(AttemptEnd::Upgrade(req));
+                    }
+                    req.progress.fail("the job is not running yet; try again when it runs");
+                }
+                JobEvent::Savepoint { reply } => {
+                    if !running_recorded {
+                        let _ = reply.send(Err(KeelError::precondition("the job is not running yet")));
+                        continue;
+                    }
+                    let (ctx, st, job) = (self.ctx.clone(), self.st.clone(), self.job.clone());
+                    let dir = self.checkpoints_dir.clone();
+                    let timeout = self.ctx.config.checkpointing.timeout;
+                    tokio::spawn(async move {
+                        let result =
+                            match coordinator::savepoint(&ctx, &st, &job, Kind::Savepoint, timeout).await {
+                                Ok(done) => {
+                                    coordinator::keep_savepoint(&dir, &job.job_id, &done).await.map(|path| {
+                                        pb::TriggerSavepointResponse {
+                                            job_id: job.job_id.clone(),
+                                            savepoint_id: done.checkpoint_id,
+                                            path,
+                                        }
+                                    })
+                                }
+                                // The job keeps running: only the savepoint failed.
+                                Err(reason) => {
+                                    Err(KeelError::precondition(format!("{reason}; the job keeps running")))
+                                }
+                            };
+                        let _ = reply.send(result);
+                    });
+                }
                 JobEvent::TaskManagerLost { taskmanager_id, reason } => {
                     let affected = self
                         .job
@@ -525,9 +677,272 @@ impl Driver {
                     if all_running && !running_recorded {
                         running_recorded = true;
                         self.set_state(JobState::Running, "").await?;
+                        self.upgraded_version_runs().await;
                     }
                 }
             }
+        }
+    }
+
+    /// Steps 1-3 of a handover (see [`crate::upgrade`]): checks, registers the new version,
+    /// allocates its slots while the old version runs, and drains the old version with a
+    /// stop-with-savepoint. The old attempt's checkpoint coordinator is running.
+    async fn drain(
+        &mut self,
+        req: UpgradeRequest,
+        tasks: &[TaskRecord],
+        version: u32,
+        spec_yaml: &str,
+        checkpointing: &keel_config::CheckpointConfig,
+    ) -> std::result::Result<Drained, DrainError> {
+        let mut progress = req.progress.clone();
+        let old = match JobSpec::parse(spec_yaml) {
+            Ok(s) => s,
+            Err(e) => {
+                progress.fail(format!("the active version's spec cannot be read: {e}"));
+                return Err(DrainError::Refused);
+            }
+        };
+        if let Err(e) = upgrade::check(&old, &req.spec, req.allow_non_restored_state) {
+            progress.fail(e.to_string());
+            return Err(DrainError::Refused);
+        }
+        let new_parallelism = req.spec.parallelism;
+        let to_version = {
+            let mut r = self.job.record_mut();
+            let to = r.versions.iter().map(|v| v.version).max().unwrap_or(version) + 1;
+            r.versions.push(VersionRecord {
+                version: to,
+                spec_yaml: req.spec_yaml.clone(),
+                state: JobState::Created,
+                created_at_ms: now_ms(),
+                parallelism: new_parallelism,
+                restored_from: None,
+                ended_with: None,
+            });
+            to
+        };
+        progress.to_version = to_version;
+        if let Err(e) = self.persist().await {
+            progress.fail(format!("cannot record version {to_version}: {e}"));
+            return Err(DrainError::Refused);
+        }
+        progress.step(format!("registered version {to_version} (parallelism {new_parallelism}) as pending"));
+
+        let slots = match req.mode {
+            UpgradeMode::StopStart => {
+                progress.step(format!(
+                    "stop-then-start: version {version} stops before version {to_version} starts"
+                ));
+                None
+            }
+            UpgradeMode::Handover => {
+                let request = pb::RequestSlotsRequest {
+                    jobmanager: Some(self.st.stamp()),
+                    job_id: self.job.job_id.clone(),
+                    version: to_version,
+                    count: new_parallelism,
+                    request_id: format!("{}/v{to_version}#upgrade", self.job.job_id),
+                    timeout_ms: u64::try_from(
+                        self.ctx.config.slot_request_timeout.min(UPGRADE_SLOT_WAIT).as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                };
+                match self.ctx.request_slots(request).await {
+                    Ok(slots) => {
+                        progress.step(format!(
+                            "allocated {} slots for version {to_version} while version {version} keeps running",
+                            slots.len()
+                        ));
+                        Some(slots)
+                    }
+                    Err(KeelError::NotEnoughSlots { needed, free, .. }) => {
+                        progress.step(format!(
+                            "not enough free slots to run both versions at once ({needed} needed, {free} free): \
+                             falling back to stop-then-start"
+                        ));
+                        None
+                    }
+                    Err(e) => {
+                        self.abandon_version(to_version, &format!("slot request failed: {e}")).await;
+                        progress.fail(format!("cannot allocate slots for version {to_version}: {e}"));
+                        return Err(DrainError::Refused);
+                    }
+                }
+            }
+        };
+
+        progress.step(format!("draining version {version}: its sources stop at a savepoint barrier"));
+        let done =
+            match coordinator::savepoint(&self.ctx, &self.st, &self.job, Kind::Drain, checkpointing.timeout)
+                .await
+            {
+                Ok(done) => done,
+                Err(reason) => {
+                    if let Some(slots) = &slots {
+                        self.release(slots.iter().map(|s| s.allocation_id.clone()).collect(), false).await;
+                    }
+                    self.abandon_version(to_version, &format!("the drain savepoint failed: {reason}")).await;
+                    progress.fail(format!(
+                    "the drain savepoint failed: {reason}; version {version} stays active and continues from \
+                     its latest checkpoint"
+                ));
+                    return Err(DrainError::Failed(format!(
+                        "the drain savepoint of an upgrade failed: {reason}"
+                    )));
+                }
+            };
+        let savepoint_path = match coordinator::keep_savepoint(&self.checkpoints_dir, &self.job.job_id, &done)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job.job_id, error = %e, "cannot keep the drain savepoint's copy");
+                done.metadata_path.clone()
+            }
+        };
+        progress.step(format!(
+            "savepoint {} complete: version {version} drained, its output committed",
+            done.checkpoint_id
+        ));
+
+        // The old tasks finish once they heard that the savepoint is complete.
+        let deadline = tokio::time::Instant::now() + DRAIN_FINISH_WAIT;
+        while self.job.tasks().iter().any(|t| !t.state.is_terminal()) {
+            let ev = tokio::select! {
+                ev = self.events.recv() => ev,
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            match ev {
+                Some(JobEvent::TaskState { task_id, state, failure }) => {
+                    if let Some(t) = self.job.tasks_mut().iter_mut().find(|t| t.task_id == task_id) {
+                        t.state = state;
+                        t.failure = failure;
+                    }
+                }
+                Some(JobEvent::TaskManagerLost { taskmanager_id, .. }) => {
+                    for t in self.job.tasks_mut().iter_mut().filter(|t| t.taskmanager_id == taskmanager_id) {
+                        t.state = TaskState::Canceled;
+                    }
+                }
+                Some(JobEvent::Cancel) => return Err(DrainError::Cancel),
+                Some(ev) => ev.refuse("an upgrade is in progress"),
+                None => break,
+            }
+        }
+        let unfinished: Vec<TaskRecord> =
+            self.job.tasks().into_iter().filter(|t| !t.state.is_terminal()).collect();
+        if !unfinished.is_empty() {
+            tracing::warn!(job_id = %self.job.job_id, tasks = unfinished.len(), "drained tasks did not finish; canceling them");
+            self.cancel_tasks(&unfinished).await;
+        }
+        let last_output_ms = {
+            let reports = self.job.reports();
+            tasks
+                .iter()
+                .filter_map(|t| reports.get(&t.task_id))
+                .map(|r| r.last_output_ms)
+                .filter(|m| *m > 0)
+                .max()
+        };
+        if let Some(v) = self.job.record_mut().versions.iter_mut().find(|v| v.version == version) {
+            v.ended_with = Some(RestoredFrom {
+                job_id: self.job.job_id.clone(),
+                checkpoint_id: done.checkpoint_id,
+                metadata_path: savepoint_path.clone(),
+                restored_at_ms: now_ms(),
+            });
+        }
+        Ok(Drained { progress, to_version, slots, savepoint: done, savepoint_path, last_output_ms })
+    }
+
+    /// Step 4 of a handover: records the switch (one fenced write: the new version active, the
+    /// old one finished); the next attempt deploys the new version from the drain savepoint
+    /// (the job's HA pointer) into the slots allocated for it.
+    async fn switch(&mut self, d: Drained, tasks: &[TaskRecord], version: u32) -> Result<()> {
+        {
+            let mut r = self.job.record_mut();
+            if let Some(v) = r.versions.iter_mut().find(|v| v.version == version) {
+                v.state = JobState::Finished;
+            }
+            r.active_version = d.to_version;
+        }
+        self.set_state(JobState::Scheduled, format!("version {} replaces version {version}", d.to_version))
+            .await?;
+        d.progress.step(format!("switched: version {} is the active version", d.to_version));
+        let old_allocations: Vec<String> = tasks.iter().map(|t| t.allocation_id.clone()).collect();
+        let old_allocations = match d.slots {
+            Some(slots) => {
+                self.preallocated = Some(slots);
+                old_allocations
+            }
+            None => {
+                self.release(old_allocations, false).await;
+                d.progress.step(format!("released version {version}'s slots"));
+                Vec::new()
+            }
+        };
+        self.upgrade = Some(UpgradeRun {
+            progress: d.progress,
+            old_allocations,
+            savepoint: d.savepoint,
+            savepoint_path: d.savepoint_path,
+            last_output_ms: d.last_output_ms,
+        });
+        Ok(())
+    }
+
+    /// Step 5: the new version runs: the old version's slots go, and the pause is measured
+    /// once a new task reports its first output.
+    async fn upgraded_version_runs(&mut self) {
+        let Some(u) = self.upgrade.take() else { return };
+        if !u.old_allocations.is_empty() {
+            self.release(u.old_allocations.clone(), false).await;
+            u.progress.step(format!(
+                "version {} runs; version {}'s slots released",
+                u.progress.to_version, u.progress.from_version
+            ));
+        } else {
+            u.progress.step(format!("version {} runs", u.progress.to_version));
+        }
+        let job = self.job.clone();
+        let new_tasks: Vec<String> = job.tasks().iter().map(|t| t.task_id.clone()).collect();
+        tokio::spawn(async move {
+            // The first output of the new version, as its tasks report it.
+            let deadline = tokio::time::Instant::now() + PAUSE_MEASURE_WAIT;
+            let first = loop {
+                let first = {
+                    let reports = job.reports();
+                    new_tasks
+                        .iter()
+                        .filter_map(|id| reports.get(id))
+                        .map(|r| r.first_output_ms)
+                        .filter(|m| *m > 0)
+                        .min()
+                };
+                if first.is_some() || tokio::time::Instant::now() >= deadline {
+                    break first;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let pause = match (u.last_output_ms, first) {
+                (Some(last), Some(first)) => {
+                    Some(i64::try_from(first).unwrap_or(i64::MAX) - i64::try_from(last).unwrap_or(0))
+                }
+                _ => None,
+            };
+            u.progress.done(pause, u.savepoint.checkpoint_id, &u.savepoint_path);
+        });
+    }
+
+    /// A pending version that will not run is marked failed with `why`.
+    async fn abandon_version(&self, version: u32, why: &str) {
+        if let Some(v) = self.job.record_mut().versions.iter_mut().find(|v| v.version == version) {
+            v.state = JobState::Failed;
+        }
+        self.job.record_mut().status_message = format!("upgrade to version {version} failed: {why}");
+        if let Err(e) = self.persist().await {
+            tracing::warn!(job_id = %self.job.job_id, error = %e, "cannot record the failed upgrade");
         }
     }
 
@@ -573,6 +988,7 @@ impl Driver {
                         }
                     }
                     Some(JobEvent::Cancel) => {}
+                    Some(ev) => ev.refuse("the job is being canceled"),
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,

@@ -25,6 +25,7 @@ pub mod coordinator;
 pub mod driver;
 pub mod record;
 pub mod restart;
+pub mod upgrade;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -284,7 +285,15 @@ impl JobManager {
         });
         st.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(handle.job_id.clone(), handle.clone());
         if !terminal {
-            let driver = Driver { ctx: self.ctx.clone(), st: st.clone(), job: handle.clone(), events: rx };
+            let driver = Driver {
+                ctx: self.ctx.clone(),
+                st: st.clone(),
+                job: handle.clone(),
+                events: rx,
+                preallocated: None,
+                upgrade: None,
+                checkpoints_dir: self.ctx.config.checkpointing.dir.clone(),
+            };
             st.drivers.spawn(driver.run());
         }
         handle
@@ -360,6 +369,7 @@ impl JobManager {
                 created_at_ms: now,
                 parallelism: spec.parallelism,
                 restored_from: restored_from.clone(),
+                ended_with: None,
             }],
             created_at_ms: now,
             attempts: 0,
@@ -474,6 +484,7 @@ impl JobManager {
                     parallelism: v.parallelism,
                     spec_yaml: v.spec_yaml.clone(),
                     restored_from: v.restored_from.as_ref().map(RestoredFrom::to_pb),
+                    ended_with: v.ended_with.as_ref().map(RestoredFrom::to_pb),
                 })
                 .collect(),
             tasks,
@@ -717,8 +728,87 @@ async fn watch_rm_events(ctx: Arc<JobManagerCtx>, st: Arc<LeaderState>, scope: C
 
 struct JmService(Arc<JobManager>);
 
+/// How long `keel savepoint` waits for the savepoint at most.
+const SAVEPOINT_WAIT: Duration = Duration::from_secs(15 * 60);
+
 #[tonic::async_trait]
 impl JmApi for JmService {
+    type UpgradeJobStream =
+        tokio_stream::wrappers::UnboundedReceiverStream<std::result::Result<pb::UpgradeProgress, Status>>;
+
+    async fn upgrade_job(
+        &self,
+        request: Request<pb::UpgradeJobRequest>,
+    ) -> std::result::Result<Response<Self::UpgradeJobStream>, Status> {
+        let st = self.0.leader_state()?;
+        let req = request.into_inner();
+        let job = st.resolve(&req.job)?;
+        let r = job.record();
+        if r.state != JobState::Running {
+            return Err(KeelError::precondition(format!(
+                "job {} is {}; only a running job can be upgraded",
+                r.name, r.state
+            ))
+            .into());
+        }
+        let active = r.active().ok_or_else(|| KeelError::internal("the job has no active version"))?;
+        let old = JobSpec::parse(&active.spec_yaml)?;
+        let spec_yaml = if req.spec_yaml.trim().is_empty() {
+            if req.parallelism == 0 {
+                return Err(KeelError::InvalidArgument {
+                    reason: "a rescale needs a parallelism of at least 1".into(),
+                }
+                .into());
+            }
+            if req.parallelism > old.max_parallelism {
+                return Err(KeelError::invalid_spec(
+                    "parallelism",
+                    format!("{} is above the job's maxParallelism {}", req.parallelism, old.max_parallelism),
+                )
+                .into());
+            }
+            upgrade::rescaled_spec(&active.spec_yaml, req.parallelism)?
+        } else {
+            req.spec_yaml.clone()
+        };
+        let spec = JobSpec::parse(&spec_yaml)?;
+        // Refused here, before anything changes (the driver checks again).
+        upgrade::check(&old, &spec, req.allow_non_restored_state)?;
+        let mode = upgrade::UpgradeMode::parse(&req.mode)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let progress = upgrade::Progress::new(tx, r.active_version);
+        progress.step(format!(
+            "upgrade of job {} requested: version {} (parallelism {}) -> new version (parallelism {})",
+            r.name, r.active_version, old.parallelism, spec.parallelism
+        ));
+        job.send(JobEvent::Upgrade(Box::new(upgrade::UpgradeRequest {
+            spec_yaml,
+            spec,
+            mode,
+            allow_non_restored_state: req.allow_non_restored_state,
+            progress,
+        })));
+        Ok(Response::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn trigger_savepoint(
+        &self,
+        request: Request<pb::TriggerSavepointRequest>,
+    ) -> std::result::Result<Response<pb::TriggerSavepointResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let job = st.resolve(&request.into_inner().job)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        job.send(JobEvent::Savepoint { reply });
+        match tokio::time::timeout(SAVEPOINT_WAIT, answer).await {
+            Ok(Ok(result)) => Ok(Response::new(result?)),
+            Ok(Err(_)) => Err(KeelError::precondition("the job ended before the savepoint was taken").into()),
+            Err(_) => Err(KeelError::precondition(format!(
+                "no savepoint within {SAVEPOINT_WAIT:?}; the job keeps running"
+            ))
+            .into()),
+        }
+    }
+
     async fn submit_job(
         &self,
         request: Request<pb::SubmitJobRequest>,

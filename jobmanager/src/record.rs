@@ -18,6 +18,9 @@ pub struct VersionRecord {
     /// for `keel run --restore`, and whenever an attempt restores from the job's HA pointer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<RestoredFrom>,
+    /// The savepoint this version was drained with when a newer version replaced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_with: Option<RestoredFrom>,
 }
 
 /// A checkpoint an attempt restored from.

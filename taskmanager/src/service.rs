@@ -108,6 +108,7 @@ impl TaskManagerService {
             checkpoint_id: req.checkpoint_id,
             timestamp_ms: req.timestamp_ms,
             is_savepoint: req.is_savepoint,
+            drain: req.drain,
         };
         match task.control().try_send(control) {
             Ok(()) => Ok(()),

@@ -197,7 +197,12 @@ async fn checkpoint_state_restores_without_gap_or_duplicate() {
     wait_until("records flowing", Duration::from_secs(10), || counters.records_out() > 100).await;
     chain
         .control
-        .send(Control::TriggerCheckpoint { checkpoint_id: 7, timestamp_ms: 0, is_savepoint: false })
+        .send(Control::TriggerCheckpoint {
+            checkpoint_id: 7,
+            timestamp_ms: 0,
+            is_savepoint: false,
+            drain: false,
+        })
         .await
         .expect("deliver trigger");
     let ack = tokio::time::timeout(Duration::from_secs(10), chain.acks.recv())
@@ -544,6 +549,19 @@ impl JobManager for FakeJm {
         &self,
         _: Request<LeaderInfoRequest>,
     ) -> Result<Response<LeaderInfoResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type UpgradeJobStream = tokio_stream::wrappers::UnboundedReceiverStream<Result<UpgradeProgress, Status>>;
+    async fn upgrade_job(
+        &self,
+        _: Request<UpgradeJobRequest>,
+    ) -> Result<Response<Self::UpgradeJobStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn trigger_savepoint(
+        &self,
+        _: Request<TriggerSavepointRequest>,
+    ) -> Result<Response<TriggerSavepointResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 }
@@ -913,6 +931,7 @@ async fn task_lifecycle_reports_and_checkpoints() {
             checkpoint_id: 1,
             timestamp_ms: 0,
             is_savepoint: false,
+            drain: false,
         })
         .await
         .expect_err("stale");
@@ -925,6 +944,7 @@ async fn task_lifecycle_reports_and_checkpoints() {
             checkpoint_id: 1,
             timestamp_ms: 0,
             is_savepoint: false,
+            drain: false,
         })
         .await
         .expect_err("unknown task");
@@ -936,6 +956,7 @@ async fn task_lifecycle_reports_and_checkpoints() {
             checkpoint_id: 1,
             timestamp_ms: 0,
             is_savepoint: false,
+            drain: false,
         })
         .await
         .expect("trigger");

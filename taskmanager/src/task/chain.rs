@@ -54,8 +54,17 @@ pub use keel_formats::Row as Record;
 /// Requests delivered to a running task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
-    TriggerCheckpoint { checkpoint_id: u64, timestamp_ms: u64, is_savepoint: bool },
-    NotifyCheckpointComplete { checkpoint_id: u64 },
+    /// `drain`: stop with this savepoint: the sources stop at the barrier, and the task
+    /// finishes once the checkpoint is complete (an upgrade's handover).
+    TriggerCheckpoint {
+        checkpoint_id: u64,
+        timestamp_ms: u64,
+        is_savepoint: bool,
+        drain: bool,
+    },
+    NotifyCheckpointComplete {
+        checkpoint_id: u64,
+    },
 }
 
 /// A checkpoint barrier that has passed every sink of the chain.
@@ -149,9 +158,22 @@ impl TaskSnapshot {
 pub struct Counters {
     pub records_in: AtomicU64,
     pub records_out: AtomicU64,
+    /// When the sinks wrote their first and latest record (ms since the epoch; 0: none yet).
+    pub first_output_ms: AtomicU64,
+    pub last_output_ms: AtomicU64,
 }
 
 impl Counters {
+    /// Records that the sinks wrote records now.
+    pub fn note_output(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let _ = self.first_output_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        self.last_output_ms.store(now, Ordering::Relaxed);
+    }
+
     pub fn records_in(&self) -> u64 {
         self.records_in.load(Ordering::Relaxed)
     }
@@ -488,6 +510,7 @@ impl OpenChain {
         let span = tracing::Span::current();
         let driver = SourceDriver {
             sink_notify: notify_tx,
+            drained: None,
             kafka_rx: self.kafka_rx,
             pending_commits: BTreeMap::new(),
             sources: self.sources,
@@ -549,6 +572,9 @@ struct SourceDriver {
     tx: mpsc::Sender<Element>,
     /// Checkpoint-complete notifications for the sink thread.
     sink_notify: mpsc::UnboundedSender<u64>,
+    /// The drain checkpoint whose barrier was injected: the sources emit nothing more, and the
+    /// task ends when that checkpoint completes.
+    drained: Option<u64>,
     cancel: CancellationToken,
     counters: Arc<Counters>,
     metrics: Arc<TaskMetrics>,
@@ -606,7 +632,7 @@ impl SourceDriver {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(SourceEnd::Canceled),
                 _ = self.tx.closed() => return Ok(SourceEnd::DownstreamGone),
-                batch = self.kafka_rx.recv(), if kafka_open => match batch {
+                batch = self.kafka_rx.recv(), if kafka_open && self.drained.is_none() => match batch {
                     Some(Ok(batch)) => {
                         if let Some((_, SourceRt::Kafka(k))) = self.sources.get_mut(batch.source) {
                             k.position = batch.position;
@@ -633,7 +659,7 @@ impl SourceDriver {
                         }
                     }
                 },
-                _ = tokio::time::sleep_until(wake) => {
+                _ = tokio::time::sleep_until(wake), if self.drained.is_none() => {
                     let now = Instant::now();
                     last_round = now;
                     behind = false;
@@ -665,7 +691,12 @@ impl SourceDriver {
 
     async fn handle_control(&mut self, msg: Control) -> Result<Option<SourceEnd>> {
         match msg {
-            Control::TriggerCheckpoint { checkpoint_id, timestamp_ms, is_savepoint } => {
+            Control::TriggerCheckpoint { checkpoint_id, timestamp_ms, is_savepoint, drain } => {
+                if self.drained.is_some() {
+                    return Err(KeelError::precondition(format!(
+                        "checkpoint {checkpoint_id}: the task is draining and takes no more checkpoints"
+                    )));
+                }
                 let snapshot = self.snapshot();
                 let kafka: Vec<(usize, SourcePosition)> = self
                     .sources
@@ -679,7 +710,17 @@ impl SourceDriver {
                 if !kafka.is_empty() {
                     self.pending_commits.insert(checkpoint_id, kafka);
                 }
-                tracing::info!(checkpoint_id, timestamp_ms, is_savepoint, "checkpoint barrier injected");
+                tracing::info!(
+                    checkpoint_id,
+                    timestamp_ms,
+                    is_savepoint,
+                    drain,
+                    "checkpoint barrier injected"
+                );
+                if drain {
+                    // Nothing after the barrier: the sources stop here (a consistent cut).
+                    self.drained = Some(checkpoint_id);
+                }
                 Ok(self.send(Element::Barrier(Barrier { checkpoint_id, is_savepoint, snapshot })).await)
             }
             Control::NotifyCheckpointComplete { checkpoint_id } => {
@@ -702,6 +743,10 @@ impl SourceDriver {
                     }
                 }
                 tracing::info!(checkpoint_id, "checkpoint complete");
+                if self.drained.is_some_and(|d| checkpoint_id >= d) {
+                    tracing::info!(checkpoint_id, "drained: the savepoint is complete, the task finishes");
+                    return Ok(Some(self.send(Element::End).await.unwrap_or(SourceEnd::Exhausted)));
+                }
                 Ok(None)
             }
         }
@@ -763,6 +808,9 @@ fn run_sinks(
                         let encoded = edge.encode(&records)?;
                         sink.write(&encoded)?;
                         counters.records_out.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                        if !encoded.is_empty() {
+                            counters.note_output();
+                        }
                         if let Some(m) = metrics.sink(i) {
                             let bytes: usize = encoded.iter().map(EncodedRecord::payload_len).sum();
                             m.record_out(encoded.len() as u64, bytes as u64);

@@ -213,6 +213,8 @@ impl Task {
             pending_records: throughput.pending_records,
             current_emit_event_time_lag_ms: throughput.emit_lag_ms,
             source_partitions: throughput.sources,
+            first_output_ms: self.counters.first_output_ms.load(std::sync::atomic::Ordering::Relaxed),
+            last_output_ms: self.counters.last_output_ms.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

@@ -1,0 +1,256 @@
+//! Versioned upgrades: a new version of a running job replaces the old one by a handover.
+//!
+//! The job driver ([`crate::driver`]) runs the steps; this module holds the request, the
+//! checks that refuse an upgrade before anything changes, and the progress reporting.
+//!
+//! Handover (the default mode):
+//! 1. the new version is registered (persisted) as a pending version;
+//! 2. its slots are allocated while the old version keeps running (when the cluster has not
+//!    enough free slots for both, the upgrade falls back to stop-then-start and says so);
+//! 3. the old version is drained: a stop-with-savepoint whose barrier is the last thing its
+//!    sources emit; the savepoint completes (metadata, fenced HA pointer), its transactions
+//!    commit on the completion notice, and the old tasks finish;
+//! 4. the switch is recorded in the HA store (the new version active, the old one finished)
+//!    with one fenced write, and the new version is deployed from the drain savepoint (its
+//!    Kafka offsets redistributed when the parallelism changes);
+//! 5. once the new version runs, the old version's slots are released.
+//!
+//! A leader that dies before the switch leaves the old version active: the next leader
+//! restarts it from the job's HA pointer (the drain savepoint if it completed), and the pending
+//! version stays unused. A leader that dies after the switch leaves the new version active: the
+//! next leader starts it from the same pointer. Either way only the active version is ever
+//! deployed, so two versions never write at once.
+
+use std::time::Instant;
+
+use keel_proto::pb;
+use keel_proto::{KeelError, Result};
+use keel_spec::JobSpec;
+use tokio::sync::mpsc;
+
+use crate::record::now_ms;
+
+/// How the new version replaces the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeMode {
+    /// Slots for both versions at once; the new one starts right after the drain.
+    Handover,
+    /// The old version's slots are released before the new version asks for its own.
+    StopStart,
+}
+
+impl UpgradeMode {
+    pub fn parse(text: &str) -> Result<UpgradeMode> {
+        match text.trim() {
+            "" | "handover" => Ok(UpgradeMode::Handover),
+            "stop-start" | "stop-then-start" => Ok(UpgradeMode::StopStart),
+            other => Err(KeelError::InvalidArgument {
+                reason: format!("unknown upgrade mode {other:?}; one of handover, stop-start"),
+            }),
+        }
+    }
+}
+
+/// A request to replace the active version, and where its progress goes.
+#[derive(Debug)]
+pub struct UpgradeRequest {
+    pub spec_yaml: String,
+    pub spec: JobSpec,
+    pub mode: UpgradeMode,
+    pub allow_non_restored_state: bool,
+    pub progress: Progress,
+}
+
+/// The progress stream of one upgrade (to `keel upgrade`). Sending never fails: a client
+/// that went away just stops listening.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    tx: mpsc::UnboundedSender<std::result::Result<pb::UpgradeProgress, tonic::Status>>,
+    pub started: Instant,
+    pub from_version: u32,
+    pub to_version: u32,
+}
+
+impl Progress {
+    pub fn new(
+        tx: mpsc::UnboundedSender<std::result::Result<pb::UpgradeProgress, tonic::Status>>,
+        from_version: u32,
+    ) -> Progress {
+        Progress { tx, started: Instant::now(), from_version, to_version: 0 }
+    }
+
+    fn message(&self, step: &str) -> pb::UpgradeProgress {
+        pb::UpgradeProgress {
+            step: step.to_string(),
+            time_ms: now_ms(),
+            from_version: self.from_version,
+            to_version: self.to_version,
+            pause_ms: -1,
+            ..Default::default()
+        }
+    }
+
+    pub fn step(&self, step: impl AsRef<str>) {
+        tracing::info!(
+            from_version = self.from_version,
+            to_version = self.to_version,
+            step = step.as_ref(),
+            "upgrade"
+        );
+        let _ = self.tx.send(Ok(self.message(step.as_ref())));
+    }
+
+    /// The last message: the upgrade failed (or was refused) with `error`.
+    pub fn fail(&self, error: impl AsRef<str>) {
+        tracing::warn!(
+            from_version = self.from_version,
+            to_version = self.to_version,
+            error = error.as_ref(),
+            "upgrade failed"
+        );
+        let mut m = self.message("upgrade failed");
+        m.done = true;
+        m.error = error.as_ref().to_string();
+        m.total_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let _ = self.tx.send(Ok(m));
+    }
+
+    /// The last message of a successful upgrade.
+    pub fn done(&self, pause_ms: Option<i64>, savepoint_id: u64, savepoint_path: &str) {
+        let mut m = self.message("upgrade complete");
+        m.done = true;
+        m.pause_ms = pause_ms.unwrap_or(-1);
+        m.total_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        m.savepoint_id = savepoint_id;
+        m.savepoint_path = savepoint_path.to_string();
+        tracing::info!(
+            from_version = self.from_version,
+            to_version = self.to_version,
+            pause_ms = m.pause_ms,
+            total_ms = m.total_ms,
+            savepoint_id,
+            "upgrade complete"
+        );
+        let _ = self.tx.send(Ok(m));
+    }
+}
+
+/// The checks made before anything changes. `old` is the active version's spec. Refuses: a
+/// spec of another job (name), a parallelism above maxParallelism, a rescale of a job with a
+/// datagen source (its sequence is split by subtask), and dropping the state of a source the
+/// new version no longer has (unless `allow_non_restored_state`).
+pub fn check(old: &JobSpec, new: &JobSpec, allow_non_restored_state: bool) -> Result<()> {
+    if new.name != old.name {
+        return Err(KeelError::invalid_spec(
+            "name",
+            format!("the new version is named {:?}; it must keep the job's name {:?}", new.name, old.name),
+        ));
+    }
+    if new.parallelism > new.max_parallelism {
+        return Err(KeelError::invalid_spec(
+            "parallelism",
+            format!("{} is above maxParallelism {}", new.parallelism, new.max_parallelism),
+        ));
+    }
+    if new.parallelism != old.parallelism {
+        if let Some(s) = old.sources.iter().find(|s| s.connector != "kafka") {
+            return Err(KeelError::invalid_spec(
+                "parallelism",
+                format!(
+                    "source '{}' ({}) cannot change parallelism (its sequence is split by subtask); \
+                     only jobs whose sources are all kafka can be rescaled",
+                    s.name, s.connector
+                ),
+            ));
+        }
+    }
+    let dropped: Vec<&str> = old
+        .sources
+        .iter()
+        .filter(|o| !new.sources.iter().any(|n| n.name == o.name))
+        .map(|o| o.name.as_str())
+        .collect();
+    if !dropped.is_empty() && !allow_non_restored_state {
+        return Err(KeelError::invalid_spec(
+            "sources",
+            format!(
+                "the new version has no source named {}: its state would not be restored; pass \
+                 --allow-non-restored-state to drop it",
+                dropped.join(", ")
+            ),
+        ));
+    }
+    for n in &new.sources {
+        if let Some(o) = old.sources.iter().find(|o| o.name == n.name) {
+            if o.connector != n.connector {
+                return Err(KeelError::invalid_spec(
+                    "sources",
+                    format!(
+                        "source '{}' was {} and is now {}: its state cannot carry over; rename it",
+                        n.name, o.connector, n.connector
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The spec of a rescale: the active spec with `parallelism` replaced.
+pub fn rescaled_spec(spec_yaml: &str, parallelism: u32) -> Result<String> {
+    let mut value: serde_yaml::Value = serde_yaml::from_str(spec_yaml)
+        .map_err(|e| KeelError::internal(format!("the active spec is not valid YAML: {e}")))?;
+    let map = value
+        .as_mapping_mut()
+        .ok_or_else(|| KeelError::internal("the active spec is not a mapping".to_string()))?;
+    map.insert(serde_yaml::Value::from("parallelism"), serde_yaml::Value::from(parallelism));
+    serde_yaml::to_string(&value).map_err(|e| KeelError::internal(format!("cannot write the spec: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, parallelism: u32, sources: &[(&str, &str)]) -> JobSpec {
+        let mut yaml = format!("name: {name}\nparallelism: {parallelism}\nmaxParallelism: 4\nsources:\n");
+        for (n, c) in sources {
+            match *c {
+                "kafka" => yaml.push_str(&format!(
+                    "  - {{name: {n}, connector: kafka, topic: t, properties.bootstrap.servers: 'b:1'}}\n"
+                )),
+                _ => yaml.push_str(&format!("  - {{name: {n}, connector: datagen}}\n")),
+            }
+        }
+        yaml.push_str(&format!("sinks:\n  - {{name: out, connector: blackhole, from: {}}}\n", sources[0].0));
+        JobSpec::parse(&yaml).expect("valid spec")
+    }
+
+    /// What an upgrade refuses before anything changes, each with the field and the reason.
+    #[test]
+    fn upgrade_checks_refuse_with_the_reason() {
+        let old = spec("j", 2, &[("in", "kafka")]);
+        assert!(check(&old, &spec("j", 3, &[("in", "kafka")]), false).is_ok());
+        let err = check(&old, &spec("other", 2, &[("in", "kafka")]), false).expect_err("name").to_string();
+        assert!(err.contains("name"), "{err}");
+        let gen = spec("j", 1, &[("gen", "datagen")]);
+        let err = check(&gen, &spec("j", 2, &[("gen", "datagen")]), false).expect_err("datagen").to_string();
+        assert!(err.contains("source 'gen' (datagen) cannot change parallelism"), "{err}");
+        assert!(check(&gen, &spec("j", 1, &[("gen", "datagen")]), false).is_ok());
+        let renamed = spec("j", 2, &[("in2", "kafka")]);
+        let err = check(&old, &renamed, false).expect_err("dropped").to_string();
+        assert!(err.contains("in") && err.contains("--allow-non-restored-state"), "{err}");
+        assert!(check(&old, &renamed, true).is_ok());
+        let err = check(&old, &spec("j", 2, &[("in", "datagen")]), false).expect_err("connector").to_string();
+        assert!(err.contains("was kafka and is now datagen"), "{err}");
+    }
+
+    #[test]
+    fn rescaled_spec_changes_only_the_parallelism() {
+        let yaml = "name: j\nparallelism: 2\nsources:\n  - {name: in, connector: datagen}\nsinks:\n  - {name: out, connector: blackhole}\n";
+        let out = rescaled_spec(yaml, 3).expect("rescaled");
+        let spec = JobSpec::parse(&out).expect("valid");
+        assert_eq!(spec.parallelism, 3);
+        assert_eq!(spec.sources.len(), 1);
+        assert!(UpgradeMode::parse("sideways").is_err());
+    }
+}
