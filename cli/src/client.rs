@@ -103,12 +103,24 @@ impl Client {
     /// `keel run FILE`: submits, then (unless detached) waits until the job runs or fails. With
     /// `restore`, the job starts from the latest completed checkpoint of the most recent earlier
     /// job with the same name.
-    pub async fn run(&self, file: &Path, detached: bool, restore: bool) -> anyhow::Result<()> {
+    pub async fn run(
+        &self,
+        file: &Path,
+        detached: bool,
+        restore: bool,
+        from_savepoint: Option<&str>,
+        allow_non_restored_state: bool,
+    ) -> anyhow::Result<()> {
         let spec_yaml = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read job spec {}", file.display()))?;
         // Validate here first: the same check the JobManager makes, without a round trip.
         keel_spec::JobSpec::parse(&spec_yaml).with_context(|| format!("job spec {}", file.display()))?;
-        let req = pb::SubmitJobRequest { spec_yaml, restore };
+        let req = pb::SubmitJobRequest {
+            spec_yaml,
+            restore,
+            from_savepoint: from_savepoint.unwrap_or_default().to_string(),
+            allow_non_restored_state,
+        };
         let submitted = self
             .jm
             .call(|ch| {
@@ -408,17 +420,26 @@ impl Client {
         }
     }
 
-    /// `keel savepoint JOB`: a savepoint of the running version, kept until deleted.
-    pub async fn savepoint(&self, job: &str) -> anyhow::Result<()> {
+    /// `keel savepoint JOB`: a savepoint of the running version, kept until deleted. With
+    /// `stop` (`keel stop JOB`): the job stops at the savepoint and finishes.
+    pub async fn savepoint(&self, job: &str, stop: bool) -> anyhow::Result<()> {
         let req = pb::TriggerSavepointRequest { job: job.to_string() };
         let resp = self
             .jm
             .call(|ch| {
                 let req = req.clone();
-                async move { JobManagerClient::new(ch).trigger_savepoint(req).await.map(|r| r.into_inner()) }
+                async move {
+                    let mut client = JobManagerClient::new(ch);
+                    let resp =
+                        if stop { client.stop_job(req).await } else { client.trigger_savepoint(req).await };
+                    resp.map(|r| r.into_inner())
+                }
             })
             .await
             .map_err(|e| self.unreachable("jobmanager", e))?;
+        if stop && self.output == Output::Text {
+            println!("job {} stopped", resp.job_id);
+        }
         match self.output {
             Output::Json => println!(
                 "{}",

@@ -43,6 +43,13 @@ enum Command {
         /// same name (fails when there is none).
         #[arg(long)]
         restore: bool,
+        /// Start from this savepoint (its `_metadata` file or directory), e.g. one printed by
+        /// `keel savepoint` or `keel stop`.
+        #[arg(long, value_name = "PATH", conflicts_with = "restore")]
+        from_savepoint: Option<String>,
+        /// With --from-savepoint: drop the state of sources the spec no longer has.
+        #[arg(long, requires = "from_savepoint")]
+        allow_non_restored_state: bool,
     },
     /// List jobs.
     List,
@@ -80,6 +87,10 @@ enum Command {
     },
     /// Take a savepoint of a running job (kept until deleted); the job keeps running.
     Savepoint { job: String },
+    /// Stop a running job with a final savepoint: its sources stop at the savepoint, its
+    /// output up to there is committed, and the job finishes. Start it again with
+    /// `keel run FILE --from-savepoint PATH`.
+    Stop { job: String },
     /// List a job's versions: state, parallelism, the savepoints each started from and ended with.
     History { job: String },
     /// Show the cluster: leaders with epochs, TaskManagers, slots used and free.
@@ -109,8 +120,10 @@ fn main() -> ExitCode {
         Command::Resourcemanager => session.role(keel::RoleCmd::ResourceManager),
         Command::Jobmanager => session.role(keel::RoleCmd::JobManager),
         Command::Taskmanager => session.role(keel::RoleCmd::TaskManager),
-        Command::Run { file, detached, restore } => {
-            session.client(|c| async move { c.run(&file, detached, restore).await })
+        Command::Run { file, detached, restore, from_savepoint, allow_non_restored_state } => {
+            session.client(|c| async move {
+                c.run(&file, detached, restore, from_savepoint.as_deref(), allow_non_restored_state).await
+            })
         }
         Command::List => session.client(|c| async move { c.list().await }),
         Command::Status { job } => session.client(|c| async move { c.status(&job).await }),
@@ -123,7 +136,8 @@ fn main() -> ExitCode {
         Command::Rescale { job, parallelism, mode } => {
             session.client(|c| async move { c.upgrade(&job, None, parallelism, &mode, false).await })
         }
-        Command::Savepoint { job } => session.client(|c| async move { c.savepoint(&job).await }),
+        Command::Savepoint { job } => session.client(|c| async move { c.savepoint(&job, false).await }),
+        Command::Stop { job } => session.client(|c| async move { c.savepoint(&job, true).await }),
         Command::History { job } => session.client(|c| async move { c.history(&job).await }),
         Command::Cluster => session.client(|c| async move { c.cluster().await }),
         Command::Dev(args) => session.dev(args),

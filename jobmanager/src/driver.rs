@@ -69,8 +69,9 @@ pub enum JobEvent {
     Cancel,
     /// A new version replaces the active one (`keel upgrade`, `keel rescale`).
     Upgrade(Box<UpgradeRequest>),
-    /// A savepoint of the running version (`keel savepoint`).
-    Savepoint { reply: oneshot::Sender<Result<pb::TriggerSavepointResponse>> },
+    /// A savepoint of the running version (`keel savepoint`); with `stop`, the job then
+    /// finishes (`keel stop`).
+    Savepoint { reply: oneshot::Sender<Result<pb::TriggerSavepointResponse>>, stop: bool },
 }
 
 impl JobEvent {
@@ -78,7 +79,7 @@ impl JobEvent {
     fn refuse(self, why: &str) {
         match self {
             JobEvent::Upgrade(req) => req.progress.fail(why),
-            JobEvent::Savepoint { reply } => {
+            JobEvent::Savepoint { reply, .. } => {
                 let _ = reply.send(Err(KeelError::precondition(why.to_string())));
             }
             _ => {}
@@ -127,6 +128,10 @@ enum AttemptEnd {
     Upgrade(Box<UpgradeRequest>),
     /// The attempt's version was drained for an upgrade.
     Drained(Box<Drained>),
+    /// `keel stop`: stop with a savepoint (handled while the attempt runs).
+    Stop(oneshot::Sender<Result<pb::TriggerSavepointResponse>>),
+    /// The job was stopped with this savepoint.
+    Stopped(pb::TriggerSavepointResponse),
 }
 
 /// What the driver does after the restart strategy has seen a failure.
@@ -343,6 +348,30 @@ impl Driver {
                                     Err(DrainError::Cancel) => break Ok(AttemptEnd::Cancel),
                                 }
                             }
+                            Ok(AttemptEnd::Stop(reply)) => {
+                                match self.stop_with_savepoint(version, &checkpointing).await {
+                                    Ok(done) => {
+                                        let _ = reply.send(Ok(done.clone()));
+                                        break Ok(AttemptEnd::Stopped(done));
+                                    }
+                                    Err(DrainError::Failed(reason)) => {
+                                        let _ = reply.send(Err(KeelError::precondition(format!(
+                                            "{reason}; the job continues from its latest checkpoint"
+                                        ))));
+                                        break Ok(AttemptEnd::Failed(reason));
+                                    }
+                                    Err(DrainError::Cancel) => {
+                                        let _ =
+                                            reply.send(Err(KeelError::precondition("the job was canceled")));
+                                        break Ok(AttemptEnd::Cancel);
+                                    }
+                                    Err(DrainError::Refused) => {
+                                        let _ = reply
+                                            .send(Err(KeelError::precondition("the job cannot stop now")));
+                                        continue;
+                                    }
+                                }
+                            }
                             other => break other,
                         }
                     };
@@ -352,6 +381,9 @@ impl Driver {
                         Ok(AttemptEnd::Failed(reason)) => format!("attempt {attempt} failed: {reason}"),
                         Ok(AttemptEnd::Upgrade(_)) | Ok(AttemptEnd::Drained(_)) => {
                             format!("version {version} was drained for an upgrade")
+                        }
+                        Ok(AttemptEnd::Stop(_)) | Ok(AttemptEnd::Stopped(_)) => {
+                            "the job was stopped".to_string()
                         }
                         Err(e) => format!("attempt {attempt} ended: {e}"),
                     };
@@ -374,6 +406,20 @@ impl Driver {
                     self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
                 }
                 AttemptEnd::Drained(d) => self.switch(*d, &tasks, version).await?,
+                AttemptEnd::Stop(reply) => {
+                    let _ = reply.send(Err(KeelError::precondition("the attempt ended before the stop")));
+                    self.cancel_tasks(&tasks).await;
+                    self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
+                }
+                AttemptEnd::Stopped(done) => {
+                    self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
+                    self.set_state(
+                        JobState::Finished,
+                        format!("stopped with savepoint {} ({})", done.savepoint_id, done.path),
+                    )
+                    .await?;
+                    return Ok(());
+                }
                 AttemptEnd::Finished => {
                     self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
                     self.set_state(JobState::Finished, "").await?;
@@ -606,7 +652,13 @@ impl Driver {
                     }
                     req.progress.fail("the job is not running yet; try again when it runs");
                 }
-                JobEvent::Savepoint { reply } => {
+                JobEvent::Savepoint { reply, stop: true } => {
+                    if running_recorded {
+                        return Ok(AttemptEnd::Stop(reply));
+                    }
+                    let _ = reply.send(Err(KeelError::precondition("the job is not running yet")));
+                }
+                JobEvent::Savepoint { reply, stop: false } => {
                     if !running_recorded {
                         let _ = reply.send(Err(KeelError::precondition("the job is not running yet")));
                         continue;
@@ -806,7 +858,56 @@ impl Driver {
             done.checkpoint_id
         ));
 
-        // The old tasks finish once they heard that the savepoint is complete.
+        self.wait_drained().await?;
+        let last_output_ms = {
+            let reports = self.job.reports();
+            tasks
+                .iter()
+                .filter_map(|t| reports.get(&t.task_id))
+                .map(|r| r.last_output_ms)
+                .filter(|m| *m > 0)
+                .max()
+        };
+        self.note_ended_with(version, &done, &savepoint_path);
+        Ok(Drained { progress, to_version, slots, savepoint: done, savepoint_path, last_output_ms })
+    }
+
+    /// `keel stop`: drains the running attempt with a savepoint, kept like `keel savepoint`'s.
+    async fn stop_with_savepoint(
+        &mut self,
+        version: u32,
+        checkpointing: &keel_config::CheckpointConfig,
+    ) -> std::result::Result<pb::TriggerSavepointResponse, DrainError> {
+        let done = coordinator::savepoint(&self.ctx, &self.st, &self.job, Kind::Drain, checkpointing.timeout)
+            .await
+            .map_err(|reason| DrainError::Failed(format!("the stop savepoint failed: {reason}")))?;
+        let path = coordinator::keep_savepoint(&self.checkpoints_dir, &self.job.job_id, &done)
+            .await
+            .unwrap_or_else(|_| done.metadata_path.clone());
+        self.wait_drained().await?;
+        self.note_ended_with(version, &done, &path);
+        Ok(pb::TriggerSavepointResponse {
+            job_id: self.job.job_id.clone(),
+            savepoint_id: done.checkpoint_id,
+            path,
+        })
+    }
+
+    fn note_ended_with(&self, version: u32, done: &SavepointDone, path: &str) {
+        if let Some(v) = self.job.record_mut().versions.iter_mut().find(|v| v.version == version) {
+            v.ended_with = Some(RestoredFrom {
+                job_id: self.job.job_id.clone(),
+                checkpoint_id: done.checkpoint_id,
+                metadata_path: path.to_string(),
+                restored_at_ms: now_ms(),
+            });
+        }
+    }
+
+    /// After a drain savepoint completed: waits until the attempt's tasks finished (they do
+    /// once told that the savepoint is complete); cancels those that did not within
+    /// [`DRAIN_FINISH_WAIT`].
+    async fn wait_drained(&mut self) -> std::result::Result<(), DrainError> {
         let deadline = tokio::time::Instant::now() + DRAIN_FINISH_WAIT;
         while self.job.tasks().iter().any(|t| !t.state.is_terminal()) {
             let ev = tokio::select! {
@@ -836,24 +937,7 @@ impl Driver {
             tracing::warn!(job_id = %self.job.job_id, tasks = unfinished.len(), "drained tasks did not finish; canceling them");
             self.cancel_tasks(&unfinished).await;
         }
-        let last_output_ms = {
-            let reports = self.job.reports();
-            tasks
-                .iter()
-                .filter_map(|t| reports.get(&t.task_id))
-                .map(|r| r.last_output_ms)
-                .filter(|m| *m > 0)
-                .max()
-        };
-        if let Some(v) = self.job.record_mut().versions.iter_mut().find(|v| v.version == version) {
-            v.ended_with = Some(RestoredFrom {
-                job_id: self.job.job_id.clone(),
-                checkpoint_id: done.checkpoint_id,
-                metadata_path: savepoint_path.clone(),
-                restored_at_ms: now_ms(),
-            });
-        }
-        Ok(Drained { progress, to_version, slots, savepoint: done, savepoint_path, last_output_ms })
+        Ok(())
     }
 
     /// Step 4 of a handover: records the switch (one fenced write: the new version active, the

@@ -331,7 +331,62 @@ impl JobManager {
         Ok(pointer)
     }
 
-    async fn submit(&self, spec_yaml: String, restore: bool) -> Result<pb::SubmitJobResponse> {
+    /// The savepoint (or checkpoint) `path` names (its `_metadata` file, or the directory holding
+    /// it), for a job of `spec`: read now, so a missing file, a checkpoint that cannot be
+    /// restored at the spec's parallelism, or state of sources the spec no longer has (unless
+    /// `allow_non_restored_state`) is refused at submission.
+    async fn savepoint_source(
+        &self,
+        path: &str,
+        spec: &JobSpec,
+        allow_non_restored_state: bool,
+    ) -> Result<CheckpointPointer> {
+        let mut file = std::path::PathBuf::from(path.trim());
+        if file.is_dir() {
+            file = file.join(coordinator::METADATA_FILE);
+        }
+        let metadata = coordinator::read_metadata(&file).await.map_err(|reason| {
+            KeelError::precondition(format!("cannot start from the savepoint: {reason}"))
+        })?;
+        let mut missing: Vec<String> = metadata
+            .subtasks
+            .iter()
+            .filter_map(|s| s.state.get("sources").and_then(|m| m.as_object()))
+            .flat_map(|m| m.keys().cloned())
+            .filter(|name| !spec.sources.iter().any(|s| &s.name == name))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if !missing.is_empty() && !allow_non_restored_state {
+            return Err(KeelError::invalid_spec(
+                "sources",
+                format!(
+                    "the savepoint holds state of source(s) {} that the spec does not have; pass \
+                     --allow-non-restored-state to drop it",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        let pointer = CheckpointPointer {
+            job_id: metadata.job_id.clone(),
+            checkpoint_id: metadata.checkpoint_id,
+            metadata_path: file.display().to_string(),
+            version: metadata.version,
+            attempt: metadata.attempt,
+            trigger_time_ms: metadata.trigger_time_ms,
+            duration_ms: metadata.duration_ms,
+            size_bytes: metadata.total_size_bytes,
+            completed_at_ms: metadata.completed_at_ms,
+            epoch: 0,
+        };
+        coordinator::load_states(&pointer, spec.parallelism).await.map_err(|reason| {
+            KeelError::precondition(format!("cannot start from the savepoint: {reason}"))
+        })?;
+        Ok(pointer)
+    }
+
+    async fn submit(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobResponse> {
+        let (spec_yaml, restore) = (req.spec_yaml, req.restore);
         let st = self.leader_state()?;
         let spec = JobSpec::parse(&spec_yaml)?;
         if let Some(existing) =
@@ -345,9 +400,17 @@ impl JobManager {
             });
         }
         self.check_exactly_once(&st, &spec)?;
-        let restore_from = match restore {
-            true => Some(self.restore_source(&st, &spec.name, spec.parallelism).await?),
-            false => None,
+        if restore && !req.from_savepoint.is_empty() {
+            return Err(KeelError::InvalidArgument {
+                reason: "--restore and --from-savepoint exclude each other".into(),
+            });
+        }
+        let restore_from = if restore {
+            Some(self.restore_source(&st, &spec.name, spec.parallelism).await?)
+        } else if !req.from_savepoint.trim().is_empty() {
+            Some(self.savepoint_source(&req.from_savepoint, &spec, req.allow_non_restored_state).await?)
+        } else {
+            None
         };
         let now = now_ms();
         let job_id = uuid::Uuid::new_v4().simple().to_string();
@@ -728,6 +791,27 @@ async fn watch_rm_events(ctx: Arc<JobManagerCtx>, st: Arc<LeaderState>, scope: C
 
 struct JmService(Arc<JobManager>);
 
+impl JmService {
+    /// `keel savepoint` (`stop` false) and `keel stop` (`stop` true).
+    async fn savepoint(
+        &self,
+        request: Request<pb::TriggerSavepointRequest>,
+        stop: bool,
+    ) -> std::result::Result<Response<pb::TriggerSavepointResponse>, Status> {
+        let st = self.0.leader_state()?;
+        let job = st.resolve(&request.into_inner().job)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        job.send(JobEvent::Savepoint { reply, stop });
+        match tokio::time::timeout(SAVEPOINT_WAIT, answer).await {
+            Ok(Ok(result)) => Ok(Response::new(result?)),
+            Ok(Err(_)) => Err(KeelError::precondition("the job ended before the savepoint was taken").into()),
+            Err(_) => Err(KeelError::precondition(format!(
+                "no savepoint within {SAVEPOINT_WAIT:?}; the job keeps running"
+            ))
+            .into()),
+        }
+    }
+}
 /// How long `keel savepoint` waits for the savepoint at most.
 const SAVEPOINT_WAIT: Duration = Duration::from_secs(15 * 60);
 
@@ -791,22 +875,18 @@ impl JmApi for JmService {
         Ok(Response::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)))
     }
 
+    async fn stop_job(
+        &self,
+        request: Request<pb::TriggerSavepointRequest>,
+    ) -> std::result::Result<Response<pb::TriggerSavepointResponse>, Status> {
+        self.savepoint(request, true).await
+    }
+
     async fn trigger_savepoint(
         &self,
         request: Request<pb::TriggerSavepointRequest>,
     ) -> std::result::Result<Response<pb::TriggerSavepointResponse>, Status> {
-        let st = self.0.leader_state()?;
-        let job = st.resolve(&request.into_inner().job)?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        job.send(JobEvent::Savepoint { reply });
-        match tokio::time::timeout(SAVEPOINT_WAIT, answer).await {
-            Ok(Ok(result)) => Ok(Response::new(result?)),
-            Ok(Err(_)) => Err(KeelError::precondition("the job ended before the savepoint was taken").into()),
-            Err(_) => Err(KeelError::precondition(format!(
-                "no savepoint within {SAVEPOINT_WAIT:?}; the job keeps running"
-            ))
-            .into()),
-        }
+        self.savepoint(request, false).await
     }
 
     async fn submit_job(
@@ -814,7 +894,7 @@ impl JmApi for JmService {
         request: Request<pb::SubmitJobRequest>,
     ) -> std::result::Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.0.submit(req.spec_yaml, req.restore).await?))
+        Ok(Response::new(self.0.submit(req).await?))
     }
 
     async fn cancel_job(
