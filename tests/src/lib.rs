@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
+pub mod chaos;
+
 pub use keel_testkit::{free_port, wait_until};
 
 /// The `keel` binary under test.

@@ -1,0 +1,703 @@
+//! The processes of a chaos run: 3 etcd members, the broker, 2 ResourceManagers,
+//! 2 JobManagers and 3 TaskManagers, each on its own address: in its own network namespace
+//! ([`super::net::Network`]) or, without namespaces, on loopback with ports of its own.
+//!
+//! Every process can be killed (SIGKILL), paused (SIGSTOP), resumed and started again on the
+//! same address; each start logs to `<run dir>/<name>.<n>.log`.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use keel_testkit::{free_port, wait_until, Broker};
+
+use super::net::Network;
+
+/// How long a started process may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Timeout of one `keel` client verb run by the runner.
+const VERB_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Etcd(usize),
+    Broker,
+    ResourceManager,
+    JobManager,
+    TaskManager,
+}
+
+impl Role {
+    pub fn keel_role(self) -> Option<&'static str> {
+        match self {
+            Role::ResourceManager => Some("resourcemanager"),
+            Role::JobManager => Some("jobmanager"),
+            Role::TaskManager => Some("taskmanager"),
+            _ => None,
+        }
+    }
+}
+
+/// The fixed layout: name, role, last octet of the address in namespace mode.
+pub const LAYOUT: [(&str, Role, u8); 11] = [
+    ("etcd0", Role::Etcd(0), 11),
+    ("etcd1", Role::Etcd(1), 12),
+    ("etcd2", Role::Etcd(2), 13),
+    ("broker", Role::Broker, 20),
+    ("rm1", Role::ResourceManager, 31),
+    ("rm2", Role::ResourceManager, 32),
+    ("jm1", Role::JobManager, 41),
+    ("jm2", Role::JobManager, 42),
+    ("tm1", Role::TaskManager, 51),
+    ("tm2", Role::TaskManager, 52),
+    ("tm3", Role::TaskManager, 53),
+];
+
+/// A process of a node, killed on drop (its process group, for wrappers with children).
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    group: bool,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let target = if self.group { format!("-{}", self.pid()) } else { self.pid().to_string() };
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), "--", &target])
+            .stderr(Stdio::null())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{sig} {target} failed");
+        }
+        Ok(())
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.signal("KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One node: a role on an address.
+pub struct Node {
+    pub name: String,
+    pub role: Role,
+    pub ip: String,
+    pub ns: Option<String>,
+    /// The main port (etcd client, broker, keel RPC).
+    pub port: u16,
+    /// etcd peer port, TaskManager metrics port, moto port for the broker node.
+    pub port2: u16,
+    pub proc: Option<Proc>,
+    pub starts: u32,
+    pub paused: bool,
+}
+
+impl Node {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+}
+
+/// The broker of the run.
+pub enum BrokerKind {
+    /// `keel-testkit`'s persistent broker on loopback (tansu on a moto S3 server).
+    Testkit(Broker),
+    /// tansu and moto in the broker node's namespace (the node's `proc` is tansu).
+    Namespaced {
+        moto: Proc,
+        bootstrap: String,
+    },
+    /// `KEEL_TEST_KAFKA_BOOTSTRAP`: not ours to restart.
+    External(Broker),
+    NotStarted,
+}
+
+/// Every process of the run.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub keel: PathBuf,
+    pub config: PathBuf,
+    pub nodes: Vec<Node>,
+    pub broker: BrokerKind,
+    pub etcd_endpoints: String,
+    pub cluster_id: String,
+}
+
+/// Runs `command` with its output in files, killing it after `timeout`.
+pub fn run_with_timeout(
+    mut command: Command,
+    dir: &Path,
+    timeout: Duration,
+) -> anyhow::Result<(bool, String, String)> {
+    let stamp = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    );
+    let (out_path, err_path) = (dir.join(format!(".cmd-{stamp}.out")), dir.join(format!(".cmd-{stamp}.err")));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()
+        .context("spawning a command")?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    match status {
+        Some(s) => Ok((s.success(), out, err)),
+        None => Ok((false, out, format!("timed out after {timeout:?}; {err}"))),
+    }
+}
+
+impl Cluster {
+    /// Lays out the nodes (addresses and ports) without starting anything.
+    pub fn layout(
+        dir: &Path,
+        keel: PathBuf,
+        net: Option<&Network>,
+        cluster_id: &str,
+    ) -> anyhow::Result<Cluster> {
+        let mut nodes = Vec::new();
+        for (name, role, _) in LAYOUT {
+            let (ip, ns) = match net {
+                Some(n) => {
+                    let node = n.node(name)?;
+                    (node.ip.clone(), Some(node.ns.clone()))
+                }
+                None => ("127.0.0.1".to_string(), None),
+            };
+            let (port, port2) = match (net.is_some(), role) {
+                (true, Role::Etcd(_)) => (2379, 2380),
+                (true, Role::Broker) => (9092, 5000),
+                (true, Role::ResourceManager) => (6124, 0),
+                (true, Role::JobManager) => (6123, 0),
+                (true, Role::TaskManager) => (6125, 9249),
+                (false, _) => (free_port(), free_port()),
+            };
+            nodes.push(Node {
+                name: name.to_string(),
+                role,
+                ip,
+                ns,
+                port,
+                port2,
+                proc: None,
+                starts: 0,
+                paused: false,
+            });
+        }
+        let etcd_endpoints = nodes
+            .iter()
+            .filter(|n| matches!(n.role, Role::Etcd(_)))
+            .map(Node::address)
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(Cluster {
+            dir: dir.to_path_buf(),
+            keel,
+            config: dir.join("keel.yaml"),
+            nodes,
+            broker: BrokerKind::NotStarted,
+            etcd_endpoints,
+            cluster_id: cluster_id.to_string(),
+        })
+    }
+
+    pub fn node(&self, name: &str) -> anyhow::Result<&Node> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| anyhow!("no node {name}"))
+    }
+
+    fn node_mut(&mut self, name: &str) -> anyhow::Result<&mut Node> {
+        self.nodes.iter_mut().find(|n| n.name == name).ok_or_else(|| anyhow!("no node {name}"))
+    }
+
+    pub fn names_of(&self, pred: impl Fn(Role) -> bool) -> Vec<String> {
+        self.nodes.iter().filter(|n| pred(n.role)).map(|n| n.name.clone()).collect()
+    }
+
+    /// The node whose keel RPC address is `address`.
+    pub fn by_address(&self, address: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.role.keel_role().is_some() && n.address() == address)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match &self.broker {
+            BrokerKind::Testkit(b) | BrokerKind::External(b) => b.bootstrap().to_string(),
+            BrokerKind::Namespaced { bootstrap, .. } => bootstrap.clone(),
+            BrokerKind::NotStarted => String::new(),
+        }
+    }
+
+    pub fn broker_is_external(&self) -> bool {
+        matches!(self.broker, BrokerKind::External(_))
+    }
+
+    fn command(&self, ns: Option<&str>, program: &Path) -> Command {
+        match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn spawn(&mut self, name: &str, mut command: Command, group: bool) -> anyhow::Result<()> {
+        let node = self.node_mut(name)?;
+        node.starts += 1;
+        let file_name = format!("{name}.{}.log", node.starts);
+        let log = self.dir.join(file_name);
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        if group {
+            command.process_group(0);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let node = self.node_mut(name)?;
+        node.proc = Some(Proc { child, log, group });
+        node.paused = false;
+        Ok(())
+    }
+
+    // ----- etcd -----
+
+    fn etcd_initial_cluster(&self) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| matches!(n.role, Role::Etcd(_)))
+            .map(|n| format!("{}=http://{}:{}", n.name, n.ip, n.port2))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn start_etcd(&mut self, name: &str, state: &str) -> anyhow::Result<()> {
+        let bin = PathBuf::from(std::env::var_os("ETCD_BIN").unwrap_or_else(|| "/usr/bin/etcd".into()));
+        if !bin.exists() {
+            bail!("etcd not found at {}; run scripts/install-deps.sh", bin.display());
+        }
+        let initial = self.etcd_initial_cluster();
+        let node = self.node(name)?;
+        let (ip, port, peer) = (node.ip.clone(), node.port, node.port2);
+        let mut c = self.command(node.ns.as_deref(), &bin);
+        c.arg("--name")
+            .arg(name)
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("{name}.data")))
+            .arg("--listen-client-urls")
+            .arg(format!("http://{ip}:{port}"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://{ip}:{port}"))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://{ip}:{peer}"))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://{ip}:{peer}"))
+            .arg("--initial-cluster")
+            .arg(initial)
+            .arg("--initial-cluster-state")
+            .arg(state)
+            .arg("--initial-cluster-token")
+            .arg(format!("keel-chaos-{}", self.cluster_id));
+        self.spawn(name, c, false)
+    }
+
+    /// `etcdctl` against `endpoints` (all members when `None`).
+    pub fn etcdctl(
+        &self,
+        endpoints: Option<&str>,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(endpoints.unwrap_or(&self.etcd_endpoints))
+            .arg("--dial-timeout=2s")
+            .arg("--command-timeout=5s")
+            .args(args);
+        let (ok, out, err) = run_with_timeout(c, &self.dir, timeout)?;
+        if !ok {
+            bail!("etcdctl {} failed: {}", args.join(" "), err.trim());
+        }
+        Ok(out)
+    }
+
+    pub fn wait_etcd_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_until("etcd to be healthy", timeout, || {
+            self.etcdctl(None, &["endpoint", "health"], Duration::from_secs(10)).map(|_| Some(()))
+        })
+    }
+
+    /// The name of the etcd member that leads the etcd cluster now.
+    pub fn etcd_leader(&self) -> anyhow::Result<String> {
+        let out = self.etcdctl(None, &["endpoint", "status", "-w", "json"], Duration::from_secs(10))?;
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).context("etcdctl endpoint status JSON")?;
+        for e in v.as_array().into_iter().flatten() {
+            let member = &e["Status"]["header"]["member_id"];
+            if !member.is_null() && *member == e["Status"]["leader"] {
+                let endpoint = e["Endpoint"].as_str().unwrap_or_default();
+                if let Some(n) = self
+                    .nodes
+                    .iter()
+                    .find(|n| matches!(n.role, Role::Etcd(_)) && endpoint.ends_with(&n.address()))
+                {
+                    return Ok(n.name.clone());
+                }
+            }
+        }
+        bail!("no etcd leader in {out}")
+    }
+
+    // ----- broker -----
+
+    /// Starts the broker: the external one, testkit's persistent broker on loopback, or tansu
+    /// and moto in the broker node's namespace.
+    pub fn start_broker(&mut self) -> anyhow::Result<()> {
+        let external =
+            std::env::var(keel_testkit::ENV_BOOTSTRAP).map(|s| !s.trim().is_empty()).unwrap_or(false);
+        let ns = self.node("broker")?.ns.clone();
+        self.broker = match (external, ns) {
+            (true, _) => BrokerKind::External(Broker::start_persistent()?),
+            (false, None) => BrokerKind::Testkit(Broker::start_persistent()?),
+            (false, Some(ns)) => {
+                let node = self.node("broker")?;
+                let (ip, port, moto_port) = (node.ip.clone(), node.port, node.port2);
+                let moto = keel_testkit::moto_server_command()?;
+                let mut c = self.command(Some(&ns), &moto.program);
+                c.args(&moto.args).args(["-H", "0.0.0.0", "-p", &moto_port.to_string()]);
+                let log = self.dir.join("moto.log");
+                let file = std::fs::File::create(&log)?;
+                c.process_group(0)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::from(file.try_clone()?))
+                    .stderr(Stdio::from(file));
+                let moto = Proc { child: c.spawn().context("starting moto")?, log, group: true };
+                wait_until("moto's S3 server to create the bucket", Duration::from_secs(30), || {
+                    create_bucket(&ip, moto_port).map(Some)
+                })?;
+                BrokerKind::Namespaced { moto, bootstrap: format!("{ip}:{port}") }
+            }
+        };
+        if matches!(self.broker, BrokerKind::Namespaced { .. }) {
+            self.start_tansu()?;
+        }
+        Ok(())
+    }
+
+    fn start_tansu(&mut self) -> anyhow::Result<()> {
+        let node = self.node("broker")?;
+        let (ip, port, moto_port, ns) = (node.ip.clone(), node.port, node.port2, node.ns.clone());
+        let tansu = keel_testkit::tansu_binary()?;
+        let url = format!("tcp://{ip}:{port}");
+        let mut c = self.command(ns.as_deref(), &tansu);
+        c.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "s3://tansu/"])
+            .env("AWS_ACCESS_KEY_ID", "keel-test")
+            .env("AWS_SECRET_ACCESS_KEY", "keel-test")
+            .env("AWS_DEFAULT_REGION", "eu-west-2")
+            .env("AWS_ENDPOINT", format!("http://127.0.0.1:{moto_port}"))
+            .env("AWS_ALLOW_HTTP", "true");
+        self.spawn("broker", c, false)?;
+        let bootstrap = self.bootstrap();
+        wait_until(&format!("the broker at {bootstrap} to answer"), Duration::from_secs(30), || {
+            keel_testkit::partition_count(&bootstrap, "keel-chaos-ready-probe").map(|_| Some(()))
+        })
+    }
+
+    /// kill -9 of the broker.
+    pub fn stop_broker(&mut self) -> anyhow::Result<()> {
+        match &mut self.broker {
+            BrokerKind::Testkit(b) => b.stop(),
+            BrokerKind::External(b) => bail!("cannot stop the external broker {}", b.bootstrap()),
+            BrokerKind::NotStarted => bail!("no broker"),
+            BrokerKind::Namespaced { .. } => {
+                if let Some(mut p) = self.node_mut("broker")?.proc.take() {
+                    p.kill9();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub fn start_broker_again(&mut self) -> anyhow::Result<()> {
+        match &mut self.broker {
+            BrokerKind::Testkit(b) => b.start_again(),
+            BrokerKind::External(b) => bail!("cannot start the external broker {}", b.bootstrap()),
+            BrokerKind::NotStarted => bail!("no broker"),
+            BrokerKind::Namespaced { .. } => self.start_tansu(),
+        }
+    }
+
+    // ----- keel -----
+
+    /// Writes the cluster's config file.
+    pub fn write_config(&self) -> anyhow::Result<()> {
+        let rm = self.node("rm1")?;
+        let jm = self.node("jm1")?;
+        let lines = [
+            "high-availability.type: etcd".to_string(),
+            format!("high-availability.cluster-id: {}", self.cluster_id),
+            format!("high-availability.etcd.endpoints: \"{}\"", self.etcd_endpoints),
+            format!("high-availability.storageDir: {}", self.dir.join("ha").display()),
+            format!("state.checkpoints.dir: {}", self.dir.join("checkpoints").display()),
+            format!("resourcemanager.rpc.address: {}", rm.ip),
+            format!("resourcemanager.rpc.port: {}", rm.port),
+            format!("jobmanager.rpc.address: {}", jm.ip),
+            format!("jobmanager.rpc.port: {}", jm.port),
+            "taskmanager.rpc.port: 0".to_string(),
+        ];
+        let mut f = std::fs::File::create(&self.config)?;
+        writeln!(f, "{}", lines.join("\n"))?;
+        Ok(())
+    }
+
+    /// Starts a keel role node and waits until it listens.
+    pub fn start_keel(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node(name)?;
+        let role = node.role.keel_role().ok_or_else(|| anyhow!("{name} is not a keel role"))?;
+        let mut c = self.command(node.ns.as_deref(), &self.keel);
+        c.arg(role)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--set")
+            .arg(format!("{role}.rpc.address={}", node.ip))
+            .arg("--set")
+            .arg(format!("{role}.rpc.port={}", node.port));
+        if node.role == Role::TaskManager {
+            c.args(["--set", &format!("taskmanager.id={name}")])
+                .args(["--set", "taskmanager.numberOfTaskSlots=2"])
+                .args(["--set", &format!("metrics.reporter.prom.port={}", node.port2)]);
+        }
+        c.env("KEEL_LOG", "info,keel=debug,h2=warn,tower=warn,hyper=warn");
+        self.spawn(name, c, false)?;
+        let marker = format!("keel {role} listening on ");
+        let node = self.node_mut(name)?;
+        wait_until(&format!("{name} to listen"), START_TIMEOUT, || {
+            let Some(p) = node.proc.as_mut() else { bail!("{name} has no process") };
+            if p.log_text().lines().any(|l| l.starts_with(&marker)) {
+                return Ok(Some(()));
+            }
+            if !p.running() {
+                bail!("{name} exited; log tail:\n{}", tail(&p.log_text(), 30));
+            }
+            Ok(None)
+        })
+    }
+
+    /// Starts a node's process again after a kill (etcd rejoins as an existing member).
+    pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let role = self.node(name)?.role;
+        match role {
+            Role::Etcd(_) => self.start_etcd(name, "existing"),
+            Role::Broker => self.start_broker_again(),
+            _ => self.start_keel(name),
+        }
+    }
+
+    pub fn kill9(&mut self, name: &str) -> anyhow::Result<()> {
+        if self.node(name)?.role == Role::Broker {
+            return self.stop_broker();
+        }
+        let node = self.node_mut(name)?;
+        match node.proc.take() {
+            Some(mut p) => {
+                p.kill9();
+                node.paused = false;
+                Ok(())
+            }
+            None => bail!("{name} is not running"),
+        }
+    }
+
+    pub fn pause(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node_mut(name)?;
+        let p = node.proc.as_ref().ok_or_else(|| anyhow!("{name} is not running"))?;
+        p.signal("STOP")?;
+        node.paused = true;
+        Ok(())
+    }
+
+    pub fn resume(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node_mut(name)?;
+        let p = node.proc.as_ref().ok_or_else(|| anyhow!("{name} is not running"))?;
+        p.signal("CONT")?;
+        node.paused = false;
+        Ok(())
+    }
+
+    /// Names of nodes whose process exited by itself (not killed by the runner).
+    pub fn exited(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for n in &mut self.nodes {
+            if let Some(p) = n.proc.as_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    out.push((n.name.clone(), format!("{status}; log {}", p.log.display())));
+                }
+            }
+        }
+        out
+    }
+
+    /// `keel --config <run> --output json ARGS`, parsed; fails with stderr.
+    pub fn keel_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut c = Command::new(&self.keel);
+        c.arg("--config").arg(&self.config).args(["--output", "json"]).args(args);
+        let (ok, out, err) = run_with_timeout(c, &self.dir, VERB_TIMEOUT)?;
+        if !ok {
+            bail!("keel {} failed: {}", args.join(" "), err.trim());
+        }
+        let last = out.lines().rev().find(|l| l.trim_start().starts_with(['{', '['])).unwrap_or("");
+        serde_json::from_str(last).with_context(|| format!("keel {} printed no JSON: {out}", args.join(" ")))
+    }
+
+    /// `keel run FILE` (waits until the job runs).
+    pub fn keel_run(&self, spec: &Path) -> anyhow::Result<()> {
+        let mut c = Command::new(&self.keel);
+        c.arg("--config").arg(&self.config).arg("run").arg(spec);
+        let (ok, out, err) = run_with_timeout(c, &self.dir, Duration::from_secs(120))?;
+        if !ok {
+            bail!("keel run failed: {} {}", out.trim(), err.trim());
+        }
+        Ok(())
+    }
+
+    /// Current leaders from `keel cluster --output json`: (jm address, jm epoch, rm address,
+    /// rm epoch, taskmanager count).
+    pub fn leaders(&self) -> anyhow::Result<Leaders> {
+        let v = self.keel_json(&["cluster"])?;
+        Ok(Leaders {
+            jm: v["jobmanager"]["leader"].as_str().unwrap_or_default().to_string(),
+            jm_epoch: v["jobmanager"]["epoch"].as_u64().unwrap_or(0),
+            rm: v["resourcemanager"]["leader"].as_str().unwrap_or_default().to_string(),
+            rm_epoch: v["resourcemanager"]["epoch"].as_u64().unwrap_or(0),
+            taskmanagers: v["taskmanagers"].as_array().map(Vec::len).unwrap_or(0),
+        })
+    }
+
+    /// Log tails of every node, for a failure report.
+    pub fn log_paths(&self) -> BTreeMap<String, PathBuf> {
+        self.nodes.iter().filter_map(|n| n.proc.as_ref().map(|p| (n.name.clone(), p.log.clone()))).collect()
+    }
+
+    /// Kills every process (the broker last), leaving the logs.
+    pub fn shutdown(&mut self) {
+        for n in self.nodes.iter_mut().rev() {
+            if let Some(mut p) = n.proc.take() {
+                p.kill9();
+            }
+        }
+        if let BrokerKind::Namespaced { moto, .. } = &mut self.broker {
+            moto.kill9();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Leaders {
+    pub jm: String,
+    pub jm_epoch: u64,
+    pub rm: String,
+    pub rm_epoch: u64,
+    pub taskmanagers: usize,
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Creates the bucket tansu writes to (a plain `PUT /tansu`, which moto accepts unsigned).
+fn create_bucket(ip: &str, port: u16) -> anyhow::Result<()> {
+    let body = "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                <LocationConstraint>eu-west-2</LocationConstraint></CreateBucketConfiguration>";
+    let address: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "PUT /tansu HTTP/1.1\r\nHost: {ip}:{port}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response.split_whitespace().nth(1).unwrap_or_default();
+    if code == "200" || response.contains("BucketAlreadyOwnedByYou") {
+        Ok(())
+    } else {
+        bail!("PUT /tansu answered {:?}", response.lines().next())
+    }
+}
+
+/// `GET path` over HTTP/1.0 with short timeouts; the body.
+pub fn http_get(address: &str, path: &str, timeout: Duration) -> anyhow::Result<String> {
+    let addr: std::net::SocketAddr = address.parse().with_context(|| format!("address {address}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.split_whitespace().nth(1) == Some("200") => Ok(body.to_string()),
+        _ => bail!("GET {path} on {address}: {:?}", response.lines().next()),
+    }
+}

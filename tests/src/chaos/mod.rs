@@ -1,0 +1,704 @@
+//! The chaos suite: a real cluster (3 etcd members, the broker, 2 ResourceManagers,
+//! 2 JobManagers, 3 TaskManagers), a job copying a numbered workload Kafka -> Kafka with
+//! checkpoints every 500 ms, and a fault schedule drawn from a seed; then an exact account of
+//! every record. See docs/chaos.md.
+//!
+//! - [`rng`]: the deterministic PRNG; [`schedule`]: faults from a seed.
+//! - [`net`]: network namespaces and partitions; [`cluster`]: the processes.
+//! - [`workload`]: the producer; [`observe`]: output reader, task and etcd watchers.
+//! - [`check`]: the accounting; [`report`]: what a run prints.
+//!
+//! [`run`] does it all and returns a [`report::Report`]; `report.violations` lists what
+//! broke a guarantee (empty: the run passed).
+
+pub mod check;
+pub mod cluster;
+pub mod net;
+pub mod observe;
+pub mod report;
+pub mod rng;
+pub mod schedule;
+pub mod workload;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use rdkafka::{Offset, TopicPartitionList};
+
+use check::InRecord;
+use cluster::{Cluster, Role, LAYOUT};
+use observe::{lock, ms_since, EtcdWatcher, OutputReader, TaskWatcher};
+use report::{FaultOutcome, Report};
+use schedule::{Fault, FaultKind};
+use workload::{parse_value, Workload, IN_PARTITIONS};
+
+/// Output partitions (one per subtask).
+const OUT_PARTITIONS: i32 = 3;
+const PARALLELISM: u32 = 3;
+const JOB: &str = "chaos";
+
+/// Delivery guarantee of the job's sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::AtLeastOnce => "at-least-once",
+            Mode::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "at-least-once" => Ok(Mode::AtLeastOnce),
+            "exactly-once" => Ok(Mode::ExactlyOnce),
+            _ => Err(format!("unknown mode {s:?}; at-least-once or exactly-once")),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    /// Inject faults until this much time has passed since the first one (a long run)...
+    pub duration: Option<Duration>,
+    /// ... or exactly this many faults (the first ones of the seed's schedule).
+    pub faults: Option<usize>,
+    /// Fault kinds to draw from; empty: all.
+    pub kinds: Vec<FaultKind>,
+    pub mode: Mode,
+    /// Records per second of the workload.
+    pub rate: u64,
+    /// Use network namespaces when they can be made.
+    pub network: bool,
+    /// Longest wait for output to flow again after a fault before the run is declared hung.
+    pub recovery_timeout: Duration,
+    /// Keep the run directory (logs) even when the run passed.
+    pub keep: bool,
+    /// The keel binary; `None`: [`crate::keel_bin`].
+    pub keel: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            seed: 1,
+            duration: None,
+            faults: Some(5),
+            kinds: Vec::new(),
+            mode: Mode::AtLeastOnce,
+            rate: 200,
+            network: true,
+            recovery_timeout: Duration::from_secs(90),
+            keep: false,
+            keel: None,
+        }
+    }
+}
+
+impl Options {
+    /// The command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut c = format!("cargo run -p keel-tests --bin keel-chaos -- --seed {}", self.seed);
+        if let Some(d) = self.duration {
+            c += &format!(" --duration {}s", d.as_secs());
+        }
+        if let Some(n) = self.faults {
+            c += &format!(" --faults {n}");
+        }
+        if !self.kinds.is_empty() {
+            c += &format!(" --kinds {}", self.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(","));
+        }
+        if self.mode == Mode::ExactlyOnce {
+            c += " --mode exactly-once";
+        }
+        if self.rate != Options::default().rate {
+            c += &format!(" --rate {}", self.rate);
+        }
+        if !self.network {
+            c += " --no-network";
+        }
+        c
+    }
+}
+
+fn run_dir() -> anyhow::Result<PathBuf> {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "keel-chaos-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Runs the suite. Errors are failures of the harness (a process that cannot be started);
+/// broken guarantees are in the report's violations.
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let start = Instant::now();
+    let dir = run_dir()?;
+    println!(
+        "chaos: seed {} mode {} rate {}/s; run directory {}",
+        opts.seed,
+        opts.mode.name(),
+        opts.rate,
+        dir.display()
+    );
+    println!("chaos: replay with: {}", opts.replay_command());
+    let mut report = Report::new(opts, &dir);
+
+    // A copy of the binary: a rebuild during the run must not change what is tested.
+    let keel = dir.join("keel");
+    let source = opts.keel.clone().unwrap_or_else(crate::keel_bin);
+    std::fs::copy(&source, &keel).context("copying the keel binary")?;
+
+    let external = std::env::var(keel_testkit::ENV_BOOTSTRAP).map(|s| !s.trim().is_empty()).unwrap_or(false);
+    let network = if !opts.network {
+        report.network = "loopback (--no-network): partitions skipped".into();
+        None
+    } else if external {
+        report.network = format!(
+            "loopback: {} names an external broker, which processes in namespaces cannot reach; partitions skipped",
+            keel_testkit::ENV_BOOTSTRAP
+        );
+        None
+    } else if let Some(why) = net::unavailable_reason() {
+        report.network = format!("loopback: no network namespaces ({why}); partitions skipped");
+        None
+    } else {
+        let layout: Vec<(&str, u8)> = LAYOUT.iter().map(|(n, _, o)| (*n, *o)).collect();
+        let net = net::Network::create(&layout)?;
+        report.network = net.describe();
+        Some(net)
+    };
+    println!("chaos: {}", report.network);
+
+    let cluster_id = format!("chaos-{}", std::process::id());
+    let mut cluster = Cluster::layout(&dir, keel, network.as_ref(), &cluster_id)?;
+    let result = run_in(opts, start, &mut cluster, network, &mut report);
+    if let Err(e) = &result {
+        report.violations.push(format!("the run stopped: {e:#}"));
+    }
+    report.elapsed = start.elapsed();
+    report.load.1 = report::loadavg();
+    cluster.shutdown();
+    report.logs = cluster.log_paths();
+    if report.violations.is_empty() && !opts.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(report)
+}
+
+fn run_in(
+    opts: &Options,
+    start: Instant,
+    cluster: &mut Cluster,
+    mut network: Option<net::Network>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    for name in cluster.names_of(|r| matches!(r, Role::Etcd(_))) {
+        cluster.start_etcd(&name, "new")?;
+    }
+    cluster.wait_etcd_healthy(Duration::from_secs(60))?;
+    cluster.start_broker()?;
+    let bootstrap = cluster.bootstrap();
+    report.broker = match &cluster.broker {
+        cluster::BrokerKind::External(_) => {
+            format!("external broker {bootstrap} ({})", keel_testkit::ENV_BOOTSTRAP)
+        }
+        _ => format!("tansu on moto S3 at {bootstrap} (survives restarts)"),
+    };
+    if opts.mode == Mode::ExactlyOnce {
+        let hides = broker_hides_aborted_records(&bootstrap)?;
+        report.hides_aborted = Some(hides);
+    }
+    let tag = keel_testkit::unique_topic("chaos");
+    let (input, output) = (format!("{tag}-in"), format!("{tag}-out"));
+    keel_testkit::create_topic(&bootstrap, &input, IN_PARTITIONS as i32)?;
+    keel_testkit::create_topic(&bootstrap, &output, OUT_PARTITIONS)?;
+
+    let mut etcd =
+        EtcdWatcher::start(cluster.etcd_endpoints.clone(), &cluster.cluster_id, input.clone(), start)?;
+    cluster.write_config()?;
+    for name in ["rm1", "rm2", "jm1", "jm2", "tm1", "tm2", "tm3"] {
+        cluster.start_keel(name)?;
+    }
+    keel_testkit::wait_until(
+        "the cluster to have leaders and 3 taskmanagers",
+        Duration::from_secs(60),
+        || {
+            let l = cluster.leaders()?;
+            Ok((l.taskmanagers == 3 && !l.jm.is_empty() && !l.rm.is_empty()).then_some(()))
+        },
+    )?;
+
+    let workload = Workload::start(&bootstrap, &input, opts.rate)?;
+    let mut reader =
+        OutputReader::start(&bootstrap, &output, OUT_PARTITIONS, opts.mode == Mode::ExactlyOnce, start)?;
+    let spec = cluster.dir.join("job.yaml");
+    std::fs::write(&spec, job_spec(opts.mode, &bootstrap, &input, &output, &tag))?;
+    cluster.keel_run(&spec)?;
+    let status = cluster.keel_json(&["status", JOB])?;
+    let job_id =
+        status["job"]["job_id"].as_str().ok_or_else(|| anyhow!("no job id in {status}"))?.to_string();
+    let tms: Vec<(String, String)> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.role == Role::TaskManager)
+        .map(|n| (n.name.clone(), format!("{}:{}", n.ip, n.port2)))
+        .collect();
+    let mut tasks = TaskWatcher::start(tms, job_id.clone(), Duration::from_millis(250), start)?;
+    let first = reader.probe(workload.next());
+    keel_testkit::wait_until("the job's output to flow", Duration::from_secs(60), || {
+        Ok(reader.probe_result(first).map(|_| ()))
+    })?;
+    println!("chaos: [{:>6.1}s] job {JOB} ({job_id}) runs; output flows", start.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The schedule.
+    let count = opts.faults.unwrap_or(100_000);
+    let faults = schedule::schedule(opts.seed, &opts.kinds, count);
+    let schedule_start = Instant::now();
+    for fault in faults {
+        if opts.duration.is_some_and(|d| schedule_start.elapsed() >= d) {
+            break;
+        }
+        if !workload.is_running() {
+            bail!("the workload producer stopped");
+        }
+        std::thread::sleep(Duration::from_millis(fault.gap_ms));
+        let watch = Watch { reader: &reader, workload: &workload, etcd: &etcd, start, opts };
+        let outcome = inject(cluster, network.as_mut(), &watch, &fault);
+        let stop = outcome.recovery.is_none() && outcome.skipped.is_none();
+        println!("chaos: {}", outcome.line());
+        report.faults.push(outcome);
+        for (name, status) in cluster.exited() {
+            report.violations.push(format!("{name} exited by itself ({status}) during the run"));
+            if let Err(e) = cluster.restart(&name) {
+                report.violations.push(format!("{name} could not be started again: {e:#}"));
+            }
+        }
+        if stop {
+            let missing =
+                report.faults.last().map(|o| o.error.clone().unwrap_or_default()).unwrap_or_default();
+            report.violations.push(format!(
+                "fault {}: the job did not recover within {:?} ({missing}); the schedule stops here",
+                fault, opts.recovery_timeout
+            ));
+            break;
+        }
+    }
+
+    // The end: stop the input, read everything, account.
+    println!("chaos: [{:>6.1}s] schedule done; draining", start.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_secs(2));
+    let (end, resent) = workload.finish()?;
+    report.resent = resent;
+    let input_records = read_input(&bootstrap, &input, end)?;
+    let wanted: HashSet<u64> = input_records.iter().map(|r| r.n).collect();
+    let mut last_missing = usize::MAX;
+    let mut last_progress = Instant::now();
+    loop {
+        let missing = {
+            let s = lock(&reader.state);
+            let seen: HashSet<u64> = s.records.iter().map(|r| r.n).collect();
+            wanted.iter().filter(|n| !seen.contains(n)).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        if missing < last_missing {
+            last_missing = missing;
+            last_progress = Instant::now();
+        }
+        if last_progress.elapsed() > Duration::from_secs(60) {
+            println!(
+                "chaos: {missing} input numbers still missing from the output after 60 s without progress"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Whatever the job still writes (replays) arrives within this.
+    std::thread::sleep(Duration::from_secs(3));
+    reader.stop();
+    tasks.stop();
+    etcd.stop();
+    match cluster.keel_json(&["status", JOB]) {
+        Ok(s) => {
+            report.job_restarts = s["restarts"].as_u64();
+            report.job_state = s["job"]["state"].as_str().unwrap_or_default().to_string();
+        }
+        Err(e) => report.job_state = format!("unknown: {e:#}"),
+    }
+    let out_state = lock(&reader.state);
+    let etcd_state = lock(&etcd.state);
+    let fault_times: Vec<(usize, u64)> =
+        report.faults.iter().filter(|f| f.skipped.is_none()).map(|f| (f.fault.index, f.at_ms)).collect();
+    report.accounting = check::account(
+        end,
+        &input_records,
+        &out_state.records,
+        out_state.garbage.len(),
+        &etcd_state.completed,
+        &fault_times,
+    );
+    report.end = end;
+    report.checkpoints = etcd_state.completed.len();
+    report.unread_metadata = etcd_state.unread_metadata;
+    report.leaders = etcd_state.leaders.clone();
+    report.completed = etcd_state.completed.clone();
+    report.violations.extend(etcd_state.violations.iter().cloned());
+    report.overlaps = lock(&tasks.state).overlaps.clone();
+    drop(out_state);
+    drop(etcd_state);
+    report.judge();
+    // The network goes after the processes (the caller's shutdown); dropping it here is fine
+    // because every process is killed first.
+    cluster.shutdown();
+    drop(network.take());
+    Ok(())
+}
+
+fn job_spec(mode: Mode, bootstrap: &str, input: &str, output: &str, tag: &str) -> String {
+    let guarantee = match mode {
+        Mode::AtLeastOnce => "    sink.delivery-guarantee: at-least-once\n".to_string(),
+        Mode::ExactlyOnce => {
+            format!("    sink.delivery-guarantee: exactly-once\n    sink.transactional-id-prefix: {tag}-tx\n")
+        }
+    };
+    format!(
+        r#"name: {JOB}
+parallelism: {PARALLELISM}
+config:
+  execution.checkpointing.interval: 500 ms
+  state.checkpoints.num-retained: 5
+  restart-strategy.exponential-delay.reset-backoff-threshold: 20 s
+sources:
+  - name: in
+    connector: kafka
+    topic: {input}
+    properties.bootstrap.servers: {bootstrap}
+    properties.group.id: {tag}-job
+    scan.startup.mode: earliest-offset
+    format: csv
+    columns:
+      - {{name: k, type: STRING}}
+      - {{name: n, type: BIGINT}}
+sinks:
+  - name: out
+    connector: kafka
+    from: in
+    topic: {output}
+    properties.bootstrap.servers: {bootstrap}
+    format: csv
+    key.format: raw
+    key.fields: k
+{guarantee}"#
+    )
+}
+
+/// Where the fault lands, resolved from the cluster's state now.
+fn resolve(cluster: &Cluster, fault: &Fault) -> anyhow::Result<(String, String)> {
+    let leaders = || cluster.leaders();
+    let node_at = |address: &str| {
+        cluster
+            .by_address(address)
+            .map(|n| n.name.clone())
+            .ok_or_else(|| anyhow!("no node listens on {address}"))
+    };
+    let task_tms = || -> anyhow::Result<Vec<String>> {
+        let s = cluster.keel_json(&["status", JOB])?;
+        let mut names: Vec<String> = s["tasks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["taskmanager_address"].as_str())
+            .filter_map(|a| cluster.by_address(a).map(|n| n.name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            bail!("no taskmanager runs a task of {JOB}: {s}");
+        }
+        Ok(names)
+    };
+    let pick = |names: &[String]| names[(fault.pick % names.len() as u64) as usize].clone();
+    Ok(match fault.kind {
+        FaultKind::KillJmLeader | FaultKind::PauseJmLeader | FaultKind::PartitionJmLeader => {
+            let l = leaders()?;
+            (node_at(&l.jm)?, format!("jobmanager leader, epoch {}", l.jm_epoch))
+        }
+        FaultKind::KillRmLeader | FaultKind::PauseRmLeader | FaultKind::PartitionRmLeader => {
+            let l = leaders()?;
+            (node_at(&l.rm)?, format!("resourcemanager leader, epoch {}", l.rm_epoch))
+        }
+        FaultKind::KillStandby => {
+            let l = leaders()?;
+            let (leader, others) =
+                if fault.pick.is_multiple_of(2) { (l.jm, ["jm1", "jm2"]) } else { (l.rm, ["rm1", "rm2"]) };
+            let leader = node_at(&leader)?;
+            let standby = others.iter().find(|n| **n != leader).map(|s| s.to_string()).unwrap_or_default();
+            (standby, "standby".into())
+        }
+        FaultKind::KillTm | FaultKind::PauseTm | FaultKind::PartitionTm | FaultKind::PartitionTmOneWay => {
+            let names = task_tms()?;
+            let n = pick(&names);
+            (n, format!("runs tasks; taskmanagers with tasks: {}", names.join(",")))
+        }
+        FaultKind::RestartBroker | FaultKind::PartitionBroker => ("broker".into(), String::new()),
+        FaultKind::RestartEtcd | FaultKind::PartitionEtcdMember => {
+            let leader = cluster.etcd_leader()?;
+            if (fault.pick / 2).is_multiple_of(2) {
+                (leader, "etcd leader".into())
+            } else {
+                let followers: Vec<String> = cluster
+                    .names_of(|r| matches!(r, Role::Etcd(_)))
+                    .into_iter()
+                    .filter(|n| *n != leader)
+                    .collect();
+                (pick(&followers), "etcd follower".into())
+            }
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+/// What [`inject`] watches.
+struct Watch<'a> {
+    reader: &'a OutputReader,
+    workload: &'a Workload,
+    etcd: &'a EtcdWatcher,
+    start: Instant,
+    opts: &'a Options,
+}
+
+fn inject(
+    cluster: &mut Cluster,
+    network: Option<&mut net::Network>,
+    w: &Watch<'_>,
+    fault: &Fault,
+) -> FaultOutcome {
+    let (reader, workload, start, opts) = (w.reader, w.workload, w.start, w.opts);
+    let mut outcome = FaultOutcome::new(fault.clone(), ms_since(start));
+    if fault.kind.needs_network() && network.is_none() {
+        outcome.skipped = Some("no network namespaces".into());
+        return outcome;
+    }
+    if fault.kind.needs_own_broker() && cluster.broker_is_external() {
+        outcome.skipped = Some("external broker".into());
+        return outcome;
+    }
+    let (target, about) = match resolve(cluster, fault) {
+        Ok(t) => t,
+        Err(e) => {
+            outcome.error = Some(format!("cannot resolve the target: {e:#}"));
+            return outcome;
+        }
+    };
+    outcome.target = format!("{target} ({about})");
+    let restarts_before = cluster.keel_json(&["status", JOB]).ok().and_then(|s| s["restarts"].as_u64());
+    let hold = Duration::from_millis(fault.hold_ms);
+    outcome.at_ms = ms_since(start);
+    let probe = reader.probe(workload.next());
+    let result: anyhow::Result<()> = (|| {
+        match fault.kind {
+            FaultKind::KillTm
+            | FaultKind::KillJmLeader
+            | FaultKind::KillRmLeader
+            | FaultKind::KillStandby => {
+                cluster.kill9(&target)?;
+                std::thread::sleep(hold);
+                cluster.restart(&target)?;
+            }
+            FaultKind::PauseJmLeader | FaultKind::PauseRmLeader | FaultKind::PauseTm => {
+                cluster.pause(&target)?;
+                std::thread::sleep(hold);
+                cluster.resume(&target)?;
+            }
+            FaultKind::RestartBroker => {
+                cluster.stop_broker()?;
+                std::thread::sleep(hold);
+                cluster.start_broker_again()?;
+            }
+            FaultKind::RestartEtcd => {
+                cluster.kill9(&target)?;
+                std::thread::sleep(hold);
+                cluster.restart(&target)?;
+                cluster.wait_etcd_healthy(Duration::from_secs(60))?;
+            }
+            _ => {
+                let net = network.ok_or_else(|| anyhow!("no network"))?;
+                let control: Vec<String> =
+                    ["rm1", "rm2", "jm1", "jm2"].iter().map(|s| s.to_string()).collect();
+                let everyone: Vec<String> = LAYOUT.iter().map(|(n, _, _)| n.to_string()).collect();
+                let tms = cluster.names_of(|r| r == Role::TaskManager);
+                let etcds = cluster.names_of(|r| matches!(r, Role::Etcd(_)));
+                let me = vec![target.clone()];
+                let cut = match fault.kind {
+                    FaultKind::PartitionJmLeader | FaultKind::PartitionRmLeader => {
+                        net.cut(&me, &everyone, true)?
+                    }
+                    FaultKind::PartitionTm => net.cut(&me, &control, true)?,
+                    FaultKind::PartitionTmOneWay => net.cut(&me, &control, false)?,
+                    FaultKind::PartitionEtcdMember => net.cut(&me, &etcds, true)?,
+                    _ => net.cut(&me, &tms, true)?,
+                };
+                outcome.notes.push(format!("{} links cut", cut.pairs.len()));
+                std::thread::sleep(hold);
+                net.heal(cut)?;
+            }
+        }
+        Ok(())
+    })();
+    outcome.held_ms = ms_since(start).saturating_sub(outcome.at_ms);
+    if let Err(e) = result {
+        outcome.error = Some(format!("injecting the fault failed: {e:#}"));
+        return outcome;
+    }
+    let waited = keel_testkit::wait_until("output to flow again", opts.recovery_timeout, || {
+        Ok(reader.probe_result(probe))
+    });
+    match waited {
+        Ok(d) => outcome.recovery = Some(d),
+        Err(_) => {
+            let status = cluster
+                .keel_json(&["status", JOB])
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| format!("{e:#}"));
+            outcome.error = Some(format!(
+                "output did not flow again for input partitions {:?}; status: {}",
+                reader.probe_missing(probe),
+                cluster::tail(&status, 1)
+            ));
+        }
+    }
+    outcome.slowest_partition = reader.probe_slowest(probe);
+    // Healthy again also means checkpointing again: a checkpoint completed after the fault ended.
+    let healed_ms = outcome.at_ms + outcome.held_ms;
+    let checkpointed =
+        keel_testkit::wait_until("a checkpoint after the fault", opts.recovery_timeout, || {
+            Ok(lock(&w.etcd.state)
+                .completed
+                .iter()
+                .find(|c| c.seen_ms > healed_ms)
+                .map(|c| (c.seen_ms, c.checkpoint_id)))
+        });
+    match checkpointed {
+        Ok((seen_ms, id)) => {
+            outcome.checkpointed = Some(Duration::from_millis(seen_ms.saturating_sub(outcome.at_ms)));
+            outcome.notes.push(format!("first checkpoint after it: {id}"));
+        }
+        Err(_) => {
+            let e =
+                format!("no checkpoint completed within {:?} after the fault ended", opts.recovery_timeout);
+            outcome.error = Some(outcome.error.take().map_or(e.clone(), |prev| format!("{prev}; {e}")));
+            outcome.recovery = None;
+        }
+    }
+    let restarts_after = cluster.keel_json(&["status", JOB]).ok().and_then(|s| s["restarts"].as_u64());
+    if let (Some(b), Some(a)) = (restarts_before, restarts_after) {
+        outcome.job_restarts = Some(a.saturating_sub(b));
+    }
+    outcome
+}
+
+/// Whether `read_committed` readers of this broker skip records of aborted transactions (as
+/// tests/tests/exactly_once.rs probes it).
+pub fn broker_hides_aborted_records(bootstrap: &str) -> anyhow::Result<bool> {
+    let topic = keel_testkit::unique_topic("chaos-probe");
+    keel_testkit::create_topic(bootstrap, &topic, 1)?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", keel_testkit::unique_topic("chaos-probe-tx"))
+        .set("log_level", "3")
+        .create()?;
+    let t = Duration::from_secs(10);
+    producer.init_transactions(t)?;
+    producer.begin_transaction()?;
+    producer.send(BaseRecord::<[u8], [u8]>::to(&topic).payload(b"1")).map_err(|(e, _)| e)?;
+    producer.flush(t)?;
+    producer.abort_transaction(t)?;
+    producer.begin_transaction()?;
+    producer.send(BaseRecord::<[u8], [u8]>::to(&topic).payload(b"2")).map_err(|(e, _)| e)?;
+    producer.commit_transaction(t)?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", keel_testkit::unique_topic("chaos-probe-reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let (mut saw_aborted, mut saw_committed) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !saw_committed {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            match m.payload() {
+                Some(b"1") => saw_aborted = true,
+                Some(b"2") => saw_committed = true,
+                _ => {}
+            }
+        }
+    }
+    anyhow::ensure!(saw_committed, "probe: the committed record was not read");
+    Ok(!saw_aborted)
+}
+
+/// Every record of the input topic, read until it holds every number below `end`, then until
+/// quiet.
+fn read_input(bootstrap: &str, topic: &str, end: u64) -> anyhow::Result<Vec<InRecord>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{topic}-input-check"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
+        .set("log_level", "3")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..IN_PARTITIONS as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if let Some((_, n)) = m.payload().and_then(parse_value) {
+                    seen.insert(n);
+                    out.push(InRecord { partition: m.partition(), offset: m.offset(), n });
+                }
+                quiet_since = Instant::now();
+            }
+            _ => {
+                if seen.len() as u64 >= end && quiet_since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,461 @@
+//! What a run reports: every fault with its recovery, the exact accounting, the fencing
+//! observations, and the violations (an empty list: the run passed).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::check::{p50_max, Accounting, RewindVerdict};
+use super::observe::{Completed, LeaderChange, Overlap};
+use super::schedule::{Fault, FaultKind};
+use super::{Mode, Options};
+
+/// One injected (or skipped) fault.
+#[derive(Debug, Clone)]
+pub struct FaultOutcome {
+    pub fault: Fault,
+    pub target: String,
+    /// Injection, ms since the run started.
+    pub at_ms: u64,
+    /// How long the fault lasted (until the restart, resume or heal returned).
+    pub held_ms: u64,
+    pub skipped: Option<String>,
+    pub error: Option<String>,
+    /// From the fault to output flowing again for every input partition.
+    pub recovery: Option<Duration>,
+    /// From the fault to a new leader of the role (leader faults), from the etcd watch.
+    pub takeover: Option<Duration>,
+    /// From the fault to the first checkpoint completed after the fault ended.
+    pub checkpointed: Option<Duration>,
+    /// The input partition whose output flowed last, and when.
+    pub slowest_partition: Option<(usize, Duration)>,
+    pub job_restarts: Option<u64>,
+    /// Records replayed (duplicated) after this fault.
+    pub replayed: u64,
+    pub notes: Vec<String>,
+}
+
+impl FaultOutcome {
+    pub fn new(fault: Fault, at_ms: u64) -> FaultOutcome {
+        FaultOutcome {
+            fault,
+            target: String::new(),
+            at_ms,
+            held_ms: 0,
+            skipped: None,
+            error: None,
+            recovery: None,
+            takeover: None,
+            checkpointed: None,
+            slowest_partition: None,
+            job_restarts: None,
+            replayed: 0,
+            notes: Vec::new(),
+        }
+    }
+
+    /// One line for the progress output.
+    pub fn line(&self) -> String {
+        let head = format!("[{:>6.1}s] fault {} -> {}", self.at_ms as f64 / 1000.0, self.fault, self.target);
+        if let Some(s) = &self.skipped {
+            return format!("{head}: skipped ({s})");
+        }
+        let mut line = format!("{head}: held {:.1}s", self.held_ms as f64 / 1000.0);
+        match self.recovery {
+            Some(r) => line += &format!(", output flowing again after {:.2}s", r.as_secs_f64()),
+            None => line += ", output NOT flowing again",
+        }
+        if let Some(c) = self.checkpointed {
+            line += &format!(", checkpointing again after {:.2}s", c.as_secs_f64());
+        }
+        if let Some(n) = self.job_restarts {
+            line += &format!(", job restarts +{n}");
+        }
+        if let Some(e) = &self.error {
+            line += &format!("; {e}");
+        }
+        for n in &self.notes {
+            line += &format!("; {n}");
+        }
+        line
+    }
+}
+
+pub struct Report {
+    pub seed: u64,
+    pub mode: Mode,
+    pub replay: String,
+    pub dir: PathBuf,
+    pub network: String,
+    pub broker: String,
+    pub hides_aborted: Option<bool>,
+    pub faults: Vec<FaultOutcome>,
+    pub accounting: Accounting,
+    /// The workload produced `0..end`.
+    pub end: u64,
+    pub resent: u64,
+    pub checkpoints: usize,
+    pub unread_metadata: u64,
+    pub leaders: Vec<LeaderChange>,
+    pub completed: Vec<Completed>,
+    pub overlaps: Vec<Overlap>,
+    pub job_restarts: Option<u64>,
+    pub job_state: String,
+    pub violations: Vec<String>,
+    pub notes: Vec<String>,
+    pub elapsed: Duration,
+    pub logs: BTreeMap<String, PathBuf>,
+    /// /proc/loadavg at the start and the end (other work on the machine slows recovery).
+    pub load: (String, String),
+}
+
+impl Report {
+    pub fn new(opts: &Options, dir: &Path) -> Report {
+        Report {
+            seed: opts.seed,
+            mode: opts.mode,
+            replay: opts.replay_command(),
+            dir: dir.to_path_buf(),
+            network: String::new(),
+            broker: String::new(),
+            hides_aborted: None,
+            faults: Vec::new(),
+            accounting: Accounting::default(),
+            end: 0,
+            resent: 0,
+            checkpoints: 0,
+            unread_metadata: 0,
+            leaders: Vec::new(),
+            completed: Vec::new(),
+            overlaps: Vec::new(),
+            job_restarts: None,
+            job_state: String::new(),
+            violations: Vec::new(),
+            notes: Vec::new(),
+            elapsed: Duration::ZERO,
+            logs: BTreeMap::new(),
+            load: (loadavg(), String::new()),
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    pub fn injected(&self) -> usize {
+        self.faults.iter().filter(|f| f.skipped.is_none()).count()
+    }
+
+    /// Recovery times (ms) by fault kind.
+    pub fn recovery_by_kind(&self) -> BTreeMap<FaultKind, Vec<u64>> {
+        let mut m: BTreeMap<FaultKind, Vec<u64>> = BTreeMap::new();
+        for f in &self.faults {
+            if let Some(r) = f.recovery {
+                m.entry(f.fault.kind).or_default().push(r.as_millis() as u64);
+            }
+        }
+        m
+    }
+
+    /// Turns the observations into violations and notes.
+    pub fn judge(&mut self) {
+        let a = &self.accounting;
+        if !a.lost.is_empty() {
+            self.violations.push(format!(
+                "{} records lost (in the input, never in the output); first: {:?}",
+                a.lost.len(),
+                &a.lost[..a.lost.len().min(10)]
+            ));
+        }
+        if !a.unknown.is_empty() {
+            self.violations.push(format!(
+                "{} numbers in the output that are not in the input: {:?}",
+                a.unknown.len(),
+                &a.unknown[..a.unknown.len().min(10)]
+            ));
+        }
+        if a.garbage > 0 {
+            self.violations.push(format!("{} output records that are not workload records", a.garbage));
+        }
+        if !a.in_gaps.is_empty() {
+            self.notes.push(format!(
+                "{} numbers the producer had handed over are not in the input topic (the broker lost them; not Keel's doing): {:?}",
+                a.in_gaps.len(),
+                &a.in_gaps[..a.in_gaps.len().min(10)]
+            ));
+        }
+        if !a.split_keys.is_empty() {
+            self.notes.push(format!("keys written to more than one output partition (their order is not checked across partitions): {:?}", a.split_keys));
+        }
+        let bad: Vec<String> = a
+            .bad_rewinds()
+            .take(8)
+            .map(|r| {
+                let why = match &r.verdict {
+                    RewindVerdict::NotACheckpoint => "not at any completed checkpoint's position: two attempts wrote at once".to_string(),
+                    RewindVerdict::BeforeLatest { restored, latest } => {
+                        format!("from checkpoint {restored}, older than checkpoint {latest} completed before the fault")
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "key k{:02} went back from {} to {} at {:.1}s (after fault {:?}): {why}",
+                    r.key,
+                    r.from,
+                    r.to,
+                    r.at_ms as f64 / 1000.0,
+                    r.fault
+                )
+            })
+            .collect();
+        let bad_total = a.bad_rewinds().count();
+        if bad_total > 0 {
+            self.violations.push(format!(
+                "{bad_total} replays that are not replays from the last checkpoint:\n      {}",
+                bad.join("\n      ")
+            ));
+        }
+        let duplicates = a.duplicates_by_job;
+        let replayed = a.replayed_by_fault();
+        for f in &mut self.faults {
+            f.replayed = replayed.get(&Some(f.fault.index)).copied().unwrap_or(0);
+        }
+        if let Some(n) = replayed.get(&None) {
+            self.violations
+                .push(format!("{n} duplicates before the first fault (no failure to replay after)"));
+        }
+        if self.mode == Mode::ExactlyOnce {
+            match self.hides_aborted {
+                Some(true) if duplicates > 0 => self.violations.push(format!(
+                    "exactly-once: {duplicates} duplicates seen by a read_committed reader on a broker that hides aborted records"
+                )),
+                Some(true) => {}
+                _ => self.notes.push(format!(
+                    "exactly-once: the broker does not hide aborted transactions' records from read_committed readers \
+                     (probed), so the {duplicates} duplicates seen cannot be told from aborted records and 0 duplicates \
+                     is not asserted; run with {}=<Apache Kafka> for that claim",
+                    keel_testkit::ENV_BOOTSTRAP
+                )),
+            }
+        }
+        for o in &self.overlaps {
+            let text = format!(
+                "subtask {} attempt {:?} on {} was alive beside attempt {:?} on {} from {:.1}s to {:.1}s and wrote {} records meanwhile",
+                o.subtask,
+                o.old,
+                o.old_tm,
+                o.new,
+                o.new_tm,
+                o.first_ms as f64 / 1000.0,
+                o.last_ms as f64 / 1000.0,
+                o.old_wrote
+            );
+            if o.old_wrote > 0 {
+                self.violations.push(format!("an old attempt kept writing: {text}"));
+            } else {
+                self.notes.push(format!("two attempts alive at once (the old one wrote nothing): {text}"));
+            }
+        }
+        // Takeover times for leader faults.
+        for f in &mut self.faults {
+            let role = match f.fault.kind {
+                FaultKind::KillJmLeader | FaultKind::PauseJmLeader | FaultKind::PartitionJmLeader => {
+                    "jobmanager"
+                }
+                FaultKind::KillRmLeader | FaultKind::PauseRmLeader | FaultKind::PartitionRmLeader => {
+                    "resourcemanager"
+                }
+                _ => continue,
+            };
+            let before =
+                self.leaders.iter().rfind(|l| l.role == role && l.seen_ms < f.at_ms).and_then(|l| l.epoch);
+            let Some(successor) = self
+                .leaders
+                .iter()
+                .find(|l| l.role == role && l.seen_ms >= f.at_ms && l.epoch.is_some() && l.epoch != before)
+            else {
+                continue;
+            };
+            f.takeover = Some(Duration::from_millis(successor.seen_ms - f.at_ms));
+            if role != "jobmanager" {
+                continue;
+            }
+            // A new JobManager leader must get the job checkpointing again on its own, whether
+            // or not the old leader is still paused or cut off.
+            let replaced_ms = self
+                .leaders
+                .iter()
+                .find(|l| l.role == role && l.seen_ms > successor.seen_ms && l.epoch != successor.epoch)
+                .map(|l| l.seen_ms);
+            let first = self.completed.iter().find(|c| Some(c.epoch) == successor.epoch).map(|c| c.seen_ms);
+            let limit = successor.seen_ms + SUCCESSOR_CHECKPOINT_MS;
+            let late = first.is_none_or(|t| t > limit);
+            if late && replaced_ms.is_none_or(|r| r > limit) {
+                self.violations.push(format!(
+                    "fault {}: the new jobmanager leader (epoch {}, {}) took over {:.1}s after the fault but completed \
+                     its first checkpoint {} (the fault lasted {:.1}s); a successor must run the job within {}s of \
+                     taking over, while the old leader is still away",
+                    f.fault,
+                    successor.epoch.unwrap_or(0),
+                    successor.address,
+                    (successor.seen_ms - f.at_ms) as f64 / 1000.0,
+                    first.map_or("never".to_string(), |t| format!("{:.1}s after taking over", (t - successor.seen_ms) as f64 / 1000.0)),
+                    f.held_ms as f64 / 1000.0,
+                    SUCCESSOR_CHECKPOINT_MS / 1000
+                ));
+            }
+        }
+        if self.job_state != "running" {
+            self.violations.push(format!("the job is {:?} at the end, not running", self.job_state));
+        }
+        if self.unread_metadata > 0 {
+            self.notes.push(format!(
+                "{} checkpoint metadata files were gone before the watcher read them (their positions are unknown)",
+                self.unread_metadata
+            ));
+        }
+    }
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// How long a new JobManager leader may take to complete its first checkpoint: heartbeat
+/// timeout (5 s) + restart backoff (1 s) + deploy and the first interval, with room to spare.
+const SUCCESSOR_CHECKPOINT_MS: u64 = 12_000;
+
+/// The issue's goals: (fault kind, what, limit in ms).
+const GOALS: [(FaultKind, &str, u64); 2] = [
+    (FaultKind::KillTm, "TaskManager loss: output flowing again, p99 < 3 s", 3_000),
+    (FaultKind::KillJmLeader, "JobManager leader loss: output flowing again < lease TTL (3 s) + 2 s", 5_000),
+];
+
+fn secs(ms: u64) -> String {
+    format!("{:.2}s", ms as f64 / 1000.0)
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = &self.accounting;
+        writeln!(f, "==== keel chaos report ====")?;
+        writeln!(
+            f,
+            "seed {}, mode {}, {} faults injected ({} skipped) in {:.0}s",
+            self.seed,
+            self.mode.name(),
+            self.injected(),
+            self.faults.len() - self.injected(),
+            self.elapsed.as_secs_f64()
+        )?;
+        writeln!(f, "replay: {}", self.replay)?;
+        writeln!(f, "load average (1 min) at the start {}, at the end {}", self.load.0, self.load.1)?;
+        writeln!(f, "network: {}", self.network)?;
+        writeln!(f, "broker: {}", self.broker)?;
+        writeln!(f, "faults:")?;
+        writeln!(
+            f,
+            "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<8} {:<8} target",
+            "#", "kind", "at", "held", "recovery", "takeover", "restarts", "replayed"
+        )?;
+        for o in &self.faults {
+            if let Some(s) = &o.skipped {
+                writeln!(f, "  {:>3} {:<22} skipped: {s}", o.fault.index, o.fault.kind.name())?;
+                continue;
+            }
+            writeln!(
+                f,
+                "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<9} {:<8} {:<8} {}{}",
+                o.fault.index,
+                o.fault.kind.name(),
+                format!("{:.1}s", o.at_ms as f64 / 1000.0),
+                format!("{:.1}s", o.held_ms as f64 / 1000.0),
+                o.recovery.map(|d| secs(d.as_millis() as u64)).unwrap_or_else(|| "NONE".into()),
+                o.takeover.map(|d| secs(d.as_millis() as u64)).unwrap_or_else(|| "-".into()),
+                o.checkpointed.map(|d| secs(d.as_millis() as u64)).unwrap_or_else(|| "NONE".into()),
+                o.job_restarts.map(|n| format!("+{n}")).unwrap_or_else(|| "?".into()),
+                o.replayed,
+                o.target,
+                o.error.as_ref().map(|e| format!(" ERROR {e}")).unwrap_or_default()
+            )?;
+        }
+        writeln!(
+            f,
+            "recovery (fault -> a record produced after the fault in the output, for every input partition):"
+        )?;
+        writeln!(f, "  {:<22} {:>3} {:>8} {:>8}", "kind", "n", "p50", "max")?;
+        for (kind, xs) in self.recovery_by_kind() {
+            if let Some((p50, max)) = p50_max(&xs) {
+                writeln!(f, "  {:<22} {:>3} {:>8} {:>8}", kind.name(), xs.len(), secs(p50), secs(max))?;
+            }
+        }
+        for (kind, what, limit) in GOALS {
+            if let Some(xs) = self.recovery_by_kind().get(&kind) {
+                let over = xs.iter().filter(|x| **x >= limit).count();
+                writeln!(f, "  goal {what}: {} of {} faults over", over, xs.len())?;
+            }
+        }
+        writeln!(
+            f,
+            "records: in {} numbers ({} records, {} produced again after a failed delivery); out {} records ({} distinct)",
+            a.in_numbers, a.in_records, self.resent, a.out_records, a.out_distinct
+        )?;
+        writeln!(
+            f,
+            "         lost {}, duplicated {} ({} beyond the input's own copies), unknown {}, malformed {}",
+            a.lost.len(),
+            a.duplicates,
+            a.duplicates_by_job,
+            a.unknown.len(),
+            a.garbage
+        )?;
+        let from_cp =
+            a.rewinds.iter().filter(|r| matches!(r.verdict, RewindVerdict::FromCheckpoint(_))).count();
+        writeln!(
+            f,
+            "order per key: {} rewinds (replays): {} from a checkpoint's position, {} not (interleaved attempts or replayed too far), {} unverifiable",
+            a.rewinds.len(),
+            from_cp,
+            a.bad_rewinds().count(),
+            a.unverifiable()
+        )?;
+        writeln!(f, "checkpoints completed (pointer moves seen on etcd): {}", self.checkpoints)?;
+        let epochs = |role: &str| {
+            self.leaders
+                .iter()
+                .filter(|l| l.role == role)
+                .map(|l| l.epoch.map(|e| format!("{e}@{}", l.address)).unwrap_or_else(|| "none".into()))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        };
+        writeln!(f, "jobmanager leaders: {}", epochs("jobmanager"))?;
+        writeln!(f, "resourcemanager leaders: {}", epochs("resourcemanager"))?;
+        if let Some(h) = self.hides_aborted {
+            writeln!(f, "broker hides aborted transactions' records from read_committed readers: {h}")?;
+        }
+        writeln!(
+            f,
+            "job at the end: {} ({} restarts)",
+            self.job_state,
+            self.job_restarts.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+        )?;
+        for n in &self.notes {
+            writeln!(f, "note: {n}")?;
+        }
+        if self.violations.is_empty() {
+            writeln!(f, "VIOLATIONS: none")?;
+        } else {
+            writeln!(f, "VIOLATIONS ({}):", self.violations.len())?;
+            for v in &self.violations {
+                writeln!(f, "  - {v}")?;
+            }
+            writeln!(f, "logs: {}", self.dir.display())?;
+        }
+        Ok(())
+    }
+}
