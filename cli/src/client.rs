@@ -450,6 +450,40 @@ impl Client {
         Ok(())
     }
 
+    /// `keel rollback JOB [--to N]`: a handover back to version N's spec (default: the version
+    /// before the active one), from the running version's state. It becomes a new version.
+    pub async fn rollback(&self, job: &str, to: Option<u32>) -> anyhow::Result<()> {
+        let d = self.describe(job).await?;
+        let active = d.summary.as_ref().map(|s| s.active_version).unwrap_or(0);
+        let target = match to {
+            Some(n) => d.versions.iter().find(|v| v.version == n),
+            None => d
+                .versions
+                .iter()
+                .filter(|v| v.version < active && v.state != "failed")
+                .max_by_key(|v| v.version),
+        };
+        let Some(target) = target else {
+            bail!(
+                "job {job}: no version {} to roll back to (active version {active}; see `keel history {job}`)",
+                to.map(|n| n.to_string()).unwrap_or_else(|| "before the active one".into())
+            );
+        };
+        if target.version == active {
+            bail!("job {job}: version {active} is the active version already");
+        }
+        let dir = std::env::temp_dir().join(format!("keel-rollback-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = dir.join(format!("v{}.yaml", target.version));
+        std::fs::write(&file, &target.spec_yaml).with_context(|| format!("writing {}", file.display()))?;
+        if self.output == Output::Text {
+            println!("rolling back job {job} to the spec of version {}", target.version);
+        }
+        let result = self.upgrade(job, Some(&file), 0, "handover", false).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
     /// `keel history JOB`: every version of the job.
     pub async fn history(&self, job: &str) -> anyhow::Result<()> {
         let d = self.describe(job).await?;

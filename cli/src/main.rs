@@ -93,6 +93,13 @@ enum Command {
     Stop { job: String },
     /// List a job's versions: state, parallelism, the savepoints each started from and ended with.
     History { job: String },
+    /// Go back to an earlier version's spec by a handover upgrade from the current state.
+    Rollback {
+        job: String,
+        /// The version whose spec to run again (default: the one before the active version).
+        #[arg(long)]
+        to: Option<u32>,
+    },
     /// Show the cluster: leaders with epochs, TaskManagers, slots used and free.
     Cluster,
     /// Start a local three-process cluster (ResourceManager, JobManager, TaskManager).
@@ -139,6 +146,7 @@ fn main() -> ExitCode {
         Command::Savepoint { job } => session.client(|c| async move { c.savepoint(&job, false).await }),
         Command::Stop { job } => session.client(|c| async move { c.savepoint(&job, true).await }),
         Command::History { job } => session.client(|c| async move { c.history(&job).await }),
+        Command::Rollback { job, to } => session.client(|c| async move { c.rollback(&job, to).await }),
         Command::Cluster => session.client(|c| async move { c.cluster().await }),
         Command::Dev(args) => session.dev(args),
         Command::Config { what: ConfigCommand::Keys } => session.config_keys(),

@@ -75,6 +75,7 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "taskmanager.numberOfTaskSlots", default: "1", help: "number of task slots a TaskManager offers" },
     KeyInfo { key: "taskmanager.id", default: "", help: "TaskManager id; generated from host and port when empty" },
     KeyInfo { key: "slot.request.timeout", default: "5 min", help: "how long a slot request waits for free slots before failing" },
+    KeyInfo { key: "upgrade.health-timeout", default: "1 min", help: "a new job version must run and complete its first checkpoint within this time of its start, or the upgrade rolls back to the old version from the drain savepoint" },
     KeyInfo { key: "resourcemanager.rpc.address", default: "127.0.0.1", help: "host the ResourceManager binds and advertises" },
     KeyInfo { key: "resourcemanager.rpc.port", default: "6124", help: "port of the ResourceManager (0 picks a free one)" },
     KeyInfo { key: "jobmanager.rpc.address", default: "127.0.0.1", help: "host the JobManager binds and advertises; clients fall back to it when the HA services name no leader" },
@@ -138,6 +139,9 @@ pub struct Config {
     pub slots_per_taskmanager: u32,
     pub taskmanager_id: Option<String>,
     pub slot_request_timeout: Duration,
+    /// `upgrade.health-timeout`: how long a new version has to run and complete its first
+    /// checkpoint before an upgrade rolls back.
+    pub upgrade_health_timeout: Duration,
     pub resourcemanager_rpc: RpcAddress,
     pub jobmanager_rpc: RpcAddress,
     pub taskmanager_rpc: RpcAddress,
@@ -332,6 +336,7 @@ impl Config {
             slots_per_taskmanager: slots,
             taskmanager_id: (!tm_id.is_empty()).then_some(tm_id),
             slot_request_timeout: duration("slot.request.timeout")?,
+            upgrade_health_timeout: duration("upgrade.health-timeout")?,
             resourcemanager_rpc: RpcAddress {
                 host: string("resourcemanager.rpc.address"),
                 port: port("resourcemanager.rpc.port")?,

@@ -53,8 +53,11 @@ pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
 const UPGRADE_SLOT_WAIT: Duration = Duration::from_secs(5);
 /// How long drained tasks get to finish after their savepoint completed.
 const DRAIN_FINISH_WAIT: Duration = Duration::from_secs(10);
-/// How long an upgrade waits for the new version's first output to measure the pause.
-const PAUSE_MEASURE_WAIT: Duration = Duration::from_secs(60);
+/// How long an upgrade waits, once the new version is healthy, for its first output to
+/// measure the pause (without input there is no output, and the pause is reported unknown).
+const PAUSE_MEASURE_WAIT: Duration = Duration::from_secs(5);
+/// How often the health gate of an upgraded version is looked at.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
 /// The checkpoint interval of a job without periodic checkpoints: its coordinator only takes
 /// savepoints.
 const NO_PERIODIC_CHECKPOINTS: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -102,8 +105,15 @@ struct Drained {
 /// An upgrade after the switch, until the new version runs.
 pub(crate) struct UpgradeRun {
     progress: Progress,
-    /// The old version's slots, released once the new version runs.
+    /// The version replaced, and its slots: released once the new version is healthy, the
+    /// slots a rollback runs it in again otherwise.
+    old_version: u32,
+    old_slots: Vec<pb::AllocatedSlot>,
     old_allocations: Vec<String>,
+    /// The new version must be healthy (running, first checkpoint completed) by then.
+    deadline: tokio::time::Instant,
+    /// Whether the job checkpoints periodically (else running is healthy).
+    checkpoints: bool,
     savepoint: SavepointDone,
     savepoint_path: String,
     last_output_ms: Option<u64>,
@@ -132,6 +142,8 @@ enum AttemptEnd {
     Stop(oneshot::Sender<Result<pb::TriggerSavepointResponse>>),
     /// The job was stopped with this savepoint.
     Stopped(pb::TriggerSavepointResponse),
+    /// An upgraded version was not healthy in time: roll back.
+    Unhealthy(String),
 }
 
 /// What the driver does after the restart strategy has seen a failure.
@@ -385,21 +397,34 @@ impl Driver {
                         Ok(AttemptEnd::Stop(_)) | Ok(AttemptEnd::Stopped(_)) => {
                             "the job was stopped".to_string()
                         }
+                        Ok(AttemptEnd::Unhealthy(why)) => format!("version {version} is not healthy: {why}"),
                         Err(e) => format!("attempt {attempt} ended: {e}"),
                     };
                     self.stop_checkpointing(coordinator, &why).await;
                     watched?
                 }
             };
-            if !matches!(end, AttemptEnd::Drained(_)) {
-                if let Some(u) = self.upgrade.take() {
-                    // The new version ended before it ran: the upgrade failed (its restarts go by
-                    // the restart strategy; an automatic rollback is not implemented yet).
-                    u.progress.fail(format!("version {version} did not reach running"));
-                    self.release(u.old_allocations, false).await;
+            // An upgraded version that fails or is not healthy in time before it passed its health
+            // gate is rolled back to the version it replaced (not counted as a restart).
+            let end = match end {
+                AttemptEnd::Failed(why) | AttemptEnd::Unhealthy(why) if self.upgrade.is_some() => {
+                    self.roll_back(&tasks, version, why).await?;
+                    continue;
                 }
-            }
+                AttemptEnd::Cancel | AttemptEnd::Finished => {
+                    if let Some(u) = self.upgrade.take() {
+                        u.progress.fail(format!("version {version} ended before it was healthy"));
+                        self.release(u.old_allocations, false).await;
+                    }
+                    end
+                }
+                other => other,
+            };
             match end {
+                AttemptEnd::Unhealthy(why) => {
+                    // Only reachable without an upgrade in progress: nothing to roll back to.
+                    tracing::warn!(job_id = %self.job.job_id, %why, "health gate without an upgrade");
+                }
                 AttemptEnd::Upgrade(req) => {
                     req.progress.fail("the attempt ended before the upgrade could start");
                     self.cancel_tasks(&tasks).await;
@@ -641,7 +666,19 @@ impl Driver {
     async fn watch_attempt(&mut self) -> Result<AttemptEnd> {
         let mut running_recorded = false;
         loop {
-            let Some(event) = self.events.recv().await else {
+            let event = if self.upgrade.is_some() {
+                // An upgraded version on probation: look at its health between events.
+                if let Err(why) = self.check_health(running_recorded).await {
+                    return Ok(AttemptEnd::Unhealthy(why));
+                }
+                tokio::select! {
+                    ev = self.events.recv() => ev,
+                    _ = tokio::time::sleep(HEALTH_POLL) => continue,
+                }
+            } else {
+                self.events.recv().await
+            };
+            let Some(event) = event else {
                 return Ok(AttemptEnd::Failed("job event channel closed".into()));
             };
             match event {
@@ -729,7 +766,9 @@ impl Driver {
                     if all_running && !running_recorded {
                         running_recorded = true;
                         self.set_state(JobState::Running, "").await?;
-                        self.upgraded_version_runs().await;
+                        if let Some(u) = &self.upgrade {
+                            u.progress.step(format!("version {} runs", u.progress.to_version));
+                        }
                     }
                 }
             }
@@ -955,19 +994,36 @@ impl Driver {
             .await?;
         d.progress.step(format!("switched: version {} is the active version", d.to_version));
         let old_allocations: Vec<String> = tasks.iter().map(|t| t.allocation_id.clone()).collect();
-        let old_allocations = match d.slots {
+        let old_slots: Vec<pb::AllocatedSlot> = tasks
+            .iter()
+            .map(|t| pb::AllocatedSlot {
+                slot: Some(pb::SlotId { taskmanager_id: t.taskmanager_id.clone(), index: t.slot_index }),
+                allocation_id: t.allocation_id.clone(),
+                taskmanager_address: t.taskmanager_address.clone(),
+            })
+            .collect();
+        let (old_allocations, old_slots) = match d.slots {
             Some(slots) => {
                 self.preallocated = Some(slots);
-                old_allocations
+                (old_allocations, old_slots)
             }
             None => {
                 self.release(old_allocations, false).await;
                 d.progress.step(format!("released version {version}'s slots"));
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         };
+        let checkpoints =
+            JobSpec::parse(&self.job.record().active().map(|v| v.spec_yaml.clone()).unwrap_or_default())
+                .ok()
+                .and_then(|spec| self.ctx.config.checkpointing.with_overrides(&spec.config).ok())
+                .is_some_and(|c| c.interval.is_some());
         self.upgrade = Some(UpgradeRun {
             progress: d.progress,
+            old_version: version,
+            old_slots,
+            deadline: tokio::time::Instant::now() + self.ctx.config.upgrade_health_timeout,
+            checkpoints,
             old_allocations,
             savepoint: d.savepoint,
             savepoint_path: d.savepoint_path,
@@ -976,23 +1032,49 @@ impl Driver {
         Ok(())
     }
 
-    /// Step 5: the new version runs: the old version's slots go, and the pause is measured
-    /// once a new task reports its first output.
-    async fn upgraded_version_runs(&mut self) {
-        let Some(u) = self.upgrade.take() else { return };
-        if !u.old_allocations.is_empty() {
-            self.release(u.old_allocations.clone(), false).await;
+    /// The health gate of an upgraded version: `Ok(true)` once it runs and (with periodic
+    /// checkpoints) completed a checkpoint after the drain savepoint; then the old version's
+    /// slots go and the pause is measured once a new task reports its first output.
+    /// `Err(why)` when the deadline passed first.
+    async fn check_health(&mut self, running: bool) -> std::result::Result<bool, String> {
+        let Some(u) = &self.upgrade else { return Ok(true) };
+        let after = u.savepoint.checkpoint_id;
+        let checkpointed =
+            !u.checkpoints
+                || self.job.checkpoints().stats(Instant::now()).iter().any(|c| {
+                    c.checkpoint_id > after && c.state == crate::checkpoint::CheckpointState::Completed
+                });
+        if running && checkpointed {
+            let Some(u) = self.upgrade.take() else { return Ok(true) };
+            if !u.old_allocations.is_empty() {
+                self.release(u.old_allocations.clone(), false).await;
+            }
             u.progress.step(format!(
-                "version {} runs; version {}'s slots released",
-                u.progress.to_version, u.progress.from_version
+                "version {} healthy (running{}); version {}'s slots released",
+                u.progress.to_version,
+                if u.checkpoints { ", first checkpoint completed" } else { "" },
+                u.old_version
             ));
-        } else {
-            u.progress.step(format!("version {} runs", u.progress.to_version));
+            self.measure_pause(u);
+            return Ok(true);
         }
+        if tokio::time::Instant::now() >= u.deadline {
+            let what = if running { "complete a checkpoint" } else { "run" };
+            return Err(format!(
+                "version {} did not {what} within upgrade.health-timeout ({})",
+                u.progress.to_version,
+                keel_config::format_duration(self.ctx.config.upgrade_health_timeout)
+            ));
+        }
+        Ok(false)
+    }
+
+    /// Reports the upgrade done once a task of the new version reports its first output, with
+    /// the pause since the old version's last.
+    fn measure_pause(&self, u: UpgradeRun) {
         let job = self.job.clone();
         let new_tasks: Vec<String> = job.tasks().iter().map(|t| t.task_id.clone()).collect();
         tokio::spawn(async move {
-            // The first output of the new version, as its tasks report it.
             let deadline = tokio::time::Instant::now() + PAUSE_MEASURE_WAIT;
             let first = loop {
                 let first = {
@@ -1017,6 +1099,42 @@ impl Driver {
             };
             u.progress.done(pause, u.savepoint.checkpoint_id, &u.savepoint_path);
         });
+    }
+
+    /// Rolls an upgrade back: the new version's tasks are canceled and its slots released, the
+    /// old version is active again (one fenced write) and restarts in its old slots from the
+    /// job's HA pointer: the drain savepoint, since an unhealthy version completed no
+    /// checkpoint.
+    async fn roll_back(&mut self, tasks: &[TaskRecord], version: u32, why: String) -> Result<()> {
+        let Some(u) = self.upgrade.take() else { return Ok(()) };
+        tracing::warn!(job_id = %self.job.job_id, from = version, to = u.old_version, %why, "rolling back an upgrade");
+        self.cancel_tasks(tasks).await;
+        let mut release: Vec<String> = tasks.iter().map(|t| t.allocation_id.clone()).collect();
+        if let Some(pre) = self.preallocated.take() {
+            release.extend(pre.into_iter().map(|s| s.allocation_id));
+        }
+        self.release(release, false).await;
+        {
+            let mut r = self.job.record_mut();
+            if let Some(v) = r.versions.iter_mut().find(|v| v.version == version) {
+                v.state = JobState::Failed;
+            }
+            if let Some(v) = r.versions.iter_mut().find(|v| v.version == u.old_version) {
+                v.state = JobState::Created;
+                v.ended_with = None;
+            }
+            r.active_version = u.old_version;
+        }
+        let message = format!("upgrade to version {version} rolled back to version {}: {why}", u.old_version);
+        self.set_state(JobState::Scheduled, message.clone()).await?;
+        if !u.old_slots.is_empty() {
+            self.preallocated = Some(u.old_slots.clone());
+        }
+        u.progress.fail(format!(
+            "{message} (version {} restarts from savepoint {})",
+            u.old_version, u.savepoint.checkpoint_id
+        ));
+        Ok(())
     }
 
     /// A pending version that will not run is marked failed with `why`.

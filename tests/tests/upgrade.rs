@@ -314,3 +314,80 @@ fn stop_with_savepoint_then_run_from_it_continues_exactly() -> anyhow::Result<()
     assert!(checked.out_of_order.is_empty(), "out of order: {:?}", checked.out_of_order);
     Ok(())
 }
+
+/// The health gate: a new version that fails to start (its added file sink cannot create its
+/// directory: a file is in the way) is rolled back automatically to the old version from the
+/// drain savepoint; `keel upgrade` fails saying so, `keel status` says why, the history shows
+/// the new version failed. Then a good version 3 is deployed and `keel rollback` goes back to
+/// version 1's spec (as version 4). Proves: the output still equals the input exactly (the
+/// failed version wrote nothing, the old version continues at the savepoint's cut, and the
+/// requested rollback is a clean handover: no gap, no duplicate).
+#[test]
+fn a_new_version_that_fails_to_start_rolls_back_automatically() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let bootstrap = broker.bootstrap().to_string();
+    let (input, output) = (unique_topic("rb-in"), unique_topic("rb-out"));
+    create_topic(&bootstrap, &input, 2)?;
+    create_topic(&bootstrap, &output, 2)?;
+    produce(&bootstrap, &input, (0..1000).map(record).collect())?;
+
+    let mut sb = Sandbox::new("rollback", Ha::Local, &[])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    sb.start("jobmanager", "jm", &[])?;
+    sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=4".into()])?;
+    sb.run_spec("rb", &spec("rb", &bootstrap, &input, &output, 2, 0), &[])?;
+    let mut out = Output::open(&bootstrap, &output)?;
+    out.read_until(LONG, |all| all.len() >= 1000)?;
+
+    let blocker = sb.dir.join("not-a-directory");
+    std::fs::write(&blocker, "a file where the sink wants a directory")?;
+    let broken = format!(
+        "{}  - name: audit\n    connector: file\n    from: in\n    path: {}\n",
+        spec("rb", &bootstrap, &input, &output, 2, 1),
+        blocker.join("sub").display()
+    );
+    let path = sb.write_spec("rb-broken", &broken)?;
+    let upgrade = sb.keel(&["upgrade", "rb", path.to_str().unwrap_or_default()])?;
+    let stdout = String::from_utf8_lossy(&upgrade.stdout);
+    let stderr = String::from_utf8_lossy(&upgrade.stderr);
+    println!("keel upgrade (expected to fail):\n{stdout}{stderr}");
+    assert!(!upgrade.status.success(), "the broken upgrade must fail");
+    assert!(stderr.contains("rolled back to version 1"), "{stderr}");
+
+    let status = sb.wait_job_state("rb", "running", LONG)?;
+    assert_eq!(status["job"]["active_version"], 1, "{status}");
+    assert!(
+        status["status_message"].as_str().unwrap_or_default().contains("rolled back")
+            || sb.keel_json(&["history", "rb"])?["versions"][1]["state"] == "failed",
+        "{status}"
+    );
+    let history = sb.keel_json(&["history", "rb"])?;
+    assert_eq!(history["versions"][1]["state"], "failed", "{history}");
+
+    produce(&bootstrap, &input, (1000..1500).map(record).collect())?;
+    out.read_until(LONG, |all| all.len() >= 1500)?;
+    let good = sb.write_spec("rb-good", &spec("rb", &bootstrap, &input, &output, 1, 1))?;
+    let t = std::time::Instant::now();
+    let v3 = sb.keel_json(&["upgrade", "rb", good.to_str().unwrap_or_default()])?;
+    println!("v3 upgrade took {:?}: {v3}", t.elapsed());
+    assert_eq!(v3["to_version"], 3, "{v3}");
+    let t = std::time::Instant::now();
+    let back = sb.keel_json(&["rollback", "rb"])?;
+    println!("rollback took {:?}: {back}", t.elapsed());
+    assert_eq!(back["to_version"], 4, "{back}");
+    let status = sb.status("rb")?;
+    assert_eq!(status["job"]["parallelism"], 2, "version 4 runs version 1's spec: {status}");
+    produce(&bootstrap, &input, (1500..2000).map(record).collect())?;
+    let checked = check_output(&mut out, 2000)?;
+    let lost: Vec<u64> = (0..2000).filter(|n| !checked.counts.contains_key(n)).collect();
+    let duplicated: Vec<u64> = checked.counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    println!(
+        "after the rollback: {} distinct of 2000, {} lost, {} duplicated",
+        checked.counts.len(),
+        lost.len(),
+        duplicated.len()
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+    Ok(())
+}
