@@ -26,6 +26,18 @@ const RETRY_FOR: Duration = Duration::from_secs(10);
 /// How long `keel run` waits for a job to run (slot waits end earlier, at slot.request.timeout).
 const RUN_WAIT: Duration = Duration::from_secs(3600);
 
+/// How `keel upgrade` / `keel rescale` replace the running version.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeOptions {
+    /// `handover` (default), `stop-start`, `cancel-on-update`.
+    pub mode: String,
+    /// `stateful` (default) or `stateless`.
+    pub upgrade_strategy: String,
+    /// `latest-state` (default), `latest-savepoint`, `none`.
+    pub restore_strategy: String,
+    pub allow_non_restored_state: bool,
+}
+
 pub struct Client {
     config: Config,
     output: Output,
@@ -349,8 +361,7 @@ impl Client {
         job: &str,
         file: Option<&Path>,
         parallelism: u32,
-        mode: &str,
-        allow_non_restored_state: bool,
+        options: &UpgradeOptions,
     ) -> anyhow::Result<()> {
         let spec_yaml = match file {
             Some(f) => {
@@ -365,8 +376,10 @@ impl Client {
             job: job.to_string(),
             spec_yaml,
             parallelism,
-            mode: mode.to_string(),
-            allow_non_restored_state,
+            mode: options.mode.clone(),
+            allow_non_restored_state: options.allow_non_restored_state,
+            upgrade_strategy: options.upgrade_strategy.clone(),
+            restore_strategy: options.restore_strategy.clone(),
         };
         let mut stream = self
             .jm
@@ -479,7 +492,7 @@ impl Client {
         if self.output == Output::Text {
             println!("rolling back job {job} to the spec of version {}", target.version);
         }
-        let result = self.upgrade(job, Some(&file), 0, "handover", false).await;
+        let result = self.upgrade(job, Some(&file), 0, &UpgradeOptions::default()).await;
         let _ = std::fs::remove_dir_all(&dir);
         result
     }

@@ -68,9 +68,8 @@ enum Command {
     Upgrade {
         job: String,
         file: PathBuf,
-        /// `handover` (default) or `stop-start`.
-        #[arg(long, default_value = "handover")]
-        mode: String,
+        #[command(flatten)]
+        how: UpgradeArgs,
         /// Drop the state of sources the new version no longer has.
         #[arg(long)]
         allow_non_restored_state: bool,
@@ -81,9 +80,8 @@ enum Command {
         job: String,
         #[arg(long, short = 'p')]
         parallelism: u32,
-        /// `handover` (default) or `stop-start`.
-        #[arg(long, default_value = "handover")]
-        mode: String,
+        #[command(flatten)]
+        how: UpgradeArgs,
     },
     /// Take a savepoint of a running job (kept until deleted); the job keeps running.
     Savepoint { job: String },
@@ -109,6 +107,32 @@ enum Command {
         #[command(subcommand)]
         what: ConfigCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct UpgradeArgs {
+    /// `handover` (default), `stop-start` (old slots released before the new version asks
+    /// for its own), `cancel-on-update` (the old version is canceled at once; the new one
+    /// starts from the latest checkpoint).
+    #[arg(long, default_value = "handover")]
+    mode: String,
+    /// `stateful` (drain the old version with a savepoint first) or `stateless` (cancel it).
+    #[arg(long, default_value = "stateful")]
+    upgrade_strategy: String,
+    /// `latest-state`, `latest-savepoint` or `none`: the state the new version starts from.
+    #[arg(long, default_value = "latest-state")]
+    restore_strategy: String,
+}
+
+impl UpgradeArgs {
+    fn options(self, allow_non_restored_state: bool) -> keel::client::UpgradeOptions {
+        keel::client::UpgradeOptions {
+            mode: self.mode,
+            upgrade_strategy: self.upgrade_strategy,
+            restore_strategy: self.restore_strategy,
+            allow_non_restored_state,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -137,11 +161,13 @@ fn main() -> ExitCode {
         Command::Cancel { job, detached } => {
             session.client(|c| async move { c.cancel(&job, detached).await })
         }
-        Command::Upgrade { job, file, mode, allow_non_restored_state } => session.client(|c| async move {
-            c.upgrade(&job, Some(&file), 0, &mode, allow_non_restored_state).await
-        }),
-        Command::Rescale { job, parallelism, mode } => {
-            session.client(|c| async move { c.upgrade(&job, None, parallelism, &mode, false).await })
+        Command::Upgrade { job, file, how, allow_non_restored_state } => {
+            let options = how.options(allow_non_restored_state);
+            session.client(|c| async move { c.upgrade(&job, Some(&file), 0, &options).await })
+        }
+        Command::Rescale { job, parallelism, how } => {
+            let options = how.options(false);
+            session.client(|c| async move { c.upgrade(&job, None, parallelism, &options).await })
         }
         Command::Savepoint { job } => session.client(|c| async move { c.savepoint(&job, false).await }),
         Command::Stop { job } => session.client(|c| async move { c.savepoint(&job, true).await }),

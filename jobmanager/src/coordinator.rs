@@ -267,6 +267,31 @@ pub(crate) async fn savepoint(
     }
 }
 
+/// The newest savepoint kept for the job (`<dir>/<job_id>/savepoints/sp-<id>/_metadata`), as
+/// a pointer a new attempt can restore from.
+pub(crate) async fn latest_savepoint(dir: &Path, job_id: &str) -> Option<CheckpointPointer> {
+    let root = job_dir(dir, job_id).join("savepoints");
+    let newest = std::fs::read_dir(&root)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("sp-")?.parse::<u64>().ok())
+        .max()?;
+    let path = root.join(format!("sp-{newest}")).join(METADATA_FILE);
+    let metadata = read_metadata(&path).await.ok()?;
+    Some(CheckpointPointer {
+        job_id: metadata.job_id.clone(),
+        checkpoint_id: metadata.checkpoint_id,
+        metadata_path: path.display().to_string(),
+        version: metadata.version,
+        attempt: metadata.attempt,
+        trigger_time_ms: metadata.trigger_time_ms,
+        duration_ms: metadata.duration_ms,
+        size_bytes: metadata.total_size_bytes,
+        completed_at_ms: metadata.completed_at_ms,
+        epoch: 0,
+    })
+}
+
 /// Copies a completed savepoint's metadata to `<dir>/<job_id>/savepoints/sp-<id>/_metadata`,
 /// out of the reach of checkpoint retention: kept until the user deletes it. Returns its path.
 pub(crate) async fn keep_savepoint(dir: &Path, job_id: &str, done: &SavepointDone) -> Result<String> {
@@ -600,7 +625,8 @@ mod tests {
         let restore = load_restore(&pointers, "j", 2).await.expect("restore").expect("a checkpoint");
         assert_eq!(restore.states, vec![b"{\"subtask\":0}".to_vec(), b"{\"subtask\":1}".to_vec()]);
         match load_restore(&pointers, "j", 3).await {
-            Err(RestoreError::Unusable(reason)) => assert!(reason.contains("parallelism 3"), "{reason}"),
+            // States without sources cannot be redistributed over another parallelism.
+            Err(RestoreError::Unusable(reason)) => assert!(reason.contains("cannot be rescaled"), "{reason}"),
             other => panic!("expected an unusable checkpoint, got {other:?}"),
         }
     }

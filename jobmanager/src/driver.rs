@@ -37,7 +37,7 @@ use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
 use crate::coordinator::{Kind, SavepointDone};
 use crate::record::{now_ms, task_id, RestoredFrom, TaskRecord, VersionRecord};
 use crate::restart::{self, Decision, FailureEntry, RestartEntry, SplitMix64};
-use crate::upgrade::{self, Progress, UpgradeMode, UpgradeRequest};
+use crate::upgrade::{self, Progress, RestoreStrategy, UpgradeMode, UpgradeRequest, UpgradeStrategy};
 use crate::{JobHandle, JobManagerCtx, LeaderState};
 use tokio::sync::oneshot;
 
@@ -267,6 +267,10 @@ impl Driver {
                     continue;
                 }
             };
+            // A version started without state (restore strategy `none`) restores only its own
+            // checkpoints, never those of the versions before it.
+            let start_fresh = self.job.record().active().is_some_and(|v| v.start_fresh);
+            let restore = restore.filter(|r| !(start_fresh && r.pointer.version < version));
             self.record_restore(restore.as_ref());
 
             // Slots.
@@ -798,6 +802,17 @@ impl Driver {
             progress.fail(e.to_string());
             return Err(DrainError::Refused);
         }
+        let latest_savepoint = coordinator::latest_savepoint(&self.checkpoints_dir, &self.job.job_id).await;
+        if req.restore_strategy == RestoreStrategy::LatestSavepoint
+            && req.upgrade_strategy == UpgradeStrategy::Stateless
+            && latest_savepoint.is_none()
+        {
+            progress.fail(format!(
+                "restore strategy latest-savepoint: job {} has no savepoint (take one with `keel savepoint`)",
+                self.job.job_id
+            ));
+            return Err(DrainError::Refused);
+        }
         let new_parallelism = req.spec.parallelism;
         let to_version = {
             let mut r = self.job.record_mut();
@@ -810,6 +825,7 @@ impl Driver {
                 parallelism: new_parallelism,
                 restored_from: None,
                 ended_with: None,
+                start_fresh: req.restore_strategy == RestoreStrategy::None,
             });
             to
         };
@@ -863,39 +879,115 @@ impl Driver {
             }
         };
 
-        progress.step(format!("draining version {version}: its sources stop at a savepoint barrier"));
-        let done =
-            match coordinator::savepoint(&self.ctx, &self.st, &self.job, Kind::Drain, checkpointing.timeout)
-                .await
-            {
-                Ok(done) => done,
-                Err(reason) => {
-                    if let Some(slots) = &slots {
-                        self.release(slots.iter().map(|s| s.allocation_id.clone()).collect(), false).await;
+        let (done, savepoint_path) = match req.upgrade_strategy {
+            UpgradeStrategy::Stateful => {
+                progress.step(format!("draining version {version}: its sources stop at a savepoint barrier"));
+                let done = coordinator::savepoint(
+                    &self.ctx,
+                    &self.st,
+                    &self.job,
+                    Kind::Drain,
+                    checkpointing.timeout,
+                )
+                .await;
+                let done = match done {
+                    Ok(done) => done,
+                    Err(reason) => {
+                        if let Some(slots) = &slots {
+                            self.release(slots.iter().map(|s| s.allocation_id.clone()).collect(), false)
+                                .await;
+                        }
+                        self.abandon_version(to_version, &format!("the drain savepoint failed: {reason}"))
+                            .await;
+                        progress.fail(format!(
+                            "the drain savepoint failed: {reason}; version {version} stays active and \
+                             continues from its latest checkpoint"
+                        ));
+                        return Err(DrainError::Failed(format!(
+                            "the drain savepoint of an upgrade failed: {reason}"
+                        )));
                     }
-                    self.abandon_version(to_version, &format!("the drain savepoint failed: {reason}")).await;
-                    progress.fail(format!(
-                    "the drain savepoint failed: {reason}; version {version} stays active and continues from \
-                     its latest checkpoint"
+                };
+                let path = match coordinator::keep_savepoint(&self.checkpoints_dir, &self.job.job_id, &done)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(job_id = %self.job.job_id, error = %e, "cannot keep the drain savepoint's copy");
+                        done.metadata_path.clone()
+                    }
+                };
+                progress.step(format!(
+                    "savepoint {} complete: version {version} drained, its output committed",
+                    done.checkpoint_id
                 ));
-                    return Err(DrainError::Failed(format!(
-                        "the drain savepoint of an upgrade failed: {reason}"
-                    )));
-                }
-            };
-        let savepoint_path = match coordinator::keep_savepoint(&self.checkpoints_dir, &self.job.job_id, &done)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(job_id = %self.job.job_id, error = %e, "cannot keep the drain savepoint's copy");
-                done.metadata_path.clone()
+                (done, path)
+            }
+            UpgradeStrategy::Stateless => {
+                progress.step(format!("stateless: canceling version {version} at once (no savepoint)"));
+                self.cancel_tasks(tasks).await;
+                let pointer: Option<crate::checkpoint::CheckpointPointer> =
+                    self.ctx.pointers.get(&self.job.job_id).await.ok().flatten();
+                let done = SavepointDone {
+                    checkpoint_id: pointer.as_ref().map_or(0, |p| p.checkpoint_id),
+                    metadata_path: pointer.as_ref().map(|p| p.metadata_path.clone()).unwrap_or_default(),
+                };
+                let path = done.metadata_path.clone();
+                (done, path)
             }
         };
-        progress.step(format!(
-            "savepoint {} complete: version {version} drained, its output committed",
-            done.checkpoint_id
-        ));
+        // Which state the new version starts from: the job's HA pointer names it.
+        let (done, savepoint_path) = match req.restore_strategy {
+            RestoreStrategy::LatestState => {
+                progress.step(match done.checkpoint_id {
+                    0 => format!("version {to_version} starts without state (the job has no checkpoint)"),
+                    id => format!("version {to_version} starts from the latest state: checkpoint {id}"),
+                });
+                (done, savepoint_path)
+            }
+            RestoreStrategy::LatestSavepoint => {
+                let latest = coordinator::latest_savepoint(&self.checkpoints_dir, &self.job.job_id).await;
+                match latest {
+                    Some(pointer)
+                        if req.upgrade_strategy == UpgradeStrategy::Stateless
+                            || pointer.checkpoint_id != done.checkpoint_id =>
+                    {
+                        if let Err(e) =
+                            self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, &pointer).await
+                        {
+                            progress.fail(format!(
+                                "cannot point the job at savepoint {}: {e}",
+                                pointer.checkpoint_id
+                            ));
+                            return Err(DrainError::Failed(format!(
+                                "cannot set the job's savepoint pointer: {e}"
+                            )));
+                        }
+                        progress.step(format!(
+                            "version {to_version} starts from the latest savepoint {} ({})",
+                            pointer.checkpoint_id, pointer.metadata_path
+                        ));
+                        let done = SavepointDone {
+                            checkpoint_id: pointer.checkpoint_id,
+                            metadata_path: pointer.metadata_path.clone(),
+                        };
+                        (done, pointer.metadata_path)
+                    }
+                    _ => {
+                        progress.step(format!(
+                            "version {to_version} starts from the latest savepoint {}",
+                            done.checkpoint_id
+                        ));
+                        (done, savepoint_path)
+                    }
+                }
+            }
+            RestoreStrategy::None => {
+                progress.step(format!("version {to_version} starts without state (restore strategy none)"));
+                (done, savepoint_path)
+            }
+        };
+        let _ = latest_savepoint;
 
         self.wait_drained().await?;
         let last_output_ms = {

@@ -433,6 +433,7 @@ impl JobManager {
                 parallelism: spec.parallelism,
                 restored_from: restored_from.clone(),
                 ended_with: None,
+                start_fresh: false,
             }],
             created_at_ms: now,
             attempts: 0,
@@ -858,7 +859,13 @@ impl JmApi for JmService {
         let spec = JobSpec::parse(&spec_yaml)?;
         // Refused here, before anything changes (the driver checks again).
         upgrade::check(&old, &spec, req.allow_non_restored_state)?;
-        let mode = upgrade::UpgradeMode::parse(&req.mode)?;
+        let (mode, cancel_on_update) = upgrade::UpgradeMode::parse(&req.mode)?;
+        let upgrade_strategy = if cancel_on_update {
+            upgrade::UpgradeStrategy::Stateless
+        } else {
+            upgrade::UpgradeStrategy::parse(&req.upgrade_strategy)?
+        };
+        let restore_strategy = upgrade::RestoreStrategy::parse(&req.restore_strategy)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let progress = upgrade::Progress::new(tx, r.active_version);
         progress.step(format!(
@@ -869,6 +876,8 @@ impl JmApi for JmService {
             spec_yaml,
             spec,
             mode,
+            upgrade_strategy,
+            restore_strategy,
             allow_non_restored_state: req.allow_non_restored_state,
             progress,
         })));

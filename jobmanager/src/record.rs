@@ -21,6 +21,10 @@ pub struct VersionRecord {
     /// The savepoint this version was drained with when a newer version replaced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_with: Option<RestoredFrom>,
+    /// Started without state (restore strategy `none`): checkpoints of earlier versions are not
+    /// restored, only this version's own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start_fresh: bool,
 }
 
 /// A checkpoint an attempt restored from.

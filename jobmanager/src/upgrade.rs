@@ -40,12 +40,65 @@ pub enum UpgradeMode {
 }
 
 impl UpgradeMode {
-    pub fn parse(text: &str) -> Result<UpgradeMode> {
+    /// The mode, and whether it was `cancel-on-update` (seed 003's `job.cancel-on-update`: a
+    /// handover whose old version is canceled at once instead of drained).
+    pub fn parse(text: &str) -> Result<(UpgradeMode, bool)> {
         match text.trim() {
-            "" | "handover" => Ok(UpgradeMode::Handover),
-            "stop-start" | "stop-then-start" => Ok(UpgradeMode::StopStart),
+            "" | "handover" => Ok((UpgradeMode::Handover, false)),
+            "stop-start" | "stop-then-start" => Ok((UpgradeMode::StopStart, false)),
+            "cancel-on-update" => Ok((UpgradeMode::Handover, true)),
             other => Err(KeelError::InvalidArgument {
-                reason: format!("unknown upgrade mode {other:?}; one of handover, stop-start"),
+                reason: format!(
+                    "unknown upgrade mode {other:?}; one of handover, stop-start, cancel-on-update"
+                ),
+            }),
+        }
+    }
+}
+
+/// What happens to the old version (seed 001's `upgradeStrategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeStrategy {
+    /// Drain it with a savepoint first; if the savepoint fails, the upgrade stops and the old
+    /// version continues.
+    Stateful,
+    /// Cancel it at once.
+    Stateless,
+}
+
+/// The state the new version starts from (seed 001's `restoreStrategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreStrategy {
+    /// The latest state: the drain savepoint, or (stateless) the latest completed checkpoint.
+    LatestState,
+    /// The newest savepoint of the job (`keel savepoint`, `keel stop`, or a drain).
+    LatestSavepoint,
+    /// No state: sources start by their `scan.startup.mode`.
+    None,
+}
+
+impl UpgradeStrategy {
+    pub fn parse(text: &str) -> Result<UpgradeStrategy> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "" | "stateful" => Ok(UpgradeStrategy::Stateful),
+            "stateless" => Ok(UpgradeStrategy::Stateless),
+            other => Err(KeelError::InvalidArgument {
+                reason: format!("unknown upgrade strategy {other:?}; one of stateful, stateless"),
+            }),
+        }
+    }
+}
+
+impl RestoreStrategy {
+    pub fn parse(text: &str) -> Result<RestoreStrategy> {
+        match text.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "" | "latest-state" => Ok(RestoreStrategy::LatestState),
+            "latest-savepoint" => Ok(RestoreStrategy::LatestSavepoint),
+            "none" => Ok(RestoreStrategy::None),
+            other => Err(KeelError::InvalidArgument {
+                reason: format!(
+                    "unknown restore strategy {other:?}; one of latest-state, latest-savepoint, none"
+                ),
             }),
         }
     }
@@ -57,6 +110,8 @@ pub struct UpgradeRequest {
     pub spec_yaml: String,
     pub spec: JobSpec,
     pub mode: UpgradeMode,
+    pub upgrade_strategy: UpgradeStrategy,
+    pub restore_strategy: RestoreStrategy,
     pub allow_non_restored_state: bool,
     pub progress: Progress,
 }
@@ -216,7 +271,7 @@ mod tests {
         for (n, c) in sources {
             match *c {
                 "kafka" => yaml.push_str(&format!(
-                    "  - {{name: {n}, connector: kafka, topic: t, properties.bootstrap.servers: 'b:1'}}\n"
+                    "  - {{name: {n}, connector: kafka, topic: t, properties.bootstrap.servers: 'b:1', scan.startup.mode: earliest-offset}}\n"
                 )),
                 _ => yaml.push_str(&format!("  - {{name: {n}, connector: datagen}}\n")),
             }
@@ -252,5 +307,11 @@ mod tests {
         assert_eq!(spec.parallelism, 3);
         assert_eq!(spec.sources.len(), 1);
         assert!(UpgradeMode::parse("sideways").is_err());
+        assert_eq!(UpgradeMode::parse("cancel-on-update").expect("mode"), (UpgradeMode::Handover, true));
+        assert_eq!(
+            RestoreStrategy::parse("LATEST_SAVEPOINT").expect("seed 001 spelling"),
+            RestoreStrategy::LatestSavepoint
+        );
+        assert!(UpgradeStrategy::parse("sometimes").is_err());
     }
 }
