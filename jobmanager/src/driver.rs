@@ -207,6 +207,24 @@ impl Driver {
         // Whatever an earlier attempt or an earlier leader left allocated for this job is given
         // back first: this attempt starts from a clean slate.
         self.release(Vec::new(), true).await;
+        // A version registered by an upgrade that a leader change interrupted before its switch
+        // never ran: only the active version runs, so it is marked failed.
+        let interrupted: Vec<u32> = {
+            let mut r = self.job.record_mut();
+            let active = r.active_version;
+            r.versions
+                .iter_mut()
+                .filter(|v| v.version != active && v.state == JobState::Created)
+                .map(|v| {
+                    v.state = JobState::Failed;
+                    v.version
+                })
+                .collect()
+        };
+        if !interrupted.is_empty() {
+            tracing::warn!(job_id = %self.job.job_id, versions = ?interrupted, "upgrade interrupted before its switch; the pending version is dropped");
+            self.persist().await?;
+        }
         if self.job.record().cancel_requested {
             return self.finish_cancel(&[]).await;
         }
