@@ -507,7 +507,6 @@ fn a_jobmanager_leader_killed_during_upgrades_leaves_one_active_version_and_lose
     let mut out = Output::open(&bootstrap, &output)?;
     out.read_until(LONG, |all| all.len() >= 300)?;
 
-    let mut next_jm = 2;
     for (round, delay_ms) in [0u64, 40, 120, 300, 700].into_iter().enumerate() {
         let parallelism = if round % 2 == 0 { 3 } else { 2 };
         let before = sb.keel_json(&["history", "crash"])?;
@@ -523,8 +522,7 @@ fn a_jobmanager_leader_killed_during_upgrades_leaves_one_active_version_and_lose
         let name = sb.by_address(&leader).map(|p| p.proc.name.clone());
         let name = name.ok_or_else(|| anyhow::anyhow!("leader {leader} is not a sandbox process"))?;
         sb.proc(&name).proc.kill9();
-        sb.start("jobmanager", &format!("jm-{next_jm}"), &[])?;
-        next_jm += 1;
+        sb.start("jobmanager", &format!("jm-{}", round + 2), &[])?;
         let mut upgrade = upgrade;
         let _ = upgrade.wait();
 
