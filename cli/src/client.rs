@@ -381,7 +381,7 @@ impl Client {
             upgrade_strategy: options.upgrade_strategy.clone(),
             restore_strategy: options.restore_strategy.clone(),
         };
-        let mut stream = self
+        let stream = self
             .jm
             .call(|ch| {
                 let req = req.clone();
@@ -389,6 +389,29 @@ impl Client {
             })
             .await
             .map_err(|e| self.unreachable("jobmanager", e))?;
+        self.follow_progress(stream, job).await
+    }
+
+    /// `keel promote JOB`: the side-by-side version becomes the active version by a handover.
+    pub async fn promote(&self, job: &str) -> anyhow::Result<()> {
+        let req = pb::TriggerSavepointRequest { job: job.to_string() };
+        let stream = self
+            .jm
+            .call(|ch| {
+                let req = req.clone();
+                async move { JobManagerClient::new(ch).promote_job(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|e| self.unreachable("jobmanager", e))?;
+        self.follow_progress(stream, job).await
+    }
+
+    /// Prints an upgrade's steps as they come, and its result.
+    async fn follow_progress(
+        &self,
+        mut stream: tonic::Streaming<pb::UpgradeProgress>,
+        job: &str,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut steps = Vec::new();
         loop {

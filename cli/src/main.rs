@@ -83,6 +83,9 @@ enum Command {
         #[command(flatten)]
         how: UpgradeArgs,
     },
+    /// Make the side-by-side version of a job (`keel upgrade --mode side-by-side`) its active
+    /// version by a handover.
+    Promote { job: String },
     /// Take a savepoint of a running job (kept until deleted); the job keeps running.
     Savepoint { job: String },
     /// Stop a running job with a final savepoint: its sources stop at the savepoint, its
@@ -113,7 +116,8 @@ enum Command {
 struct UpgradeArgs {
     /// `handover` (default), `stop-start` (old slots released before the new version asks
     /// for its own), `cancel-on-update` (the old version is canceled at once; the new one
-    /// starts from the latest checkpoint).
+    /// starts from the latest checkpoint), `side-by-side` (the new version runs beside the old
+    /// one, with its own sink topics and consumer groups, until `keel promote`).
     #[arg(long, default_value = "handover")]
     mode: String,
     /// `stateful` (drain the old version with a savepoint first) or `stateless` (cancel it).
@@ -169,6 +173,7 @@ fn main() -> ExitCode {
             let options = how.options(false);
             session.client(|c| async move { c.upgrade(&job, None, parallelism, &options).await })
         }
+        Command::Promote { job } => session.client(|c| async move { c.promote(&job).await }),
         Command::Savepoint { job } => session.client(|c| async move { c.savepoint(&job, false).await }),
         Command::Stop { job } => session.client(|c| async move { c.savepoint(&job, true).await }),
         Command::History { job } => session.client(|c| async move { c.history(&job).await }),

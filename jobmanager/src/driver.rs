@@ -832,7 +832,15 @@ impl Driver {
             return Err(DrainError::Refused);
         }
         let new_parallelism = req.spec.parallelism;
-        let to_version = {
+        let to_version = if let Some(n) = req.promote {
+            let mut r = self.job.record_mut();
+            if let Some(v) = r.versions.iter_mut().find(|v| v.version == n) {
+                v.state = JobState::Created;
+                v.spec_yaml = req.spec_yaml.clone();
+                v.parallelism = new_parallelism;
+            }
+            n
+        } else {
             let mut r = self.job.record_mut();
             let to = r.versions.iter().map(|v| v.version).max().unwrap_or(version) + 1;
             r.versions.push(VersionRecord {
@@ -955,56 +963,78 @@ impl Driver {
             }
         };
         // Which state the new version starts from: the job's HA pointer names it.
-        let (done, savepoint_path) = match req.restore_strategy {
-            RestoreStrategy::LatestState => {
-                progress.step(match done.checkpoint_id {
-                    0 => format!("version {to_version} starts without state (the job has no checkpoint)"),
-                    id => format!("version {to_version} starts from the latest state: checkpoint {id}"),
-                });
-                (done, savepoint_path)
+        let (done, savepoint_path) = match (&req.restore_pointer, req.restore_strategy) {
+            (Some(pointer), _) => {
+                if let Err(e) = self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, pointer).await {
+                    progress
+                        .fail(format!("cannot point the job at savepoint {}: {e}", pointer.checkpoint_id));
+                    return Err(DrainError::Failed(format!("cannot set the job's savepoint pointer: {e}")));
+                }
+                progress.step(format!(
+                    "version {to_version} continues from its own savepoint {} ({})",
+                    pointer.checkpoint_id, pointer.metadata_path
+                ));
+                let done = SavepointDone {
+                    checkpoint_id: pointer.checkpoint_id,
+                    metadata_path: pointer.metadata_path.clone(),
+                };
+                (done, pointer.metadata_path.clone())
             }
-            RestoreStrategy::LatestSavepoint => {
-                let latest = coordinator::latest_savepoint(&self.checkpoints_dir, &self.job.job_id).await;
-                match latest {
-                    Some(pointer)
-                        if req.upgrade_strategy == UpgradeStrategy::Stateless
-                            || pointer.checkpoint_id != done.checkpoint_id =>
-                    {
-                        if let Err(e) =
-                            self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, &pointer).await
+            (None, strategy) => match strategy {
+                RestoreStrategy::LatestState => {
+                    progress.step(match done.checkpoint_id {
+                        0 => format!("version {to_version} starts without state (the job has no checkpoint)"),
+                        id => format!("version {to_version} starts from the latest state: checkpoint {id}"),
+                    });
+                    (done, savepoint_path)
+                }
+                RestoreStrategy::LatestSavepoint => {
+                    let latest = coordinator::latest_savepoint(&self.checkpoints_dir, &self.job.job_id).await;
+                    match latest {
+                        Some(pointer)
+                            if req.upgrade_strategy == UpgradeStrategy::Stateless
+                                || pointer.checkpoint_id != done.checkpoint_id =>
                         {
-                            progress.fail(format!(
-                                "cannot point the job at savepoint {}: {e}",
-                                pointer.checkpoint_id
+                            if let Err(e) =
+                                self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, &pointer).await
+                            {
+                                progress.fail(format!(
+                                    "cannot point the job at savepoint {}: {e}",
+                                    pointer.checkpoint_id
+                                ));
+                                return Err(DrainError::Failed(format!(
+                                    "cannot set the job's savepoint pointer: {e}"
+                                )));
+                            }
+                            progress.step(format!(
+                                "version {to_version} starts from the latest savepoint {} ({})",
+                                pointer.checkpoint_id, pointer.metadata_path
                             ));
-                            return Err(DrainError::Failed(format!(
-                                "cannot set the job's savepoint pointer: {e}"
-                            )));
+                            let done = SavepointDone {
+                                checkpoint_id: pointer.checkpoint_id,
+                                metadata_path: pointer.metadata_path.clone(),
+                            };
+                            (done, pointer.metadata_path)
                         }
-                        progress.step(format!(
-                            "version {to_version} starts from the latest savepoint {} ({})",
-                            pointer.checkpoint_id, pointer.metadata_path
-                        ));
-                        let done = SavepointDone {
-                            checkpoint_id: pointer.checkpoint_id,
-                            metadata_path: pointer.metadata_path.clone(),
-                        };
-                        (done, pointer.metadata_path)
-                    }
-                    _ => {
-                        progress.step(format!(
-                            "version {to_version} starts from the latest savepoint {}",
-                            done.checkpoint_id
-                        ));
-                        (done, savepoint_path)
+                        _ => {
+                            progress.step(format!(
+                                "version {to_version} starts from the latest savepoint {}",
+                                done.checkpoint_id
+                            ));
+                            (done, savepoint_path)
+                        }
                     }
                 }
-            }
-            RestoreStrategy::None => {
-                progress.step(format!("version {to_version} starts without state (restore strategy none)"));
-                (done, savepoint_path)
-            }
+                RestoreStrategy::None => {
+                    progress
+                        .step(format!("version {to_version} starts without state (restore strategy none)"));
+                    (done, savepoint_path)
+                }
+            },
         };
+        if req.promote.is_some() {
+            self.job.record_mut().side = None;
+        }
         let _ = latest_savepoint;
 
         self.wait_drained().await?;

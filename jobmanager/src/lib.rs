@@ -441,6 +441,7 @@ impl JobManager {
             status_message: String::new(),
             cancel_requested: false,
             restart: Default::default(),
+            side: None,
         };
         if let Some(pointer) = &restore_from {
             // The new job's pointer names the earlier job's checkpoint, so every attempt of the
@@ -793,6 +794,97 @@ async fn watch_rm_events(ctx: Arc<JobManagerCtx>, st: Arc<LeaderState>, scope: C
 struct JmService(Arc<JobManager>);
 
 impl JmService {
+    /// `keel upgrade --mode side-by-side`: a savepoint of the running version, then the new
+    /// version runs from it as a job of its own (`<name>.v<N>`), writing to its own topics with
+    /// its own consumer groups, until `keel promote` or its cancellation.
+    #[allow(clippy::result_large_err)]
+    fn side_by_side(
+        &self,
+        job: Arc<JobHandle>,
+        old: JobSpec,
+        spec: JobSpec,
+        spec_yaml: String,
+        allow_non_restored_state: bool,
+    ) -> std::result::Result<Response<<Self as JmApi>::UpgradeJobStream>, Status> {
+        upgrade::check_side_by_side(&old, &spec)?;
+        let r = job.record();
+        if let Some(side) = &r.side {
+            return Err(KeelError::precondition(format!(
+                "job {} already runs version {} side by side (job {}); promote or cancel it first",
+                r.name, side.version, side.job_name
+            ))
+            .into());
+        }
+        let version = r.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let side_name = format!("{}.v{version}", r.name);
+        let side_yaml = upgrade::renamed_spec(&spec_yaml, &side_name)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut progress = upgrade::Progress::new(tx, r.active_version);
+        progress.to_version = version;
+        progress.step(format!(
+            "side by side: version {version} will run beside version {} as job {side_name}",
+            r.active_version
+        ));
+        let jm = self.0.clone();
+        tokio::spawn(async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            job.send(JobEvent::Savepoint { reply, stop: false });
+            let savepoint = match tokio::time::timeout(SAVEPOINT_WAIT, answer).await {
+                Ok(Ok(Ok(s))) => s,
+                Ok(Ok(Err(e))) => return progress.fail(format!("no savepoint of the running version: {e}")),
+                _ => return progress.fail("no savepoint of the running version"),
+            };
+            progress.step(format!(
+                "savepoint {} of the running version ({})",
+                savepoint.savepoint_id, savepoint.path
+            ));
+            let submitted = jm
+                .submit(pb::SubmitJobRequest {
+                    spec_yaml: side_yaml,
+                    restore: false,
+                    from_savepoint: savepoint.path.clone(),
+                    allow_non_restored_state,
+                })
+                .await;
+            let submitted = match submitted {
+                Ok(s) => s,
+                Err(e) => return progress.fail(format!("the side-by-side version could not start: {e}")),
+            };
+            {
+                let mut r = job.record_mut();
+                r.versions.push(VersionRecord {
+                    version,
+                    spec_yaml: spec_yaml.clone(),
+                    state: JobState::Running,
+                    created_at_ms: now_ms(),
+                    parallelism: spec.parallelism,
+                    restored_from: None,
+                    ended_with: None,
+                    start_fresh: false,
+                });
+                r.side = Some(record::SideRecord {
+                    version,
+                    job_id: submitted.job_id.clone(),
+                    job_name: side_name.clone(),
+                });
+            }
+            let persisted = match jm.leader_state() {
+                Ok(st) => jm.ctx.jobs.put(&st.leadership, &job.job_id, &job.record()).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = persisted {
+                return progress.fail(format!("cannot record the side-by-side version: {e}"));
+            }
+            progress.step(format!(
+                "version {version} runs side by side as job {side_name} ({}); `keel promote {}` makes it the active version",
+                submitted.job_id,
+                job.record().name
+            ));
+            progress.done(None, savepoint.savepoint_id, &savepoint.path);
+        });
+        Ok(Response::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)))
+    }
+
     /// `keel savepoint` (`stop` false) and `keel stop` (`stop` true).
     async fn savepoint(
         &self,
@@ -859,6 +951,9 @@ impl JmApi for JmService {
         let spec = JobSpec::parse(&spec_yaml)?;
         // Refused here, before anything changes (the driver checks again).
         upgrade::check(&old, &spec, req.allow_non_restored_state)?;
+        if req.mode.trim() == "side-by-side" {
+            return self.side_by_side(job, old, spec, spec_yaml, req.allow_non_restored_state);
+        }
         let (mode, cancel_on_update) = upgrade::UpgradeMode::parse(&req.mode)?;
         let upgrade_strategy = if cancel_on_update {
             upgrade::UpgradeStrategy::Stateless
@@ -878,9 +973,88 @@ impl JmApi for JmService {
             mode,
             upgrade_strategy,
             restore_strategy,
+            restore_pointer: None,
+            promote: None,
             allow_non_restored_state: req.allow_non_restored_state,
             progress,
         })));
+        Ok(Response::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)))
+    }
+
+    type PromoteJobStream =
+        tokio_stream::wrappers::UnboundedReceiverStream<std::result::Result<pb::UpgradeProgress, Status>>;
+
+    async fn promote_job(
+        &self,
+        request: Request<pb::TriggerSavepointRequest>,
+    ) -> std::result::Result<Response<Self::PromoteJobStream>, Status> {
+        let st = self.0.leader_state()?;
+        let job = st.resolve(&request.into_inner().job)?;
+        let r = job.record();
+        let side = r.side.clone().ok_or_else(|| {
+            KeelError::precondition(format!("job {} has no side-by-side version to promote", r.name))
+        })?;
+        if r.state != JobState::Running {
+            return Err(KeelError::precondition(format!(
+                "job {} is {}; promote needs it running",
+                r.name, r.state
+            ))
+            .into());
+        }
+        let side_job = st.resolve(&side.job_id)?;
+        let spec_yaml = upgrade::renamed_spec(
+            &side_job.record().active().map(|v| v.spec_yaml.clone()).unwrap_or_default(),
+            &r.name,
+        )?;
+        let spec = JobSpec::parse(&spec_yaml)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut progress = upgrade::Progress::new(tx, r.active_version);
+        progress.to_version = side.version;
+        progress.step(format!(
+            "promote: version {} (running side by side as job {}) replaces version {}",
+            side.version, side.job_name, r.active_version
+        ));
+        tokio::spawn(async move {
+            // 1. The side version stops at a savepoint: its output up to there is committed.
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            side_job.send(JobEvent::Savepoint { reply, stop: true });
+            let stopped = match tokio::time::timeout(SAVEPOINT_WAIT, answer).await {
+                Ok(Ok(Ok(s))) => s,
+                Ok(Ok(Err(e))) => return progress.fail(format!("the side version could not stop: {e}")),
+                _ => return progress.fail("the side version did not stop"),
+            };
+            progress.step(format!(
+                "side version stopped at savepoint {} ({})",
+                stopped.savepoint_id, stopped.path
+            ));
+            let pointer = match coordinator::read_metadata(std::path::Path::new(&stopped.path)).await {
+                Ok(m) => CheckpointPointer {
+                    job_id: m.job_id.clone(),
+                    checkpoint_id: m.checkpoint_id,
+                    metadata_path: stopped.path.clone(),
+                    version: m.version,
+                    attempt: m.attempt,
+                    trigger_time_ms: m.trigger_time_ms,
+                    duration_ms: m.duration_ms,
+                    size_bytes: m.total_size_bytes,
+                    completed_at_ms: m.completed_at_ms,
+                    epoch: 0,
+                },
+                Err(e) => return progress.fail(format!("cannot read the side version's savepoint: {e}")),
+            };
+            // 2. A handover of the job to the side version's spec, from that savepoint.
+            job.send(JobEvent::Upgrade(Box::new(upgrade::UpgradeRequest {
+                spec_yaml,
+                spec,
+                mode: upgrade::UpgradeMode::Handover,
+                upgrade_strategy: upgrade::UpgradeStrategy::Stateful,
+                restore_strategy: upgrade::RestoreStrategy::LatestState,
+                restore_pointer: Some(pointer),
+                promote: Some(side.version),
+                allow_non_restored_state: true,
+                progress,
+            })));
+        });
         Ok(Response::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)))
     }
 

@@ -72,6 +72,18 @@ pub struct JobRecord {
     /// once the strategy gave up, the failure that ended the job.
     #[serde(default)]
     pub restart: RestartRecord,
+    /// A version running side by side with the active one (`keel upgrade --mode side-by-side`),
+    /// as a job of its own until `keel promote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side: Option<SideRecord>,
+}
+
+/// A side-by-side version: its number in this job, and the job that runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideRecord {
+    pub version: u32,
+    pub job_id: String,
+    pub job_name: String,
 }
 
 impl JobRecord {

@@ -112,6 +112,11 @@ pub struct UpgradeRequest {
     pub mode: UpgradeMode,
     pub upgrade_strategy: UpgradeStrategy,
     pub restore_strategy: RestoreStrategy,
+    /// Start the new version from this savepoint instead (a promoted side-by-side version
+    /// continues from its own drain savepoint).
+    pub restore_pointer: Option<crate::checkpoint::CheckpointPointer>,
+    /// Promote this already registered (side-by-side) version instead of registering a new one.
+    pub promote: Option<u32>,
     pub allow_non_restored_state: bool,
     pub progress: Progress,
 }
@@ -249,6 +254,59 @@ pub fn check(old: &JobSpec, new: &JobSpec, allow_non_restored_state: bool) -> Re
         }
     }
     Ok(())
+}
+
+/// The extra checks of `--mode side-by-side`: both versions run at once, so the new one must
+/// write to other Kafka topics, read with its own consumer groups, and use its own
+/// transactional-id prefixes.
+pub fn check_side_by_side(old: &JobSpec, new: &JobSpec) -> Result<()> {
+    let option = |spec: &keel_spec::ConnectorSpec, key: &str| spec.options.get(key).cloned();
+    for (i, sink) in new.sinks.iter().enumerate() {
+        if sink.connector != "kafka" {
+            continue;
+        }
+        let topic = option(sink, "topic");
+        if old.sinks.iter().any(|o| o.connector == "kafka" && option(o, "topic") == topic) {
+            return Err(KeelError::invalid_spec(
+                format!("sinks[{i}].topic"),
+                format!(
+                    "side by side, both versions run: the new one must write to its own topic, and {} is the \
+                     running version's",
+                    topic.unwrap_or_default()
+                ),
+            ));
+        }
+        let prefix = option(sink, "sink.transactional-id-prefix");
+        if prefix.is_some() && old.sinks.iter().any(|o| option(o, "sink.transactional-id-prefix") == prefix) {
+            return Err(KeelError::invalid_spec(
+                format!("sinks[{i}].sink.transactional-id-prefix"),
+                "side by side, the new version needs its own transactional-id prefix",
+            ));
+        }
+    }
+    for (i, source) in new.sources.iter().enumerate() {
+        if source.connector != "kafka" {
+            continue;
+        }
+        let group = option(source, "properties.group.id");
+        if group.is_none() || old.sources.iter().any(|o| option(o, "properties.group.id") == group) {
+            return Err(KeelError::invalid_spec(
+                format!("sources[{i}].properties.group.id"),
+                "side by side, the new version must read with its own consumer group",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `spec_yaml` with its `name` replaced.
+pub fn renamed_spec(spec_yaml: &str, name: &str) -> Result<String> {
+    let mut value: serde_yaml::Value = serde_yaml::from_str(spec_yaml)
+        .map_err(|e| KeelError::internal(format!("the spec is not valid YAML: {e}")))?;
+    let map =
+        value.as_mapping_mut().ok_or_else(|| KeelError::internal("the spec is not a mapping".to_string()))?;
+    map.insert(serde_yaml::Value::from("name"), serde_yaml::Value::from(name));
+    serde_yaml::to_string(&value).map_err(|e| KeelError::internal(format!("cannot write the spec: {e}")))
 }
 
 /// The spec of a rescale: the active spec with `parallelism` replaced.

@@ -564,6 +564,19 @@ impl JobManager for FakeJm {
     ) -> Result<Response<TriggerSavepointResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn stop_job(
+        &self,
+        _: Request<TriggerSavepointRequest>,
+    ) -> Result<Response<TriggerSavepointResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type PromoteJobStream = tokio_stream::wrappers::UnboundedReceiverStream<Result<UpgradeProgress, Status>>;
+    async fn promote_job(
+        &self,
+        _: Request<TriggerSavepointRequest>,
+    ) -> Result<Response<Self::PromoteJobStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 #[derive(Default)]
