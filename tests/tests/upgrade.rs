@@ -671,3 +671,79 @@ fn side_by_side_then_promote() -> anyhow::Result<()> {
     assert_eq!(a.len(), 1500, "the old version wrote nothing after the promotion, and nothing twice");
     Ok(())
 }
+
+/// Failure paths that must leave the job running. A savepoint that cannot complete
+/// (`execution.checkpointing.timeout` of 1 ms: it always times out) makes `keel savepoint` fail
+/// saying why, and the job keeps running and writing. An upgrade whose drain savepoint fails
+/// the same way fails saying why, and version 1 stays the active version and continues (from
+/// its latest checkpoint: none here, so it reads from the start again: duplicates, no loss).
+/// Then, on a cluster without the slots to run both versions at once, an upgrade falls back to
+/// stop-then-start and says so. Proves: no record is lost anywhere, and the stop-then-start
+/// upgrade (still drained at a savepoint) neither loses nor duplicates a record.
+#[test]
+fn a_failed_savepoint_leaves_the_job_running_and_a_full_cluster_falls_back_to_stop_start(
+) -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let bootstrap = broker.bootstrap().to_string();
+    let (input, output, output2) = (unique_topic("sf-in"), unique_topic("sf-out"), unique_topic("sf-out2"));
+    create_topic(&bootstrap, &input, 2)?;
+    create_topic(&bootstrap, &output, 2)?;
+    create_topic(&bootstrap, &output2, 2)?;
+    produce(&bootstrap, &input, (0..1000).map(record).collect())?;
+
+    let mut sb = Sandbox::new("savepoint-fails", Ha::Local, &[])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    sb.start("jobmanager", "jm", &[])?;
+    // Exactly the slots of one version.
+    sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=2".into()])?;
+    let impossible = spec("sf", &bootstrap, &input, &output, 2, 0).replace(
+        "config:\n  execution.checkpointing.interval: 400 ms\n",
+        "config:\n  execution.checkpointing.timeout: 1 ms\n",
+    );
+    sb.run_spec("sf", &impossible, &[])?;
+    let mut out = Output::open(&bootstrap, &output)?;
+    out.read_until(LONG, |all| all.len() >= 1000)?;
+    let failed = sb.keel(&["savepoint", "sf"])?;
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    println!("keel savepoint with a 1 ms timeout: {}", stderr.trim());
+    assert!(!failed.status.success(), "the savepoint cannot complete in 1 ms");
+    assert!(stderr.contains("keeps running"), "{stderr}");
+    assert_eq!(sb.status("sf")?["job"]["state"], "running");
+
+    let v2 = sb.write_spec("sf-2", &spec("sf", &bootstrap, &input, &output, 2, 1))?;
+    let upgrade = sb.keel(&["upgrade", "sf", v2.to_str().unwrap_or_default()])?;
+    let stderr = String::from_utf8_lossy(&upgrade.stderr);
+    println!("keel upgrade with a failing drain: {}", stderr.trim());
+    assert!(!upgrade.status.success() && stderr.contains("version 1 stays active"), "{stderr}");
+    let status = sb.wait_job_state("sf", "running", LONG)?;
+    assert_eq!(status["job"]["active_version"], 1, "{status}");
+    produce(&bootstrap, &input, (1000..1500).map(record).collect())?;
+    out.read_until(LONG, |all| {
+        let distinct: std::collections::BTreeSet<String> = all.iter().map(TestRecord::value_str).collect();
+        distinct.len() >= 1500
+    })?;
+    sb.keel(&["cancel", "sf"])?;
+
+    // The stop-then-start fallback, on a job that checkpoints normally.
+    sb.run_spec("sf-b", &spec("sf-b", &bootstrap, &input, &output2, 2, 0), &[])?;
+    let mut out2 = Output::open(&bootstrap, &output2)?;
+    out2.read_until(LONG, |all| all.len() >= 1500)?;
+    let v2 = sb.write_spec("sf-b-2", &spec("sf-b", &bootstrap, &input, &output2, 2, 1))?;
+    let r = sb.keel_json(&["upgrade", "sf-b", v2.to_str().unwrap_or_default()])?;
+    assert_eq!(r["error"], "", "{r}");
+    assert!(r["steps"].to_string().contains("falling back to stop-then-start"), "{r}");
+    produce(&bootstrap, &input, (1500..2000).map(record).collect())?;
+    let checked = check_output(&mut out2, 2000)?;
+    let lost: Vec<u64> = (0..2000).filter(|n| !checked.counts.contains_key(n)).collect();
+    let duplicated: Vec<u64> = checked.counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    println!(
+        "a stop-then-start upgrade on a full cluster (pause {} ms, total {} ms): {} lost, {} duplicated",
+        r["pause_ms"],
+        r["total_ms"],
+        lost.len(),
+        duplicated.len()
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+    Ok(())
+}
