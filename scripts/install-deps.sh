@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Keel needs and a fresh Debian machine lacks:
-# protoc (tonic code generation and etcd-client), etcd + etcdctl (HA backend and tests).
+# protoc (tonic code generation and etcd-client), etcd + etcdctl (HA backend and tests),
+# iproute2 (network namespaces of the chaos suite).
 # Idempotent: does nothing when everything is there.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v kill >/dev/null 2>&1 || need+=(procps)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)

@@ -94,7 +94,8 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEEL_CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KEEL_CHAOS_LOG")
+                .unwrap_or_else(|_| "warn,rdkafka=off,librdkafka=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -114,6 +115,24 @@ fn main() -> ExitCode {
         }
     };
     println!("keel-chaos: seed {}", opts.seed);
+    // Ctrl-C or SIGTERM: kill what the run started and remove its namespaces, then exit.
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        eprintln!("keel-chaos: interrupted; stopping every process of the run");
+        keel_tests::chaos::cluster::kill_started();
+        keel_tests::chaos::net::remove_all();
+        std::process::exit(130);
+    });
     if list {
         for f in schedule(opts.seed, &opts.kinds, opts.faults.unwrap_or(30)) {
             println!("{f}");

@@ -247,10 +247,21 @@ pub fn p50_max(xs: &[u64]) -> Option<(u64, u64)> {
     Some((v[(v.len() - 1) / 2], v[v.len() - 1]))
 }
 
+/// p50, p99 and max of `xs`; `None` when empty.
+pub fn p50_p99_max(xs: &[u64]) -> Option<(u64, u64, u64)> {
+    if xs.is_empty() {
+        return None;
+    }
+    let mut v = xs.to_vec();
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Some((at(0.5), at(0.99), v[v.len() - 1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chaos::workload::{partition_of, KEYS};
+    use crate::chaos::workload::{partition_of, IN_PARTITIONS, KEYS};
 
     fn input(end: u64) -> Vec<InRecord> {
         // Offsets per partition in number order.
@@ -284,13 +295,15 @@ mod tests {
             attempt: 1,
             revision: id,
             seen_ms,
+            trigger_wall_ms: 0,
             positions: positions.iter().copied().collect(),
         }
     }
 
-    /// Every input partition at `offset`.
-    fn all(offset: i64) -> Vec<(i32, i64)> {
-        (0..6).map(|p| (p, offset)).collect()
+    /// Every input partition at the position of the first number >= `first` in it (`first` a
+    /// multiple of the partition count: partition p holds p, p + P, p + 2P ... at offsets 0, 1, 2).
+    fn at(first: u64) -> Vec<(i32, i64)> {
+        (0..IN_PARTITIONS).map(|p| (p as i32, (first / IN_PARTITIONS) as i64)).collect()
     }
 
     #[test]
@@ -307,9 +320,8 @@ mod tests {
     #[test]
     fn replay_from_a_checkpoint_is_accepted_and_an_interleaving_is_not() {
         let inp = input(240);
-        // Partition p holds the numbers n with n % 6 == p at offsets 0, 1, 2, ...; checkpoint 5
-        // has every partition at offset 4 (numbers 24..30).
-        let cp = [checkpoint(5, 10, &all(4))];
+        // Checkpoint 5 has every partition at the numbers 24, 25, 26.
+        let cp = [checkpoint(5, 10, &at(24))];
         let mut ns: Vec<u64> = (0..120).collect();
         ns.extend(24..240); // a replay from checkpoint 5, fault at 100
         let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 100)]);
@@ -334,7 +346,7 @@ mod tests {
     #[test]
     fn a_replay_older_than_the_last_checkpoint_before_the_fault_is_reported() {
         let inp = input(240);
-        let cp = [checkpoint(5, 10, &all(4)), checkpoint(6, 20, &all(10))];
+        let cp = [checkpoint(5, 10, &at(24)), checkpoint(6, 20, &at(60))];
         let mut ns: Vec<u64> = (0..120).collect();
         ns.extend(24..240);
         let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 100)]);

@@ -59,6 +59,25 @@ pub const LAYOUT: [(&str, Role, u8); 11] = [
     ("tm3", Role::TaskManager, 53),
 ];
 
+/// Pids of every process the runs of this process started (a signal handler kills them).
+static STARTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn register(pid: u32) {
+    STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pid);
+}
+
+/// Kills (SIGKILL, with their process groups) every process the chaos runs of this process
+/// started, for a runner interrupted by a signal, where no destructor runs.
+pub fn kill_started() {
+    let pids: Vec<u32> =
+        STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..).collect();
+    for pid in pids {
+        for target in [format!("-{pid}"), pid.to_string()] {
+            let _ = Command::new("kill").args(["-KILL", "--", &target]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
 /// A process of a node, killed on drop (its process group, for wrappers with children).
 pub struct Proc {
     pub child: Child,
@@ -304,6 +323,7 @@ impl Cluster {
             .stderr(Stdio::from(file))
             .spawn()
             .with_context(|| format!("starting {name}"))?;
+        register(child.id());
         let node = self.node_mut(name)?;
         node.proc = Some(Proc { child, log, group });
         node.paused = false;
@@ -422,7 +442,9 @@ impl Cluster {
                     .stdin(Stdio::null())
                     .stdout(Stdio::from(file.try_clone()?))
                     .stderr(Stdio::from(file));
-                let moto = Proc { child: c.spawn().context("starting moto")?, log, group: true };
+                let child = c.spawn().context("starting moto")?;
+                register(child.id());
+                let moto = Proc { child, log, group: true };
                 wait_until("moto's S3 server to create the bucket", Duration::from_secs(30), || {
                     create_bucket(&ip, moto_port).map(Some)
                 })?;

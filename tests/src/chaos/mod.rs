@@ -271,7 +271,15 @@ fn run_in(
         Ok(reader.probe_result(first).map(|_| ()))
     })?;
     println!("chaos: [{:>6.1}s] job {JOB} ({job_id}) runs; output flows", start.elapsed().as_secs_f64());
-    std::thread::sleep(Duration::from_secs(3));
+    // The pipeline's own latency, without a fault: what every recovery time includes.
+    for _ in 0..3 {
+        let probe = reader.probe(workload.next());
+        let took = keel_testkit::wait_until("output to flow (baseline)", Duration::from_secs(60), || {
+            Ok(reader.probe_result(probe))
+        })?;
+        report.baseline.push(took.as_millis() as u64);
+        std::thread::sleep(Duration::from_millis(700));
+    }
 
     // The schedule.
     let count = opts.faults.unwrap_or(100_000);
@@ -284,6 +292,7 @@ fn run_in(
         if !workload.is_running() {
             bail!("the workload producer stopped");
         }
+        println!("chaos: {}", progress_line(start, &workload, &reader, &etcd));
         std::thread::sleep(Duration::from_millis(fault.gap_ms));
         let watch = Watch { reader: &reader, workload: &workload, etcd: &etcd, start, opts };
         let outcome = inject(cluster, network.as_mut(), &watch, &fault);
@@ -310,6 +319,8 @@ fn run_in(
     // The end: stop the input, read everything, account.
     println!("chaos: [{:>6.1}s] schedule done; draining", start.elapsed().as_secs_f64());
     std::thread::sleep(Duration::from_secs(2));
+    let workload_start_ms = u64::try_from(workload.started.duration_since(start).as_millis()).unwrap_or(0);
+    let rate = workload.rate.max(1);
     let (end, resent) = workload.finish()?;
     report.resent = resent;
     let input_records = read_input(&bootstrap, &input, end)?;
@@ -351,6 +362,14 @@ fn run_in(
     }
     let out_state = lock(&reader.state);
     let etcd_state = lock(&etcd.state);
+    // End-to-end latency of each number's first copy: arrival minus when it was due.
+    let mut first_seen: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    for r in &out_state.records {
+        first_seen.entry(r.n).or_insert(r.at_ms);
+    }
+    let lags: Vec<u64> =
+        first_seen.iter().map(|(n, at)| at.saturating_sub(workload_start_ms + n * 1000 / rate)).collect();
+    report.latency = check::p50_p99_max(&lags);
     let fault_times: Vec<(usize, u64)> =
         report.faults.iter().filter(|f| f.skipped.is_none()).map(|f| (f.fault.index, f.at_ms)).collect();
     report.accounting = check::account(
@@ -412,6 +431,8 @@ sinks:
     format: csv
     key.format: raw
     key.fields: k
+    sink.partitioner: fixed
+    properties.linger.ms: 500
 {guarantee}"#
     )
 }
@@ -518,6 +539,7 @@ fn inject(
     let restarts_before = cluster.keel_json(&["status", JOB]).ok().and_then(|s| s["restarts"].as_u64());
     let hold = Duration::from_millis(fault.hold_ms);
     outcome.at_ms = ms_since(start);
+    let at_wall_ms = observe::wall_ms();
     let probe = reader.probe(workload.next());
     let result: anyhow::Result<()> = (|| {
         match fault.kind {
@@ -580,32 +602,33 @@ fn inject(
     match waited {
         Ok(d) => outcome.recovery = Some(d),
         Err(_) => {
-            let status = cluster
-                .keel_json(&["status", JOB])
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| format!("{e:#}"));
             outcome.error = Some(format!(
-                "output did not flow again for input partitions {:?}; status: {}",
+                "output did not flow again for input partitions {:?}; {}",
                 reader.probe_missing(probe),
-                cluster::tail(&status, 1)
+                status_summary(cluster)
             ));
         }
     }
     outcome.slowest_partition = reader.probe_slowest(probe);
-    // Healthy again also means checkpointing again: a checkpoint completed after the fault ended.
+    // Healthy again also means checkpointing again. Reported: the first checkpoint triggered
+    // after the fault that completed; waited for (before the next fault): one completed after
+    // the fault ended.
     let healed_ms = outcome.at_ms + outcome.held_ms;
     let checkpointed =
         keel_testkit::wait_until("a checkpoint after the fault", opts.recovery_timeout, || {
-            Ok(lock(&w.etcd.state)
-                .completed
-                .iter()
-                .find(|c| c.seen_ms > healed_ms)
-                .map(|c| (c.seen_ms, c.checkpoint_id)))
+            Ok(lock(&w.etcd.state).completed.iter().find(|c| c.seen_ms > healed_ms).map(|c| c.checkpoint_id))
         });
     match checkpointed {
-        Ok((seen_ms, id)) => {
-            outcome.checkpointed = Some(Duration::from_millis(seen_ms.saturating_sub(outcome.at_ms)));
-            outcome.notes.push(format!("first checkpoint after it: {id}"));
+        Ok(_) => {
+            let first = lock(&w.etcd.state)
+                .completed
+                .iter()
+                .find(|c| c.trigger_wall_ms > at_wall_ms)
+                .map(|c| (c.seen_ms, c.checkpoint_id));
+            if let Some((seen_ms, id)) = first {
+                outcome.checkpointed = Some(Duration::from_millis(seen_ms.saturating_sub(outcome.at_ms)));
+                outcome.notes.push(format!("first checkpoint triggered after it: {id}"));
+            }
         }
         Err(_) => {
             let e =
@@ -619,6 +642,61 @@ fn inject(
         outcome.job_restarts = Some(a.saturating_sub(b));
     }
     outcome
+}
+
+/// Where the workload, the output and the checkpoints are: how far the producer is behind its
+/// schedule, and how long ago the newest number in the output was due.
+fn progress_line(start: Instant, workload: &Workload, reader: &OutputReader, etcd: &EtcdWatcher) -> String {
+    let now = Instant::now();
+    let next = workload.next();
+    let producer_behind = now.saturating_duration_since(workload.due(next));
+    let (records, newest) = reader.progress();
+    let output_behind = newest.map(|n| now.saturating_duration_since(workload.due(n)));
+    let checkpoints = lock(&etcd.state).completed.len();
+    format!(
+        "[{:>6.1}s] produced {next} (producer {:.1}s behind its schedule); output {records} records, newest number due \
+         {} ago; {checkpoints} checkpoints",
+        start.elapsed().as_secs_f64(),
+        producer_behind.as_secs_f64(),
+        output_behind.map_or("-".to_string(), |d| format!("{:.1}s", d.as_secs_f64())),
+    )
+}
+
+/// A short account of the job from `keel status`.
+fn status_summary(cluster: &Cluster) -> String {
+    match cluster.keel_json(&["status", JOB]) {
+        Ok(s) => {
+            let tasks: Vec<String> = s["tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    format!(
+                        "{}#{} {} on {} in/s {:.0} pending {}",
+                        t["subtask"],
+                        t["attempt"],
+                        t["state"],
+                        t["taskmanager_id"],
+                        t["records_in_per_second"].as_f64().unwrap_or(0.0),
+                        t["pending_records"]
+                    )
+                })
+                .collect();
+            let last = s["checkpoints"]
+                .as_array()
+                .and_then(|c| c.last())
+                .map(|c| format!("{} {}", c["id"], c["state"]));
+            format!(
+                "job {} ({}), restarts {}, last checkpoint {}; tasks: {}",
+                s["job"]["state"],
+                s["status_message"],
+                s["restarts"],
+                last.unwrap_or_default(),
+                tasks.join("; ")
+            )
+        }
+        Err(e) => format!("keel status failed: {e:#}"),
+    }
 }
 
 /// Whether `read_committed` readers of this broker skip records of aborted transactions (as
@@ -682,19 +760,25 @@ fn read_input(bootstrap: &str, topic: &str, end: u64) -> anyhow::Result<Vec<InRe
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
     let mut seen: HashSet<u64> = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut quiet_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut progress = Instant::now();
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 if let Some((_, n)) = m.payload().and_then(parse_value) {
-                    seen.insert(n);
+                    if seen.insert(n) {
+                        progress = Instant::now();
+                    }
                     out.push(InRecord { partition: m.partition(), offset: m.offset(), n });
                 }
-                quiet_since = Instant::now();
             }
             _ => {
-                if seen.len() as u64 >= end && quiet_since.elapsed() > Duration::from_secs(2) {
+                // Every number and then quiet, or no new number for a long while (numbers the
+                // broker lost never come; a slow broker still makes progress).
+                let idle = progress.elapsed();
+                if (seen.len() as u64 >= end && idle > Duration::from_secs(2))
+                    || idle > Duration::from_secs(30)
+                {
                     break;
                 }
             }

@@ -117,6 +117,7 @@ impl Network {
             active: Vec::new(),
             lock,
         };
+        lock_live().push((net.tag.clone(), net.lock.clone()));
         net.build(nodes).context("building the network namespaces")?;
         Ok(net)
     }
@@ -272,6 +273,24 @@ impl Drop for Network {
     fn drop(&mut self) {
         remove_tag(&self.tag);
         let _ = std::fs::remove_file(&self.lock);
+        lock_live().retain(|(t, _)| *t != self.tag);
+    }
+}
+
+/// The networks alive in this process: (tag, lock file), for [`remove_all`].
+static LIVE: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+fn lock_live() -> std::sync::MutexGuard<'static, Vec<(String, PathBuf)>> {
+    LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Removes every network this process made (for a runner interrupted by a signal, where no
+/// destructor runs).
+pub fn remove_all() {
+    let live: Vec<(String, PathBuf)> = lock_live().drain(..).collect();
+    for (tag, lock) in live {
+        remove_tag(&tag);
+        let _ = std::fs::remove_file(lock);
     }
 }
 

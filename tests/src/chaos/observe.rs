@@ -34,6 +34,14 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
 /// Milliseconds since `start`.
 pub fn ms_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -193,6 +201,12 @@ impl OutputReader {
 
     pub fn count(&self) -> usize {
         lock(&self.state).records.len()
+    }
+
+    /// Records read so far and the highest number among them.
+    pub fn progress(&self) -> (usize, Option<u64>) {
+        let s = lock(&self.state);
+        (s.records.len(), s.max_by_partition.iter().flatten().max().copied())
     }
 
     pub fn stop(&mut self) {
@@ -372,6 +386,9 @@ pub struct Completed {
     pub revision: u64,
     /// Arrival of the watch event, ms since the run started.
     pub seen_ms: u64,
+    /// When the JobManager triggered it (ms since the Unix epoch, the pointer's
+    /// `trigger_time_ms`; every process runs on this machine's clock).
+    pub trigger_wall_ms: u64,
     /// Source positions (next offset) by input partition, from the metadata file.
     pub positions: BTreeMap<i32, i64>,
 }
@@ -553,6 +570,7 @@ impl EtcdWatcher {
                                 checkpoint_id: id,
                                 epoch,
                                 attempt: p["attempt"].as_u64().unwrap_or(0),
+                                trigger_wall_ms: p["trigger_time_ms"].as_u64().unwrap_or(0),
                                 revision,
                                 seen_ms,
                                 positions,

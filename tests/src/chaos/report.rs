@@ -106,6 +106,10 @@ pub struct Report {
     pub notes: Vec<String>,
     pub elapsed: Duration,
     pub logs: BTreeMap<String, PathBuf>,
+    /// Probe times without a fault (ms): the pipeline's own latency.
+    pub baseline: Vec<u64>,
+    /// End-to-end latency of each record's first copy (ms): p50, p99, max.
+    pub latency: Option<(u64, u64, u64)>,
     /// /proc/loadavg at the start and the end (other work on the machine slows recovery).
     pub load: (String, String),
 }
@@ -136,6 +140,8 @@ impl Report {
             elapsed: Duration::ZERO,
             logs: BTreeMap::new(),
             load: (loadavg(), String::new()),
+            latency: None,
+            baseline: Vec::new(),
         }
     }
 
@@ -306,6 +312,19 @@ impl Report {
                 ));
             }
         }
+        // A ResourceManager leader change leaves running jobs alone (issue 5, point 5).
+        for f in &self.faults {
+            let rm = matches!(
+                f.fault.kind,
+                FaultKind::KillRmLeader | FaultKind::PauseRmLeader | FaultKind::PartitionRmLeader
+            );
+            if let (true, Some(n @ 1..)) = (rm, f.job_restarts) {
+                self.violations.push(format!(
+                    "fault {}: the job restarted {n} time(s) after a resourcemanager leader fault; running jobs must not be touched",
+                    f.fault
+                ));
+            }
+        }
         if self.job_state != "running" {
             self.violations.push(format!("the job is {:?} at the end, not running", self.job_state));
         }
@@ -326,9 +345,9 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// How long a new JobManager leader may take to complete its first checkpoint: heartbeat
-/// timeout (5 s) + restart backoff (1 s) + deploy and the first interval, with room to spare.
-const SUCCESSOR_CHECKPOINT_MS: u64 = 12_000;
+/// How long a new JobManager leader may take to complete its first checkpoint after it took
+/// over: recovering the job, deploying it and the first interval take about 1 s here.
+const SUCCESSOR_CHECKPOINT_MS: u64 = 5_000;
 
 /// The issue's goals: (fault kind, what, limit in ms).
 const GOALS: [(FaultKind, &str, u64); 2] = [
@@ -360,8 +379,8 @@ impl fmt::Display for Report {
         writeln!(f, "faults:")?;
         writeln!(
             f,
-            "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<8} {:<8} target",
-            "#", "kind", "at", "held", "recovery", "takeover", "restarts", "replayed"
+            "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<9} {:<8} {:<8} target",
+            "#", "kind", "at", "held", "recovery", "takeover", "chkpt", "restarts", "replayed"
         )?;
         for o in &self.faults {
             if let Some(s) = &o.skipped {
@@ -389,6 +408,16 @@ impl fmt::Display for Report {
             "recovery (fault -> a record produced after the fault in the output, for every input partition):"
         )?;
         writeln!(f, "  {:<22} {:>3} {:>8} {:>8}", "kind", "n", "p50", "max")?;
+        if let Some((p50, max)) = p50_max(&self.baseline) {
+            writeln!(
+                f,
+                "  {:<22} {:>3} {:>8} {:>8}",
+                "(no fault: baseline)",
+                self.baseline.len(),
+                secs(p50),
+                secs(max)
+            )?;
+        }
         for (kind, xs) in self.recovery_by_kind() {
             if let Some((p50, max)) = p50_max(&xs) {
                 writeln!(f, "  {:<22} {:>3} {:>8} {:>8}", kind.name(), xs.len(), secs(p50), secs(max))?;
@@ -424,6 +453,15 @@ impl fmt::Display for Report {
             a.bad_rewinds().count(),
             a.unverifiable()
         )?;
+        if let Some((p50, p99, max)) = self.latency {
+            writeln!(
+                f,
+                "end-to-end latency (first copy of each record, produce to output): p50 {}, p99 {}, max {}",
+                secs(p50),
+                secs(p99),
+                secs(max)
+            )?;
+        }
         writeln!(f, "checkpoints completed (pointer moves seen on etcd): {}", self.checkpoints)?;
         let epochs = |role: &str| {
             self.leaders

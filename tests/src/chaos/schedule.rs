@@ -117,7 +117,9 @@ impl FaultKind {
             // Below and above the 3 s lease / the 5 s heartbeat timeout.
             FaultKind::PauseJmLeader | FaultKind::PauseRmLeader | FaultKind::PauseTm => (1_000, 8_000),
             FaultKind::RestartBroker | FaultKind::RestartEtcd => (1_000, 5_000),
-            _ => (2_000, 10_000),
+            // Mostly longer than the lease plus the heartbeat timeout: the successor must run
+            // the job while the cut-off process is still away.
+            _ => (4_000, 12_000),
         }
     }
 }

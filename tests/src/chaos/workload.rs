@@ -2,8 +2,8 @@
 //! input topic. Number `n` has key `k<n % KEYS>` (two digits) and goes to partition
 //! `(n % KEYS) % PARTITIONS`; its value is `k<key>,<n>` (CSV: the job's columns `k`, `n`).
 //!
-//! The producer is idempotent (no duplicates from its own retries) and waits out broker
-//! outages (`message.timeout.ms` 10 min). A number whose delivery still fails is produced
+//! The producer retries (acks=all, one request in flight per connection, so order holds) and
+//! waits out broker outages (`message.timeout.ms` 10 min); its retries may duplicate input. A number whose delivery still fails is produced
 //! again, so the input itself may hold a duplicate; the checker reads the input to know.
 
 use std::collections::VecDeque;
@@ -22,8 +22,9 @@ use rdkafka::types::RDKafkaErrorCode;
 
 /// Keys of the workload.
 pub const KEYS: u64 = 12;
-/// Partitions of the input topic.
-pub const IN_PARTITIONS: u64 = 6;
+/// Partitions of the input topic (one per subtask: few partitions, bigger batches; the test
+/// broker stores every batch as an S3 object and lists them on each fetch).
+pub const IN_PARTITIONS: u64 = 3;
 
 pub fn key_of(n: u64) -> u64 {
     n % KEYS
@@ -69,6 +70,9 @@ impl ProducerContext for Failed {
 
 /// The producer thread.
 pub struct Workload {
+    /// When the first number was due; number `n` is due `n / rate` seconds later.
+    pub started: Instant,
+    pub rate: u64,
     next: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<u64>>>,
@@ -79,8 +83,13 @@ impl Workload {
         let producer: BaseProducer<Failed> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
+            // Not idempotent: tansu restarted from S3 answers a retried batch as a duplicate it
+            // never stored. Retries may duplicate input instead; the checker counts those.
+            .set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1")
+            // Few, big batches: the test broker keeps every batch as an S3 object and lists
+            // them all on every fetch, so its fetches slow down as batches pile up.
+            .set("linger.ms", "500")
             .set("message.timeout.ms", "600000")
             .set("reconnect.backoff.max.ms", "500")
             .set("log_level", "3")
@@ -89,10 +98,10 @@ impl Workload {
         let next = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (t_next, t_stop, topic) = (next.clone(), stop.clone(), topic.to_string());
+        let started = Instant::now();
         let thread = std::thread::Builder::new()
             .name("chaos-workload".into())
             .spawn(move || -> anyhow::Result<u64> {
-                let started = Instant::now();
                 let mut resent = 0u64;
                 let mut sent: u64 = 0;
                 while !t_stop.load(Ordering::SeqCst) {
@@ -116,12 +125,37 @@ impl Workload {
                     }
                     producer.poll(Duration::from_millis(10));
                 }
-                producer.flush(Duration::from_secs(120)).context("flushing the workload")?;
-                producer.poll(Duration::from_millis(100));
+                // Until every number is acknowledged: failed ones are produced again.
+                let deadline = Instant::now() + Duration::from_secs(180);
+                loop {
+                    producer.flush(Duration::from_secs(120)).context("flushing the workload")?;
+                    producer.poll(Duration::from_millis(100));
+                    let again: Vec<u64> =
+                        producer.context().0.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+                    if again.is_empty() {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(anyhow!(
+                            "{} numbers could not be delivered, first {:?}",
+                            again.len(),
+                            again.first()
+                        ));
+                    }
+                    for n in again {
+                        resent += 1;
+                        send(&producer, &topic, n)?;
+                    }
+                }
                 Ok(resent)
             })
             .context("starting the workload thread")?;
-        Ok(Workload { next, stop, thread: Some(thread) })
+        Ok(Workload { started, rate, next, stop, thread: Some(thread) })
+    }
+
+    /// When number `n` was due to be produced.
+    pub fn due(&self, n: u64) -> Instant {
+        self.started + Duration::from_secs_f64(n as f64 / self.rate.max(1) as f64)
     }
 
     /// The next number to be produced (every number below it was handed to the producer).

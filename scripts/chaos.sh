@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The long chaos run (docs/chaos.md): builds keel and keel-chaos, then runs keel-chaos with the
+# arguments given, for example:
+#   scripts/chaos.sh --seed 42 --duration 10m
+#   scripts/chaos.sh --seed 42 --duration 10m --mode exactly-once
+#   scripts/chaos.sh --seed 42 --faults 20 --list      # print the schedule only
+# The seed is printed first; a failing run prints the command that replays it. Network
+# partitions need root and iproute2 (network namespaces); without them they are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo build -p keel
+cargo build -p keel-tests --bin keel-chaos
+exec target/debug/keel-chaos "$@"
