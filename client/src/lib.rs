@@ -5,7 +5,10 @@
 //! - [`LeaderClient`]: calls the leader of a role. It learns the leader from the HA services'
 //!   leader watch (or from a static address list, for clients without HA access), follows
 //!   `NotLeader` redirects to the address they carry, and retries while the cluster is between
-//!   leaders, up to a deadline. Its errors name the address that was tried.
+//!   leaders, up to a deadline. A call in flight to a leader that the HA services replace is
+//!   abandoned and sent to the new leader at once: a paused or cut-off leader never answers,
+//!   and its connection would otherwise hold the call until the HTTP/2 keep-alive gives up
+//!   (10 + 5 s). Its errors name the address that was tried.
 //! - [`detector`]: failure detection by RPC outcome (`heartbeat.rpc-failure-threshold`): peers
 //!   that consecutive calls could not reach are declared lost.
 
@@ -97,6 +100,19 @@ impl LeaderClient {
         }
     }
 
+    /// A client that learns the leader from `leader` (a leader watch such as
+    /// [`HaServices::watch_leader`] returns).
+    pub fn from_leader_watch(role: Role, leader: watch::Receiver<Option<LeaderInfo>>) -> Self {
+        LeaderClient {
+            role,
+            leader: Some(leader),
+            fallback: Vec::new(),
+            redirect: Arc::new(Mutex::new(None)),
+            channels: Channels::default(),
+            retry_for: Duration::from_secs(30),
+        }
+    }
+
     /// A client for a fixed list of addresses (any of them may redirect to the leader).
     pub fn from_addresses(role: Role, addresses: Vec<String>) -> Self {
         LeaderClient {
@@ -153,9 +169,13 @@ impl LeaderClient {
         out
     }
 
-    /// Calls `f` against the leader. `f` gets a channel and the address it points to. Retries on
-    /// `NotLeader` (following the address it carries) and on `Unavailable` until the retry
-    /// deadline; other errors are returned at once.
+    /// Calls `f` against the leader. `f` gets a channel to it. Retries on `NotLeader`
+    /// (following the address it carries) and on `Unavailable` until the retry deadline; other
+    /// errors are returned at once. When the HA services name a new leader while a call is in
+    /// flight to another address, that call is dropped (the server sees it cancelled) and `f`
+    /// is called again against the new leader: the request must be safe to send twice, which
+    /// the leaders' requests are (idempotent, or fenced by the leader's epoch so that a replaced
+    /// leader cannot apply them).
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T>
     where
         F: FnMut(Channel) -> Fut,
@@ -169,9 +189,29 @@ impl LeaderClient {
             if candidates.is_empty() {
                 last_err = Some(KeelError::NotLeader { role: self.role.to_string(), leader: None });
             }
+            let mut moved = false;
             for address in candidates {
                 let channel = self.channels.get(&address)?;
-                match f(channel).await {
+                let result = tokio::select! {
+                    r = f(channel) => r,
+                    new = replaced(self.leader.clone(), &address) => {
+                        tracing::info!(role = %self.role, from = %address, to = %new.address, epoch = new.epoch,
+                            "leader replaced while a call was in flight; calling the new leader");
+                        {
+                            let mut r = self.redirect.lock().unwrap_or_else(|p| p.into_inner());
+                            if r.as_deref() == Some(address.as_str()) {
+                                *r = None;
+                            }
+                        }
+                        // The connection may hang (a stopped process); the next call to that
+                        // address connects afresh.
+                        self.channels.forget(&address);
+                        last_err = Some(KeelError::NotLeader { role: self.role.to_string(), leader: Some(new.address) });
+                        moved = true;
+                        break;
+                    }
+                };
+                match result {
                     Ok(v) => {
                         *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.clone());
                         return Ok(v);
@@ -195,6 +235,9 @@ impl LeaderClient {
                     }
                 }
             }
+            if moved && tokio::time::Instant::now() < deadline {
+                continue;
+            }
             // A redirect learned in this round is tried at once.
             if let Some(KeelError::NotLeader { leader: Some(_), .. }) = &last_err {
                 if tokio::time::Instant::now() < deadline {
@@ -213,6 +256,25 @@ impl LeaderClient {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Resolves with the new leader when the HA services name a leader other than `address` and
+/// other than the one they named when this was first polled (the start of a call to
+/// `address`); never without a leader watch.
+async fn replaced(watch: Option<watch::Receiver<Option<LeaderInfo>>>, address: &str) -> LeaderInfo {
+    let Some(mut rx) = watch else { return std::future::pending().await };
+    let initial = rx.borrow_and_update().clone();
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = rx.borrow_and_update().clone();
+        if let Some(leader) = now {
+            if leader.address != address && Some(&leader) != initial.as_ref() {
+                return leader;
+            }
         }
     }
 }
@@ -255,5 +317,46 @@ impl EpochFence {
 
     pub fn seen(&self) -> u64 {
         self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_proto::pb::{job_manager_client::JobManagerClient, LeaderInfoRequest};
+
+    /// A call in flight to a leader that never answers (a stopped process: the kernel accepts
+    /// the connection, nothing reads it) is abandoned when the HA services name a new leader,
+    /// and sent to the new leader at once; a leader named again at the same address (a new
+    /// epoch of the same process) does not abandon the call.
+    #[tokio::test]
+    async fn call_in_flight_moves_to_the_new_leader_when_the_leader_is_replaced() {
+        // The "stopped" leader: bound and listening, never accepting.
+        let stopped = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stopped_addr = stopped.local_addr().expect("addr").to_string();
+        // The new leader: accepts, and tells the test.
+        let next = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let next_addr = next.local_addr().expect("addr").to_string();
+
+        let (tx, rx) = watch::channel(Some(LeaderInfo { address: stopped_addr.clone(), epoch: 3 }));
+        let client = LeaderClient::from_leader_watch(Role::JobManager, rx);
+        let call = tokio::spawn(async move {
+            client
+                .call(|ch| async move { JobManagerClient::new(ch).leader_info(LeaderInfoRequest {}).await })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!call.is_finished(), "the stopped leader cannot answer");
+
+        // Same address, new epoch: the call stays where it is.
+        tx.send_replace(Some(LeaderInfo { address: stopped_addr.clone(), epoch: 4 }));
+        let early = tokio::time::timeout(Duration::from_millis(300), next.accept()).await;
+        assert!(early.is_err(), "no call may reach another address while the leader is unchanged");
+
+        tx.send_replace(Some(LeaderInfo { address: next_addr.clone(), epoch: 9 }));
+        let accepted = tokio::time::timeout(Duration::from_secs(5), next.accept()).await;
+        assert!(accepted.is_ok(), "the call must be sent to the new leader at once");
+        call.abort();
+        drop(stopped);
     }
 }

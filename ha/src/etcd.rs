@@ -14,12 +14,15 @@
 //! epoch from the key's `create_revision`, never from the value. A loser watches the key and
 //! tries again once it is deleted (resign, or lease expiry when the leader died).
 //!
-//! Leadership lifetime: a background task per leadership sends keep-alives every TTL/3 and
-//! extends the [`Leadership`] deadline to `sent_at + TTL` after every answered keep-alive
-//! (the server's lease cannot expire before that, since it counts from when it *received* the
-//! keep-alive). It re-opens the keep-alive stream when the etcd member it talks to goes away,
-//! and gives leadership up when the lease is gone, when the deadline passes, or when the leader
-//! key disappears or is re-created by someone else (it watches the key).
+//! Leadership lifetime: a background task per leadership sends keep-alives every TTL/10 and
+//! extends the [`Leadership`] deadline to `sent_at + TTL - margin` after every answered
+//! keep-alive ([`crate::lease_deadline`]; the server's lease cannot expire before `sent_at +
+//! TTL`, since it counts from when it *received* the keep-alive). It re-opens the keep-alive
+//! stream when the etcd member it talks to goes away, and gives leadership up when the lease is
+//! gone, when the deadline passes, or when the leader key disappears or is re-created by
+//! someone else (it watches the key). The deadline is also checked by
+//! [`Leadership::check`] itself, so a leader resumed after a pause refuses to act before this
+//! task runs again.
 //!
 //! Fencing: every leader-only write is a transaction guarded by
 //! `create_revision(leader key) == epoch`.
@@ -41,14 +44,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::{error_chain, validate_cluster_id, validate_key, validate_prefix};
-use crate::{HaServices, LeaderInfo, Leadership, Role};
+use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, LeaseInstant, Role};
 
 /// HTTP/2 keep-alive pings while a stream is open, to notice a member that vanished without
 /// closing its connections. etcd refuses pings more often than every 5 s by default.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Retry pauses after an etcd error (re-subscribing watches, re-opening keep-alive streams).
+/// Retry pauses after an etcd error (re-subscribing watches).
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Pause between the attempts to reach a member when connecting.
+const CONNECT_RETRY: Duration = Duration::from_millis(50);
+/// Pause before re-opening a keep-alive stream that failed.
+const KEEP_ALIVE_RETRY: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A standby re-reads the leader key at least this often even when its watch is silent.
 const VACANCY_RECHECK: Duration = Duration::from_secs(10);
@@ -322,6 +329,17 @@ impl Conn {
     }
 }
 
+/// How often a leader sends a keep-alive: every tenth of the TTL (at least every 50 ms). After
+/// an answered keep-alive the leadership holds for `TTL - margin` (see [`lease_deadline`]), so
+/// when etcd stops answering (a member died, the raft leader is being replaced) a leader has at
+/// least `TTL - margin - interval` to get a keep-alive through again: 2.4 s with the default
+/// TTL of 3 s. Losing etcd's raft leader leaves etcd unable to answer for one to two election
+/// timeouts plus a vote (1 s each by default: about 1.2 to 2.2 s measured here), so the TTL
+/// must stay well above twice etcd's election timeout.
+pub fn keep_alive_interval(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(50))
+}
+
 /// Revokes a freshly granted lease unless disarmed: a campaign step abandoned half-way (error,
 /// shutdown, dropped future) must not leave a leader key nobody keeps alive.
 struct LeaseGuard {
@@ -383,11 +401,24 @@ impl EtcdHaServices {
             // A member cut off from its cluster refuses requests and ends watches at once
             // instead of serving stale data.
             .with_require_leader(true);
+        // The latest reason a member did not answer, for the error when none does in time.
+        let last_error: Mutex<Option<String>> = Mutex::new(None);
         let connecting = async {
             let mut client = Client::connect(endpoints, Some(options)).await?;
             // The client connects lazily: only a real request proves that a member answers.
-            client.status().await?;
-            Ok::<_, etcd_client::Error>(client)
+            // The client spreads requests over the endpoints, and one sent to a member that is
+            // down fails at once: ask again until some member answers.
+            loop {
+                match client.status().await {
+                    Ok(_) => return Ok::<_, etcd_client::Error>(client),
+                    Err(e) if is_unreachable(&e) => {
+                        tracing::debug!(endpoints = %joined, error = %describe(&e), "etcd member did not answer, asking again");
+                        *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(describe(&e));
+                        tokio::time::sleep(CONNECT_RETRY).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         };
         let client = match tokio::time::timeout(connect_timeout, connecting).await {
             Ok(Ok(client)) => client,
@@ -398,10 +429,14 @@ impl EtcdHaServices {
             }
             Ok(Err(e)) => return Err(KeelError::unavailable(joined, describe(&e))),
             Err(_) => {
-                return Err(KeelError::unavailable(
-                    joined,
-                    format!("no etcd member answered within {connect_timeout:?}"),
-                ))
+                let last = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let reason = match last {
+                    Some(e) => {
+                        format!("no etcd member answered within {connect_timeout:?} (last error: {e})")
+                    }
+                    None => format!("no etcd member answered within {connect_timeout:?}"),
+                };
+                return Err(KeelError::unavailable(joined, reason));
             }
         };
         tracing::info!(endpoints = %joined, cluster_id, "connected to etcd");
@@ -474,7 +509,9 @@ impl EtcdHaServices {
         if !current.kvs().is_empty() {
             return Ok(Step::Taken { revision: header_revision(current.header())? });
         }
-        let sent = Instant::now();
+        // The lease cannot expire in etcd before `sent + TTL`: it counts from when etcd
+        // received the grant.
+        let sent = LeaseInstant::now();
         let grant = self.conn.grant(self.ttl_secs()).await?;
         let lease = grant.id();
         let mut guard = LeaseGuard { conn: self.conn.clone(), lease: Some(lease) };
@@ -512,9 +549,13 @@ impl EtcdHaServices {
         }
 
         let token = CancellationToken::new();
-        let leadership =
-            Leadership::with_lease(role, epoch, address.to_string(), token.clone(), Duration::ZERO);
-        leadership.extend_until(sent + ttl);
+        let leadership = Leadership::with_deadline(
+            role,
+            epoch,
+            address.to_string(),
+            token.clone(),
+            lease_deadline(sent, ttl),
+        );
         let keeper = Keeper {
             conn: self.conn.clone(),
             key: key.to_string(),
@@ -581,6 +622,7 @@ impl Keeper {
         let reason = tokio::select! {
             biased;
             _ = token.cancelled() => None,
+            r = self.deadline_watch() => Some(r),
             r = self.keep_alive_loop() => Some(r),
             r = self.watch_key_loop() => Some(r),
         };
@@ -596,21 +638,44 @@ impl Keeper {
         }
     }
 
+    /// Returns when the leadership's deadline has passed unrenewed, so that leader work
+    /// waiting on the `lost` token stops at the deadline even while the keep-alive loop is
+    /// blocked on an unanswered request. (`Leadership::check` does not depend on this task:
+    /// after a pause it refuses before this task had a chance to run.)
+    async fn deadline_watch(&self) -> String {
+        loop {
+            match self.leadership.remaining() {
+                None => return std::future::pending().await,
+                Some(left) if left.is_zero() => {
+                    return "the lease deadline passed without a successful keep-alive".into()
+                }
+                // The deadline may move while we sleep; look again when the old one is due.
+                Some(left) => tokio::time::sleep(left + Duration::from_millis(1)).await,
+            }
+        }
+    }
+
     /// Returns why the lease can no longer be kept.
+    ///
+    /// A keep-alive is due every [`keep_alive_interval`]; one unanswered within that interval
+    /// (or a stream that fails or ends, even between keep-alives, as when its etcd member
+    /// dies) reopens the stream after [`KEEP_ALIVE_RETRY`], on whichever member answers, until
+    /// the deadline passes. While etcd elects a new raft leader nothing is answered; a short
+    /// interval leaves the rest of the lease to ride that out (see [`keep_alive_interval`]).
     async fn keep_alive_loop(&self) -> String {
-        let interval = (self.ttl / 3).max(Duration::from_millis(50));
+        let interval = keep_alive_interval(self.ttl);
         let (role, epoch) = (self.leadership.role, self.leadership.epoch);
         let mut first = true;
         loop {
             if !first {
-                tokio::time::sleep(BACKOFF_MIN).await;
+                tokio::time::sleep(KEEP_ALIVE_RETRY).await;
             }
             first = false;
             if !self.leadership.is_valid() {
                 return "the lease deadline passed without a successful keep-alive".into();
             }
             // Opening the stream sends a keep-alive and waits for its answer.
-            let sent = Instant::now();
+            let sent = LeaseInstant::now();
             let mut client = self.conn.client.clone();
             let (mut keeper, mut stream) = match tokio::time::timeout(
                 interval,
@@ -629,13 +694,31 @@ impl Keeper {
                     continue;
                 }
             };
-            self.leadership.extend_until(sent + self.ttl);
+            self.leadership.extend_until(lease_deadline(sent, self.ttl));
             loop {
-                tokio::time::sleep(interval).await;
+                // Idle until the next keep-alive is due. Nothing is outstanding meanwhile, so
+                // anything the stream yields is its failure or end: reopen at once rather than
+                // finding out at the next keep-alive.
+                let due = tokio::time::sleep(interval);
+                tokio::pin!(due);
+                let broken = loop {
+                    tokio::select! {
+                        _ = &mut due => break None,
+                        message = stream.message() => match message {
+                            Ok(Some(_)) => continue,
+                            Ok(None) => break Some("ended".to_string()),
+                            Err(e) => break Some(describe(&e)),
+                        },
+                    }
+                };
+                if let Some(why) = broken {
+                    tracing::debug!(role = %role, epoch, why, "keep-alive stream lost between keep-alives, reopening");
+                    break;
+                }
                 if !self.leadership.is_valid() {
                     return "the lease deadline passed without a successful keep-alive".into();
                 }
-                let sent = Instant::now();
+                let sent = LeaseInstant::now();
                 if keeper.keep_alive().await.is_err() {
                     break;
                 }
@@ -649,7 +732,7 @@ impl Keeper {
                             );
                         }
                         let ttl = Duration::from_secs(resp.ttl().unsigned_abs()).min(self.ttl);
-                        self.leadership.extend_until(sent + ttl);
+                        self.leadership.extend_until(lease_deadline(sent, ttl));
                     }
                     Ok(Ok(None)) => {
                         tracing::debug!(role = %role, epoch, "keep-alive stream ended, reopening");

@@ -5,9 +5,11 @@
 //!   - [`etcd::EtcdHaServices`]: leases + transactions on etcd, for clusters of several machines;
 //!   - [`local::LocalHaServices`]: a lock file per role held by the leader process (the kernel
 //!     drops it when the process dies) and metadata as atomically replaced files, for one host.
-//! - [`Leadership`]: what a won election hands to the leader: its epoch, and a token that is
-//!   cancelled the moment leadership is lost. Every leader-only write takes a `&Leadership` and
-//!   is conditional on it still being current, in the store itself (an etcd transaction that
+//! - [`Leadership`]: what a won election hands to the leader: its epoch, a token that is
+//!   cancelled the moment leadership is lost, and (etcd) a lease deadline on the local clock
+//!   after which [`Leadership::check`] refuses even before anything else noticed (see
+//!   [`leadership`] for the rule). Every leader-only write takes a `&Leadership` and is
+//!   conditional on it still being current, in the store itself (an etcd transaction that
 //!   compares the leader key; the lock file for the local backend).
 //! - [`stores`]: the typed stores built on the key space: jobs, checkpoint pointers, counters.
 //!
@@ -17,18 +19,19 @@
 
 pub mod etcd;
 mod keys;
+pub mod leadership;
 pub mod local;
 pub mod stores;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use leadership::{lease_deadline, safety_margin, Leadership, LeaseInstant};
 pub use stores::{CheckpointPointerStore, Counter, JobStore};
 
 /// The roles that elect a leader. TaskManagers are all equal and do not.
@@ -58,96 +61,6 @@ impl std::fmt::Display for Role {
 pub struct LeaderInfo {
     pub address: String,
     pub epoch: u64,
-}
-
-/// Held by a leader. The token in [`Leadership::lost`] is cancelled as soon as the backend knows
-/// leadership is gone (lease expired, key deleted, keep-alive failing for a whole TTL), and
-/// [`Leadership::is_valid`] turns false even before that when the local lease deadline passed,
-/// so a process that was paused past its lease stops acting the moment it resumes.
-#[derive(Debug, Clone)]
-pub struct Leadership {
-    pub role: Role,
-    pub epoch: u64,
-    pub address: String,
-    lost: CancellationToken,
-    /// Milliseconds since `base` until which the lease is known to be held; `u64::MAX` for
-    /// backends whose leadership lasts as long as the process (local lock files).
-    valid_until_ms: Arc<AtomicU64>,
-    base: Instant,
-}
-
-impl Leadership {
-    /// A leadership with no lease deadline (it lasts until `lost` is cancelled).
-    pub fn new(role: Role, epoch: u64, address: String, lost: CancellationToken) -> Self {
-        Leadership {
-            role,
-            epoch,
-            address,
-            lost,
-            valid_until_ms: Arc::new(AtomicU64::new(u64::MAX)),
-            base: Instant::now(),
-        }
-    }
-
-    /// A leadership held through a lease: valid until `initial` from now unless extended with
-    /// [`Leadership::extend_until`].
-    pub fn with_lease(
-        role: Role,
-        epoch: u64,
-        address: String,
-        lost: CancellationToken,
-        valid_for: Duration,
-    ) -> Self {
-        let l = Leadership::new(role, epoch, address, lost);
-        l.valid_until_ms.store(valid_for.as_millis() as u64, Ordering::SeqCst);
-        l
-    }
-
-    /// Extends the lease deadline to `deadline` (never shortens it).
-    pub fn extend_until(&self, deadline: Instant) {
-        let ms = deadline.saturating_duration_since(self.base).as_millis() as u64;
-        self.valid_until_ms.fetch_max(ms, Ordering::SeqCst);
-    }
-
-    /// The token cancelled when leadership is lost. Leader work runs under it.
-    pub fn lost(&self) -> &CancellationToken {
-        &self.lost
-    }
-
-    /// Marks leadership as lost (used by backends and on shutdown).
-    pub fn give_up(&self) {
-        self.lost.cancel();
-    }
-
-    /// True while this process may act as leader.
-    pub fn is_valid(&self) -> bool {
-        if self.lost.is_cancelled() {
-            return false;
-        }
-        let now = Instant::now().saturating_duration_since(self.base).as_millis() as u64;
-        now < self.valid_until_ms.load(Ordering::SeqCst)
-    }
-
-    /// `Ok` while leadership is held, a typed `LeadershipLost` error otherwise. Call it before
-    /// any action that only a leader may take.
-    pub fn check(&self) -> Result<()> {
-        if self.is_valid() {
-            Ok(())
-        } else {
-            if !self.lost.is_cancelled() {
-                // The lease deadline passed without a successful keep-alive: we cannot know
-                // whether we are still leader, so we must behave as if we are not.
-                self.lost.cancel();
-            }
-            Err(KeelError::LeadershipLost {
-                reason: format!("{} leadership of epoch {} is no longer held", self.role, self.epoch),
-            })
-        }
-    }
-
-    pub fn info(&self) -> LeaderInfo {
-        LeaderInfo { address: self.address.clone(), epoch: self.epoch }
-    }
 }
 
 /// Leader election, discovery and fenced metadata. Keys are relative paths such as
