@@ -94,14 +94,18 @@ impl Accounting {
     }
 }
 
-/// `faults`: (schedule index, injection time in ms since the run started), in time order.
+/// `faults`: (schedule index, injection time, bound), in time order, times in ms since the run
+/// started. A rewind belongs to the last fault injected before it arrived; it must not start
+/// before the latest checkpoint completed before that fault's *bound*: its injection time, or
+/// an earlier fault's when the output had not caught up before it (a late replay of the
+/// previous fault may then arrive after this one).
 pub fn account(
     end: u64,
     input: &[InRecord],
     output: &[OutRecord],
     garbage: usize,
     completed: &[Completed],
-    faults: &[(usize, u64)],
+    faults: &[(usize, u64, u64)],
 ) -> Accounting {
     let mut acc = Accounting { garbage, ..Accounting::default() };
     // Input: counts, and each number's first (partition, offset).
@@ -166,8 +170,8 @@ pub fn account(
                             continue;
                         }
                     }
-                    let fault = faults.iter().rev().find(|(_, t)| *t <= r.at_ms).copied();
-                    let verdict = judge(*key, r.n, fault.map(|f| f.1), &in_at, &key_offsets, completed);
+                    let fault = faults.iter().rev().find(|(_, t, _)| *t <= r.at_ms).copied();
+                    let verdict = judge(*key, r.n, fault.map(|f| f.2), &in_at, &key_offsets, completed);
                     acc.rewinds.push(Rewind {
                         key: *key,
                         from: h,
@@ -324,7 +328,7 @@ mod tests {
         let cp = [checkpoint(5, 10, &at(24))];
         let mut ns: Vec<u64> = (0..120).collect();
         ns.extend(24..240); // a replay from checkpoint 5, fault at 100
-        let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 100)]);
+        let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 100, 100)]);
         let key0: Vec<&Rewind> = acc.rewinds.iter().filter(|r| r.key == 0).collect();
         assert_eq!(key0.len(), 1, "{:?}", acc.rewinds);
         assert_eq!(key0[0].verdict, RewindVerdict::FromCheckpoint(5));
@@ -339,7 +343,7 @@ mod tests {
             ns.push(24 + 12 * i);
             ns.push(120 + 12 * i);
         }
-        let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 5)]);
+        let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 5, 5)]);
         assert!(acc.bad_rewinds().any(|r| r.verdict == RewindVerdict::NotACheckpoint), "{:?}", acc.rewinds);
     }
 
@@ -349,7 +353,7 @@ mod tests {
         let cp = [checkpoint(5, 10, &at(24)), checkpoint(6, 20, &at(60))];
         let mut ns: Vec<u64> = (0..120).collect();
         ns.extend(24..240);
-        let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 100)]);
+        let acc = account(240, &inp, &out(&ns), 0, &cp, &[(1, 100, 100)]);
         assert!(
             acc.rewinds.iter().any(|r| r.verdict == RewindVerdict::BeforeLatest { restored: 5, latest: 6 }),
             "{:?}",

@@ -292,10 +292,25 @@ fn run_in(
         if !workload.is_running() {
             bail!("the workload producer stopped");
         }
+        // Each fault starts from a pipeline that has caught up (its newest output due at most
+        // a few baseline latencies ago), so that its recovery time is its own.
+        let caught_up = Duration::from_millis(
+            check::p50_max(&report.baseline).map_or(2_000, |(p50, _)| (3 * p50).max(2_000)),
+        );
+        let caught = keel_testkit::wait_until("the output to catch up", Duration::from_secs(60), || {
+            let newest = reader.progress().1;
+            Ok(newest
+                .filter(|n| Instant::now().saturating_duration_since(workload.due(*n)) <= caught_up)
+                .map(|_| ()))
+        });
         println!("chaos: {}", progress_line(start, &workload, &reader, &etcd));
         std::thread::sleep(Duration::from_millis(fault.gap_ms));
         let watch = Watch { reader: &reader, workload: &workload, etcd: &etcd, start, opts };
-        let outcome = inject(cluster, network.as_mut(), &watch, &fault);
+        let mut outcome = inject(cluster, network.as_mut(), &watch, &fault);
+        outcome.caught_up = caught.is_ok();
+        if !outcome.caught_up {
+            outcome.notes.push("the output had not caught up before it (60 s)".into());
+        }
         let stop = outcome.recovery.is_none() && outcome.skipped.is_none();
         println!("chaos: {}", outcome.line());
         report.faults.push(outcome);
@@ -370,8 +385,11 @@ fn run_in(
     let lags: Vec<u64> =
         first_seen.iter().map(|(n, at)| at.saturating_sub(workload_start_ms + n * 1000 / rate)).collect();
     report.latency = check::p50_p99_max(&lags);
-    let fault_times: Vec<(usize, u64)> =
-        report.faults.iter().filter(|f| f.skipped.is_none()).map(|f| (f.fault.index, f.at_ms)).collect();
+    let mut fault_times: Vec<(usize, u64, u64)> = Vec::new();
+    for f in report.faults.iter().filter(|f| f.skipped.is_none()) {
+        let bound = if f.caught_up { f.at_ms } else { fault_times.last().map_or(0, |p| p.2) };
+        fault_times.push((f.fault.index, f.at_ms, bound));
+    }
     report.accounting = check::account(
         end,
         &input_records,
