@@ -499,6 +499,10 @@ pub fn checkpoints_to_delete(on_disk: &[(u64, bool)], latest: u64, num_retained:
 pub struct CheckpointMetadata {
     /// Format of this file; 1.
     pub format: u32,
+    /// Epoch of the JobManager leader that completed (wrote) it; 0 in files written before
+    /// the field existed.
+    #[serde(default)]
+    pub epoch: u64,
     pub checkpoint_id: u64,
     pub job_id: String,
     pub job_name: String,
@@ -860,6 +864,7 @@ mod tests {
     fn metadata_gives_restore_state_per_subtask() {
         let meta = CheckpointMetadata {
             format: 1,
+            epoch: 1,
             checkpoint_id: 3,
             job_id: "j".into(),
             job_name: "n".into(),

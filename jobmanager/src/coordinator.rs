@@ -363,6 +363,7 @@ where
     let duration_ms = u64::try_from(ready.triggered_at.elapsed().as_millis()).unwrap_or(u64::MAX);
     let metadata = CheckpointMetadata {
         format: 1,
+        epoch: leadership.epoch,
         checkpoint_id: ready.checkpoint_id,
         job_id: job_id.to_string(),
         job_name: job_name.to_string(),

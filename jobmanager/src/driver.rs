@@ -1289,6 +1289,9 @@ impl Driver {
     }
 
     async fn cancel_tasks(&self, tasks: &[TaskRecord]) {
+        if self.st.leadership.check().is_err() {
+            return;
+        }
         let calls = tasks.iter().filter(|t| !t.state.is_terminal()).map(|t| {
             let req = pb::CancelTaskRequest { jobmanager: Some(self.st.stamp()), task_id: t.task_id.clone() };
             let address = t.taskmanager_address.clone();

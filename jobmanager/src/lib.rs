@@ -660,6 +660,10 @@ impl JobManager {
     /// Declares lost the TaskManagers running our tasks that stopped heartbeating to us, in case
     /// the ResourceManager could not tell (for instance while it fails over itself).
     fn expire_taskmanagers(&self, st: &LeaderState) {
+        // A leader resumed after a pause past its lease has a stale view: it acts on nothing.
+        if st.leadership.check().is_err() {
+            return;
+        }
         let timeout = self.ctx.config.heartbeat_timeout;
         let now = Instant::now();
         let expired: Vec<String> = {
@@ -755,7 +759,13 @@ fn job_throughput(running: &[&pb::TaskDetails]) -> (pb::JobThroughput, Vec<Strin
 /// when the stream ends (for instance when the ResourceManager fails over).
 async fn watch_rm_events(ctx: Arc<JobManagerCtx>, st: Arc<LeaderState>, scope: CancellationToken) {
     use tokio_stream::StreamExt;
+    // A new ResourceManager leader means a new subscription at once: the old stream may hang
+    // on a stopped process until HTTP/2 gives up.
+    let mut rm_leader = ctx.rm.leader_watch();
     while !scope.is_cancelled() {
+        if let Some(w) = rm_leader.as_mut() {
+            w.borrow_and_update();
+        }
         let req = pb::WatchTaskManagersRequest { jobmanager: Some(st.stamp()) };
         let stream = tokio::select! {
             _ = scope.cancelled() => return,
@@ -768,10 +778,27 @@ async fn watch_rm_events(ctx: Arc<JobManagerCtx>, st: Arc<LeaderState>, scope: C
             Ok(mut stream) => loop {
                 let item = tokio::select! {
                     _ = scope.cancelled() => return,
+                    _ = async {
+                        match rm_leader.as_mut() {
+                            Some(w) => {
+                                if w.changed().await.is_err() {
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {
+                        tracing::info!("resourcemanager leader changed; subscribing to the new one");
+                        break;
+                    }
                     item = stream.next() => item,
                 };
                 match item {
                     Some(Ok(pb::TaskManagerEvent { event: Some(task_manager_event::Event::Lost(lost)) })) => {
+                        // A deposed leader acts on nothing.
+                        if st.leadership.check().is_err() {
+                            return;
+                        }
                         st.dispatch_taskmanager_lost(&lost.taskmanager_id, &lost.reason);
                     }
                     Some(Ok(_)) => {}

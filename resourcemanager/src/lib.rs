@@ -182,6 +182,7 @@ impl ResourceManager {
         };
         tracing::info!(job_id = %req.job_id, version = req.version, count = req.count, "slot request");
         loop {
+            st.leadership.check()?;
             let notified = st.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -193,6 +194,7 @@ impl ResourceManager {
                 st.table().allocate(req.count, &mut make, Instant::now())
             };
             if let Some(chosen) = chosen {
+                st.leadership.check()?;
                 match self.confirm(&st, &chosen, &template).await {
                     Ok(()) => {
                         let slots: Vec<pb::AllocatedSlot> = chosen
@@ -238,6 +240,25 @@ impl ResourceManager {
                 }
             }
         }
+    }
+
+    /// Frees allocations made for a JobManager leader older than the newest one seen (see
+    /// [`slots::SlotTable::allocations_below_epoch`]), here and on their TaskManagers.
+    async fn free_stale_allocations(&self, st: &LeaderState) {
+        let seen = st.jobmanager_fence.seen();
+        let stale = st.table().allocations_below_epoch(seen);
+        if stale.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let freed: Vec<Chosen> = stale.iter().filter_map(|id| st.table().free(id, now)).collect();
+        tracing::info!(
+            freed = freed.len(),
+            jobmanager_epoch = seen,
+            "freed slots allocated for an older jobmanager leader"
+        );
+        self.free_on_taskmanagers(st, &freed).await;
+        st.changed.notify_waiters();
     }
 
     async fn release_slots(&self, req: pb::ReleaseSlotsRequest) -> Result<pb::ReleaseSlotsResponse> {
@@ -319,6 +340,9 @@ impl ResourceManager {
                 _ = st.leadership.lost().cancelled() => return,
                 o = futures::future::join_all(pings) => o,
             };
+            if st.leadership.check().is_err() {
+                return;
+            }
             for (address, outcome) in outcomes {
                 self.note_call(&st, address, outcome);
             }
@@ -326,6 +350,10 @@ impl ResourceManager {
     }
 
     fn lose(&self, st: &LeaderState, lost: slots::Lost, reason: &str) {
+        if let Err(error) = st.leadership.check() {
+            tracing::info!(taskmanager_id = %lost.taskmanager_id, %error, "not telling a loss: no longer leader");
+            return;
+        }
         tracing::warn!(taskmanager_id = %lost.taskmanager_id, address = %lost.address,
             allocations = lost.allocations.len(), reason, "taskmanager lost");
         self.channels.forget(&lost.address);
@@ -351,6 +379,11 @@ impl ResourceManager {
                 _ = shutdown.cancelled() => return,
                 _ = st.leadership.lost().cancelled() => return,
                 _ = interval.tick() => {
+                    // A leader resumed after a pause past its lease must not declare anything
+                    // lost: its heartbeat view is stale, and it is no leader any more.
+                    if st.leadership.check().is_err() {
+                        return;
+                    }
                     let expired = st.table().expire(self.config.heartbeat_timeout, Instant::now());
                     for lost in expired {
                         let reason = format!("no heartbeat for {:?} (heartbeat.timeout)", self.config.heartbeat_timeout);
@@ -434,6 +467,7 @@ impl RmApi for RmService {
             })),
         });
         st.changed.notify_waiters();
+        rm.free_stale_allocations(&st).await;
         Ok(Response::new(pb::RegisterTaskManagerResponse { resourcemanager_epoch: st.leadership.epoch }))
     }
 
@@ -453,6 +487,7 @@ impl RmApi for RmService {
         if free_after > free_before {
             st.changed.notify_waiters();
         }
+        self.0.free_stale_allocations(&st).await;
         Ok(Response::new(pb::TaskManagerHeartbeatResponse {
             known,
             resourcemanager_epoch: st.leadership.epoch,

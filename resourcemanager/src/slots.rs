@@ -181,6 +181,20 @@ impl SlotTable {
         None
     }
 
+    /// Allocation ids made for a JobManager leader older than `epoch` (0: none). Once a newer
+    /// leader has been seen they are garbage: a new leader releases its jobs' slots and
+    /// allocates its own, but a TaskManager that re-registers afterwards (after a quorum loss)
+    /// reports the old ones again.
+    pub fn allocations_below_epoch(&self, epoch: u64) -> Vec<String> {
+        self.taskmanagers
+            .values()
+            .flat_map(|tm| tm.slots.iter())
+            .filter_map(|s| s.allocation.as_ref())
+            .filter(|a| a.jobmanager_epoch < epoch)
+            .map(|a| a.allocation_id.clone())
+            .collect()
+    }
+
     /// Allocation ids of a job (of one version when `version` is non-zero).
     pub fn allocations_of(&self, job_id: &str, version: u32) -> Vec<String> {
         self.taskmanagers

@@ -367,14 +367,11 @@ fn etcd_quorum_loss_leaders_step_down_and_are_elected_again() -> anyhow::Result<
 /// checkpoint and its output grows. Prints the times from quorum back to the job running and
 /// to its first checkpoint.
 ///
-/// Ignored: it fails about two runs in three (measured) until the ResourceManager frees the
-/// slot allocations of deposed JobManager epochs. When both leaders are re-elected at once, the
-/// new JobManager releases its job's slots before the TaskManager has re-registered with the
-/// new ResourceManager; the TaskManager then reports both slots still allocated to the job
-/// under the old JobManager epoch (with no task in them), nobody frees them, and the job waits
-/// for slots until `slot.request.timeout` (5 min). Run it with `-- --ignored`.
+/// This stalled about two runs in three before the ResourceManager freed the slot allocations
+/// of deposed JobManager epochs: when both leaders are re-elected at once, the new JobManager
+/// releases its job's slots before the TaskManager re-registers, which then reports them still
+/// allocated under the old epoch; the job waited for slots until `slot.request.timeout`.
 #[test]
-#[ignore = "stalls until the ResourceManager frees allocations of deposed JobManager epochs (see the doc comment)"]
 fn etcd_quorum_loss_then_the_job_recovers_when_quorum_returns() -> anyhow::Result<()> {
     quorum_loss("etcd-quorum-job", true)
 }

@@ -522,15 +522,11 @@ fn paused_resourcemanager_leader_steps_down_without_allocating() -> anyhow::Resu
 /// leader resumes, every TaskManager's heartbeat is overdue in its slot table. It must still
 /// not tell any JobManager that a TaskManager was lost (the first job keeps its first attempt).
 ///
-/// Ignored: it fails about one run in three (measured) until the ResourceManager checks its
-/// leadership before it acts on its own timers. Its heartbeat-expiry tick
-/// (`resourcemanager/src/lib.rs`, `lead()` -> `SlotTable::expire` -> `lose()`) can run before
-/// anything has cancelled the leadership's token after the resume; it then broadcasts
-/// `TaskManagerLost` for every TaskManager on `WatchTaskManagers`, and the JobManager, whose
-/// stream to the stopped process was never dropped, restarts every job. Run it with
-/// `-- --ignored`.
+/// This failed about one run in three before the ResourceManager checked its leadership
+/// before acting on its own timers: its heartbeat-expiry tick could run before anything had
+/// cancelled the leadership's token after the resume, and broadcast `TaskManagerLost` for every
+/// TaskManager to a JobManager still subscribed to the stopped process.
 #[test]
-#[ignore = "fails until the ResourceManager checks leadership before expiring TaskManagers (see the doc comment)"]
 fn paused_past_heartbeat_timeout_resourcemanager_tells_no_jobmanager_anything() -> anyhow::Result<()> {
     paused_resourcemanager("pause-rm-long", PAUSE_AT_LEAST, &[])
 }
