@@ -113,6 +113,7 @@ pub async fn start(
     let rm = LeaderClient::from_ha(Role::ResourceManager, &ha, background.clone()).with_retry_for(interval);
     let mut shared = Shared::new(id.clone(), address.clone(), slots, interval, jm);
     shared.registry = registry;
+    shared.cut_off_after = config.heartbeat_timeout;
     let shared = Arc::new(shared);
 
     let loops = tokio_util::task::TaskTracker::new();

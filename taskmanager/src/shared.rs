@@ -53,6 +53,10 @@ pub struct Shared {
     pub reporters_stop: CancellationToken,
     /// The metrics of the running tasks, served on `GET /metrics`.
     pub registry: Registry,
+    /// A TaskManager whose heartbeats have not reached a JobManager leader for this long
+    /// (`heartbeat.timeout`) is cut off: the leader has declared it lost and runs its tasks
+    /// elsewhere, so it cancels them (their sinks stop writing).
+    pub cut_off_after: Duration,
 }
 
 impl Shared {
@@ -73,6 +77,7 @@ impl Shared {
             jm_fence: EpochFence::new(Role::JobManager),
             jm,
             last_jm_address: Mutex::new(None),
+            cut_off_after: heartbeat_interval * 5,
             tasks_tracker: TaskTracker::new(),
             reporters: TaskTracker::new(),
             stopping: CancellationToken::new(),

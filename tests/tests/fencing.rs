@@ -107,3 +107,53 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
     assert_eq!(sb.cluster()?["slots"]["used"], 1);
     Ok(())
 }
+
+fn lines_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| std::fs::read_to_string(e.path()).map(|t| t.lines().count()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A TaskManager cut off from the JobManager (here: the only JobManager is SIGSTOPped for
+/// longer than `heartbeat.timeout`) stops its tasks on its own: by then the leader would have
+/// declared it lost and deployed the tasks elsewhere, and two attempts must not write at once.
+/// Proves: the output stops growing while the JobManager is still stopped (the TaskManager
+/// canceled its tasks), and once the JobManager runs again the job is restarted in a new
+/// attempt and writes again.
+#[test]
+fn a_taskmanager_cut_off_from_the_jobmanager_stops_its_tasks() -> anyhow::Result<()> {
+    let mut sb = Sandbox::new("cut-off", Ha::Local, &[("heartbeat.timeout", "3 s")])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    sb.start("jobmanager", "jm", &[])?;
+    sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=2".into()])?;
+    let out = sb.dir.join("out");
+    let spec = sb.write_spec("job", &datagen_to_file_spec("cutoff", 2, 200, None, &out))?;
+    let run = sb.keel(&["run", spec.to_str().unwrap_or_default()])?;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    wait_until("output", LONG, || Ok((lines_in(&out) > 100).then_some(())))?;
+    let attempt_before = sb.status("cutoff")?["tasks"][0]["attempt"].as_u64().unwrap_or(0);
+
+    sb.proc("jm").proc.signal("STOP")?;
+    // heartbeat.timeout (3 s) without an answer, then the tasks are canceled: the output stops.
+    let stopped = wait_until("the output to stop growing while the jobmanager is stopped", LONG, || {
+        let before = lines_in(&out);
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok((lines_in(&out) == before).then_some(before))
+    });
+    sb.proc("jm").proc.signal("CONT")?;
+    let stopped = stopped?;
+    println!("the cut-off TaskManager stopped writing at {stopped} lines");
+
+    let status = wait_until("the job to run again in a new attempt", LONG, || {
+        let s = sb.status("cutoff")?;
+        let attempt = s["tasks"][0]["attempt"].as_u64().unwrap_or(0);
+        Ok((s["job"]["state"] == "running" && attempt > attempt_before).then_some(s))
+    })?;
+    wait_until("output again", LONG, || Ok((lines_in(&out) > stopped + 100).then_some(())))?;
+    println!("job restarted: {}", status["status_message"]);
+    Ok(())
+}
