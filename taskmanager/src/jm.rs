@@ -144,8 +144,6 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: tokio_util::sync::Cancell
     let mut ticker = tokio::time::interval(shared.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = FailureLog::default();
-    // The last heartbeat a JobManager leader answered (or the last moment without tasks).
-    let mut last_contact = Instant::now();
     loop {
         tokio::select! {
             biased;
@@ -155,21 +153,22 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: tokio_util::sync::Cancell
         shared.forget_old_tasks(Instant::now());
         let tasks = shared.task_updates();
         if tasks.is_empty() {
-            last_contact = Instant::now();
+            shared.note_jm_contact();
             continue;
         }
         let running = tasks
             .iter()
             .any(|t| keel_proto::pb::TaskState::try_from(t.state).map(|s| !s.is_terminal()).unwrap_or(false));
-        if running && last_contact.elapsed() > shared.cut_off_after {
+        let silent = shared.since_jm_contact();
+        if running && silent > shared.cut_off_after {
             // Cut off: the leader has declared this TaskManager lost by now and deploys its
             // tasks elsewhere. Stop them, so that two attempts never write at once.
             tracing::warn!(
-                cut_off_for_ms = last_contact.elapsed().as_millis() as u64,
-                "no jobmanager leader answered for heartbeat.timeout: canceling every task"
+                cut_off_for_ms = silent.as_millis() as u64,
+                "no jobmanager leader heard from for heartbeat.timeout: canceling every task"
             );
             shared.cancel_all("cut off from the jobmanager for longer than heartbeat.timeout");
-            last_contact = Instant::now();
+            shared.note_jm_contact();
         }
         let client = shared.jm_client(None);
         let request = JobManagerHeartbeatRequest {
@@ -187,7 +186,7 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: tokio_util::sync::Cancell
         };
         match result {
             Ok(response) => {
-                last_contact = Instant::now();
+                shared.note_jm_contact();
                 failures.success("jobmanager heartbeat delivered again");
                 for task_id in response.into_inner().cancel_task_ids {
                     shared.cancel_task(&task_id, "the jobmanager does not know the task");

@@ -91,6 +91,7 @@ impl TaskManagerService {
         rpc: &str,
     ) -> Result<Arc<Task>> {
         fenced(&self.shared.jm_fence, stamp, rpc)?;
+        self.shared.note_jm_contact();
         self.shared.find_task(task_id).ok_or_else(|| KeelError::FailedPrecondition {
             reason: format!("task {task_id} is not known on taskmanager {}", self.shared.id),
         })
@@ -178,6 +179,7 @@ impl TaskManager for TaskManagerService {
     ) -> Result<Response<CancelTaskResponse>, Status> {
         let req = request.into_inner();
         fenced(&self.shared.jm_fence, req.jobmanager.as_ref(), "CancelTask")?;
+        self.shared.note_jm_contact();
         let found = self.shared.cancel_task(&req.task_id, "canceled by the jobmanager");
         Ok(Response::new(CancelTaskResponse { found }))
     }

@@ -57,6 +57,9 @@ pub struct Shared {
     /// (`heartbeat.timeout`) is cut off: the leader has declared it lost and runs its tasks
     /// elsewhere, so it cancels them (their sinks stop writing).
     pub cut_off_after: Duration,
+    /// The last time a JobManager leader was heard from: a heartbeat it answered, or a request
+    /// of it that passed the epoch fence (deploy, cancel, checkpoint calls).
+    last_jm_contact: Mutex<Instant>,
 }
 
 impl Shared {
@@ -78,6 +81,7 @@ impl Shared {
             jm,
             last_jm_address: Mutex::new(None),
             cut_off_after: heartbeat_interval * 5,
+            last_jm_contact: Mutex::new(Instant::now()),
             tasks_tracker: TaskTracker::new(),
             reporters: TaskTracker::new(),
             stopping: CancellationToken::new(),
@@ -109,6 +113,16 @@ impl Shared {
 
     pub fn find_task(&self, task_id: &str) -> Option<Arc<Task>> {
         self.lock().tasks.get(task_id).cloned()
+    }
+
+    /// A JobManager leader was heard from now.
+    pub fn note_jm_contact(&self) {
+        *self.last_jm_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// How long no JobManager leader has been heard from.
+    pub fn since_jm_contact(&self) -> Duration {
+        self.last_jm_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
     }
 
     /// Every task as reported to the JobManager.
@@ -164,6 +178,7 @@ impl Shared {
             reason: "DeployTask needs the jobmanager leader stamp".into(),
         })?;
         self.jm_fence.observe(stamp.epoch)?;
+        self.note_jm_contact();
         if req.task_id.is_empty() {
             return Err(KeelError::InvalidArgument { reason: "DeployTask needs a task_id".into() });
         }
