@@ -203,6 +203,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     report.logs = cluster.log_paths();
     if report.violations.is_empty() && !opts.keep {
         let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        // The logs stay; the copy of the binary (about 90 MB) does not.
+        let _ = std::fs::remove_file(dir.join("keel"));
     }
     Ok(report)
 }
@@ -546,7 +549,11 @@ fn inject(
         outcome.skipped = Some("external broker".into());
         return outcome;
     }
-    let (target, about) = match resolve(cluster, fault) {
+    // The target may be briefly unknown (a job being recovered by a new leader has no tasks).
+    let resolved = keel_testkit::wait_until("the fault's target", Duration::from_secs(30), || {
+        resolve(cluster, fault).map(Some)
+    });
+    let (target, about) = match resolved {
         Ok(t) => t,
         Err(e) => {
             outcome.error = Some(format!("cannot resolve the target: {e:#}"));
@@ -558,6 +565,7 @@ fn inject(
     let hold = Duration::from_millis(fault.hold_ms);
     outcome.at_ms = ms_since(start);
     let at_wall_ms = observe::wall_ms();
+    outcome.at_wall_ms = at_wall_ms;
     let probe = reader.probe(workload.next());
     let result: anyhow::Result<()> = (|| {
         match fault.kind {

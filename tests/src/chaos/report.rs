@@ -18,6 +18,8 @@ pub struct FaultOutcome {
     pub target: String,
     /// Injection, ms since the run started.
     pub at_ms: u64,
+    /// Injection, UTC wall clock (to find it in the processes' logs).
+    pub at_wall_ms: u64,
     /// How long the fault lasted (until the restart, resume or heal returned).
     pub held_ms: u64,
     pub skipped: Option<String>,
@@ -44,6 +46,7 @@ impl FaultOutcome {
             fault,
             target: String::new(),
             at_ms,
+            at_wall_ms: super::observe::wall_ms(),
             held_ms: 0,
             skipped: None,
             error: None,
@@ -60,7 +63,13 @@ impl FaultOutcome {
 
     /// One line for the progress output.
     pub fn line(&self) -> String {
-        let head = format!("[{:>6.1}s] fault {} -> {}", self.at_ms as f64 / 1000.0, self.fault, self.target);
+        let head = format!(
+            "[{:>6.1}s] {} UTC fault {} -> {}",
+            self.at_ms as f64 / 1000.0,
+            utc(self.at_wall_ms),
+            self.fault,
+            self.target
+        );
         if let Some(s) = &self.skipped {
             return format!("{head}: skipped ({s})");
         }
@@ -68,6 +77,10 @@ impl FaultOutcome {
         match self.recovery {
             Some(r) => line += &format!(", output flowing again after {:.2}s", r.as_secs_f64()),
             None => line += ", output NOT flowing again",
+        }
+        if let Some((p, d)) = self.slowest_partition {
+            line += &format!(" (input partition {p} last)");
+            let _ = d;
         }
         if let Some(c) = self.checkpointed {
             line += &format!(", checkpointing again after {:.2}s", c.as_secs_f64());
@@ -339,6 +352,46 @@ impl Report {
                 ));
             }
         }
+        // Losing one etcd member of three changes nothing (issue 5, point 7): no leader changes.
+        for f in &self.faults {
+            if !matches!(f.fault.kind, FaultKind::RestartEtcd | FaultKind::PartitionEtcdMember)
+                || f.skipped.is_some()
+            {
+                continue;
+            }
+            let end = f.at_ms + f.held_ms + 10_000;
+            // Seeded with each role's leader before the fault, which is no change.
+            let mut changes: Vec<(String, Option<u64>, String)> = ["jobmanager", "resourcemanager"]
+                .iter()
+                .map(|role| {
+                    let before = self.leaders.iter().rfind(|l| l.role == *role && l.seen_ms < f.at_ms);
+                    (role.to_string(), before.and_then(|l| l.epoch), String::new())
+                })
+                .collect();
+            for l in self.leaders.iter().filter(|l| l.seen_ms >= f.at_ms && l.seen_ms <= end) {
+                // A leader key is written more than once per leadership: one entry each.
+                if changes.iter().rev().find(|c| c.0 == l.role).is_some_and(|c| c.1 == l.epoch) {
+                    continue;
+                }
+                let what = l
+                    .epoch
+                    .map_or("lost its leader".to_string(), |e| format!("led by epoch {e} ({})", l.address));
+                changes.push((
+                    l.role.clone(),
+                    l.epoch,
+                    format!("{} {what} at +{:.1}s", l.role, (l.seen_ms - f.at_ms) as f64 / 1000.0),
+                ));
+            }
+            let changes: Vec<String> = changes.into_iter().map(|c| c.2).filter(|t| !t.is_empty()).collect();
+            if !changes.is_empty() {
+                self.violations.push(format!(
+                    "fault {} ({}): losing one etcd member of three must change nothing, but: {}",
+                    f.fault,
+                    f.target,
+                    changes.join(", ")
+                ));
+            }
+        }
         // A ResourceManager leader change leaves running jobs alone (issue 5, point 5).
         for f in &self.faults {
             let rm = matches!(
@@ -362,6 +415,18 @@ impl Report {
             ));
         }
     }
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a time in ms since the Unix epoch.
+pub fn utc(ms: u64) -> String {
+    let day_ms = ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
 }
 
 /// The 1-minute load average.
@@ -515,7 +580,13 @@ impl fmt::Display for Report {
                 .iter()
                 .filter(|l| l.role == role)
                 .map(|l| l.epoch.map(|e| format!("{e}@{}", l.address)).unwrap_or_else(|| "none".into()))
-                .collect::<Vec<_>>()
+                .fold(Vec::<String>::new(), |mut v, x| {
+                    // A leader key is written more than once per leadership; show it once.
+                    if v.last() != Some(&x) {
+                        v.push(x);
+                    }
+                    v
+                })
                 .join(" -> ")
         };
         writeln!(f, "jobmanager leaders: {}", epochs("jobmanager"))?;
@@ -542,5 +613,91 @@ impl fmt::Display for Report {
             writeln!(f, "logs: {}", self.dir.display())?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::schedule::Fault;
+
+    fn outcome(index: usize, kind: FaultKind, at_ms: u64, held_ms: u64) -> FaultOutcome {
+        let mut o = FaultOutcome::new(Fault { index, kind, gap_ms: 0, hold_ms: held_ms, pick: 0 }, at_ms);
+        o.held_ms = held_ms;
+        o.recovery = Some(Duration::from_millis(1000));
+        o.job_restarts = Some(0);
+        o
+    }
+
+    fn leader(role: &str, epoch: Option<u64>, seen_ms: u64) -> LeaderChange {
+        LeaderChange { role: role.into(), epoch, address: "a:1".into(), revision: seen_ms, seen_ms }
+    }
+
+    fn checkpoint(id: u64, epoch: u64, seen_ms: u64) -> Completed {
+        Completed {
+            checkpoint_id: id,
+            epoch,
+            attempt: 1,
+            revision: id,
+            seen_ms,
+            trigger_wall_ms: 0,
+            positions: Default::default(),
+        }
+    }
+
+    fn report() -> Report {
+        let mut r = Report::new(&Options::default(), Path::new("/tmp"));
+        r.job_state = "running".into();
+        r
+    }
+
+    #[test]
+    fn a_successor_that_does_not_checkpoint_while_the_old_leader_is_away_is_a_violation() {
+        let mut r = report();
+        r.faults.push(outcome(1, FaultKind::PartitionJmLeader, 10_000, 12_000));
+        r.leaders = vec![
+            leader("jobmanager", Some(4), 0),
+            leader("jobmanager", None, 13_000),
+            leader("jobmanager", Some(50), 13_500),
+        ];
+        // The successor's first checkpoint only after the heal (22 s), 8.5 s after taking over.
+        r.completed = vec![checkpoint(1, 4, 5_000), checkpoint(2, 50, 22_000)];
+        r.judge();
+        assert_eq!(r.faults[0].takeover, Some(Duration::from_millis(3_500)));
+        assert!(r.violations.iter().any(|v| v.contains("new jobmanager leader")), "{:?}", r.violations);
+
+        let mut r = report();
+        r.faults.push(outcome(1, FaultKind::PartitionJmLeader, 10_000, 12_000));
+        r.leaders = vec![leader("jobmanager", Some(4), 0), leader("jobmanager", Some(50), 13_500)];
+        r.completed = vec![checkpoint(1, 4, 5_000), checkpoint(2, 50, 14_500)];
+        r.judge();
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+    }
+
+    #[test]
+    fn leader_changes_after_losing_one_etcd_member_and_restarts_after_a_resourcemanager_fault_are_violations()
+    {
+        let mut r = report();
+        r.faults.push(outcome(1, FaultKind::PartitionEtcdMember, 10_000, 5_000));
+        r.leaders = vec![
+            leader("jobmanager", Some(4), 0),
+            leader("jobmanager", Some(4), 11_000), // the same leadership written again: no change
+            leader("resourcemanager", Some(2), 0),
+        ];
+        r.judge();
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        r.leaders.push(leader("resourcemanager", None, 14_000));
+        r.leaders.push(leader("resourcemanager", Some(60), 15_000));
+        r.violations.clear();
+        r.judge();
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+        assert!(r.violations[0].contains("resourcemanager lost its leader at +4.0s"), "{}", r.violations[0]);
+
+        let mut r = report();
+        let mut o = outcome(1, FaultKind::KillRmLeader, 10_000, 1_000);
+        o.job_restarts = Some(1);
+        r.faults.push(o);
+        r.judge();
+        assert!(r.violations.iter().any(|v| v.contains("must not be touched")), "{:?}", r.violations);
     }
 }
