@@ -172,6 +172,8 @@ pub struct Cluster {
     pub broker: BrokerKind,
     pub etcd_endpoints: String,
     pub cluster_id: String,
+    /// Each TaskManager's metrics address (`host:port`), updated at every start.
+    pub metrics: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
 
 /// Runs `command` with its output in files, killing it after `timeout`.
@@ -265,6 +267,7 @@ impl Cluster {
             broker: BrokerKind::NotStarted,
             etcd_endpoints,
             cluster_id: cluster_id.to_string(),
+            metrics: Default::default(),
         })
     }
 
@@ -528,6 +531,10 @@ impl Cluster {
     pub fn start_keel(&mut self, name: &str) -> anyhow::Result<()> {
         let node = self.node(name)?;
         let role = node.role.keel_role().ok_or_else(|| anyhow!("{name} is not a keel role"))?;
+        // On loopback every start takes free ports (port 0) and reads them back: a port chosen
+        // earlier may have been taken meanwhile. In a namespace the node's ports are its own.
+        let dynamic = node.ns.is_none();
+        let (port, metrics_port) = if dynamic { (0, 0) } else { (node.port, node.port2) };
         let mut c = self.command(node.ns.as_deref(), &self.keel);
         c.arg(role)
             .arg("--config")
@@ -535,26 +542,49 @@ impl Cluster {
             .arg("--set")
             .arg(format!("{role}.rpc.address={}", node.ip))
             .arg("--set")
-            .arg(format!("{role}.rpc.port={}", node.port));
+            .arg(format!("{role}.rpc.port={port}"));
         if node.role == Role::TaskManager {
             c.args(["--set", &format!("taskmanager.id={name}")])
                 .args(["--set", "taskmanager.numberOfTaskSlots=2"])
-                .args(["--set", &format!("metrics.reporter.prom.port={}", node.port2)]);
+                .args(["--set", &format!("metrics.reporter.prom.port={metrics_port}")]);
         }
         c.env("KEEL_LOG", "info,keel=debug,h2=warn,tower=warn,hyper=warn");
         self.spawn(name, c, false)?;
         let marker = format!("keel {role} listening on ");
+        let metrics_marker = "keel taskmanager metrics on ";
+        let is_tm = role == "taskmanager";
         let node = self.node_mut(name)?;
-        wait_until(&format!("{name} to listen"), START_TIMEOUT, || {
+        let (address, metrics) = wait_until(&format!("{name} to listen"), START_TIMEOUT, || {
             let Some(p) = node.proc.as_mut() else { bail!("{name} has no process") };
-            if p.log_text().lines().any(|l| l.starts_with(&marker)) {
-                return Ok(Some(()));
+            let log = p.log_text();
+            let after = |m: &str| {
+                log.lines()
+                    .find_map(|l| l.strip_prefix(m))
+                    .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
+            };
+            if let Some(address) = after(&marker) {
+                let metrics = after(metrics_marker);
+                if !is_tm || metrics.is_some() {
+                    return Ok(Some((address, metrics)));
+                }
             }
             if !p.running() {
-                bail!("{name} exited; log tail:\n{}", tail(&p.log_text(), 30));
+                bail!("{name} exited; log tail:\n{}", tail(&log, 30));
             }
             Ok(None)
-        })
+        })?;
+        let port = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        if let Some(p) = port(&address) {
+            node.port = p;
+        }
+        if let Some(m) = metrics {
+            if let Some(p) = port(&m) {
+                node.port2 = p;
+            }
+            let mut map = self.metrics.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            map.insert(name.to_string(), m);
+        }
+        Ok(())
     }
 
     /// Starts a node's process again after a kill (etcd rejoins as an existing member).

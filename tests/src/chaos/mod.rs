@@ -262,12 +262,7 @@ fn run_in(
     let status = cluster.keel_json(&["status", JOB])?;
     let job_id =
         status["job"]["job_id"].as_str().ok_or_else(|| anyhow!("no job id in {status}"))?.to_string();
-    let tms: Vec<(String, String)> = cluster
-        .nodes
-        .iter()
-        .filter(|n| n.role == Role::TaskManager)
-        .map(|n| (n.name.clone(), format!("{}:{}", n.ip, n.port2)))
-        .collect();
+    let tms = cluster.metrics.clone();
     let mut tasks = TaskWatcher::start(tms, job_id.clone(), Duration::from_millis(250), start)?;
     let first = reader.probe(workload.next());
     keel_testkit::wait_until("the job's output to flow", Duration::from_secs(60), || {

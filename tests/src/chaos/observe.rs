@@ -289,9 +289,10 @@ pub fn parse_metrics(page: &str, job_id: &str) -> Vec<(u32, AttemptId, u64)> {
 }
 
 impl TaskWatcher {
-    /// `tms`: (name, metrics address).
+    /// `tms`: each TaskManager's metrics address by name (read again every round: on loopback
+    /// a restarted TaskManager serves on a new port).
     pub fn start(
-        tms: Vec<(String, String)>,
+        tms: Arc<Mutex<BTreeMap<String, String>>>,
         job_id: String,
         every: Duration,
         start: Instant,
@@ -305,7 +306,9 @@ impl TaskWatcher {
                 // (subtask) -> [(attempt, tm, out)]
                 let mut live: BTreeMap<u32, Vec<(AttemptId, String, u64)>> = BTreeMap::new();
                 let mut failed = 0;
-                for (tm, address) in &tms {
+                let current: Vec<(String, String)> =
+                    lock(&tms).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                for (tm, address) in &current {
                     match http_get(address, "/metrics", Duration::from_millis(300)) {
                         Ok(page) => {
                             for (subtask, attempt, out) in parse_metrics(&page, &job_id) {
