@@ -51,7 +51,9 @@ pub fn parse_value(value: &[u8]) -> Option<(u64, u64)> {
     (key_of(n) == key).then_some((key, n))
 }
 
-struct Failed(Mutex<VecDeque<u64>>);
+/// Delivery outcomes: numbers to produce again, and per partition the offset after the last
+/// acknowledged record (what a reader of the input must reach).
+struct Failed(Mutex<VecDeque<u64>>, Arc<Mutex<Vec<i64>>>);
 
 impl ClientContext for Failed {}
 
@@ -59,6 +61,12 @@ impl ProducerContext for Failed {
     type DeliveryOpaque = Box<u64>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, n: Box<u64>) {
+        if let Ok(m) = result {
+            let mut ends = self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(end) = usize::try_from(m.partition()).ok().and_then(|p| ends.get_mut(p)) {
+                *end = (*end).max(m.offset() + 1);
+            }
+        }
         if let Err((e, m)) = result {
             tracing::warn!(number = *n, partition = m.partition(), error = %e, "workload: delivery failed; producing it again");
             if let Ok(mut q) = self.0.lock() {
@@ -73,6 +81,8 @@ pub struct Workload {
     /// When the first number was due; number `n` is due `n / rate` seconds later.
     pub started: Instant,
     pub rate: u64,
+    /// Per input partition, the offset after the last acknowledged record.
+    pub acked_ends: Arc<Mutex<Vec<i64>>>,
     next: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<u64>>>,
@@ -80,6 +90,7 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(bootstrap: &str, topic: &str, rate: u64) -> anyhow::Result<Workload> {
+        let acked_ends = Arc::new(Mutex::new(vec![0i64; IN_PARTITIONS as usize]));
         let producer: BaseProducer<Failed> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "all")
@@ -93,7 +104,7 @@ impl Workload {
             .set("message.timeout.ms", "600000")
             .set("reconnect.backoff.max.ms", "500")
             .set("log_level", "3")
-            .create_with_context(Failed(Mutex::new(VecDeque::new())))
+            .create_with_context(Failed(Mutex::new(VecDeque::new()), acked_ends.clone()))
             .context("creating the workload producer")?;
         let next = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -150,7 +161,7 @@ impl Workload {
                 Ok(resent)
             })
             .context("starting the workload thread")?;
-        Ok(Workload { started, rate, next, stop, thread: Some(thread) })
+        Ok(Workload { started, rate, acked_ends, next, stop, thread: Some(thread) })
     }
 
     /// When number `n` was due to be produced.
