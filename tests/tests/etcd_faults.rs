@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 
 const LONG: Duration = Duration::from_secs(120);
-const TTL: Duration = Duration::from_secs(3);
+const TTL: Duration = Duration::from_secs(6);
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn now_ms() -> u64 {
@@ -28,7 +28,7 @@ fn now_ms() -> u64 {
 }
 
 fn settings() -> [(&'static str, &'static str); 1] {
-    [("high-availability.etcd.lease-ttl", "3 s")]
+    [("high-availability.etcd.lease-ttl", "6 s")]
 }
 
 /// A `datagen -> file` job of parallelism 2 checkpointing every 300 ms that keeps every
