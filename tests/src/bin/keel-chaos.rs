@@ -19,7 +19,7 @@ use keel_tests::chaos::{run, Options};
 const USAGE: &str =
     "usage: keel-chaos [--seed N] [--duration 10m | --faults N] [--mode at-least-once|exactly-once]
                   [--kinds kill-tm,kill-jm-leader,...] [--rate RECORDS_PER_S] [--no-network]
-                  [--recovery-timeout 90s] [--checkpoint-interval 500ms] [--keel PATH] [--keep] [--list]";
+                  [--recovery-timeout 90s] [--checkpoint-interval 500ms] [--etcd-pre-vote] [--keel PATH] [--keep] [--list]";
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -64,6 +64,7 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
                 opts.checkpoint_interval = parse_duration(&value("--checkpoint-interval")?)?
             }
             "--keep" => opts.keep = true,
+            "--etcd-pre-vote" => opts.etcd_pre_vote = true,
             "--list" => list = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),

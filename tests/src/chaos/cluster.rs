@@ -172,6 +172,8 @@ pub struct Cluster {
     pub broker: BrokerKind,
     pub etcd_endpoints: String,
     pub cluster_id: String,
+    /// Start etcd members with `--pre-vote`.
+    pub etcd_pre_vote: bool,
     /// Each TaskManager's metrics address (`host:port`), updated at every start.
     pub metrics: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
@@ -268,6 +270,7 @@ impl Cluster {
             etcd_endpoints,
             cluster_id: cluster_id.to_string(),
             metrics: Default::default(),
+            etcd_pre_vote: false,
         })
     }
 
@@ -371,6 +374,10 @@ impl Cluster {
             .arg(state)
             .arg("--initial-cluster-token")
             .arg(format!("keel-chaos-{}", self.cluster_id));
+        if self.etcd_pre_vote {
+            // A member cut off and back does not force an election with its higher term.
+            c.arg("--pre-vote");
+        }
         self.spawn(name, c, false)
     }
 

@@ -89,6 +89,8 @@ pub struct Options {
     pub recovery_timeout: Duration,
     /// The job's checkpoint interval.
     pub checkpoint_interval: Duration,
+    /// Start the etcd members with `--pre-vote` (etcd 3.4's default is off).
+    pub etcd_pre_vote: bool,
     /// Keep the run directory (logs) even when the run passed.
     pub keep: bool,
     /// The keel binary; `None`: [`crate::keel_bin`].
@@ -108,6 +110,7 @@ impl Default for Options {
             recovery_timeout: Duration::from_secs(90),
             keep: false,
             checkpoint_interval: Duration::from_millis(500),
+            etcd_pre_vote: false,
             keel: None,
         }
     }
@@ -134,6 +137,9 @@ impl Options {
         }
         if !self.network {
             c += " --no-network";
+        }
+        if self.etcd_pre_vote {
+            c += " --etcd-pre-vote";
         }
         if self.checkpoint_interval != Options::default().checkpoint_interval {
             c += &format!(" --checkpoint-interval {}ms", self.checkpoint_interval.as_millis());
@@ -199,6 +205,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
 
     let cluster_id = format!("chaos-{}", std::process::id());
     let mut cluster = Cluster::layout(&dir, keel, network.as_ref(), &cluster_id)?;
+    cluster.etcd_pre_vote = opts.etcd_pre_vote;
     let result = run_in(opts, start, &mut cluster, network, &mut report);
     if let Err(e) = &result {
         report.violations.push(format!("the run stopped: {e:#}"));
