@@ -104,18 +104,34 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
+    /// Starts `size` members on free ports and waits until they are healthy. A member whose
+    /// port another process took between `free_port` and etcd's bind (tests run in parallel)
+    /// never gets healthy: then the whole cluster is started again on other ports, up to three
+    /// times.
     pub fn start(dir: &Path, size: usize) -> anyhow::Result<EtcdCluster> {
-        let names: Vec<String> = (0..size).map(|i| format!("etcd{i}")).collect();
-        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
-        let peer_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
-        let mut cluster =
-            EtcdCluster { members: Vec::new(), names, client_ports, peer_ports, dir: dir.to_path_buf() };
-        for i in 0..size {
-            let p = cluster.spawn(i, "new")?;
-            cluster.members.push(Some(p));
+        let mut last_error = None;
+        for attempt in 0..3 {
+            let dir = dir.join(format!("try{attempt}"));
+            std::fs::create_dir_all(&dir)?;
+            let names: Vec<String> = (0..size).map(|i| format!("etcd{i}")).collect();
+            let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+            let peer_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+            let mut cluster = EtcdCluster { members: Vec::new(), names, client_ports, peer_ports, dir };
+            for i in 0..size {
+                let p = cluster.spawn(i, "new")?;
+                cluster.members.push(Some(p));
+            }
+            match cluster.wait_healthy(Duration::from_secs(30)) {
+                Ok(()) => return Ok(cluster),
+                Err(e) => {
+                    eprintln!(
+                        "etcd cluster (try {attempt}) not healthy, starting it again on other ports: {e:#}"
+                    );
+                    last_error = Some(e);
+                }
+            }
         }
-        cluster.wait_healthy(Duration::from_secs(30))?;
-        Ok(cluster)
+        Err(last_error.unwrap_or_else(|| anyhow!("etcd did not start")))
     }
 
     fn initial_cluster(&self) -> String {
