@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use keel_tests::chaos::schedule::{schedule, FaultKind};
-use keel_tests::chaos::{run, Options};
+use keel_tests::chaos::{run, Mode, Options};
 
 const USAGE: &str =
     "usage: keel-chaos [--seed N] [--duration 10m | --faults N] [--mode at-least-once|exactly-once]
@@ -39,6 +39,7 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
     let mut opts = Options { faults: None, ..Options::default() };
     let mut seed = None;
     let mut list = false;
+    let mut rate = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or_else(|| format!("{name} needs a value"));
@@ -56,7 +57,7 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
                     .map(str::parse)
                     .collect::<Result<_, _>>()?
             }
-            "--rate" => opts.rate = value("--rate")?.parse().map_err(|e| format!("--rate: {e}"))?,
+            "--rate" => rate = Some(value("--rate")?.parse().map_err(|e| format!("--rate: {e}"))?),
             "--no-network" => opts.network = false,
             "--recovery-timeout" => opts.recovery_timeout = parse_duration(&value("--recovery-timeout")?)?,
             "--keel" => opts.keel = Some(PathBuf::from(value("--keel")?)),
@@ -70,6 +71,8 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    // Transactions make the test broker much slower: a lighter workload by default.
+    opts.rate = rate.unwrap_or(if opts.mode == Mode::ExactlyOnce { 50 } else { opts.rate });
     if opts.duration.is_none() && opts.faults.is_none() {
         opts.duration = Some(Duration::from_secs(600));
     }

@@ -447,8 +447,12 @@ fn run_in(
     report.violations.extend(etcd_state.violations.iter().cloned());
     report.notes.extend(etcd_state.notes.iter().cloned());
     report.overlaps = lock(&tasks.state).overlaps.clone();
+    let committed_ends = out_state.read_ends.clone();
     drop(out_state);
     drop(etcd_state);
+    if opts.mode == Mode::ExactlyOnce && !report.accounting.lost.is_empty() {
+        explain_invisible(&bootstrap, &output, &committed_ends, start, report);
+    }
     report.judge();
     // The network goes after the processes (the caller's shutdown); dropping it here is fine
     // because every process is killed first.
@@ -727,6 +731,54 @@ fn progress_line(start: Instant, workload: &Workload, reader: &OutputReader, etc
         producer_behind.as_secs_f64(),
         output_behind.map_or("-".to_string(), |d| format!("{:.1}s", d.as_secs_f64())),
     )
+}
+
+/// Exactly-once records a read_committed reader never saw: are they in the topic, behind a
+/// transaction that was never committed or aborted (the partition's last stable offset stuck)?
+/// Reads the output once more, read_uncommitted, and says so in the report.
+fn explain_invisible(
+    bootstrap: &str,
+    output: &str,
+    committed_ends: &[i64],
+    start: Instant,
+    report: &mut Report,
+) {
+    let Ok(mut all) = OutputReader::start(bootstrap, output, OUT_PARTITIONS, false, start) else { return };
+    let highs: Vec<i64> = (0..OUT_PARTITIONS)
+        .map(|p| keel_testkit::watermarks(bootstrap, output, p).map(|(_, h)| h).unwrap_or(0))
+        .collect();
+    let _ = keel_testkit::wait_until("the output read uncommitted", Duration::from_secs(120), || {
+        Ok(all.reached(&highs.iter().map(|h| h - 1).collect::<Vec<_>>()).then_some(()))
+    });
+    all.stop();
+    let state = lock(&all.state);
+    let present: HashSet<u64> = state.records.iter().map(|r| r.n).collect();
+    let lost = &report.accounting.lost;
+    let hidden = lost.iter().filter(|n| present.contains(n)).count();
+    let stuck: Vec<String> = (0..OUT_PARTITIONS as usize)
+        .filter(|p| committed_ends.get(*p).copied().unwrap_or(0) < state.read_ends.get(*p).copied().unwrap_or(0))
+        .map(|p| {
+            format!(
+                "partition {p}: read_committed stopped at offset {}, read_uncommitted reached {} (high watermark {})",
+                committed_ends.get(p).copied().unwrap_or(0),
+                state.read_ends.get(p).copied().unwrap_or(0),
+                highs.get(p).copied().unwrap_or(0)
+            )
+        })
+        .collect();
+    report.notes.push(format!(
+        "exactly-once: {hidden} of the {} records a read_committed reader never saw are in the output topic \
+         (read_uncommitted); {}",
+        lost.len(),
+        if stuck.is_empty() {
+            "no output partition is held back by an open transaction".to_string()
+        } else {
+            format!(
+                "held back by a transaction never committed nor aborted (the last stable offset stuck): {}",
+                stuck.join("; ")
+            )
+        }
+    ));
 }
 
 /// A short account of the job from `keel status`.
