@@ -1035,7 +1035,6 @@ impl Driver {
         if req.promote.is_some() {
             self.job.record_mut().side = None;
         }
-        let _ = latest_savepoint;
 
         self.wait_drained().await?;
         let last_output_ms = {
