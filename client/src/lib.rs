@@ -151,14 +151,19 @@ impl LeaderClient {
         self.leader.clone()
     }
 
+    /// The addresses to try, in order: the leader the HA services name (the authority: a
+    /// previous leader that answered last may since have been replaced and be cut off, and a
+    /// call to it would hang until its timeout), then the last address that answered or that a
+    /// `NotLeader` redirect named (the HA view may lag a moment behind a new election), then the
+    /// configured fallback addresses.
     fn candidates(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(r) = self.redirect.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            out.push(r);
-        }
         if let Some(info) = self.known_leader() {
-            if !out.contains(&info.address) {
-                out.push(info.address);
+            out.push(info.address);
+        }
+        if let Some(r) = self.redirect.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if !out.contains(&r) {
+                out.push(r);
             }
         }
         for a in &self.fallback {
@@ -356,6 +361,32 @@ mod tests {
         tx.send_replace(Some(LeaderInfo { address: next_addr.clone(), epoch: 9 }));
         let accepted = tokio::time::timeout(Duration::from_secs(5), next.accept()).await;
         assert!(accepted.is_ok(), "the call must be sent to the new leader at once");
+        call.abort();
+        drop(stopped);
+    }
+
+    /// The address that answered last (the previous leader) is not tried before the leader the
+    /// HA services name: if it was, a call to an old leader that is cut off (accepts nothing,
+    /// refuses nothing) would hang until its timeout although the new leader is known.
+    #[tokio::test]
+    async fn the_leader_named_by_ha_is_called_before_the_address_that_answered_last() {
+        let stopped = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stopped_addr = stopped.local_addr().expect("addr").to_string();
+        let next = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let next_addr = next.local_addr().expect("addr").to_string();
+
+        let (_tx, rx) = watch::channel(Some(LeaderInfo { address: next_addr.clone(), epoch: 5 }));
+        let client = LeaderClient::from_leader_watch(Role::JobManager, rx);
+        // The old leader answered the previous call.
+        *client.redirect.lock().unwrap_or_else(|p| p.into_inner()) = Some(stopped_addr.clone());
+        assert_eq!(client.candidates(), vec![next_addr.clone(), stopped_addr.clone()]);
+        let call = tokio::spawn(async move {
+            client
+                .call(|ch| async move { JobManagerClient::new(ch).leader_info(LeaderInfoRequest {}).await })
+                .await
+        });
+        let accepted = tokio::time::timeout(Duration::from_secs(5), next.accept()).await;
+        assert!(accepted.is_ok(), "the call must go to the leader the HA services name first");
         call.abort();
         drop(stopped);
     }

@@ -71,7 +71,7 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "high-availability.etcd.connect-timeout", default: "5 s", help: "how long to wait for etcd before failing with an error naming the endpoints" },
     KeyInfo { key: "heartbeat.interval", default: "1 s", help: "how often TaskManagers send heartbeats" },
     KeyInfo { key: "heartbeat.timeout", default: "5 s", help: "a TaskManager without heartbeat for this long is declared lost" },
-    KeyInfo { key: "heartbeat.rpc-failure-threshold", default: "2", help: "a TaskManager that this many consecutive RPCs could not reach (connection refused, reset, unreachable; not timeouts) is declared lost before heartbeat.timeout; the ResourceManager leader pings every TaskManager each heartbeat.interval; -1 disables" },
+    KeyInfo { key: "heartbeat.rpc-failure-threshold", default: "2", help: "a TaskManager that this many consecutive RPCs could not reach (connection refused, reset, unreachable; not timeouts) is declared lost before heartbeat.timeout; the ResourceManager leader pings every TaskManager each heartbeat.interval, again within 100 ms after a ping that could not reach one, and at once when its liveness stream breaks; -1 disables" },
     KeyInfo { key: "taskmanager.numberOfTaskSlots", default: "1", help: "number of task slots a TaskManager offers" },
     KeyInfo { key: "taskmanager.id", default: "", help: "TaskManager id; generated from host and port when empty" },
     KeyInfo { key: "slot.request.timeout", default: "5 min", help: "how long a slot request waits for free slots before failing" },

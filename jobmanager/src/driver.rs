@@ -43,6 +43,9 @@ use tokio::sync::oneshot;
 
 /// How long a deploy or cancel call to a TaskManager may take.
 const TM_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the driver waits for the answers to cancel calls before it goes on (the calls
+/// themselves continue until [`TM_CALL_TIMEOUT`]).
+const CANCEL_BUDGET: Duration = Duration::from_secs(1);
 /// How long canceled tasks get to report that they stopped.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// The pause before retrying after trouble that is not the job's own failure (the
@@ -1287,28 +1290,50 @@ impl Driver {
         }
     }
 
+    /// Cancels the tasks that have not ended. Waits for the answers at most [`CANCEL_BUDGET`]:
+    /// a TaskManager that cannot be reached (partitioned, paused, just killed) must not hold up
+    /// the restart or the switch that follows. The calls still pending go on in the background
+    /// until their own timeout, so a TaskManager that comes back still hears the cancel; one
+    /// that stays cut off cancels its tasks itself after `heartbeat.timeout` without a
+    /// JobManager (see docs/fencing.md).
     async fn cancel_tasks(&self, tasks: &[TaskRecord]) {
         if self.st.leadership.check().is_err() {
             return;
         }
-        let calls = tasks.iter().filter(|t| !t.state.is_terminal()).map(|t| {
-            let req = pb::CancelTaskRequest { jobmanager: Some(self.st.stamp()), task_id: t.task_id.clone() };
-            let address = t.taskmanager_address.clone();
-            async move {
-                let result = async {
-                    let mut client = TaskManagerClient::new(self.ctx.channels.get(&address)?);
-                    let call = client.cancel_task(req);
-                    let (result, outcome) = call_peer(&address, "CancelTask", TM_CALL_TIMEOUT, call).await;
-                    self.st.note_taskmanager_call(&address, outcome);
-                    result.map(|_| ())
+        let calls: Vec<_> = tasks
+            .iter()
+            .filter(|t| !t.state.is_terminal())
+            .map(|t| {
+                let req =
+                    pb::CancelTaskRequest { jobmanager: Some(self.st.stamp()), task_id: t.task_id.clone() };
+                let address = t.taskmanager_address.clone();
+                let task_id = t.task_id.clone();
+                let (ctx, st) = (self.ctx.clone(), self.st.clone());
+                async move {
+                    let result = async {
+                        let mut client = TaskManagerClient::new(ctx.channels.get(&address)?);
+                        let call = client.cancel_task(req);
+                        let (result, outcome) =
+                            call_peer(&address, "CancelTask", TM_CALL_TIMEOUT, call).await;
+                        st.note_taskmanager_call(&address, outcome);
+                        result.map(|_| ())
+                    }
+                    .await;
+                    if let Err(error) = result {
+                        tracing::warn!(%task_id, %address, %error, "cancel task failed");
+                    }
                 }
-                .await;
-                if let Err(error) = result {
-                    tracing::warn!(task_id = %t.task_id, %error, "cancel task failed");
-                }
-            }
-        });
-        futures::future::join_all(calls).await;
+            })
+            .collect();
+        if calls.is_empty() {
+            return;
+        }
+        let count = calls.len();
+        let all = tokio::spawn(futures::future::join_all(calls));
+        if tokio::time::timeout(CANCEL_BUDGET, all).await.is_err() {
+            tracing::warn!(job_id = %self.job.job_id, tasks = count, budget_ms = CANCEL_BUDGET.as_millis() as u64,
+                "cancel calls not answered in time; going on, the calls continue in the background");
+        }
     }
 
     async fn finish_cancel(&mut self, tasks: &[TaskRecord]) -> Result<()> {

@@ -29,7 +29,7 @@ use keel_proto::pb::resource_manager_server::{ResourceManager as RmApi, Resource
 use keel_proto::pb::task_manager_client::TaskManagerClient;
 use keel_proto::pb::{self, task_manager_event, SlotAllocation, TaskManagerEvent};
 use keel_proto::{KeelError, Result};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -312,15 +312,41 @@ impl ResourceManager {
             return;
         }
         let period = self.config.heartbeat_interval;
-        let mut interval = tokio::time::interval(period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a ping that could not reach a TaskManager the next round comes this soon, so a
+        // killed TaskManager is confirmed lost within a fraction of an interval of the first
+        // refused ping instead of a whole interval later.
+        let confirm = (period / 10).clamp(Duration::from_millis(10), Duration::from_millis(100));
+        let mut next = tokio::time::Instant::now() + period;
+        // One `WatchLiveness` stream per TaskManager address: when one breaks, ping at once.
+        let mut watches = LivenessWatches::default();
+        let (broken_tx, mut broken_rx) = mpsc::unbounded_channel::<String>();
         loop {
+            let targets: Vec<String> = st.table().taskmanagers().map(|tm| tm.address.clone()).collect();
+            watches.0.retain(|address, handle| {
+                let keep = targets.contains(address) && !handle.is_finished();
+                if !keep {
+                    handle.abort();
+                }
+                keep
+            });
+            for address in &targets {
+                if !watches.0.contains_key(address) {
+                    let watch = self.clone().watch_liveness(st.clone(), address.clone(), broken_tx.clone());
+                    watches.0.insert(address.clone(), tokio::spawn(watch));
+                }
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 _ = st.leadership.lost().cancelled() => return,
-                _ = interval.tick() => {}
+                Some(address) = broken_rx.recv() => {
+                    tracing::debug!(%address, "liveness stream broke; pinging now");
+                }
+                _ = tokio::time::sleep_until(next) => {}
+                // A TaskManager that registered since the last round gets its watch now.
+                _ = st.changed.notified() => continue,
             }
+            next = tokio::time::Instant::now() + period;
             let targets: Vec<String> = st.table().taskmanagers().map(|tm| tm.address.clone()).collect();
             let pings = targets.iter().map(|address| {
                 let st = &st;
@@ -344,9 +370,37 @@ impl ResourceManager {
                 return;
             }
             for (address, outcome) in outcomes {
+                if outcome == RpcOutcome::Unreachable {
+                    next = tokio::time::Instant::now() + confirm;
+                }
                 self.note_call(&st, address, outcome);
             }
         }
+    }
+
+    /// Holds the `WatchLiveness` stream of the TaskManager at `address` open and tells the
+    /// prober when it breaks (the process died, or it is stopping). Opened at most once per
+    /// `heartbeat.interval` per address: the task lives at least that long.
+    async fn watch_liveness(
+        self: Arc<Self>,
+        st: Arc<LeaderState>,
+        address: String,
+        broken: mpsc::UnboundedSender<String>,
+    ) {
+        let period = self.config.heartbeat_interval;
+        let opened_at = tokio::time::Instant::now();
+        if let Ok(mut client) = self.tm_client(&address) {
+            let open = client.watch_liveness(pb::PingRequest { resourcemanager: Some(st.stamp()) });
+            // Not opened (unreachable, busy): the pings decide.
+            if let Ok(Ok(response)) = tokio::time::timeout(period, open).await {
+                let mut stream = response.into_inner();
+                while let Ok(Some(_)) = stream.message().await {}
+                if !st.leadership.lost().is_cancelled() {
+                    let _ = broken.send(address);
+                }
+            }
+        }
+        tokio::time::sleep_until(opened_at + period).await;
     }
 
     fn lose(&self, st: &LeaderState, lost: slots::Lost, reason: &str) {
@@ -412,6 +466,19 @@ impl ResourceManager {
         self.lead(st, &shutdown).await;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
         prober.abort();
+    }
+}
+
+/// The prober's open `WatchLiveness` streams by TaskManager address; aborted when the prober
+/// stops (leadership lost, shutdown).
+#[derive(Default)]
+struct LivenessWatches(HashMap<String, tokio::task::JoinHandle<()>>);
+
+impl Drop for LivenessWatches {
+    fn drop(&mut self) {
+        for handle in self.0.values() {
+            handle.abort();
+        }
     }
 }
 

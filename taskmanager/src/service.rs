@@ -204,4 +204,20 @@ impl TaskManager for TaskManagerService {
     async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         Ok(Response::new(PingResponse { taskmanager_id: self.shared.id.clone() }))
     }
+
+    type WatchLivenessStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<PingResponse, Status>> + Send + 'static>>;
+
+    /// Sends nothing and ends when this TaskManager starts stopping (so that the server's
+    /// graceful shutdown is not held up by it). Its only use is to break when the process dies.
+    async fn watch_liveness(
+        &self,
+        _request: Request<PingRequest>,
+    ) -> Result<Response<Self::WatchLivenessStream>, Status> {
+        let stopping = self.shared.stopping.clone();
+        let stream = futures::StreamExt::take_until(futures::stream::pending(), async move {
+            stopping.cancelled_owned().await
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 }

@@ -169,3 +169,22 @@ fn without_rpc_failure_detection_the_heartbeat_timeout_finds_the_loss() -> anyho
     assert!(elapsed >= Duration::from_secs(5), "not before heartbeat.timeout: {elapsed:?}");
     Ok(())
 }
+
+/// A killed TaskManager is found through its broken `WatchLiveness` stream, not by the next
+/// ping round: with `heartbeat.interval` at 30 s the first regular ping comes 30 s after
+/// registration, so a loss found well before that was found by the stream breaking. (Without
+/// the stream this test fails: nothing else can find the loss before 30 s.)
+#[test]
+fn a_killed_taskmanager_is_found_by_its_broken_liveness_stream_before_any_ping_round() -> anyhow::Result<()> {
+    let (elapsed, cause) = taskmanager_kill_to_running(
+        "restart-tm-kill-watch",
+        &[("heartbeat.interval", "30 s"), ("heartbeat.timeout", "120 s")],
+    )?;
+    println!(
+        "taskmanager kill -9 to job running again (heartbeat.interval 30 s): {} ms; cause: {cause}",
+        elapsed.as_millis()
+    );
+    assert!(cause.contains("heartbeat.rpc-failure-threshold"), "detected by RPC failures: {cause}");
+    assert!(elapsed < Duration::from_secs(20), "found before the first ping round (30 s): {elapsed:?}");
+    Ok(())
+}
