@@ -41,6 +41,8 @@ use crate::upgrade::{self, Progress, RestoreStrategy, UpgradeMode, UpgradeReques
 use crate::{JobHandle, JobManagerCtx, LeaderState};
 use tokio::sync::oneshot;
 
+/// How long an `AdoptTasks` call to a TaskManager may take.
+const ADOPT_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a deploy or cancel call to a TaskManager may take.
 const TM_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the driver waits for the answers to cancel calls before it goes on (the calls
@@ -170,6 +172,15 @@ pub(crate) struct Driver {
     pub upgrade: Option<UpgradeRun>,
     /// The job's effective `state.checkpoints.dir` (for savepoints).
     pub checkpoints_dir: std::path::PathBuf,
+    /// The job was recovered from the HA store by a new leader: its running tasks may be
+    /// adopted instead of restarted (see [`Driver::adopt`]).
+    pub recovered: bool,
+}
+
+/// Tasks of an earlier leader's attempt that this leader adopted.
+struct Adopted {
+    attempt: u32,
+    tasks: Vec<TaskRecord>,
 }
 
 impl Driver {
@@ -207,9 +218,13 @@ impl Driver {
     }
 
     async fn drive(&mut self) -> Result<()> {
-        // Whatever an earlier attempt or an earlier leader left allocated for this job is given
-        // back first: this attempt starts from a clean slate.
-        self.release(Vec::new(), true).await;
+        // A new leader first tries to adopt the job's running tasks. Otherwise whatever an
+        // earlier attempt or an earlier leader left allocated for this job is given back first:
+        // the next attempt starts from a clean slate.
+        let mut adopted = if std::mem::take(&mut self.recovered) { self.adopt().await } else { None };
+        if adopted.is_none() {
+            self.release(Vec::new(), true).await;
+        }
         // A version registered by an upgrade that a leader change interrupted before its switch
         // never ran: only the active version runs, so it is marked failed.
         let interrupted: Vec<u32> = {
@@ -229,7 +244,8 @@ impl Driver {
             self.persist().await?;
         }
         if self.job.record().cancel_requested {
-            return self.finish_cancel(&[]).await;
+            let tasks = adopted.map(|a| a.tasks).unwrap_or_default();
+            return self.finish_cancel(&tasks).await;
         }
         let mut rng = SplitMix64::from_entropy();
         loop {
@@ -240,12 +256,19 @@ impl Driver {
                     .ok_or_else(|| KeelError::internal(format!("job {} has no active version", r.job_id)))?;
                 (v.version, v.spec_yaml.clone(), v.parallelism)
             };
-            let attempt = {
-                let mut r = self.job.record_mut();
-                r.attempts += 1;
-                r.attempts
+            let adopt_now = adopted.take();
+            let attempt = match &adopt_now {
+                Some(a) => a.attempt,
+                None => {
+                    let attempt = {
+                        let mut r = self.job.record_mut();
+                        r.attempts += 1;
+                        r.attempts
+                    };
+                    self.set_state(JobState::Scheduled, format!("waiting for {parallelism} slots")).await?;
+                    attempt
+                }
             };
-            self.set_state(JobState::Scheduled, format!("waiting for {parallelism} slots")).await?;
 
             // Checkpointing settings and restart strategy (the cluster's, overridden by the
             // spec's `config:`).
@@ -266,106 +289,135 @@ impl Driver {
                 }
             };
 
-            // The checkpoint to restore from.
-            let restore = match coordinator::load_restore(&self.ctx.pointers, &self.job.job_id, parallelism)
-                .await
-            {
-                Ok(r) => r,
-                Err(RestoreError::Unusable(reason)) => {
-                    tracing::error!(job_id = %self.job.job_id, version, %reason, "cannot restore the job from its checkpoint");
-                    self.set_state(
-                        JobState::Failed,
-                        format!("cannot restore from the latest checkpoint: {reason}"),
+            let is_adopted = adopt_now.is_some();
+            let (tasks, restore) = match adopt_now {
+                Some(a) => {
+                    // The adopted tasks run on from where they are; the job's latest completed
+                    // checkpoint still shows in its stats.
+                    if let Ok(Some(r)) =
+                        coordinator::load_restore(&self.ctx.pointers, &self.job.job_id, parallelism).await
+                    {
+                        if r.pointer.job_id == self.job.job_id {
+                            self.job.checkpoints().note_completed(r.pointer.stat());
+                        }
+                    }
+                    *self.job.tasks_mut() = a.tasks.clone();
+                    (a.tasks, None)
+                }
+                None => {
+                    // The checkpoint to restore from.
+                    let restore = match coordinator::load_restore(
+                        &self.ctx.pointers,
+                        &self.job.job_id,
+                        parallelism,
                     )
-                    .await?;
-                    return Ok(());
-                }
-                Err(RestoreError::Ha(err)) => {
-                    tracing::warn!(job_id = %self.job.job_id, error = %err, "cannot read the checkpoint pointer; retrying");
-                    if self.retry_pause(format!("cannot read the checkpoint pointer: {err}")).await? {
-                        return self.finish_cancel(&[]).await;
-                    }
-                    continue;
-                }
-            };
-            // A version started without state (restore strategy `none`) restores only its own
-            // checkpoints, never those of the versions before it.
-            let start_fresh = self.job.record().active().is_some_and(|v| v.start_fresh);
-            let restore = restore.filter(|r| !(start_fresh && r.pointer.version < version));
-            self.record_restore(restore.as_ref());
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(RestoreError::Unusable(reason)) => {
+                            tracing::error!(job_id = %self.job.job_id, version, %reason, "cannot restore the job from its checkpoint");
+                            self.set_state(
+                                JobState::Failed,
+                                format!("cannot restore from the latest checkpoint: {reason}"),
+                            )
+                            .await?;
+                            return Ok(());
+                        }
+                        Err(RestoreError::Ha(err)) => {
+                            tracing::warn!(job_id = %self.job.job_id, error = %err, "cannot read the checkpoint pointer; retrying");
+                            if self.retry_pause(format!("cannot read the checkpoint pointer: {err}")).await? {
+                                return self.finish_cancel(&[]).await;
+                            }
+                            continue;
+                        }
+                    };
+                    // A version started without state (restore strategy `none`) restores only its own
+                    // checkpoints, never those of the versions before it.
+                    let start_fresh = self.job.record().active().is_some_and(|v| v.start_fresh);
+                    let restore = restore.filter(|r| !(start_fresh && r.pointer.version < version));
+                    self.record_restore(restore.as_ref());
 
-            // Slots.
-            let request = pb::RequestSlotsRequest {
-                jobmanager: Some(self.st.stamp()),
-                job_id: self.job.job_id.clone(),
-                version,
-                count: parallelism,
-                request_id: format!("{}/v{version}#{attempt}", self.job.job_id),
-                timeout_ms: self.ctx.config.slot_request_timeout.as_millis() as u64,
-            };
-            let ctx = self.ctx.clone();
-            let slots = match self.preallocated.take() {
-                Some(slots) => Ok(slots),
-                None => tokio::select! {
-                    r = ctx.request_slots(request) => r,
-                    _ = self.wait_for_cancel() => return self.finish_cancel(&[]).await,
-                },
-            };
-            let slots = match slots {
-                Ok(s) => s,
-                Err(err @ KeelError::NotEnoughSlots { .. }) => {
-                    match self.on_failure(attempt, err.to_string(), &strategy, &mut rng).await? {
-                        AfterFailure::Restart => continue,
-                        AfterFailure::Cancel => return self.finish_cancel(&[]).await,
-                        AfterFailure::Failed => return Ok(()),
-                    }
-                }
-                Err(err)
-                    if matches!(err, KeelError::LeadershipLost { .. } | KeelError::StaleEpoch { .. }) =>
-                {
-                    return Err(KeelError::LeadershipLost { reason: err.to_string() });
-                }
-                Err(err) => {
-                    tracing::warn!(job_id = %self.job.job_id, error = %err, "slot request failed; retrying");
-                    if self.retry_pause(format!("slot request failed: {err}")).await? {
-                        return self.finish_cancel(&[]).await;
-                    }
-                    continue;
-                }
-            };
-
-            // Tasks.
-            let tasks: Vec<TaskRecord> = slots
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let slot = s.slot.clone().unwrap_or_default();
-                    TaskRecord {
-                        task_id: task_id(&self.job.job_id, version, i as u32, attempt),
+                    // Slots.
+                    let request = pb::RequestSlotsRequest {
+                        jobmanager: Some(self.st.stamp()),
+                        job_id: self.job.job_id.clone(),
                         version,
-                        subtask: i as u32,
-                        attempt,
-                        state: TaskState::Deploying,
-                        taskmanager_id: slot.taskmanager_id,
-                        taskmanager_address: s.taskmanager_address.clone(),
-                        slot_index: slot.index,
-                        allocation_id: s.allocation_id.clone(),
-                        failure: String::new(),
-                        records_in: 0,
-                        records_out: 0,
-                    }
-                })
-                .collect();
-            for t in &tasks {
-                self.st.saw_taskmanager(&t.taskmanager_id, &t.taskmanager_address);
-            }
-            *self.job.tasks_mut() = tasks.clone();
-            self.set_state(JobState::Deploying, "").await?;
+                        count: parallelism,
+                        request_id: format!("{}/v{version}#{attempt}", self.job.job_id),
+                        timeout_ms: self.ctx.config.slot_request_timeout.as_millis() as u64,
+                    };
+                    let ctx = self.ctx.clone();
+                    let slots = match self.preallocated.take() {
+                        Some(slots) => Ok(slots),
+                        None => tokio::select! {
+                            r = ctx.request_slots(request) => r,
+                            _ = self.wait_for_cancel() => return self.finish_cancel(&[]).await,
+                        },
+                    };
+                    let slots = match slots {
+                        Ok(s) => s,
+                        Err(err @ KeelError::NotEnoughSlots { .. }) => {
+                            match self.on_failure(attempt, err.to_string(), &strategy, &mut rng).await? {
+                                AfterFailure::Restart => continue,
+                                AfterFailure::Cancel => return self.finish_cancel(&[]).await,
+                                AfterFailure::Failed => return Ok(()),
+                            }
+                        }
+                        Err(err)
+                            if matches!(
+                                err,
+                                KeelError::LeadershipLost { .. } | KeelError::StaleEpoch { .. }
+                            ) =>
+                        {
+                            return Err(KeelError::LeadershipLost { reason: err.to_string() });
+                        }
+                        Err(err) => {
+                            tracing::warn!(job_id = %self.job.job_id, error = %err, "slot request failed; retrying");
+                            if self.retry_pause(format!("slot request failed: {err}")).await? {
+                                return self.finish_cancel(&[]).await;
+                            }
+                            continue;
+                        }
+                    };
 
-            let end = match self
-                .deploy(&tasks, &spec_yaml, parallelism, restore.as_ref(), &checkpointing.dir)
-                .await
-            {
+                    // Tasks.
+                    let tasks: Vec<TaskRecord> = slots
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            let slot = s.slot.clone().unwrap_or_default();
+                            TaskRecord {
+                                task_id: task_id(&self.job.job_id, version, i as u32, attempt),
+                                version,
+                                subtask: i as u32,
+                                attempt,
+                                state: TaskState::Deploying,
+                                taskmanager_id: slot.taskmanager_id,
+                                taskmanager_address: s.taskmanager_address.clone(),
+                                slot_index: slot.index,
+                                allocation_id: s.allocation_id.clone(),
+                                failure: String::new(),
+                                records_in: 0,
+                                records_out: 0,
+                            }
+                        })
+                        .collect();
+                    for t in &tasks {
+                        self.st.saw_taskmanager(&t.taskmanager_id, &t.taskmanager_address);
+                    }
+                    *self.job.tasks_mut() = tasks.clone();
+                    self.set_state(JobState::Deploying, "").await?;
+                    (tasks, restore)
+                }
+            };
+
+            let deployed = match is_adopted {
+                true => Ok(()),
+                false => {
+                    self.deploy(&tasks, &spec_yaml, parallelism, restore.as_ref(), &checkpointing.dir).await
+                }
+            };
+            let end = match deployed {
                 Err(reason) => AttemptEnd::Failed(reason),
                 Ok(()) => {
                     if let Some(u) = &self.upgrade {
@@ -689,7 +741,10 @@ impl Driver {
 
     /// Follows the attempt until it finishes, fails or is canceled.
     async fn watch_attempt(&mut self) -> Result<AttemptEnd> {
-        let mut running_recorded = false;
+        // Already running when the watch starts again after a refused upgrade or stop, or when
+        // the tasks were adopted from an earlier leader.
+        let mut running_recorded = self.job.record().state == JobState::Running
+            && self.job.tasks().iter().all(|t| matches!(t.state, TaskState::Running | TaskState::Finished));
         loop {
             let event = if self.upgrade.is_some() {
                 // An upgraded version on probation: look at its health between events.
@@ -1288,6 +1343,110 @@ impl Driver {
         if let Err(e) = self.persist().await {
             tracing::warn!(job_id = %self.job.job_id, error = %e, "cannot record the failed upgrade");
         }
+    }
+
+    /// Adoption (a new leader, a job recovered from the HA store): when the job was running, the
+    /// tasks of its last attempt that still run on their TaskManagers are taken over instead of
+    /// restarted. The TaskManagers report them in their heartbeats (kept during the adoption
+    /// window, see [`LeaderState`]); each is then asked to adopt them (`AdoptTasks`), which
+    /// stamps the tasks and their slots with this leader's epoch. Only all or nothing: with a
+    /// task missing, ended or not adoptable, the adopted ones are canceled and the job restarts
+    /// from its latest checkpoint as before. A checkpoint the earlier leader had in flight is
+    /// abandoned: its id is never used again (the id counter is in the HA store), and the next
+    /// completed checkpoint subsumes it (exactly-once sinks commit what it had pre-committed).
+    async fn adopt(&self) -> Option<Adopted> {
+        let (version, parallelism, attempt) = {
+            let r = self.job.record();
+            let v = r.active()?;
+            if r.state != JobState::Running || r.cancel_requested || r.attempts == 0 {
+                return None;
+            }
+            (v.version, v.parallelism, r.attempts)
+        };
+        let job_id = self.job.job_id.clone();
+        let ids: Vec<String> = (0..parallelism).map(|i| task_id(&job_id, version, i, attempt)).collect();
+        let started = tokio::time::Instant::now();
+        // Heartbeats come every heartbeat.interval; two of them, within the adoption window.
+        let wait = (self.ctx.config.heartbeat_interval * 2)
+            .min(self.st.adopt_until.saturating_duration_since(Instant::now()));
+        let found = loop {
+            if let Some(found) = self.st.orphans_of(&ids) {
+                break found;
+            }
+            if started.elapsed() >= wait {
+                tracing::info!(%job_id, version, attempt, waited_ms = started.elapsed().as_millis() as u64,
+                    "not every task of the running attempt was reported; restarting the job instead of adopting");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut by_address: std::collections::BTreeMap<String, (String, Vec<String>)> =
+            std::collections::BTreeMap::new();
+        for (id, o) in &found {
+            by_address
+                .entry(o.address.clone())
+                .or_insert_with(|| (o.taskmanager_id.clone(), Vec::new()))
+                .1
+                .push(id.clone());
+        }
+        let calls = by_address.into_iter().map(|(address, (taskmanager_id, task_ids))| {
+            let req =
+                pb::AdoptTasksRequest { jobmanager: Some(self.st.stamp()), job_id: job_id.clone(), task_ids };
+            async move {
+                let result = async {
+                    let mut client = TaskManagerClient::new(self.ctx.channels.get(&address)?);
+                    let call = client.adopt_tasks(req);
+                    let (result, outcome) = call_peer(&address, "AdoptTasks", ADOPT_CALL_TIMEOUT, call).await;
+                    self.st.note_taskmanager_call(&address, outcome);
+                    result
+                }
+                .await;
+                (address, taskmanager_id, result)
+            }
+        });
+        let mut tasks: Vec<TaskRecord> = Vec::new();
+        for (address, taskmanager_id, result) in futures::future::join_all(calls).await {
+            match result {
+                Ok(response) => {
+                    for a in response.adopted {
+                        let Some(subtask) = ids.iter().position(|id| *id == a.task_id) else { continue };
+                        tasks.push(TaskRecord {
+                            task_id: a.task_id,
+                            version,
+                            subtask: subtask as u32,
+                            attempt,
+                            state: TaskState::try_from(a.state).unwrap_or(TaskState::Unspecified),
+                            taskmanager_id: taskmanager_id.clone(),
+                            taskmanager_address: address.clone(),
+                            slot_index: a.slot_index,
+                            allocation_id: a.allocation_id,
+                            failure: String::new(),
+                            records_in: 0,
+                            records_out: 0,
+                        });
+                    }
+                }
+                Err(error) => tracing::warn!(%job_id, %address, %error, "cannot adopt tasks"),
+            }
+        }
+        tasks.sort_by_key(|t| t.subtask);
+        let complete = tasks.len() == ids.len() && tasks.iter().all(|t| t.state == TaskState::Running);
+        if !complete {
+            tracing::warn!(%job_id, version, attempt, adopted = tasks.len(), needed = ids.len(),
+                "could not adopt every task of the running attempt; restarting the job");
+            self.cancel_tasks(&tasks).await;
+            return None;
+        }
+        for t in &tasks {
+            self.st.saw_taskmanager(&t.taskmanager_id, &t.taskmanager_address);
+        }
+        tracing::info!(%job_id, version, attempt, tasks = tasks.len(), took_ms = started.elapsed().as_millis() as u64,
+            epoch = self.st.leadership.epoch, "adopted the running tasks of an earlier leader");
+        self.job.record_mut().status_message = format!(
+            "tasks of attempt {attempt} adopted by jobmanager leader epoch {}",
+            self.st.leadership.epoch
+        );
+        Some(Adopted { attempt, tasks })
     }
 
     /// Cancels the tasks that have not ended. Waits for the answers at most [`CANCEL_BUDGET`]:

@@ -157,11 +157,46 @@ pub(crate) struct LeaderState {
     detector: Mutex<RpcFailureDetector>,
     /// The job drivers of this leadership; the scope waits for them before it ends.
     drivers: tokio_util::task::TaskTracker,
+    /// Until then (the adoption window, `heartbeat.timeout` after the leadership began), a task
+    /// this leader does not know is not canceled when a TaskManager reports it: it may be a task
+    /// of an earlier leader that a job driver is about to adopt. Such reports are kept in
+    /// `orphans` for the drivers.
+    adopt_until: Instant,
+    orphans: Mutex<HashMap<String, Orphan>>,
+}
+
+/// A running task of an earlier leader, as a TaskManager reported it.
+#[derive(Debug, Clone)]
+pub(crate) struct Orphan {
+    pub taskmanager_id: String,
+    pub address: String,
 }
 
 impl LeaderState {
     pub fn stamp(&self) -> pb::LeaderStamp {
         pb::LeaderStamp { epoch: self.leadership.epoch, address: self.leadership.address.clone() }
+    }
+
+    /// Whether a report of an unknown task is kept for adoption instead of canceling the task.
+    fn adopting(&self) -> bool {
+        Instant::now() < self.adopt_until
+    }
+
+    /// Keeps the report of a task this leader does not know, during the adoption window.
+    /// False (the task should be canceled) after the window.
+    fn keep_orphan(&self, u: &pb::TaskStateUpdate, address: &str) -> bool {
+        if !self.adopting() {
+            return false;
+        }
+        let orphan = Orphan { taskmanager_id: u.taskmanager_id.clone(), address: address.to_string() };
+        self.orphans.lock().unwrap_or_else(|p| p.into_inner()).insert(u.task_id.clone(), orphan);
+        true
+    }
+
+    /// The orphan reports of these task ids, if all of them were reported.
+    pub fn orphans_of(&self, task_ids: &[String]) -> Option<Vec<(String, Orphan)>> {
+        let orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        task_ids.iter().map(|id| orphans.get(id).map(|o| (id.clone(), o.clone()))).collect()
     }
 
     pub fn saw_taskmanager(&self, id: &str, address: &str) {
@@ -270,7 +305,9 @@ impl JobManager {
         }
     }
 
-    fn spawn_driver(&self, st: &Arc<LeaderState>, record: JobRecord) -> Arc<JobHandle> {
+    /// Starts the driver of a job. `recovered`: the job comes from the HA store at the start of
+    /// a leadership, so its tasks may still run and be adopted.
+    fn spawn_driver(&self, st: &Arc<LeaderState>, record: JobRecord, recovered: bool) -> Arc<JobHandle> {
         let (tx, rx) = mpsc::unbounded_channel();
         let terminal = record.state.is_terminal();
         let job_id = record.job_id.clone();
@@ -293,6 +330,7 @@ impl JobManager {
                 preallocated: None,
                 upgrade: None,
                 checkpoints_dir: self.ctx.config.checkpointing.dir.clone(),
+                recovered,
             };
             st.drivers.spawn(driver.run());
         }
@@ -456,7 +494,7 @@ impl JobManager {
             restored_from_job = restore_from.as_ref().map(|p| p.job_id.as_str()).unwrap_or(""),
             checkpoint_id = restore_from.as_ref().map(|p| p.checkpoint_id).unwrap_or(0),
             "job submitted");
-        let handle = self.spawn_driver(&st, record);
+        let handle = self.spawn_driver(&st, record, false);
         Ok(pb::SubmitJobResponse {
             job_id: handle.job_id.clone(),
             name: spec.name,
@@ -638,7 +676,7 @@ impl JobManager {
             "recovered jobs from the HA store"
         );
         for record in records {
-            self.spawn_driver(&st, record);
+            self.spawn_driver(&st, record, true);
         }
 
         let scope = st.leadership.lost().child_token();
@@ -702,6 +740,8 @@ impl JobManager {
             taskmanagers: Mutex::new(HashMap::new()),
             detector: Mutex::new(RpcFailureDetector::new(self.ctx.config.heartbeat_rpc_failure_threshold)),
             drivers: tokio_util::task::TaskTracker::new(),
+            adopt_until: Instant::now() + self.ctx.config.heartbeat_timeout,
+            orphans: Mutex::new(HashMap::new()),
         });
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
         self.lead(st.clone(), &shutdown).await;
@@ -1148,7 +1188,9 @@ impl JmApi for JmService {
     ) -> std::result::Result<Response<pb::UpdateTaskStateResponse>, Status> {
         let st = self.0.leader_state()?;
         let u = request.into_inner();
-        let known = self.0.apply_task_report(&st, &u);
+        // During the adoption window an unknown task is not canceled: only heartbeats (which
+        // carry the TaskManager's address) make it an orphan to adopt.
+        let known = self.0.apply_task_report(&st, &u) || st.adopting();
         if !known {
             tracing::info!(task_id = %u.task_id, reported_epoch = u.jobmanager_epoch, epoch = st.leadership.epoch, "report for an unknown task; telling the taskmanager to cancel it");
         }
@@ -1167,7 +1209,7 @@ impl JmApi for JmService {
             .iter()
             .filter(|u| {
                 let terminal = TaskState::try_from(u.state).map(|s| s.is_terminal()).unwrap_or(false);
-                !self.0.apply_task_report(&st, u) && !terminal
+                !self.0.apply_task_report(&st, u) && !terminal && !st.keep_orphan(u, &req.address)
             })
             .map(|u| u.task_id.clone())
             .collect();

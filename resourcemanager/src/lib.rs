@@ -53,6 +53,9 @@ struct LeaderState {
     served: Mutex<HashMap<String, (Instant, Vec<pb::AllocatedSlot>)>>,
     /// Consecutive calls that could not reach each TaskManager, by address.
     detector: Mutex<RpcFailureDetector>,
+    /// The newest JobManager leader epoch seen and when it was first seen here (see
+    /// `free_stale_allocations`).
+    epoch_first_seen: Mutex<(u64, Instant)>,
 }
 
 impl LeaderState {
@@ -244,8 +247,21 @@ impl ResourceManager {
 
     /// Frees allocations made for a JobManager leader older than the newest one seen (see
     /// [`slots::SlotTable::allocations_below_epoch`]), here and on their TaskManagers.
+    ///
+    /// Not before `heartbeat.timeout` after the newer leader was first seen: that leader may
+    /// adopt the tasks running in them, which stamps the allocations with its epoch on the
+    /// TaskManagers (and here with their next heartbeat).
     async fn free_stale_allocations(&self, st: &LeaderState) {
         let seen = st.jobmanager_fence.seen();
+        {
+            let mut first_seen = st.epoch_first_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if first_seen.0 != seen {
+                *first_seen = (seen, Instant::now());
+            }
+            if first_seen.1.elapsed() < self.config.heartbeat_timeout {
+                return;
+            }
+        }
         let stale = st.table().allocations_below_epoch(seen);
         if stale.is_empty() {
             return;
@@ -460,6 +476,7 @@ impl ResourceManager {
             jobmanager_fence: EpochFence::new(Role::JobManager),
             served: Mutex::new(HashMap::new()),
             detector: Mutex::new(RpcFailureDetector::new(self.config.heartbeat_rpc_failure_threshold)),
+            epoch_first_seen: Mutex::new((0, Instant::now())),
         });
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
         let prober = tokio::spawn(self.clone().probe_taskmanagers(st.clone(), shutdown.clone()));

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use keel_proto::pb::task_manager_server::TaskManager;
 use keel_proto::pb::{
-    AllocateSlotRequest, AllocateSlotResponse, CancelTaskRequest, CancelTaskResponse, DeployTaskRequest,
-    DeployTaskResponse, FreeSlotRequest, FreeSlotResponse, LeaderStamp, NotifyCheckpointCompleteRequest,
-    NotifyCheckpointCompleteResponse, PingRequest, PingResponse, TriggerCheckpointRequest,
-    TriggerCheckpointResponse,
+    AdoptTasksRequest, AdoptTasksResponse, AllocateSlotRequest, AllocateSlotResponse, CancelTaskRequest,
+    CancelTaskResponse, DeployTaskRequest, DeployTaskResponse, FreeSlotRequest, FreeSlotResponse,
+    LeaderStamp, NotifyCheckpointCompleteRequest, NotifyCheckpointCompleteResponse, PingRequest,
+    PingResponse, TriggerCheckpointRequest, TriggerCheckpointResponse,
 };
 use keel_proto::{KeelError, Result, TaskStateExt};
 use tokio::sync::mpsc::error::TrySendError;
@@ -203,6 +203,14 @@ impl TaskManager for TaskManagerService {
     /// The ResourceManager's liveness probe: answered at once, not fenced (it changes nothing).
     async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         Ok(Response::new(PingResponse { taskmanager_id: self.shared.id.clone() }))
+    }
+
+    async fn adopt_tasks(
+        &self,
+        request: Request<AdoptTasksRequest>,
+    ) -> Result<Response<AdoptTasksResponse>, Status> {
+        let adopted = self.shared.adopt(&request.into_inner())?;
+        Ok(Response::new(AdoptTasksResponse { taskmanager_id: self.shared.id.clone(), adopted }))
     }
 
     type WatchLivenessStream =

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use keel_client::LeaderClient;
 use keel_ha::Role;
 use keel_metrics::Registry;
-use keel_proto::pb::{DeployTaskRequest, SlotStatus, TaskStateUpdate};
+use keel_proto::pb::{AdoptTasksRequest, AdoptedTask, DeployTaskRequest, SlotStatus, TaskStateUpdate};
 use keel_proto::{KeelError, Result, TaskStateExt};
 use keel_spec::JobSpec;
 use tokio::sync::mpsc;
@@ -164,6 +164,43 @@ impl Shared {
             }
             keep
         });
+    }
+
+    /// A new JobManager leader adopts the named tasks of `job_id` that run here (see
+    /// `AdoptTasks`): each is stamped with its epoch, as is its slot's allocation. Tasks that
+    /// ended, are unknown here, or whose slot no longer holds their allocation are left out.
+    pub fn adopt(&self, req: &AdoptTasksRequest) -> Result<Vec<AdoptedTask>> {
+        let stamp = req.jobmanager.as_ref().ok_or_else(|| KeelError::InvalidArgument {
+            reason: "AdoptTasks needs the jobmanager leader stamp".into(),
+        })?;
+        self.jm_fence.observe(stamp.epoch)?;
+        self.note_jm_contact();
+        let mut adopted = Vec::new();
+        let mut table = self.lock();
+        for task_id in &req.task_ids {
+            let Some(task) = table.tasks.get(task_id).cloned() else { continue };
+            let state = task.state();
+            if task.info.job_id != req.job_id || state.is_terminal() || task.cancel_token().is_cancelled() {
+                continue;
+            }
+            if !table.slots.restamp(&task.info.allocation_id, stamp.epoch) {
+                continue;
+            }
+            task.adopt(stamp.epoch);
+            adopted.push(AdoptedTask {
+                task_id: task_id.clone(),
+                slot_index: task.info.slot_index,
+                allocation_id: task.info.allocation_id.clone(),
+                state: state as i32,
+            });
+        }
+        drop(table);
+        if !stamp.address.is_empty() {
+            *self.last_jm_address.lock().unwrap_or_else(|p| p.into_inner()) = Some(stamp.address.clone());
+        }
+        tracing::info!(job_id = %req.job_id, epoch = stamp.epoch, asked = req.task_ids.len(), adopted = adopted.len(),
+            "tasks adopted by a new jobmanager leader");
+        Ok(adopted)
     }
 
     /// Deploys a task: checks the fence and the slot, plans its chain from the spec, and starts

@@ -90,6 +90,23 @@ impl SlotTable {
         Some((index as u32, slot.task_id.take()))
     }
 
+    /// Stamps the allocation `allocation_id` with a newer JobManager leader's epoch (that leader
+    /// adopted the task running in it). False when no slot has that allocation.
+    pub fn restamp(&mut self, allocation_id: &str, jobmanager_epoch: u64) -> bool {
+        let slot = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| s.allocation.as_mut())
+            .find(|a| a.allocation_id == allocation_id);
+        match slot {
+            Some(a) => {
+                a.jobmanager_epoch = a.jobmanager_epoch.max(jobmanager_epoch);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Checks that a task of `job_id` may be deployed into slot `index` under `allocation_id`.
     pub fn check_deploy(&self, index: u32, allocation_id: &str, job_id: &str) -> Result<()> {
         let tm = &self.taskmanager_id;

@@ -23,23 +23,47 @@ fn max_attempt(status: &serde_json::Value) -> u64 {
         .unwrap_or(0)
 }
 
-/// Kills the JobManager leader with SIGKILL while a job runs and checks that a standby takes
-/// over with a higher epoch, recovers the same job from the HA store, and brings it back to
-/// running (new tasks deployed by the new leader, output growing again). Returns the takeover
-/// time: from the kill to the job running again.
+fn task_ids(status: &serde_json::Value) -> Vec<String> {
+    status["tasks"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(|t| t["task_id"].as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+fn completed_checkpoints(status: &serde_json::Value) -> Vec<u64> {
+    status["checkpoints"]
+        .as_array()
+        .map(|cs| cs.iter().filter(|c| c["state"] == "completed").filter_map(|c| c["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// Kills the JobManager leader with SIGKILL while a checkpointing job runs. Proves: a standby
+/// takes over with a higher epoch, recovers the job from the HA store and *adopts* its running
+/// tasks instead of restarting them: the same task ids (same attempt), no restart, the output
+/// keeps growing, and checkpoints complete again under the new leader (the adopted tasks
+/// answer its triggers and their acknowledgements are accepted). If adoption did not happen the
+/// tasks would carry a new attempt number. Returns the time from the kill to the adoption.
 fn jobmanager_failover(mut sb: Sandbox, backend: &str) -> anyhow::Result<Duration> {
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
     sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=2".into()])?;
     let out = sb.dir.join("out");
-    let spec = sb.write_spec("job", &datagen_to_file_spec("failover", 2, 200, None, &out))?;
+    let spec = format!(
+        "{}config:\n  execution.checkpointing.interval: 300 ms\n",
+        datagen_to_file_spec("failover", 2, 200, None, &out)
+    );
+    let spec = sb.write_spec("job", &spec)?;
     let run = sb.keel(&["run", spec.to_str().unwrap_or_default()])?;
     assert!(run.status.success(), "keel run failed: {}", String::from_utf8_lossy(&run.stderr));
 
-    let before = sb.status("failover")?;
+    let before = wait_until("a first checkpoint", LONG, || {
+        let s = sb.status("failover")?;
+        Ok((!completed_checkpoints(&s).is_empty()).then_some(s))
+    })?;
     let job_id = before["job"]["job_id"].as_str().unwrap_or_default().to_string();
     let attempt_before = max_attempt(&before);
+    let tasks_before = task_ids(&before);
     let cluster = sb.cluster()?;
     let old_epoch = cluster["jobmanager"]["epoch"].as_u64().unwrap_or(0);
     let leader = cluster["jobmanager"]["leader"].as_str().unwrap_or_default().to_string();
@@ -51,10 +75,19 @@ fn jobmanager_failover(mut sb: Sandbox, backend: &str) -> anyhow::Result<Duratio
     let killed_at = Instant::now();
     sb.proc(&leader_name).proc.kill9();
 
-    let status = wait_until("the job to run again under a new jobmanager leader", LONG, || {
+    let status = wait_until("the new jobmanager leader to adopt the running tasks", LONG, || {
         let s = sb.status(&job_id)?;
-        let running = s["job"]["state"] == "running";
-        Ok((running && max_attempt(&s) > attempt_before).then_some(s))
+        let adopted = s["job"]["state"] == "running"
+            && s["status_message"].as_str().unwrap_or_default().contains("adopted");
+        if adopted {
+            return Ok(Some(s));
+        }
+        Err(anyhow::anyhow!(
+            "job {} ({}), attempt {}",
+            s["job"]["state"],
+            s["status_message"],
+            max_attempt(&s)
+        ))
     })?;
     let takeover = killed_at.elapsed();
 
@@ -63,9 +96,26 @@ fn jobmanager_failover(mut sb: Sandbox, backend: &str) -> anyhow::Result<Duratio
     assert!(new_epoch > old_epoch, "epoch must increase: {old_epoch} -> {new_epoch}");
     assert_eq!(cluster["jobmanager"]["leader"], sb.proc(survivor).address.as_str());
     assert_eq!(status["job"]["job_id"], job_id.as_str(), "the same job was recovered");
+    assert_eq!(max_attempt(&status), attempt_before, "adopted, not restarted: {status}");
+    assert_eq!(task_ids(&status), tasks_before, "the same tasks run on: {status}");
+    assert_eq!(status["restarts"], 0, "no restart: {status}");
+    let newest_before = completed_checkpoints(&status).into_iter().max().unwrap_or(0);
+    wait_until("a checkpoint completed by the new leader", LONG, || {
+        let s = sb.status(&job_id)?;
+        Ok(completed_checkpoints(&s).into_iter().any(|id| id > newest_before).then_some(()))
+    })?;
     let lines = lines_in(&out);
     wait_until("output to grow after the takeover", LONG, || Ok((lines_in(&out) > lines).then_some(())))?;
-    println!("jobmanager takeover on {backend}: {} ms (kill -9 to job running again)", takeover.as_millis());
+    let after = sb.status(&job_id)?;
+    assert_eq!(max_attempt(&after), attempt_before, "still the adopted attempt: {after}");
+    assert!(
+        after["tasks"].as_array().is_some_and(|ts| ts.iter().all(|t| t["state"] == "running")),
+        "{after}"
+    );
+    println!(
+        "jobmanager takeover on {backend}: {} ms (kill -9 to the running tasks adopted by the new leader)",
+        takeover.as_millis()
+    );
     Ok(takeover)
 }
 

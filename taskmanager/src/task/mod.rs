@@ -86,6 +86,9 @@ pub struct Task {
     terminal_at: Mutex<Option<Instant>>,
     /// The latest throughput while running (see [`metrics::tick_until`]).
     throughput: Mutex<Throughput>,
+    /// Epoch of the JobManager leader the task answers to: the deploying one, or a later leader
+    /// that adopted it (`AdoptTasks`). Its reports carry it.
+    leader_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Task {
@@ -100,6 +103,7 @@ impl Task {
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (status, _) = watch::channel(TaskStatus { state: TaskState::Deploying, failure: String::new() });
         let task = Task {
+            leader_epoch: std::sync::atomic::AtomicU64::new(info.jobmanager_epoch),
             info,
             status,
             counters: Arc::new(Counters::default()),
@@ -115,6 +119,16 @@ impl Task {
 
     pub fn status(&self) -> TaskStatus {
         self.status.borrow().clone()
+    }
+
+    /// The epoch of the JobManager leader the task answers to.
+    pub fn leader_epoch(&self) -> u64 {
+        self.leader_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A newer JobManager leader adopted the task: its reports carry `epoch` from now on.
+    pub fn adopt(&self, epoch: u64) {
+        self.leader_epoch.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn state(&self) -> TaskState {
@@ -203,7 +217,7 @@ impl Task {
             attempt: self.info.attempt,
             state: status.state as i32,
             failure: status.failure,
-            jobmanager_epoch: self.info.jobmanager_epoch,
+            jobmanager_epoch: self.leader_epoch(),
             records_in: self.counters.records_in(),
             records_out: self.counters.records_out(),
             records_in_per_second: throughput.records_in_per_second,
