@@ -156,15 +156,23 @@ impl LeaderClient {
     /// call to it would hang until its timeout), then the last address that answered or that a
     /// `NotLeader` redirect named (the HA view may lag a moment behind a new election), then the
     /// configured fallback addresses.
+    ///
+    /// The fallback addresses are left out while the HA services name a leader: one of them may
+    /// be the previous leader, cut off, and a call to it would hang until the connect timeout
+    /// while the named leader is merely a moment from serving.
     fn candidates(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(info) = self.known_leader() {
-            out.push(info.address);
+        let named = self.known_leader();
+        if let Some(info) = &named {
+            out.push(info.address.clone());
         }
         if let Some(r) = self.redirect.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             if !out.contains(&r) {
                 out.push(r);
             }
+        }
+        if named.is_some() {
+            return out;
         }
         for a in &self.fallback {
             if !out.contains(a) {
@@ -218,7 +226,11 @@ impl LeaderClient {
                 };
                 match result {
                     Ok(v) => {
-                        *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.clone());
+                        // Remembered only when the HA services do not name this address: once
+                        // they name another leader, the one that answered is no longer tried.
+                        let named = self.known_leader().is_some_and(|l| l.address == address);
+                        *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) =
+                            (!named).then(|| address.clone());
                         return Ok(v);
                     }
                     Err(status) => {

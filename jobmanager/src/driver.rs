@@ -218,13 +218,6 @@ impl Driver {
     }
 
     async fn drive(&mut self) -> Result<()> {
-        // A new leader first tries to adopt the job's running tasks. Otherwise whatever an
-        // earlier attempt or an earlier leader left allocated for this job is given back first:
-        // the next attempt starts from a clean slate.
-        let mut adopted = if std::mem::take(&mut self.recovered) { self.adopt().await } else { None };
-        if adopted.is_none() {
-            self.release(Vec::new(), true).await;
-        }
         // A version registered by an upgrade that a leader change interrupted before its switch
         // never ran: only the active version runs, so it is marked failed.
         let interrupted: Vec<u32> = {
@@ -242,6 +235,15 @@ impl Driver {
         if !interrupted.is_empty() {
             tracing::warn!(job_id = %self.job.job_id, versions = ?interrupted, "upgrade interrupted before its switch; the pending version is dropped");
             self.persist().await?;
+        }
+        // A new leader first tries to adopt the job's running tasks (not those of an upgrade it
+        // interrupted: they may be draining). Otherwise whatever an earlier attempt or an
+        // earlier leader left allocated for this job is given back first: the next attempt
+        // starts from a clean slate.
+        let recovered = std::mem::take(&mut self.recovered);
+        let mut adopted = if recovered && interrupted.is_empty() { self.adopt().await } else { None };
+        if adopted.is_none() {
+            self.release(Vec::new(), true).await;
         }
         if self.job.record().cancel_requested {
             let tasks = adopted.map(|a| a.tasks).unwrap_or_default();
@@ -1366,8 +1368,9 @@ impl Driver {
         let job_id = self.job.job_id.clone();
         let ids: Vec<String> = (0..parallelism).map(|i| task_id(&job_id, version, i, attempt)).collect();
         let started = tokio::time::Instant::now();
-        // Heartbeats come every heartbeat.interval; two of them, within the adoption window.
-        let wait = (self.ctx.config.heartbeat_interval * 2)
+        // Heartbeats come every heartbeat.interval; up to three of them, within the adoption
+        // window.
+        let wait = (self.ctx.config.heartbeat_interval * 3)
             .min(self.st.adopt_until.saturating_duration_since(Instant::now()));
         let found = loop {
             if let Some(found) = self.st.orphans_of(&ids) {

@@ -112,7 +112,12 @@ impl TaskManagerService {
             drain: req.drain,
         };
         match task.control().try_send(control) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if req.drain {
+                    task.set_draining();
+                }
+                Ok(())
+            }
             Err(TrySendError::Full(_)) => Err(KeelError::FailedPrecondition {
                 reason: format!("task {} has too many pending checkpoint requests", req.task_id),
             }),

@@ -180,7 +180,11 @@ impl Shared {
         for task_id in &req.task_ids {
             let Some(task) = table.tasks.get(task_id).cloned() else { continue };
             let state = task.state();
-            if task.info.job_id != req.job_id || state.is_terminal() || task.cancel_token().is_cancelled() {
+            if task.info.job_id != req.job_id
+                || state.is_terminal()
+                || task.cancel_token().is_cancelled()
+                || task.is_draining()
+            {
                 continue;
             }
             if !table.slots.restamp(&task.info.allocation_id, stamp.epoch) {

@@ -89,6 +89,9 @@ pub struct Task {
     /// Epoch of the JobManager leader the task answers to: the deploying one, or a later leader
     /// that adopted it (`AdoptTasks`). Its reports carry it.
     leader_epoch: std::sync::atomic::AtomicU64,
+    /// A drain (stop-with-savepoint, upgrade handover) was triggered: the sources stop at its
+    /// barrier and the task finishes. Such a task is not adopted by a new leader.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Task {
@@ -104,6 +107,7 @@ impl Task {
         let (status, _) = watch::channel(TaskStatus { state: TaskState::Deploying, failure: String::new() });
         let task = Task {
             leader_epoch: std::sync::atomic::AtomicU64::new(info.jobmanager_epoch),
+            draining: std::sync::atomic::AtomicBool::new(false),
             info,
             status,
             counters: Arc::new(Counters::default()),
@@ -124,6 +128,15 @@ impl Task {
     /// The epoch of the JobManager leader the task answers to.
     pub fn leader_epoch(&self) -> u64 {
         self.leader_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A drain was triggered for the task.
+    pub fn set_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A newer JobManager leader adopted the task: its reports carry `epoch` from now on.
