@@ -252,6 +252,7 @@ impl Drop for Sampler {
 // ----- checkpoints: metadata files and the HA pointer's history ------------------------------
 
 /// (checkpoint id, attempt, completed_at_ms) of every `_metadata` file of the job.
+/// (checkpoint id, epoch of the leader that wrote it, completed at) of every `_metadata` file.
 fn metadata_files(sb: &Sandbox, job_id: &str) -> anyhow::Result<Vec<(u64, u64, u64)>> {
     let dir = sb.dir.join("checkpoints").join(job_id);
     let mut out = Vec::new();
@@ -260,7 +261,7 @@ fn metadata_files(sb: &Sandbox, job_id: &str) -> anyhow::Result<Vec<(u64, u64, u
         let Ok(text) = std::fs::read_to_string(&path) else { continue };
         let m: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let field = |k: &str| m[k].as_u64().ok_or_else(|| anyhow!("{} has no {k}", path.display()));
-        out.push((field("checkpoint_id")?, field("attempt")?, field("completed_at_ms")?));
+        out.push((field("checkpoint_id")?, field("epoch")?, field("completed_at_ms")?));
     }
     out.sort_unstable();
     Ok(out)
@@ -342,14 +343,14 @@ fn pointer_history(sb: &Sandbox, job_id: &str, after_revision: u64) -> anyhow::R
 // ----- the tests ----------------------------------------------------------------------------
 
 /// The JobManager leader is SIGSTOPped while a job checkpointing every 300 ms runs, the standby
-/// takes over (new epoch, the job redeployed as a new attempt, checkpoints completing), and the
+/// takes over (new epoch, the job's running tasks adopted or redeployed, checkpoints completing), and the
 /// old leader is resumed with SIGCONT. Proves, from the outside, that after the takeover the old
 /// leader:
 /// - deployed no task: in every sample taken after the resume (RM slot reports every 100 ms,
 ///   and each TaskManager's `/metrics`), every task is one of the new leader's and every
 ///   allocation carries the new epoch, and the job's tasks, attempt and restart count do not
 ///   change;
-/// - completed no checkpoint: no `_metadata` file of its attempt was written after it was
+/// - completed no checkpoint: no `_metadata` file of another epoch was written after it was
 ///   stopped, and every value the HA pointer took since the new leader's epoch (etcd's history
 ///   of the key) carries the new epoch;
 /// - stepped down: it answers `LeaderInfo` as a standby naming the new leader, and `ListJobs`
@@ -390,12 +391,14 @@ fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
         let leader = c["jobmanager"]["leader"].as_str().unwrap_or_default().to_string();
         Ok((epoch > old_epoch).then(|| (epoch, leader, stopped.elapsed())))
     })?;
+    // The new leader either adopted the running tasks (same attempt) or restarted the job.
     let running =
         wait_until("the job running under the new leader, with a checkpoint of its own", LONG, || {
             let s = sb.status(&job_id)?;
-            let fresh = max_attempt(&s) > old_attempt && all_running(&s);
-            let checkpointed = metadata_files(&sb, &job_id)?.iter().any(|m| m.1 > old_attempt);
-            Ok((fresh && checkpointed).then_some(s))
+            let adopted = s["status_message"].as_str().unwrap_or_default().contains("adopted");
+            let taken = (adopted || max_attempt(&s) > old_attempt) && all_running(&s);
+            let checkpointed = metadata_files(&sb, &job_id)?.iter().any(|m| m.1 == new_epoch);
+            Ok((taken && checkpointed).then_some(s))
         })?;
     let job_back = stopped.elapsed();
     let new_attempt = max_attempt(&running);
@@ -482,7 +485,7 @@ fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
 
     let files = metadata_files(&sb, &job_id)?;
     let late: Vec<_> =
-        files.iter().filter(|(_, attempt, at)| *attempt <= old_attempt && *at >= stopped_ms).collect();
+        files.iter().filter(|(_, epoch, at)| *epoch != new_epoch && *at >= stopped_ms).collect();
     assert!(
         late.is_empty(),
         "checkpoint metadata of the old leader's attempt written after it was stopped: {late:?}"

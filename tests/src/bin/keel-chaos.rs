@@ -19,7 +19,7 @@ use keel_tests::chaos::{run, Mode, Options};
 const USAGE: &str =
     "usage: keel-chaos [--seed N] [--duration 10m | --faults N] [--mode at-least-once|exactly-once]
                   [--kinds kill-tm,kill-jm-leader,...] [--rate RECORDS_PER_S] [--no-network]
-                  [--recovery-timeout 90s] [--checkpoint-interval 500ms] [--etcd-pre-vote] [--keel PATH] [--keep] [--list]";
+                  [--recovery-timeout 90s] [--checkpoint-interval 500ms] [--no-etcd-pre-vote] [--keel PATH] [--keep] [--list]";
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -66,6 +66,7 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
             }
             "--keep" => opts.keep = true,
             "--etcd-pre-vote" => opts.etcd_pre_vote = true,
+            "--no-etcd-pre-vote" => opts.etcd_pre_vote = false,
             "--list" => list = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),

@@ -172,7 +172,7 @@ pub struct Cluster {
     pub broker: BrokerKind,
     pub etcd_endpoints: String,
     pub cluster_id: String,
-    /// Start etcd members with `--pre-vote`.
+    /// Start etcd members with `--pre-vote` (the runner turns it on unless `--no-etcd-pre-vote`).
     pub etcd_pre_vote: bool,
     /// Each TaskManager's metrics address (`host:port`), updated at every start.
     pub metrics: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,

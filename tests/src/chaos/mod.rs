@@ -89,7 +89,8 @@ pub struct Options {
     pub recovery_timeout: Duration,
     /// The job's checkpoint interval.
     pub checkpoint_interval: Duration,
-    /// Start the etcd members with `--pre-vote` (etcd 3.4's default is off).
+    /// Start the etcd members with `--pre-vote` (etcd 3.4's default is off; on here, as in
+    /// `deploy/`; `--no-etcd-pre-vote` turns it off).
     pub etcd_pre_vote: bool,
     /// Keep the run directory (logs) even when the run passed.
     pub keep: bool,
@@ -110,7 +111,7 @@ impl Default for Options {
             recovery_timeout: Duration::from_secs(90),
             keep: false,
             checkpoint_interval: Duration::from_millis(500),
-            etcd_pre_vote: false,
+            etcd_pre_vote: true,
             keel: None,
         }
     }
@@ -138,8 +139,8 @@ impl Options {
         if !self.network {
             c += " --no-network";
         }
-        if self.etcd_pre_vote {
-            c += " --etcd-pre-vote";
+        if !self.etcd_pre_vote {
+            c += " --no-etcd-pre-vote";
         }
         if self.checkpoint_interval != Options::default().checkpoint_interval {
             c += &format!(" --checkpoint-interval {}ms", self.checkpoint_interval.as_millis());
