@@ -287,14 +287,13 @@ fn cancel_then_run_restore_continues_from_the_checkpoint() -> anyhow::Result<()>
     assert_continuous_from(&out, &restored)
 }
 
-/// The JobManager leader is killed (SIGKILL) while a checkpointing job runs with a standby
-/// JobManager: the new leader restarts the job from the latest checkpoint the old leader
-/// completed (status names it), keeps checkpointing with higher ids, and the output continues
-/// from the checkpoint: no gap, and only numbers at or after the checkpointed positions are
-/// written twice (a restart from 0 would duplicate everything before them).
-#[test]
-fn jobmanager_failover_restores_from_the_latest_checkpoint() -> anyhow::Result<()> {
-    let mut sb = Sandbox::new("chk-failover", Ha::Local, &[])?;
+/// Kills the JobManager leader (SIGKILL) while a checkpointing job runs. Returns the sandbox, the
+/// job id and its attempt, the dead leader's name and the latest checkpoint it completed with the
+/// source positions in it.
+fn kill_jobmanager_leader_of_a_checkpointing_job(
+    test: &str,
+) -> anyhow::Result<(Sandbox, String, u64, String, u64, Vec<i64>)> {
+    let mut sb = Sandbox::new(test, Ha::Local, &[])?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
@@ -313,8 +312,7 @@ fn jobmanager_failover_restores_from_the_latest_checkpoint() -> anyhow::Result<(
         .map(|p| p.proc.name.clone())
         .ok_or_else(|| anyhow!("leader {leader} is not a sandbox process"))?;
     sb.proc(&leader_name).proc.kill9();
-    // The old leader is dead: the pointer now names the last checkpoint it completed, and the
-    // new leader cannot complete one before it has redeployed the job.
+    // The old leader is dead: the pointer now names the last checkpoint it completed.
     let ptr = pointer(&sb, &id)?;
     let checkpoint = ptr["checkpoint_id"].as_u64().ok_or_else(|| anyhow!("pointer {ptr}"))?;
     let restored = positions(&metadata(Path::new(ptr["metadata_path"].as_str().unwrap_or_default()))?)?;
@@ -323,7 +321,76 @@ fn jobmanager_failover_restores_from_the_latest_checkpoint() -> anyhow::Result<(
         "the checkpoint is past the start: {restored:?}"
     );
     println!("killed {leader_name}; latest checkpoint {checkpoint} at {restored:?}");
+    Ok((sb, id, attempt_before, leader_name, checkpoint, restored))
+}
 
+/// Waits for a checkpoint above `checkpoint` and for the output of every subtask to grow.
+fn wait_new_leader_checkpoints_and_output(sb: &Sandbox, id: &str, checkpoint: u64) -> anyhow::Result<()> {
+    let out = sb.dir.join("out");
+    let max_before = max_written(&out);
+    let after = wait_until("a checkpoint completed by the new leader", LONG, || {
+        let s = sb.status(id)?;
+        Ok(completed_ids(&s).iter().any(|c| *c > checkpoint).then_some(s))
+    })?;
+    println!("new leader's checkpoints: {:?}", completed_ids(&after));
+    wait_until("output to grow under the new leader", LONG, || {
+        let now = max_written(&out);
+        Ok(now.iter().zip(&max_before).all(|(n, o)| *n > o + 100).then_some(()))
+    })?;
+    Ok(())
+}
+
+/// The JobManager leader is killed (SIGKILL) while a checkpointing job runs with a standby
+/// JobManager. The new leader adopts the running tasks (same attempt), keeps checkpointing
+/// with higher ids, and since nothing restarted nothing is replayed: every subtask's output is
+/// each of its numbers exactly once, without a gap. (A restart from the checkpoint would write
+/// the numbers after its positions twice; a restart from 0 everything.)
+#[test]
+fn jobmanager_failover_adopts_the_tasks_and_writes_nothing_twice() -> anyhow::Result<()> {
+    let (sb, id, attempt_before, _, checkpoint, _) =
+        kill_jobmanager_leader_of_a_checkpointing_job("chk-failover-adopt")?;
+    let status = wait_until("the new leader to adopt the running tasks", LONG, || {
+        let s = sb.status(&id)?;
+        let adopted = s["status_message"].as_str().unwrap_or_default().contains("adopted");
+        if adopted && s["job"]["state"] == "running" {
+            return Ok(Some(s));
+        }
+        Err(anyhow!("job {} attempt {} ({})", s["job"]["state"], max_attempt(&s), s["status_message"]))
+    })?;
+    assert_eq!(max_attempt(&status), attempt_before, "adopted, not restarted: {status}");
+    wait_new_leader_checkpoints_and_output(&sb, &id, checkpoint)?;
+    cancel(&sb, &id)?;
+    let out = sb.dir.join("out");
+    for subtask in 0..PARALLELISM {
+        let all = numbers(&out, subtask)?;
+        let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+        for n in &all {
+            *counts.entry(*n).or_default() += 1;
+        }
+        let twice: Vec<i64> = counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+        assert!(twice.is_empty(), "subtask {subtask}: written twice: {:?}", &twice[..twice.len().min(20)]);
+        let mut expected = i64::from(subtask);
+        for n in counts.keys() {
+            assert_eq!(*n, expected, "subtask {subtask}: gap in the output (expected {expected}, found {n})");
+            expected += i64::from(PARALLELISM);
+        }
+        println!("subtask {subtask}: {} lines, each number once, no gap", all.len());
+    }
+    Ok(())
+}
+
+/// The JobManager leader and the only TaskManager are killed (SIGKILL) together while a
+/// checkpointing job runs, and a new TaskManager joins: nothing is left to adopt, so the new
+/// leader restarts the job from the latest checkpoint the old leader completed (status names
+/// it), keeps checkpointing with higher ids, and the output continues from the checkpoint: no
+/// gap, and only numbers at or after the checkpointed positions are written twice (a restart
+/// from 0 would duplicate everything before them).
+#[test]
+fn jobmanager_failover_without_tasks_to_adopt_restores_from_the_latest_checkpoint() -> anyhow::Result<()> {
+    let (mut sb, id, attempt_before, _, checkpoint, restored) =
+        kill_jobmanager_leader_of_a_checkpointing_job("chk-failover-restore")?;
+    sb.proc("tm-1").proc.kill9();
+    sb.start("taskmanager", "tm-2", &["taskmanager.numberOfTaskSlots=2".into()])?;
     let status = wait_until("the job to run again from the checkpoint under the new leader", LONG, || {
         let s = sb.status(&id)?;
         let ok = s["job"]["state"] == "running" && max_attempt(&s) > attempt_before;
@@ -335,17 +402,7 @@ fn jobmanager_failover_restores_from_the_latest_checkpoint() -> anyhow::Result<(
     })?;
     assert_eq!(status["restored_from"]["checkpoint_id"], checkpoint, "restored from the latest checkpoint");
     assert_eq!(status["restored_from"]["job_id"], id.as_str());
-
-    let max_before = max_written(&out);
-    let after = wait_until("a checkpoint completed by the new leader", LONG, || {
-        let s = sb.status(&id)?;
-        Ok(completed_ids(&s).iter().any(|c| *c > checkpoint).then_some(s))
-    })?;
-    println!("new leader's checkpoints: {:?}", completed_ids(&after));
-    wait_until("output to grow under the new leader", LONG, || {
-        let now = max_written(&out);
-        Ok(now.iter().zip(&max_before).all(|(n, o)| *n > o + 100).then_some(()))
-    })?;
+    wait_new_leader_checkpoints_and_output(&sb, &id, checkpoint)?;
     cancel(&sb, &id)?;
-    assert_continuous_from(&out, &restored)
+    assert_continuous_from(&sb.dir.join("out"), &restored)
 }
