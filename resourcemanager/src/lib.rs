@@ -337,6 +337,11 @@ impl ResourceManager {
         let mut watches = LivenessWatches::default();
         let (broken_tx, mut broken_rx) = mpsc::unbounded_channel::<String>();
         loop {
+            // Enabled before the table is read, so that a registration right after the read
+            // still wakes this loop (`notify_waiters` only wakes enabled waiters).
+            let changed = st.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let targets: Vec<String> = st.table().taskmanagers().map(|tm| tm.address.clone()).collect();
             watches.0.retain(|address, handle| {
                 let keep = targets.contains(address) && !handle.is_finished();
@@ -360,7 +365,7 @@ impl ResourceManager {
                 }
                 _ = tokio::time::sleep_until(next) => {}
                 // A TaskManager that registered since the last round gets its watch now.
-                _ = st.changed.notified() => continue,
+                _ = &mut changed => continue,
             }
             next = tokio::time::Instant::now() + period;
             let targets: Vec<String> = st.table().taskmanagers().map(|tm| tm.address.clone()).collect();
@@ -395,8 +400,9 @@ impl ResourceManager {
     }
 
     /// Holds the `WatchLiveness` stream of the TaskManager at `address` open and tells the
-    /// prober when it breaks (the process died, or it is stopping). Opened at most once per
-    /// `heartbeat.interval` per address: the task lives at least that long.
+    /// prober when it breaks (the process died, or it is stopping). A stream that broke is
+    /// opened again at most once per `heartbeat.interval`: the task lives at least that long
+    /// after it opened.
     async fn watch_liveness(
         self: Arc<Self>,
         st: Arc<LeaderState>,
@@ -404,17 +410,22 @@ impl ResourceManager {
         broken: mpsc::UnboundedSender<String>,
     ) {
         let period = self.config.heartbeat_interval;
-        let opened_at = tokio::time::Instant::now();
-        if let Ok(mut client) = self.tm_client(&address) {
-            let open = client.watch_liveness(pb::PingRequest { resourcemanager: Some(st.stamp()) });
-            // Not opened (unreachable, busy): the pings decide.
-            if let Ok(Ok(response)) = tokio::time::timeout(period, open).await {
-                let mut stream = response.into_inner();
-                while let Ok(Some(_)) = stream.message().await {}
-                if !st.leadership.lost().is_cancelled() {
-                    let _ = broken.send(address);
+        // Until it opens (the TaskManager may not serve yet, or be unreachable: then the pings
+        // decide), tried again every 200 ms at most; the prober aborts this task when the
+        // TaskManager leaves the table.
+        let (opened_at, mut stream) = loop {
+            let opened_at = tokio::time::Instant::now();
+            if let Ok(mut client) = self.tm_client(&address) {
+                let open = client.watch_liveness(pb::PingRequest { resourcemanager: Some(st.stamp()) });
+                if let Ok(Ok(response)) = tokio::time::timeout(period, open).await {
+                    break (opened_at, response.into_inner());
                 }
             }
+            tokio::time::sleep_until(opened_at + period.min(Duration::from_millis(200))).await;
+        };
+        while let Ok(Some(_)) = stream.message().await {}
+        if !st.leadership.lost().is_cancelled() {
+            let _ = broken.send(address);
         }
         tokio::time::sleep_until(opened_at + period).await;
     }
