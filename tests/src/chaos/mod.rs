@@ -477,7 +477,7 @@ parallelism: {PARALLELISM}
 config:
   execution.checkpointing.interval: {interval_ms} ms
   state.checkpoints.num-retained: 5
-  restart-strategy.exponential-delay.reset-backoff-threshold: 20 s
+  restart-strategy.exponential-delay.reset-backoff-threshold: 2 s
 sources:
   - name: in
     connector: kafka
@@ -709,9 +709,17 @@ fn inject(
             outcome.recovery = None;
         }
     }
-    let restarts_after = cluster.keel_json(&["status", JOB]).ok().and_then(|s| s["restarts"].as_u64());
+    let status_after = cluster.keel_json(&["status", JOB]).ok();
+    let restarts_after = status_after.as_ref().and_then(|s| s["restarts"].as_u64());
     if let (Some(b), Some(a)) = (restarts_before, restarts_after) {
         outcome.job_restarts = Some(a.saturating_sub(b));
+        let history = status_after.as_ref().and_then(|s| s["restart_history"].as_array().cloned());
+        outcome.restart_pause_ms = history.map(|h| {
+            h.iter()
+                .filter(|r| r["restart"].as_u64().is_some_and(|n| n > b))
+                .filter_map(|r| r["delay_ms"].as_u64())
+                .sum()
+        });
     }
     outcome
 }

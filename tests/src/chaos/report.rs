@@ -33,6 +33,10 @@ pub struct FaultOutcome {
     /// The input partition whose output flowed last, and when.
     pub slowest_partition: Option<(usize, Duration)>,
     pub job_restarts: Option<u64>,
+    /// The pauses the job's restart strategy chose for the restarts this fault caused (from
+    /// `keel status`'s restart history), summed: part of the recovery, and growing when faults
+    /// come faster than the backoff resets.
+    pub restart_pause_ms: Option<u64>,
     /// The output had caught up (newest record due a few baseline latencies ago) before it.
     pub caught_up: bool,
     /// Records replayed (duplicated) after this fault.
@@ -55,6 +59,7 @@ impl FaultOutcome {
             checkpointed: None,
             slowest_partition: None,
             job_restarts: None,
+            restart_pause_ms: None,
             replayed: 0,
             caught_up: true,
             notes: Vec::new(),
@@ -87,6 +92,9 @@ impl FaultOutcome {
         }
         if let Some(n) = self.job_restarts {
             line += &format!(", job restarts +{n}");
+        }
+        if let Some(p) = self.restart_pause_ms.filter(|p| *p > 0) {
+            line += &format!(" (restart pause {:.2}s)", p as f64 / 1000.0);
         }
         if let Some(e) = &self.error {
             line += &format!("; {e}");
@@ -471,8 +479,8 @@ impl fmt::Display for Report {
         writeln!(f, "faults:")?;
         writeln!(
             f,
-            "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<9} {:<8} {:<8} target",
-            "#", "kind", "at", "held", "recovery", "takeover", "chkpt", "restarts", "replayed"
+            "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<9} {:<8} {:<6} {:<8} target",
+            "#", "kind", "at", "held", "recovery", "takeover", "chkpt", "restarts", "pause", "replayed"
         )?;
         for o in &self.faults {
             if let Some(s) = &o.skipped {
@@ -481,7 +489,7 @@ impl fmt::Display for Report {
             }
             writeln!(
                 f,
-                "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<9} {:<8} {:<8} {}{}",
+                "  {:>3} {:<22} {:<8} {:<7} {:<9} {:<9} {:<9} {:<8} {:<6} {:<8} {}{}",
                 o.fault.index,
                 o.fault.kind.name(),
                 format!("{:.1}s", o.at_ms as f64 / 1000.0),
@@ -490,6 +498,10 @@ impl fmt::Display for Report {
                 o.takeover.map(|d| secs(d.as_millis() as u64)).unwrap_or_else(|| "-".into()),
                 o.checkpointed.map(|d| secs(d.as_millis() as u64)).unwrap_or_else(|| "NONE".into()),
                 o.job_restarts.map(|n| format!("+{n}")).unwrap_or_else(|| "?".into()),
+                match o.restart_pause_ms {
+                    Some(0) | None => "-".to_string(),
+                    Some(p) => secs(p),
+                },
                 o.replayed,
                 o.target,
                 o.error.as_ref().map(|e| format!(" ERROR {e}")).unwrap_or_default()
