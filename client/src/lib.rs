@@ -157,9 +157,10 @@ impl LeaderClient {
     /// `NotLeader` redirect named (the HA view may lag a moment behind a new election), then the
     /// configured fallback addresses.
     ///
-    /// The fallback addresses are left out while the HA services name a leader: one of them may
-    /// be the previous leader, cut off, and a call to it would hang until the connect timeout
-    /// while the named leader is merely a moment from serving.
+    /// When the named leader answers `NotLeader` (it won a moment ago and does not serve yet),
+    /// the round ends there and is tried again shortly: the addresses after it may include the
+    /// previous leader, cut off, and a call to it would hang until the connect timeout. They are
+    /// tried when the named leader cannot be reached (or is not named).
     fn candidates(&self) -> Vec<String> {
         let mut out = Vec::new();
         let named = self.known_leader();
@@ -170,9 +171,6 @@ impl LeaderClient {
             if !out.contains(&r) {
                 out.push(r);
             }
-        }
-        if named.is_some() {
-            return out;
         }
         for a in &self.fallback {
             if !out.contains(a) {
@@ -235,7 +233,15 @@ impl LeaderClient {
                     }
                     Err(status) => {
                         let err = status_error(&status, &address);
+                        let named = self.known_leader().is_some_and(|l| l.address == address);
                         match &err {
+                            KeelError::NotLeader { leader, .. }
+                                if named && leader.as_deref().is_none_or(|l| l == address) =>
+                            {
+                                tracing::debug!(role = %self.role, %address, "the named leader does not serve yet; retrying it");
+                                last_err = Some(err);
+                                break;
+                            }
                             KeelError::NotLeader { leader: Some(l), .. } if *l != address => {
                                 tracing::debug!(role = %self.role, from = %address, to = %l, "following leader redirect");
                                 *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());

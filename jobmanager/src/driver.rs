@@ -242,6 +242,7 @@ impl Driver {
         // starts from a clean slate.
         let recovered = std::mem::take(&mut self.recovered);
         let mut adopted = if recovered && interrupted.is_empty() { self.adopt().await } else { None };
+        self.job.adopting.store(false, std::sync::atomic::Ordering::SeqCst);
         if adopted.is_none() {
             self.release(Vec::new(), true).await;
         }
@@ -1437,9 +1438,31 @@ impl Driver {
         if !complete {
             tracing::warn!(%job_id, version, attempt, adopted = tasks.len(), needed = ids.len(),
                 "could not adopt every task of the running attempt; restarting the job");
-            self.cancel_tasks(&tasks).await;
+            // Every task that was reported, adopted or not (an answer may have been lost while
+            // the TaskManager still adopted): none of them may run on beside the restart.
+            let reported: Vec<TaskRecord> = found
+                .iter()
+                .map(|(id, o)| TaskRecord {
+                    task_id: id.clone(),
+                    version,
+                    subtask: ids.iter().position(|i| i == id).unwrap_or_default() as u32,
+                    attempt,
+                    state: TaskState::Running,
+                    taskmanager_id: o.taskmanager_id.clone(),
+                    taskmanager_address: o.address.clone(),
+                    slot_index: 0,
+                    allocation_id: String::new(),
+                    failure: String::new(),
+                    records_in: 0,
+                    records_out: 0,
+                })
+                .collect();
+            self.cancel_tasks(&reported).await;
             return None;
         }
+        // Known from now on: a report made before the adoption (older epoch) is not answered
+        // with a cancel.
+        *self.job.tasks_mut() = tasks.clone();
         for t in &tasks {
             self.st.saw_taskmanager(&t.taskmanager_id, &t.taskmanager_address);
         }

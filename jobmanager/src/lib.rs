@@ -97,6 +97,9 @@ pub(crate) struct JobHandle {
     checkpoints: Mutex<CheckpointTracker>,
     /// Wakes the checkpoint coordinator (the last acknowledgement of a checkpoint arrived).
     pub checkpoint_wake: Notify,
+    /// The job's driver is trying to adopt the tasks of an earlier leader (see
+    /// [`LeaderState::may_adopt`]).
+    pub adopting: std::sync::atomic::AtomicBool,
 }
 
 impl JobHandle {
@@ -163,6 +166,8 @@ pub(crate) struct LeaderState {
     /// `orphans` for the drivers.
     adopt_until: Instant,
     orphans: Mutex<HashMap<String, Orphan>>,
+    /// Set once every job of the HA store has its driver.
+    jobs_loaded: std::sync::atomic::AtomicBool,
 }
 
 /// A running task of an earlier leader, as a TaskManager reported it.
@@ -177,15 +182,24 @@ impl LeaderState {
         pb::LeaderStamp { epoch: self.leadership.epoch, address: self.leadership.address.clone() }
     }
 
-    /// Whether a report of an unknown task is kept for adoption instead of canceling the task.
-    fn adopting(&self) -> bool {
-        Instant::now() < self.adopt_until
+    /// Whether a report of an unknown task of `job_id` is kept for adoption instead of canceling
+    /// the task: within the adoption window, while the jobs are not loaded from the HA store
+    /// yet, or while the job's driver is adopting.
+    fn may_adopt(&self, job_id: &str) -> bool {
+        if Instant::now() >= self.adopt_until {
+            return false;
+        }
+        if !self.jobs_loaded.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        let job = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job_id).cloned();
+        job.is_some_and(|j| j.adopting.load(std::sync::atomic::Ordering::SeqCst))
     }
 
-    /// Keeps the report of a task this leader does not know, during the adoption window.
-    /// False (the task should be canceled) after the window.
+    /// Keeps the report of a task this leader does not know, if it may be adopted (see
+    /// [`LeaderState::may_adopt`]). False: the task should be canceled.
     fn keep_orphan(&self, u: &pb::TaskStateUpdate, address: &str) -> bool {
-        if !self.adopting() {
+        if !self.may_adopt(&u.job_id) {
             return false;
         }
         let orphan = Orphan { taskmanager_id: u.taskmanager_id.clone(), address: address.to_string() };
@@ -319,6 +333,7 @@ impl JobManager {
             events: tx,
             checkpoints: Mutex::new(CheckpointTracker::new(job_id)),
             checkpoint_wake: Notify::new(),
+            adopting: std::sync::atomic::AtomicBool::new(recovered && !terminal),
         });
         st.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(handle.job_id.clone(), handle.clone());
         if !terminal {
@@ -622,9 +637,6 @@ impl JobManager {
     /// Applies a task report from a TaskManager. Returns false for a task this leader does not
     /// run (an older attempt, or deployed by an earlier leader): the TaskManager cancels it.
     fn apply_task_report(&self, st: &LeaderState, u: &pb::TaskStateUpdate) -> bool {
-        if u.jobmanager_epoch < st.leadership.epoch {
-            return false;
-        }
         let Some(job) = st.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&u.job_id).cloned() else {
             return false;
         };
@@ -634,6 +646,11 @@ impl JobManager {
             let Some(t) = tasks.iter_mut().find(|t| t.task_id == u.task_id) else {
                 return false;
             };
+            // A report stamped with an older epoch for a task this leader runs was made before
+            // the task was adopted: the task is known (not to be canceled), the report stale.
+            if u.jobmanager_epoch < st.leadership.epoch {
+                return true;
+            }
             t.records_in = t.records_in.max(u.records_in);
             t.records_out = t.records_out.max(u.records_out);
             let changed = t.state != state && !t.state.is_terminal();
@@ -678,6 +695,7 @@ impl JobManager {
         for record in records {
             self.spawn_driver(&st, record, true);
         }
+        st.jobs_loaded.store(true, std::sync::atomic::Ordering::SeqCst);
 
         let scope = st.leadership.lost().child_token();
         let watcher = tokio::spawn(watch_rm_events(self.ctx.clone(), st.clone(), scope.clone()));
@@ -742,6 +760,7 @@ impl JobManager {
             drivers: tokio_util::task::TaskTracker::new(),
             adopt_until: Instant::now() + self.ctx.config.heartbeat_timeout,
             orphans: Mutex::new(HashMap::new()),
+            jobs_loaded: std::sync::atomic::AtomicBool::new(false),
         });
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
         self.lead(st.clone(), &shutdown).await;
@@ -1190,7 +1209,7 @@ impl JmApi for JmService {
         let u = request.into_inner();
         // During the adoption window an unknown task is not canceled: only heartbeats (which
         // carry the TaskManager's address) make it an orphan to adopt.
-        let known = self.0.apply_task_report(&st, &u) || st.adopting();
+        let known = self.0.apply_task_report(&st, &u) || st.may_adopt(&u.job_id);
         if !known {
             tracing::info!(task_id = %u.task_id, reported_epoch = u.jobmanager_epoch, epoch = st.leadership.epoch, "report for an unknown task; telling the taskmanager to cancel it");
         }

@@ -248,9 +248,10 @@ impl ResourceManager {
     /// Frees allocations made for a JobManager leader older than the newest one seen (see
     /// [`slots::SlotTable::allocations_below_epoch`]), here and on their TaskManagers.
     ///
-    /// Not before `heartbeat.timeout` after the newer leader was first seen: that leader may
-    /// adopt the tasks running in them, which stamps the allocations with its epoch on the
-    /// TaskManagers (and here with their next heartbeat).
+    /// Not before twice `heartbeat.timeout` after the newer leader was first seen: that leader
+    /// may adopt the tasks running in them (within its adoption window, `heartbeat.timeout`),
+    /// which stamps the allocations with its epoch on the TaskManagers, and here with their
+    /// next heartbeat.
     async fn free_stale_allocations(&self, st: &LeaderState) {
         let seen = st.jobmanager_fence.seen();
         {
@@ -258,7 +259,7 @@ impl ResourceManager {
             if first_seen.0 != seen {
                 *first_seen = (seen, Instant::now());
             }
-            if first_seen.1.elapsed() < self.config.heartbeat_timeout {
+            if first_seen.1.elapsed() < self.config.heartbeat_timeout * 2 {
                 return;
             }
         }

@@ -138,6 +138,42 @@ pub async fn send_acks(
     }
 }
 
+/// The cut-off: a TaskManager that no JobManager leader has answered for `heartbeat.timeout`
+/// cancels every task it runs. The leader declares it lost after the same time without its
+/// heartbeats (which it received no earlier than this TaskManager's last answered one) and
+/// deploys its tasks elsewhere only after its restart strategy's pause, so the old attempt
+/// stops first and two attempts never write at once. Checked four times a heartbeat interval
+/// (at most every 250 ms), on its own: not in the heartbeat loop, whose call may hang.
+pub async fn cut_off_watchdog(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+    let tick = (shared.heartbeat_interval / 4).min(Duration::from_millis(250));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let silent = shared.since_jm_contact();
+        if silent <= shared.cut_off_after {
+            continue;
+        }
+        let running = shared
+            .lock()
+            .tasks
+            .values()
+            .any(|t| !t.state().is_terminal() && !t.cancel_token().is_cancelled());
+        if running {
+            tracing::warn!(
+                cut_off_for_ms = silent.as_millis() as u64,
+                "no jobmanager leader heard from for heartbeat.timeout: canceling every task"
+            );
+            shared.cancel_all("cut off from the jobmanager for longer than heartbeat.timeout");
+        }
+        shared.note_jm_contact();
+    }
+}
+
 /// Every heartbeat interval: forgets long-terminal tasks, sends the JobManager leader the list
 /// of tasks, and cancels the ones it does not know.
 pub async fn heartbeat_loop(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
@@ -156,33 +192,29 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: tokio_util::sync::Cancell
             shared.note_jm_contact();
             continue;
         }
-        let running = tasks
-            .iter()
-            .any(|t| keel_proto::pb::TaskState::try_from(t.state).map(|s| !s.is_terminal()).unwrap_or(false));
-        let silent = shared.since_jm_contact();
-        if running && silent > shared.cut_off_after {
-            // Cut off: the leader has declared this TaskManager lost by now and deploys its
-            // tasks elsewhere. Stop them, so that two attempts never write at once.
-            tracing::warn!(
-                cut_off_for_ms = silent.as_millis() as u64,
-                "no jobmanager leader heard from for heartbeat.timeout: canceling every task"
-            );
-            shared.cancel_all("cut off from the jobmanager for longer than heartbeat.timeout");
-            shared.note_jm_contact();
-        }
         let client = shared.jm_client(None);
         let request = JobManagerHeartbeatRequest {
             taskmanager_id: shared.id.clone(),
             address: shared.address.clone(),
             tasks,
         };
+        // Bounded: a call to a JobManager that a partition cut off gets no answer and no error
+        // (its packets are dropped) until the HTTP/2 keep-alive gives up, and this loop must
+        // come round to the cut-off check above meanwhile.
+        let call = client.call(|channel| {
+            let request = request.clone();
+            async move { JobManagerClient::new(channel).task_manager_heartbeat(request).await }
+        });
+        let timeout = shared.heartbeat_interval.max(Duration::from_millis(100));
         let result = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = client.call(|channel| {
-                let request = request.clone();
-                async move { JobManagerClient::new(channel).task_manager_heartbeat(request).await }
-            }) => r,
+            r = tokio::time::timeout(timeout, call) => r.unwrap_or_else(|_| {
+                Err(keel_proto::KeelError::unavailable(
+                    client.known_leader().map(|l| l.address).as_deref().unwrap_or("the jobmanager leader"),
+                    format!("heartbeat not answered within {timeout:?}"),
+                ))
+            }),
         };
         match result {
             Ok(response) => {

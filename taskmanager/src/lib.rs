@@ -119,6 +119,7 @@ pub async fn start(
     let loops = tokio_util::task::TaskTracker::new();
     loops.spawn(rm::run(shared.clone(), rm, background.clone()));
     loops.spawn(jm::heartbeat_loop(shared.clone(), background.clone()));
+    loops.spawn(jm::cut_off_watchdog(shared.clone(), background.clone()));
     loops.close();
 
     let server_stop = CancellationToken::new();

@@ -98,6 +98,9 @@ impl TaskManagerService {
     }
 
     fn trigger(&self, req: TriggerCheckpointRequest) -> Result<()> {
+        if req.drain {
+            self.shared.mark_draining(req.jobmanager.as_ref(), &req.task_id)?;
+        }
         let task = self.task_for_checkpoint(req.jobmanager.as_ref(), &req.task_id, "TriggerCheckpoint")?;
         let state = task.state();
         if state.is_terminal() {
@@ -112,12 +115,7 @@ impl TaskManagerService {
             drain: req.drain,
         };
         match task.control().try_send(control) {
-            Ok(()) => {
-                if req.drain {
-                    task.set_draining();
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(KeelError::FailedPrecondition {
                 reason: format!("task {} has too many pending checkpoint requests", req.task_id),
             }),

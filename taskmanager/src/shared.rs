@@ -173,10 +173,13 @@ impl Shared {
         let stamp = req.jobmanager.as_ref().ok_or_else(|| KeelError::InvalidArgument {
             reason: "AdoptTasks needs the jobmanager leader stamp".into(),
         })?;
+        // Under the table lock, as is a drain's fence check and mark (`mark_draining`): a drain
+        // of the earlier leader either marked its task before this adoption, or is refused by
+        // the fence after it.
+        let mut table = self.lock();
         self.jm_fence.observe(stamp.epoch)?;
         self.note_jm_contact();
         let mut adopted = Vec::new();
-        let mut table = self.lock();
         for task_id in &req.task_ids {
             let Some(task) = table.tasks.get(task_id).cloned() else { continue };
             let state = task.state();
@@ -205,6 +208,20 @@ impl Shared {
         tracing::info!(job_id = %req.job_id, epoch = stamp.epoch, asked = req.task_ids.len(), adopted = adopted.len(),
             "tasks adopted by a new jobmanager leader");
         Ok(adopted)
+    }
+
+    /// A drain trigger (`TriggerCheckpoint` with `drain`): checks the leader's epoch and marks
+    /// the task draining, under the table lock (see [`Shared::adopt`]).
+    pub fn mark_draining(&self, stamp: Option<&keel_proto::pb::LeaderStamp>, task_id: &str) -> Result<()> {
+        let table = self.lock();
+        let stamp = stamp.ok_or_else(|| KeelError::InvalidArgument {
+            reason: "TriggerCheckpoint needs the leader stamp (epoch) of its sender".into(),
+        })?;
+        self.jm_fence.observe(stamp.epoch)?;
+        if let Some(task) = table.tasks.get(task_id) {
+            task.set_draining();
+        }
+        Ok(())
     }
 
     /// Deploys a task: checks the fence and the slot, plans its chain from the spec, and starts

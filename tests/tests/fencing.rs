@@ -1,6 +1,6 @@
 //! Fencing by leader epochs, checked against real processes over gRPC.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::task_manager_client::TaskManagerClient;
@@ -138,15 +138,23 @@ fn a_taskmanager_cut_off_from_the_jobmanager_stops_its_tasks() -> anyhow::Result
     let attempt_before = sb.status("cutoff")?["tasks"][0]["attempt"].as_u64().unwrap_or(0);
 
     sb.proc("jm").proc.signal("STOP")?;
+    let stop_at = Instant::now();
     // heartbeat.timeout (3 s) without an answer, then the tasks are canceled: the output stops.
     let stopped = wait_until("the output to stop growing while the jobmanager is stopped", LONG, || {
         let before = lines_in(&out);
         std::thread::sleep(Duration::from_millis(1500));
-        Ok((lines_in(&out) == before).then_some(before))
+        Ok((lines_in(&out) == before).then(|| (before, stop_at.elapsed() - Duration::from_millis(1500))))
     });
     sb.proc("jm").proc.signal("CONT")?;
-    let stopped = stopped?;
-    println!("the cut-off TaskManager stopped writing at {stopped} lines");
+    let (stopped, after) = stopped?;
+    println!(
+        "the cut-off TaskManager stopped writing at {stopped} lines, {} ms after the SIGSTOP",
+        after.as_millis()
+    );
+    // The cut-off must come about when the leader declares the TaskManager lost (3 s), not when
+    // a heartbeat call to the stopped JobManager finally fails (the HTTP/2 keep-alive, 15 s):
+    // the bound is generous, and a heartbeat loop stuck in that call misses it.
+    assert!(after < Duration::from_secs(10), "the tasks were stopped only {after:?} after the cut-off began");
 
     let status = wait_until("the job to run again in a new attempt", LONG, || {
         let s = sb.status("cutoff")?;

@@ -439,6 +439,12 @@ fn run_in(
         out_state.garbage.len(),
         &etcd_state.completed,
         &fault_times,
+        &report
+            .faults
+            .iter()
+            .filter(|f| matches!(f.fault.kind, FaultKind::RestartBroker | FaultKind::PartitionBroker))
+            .map(|f| f.fault.index)
+            .collect::<Vec<_>>(),
     );
     report.end = end;
     report.checkpoints = etcd_state.completed.len();

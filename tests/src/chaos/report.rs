@@ -367,7 +367,10 @@ impl Report {
             {
                 continue;
             }
-            let end = f.at_ms + f.held_ms + 10_000;
+            // Up to 10 s after the heal, but not into the next fault (which may well change a
+            // leader: it may be a leader's kill or partition).
+            let next_fault = self.faults.iter().map(|o| o.at_ms).filter(|t| *t > f.at_ms).min();
+            let end = (f.at_ms + f.held_ms + 10_000).min(next_fault.unwrap_or(u64::MAX).saturating_sub(1));
             // Seeded with each role's leader before the fault, which is no change.
             let mut changes: Vec<(String, Option<u64>, String)> = ["jobmanager", "resourcemanager"]
                 .iter()
@@ -569,11 +572,13 @@ impl fmt::Display for Report {
         )?;
         let from_cp =
             a.rewinds.iter().filter(|r| matches!(r.verdict, RewindVerdict::FromCheckpoint(_))).count();
+        let resent = a.rewinds.iter().filter(|r| matches!(r.verdict, RewindVerdict::Resent { .. })).count();
         writeln!(
             f,
-            "order per key: {} rewinds (replays): {} from a checkpoint's position, {} not (interleaved attempts or replayed too far), {} unverifiable",
+            "order per key: {} rewinds (replays): {} from a checkpoint's position, {} batches sent again by the sink after a broker fault (after the last checkpoint), {} not (interleaved attempts or replayed too far), {} unverifiable",
             a.rewinds.len(),
             from_cp,
+            resent,
             a.bad_rewinds().count(),
             a.unverifiable()
         )?;
