@@ -433,12 +433,21 @@ impl Sandbox {
 }
 
 impl Drop for Sandbox {
+    /// Stops the processes. A passed test's directories (the sandbox's, its etcd cluster's) are
+    /// removed, unless `KEEL_TEST_KEEP` is set; a failed test's are kept for its logs.
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let failed = std::thread::panicking();
+        if failed {
             self.dump_logs();
         }
         self.procs.clear();
+        let etcd_dir = self.etcd.as_ref().map(|e| e.dir.clone());
         self.etcd = None;
+        if !failed && std::env::var_os("KEEL_TEST_KEEP").is_none() {
+            for dir in std::iter::once(self.dir.clone()).chain(etcd_dir) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 
