@@ -35,7 +35,7 @@ use keel_config::RestartConfig;
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
 use crate::coordinator::{Kind, SavepointDone};
-use crate::record::{now_ms, task_id, RestoredFrom, TaskRecord, VersionRecord};
+use crate::record::{now_ms, task_id, Placement, RestoredFrom, TaskRecord, VersionRecord};
 use crate::restart::{self, Decision, FailureEntry, RestartEntry, SplitMix64};
 use crate::upgrade::{self, Progress, RestoreStrategy, UpgradeMode, UpgradeRequest, UpgradeStrategy};
 use crate::{JobHandle, JobManagerCtx, LeaderState};
@@ -389,20 +389,20 @@ impl Driver {
                         .enumerate()
                         .map(|(i, s)| {
                             let slot = s.slot.clone().unwrap_or_default();
-                            TaskRecord {
-                                task_id: task_id(&self.job.job_id, version, i as u32, attempt),
-                                version,
-                                subtask: i as u32,
-                                attempt,
-                                state: TaskState::Deploying,
+                            let at = Placement {
                                 taskmanager_id: slot.taskmanager_id,
                                 taskmanager_address: s.taskmanager_address.clone(),
                                 slot_index: slot.index,
                                 allocation_id: s.allocation_id.clone(),
-                                failure: String::new(),
-                                records_in: 0,
-                                records_out: 0,
-                            }
+                            };
+                            TaskRecord::placed(
+                                &self.job.job_id,
+                                version,
+                                i as u32,
+                                attempt,
+                                TaskState::Deploying,
+                                at,
+                            )
                         })
                         .collect();
                     for t in &tasks {
@@ -1414,20 +1414,14 @@ impl Driver {
                 Ok(response) => {
                     for a in response.adopted {
                         let Some(subtask) = ids.iter().position(|id| *id == a.task_id) else { continue };
-                        tasks.push(TaskRecord {
-                            task_id: a.task_id,
-                            version,
-                            subtask: subtask as u32,
-                            attempt,
-                            state: TaskState::try_from(a.state).unwrap_or(TaskState::Unspecified),
+                        let state = TaskState::try_from(a.state).unwrap_or(TaskState::Unspecified);
+                        let at = Placement {
                             taskmanager_id: taskmanager_id.clone(),
                             taskmanager_address: address.clone(),
                             slot_index: a.slot_index,
                             allocation_id: a.allocation_id,
-                            failure: String::new(),
-                            records_in: 0,
-                            records_out: 0,
-                        });
+                        };
+                        tasks.push(TaskRecord::placed(&job_id, version, subtask as u32, attempt, state, at));
                     }
                 }
                 Err(error) => tracing::warn!(%job_id, %address, %error, "cannot adopt tasks"),
@@ -1442,19 +1436,14 @@ impl Driver {
             // the TaskManager still adopted): none of them may run on beside the restart.
             let reported: Vec<TaskRecord> = found
                 .iter()
-                .map(|(id, o)| TaskRecord {
-                    task_id: id.clone(),
-                    version,
-                    subtask: ids.iter().position(|i| i == id).unwrap_or_default() as u32,
-                    attempt,
-                    state: TaskState::Running,
-                    taskmanager_id: o.taskmanager_id.clone(),
-                    taskmanager_address: o.address.clone(),
-                    slot_index: 0,
-                    allocation_id: String::new(),
-                    failure: String::new(),
-                    records_in: 0,
-                    records_out: 0,
+                .map(|(id, o)| {
+                    let subtask = ids.iter().position(|i| i == id).unwrap_or_default() as u32;
+                    let at = Placement {
+                        taskmanager_id: o.taskmanager_id.clone(),
+                        taskmanager_address: o.address.clone(),
+                        ..Placement::default()
+                    };
+                    TaskRecord::placed(&job_id, version, subtask, attempt, TaskState::Running, at)
                 })
                 .collect();
             self.cancel_tasks(&reported).await;

@@ -122,7 +122,42 @@ pub struct TaskRecord {
     pub records_out: u64,
 }
 
+/// Where a task runs: its TaskManager and its slot there.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placement {
+    pub taskmanager_id: String,
+    pub taskmanager_address: String,
+    pub slot_index: u32,
+    pub allocation_id: String,
+}
+
 impl TaskRecord {
+    /// Subtask `subtask` of `attempt` of a job version, in `state` at `at`, with no failure and
+    /// no counts yet.
+    pub fn placed(
+        job_id: &str,
+        version: u32,
+        subtask: u32,
+        attempt: u32,
+        state: TaskState,
+        at: Placement,
+    ) -> Self {
+        TaskRecord {
+            task_id: task_id(job_id, version, subtask, attempt),
+            version,
+            subtask,
+            attempt,
+            state,
+            taskmanager_id: at.taskmanager_id,
+            taskmanager_address: at.taskmanager_address,
+            slot_index: at.slot_index,
+            allocation_id: at.allocation_id,
+            failure: String::new(),
+            records_in: 0,
+            records_out: 0,
+        }
+    }
+
     pub fn to_pb(&self) -> pb::TaskDetails {
         use keel_proto::TaskStateExt;
         pb::TaskDetails {
