@@ -465,3 +465,46 @@ pub fn datagen_to_file_spec(
         out.display()
     )
 }
+
+/// Lines in every file of `dir` (a file sink's output), 0 when it cannot be read yet.
+pub fn lines_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| std::fs::read_to_string(e.path()).map(|t| t.lines().count()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The metrics address a TaskManager printed (`keel taskmanager metrics on <host:port>`).
+pub fn metrics_address(sb: &mut Sandbox, name: &str) -> anyhow::Result<String> {
+    let marker = "keel taskmanager metrics on ";
+    let log = sb.proc(name).proc.log_text();
+    let line =
+        log.lines().find(|l| l.starts_with(marker)).context("no metrics line in the taskmanager's output")?;
+    Ok(line[marker.len()..].trim().to_string())
+}
+
+/// The `task_id` labels in a TaskManager's `GET /metrics`: the tasks it runs.
+pub fn metrics_tasks(address: &str) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    use std::io::Read;
+    let mut stream =
+        std::net::TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET /metrics answered {head}");
+    }
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            l.split_once("task_id=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(id, _)| id.to_string())
+        })
+        .collect())
+}

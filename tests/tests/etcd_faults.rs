@@ -5,8 +5,6 @@
 //! checkpoint metadata files).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +13,7 @@ use keel_proto::pb;
 use keel_proto::pb::job_manager_client::JobManagerClient;
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::KeelError;
-use keel_tests::{datagen_to_file_spec, wait_until, Sandbox};
+use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Sandbox};
 use serde_json::Value;
 use tokio::runtime::Handle;
 
@@ -52,16 +50,6 @@ fn all_running(status: &Value) -> bool {
         && status["tasks"]
             .as_array()
             .is_some_and(|ts| !ts.is_empty() && ts.iter().all(|t| t["state"] == "running"))
-}
-
-fn lines_in(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| std::fs::read_to_string(e.path()).map(|t| t.lines().count()).unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// (checkpoint id, attempt, completed_at_ms) of every `_metadata` file of the job, by id.
@@ -161,35 +149,6 @@ fn allocations(rt: &Handle, address: &str) -> anyhow::Result<Vec<(String, String
                     )
                 })
             })
-        })
-        .collect())
-}
-
-fn metrics_address(sb: &mut Sandbox, name: &str) -> anyhow::Result<String> {
-    let marker = "keel taskmanager metrics on ";
-    let log = sb.proc(name).proc.log_text();
-    let line =
-        log.lines().find(|l| l.starts_with(marker)).context("no metrics line in the taskmanager's output")?;
-    Ok(line[marker.len()..].trim().to_string())
-}
-
-/// The `task_id` labels in a TaskManager's `GET /metrics`: the tasks it runs.
-fn metrics_tasks(address: &str) -> anyhow::Result<BTreeSet<String>> {
-    let mut stream = TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
-    stream.set_read_timeout(Some(RPC_TIMEOUT))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET /metrics answered {head}");
-    }
-    Ok(body
-        .lines()
-        .filter_map(|l| {
-            l.split_once("task_id=\"")
-                .and_then(|(_, rest)| rest.split_once('"'))
-                .map(|(id, _)| id.to_string())
         })
         .collect())
 }

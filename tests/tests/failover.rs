@@ -2,19 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use keel_tests::{datagen_to_file_spec, wait_until, Ha, Sandbox};
+use keel_tests::{datagen_to_file_spec, lines_in, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn lines_in(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| std::fs::read_to_string(e.path()).map(|t| t.lines().count()).unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
-}
 
 fn max_attempt(status: &serde_json::Value) -> u64 {
     status["tasks"]

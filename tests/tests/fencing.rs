@@ -6,7 +6,7 @@ use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::task_manager_client::TaskManagerClient;
 use keel_proto::pb::{self, LeaderStamp};
 use keel_proto::KeelError;
-use keel_tests::{datagen_to_file_spec, wait_until, Ha, Sandbox};
+use keel_tests::{datagen_to_file_spec, lines_in, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -106,16 +106,6 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
     assert_eq!(after["tasks"][0]["state"], "running");
     assert_eq!(sb.cluster()?["slots"]["used"], 1);
     Ok(())
-}
-
-fn lines_in(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| std::fs::read_to_string(e.path()).map(|t| t.lines().count()).unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// A TaskManager cut off from the JobManager (here: the only JobManager is SIGSTOPped for

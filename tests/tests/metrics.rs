@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use keel_testkit::{consume_all, create_topic, produce, unique_topic, Broker, Produce};
-use keel_tests::{wait_until, Ha, Sandbox};
+use keel_tests::{metrics_address, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -70,15 +70,6 @@ fn matching<'a>(all: &'a [Series], name: &str, labels: &[(&str, &str)]) -> Vec<&
 
 fn sum(all: &[Series], name: &str, labels: &[(&str, &str)]) -> f64 {
     matching(all, name, labels).iter().map(|s| s.value).sum()
-}
-
-/// The metrics address a TaskManager printed (`keel taskmanager metrics on <host:port>`).
-fn metrics_address(sb: &mut Sandbox, name: &str) -> anyhow::Result<String> {
-    let marker = "keel taskmanager metrics on ";
-    let log = sb.proc(name).proc.log_text();
-    let line =
-        log.lines().find(|l| l.starts_with(marker)).context("no metrics line in the taskmanager's output")?;
-    Ok(line[marker.len()..].trim().to_string())
 }
 
 /// A Kafka job with parallelism 2 copies 300 records from a topic of 3 partitions. Proves: the

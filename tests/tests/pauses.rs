@@ -10,8 +10,7 @@
 //! requests that queued up in its sockets while it was stopped all run at once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +22,7 @@ use keel_proto::pb::job_manager_client::JobManagerClient;
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::{self, SlotAllocation};
 use keel_proto::KeelError;
-use keel_tests::{datagen_to_file_spec, wait_until, Sandbox};
+use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Sandbox};
 use serde_json::Value;
 use tokio::runtime::Handle;
 
@@ -76,16 +75,6 @@ fn completed_ids(status: &Value) -> Vec<u64> {
         .as_array()
         .map(|cs| cs.iter().filter(|c| c["state"] == "completed").filter_map(|c| c["id"].as_u64()).collect())
         .unwrap_or_default()
-}
-
-fn lines_in(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| std::fs::read_to_string(e.path()).map(|t| t.lines().count()).unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The scheduler state of a process from /proc (`T` when stopped).
@@ -149,36 +138,6 @@ fn list_jobs(rt: &Handle, address: &str) -> Result<pb::ListJobsResponse, KeelErr
 }
 
 // ----- what the TaskManagers report ---------------------------------------------------------
-
-/// The metrics address a TaskManager printed (`keel taskmanager metrics on <host:port>`).
-fn metrics_address(sb: &mut Sandbox, name: &str) -> anyhow::Result<String> {
-    let marker = "keel taskmanager metrics on ";
-    let log = sb.proc(name).proc.log_text();
-    let line =
-        log.lines().find(|l| l.starts_with(marker)).context("no metrics line in the taskmanager's output")?;
-    Ok(line[marker.len()..].trim().to_string())
-}
-
-/// The `task_id` labels in a TaskManager's `GET /metrics`: the tasks it runs.
-fn metrics_tasks(address: &str) -> anyhow::Result<BTreeSet<String>> {
-    let mut stream = TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
-    stream.set_read_timeout(Some(RPC_TIMEOUT))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET /metrics answered {head}");
-    }
-    Ok(body
-        .lines()
-        .filter_map(|l| {
-            l.split_once("task_id=\"")
-                .and_then(|(_, rest)| rest.split_once('"'))
-                .map(|(id, _)| id.to_string())
-        })
-        .collect())
-}
 
 /// One look at the cluster: the slots as the TaskManagers last reported them to the
 /// ResourceManager leader, and the tasks each TaskManager's metrics show.
