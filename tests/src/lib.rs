@@ -508,3 +508,34 @@ pub fn metrics_tasks(address: &str) -> anyhow::Result<std::collections::BTreeSet
         })
         .collect())
 }
+
+/// One completed checkpoint's `_metadata` file, as the tests look at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MetadataFile {
+    pub checkpoint_id: u64,
+    pub attempt: u64,
+    /// Epoch of the JobManager leader that wrote it.
+    pub epoch: u64,
+    pub completed_at_ms: u64,
+}
+
+/// Every `_metadata` file of the job's checkpoints in the sandbox, by checkpoint id.
+pub fn metadata_files(sb: &Sandbox, job_id: &str) -> anyhow::Result<Vec<MetadataFile>> {
+    let dir = sb.dir.join("checkpoints").join(job_id);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path().join("_metadata");
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let m: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let field = |k: &str| m[k].as_u64().ok_or_else(|| anyhow!("{} has no {k}", path.display()));
+        out.push(MetadataFile {
+            checkpoint_id: field("checkpoint_id")?,
+            attempt: field("attempt")?,
+            epoch: field("epoch")?,
+            completed_at_ms: field("completed_at_ms")?,
+        });
+    }
+    out.sort_unstable();
+    Ok(out)
+}

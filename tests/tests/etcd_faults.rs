@@ -8,12 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use keel_proto::pb;
 use keel_proto::pb::job_manager_client::JobManagerClient;
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::KeelError;
-use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Sandbox};
+use keel_tests::{
+    datagen_to_file_spec, lines_in, metadata_files, metrics_address, metrics_tasks, wait_until, Sandbox,
+};
 use serde_json::Value;
 use tokio::runtime::Handle;
 
@@ -52,25 +54,13 @@ fn all_running(status: &Value) -> bool {
             .is_some_and(|ts| !ts.is_empty() && ts.iter().all(|t| t["state"] == "running"))
 }
 
-/// (checkpoint id, attempt, completed_at_ms) of every `_metadata` file of the job, by id.
-fn metadata_files(sb: &Sandbox, job_id: &str) -> anyhow::Result<Vec<(u64, u64, u64)>> {
-    let dir = sb.dir.join("checkpoints").join(job_id);
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path().join("_metadata");
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        let m: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let field = |k: &str| m[k].as_u64().ok_or_else(|| anyhow!("{} has no {k}", path.display()));
-        out.push((field("checkpoint_id")?, field("attempt")?, field("completed_at_ms")?));
-    }
-    out.sort_unstable();
-    Ok(out)
-}
-
 /// Completion times (ms) of the checkpoints completed after `since_ms`, in order.
 fn completed_since(sb: &Sandbox, job_id: &str, since_ms: u64) -> anyhow::Result<Vec<u64>> {
-    let mut times: Vec<u64> =
-        metadata_files(sb, job_id)?.into_iter().map(|m| m.2).filter(|t| *t > since_ms).collect();
+    let mut times: Vec<u64> = metadata_files(sb, job_id)?
+        .into_iter()
+        .map(|m| m.completed_at_ms)
+        .filter(|t| *t > since_ms)
+        .collect();
     times.sort_unstable();
     Ok(times)
 }
@@ -79,7 +69,7 @@ fn completed_since(sb: &Sandbox, job_id: &str, since_ms: u64) -> anyhow::Result<
 /// (including the gap from the last completion before `from_ms`).
 fn largest_gap(sb: &Sandbox, job_id: &str, from_ms: u64, to_ms: u64) -> anyhow::Result<u64> {
     let mut times: Vec<u64> =
-        metadata_files(sb, job_id)?.into_iter().map(|m| m.2).filter(|t| *t <= to_ms).collect();
+        metadata_files(sb, job_id)?.into_iter().map(|m| m.completed_at_ms).filter(|t| *t <= to_ms).collect();
     times.sort_unstable();
     let start = times.iter().rposition(|t| *t <= from_ms).unwrap_or(0);
     Ok(times[start..].windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0))
@@ -395,8 +385,8 @@ fn quorum_loss(test: &str, job_must_recover: bool) -> anyhow::Result<()> {
     })?;
     let outage_ms = now_ms();
     let during = metadata_files(sb, &c.job_id)?;
-    let after_fault: Vec<_> = during.iter().filter(|m| m.2 > fault_ms).collect();
-    let after_down: Vec<_> = during.iter().filter(|m| m.2 > down_ms).collect();
+    let after_fault: Vec<_> = during.iter().filter(|m| m.completed_at_ms > fault_ms).collect();
+    let after_down: Vec<_> = during.iter().filter(|m| m.completed_at_ms > down_ms).collect();
     println!(
         "quorum lost: jobmanager stood down after {} ms, resourcemanager after {} ms (lease TTL {TTL:?}); \
          checkpoint metadata written after the fault: {after_fault:?}",

@@ -22,7 +22,9 @@ use keel_proto::pb::job_manager_client::JobManagerClient;
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::{self, SlotAllocation};
 use keel_proto::KeelError;
-use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Sandbox};
+use keel_tests::{
+    datagen_to_file_spec, lines_in, metadata_files, metrics_address, metrics_tasks, wait_until, Sandbox,
+};
 use serde_json::Value;
 use tokio::runtime::Handle;
 
@@ -210,22 +212,6 @@ impl Drop for Sampler {
 
 // ----- checkpoints: metadata files and the HA pointer's history ------------------------------
 
-/// (checkpoint id, attempt, completed_at_ms) of every `_metadata` file of the job.
-/// (checkpoint id, epoch of the leader that wrote it, completed at) of every `_metadata` file.
-fn metadata_files(sb: &Sandbox, job_id: &str) -> anyhow::Result<Vec<(u64, u64, u64)>> {
-    let dir = sb.dir.join("checkpoints").join(job_id);
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path().join("_metadata");
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        let m: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let field = |k: &str| m[k].as_u64().ok_or_else(|| anyhow!("{} has no {k}", path.display()));
-        out.push((field("checkpoint_id")?, field("epoch")?, field("completed_at_ms")?));
-    }
-    out.sort_unstable();
-    Ok(out)
-}
-
 fn etcdctl(sb: &Sandbox, args: &[&str]) -> anyhow::Result<String> {
     let endpoints = sb.etcd.as_ref().ok_or_else(|| anyhow!("the sandbox has no etcd"))?.endpoints();
     let out = Command::new("etcdctl")
@@ -342,7 +328,7 @@ fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
     stop(&mut sb, &old)?;
     let stopped = Instant::now();
     let stopped_ms = now_ms();
-    let last_before_stop = metadata_files(&sb, &job_id)?.last().map(|m| m.0).unwrap_or(0);
+    let last_before_stop = metadata_files(&sb, &job_id)?.last().map(|m| m.checkpoint_id).unwrap_or(0);
 
     let (new_epoch, new_address, taken_over) = wait_until("a new jobmanager leader", LONG, || {
         let c = sb.cluster()?;
@@ -356,7 +342,7 @@ fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
             let s = sb.status(&job_id)?;
             let adopted = s["status_message"].as_str().unwrap_or_default().contains("adopted");
             let taken = (adopted || max_attempt(&s) > old_attempt) && all_running(&s);
-            let checkpointed = metadata_files(&sb, &job_id)?.iter().any(|m| m.1 == new_epoch);
+            let checkpointed = metadata_files(&sb, &job_id)?.iter().any(|m| m.epoch == new_epoch);
             Ok((taken && checkpointed).then_some(s))
         })?;
     let job_back = stopped.elapsed();
@@ -444,7 +430,7 @@ fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
 
     let files = metadata_files(&sb, &job_id)?;
     let late: Vec<_> =
-        files.iter().filter(|(_, epoch, at)| *epoch != new_epoch && *at >= stopped_ms).collect();
+        files.iter().filter(|m| m.epoch != new_epoch && m.completed_at_ms >= stopped_ms).collect();
     assert!(
         late.is_empty(),
         "checkpoint metadata of the old leader's attempt written after it was stopped: {late:?}"
