@@ -13,8 +13,7 @@
 //! out = distinct + duplicates); every duplicate is a replay from the last completed checkpoint;
 //! no older attempt of a task writes beside its successor; every checkpoint pointer move carries
 //! the current JobManager leader's epoch; a new JobManager leader runs the job while the old one
-//! is still away; and output and checkpoints resume after every fault (a recovery timeout is
-//! printed as a testbed stall instead of failing the test: see the comment at its assertion).
+//! is still away; and output and checkpoints resume after every fault.
 
 use keel_tests::chaos::schedule::FaultKind;
 use keel_tests::chaos::{run, Mode, Options};
@@ -38,16 +37,15 @@ fn a_short_chaos_schedule_loses_no_record() -> anyhow::Result<()> {
     // The input holds what the broker kept of the workload (tansu may lose acknowledged records
     // when it is killed: the report notes them); every one of them must be in the output.
     assert_eq!(a.out_distinct, a.in_numbers, "every input number is in the output");
-    // A recovery timeout ends the schedule early. On this testbed it has come from the test
-    // broker falling behind (output 40-80 s late while the job ran, checkpointed and, as checked
-    // above, lost nothing), so it is printed, not failed on; every other violation fails.
-    let (stalls, hard): (Vec<&String>, Vec<&String>) =
-        report.violations.iter().partition(|v| v.contains("did not recover within"));
-    for s in &stalls {
-        println!("testbed stall (not failed on): {s}");
-    }
-    let wanted = if stalls.is_empty() { 4 } else { 1 };
-    assert!(report.injected() >= wanted, "faults injected: {}", report.injected());
-    assert!(hard.is_empty(), "violations (replay: {}):\n{}", report.replay, report.violations.join("\n"));
+    assert!(report.injected() >= 4, "faults injected: {}", report.injected());
+    // Every violation fails, a recovery timeout included: the runner waits while the output
+    // advances (the test broker's readers working through a backlog), so a timeout means some
+    // input partition's output stopped.
+    assert!(
+        report.violations.is_empty(),
+        "violations (replay: {}):\n{}",
+        report.replay,
+        report.violations.join("\n")
+    );
     Ok(())
 }

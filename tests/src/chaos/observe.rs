@@ -127,9 +127,18 @@ impl OutputReader {
         topic: &str,
         partitions: i32,
         read_committed: bool,
+        background: bool,
         start: Instant,
     ) -> anyhow::Result<OutputReader> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        if background {
+            // A reader nobody waits on (the input, for the final accounting) asks the broker to
+            // hold each fetch until it has a lot to return: every fetch costs the test broker
+            // a listing of the partition's objects on its one-process S3 server, the testbed's
+            // bottleneck.
+            config.set("fetch.wait.max.ms", "2000").set("fetch.min.bytes", "1048576");
+        }
+        let consumer: BaseConsumer = config
             .set("bootstrap.servers", bootstrap)
             .set("group.id", format!("{topic}-checker"))
             .set("enable.auto.commit", "false")
@@ -217,6 +226,32 @@ impl OutputReader {
 
     pub fn count(&self) -> usize {
         lock(&self.state).records.len()
+    }
+
+    /// The pipeline's latency just before `at_ms` (ms since the start): the median, over the
+    /// records that arrived in the `window_ms` before it, of arrival minus `due_ms(number)`.
+    pub fn latency_before(&self, at_ms: u64, window_ms: u64, due_ms: impl Fn(u64) -> u64) -> Option<u64> {
+        let s = lock(&self.state);
+        let from = at_ms.saturating_sub(window_ms);
+        let mut lags: Vec<u64> = s
+            .records
+            .iter()
+            .rev()
+            .skip_while(|r| r.at_ms > at_ms)
+            .take_while(|r| r.at_ms >= from)
+            .map(|r| r.at_ms.saturating_sub(due_ms(r.n)))
+            .collect();
+        if lags.is_empty() {
+            return None;
+        }
+        lags.sort_unstable();
+        Some(lags[lags.len() / 2])
+    }
+
+    /// The highest number in the output from each of the given input partitions.
+    pub fn newest_of(&self, partitions: &[usize]) -> Vec<Option<u64>> {
+        let s = lock(&self.state);
+        partitions.iter().map(|p| s.max_by_partition.get(*p).copied().flatten()).collect()
     }
 
     /// Whether the reader has read every partition up to `ends` (offsets after the last record).
