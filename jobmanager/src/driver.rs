@@ -23,6 +23,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::task_manager_client::TaskManagerClient;
 use keel_proto::pb::{self, TaskState};
 use keel_proto::{JobState, KeelError, Result, TaskStateExt};
@@ -1373,6 +1374,7 @@ impl Driver {
         // window.
         let wait = (self.ctx.config.heartbeat_interval * 3)
             .min(self.st.adopt_until.saturating_duration_since(Instant::now()));
+        let mut next_look = started;
         let found = loop {
             if let Some(found) = self.st.orphans_of(&ids) {
                 break found;
@@ -1381,6 +1383,19 @@ impl Driver {
                 tracing::info!(%job_id, version, attempt, waited_ms = started.elapsed().as_millis() as u64,
                     "not every task of the running attempt was reported; restarting the job instead of adopting");
                 return None;
+            }
+            // Every TaskManager that holds a slot of this version has reported (or there is
+            // none): the missing tasks are gone, and waiting longer only delays the restart.
+            if tokio::time::Instant::now() >= next_look {
+                next_look = tokio::time::Instant::now() + Duration::from_millis(250);
+                if let Some(holders) = self.slot_holders(version).await {
+                    if self.st.reported_by(&holders) && self.st.orphans_of(&ids).is_none() {
+                        tracing::info!(%job_id, version, attempt, taskmanagers = ?holders,
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "every taskmanager holding the job's slots has reported and a task of the running attempt is missing; restarting the job instead of adopting");
+                        return None;
+                    }
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
@@ -1462,6 +1477,31 @@ impl Driver {
             self.st.leadership.epoch
         );
         Some(Adopted { attempt, tasks })
+    }
+
+    /// The TaskManagers that hold a slot allocated to `version` of this job, as the
+    /// ResourceManager leader sees them; `None` when it cannot say for sure (unreachable, or
+    /// leading for less than `heartbeat.timeout`: its table, rebuilt from registrations, may
+    /// still miss a live TaskManager).
+    async fn slot_holders(&self, version: u32) -> Option<Vec<String>> {
+        let call = self.ctx.rm.call(|ch| async move {
+            ResourceManagerClient::new(ch).cluster_overview(pb::ClusterOverviewRequest {}).await
+        });
+        let overview = tokio::time::timeout(Duration::from_millis(500), call).await.ok()?.ok()?.into_inner();
+        if Duration::from_millis(overview.leader_for_ms) < self.ctx.config.heartbeat_timeout {
+            return None;
+        }
+        let holders = overview
+            .taskmanagers
+            .into_iter()
+            .filter(|tm| {
+                tm.slots.iter().any(|s| {
+                    s.allocation.as_ref().is_some_and(|a| a.job_id == self.job.job_id && a.version == version)
+                })
+            })
+            .map(|tm| tm.taskmanager_id)
+            .collect();
+        Some(holders)
     }
 
     /// Cancels the tasks that have not ended. Waits for the answers at most [`CANCEL_BUDGET`]:

@@ -166,6 +166,9 @@ pub(crate) struct LeaderState {
     /// `orphans` for the drivers.
     adopt_until: Instant,
     orphans: Mutex<HashMap<String, Orphan>>,
+    /// TaskManagers whose heartbeat (the list of every task they run) this leader has handled:
+    /// their orphans are all known (see [`LeaderState::reported_by`]).
+    reported: Mutex<std::collections::HashSet<String>>,
     /// Set once every job of the HA store has its driver.
     jobs_loaded: std::sync::atomic::AtomicBool,
 }
@@ -211,6 +214,12 @@ impl LeaderState {
     pub fn orphans_of(&self, task_ids: &[String]) -> Option<Vec<(String, Orphan)>> {
         let orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
         task_ids.iter().map(|id| orphans.get(id).map(|o| (id.clone(), o.clone()))).collect()
+    }
+
+    /// Whether each of these TaskManagers has had a heartbeat handled by this leader.
+    pub fn reported_by(&self, taskmanager_ids: &[String]) -> bool {
+        let reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        taskmanager_ids.iter().all(|id| reported.contains(id))
     }
 
     pub fn saw_taskmanager(&self, id: &str, address: &str) {
@@ -760,6 +769,7 @@ impl JobManager {
             drivers: tokio_util::task::TaskTracker::new(),
             adopt_until: Instant::now() + self.ctx.config.heartbeat_timeout,
             orphans: Mutex::new(HashMap::new()),
+            reported: Mutex::new(std::collections::HashSet::new()),
             jobs_loaded: std::sync::atomic::AtomicBool::new(false),
         });
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
@@ -1232,6 +1242,8 @@ impl JmApi for JmService {
             })
             .map(|u| u.task_id.clone())
             .collect();
+        // After its orphans are kept: a driver waiting to adopt may now rely on them.
+        st.reported.lock().unwrap_or_else(|p| p.into_inner()).insert(req.taskmanager_id.clone());
         Ok(Response::new(pb::JobManagerHeartbeatResponse { cancel_task_ids }))
     }
 

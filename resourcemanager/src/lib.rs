@@ -56,6 +56,8 @@ struct LeaderState {
     /// The newest JobManager leader epoch seen and when it was first seen here (see
     /// `free_stale_allocations`).
     epoch_first_seen: Mutex<(u64, Instant)>,
+    /// When this leadership began.
+    since: Instant,
 }
 
 impl LeaderState {
@@ -489,6 +491,7 @@ impl ResourceManager {
             served: Mutex::new(HashMap::new()),
             detector: Mutex::new(RpcFailureDetector::new(self.config.heartbeat_rpc_failure_threshold)),
             epoch_first_seen: Mutex::new((0, Instant::now())),
+            since: Instant::now(),
         });
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
         let prober = tokio::spawn(self.clone().probe_taskmanagers(st.clone(), shutdown.clone()));
@@ -656,6 +659,7 @@ impl RmApi for RmService {
             slots_total: table.total_slots() as u32,
             slots_free: table.free_slots() as u32,
             pending_slot_requests: 0,
+            leader_for_ms: now.saturating_duration_since(st.since).as_millis() as u64,
         }))
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use keel_tests::{datagen_to_file_spec, lines_in, wait_until, Ha, Sandbox};
+use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -124,6 +124,105 @@ fn jobmanager_leader_killed_on_etcd_standby_recovers_job() -> anyhow::Result<()>
 fn jobmanager_leader_killed_on_local_backend_standby_recovers_job() -> anyhow::Result<()> {
     let sb = Sandbox::new("jm-failover-local", Ha::Local, &[])?;
     jobmanager_failover(sb, "local")?;
+    Ok(())
+}
+
+/// Kills the JobManager leader and, at the same moment, one of the two TaskManagers running
+/// the job's tasks (kill -9 both). Proves that a new leader does not adopt part of an attempt:
+/// the task on the surviving TaskManager is reported to it, but the attempt is incomplete, so
+/// the job restarts from its latest checkpoint with a new attempt on free slots, and the
+/// surviving TaskManager no longer runs the old attempt's task (canceled: it would otherwise
+/// write beside its successor). Also prints how long the new leader took to decide: it restarts
+/// as soon as every TaskManager that holds a slot of the job has reported, not after waiting
+/// out three heartbeats.
+#[test]
+fn jobmanager_and_taskmanager_killed_together_job_restarts_without_partial_adoption() -> anyhow::Result<()> {
+    let mut sb = Sandbox::new("jm-tm-killed", Ha::Local, &[])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    let rm_started = Instant::now();
+    sb.start("jobmanager", "jm-a", &[])?;
+    sb.start("jobmanager", "jm-b", &[])?;
+    for tm in ["tm-1", "tm-2", "tm-3"] {
+        sb.start("taskmanager", tm, &["taskmanager.numberOfTaskSlots=1".into()])?;
+    }
+    let out = sb.dir.join("out");
+    let spec = format!(
+        "{}config:\n  execution.checkpointing.interval: 300 ms\n",
+        datagen_to_file_spec("pair", 2, 100, None, &out)
+    );
+    sb.run_spec("job", &spec, &[])?;
+    let before = wait_until("a first checkpoint", LONG, || {
+        let s = sb.status("pair")?;
+        Ok((!completed_checkpoints(&s).is_empty()).then_some(s))
+    })?;
+    let attempt = max_attempt(&before);
+    let placed: Vec<(String, String)> = before["tasks"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| {
+                    let tm = t["taskmanager_id"].as_str().unwrap_or_default().to_string();
+                    (t["task_id"].as_str().unwrap_or_default().to_string(), tm)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(placed.len(), 2, "{before}");
+    assert_ne!(placed[0].1, placed[1].1, "one slot per taskmanager: {before}");
+    let (victim, (survivor_task, survivor)) = (placed[0].1.clone(), placed[1].clone());
+    let survivor_metrics = metrics_address(&mut sb, &survivor)?;
+    assert!(metrics_tasks(&survivor_metrics)?.contains(&survivor_task), "the survivor runs its task");
+    let cluster = sb.cluster()?;
+    let leader = cluster["jobmanager"]["leader"].as_str().unwrap_or_default().to_string();
+    let leader_name = sb.by_address(&leader).map(|p| p.proc.name.clone()).unwrap_or_default();
+    let standby = if leader_name == "jm-a" { "jm-b" } else { "jm-a" };
+
+    // The new leader trusts the ResourceManager's list of slot holders once it has led for
+    // heartbeat.timeout (5 s): before that, its table may still miss a TaskManager.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(rm_started.elapsed()));
+    let killed_at = Instant::now();
+    sb.proc(&leader_name).proc.kill9();
+    sb.proc(&victim).proc.kill9();
+
+    let status = wait_until("the job to run again with a new attempt", LONG, || {
+        let s = sb.status("pair")?;
+        let running = s["job"]["state"] == "running"
+            && max_attempt(&s) > attempt
+            && s["tasks"].as_array().is_some_and(|ts| ts.iter().all(|t| t["state"] == "running"));
+        if running {
+            return Ok(Some(s));
+        }
+        Err(anyhow::anyhow!(
+            "job {} ({}), attempt {}",
+            s["job"]["state"],
+            s["status_message"],
+            max_attempt(&s)
+        ))
+    })?;
+    let running_again = killed_at.elapsed();
+    assert!(!status["status_message"].as_str().unwrap_or_default().contains("adopted"), "{status}");
+    assert!(
+        status["tasks"]
+            .as_array()
+            .is_some_and(|ts| ts.iter().all(|t| t["taskmanager_id"] != victim.as_str())),
+        "nothing runs on the killed taskmanager: {status}"
+    );
+    // The old attempt's task on the survivor was canceled, not left running beside the new one.
+    wait_until("the old attempt's task to leave the surviving taskmanager", LONG, || {
+        Ok((!metrics_tasks(&survivor_metrics)?.contains(&survivor_task)).then_some(()))
+    })?;
+    let lines = lines_in(&out);
+    wait_until("output to grow after the restart", LONG, || Ok((lines_in(&out) > lines).then_some(())))?;
+    let log = sb.proc(standby).proc.log_text();
+    assert!(
+        log.contains("every taskmanager holding the job's slots has reported"),
+        "the new leader decided once the surviving slot holder had reported, not by waiting out its heartbeats"
+    );
+    println!(
+        "jobmanager and taskmanager killed together: job running again with attempt {} after {} ms",
+        max_attempt(&status),
+        running_again.as_millis()
+    );
     Ok(())
 }
 
