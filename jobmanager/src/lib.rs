@@ -181,6 +181,25 @@ pub(crate) struct Orphan {
 }
 
 impl LeaderState {
+    /// A leadership's state, with an adoption window of `adopt_window` from now.
+    fn new(
+        leadership: Leadership,
+        adopt_window: Duration,
+        rpc_failure_threshold: Option<u32>,
+    ) -> LeaderState {
+        LeaderState {
+            leadership,
+            jobs: Mutex::new(BTreeMap::new()),
+            taskmanagers: Mutex::new(HashMap::new()),
+            detector: Mutex::new(RpcFailureDetector::new(rpc_failure_threshold)),
+            drivers: tokio_util::task::TaskTracker::new(),
+            adopt_until: Instant::now() + adopt_window,
+            orphans: Mutex::new(HashMap::new()),
+            reported: Mutex::new(std::collections::HashSet::new()),
+            jobs_loaded: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     pub fn stamp(&self) -> pb::LeaderStamp {
         pb::LeaderStamp { epoch: self.leadership.epoch, address: self.leadership.address.clone() }
     }
@@ -761,17 +780,11 @@ impl JobManager {
     /// One leadership: recover the jobs and lead until leadership is lost or shutdown; then wait
     /// for every driver to stop (they stop when leadership ends) before standing by again.
     async fn lead_once(self: Arc<Self>, leadership: Leadership, shutdown: CancellationToken) {
-        let st = Arc::new(LeaderState {
-            leadership: leadership.clone(),
-            jobs: Mutex::new(BTreeMap::new()),
-            taskmanagers: Mutex::new(HashMap::new()),
-            detector: Mutex::new(RpcFailureDetector::new(self.ctx.config.heartbeat_rpc_failure_threshold)),
-            drivers: tokio_util::task::TaskTracker::new(),
-            adopt_until: Instant::now() + self.ctx.config.heartbeat_timeout,
-            orphans: Mutex::new(HashMap::new()),
-            reported: Mutex::new(std::collections::HashSet::new()),
-            jobs_loaded: std::sync::atomic::AtomicBool::new(false),
-        });
+        let st = Arc::new(LeaderState::new(
+            leadership.clone(),
+            self.ctx.config.heartbeat_timeout,
+            self.ctx.config.heartbeat_rpc_failure_threshold,
+        ));
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(st.clone());
         self.lead(st.clone(), &shutdown).await;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
@@ -1392,6 +1405,38 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    fn orphan_report(task_id: &str, job_id: &str) -> pb::TaskStateUpdate {
+        pb::TaskStateUpdate {
+            task_id: task_id.into(),
+            job_id: job_id.into(),
+            taskmanager_id: "tm-1".into(),
+            ..Default::default()
+        }
+    }
+
+    /// The adoption window: a report of a task this leader does not know is kept (not
+    /// canceled) while the jobs are not loaded yet; once they are, only for a job whose driver
+    /// is adopting (not for an unknown job); and never after the window, so a task an earlier
+    /// leader deployed and nobody adopted is canceled when it reports late.
+    #[test]
+    fn orphans_are_kept_only_within_the_adoption_window() {
+        let leadership = Leadership::new(Role::JobManager, 7, "jm:1".into(), CancellationToken::new());
+        let st = LeaderState::new(leadership.clone(), Duration::from_millis(300), Some(2));
+        assert!(st.keep_orphan(&orphan_report("j/v1/0#1", "j"), "tm:1"), "jobs not loaded yet: kept");
+        assert!(st.orphans_of(&["j/v1/0#1".to_string()]).is_some());
+        assert!(st.orphans_of(&["j/v1/0#1".to_string(), "j/v1/1#1".to_string()]).is_none(), "one missing");
+        st.jobs_loaded.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(!st.keep_orphan(&orphan_report("k/v1/0#1", "k"), "tm:1"), "a job this leader does not run");
+        assert!(st.orphans_of(&["k/v1/0#1".to_string()]).is_none());
+
+        let late = LeaderState::new(leadership, Duration::ZERO, Some(2));
+        assert!(!late.keep_orphan(&orphan_report("j/v1/0#1", "j"), "tm:1"), "after the window: canceled");
+        assert!(!late.reported_by(&["tm-1".to_string()]));
+        late.reported.lock().unwrap_or_else(|p| p.into_inner()).insert("tm-1".into());
+        assert!(late.reported_by(&["tm-1".to_string()]) && late.reported_by(&[]));
+        assert!(!late.reported_by(&["tm-1".to_string(), "tm-2".to_string()]));
     }
 
     /// A running task shows its latest report; a task that is not running shows no rates.

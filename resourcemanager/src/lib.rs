@@ -258,10 +258,12 @@ impl ResourceManager {
         let seen = st.jobmanager_fence.seen();
         {
             let mut first_seen = st.epoch_first_seen.lock().unwrap_or_else(|p| p.into_inner());
-            if first_seen.0 != seen {
-                *first_seen = (seen, Instant::now());
-            }
-            if first_seen.1.elapsed() < self.config.heartbeat_timeout * 2 {
+            if !stale_allocations_due(
+                &mut first_seen,
+                seen,
+                Instant::now(),
+                self.config.heartbeat_timeout * 2,
+            ) {
                 return;
             }
         }
@@ -664,6 +666,16 @@ impl RmApi for RmService {
     }
 }
 
+/// Whether slots allocated for JobManager leaders older than `seen` (the newest epoch seen) may
+/// be freed at `now`: only once `seen` has been the newest for `grace`. `first_seen` is the
+/// newest epoch and when it was first seen; a newer one restarts the clock.
+fn stale_allocations_due(first_seen: &mut (u64, Instant), seen: u64, now: Instant, grace: Duration) -> bool {
+    if first_seen.0 != seen {
+        *first_seen = (seen, now);
+    }
+    now.saturating_duration_since(first_seen.1) >= grace
+}
+
 /// Runs a ResourceManager process until `shutdown`: serves gRPC at once and campaigns for
 /// leadership; prints `keel resourcemanager listening on <address>` when the port is bound.
 pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: CancellationToken) -> Result<()> {
@@ -694,5 +706,27 @@ pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: Cancellation
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(KeelError::internal(format!("resourcemanager server: {e}"))),
         Err(e) => Err(KeelError::internal(format!("resourcemanager server task: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The grace before an older JobManager leader's slots are freed: not before the newest
+    /// epoch has been seen for the grace (the new leader may still adopt the tasks in them), and
+    /// a leader newer still restarts the clock.
+    #[test]
+    fn older_leaders_slots_are_freed_only_after_the_grace() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        let mut first_seen = (0, t0);
+        assert!(!stale_allocations_due(&mut first_seen, 5, t0, grace), "epoch 5 just seen");
+        assert!(!stale_allocations_due(&mut first_seen, 5, t0 + Duration::from_millis(9_999), grace));
+        assert!(stale_allocations_due(&mut first_seen, 5, t0 + grace, grace));
+        let t1 = t0 + Duration::from_secs(12);
+        assert!(!stale_allocations_due(&mut first_seen, 6, t1, grace), "a newer leader restarts the clock");
+        assert!(!stale_allocations_due(&mut first_seen, 6, t1 + Duration::from_secs(9), grace));
+        assert!(stale_allocations_due(&mut first_seen, 6, t1 + grace, grace));
     }
 }

@@ -325,6 +325,32 @@ mod tests {
         assert_eq!(t.allocations_of("j", 0), vec!["x".to_string()]);
     }
 
+    /// An allocation that a new JobManager leader adopted reaches the table re-stamped with its
+    /// epoch through the TaskManager's next heartbeat, and is then no longer an older leader's
+    /// garbage; one nobody adopted still is.
+    #[test]
+    fn adopted_allocations_are_restamped_by_the_heartbeat() {
+        let now = Instant::now();
+        let mut t = SlotTable::new();
+        let slot = |index: u32, id: &str, epoch: u64| SlotStatus {
+            index,
+            allocation: Some(SlotAllocation {
+                allocation_id: id.into(),
+                job_id: "j".into(),
+                version: 1,
+                jobmanager_epoch: epoch,
+            }),
+            task_id: format!("j/v1/{index}#1"),
+        };
+        t.register("tm-a", "a:1", 2, &[slot(0, "x", 4), slot(1, "y", 4)], 0, now);
+        let mut stale = t.allocations_below_epoch(9);
+        stale.sort();
+        assert_eq!(stale, vec!["x".to_string(), "y".to_string()]);
+        // Leader 9 adopted the task in slot 0 only.
+        assert!(t.heartbeat("tm-a", &[slot(0, "x", 9), slot(1, "y", 4)], 0, now + Duration::from_secs(1)));
+        assert_eq!(t.allocations_below_epoch(9), vec!["y".to_string()]);
+    }
+
     /// An allocation not yet confirmed by the TaskManager survives a report that predates it,
     /// but a report still disagreeing after the grace period wins.
     #[test]
