@@ -103,6 +103,20 @@ pub(crate) struct JobHandle {
 }
 
 impl JobHandle {
+    fn new(record: JobRecord, events: mpsc::UnboundedSender<JobEvent>, adopting: bool) -> JobHandle {
+        let job_id = record.job_id.clone();
+        JobHandle {
+            job_id: job_id.clone(),
+            record: Mutex::new(record),
+            tasks: Mutex::new(Vec::new()),
+            reports: Mutex::new(HashMap::new()),
+            events,
+            checkpoints: Mutex::new(CheckpointTracker::new(job_id)),
+            checkpoint_wake: Notify::new(),
+            adopting: std::sync::atomic::AtomicBool::new(adopting),
+        }
+    }
+
     pub fn record(&self) -> JobRecord {
         self.record_mut().clone()
     }
@@ -352,17 +366,7 @@ impl JobManager {
     fn spawn_driver(&self, st: &Arc<LeaderState>, record: JobRecord, recovered: bool) -> Arc<JobHandle> {
         let (tx, rx) = mpsc::unbounded_channel();
         let terminal = record.state.is_terminal();
-        let job_id = record.job_id.clone();
-        let handle = Arc::new(JobHandle {
-            job_id: job_id.clone(),
-            record: Mutex::new(record),
-            tasks: Mutex::new(Vec::new()),
-            reports: Mutex::new(HashMap::new()),
-            events: tx,
-            checkpoints: Mutex::new(CheckpointTracker::new(job_id)),
-            checkpoint_wake: Notify::new(),
-            adopting: std::sync::atomic::AtomicBool::new(recovered && !terminal),
-        });
+        let handle = Arc::new(JobHandle::new(record, tx, recovered && !terminal));
         st.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(handle.job_id.clone(), handle.clone());
         if !terminal {
             let driver = Driver {
@@ -1427,9 +1431,31 @@ mod tests {
         assert!(st.keep_orphan(&orphan_report("j/v1/0#1", "j"), "tm:1"), "jobs not loaded yet: kept");
         assert!(st.orphans_of(&["j/v1/0#1".to_string()]).is_some());
         assert!(st.orphans_of(&["j/v1/0#1".to_string(), "j/v1/1#1".to_string()]).is_none(), "one missing");
+        let record = |job_id: &str| JobRecord {
+            job_id: job_id.into(),
+            name: job_id.into(),
+            state: JobState::Running,
+            active_version: 1,
+            versions: Vec::new(),
+            created_at_ms: 0,
+            attempts: 1,
+            restarts: 0,
+            status_message: String::new(),
+            cancel_requested: false,
+            restart: Default::default(),
+            side: None,
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        for (job_id, adopting) in [("j", true), ("m", false)] {
+            let handle = Arc::new(JobHandle::new(record(job_id), tx.clone(), adopting));
+            st.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.into(), handle);
+        }
         st.jobs_loaded.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(st.keep_orphan(&orphan_report("j/v1/1#1", "j"), "tm:1"), "a job being adopted");
+        assert!(!st.keep_orphan(&orphan_report("m/v1/0#1", "m"), "tm:1"), "a job not being adopted");
         assert!(!st.keep_orphan(&orphan_report("k/v1/0#1", "k"), "tm:1"), "a job this leader does not run");
         assert!(st.orphans_of(&["k/v1/0#1".to_string()]).is_none());
+        assert!(st.orphans_of(&["j/v1/0#1".to_string(), "j/v1/1#1".to_string()]).is_some());
 
         let late = LeaderState::new(leadership, Duration::ZERO, Some(2));
         assert!(!late.keep_orphan(&orphan_report("j/v1/0#1", "j"), "tm:1"), "after the window: canceled");
