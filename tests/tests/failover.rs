@@ -27,6 +27,28 @@ fn completed_checkpoints(status: &serde_json::Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// Waits until `done` holds for the job's status; a timeout names the job's state, status
+/// message and attempt.
+fn wait_for_job(
+    sb: &Sandbox,
+    job: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    wait_until(what, LONG, || {
+        let s = sb.status(job)?;
+        if done(&s) {
+            return Ok(Some(s));
+        }
+        Err(anyhow::anyhow!(
+            "job {} ({}), attempt {}",
+            s["job"]["state"],
+            s["status_message"],
+            max_attempt(&s)
+        ))
+    })
+}
+
 /// Kills the JobManager leader with SIGKILL while a checkpointing job runs. Proves: a standby
 /// takes over with a higher epoch, recovers the job from the HA store and *adopts* its running
 /// tasks instead of restarting them: the same task ids (same attempt), no restart, the output
@@ -65,19 +87,8 @@ fn jobmanager_failover(mut sb: Sandbox, backend: &str) -> anyhow::Result<Duratio
     let killed_at = Instant::now();
     sb.proc(&leader_name).proc.kill9();
 
-    let status = wait_until("the new jobmanager leader to adopt the running tasks", LONG, || {
-        let s = sb.status(&job_id)?;
-        let adopted = s["job"]["state"] == "running"
-            && s["status_message"].as_str().unwrap_or_default().contains("adopted");
-        if adopted {
-            return Ok(Some(s));
-        }
-        Err(anyhow::anyhow!(
-            "job {} ({}), attempt {}",
-            s["job"]["state"],
-            s["status_message"],
-            max_attempt(&s)
-        ))
+    let status = wait_for_job(&sb, &job_id, "the new jobmanager leader to adopt the running tasks", |s| {
+        s["job"]["state"] == "running" && s["status_message"].as_str().unwrap_or_default().contains("adopted")
     })?;
     let takeover = killed_at.elapsed();
 
@@ -184,20 +195,10 @@ fn jobmanager_and_taskmanager_killed_together_job_restarts_without_partial_adopt
     sb.proc(&leader_name).proc.kill9();
     sb.proc(&victim).proc.kill9();
 
-    let status = wait_until("the job to run again with a new attempt", LONG, || {
-        let s = sb.status("pair")?;
-        let running = s["job"]["state"] == "running"
-            && max_attempt(&s) > attempt
-            && s["tasks"].as_array().is_some_and(|ts| ts.iter().all(|t| t["state"] == "running"));
-        if running {
-            return Ok(Some(s));
-        }
-        Err(anyhow::anyhow!(
-            "job {} ({}), attempt {}",
-            s["job"]["state"],
-            s["status_message"],
-            max_attempt(&s)
-        ))
+    let status = wait_for_job(&sb, "pair", "the job to run again with a new attempt", |s| {
+        s["job"]["state"] == "running"
+            && max_attempt(s) > attempt
+            && s["tasks"].as_array().is_some_and(|ts| ts.iter().all(|t| t["state"] == "running"))
     })?;
     let running_again = killed_at.elapsed();
     assert!(!status["status_message"].as_str().unwrap_or_default().contains("adopted"), "{status}");

@@ -323,7 +323,7 @@ fn run_in(
                 .filter(|n| Instant::now().saturating_duration_since(workload.due(*n)) <= caught_up)
                 .map(|_| ()))
         });
-        println!("chaos: {}", progress_line(start, &workload, &reader, &etcd));
+        println!("chaos: {}", progress_line(start, &workload, &reader, &etcd, &tasks));
         std::thread::sleep(Duration::from_millis(fault.gap_ms));
         let watch = Watch { reader: &reader, workload: &workload, etcd: &etcd, start, opts };
         let mut outcome = inject(cluster, network.as_mut(), &watch, &fault);
@@ -432,6 +432,17 @@ fn run_in(
     }
     let lags: Vec<u64> =
         first_seen.iter().map(|(n, at)| at.saturating_sub(workload_start_ms + n * 1000 / rate)).collect();
+    // Every output record as it arrived, for a closer look at a run (kept with --keep or when
+    // the run fails): number, output partition and offset, ms since the start when it arrived and
+    // when it was due.
+    let mut csv = String::from("n,partition,offset,arrived_ms,due_ms\n");
+    for r in &out_state.records {
+        let due = workload_start_ms + r.n * 1000 / rate;
+        csv += &format!("{},{},{},{},{due}\n", r.n, r.partition, r.offset, r.at_ms);
+    }
+    if let Err(e) = std::fs::write(cluster.dir.join("output.csv"), csv) {
+        report.notes.push(format!("cannot write output.csv: {e}"));
+    }
     report.latency = check::p50_p99_max(&lags);
     let mut fault_times: Vec<(usize, u64, u64)> = Vec::new();
     for f in report.faults.iter().filter(|f| f.skipped.is_none()) {
@@ -765,16 +776,23 @@ fn wait_for_output(reader: &OutputReader, probe: usize, timeout: Duration) -> Re
 
 /// Where the workload, the output and the checkpoints are: how far the producer is behind its
 /// schedule, and how long ago the newest number in the output was due.
-fn progress_line(start: Instant, workload: &Workload, reader: &OutputReader, etcd: &EtcdWatcher) -> String {
+fn progress_line(
+    start: Instant,
+    workload: &Workload,
+    reader: &OutputReader,
+    etcd: &EtcdWatcher,
+    tasks: &TaskWatcher,
+) -> String {
     let now = Instant::now();
     let next = workload.next();
     let producer_behind = now.saturating_duration_since(workload.due(next));
     let (records, newest) = reader.progress();
     let output_behind = newest.map(|n| now.saturating_duration_since(workload.due(n)));
     let checkpoints = lock(&etcd.state).completed.len();
+    let sinks = lock(&tasks.state).sink_records_out();
     format!(
-        "[{:>6.1}s] produced {next} (producer {:.1}s behind its schedule); output {records} records, newest number due \
-         {} ago; {checkpoints} checkpoints",
+        "[{:>6.1}s] produced {next} (producer {:.1}s behind its schedule); the job's sinks wrote {sinks}; output read \
+         {records} records, newest number due {} ago; {checkpoints} checkpoints",
         start.elapsed().as_secs_f64(),
         producer_behind.as_secs_f64(),
         output_behind.map_or("-".to_string(), |d| format!("{:.1}s", d.as_secs_f64())),

@@ -309,6 +309,15 @@ pub struct TaskState {
     pub failed_scrapes: u64,
 }
 
+impl TaskState {
+    /// Records the job's sinks have written (`numRecordsOut`, summed over every attempt seen,
+    /// replays included): beside the output reader's count, it tells a job that falls behind
+    /// from a reader that does.
+    pub fn sink_records_out(&self) -> u64 {
+        self.last.values().map(|(_, out)| out).sum()
+    }
+}
+
 /// Scrapes every TaskManager's metrics endpoint every `every`.
 pub struct TaskWatcher {
     pub state: Arc<Mutex<TaskState>>,
