@@ -621,7 +621,8 @@ impl Client {
                 json!({
                     "ha": self.ha_description,
                     "jobmanager": {"leader": jm.leader_address, "epoch": jm.epoch},
-                    "resourcemanager": {"leader": rm.resourcemanager_address, "epoch": rm.resourcemanager_epoch},
+                    "resourcemanager": {"leader": rm.resourcemanager_address, "epoch": rm.resourcemanager_epoch,
+                                        "leader_for_ms": rm.leader_for_ms},
                     "taskmanagers": tms,
                     "slots": {"total": rm.slots_total, "free": rm.slots_free, "used": rm.slots_total - rm.slots_free},
                 })

@@ -486,12 +486,12 @@ pub fn metrics_address(sb: &mut Sandbox, name: &str) -> anyhow::Result<String> {
     Ok(line[marker.len()..].trim().to_string())
 }
 
-/// The `task_id` labels in a TaskManager's `GET /metrics`: the tasks it runs.
-pub fn metrics_tasks(address: &str) -> anyhow::Result<std::collections::BTreeSet<String>> {
+/// `GET /metrics` at `address` (a TaskManager's metrics endpoint); the body.
+pub fn scrape_metrics(address: &str) -> anyhow::Result<String> {
     use std::io::Read;
     let mut stream =
         std::net::TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
@@ -499,7 +499,12 @@ pub fn metrics_tasks(address: &str) -> anyhow::Result<std::collections::BTreeSet
     if !head.starts_with("HTTP/1.1 200") {
         bail!("GET /metrics answered {head}");
     }
-    Ok(body
+    Ok(body.to_string())
+}
+
+/// The `task_id` labels in a TaskManager's `GET /metrics`: the tasks it runs.
+pub fn metrics_tasks(address: &str) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    Ok(scrape_metrics(address)?
         .lines()
         .filter_map(|l| {
             l.split_once("task_id=\"")

@@ -150,7 +150,6 @@ fn jobmanager_leader_killed_on_local_backend_standby_recovers_job() -> anyhow::R
 fn jobmanager_and_taskmanager_killed_together_job_restarts_without_partial_adoption() -> anyhow::Result<()> {
     let mut sb = Sandbox::new("jm-tm-killed", Ha::Local, &[])?;
     sb.start("resourcemanager", "rm", &[])?;
-    let rm_started = Instant::now();
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
     for tm in ["tm-1", "tm-2", "tm-3"] {
@@ -190,7 +189,10 @@ fn jobmanager_and_taskmanager_killed_together_job_restarts_without_partial_adopt
 
     // The new leader trusts the ResourceManager's list of slot holders once it has led for
     // heartbeat.timeout (5 s): before that, its table may still miss a TaskManager.
-    std::thread::sleep(Duration::from_secs(6).saturating_sub(rm_started.elapsed()));
+    wait_until("the resourcemanager to have led for heartbeat.timeout", LONG, || {
+        let led = sb.cluster()?["resourcemanager"]["leader_for_ms"].as_u64().unwrap_or(0);
+        Ok((led >= 5_000).then_some(()))
+    })?;
     let killed_at = Instant::now();
     sb.proc(&leader_name).proc.kill9();
     sb.proc(&victim).proc.kill9();

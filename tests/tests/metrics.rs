@@ -3,29 +3,13 @@
 //! endpoint scraped over HTTP, and `keel status`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use keel_testkit::{consume_all, create_topic, produce, unique_topic, Broker, Produce};
-use keel_tests::{metrics_address, wait_until, Ha, Sandbox};
+use keel_tests::{metrics_address, scrape_metrics as scrape, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// `GET /metrics` at `address`; the body.
-fn scrape(address: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: keel\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET /metrics answered {head}");
-    }
-    Ok(body.to_string())
-}
 
 /// One series of a scrape: name, labels, value.
 struct Series {
