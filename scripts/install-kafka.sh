@@ -22,11 +22,19 @@ if [ ! -f "$stamp" ]; then
     command -v "$tool" >/dev/null 2>&1 || { echo "$tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
   done
   echo "fetching Apache Kafka $version from Maven Central into $libs" >&2
-  rm -rf "$libs"
-  mkdir -p "$libs"
+  # Fetched beside the old directory, then swapped in with two renames: brokers and tools that
+  # run from the old jars meanwhile (other test runs) keep finding them.
+  fresh="$cache/libs.new-$$"
+  rm -rf "$fresh"
+  mkdir -p "$fresh"
   mvn -q -B -f "$pom" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$libs" >&2
-  ls "$libs"/kafka_2.13-"$version".jar >/dev/null
+    -DincludeScope=runtime -DoutputDirectory="$fresh" >&2
+  ls "$fresh"/kafka_2.13-"$version".jar >/dev/null
+  if [ -d "$libs" ]; then
+    mv "$libs" "$cache/libs.old-$$"
+  fi
+  mv "$fresh" "$libs"
+  rm -rf "$cache/libs.old-$$"
   rm -f "$cache"/.complete-*
   touch "$stamp"
 fi
