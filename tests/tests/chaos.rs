@@ -1,19 +1,18 @@
 //! The short chaos schedule of the normal test run (see docs/chaos.md; the long one is
-//! `scripts/chaos.sh`): real etcd (3 members), the broker (tansu on moto S3), 2 ResourceManagers,
-//! 2 JobManagers, 3 TaskManagers, each in its own network namespace when this machine allows it,
-//! a numbered workload through a checkpointed Kafka -> Kafka job, and five faults from a fixed
-//! seed: a TaskManager kill -9, the JobManager leader's and the ResourceManager leader's
-//! kill -9, and the JobManager leader cut off from everyone (paused instead without
-//! namespaces). Broker restarts are left to `broker_outage.rs` and the long runs: after one, the
-//! test broker sometimes stops serving an output partition to the checker's reader for longer
-//! than the recovery timeout while the job keeps writing and checkpointing (seen once in CI).
+//! `scripts/chaos.sh`): real etcd (3 members), Apache Kafka (3 KRaft nodes, replication factor 3,
+//! `min.insync.replicas` 2), 2 ResourceManagers, 2 JobManagers, 3 TaskManagers, each in its own
+//! network namespace when this machine allows it, a numbered workload through a checkpointed
+//! Kafka -> Kafka job with the exactly-once sink, and five faults from a fixed seed: a
+//! TaskManager kill -9, the JobManager leader's and the ResourceManager leader's kill -9, the
+//! JobManager leader cut off from everyone (paused instead without namespaces), and a kill -9 of
+//! the Kafka broker leading one of the job's output partitions (found in the metadata).
 //!
 //! Proves (each from observed state, see the report printed with `-- --nocapture`): every
-//! record arrives (0 lost) and the accounting is exact (every output record is an input record;
-//! out = distinct + duplicates); every duplicate is a replay from the last completed checkpoint;
-//! no older attempt of a task writes beside its successor; every checkpoint pointer move carries
-//! the current JobManager leader's epoch; a new JobManager leader runs the job while the old one
-//! is still away; and output and checkpoints resume after every fault.
+//! record arrives (0 lost) and a read_committed reader sees each exactly once (0 duplicates);
+//! the accounting is exact (every output record is an input record); no older attempt of a task
+//! writes beside its successor; every checkpoint pointer move carries the current JobManager
+//! leader's epoch; a new JobManager leader runs the job while the old one is still away; and
+//! output and checkpoints resume after every fault.
 
 use keel_tests::chaos::schedule::FaultKind;
 use keel_tests::chaos::{run, Mode, Options};
@@ -25,22 +24,31 @@ fn a_short_chaos_schedule_loses_no_record() -> anyhow::Result<()> {
     let opts = Options {
         seed: 10,
         faults: Some(5),
-        kinds: vec![FaultKind::KillTm, FaultKind::KillJmLeader, FaultKind::KillRmLeader, cut_off],
-        mode: Mode::AtLeastOnce,
+        kinds: vec![
+            FaultKind::KillTm,
+            FaultKind::KillJmLeader,
+            FaultKind::KillRmLeader,
+            cut_off,
+            FaultKind::KillBrokerLeader,
+        ],
+        mode: Mode::ExactlyOnce,
         ..Options::default()
     };
     let report = run(&opts)?;
     println!("{report}");
     let a = &report.accounting;
     assert_eq!(a.lost, Vec::<u64>::new(), "records lost");
-    assert_eq!(a.out_records, a.out_distinct + a.duplicates, "exact accounting of the output");
-    // The input holds what the broker kept of the workload (tansu may lose acknowledged records
-    // when it is killed: the report notes them); every one of them must be in the output.
+    assert_eq!(a.in_gaps, Vec::<u64>::new(), "acknowledged input records the broker lost");
     assert_eq!(a.out_distinct, a.in_numbers, "every input number is in the output");
-    assert!(report.injected() >= 4, "faults injected: {}", report.injected());
+    assert_eq!(a.duplicates_by_job, 0, "duplicates a read_committed reader saw");
+    assert_eq!(a.out_records, a.out_distinct + a.duplicates, "exact accounting of the output");
+    assert_eq!(report.hides_aborted, Some(true), "the broker hides aborted records from read_committed");
+    let kinds: std::collections::BTreeSet<FaultKind> =
+        report.faults.iter().filter(|f| f.skipped.is_none()).map(|f| f.fault.kind).collect();
+    assert!(kinds.contains(&FaultKind::KillBrokerLeader), "a broker-leader kill was injected: {kinds:?}");
+    assert_eq!(report.injected(), 5, "faults injected");
     // Every violation fails, a recovery timeout included: the runner waits while the output
-    // advances (the test broker's readers working through a backlog), so a timeout means some
-    // input partition's output stopped.
+    // advances, so a timeout means some input partition's output stopped.
     assert!(
         report.violations.is_empty(),
         "violations (replay: {}):\n{}",

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use keel_tests::chaos::schedule::{schedule, FaultKind};
-use keel_tests::chaos::{run, Mode, Options};
+use keel_tests::chaos::{run, Options};
 
 const USAGE: &str =
     "usage: keel-chaos [--seed N] [--duration 10m | --faults N] [--mode at-least-once|exactly-once]
@@ -72,8 +72,7 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    // Transactions make the test broker much slower: a lighter workload by default.
-    opts.rate = rate.unwrap_or(if opts.mode == Mode::ExactlyOnce { 50 } else { opts.rate });
+    opts.rate = rate.unwrap_or(opts.rate);
     if opts.duration.is_none() && opts.faults.is_none() {
         opts.duration = Some(Duration::from_secs(600));
     }

@@ -176,8 +176,7 @@ pub fn account(
                             continue;
                         }
                     }
-                    // The output arrives here late when the reader lags behind (seconds on the
-                    // test broker), so the fault that caused the replay may be any of those
+                    // The output arrives here late when the reader lags behind, so the fault that caused the replay may be any of those
                     // shortly before its arrival: the latest one the replay is consistent with
                     // (from a checkpoint not older than the latest completed before it) is taken.
                     let candidates: Vec<(usize, u64, u64)> = faults
@@ -227,7 +226,7 @@ pub fn account(
 }
 
 /// How long before a replayed record's arrival the fault that caused it may lie (the reader's
-/// lag behind the job on the test broker).
+/// lag behind the job after a fault).
 const ATTRIBUTION_WINDOW_MS: u64 = 30_000;
 
 /// The verdict on a replay of `key` starting at number `to`.

@@ -1,11 +1,14 @@
-//! The processes of a chaos run: 3 etcd members, the broker, 2 ResourceManagers,
+//! The processes of a chaos run: 3 etcd members, 3 Apache Kafka nodes (KRaft, each broker and
+//! controller; replication factor 3, `min.insync.replicas` 2), 2 ResourceManagers,
 //! 2 JobManagers and 3 TaskManagers, each on its own address: in its own network namespace
 //! ([`super::net::Network`]) or, without namespaces, on loopback with ports of its own.
 //!
 //! Every process can be killed (SIGKILL), paused (SIGSTOP), resumed and started again on the
-//! same address; each start logs to `<run dir>/<name>.<n>.log`.
+//! same address (a Kafka node also stopped with SIGTERM, a controlled shutdown); each start
+//! logs to `<run dir>/<name>.<n>.log`. The Kafka nodes' files and command lines come from
+//! [`keel_testkit::KafkaLayout`]; in a namespace the command runs under `ip netns exec`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
@@ -14,7 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use keel_testkit::{free_port, wait_until, Broker};
+use keel_testkit::{free_port, wait_until, KafkaLayout, KafkaNodeAddress};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
 use super::net::Network;
 
@@ -27,7 +32,8 @@ const VERB_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
     Etcd(usize),
-    Broker,
+    /// An Apache Kafka node (broker and controller) with this `node.id`.
+    Kafka(i32),
     ResourceManager,
     JobManager,
     TaskManager,
@@ -45,11 +51,13 @@ impl Role {
 }
 
 /// The fixed layout: name, role, last octet of the address in namespace mode.
-pub const LAYOUT: [(&str, Role, u8); 11] = [
+pub const LAYOUT: [(&str, Role, u8); 13] = [
     ("etcd0", Role::Etcd(0), 11),
     ("etcd1", Role::Etcd(1), 12),
     ("etcd2", Role::Etcd(2), 13),
-    ("broker", Role::Broker, 20),
+    ("kafka1", Role::Kafka(1), 21),
+    ("kafka2", Role::Kafka(2), 22),
+    ("kafka3", Role::Kafka(3), 23),
     ("rm1", Role::ResourceManager, 31),
     ("rm2", Role::ResourceManager, 32),
     ("jm1", Role::JobManager, 41),
@@ -130,9 +138,9 @@ pub struct Node {
     pub role: Role,
     pub ip: String,
     pub ns: Option<String>,
-    /// The main port (etcd client, broker, keel RPC).
+    /// The main port (etcd client, Kafka client listener, keel RPC).
     pub port: u16,
-    /// etcd peer port, TaskManager metrics port, moto port for the broker node.
+    /// etcd peer port, Kafka controller port, TaskManager metrics port.
     pub port2: u16,
     pub proc: Option<Proc>,
     pub starts: u32,
@@ -149,17 +157,13 @@ impl Node {
     }
 }
 
-/// The broker of the run.
+/// The Kafka cluster of the run.
 pub enum BrokerKind {
-    /// `keel-testkit`'s persistent broker on loopback (tansu on a moto S3 server).
-    Testkit(Broker),
-    /// tansu and moto in the broker node's namespace (the node's `proc` is tansu).
-    Namespaced {
-        moto: Proc,
-        bootstrap: String,
-    },
-    /// `KEEL_TEST_KAFKA_BOOTSTRAP`: not ours to restart.
-    External(Broker),
+    /// Three Apache Kafka nodes this run starts, one per `kafka<N>` node (its `proc` is the
+    /// JVM): their files and command lines.
+    Own(KafkaLayout),
+    /// `KEEL_TEST_KAFKA_BOOTSTRAP`: not ours to kill, pause or cut off.
+    External(String),
     NotStarted,
 }
 
@@ -237,7 +241,7 @@ impl Cluster {
             };
             let (port, port2) = match (net.is_some(), role) {
                 (true, Role::Etcd(_)) => (2379, 2380),
-                (true, Role::Broker) => (9092, 5000),
+                (true, Role::Kafka(_)) => (9092, 9093),
                 (true, Role::ResourceManager) => (6124, 0),
                 (true, Role::JobManager) => (6123, 0),
                 (true, Role::TaskManager) => (6125, 9249),
@@ -293,8 +297,8 @@ impl Cluster {
 
     pub fn bootstrap(&self) -> String {
         match &self.broker {
-            BrokerKind::Testkit(b) | BrokerKind::External(b) => b.bootstrap().to_string(),
-            BrokerKind::Namespaced { bootstrap, .. } => bootstrap.clone(),
+            BrokerKind::Own(layout) => layout.bootstrap(),
+            BrokerKind::External(bootstrap) => bootstrap.clone(),
             BrokerKind::NotStarted => String::new(),
         }
     }
@@ -429,86 +433,139 @@ impl Cluster {
         bail!("no etcd leader in {out}")
     }
 
-    // ----- broker -----
+    // ----- Kafka -----
 
-    /// Starts the broker: the external one, testkit's persistent broker on loopback, or tansu
-    /// and moto in the broker node's namespace.
-    pub fn start_broker(&mut self) -> anyhow::Result<()> {
-        let external =
-            std::env::var(keel_testkit::ENV_BOOTSTRAP).map(|s| !s.trim().is_empty()).unwrap_or(false);
-        let ns = self.node("broker")?.ns.clone();
-        self.broker = match (external, ns) {
-            (true, _) => BrokerKind::External(Broker::start_persistent()?),
-            (false, None) => BrokerKind::Testkit(Broker::start_persistent()?),
-            (false, Some(ns)) => {
-                let node = self.node("broker")?;
-                let (ip, port, moto_port) = (node.ip.clone(), node.port, node.port2);
-                let moto = keel_testkit::moto_server_command()?;
-                let mut c = self.command(Some(&ns), &moto.program);
-                c.args(&moto.args).args(["-H", "0.0.0.0", "-p", &moto_port.to_string()]);
-                let log = self.dir.join("moto.log");
-                let file = std::fs::File::create(&log)?;
-                c.process_group(0)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::from(file.try_clone()?))
-                    .stderr(Stdio::from(file));
-                let child = c.spawn().context("starting moto")?;
-                register(child.id());
-                let moto = Proc { child, log, group: true };
-                wait_until("moto's S3 server to create the bucket", Duration::from_secs(30), || {
-                    create_bucket(&ip, moto_port).map(Some)
-                })?;
-                BrokerKind::Namespaced { moto, bootstrap: format!("{ip}:{port}") }
-            }
-        };
-        if matches!(self.broker, BrokerKind::Namespaced { .. }) {
-            self.start_tansu()?;
+    /// Starts the Kafka cluster: three nodes of the run's own, each on its node's address
+    /// (formatted first), or the external cluster `KEEL_TEST_KAFKA_BOOTSTRAP` names; waits
+    /// until every broker is registered.
+    pub fn start_brokers(&mut self) -> anyhow::Result<()> {
+        let external = std::env::var(keel_testkit::ENV_BOOTSTRAP).unwrap_or_default();
+        if !external.trim().is_empty() {
+            let bootstrap = external.trim().to_string();
+            wait_until(&format!("the Kafka cluster at {bootstrap} to answer"), START_TIMEOUT, || {
+                brokers(&bootstrap).map(|b| (!b.is_empty()).then_some(()))
+            })?;
+            self.broker = BrokerKind::External(bootstrap);
+            return Ok(());
+        }
+        let nodes: Vec<KafkaNodeAddress> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match n.role {
+                Role::Kafka(id) => {
+                    Some(KafkaNodeAddress { id, host: n.ip.clone(), port: n.port, controller_port: n.port2 })
+                }
+                _ => None,
+            })
+            .collect();
+        let layout = KafkaLayout::new(&self.dir.join("kafka"), nodes);
+        layout.write_and_format().context("formatting the Kafka nodes' data dirs")?;
+        self.broker = BrokerKind::Own(layout);
+        let names = self.names_of(|r| matches!(r, Role::Kafka(_)));
+        for name in &names {
+            self.spawn_kafka(name)?;
+        }
+        for name in &names {
+            self.wait_kafka(name)?;
         }
         Ok(())
     }
 
-    fn start_tansu(&mut self) -> anyhow::Result<()> {
-        let node = self.node("broker")?;
-        let (ip, port, moto_port, ns) = (node.ip.clone(), node.port, node.port2, node.ns.clone());
-        let tansu = keel_testkit::tansu_binary()?;
-        let url = format!("tcp://{ip}:{port}");
-        let mut c = self.command(ns.as_deref(), &tansu);
-        c.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "s3://tansu/"])
-            .env("AWS_ACCESS_KEY_ID", "keel-test")
-            .env("AWS_SECRET_ACCESS_KEY", "keel-test")
-            .env("AWS_DEFAULT_REGION", "eu-west-2")
-            .env("AWS_ENDPOINT", format!("http://127.0.0.1:{moto_port}"))
-            .env("AWS_ALLOW_HTTP", "true");
-        self.spawn("broker", c, false)?;
-        let bootstrap = self.bootstrap();
-        wait_until(&format!("the broker at {bootstrap} to answer"), Duration::from_secs(30), || {
-            keel_testkit::partition_count(&bootstrap, "keel-chaos-ready-probe").map(|_| Some(()))
+    /// The Kafka node name (`kafka<N>`) of broker id `id`.
+    pub fn kafka_name(&self, id: i32) -> anyhow::Result<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.role == Role::Kafka(id))
+            .map(|n| n.name.clone())
+            .ok_or_else(|| anyhow!("no Kafka node with id {id}"))
+    }
+
+    fn spawn_kafka(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node(name)?;
+        let Role::Kafka(id) = node.role else { bail!("{name} is not a Kafka node") };
+        let BrokerKind::Own(layout) = &self.broker else { bail!("the Kafka cluster is not this run's") };
+        let java = layout.command(id)?;
+        // `ip netns exec` execs the program in place: the child's pid is the JVM's.
+        let mut c = self.command(node.ns.as_deref(), Path::new(java.get_program()));
+        c.args(java.get_args());
+        for (k, v) in java.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        self.spawn(name, c, false)
+    }
+
+    /// Waits until node `name` answers a metadata request itself and lists itself: it runs and
+    /// is registered (a node killed a moment ago may still be listed by the others).
+    fn wait_kafka(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node(name)?;
+        let Role::Kafka(id) = node.role else { bail!("{name} is not a Kafka node") };
+        let address = node.address();
+        let result =
+            wait_until(&format!("Kafka node {name} ({address}) to be registered"), START_TIMEOUT, || {
+                let node = self.node_mut(name)?;
+                if let Some(p) = node.proc.as_mut() {
+                    if !p.running() {
+                        bail!("{name} exited");
+                    }
+                }
+                let live = brokers(&address)?;
+                Ok(live.contains(&id).then_some(()))
+            });
+        result.with_context(|| {
+            let log =
+                self.node(name).ok().and_then(|n| n.proc.as_ref()).map(Proc::log_text).unwrap_or_default();
+            format!("{name}'s log tail:\n{}", tail(&log, 20))
         })
     }
 
-    /// kill -9 of the broker.
-    pub fn stop_broker(&mut self) -> anyhow::Result<()> {
-        match &mut self.broker {
-            BrokerKind::Testkit(b) => b.stop(),
-            BrokerKind::External(b) => bail!("cannot stop the external broker {}", b.bootstrap()),
-            BrokerKind::NotStarted => bail!("no broker"),
-            BrokerKind::Namespaced { .. } => {
-                if let Some(mut p) = self.node_mut("broker")?.proc.take() {
-                    p.kill9();
-                }
-                Ok(())
+    /// SIGTERM to Kafka node `name` (a controlled shutdown: its leaderships move away first);
+    /// killed after 60 s. Returns when the process is gone.
+    pub fn stop_kafka(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node_mut(name)?;
+        let mut p = node.proc.take().ok_or_else(|| anyhow!("{name} is not running"))?;
+        node.paused = false;
+        p.signal("TERM")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while p.running() {
+            if Instant::now() >= deadline {
+                p.kill9();
+                bail!("{name} did not shut down within 60 s of SIGTERM; killed");
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
-    pub fn start_broker_again(&mut self) -> anyhow::Result<()> {
-        match &mut self.broker {
-            BrokerKind::Testkit(b) => b.start_again(),
-            BrokerKind::External(b) => bail!("cannot start the external broker {}", b.bootstrap()),
-            BrokerKind::NotStarted => bail!("no broker"),
-            BrokerKind::Namespaced { .. } => self.start_tansu(),
-        }
+    /// Waits until every partition of every topic (the internal ones included) has a leader and
+    /// all its replicas in sync: the cluster is whole again after a broker fault.
+    pub fn wait_kafka_in_sync(&self, timeout: Duration) -> anyhow::Result<()> {
+        let bootstrap = self.bootstrap();
+        let consumer: BaseConsumer = metadata_client(&bootstrap)?;
+        wait_until("every Kafka partition to be fully in sync", timeout, || {
+            let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
+            let lagging: Vec<String> = metadata
+                .topics()
+                .iter()
+                .flat_map(|t| {
+                    t.partitions()
+                        .iter()
+                        .filter(|p| p.leader() < 0 || p.isr().len() < p.replicas().len())
+                        .map(move |p| format!("{}/{} isr {:?}", t.name(), p.id(), p.isr()))
+                })
+                .collect();
+            if lagging.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(anyhow!(
+                    "{} partitions lag, e.g. {}",
+                    lagging.len(),
+                    lagging[..lagging.len().min(3)].join(", ")
+                ))
+            }
+        })
     }
 
     // ----- keel -----
@@ -599,15 +656,15 @@ impl Cluster {
         let role = self.node(name)?.role;
         match role {
             Role::Etcd(_) => self.start_etcd(name, "existing"),
-            Role::Broker => self.start_broker_again(),
+            Role::Kafka(_) => {
+                self.spawn_kafka(name)?;
+                self.wait_kafka(name)
+            }
             _ => self.start_keel(name),
         }
     }
 
     pub fn kill9(&mut self, name: &str) -> anyhow::Result<()> {
-        if self.node(name)?.role == Role::Broker {
-            return self.stop_broker();
-        }
         let node = self.node_mut(name)?;
         match node.proc.take() {
             Some(mut p) => {
@@ -689,15 +746,15 @@ impl Cluster {
         self.nodes.iter().filter_map(|n| n.proc.as_ref().map(|p| (n.name.clone(), p.log.clone()))).collect()
     }
 
-    /// Kills every process (the broker last), leaving the logs.
+    /// Kills every process (Kafka and etcd last), leaving the logs.
     pub fn shutdown(&mut self) {
         for n in self.nodes.iter_mut().rev() {
             if let Some(mut p) = n.proc.take() {
+                if n.paused {
+                    let _ = p.signal("CONT");
+                }
                 p.kill9();
             }
-        }
-        if let BrokerKind::Namespaced { moto, .. } = &mut self.broker {
-            moto.kill9();
         }
     }
 }
@@ -723,27 +780,36 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Creates the bucket tansu writes to (a plain `PUT /tansu`, which moto accepts unsigned).
-fn create_bucket(ip: &str, port: u16) -> anyhow::Result<()> {
-    let body = "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
-                <LocationConstraint>eu-west-2</LocationConstraint></CreateBucketConfiguration>";
-    let address: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "PUT /tansu HTTP/1.1\r\nHost: {ip}:{port}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let code = response.split_whitespace().nth(1).unwrap_or_default();
-    if code == "200" || response.contains("BucketAlreadyOwnedByYou") {
-        Ok(())
-    } else {
-        bail!("PUT /tansu answered {:?}", response.lines().next())
+fn metadata_client(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("log_level", "3")
+        .set("reconnect.backoff.max.ms", "500")
+        .create()
+        .context("creating a Kafka metadata client")
+}
+
+/// Broker ids in the metadata `bootstrap` answers with (registered, not fenced).
+pub fn brokers(bootstrap: &str) -> anyhow::Result<BTreeSet<i32>> {
+    let consumer = metadata_client(bootstrap)?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(3))?;
+    Ok(metadata.brokers().iter().map(|b| b.id()).collect())
+}
+
+/// The broker id leading `topic`'s `partition` now, as the metadata says.
+pub fn leader_of(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<i32> {
+    let consumer = metadata_client(bootstrap)?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let p = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+        .ok_or_else(|| anyhow!("no partition {topic}/{partition} in the metadata"))?;
+    if p.leader() < 0 {
+        bail!("{topic}/{partition} has no leader");
     }
+    Ok(p.leader())
 }
 
 /// `GET path` over HTTP/1.0 with short timeouts; the body.

@@ -1,5 +1,5 @@
-//! The chaos suite: a real cluster (3 etcd members, the broker, 2 ResourceManagers,
-//! 2 JobManagers, 3 TaskManagers), a job copying a numbered workload Kafka -> Kafka with
+//! The chaos suite: a real cluster (3 etcd members, 3 Apache Kafka brokers with replication
+//! factor 3 and `min.insync.replicas` 2, 2 ResourceManagers, 2 JobManagers, 3 TaskManagers), a job copying a numbered workload Kafka -> Kafka with
 //! checkpoints every 500 ms, and a fault schedule drawn from a seed; then an exact account of
 //! every record. See docs/chaos.md.
 //!
@@ -235,14 +235,20 @@ fn run_in(
         cluster.start_etcd(&name, "new")?;
     }
     cluster.wait_etcd_healthy(Duration::from_secs(60))?;
-    cluster.start_broker()?;
+    let kafka_started = Instant::now();
+    cluster.start_brokers()?;
     let bootstrap = cluster.bootstrap();
     report.broker = match &cluster.broker {
         cluster::BrokerKind::External(_) => {
-            format!("external broker {bootstrap} ({})", keel_testkit::ENV_BOOTSTRAP)
+            format!("external Kafka cluster {bootstrap} ({}); broker faults skipped", keel_testkit::ENV_BOOTSTRAP)
         }
-        _ => format!("tansu on moto S3 at {bootstrap} (survives restarts)"),
+        _ => format!(
+            "Apache Kafka, 3 KRaft nodes (broker and controller each; replication factor 3, min.insync.replicas 2) at \
+             {bootstrap}, started in {:.1}s",
+            kafka_started.elapsed().as_secs_f64()
+        ),
     };
+    println!("chaos: [{:>6.1}s] {}", start.elapsed().as_secs_f64(), report.broker);
     if opts.mode == Mode::ExactlyOnce {
         let hides = broker_hides_aborted_records(&bootstrap)?;
         report.hides_aborted = Some(hides);
@@ -276,7 +282,7 @@ fn run_in(
         false,
         start,
     )?;
-    // The input is read along the way too (reading it all at the end is slow on the test broker).
+    // The input is read along the way too, for the final accounting.
     let mut input_reader = OutputReader::start(&bootstrap, &input, IN_PARTITIONS as i32, false, true, start)?;
     let spec = cluster.dir.join("job.yaml");
     std::fs::write(&spec, job_spec(opts, &bootstrap, &input, &output, &tag))?;
@@ -325,7 +331,7 @@ fn run_in(
         });
         println!("chaos: {}", progress_line(start, &workload, &reader, &etcd, &tasks));
         std::thread::sleep(Duration::from_millis(fault.gap_ms));
-        let watch = Watch { reader: &reader, workload: &workload, etcd: &etcd, start, opts };
+        let watch = Watch { reader: &reader, workload: &workload, etcd: &etcd, start, opts, output: &output };
         let mut outcome = inject(cluster, network.as_mut(), &watch, &fault);
         outcome.caught_up = caught.is_ok();
         if !outcome.caught_up {
@@ -372,8 +378,7 @@ fn run_in(
         if progress.1.elapsed() > Duration::from_secs(120) {
             report.violations.push(format!(
                 "the input topic could not be read to its end (offsets {acked_ends:?} acknowledged to the \
-                 producer) within 120 s without progress: the accounting below is incomplete (the test \
-                 broker's fault, not Keel's)"
+                 producer) within 120 s without progress: the accounting below is incomplete"
             ));
             break;
         }
@@ -459,7 +464,7 @@ fn run_in(
         &report
             .faults
             .iter()
-            .filter(|f| matches!(f.fault.kind, FaultKind::RestartBroker | FaultKind::PartitionBroker))
+            .filter(|f| f.fault.kind.is_broker_fault())
             .map(|f| f.fault.index)
             .collect::<Vec<_>>(),
     );
@@ -522,13 +527,14 @@ sinks:
     key.format: raw
     key.fields: k
     sink.partitioner: fixed
-    properties.linger.ms: 500
+    properties.linger.ms: 50
 {guarantee}"#
     )
 }
 
-/// Where the fault lands, resolved from the cluster's state now.
-fn resolve(cluster: &Cluster, fault: &Fault) -> anyhow::Result<(String, String)> {
+/// Where the fault lands, resolved from the cluster's state now (`output`: the job's output
+/// topic, whose partitions' leaders broker faults aim at).
+fn resolve(cluster: &Cluster, fault: &Fault, output: &str) -> anyhow::Result<(String, String)> {
     let leaders = || cluster.leaders();
     let node_at = |address: &str| {
         cluster
@@ -575,7 +581,21 @@ fn resolve(cluster: &Cluster, fault: &Fault) -> anyhow::Result<(String, String)>
             let n = pick(&names);
             (n, format!("runs tasks; taskmanagers with tasks: {}", names.join(",")))
         }
-        FaultKind::RestartBroker | FaultKind::PartitionBroker => ("broker".into(), String::new()),
+        FaultKind::KillBrokerLeader => output_leader(cluster, output, fault.pick)?,
+        FaultKind::PauseBroker | FaultKind::PartitionBroker if fault.pick.is_multiple_of(2) => {
+            output_leader(cluster, output, fault.pick / 2)?
+        }
+        FaultKind::RestartBroker | FaultKind::PauseBroker | FaultKind::PartitionBroker => {
+            let names = cluster.names_of(|r| matches!(r, Role::Kafka(_)));
+            let name = names[(fault.pick / 2 % names.len() as u64) as usize].clone();
+            let id = cluster.node(&name)?.role;
+            let leads: Vec<i32> = (0..OUT_PARTITIONS)
+                .filter(|p| {
+                    cluster::leader_of(&cluster.bootstrap(), output, *p).is_ok_and(|l| Role::Kafka(l) == id)
+                })
+                .collect();
+            (name, format!("a broker; leads output partitions {leads:?}"))
+        }
         FaultKind::RestartEtcd | FaultKind::PartitionEtcdMember => {
             let leader = cluster.etcd_leader()?;
             if (fault.pick / 2).is_multiple_of(2) {
@@ -592,7 +612,13 @@ fn resolve(cluster: &Cluster, fault: &Fault) -> anyhow::Result<(String, String)>
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The Kafka node leading output partition `pick % OUT_PARTITIONS`: (name, description).
+fn output_leader(cluster: &Cluster, output: &str, pick: u64) -> anyhow::Result<(String, String)> {
+    let partition = (pick % OUT_PARTITIONS as u64) as i32;
+    let id = cluster::leader_of(&cluster.bootstrap(), output, partition)?;
+    Ok((cluster.kafka_name(id)?, format!("broker {id}, leader of output partition {partition}")))
+}
+
 /// What [`inject`] watches.
 struct Watch<'a> {
     reader: &'a OutputReader,
@@ -600,6 +626,8 @@ struct Watch<'a> {
     etcd: &'a EtcdWatcher,
     start: Instant,
     opts: &'a Options,
+    /// The job's output topic.
+    output: &'a str,
 }
 
 fn inject(
@@ -620,7 +648,7 @@ fn inject(
     }
     // The target may be briefly unknown (a job being recovered by a new leader has no tasks).
     let resolved = keel_testkit::wait_until("the fault's target", Duration::from_secs(30), || {
-        resolve(cluster, fault).map(Some)
+        resolve(cluster, fault, w.output).map(Some)
     });
     let (target, about) = match resolved {
         Ok(t) => t,
@@ -649,15 +677,23 @@ fn inject(
                 std::thread::sleep(hold);
                 cluster.restart(&target)?;
             }
-            FaultKind::PauseJmLeader | FaultKind::PauseRmLeader | FaultKind::PauseTm => {
+            FaultKind::PauseJmLeader
+            | FaultKind::PauseRmLeader
+            | FaultKind::PauseTm
+            | FaultKind::PauseBroker => {
                 cluster.pause(&target)?;
                 std::thread::sleep(hold);
                 cluster.resume(&target)?;
             }
-            FaultKind::RestartBroker => {
-                cluster.stop_broker()?;
+            FaultKind::KillBrokerLeader => {
+                cluster.kill9(&target)?;
                 std::thread::sleep(hold);
-                cluster.start_broker_again()?;
+                cluster.restart(&target)?;
+            }
+            FaultKind::RestartBroker => {
+                cluster.stop_kafka(&target)?;
+                std::thread::sleep(hold);
+                cluster.restart(&target)?;
             }
             FaultKind::RestartEtcd => {
                 cluster.kill9(&target)?;
@@ -680,6 +716,7 @@ fn inject(
                     FaultKind::PartitionTm => net.cut(&me, &control, true)?,
                     FaultKind::PartitionTmOneWay => net.cut(&me, &control, false)?,
                     FaultKind::PartitionEtcdMember => net.cut(&me, &etcds, true)?,
+                    FaultKind::PartitionBroker => net.cut(&me, &everyone, true)?,
                     _ => net.cut(&me, &tms, true)?,
                 };
                 outcome.notes.push(format!("{} links cut", cut.pairs.len()));
@@ -732,6 +769,17 @@ fn inject(
             outcome.recovery = None;
         }
     }
+    // A broker fault ends when the Kafka cluster is whole again (every replica back in sync), so
+    // that the next fault does not find partitions with one replica in sync (which would stop
+    // acks=all producers: unavailability, not a fault of its own).
+    if fault.kind.is_broker_fault() {
+        if let Err(e) = cluster.wait_kafka_in_sync(opts.recovery_timeout) {
+            let e =
+                format!("the Kafka cluster was not in sync again within {:?}: {e:#}", opts.recovery_timeout);
+            outcome.error = Some(outcome.error.take().map_or(e.clone(), |prev| format!("{prev}; {e}")));
+            outcome.recovery = None;
+        }
+    }
     let status_after = cluster.keel_json(&["status", JOB]).ok();
     let restarts_after = status_after.as_ref().and_then(|s| s["restarts"].as_u64());
     if let (Some(b), Some(a)) = (restarts_before, restarts_after) {
@@ -748,8 +796,8 @@ fn inject(
 }
 
 /// Waits for the probe: output from every input partition produced after the fault. A
-/// partition whose output is behind but advancing (the test broker's readers work through a
-/// backlog) is waited for; one whose output has not advanced for `timeout` has stopped, and so
+/// partition whose output is behind but advancing (the job working through a backlog) is
+/// waited for; one whose output has not advanced for `timeout` has stopped, and so
 /// has everything after four times `timeout`.
 fn wait_for_output(reader: &OutputReader, probe: usize, timeout: Duration) -> Result<Duration, String> {
     let started = Instant::now();

@@ -28,9 +28,15 @@ pub enum FaultKind {
     PauseRmLeader,
     /// SIGSTOP of a TaskManager that runs tasks, SIGCONT after `hold`.
     PauseTm,
-    /// kill -9 of the broker (tansu), started again on the same address after `hold`, with
-    /// its data (S3 storage on moto).
+    /// kill -9 of the Kafka broker that leads one of the job's output partitions (which one:
+    /// `pick`), found in the metadata at injection; started again with its data after `hold`.
+    KillBrokerLeader,
+    /// SIGTERM of one Kafka broker (a controlled shutdown: its leaderships move away first; which
+    /// broker: `pick`), started again with its data after `hold`.
     RestartBroker,
+    /// SIGSTOP of one Kafka broker (by `pick`: the leader of an output partition, or any
+    /// broker), SIGCONT after `hold` (shorter or longer than the 3 s broker session timeout).
+    PauseBroker,
     /// kill -9 of one etcd member (the etcd leader or another, by `pick`), started again after
     /// `hold` with `--initial-cluster-state existing`.
     RestartEtcd,
@@ -46,12 +52,13 @@ pub enum FaultKind {
     PartitionTmOneWay,
     /// One etcd member cut from the other two (both directions) for `hold`.
     PartitionEtcdMember,
-    /// The broker cut from every TaskManager (both directions) for `hold`.
+    /// One Kafka broker (by `pick`: the leader of an output partition, or any broker) cut from
+    /// every other node, the other brokers included (both directions), for `hold`.
     PartitionBroker,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 17] = [
         FaultKind::KillTm,
         FaultKind::KillJmLeader,
         FaultKind::KillRmLeader,
@@ -59,7 +66,9 @@ impl FaultKind {
         FaultKind::PauseJmLeader,
         FaultKind::PauseRmLeader,
         FaultKind::PauseTm,
+        FaultKind::KillBrokerLeader,
         FaultKind::RestartBroker,
+        FaultKind::PauseBroker,
         FaultKind::RestartEtcd,
         FaultKind::PartitionJmLeader,
         FaultKind::PartitionRmLeader,
@@ -78,7 +87,9 @@ impl FaultKind {
             FaultKind::PauseJmLeader => "pause-jm-leader",
             FaultKind::PauseRmLeader => "pause-rm-leader",
             FaultKind::PauseTm => "pause-tm",
+            FaultKind::KillBrokerLeader => "kill-broker-leader",
             FaultKind::RestartBroker => "restart-broker",
+            FaultKind::PauseBroker => "pause-broker",
             FaultKind::RestartEtcd => "restart-etcd",
             FaultKind::PartitionJmLeader => "partition-jm-leader",
             FaultKind::PartitionRmLeader => "partition-rm-leader",
@@ -102,9 +113,20 @@ impl FaultKind {
         )
     }
 
-    /// Needs a broker this run controls (not `KEEL_TEST_KAFKA_BOOTSTRAP`).
+    /// Needs a Kafka cluster this run controls (not `KEEL_TEST_KAFKA_BOOTSTRAP`).
     pub fn needs_own_broker(self) -> bool {
-        matches!(self, FaultKind::RestartBroker | FaultKind::PartitionBroker)
+        self.is_broker_fault()
+    }
+
+    /// A fault of one Kafka broker.
+    pub fn is_broker_fault(self) -> bool {
+        matches!(
+            self,
+            FaultKind::KillBrokerLeader
+                | FaultKind::RestartBroker
+                | FaultKind::PauseBroker
+                | FaultKind::PartitionBroker
+        )
     }
 
     /// How long the fault lasts, in milliseconds: (least, most).
@@ -114,9 +136,13 @@ impl FaultKind {
             | FaultKind::KillJmLeader
             | FaultKind::KillRmLeader
             | FaultKind::KillStandby => (500, 4_000),
-            // Below and above the 3 s lease / the 5 s heartbeat timeout.
-            FaultKind::PauseJmLeader | FaultKind::PauseRmLeader | FaultKind::PauseTm => (1_000, 8_000),
-            FaultKind::RestartBroker | FaultKind::RestartEtcd => (1_000, 5_000),
+            // Below and above the 3 s lease / the 5 s heartbeat timeout (the 3 s broker session
+            // timeout for a broker).
+            FaultKind::PauseJmLeader
+            | FaultKind::PauseRmLeader
+            | FaultKind::PauseTm
+            | FaultKind::PauseBroker => (1_000, 8_000),
+            FaultKind::KillBrokerLeader | FaultKind::RestartBroker | FaultKind::RestartEtcd => (1_000, 5_000),
             // Mostly longer than the lease plus the heartbeat timeout: the successor must run
             // the job while the cut-off process is still away.
             _ => (4_000, 12_000),

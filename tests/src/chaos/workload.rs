@@ -2,9 +2,10 @@
 //! input topic. Number `n` has key `k<n % KEYS>` (two digits) and goes to partition
 //! `(n % KEYS) % PARTITIONS`; its value is `k<key>,<n>` (CSV: the job's columns `k`, `n`).
 //!
-//! The producer retries (acks=all, one request in flight per connection, so order holds) and
-//! waits out broker outages (`message.timeout.ms` 10 min); its retries may duplicate input. A number whose delivery still fails is produced
-//! again, so the input itself may hold a duplicate; the checker reads the input to know.
+//! The producer is idempotent (acks=all; the broker drops a retried batch it already wrote, and
+//! order per partition holds) and waits out broker outages (`message.timeout.ms` 10 min). A
+//! number whose delivery still fails is produced again, so the input itself may hold a
+//! duplicate; the checker reads the input to know.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,8 +23,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 /// Keys of the workload.
 pub const KEYS: u64 = 12;
-/// Partitions of the input topic (one per subtask: few partitions, bigger batches; the test
-/// broker stores every batch as an S3 object and lists them on each fetch).
+/// Partitions of the input topic (one per subtask).
 pub const IN_PARTITIONS: u64 = 3;
 
 pub fn key_of(n: u64) -> u64 {
@@ -94,13 +94,10 @@ impl Workload {
         let producer: BaseProducer<Failed> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "all")
-            // Not idempotent: tansu restarted from S3 answers a retried batch as a duplicate it
-            // never stored. Retries may duplicate input instead; the checker counts those.
-            .set("enable.idempotence", "false")
-            .set("max.in.flight.requests.per.connection", "1")
-            // Few, big batches: the test broker keeps every batch as an S3 object and lists
-            // them all on every fetch, so its fetches slow down as batches pile up.
-            .set("linger.ms", "500")
+            // A retry after a broker fault (a leader killed with the batch in flight) writes no
+            // second copy: the input holds each number once unless a delivery failed outright.
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
             .set("message.timeout.ms", "600000")
             .set("reconnect.backoff.max.ms", "500")
             .set("log_level", "3")
