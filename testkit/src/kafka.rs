@@ -188,7 +188,12 @@ impl KafkaLayout {
             ("controller.quorum.voters", voters),
             (
                 "listeners",
-                format!("PLAINTEXT://{h}:{},CONTROLLER://{h}:{}", node.port, node.controller_port, h = node.host),
+                format!(
+                    "PLAINTEXT://{h}:{},CONTROLLER://{h}:{}",
+                    node.port,
+                    node.controller_port,
+                    h = node.host
+                ),
             ),
             ("advertised.listeners", format!("PLAINTEXT://{}:{}", node.host, node.port)),
             ("controller.listener.names", "CONTROLLER".into()),
@@ -251,7 +256,14 @@ impl KafkaLayout {
                 .java(&libs, "128m")
                 // A short-lived tool: the client compiler alone starts it faster.
                 .arg("-XX:TieredStopAtLevel=1")
-                .args(["kafka.tools.StorageTool", "format", "--ignore-formatted", "-t", &self.cluster_id, "-c"])
+                .args([
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--ignore-formatted",
+                    "-t",
+                    &self.cluster_id,
+                    "-c",
+                ])
                 .arg(&props)
                 .stdin(Stdio::null())
                 .stdout(file.try_clone()?)
@@ -487,9 +499,9 @@ impl Kafka {
     }
 
     fn layout(&self) -> anyhow::Result<&KafkaLayout> {
-        self.layout
-            .as_ref()
-            .ok_or_else(|| anyhow!("the external Kafka cluster {} is not this test's to control", self.bootstrap))
+        self.layout.as_ref().ok_or_else(|| {
+            anyhow!("the external Kafka cluster {} is not this test's to control", self.bootstrap)
+        })
     }
 
     /// The node ids, 1-based.
@@ -533,7 +545,10 @@ impl Kafka {
             .with_context(|| format!("starting Kafka node {id} ({})", java_binary().display()))?;
         let remove = if self.watchdog_removes_dir { layout.dir.display().to_string() } else { String::new() };
         let watchdog = Command::new("sh")
-            .args(["-c", "read _ignored; kill -9 \"$1\" 2>/dev/null; sleep 1; [ -z \"$2\" ] || rm -rf \"$2\""])
+            .args([
+                "-c",
+                "read _ignored; kill -9 \"$1\" 2>/dev/null; sleep 1; [ -z \"$2\" ] || rm -rf \"$2\"",
+            ])
             .arg("keel-kafka-watchdog")
             .arg(java.id().to_string())
             .arg(remove)
@@ -585,7 +600,9 @@ impl Kafka {
             },
         );
         result.with_context(|| {
-            ids.iter().map(|&id| format!("\nnode {id}'s log tail:\n{}", tail(&self.log(id), 15))).collect::<String>()
+            ids.iter()
+                .map(|&id| format!("\nnode {id}'s log tail:\n{}", tail(&self.log(id), 15)))
+                .collect::<String>()
         })
     }
 
@@ -669,12 +686,15 @@ impl Kafka {
         let consumer: BaseConsumer = client_config(&self.bootstrap).create().context("metadata client")?;
         wait_until(&format!("every partition of {topic} to be fully in sync"), timeout, || {
             let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(2))?;
-            let t = metadata.topics().iter().find(|t| t.name() == topic).ok_or_else(|| anyhow!("no topic"))?;
+            let t =
+                metadata.topics().iter().find(|t| t.name() == topic).ok_or_else(|| anyhow!("no topic"))?;
             let lagging: Vec<String> = t
                 .partitions()
                 .iter()
                 .filter(|p| p.leader() < 0 || p.isr().len() < p.replicas().len())
-                .map(|p| format!("{}: leader {} isr {:?} replicas {:?}", p.id(), p.leader(), p.isr(), p.replicas()))
+                .map(|p| {
+                    format!("{}: leader {} isr {:?} replicas {:?}", p.id(), p.leader(), p.isr(), p.replicas())
+                })
                 .collect();
             if t.partitions().is_empty() || !lagging.is_empty() {
                 Err(anyhow!("{lagging:?}"))
@@ -706,4 +726,43 @@ impl Drop for Kafka {
             let _ = r.end("KILL", Duration::from_secs(30));
         }
     }
+}
+
+/// The offsets `group` has committed, per `(topic, partition)`, as Kafka's own Admin client
+/// reports them (`kafka-consumer-groups --describe`, run from the jars of
+/// `scripts/install-kafka.sh`): an independent reading of what Keel committed. `None`: the
+/// partition is known to the group without a committed offset.
+pub fn group_offsets_by_kafka_admin(
+    bootstrap: &str,
+    group: &str,
+) -> anyhow::Result<BTreeMap<(String, i32), Option<i64>>> {
+    let libs = kafka_libs()?;
+    let out = Command::new(java_binary())
+        .args(["-Xmx128m", "-XX:TieredStopAtLevel=1", "-Dlog4j2.level=ERROR", "-cp"])
+        .arg(format!("{}/*", libs.display()))
+        .arg("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")
+        .args(["--bootstrap-server", bootstrap, "--describe", "--offsets", "--group", group])
+        .stdin(Stdio::null())
+        .output()
+        .context("running kafka-consumer-groups (ConsumerGroupCommand)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "kafka-consumer-groups --describe --group {group} failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG ...
+    let mut offsets = BTreeMap::new();
+    for line in stdout.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 4 || cols[0] != group {
+            continue;
+        }
+        let partition: i32 = cols[2].parse().with_context(|| format!("partition in {line:?}"))?;
+        offsets.insert((cols[1].to_string(), partition), cols[3].parse::<i64>().ok());
+    }
+    Ok(offsets)
 }

@@ -36,8 +36,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 mod kafka;
 pub use kafka::{
-    java_binary, kafka_libs, new_cluster_id, Kafka, KafkaLayout, KafkaNodeAddress, ENV_KAFKA_HEAP,
-    ENV_KAFKA_LIBS, ENV_KEEP,
+    group_offsets_by_kafka_admin, java_binary, kafka_libs, new_cluster_id, Kafka, KafkaLayout,
+    KafkaNodeAddress, ENV_KAFKA_HEAP, ENV_KAFKA_LIBS, ENV_KEEP,
 };
 
 /// Environment variable naming an external Kafka cluster (`host:port,...`) that
@@ -477,12 +477,14 @@ pub fn committed_offsets(
 /// open on it, else its high watermark (a `read_committed` ListOffsets "latest"). A transaction
 /// left open blocks every `read_committed` reader at this offset.
 pub fn last_stable_offset(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<i64> {
-    let consumer: BaseConsumer = client_config(bootstrap).set("isolation.level", "read_committed").create()?;
+    let consumer: BaseConsumer =
+        client_config(bootstrap).set("isolation.level", "read_committed").create()?;
     Ok(consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT)?.1)
 }
 
 /// `(low, high)` watermarks of one partition as the broker reports them.
 pub fn watermarks(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<(i64, i64)> {
-    let consumer: BaseConsumer = client_config(bootstrap).set("isolation.level", "read_uncommitted").create()?;
+    let consumer: BaseConsumer =
+        client_config(bootstrap).set("isolation.level", "read_uncommitted").create()?;
     Ok(consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT)?)
 }

@@ -1,10 +1,13 @@
-//! Kafka jobs end to end: a real broker (tansu from `scripts/install-broker.sh`, or the broker
-//! named by `KEEL_TEST_KAFKA_BOOTSTRAP`), real `keel` processes.
+//! Kafka jobs end to end: real Apache Kafka (the test binary's shared node from keel-testkit,
+//! or the cluster `KEEL_TEST_KAFKA_BOOTSTRAP` names), real `keel` processes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keel_testkit::{committed_offsets, consume_all, create_topic, produce, unique_topic, Broker, Produce};
+use keel_testkit::{
+    add_partitions, committed_offsets, consume_all, create_topic, group_offsets_by_kafka_admin, produce,
+    unique_topic, Kafka, Produce,
+};
 use keel_tests::{wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -31,7 +34,7 @@ fn read_exactly(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<Vec<St
 /// broker.
 #[test]
 fn csv_rows_flow_from_source_topic_to_sink_topic_unchanged() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (source, sink) = (unique_topic("source"), unique_topic("sink"));
     create_topic(&bootstrap, &source, 2)?;
@@ -82,10 +85,11 @@ sinks:
 /// run again with `--restore`. Proves: the restored job continues from the checkpoint's offsets
 /// exactly: the output is every number once, no gap and no duplicate (at-least-once sink, no
 /// failure in between, so nothing is replayed). Also proves offsets reach the consumer group
-/// only through completed checkpoints: the group's committed offsets equal the input's end.
+/// only through completed checkpoints: the group's committed offsets equal the input's end, as
+/// read by a consumer and by Kafka's own Admin client.
 #[test]
 fn cancel_after_checkpoint_then_restore_continues_without_gap_or_duplicate() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("numbers"), unique_topic("copy"));
     create_topic(&bootstrap, &input, 2)?;
@@ -138,6 +142,9 @@ sinks:
         Ok((c.values().all(|o| *o == Some(150))).then_some(c))
     })?;
     assert_eq!(committed, BTreeMap::from([(0, Some(150)), (1, Some(150))]));
+    // The same, read independently by Kafka's own Admin client (kafka-consumer-groups).
+    let by_admin = group_offsets_by_kafka_admin(&bootstrap, &group)?;
+    assert_eq!(by_admin, BTreeMap::from([((input.clone(), 0), Some(150)), ((input.clone(), 1), Some(150))]));
 
     let cancel = sb.keel(&["cancel", "numbers"])?;
     assert!(cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
@@ -157,7 +164,7 @@ sinks:
 /// off).
 #[test]
 fn offsets_are_not_committed_without_a_checkpoint() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("in"), unique_topic("out"));
     create_topic(&bootstrap, &input, 1)?;
@@ -184,7 +191,7 @@ fn offsets_are_not_committed_without_a_checkpoint() -> anyhow::Result<()> {
 /// of the bad record in the job's status. Nothing panics.
 #[test]
 fn malformed_records_are_skipped_or_fail_naming_topic_partition_offset() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let input = unique_topic("json-in");
     let (skip_out, fail_out) = (unique_topic("skip-out"), unique_topic("fail-out"));
@@ -260,12 +267,10 @@ fn unreachable_broker_is_named_in_the_job_status() -> anyhow::Result<()> {
 
 /// Partition discovery while a job runs: a job reads `topic-pattern` with discovery every
 /// second; a topic created afterwards that matches the pattern is picked up and read from its
-/// earliest offset without restarting the job (same attempt). (tansu cannot add partitions to
-/// an existing topic, so discovery is shown with a new matching topic; the connector's own
-/// tests cover added partitions against a broker that supports them.)
+/// earliest offset without restarting the job (same attempt).
 #[test]
 fn topics_matching_the_pattern_later_are_read_without_a_restart() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let prefix = unique_topic("disc");
     let (first, second, output) = (format!("{prefix}-a"), format!("{prefix}-b"), unique_topic("disc-out"));
@@ -309,6 +314,70 @@ sinks:
     assert_eq!(numbers, (0..20).collect::<Vec<u64>>());
     let after = sb.status("discovery")?;
     assert_eq!(after["tasks"][0]["attempt"], attempt, "no restart");
+    assert_eq!(after["restarts"], 0);
+    Ok(())
+}
+
+/// Partitions added to an existing topic while a job reads it (Kafka's CreatePartitions): a
+/// job at parallelism 2 reads a 2-partition topic with discovery every second; the topic grows
+/// to 3 partitions and records go to the new one. Proves: the new partition is read from its
+/// earliest offset (its first records, produced before the job could have seen it, are not
+/// skipped) by the running tasks, with no restart (same attempt, 0 restarts), nothing read
+/// twice, and `keel status` warns that 3 partitions spread unevenly over 2 subtasks.
+#[test]
+fn partitions_added_to_a_topic_are_read_from_earliest_without_a_restart() -> anyhow::Result<()> {
+    let broker = Kafka::shared()?;
+    let bootstrap = broker.bootstrap().to_string();
+    let (input, output) = (unique_topic("grow"), unique_topic("grow-out"));
+    create_topic(&bootstrap, &input, 2)?;
+    create_topic(&bootstrap, &output, 1)?;
+    let to = |partition: i32, range: std::ops::Range<u64>| -> Vec<Produce> {
+        range
+            .map(|n| Produce { partition: Some(partition), value: n.to_string(), ..Produce::default() })
+            .collect()
+    };
+    produce(&bootstrap, &input, to(0, 0..10))?;
+    produce(&bootstrap, &input, to(1, 10..20))?;
+    let sb = cluster("kafka-added-partitions")?;
+    let spec = format!(
+        r#"name: grow
+parallelism: 2
+sources:
+  - name: in
+    connector: kafka
+    topic: {input}
+    properties.bootstrap.servers: {bootstrap}
+    scan.startup.mode: earliest-offset
+    scan.topic-partition-discovery.interval: 1 s
+sinks:
+  - name: out
+    connector: kafka
+    topic: {output}
+    properties.bootstrap.servers: {bootstrap}
+"#
+    );
+    sb.run_spec("grow", &spec, &[])?;
+    read_exactly(&bootstrap, &output, 20)?;
+    let attempts = |s: &serde_json::Value| -> Vec<serde_json::Value> {
+        s["tasks"].as_array().map(|ts| ts.iter().map(|t| t["attempt"].clone()).collect()).unwrap_or_default()
+    };
+    let before = attempts(&sb.status("grow")?);
+
+    add_partitions(&bootstrap, &input, 3)?;
+    // Produced at once, before discovery can have seen the partition: read from earliest.
+    produce(&bootstrap, &input, to(2, 1000..1050))?;
+    let out = read_exactly(&bootstrap, &output, 70)?;
+    let mut new: Vec<u64> = out.iter().filter_map(|v| v.parse().ok()).filter(|n| *n >= 1000).collect();
+    new.sort_unstable();
+    assert_eq!(new, (1000..1050).collect::<Vec<u64>>(), "the new partition, from its first record, once");
+
+    let after = wait_until("status to warn about the uneven spread", LONG, || {
+        let s = sb.status("grow")?;
+        Ok((!s["warnings"].as_array().is_none_or(Vec::is_empty)).then_some(s))
+    })?;
+    let warning = after["warnings"][0].as_str().unwrap_or_default().to_string();
+    assert!(warning.contains(&input) && warning.contains("3 partitions over parallelism 2"), "{warning}");
+    assert_eq!(attempts(&after), before, "no task restarted");
     assert_eq!(after["restarts"], 0);
     Ok(())
 }

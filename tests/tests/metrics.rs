@@ -1,12 +1,12 @@
-//! Task metrics end to end: a real broker (tansu from `scripts/install-broker.sh`, or the broker
-//! named by `KEEL_TEST_KAFKA_BOOTSTRAP`), real `keel` processes, the TaskManager's Prometheus
-//! endpoint scraped over HTTP, and `keel status`.
+//! Task metrics end to end: real Apache Kafka (the test binary's shared node from keel-testkit,
+//! or the cluster `KEEL_TEST_KAFKA_BOOTSTRAP` names), real `keel` processes, the TaskManager's
+//! Prometheus endpoint scraped over HTTP, and `keel status`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::bail;
-use keel_testkit::{consume_all, create_topic, produce, unique_topic, Broker, Produce};
+use keel_testkit::{consume_all, create_topic, produce, unique_topic, Kafka, Produce};
 use keel_tests::{metrics_address, scrape_metrics as scrape, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -65,7 +65,7 @@ fn sum(all: &[Series], name: &str, labels: &[(&str, &str)]) -> f64 {
 /// its series are gone from the scrape.
 #[test]
 fn kafka_job_metrics_are_scraped_and_summed_in_status() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("metrics-in"), unique_topic("metrics-out"));
     create_topic(&bootstrap, &input, 3)?;

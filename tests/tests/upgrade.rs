@@ -1,13 +1,13 @@
 //! Versioned upgrades end to end: handovers, rescales, savepoints and history, with real
-//! `keel` processes and a real broker (tansu from `scripts/install-broker.sh`, or the broker
-//! `KEEL_TEST_KAFKA_BOOTSTRAP` names).
+//! `keel` processes and real Apache Kafka (the test binary's shared node from keel-testkit, or
+//! the cluster `KEEL_TEST_KAFKA_BOOTSTRAP` names).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_testkit::{create_topic, produce, unique_topic, Broker, Produce, TestRecord, TopicReader};
+use keel_testkit::{create_topic, produce, unique_topic, Kafka, Produce, TestRecord, TopicReader};
 use keel_tests::{Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(120);
@@ -50,6 +50,15 @@ sinks:
 "#,
         interval = 400 + 100 * (variant % 2),
         linger = 5 * (variant % 2),
+    )
+}
+
+/// `spec` with the exactly-once sink (transactions committed on checkpoints, `prefix` as the
+/// transactional-id prefix, the same in every version of the job).
+fn exactly_once(spec: String, prefix: &str) -> String {
+    spec.replace(
+        "sink.delivery-guarantee: at-least-once\n",
+        &format!("sink.delivery-guarantee: exactly-once\n    sink.transactional-id-prefix: {prefix}\n"),
     )
 }
 
@@ -170,13 +179,15 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
 }
 
 /// A keyed, numbered workload runs continuously (a steady load, its rate printed) through 10
-/// consecutive handover upgrades that alternate spec changes and rescales (1 -> 2 -> 3 -> 1 ...).
-/// Proves: the output equals the input exactly — no record lost, none duplicated (at-least-once
-/// sink: a clean handover replays nothing) — and per key the order is kept. Prints the output
-/// pause of each handover (p50/p99) and the time of each upgrade.
+/// consecutive handover upgrades that alternate spec changes and rescales (1 -> 2 -> 3 -> 1 ...),
+/// through the exactly-once sink. Proves: a `read_committed` reader of the output sees the input
+/// exactly — no record lost, none duplicated (each old version's last transactions commit at
+/// its drain savepoint, and the new version's producers, with the same transactional ids,
+/// neither fence them early nor write anything twice) — and per key the order is kept. Prints
+/// the output pause of each handover (p50/p99) and the time of each upgrade.
 #[test]
 fn ten_handovers_with_rescales_keep_output_equal_to_input() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("up-in"), unique_topic("up-out"));
     create_topic(&bootstrap, &input, 6)?;
@@ -187,7 +198,8 @@ fn ten_handovers_with_rescales_keep_output_equal_to_input() -> anyhow::Result<()
     sb.start("jobmanager", "jm", &[])?;
     sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=4".into()])?;
     sb.start("taskmanager", "tm-2", &["taskmanager.numberOfTaskSlots=4".into()])?;
-    sb.run_spec("numbers", &spec("numbers", &bootstrap, &input, &output, 1, 0), &[])?;
+    let prefix = unique_topic("numbers-tx");
+    sb.run_spec("numbers", &exactly_once(spec("numbers", &bootstrap, &input, &output, 1, 0), &prefix), &[])?;
     sb.wait_job_state("numbers", "running", LONG)?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -222,7 +234,10 @@ fn ten_handovers_with_rescales_keep_output_equal_to_input() -> anyhow::Result<()
         let result = if *rescale {
             sb.keel_json(&["rescale", "numbers", "--parallelism", &parallelism.to_string()])?
         } else {
-            let yaml = spec("numbers", &bootstrap, &input, &output, *parallelism, i as u32 + 1);
+            let yaml = exactly_once(
+                spec("numbers", &bootstrap, &input, &output, *parallelism, i as u32 + 1),
+                &prefix,
+            );
             let path = sb.write_spec(&format!("numbers-{i}"), &yaml)?;
             sb.keel_json(&["upgrade", "numbers", path.to_str().unwrap_or_default()])?
         };
@@ -278,12 +293,13 @@ fn ten_handovers_with_rescales_keep_output_equal_to_input() -> anyhow::Result<()
 /// Savepoints and stop: `keel savepoint` leaves the job running; `keel rescale` above
 /// maxParallelism is refused naming it; `keel stop` drains the job at a savepoint and finishes
 /// it; records produced while it is stopped are read by `keel run --from-savepoint` at another
-/// parallelism. Proves: the output equals the input exactly (no gap, no duplicate) across the
-/// stop and the restart from the savepoint, and `keel history` shows the savepoint the version
-/// ended with. The job has no periodic checkpoints: only savepoints.
+/// parallelism. The sink is exactly-once. Proves: a `read_committed` reader sees the input
+/// exactly (no gap, no duplicate) across the stop and the restart from the savepoint (the
+/// stop's final transactions are committed, none is left open), and `keel history` shows the
+/// savepoint the version ended with.
 #[test]
 fn stop_with_savepoint_then_run_from_it_continues_exactly() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("sp-in"), unique_topic("sp-out"));
     create_topic(&bootstrap, &input, 4)?;
@@ -294,11 +310,9 @@ fn stop_with_savepoint_then_run_from_it_continues_exactly() -> anyhow::Result<()
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm", &[])?;
     sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=4".into()])?;
-    let without_checkpoints = |p: u32| {
-        spec("sp", &bootstrap, &input, &output, p, 0)
-            .replace("config:\n  execution.checkpointing.interval: 400 ms\n", "")
-    };
-    sb.run_spec("sp", &without_checkpoints(2), &[])?;
+    let prefix = unique_topic("sp-tx");
+    let versioned = |p: u32| exactly_once(spec("sp", &bootstrap, &input, &output, p, 0), &prefix);
+    sb.run_spec("sp", &versioned(2), &[])?;
     let mut out = Output::open(&bootstrap, &output)?;
     out.read_until(LONG, |all| all.len() >= 1000)?;
 
@@ -321,7 +335,7 @@ fn stop_with_savepoint_then_run_from_it_continues_exactly() -> anyhow::Result<()
     assert_eq!(history["versions"][0]["ended_with"]["checkpoint_id"], stop_id, "{history}");
 
     produce(&bootstrap, &input, (1500..2000).map(record).collect())?;
-    sb.run_spec("sp-again", &without_checkpoints(3), &["--from-savepoint", &stop_path])?;
+    sb.run_spec("sp-again", &versioned(3), &["--from-savepoint", &stop_path])?;
     let checked = check_output(&mut out, 2000)?;
     let lost: Vec<u64> = (0..2000).filter(|n| !checked.counts.contains_key(n)).collect();
     let duplicated: Vec<u64> = checked.counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
@@ -346,7 +360,7 @@ fn stop_with_savepoint_then_run_from_it_continues_exactly() -> anyhow::Result<()
 /// requested rollback is a clean handover: no gap, no duplicate).
 #[test]
 fn a_new_version_that_fails_to_start_rolls_back_automatically() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("rb-in"), unique_topic("rb-out"));
     create_topic(&bootstrap, &input, 2)?;
@@ -423,7 +437,7 @@ fn a_new_version_that_fails_to_start_rolls_back_automatically() -> anyhow::Resul
 /// every number comes out a second time.
 #[test]
 fn cancel_on_update_and_a_stateless_restart_without_state() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("cu-in"), unique_topic("cu-out"));
     create_topic(&bootstrap, &input, 2)?;
@@ -501,7 +515,7 @@ fn cancel_on_update_and_a_stateless_restart_without_state() -> anyhow::Result<()
 #[test]
 fn a_jobmanager_leader_killed_during_upgrades_leaves_one_active_version_and_loses_nothing(
 ) -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("crash-in"), unique_topic("crash-out"));
     create_topic(&bootstrap, &input, 4)?;
@@ -607,7 +621,7 @@ fn side_spec(name: &str, bootstrap: &str, input: &str, output: &str, group: &str
 /// version's topic holds every record from the savepoint on, once (no gap, no duplicate).
 #[test]
 fn side_by_side_then_promote() -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, out_a, out_b) = (unique_topic("sbs-in"), unique_topic("sbs-a"), unique_topic("sbs-b"));
     create_topic(&bootstrap, &input, 2)?;
@@ -683,7 +697,7 @@ fn side_by_side_then_promote() -> anyhow::Result<()> {
 #[test]
 fn a_failed_savepoint_leaves_the_job_running_and_a_full_cluster_falls_back_to_stop_start(
 ) -> anyhow::Result<()> {
-    let broker = Broker::start()?;
+    let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output, output2) = (unique_topic("sf-in"), unique_topic("sf-out"), unique_topic("sf-out2"));
     create_topic(&bootstrap, &input, 2)?;
