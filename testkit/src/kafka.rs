@@ -37,8 +37,9 @@ pub const ENV_KAFKA_HEAP: &str = "KEEL_TEST_KAFKA_HEAP";
 pub const ENV_KEEP: &str = "KEEL_TEST_KEEP";
 
 const DEFAULT_HEAP: &str = "512m";
-/// How long a started node may take to show up in the cluster's metadata.
-const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a started node may take to show up in the cluster's metadata (a JVM on a loaded
+/// 2-core machine can take a minute).
+const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a node may take for a controlled shutdown after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long formatting a data dir with Kafka's storage tool may take.
@@ -436,6 +437,10 @@ impl Kafka {
     }
 
     fn start_layout(count: usize, shared: bool, overrides: &[(&str, &str)]) -> anyhow::Result<Kafka> {
+        // One cluster starts at a time in this process: JVM start-up is CPU-bound, and two
+        // three-node clusters starting at once on 2 cores take longer than one after another.
+        static STARTING: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let keep = std::env::var_os(ENV_KEEP).is_some();
         let tmp = tempfile::Builder::new().prefix("keel-kafka-").tempdir().context("temp dir for Kafka")?;
         let mut layout = KafkaLayout::loopback(tmp.path(), count);

@@ -55,14 +55,18 @@ fn a_node_keeps_its_data_over_kill_and_restart_and_answers_after_pause() {
     eprintln!("single-node start-up: {:?}", kafka.startup);
     let topic = unique_topic("persist");
     create_topic(&bootstrap, &topic, 2).expect("topic");
-    let mut written = produce_numbered(&bootstrap, &topic, 0..200, |n| Some(format!("k{n}"))).expect("produce");
+    let mut written =
+        produce_numbered(&bootstrap, &topic, 0..200, |n| Some(format!("k{n}"))).expect("produce");
     let group = unique_topic("persist-group");
     commit(&bootstrap, &group, &topic, 0, 42);
 
     kafka.pause(1).expect("pause");
     let client: BaseConsumer =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("client");
-    assert!(client.fetch_metadata(None, Duration::from_millis(700)).is_err(), "a paused broker answers nothing");
+    assert!(
+        client.fetch_metadata(None, Duration::from_millis(700)).is_err(),
+        "a paused broker answers nothing"
+    );
     kafka.resume(1).expect("resume");
     assert_eq!(partition_count(&bootstrap, &topic).expect("count"), 2);
 
@@ -102,7 +106,8 @@ fn three_nodes_survive_the_kill_of_a_partition_leader() {
     let topic = unique_topic("replicated");
     create_topic(&bootstrap, &topic, 3).expect("topic");
     kafka.wait_in_sync(&topic, Duration::from_secs(30)).expect("in sync");
-    let mut written = produce_numbered(&bootstrap, &topic, 0..300, |n| Some(format!("k{n}"))).expect("produce");
+    let mut written =
+        produce_numbered(&bootstrap, &topic, 0..300, |n| Some(format!("k{n}"))).expect("produce");
 
     let leader = kafka.leader_of(&topic, 0).expect("leader");
     kafka.kill(leader).expect("kill the leader");
@@ -112,7 +117,9 @@ fn three_nodes_survive_the_kill_of_a_partition_leader() {
     })
     .expect("failover");
     assert_ne!(new_leader, leader);
-    written.extend(produce_numbered(&bootstrap, &topic, 300..600, |n| Some(format!("k{n}"))).expect("two of three"));
+    written.extend(
+        produce_numbered(&bootstrap, &topic, 300..600, |n| Some(format!("k{n}"))).expect("two of three"),
+    );
 
     kafka.start(leader).expect("start again");
     kafka.wait_in_sync(&topic, Duration::from_secs(60)).expect("caught up");
@@ -120,10 +127,12 @@ fn three_nodes_survive_the_kill_of_a_partition_leader() {
     let leader = kafka.leader_of(&topic, 1).expect("leader");
     kafka.stop(leader).expect("controlled shutdown");
     assert_ne!(kafka.leader_of(&topic, 1).expect("leader"), leader, "leadership moved before the exit");
-    written.extend(produce_numbered(&bootstrap, &topic, 600..700, |n| Some(format!("k{n}"))).expect("produce"));
+    written
+        .extend(produce_numbered(&bootstrap, &topic, 600..700, |n| Some(format!("k{n}"))).expect("produce"));
     kafka.start(leader).expect("start again");
 
-    let read = consume_all(&bootstrap, &topic, "replicated-check", 700, Duration::from_secs(60)).expect("all");
+    let read =
+        consume_all(&bootstrap, &topic, "replicated-check", 700, Duration::from_secs(60)).expect("all");
     assert_eq!(by_position(&read), by_position(&written));
 }
 
@@ -181,8 +190,9 @@ fn wait_until_reports_what_it_waited_for() {
     })
     .expect("reached");
     assert_eq!(got, 3);
-    let err = wait_until::<()>("the impossible", Duration::from_millis(250), || Err(anyhow::anyhow!("still 7")))
-        .expect_err("times out");
+    let err =
+        wait_until::<()>("the impossible", Duration::from_millis(250), || Err(anyhow::anyhow!("still 7")))
+            .expect_err("times out");
     let text = err.to_string();
     assert!(text.contains("the impossible") && text.contains("still 7"), "{text}");
     assert_ne!(free_port(), 0);
