@@ -5,10 +5,15 @@
 //!   N TaskManagers as child processes of the `keel` binary, on the `local` HA backend by
 //!   default (or etcd with `--ha etcd`), each with its own log file; stops every child on
 //!   Ctrl-C / SIGTERM, TaskManagers first.
-//! - `deploy/dev-cluster.yaml`, `deploy/demo-job.yaml`: the dev cluster's configuration and demo
-//!   job (templates with `{dir}`-style placeholders filled in by `keel dev`).
+//! - [`kafka`]: the Apache Kafka broker `keel dev --demo` (or `--kafka`) starts beside it (one
+//!   KRaft node on 127.0.0.1:9092), stopped last.
+//! - `deploy/dev-cluster.yaml`, `deploy/demo-job.yaml`, `deploy/demo-kafka-job.yaml`: the dev
+//!   cluster's configuration and the demo jobs (datagen -> files; Kafka -> Kafka exactly-once)
+//!   (templates with `{dir}`-style placeholders filled in by `keel dev`).
 //! - `deploy/systemd/`, `deploy/cluster/`: service units and an example three-machine
 //!   configuration (see docs/deployment.md).
+
+pub mod kafka;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 const DEV_CONFIG: &str = include_str!("../dev-cluster.yaml");
 const DEMO_JOB: &str = include_str!("../demo-job.yaml");
+const DEMO_KAFKA_JOB: &str = include_str!("../demo-kafka-job.yaml");
+/// Topics of the Kafka demo job (name, partitions).
+const DEMO_TOPICS: [(&str, i32); 2] = [("people-in", 2), ("people-out", 2)];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HaChoice {
@@ -42,8 +50,8 @@ pub struct DevArgs {
     /// Number of TaskManagers.
     #[arg(long, default_value_t = 1)]
     pub taskmanagers: u32,
-    /// Slots per TaskManager.
-    #[arg(long, default_value_t = 2)]
+    /// Slots per TaskManager (the two demo jobs take two each).
+    #[arg(long, default_value_t = 4)]
     pub slots: u32,
     /// JobManager port.
     #[arg(long, default_value_t = 6123)]
@@ -51,9 +59,20 @@ pub struct DevArgs {
     /// ResourceManager port.
     #[arg(long, default_value_t = 6124)]
     pub resourcemanager_port: u16,
-    /// Submit the demo job once the cluster is up.
+    /// Submit the demo jobs once the cluster is up: datagen -> files, and Kafka -> Kafka
+    /// exactly-once on a local Apache Kafka broker (started unless --no-kafka).
     #[arg(long)]
     pub demo: bool,
+    /// Start a local Apache Kafka broker (one KRaft node) also without --demo. Its jars come
+    /// from scripts/install-kafka.sh; set KEEL_KAFKA_LIBS to their directory to skip it.
+    #[arg(long)]
+    pub kafka: bool,
+    /// No Kafka broker, and no Kafka demo job.
+    #[arg(long, conflicts_with = "kafka")]
+    pub no_kafka: bool,
+    /// Port of the Kafka broker on 127.0.0.1.
+    #[arg(long, default_value_t = 9092)]
+    pub kafka_port: u16,
     /// Keep the HA metadata of an earlier run (jobs are recovered) instead of starting clean
     /// (local: the HA directory is kept; etcd: the cluster id `dev` is reused).
     #[arg(long)]
@@ -68,6 +87,20 @@ struct ChildProc {
     child: Child,
     address: String,
     log: PathBuf,
+}
+
+/// Environment variables of the Kafka tooling (`scripts/install-kafka.sh`, keel-testkit) that
+/// `keel` processes must not see: they read every `KEEL_*` variable as a configuration key and
+/// refuse unknown ones.
+const KAFKA_TOOLING_ENV: [&str; 2] = ["KEEL_KAFKA_LIBS", "KEEL_CACHE_DIR"];
+
+/// `exe` as a command for a child of `keel dev`, without [`KAFKA_TOOLING_ENV`].
+fn keel_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    for name in KAFKA_TOOLING_ENV {
+        cmd.env_remove(name);
+    }
+    cmd
 }
 
 fn fill(template: &str, pairs: &[(&str, String)]) -> String {
@@ -140,7 +173,7 @@ async fn spawn_role(
     let log = logs.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).with_context(|| format!("cannot create log {}", log.display()))?;
     let err = file.try_clone().context("cannot share the log file")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = keel_command(exe);
     cmd.arg(role).arg("--config").arg(config);
     for s in set {
         cmd.arg("--set").arg(s);
@@ -206,8 +239,17 @@ pub async fn run_dev_cluster(
     std::fs::write(&config_path, config)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
 
+    let want_kafka = (args.demo || args.kafka) && !args.no_kafka;
+    let kafka_dir = dir.join("kafka");
+    let start_kafka = async {
+        if !want_kafka {
+            return Ok(None);
+        }
+        let topics: &[(&str, i32)] = if args.demo { &DEMO_TOPICS } else { &[] };
+        kafka::DevKafka::start(&kafka_dir, args.kafka_port, args.keep_state, topics).await.map(Some)
+    };
     let mut children: Vec<ChildProc> = Vec::new();
-    let started = async {
+    let start_roles = async {
         children
             .push(spawn_role(&exe, "resourcemanager", "resourcemanager", &config_path, &set, &logs).await?);
         children.push(spawn_role(&exe, "jobmanager", "jobmanager", &config_path, &set, &logs).await?);
@@ -217,13 +259,39 @@ pub async fn run_dev_cluster(
         }
         anyhow::Ok(())
     };
-    let result = tokio::select! {
-        r = started => r,
-        _ = shutdown.cancelled() => Ok(()),
+    // The broker (seconds of JVM start-up) starts beside the Keel processes.
+    let started = async {
+        let (roles, broker) = tokio::join!(start_roles, start_kafka);
+        (roles, broker)
     };
-    if let Err(e) = result {
+    let (roles, broker) = tokio::select! {
+        r = started => r,
+        _ = shutdown.cancelled() => (Ok(()), Ok(None)),
+    };
+    let mut broker = match (roles, broker) {
+        (Ok(()), Ok(broker)) => broker,
+        (roles, broker) => {
+            stop_all(&mut children).await;
+            let broker_error = match broker {
+                Ok(Some(mut b)) => {
+                    b.stop().await;
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => Some(anyhow::Error::new(e).context("starting the dev Kafka broker")),
+            };
+            return Err(roles
+                .err()
+                .or(broker_error)
+                .unwrap_or_else(|| anyhow::anyhow!("the dev cluster did not start")));
+        }
+    };
+    if shutdown.is_cancelled() {
         stop_all(&mut children).await;
-        return Err(e);
+        if let Some(b) = broker.as_mut() {
+            b.stop().await;
+        }
+        return Ok(());
     }
 
     println!(
@@ -237,29 +305,14 @@ pub async fn run_dev_cluster(
     for c in &children {
         println!("  {:<16} {:>7}  {:<21}  {}", c.role, c.child.id().unwrap_or(0), c.address, c.log.display());
     }
+    if let Some(b) = &broker {
+        println!("  {:<16} {:>7}  {:<21}  {}", "kafka", b.pid().unwrap_or(0), b.bootstrap, b.log.display());
+    }
     let client_hint = format!("{} --config {}", exe.display(), config_path.display());
     println!("\nclient verbs: {client_hint} <cluster|list|status JOB|run FILE|cancel JOB>");
 
     if args.demo {
-        let demo = fill(DEMO_JOB, &[("dir", dir_s.clone())]);
-        let demo_path = dir.join("demo-job.yaml");
-        std::fs::write(&demo_path, demo).with_context(|| format!("cannot write {}", demo_path.display()))?;
-        println!("\nrunning the demo job ({})", demo_path.display());
-        let status = Command::new(&exe)
-            .arg("--config")
-            .arg(&config_path)
-            .arg("run")
-            .arg(&demo_path)
-            .status()
-            .await
-            .context("cannot run the demo job")?;
-        if status.success() {
-            let _ = Command::new(&exe).arg("--config").arg(&config_path).arg("cluster").status().await;
-            println!("\ndemo output: {}/demo-output/part-*  (tail -f it to watch the numbers)", dir_s);
-            println!("demo status: {client_hint} status demo");
-        } else {
-            println!("the demo job did not start ({status}); see the logs above");
-        }
+        run_demo(&exe, &config_path, &dir_s, &client_hint, broker.as_ref()).await?;
     }
     println!("\npress Ctrl-C to stop the cluster");
 
@@ -281,11 +334,90 @@ pub async fn run_dev_cluster(
                     }
                 }
                 children.retain_mut(|c| !matches!(c.child.try_wait(), Ok(Some(_))));
+                if let Some(status) = broker.as_mut().and_then(|b| b.exited()) {
+                    println!("kafka exited ({status}); its log: {}", kafka_dir.display());
+                    broker = None;
+                }
             }
         }
     }
     println!("stopping the dev cluster");
     stop_all(&mut children).await;
+    // The broker last: the Kafka demo's sinks abort their transactions as they stop.
+    if let Some(b) = broker.as_mut() {
+        if b.stop().await {
+            println!("  kafka stopped");
+        } else {
+            println!("  kafka killed");
+        }
+    }
+    Ok(())
+}
+
+/// Submits the demo jobs and prints how to watch them.
+async fn run_demo(
+    exe: &Path,
+    config_path: &Path,
+    dir_s: &str,
+    client_hint: &str,
+    broker: Option<&kafka::DevKafka>,
+) -> anyhow::Result<()> {
+    let mut jobs = vec![("demo", fill(DEMO_JOB, &[("dir", dir_s.to_string())]))];
+    if let Some(b) = broker {
+        jobs.push(("demo-kafka", fill(DEMO_KAFKA_JOB, &[("bootstrap", b.bootstrap.clone())])));
+    }
+    let mut running = Vec::new();
+    for (name, spec) in jobs {
+        let path = Path::new(dir_s).join(format!("{name}-job.yaml"));
+        std::fs::write(&path, spec).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("\nrunning the demo job {name} ({})", path.display());
+        let status = keel_command(exe)
+            .arg("--config")
+            .arg(config_path)
+            .arg("run")
+            .arg(&path)
+            .status()
+            .await
+            .with_context(|| format!("cannot run the demo job {name}"))?;
+        if status.success() {
+            running.push(name);
+        } else {
+            println!("the demo job {name} did not start ({status}); see the logs above");
+        }
+    }
+    if running.is_empty() {
+        return Ok(());
+    }
+    let _ = keel_command(exe).arg("--config").arg(config_path).arg("cluster").status().await;
+    if running.contains(&"demo") {
+        println!(
+            "\ndemo (datagen -> files): {dir_s}/demo-output/part-*  (tail -f them to watch the numbers)"
+        );
+        println!("  status: {client_hint} status demo");
+    }
+    if let (Some(b), true) = (broker, running.contains(&"demo-kafka")) {
+        println!(
+            "\ndemo-kafka (Kafka people-in -> people-out, CSV id,name,age; checkpoints every 1 s, exactly-once sink):"
+        );
+        println!("  status: {client_hint} status demo-kafka");
+        println!("  produce people to people-in, one line each (type lines, Ctrl-D ends):");
+        println!("    {}", b.tool_command("org.apache.kafka.tools.ConsoleProducer", "--topic people-in"));
+        println!("  or two at once:");
+        println!(
+            "    printf '1,Ada,36\\n2,Linus,21\\n' | {}",
+            b.tool_command("org.apache.kafka.tools.ConsoleProducer", "--topic people-in")
+        );
+        println!(
+            "  read people-out as committed (records appear when the next checkpoint commits, about 1 s):"
+        );
+        println!(
+            "    {}",
+            b.tool_command(
+                "org.apache.kafka.tools.consumer.ConsoleConsumer",
+                "--topic people-out --from-beginning --isolation-level read_committed"
+            )
+        );
+    }
     Ok(())
 }
 
