@@ -25,6 +25,9 @@ use super::net::Network;
 
 /// How long a started process may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a started Kafka node may take to be registered (JVM start-up and joining the
+/// quorum take 10-60 s on a busy 2-core machine).
+const KAFKA_START_TIMEOUT: Duration = Duration::from_secs(180);
 /// Timeout of one `keel` client verb run by the runner.
 const VERB_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -503,8 +506,10 @@ impl Cluster {
         let node = self.node(name)?;
         let Role::Kafka(id) = node.role else { bail!("{name} is not a Kafka node") };
         let address = node.address();
-        let result =
-            wait_until(&format!("Kafka node {name} ({address}) to be registered"), START_TIMEOUT, || {
+        let result = wait_until(
+            &format!("Kafka node {name} ({address}) to be registered"),
+            KAFKA_START_TIMEOUT,
+            || {
                 let node = self.node_mut(name)?;
                 if let Some(p) = node.proc.as_mut() {
                     if !p.running() {
@@ -513,7 +518,8 @@ impl Cluster {
                 }
                 let live = brokers(&address)?;
                 Ok(live.contains(&id).then_some(()))
-            });
+            },
+        );
         result.with_context(|| {
             let log =
                 self.node(name).ok().and_then(|n| n.proc.as_ref()).map(Proc::log_text).unwrap_or_default();
