@@ -31,6 +31,13 @@ use crate::{client_config, free_port, tail, wait_until, ENV_BOOTSTRAP};
 /// Environment variable naming the directory of Kafka's jars (else `scripts/install-kafka.sh`
 /// is run, which prints it, fetching the jars first when they are not cached).
 pub const ENV_KAFKA_LIBS: &str = "KEEL_KAFKA_LIBS";
+/// Environment variable with the JVM options of every broker, replacing [`LIGHT_JVM_OPTS`]
+/// (e.g. `-XX:+UseG1GC` for a benchmark that wants the optimizing compiler).
+pub const ENV_KAFKA_JVM_OPTS: &str = "KEEL_TEST_KAFKA_JVM_OPTS";
+/// The brokers' JVM options unless `KEEL_TEST_KAFKA_JVM_OPTS` says otherwise: the client
+/// compiler only and the serial collector. On 2 shared cores the optimizing compiler's
+/// threads and G1's workers cost a starting broker more CPU than its test load ever does.
+pub const LIGHT_JVM_OPTS: &str = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC";
 /// Environment variable giving each test broker's JVM heap (`-Xmx`), e.g. `768m`.
 pub const ENV_KAFKA_HEAP: &str = "KEEL_TEST_KAFKA_HEAP";
 /// Set (to anything) to keep the data and logs of test brokers after the test.
@@ -120,6 +127,8 @@ pub struct KafkaLayout {
     pub overrides: BTreeMap<String, String>,
     /// JVM heap (`-Xms` = `-Xmx`).
     pub heap: String,
+    /// Further JVM options of the brokers (`KEEL_TEST_KAFKA_JVM_OPTS`, else [`LIGHT_JVM_OPTS`]).
+    pub jvm_opts: Vec<String>,
 }
 
 impl KafkaLayout {
@@ -144,6 +153,11 @@ impl KafkaLayout {
             nodes,
             overrides: BTreeMap::new(),
             heap: std::env::var(ENV_KAFKA_HEAP).unwrap_or_else(|_| DEFAULT_HEAP.to_string()),
+            jvm_opts: std::env::var(ENV_KAFKA_JVM_OPTS)
+                .unwrap_or_else(|_| LIGHT_JVM_OPTS.to_string())
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
         }
     }
 
@@ -290,7 +304,7 @@ impl KafkaLayout {
         let mut c = Command::new(java_binary());
         c.arg(format!("-Xms{heap}"))
             .arg(format!("-Xmx{heap}"))
-            .args(["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError"])
+            .arg("-XX:+ExitOnOutOfMemoryError")
             .arg("-Djava.awt.headless=true")
             .arg(format!("-Dlog4j2.configurationFile={}", self.log4j_path().display()))
             .arg("-cp")
@@ -304,6 +318,7 @@ impl KafkaLayout {
         self.node(id)?;
         let libs = kafka_libs()?;
         let mut c = self.java(&libs, &self.heap);
+        c.args(&self.jvm_opts);
         c.arg("kafka.Kafka").arg(self.node_dir(id).join("server.properties"));
         Ok(c)
     }

@@ -37,7 +37,7 @@ use rdkafka::{Offset, TopicPartitionList};
 mod kafka;
 pub use kafka::{
     group_offsets_by_kafka_admin, java_binary, kafka_libs, new_cluster_id, Kafka, KafkaLayout,
-    KafkaNodeAddress, ENV_KAFKA_HEAP, ENV_KAFKA_LIBS, ENV_KEEP,
+    KafkaNodeAddress, ENV_KAFKA_HEAP, ENV_KAFKA_JVM_OPTS, ENV_KAFKA_LIBS, ENV_KEEP, LIGHT_JVM_OPTS,
 };
 
 /// Environment variable naming an external Kafka cluster (`host:port,...`) that
