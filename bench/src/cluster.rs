@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
+/// Environment variables of the Kafka tooling that `keel` processes must not see: they read
+/// every `KEEL_*` variable as a configuration key and refuse unknown ones.
+const KAFKA_TOOLING_ENV: [&str; 2] = ["KEEL_KAFKA_LIBS", "KEEL_CACHE_DIR"];
+
+/// A command running `keel`, without [`KAFKA_TOOLING_ENV`].
+fn keel_command(keel: &Path) -> Command {
+    let mut cmd = Command::new(keel);
+    for name in KAFKA_TOOLING_ENV {
+        cmd.env_remove(name);
+    }
+    cmd
+}
+
 /// How long a role may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -92,7 +105,7 @@ impl Cluster {
     fn spawn(&mut self, dir: &Path, role: &str, name: &str, sets: &[String]) -> anyhow::Result<()> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new(&self.keel);
+        let mut cmd = keel_command(&self.keel);
         cmd.arg(role).arg("--config").arg(&self.config);
         for s in sets {
             cmd.arg("--set").arg(s);
@@ -148,7 +161,7 @@ impl Cluster {
     }
 
     fn keel(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new(&self.keel)
+        keel_command(&self.keel)
             .arg("--config")
             .arg(&self.config)
             .args(args)

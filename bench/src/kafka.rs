@@ -149,7 +149,8 @@ fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> 
 }
 
 /// A consumer that reads `partitions` of `topic` (all when `None`) from the beginning
-/// (assigned, no group rebalance, nothing committed).
+/// (assigned, no group rebalance, nothing committed), `read_committed`: records of open or
+/// aborted transactions are not seen.
 fn reader(
     bootstrap: &str,
     topic: &str,
@@ -161,6 +162,7 @@ fn reader(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
         .create()
         .context("creating a consumer")?;
     let all: Vec<i32> = (0..partition_count(&consumer, topic)?).collect();
@@ -274,8 +276,6 @@ pub struct OutputStats {
     /// Smallest and largest record timestamp (ms since the epoch).
     pub first_ts: i64,
     pub last_ts: i64,
-    /// Wall time from the first record read to the last (reading alone: the broker's pace).
-    pub read_secs: f64,
 }
 
 impl OutputStats {
@@ -304,7 +304,6 @@ pub fn read_output(
     let mut stats = OutputStats { first_ts: i64::MAX, last_ts: i64::MIN, ..OutputStats::default() };
     let mut distinct = 0u64;
     let mut last_record = Instant::now();
-    let mut first_record = None;
     loop {
         let now = Instant::now();
         if stats.count >= expect && now.duration_since(last_record) >= QUIET {
@@ -318,11 +317,7 @@ pub fn read_output(
             Some(Err(e)) => eprintln!("reading {topic}: consumer error (the client retries): {e}"),
             Some(Ok(m)) => {
                 last_record = Instant::now();
-                first_record.get_or_insert(last_record);
                 stats.count += 1;
-                if stats.count == expect {
-                    stats.read_secs = first_record.map(|f| f.elapsed().as_secs_f64()).unwrap_or_default();
-                }
                 let ts = m
                     .timestamp()
                     .to_millis()
@@ -349,4 +344,35 @@ pub fn read_output(
     }
     stats.distinct = check_seq.then_some(distinct);
     Ok(stats)
+}
+
+/// Waits until every partition of `topic` has its last stable offset (what `read_committed`
+/// readers may read up to) at its high watermark: no transaction is open, everything written
+/// is committed (or aborted). Returns the wall clock (ms since the epoch) when that was seen.
+pub fn wait_all_committed(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> anyhow::Result<i64> {
+    let committed: BaseConsumer = client(bootstrap).set("isolation.level", "read_committed").create()?;
+    let uncommitted: BaseConsumer = client(bootstrap).set("isolation.level", "read_uncommitted").create()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut open = Vec::new();
+        for p in 0..partitions {
+            let (_, lso) = committed.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            let (_, hw) = uncommitted.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            if lso < hw {
+                open.push(format!("{p}: LSO {lso} < HW {hw}"));
+            }
+        }
+        if open.is_empty() {
+            return Ok(now_ms());
+        }
+        if Instant::now() > deadline {
+            bail!("{topic} still has open transactions after {timeout:?}: {}", open.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

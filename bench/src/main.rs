@@ -1,7 +1,9 @@
 //! `keel-bench`: how fast Keel passes Kafka records through, next to a bare rdkafka loop.
 //!
-//! On one broker (keel-testkit's: a tansu process on loopback, or `KEEL_TEST_KAFKA_BOOTSTRAP`)
-//! it writes `--records` records of `--size` bytes to topic `in` (2 partitions) once, then runs:
+//! On one Apache Kafka node (keel-testkit's `Kafka::single()`: a KRaft broker + controller JVM
+//! on loopback, started for this run and stopped after it; or the external cluster
+//! `KEEL_TEST_KAFKA_BOOTSTRAP` names) it writes `--records` records of `--size` bytes to topic
+//! `in` (2 partitions) once, then runs:
 //!
 //! - (a) `bare`: one thread of this process consumes `in` from the earliest offset and produces
 //!   every record to its output topic (rdkafka `BaseConsumer` + `BaseProducer`, acks=all, flush
@@ -11,15 +13,23 @@
 //!   format, `sink.delivery-guarantee: at-least-once`, acks=all) on a cluster of real `keel`
 //!   processes (ResourceManager, JobManager, one TaskManager with 2 slots, local HA backend in
 //!   the benchmark's directory): at parallelism 1 and 2, each with checkpoints every second and
-//!   without.
+//!   without;
+//! - (c) the same job with `sink.delivery-guarantee: exactly-once` (Kafka transactions
+//!   committed when a checkpoint completes; checkpoints every second, which exactly-once needs)
+//!   at parallelism 1 and 2.
 //!
 //! Every run writes to an output topic of its own (2 partitions) with a consumer group of its
-//! own, and is measured the same way: the output is read back, its records counted (and their
-//! sequence numbers checked: nothing lost), and the time is the span from the first to the last
-//! record's create timestamp, which the producer stamps when the record is handed to it
-//! (neither the bare loop nor Keel's raw sink sets one). Start-up (job deployment, the first
-//! fetch) is outside that span; the `wall s` column includes it. `--repeat` repetitions go
-//! round-robin over the runs; the table shows each run's median.
+//! own, and is measured the same way: the output is read back with `read_committed` (so an
+//! exactly-once run's records count only once committed), its records counted (and their
+//! sequence numbers checked: nothing lost, nothing twice), and the time is the span from the
+//! first to the last record's create timestamp, which the producer stamps when the record is
+//! handed to it (neither the bare loop nor Keel's raw sink sets one). Start-up (job deployment,
+//! the first fetch) is outside that span; the `wall s` column includes it. For exactly-once
+//! runs, `commit s` is how long after the last record's timestamp every output partition had
+//! no open transaction left (the last checkpoint's commit). CPU is read from /proc: the
+//! TaskManager's (Keel), this process's (bare; only the loop works during it) and the broker
+//! JVM's, over each run. `--repeat` repetitions go round-robin over the runs; the table shows
+//! each run's median.
 //!
 //! Modules: [`kafka`] (input, bare loop, reading outputs), [`cluster`] (the `keel` processes
 //! and client verbs), [`procfs`] (memory and CPU time from /proc).
@@ -34,6 +44,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+
+use keel_testkit::Kafka;
 
 use crate::cluster::Cluster;
 use crate::kafka::OutputStats;
@@ -56,8 +68,9 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     size: usize,
     /// Runs to do, comma-separated, of: bare, bare2 (the bare loop on 2 threads, one per
-    /// partition), p1, p1-chk, p2, p2-chk.
-    #[arg(long, value_delimiter = ',', default_value = "bare,bare2,p1,p1-chk,p2,p2-chk")]
+    /// partition), p1, p1-chk, p2, p2-chk (at-least-once, without and with 1 s checkpoints),
+    /// p1-eos, p2-eos (exactly-once, 1 s checkpoints).
+    #[arg(long, value_delimiter = ',', default_value = "bare,bare2,p1,p1-chk,p2,p2-chk,p1-eos,p2-eos")]
     runs: Vec<String>,
     /// Repetitions of every run (round-robin over the runs); the table shows each run's median.
     #[arg(long, default_value_t = 3)]
@@ -86,26 +99,74 @@ struct Run {
     /// Keel: the job's parallelism; bare: the loop's threads.
     parallelism: u32,
     checkpoints: bool,
+    /// `sink.delivery-guarantee: exactly-once` (else at-least-once).
+    exactly_once: bool,
 }
 
-const RUNS: [Run; 6] = [
-    Run { key: "bare", label: "(a) bare rdkafka loop", keel: false, parallelism: 1, checkpoints: false },
-    Run { key: "bare2", label: "(a2) bare loop, 2 threads", keel: false, parallelism: 2, checkpoints: false },
-    Run { key: "p1", label: "(b) keel p=1", keel: true, parallelism: 1, checkpoints: false },
+const RUNS: [Run; 8] = [
+    Run {
+        key: "bare",
+        label: "(a) bare rdkafka loop",
+        keel: false,
+        parallelism: 1,
+        checkpoints: false,
+        exactly_once: false,
+    },
+    Run {
+        key: "bare2",
+        label: "(a2) bare loop, 2 threads",
+        keel: false,
+        parallelism: 2,
+        checkpoints: false,
+        exactly_once: false,
+    },
+    Run {
+        key: "p1",
+        label: "(b) keel p=1",
+        keel: true,
+        parallelism: 1,
+        checkpoints: false,
+        exactly_once: false,
+    },
     Run {
         key: "p1-chk",
         label: "(b) keel p=1, checkpoint 1 s",
         keel: true,
         parallelism: 1,
         checkpoints: true,
+        exactly_once: false,
     },
-    Run { key: "p2", label: "(b) keel p=2", keel: true, parallelism: 2, checkpoints: false },
+    Run {
+        key: "p2",
+        label: "(b) keel p=2",
+        keel: true,
+        parallelism: 2,
+        checkpoints: false,
+        exactly_once: false,
+    },
     Run {
         key: "p2-chk",
         label: "(b) keel p=2, checkpoint 1 s",
         keel: true,
         parallelism: 2,
         checkpoints: true,
+        exactly_once: false,
+    },
+    Run {
+        key: "p1-eos",
+        label: "(c) keel p=1, exactly-once, 1 s",
+        keel: true,
+        parallelism: 1,
+        checkpoints: true,
+        exactly_once: true,
+    },
+    Run {
+        key: "p2-eos",
+        label: "(c) keel p=2, exactly-once, 1 s",
+        keel: true,
+        parallelism: 2,
+        checkpoints: true,
+        exactly_once: true,
     },
 ];
 
@@ -120,12 +181,26 @@ struct Measured {
     /// CPU seconds of the process doing the work: this process (bare) or the TaskManager.
     cpu_s: Option<f64>,
     broker_cpu_s: Option<f64>,
+    /// Exactly-once: from the last record's timestamp until no output partition had an open
+    /// transaction.
+    commit_s: Option<f64>,
     notes: Vec<String>,
 }
 
 impl Measured {
     fn rate(&self) -> f64 {
         self.output.count as f64 / self.output.span_secs()
+    }
+
+    /// `seconds` per million output records.
+    fn per_million(&self, seconds: Option<f64>) -> Option<f64> {
+        let count = self.output.count as f64;
+        seconds.filter(|_| count > 0.0).map(|s| s * 1e6 / count)
+    }
+
+    /// Output records per CPU second of the worker.
+    fn per_cpu_second(&self) -> Option<f64> {
+        self.cpu_s.filter(|s| *s > 0.0).map(|s| self.output.count as f64 / s)
     }
 }
 
@@ -163,7 +238,7 @@ struct Env<'a> {
     args: &'a Args,
     dir: &'a Path,
     bootstrap: String,
-    /// Prefix of topic names (empty on a fresh tansu).
+    /// Prefix of topic names and transactional ids (empty on a broker of this run's own).
     prefix: String,
     input: String,
     broker_pid: Option<u32>,
@@ -194,7 +269,8 @@ impl Env<'_> {
 fn bench(args: &Args, dir: &Path) -> anyhow::Result<()> {
     for r in &args.runs {
         if !RUNS.iter().any(|run| run.key == r.as_str()) {
-            bail!("--runs: unknown run {r:?}; the runs are bare, bare2, p1, p1-chk, p2, p2-chk");
+            let known: Vec<&str> = RUNS.iter().map(|run| run.key).collect();
+            bail!("--runs: unknown run {r:?}; the runs are {}", known.join(", "));
         }
     }
     if args.records == 0 || args.repeat == 0 {
@@ -208,9 +284,18 @@ fn bench(args: &Args, dir: &Path) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let broker = keel_testkit::Broker::start()?;
+    // KEEL_TEST_KAFKA_BOOTSTRAP names an external cluster (Kafka::shared uses it); else a
+    // node of this run's own, stopped when it is dropped.
+    let external = std::env::var(keel_testkit::ENV_BOOTSTRAP).is_ok_and(|v| !v.trim().is_empty());
+    let own;
+    let broker: &Kafka = if external {
+        Kafka::shared()?
+    } else {
+        own = Kafka::single().context("starting Apache Kafka")?;
+        &own
+    };
     let bootstrap = broker.bootstrap().to_string();
-    // Topic names of their own on a shared broker; a fresh tansu has none.
+    // Topic names and transactional ids of their own on a shared cluster.
     let prefix = if broker.is_external() {
         format!("keel-bench-{}-{}-", std::process::id(), kafka::now_ms())
     } else {
@@ -219,11 +304,7 @@ fn bench(args: &Args, dir: &Path) -> anyhow::Result<()> {
     let env = Env {
         args,
         dir,
-        broker_pid: if broker.is_external() {
-            None
-        } else {
-            procfs::child_with_cmdline(&format!("tcp://{bootstrap}"))
-        },
+        broker_pid: broker.node_ids().first().and_then(|id| broker.pid(*id)),
         input: format!("{prefix}in"),
         bootstrap,
         prefix,
@@ -234,7 +315,15 @@ fn bench(args: &Args, dir: &Path) -> anyhow::Result<()> {
         args.size,
         args.repeat,
         env.bootstrap,
-        if broker.is_external() { "external" } else { "tansu, in-memory storage" },
+        if broker.is_external() {
+            "external".to_string()
+        } else {
+            format!(
+                "Apache Kafka, one KRaft node, pid {}, started in {:.1} s",
+                env.broker_pid.unwrap_or_default(),
+                broker.startup.as_secs_f64()
+            )
+        },
         dir.display()
     );
     keel_testkit::create_topic(&env.bootstrap, &env.input, PARTITIONS)?;
@@ -284,7 +373,7 @@ fn bench(args: &Args, dir: &Path) -> anyhow::Result<()> {
                 (None, true) => bail!("run {tag} needs the cluster"),
             };
             println!(
-                "  {:<8} {:<30} {} records in {:.2} s ({:.0} records/s)",
+                "  {:<8} {:<32} {} records in {:.2} s ({:.0} records/s)",
                 tag,
                 measured.label,
                 measured.output.count,
@@ -317,7 +406,6 @@ fn bench(args: &Args, dir: &Path) -> anyhow::Result<()> {
         println!("  (loaded VmRSS: the largest of samples every 100 ms; VmHWM: read after the last run)");
     }
     drop(cluster);
-    drop(broker);
     Ok(())
 }
 
@@ -364,6 +452,7 @@ fn bare_run(env: &Env<'_>, run: &Run, tag: &str) -> anyhow::Result<Measured> {
         output: stats,
         cpu_s: diff(cpu1, cpu0),
         broker_cpu_s: diff(bcpu1, bcpu0),
+        commit_s: None,
     })
 }
 
@@ -376,6 +465,14 @@ fn keel_run(env: &Env<'_>, cluster: &Cluster, run: &Run, tag: &str, tm: u32) -> 
     let output = format!("{}out-{tag}", env.prefix);
     keel_testkit::create_topic(&env.bootstrap, &output, PARTITIONS)?;
     let config = if run.checkpoints { "config:\n  execution.checkpointing.interval: 1 s\n" } else { "" };
+    let guarantee = if run.exactly_once {
+        format!(
+            "sink.delivery-guarantee: exactly-once\n    sink.transactional-id-prefix: {}bench-{tag}",
+            env.prefix
+        )
+    } else {
+        "sink.delivery-guarantee: at-least-once".to_string()
+    };
     let spec = format!(
         r#"name: {job}
 parallelism: {parallelism}
@@ -394,7 +491,7 @@ sinks:
     topic: {output}
     properties.bootstrap.servers: '{bootstrap}'
     properties.acks: all
-    sink.delivery-guarantee: at-least-once
+    {guarantee}
     format: raw
 "#,
         input = env.input,
@@ -436,6 +533,11 @@ sinks:
         std::thread::sleep(Duration::from_millis(250));
     }
     let (cpu1, bcpu1) = (cpu(Some(tm)), cpu(env.broker_pid));
+    let committed_ms = if run.exactly_once {
+        Some(kafka::wait_all_committed(&env.bootstrap, &output, PARTITIONS, env.timeout())?)
+    } else {
+        None
+    };
     let stats = env.read_output(&output)?;
     let status = cluster.status(&job)?;
     cluster.cancel(&job)?;
@@ -461,6 +563,7 @@ sinks:
         keel: true,
         parallelism,
         wall_s: (stats.last_ts - started_ms) as f64 / 1000.0,
+        commit_s: committed_ms.map(|c| (c - stats.last_ts) as f64 / 1000.0),
         output: stats,
         cpu_s: diff(cpu1, cpu0),
         broker_cpu_s: diff(bcpu1, bcpu0),
@@ -468,8 +571,8 @@ sinks:
     })
 }
 
-fn fmt_opt(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    v.map(|v| format!("{v:.decimals$}")).unwrap_or_else(|| "-".into())
 }
 
 /// The median of a run's repetitions by throughput, and the range of their throughputs.
@@ -499,30 +602,26 @@ fn print_table(results: Vec<Vec<Measured>>, records: u64) {
     );
     println!("its own output topic; with repetitions, the run with the median throughput is shown");
     println!(
-        "{:<30} {:>9} {:>7} {:>9} {:>6} {:>7} {:>15} {:>6} {:>5} {:>6} {:>9}  notes",
+        "{:<32} {:>8} {:>6} {:>9} {:>5} {:>7} {:>13} {:>6} {:>6} {:>8} {:>8} {:>8}  notes",
         "run",
         "records",
-        "seconds",
+        "secs",
         "records/s",
         "ratio",
         "ratio=p",
         "range rec/s",
         "wall s",
-        "cpu s",
-        "brkr s",
-        "readback/s"
+        "commit",
+        "cpu s/M",
+        "rec/cpus",
+        "brkr s/M"
     );
     for (m, min, max, n) in &rows {
         let ratio =
             |base: Option<f64>| base.map(|b| format!("{:.2}", m.rate() / b)).unwrap_or_else(|| "-".into());
-        let read_back = if m.output.read_secs > 0.0 {
-            format!("{:.0}", records as f64 / m.output.read_secs)
-        } else {
-            "-".into()
-        };
         let range = if *n > 1 { format!("{:.0}-{:.0}", min, max) } else { "-".into() };
         println!(
-            "{:<30} {:>9} {:>7.2} {:>9.0} {:>6} {:>7} {:>15} {:>6.2} {:>5} {:>6} {:>9}  {}",
+            "{:<32} {:>8} {:>6.2} {:>9.0} {:>5} {:>7} {:>13} {:>6.2} {:>6} {:>8} {:>8} {:>8}  {}",
             m.label,
             m.output.count,
             m.output.span_secs(),
@@ -531,23 +630,23 @@ fn print_table(results: Vec<Vec<Measured>>, records: u64) {
             ratio(bare(m.parallelism)),
             range,
             m.wall_s,
-            fmt_opt(m.cpu_s),
-            fmt_opt(m.broker_cpu_s),
-            read_back,
+            fmt_opt(m.commit_s, 2),
+            fmt_opt(m.per_million(m.cpu_s), 2),
+            fmt_opt(m.per_cpu_second(), 0),
+            fmt_opt(m.per_million(m.broker_cpu_s), 2),
             m.notes.join("; ")
         );
     }
-    println!(
-        "ratio: to (a), the one-thread bare loop; ratio=p: to the bare loop with as many threads as the job"
-    );
-    println!(
-        "  has subtasks (a2 for p=2). range: slowest-fastest repetition. wall s: from the start of the run"
-    );
-    println!("  (bare loop start / `keel run`) to the last output record. cpu s: CPU time of the process doing the");
-    println!(
-        "  work (bare: keel-bench, keel: the TaskManager); brkr s: the broker's CPU time, both over the run."
-    );
-    println!(
-        "  readback/s: the output read back afterwards by one consumer alone (the broker's reading pace)."
-    );
+    for line in [
+        "ratio: to (a), the one-thread bare loop; ratio=p: to the bare loop with as many threads as the job",
+        "  has subtasks (a2 for p=2). range: slowest-fastest repetition. wall s: from the start of the run",
+        "  (bare loop start / `keel run`) to the last output record. commit: exactly-once only, seconds from",
+        "  the last record's timestamp until no output partition had an open transaction (read_committed",
+        "  readers see everything). cpu s/M: CPU seconds per million records of the process doing the work",
+        "  (bare: keel-bench, whose only busy threads are the loop's; keel: the TaskManager), rec/cpus: records",
+        "  per CPU second of it; brkr s/M: the broker JVM's CPU seconds per million records. All CPU is",
+        "  user+system time from /proc/<pid>/stat over the run (keel: `keel run` until every record is out).",
+    ] {
+        println!("{line}");
+    }
 }

@@ -65,23 +65,6 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((tick(11)? + tick(12)?) / ticks_per_second())
 }
 
-/// A child of this process whose command line contains `needle` (for the broker that
-/// keel-testkit started).
-pub fn child_with_cmdline(needle: &str) -> Option<u32> {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let pid: u32 = name.parse().ok()?;
-        let parent = stat_fields(&name).ok()?.get(1).cloned()?;
-        if parent != me {
-            return None;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        cmdline.contains(needle).then_some(pid)
-    })
-}
-
 /// Samples a process's `VmRSS` every 100 ms on a thread of its own and keeps the largest.
 pub struct PeakSampler {
     stop: Arc<AtomicBool>,
