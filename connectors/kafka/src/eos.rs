@@ -31,20 +31,32 @@
 //!   because its task died before committing it, is replaced by an identical one.
 //! - **End of input**: everything is committed. **Cancel**: the open transaction is aborted;
 //!   its records stay spooled for a restore.
+//! - **A transactional call fails** (begin, adding the marker, commit; a timeout above all):
+//!   librdkafka 2.12 has no KIP-890, so a timed-out EndTxn or AddPartitionsToTxn is not
+//!   retried on the same producer (the retry can hang on, or race with, the request still in
+//!   flight). The failure is fatal for the producer: it is dropped, a new one with the same
+//!   transactional id is created, and its `init_transactions` fences the old epoch (the
+//!   coordinator completes a commit it had already logged, else aborts). The marker then says
+//!   which segments committed; the others are written again from the spool, as on a restore.
+//!   A producer that was *fenced* (a newer attempt took its id over) does not do this: it is a
+//!   zombie, and its error fails the task.
 //!
 //! librdkafka cannot resume a transaction another producer opened (Flink's Java sink does this
 //! through reflection); the spool is what makes the re-write possible instead.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel_proto::{error_chain, KeelError, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +120,32 @@ pub struct ExactlyOnceSink {
     /// The highest segment id known committed (the marker).
     committed: Option<u64>,
     timeout: Duration,
+    subtask: u32,
+    parallelism: u32,
+    /// Set when a transactional call failed because the producer was fenced.
+    fenced: Cell<bool>,
+}
+
+/// How long a recovery (a new producer and its `init_transactions`) may keep trying, in
+/// multiples of the sink's request timeout.
+const RECOVERY_BUDGET_TIMEOUTS: u32 = 3;
+/// How long a cancel may take to discard unacknowledged records, and then to abort.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pause between two recovery attempts.
+const RECOVERY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// True when `e` says the producer was fenced: a newer producer of the same transactional id
+/// bumped the epoch (the broker's PRODUCER_FENCED or INVALID_PRODUCER_EPOCH, which librdkafka
+/// raises as its fatal `_FENCED`).
+pub fn is_fenced(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    )
 }
 
 /// The transactional id (and marker group) of subtask `subtask` of a sink with `prefix`.
@@ -116,6 +154,16 @@ pub fn transactional_id(prefix: &str, subtask: u32) -> String {
 }
 
 fn txn_error(e: &KafkaError, what: &str, opts: &KafkaSinkOptions, id: &str) -> KeelError {
+    if is_fenced(e) {
+        return KeelError::precondition(format!(
+            "{what} (topic {}, transactional id {id}): fenced: a newer producer of the same \
+             transactional id (a newer attempt of this subtask) took over, so this one may write no \
+             more ({:?}: {})",
+            opts.topic,
+            e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fenced),
+            error_chain(e)
+        ));
+    }
     to_keel(e, &format!("{what} (topic {}, transactional id {id})", opts.topic), &opts.bootstrap_servers)
 }
 
@@ -147,7 +195,8 @@ impl ExactlyOnceSink {
             }
         }
         let timeout = opts.request_timeout.max(Duration::from_secs(10));
-        let writer = KafkaSinkWriter::open_transactional(opts.clone(), subtask, parallelism, metrics, &id)?;
+        let writer =
+            KafkaSinkWriter::open_transactional(opts.clone(), subtask, parallelism, metrics.clone(), &id)?;
         if writer.partitions() == 0 {
             return Err(KeelError::precondition(format!(
                 "sink topic {} does not exist on {} ({}.topic); an exactly-once sink needs it to exist",
@@ -193,6 +242,9 @@ impl ExactlyOnceSink {
             txn: Txn::None,
             committed: None,
             timeout,
+            subtask,
+            parallelism,
+            fenced: Cell::new(false),
         };
         sink.committed = sink.read_marker()?;
         if let Some(state) = restore {
@@ -212,16 +264,132 @@ impl ExactlyOnceSink {
     }
 
     fn err(&self, e: &KafkaError, what: &str) -> KeelError {
+        if is_fenced(e) {
+            self.fenced.set(true);
+        }
         txn_error(e, what, self.opts(), &self.transactional_id)
     }
 
+    /// Runs `step`; when it fails other than by fencing, recreates the producer
+    /// ([`Self::recover`]) and runs it once more.
+    fn with_recovery(&mut self, what: &str, step: impl Fn(&mut Self) -> Result<()>) -> Result<()> {
+        let Err(cause) = step(self) else {
+            return Ok(());
+        };
+        if self.fenced.get() {
+            return Err(cause);
+        }
+        self.recover(what, &cause)?;
+        step(self)
+    }
+
+    /// After a failed transactional call: drops the producer, creates a new one with the same
+    /// transactional id and lets `init_transactions` fence the old one and finish its
+    /// transaction; then reads the marker, drops the segments it covers and marks the others
+    /// for writing again. Keeps trying for [`RECOVERY_BUDGET_TIMEOUTS`] request timeouts.
+    fn recover(&mut self, what: &str, cause: &KeelError) -> Result<()> {
+        let started = Instant::now();
+        let metrics = self.writer.metrics().clone();
+        metrics.transaction_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(transactional_id = %self.transactional_id, topic = %self.opts().topic, %what,
+            error = %cause, "a transactional call failed: recreating the producer (init_transactions fences the old one)");
+        let deadline = started + self.timeout * RECOVERY_BUDGET_TIMEOUTS;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match self.recreate_producer(&metrics) {
+                Ok(()) => break,
+                Err(e) if !self.fenced.get() && Instant::now() + RECOVERY_BACKOFF < deadline => {
+                    tracing::debug!(transactional_id = %self.transactional_id, attempts, error = %e,
+                        "recreating the producer failed; trying again");
+                    std::thread::sleep(RECOVERY_BACKOFF);
+                }
+                Err(e) => {
+                    return Err(KeelError::unavailable(
+                        &self.opts().bootstrap_servers,
+                        format!(
+                            "{what} failed ({cause}), and recreating the producer of transactional id {} \
+                             failed too after {attempts} attempts: {e}",
+                            self.transactional_id
+                        ),
+                    ))
+                }
+            }
+        }
+        self.txn = Txn::None;
+        self.committed = self.committed.max(self.read_marker()?);
+        let committed = self.committed;
+        let mut rewrite = 0;
+        self.sealed.retain(|s| {
+            if Some(s.checkpoint_id) <= committed {
+                Self::remove_file(&s.path);
+                false
+            } else {
+                rewrite += 1;
+                true
+            }
+        });
+        for s in self.sealed.iter_mut() {
+            s.sent = false;
+        }
+        metrics.producers_recreated.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(transactional_id = %self.transactional_id, attempts, committed_checkpoint = ?committed,
+            segments_to_rewrite = rewrite, took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "producer recreated");
+        Ok(())
+    }
+
+    fn recreate_producer(&mut self, metrics: &Arc<KafkaSinkMetrics>) -> Result<()> {
+        let writer = KafkaSinkWriter::open_transactional(
+            self.opts().clone(),
+            self.subtask,
+            self.parallelism,
+            metrics.clone(),
+            &self.transactional_id,
+        )?;
+        // The old producer goes first: nothing of it may be retried after the new one fenced it.
+        drop(std::mem::replace(&mut self.writer, writer));
+        self.writer
+            .producer()
+            .init_transactions(self.timeout)
+            .map_err(|e| self.err(&e, "initialising transactions of the recreated producer"))
+    }
+
     /// The marker: the highest checkpoint id whose segment was committed, if any.
+    /// The group coordinator may answer NOT_COORDINATOR or COORDINATOR_LOAD_IN_PROGRESS for a
+    /// moment (a new group, a broker that just started or moved the coordinator): asked again
+    /// until the request timeout.
     fn read_marker(&self) -> Result<Option<u64>> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.opts().topic, 0);
-        let committed = self.marker.committed_offsets(tpl, self.timeout).map_err(|e| {
-            self.err(&e, &format!("reading the committed checkpoint of marker group {}", self.marker_group))
-        })?;
+        let deadline = Instant::now() + self.timeout;
+        let committed = loop {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.opts().topic, 0);
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            match self.marker.committed_offsets(tpl, left) {
+                Ok(c) => break c,
+                Err(e)
+                    if Instant::now() + RECOVERY_BACKOFF < deadline
+                        && matches!(
+                            e.rdkafka_error_code(),
+                            Some(
+                                RDKafkaErrorCode::NotCoordinator
+                                    | RDKafkaErrorCode::CoordinatorLoadInProgress
+                                    | RDKafkaErrorCode::CoordinatorNotAvailable
+                            )
+                        ) =>
+                {
+                    tracing::debug!(marker_group = %self.marker_group, error = %error_chain(&e),
+                        "the group coordinator is not ready; asking again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    return Err(self.err(
+                        &e,
+                        &format!("reading the committed checkpoint of marker group {}", self.marker_group),
+                    ))
+                }
+            }
+        };
         let offset = committed.elements().first().map(|e| e.offset());
         Ok(match offset {
             Some(Offset::Offset(n)) if n >= 0 => u64::try_from(n).ok(),
@@ -387,8 +555,15 @@ impl ExactlyOnceSink {
         }
     }
 
-    /// Checkpoint `checkpoint_id` is complete: commits what it covers, then goes on writing.
+    /// Checkpoint `checkpoint_id` is complete: commits what it covers, then goes on writing. A
+    /// failed transactional call (not fencing) recreates the producer and tries once more.
     pub fn notify_complete(&mut self, checkpoint_id: u64) -> Result<()> {
+        self.with_recovery(&format!("committing checkpoint {checkpoint_id}"), |sink| {
+            sink.try_notify_complete(checkpoint_id)
+        })
+    }
+
+    fn try_notify_complete(&mut self, checkpoint_id: u64) -> Result<()> {
         if let Txn::Sealed(top) = self.txn {
             if top > checkpoint_id {
                 return Ok(());
@@ -447,8 +622,13 @@ impl ExactlyOnceSink {
         Ok(())
     }
 
-    /// The end of the input: commits everything written, then removes the spool files.
+    /// The end of the input: commits everything written, then removes the spool files. A failed
+    /// transactional call (not fencing) recreates the producer and tries once more.
     pub fn finish(&mut self) -> Result<()> {
+        self.with_recovery("committing at the end of the input", Self::try_finish)
+    }
+
+    fn try_finish(&mut self) -> Result<()> {
         let top = self.sealed.back().map(|s| s.checkpoint_id).or(self.committed);
         if let Txn::Sealed(t) = self.txn {
             self.commit(Some(t))?;
@@ -478,9 +658,18 @@ impl ExactlyOnceSink {
     /// stay for a restore.
     pub fn abort(&mut self) {
         if self.txn != Txn::None {
-            if let Err(e) = self.writer.producer().abort_transaction(Duration::from_secs(5)) {
-                tracing::warn!(transactional_id = %self.transactional_id, error = %error_chain(&e),
-                    "aborting the open transaction failed; the next attempt's producer aborts it");
+            let started = Instant::now();
+            // librdkafka's abort purges the records not acknowledged yet and waits for their
+            // delivery reports, which only a poll of this client serves: without this the abort
+            // failed after its timeout, and the transaction blocked read_committed readers until
+            // transaction.timeout.ms.
+            self.writer.discard_unacknowledged(ABORT_TIMEOUT);
+            match self.writer.producer().abort_transaction(ABORT_TIMEOUT) {
+                Ok(()) => tracing::debug!(transactional_id = %self.transactional_id,
+                    took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "transaction aborted"),
+                Err(e) => tracing::warn!(transactional_id = %self.transactional_id, error = %error_chain(&e),
+                    "aborting the open transaction failed; the next attempt's producer aborts it, else the \
+                     broker does after transaction.timeout.ms"),
             }
             self.txn = Txn::None;
         }

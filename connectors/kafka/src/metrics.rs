@@ -55,8 +55,7 @@ pub struct SourceMetricsSnapshot {
     /// Bytes of those records (key, value and headers).
     pub num_bytes_in: u64,
     /// Sum over the assigned partitions of (high watermark − position), from the client's
-    /// statistics; `None` until the first statistics arrive. On tansu the high watermark can be
-    /// below the real end (it counts the last batch as one record), so this under-reports there.
+    /// statistics; `None` until the first statistics arrive.
     pub pending_records: Option<i64>,
     /// When the last record was fetched: fetch time − the record's timestamp (ms).
     pub current_fetch_event_time_lag: Option<i64>,
@@ -169,6 +168,8 @@ pub struct KafkaSinkMetrics {
     pub(crate) records_acked: AtomicU64,
     pub(crate) delivery_errors: AtomicU64,
     pub(crate) send_time_us: AtomicI64,
+    pub(crate) transaction_failures: AtomicU64,
+    pub(crate) producers_recreated: AtomicU64,
 }
 
 /// The sink metrics at one moment.
@@ -185,6 +186,14 @@ pub struct SinkMetricsSnapshot {
     pub delivery_errors: u64,
     /// How long the last acknowledged record took from `send` to its acknowledgement (µs).
     pub current_send_time_us: Option<i64>,
+    /// `exactly-once`: transactional calls (begin, adding the marker, commit, abort) that failed
+    /// other than by fencing, e.g. timed out. Each makes the sink recreate its producer.
+    #[serde(default)]
+    pub transaction_failures: u64,
+    /// `exactly-once`: producers recreated (and fenced their predecessor with
+    /// `init_transactions`) after such a failure.
+    #[serde(default)]
+    pub producers_recreated: u64,
 }
 
 impl KafkaSinkMetrics {
@@ -195,6 +204,8 @@ impl KafkaSinkMetrics {
             records_acked: AtomicU64::new(0),
             delivery_errors: AtomicU64::new(0),
             send_time_us: AtomicI64::new(UNKNOWN),
+            transaction_failures: AtomicU64::new(0),
+            producers_recreated: AtomicU64::new(0),
         })
     }
 
@@ -205,6 +216,8 @@ impl KafkaSinkMetrics {
             records_acked: self.records_acked.load(Ordering::Relaxed),
             delivery_errors: self.delivery_errors.load(Ordering::Relaxed),
             current_send_time_us: known(self.send_time_us.load(Ordering::Relaxed)),
+            transaction_failures: self.transaction_failures.load(Ordering::Relaxed),
+            producers_recreated: self.producers_recreated.load(Ordering::Relaxed),
         }
     }
 }

@@ -23,7 +23,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::client::{log, to_keel};
@@ -70,6 +70,16 @@ impl ProducerContext for WriterContext {
                 let now = self.started.elapsed().as_micros();
                 let took = now.saturating_sub(u128::try_from(sent_at_us).unwrap_or(0));
                 self.metrics.send_time_us.store(i64::try_from(took).unwrap_or(i64::MAX), Ordering::Relaxed);
+            }
+            Err((e, m))
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+                ) =>
+            {
+                // Discarded on purpose (an aborted transaction): not a delivery failure.
+                tracing::trace!(subtask = self.subtask, topic = %self.topic, partition = m.partition(),
+                    "unacknowledged record discarded");
             }
             Err((e, m)) => {
                 let n = self.metrics.delivery_errors.fetch_add(1, Ordering::Relaxed);
@@ -383,6 +393,16 @@ impl KafkaSinkWriter {
             }
             Ok(_) => {}
             Err(e) => tracing::debug!(subtask = self.subtask, error = %e, "sink partition refresh failed"),
+        }
+    }
+
+    /// Discards the records not acknowledged yet (queued or in flight) and serves their
+    /// delivery reports, for up to `timeout`. Before aborting a transaction.
+    pub(crate) fn discard_unacknowledged(&self, timeout: Duration) {
+        self.producer.purge(PurgeConfig::default().queue().inflight());
+        let deadline = Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(50));
         }
     }
 

