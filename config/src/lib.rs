@@ -173,7 +173,17 @@ pub struct ConfigSources {
 }
 
 /// Environment variables read by the binary itself rather than as configuration keys.
-pub const NON_KEY_ENV_VARS: &[&str] = &["KEEL_CONFIG", "KEEL_LOG", "KEEL_OUTPUT", "KEEL_BIN"];
+pub const NON_KEY_ENV_VARS: &[&str] =
+    &["KEEL_CONFIG", "KEEL_LOG", "KEEL_OUTPUT", "KEEL_BIN", "KEEL_KAFKA_LIBS", "KEEL_CACHE_DIR"];
+/// Prefix of the variables of Keel's tests and scripts (`KEEL_TEST_KAFKA_BOOTSTRAP`,
+/// `KEEL_TEST_KEEP`, ...): never configuration keys, so a `keel` process started under a test
+/// run that sets them is not refused.
+pub const NON_KEY_ENV_PREFIX: &str = "KEEL_TEST_";
+
+/// Whether `name` is an environment variable that may name a configuration key.
+fn is_key_env_var(name: &str) -> bool {
+    name.starts_with("KEEL_") && !name.starts_with(NON_KEY_ENV_PREFIX) && !NON_KEY_ENV_VARS.contains(&name)
+}
 
 impl ConfigSources {
     pub fn from_process(file: Option<PathBuf>, flags: Vec<String>) -> Self {
@@ -198,7 +208,7 @@ impl Config {
         let mut unknown_env = Vec::new();
         let env_names: BTreeMap<String, &'static str> = KEYS.iter().map(|k| (k.env_var(), k.key)).collect();
         for (name, value) in &sources.env {
-            if !name.starts_with("KEEL_") || NON_KEY_ENV_VARS.contains(&name.as_str()) {
+            if !is_key_env_var(name) {
                 continue;
             }
             match env_names.get(name) {
@@ -964,6 +974,16 @@ mod tests {
         })
         .expect_err("unknown env var must fail");
         assert!(err.to_string().contains("KEEL_HEARTBEAT_INTERVALL"), "{err}");
+        // The tests' and scripts' own variables are not keys, so they are not refused.
+        Config::load(&ConfigSources {
+            env: vec![
+                ("KEEL_TEST_KAFKA_BOOTSTRAP".into(), "127.0.0.1:9092".into()),
+                ("KEEL_TEST_KEEP".into(), "1".into()),
+                ("KEEL_KAFKA_LIBS".into(), "/tmp".into()),
+            ],
+            ..Default::default()
+        })
+        .expect("test and script variables are ignored");
 
         let err = Config::load(&ConfigSources {
             flags: vec!["slot.request.timeot=1s".into()],
