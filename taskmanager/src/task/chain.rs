@@ -287,7 +287,8 @@ impl ChainPlan {
         Ok(out)
     }
 
-    /// Opens the sinks (blocking work, run off the async runtime) and builds the sources. The
+    /// Opens the sinks (blocking work, run off the async runtime: [`off_runtime`]) and builds
+    /// the sources. The
     /// Kafka readers and writers update the connector metrics of `metrics`.
     pub async fn open(self, metrics: &TaskMetrics) -> Result<OpenChain> {
         let datagens = self.sources()?;
@@ -301,7 +302,7 @@ impl ChainPlan {
                 metrics.sink(i).and_then(|m| m.kafka_metrics().cloned()).unwrap_or_else(KafkaSinkMetrics::new)
             })
             .collect();
-        let sinks = tokio::task::spawn_blocking(move || {
+        let sinks = off_runtime(format!("open-sinks-{subtask}"), move || {
             sink_plans
                 .iter()
                 .zip(sink_metrics)
@@ -332,7 +333,9 @@ impl ChainPlan {
                 .collect::<Result<Vec<_>>>()
         })
         .await
-        .map_err(|e| KeelError::internal(format!("opening the sinks panicked: {e}")))??;
+        .map_err(|_| {
+            KeelError::internal("opening the sinks failed: its thread panicked or did not start".to_string())
+        })??;
         // Kafka sources: readers on their own threads, all feeding one channel.
         let (kafka_tx, kafka_rx) = mpsc::channel(CHANNEL_CAPACITY);
         let mut sources = Vec::new();
@@ -356,7 +359,7 @@ impl ChainPlan {
                         metrics.source(idx).and_then(|m| m.kafka_probe().cloned()).unwrap_or_default();
                     let source_name = name.clone();
                     let span = tracing::Span::current();
-                    let opened = tokio::task::spawn_blocking(move || {
+                    let opened = off_runtime(format!("open-{name}-{subtask}"), move || {
                         span.in_scope(|| {
                             KafkaSource::open(
                                 idx,
@@ -373,8 +376,10 @@ impl ChainPlan {
                         })
                     })
                     .await
-                    .map_err(|e| {
-                        KeelError::internal(format!("opening kafka source {name} panicked: {e}"))
+                    .map_err(|_| {
+                        KeelError::internal(format!(
+                            "opening kafka source {name} failed: its thread panicked or did not start"
+                        ))
                     })??;
                     SourceRt::Kafka(opened)
                 }
@@ -846,4 +851,26 @@ fn run_sinks(
             s.flush_if_due(now)?;
         }
     }
+}
+
+/// Runs blocking work on a thread of its own and awaits its result (`Err` when it panicked).
+///
+/// Not `spawn_blocking`: opening a Kafka client blocks for up to its request timeout (minutes,
+/// if the spec says so) against an unreachable broker, and a task canceled meanwhile stops
+/// waiting for it at once; but the tokio runtime's shutdown waits for every `spawn_blocking`
+/// call still running, so a stopped TaskManager's process stayed alive until the call gave up.
+/// A thread of its own ends with the process.
+async fn off_runtime<T: Send + 'static>(
+    name: String,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<T, tokio::sync::oneshot::error::RecvError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        // The receiver is gone when the task was canceled meanwhile: nothing to hand over.
+        let _ = tx.send(work());
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a thread for blocking work");
+    }
+    rx.await
 }
