@@ -484,7 +484,8 @@ impl JobManager {
                 ),
             });
         }
-        self.check_exactly_once(&st, &spec)?;
+        self.check_exactly_once(&st, &spec, None)?;
+        self.check_transaction_timeouts(&spec).await?;
         if restore && !req.from_savepoint.is_empty() {
             return Err(KeelError::InvalidArgument {
                 reason: "--restore and --from-savepoint exclude each other".into(),
@@ -552,8 +553,11 @@ impl JobManager {
 
     /// Exactly-once sinks commit at checkpoints, so the job must checkpoint; and no other live
     /// job may use one of their transactional-id prefixes (the two would fence each other's
-    /// producers and commit each other's markers).
-    fn check_exactly_once(&self, st: &LeaderState, spec: &JobSpec) -> Result<()> {
+    /// producers and commit each other's markers): not in its active version, nor in a version
+    /// being deployed by an upgrade. `upgrading` is the job whose new version `spec` is (its own
+    /// versions do not count: a handover stops the old one first, and a side-by-side version is
+    /// checked against it by `upgrade::check_side_by_side`).
+    fn check_exactly_once(&self, st: &LeaderState, spec: &JobSpec, upgrading: Option<&str>) -> Result<()> {
         let prefixes = spec.transactional_id_prefixes();
         let Some((field, _)) = prefixes.first() else {
             return Ok(());
@@ -573,25 +577,65 @@ impl JobManager {
         }
         for job in st.jobs() {
             let r = job.record();
-            if r.state.is_terminal() {
+            if r.state.is_terminal() || Some(r.job_id.as_str()) == upgrading {
                 continue;
             }
-            let Some(other) = r.active().and_then(|v| JobSpec::parse(&v.spec_yaml).ok()) else {
-                continue;
-            };
-            for (_, theirs) in other.transactional_id_prefixes() {
-                if let Some((field, prefix)) = prefixes.iter().find(|(_, p)| *p == theirs) {
-                    return Err(KeelError::invalid_spec(
-                        field,
-                        format!(
-                            "{prefix:?} is used by the running job {:?} (id {}); two jobs writing with \
-                             one prefix would fence each other's transactions: pick another prefix, or \
-                             cancel that job first",
-                            r.name, r.job_id
-                        ),
-                    ));
+            let live = r.versions.iter().filter(|v| v.version == r.active_version || !v.state.is_terminal());
+            for v in live {
+                let Ok(other) = JobSpec::parse(&v.spec_yaml) else {
+                    continue;
+                };
+                for (_, theirs) in other.transactional_id_prefixes() {
+                    if let Some((field, prefix)) = prefixes.iter().find(|(_, p)| *p == theirs) {
+                        return Err(KeelError::invalid_spec(
+                            field,
+                            format!(
+                                "{prefix:?} is used by the running job {:?} (id {}, version {}); two jobs \
+                                 writing with one prefix would fence each other's transactions: pick another \
+                                 prefix, or cancel that job first",
+                                r.name, r.job_id, v.version
+                            ),
+                        ));
+                    }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The `transaction.timeout.ms` of every exactly-once sink, against its brokers'
+    /// `transaction.max.timeout.ms` (asked off the runtime) and against the checkpoint interval
+    /// plus the failover budget (`heartbeat.timeout` and the restart strategy's longest delay).
+    async fn check_transaction_timeouts(&self, spec: &JobSpec) -> Result<()> {
+        if spec.transactional_id_prefixes().is_empty() {
+            return Ok(());
+        }
+        let checkpointing = self
+            .ctx
+            .config
+            .checkpointing
+            .with_overrides(&spec.config)
+            .map_err(|(key, reason)| KeelError::invalid_spec(format!("config.{key}"), reason))?;
+        let Some(interval) = checkpointing.interval else {
+            // Refused by check_exactly_once.
+            return Ok(());
+        };
+        let restart = self
+            .ctx
+            .config
+            .restart
+            .with_overrides(&spec.config)
+            .map_err(|(key, reason)| KeelError::invalid_spec(format!("config.{key}"), reason))?;
+        let budget = self.ctx.config.heartbeat_timeout + longest_restart_delay(&restart);
+        let spec = spec.clone();
+        let unasked = tokio::task::spawn_blocking(move || {
+            spec.check_transaction_timeouts(interval, budget, BROKER_CONFIG_TIMEOUT)
+        })
+        .await
+        .map_err(|e| KeelError::internal(format!("checking transaction.timeout.ms panicked: {e}")))??;
+        for (sink, error) in unasked {
+            tracing::warn!(%sink, %error, "cannot read the brokers' transaction.max.timeout.ms; \
+                transaction.timeout.ms checked against the checkpoint interval only");
         }
         Ok(())
     }
@@ -1018,6 +1062,23 @@ impl JmService {
         }
     }
 }
+/// How long the submission check of `transaction.timeout.ms` waits for a sink's brokers.
+const BROKER_CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest pause the restart strategy puts before a restart.
+fn longest_restart_delay(restart: &keel_config::RestartConfig) -> Duration {
+    use keel_config::RestartStrategyType as T;
+    match restart.strategy {
+        T::None => Duration::ZERO,
+        T::FixedDelay => restart.fixed_delay.delay,
+        T::FailureRate => restart.failure_rate.delay,
+        T::ExponentialDelay => {
+            let e = &restart.exponential_delay;
+            e.max_backoff.mul_f64(1.0 + e.jitter_factor.clamp(0.0, 1.0))
+        }
+    }
+}
+
 /// How long `keel savepoint` waits for the savepoint at most.
 const SAVEPOINT_WAIT: Duration = Duration::from_secs(15 * 60);
 
@@ -1064,6 +1125,11 @@ impl JmApi for JmService {
         let spec = JobSpec::parse(&spec_yaml)?;
         // Refused here, before anything changes (the driver checks again).
         upgrade::check(&old, &spec, req.allow_non_restored_state)?;
+        // The new version's transactional-id prefixes against every other live job (also for
+        // side by side, whose version runs as a job of its own: refused now, not after the
+        // savepoint), and its transaction.timeout.ms.
+        self.0.check_exactly_once(&st, &spec, Some(&r.job_id))?;
+        self.0.check_transaction_timeouts(&spec).await?;
         if req.mode.trim() == "side-by-side" {
             return self.side_by_side(job, old, spec, spec_yaml, req.allow_non_restored_state);
         }

@@ -237,6 +237,38 @@ impl JobSpec {
             .collect()
     }
 
+    /// Checks the `transaction.timeout.ms` of every exactly-once Kafka sink against its
+    /// brokers' `transaction.max.timeout.ms` and against `checkpoint_interval + failover_budget`
+    /// (see `keel_kafka::txn_timeout`). Errors name `sinks[i].properties.transaction.timeout.ms`.
+    /// Blocking: asks each sink's cluster, for up to `broker_timeout`; a cluster that does not
+    /// answer skips only the broker bound (the job's tasks report an unreachable cluster), and
+    /// is returned with the error, `(sink field, error)`, for the caller to log.
+    pub fn check_transaction_timeouts(
+        &self,
+        checkpoint_interval: std::time::Duration,
+        failover_budget: std::time::Duration,
+        broker_timeout: std::time::Duration,
+    ) -> Result<Vec<(String, KeelError)>> {
+        let mut unasked = Vec::new();
+        for i in 0..self.sinks.len() {
+            let Some(opts) = self.sink_plan(i).ok().and_then(|p| p.kafka) else {
+                continue;
+            };
+            if !matches!(opts.delivery_guarantee, keel_kafka::DeliveryGuarantee::ExactlyOnce { .. }) {
+                continue;
+            }
+            let broker_max = match keel_kafka::broker_transaction_max_timeout(&opts, broker_timeout) {
+                Ok(max) => Some(max),
+                Err(error) => {
+                    unasked.push((opts.field_prefix.clone(), error));
+                    None
+                }
+            };
+            keel_kafka::check_transaction_timeout(&opts, broker_max, checkpoint_interval, failover_budget)?;
+        }
+        Ok(unasked)
+    }
+
     /// Slots a version of this job needs: one per subtask (the operators of a subtask are
     /// chained in one task).
     pub fn slots_needed(&self) -> u32 {

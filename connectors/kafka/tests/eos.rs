@@ -395,3 +395,58 @@ fn a_timed_out_commit_recreates_the_producer_without_loss_or_duplicates() {
     assert_eq!(counts(&s.read()), once(0..110), "everything exactly once");
     assert!(s.stable_and_high().iter().all(|(lso, high)| lso == high), "no transaction left open");
 }
+
+/// The submission check of `transaction.timeout.ms` reads the broker's
+/// `transaction.max.timeout.ms` through the admin API: a node started with 60000 reports 60000
+/// (the shared node Kafka's default, 900000), and a sink asking for more (Keel's default of 15
+/// minutes here, or Flink's hour) is refused naming its field, while 60000 passes. The premise
+/// holds too: a sink opened anyway with more than the maximum fails at `init_transactions`.
+#[test]
+fn the_transaction_timeout_is_checked_against_the_brokers_maximum() {
+    use keel_kafka::{broker_transaction_max_timeout, check_transaction_timeout};
+    let field = "sinks[0].properties.transaction.timeout.ms";
+    let shared = Kafka::shared().expect("kafka");
+    let opts = |bootstrap: &str, topic: &str, timeout: Option<&str>| {
+        let mut pairs = vec![
+            ("topic", topic),
+            ("sink.delivery-guarantee", "exactly-once"),
+            ("sink.transactional-id-prefix", "max-timeout"),
+        ];
+        pairs.extend(timeout.map(|t| ("properties.transaction.timeout.ms", t)));
+        sink_options(bootstrap, &pairs)
+    };
+    let timeout = Duration::from_secs(10);
+    let default_max =
+        broker_transaction_max_timeout(&opts(shared.bootstrap(), "t", None), timeout).expect("describe");
+    assert_eq!(default_max, Duration::from_secs(900));
+
+    let kafka = Kafka::start_with(1, &[("transaction.max.timeout.ms", "60000")]).expect("kafka");
+    let s = setup(kafka.bootstrap(), "eos-max-timeout");
+    let max = broker_transaction_max_timeout(&opts(&s.bootstrap, &s.topic, None), timeout).expect("describe");
+    assert_eq!(max, Duration::from_secs(60));
+    let (interval, budget) = (Duration::from_secs(1), Duration::from_secs(20));
+    for asked in [None, Some("3600000")] {
+        match check_transaction_timeout(&opts(&s.bootstrap, &s.topic, asked), Some(max), interval, budget) {
+            Err(keel_proto::KeelError::InvalidSpec { field: f, reason }) => {
+                assert_eq!(f, field);
+                assert!(reason.contains("transaction.max.timeout.ms (60000 ms)"), "{reason}");
+            }
+            other => panic!("{asked:?} must be refused naming {field}, got {other:?}"),
+        }
+    }
+    check_transaction_timeout(&opts(&s.bootstrap, &s.topic, Some("60000")), Some(max), interval, budget)
+        .expect("60000 fits");
+
+    let refused = ExactlyOnceSink::open(
+        opts(&s.bootstrap, &s.topic, Some("3600000")),
+        0,
+        1,
+        KafkaSinkMetrics::new(),
+        s.spool.clone(),
+        1,
+        None,
+    );
+    let err =
+        refused.err().expect("init_transactions refuses a timeout above the broker's maximum").to_string();
+    assert!(err.contains("initialising transactions"), "{err}");
+}
