@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The long chaos run (docs/chaos.md): builds keel and keel-chaos, then runs keel-chaos with the
-# arguments given, for example:
+# The long chaos run (docs/chaos.md) on three Apache Kafka nodes it starts itself (KRaft, RF 3,
+# min.insync.replicas 2): builds keel and keel-chaos, then runs keel-chaos with the arguments
+# given (--help lists them and the fault kinds), for example:
 #   scripts/chaos.sh --seed 42 --duration 10m
 #   scripts/chaos.sh --seed 42 --duration 10m --mode exactly-once
+#   scripts/chaos.sh --seed 42 --kinds kill-broker-leader,pause-broker,partition-broker --faults 6
 #   scripts/chaos.sh --seed 42 --faults 20 --list      # print the schedule only
 # The seed is printed first; a failing run prints the command that replays it. Network
 # partitions need root and iproute2 (network namespaces); without them they are skipped.
