@@ -332,6 +332,15 @@ fn all_brokers_down_longer_than_the_timeout_fail_the_job_which_recovers_without_
         "    properties.default.api.timeout.ms: 5000\n",
         "    properties.message.timeout.ms: 5000\n    properties.max.block.ms: 5000\n",
     );
+    // Restart every second for as long as the cluster is down (the default exponential delay
+    // would be a minute apart by the time three JVMs have recovered their logs): the time
+    // until output resumes is then the cluster's, not the backoff's.
+    let spec = spec.replacen(
+        "config:\n",
+        "config:\n  restart-strategy.type: fixed-delay\n  restart-strategy.fixed-delay.attempts: 10000\n  \
+         restart-strategy.fixed-delay.delay: 1 s\n",
+        1,
+    );
     sb.run_spec("all", &spec, &[])?;
     let out_reader = TopicReader::open(&bootstrap, &output, &unique_topic("output-check"))?;
     let mut out = Tally::default();
