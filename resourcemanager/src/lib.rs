@@ -247,6 +247,20 @@ impl ResourceManager {
         }
     }
 
+    /// Frees, on their TaskManagers, allocations this leader freed or lost that a TaskManager
+    /// reported again (it missed the FreeSlot call: see [`slots::SlotTable::take_zombies`]).
+    async fn free_zombies(&self, st: &LeaderState) {
+        let zombies = st.table().take_zombies();
+        if zombies.is_empty() {
+            return;
+        }
+        for z in &zombies {
+            tracing::info!(taskmanager_id = %z.taskmanager_id, slot = z.index, allocation_id = %z.allocation_id,
+                "a taskmanager reported an allocation that was freed or lost here; freeing it there");
+        }
+        self.free_on_taskmanagers(st, &zombies).await;
+    }
+
     /// Frees allocations made for a JobManager leader older than the newest one seen (see
     /// [`slots::SlotTable::allocations_below_epoch`]), here and on their TaskManagers.
     ///
@@ -568,6 +582,7 @@ impl RmApi for RmService {
             })),
         });
         st.changed.notify_waiters();
+        rm.free_zombies(&st).await;
         rm.free_stale_allocations(&st).await;
         Ok(Response::new(pb::RegisterTaskManagerResponse { resourcemanager_epoch: st.leadership.epoch }))
     }
@@ -588,6 +603,7 @@ impl RmApi for RmService {
         if free_after > free_before {
             st.changed.notify_waiters();
         }
+        self.0.free_zombies(&st).await;
         self.0.free_stale_allocations(&st).await;
         Ok(Response::new(pb::TaskManagerHeartbeatResponse {
             known,

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use keel_proto::pb::{SlotAllocation, SlotStatus};
 
+/// How long the table remembers an allocation it freed or lost with its TaskManager (see
+/// [`SlotTable::take_zombies`]).
+pub const DEAD_MEMORY: Duration = Duration::from_secs(600);
+
 /// How long an allocation the TaskManager has not confirmed yet is kept against a report that
 /// says the slot is free (the AllocateSlot call may still be on its way).
 pub const UNCONFIRMED_GRACE: Duration = Duration::from_secs(3);
@@ -57,6 +61,13 @@ pub struct Lost {
 #[derive(Debug, Default)]
 pub struct SlotTable {
     taskmanagers: BTreeMap<String, TaskManagerEntry>,
+    /// Allocations this table freed, or lost with their TaskManager, and when. Their jobs were
+    /// told (released, or failed over), so a TaskManager that reports one again missed the
+    /// FreeSlot call (it was cut off or paused then): the allocation is not taken back but
+    /// freed on the TaskManager, or its slot would stay taken for good.
+    dead: BTreeMap<String, Instant>,
+    /// Dead allocations TaskManagers reported, to free on them.
+    zombies: Vec<Chosen>,
 }
 
 fn slots_from_report(num_slots: u32, report: &[SlotStatus]) -> Vec<Slot> {
@@ -87,10 +98,25 @@ impl SlotTable {
         memory_rss_bytes: u64,
         now: Instant,
     ) {
+        self.forget_dead(now);
+        let mut slots = slots_from_report(num_slots, report);
+        for (index, slot) in slots.iter_mut().enumerate() {
+            let dead = slot.allocation.as_ref().filter(|a| self.dead.contains_key(&a.allocation_id));
+            if let Some(a) = dead {
+                self.zombies.push(Chosen {
+                    taskmanager_id: id.to_string(),
+                    address: address.to_string(),
+                    index: index as u32,
+                    allocation_id: a.allocation_id.clone(),
+                });
+                slot.allocation = None;
+                slot.task_id.clear();
+            }
+        }
         let entry = TaskManagerEntry {
             id: id.to_string(),
             address: address.to_string(),
-            slots: slots_from_report(num_slots, report),
+            slots,
             last_heartbeat: now,
             memory_rss_bytes,
         };
@@ -106,6 +132,7 @@ impl SlotTable {
         memory_rss_bytes: u64,
         now: Instant,
     ) -> bool {
+        self.forget_dead(now);
         let Some(tm) = self.taskmanagers.get_mut(id) else {
             return false;
         };
@@ -116,7 +143,18 @@ impl SlotTable {
             let reported_alloc = reported.and_then(|s| s.allocation.clone());
             let recently_changed =
                 slot.changed_at.is_some_and(|t| now.saturating_duration_since(t) < UNCONFIRMED_GRACE);
-            if reported_alloc == slot.allocation {
+            let dead = reported_alloc
+                .as_ref()
+                .filter(|a| slot.allocation.is_none() && self.dead.contains_key(&a.allocation_id));
+            if let Some(a) = dead {
+                // Missed its FreeSlot: freed on the TaskManager by the caller, not taken back.
+                self.zombies.push(Chosen {
+                    taskmanager_id: tm.id.clone(),
+                    address: tm.address.clone(),
+                    index: index as u32,
+                    allocation_id: a.allocation_id.clone(),
+                });
+            } else if reported_alloc == slot.allocation {
                 slot.changed_at = None;
             } else if !recently_changed {
                 // The TaskManager is the source of truth once our own change had time to land.
@@ -166,6 +204,7 @@ impl SlotTable {
         for tm in self.taskmanagers.values_mut() {
             for (index, slot) in tm.slots.iter_mut().enumerate() {
                 if slot.allocation.as_ref().is_some_and(|a| a.allocation_id == allocation_id) {
+                    self.dead.insert(allocation_id.to_string(), now);
                     slot.allocation = None;
                     slot.task_id.clear();
                     slot.changed_at = Some(now);
@@ -217,13 +256,26 @@ impl SlotTable {
         expired.into_iter().filter_map(|id| self.remove(&id)).collect()
     }
 
-    /// Removes a TaskManager, returning the allocations it carried.
+    /// Removes a TaskManager, returning the allocations it carried (dead from now on: their
+    /// jobs fail over).
     pub fn remove(&mut self, id: &str) -> Option<Lost> {
-        self.taskmanagers.remove(id).map(|tm| Lost {
-            taskmanager_id: tm.id,
-            address: tm.address,
-            allocations: tm.slots.into_iter().filter_map(|s| s.allocation).collect(),
-        })
+        let tm = self.taskmanagers.remove(id)?;
+        let now = Instant::now();
+        let allocations: Vec<SlotAllocation> = tm.slots.into_iter().filter_map(|s| s.allocation).collect();
+        for a in &allocations {
+            self.dead.insert(a.allocation_id.clone(), now);
+        }
+        Some(Lost { taskmanager_id: tm.id, address: tm.address, allocations })
+    }
+
+    /// Dead allocations (freed here, or lost with their TaskManager) that TaskManagers reported
+    /// since the last call: the caller frees them on those TaskManagers.
+    pub fn take_zombies(&mut self) -> Vec<Chosen> {
+        std::mem::take(&mut self.zombies)
+    }
+
+    fn forget_dead(&mut self, now: Instant) {
+        self.dead.retain(|_, at| now.saturating_duration_since(*at) < DEAD_MEMORY);
     }
 
     pub fn get(&self, id: &str) -> Option<&TaskManagerEntry> {
@@ -268,6 +320,44 @@ mod tests {
             t.register(id, &format!("{id}:1"), *n, &[], 0, now);
         }
         (t, now)
+    }
+
+    /// An allocation freed here (or lost with its TaskManager) that a TaskManager reports again,
+    /// because it missed the FreeSlot call while cut off or paused, is not taken back: the slot
+    /// stays free and the allocation is handed to the caller to free on the TaskManager.
+    #[test]
+    fn a_dead_allocation_reported_again_is_freed_not_taken_back() {
+        let (mut t, now) = table_with(&[("tm-a", 2), ("tm-b", 2)]);
+        let chosen = t.allocate(2, &mut alloc_maker("j"), now).expect("two slots");
+        let on_a = chosen.iter().find(|c| c.taskmanager_id == "tm-a").expect("one on tm-a").clone();
+        let report = |c: &Chosen| SlotStatus {
+            index: c.index,
+            allocation: Some(SlotAllocation {
+                allocation_id: c.allocation_id.clone(),
+                job_id: "j".into(),
+                version: 1,
+                jobmanager_epoch: 1,
+            }),
+            task_id: "t".into(),
+        };
+        // Released by the job; tm-a never got the FreeSlot and keeps reporting it.
+        t.free(&on_a.allocation_id, now);
+        let later = now + UNCONFIRMED_GRACE * 2;
+        assert!(t.heartbeat("tm-a", &[report(&on_a)], 0, later));
+        assert_eq!(t.get("tm-a").map(TaskManagerEntry::free_slots), Some(2));
+        assert_eq!(t.take_zombies(), vec![on_a.clone()]);
+        assert!(t.take_zombies().is_empty(), "handed over once per report");
+        // tm-b is lost with its allocation and registers again still carrying it.
+        let on_b = chosen.iter().find(|c| c.taskmanager_id == "tm-b").expect("one on tm-b").clone();
+        assert!(t.remove("tm-b").is_some());
+        t.register("tm-b", "tm-b:1", 2, &[report(&on_b)], 0, later);
+        assert_eq!(t.free_slots(), 4);
+        assert_eq!(t.take_zombies(), vec![on_b]);
+        // A new leader's table (nothing dead) takes a reported allocation over, as before.
+        let mut fresh = SlotTable::new();
+        fresh.register("tm-a", "tm-a:1", 2, &[report(&on_a)], 0, later);
+        assert_eq!(fresh.free_slots(), 1);
+        assert!(fresh.take_zombies().is_empty());
     }
 
     /// A job's slots are spread over TaskManagers rather than packed into the first one.
