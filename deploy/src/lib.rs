@@ -370,6 +370,32 @@ async fn run_demo(
     for (name, spec) in jobs {
         let path = Path::new(dir_s).join(format!("{name}-job.yaml"));
         std::fs::write(&path, spec).with_context(|| format!("cannot write {}", path.display()))?;
+        // With --keep-state the job of the previous run is recovered: keep it.
+        let known = match keel_command(exe)
+            .arg("--config")
+            .arg(config_path)
+            .args(["--output", "json", "status", name])
+            .stderr(Stdio::null())
+            .output()
+            .await
+        {
+            Ok(out) if out.status.success() => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let state = text
+                    .lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .and_then(|v| v["job"]["state"].as_str().map(str::to_ascii_lowercase))
+                    .unwrap_or_default();
+                !matches!(state.as_str(), "" | "canceled" | "failed" | "finished")
+            }
+            _ => false,
+        };
+        if known {
+            println!("\nthe demo job {name} of the previous run was recovered; not submitted again");
+            running.push(name);
+            continue;
+        }
         println!("\nrunning the demo job {name} ({})", path.display());
         let status = keel_command(exe)
             .arg("--config")
