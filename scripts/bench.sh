@@ -7,5 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# The broker with the JVM's optimizing compiler and G1 (the test kit's default is the client
+# compiler and the serial collector, lighter for tests on 2 shared cores).
+export KEEL_TEST_KAFKA_JVM_OPTS="${KEEL_TEST_KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
 cargo build --release -p keel -p keel-bench
 exec target/release/keel-bench --keel-bin target/release/keel "$@"

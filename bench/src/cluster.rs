@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context as _};
 
 /// Environment variables of the Kafka tooling that `keel` processes must not see: they read
 /// every `KEEL_*` variable as a configuration key and refuse unknown ones.
-const KAFKA_TOOLING_ENV: [&str; 2] = ["KEEL_KAFKA_LIBS", "KEEL_CACHE_DIR"];
+const KAFKA_TOOLING_ENV: [&str; 3] = ["KEEL_KAFKA_LIBS", "KEEL_CACHE_DIR", "KEEL_TEST_KAFKA_JVM_OPTS"];
 
 /// A command running `keel`, without [`KAFKA_TOOLING_ENV`].
 fn keel_command(keel: &Path) -> Command {
