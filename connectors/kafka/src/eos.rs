@@ -55,7 +55,8 @@ use keel_proto::{error_chain, KeelError, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::Producer;
+use rdkafka::error::KafkaResult;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -63,7 +64,7 @@ use serde::{Deserialize, Serialize};
 use crate::client::to_keel;
 use crate::metrics::KafkaSinkMetrics;
 use crate::options::{DeliveryGuarantee, KafkaSinkOptions};
-use crate::sink::KafkaSinkWriter;
+use crate::sink::{KafkaSinkWriter, WriterContext};
 use crate::spool::{SpoolReader, SpoolWriter};
 
 /// The part of a checkpoint an exactly-once sink needs to finish its transactions after a
@@ -108,7 +109,7 @@ struct Segment {
 pub struct ExactlyOnceSink {
     writer: KafkaSinkWriter,
     marker: BaseConsumer,
-    group: ConsumerGroupMetadata,
+    group: Arc<ConsumerGroupMetadata>,
     transactional_id: String,
     marker_group: String,
     spool_dir: PathBuf,
@@ -222,7 +223,7 @@ impl ExactlyOnceSink {
                 format!("the Kafka client refuses the configuration: {}", error_chain(&e)),
             )
         })?;
-        let group = marker.group_metadata().ok_or_else(|| {
+        let group = marker.group_metadata().map(Arc::new).ok_or_else(|| {
             KeelError::internal(format!("no consumer group metadata for the marker group {id}"))
         })?;
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
@@ -268,6 +269,39 @@ impl ExactlyOnceSink {
             self.fenced.set(true);
         }
         txn_error(e, what, self.opts(), &self.transactional_id)
+    }
+
+    /// Runs a transactional call on a thread of its own and waits for it up to twice the request
+    /// timeout. librdkafka usually returns within the timeout it is given, but a call waiting
+    /// for a transaction coordinator that does not answer (a frozen broker) was seen to block
+    /// for minutes. Past the wait the call is abandoned (its thread holds the old producer until
+    /// it returns; the recreated producer fences it) and reported as timed out.
+    fn bounded(
+        &self,
+        what: &str,
+        call: impl FnOnce(&BaseProducer<WriterContext>) -> KafkaResult<()> + Send + 'static,
+    ) -> Result<()> {
+        let producer = self.writer.shared_producer();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned =
+            std::thread::Builder::new().name(format!("txn-{}", self.transactional_id)).spawn(move || {
+                let _ = tx.send(call(&producer));
+            });
+        if let Err(e) = spawned {
+            return Err(KeelError::internal(format!("cannot start a thread for {what}: {e}")));
+        }
+        let wait = self.timeout * 2;
+        match rx.recv_timeout(wait) {
+            Ok(result) => result.map_err(|e| self.err(&e, what)),
+            Err(_) => Err(KeelError::unavailable(
+                &self.opts().bootstrap_servers,
+                format!(
+                    "{what} (topic {}, transactional id {}): no answer within {wait:?}; the call is abandoned",
+                    self.opts().topic,
+                    self.transactional_id
+                ),
+            )),
+        }
     }
 
     /// Runs `step`; when it fails other than by fencing, recreates the producer
@@ -409,14 +443,15 @@ impl ExactlyOnceSink {
             let offset = i64::try_from(m).map_err(|_| KeelError::internal(format!("checkpoint id {m}")))?;
             tpl.add_partition_offset(&self.opts().topic, 0, Offset::Offset(offset))
                 .map_err(|e| self.err(&e, "building the marker"))?;
-            self.writer.producer().send_offsets_to_transaction(&tpl, &self.group, self.timeout).map_err(
-                |e| self.err(&e, &format!("adding the marker of checkpoint {m} to the transaction")),
-            )?;
+            let (group, timeout) = (self.group.clone(), self.timeout);
+            self.bounded(&format!("adding the marker of checkpoint {m} to the transaction"), move |p| {
+                p.send_offsets_to_transaction(&tpl, &group, timeout)
+            })?;
         }
-        self.writer
-            .producer()
-            .commit_transaction(self.timeout)
-            .map_err(|e| self.err(&e, &format!("committing the transaction of checkpoint {marker:?}")))?;
+        let timeout = self.timeout;
+        self.bounded(&format!("committing the transaction of checkpoint {marker:?}"), move |p| {
+            p.commit_transaction(timeout)
+        })?;
         self.txn = Txn::None;
         if marker > self.committed {
             self.committed = marker;

@@ -107,7 +107,9 @@ impl ProducerContext for WriterContext {
 
 /// Writes records of subtask `subtask` of `parallelism` to the sink topic. See the module doc.
 pub struct KafkaSinkWriter {
-    producer: BaseProducer<WriterContext>,
+    /// Shared only with a thread running a transactional call ([`crate::ExactlyOnceSink`]),
+    /// which may outlive a wait for it.
+    producer: Arc<BaseProducer<WriterContext>>,
     opts: KafkaSinkOptions,
     subtask: u32,
     metrics: Arc<KafkaSinkMetrics>,
@@ -201,7 +203,7 @@ impl KafkaSinkWriter {
             )
         })?;
         let mut writer = KafkaSinkWriter {
-            producer,
+            producer: Arc::new(producer),
             subtask,
             metrics,
             partitions: 0,
@@ -417,6 +419,11 @@ impl KafkaSinkWriter {
 
     pub(crate) fn producer(&self) -> &BaseProducer<WriterContext> {
         &self.producer
+    }
+
+    /// The producer, for a transactional call on a thread of its own.
+    pub(crate) fn shared_producer(&self) -> Arc<BaseProducer<WriterContext>> {
+        self.producer.clone()
     }
 
     pub(crate) fn options(&self) -> &KafkaSinkOptions {
