@@ -154,6 +154,40 @@ pub fn transactional_id(prefix: &str, subtask: u32) -> String {
     format!("{prefix}-{subtask}")
 }
 
+/// Runs a transactional call on a thread of its own and waits for it up to `wait`. librdkafka
+/// usually returns within the timeout it is given, but its transactional calls were seen to
+/// block without a deadline: `send_offsets_to_transaction` and `init_transactions` after the
+/// broker holding the transaction or group coordinator was killed (librdkafka #5456, #5511),
+/// and a commit against a frozen broker for minutes. Past the wait the call is abandoned (its
+/// thread holds the old producer until it returns; a recreated producer fences it) and
+/// reported as unavailable, which the caller recovers from or fails the task with.
+fn bounded_call(
+    producer: Arc<BaseProducer<WriterContext>>,
+    wait: Duration,
+    what: &str,
+    opts: &KafkaSinkOptions,
+    transactional_id: &str,
+    call: impl FnOnce(&BaseProducer<WriterContext>) -> KafkaResult<()> + Send + 'static,
+) -> Result<KafkaResult<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name(format!("txn-{transactional_id}")).spawn(move || {
+        let _ = tx.send(call(&producer));
+    });
+    if let Err(e) = spawned {
+        return Err(KeelError::internal(format!("cannot start a thread for {what}: {e}")));
+    }
+    rx.recv_timeout(wait).map_err(|_| {
+        KeelError::unavailable(
+            &opts.bootstrap_servers,
+            format!(
+                "{what} (topic {}, transactional id {transactional_id}): no answer within {wait:?}; the call \
+                 is abandoned",
+                opts.topic
+            ),
+        )
+    })
+}
+
 fn txn_error(e: &KafkaError, what: &str, opts: &KafkaSinkOptions, id: &str) -> KeelError {
     if is_fenced(e) {
         return KeelError::precondition(format!(
@@ -204,10 +238,15 @@ impl ExactlyOnceSink {
                 opts.topic, opts.bootstrap_servers, opts.field_prefix
             )));
         }
-        writer
-            .producer()
-            .init_transactions(timeout)
-            .map_err(|e| txn_error(&e, "initialising transactions", &opts, &id))?;
+        bounded_call(
+            writer.shared_producer(),
+            timeout * 2,
+            "initialising transactions",
+            &opts,
+            &id,
+            move |p| p.init_transactions(timeout),
+        )?
+        .map_err(|e| txn_error(&e, "initialising transactions", &opts, &id))?;
 
         let mut config = ClientConfig::new();
         for (k, v) in &opts.client_properties {
@@ -271,37 +310,21 @@ impl ExactlyOnceSink {
         txn_error(e, what, self.opts(), &self.transactional_id)
     }
 
-    /// Runs a transactional call on a thread of its own and waits for it up to twice the request
-    /// timeout. librdkafka usually returns within the timeout it is given, but a call waiting
-    /// for a transaction coordinator that does not answer (a frozen broker) was seen to block
-    /// for minutes. Past the wait the call is abandoned (its thread holds the old producer until
-    /// it returns; the recreated producer fences it) and reported as timed out.
+    /// [`bounded_call`] on this sink's producer, its errors classified by [`Self::err`].
     fn bounded(
         &self,
         what: &str,
         call: impl FnOnce(&BaseProducer<WriterContext>) -> KafkaResult<()> + Send + 'static,
     ) -> Result<()> {
-        let producer = self.writer.shared_producer();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let spawned =
-            std::thread::Builder::new().name(format!("txn-{}", self.transactional_id)).spawn(move || {
-                let _ = tx.send(call(&producer));
-            });
-        if let Err(e) = spawned {
-            return Err(KeelError::internal(format!("cannot start a thread for {what}: {e}")));
-        }
-        let wait = self.timeout * 2;
-        match rx.recv_timeout(wait) {
-            Ok(result) => result.map_err(|e| self.err(&e, what)),
-            Err(_) => Err(KeelError::unavailable(
-                &self.opts().bootstrap_servers,
-                format!(
-                    "{what} (topic {}, transactional id {}): no answer within {wait:?}; the call is abandoned",
-                    self.opts().topic,
-                    self.transactional_id
-                ),
-            )),
-        }
+        let outcome = bounded_call(
+            self.writer.shared_producer(),
+            self.timeout * 2,
+            what,
+            self.opts(),
+            &self.transactional_id,
+            call,
+        )?;
+        outcome.map_err(|e| self.err(&e, what))
     }
 
     /// Runs `step`; when it fails other than by fencing, recreates the producer
@@ -383,10 +406,10 @@ impl ExactlyOnceSink {
         )?;
         // The old producer goes first: nothing of it may be retried after the new one fenced it.
         drop(std::mem::replace(&mut self.writer, writer));
-        self.writer
-            .producer()
-            .init_transactions(self.timeout)
-            .map_err(|e| self.err(&e, "initialising transactions of the recreated producer"))
+        let timeout = self.timeout;
+        self.bounded("initialising transactions of the recreated producer", move |p| {
+            p.init_transactions(timeout)
+        })
     }
 
     /// The marker: the highest checkpoint id whose segment was committed, if any.
