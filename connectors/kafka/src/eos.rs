@@ -722,10 +722,20 @@ impl ExactlyOnceSink {
             // failed after its timeout, and the transaction blocked read_committed readers until
             // transaction.timeout.ms.
             self.writer.discard_unacknowledged(ABORT_TIMEOUT);
-            match self.writer.producer().abort_transaction(ABORT_TIMEOUT) {
+            // Bounded like every transactional call: a cancel must not hang on librdkafka.
+            let aborted = bounded_call(
+                self.writer.shared_producer(),
+                ABORT_TIMEOUT * 2,
+                "aborting the open transaction",
+                self.opts(),
+                &self.transactional_id,
+                |p| p.abort_transaction(ABORT_TIMEOUT),
+            )
+            .and_then(|outcome| outcome.map_err(|e| self.err(&e, "aborting the open transaction")));
+            match aborted {
                 Ok(()) => tracing::debug!(transactional_id = %self.transactional_id,
                     took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "transaction aborted"),
-                Err(e) => tracing::warn!(transactional_id = %self.transactional_id, error = %error_chain(&e),
+                Err(e) => tracing::warn!(transactional_id = %self.transactional_id, error = %e,
                     "aborting the open transaction failed; the next attempt's producer aborts it, else the \
                      broker does after transaction.timeout.ms"),
             }
