@@ -154,6 +154,11 @@ pub fn transactional_id(prefix: &str, subtask: u32) -> String {
     format!("{prefix}-{subtask}")
 }
 
+/// How much longer than its own timeout a transactional call is waited for before it is
+/// abandoned ([`bounded_call`]): librdkafka answers within the timeout it is given, or not at
+/// all.
+const BOUND_SLACK: Duration = Duration::from_secs(5);
+
 /// Runs a transactional call on a thread of its own and waits for it up to `wait`. librdkafka
 /// usually returns within the timeout it is given, but its transactional calls were seen to
 /// block without a deadline: `send_offsets_to_transaction` and `init_transactions` after the
@@ -240,7 +245,7 @@ impl ExactlyOnceSink {
         }
         bounded_call(
             writer.shared_producer(),
-            timeout * 2,
+            timeout + BOUND_SLACK,
             "initialising transactions",
             &opts,
             &id,
@@ -318,7 +323,7 @@ impl ExactlyOnceSink {
     ) -> Result<()> {
         let outcome = bounded_call(
             self.writer.shared_producer(),
-            self.timeout * 2,
+            self.timeout + BOUND_SLACK,
             what,
             self.opts(),
             &self.transactional_id,
@@ -725,7 +730,7 @@ impl ExactlyOnceSink {
             // Bounded like every transactional call: a cancel must not hang on librdkafka.
             let aborted = bounded_call(
                 self.writer.shared_producer(),
-                ABORT_TIMEOUT * 2,
+                ABORT_TIMEOUT + BOUND_SLACK,
                 "aborting the open transaction",
                 self.opts(),
                 &self.transactional_id,
