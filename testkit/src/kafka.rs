@@ -99,9 +99,15 @@ pub fn java_binary() -> PathBuf {
 }
 
 /// A new KRaft cluster id: 16 random bytes, base64url without padding (what Kafka's
-/// `Uuid.toString` gives).
+/// `Uuid.toString` gives). Like Kafka's own `Uuid.randomUuid`, never one that starts with `-`:
+/// the storage tool would read `-t -abc...` as an option (one format in 64 failed so in CI).
 pub fn new_cluster_id() -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes())
+    loop {
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
 }
 
 /// Where one node listens.

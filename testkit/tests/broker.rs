@@ -197,3 +197,15 @@ fn wait_until_reports_what_it_waited_for() {
     assert!(text.contains("the impossible") && text.contains("still 7"), "{text}");
     assert_ne!(free_port(), 0);
 }
+
+/// Cluster ids are valid for Kafka's storage tool: 22 base64url characters (16 bytes), never
+/// starting with `-` (which the tool's argument parser takes for an option).
+#[test]
+fn cluster_ids_never_start_with_a_dash() {
+    for _ in 0..5000 {
+        let id = keel_testkit::new_cluster_id();
+        assert_eq!(id.len(), 22, "{id}");
+        assert!(!id.starts_with('-'), "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{id}");
+    }
+}
