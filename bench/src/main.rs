@@ -34,10 +34,6 @@
 //! Modules: [`kafka`] (input, bare loop, reading outputs), [`cluster`] (the `keel` processes
 //! and client verbs), [`procfs`] (memory and CPU time from /proc).
 
-mod cluster;
-mod kafka;
-mod procfs;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -47,8 +43,9 @@ use clap::Parser;
 
 use keel_testkit::Kafka;
 
-use crate::cluster::Cluster;
-use crate::kafka::OutputStats;
+use keel_bench::cluster::Cluster;
+use keel_bench::kafka::OutputStats;
+use keel_bench::{cluster, kafka, procfs};
 
 /// Partitions of the input topic and of every output topic.
 const PARTITIONS: i32 = 2;
