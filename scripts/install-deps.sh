@@ -2,7 +2,8 @@
 # Installs what building and testing Keel needs and a fresh Debian machine lacks:
 # protoc (tonic code generation and etcd-client), etcd + etcdctl (HA backend and tests),
 # iproute2 (network namespaces of the chaos suite), a Java 17 runtime and Maven (Apache Kafka,
-# the broker of every test), then Apache Kafka's jars from Maven Central (scripts/install-kafka.sh).
+# the broker of every test), the Java 17 compiler (the benchmark's Kafka Streams application,
+# built only by the benchmark), then Apache Kafka's jars from Maven Central (scripts/install-kafka.sh).
 # Idempotent: does nothing when everything is there.
 set -euo pipefail
 
@@ -15,6 +16,8 @@ command -v kill >/dev/null 2>&1 || need+=(procps)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+# The compiler builds the benchmark's Kafka Streams application (scripts/install-streams.sh).
+command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 
 if [ ${#need[@]} -gt 0 ]; then
