@@ -54,6 +54,11 @@ fn free_port() -> anyhow::Result<u16> {
 /// One `keel` role process, killed when dropped.
 pub struct RoleProc {
     pub name: String,
+    pub role: String,
+    /// The `--set` flags it was started with (to start it again the same way).
+    sets: Vec<String>,
+    /// The RPC address it listens on (from its log).
+    pub address: String,
     pub child: Child,
     pub log: PathBuf,
 }
@@ -65,20 +70,96 @@ impl Drop for RoleProc {
     }
 }
 
+/// What [`Cluster::start_with`] starts.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub jobmanagers: u32,
+    pub task_managers: u32,
+    /// Slots per TaskManager.
+    pub slots: u32,
+    /// The etcd binary: the cluster runs on the etcd HA backend with a one-member etcd of its
+    /// own. `None`: the local backend (lock files in the cluster's directory).
+    pub etcd: Option<PathBuf>,
+    /// Further lines of the cluster's configuration file (`key: value`).
+    pub extra: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { jobmanagers: 1, task_managers: 1, slots: 1, etcd: None, extra: Vec::new() }
+    }
+}
+
+/// A one-member etcd on loopback, killed when dropped.
+struct Etcd {
+    child: Child,
+    endpoint: String,
+}
+
+impl Etcd {
+    fn start(bin: &Path, dir: &Path) -> anyhow::Result<Etcd> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let client = format!("http://127.0.0.1:{}", free_port()?);
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let log = std::fs::File::create(dir.join("etcd.log"))?;
+        let child = Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("bench={peer}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let endpoint = client.trim_start_matches("http://").to_string();
+        let mut etcd = Etcd { child, endpoint };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while std::net::TcpStream::connect(&etcd.endpoint).is_err() {
+            if let Some(status) = etcd.child.try_wait()? {
+                bail!("etcd exited with {status}; its log: {}", dir.join("etcd.log").display());
+            }
+            if Instant::now() > deadline {
+                bail!("etcd did not listen on {} within {START_TIMEOUT:?}", etcd.endpoint);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(etcd)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct Cluster {
     keel: PathBuf,
     config: PathBuf,
-    /// In start order; dropped in reverse (TaskManager first).
+    dir: PathBuf,
+    /// In start order; dropped in reverse (TaskManagers first).
     procs: Vec<RoleProc>,
+    /// Dropped after the processes.
+    _etcd: Option<Etcd>,
 }
 
 impl Cluster {
     /// Starts ResourceManager, JobManager and one TaskManager with `slots` slots, with the HA
     /// directory, checkpoints and logs under `dir`, and waits until the slots are free.
     pub fn start(keel: &Path, dir: &Path, slots: u32) -> anyhow::Result<Cluster> {
+        Cluster::start_with(keel, dir, &ClusterOptions { slots, ..ClusterOptions::default() })
+    }
+
+    /// Starts a cluster as `options` say: etcd (when `etcd` is given) or the local HA backend in
+    /// `dir`, one ResourceManager, `jobmanagers` JobManagers (the first one started becomes the
+    /// leader, the others stand by), and `task_managers` TaskManagers `tm-1`, `tm-2`, ... with
+    /// `slots` slots each; waits until every slot is free.
+    pub fn start_with(keel: &Path, dir: &Path, options: &ClusterOptions) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let lines = [
-            "high-availability.type: local".to_string(),
+        let mut lines = vec![
             "high-availability.cluster-id: bench".to_string(),
             format!("high-availability.storageDir: \"{}\"", dir.join("ha").display()),
             format!("state.checkpoints.dir: \"{}\"", dir.join("checkpoints").display()),
@@ -89,21 +170,39 @@ impl Cluster {
             format!("resourcemanager.rpc.port: {}", free_port()?),
             format!("jobmanager.rpc.port: {}", free_port()?),
             "taskmanager.rpc.port: 0".to_string(),
-            format!("taskmanager.numberOfTaskSlots: {slots}"),
+            format!("taskmanager.numberOfTaskSlots: {}", options.slots),
         ];
+        let mut etcd = None;
+        match &options.etcd {
+            None => lines.push("high-availability.type: local".to_string()),
+            Some(bin) => {
+                let server = Etcd::start(bin, &dir.join("etcd"))?;
+                lines.push("high-availability.type: etcd".to_string());
+                lines.push(format!("high-availability.etcd.endpoints: \"{}\"", server.endpoint));
+                etcd = Some(server);
+            }
+        }
+        lines.extend(options.extra.iter().cloned());
         let config = dir.join("keel.yaml");
         std::fs::write(&config, lines.join("\n") + "\n")
             .with_context(|| format!("writing {}", config.display()))?;
-        let mut cluster = Cluster { keel: keel.to_path_buf(), config, procs: Vec::new() };
-        cluster.spawn(dir, "resourcemanager", "rm", &["resourcemanager.rpc.port=0".into()])?;
-        cluster.spawn(dir, "jobmanager", "jm", &["jobmanager.rpc.port=0".into()])?;
-        cluster.spawn(dir, "taskmanager", "tm-1", &["taskmanager.id=tm-1".into()])?;
-        cluster.wait_free_slots(u64::from(slots), START_TIMEOUT)?;
+        let mut cluster =
+            Cluster { keel: keel.to_path_buf(), config, dir: dir.to_path_buf(), procs: Vec::new(), _etcd: etcd };
+        cluster.spawn("resourcemanager", "rm", &["resourcemanager.rpc.port=0".into()])?;
+        for i in 1..=options.jobmanagers.max(1) {
+            cluster.spawn("jobmanager", &format!("jm-{i}"), &["jobmanager.rpc.port=0".into()])?;
+        }
+        for i in 1..=options.task_managers.max(1) {
+            let name = format!("tm-{i}");
+            cluster.spawn("taskmanager", &name, &[format!("taskmanager.id={name}")])?;
+        }
+        let total = u64::from(options.slots) * u64::from(options.task_managers.max(1));
+        cluster.wait_free_slots(total, START_TIMEOUT)?;
         Ok(cluster)
     }
 
-    fn spawn(&mut self, dir: &Path, role: &str, name: &str, sets: &[String]) -> anyhow::Result<()> {
-        let log = dir.join(format!("{name}.log"));
+    fn spawn(&mut self, role: &str, name: &str, sets: &[String]) -> anyhow::Result<()> {
+        let log = self.dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = keel_command(&self.keel);
         cmd.arg(role).arg("--config").arg(&self.config);
@@ -116,12 +215,20 @@ impl Cluster {
             .stderr(Stdio::from(file))
             .spawn()
             .with_context(|| format!("starting {} {role}", self.keel.display()))?;
-        let mut proc = RoleProc { name: name.to_string(), child, log };
+        let mut proc = RoleProc {
+            name: name.to_string(),
+            role: role.to_string(),
+            sets: sets.to_vec(),
+            address: String::new(),
+            child,
+            log,
+        };
         let marker = format!("keel {role} listening on ");
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let text = std::fs::read_to_string(&proc.log).unwrap_or_default();
-            if text.lines().any(|l| l.starts_with(&marker)) {
+            if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(&marker)) {
+                proc.address = rest.split_whitespace().next().unwrap_or_default().to_string();
                 break;
             }
             if let Some(status) = proc.child.try_wait()? {
@@ -143,6 +250,85 @@ impl Cluster {
             .find(|p| p.name.starts_with("tm"))
             .map(|p| p.child.id())
             .ok_or_else(|| anyhow!("the cluster has no TaskManager"))
+    }
+
+    /// The process ids of the role processes named `prefix*` (`tm`, `jm`).
+    pub fn pids(&self, prefix: &str) -> Vec<u32> {
+        self.procs.iter().filter(|p| p.name.starts_with(prefix)).map(|p| p.child.id()).collect()
+    }
+
+    /// The process id of the process named `name`.
+    pub fn pid_of(&self, name: &str) -> anyhow::Result<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.child.id())
+            .ok_or_else(|| anyhow!("the cluster has no process named {name}"))
+    }
+
+    /// The name of the JobManager that leads now (`keel cluster`).
+    pub fn jobmanager_leader(&self) -> anyhow::Result<String> {
+        let cluster = self.keel_json(&["cluster"])?;
+        let address = cluster["jobmanager"]["leader"].as_str().unwrap_or_default();
+        self.procs
+            .iter()
+            .find(|p| p.role == "jobmanager" && p.address == address)
+            .map(|p| p.name.clone())
+            .ok_or_else(|| anyhow!("the JobManager leader {address:?} is not a process of this cluster"))
+    }
+
+    /// The TaskManagers (names) that run tasks of `job` (`keel status`).
+    pub fn taskmanagers_of(&self, job: &str) -> anyhow::Result<Vec<String>> {
+        let status = self.status(job)?;
+        let mut names: Vec<String> = status["tasks"]
+            .as_array()
+            .map(|tasks| {
+                tasks
+                    .iter()
+                    .filter(|t| t["state"] == "running")
+                    .filter_map(|t| t["taskmanager_id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// SIGKILL to the process named `name`, and waits for it to die.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let p = self
+            .procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| anyhow!("the cluster has no process named {name}"))?;
+        p.child.kill().with_context(|| format!("killing {name}"))?;
+        p.child.wait().with_context(|| format!("waiting for {name}"))?;
+        Ok(())
+    }
+
+    /// Starts again every process that has exited, the same way as before (a new log file
+    /// `<name>.<n>.log` each time).
+    pub fn restart_exited(&mut self) -> anyhow::Result<()> {
+        let mut exited = Vec::new();
+        let mut i = 0;
+        while i < self.procs.len() {
+            if self.procs[i].child.try_wait()?.is_some() {
+                exited.push(self.procs.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        for p in exited {
+            let generation = (2..)
+                .find(|n| !self.dir.join(format!("{}.{n}.log", p.name)).exists())
+                .unwrap_or(2);
+            let old_log = p.log.clone();
+            let renamed = self.dir.join(format!("{}.{generation}.log", p.name));
+            std::fs::rename(&old_log, &renamed).with_context(|| format!("renaming {}", old_log.display()))?;
+            self.spawn(&p.role.clone(), &p.name.clone(), &p.sets.clone())?;
+        }
+        Ok(())
     }
 
     /// Where each process logs.
@@ -184,7 +370,7 @@ impl Cluster {
             .with_context(|| format!("keel {} printed no JSON: {stdout}", args.join(" ")))
     }
 
-    fn wait_free_slots(&self, free: u64, timeout: Duration) -> anyhow::Result<()> {
+    pub fn wait_free_slots(&self, free: u64, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let seen = match self.keel_json(&["cluster"]) {
