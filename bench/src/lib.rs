@@ -7,6 +7,5 @@ pub mod cluster;
 pub mod kafka;
 pub mod procfs;
 pub mod streams;
-pub mod streams;
 pub mod workload;
 pub mod report;
