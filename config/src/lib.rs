@@ -95,6 +95,7 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "restart-strategy.failure-rate.max-failures-per-interval", default: "1", help: "failure-rate: restarts allowed within failure-rate-interval; one more failure within it fails the job" },
     KeyInfo { key: "restart-strategy.failure-rate.failure-rate-interval", default: "1 min", help: "failure-rate: the window over which failures are counted" },
     KeyInfo { key: "restart-strategy.failure-rate.delay", default: "1 s", help: "failure-rate: pause before each restart" },
+    KeyInfo { key: "restart-strategy.taskmanager-loss.quiet-period", default: "1 min", help: "a failure caused by a TaskManager that is gone (lost: heartbeat.timeout or heartbeat.rpc-failure-threshold; or replaced on its address) restarts without the strategy's pause when the job had no failure for this long before it (since its previous restart was due, or since it was submitted); the failure still counts (fixed-delay attempts, failure-rate limits, the exponential-delay backoff grow as for any failure); `off`: every failure waits the strategy's pause (Flink's behaviour); not a Flink key" },
     KeyInfo { key: "state.checkpoints.dir", default: "/tmp/keel/checkpoints", help: "directory where checkpoint metadata is written (`<dir>/<job_id>/chk-<id>/_metadata`); a job spec may override it" },
     KeyInfo { key: "execution.checkpointing.interval", default: "", help: "how often the JobManager triggers a checkpoint of each running job; empty disables checkpointing; a job spec may override it" },
     KeyInfo { key: "execution.checkpointing.timeout", default: "10 min", help: "a checkpoint not acknowledged by every task within this time is failed; a job spec may override it" },
@@ -391,6 +392,7 @@ pub const JOB_CONFIG_KEYS: &[&str] = &[
     "restart-strategy.failure-rate.max-failures-per-interval",
     "restart-strategy.failure-rate.failure-rate-interval",
     "restart-strategy.failure-rate.delay",
+    "restart-strategy.taskmanager-loss.quiet-period",
 ];
 
 /// The checkpointing keys of [`JOB_CONFIG_KEYS`] ([`CheckpointConfig`]).
@@ -416,6 +418,7 @@ pub const RESTART_CONFIG_KEYS: &[&str] = &[
     "restart-strategy.failure-rate.max-failures-per-interval",
     "restart-strategy.failure-rate.failure-rate-interval",
     "restart-strategy.failure-rate.delay",
+    "restart-strategy.taskmanager-loss.quiet-period",
 ];
 
 fn is_restart_key(key: &str) -> bool {
@@ -605,6 +608,10 @@ pub struct RestartConfig {
     pub fixed_delay: FixedDelayConfig,
     pub exponential_delay: ExponentialDelayConfig,
     pub failure_rate: FailureRateConfig,
+    /// `restart-strategy.taskmanager-loss.quiet-period`: a failure caused by a TaskManager that
+    /// is gone restarts without the strategy's pause when the job had no failure for this long;
+    /// `None` (`off`): every failure waits the pause.
+    pub taskmanager_loss_quiet_period: Option<Duration>,
 }
 
 // The factors are checked to be finite numbers when they are set, so equality is an equivalence.
@@ -629,6 +636,7 @@ impl RestartConfig {
                 interval: Duration::from_secs(60),
                 delay: Duration::from_secs(1),
             },
+            taskmanager_loss_quiet_period: Some(Duration::from_secs(60)),
         }
     }
 
@@ -699,6 +707,13 @@ impl RestartConfig {
                 self.failure_rate.interval = at_least_1ms(value)?
             }
             "restart-strategy.failure-rate.delay" => self.failure_rate.delay = parse_duration(value)?,
+            "restart-strategy.taskmanager-loss.quiet-period" => {
+                self.taskmanager_loss_quiet_period = if value.eq_ignore_ascii_case("off") {
+                    None
+                } else {
+                    Some(at_least_1ms(value).map_err(|r| format!("{r} (or `off`)"))?)
+                };
+            }
             other => {
                 return Err(format!(
                     "{other:?} is not a restart-strategy key; accepted keys: {}",
@@ -1081,6 +1096,7 @@ mod tests {
         assert_eq!(r.failure_rate.max_failures_per_interval, 1);
         assert_eq!(r.failure_rate.interval, Duration::from_secs(60));
         assert_eq!(r.failure_rate.delay, Duration::from_secs(1));
+        assert_eq!(r.taskmanager_loss_quiet_period, Some(Duration::from_secs(60)));
         assert_eq!(r, &RestartConfig::builtin());
         assert_eq!(c.heartbeat_rpc_failure_threshold, Some(2));
         // Every restart key is in KEYS and in JOB_CONFIG_KEYS; the job keys are exactly the
@@ -1123,6 +1139,7 @@ mod tests {
                 "restart-strategy.fixed-delay.attempts=3".into(),
                 "restart-strategy.fixed-delay.delay=250 ms".into(),
                 "restart-strategy.exponential-delay.attempts-before-reset-backoff=5".into(),
+                "restart-strategy.taskmanager-loss.quiet-period=OFF".into(),
             ],
             ..Default::default()
         })
@@ -1133,6 +1150,10 @@ mod tests {
             FixedDelayConfig { attempts: 3, delay: Duration::from_millis(250) }
         );
         assert_eq!(c.restart.exponential_delay.attempts_before_reset_backoff, Some(5));
+        assert_eq!(c.restart.taskmanager_loss_quiet_period, None);
+        let mut r = RestartConfig::builtin();
+        r.set("restart-strategy.taskmanager-loss.quiet-period", "30 s").expect("a duration");
+        assert_eq!(r.taskmanager_loss_quiet_period, Some(Duration::from_secs(30)));
         assert_eq!(c.restart.describe(), "fixed-delay (3 restart attempts, 250 ms delay)");
         for (flag, key) in [
             ("restart-strategy.exponential-delay.jitter-factor=1.5", "jitter-factor"),
@@ -1142,6 +1163,8 @@ mod tests {
             ("restart-strategy.fixed-delay.attempts=-1", "fixed-delay.attempts"),
             ("restart-strategy.failure-rate.max-failures-per-interval=0", "max-failures-per-interval"),
             ("restart-strategy.failure-rate.failure-rate-interval=soon", "failure-rate-interval"),
+            ("restart-strategy.taskmanager-loss.quiet-period=0", "taskmanager-loss.quiet-period"),
+            ("restart-strategy.taskmanager-loss.quiet-period=never", "taskmanager-loss.quiet-period"),
             // initial above max: the error names max-backoff.
             ("restart-strategy.exponential-delay.initial-backoff=2 min", "max-backoff"),
         ] {

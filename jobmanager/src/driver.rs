@@ -14,8 +14,9 @@
 //!
 //! Failures: a failed or lost task, a failed deployment, and a slot request that timed out
 //! (`NotEnoughSlots`) are failures of the attempt, each counted once by the job's restart
-//! strategy ([`crate::restart`]), which either restarts the job after a pause (recorded in the
-//! restart history) or fails it. Waiting for slots is not a failure until the request times out
+//! strategy ([`crate::restart`]) with its [`FailureKind`], which either restarts the job after a
+//! pause (recorded in the restart history) or fails it. A lost TaskManager after a quiet period
+//! restarts without the pause (`restart-strategy.taskmanager-loss.quiet-period`). Waiting for slots is not a failure until the request times out
 //! (`slot.request.timeout`), so a job waiting for a TaskManager does not use up its restarts.
 //! Trouble of the cluster itself (the ResourceManager or the HA store cannot be reached) is
 //! retried after [`RETRY_PAUSE`] without counting.
@@ -37,7 +38,7 @@ use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
 use crate::coordinator::{Kind, SavepointDone};
 use crate::record::{now_ms, task_id, Placement, RestoredFrom, TaskRecord, VersionRecord};
-use crate::restart::{self, Decision, FailureEntry, RestartEntry, SplitMix64};
+use crate::restart::{self, Decision, FailureEntry, FailureKind, RestartEntry, SplitMix64};
 use crate::upgrade::{self, Progress, RestoreStrategy, UpgradeMode, UpgradeRequest, UpgradeStrategy};
 use crate::{JobHandle, JobManagerCtx, LeaderState};
 use tokio::sync::oneshot;
@@ -138,7 +139,8 @@ enum DrainError {
 /// How an attempt ended.
 enum AttemptEnd {
     Finished,
-    Failed(String),
+    /// The attempt failed: what kind of failure (for the restart strategy) and why.
+    Failed(FailureKind, String),
     Cancel,
     /// An upgrade asked to replace the running version (handled while the attempt runs).
     Upgrade(Box<UpgradeRequest>),
@@ -361,7 +363,11 @@ impl Driver {
                     let slots = match slots {
                         Ok(s) => s,
                         Err(err @ KeelError::NotEnoughSlots { .. }) => {
-                            match self.on_failure(attempt, err.to_string(), &strategy, &mut rng).await? {
+                            let cause = err.to_string();
+                            match self
+                                .on_failure(attempt, FailureKind::NoSlots, cause, &strategy, &mut rng)
+                                .await?
+                            {
                                 AfterFailure::Restart => continue,
                                 AfterFailure::Cancel => return self.finish_cancel(&[]).await,
                                 AfterFailure::Failed => return Ok(()),
@@ -422,7 +428,7 @@ impl Driver {
                 }
             };
             let end = match deployed {
-                Err(reason) => AttemptEnd::Failed(reason),
+                Err(reason) => AttemptEnd::Failed(FailureKind::Deploy, reason),
                 Ok(()) => {
                     if let Some(u) = &self.upgrade {
                         u.progress.step(format!(
@@ -437,7 +443,9 @@ impl Driver {
                                 match self.drain(*req, &tasks, version, &spec_yaml, &checkpointing).await {
                                     Ok(d) => break Ok(AttemptEnd::Drained(Box::new(d))),
                                     Err(DrainError::Refused) => continue,
-                                    Err(DrainError::Failed(reason)) => break Ok(AttemptEnd::Failed(reason)),
+                                    Err(DrainError::Failed(reason)) => {
+                                        break Ok(AttemptEnd::Failed(FailureKind::Other, reason))
+                                    }
                                     Err(DrainError::Cancel) => break Ok(AttemptEnd::Cancel),
                                 }
                             }
@@ -451,7 +459,7 @@ impl Driver {
                                         let _ = reply.send(Err(KeelError::precondition(format!(
                                             "{reason}; the job continues from its latest checkpoint"
                                         ))));
-                                        break Ok(AttemptEnd::Failed(reason));
+                                        break Ok(AttemptEnd::Failed(FailureKind::Other, reason));
                                     }
                                     Err(DrainError::Cancel) => {
                                         let _ =
@@ -471,7 +479,7 @@ impl Driver {
                     let why = match &watched {
                         Ok(AttemptEnd::Finished) => "the attempt finished".to_string(),
                         Ok(AttemptEnd::Cancel) => "the job is being canceled".to_string(),
-                        Ok(AttemptEnd::Failed(reason)) => format!("attempt {attempt} failed: {reason}"),
+                        Ok(AttemptEnd::Failed(_, reason)) => format!("attempt {attempt} failed: {reason}"),
                         Ok(AttemptEnd::Upgrade(_)) | Ok(AttemptEnd::Drained(_)) => {
                             format!("version {version} was drained for an upgrade")
                         }
@@ -488,7 +496,7 @@ impl Driver {
             // An upgraded version that fails or is not healthy in time before it passed its health
             // gate is rolled back to the version it replaced (not counted as a restart).
             let end = match end {
-                AttemptEnd::Failed(why) | AttemptEnd::Unhealthy(why) if self.upgrade.is_some() => {
+                AttemptEnd::Failed(_, why) | AttemptEnd::Unhealthy(why) if self.upgrade.is_some() => {
                     self.roll_back(&tasks, version, why).await?;
                     continue;
                 }
@@ -532,11 +540,11 @@ impl Driver {
                     return Ok(());
                 }
                 AttemptEnd::Cancel => return self.finish_cancel(&tasks).await,
-                AttemptEnd::Failed(reason) => {
-                    tracing::warn!(job_id = %self.job.job_id, attempt, %reason, "job attempt failed");
+                AttemptEnd::Failed(kind, reason) => {
+                    tracing::warn!(job_id = %self.job.job_id, attempt, kind = kind.as_str(), %reason, "job attempt failed");
                     self.cancel_tasks(&tasks).await;
                     self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
-                    match self.on_failure(attempt, reason, &strategy, &mut rng).await? {
+                    match self.on_failure(attempt, kind, reason, &strategy, &mut rng).await? {
                         AfterFailure::Restart => {}
                         AfterFailure::Cancel => return self.finish_cancel(&[]).await,
                         AfterFailure::Failed => return Ok(()),
@@ -552,15 +560,17 @@ impl Driver {
     async fn on_failure(
         &mut self,
         attempt: u32,
+        kind: FailureKind,
         cause: String,
         strategy: &RestartConfig,
         rng: &mut SplitMix64,
     ) -> Result<AfterFailure> {
         let now = now_ms();
         let job_id = self.job.job_id.clone();
-        let decision = restart::on_failure(strategy, &mut self.job.record_mut().restart.state, now, rng);
+        let decision =
+            restart::on_failure(strategy, &mut self.job.record_mut().restart.state, kind, now, rng);
         match decision {
-            Decision::Restart { delay } => {
+            Decision::Restart { delay, waived } => {
                 let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
                 let restart = {
                     let mut r = self.job.record_mut();
@@ -570,10 +580,17 @@ impl Driver {
                     r.restart.push(entry);
                     restart
                 };
-                tracing::warn!(%job_id, attempt, restart, delay_ms, strategy = strategy.strategy.as_str(),
-                    %cause, "restarting the job");
-                let message =
-                    format!("{cause} (restart {restart} in {})", keel_config::format_duration(delay));
+                let waived_ms = waived.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
+                tracing::warn!(%job_id, attempt, restart, delay_ms, ?waived_ms, kind = kind.as_str(),
+                    strategy = strategy.strategy.as_str(), %cause, "restarting the job");
+                let message = match waived {
+                    Some(w) => format!(
+                        "{cause} (restart {restart} at once: a lost taskmanager after a quiet period; \
+                         the strategy's {} pause is waived)",
+                        keel_config::format_duration(w)
+                    ),
+                    None => format!("{cause} (restart {restart} in {})", keel_config::format_duration(delay)),
+                };
                 self.set_state(JobState::Restarting, message).await?;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => Ok(AfterFailure::Restart),
@@ -581,7 +598,7 @@ impl Driver {
                 }
             }
             Decision::Fail { why } => {
-                tracing::error!(%job_id, attempt, strategy = strategy.strategy.as_str(), %cause, reason = %why,
+                tracing::error!(%job_id, attempt, kind = kind.as_str(), strategy = strategy.strategy.as_str(), %cause, reason = %why,
                     "job failed: not restarted");
                 self.job.record_mut().restart.failure =
                     Some(FailureEntry { at_ms: now, attempt, cause: cause.clone(), why: why.clone() });
@@ -763,7 +780,7 @@ impl Driver {
                 self.events.recv().await
             };
             let Some(event) = event else {
-                return Ok(AttemptEnd::Failed("job event channel closed".into()));
+                return Ok(AttemptEnd::Failed(FailureKind::Other, "job event channel closed".into()));
             };
             match event {
                 JobEvent::Cancel => return Ok(AttemptEnd::Cancel),
@@ -814,9 +831,10 @@ impl Driver {
                         .iter()
                         .any(|t| t.taskmanager_id == taskmanager_id && !t.state.is_terminal());
                     if affected {
-                        return Ok(AttemptEnd::Failed(format!(
-                            "taskmanager {taskmanager_id} lost: {reason}"
-                        )));
+                        return Ok(AttemptEnd::Failed(
+                            FailureKind::TaskManagerLost,
+                            format!("taskmanager {taskmanager_id} lost: {reason}"),
+                        ));
                     }
                 }
                 JobEvent::TaskState { task_id, state, failure } => {
@@ -842,7 +860,8 @@ impl Driver {
                     };
                     if failed {
                         let why = if failure.is_empty() { state.name().to_string() } else { failure };
-                        return Ok(AttemptEnd::Failed(format!("task {task_id} {}: {why}", state.name())));
+                        let cause = format!("task {task_id} {}: {why}", state.name());
+                        return Ok(AttemptEnd::Failed(FailureKind::Task, cause));
                     }
                     if all_finished {
                         return Ok(AttemptEnd::Finished);

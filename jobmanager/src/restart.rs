@@ -17,6 +17,16 @@
 //! - `failure-rate`: each restart after `delay`; a failure that makes more than
 //!   `max-failures-per-interval` failures within `failure-rate-interval` fails the job.
 //!
+//! Keel adds one rule of its own to every strategy with a pause (not in Flink): a failure whose
+//! cause is a TaskManager that is gone ([`FailureKind::TaskManagerLost`]) restarts at once when
+//! the job had no failure for `restart-strategy.taskmanager-loss.quiet-period` (1 min) before
+//! it, counted from when its previous restart was due (a job that never failed is quiet). The
+//! pause exists for failures that repeat; a TaskManager killed under a healthy job is not one,
+//! and its tasks can start at once in other slots. The failure still counts like any other:
+//! `fixed-delay` attempts and `failure-rate` limits are not bypassed, and the `exponential-delay`
+//! backoff grows, so a second loss (or any failure) within the quiet period waits the grown
+//! pause, and a crash loop slows down as before. `off` turns the rule off.
+//!
 //! The jitter comes from a [`SplitMix64`] the caller passes in, so tests choose the seed.
 
 use std::time::Duration;
@@ -49,13 +59,48 @@ pub struct RestartState {
     /// first; at most `max-failures-per-interval + 1`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_failures_ms: Vec<u64>,
+    /// Every strategy: when the previous restart was due (ms since the epoch), that is the
+    /// failure's time plus the pause actually waited. The quiet period of the TaskManager-loss
+    /// rule counts from here. Absent in records written before the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_due_ms: Option<u64>,
+}
+
+/// What made an attempt fail, as far as the restart strategy is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A TaskManager running tasks of the attempt is gone: lost (no heartbeat for
+    /// `heartbeat.timeout`, or `heartbeat.rpc-failure-threshold` calls could not reach it) or
+    /// replaced by a new TaskManager on its address. Restarts at once after a quiet period.
+    TaskManagerLost,
+    /// A task reported that it failed or was canceled.
+    Task,
+    /// Deploying a task to its TaskManager failed.
+    Deploy,
+    /// The slot request timed out (`slot.request.timeout`).
+    NoSlots,
+    /// Anything else: a drain or stop savepoint that failed, the driver's events ended.
+    Other,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::TaskManagerLost => "taskmanager-lost",
+            FailureKind::Task => "task",
+            FailureKind::Deploy => "deploy",
+            FailureKind::NoSlots => "no-slots",
+            FailureKind::Other => "other",
+        }
+    }
 }
 
 /// The strategy's answer to a failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Restart after this pause.
-    Restart { delay: Duration },
+    /// Restart after `delay`. `waived`: the pause the strategy chose, not waited because the
+    /// failure is a TaskManager loss after a quiet period (then `delay` is zero).
+    Restart { delay: Duration, waived: Option<Duration> },
     /// Do not restart: the job fails. `why` says which limit was reached.
     Fail { why: String },
 }
@@ -190,8 +235,51 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Decides what to do about a failure at `now_ms`, and counts it in `state`.
+/// Whether a failure at `now_ms` comes after a quiet period: no failure for
+/// `restart-strategy.taskmanager-loss.quiet-period` before it (counted from when the previous
+/// restart was due). A job that never failed is quiet; a record from before the rule that
+/// counted failures without a time is not (the older `exponential-delay` and `failure-rate`
+/// times stand in for the missing one).
+pub fn is_quiet(config: &RestartConfig, state: &RestartState, now_ms: u64) -> bool {
+    let Some(period) = config.taskmanager_loss_quiet_period else {
+        return false;
+    };
+    let previous =
+        state.restart_due_ms.or(state.last_restart_at_ms).or(state.recent_failures_ms.last().copied());
+    match previous {
+        Some(at) => now_ms.saturating_sub(at) >= millis(period),
+        None => state.failures == 0,
+    }
+}
+
+/// Decides what to do about a failure of `kind` at `now_ms`, and counts it in `state`. The
+/// strategy decides as for any failure; a [`FailureKind::TaskManagerLost`] after a quiet period
+/// ([`is_quiet`]) then restarts without the pause.
 pub fn on_failure(
+    config: &RestartConfig,
+    state: &mut RestartState,
+    kind: FailureKind,
+    now_ms: u64,
+    rng: &mut SplitMix64,
+) -> Decision {
+    let quiet = is_quiet(config, state, now_ms);
+    let decision = strategy_decision(config, state, now_ms, rng);
+    let Decision::Restart { delay, .. } = decision else {
+        return decision;
+    };
+    let waive = kind == FailureKind::TaskManagerLost && quiet && !delay.is_zero();
+    let (delay, waived) = if waive { (Duration::ZERO, Some(delay)) } else { (delay, None) };
+    let due = now_ms.saturating_add(millis(delay));
+    state.restart_due_ms = Some(due);
+    if config.strategy == RestartStrategyType::ExponentialDelay {
+        // The reset threshold counts from when the restart actually happened.
+        state.last_restart_at_ms = Some(due);
+    }
+    Decision::Restart { delay, waived }
+}
+
+/// The strategy's own decision (Flink's semantics), counting the failure in `state`.
+fn strategy_decision(
     config: &RestartConfig,
     state: &mut RestartState,
     now_ms: u64,
@@ -214,7 +302,7 @@ pub fn on_failure(
                     ),
                 }
             } else {
-                Decision::Restart { delay: f.delay }
+                Decision::Restart { delay: f.delay, waived: None }
             }
         }
         RestartStrategyType::ExponentialDelay => {
@@ -240,7 +328,7 @@ pub fn on_failure(
                         if limit == 1 { "" } else { "s" }
                     ),
                 },
-                _ => Decision::Restart { delay: Duration::from_millis(delay_ms) },
+                _ => Decision::Restart { delay: Duration::from_millis(delay_ms), waived: None },
             }
         }
         RestartStrategyType::FailureRate => {
@@ -263,7 +351,7 @@ pub fn on_failure(
                     ),
                 }
             } else {
-                Decision::Restart { delay: f.delay }
+                Decision::Restart { delay: f.delay, waived: None }
             }
         }
     }
@@ -283,19 +371,201 @@ mod tests {
         c
     }
 
-    /// Feeds failures at the given times and returns each decision.
+    /// Feeds task failures (not TaskManager losses) at the given times and returns each
+    /// decision.
     fn run(c: &RestartConfig, times_ms: &[u64], seed: u64) -> (Vec<Decision>, RestartState) {
+        let failures: Vec<(FailureKind, u64)> = times_ms.iter().map(|t| (FailureKind::Task, *t)).collect();
+        run_kinds(c, &failures, seed)
+    }
+
+    /// Feeds failures of the given kinds at the given times and returns each decision.
+    fn run_kinds(
+        c: &RestartConfig,
+        failures: &[(FailureKind, u64)],
+        seed: u64,
+    ) -> (Vec<Decision>, RestartState) {
         let mut state = RestartState::default();
         let mut rng = SplitMix64::seeded(seed);
-        let decisions = times_ms.iter().map(|t| on_failure(c, &mut state, *t, &mut rng)).collect();
+        let decisions =
+            failures.iter().map(|(kind, t)| on_failure(c, &mut state, *kind, *t, &mut rng)).collect();
         (decisions, state)
     }
 
     fn restart_ms(d: &Decision) -> Option<u64> {
         match d {
-            Decision::Restart { delay } => Some(delay.as_millis() as u64),
+            Decision::Restart { delay, .. } => Some(delay.as_millis() as u64),
             Decision::Fail { .. } => None,
         }
+    }
+
+    fn waived_ms(d: &Decision) -> Option<u64> {
+        match d {
+            Decision::Restart { waived, .. } => waived.map(|w| w.as_millis() as u64),
+            Decision::Fail { .. } => None,
+        }
+    }
+
+    const TM: FailureKind = FailureKind::TaskManagerLost;
+    const MIN: u64 = 60_000;
+
+    /// exponential-delay without jitter: 100 ms, x2, quiet period 1 min (the default).
+    fn exponential() -> RestartConfig {
+        config(
+            "exponential-delay",
+            &[
+                ("restart-strategy.exponential-delay.initial-backoff", "100 ms"),
+                ("restart-strategy.exponential-delay.backoff-multiplier", "2"),
+                ("restart-strategy.exponential-delay.max-backoff", "10 s"),
+                ("restart-strategy.exponential-delay.jitter-factor", "0"),
+            ],
+        )
+    }
+
+    /// The first TaskManager loss of a job restarts at once under every strategy with a pause,
+    /// and says which pause it did not wait; so does one after a quiet period.
+    #[test]
+    fn a_quiet_taskmanager_loss_restarts_at_once_under_every_strategy_with_a_pause() {
+        for (c, pause) in [
+            (exponential(), 100),
+            (config("fixed-delay", &[("restart-strategy.fixed-delay.attempts", "5")]), 1000),
+            (
+                config("failure-rate", &[("restart-strategy.failure-rate.max-failures-per-interval", "5")]),
+                1000,
+            ),
+        ] {
+            let (d, state) = run_kinds(&c, &[(TM, 5_000), (TM, 5_000 + 2 * MIN)], 1);
+            assert_eq!(
+                d[0],
+                Decision::Restart { delay: Duration::ZERO, waived: Some(Duration::from_millis(pause)) }
+            );
+            assert_eq!(restart_ms(&d[1]), Some(0), "quiet again after 2 min: {:?}", c.strategy);
+            assert_eq!(state.failures, 2, "both counted");
+            assert_eq!(state.restart_due_ms, Some(5_000 + 2 * MIN));
+        }
+        // `none` still fails the job.
+        let (d, _) = run_kinds(&config("none", &[]), &[(TM, 0)], 1);
+        assert!(matches!(d[0], Decision::Fail { .. }), "{d:?}");
+    }
+
+    /// A second TaskManager loss within the quiet period of the first restart waits the
+    /// backoff, grown by the first (waived) restart; so does one right after a restart caused by
+    /// another failure. The period counts from when the previous restart was due.
+    #[test]
+    fn a_taskmanager_loss_soon_after_a_restart_waits_the_backoff() {
+        let (d, _) = run_kinds(&exponential(), &[(TM, 0), (TM, 30_000)], 1);
+        assert_eq!(d.iter().map(restart_ms).collect::<Vec<_>>(), vec![Some(0), Some(200)]);
+        assert_eq!(waived_ms(&d[1]), None);
+        // A task failure at 0 (restart due at 100 ms): a loss 1 ms short of a minute after that
+        // waits; one a full minute after it does not.
+        let (d, _) = run_kinds(&exponential(), &[(FailureKind::Task, 0), (TM, 100 + MIN - 1)], 1);
+        assert_eq!(d.iter().map(restart_ms).collect::<Vec<_>>(), vec![Some(100), Some(200)]);
+        let (d, _) = run_kinds(&exponential(), &[(FailureKind::Task, 0), (TM, 100 + MIN)], 1);
+        assert_eq!(d.iter().map(restart_ms).collect::<Vec<_>>(), vec![Some(100), Some(0)]);
+        assert_eq!(waived_ms(&d[1]), Some(200), "the backoff grew all the same");
+    }
+
+    /// Failures that are not TaskManager losses wait the strategy's pause as before, quiet or
+    /// not; and with `quiet-period: off` a TaskManager loss waits too.
+    #[test]
+    fn other_failures_and_the_rule_turned_off_wait_the_pause() {
+        for kind in [FailureKind::Task, FailureKind::Deploy, FailureKind::NoSlots, FailureKind::Other] {
+            let (d, _) = run_kinds(&exponential(), &[(kind, 0), (kind, 10 * MIN)], 1);
+            assert_eq!(d.iter().map(restart_ms).collect::<Vec<_>>(), vec![Some(100), Some(200)], "{kind:?}");
+        }
+        let mut off = exponential();
+        off.set("restart-strategy.taskmanager-loss.quiet-period", "off").expect("off");
+        let (d, _) = run_kinds(&off, &[(TM, 0)], 1);
+        assert_eq!(d[0], Decision::Restart { delay: Duration::from_millis(100), waived: None });
+    }
+
+    /// TaskManagers that keep dying (a loss every 2 s) restart at once only the first time;
+    /// then the pause keeps growing to max-backoff, as for any crash loop.
+    #[test]
+    fn a_crash_loop_of_taskmanager_losses_keeps_slowing_down() {
+        let losses: Vec<(FailureKind, u64)> = (0..9).map(|i| (TM, i * 2_000)).collect();
+        let (d, state) = run_kinds(&exponential(), &losses, 1);
+        let delays: Vec<Option<u64>> = d.iter().map(restart_ms).collect();
+        assert_eq!(
+            delays,
+            vec![
+                Some(0),
+                Some(200),
+                Some(400),
+                Some(800),
+                Some(1600),
+                Some(3200),
+                Some(6400),
+                Some(10_000),
+                Some(10_000)
+            ]
+        );
+        assert_eq!(state.backoff_restarts, 9);
+        // attempts-before-reset-backoff still ends it.
+        let mut limited = exponential();
+        limited.set("restart-strategy.exponential-delay.attempts-before-reset-backoff", "2").expect("2");
+        let (d, _) = run_kinds(&limited, &[(TM, 0), (TM, 1000), (TM, 2000)], 1);
+        assert!(
+            matches!(&d[2], Decision::Fail { why } if why.contains("attempts-before-reset-backoff")),
+            "{d:?}"
+        );
+    }
+
+    /// Waived pauses still count: fixed-delay's attempts and failure-rate's limit end the job
+    /// at the same failure as without the rule.
+    #[test]
+    fn waived_restarts_still_count_against_the_limits() {
+        let c = config(
+            "fixed-delay",
+            &[("restart-strategy.fixed-delay.attempts", "2"), ("restart-strategy.fixed-delay.delay", "5 s")],
+        );
+        let (d, state) = run_kinds(&c, &[(TM, 0), (TM, 10 * MIN), (TM, 20 * MIN)], 1);
+        assert_eq!((restart_ms(&d[0]), restart_ms(&d[1])), (Some(0), Some(0)));
+        assert!(matches!(&d[2], Decision::Fail { why } if why.contains("2 restart attempts")), "{d:?}");
+        assert_eq!(state.failures, 3);
+        let c = config(
+            "failure-rate",
+            &[
+                ("restart-strategy.failure-rate.max-failures-per-interval", "2"),
+                ("restart-strategy.failure-rate.failure-rate-interval", "1 h"),
+            ],
+        );
+        let (d, _) = run_kinds(&c, &[(TM, 0), (TM, 10 * MIN), (TM, 20 * MIN)], 1);
+        assert_eq!((restart_ms(&d[0]), restart_ms(&d[1])), (Some(0), Some(0)));
+        assert!(matches!(&d[2], Decision::Fail { why } if why.contains("3 failures within 1 h")), "{d:?}");
+    }
+
+    /// The rule's state survives the trip through the job record: after a leader change a
+    /// second loss soon after the first still waits. Records written before the rule load; their
+    /// older times stand in for the missing one, and counted failures without any time are not
+    /// taken for a quiet job.
+    #[test]
+    fn the_rule_state_round_trips_and_old_records_load() {
+        let c = exponential();
+        let (_, state) = run_kinds(&c, &[(TM, 1_000)], 1);
+        assert_eq!(state.restart_due_ms, Some(1_000));
+        let json = serde_json::to_string(&state).expect("encode");
+        assert!(json.contains("\"restart_due_ms\":1000"), "{json}");
+        let mut back: RestartState = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, state);
+        let d = on_failure(&c, &mut back, TM, 2_000, &mut SplitMix64::seeded(1));
+        assert_eq!(restart_ms(&d), Some(200), "not quiet after the leader change");
+
+        // exponential-delay before the rule: the last restart's time is used.
+        let old: RestartState =
+            serde_json::from_str(r#"{"failures":1,"backoff_restarts":1,"last_restart_at_ms":1000}"#)
+                .expect("old");
+        assert_eq!(old.restart_due_ms, None);
+        assert!(!is_quiet(&c, &old, 1_000 + MIN - 1));
+        assert!(is_quiet(&c, &old, 1_000 + MIN));
+        // failure-rate before the rule: the latest failure's time.
+        let old: RestartState =
+            serde_json::from_str(r#"{"failures":3,"recent_failures_ms":[5,7000]}"#).expect("old");
+        assert!(!is_quiet(&c, &old, 7_000 + MIN - 1));
+        assert!(is_quiet(&c, &old, 7_000 + MIN));
+        // fixed-delay before the rule: failures without a time.
+        let old: RestartState = serde_json::from_str(r#"{"failures":1}"#).expect("old");
+        assert!(!is_quiet(&c, &old, 100 * MIN));
+        assert!(is_quiet(&c, &RestartState::default(), 0), "a job that never failed is quiet");
     }
 
     #[test]
@@ -426,7 +696,7 @@ mod tests {
         let json = serde_json::to_string(&state).expect("encode");
         let mut back: RestartState = serde_json::from_str(&json).expect("decode");
         assert_eq!(back, state);
-        let d = on_failure(&c, &mut back, 2, &mut SplitMix64::seeded(1));
+        let d = on_failure(&c, &mut back, FailureKind::Task, 2, &mut SplitMix64::seeded(1));
         assert!(matches!(d, Decision::Fail { .. }), "the third failure fails after a leader change");
         let empty: RestartRecord = serde_json::from_str("{}").expect("decode");
         assert_eq!(empty, RestartRecord::default());
