@@ -100,6 +100,15 @@ pub enum StreamsJob {
     FilterProjection,
 }
 
+impl From<crate::workload::JobKind> for StreamsJob {
+    fn from(kind: crate::workload::JobKind) -> StreamsJob {
+        match kind {
+            crate::workload::JobKind::PassThrough => StreamsJob::PassThrough,
+            crate::workload::JobKind::FilterProjection => StreamsJob::FilterProjection,
+        }
+    }
+}
+
 impl StreamsJob {
     /// The application's `--job` argument.
     pub fn as_arg(self) -> &'static str {
@@ -200,23 +209,43 @@ pub struct StateChange {
     pub previous: String,
     /// The instance's wall clock at the change, ms since the epoch.
     pub at_ms: i64,
+    /// On RUNNING: the instance's active tasks, sorted (`0_1` reads input partition 1).
+    pub tasks: Option<Vec<String>>,
 }
 
-/// A `keel-streams state=NEW previous=OLD at_ms=MILLIS` line; `None` for any other line.
+impl StateChange {
+    /// The input partitions of the active tasks (task `0_p`: partition `p` of the one input).
+    pub fn partitions(&self) -> Vec<u32> {
+        let tasks = self.tasks.as_deref().unwrap_or_default();
+        tasks.iter().filter_map(|t| t.split_once('_')).filter_map(|(_, p)| p.parse().ok()).collect()
+    }
+}
+
+/// A `keel-streams state=NEW previous=OLD at_ms=MILLIS [tasks=0_0,0_1]` line; `None` for any
+/// other line.
 pub fn parse_state_line(line: &str) -> Option<StateChange> {
     let rest = line.trim_end().strip_prefix("keel-streams ")?;
-    let (mut state, mut previous, mut at_ms) = (None, None, None);
+    let (mut state, mut previous, mut at_ms, mut tasks) = (None, None, None, None);
     for field in rest.split(' ') {
         let (key, value) = field.split_once('=')?;
-        let known = value.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !value.is_empty();
+        let name = !value.is_empty() && value.chars().all(|c| c.is_ascii_uppercase() || c == '_');
         match key {
-            "state" if known => state = Some(value.to_string()),
-            "previous" if known => previous = Some(value.to_string()),
+            "state" if name => state = Some(value.to_string()),
+            "previous" if name => previous = Some(value.to_string()),
             "at_ms" => at_ms = Some(value.parse().ok()?),
+            "tasks" => {
+                let ids: Vec<String> =
+                    value.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect();
+                let number = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit());
+                if !ids.iter().all(|t| t.split_once('_').is_some_and(|(a, b)| number(a) && number(b))) {
+                    return None;
+                }
+                tasks = Some(ids);
+            }
             _ => return None,
         }
     }
-    Some(StateChange { state: state?, previous: previous?, at_ms: at_ms? })
+    Some(StateChange { state: state?, previous: previous?, at_ms: at_ms?, tasks })
 }
 
 /// Every state change in a log's text, in order.
@@ -378,13 +407,14 @@ mod tests {
         let log = "\
 keel-streams state=REBALANCING previous=CREATED at_ms=1733400000000
 2026-12-05T18:00:00.000+0000 [main] WARN StreamsConfig - state=RUNNING previous=X at_ms=1
-keel-streams state=RUNNING previous=REBALANCING at_ms=1733400001234
+keel-streams state=RUNNING previous=REBALANCING at_ms=1733400001234 tasks=0_0,0_1
+keel-streams state=RUNNING previous=REBALANCING at_ms=1733400001235 tasks=0_x
 keel-streams closed at_ms=1733400009999
 keel-streams state=running previous=REBALANCING at_ms=1
 keel-streams state=RUNNING previous=REBALANCING at_ms=soon
 keel-streams state=RUNNING previous=REBALANCING at_ms=1 extra=2
 keel-streams state=RUNNING at_ms=1
-keel-streams state=RUNNING previous=REBALANCING at_ms=1733400005000\r
+keel-streams state=RUNNING previous=REBALANCING at_ms=1733400005000 tasks=\r
 ";
         let changes = state_changes(log);
         assert_eq!(
@@ -393,20 +423,25 @@ keel-streams state=RUNNING previous=REBALANCING at_ms=1733400005000\r
                 StateChange {
                     state: "REBALANCING".into(),
                     previous: "CREATED".into(),
-                    at_ms: 1_733_400_000_000
+                    at_ms: 1_733_400_000_000,
+                    tasks: None
                 },
                 StateChange {
                     state: "RUNNING".into(),
                     previous: "REBALANCING".into(),
-                    at_ms: 1_733_400_001_234
+                    at_ms: 1_733_400_001_234,
+                    tasks: Some(vec!["0_0".into(), "0_1".into()])
                 },
                 StateChange {
                     state: "RUNNING".into(),
                     previous: "REBALANCING".into(),
-                    at_ms: 1_733_400_005_000
+                    at_ms: 1_733_400_005_000,
+                    tasks: Some(vec![])
                 },
             ]
         );
+        assert_eq!(changes[1].partitions(), vec![0, 1]);
+        assert!(changes[2].partitions().is_empty());
     }
 
     /// The version comes from kafka-streams' own jar only.

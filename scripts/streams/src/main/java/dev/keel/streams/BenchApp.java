@@ -21,6 +21,8 @@ import org.apache.kafka.common.serialization.Serdes;
 import org.apache.kafka.streams.KafkaStreams;
 import org.apache.kafka.streams.StreamsBuilder;
 import org.apache.kafka.streams.StreamsConfig;
+import org.apache.kafka.streams.TaskMetadata;
+import org.apache.kafka.streams.ThreadMetadata;
 import org.apache.kafka.streams.Topology;
 import org.apache.kafka.streams.errors.StreamsUncaughtExceptionHandler;
 import org.apache.kafka.streams.kstream.Consumed;
@@ -42,8 +44,9 @@ import org.apache.kafka.streams.kstream.Produced;
  * <p>Arguments are {@code --name value} pairs (see {@link #USAGE}); {@code --config key=value}
  * passes any further Kafka Streams, consumer or producer setting. On stdout it prints one line per
  * state change of the KafkaStreams instance, {@code keel-streams state=NEW previous=OLD
- * at_ms=MILLIS}; the driver waits for {@code state=RUNNING}. SIGTERM closes the instance (a
- * shutdown hook) and the process exits 0; an instance that fails exits 1.
+ * at_ms=MILLIS}, and on RUNNING also {@code tasks=0_0,0_1} (its active tasks; task {@code 0_p}
+ * reads input partition p); the driver waits for {@code state=RUNNING}. SIGTERM closes the
+ * instance (a shutdown hook) and the process exits 0; an instance that fails exits 1.
  */
 public final class BenchApp {
   static final String USAGE =
@@ -218,6 +221,22 @@ public final class BenchApp {
     }
   }
 
+  /** The active tasks of this instance's threads, sorted ({@code 0_0,0_1}; empty for none). */
+  private static String activeTasks(KafkaStreams streams) {
+    List<String> tasks = new ArrayList<>();
+    try {
+      for (ThreadMetadata thread : streams.metadataForLocalThreads()) {
+        for (TaskMetadata task : thread.activeTasks()) {
+          tasks.add(task.taskId().toString());
+        }
+      }
+    } catch (RuntimeException e) {
+      // Metadata is only served while running or rebalancing; the line then says no tasks.
+    }
+    Collections.sort(tasks);
+    return String.join(",", tasks);
+  }
+
   static int run(Map<String, String> opts, List<String> extra) throws IOException {
     Properties props = properties(opts, extra);
     Topology topology = topology(opts.get("job"), opts.get("input"), opts.get("output"));
@@ -227,13 +246,13 @@ public final class BenchApp {
     AtomicBoolean failed = new AtomicBoolean(false);
     streams.setStateListener(
         (next, previous) -> {
-          System.out.println(
-              "keel-streams state="
-                  + next
-                  + " previous="
-                  + previous
-                  + " at_ms="
-                  + System.currentTimeMillis());
+          long now = System.currentTimeMillis();
+          StringBuilder line = new StringBuilder("keel-streams state=");
+          line.append(next).append(" previous=").append(previous).append(" at_ms=").append(now);
+          if (next == KafkaStreams.State.RUNNING) {
+            line.append(" tasks=").append(activeTasks(streams));
+          }
+          System.out.println(line);
           System.out.flush();
           if (next == KafkaStreams.State.ERROR) {
             failed.set(true);
