@@ -4,6 +4,7 @@
 //! Flink and Kafka Streams on the same broker).
 
 pub mod cluster;
+pub mod flink;
 pub mod kafka;
 pub mod procfs;
 pub mod streams;
