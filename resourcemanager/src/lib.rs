@@ -375,17 +375,18 @@ impl ResourceManager {
                     watches.0.insert(address.clone(), tokio::spawn(watch));
                 }
             }
-            tokio::select! {
+            let broke = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 _ = st.leadership.lost().cancelled() => return,
                 Some(address) = broken_rx.recv() => {
                     tracing::debug!(%address, "liveness stream broke; pinging now");
+                    Some(address)
                 }
-                _ = tokio::time::sleep_until(next) => {}
+                _ = tokio::time::sleep_until(next) => None,
                 // A TaskManager that registered since the last round gets its watch now.
                 _ = &mut changed => continue,
-            }
+            };
             next = tokio::time::Instant::now() + period;
             let targets: Vec<String> = st.table().taskmanagers().map(|tm| tm.address.clone()).collect();
             let pings = targets.iter().map(|address| {
@@ -410,7 +411,14 @@ impl ResourceManager {
                 return;
             }
             for (address, outcome) in outcomes {
-                if outcome == RpcOutcome::Unreachable {
+                // A ping right after the stream broke may go out on the dying connection and be
+                // cut short (canceled: inconclusive) instead of refused; it is tried again as
+                // soon as a refused one, not a whole interval later.
+                let cut_short = outcome == RpcOutcome::Inconclusive && broke.as_deref() == Some(address);
+                if cut_short {
+                    tracing::debug!(%address, "the ping after the liveness stream broke was cut short; pinging again soon");
+                }
+                if outcome == RpcOutcome::Unreachable || cut_short {
                     next = tokio::time::Instant::now() + confirm;
                 }
                 self.note_call(&st, address, outcome);
