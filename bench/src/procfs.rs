@@ -103,3 +103,100 @@ impl Drop for PeakSampler {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// One sample of [`UsageSampler`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// When it was taken (ms since the epoch).
+    pub at_ms: i64,
+    /// CPU seconds of all the sampled processes together (a process that died keeps what it
+    /// had used when last seen).
+    pub cpu_s: f64,
+}
+
+/// Samples the CPU time of a set of processes every 100 ms on a thread of its own, and the
+/// largest `VmRSS` any one of them had.
+pub struct UsageSampler {
+    stop: Arc<AtomicBool>,
+    peak_kib: Arc<AtomicU64>,
+    samples: Arc<std::sync::Mutex<Vec<Usage>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UsageSampler {
+    pub fn start(pids: Vec<u32>) -> UsageSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak_kib = Arc::new(AtomicU64::new(0));
+        let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, p, v) = (stop.clone(), peak_kib.clone(), samples.clone());
+        let thread = std::thread::spawn(move || {
+            let mut last = vec![0.0f64; pids.len()];
+            loop {
+                for (i, pid) in pids.iter().enumerate() {
+                    if let Ok(cpu) = cpu_seconds(*pid) {
+                        last[i] = cpu;
+                    }
+                    if let Ok(m) = memory(*pid) {
+                        p.fetch_max(m.rss_kib, Ordering::Relaxed);
+                    }
+                }
+                let sample = Usage { at_ms: crate::kafka::now_ms(), cpu_s: last.iter().sum() };
+                if let Ok(mut all) = v.lock() {
+                    all.push(sample);
+                }
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        UsageSampler { stop, peak_kib, samples, thread: Some(thread) }
+    }
+
+    /// Stops sampling (after one last sample); returns the samples and the peak RSS in KiB.
+    pub fn finish(mut self) -> (Vec<Usage>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let samples = self.samples.lock().map(|s| s.clone()).unwrap_or_default();
+        (samples, self.peak_kib.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for UsageSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// CPU seconds used between `from_ms` and `to_ms`: the last sample at or before `to_ms` minus
+/// the last one at or before `from_ms` (the first sample when none is that early).
+pub fn cpu_between(samples: &[Usage], from_ms: i64, to_ms: i64) -> Option<f64> {
+    let at = |t: i64| samples.iter().rev().find(|s| s.at_ms <= t).or(samples.first());
+    let (a, b) = (at(from_ms)?, at(to_ms)?);
+    Some((b.cpu_s - a.cpu_s).max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_between_takes_the_samples_around_the_window() {
+        let s = |at_ms, cpu_s| Usage { at_ms, cpu_s };
+        let samples = [s(1000, 1.0), s(1100, 1.5), s(1200, 2.5), s(1300, 2.6)];
+        assert_eq!(cpu_between(&samples, 1100, 1250), Some(1.0));
+        assert_eq!(cpu_between(&samples, 0, 5000), Some(1.6));
+        assert_eq!(cpu_between(&[], 0, 1), None);
+    }
+
+    #[test]
+    fn this_process_is_measured() {
+        let me = std::process::id();
+        assert!(memory(me).unwrap().rss_kib > 0);
+        assert!(cpu_seconds(me).unwrap() >= 0.0);
+        let (samples, peak) = UsageSampler::start(vec![me]).finish();
+        assert!(!samples.is_empty() && peak > 0);
+    }
+}

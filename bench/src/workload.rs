@@ -7,11 +7,13 @@
 //!   adults (`age >= 18`) and writes `{"id":..,"name":..}`.
 //!
 //! The checker ([`OutputLog`]) reads an output topic on a thread of its own while the systems
-//! run, and keeps for every record its id, its partition and when it was received (this
-//! process's wall clock: the one clock every system's output shares; a record's Kafka timestamp
-//! is the input's for Kafka Streams and the sink's send time for the others). [`Tally`] counts
-//! lost and duplicated ids against what was produced; [`recovery`] and [`largest_gap`] measure
-//! the output around an event.
+//! run, and keeps for every record its id and when the broker appended it. Output topics are
+//! created with `message.timestamp.type=LogAppendTime`, so that time is the broker's clock for
+//! every system alike (with the default `CreateTime` a record would carry the input's time for
+//! Kafka Streams, which forwards it, and the sink's send time for the others); a record without
+//! an append time gets the time it was received. [`Tally`] counts lost and duplicated ids
+//! against what was produced; [`recovery`] and [`largest_gap`] measure the output around an
+//! event.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -212,10 +214,9 @@ impl Drop for SteadyLoad {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     pub id: u64,
-    /// When this process received it (ms since the epoch).
+    /// When the broker appended it (ms since the epoch); when it was received if the topic does
+    /// not use append times.
     pub at_ms: i64,
-    /// The record's Kafka timestamp.
-    pub ts_ms: i64,
 }
 
 #[derive(Default)]
@@ -224,6 +225,8 @@ struct LogState {
     /// Values that are not output of the job, with where they were (at most 10 kept).
     bad: Vec<String>,
     bad_count: u64,
+    /// Records without a broker append time (the topic was not created for the checker).
+    not_append_time: u64,
 }
 
 /// A thread reading an output topic from the beginning, as it is written.
@@ -269,9 +272,15 @@ impl OutputLog {
                         }
                     }
                     Ok(m) => {
-                        let ts_ms = m.timestamp().to_millis().unwrap_or(at_ms);
+                        let at_ms = match m.timestamp() {
+                            rdkafka::Timestamp::LogAppendTime(t) => t,
+                            _ => {
+                                s.not_append_time += 1;
+                                at_ms
+                            }
+                        };
                         match kind.output_id(m.payload().unwrap_or_default()) {
-                            Ok(id) => s.seen.push(Seen { id, at_ms, ts_ms }),
+                            Ok(id) => s.seen.push(Seen { id, at_ms }),
                             Err(e) => {
                                 s.bad_count += 1;
                                 if s.bad.len() < 10 {
@@ -326,6 +335,10 @@ impl OutputLog {
             h.join().map_err(|_| anyhow!("the checker thread panicked"))??;
         }
         let mut s = self.state.lock().map_err(|_| anyhow!("checker state poisoned"))?;
+        if s.not_append_time > 0 {
+            let n = s.not_append_time;
+            s.bad.push(format!("{n} records of {} carry no append time (timed on receipt)", self.topic));
+        }
         Ok((std::mem::take(&mut s.seen), std::mem::take(&mut s.bad), s.bad_count))
     }
 }
@@ -427,7 +440,7 @@ mod tests {
     use super::*;
 
     fn seen(id: u64, at_ms: i64) -> Seen {
-        Seen { id, at_ms, ts_ms: at_ms }
+        Seen { id, at_ms }
     }
 
     #[test]
