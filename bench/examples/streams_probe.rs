@@ -5,9 +5,11 @@
 //!   preloaded into 2 input partitions, one instance passes them to 2 output partitions; the
 //!   records/s (from the output's LogAppendTime timestamps), the
 //!   instance's CPU seconds and peak RSS, and a `read_committed` count: lost and duplicated.
-//! - `streams_probe failover [RATE] [eos|alos] [key=value ...]`: two instances of one
+//! - `streams_probe failover [RATE] [eos|alos] [receive-time] [key=value ...]`: two instances of one
 //!   application (one thread each) share 2 partitions under a steady load; one is killed with
 //!   SIGKILL; how long until output flows again on every partition, and lost/duplicated.
+//!   `receive-time`: the checker times records by when they became visible to its
+//!   `read_committed` reader instead of by when the broker appended them.
 //!   `key=value` are further Kafka Streams settings for both instances (e.g.
 //!   `session.timeout.ms=10000`, `group.protocol=streams`).
 //!
@@ -41,18 +43,20 @@ fn main() -> anyhow::Result<()> {
         Some("failover") => {
             let rate: u64 = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(5_000);
             let eos = eos(args.get(2))?;
+            let receive_time = args.iter().skip(3).any(|a| a == "receive-time");
             let configs = args
                 .iter()
                 .skip(3)
+                .filter(|a| *a != "receive-time")
                 .map(|kv| {
                     kv.split_once('=')
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .ok_or_else(|| anyhow!("{kv}: expected key=value"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            failover(&app, dir.path(), rate, eos, configs)
+            failover(&app, dir.path(), rate, eos, receive_time, configs)
         }
-        _ => bail!("usage: streams_probe throughput [RECORDS] [THREADS] [eos|alos] | failover [RATE] [eos|alos] [key=value ...]"),
+        _ => bail!("usage: streams_probe throughput [RECORDS] [THREADS] [eos|alos] | failover [RATE] [eos|alos] [receive-time] [key=value ...]"),
     }
 }
 
@@ -64,12 +68,15 @@ fn eos(arg: Option<&String>) -> anyhow::Result<bool> {
     }
 }
 
-/// Input and output topics, 2 partitions each; the output stamped by the broker
-/// (LogAppendTime), since Kafka Streams passes the input's timestamps on.
-fn topics(kafka: &Kafka, name: &str) -> anyhow::Result<(String, String)> {
+/// Input and output topics, 2 partitions each. The output is stamped by the broker
+/// (LogAppendTime: the checker's times are append times; Kafka Streams would otherwise pass the
+/// input's timestamps on), or with `receive_time` keeps CreateTime, and the checker's times are
+/// when its `read_committed` consumer received each record (when it became visible).
+fn topics(kafka: &Kafka, name: &str, receive_time: bool) -> anyhow::Result<(String, String)> {
     let (input, output) = (format!("{name}-in"), format!("{name}-out"));
     create_topic(kafka.bootstrap(), &input, 2)?;
-    create_topic_with(kafka.bootstrap(), &output, 2, &[("message.timestamp.type", "LogAppendTime")])?;
+    let stamp = if receive_time { "CreateTime" } else { "LogAppendTime" };
+    create_topic_with(kafka.bootstrap(), &output, 2, &[("message.timestamp.type", stamp)])?;
     Ok((input, output))
 }
 
@@ -81,7 +88,7 @@ fn throughput(
     eos: bool,
 ) -> anyhow::Result<()> {
     let kafka = Kafka::single()?;
-    let (input, output) = topics(&kafka, "tp")?;
+    let (input, output) = topics(&kafka, "tp", false)?;
     let kind = JobKind::PassThrough;
     let t = Instant::now();
     workload::preload(kafka.bootstrap(), &input, PARTITIONS, kind, 0, records)?;
@@ -162,10 +169,11 @@ fn failover(
     dir: &Path,
     rate: u64,
     eos: bool,
+    receive_time: bool,
     configs: Vec<(String, String)>,
 ) -> anyhow::Result<()> {
     let kafka = Kafka::single()?;
-    let (input, output) = topics(&kafka, "fo")?;
+    let (input, output) = topics(&kafka, "fo", receive_time)?;
     let kind = JobKind::PassThrough;
     let log = OutputLog::start(kafka.bootstrap(), &output, kind, true)?;
     let mut opts =
@@ -236,9 +244,10 @@ fn failover(
     );
     let replayed = workload::replayed(&seen, killed_ms, now_ms());
     println!(
-        "kafka streams {} failover, 2 instances x 1 thread, {}, {rate} records/s, settings {:?}",
+        "kafka streams {} failover, 2 instances x 1 thread, {}, {rate} records/s, times {}, settings {:?}",
         app.kafka_streams_version,
         if eos { "exactly_once_v2" } else { "at_least_once" },
+        if receive_time { "received (read_committed)" } else { "appended (LogAppendTime)" },
         opts.configs
     );
     println!(
