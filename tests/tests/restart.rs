@@ -284,10 +284,15 @@ fn measure_taskmanager_kill_to_output() -> anyhow::Result<()> {
         sb.proc(&victim).proc.kill9();
         let at_kill = bytes_in(&out);
         let output = std::thread::scope(|scope| {
+            // Not wait_until: it pauses 100 ms between looks, too coarse for this figure.
             let watcher = scope.spawn(|| {
-                wait_until("the output to grow again", LONG, || {
-                    Ok((bytes_in(&out) > at_kill).then(|| killed_at.elapsed()))
-                })
+                while killed_at.elapsed() < LONG {
+                    if bytes_in(&out) > at_kill {
+                        return Ok(killed_at.elapsed());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(anyhow!("the output did not grow within {LONG:?} of the kill"))
             });
             let running =
                 wait_running_after(&sb, "measured", max_attempt(&before)).map(|s| (killed_at.elapsed(), s));
@@ -320,5 +325,129 @@ fn measure_taskmanager_kill_to_output() -> anyhow::Result<()> {
         to_output[1].as_millis(),
         to_running[1].as_millis()
     );
+    Ok(())
+}
+
+/// Not a check, a measurement (`cargo test -p keel-tests --test restart -- --ignored
+/// --nocapture measure_kafka`; `KEEL_BIN` picks the binary): a Kafka -> Kafka pass-through
+/// (one partition, 1 s checkpoints, at-least-once) fed 1000 records/s, in three clusters of
+/// three one-slot TaskManagers each; kills the TaskManager running it and prints the time from
+/// kill -9 to the next record the broker appended to the sink topic (its LogAppendTime, 20 ms
+/// or more after the kill, so that requests the killed process sent just before do not count)
+/// and the median of 3.
+#[test]
+#[ignore]
+fn measure_kafka_taskmanager_kill_to_output() -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::ClientConfig;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let broker = keel_testkit::Kafka::shared()?;
+    let bootstrap = broker.bootstrap().to_string();
+    let mut gaps = Vec::new();
+    for round in 0..3 {
+        let (source, sink) =
+            (keel_testkit::unique_topic("tmkill-in"), keel_testkit::unique_topic("tmkill-out"));
+        keel_testkit::create_topic(&bootstrap, &source, 1)?;
+        // The broker's append time on each output record says when it was written, whatever
+        // the reader's lag.
+        keel_testkit::create_topic_with(
+            &bootstrap,
+            &sink,
+            1,
+            &[("message.timestamp.type", "LogAppendTime")],
+        )?;
+        let stop = AtomicBool::new(false);
+        let result = std::thread::scope(|scope| -> anyhow::Result<Duration> {
+            let feeder = scope.spawn(|| -> anyhow::Result<u64> {
+                let producer: BaseProducer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .set("linger.ms", "0")
+                    .create()?;
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let value = n.to_string();
+                    if producer.send(BaseRecord::<(), str>::to(&source).payload(value.as_str())).is_ok() {
+                        n += 1;
+                    }
+                    producer.poll(Duration::from_millis(1));
+                }
+                producer.flush(Duration::from_secs(10))?;
+                Ok(n)
+            });
+            let measured = (|| -> anyhow::Result<Duration> {
+                let mut sb = Sandbox::new("restart-tm-measure-kafka", Ha::Local, &[])?;
+                sb.start("resourcemanager", "rm", &[])?;
+                sb.start("jobmanager", "jm", &[])?;
+                for tm in ["tm-1", "tm-2", "tm-3"] {
+                    sb.start("taskmanager", tm, &["taskmanager.numberOfTaskSlots=1".into()])?;
+                }
+                let spec = format!(
+                    "name: pass\nparallelism: 1\nconfig:\n  execution.checkpointing.interval: 1 s\nsources:\n  - {{name: in, connector: kafka, topic: {source}, properties.bootstrap.servers: '{bootstrap}', properties.group.id: pass-{round}, scan.startup.mode: earliest-offset}}\nsinks:\n  - {{name: out, connector: kafka, from: in, topic: {sink}, properties.bootstrap.servers: '{bootstrap}'}}\n"
+                );
+                sb.run_spec("pass", &spec, &[])?;
+                let reader: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .set("group.id", keel_testkit::unique_topic("tmkill-reader"))
+                    .set("fetch.wait.max.ms", "5")
+                    .create()?;
+                let mut assignment = rdkafka::TopicPartitionList::new();
+                assignment.add_partition_offset(&sink, 0, rdkafka::Offset::Beginning)?;
+                reader.assign(&assignment)?;
+                // Output flows, and a checkpoint completed (so the restart replays little).
+                wait_until("output and a checkpoint", LONG, || {
+                    let _ = reader.poll(Duration::from_millis(10));
+                    let s = sb.status("pass")?;
+                    Ok((s["checkpoints"].as_array().is_some_and(|c| !c.is_empty())
+                        || s["latest_checkpoint"].is_object())
+                    .then_some(()))
+                })?;
+                std::thread::sleep(Duration::from_millis(1500));
+                let before = sb.status("pass")?;
+                let victim = running_on(&before);
+                let epoch_ms = || {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0)
+                };
+                let killed_ms = epoch_ms();
+                sb.proc(&victim).proc.kill9();
+                let mut last_before = None;
+                let again_ms = wait_until("output again", LONG, || {
+                    use rdkafka::Message;
+                    // Everything the reader has (wait_until pauses between calls).
+                    while let Some(m) = reader.poll(Duration::from_millis(5)) {
+                        match m?.timestamp().to_millis() {
+                            Some(t) if t >= killed_ms + 20 => return Ok(Some(t - killed_ms)),
+                            Some(t) => last_before = Some(t - killed_ms),
+                            None => {}
+                        }
+                    }
+                    Ok(None)
+                })?;
+                let again = Duration::from_millis(again_ms as u64);
+                println!("round {round}: last output before: {last_before:?} ms from the kill");
+                let after = wait_running_after(&sb, "pass", max_attempt(&before))?;
+                println!(
+                    "round {round}: kill -9 {victim} -> output in {sink} again after {} ms; restart history: {}",
+                    again.as_millis(),
+                    after["restart_history"]
+                );
+                if std::env::var_os("KEEL_TEST_KEEP").is_some() {
+                    println!("logs in {}", sb.dir.display());
+                }
+                Ok(again)
+            })();
+            stop.store(true, Ordering::SeqCst);
+            let fed = feeder.join().map_err(|_| anyhow!("the feeder panicked"))??;
+            println!("round {round}: {fed} records fed");
+            measured
+        });
+        gaps.push(result?);
+    }
+    gaps.sort();
+    println!("median of 3: kill -9 -> Kafka output again {} ms", gaps[1].as_millis());
     Ok(())
 }

@@ -287,9 +287,9 @@ impl ChainPlan {
         Ok(out)
     }
 
-    /// Opens the sinks (blocking work, run off the async runtime: [`off_runtime`]) and builds
-    /// the sources. The
-    /// Kafka readers and writers update the connector metrics of `metrics`.
+    /// Opens the sinks and the sources at the same time (blocking work, run off the async
+    /// runtime: [`off_runtime`]). The Kafka readers and writers update the connector metrics of
+    /// `metrics`.
     pub async fn open(self, metrics: &TaskMetrics) -> Result<OpenChain> {
         let datagens = self.sources()?;
         let subtask = self.subtask;
@@ -331,62 +331,74 @@ impl ChainPlan {
                     Ok((s.name.clone(), sink, edge))
                 })
                 .collect::<Result<Vec<_>>>()
-        })
-        .await
-        .map_err(|_| {
-            KeelError::internal("opening the sinks failed: its thread panicked or did not start".to_string())
-        })??;
-        // Kafka sources: readers on their own threads, all feeding one channel.
+        });
+        let sinks = async move {
+            sinks.await.map_err(|_| {
+                KeelError::internal(
+                    "opening the sinks failed: its thread panicked or did not start".to_string(),
+                )
+            })?
+        };
+        // Kafka sources: readers on their own threads, all feeding one channel. They open at the
+        // same time as the sinks (each open is a few round trips to a broker: after a restart the
+        // job waits for the slowest open, not for the sum of them).
         let (kafka_tx, kafka_rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let mut sources = Vec::new();
+        let mut source_opens = Vec::new();
         for (idx, ((name, datagen), plan)) in datagens.into_iter().zip(self.sources.iter()).enumerate() {
-            let source = match (datagen, &plan.rows.kafka, &plan.rows.format) {
-                (Some(g), _, _) => SourceRt::Datagen(g),
-                (None, Some(opts), Some(format)) => {
-                    let restored = match self.restored(&name) {
-                        Some(SourceSnapshot::Kafka { offsets }) => {
-                            let mut position = SourcePosition::new();
-                            for (topic, partition, offset) in offsets {
-                                position.set(topic, *partition, *offset);
+            let open: futures::future::BoxFuture<'static, Result<(String, SourceRt)>> =
+                match (datagen, &plan.rows.kafka, &plan.rows.format) {
+                    (Some(g), _, _) => Box::pin(futures::future::ready(Ok((name, SourceRt::Datagen(g))))),
+                    (None, Some(opts), Some(format)) => {
+                        let restored = match self.restored(&name) {
+                            Some(SourceSnapshot::Kafka { offsets }) => {
+                                let mut position = SourcePosition::new();
+                                for (topic, partition, offset) in offsets {
+                                    position.set(topic, *partition, *offset);
+                                }
+                                Some(position)
                             }
-                            Some(position)
-                        }
-                        _ => None,
-                    };
-                    let (opts, schema, format, tx) =
-                        (opts.clone(), plan.rows.schema.clone(), format.clone(), kafka_tx.clone());
-                    let probe =
-                        metrics.source(idx).and_then(|m| m.kafka_probe().cloned()).unwrap_or_default();
-                    let source_name = name.clone();
-                    let span = tracing::Span::current();
-                    let opened = off_runtime(format!("open-{name}-{subtask}"), move || {
-                        span.in_scope(|| {
-                            KafkaSource::open(
-                                idx,
-                                &source_name,
-                                opts,
-                                &schema,
-                                &format,
-                                subtask,
-                                parallelism,
-                                restored,
-                                probe,
-                                tx,
-                            )
+                            _ => None,
+                        };
+                        let (opts, schema, format, tx) =
+                            (opts.clone(), plan.rows.schema.clone(), format.clone(), kafka_tx.clone());
+                        let probe =
+                            metrics.source(idx).and_then(|m| m.kafka_probe().cloned()).unwrap_or_default();
+                        let source_name = name.clone();
+                        let span = tracing::Span::current();
+                        let opened = off_runtime(format!("open-{name}-{subtask}"), move || {
+                            span.in_scope(|| {
+                                KafkaSource::open(
+                                    idx,
+                                    &source_name,
+                                    opts,
+                                    &schema,
+                                    &format,
+                                    subtask,
+                                    parallelism,
+                                    restored,
+                                    probe,
+                                    tx,
+                                )
+                            })
+                        });
+                        Box::pin(async move {
+                            let source = opened.await.map_err(|_| {
+                                KeelError::internal(format!(
+                                    "opening kafka source {name} failed: its thread panicked or did not start"
+                                ))
+                            })??;
+                            Ok((name, SourceRt::Kafka(source)))
                         })
-                    })
-                    .await
-                    .map_err(|_| {
-                        KeelError::internal(format!(
-                            "opening kafka source {name} failed: its thread panicked or did not start"
-                        ))
-                    })??;
-                    SourceRt::Kafka(opened)
-                }
-                _ => return Err(KeelError::internal(format!("source {name} has no runtime"))),
-            };
-            sources.push((name, source));
+                    }
+                    _ => return Err(KeelError::internal(format!("source {name} has no runtime"))),
+                };
+            source_opens.push(open);
         }
+        // Both finish before either error is returned: a source opened while a sink failed is
+        // dropped here, which stops its reader thread.
+        let (sinks, sources) = futures::future::join(sinks, futures::future::join_all(source_opens)).await;
+        let sinks = sinks?;
+        let sources = sources.into_iter().collect::<Result<Vec<_>>>()?;
         let mut routes = vec![Vec::new(); self.sources.len()];
         for (i, s) in self.sinks.iter().enumerate() {
             if let Some(r) = routes.get_mut(s.source) {
