@@ -1,10 +1,11 @@
 //! A hand check of the Kafka Streams peer on one real Kafka node (the testkit's), with the
 //! benchmark's own workload and checker:
 //!
-//! - `streams_probe throughput [RECORDS] [THREADS] [eos|alos]`: RECORDS numbered CSV records
-//!   preloaded into 2 input partitions, one instance passes them to 2 output partitions; the
-//!   records/s (from the output's LogAppendTime timestamps), the
-//!   instance's CPU seconds and peak RSS, and a `read_committed` count: lost and duplicated.
+//! - `streams_probe throughput [RECORDS] [THREADS] [eos|alos] [pass-through|filter-projection]`:
+//!   RECORDS numbered records (CSV; JSON for the filter) preloaded into 2 input partitions, one
+//!   instance runs the job into 2 output partitions; input records/s (over the span of the
+//!   output's LogAppendTime timestamps), the instance's CPU seconds and peak RSS, and a
+//!   `read_committed` count: lost and duplicated.
 //! - `streams_probe failover [RATE] [eos|alos] [receive-time] [key=value ...]`: two instances of one
 //!   application (one thread each) share 2 partitions under a steady load; one is killed with
 //!   SIGKILL; how long until output flows again on every partition, and lost/duplicated.
@@ -38,7 +39,12 @@ fn main() -> anyhow::Result<()> {
             let records: u64 = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(500_000);
             let threads: u32 = args.get(2).map(|a| a.parse()).transpose()?.unwrap_or(1);
             let eos = eos(args.get(3))?;
-            throughput(&app, dir.path(), records, threads, eos)
+            let kind = match args.get(4).map(String::as_str) {
+                None | Some("pass-through") => JobKind::PassThrough,
+                Some("filter-projection") => JobKind::FilterProjection,
+                Some(other) => bail!("{other}: expected pass-through or filter-projection"),
+            };
+            throughput(&app, dir.path(), records, threads, eos, kind)
         }
         Some("failover") => {
             let rate: u64 = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(5_000);
@@ -56,7 +62,10 @@ fn main() -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             failover(&app, dir.path(), rate, eos, receive_time, configs)
         }
-        _ => bail!("usage: streams_probe throughput [RECORDS] [THREADS] [eos|alos] | failover [RATE] [eos|alos] [receive-time] [key=value ...]"),
+        _ => bail!(
+            "usage: streams_probe throughput [RECORDS] [THREADS] [eos|alos] [pass-through|filter-projection] \
+             | failover [RATE] [eos|alos] [receive-time] [key=value ...]"
+        ),
     }
 }
 
@@ -86,10 +95,10 @@ fn throughput(
     records: u64,
     threads: u32,
     eos: bool,
+    kind: JobKind,
 ) -> anyhow::Result<()> {
     let kafka = Kafka::single()?;
     let (input, output) = topics(&kafka, "tp", false)?;
-    let kind = JobKind::PassThrough;
     let t = Instant::now();
     workload::preload(kafka.bootstrap(), &input, PARTITIONS, kind, 0, records)?;
     eprintln!("preloaded {records} records in {:?}", t.elapsed());
@@ -112,9 +121,10 @@ fn throughput(
     );
 
     let deadline = Instant::now() + Duration::from_secs(600);
-    while (log.count() as u64) < records {
+    let expected = kind.expected(records);
+    while (log.count() as u64) < expected {
         if Instant::now() > deadline {
-            bail!("{} of {records} records out within 600 s", log.count());
+            bail!("{} of {expected} records out within 600 s", log.count());
         }
         if let Some(status) = instance.try_exit()? {
             bail!("the instance exited ({status}):\n{}", instance.log());
@@ -125,7 +135,7 @@ fn throughput(
     let done_ms = now_ms();
     let peak_kib = sampler.finish();
     let hwm = procfs::memory(pid)?;
-    log.wait_distinct(records, Duration::from_secs(3), Duration::from_secs(60))?;
+    log.wait_distinct(expected, Duration::from_secs(3), Duration::from_secs(60))?;
     let (seen, bad, bad_count) = log.finish()?;
     instance.stop()?;
     let tally = Tally::of(kind, records, &seen);
@@ -135,8 +145,13 @@ fn throughput(
     let last_at = seen.iter().map(|s| s.at_ms).max().unwrap_or_default();
     let rate = |ms: i64| records as f64 / (ms.max(1) as f64 / 1000.0);
     let cpu = cpu_at_done - cpu_at_running;
-    println!("kafka streams {} pass-through, {records} records, 2 -> 2 partitions, {threads} thread(s), {}, commit.interval.ms 1000",
-        app.kafka_streams_version, if eos { "exactly_once_v2" } else { "at_least_once" });
+    println!(
+        "kafka streams {} {}, {records} records in, {expected} out, 2 -> 2 partitions, {threads} thread(s), {}, \
+         commit.interval.ms 1000",
+        app.kafka_streams_version,
+        kind.key(),
+        if eos { "exactly_once_v2" } else { "at_least_once" }
+    );
     println!(
         "  start: launch -> RUNNING {} ms; cpu to RUNNING {cpu_at_running:.2} s",
         running.at_ms - launched_ms
