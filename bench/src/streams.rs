@@ -253,10 +253,13 @@ pub fn state_changes(log: &str) -> Vec<StateChange> {
     log.lines().filter_map(parse_state_line).collect()
 }
 
-/// A running instance; dropping it kills it.
+/// A running instance; dropping it kills it. Beside the JVM runs a small watchdog (`sh`) that
+/// kills it when this process is gone however it ended (Ctrl-C included): it reads a pipe whose
+/// other end only this process holds.
 pub struct StreamsInstance {
     pub name: String,
     child: Child,
+    watchdog: Option<Child>,
     pid: u32,
     log: PathBuf,
     exited: Option<ExitStatus>,
@@ -278,7 +281,18 @@ impl StreamsInstance {
             .spawn()
             .context("starting java (the Kafka Streams instance)")?;
         let pid = child.id();
-        let mut instance = StreamsInstance { name: name.to_string(), child, pid, log, exited: None };
+        let mut instance =
+            StreamsInstance { name: name.to_string(), child, watchdog: None, pid, log, exited: None };
+        let watchdog = Command::new("sh")
+            .args(["-c", "read _ignored; kill -9 \"$1\" 2>/dev/null"])
+            .arg("keel-streams-watchdog")
+            .arg(pid.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the watchdog of a Kafka Streams instance (sh)")?;
+        instance.watchdog = Some(watchdog);
         instance.wait_running(0, START_TIMEOUT)?;
         Ok(instance)
     }
@@ -339,6 +353,14 @@ impl StreamsInstance {
         self.states().iter().filter(|c| c.state == "RUNNING").count()
     }
 
+    /// Ends the watchdog (so that it kills nothing once the JVM's pid is free again).
+    fn end_watchdog(&mut self) {
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+
     /// SIGKILL, then reap.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         if self.try_exit()?.is_some() {
@@ -348,6 +370,7 @@ impl StreamsInstance {
         let status =
             self.child.wait().with_context(|| format!("reaping Kafka Streams instance {}", self.name))?;
         self.exited = Some(status);
+        self.end_watchdog();
         Ok(())
     }
 
@@ -373,10 +396,13 @@ impl StreamsInstance {
         bail!("Kafka Streams instance {} did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed", self.name)
     }
 
-    /// The exit status once the process is gone.
+    /// The exit status once the process is gone (reaped).
     pub fn try_exit(&mut self) -> anyhow::Result<Option<ExitStatus>> {
         if self.exited.is_none() {
             self.exited = self.child.try_wait().with_context(|| format!("polling instance {}", self.name))?;
+        }
+        if self.exited.is_some() {
+            self.end_watchdog();
         }
         Ok(self.exited)
     }
@@ -394,6 +420,7 @@ impl Drop for StreamsInstance {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        self.end_watchdog();
     }
 }
 
