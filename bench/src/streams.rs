@@ -269,6 +269,14 @@ impl StreamsInstance {
     /// Starts instance `name` and returns once it logged RUNNING (within [`START_TIMEOUT`]);
     /// fails with the log's tail when it exits or does not get there.
     pub fn start(app: &StreamsApp, opts: &StreamsOptions, name: &str) -> anyhow::Result<StreamsInstance> {
+        let mut instance = StreamsInstance::spawn(app, opts, name)?;
+        instance.wait_running(0, START_TIMEOUT)?;
+        Ok(instance)
+    }
+
+    /// Starts instance `name` and returns at once (to start several side by side; then
+    /// [`StreamsInstance::wait_running`] each).
+    pub fn spawn(app: &StreamsApp, opts: &StreamsOptions, name: &str) -> anyhow::Result<StreamsInstance> {
         std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
         let log = opts.dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -293,7 +301,6 @@ impl StreamsInstance {
             .spawn()
             .context("starting the watchdog of a Kafka Streams instance (sh)")?;
         instance.watchdog = Some(watchdog);
-        instance.wait_running(0, START_TIMEOUT)?;
         Ok(instance)
     }
 
