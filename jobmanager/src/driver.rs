@@ -71,8 +71,9 @@ const NO_PERIODIC_CHECKPOINTS: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug)]
 pub enum JobEvent {
-    /// A task changed state (from the TaskManager's report or heartbeat).
-    TaskState { task_id: String, state: TaskState, failure: String },
+    /// A task changed state (from the TaskManager's report or heartbeat). `taskmanager_stopping`:
+    /// it was canceled because its TaskManager is shutting down.
+    TaskState { task_id: String, state: TaskState, failure: String, taskmanager_stopping: bool },
     /// A TaskManager running tasks of this job was lost.
     TaskManagerLost { taskmanager_id: String, reason: String },
     /// The user asked to cancel the job.
@@ -837,7 +838,7 @@ impl Driver {
                         ));
                     }
                 }
-                JobEvent::TaskState { task_id, state, failure } => {
+                JobEvent::TaskState { task_id, state, failure, taskmanager_stopping } => {
                     let (all_running, all_finished, failed) = {
                         let mut tasks = self.job.tasks_mut();
                         let Some(t) = tasks.iter_mut().find(|t| t.task_id == task_id) else {
@@ -859,6 +860,12 @@ impl Driver {
                         )
                     };
                     if failed {
+                        // A task canceled by its TaskManager's shutdown: the TaskManager is going
+                        // away, which the restart strategy treats as a lost TaskManager.
+                        if state == TaskState::Canceled && taskmanager_stopping {
+                            let cause = format!("task {task_id} canceled: its taskmanager is shutting down");
+                            return Ok(AttemptEnd::Failed(FailureKind::TaskManagerLost, cause));
+                        }
                         let why = if failure.is_empty() { state.name().to_string() } else { failure };
                         let cause = format!("task {task_id} {}: {why}", state.name());
                         return Ok(AttemptEnd::Failed(FailureKind::Task, cause));
@@ -1174,7 +1181,7 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => break,
             };
             match ev {
-                Some(JobEvent::TaskState { task_id, state, failure }) => {
+                Some(JobEvent::TaskState { task_id, state, failure, .. }) => {
                     if let Some(t) = self.job.tasks_mut().iter_mut().find(|t| t.task_id == task_id) {
                         t.state = state;
                         t.failure = failure;

@@ -740,7 +740,12 @@ impl JobManager {
             changed
         };
         if changed && state != TaskState::Unspecified {
-            job.send(JobEvent::TaskState { task_id: u.task_id.clone(), state, failure: u.failure.clone() });
+            job.send(JobEvent::TaskState {
+                task_id: u.task_id.clone(),
+                state,
+                failure: u.failure.clone(),
+                taskmanager_stopping: u.taskmanager_stopping,
+            });
         }
         true
     }

@@ -70,8 +70,9 @@ pub struct RestartState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     /// A TaskManager running tasks of the attempt is gone: lost (no heartbeat for
-    /// `heartbeat.timeout`, or `heartbeat.rpc-failure-threshold` calls could not reach it) or
-    /// replaced by a new TaskManager on its address. Restarts at once after a quiet period.
+    /// `heartbeat.timeout`, or `heartbeat.rpc-failure-threshold` calls could not reach it),
+    /// replaced by a new TaskManager on its address, or shut down (its tasks report that they
+    /// were canceled because it is stopping). Restarts at once after a quiet period.
     TaskManagerLost,
     /// A task reported that it failed or was canceled.
     Task,

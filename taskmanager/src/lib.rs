@@ -170,7 +170,7 @@ async fn lifecycle(
     };
     tracing::info!(taskmanager_id = %shared.id, "taskmanager stopping");
     shared.stopping.cancel();
-    shared.cancel_all("the taskmanager is shutting down");
+    shared.cancel_all_for_shutdown("the taskmanager is shutting down");
     shared.tasks_tracker.close();
     if tokio::time::timeout(TASK_DRAIN, shared.tasks_tracker.wait()).await.is_err() {
         tracing::warn!(timeout = ?TASK_DRAIN, "tasks did not stop in time");

@@ -144,6 +144,15 @@ impl Shared {
         }
     }
 
+    /// Cancels every task because the TaskManager is shutting down (see
+    /// [`Task::cancel_for_shutdown`]).
+    pub fn cancel_all_for_shutdown(&self, reason: &str) {
+        let tasks: Vec<Arc<Task>> = self.lock().tasks.values().cloned().collect();
+        for t in tasks {
+            t.cancel_for_shutdown(reason);
+        }
+    }
+
     pub fn cancel_all(&self, reason: &str) {
         let tasks: Vec<Arc<Task>> = self.lock().tasks.values().cloned().collect();
         for t in tasks {

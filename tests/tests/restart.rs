@@ -251,6 +251,33 @@ fn a_lost_taskmanager_restarts_the_job_at_once_but_a_second_loss_soon_after_wait
     Ok(())
 }
 
+/// A TaskManager stopped with SIGTERM cancels its tasks and says why in their reports: the job
+/// counts that as a lost TaskManager, so its first such failure restarts it with no pause
+/// (restart history delay 0, cause naming the shutdown) and it runs again on another
+/// TaskManager.
+#[test]
+fn a_taskmanager_shut_down_restarts_the_job_at_once() -> anyhow::Result<()> {
+    let mut sb = Sandbox::new("restart-tm-sigterm", Ha::Local, &[])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    sb.start("jobmanager", "jm", &[])?;
+    for tm in ["tm-1", "tm-2"] {
+        sb.start("taskmanager", tm, &["taskmanager.numberOfTaskSlots=1".into()])?;
+    }
+    let out = sb.dir.join("out");
+    sb.run_spec("job", &datagen_to_file_spec("stopped", 1, 100, None, &out), &[])?;
+    let first = sb.status("stopped")?;
+    let first_tm = running_on(&first);
+    sb.proc(&first_tm).proc.signal("TERM")?;
+    let second = wait_running_after(&sb, "stopped", max_attempt(&first))?;
+    assert_ne!(running_on(&second), first_tm, "{second}");
+    let history = second["restart_history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(history.len(), 1, "{second}");
+    let cause = history[0]["cause"].as_str().unwrap_or_default();
+    assert!(cause.contains("its taskmanager is shutting down"), "{second}");
+    assert_eq!(history[0]["delay_ms"], 0, "{second}");
+    Ok(())
+}
+
 /// Bytes in every file of a file sink's output directory.
 fn bytes_in(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)

@@ -92,6 +92,8 @@ pub struct Task {
     /// A drain (stop-with-savepoint, upgrade handover) was triggered: the sources stop at its
     /// barrier and the task finishes. Such a task is not adopted by a new leader.
     draining: std::sync::atomic::AtomicBool,
+    /// Canceled because the TaskManager is shutting down (reported as `taskmanager_stopping`).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Task {
@@ -108,6 +110,7 @@ impl Task {
         let task = Task {
             leader_epoch: std::sync::atomic::AtomicU64::new(info.jobmanager_epoch),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             info,
             status,
             counters: Arc::new(Counters::default()),
@@ -187,6 +190,13 @@ impl Task {
         self.cancel.cancel();
     }
 
+    /// Cancels the task because its TaskManager is shutting down; its reports say so, so that
+    /// the JobManager treats the failure as a lost TaskManager.
+    pub fn cancel_for_shutdown(&self, reason: &str) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cancel(reason);
+    }
+
     pub fn cancel_token(&self) -> &CancellationToken {
         &self.cancel
     }
@@ -242,6 +252,7 @@ impl Task {
             source_partitions: throughput.sources,
             first_output_ms: self.counters.first_output_ms.load(std::sync::atomic::Ordering::Relaxed),
             last_output_ms: self.counters.last_output_ms.load(std::sync::atomic::Ordering::Relaxed),
+            taskmanager_stopping: self.stopping.load(std::sync::atomic::Ordering::SeqCst),
         }
     }
 }
