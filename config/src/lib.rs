@@ -759,6 +759,17 @@ impl RestartConfig {
     /// The chosen strategy with its options, for people:
     /// `fixed-delay (2 restart attempts, 1 s delay)`.
     pub fn describe(&self) -> String {
+        let strategy = self.describe_strategy();
+        match (self.strategy, self.taskmanager_loss_quiet_period) {
+            (RestartStrategyType::None, _) | (_, None) => strategy,
+            (_, Some(quiet)) => format!(
+                "{strategy}; a lost taskmanager after {} without failures restarts at once",
+                format_duration(quiet)
+            ),
+        }
+    }
+
+    fn describe_strategy(&self) -> String {
         match self.strategy {
             RestartStrategyType::None => "none (the first failure fails the job)".into(),
             RestartStrategyType::FixedDelay => format!(
@@ -1154,7 +1165,16 @@ mod tests {
         let mut r = RestartConfig::builtin();
         r.set("restart-strategy.taskmanager-loss.quiet-period", "30 s").expect("a duration");
         assert_eq!(r.taskmanager_loss_quiet_period, Some(Duration::from_secs(30)));
-        assert_eq!(c.restart.describe(), "fixed-delay (3 restart attempts, 250 ms delay)");
+        assert_eq!(
+            c.restart.describe(),
+            "fixed-delay (3 restart attempts, 250 ms delay)",
+            "quiet period off"
+        );
+        assert_eq!(
+            RestartConfig::builtin().describe(),
+            "exponential-delay (backoff 1 s x1.5 up to 1 min, jitter 0.1, reset after 1 h, unlimited restarts); \
+             a lost taskmanager after 1 min without failures restarts at once"
+        );
         for (flag, key) in [
             ("restart-strategy.exponential-delay.jitter-factor=1.5", "jitter-factor"),
             ("restart-strategy.exponential-delay.backoff-multiplier=0.5", "backoff-multiplier"),

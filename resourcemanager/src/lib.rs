@@ -652,6 +652,26 @@ impl RmApi for RmService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn deregister_task_manager(
+        &self,
+        request: Request<pb::DeregisterTaskManagerRequest>,
+    ) -> std::result::Result<Response<pb::DeregisterTaskManagerResponse>, Status> {
+        let rm = &self.0;
+        let st = rm.leader_state()?;
+        let req = request.into_inner();
+        // Only the registration at that address: a TaskManager restarted under the same id
+        // elsewhere is not dropped by the old process leaving.
+        let registered = st.table().get(&req.taskmanager_id).is_some_and(|tm| tm.address == req.address);
+        let removed = if registered { st.table().remove(&req.taskmanager_id) } else { None };
+        let known = removed.is_some();
+        if let Some(lost) = removed {
+            rm.lose(&st, lost, &format!("deregistered: {}", req.reason));
+        }
+        tracing::info!(taskmanager_id = %req.taskmanager_id, address = %req.address, known, reason = %req.reason,
+            "taskmanager deregistered");
+        Ok(Response::new(pb::DeregisterTaskManagerResponse { known }))
+    }
+
     async fn cluster_overview(
         &self,
         _request: Request<pb::ClusterOverviewRequest>,

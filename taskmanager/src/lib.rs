@@ -117,7 +117,7 @@ pub async fn start(
     let shared = Arc::new(shared);
 
     let loops = tokio_util::task::TaskTracker::new();
-    loops.spawn(rm::run(shared.clone(), rm, background.clone()));
+    loops.spawn(rm::run(shared.clone(), rm.clone(), background.clone()));
     loops.spawn(jm::heartbeat_loop(shared.clone(), background.clone()));
     loops.spawn(jm::cut_off_watchdog(shared.clone(), background.clone()));
     loops.close();
@@ -140,8 +140,16 @@ pub async fn start(
     drop(stdout);
 
     let metrics = MetricsEndpoint { stop: metrics_stop, server: metrics_server };
-    let handle =
-        tokio::spawn(lifecycle(shared.clone(), server, server_stop, background, loops, metrics, shutdown));
+    let handle = tokio::spawn(lifecycle(
+        shared.clone(),
+        rm,
+        server,
+        server_stop,
+        background,
+        loops,
+        metrics,
+        shutdown,
+    ));
     Ok(RunningTaskManager { address, metrics_address, taskmanager_id: id, shared, handle })
 }
 
@@ -151,11 +159,14 @@ struct MetricsEndpoint {
     server: JoinHandle<()>,
 }
 
-/// Waits for shutdown (or a server failure), then drains in order: no new tasks, cancel every
+/// Waits for shutdown (or a server failure), then drains in order: no new tasks, deregister
+/// from the ResourceManager, cancel every
 /// task and wait for them, let their final states reach the JobManager, stop the loops, stop
 /// the servers.
+#[allow(clippy::too_many_arguments)]
 async fn lifecycle(
     shared: Arc<Shared>,
+    rm: LeaderClient,
     mut server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     server_stop: CancellationToken,
     background: CancellationToken,
@@ -170,6 +181,9 @@ async fn lifecycle(
     };
     tracing::info!(taskmanager_id = %shared.id, "taskmanager stopping");
     shared.stopping.cancel();
+    // Leave the slot table before the tasks stop, so that the jobs restart elsewhere at once
+    // and no slot request picks this TaskManager meanwhile.
+    rm::deregister(&shared, &rm, "the taskmanager is shutting down").await;
     shared.cancel_all_for_shutdown("the taskmanager is shutting down");
     shared.tasks_tracker.close();
     if tokio::time::timeout(TASK_DRAIN, shared.tasks_tracker.wait()).await.is_err() {

@@ -4,11 +4,12 @@
 //! they never stop the TaskManager.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_client::LeaderClient;
 use keel_ha::LeaderInfo;
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
-use keel_proto::pb::{RegisterTaskManagerRequest, TaskManagerHeartbeatRequest};
+use keel_proto::pb::{DeregisterTaskManagerRequest, RegisterTaskManagerRequest, TaskManagerHeartbeatRequest};
 use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +82,36 @@ async fn heartbeat(shared: &Shared, client: &LeaderClient) -> Result<Outcome> {
     Ok(if response.known { Outcome::Known(response.resourcemanager_epoch) } else { Outcome::Unknown })
 }
 
-/// The registration and heartbeat loop, until `stop`.
+/// How long a TaskManager that shuts down tries to deregister before it goes on stopping.
+pub const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Tells the ResourceManager leader that this TaskManager leaves (at shutdown, before its tasks
+/// are canceled), so that it is dropped from the slot table and its jobs are told at once.
+/// Bounded by [`DEREGISTER_TIMEOUT`]; failure is logged (the leader then finds out by its
+/// pings or `heartbeat.timeout`).
+pub async fn deregister(shared: &Shared, client: &LeaderClient, reason: &str) {
+    let request = DeregisterTaskManagerRequest {
+        taskmanager_id: shared.id.clone(),
+        address: shared.address.clone(),
+        reason: reason.to_string(),
+    };
+    let call = client.call(|channel| {
+        let request = request.clone();
+        async move { ResourceManagerClient::new(channel).deregister_task_manager(request).await }
+    });
+    match tokio::time::timeout(DEREGISTER_TIMEOUT, call).await {
+        Ok(Ok(response)) => {
+            tracing::info!(known = response.into_inner().known, "deregistered from the resourcemanager")
+        }
+        Ok(Err(error)) => tracing::warn!(%error, "cannot deregister from the resourcemanager"),
+        Err(_) => {
+            tracing::warn!(timeout = ?DEREGISTER_TIMEOUT, "deregistering from the resourcemanager timed out")
+        }
+    }
+}
+
+/// The registration and heartbeat loop, until `stop`, or until the TaskManager starts shutting
+/// down (it deregisters then: a heartbeat after that would register it again).
 pub async fn run(shared: Arc<Shared>, client: LeaderClient, stop: CancellationToken) {
     let mut watch = client.leader_watch();
     let mut ticker = tokio::time::interval(shared.heartbeat_interval);
@@ -93,6 +123,7 @@ pub async fn run(shared: Arc<Shared>, client: LeaderClient, stop: CancellationTo
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
+            _ = shared.stopping.cancelled() => return,
             _ = leader_changed(&mut watch) => {}
             _ = ticker.tick() => {}
         }

@@ -606,6 +606,12 @@ impl ResourceManager for FakeRm {
         let known = !self.0.forget_once.swap(false, Ordering::SeqCst);
         Ok(Response::new(TaskManagerHeartbeatResponse { known, resourcemanager_epoch: 3 }))
     }
+    async fn deregister_task_manager(
+        &self,
+        _: Request<keel_proto::pb::DeregisterTaskManagerRequest>,
+    ) -> Result<Response<keel_proto::pb::DeregisterTaskManagerResponse>, Status> {
+        Ok(Response::new(keel_proto::pb::DeregisterTaskManagerResponse { known: true }))
+    }
     async fn request_slots(
         &self,
         _: Request<RequestSlotsRequest>,
