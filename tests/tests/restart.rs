@@ -370,7 +370,8 @@ fn measure_taskmanager_kill_to_output() -> anyhow::Result<()> {
 
 /// Not a check, a measurement (`cargo test -p keel-tests --test restart -- --ignored
 /// --nocapture measure_kafka`; `KEEL_BIN` picks the binary): a Kafka -> Kafka pass-through
-/// (one partition, 1 s checkpoints, at-least-once) fed 1000 records/s, in three clusters of
+/// (one partition, 1 s checkpoints, at-least-once) fed without pause (a few hundred records/s
+/// on the 2-core machine), in three clusters of
 /// three one-slot TaskManagers each; kills the TaskManager running it and prints the time from
 /// kill -9 to the next record the broker appended to the sink topic (its LogAppendTime, 20 ms
 /// or more after the kill, so that requests the killed process sent just before do not count)
