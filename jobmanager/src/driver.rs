@@ -16,8 +16,9 @@
 //! (`NotEnoughSlots`) are failures of the attempt, each counted once by the job's restart
 //! strategy ([`crate::restart`]) with its [`FailureKind`], which either restarts the job after a
 //! pause (recorded in the restart history) or fails it. A lost TaskManager after a quiet period
-//! restarts without the pause (`restart-strategy.taskmanager-loss.quiet-period`). Waiting for slots is not a failure until the request times out
-//! (`slot.request.timeout`), so a job waiting for a TaskManager does not use up its restarts.
+//! restarts without the pause (`restart-strategy.taskmanager-loss.quiet-period`). Waiting for
+//! slots is not a failure until the request times out (`slot.request.timeout`), so a job
+//! waiting for a TaskManager does not use up its restarts.
 //! Trouble of the cluster itself (the ResourceManager or the HA store cannot be reached) is
 //! retried after [`RETRY_PAUSE`] without counting.
 
