@@ -90,13 +90,16 @@ pub fn install(repo_root: &Path) -> anyhow::Result<FlinkHome> {
     Ok(FlinkHome { home, zookeeper_libs, flink_version, connector_version, zookeeper_version })
 }
 
-/// The text of `<name>...</name>` in a pom.
+/// The text of the first `<name>value</name>` element in a pom (a `<name>` mentioned in a
+/// comment, not followed by its closing tag, does not count).
 fn pom_property(pom: &str, name: &str) -> Option<String> {
-    let open = format!("<{name}>");
-    let start = pom.find(&open)? + open.len();
-    let end = pom[start..].find(&format!("</{name}>"))? + start;
-    let value = pom[start..end].trim();
-    (!value.is_empty()).then(|| value.to_string())
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    pom.match_indices(&open).find_map(|(at, _)| {
+        let rest = &pom[at + open.len()..];
+        let end = rest.find('<')?;
+        let value = rest[..end].trim();
+        (rest[end..].starts_with(&close) && !value.is_empty()).then(|| value.to_string())
+    })
 }
 
 /// The cluster to start.
@@ -782,9 +785,9 @@ impl FlinkCluster {
         answer_json(method, url, resp)
     }
 
-    /// The JobManagers' REST: the first live JobManager whose REST endpoint answers (any of
-    /// them serves the leader's view in ZooKeeper HA).
-    fn rest_get(&self, path: &str) -> anyhow::Result<Value> {
+    /// GET from the JobManagers' REST API (`/jobs/ID`, `/overview`, ...): the first live
+    /// JobManager whose endpoint answers (any of them serves the leader's view in ZooKeeper HA).
+    pub fn rest_get(&self, path: &str) -> anyhow::Result<Value> {
         let mut last = None;
         for i in self.live_jobmanagers() {
             match self.get(&self.rest_url(i), path) {
@@ -893,8 +896,7 @@ impl FlinkCluster {
     fn wait_running(&self, job: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let last;
-            match self.rest_get(&format!("/jobs/{job}")) {
+            let last = match self.rest_get(&format!("/jobs/{job}")) {
                 Ok(details) => {
                     let state = details["state"].as_str().unwrap_or_default().to_string();
                     match state.as_str() {
@@ -908,12 +910,15 @@ impl FlinkCluster {
                         }
                         _ => {}
                     }
-                    last = state;
+                    state
                 }
-                Err(e) => last = format!("{e:#}"),
-            }
+                Err(e) => format!("{e:#}"),
+            };
             if Instant::now() >= deadline {
-                bail!("job {job}: not every subtask RUNNING after {timeout:?} (last: {last})");
+                bail!(
+                    "job {job}: not every subtask RUNNING after {timeout:?} (last: {last}); last failure: {}",
+                    self.root_exception(job)
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -944,12 +949,11 @@ impl FlinkCluster {
     pub fn wait_state(&self, job: &str, state: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let last;
-            match self.job_state(job) {
+            let last = match self.job_state(job) {
                 Ok(s) if s == state => return Ok(()),
-                Ok(s) => last = s,
-                Err(e) => last = format!("{e:#}"),
-            }
+                Ok(s) => s,
+                Err(e) => format!("{e:#}"),
+            };
             if Instant::now() >= deadline {
                 bail!("job {job} not {state} after {timeout:?} (last: {last})");
             }
@@ -1213,7 +1217,9 @@ mod tests {
 
     #[test]
     fn reads_pom_properties() {
-        let pom = "<properties>\n <flink.version>2.2.1</flink.version>\n <x></x></properties>";
+        let pom =
+            "<!-- the release of <flink.version> -->\n<properties>\n <flink.version>2.2.1</flink.version>\n \
+                   <x></x></properties>";
         assert_eq!(pom_property(pom, "flink.version").as_deref(), Some("2.2.1"));
         assert_eq!(pom_property(pom, "x"), None);
         assert_eq!(pom_property(pom, "missing"), None);
