@@ -307,6 +307,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// SIGKILL to the role process `pid`, and waits for it to die.
+    pub fn kill_pid(&mut self, pid: u32) -> anyhow::Result<()> {
+        let name = self
+            .procs
+            .iter()
+            .find(|p| p.child.id() == pid)
+            .map(|p| p.name.clone())
+            .ok_or_else(|| anyhow!("process {pid} is not a role process of this cluster"))?;
+        self.kill(&name)
+    }
+
     /// Starts again every process that has exited, the same way as before (a new log file
     /// `<name>.<n>.log` each time).
     pub fn restart_exited(&mut self) -> anyhow::Result<()> {

@@ -83,7 +83,12 @@ impl FlinkPeer {
             slots_per_tm: 2,
             standby_jobmanager: true,
             heartbeat: heartbeats,
-            extra_config: Vec::new(),
+            // With Keel's heartbeats, also a ZooKeeper session near Keel's etcd lease (3 s): 4 s
+            // is the least the ZooKeeper server's tickTime of 2 s allows.
+            extra_config: match heartbeats {
+                None => Vec::new(),
+                Some(_) => vec![("high-availability.zookeeper.client.session-timeout".into(), "4000".into())],
+            },
         };
         let cluster = FlinkCluster::start(home, options).with_context(|| format!("starting {label}"))?;
         Ok(FlinkPeer { cluster, label, jobs: Default::default() })
@@ -120,15 +125,13 @@ impl Peer for FlinkPeer {
         self.cluster.leader_jobmanager_pid()
     }
 
-    fn kill_worker_of(&mut self, job: &JobDef) -> anyhow::Result<()> {
+    fn worker_of(&self, job: &JobDef) -> anyhow::Result<u32> {
         let id = self.id(job)?;
         let pids = self.cluster.taskmanagers_of_job(&id)?;
-        let victim = *pids.first().ok_or_else(|| anyhow!("no TaskManager runs job {id}"))?;
-        self.cluster.kill(victim)
+        pids.first().copied().ok_or_else(|| anyhow!("no TaskManager runs job {id}"))
     }
 
-    fn kill_leader(&mut self) -> anyhow::Result<()> {
-        let pid = self.cluster.leader_jobmanager_pid()?;
+    fn kill(&mut self, pid: u32) -> anyhow::Result<()> {
         self.cluster.kill(pid)
     }
 

@@ -70,6 +70,15 @@ struct Args {
     /// Seconds of steady output before and after each event.
     #[arg(long, default_value_t = 8)]
     settle: u64,
+    /// Least seconds between two worker kills. Keel restarts at once after the loss of a
+    /// TaskManager only when the job had no failure for `restart-strategy.taskmanager-loss.
+    /// quiet-period` (1 min by default; a loss sooner waits the growing backoff, as a crash
+    /// loop should), so the default spaces the kills by more than that.
+    #[arg(long, default_value_t = 65)]
+    kill_spacing: u64,
+    /// Skip Keel (to try a peer alone).
+    #[arg(long)]
+    no_keel: bool,
     /// The keel binary (default: `keel` next to this executable).
     #[arg(long)]
     keel_bin: Option<PathBuf>,
@@ -236,8 +245,7 @@ fn run() -> anyhow::Result<()> {
     }
     let mut found = Findings::default();
 
-    // Keel.
-    {
+    if !env.args.no_keel {
         let mut keel_peer = KeelPeer::start(&keel, &env.args.etcd_bin, &dir.join("keel"))?;
         system_parts(&env, &mut keel_peer, &mut found, true)?;
     }
@@ -429,7 +437,8 @@ fn wait_caught_up(log: &OutputLog, kind: JobKind, upto: u64) -> anyhow::Result<(
 struct Timeline {
     part: String,
     kind: JobKind,
-    load: SteadyLoad,
+    /// `None` once drained.
+    load: Option<SteadyLoad>,
     log: OutputLog,
     start_ms: i64,
     events: Vec<Event>,
@@ -445,24 +454,41 @@ impl Timeline {
         let log = OutputLog::start(&env.bootstrap, &output, kind, committed)?;
         let start_ms = now_ms();
         let load = SteadyLoad::start(&env.bootstrap, &input, PARTITIONS, kind, env.args.rate)?;
-        Ok((Timeline { part: part.into(), kind, load, log, start_ms, events: Vec::new() }, input, output))
+        Ok((Timeline { part: part.into(), kind, load: Some(load), log, start_ms, events: Vec::new() }, input, output))
+    }
+
+    /// The next id the load writes.
+    fn next_id(&self) -> u64 {
+        self.load.as_ref().map(SteadyLoad::next_id).unwrap_or_default()
     }
 
     /// Waits until the output has everything written so far, then `settle` seconds more.
     fn settle(&self, env: &Env) -> anyhow::Result<()> {
-        wait_caught_up(&self.log, self.kind, self.load.next_id())?;
+        wait_caught_up(&self.log, self.kind, self.next_id())?;
         // A benchmark's steady phase (not a test's wait): the chart shows the flow between events.
         std::thread::sleep(Duration::from_secs(env.args.settle));
         Ok(())
     }
 
+    /// Waits until `--kill-spacing` seconds have passed since the last event (a benchmark's
+    /// steady phase, not a test's wait).
+    fn space(&self, env: &Env) {
+        if let Some(last) = self.events.last() {
+            let due = last.at_ms + i64::try_from(env.args.kill_spacing).unwrap_or(0) * 1000;
+            let left = due - now_ms();
+            if left > 0 {
+                std::thread::sleep(Duration::from_millis(left.unsigned_abs()));
+            }
+        }
+    }
+
     /// Runs `action` as event `label`, waits until the output flows again and has caught up.
     fn event(&mut self, label: &str, action: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
-        let next_id = self.load.next_id();
+        let next_id = self.next_id();
         let at_ms = now_ms();
-        action().with_context(|| format!("{label}"))?;
+        action().with_context(|| label.to_string())?;
         let recovery = wait_recovery(&self.log, at_ms, next_id)?;
-        wait_caught_up(&self.log, self.kind, self.load.next_id())?;
+        wait_caught_up(&self.log, self.kind, self.next_id())?;
         println!("  {label}: output flowing again after {:.2} s", recovery.as_secs_f64());
         self.events.push(Event {
             part: self.part.clone(),
@@ -475,11 +501,17 @@ impl Timeline {
         Ok(())
     }
 
-    /// Stops the load, waits for the whole output, and fills in each event's gap and replays.
-    fn finish(mut self, found: &mut Findings, label: &str) -> anyhow::Result<()> {
-        let produced = self.load.stop()?;
-        let committed_kind = self.kind;
-        self.log.wait_distinct(committed_kind.expected(produced), Duration::from_secs(2), peers::JOB_TIMEOUT)?;
+    /// Stops the load and waits until the output has all of it (before the job is stopped);
+    /// returns how many records were written.
+    fn drain(&mut self) -> anyhow::Result<u64> {
+        let load = self.load.take().ok_or_else(|| anyhow!("the load was stopped already"))?;
+        let produced = load.stop()?;
+        self.log.wait_distinct(self.kind.expected(produced), Duration::from_secs(2), peers::JOB_TIMEOUT)?;
+        Ok(produced)
+    }
+
+    /// Fills in each event's gap and replays from the whole output of `produced` records.
+    fn finish(mut self, found: &mut Findings, label: &str, produced: u64) -> anyhow::Result<()> {
         let (seen, bad, bad_count) = self.log.finish()?;
         note_bad(found, label, &self.part, &bad, bad_count);
         let tally = Tally::of(self.kind, produced, &seen);
@@ -527,17 +559,23 @@ fn faults(env: &Env, peer: &mut dyn Peer, found: &mut Findings) -> anyhow::Resul
     peer.submit(&job)?;
     tl.settle(env)?;
     for i in 1..=env.args.kills {
-        tl.event(&format!("worker kill {i}"), || peer.kill_worker_of(&job))?;
+        let victim = peer.worker_of(&job)?;
+        tl.event(&format!("worker kill {i}"), || peer.kill(victim))?;
         peer.heal()?;
         tl.settle(env)?;
+        if i < env.args.kills {
+            tl.space(env);
+        }
     }
-    tl.event("master kill", || peer.kill_leader())?;
+    let leader = peer.leader_pid()?;
+    tl.event("master kill", || peer.kill(leader))?;
     peer.heal()?;
     tl.settle(env)?;
     let restarts = peer.restarts(&job).unwrap_or_default();
     found.notes.push(format!("{label}: faults: the job restarted {restarts} times"));
+    let produced = tl.drain()?;
     peer.cancel(&job)?;
-    tl.finish(found, &label)
+    tl.finish(found, &label, produced)
 }
 
 /// An upgrade, then a rescale 1 -> 2, under a steady load (exactly-once).
@@ -561,8 +599,9 @@ fn changes(env: &Env, peer: &mut dyn Peer, found: &mut Findings) -> anyhow::Resu
     let v2 = JobDef { parallelism: 2, ..v1.clone() };
     tl.event("rescale 1 -> 2", || peer.upgrade(&v1, &v2))?;
     tl.settle(env)?;
+    let produced = tl.drain()?;
     peer.cancel(&v2)?;
-    tl.finish(found, &label)
+    tl.finish(found, &label, produced)
 }
 
 /// Kafka Streams: throughput of the pass-through job (one instance, one thread), and kills of
@@ -645,11 +684,15 @@ fn streams_parts(env: &Env, app: &streams::StreamsApp, found: &mut Findings) -> 
             instances.retain(|x| x.name != name);
             instances.push(StreamsInstance::start(app, &opts, &format!("{name}-{i}"))?);
             tl.settle(env)?;
+            if i < env.args.kills {
+                tl.space(env);
+            }
         }
+        let produced = tl.drain()?;
         for mut x in instances {
             x.stop()?;
         }
-        tl.finish(found, &label)?;
+        tl.finish(found, &label, produced)?;
     }
     Ok(())
 }
@@ -836,18 +879,22 @@ fn write_outputs(
     let out = &env.args.out;
     let mut md = String::new();
     md.push_str(&format!(
-        "Measured {} UTC-epoch-ms {} on {} ({} CPUs), in {:.0} s.\n\n",
-        "at",
-        now_ms(),
+        "Measured {} on {} ({} CPUs), in {:.0} s.\n\n",
+        utc_now(),
         hostname(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         took.as_secs_f64()
     ));
     md.push_str(&format!(
-        "Versions: Keel {}, Apache Kafka broker {}, {}{}.\n\n",
+        "Versions: Keel {}, Apache Kafka broker {}{}{}.\n\n",
         env!("CARGO_PKG_VERSION"),
         kafka_version(),
-        flink.map(|f| format!("Apache Flink {} with flink-sql-connector-kafka {}", f.flink_version, f.connector_version)).unwrap_or_default(),
+        flink
+            .map(|f| format!(
+                ", Apache Flink {} with flink-sql-connector-kafka {} (ZooKeeper {})",
+                f.flink_version, f.connector_version, f.zookeeper_version
+            ))
+            .unwrap_or_default(),
         streams_app.map(|s| format!(", Kafka Streams {}", s.kafka_streams_version)).unwrap_or_default()
     ));
     md.push_str(&report::markdown_table(rows));
@@ -888,6 +935,17 @@ fn write_outputs(
     std::fs::write(out.join("events.csv"), ev)?;
     println!("wrote {}, {}, {}", report_path.display(), out.join("timeline.csv").display(), out.join("events.csv").display());
     Ok(())
+}
+
+/// The time now in UTC (`date -u`), to the minute.
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("at {} ms since the epoch", now_ms()))
 }
 
 fn hostname() -> String {

@@ -39,10 +39,11 @@ pub trait Peer {
     fn worker_pids(&self) -> Vec<u32>;
     /// Process id of the leading master (JobManager).
     fn leader_pid(&self) -> anyhow::Result<u32>;
-    /// SIGKILL to the worker running (the first subtask of) the job.
-    fn kill_worker_of(&mut self, job: &JobDef) -> anyhow::Result<()>;
-    /// SIGKILL to the leading master.
-    fn kill_leader(&mut self) -> anyhow::Result<()>;
+    /// The process id of the worker running (the first subtask of) the job.
+    fn worker_of(&self, job: &JobDef) -> anyhow::Result<u32>;
+    /// SIGKILL to one of the system's processes (found with [`Peer::worker_of`] or
+    /// [`Peer::leader_pid`] beforehand, so that the event is the kill alone).
+    fn kill(&mut self, pid: u32) -> anyhow::Result<()>;
     /// Starts again whatever was killed and waits until it has joined the cluster.
     fn heal(&mut self) -> anyhow::Result<()>;
     /// Replaces the running `old` job by `new` the system's own way (Keel: `keel upgrade` or
@@ -180,15 +181,14 @@ impl Peer for KeelPeer {
         self.cluster.pid_of(&self.cluster.jobmanager_leader()?)
     }
 
-    fn kill_worker_of(&mut self, job: &JobDef) -> anyhow::Result<()> {
+    fn worker_of(&self, job: &JobDef) -> anyhow::Result<u32> {
         let tms = self.cluster.taskmanagers_of(&job.name)?;
-        let victim = tms.first().ok_or_else(|| anyhow!("no TaskManager runs a task of {}", job.name))?.clone();
-        self.cluster.kill(&victim)
+        let victim = tms.first().ok_or_else(|| anyhow!("no TaskManager runs a task of {}", job.name))?;
+        self.cluster.pid_of(victim)
     }
 
-    fn kill_leader(&mut self) -> anyhow::Result<()> {
-        let leader = self.cluster.jobmanager_leader()?;
-        self.cluster.kill(&leader)
+    fn kill(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.cluster.kill_pid(pid)
     }
 
     fn heal(&mut self) -> anyhow::Result<()> {
@@ -213,7 +213,7 @@ impl Peer for KeelPeer {
         let version = self.versions.get(&old.name).copied().unwrap_or(1) + 1;
         if new.parallelism != old.parallelism && new.kind == old.kind && new.output == old.output {
             let p = new.parallelism.to_string();
-            self.keel_ok(&["rescale", &old.name, &p])?;
+            self.keel_ok(&["rescale", "--parallelism", &p, &old.name])?;
         } else {
             let note = format!("{}-v{version}", new.name);
             let spec = self.write_spec(&format!("{}-v{version}", new.name), &keel_spec(new, Some(&note)))?;
