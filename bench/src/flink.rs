@@ -281,9 +281,10 @@ fn cluster_config(
     set_config(&mut c, "io.tmp.dirs", dir.join("tmp").display().to_string());
     set_config(&mut c, "execution.checkpointing.dir", file_uri(&dir.join("checkpoints")));
     set_config(&mut c, "execution.checkpointing.savepoint-dir", file_uri(&dir.join("savepoints")));
-    // How stale the REST metrics (numRestarts) may be: 1 s instead of 10 s. Only the REST
-    // handlers' cache; the job does not see it.
-    set_config(&mut c, "metrics.fetcher.update-interval", "1000");
+    // How long REST may serve a job's details (state, subtasks, exceptions) from its cache:
+    // 100 ms instead of 3 s, so that waits on a job's state see changes when they happen. Only
+    // the REST handlers read it; the job does not.
+    set_config(&mut c, "web.refresh-interval", "100");
     if let Some((interval, timeout)) = opts.heartbeat {
         set_config(&mut c, "heartbeat.interval", interval.as_millis().to_string());
         set_config(&mut c, "heartbeat.timeout", timeout.as_millis().to_string());
@@ -443,6 +444,17 @@ pub fn metric_value(answer: &Value, name: &str) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     })
+}
+
+/// The number of failures in a job's exception history (`GET /jobs/:id/exceptions`).
+pub fn failures_in_history(answer: &Value) -> anyhow::Result<u64> {
+    let entries = answer["exceptionHistory"]["entries"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no exception history in {answer}"))?;
+    if answer["exceptionHistory"]["truncated"].as_bool() == Some(true) {
+        bail!("the exception history is truncated at {} entries", entries.len());
+    }
+    Ok(entries.len() as u64)
 }
 
 /// A savepoint operation (`GET /jobs/:id/savepoints/:trigger`): `Ok(None)` while in progress,
@@ -961,6 +973,16 @@ impl FlinkCluster {
         }
     }
 
+    /// Whether the job is RUNNING with every subtask RUNNING (a region failover, such as after a
+    /// TaskManager loss, leaves the job RUNNING while some of its subtasks are not).
+    pub fn all_running(&self, job: &str) -> anyhow::Result<bool> {
+        let details = self.rest_get(&format!("/jobs/{job}"))?;
+        if details["state"].as_str() != Some("RUNNING") {
+            return Ok(false);
+        }
+        Ok(job_vertices(&details)?.iter().all(|(_, p, running, _)| running == p))
+    }
+
     /// Waits until every subtask of the job is RUNNING again (after a restart or a failover).
     pub fn wait_all_running(&self, job: &str, timeout: Duration) -> anyhow::Result<()> {
         self.wait_running(job, timeout)
@@ -1001,12 +1023,13 @@ impl FlinkCluster {
         self.wait_state(job, "CANCELED", START_TIMEOUT)
     }
 
-    /// How often the job restarted (its `numRestarts` metric; REST refreshes it every second).
+    /// How often the job failed over (restarted whole or in part): the entries of its exception
+    /// history (`GET /jobs/:id/exceptions`), which the scheduler keeps current. The
+    /// `numRestarts` metric says the same but REST serves it from a cache refreshed after the
+    /// request, so it lags.
     pub fn restarts(&self, job: &str) -> anyhow::Result<u64> {
-        let answer = self.rest_get(&format!("/jobs/{job}/metrics?get=numRestarts"))?;
-        let value =
-            metric_value(&answer, "numRestarts").ok_or_else(|| anyhow!("job {job}: no numRestarts yet"))?;
-        value.parse::<f64>().map(|v| v as u64).with_context(|| format!("numRestarts '{value}'"))
+        let answer = self.rest_get(&format!("/jobs/{job}/exceptions?maxExceptions=10000"))?;
+        failures_in_history(&answer).with_context(|| format!("job {job}"))
     }
 
     fn pids_of(&self, want: impl Fn(Role) -> bool) -> Vec<u32> {
@@ -1291,6 +1314,19 @@ mod tests {
         assert_eq!(reg.len(), 2);
         assert_eq!(reg.get("tm-1"), Some(&2));
         assert!(registered_taskmanagers(&serde_json::json!({"errors": ["x"]})).is_err());
+
+        let history = serde_json::json!({"exceptionHistory": {"entries": [
+            {"exceptionName": "x", "stacktrace": "s", "timestamp": 1, "concurrentExceptions": []},
+            {"exceptionName": "y", "stacktrace": "t", "timestamp": 2, "concurrentExceptions": []}
+        ], "truncated": false}});
+        assert_eq!(failures_in_history(&history).expect("history"), 2);
+        let empty = serde_json::json!({"exceptionHistory": {"entries": [], "truncated": false}});
+        assert_eq!(failures_in_history(&empty).expect("empty"), 0);
+        assert!(failures_in_history(
+            &serde_json::json!({"exceptionHistory": {"entries": [], "truncated": true}})
+        )
+        .is_err());
+        assert!(failures_in_history(&serde_json::json!({})).is_err());
 
         let metrics = serde_json::json!([{"id": "numRestarts", "value": "3"}]);
         assert_eq!(metric_value(&metrics, "numRestarts").as_deref(), Some("3"));
