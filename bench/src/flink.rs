@@ -16,6 +16,21 @@
 //!   for every script (about 25 s on the 2-core machine).
 //! - Everything else is Flink's REST API of the JobManager (`/overview`, `/taskmanagers`,
 //!   `/jobs/...`).
+//!
+//! What a job's SQL needs on this setup (seen with Flink 2.2.1 and connector 5.0.0-2.2 on Kafka
+//! 4.4.0):
+//! - an exactly-once Kafka sink needs `'properties.transaction.timeout.ms' = '900000'` (or less):
+//!   the connector's default of one hour exceeds the broker's `transaction.max.timeout.ms`
+//!   (15 min) and the job restarts forever (`InitProducerIdResponse ... transaction timeout is
+//!   larger than the maximum value allowed by the broker`);
+//! - datagen emits 10,000 rows/s unless `'rows-per-second'` says otherwise, and a random STRING
+//!   column is 100 characters long unless `'fields.NAME.length'` says otherwise.
+//!
+//! Settings of ours that change what Flink does: loopback ports, `io.tmp.dirs`, the checkpoint
+//! and savepoint directories (file://), `web.refresh-interval` 100 ms (REST only), and with
+//! HA ZooKeeper on loopback. A kill -9 of the leading JobManager is noticed when its ZooKeeper
+//! session expires: Flink asks for 60 s, the ZooKeeper server grants at most 40 s (20 ticks);
+//! `high-availability.zookeeper.client.session-timeout` in `extra_config` shortens it.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
