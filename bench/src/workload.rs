@@ -417,6 +417,19 @@ pub fn largest_gap(seen: &[Seen], from_ms: i64, to_ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(gap).unwrap_or_default())
 }
 
+/// When the output last resumed after a pause longer than `min_gap` within `[from_ms, to_ms]`
+/// (the end of the last such gap between consecutive records, `from_ms` counting as a record),
+/// or `None` when it never paused that long. For an event whose effect on the output may come
+/// late (a Flink JobManager's death stops the output only when the job restarts, tens of seconds
+/// later), this is when the output was flowing again for good.
+pub fn last_resume_after_pause(seen: &[Seen], from_ms: i64, to_ms: i64, min_gap: Duration) -> Option<i64> {
+    let min = i64::try_from(min_gap.as_millis()).ok()?;
+    let mut times: Vec<i64> = seen.iter().map(|s| s.at_ms).filter(|t| (from_ms..=to_ms).contains(t)).collect();
+    times.push(from_ms);
+    times.sort_unstable();
+    times.windows(2).filter(|w| w[1] - w[0] > min).map(|w| w[1]).next_back()
+}
+
 /// Reads beyond the first of an id whose repeat was received within `[from_ms, to_ms)`: the
 /// records the system wrote twice because of what happened in that window.
 pub fn replayed(seen: &[Seen], from_ms: i64, to_ms: i64) -> u64 {
@@ -504,5 +517,11 @@ mod tests {
         assert_eq!(replayed(&out, 2000, 3000), 1);
         assert_eq!(replayed(&out, 0, 2000), 0);
         assert_eq!(per_second(&out, 1000), vec![(0, 2), (1, 3)]);
+        let pause = Duration::from_millis(1000);
+        assert_eq!(last_resume_after_pause(&out, 0, 5000, pause), Some(2600));
+        assert_eq!(last_resume_after_pause(&out, 1050, 5000, pause), Some(2600));
+        assert_eq!(last_resume_after_pause(&out, 2600, 5000, pause), None);
+        // The event itself counts: nothing for 1.5 s after it is a pause.
+        assert_eq!(last_resume_after_pause(&out, -500, 1100, pause), Some(1000));
     }
 }

@@ -44,6 +44,8 @@ pub trait Peer {
     /// SIGKILL to one of the system's processes (found with [`Peer::worker_of`] or
     /// [`Peer::leader_pid`] beforehand, so that the event is the kill alone).
     fn kill(&mut self, pid: u32) -> anyhow::Result<()>;
+    /// Waits until a master other than `old_leader` leads and the job runs in full under it.
+    fn wait_new_leader_running(&self, job: &JobDef, old_leader: u32) -> anyhow::Result<()>;
     /// Starts again whatever was killed and waits until it has joined the cluster.
     fn heal(&mut self) -> anyhow::Result<()>;
     /// Replaces the running `old` job by `new` the system's own way (Keel: `keel upgrade` or
@@ -53,8 +55,6 @@ pub trait Peer {
     /// Runs `rows` rows of generated data into a blackhole sink at parallelism 1 with 1 s
     /// checkpoints, to the end.
     fn datagen(&mut self, name: &str, rows: u64) -> anyhow::Result<()>;
-    /// Restarts of the job so far.
-    fn restarts(&self, job: &JobDef) -> anyhow::Result<u64>;
 }
 
 /// The Keel job spec of a [`JobDef`].
@@ -191,6 +191,27 @@ impl Peer for KeelPeer {
         self.cluster.kill_pid(pid)
     }
 
+    fn wait_new_leader_running(&self, job: &JobDef, old_leader: u32) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + JOB_TIMEOUT;
+        loop {
+            let leader = self.leader_pid().ok();
+            if leader.is_some_and(|l| l != old_leader) {
+                let s = self.cluster.status(&job.name)?;
+                let running = s["tasks"]
+                    .as_array()
+                    .map(|t| t.iter().filter(|t| t["state"] == "running").count())
+                    .unwrap_or_default();
+                if s["job"]["state"] == "running" && running >= job.parallelism as usize {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("no new JobManager leader ran {} within {JOB_TIMEOUT:?}", job.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn heal(&mut self) -> anyhow::Result<()> {
         self.cluster.restart_exited()?;
         let want = self.cluster.pids("tm").len();
@@ -236,9 +257,6 @@ impl Peer for KeelPeer {
         Ok(())
     }
 
-    fn restarts(&self, job: &JobDef) -> anyhow::Result<u64> {
-        Ok(self.cluster.status(&job.name)?["job"]["restarts"].as_u64().unwrap_or_default())
-    }
 }
 
 #[cfg(test)]
