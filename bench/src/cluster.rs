@@ -186,8 +186,13 @@ impl Cluster {
         let config = dir.join("keel.yaml");
         std::fs::write(&config, lines.join("\n") + "\n")
             .with_context(|| format!("writing {}", config.display()))?;
-        let mut cluster =
-            Cluster { keel: keel.to_path_buf(), config, dir: dir.to_path_buf(), procs: Vec::new(), _etcd: etcd };
+        let mut cluster = Cluster {
+            keel: keel.to_path_buf(),
+            config,
+            dir: dir.to_path_buf(),
+            procs: Vec::new(),
+            _etcd: etcd,
+        };
         cluster.spawn("resourcemanager", "rm", &["resourcemanager.rpc.port=0".into()])?;
         for i in 1..=options.jobmanagers.max(1) {
             cluster.spawn("jobmanager", &format!("jm-{i}"), &["jobmanager.rpc.port=0".into()])?;
@@ -331,9 +336,8 @@ impl Cluster {
             }
         }
         for p in exited {
-            let generation = (2..)
-                .find(|n| !self.dir.join(format!("{}.{n}.log", p.name)).exists())
-                .unwrap_or(2);
+            let generation =
+                (2..).find(|n| !self.dir.join(format!("{}.{n}.log", p.name)).exists()).unwrap_or(2);
             let old_log = p.log.clone();
             let renamed = self.dir.join(format!("{}.{generation}.log", p.name));
             std::fs::rename(&old_log, &renamed).with_context(|| format!("renaming {}", old_log.display()))?;

@@ -7,6 +7,6 @@ pub mod cluster;
 pub mod flink;
 pub mod kafka;
 pub mod procfs;
+pub mod report;
 pub mod streams;
 pub mod workload;
-pub mod report;

@@ -226,7 +226,8 @@ pub fn markdown_table(rows: &[Row]) -> String {
     let _ = writeln!(out, "| {} |", h.iter().map(escape).collect::<Vec<_>>().join(" | "));
     let _ = writeln!(out, "|{}", " --- |".repeat(h.len()));
     for r in rows {
-        let _ = writeln!(out, "| {} |", r.cells(with_streams).iter().map(escape).collect::<Vec<_>>().join(" | "));
+        let _ =
+            writeln!(out, "| {} |", r.cells(with_streams).iter().map(escape).collect::<Vec<_>>().join(" | "));
     }
     out
 }
@@ -280,7 +281,9 @@ mod tests {
                 .values(Some(120_000.0), Some(480_000.0))
                 .streams(Some(90_000.0))
                 .goal(Goal::Factor(3.0)),
-            Row::new("TM kill -> output", Unit::Seconds, Better::Lower).values(Some(15.3), None).note("a | b"),
+            Row::new("TM kill -> output", Unit::Seconds, Better::Lower)
+                .values(Some(15.3), None)
+                .note("a | b"),
         ];
         let text = text_table(&rows);
         assert!(text.contains("120,000") && text.contains("480,000") && text.contains("4.0x"), "{text}");

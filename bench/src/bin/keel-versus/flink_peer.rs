@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 
-use keel_bench::flink::{FlinkCluster, FlinkOptions};
 pub use keel_bench::flink::{install, FlinkHome};
+use keel_bench::flink::{FlinkCluster, FlinkOptions};
 use keel_bench::workload::JobKind;
 
 use crate::peers::{JobDef, Peer, JOB_TIMEOUT};
@@ -43,8 +43,12 @@ pub fn sql(job: &JobDef, savepoint: Option<&str>) -> String {
         ",\n  'sink.delivery-guarantee' = 'at-least-once'".to_string()
     };
     let (sink_columns, select) = match job.kind {
-        JobKind::PassThrough => ("  id INT,\n  name STRING,\n  age INT\n", "SELECT id, name, age FROM kafka_source"),
-        JobKind::FilterProjection => ("  id INT,\n  name STRING\n", "SELECT id, name FROM kafka_source WHERE age >= 18"),
+        JobKind::PassThrough => {
+            ("  id INT,\n  name STRING,\n  age INT\n", "SELECT id, name, age FROM kafka_source")
+        }
+        JobKind::FilterProjection => {
+            ("  id INT,\n  name STRING\n", "SELECT id, name FROM kafka_source WHERE age >= 18")
+        }
     };
     s.push_str(&format!(
         "CREATE TEMPORARY TABLE kafka_source (\n  id INT,\n  name STRING,\n  age INT\n) WITH (\n  \
@@ -76,7 +80,11 @@ pub struct FlinkPeer {
 impl FlinkPeer {
     /// ZooKeeper HA with a standby JobManager, two TaskManagers with two slots each; Flink's
     /// shipped settings, or `heartbeats` (interval, timeout) instead of Flink's 10 s / 50 s.
-    pub fn start(home: &FlinkHome, dir: &Path, heartbeats: Option<(Duration, Duration)>) -> anyhow::Result<FlinkPeer> {
+    pub fn start(
+        home: &FlinkHome,
+        dir: &Path,
+        heartbeats: Option<(Duration, Duration)>,
+    ) -> anyhow::Result<FlinkPeer> {
         let label = match heartbeats {
             None => LABEL.to_string(),
             Some((i, t)) => format!("{LABEL} (heartbeat {} s / {} s)", i.as_secs(), t.as_secs()),
@@ -179,7 +187,6 @@ impl Peer for FlinkPeer {
         let id = self.cluster.submit_sql(&sql)?;
         self.cluster.wait_state(&id, "FINISHED", JOB_TIMEOUT)
     }
-
 }
 
 #[cfg(test)]

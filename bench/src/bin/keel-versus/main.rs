@@ -50,7 +50,10 @@ const PARTITIONS: u64 = 2;
 const MASTER_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Parser, Debug)]
-#[command(name = "keel-versus", about = "The same Kafka jobs on Apache Flink, Kafka Streams and Keel, side by side")]
+#[command(
+    name = "keel-versus",
+    about = "The same Kafka jobs on Apache Flink, Kafka Streams and Keel, side by side"
+)]
 struct Args {
     /// Peers to run beside Keel, comma-separated: flink, streams (or none).
     #[arg(long, value_delimiter = ',', default_value = "flink,streams")]
@@ -58,6 +61,11 @@ struct Args {
     /// Parts to run, comma-separated: throughput, cost, faults, changes.
     #[arg(long, value_delimiter = ',', default_value = "throughput,cost,faults,changes")]
     parts: Vec<String>,
+    /// Throughput runs to do (all by default): those whose name contains one of these,
+    /// comma-separated (names: `pass-through p1 at-least-once`, `filter-projection p2
+    /// exactly-once`, ...).
+    #[arg(long, value_delimiter = ',')]
+    runs: Vec<String>,
     /// Records in each input topic of the throughput runs.
     #[arg(long, default_value_t = 1_000_000)]
     records: u64,
@@ -100,6 +108,11 @@ struct Args {
     out: PathBuf,
 }
 
+/// A system's memory: (label, idle worker RSS KiB, peak loaded worker RSS KiB, master RSS KiB).
+type MemoryRow = (String, Option<u64>, Option<u64>, Option<u64>);
+/// A timeline: (system, part, start ms, records received per second).
+type TimelineRow = (String, String, i64, Vec<(i64, u64)>);
+
 /// What the run found, per system (`Keel`, `Flink`, `Flink (heartbeat ...)`, `Kafka Streams`).
 #[derive(Default)]
 struct Findings {
@@ -108,13 +121,13 @@ struct Findings {
     /// system -> rows per worker CPU-second of datagen -> blackhole.
     cost: Vec<(String, f64, f64)>,
     /// system -> (idle worker RSS KiB, loaded worker RSS KiB, master RSS KiB).
-    memory: Vec<(String, Option<u64>, Option<u64>, Option<u64>)>,
+    memory: Vec<MemoryRow>,
     /// system -> events of the faults and changes parts.
     events: Vec<(String, Event)>,
     /// system -> lost and duplicated of every run, by guarantee.
     tallies: Vec<(String, bool, Tally)>,
     /// (system, part, start_ms, records per second): the chart's data.
-    timelines: Vec<(String, String, i64, Vec<(i64, u64)>)>,
+    timelines: Vec<TimelineRow>,
     notes: Vec<String>,
 }
 
@@ -164,7 +177,8 @@ impl Env {
 
     /// A topic of 2 partitions; output topics time their records by the broker's append.
     fn create(&self, name: &str, output: bool) -> anyhow::Result<()> {
-        let configs: &[(&str, &str)] = if output { &[("message.timestamp.type", "LogAppendTime")] } else { &[] };
+        let configs: &[(&str, &str)] =
+            if output { &[("message.timestamp.type", "LogAppendTime")] } else { &[] };
         keel_testkit::create_topic_with(&self.bootstrap, name, PARTITIONS as i32, configs)
     }
 
@@ -176,7 +190,14 @@ impl Env {
             .ok_or_else(|| anyhow!("no input topic for {}", kind.key()))
     }
 
-    fn job(&self, name: &str, kind: JobKind, parallelism: u32, exactly_once: bool, input: &str) -> anyhow::Result<JobDef> {
+    fn job(
+        &self,
+        name: &str,
+        kind: JobKind,
+        parallelism: u32,
+        exactly_once: bool,
+        input: &str,
+    ) -> anyhow::Result<JobDef> {
         let output = self.topic(&format!("{name}-out"));
         self.create(&output, true)?;
         Ok(JobDef {
@@ -222,13 +243,19 @@ fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let repo = args.repo.canonicalize().with_context(|| format!("the repository {}", args.repo.display()))?;
-    let flink_home = if args.peers.iter().any(|p| p == "flink") { Some(flink_peer::install(&repo)?) } else { None };
-    let streams_app = if args.peers.iter().any(|p| p == "streams") { Some(streams::install(&repo)?) } else { None };
+    let flink_home =
+        if args.peers.iter().any(|p| p == "flink") { Some(flink_peer::install(&repo)?) } else { None };
+    let streams_app =
+        if args.peers.iter().any(|p| p == "streams") { Some(streams::install(&repo)?) } else { None };
 
     println!("keel-versus: working directory {}", dir.display());
     let started = Instant::now();
     let kafka = Kafka::single().context("starting the Kafka broker")?;
-    println!("Apache Kafka broker at {} (started in {:.1} s)", kafka.bootstrap(), kafka.startup.as_secs_f64());
+    println!(
+        "Apache Kafka broker at {} (started in {:.1} s)",
+        kafka.bootstrap(),
+        kafka.startup.as_secs_f64()
+    );
     let mut env = Env {
         bootstrap: kafka.bootstrap().to_string(),
         prefix: format!("versus-{}-", std::process::id()),
@@ -292,6 +319,10 @@ fn system_parts(env: &Env, peer: &mut dyn Peer, found: &mut Findings, memory: bo
         for kind in JobKind::ALL {
             for parallelism in [1, 2] {
                 for exactly_once in [false, true] {
+                    let key = run_key(kind, parallelism, exactly_once);
+                    if !env.args.runs.is_empty() && !env.args.runs.iter().any(|r| key.contains(r.as_str())) {
+                        continue;
+                    }
                     let (t, peak) = throughput(env, peer, kind, parallelism, exactly_once, found)?;
                     loaded_peak = loaded_peak.max(Some(peak));
                     found.throughput.push((label.clone(), run_key(kind, parallelism, exactly_once), t));
@@ -308,7 +339,10 @@ fn system_parts(env: &Env, peer: &mut dyn Peer, found: &mut Findings, memory: bo
         let wall = t.elapsed().as_secs_f64();
         let (samples, _) = sampler.finish();
         let cpu = procfs::cpu_between(&samples, i64::MIN, i64::MAX).unwrap_or_default();
-        println!("{label}: datagen -> blackhole {} rows in {wall:.1} s, {cpu:.2} worker CPU s", env.args.datagen_rows);
+        println!(
+            "{label}: datagen -> blackhole {} rows in {wall:.1} s, {cpu:.2} worker CPU s",
+            env.args.datagen_rows
+        );
         found.cost.push((label.clone(), env.args.datagen_rows as f64 / cpu.max(0.001), cpu));
     }
     if memory {
@@ -352,10 +386,12 @@ fn throughput(
 ) -> anyhow::Result<(Throughput, u64)> {
     let key = run_key(kind, parallelism, exactly_once);
     let input = env.input_of(kind)?;
-    let job = env.job(&format!("tp-{}-p{parallelism}", kind.key()), kind, parallelism, exactly_once, &input)?;
+    let job =
+        env.job(&format!("tp-{}-p{parallelism}", kind.key()), kind, parallelism, exactly_once, &input)?;
     let expected = kind.expected(env.args.records);
     let sampler = UsageSampler::start(peer.worker_pids());
-    let watch: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &env.bootstrap).set("log_level", "3").create()?;
+    let watch: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &env.bootstrap).set("log_level", "3").create()?;
     peer.submit(&job)?;
     // Done when the output holds every expected record (an exactly-once topic also holds the
     // transactions' markers) and has not grown for 2 s.
@@ -370,7 +406,11 @@ fn throughput(
             break;
         }
         if Instant::now() > deadline {
-            bail!("{}: {key}: the output has {end} of {expected} records after {:?}", peer.label(), peers::JOB_TIMEOUT);
+            bail!(
+                "{}: {key}: the output has {end} of {expected} records after {:?}",
+                peer.label(),
+                peers::JOB_TIMEOUT
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -401,7 +441,9 @@ fn throughput(
 
 fn note_bad(found: &mut Findings, label: &str, key: &str, bad: &[String], count: u64) {
     if count > 0 {
-        found.notes.push(format!("{label}: {key}: {count} output records were not the job's: {}", bad.join("; ")));
+        found
+            .notes
+            .push(format!("{label}: {key}: {count} output records were not the job's: {}", bad.join("; ")));
     }
 }
 
@@ -457,7 +499,11 @@ impl Timeline {
         let log = OutputLog::start(&env.bootstrap, &output, kind, committed)?;
         let start_ms = now_ms();
         let load = SteadyLoad::start(&env.bootstrap, &input, PARTITIONS, kind, env.args.rate)?;
-        Ok((Timeline { part: part.into(), kind, load: Some(load), log, start_ms, events: Vec::new() }, input, output))
+        Ok((
+            Timeline { part: part.into(), kind, load: Some(load), log, start_ms, events: Vec::new() },
+            input,
+            output,
+        ))
     }
 
     /// The next id the load writes.
@@ -539,7 +585,12 @@ impl Timeline {
                 .collect::<Vec<_>>()
                 .join("; ")
         );
-        found.timelines.push((label.to_string(), self.part.clone(), self.start_ms, workload::per_second(&seen, self.start_ms)));
+        found.timelines.push((
+            label.to_string(),
+            self.part.clone(),
+            self.start_ms,
+            workload::per_second(&seen, self.start_ms),
+        ));
         found.events.extend(self.events.into_iter().map(|e| (label.to_string(), e)));
         Ok(())
     }
@@ -582,7 +633,8 @@ fn faults(env: &Env, peer: &mut dyn Peer, found: &mut Findings) -> anyhow::Resul
     wait_caught_up(&tl.log, tl.kind, tl.next_id())?;
     let fresh = wait_recovery(&tl.log, at_ms, next_id)?;
     let resumed = workload::last_resume_after_pause(&tl.log.snapshot(), at_ms, now_ms(), MASTER_PAUSE);
-    let recovery = resumed.map(|r| Duration::from_millis((r - at_ms).unsigned_abs())).unwrap_or(fresh).max(fresh);
+    let recovery =
+        resumed.map(|r| Duration::from_millis((r - at_ms).unsigned_abs())).unwrap_or(fresh).max(fresh);
     println!(
         "  master kill: a new leader ran the job after {:.2} s; output flowing for good after {:.2} s",
         (running_ms - at_ms) as f64 / 1000.0,
@@ -642,12 +694,25 @@ fn streams_parts(env: &Env, app: &streams::StreamsApp, found: &mut Findings) -> 
     if env.args.parts.iter().any(|p| p == "throughput") {
         for exactly_once in [false, true] {
             let kind = JobKind::PassThrough;
+            let key = run_key(kind, 1, exactly_once);
+            if !env.args.runs.is_empty() && !env.args.runs.iter().any(|r| key.contains(r.as_str())) {
+                continue;
+            }
             let input = env.input_of(kind)?;
             let job = env.job("streams-tp", kind, 1, exactly_once, &input)?;
-            let mut opts = StreamsOptions::new(&dir, &env.bootstrap, &job.name, &input, &job.output, StreamsJob::PassThrough);
+            let mut opts = StreamsOptions::new(
+                &dir,
+                &env.bootstrap,
+                &job.name,
+                &input,
+                &job.output,
+                StreamsJob::PassThrough,
+            );
             opts.exactly_once = exactly_once;
-            let watch: BaseConsumer =
-                ClientConfig::new().set("bootstrap.servers", &env.bootstrap).set("log_level", "3").create()?;
+            let watch: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &env.bootstrap)
+                .set("log_level", "3")
+                .create()?;
             let mut instance = StreamsInstance::start(app, &opts, &job.name)?;
             let sampler = UsageSampler::start(vec![instance.pid()]);
             let expected = i64::try_from(env.args.records)?;
@@ -662,7 +727,10 @@ fn streams_parts(env: &Env, app: &streams::StreamsApp, found: &mut Findings) -> 
                     break;
                 }
                 if Instant::now() > deadline {
-                    bail!("Kafka Streams: the output has {end} of {expected} records after {:?}", peers::JOB_TIMEOUT);
+                    bail!(
+                        "Kafka Streams: the output has {end} of {expected} records after {:?}",
+                        peers::JOB_TIMEOUT
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -671,7 +739,6 @@ fn streams_parts(env: &Env, app: &streams::StreamsApp, found: &mut Findings) -> 
             let log = OutputLog::start(&env.bootstrap, &job.output, kind, exactly_once)?;
             log.wait_distinct(env.args.records, Duration::from_secs(1), peers::JOB_TIMEOUT)?;
             let (seen, bad, bad_count) = log.finish()?;
-            let key = run_key(kind, 1, exactly_once);
             note_bad(found, &label, &key, &bad, bad_count);
             let tally = Tally::of(kind, env.args.records, &seen);
             found.tallies.push((label.clone(), exactly_once, tally));
@@ -699,7 +766,8 @@ fn streams_parts(env: &Env, app: &streams::StreamsApp, found: &mut Findings) -> 
         println!("{label}: faults");
         let (mut tl, input, output) = Timeline::start(env, "faults", false)?;
         let app_id = format!("streams-faults-{}", now_ms() % 1_000_000);
-        let mut opts = StreamsOptions::new(&dir, &env.bootstrap, &app_id, &input, &output, StreamsJob::PassThrough);
+        let mut opts =
+            StreamsOptions::new(&dir, &env.bootstrap, &app_id, &input, &output, StreamsJob::PassThrough);
         opts.exactly_once = false;
         let mut instances = vec![
             StreamsInstance::start(app, &opts, &format!("{app_id}-a"))?,
@@ -756,8 +824,15 @@ fn rows(env: &Env, found: &Findings, flink: Option<&flink_peer::FlinkHome>) -> V
     let cost = |system: &str| found.cost.iter().find(|(s, ..)| s == system).map(|(_, r, _)| *r);
     if cost("Keel").is_some() {
         rows.push(
-            Row::new(format!("datagen -> blackhole, {} rows, p1: rows per worker CPU-second", env.args.datagen_rows), Unit::Count, Better::Higher)
-                .values(cost(flink_peer::LABEL), cost("Keel")),
+            Row::new(
+                format!(
+                    "datagen -> blackhole, {} rows, p1: rows per worker CPU-second",
+                    env.args.datagen_rows
+                ),
+                Unit::Count,
+                Better::Higher,
+            )
+            .values(cost(flink_peer::LABEL), cost("Keel")),
         );
     }
     let mem = |system: &str| found.memory.iter().find(|(s, ..)| s == system).cloned();
@@ -780,7 +855,12 @@ fn rows(env: &Env, found: &Findings, flink: Option<&flink_peer::FlinkHome>) -> V
         );
     }
     let events = |system: &str, prefix: &str| -> Vec<&Event> {
-        found.events.iter().filter(|(s, e)| s == system && e.label.starts_with(prefix)).map(|(_, e)| e).collect()
+        found
+            .events
+            .iter()
+            .filter(|(s, e)| s == system && e.label.starts_with(prefix))
+            .map(|(_, e)| e)
+            .collect()
     };
     let med = |evs: &[&Event], f: &dyn Fn(&Event) -> Option<f64>| {
         report::median(&evs.iter().filter_map(|e| f(e)).collect::<Vec<_>>())
@@ -792,31 +872,51 @@ fn rows(env: &Env, found: &Findings, flink: Option<&flink_peer::FlinkHome>) -> V
     if !keel_kill.is_empty() {
         let streams_kill = events("Kafka Streams", "worker kill");
         rows.push(
-            Row::new("worker kill -9 -> output flowing again, median (Flink's defaults)", Unit::Seconds, Better::Lower)
-                .values(med(&events(flink_peer::LABEL, "worker kill"), &recovery), med(&keel_kill, &recovery))
-                .streams(med(&streams_kill, &recovery))
-                .goal(Goal::FactorAndAtMost { factor: 20.0, limit: 0.5 }),
+            Row::new(
+                "worker kill -9 -> output flowing again, median (Flink's defaults)",
+                Unit::Seconds,
+                Better::Lower,
+            )
+            .values(med(&events(flink_peer::LABEL, "worker kill"), &recovery), med(&keel_kill, &recovery))
+            .streams(med(&streams_kill, &recovery))
+            .goal(Goal::FactorAndAtMost { factor: 20.0, limit: 0.5 }),
         );
         rows.push(
-            Row::new("worker kill -9 -> output flowing again, median (Flink with heartbeat 1 s / 5 s)", Unit::Seconds, Better::Lower)
-                .values(med(&events(&flink_hb, "worker kill"), &recovery), med(&keel_kill, &recovery))
-                .goal(Goal::FactorAndAtMost { factor: 4.0, limit: 0.5 }),
+            Row::new(
+                "worker kill -9 -> output flowing again, median (Flink with heartbeat 1 s / 5 s)",
+                Unit::Seconds,
+                Better::Lower,
+            )
+            .values(med(&events(&flink_hb, "worker kill"), &recovery), med(&keel_kill, &recovery))
+            .goal(Goal::FactorAndAtMost { factor: 4.0, limit: 0.5 }),
         );
         rows.push(
             Row::new("records replayed per worker kill, median (at-least-once)", Unit::Count, Better::Lower)
                 .values(med(&events(flink_peer::LABEL, "worker kill"), &replayed), med(&keel_kill, &replayed))
                 .streams(med(&streams_kill, &replayed)),
         );
-        for (system, what) in [(flink_peer::LABEL.to_string(), "Flink's defaults"), (flink_hb.clone(), "Flink with heartbeat 1 s / 5 s")] {
+        for (system, what) in [
+            (flink_peer::LABEL.to_string(), "Flink's defaults"),
+            (flink_hb.clone(), "Flink with heartbeat 1 s / 5 s"),
+        ] {
             rows.push(
-                Row::new(format!("master leader kill -9 -> output flowing again ({what})"), Unit::Seconds, Better::Lower)
-                    .values(med(&events(&system, "master kill"), &recovery), med(&events("Keel", "master kill"), &recovery))
-                    .goal(Goal::Factor(10.0)),
+                Row::new(
+                    format!("master leader kill -9 -> output flowing again ({what})"),
+                    Unit::Seconds,
+                    Better::Lower,
+                )
+                .values(
+                    med(&events(&system, "master kill"), &recovery),
+                    med(&events("Keel", "master kill"), &recovery),
+                )
+                .goal(Goal::Factor(10.0)),
             );
         }
         rows.push(
-            Row::new("records replayed per master kill (at-least-once)", Unit::Count, Better::Lower)
-                .values(med(&events(flink_peer::LABEL, "master kill"), &replayed), med(&events("Keel", "master kill"), &replayed)),
+            Row::new("records replayed per master kill (at-least-once)", Unit::Count, Better::Lower).values(
+                med(&events(flink_peer::LABEL, "master kill"), &replayed),
+                med(&events("Keel", "master kill"), &replayed),
+            ),
         );
     }
     for (prefix, what) in [("upgrade", "upgrade"), ("rescale", "rescale 1 -> 2")] {
@@ -850,7 +950,10 @@ fn rows(env: &Env, found: &Findings, flink: Option<&flink_peer::FlinkHome>) -> V
     );
     rows.push(
         Row::new("records duplicated, exactly-once runs", Unit::Count, Better::Lower)
-            .values(sum(flink_peer::LABEL, Some(true), &|t| t.duplicated), sum("Keel", Some(true), &|t| t.duplicated))
+            .values(
+                sum(flink_peer::LABEL, Some(true), &|t| t.duplicated),
+                sum("Keel", Some(true), &|t| t.duplicated),
+            )
             .streams(sum("Kafka Streams", Some(true), &|t| t.duplicated))
             .goal(Goal::AtMost(0.0)),
     );
@@ -885,7 +988,9 @@ fn throughput_table(found: &Findings) -> String {
                 Some((_, _, t)) => out.push_str(&format!(
                     " {} | {} |",
                     report::thousands(t.rate().round() as i64),
-                    t.cpu_s.map(|c| format!("{:.2}", c * 1e6 / t.records.max(1) as f64)).unwrap_or_else(|| "-".into())
+                    t.cpu_s
+                        .map(|c| format!("{:.2}", c * 1e6 / t.records.max(1) as f64))
+                        .unwrap_or_else(|| "-".into())
                 )),
                 None => out.push_str(" - | - |"),
             }
@@ -906,7 +1011,10 @@ fn write_outputs(
     took: Duration,
 ) -> anyhow::Result<()> {
     let out = &env.args.out;
-    let mut md = String::new();
+    // The page's fixed text (what is measured, how, the settings), then this run's figures.
+    let about = env.args.repo.join("scripts/versus/about.md");
+    let mut md = std::fs::read_to_string(&about).with_context(|| format!("reading {}", about.display()))?;
+    md.push_str("\n## The last run\n\n");
     md.push_str(&format!(
         "Measured {} on {} ({} CPUs), in {:.0} s.\n\n",
         utc_now(),
@@ -962,7 +1070,12 @@ fn write_outputs(
         }
     }
     std::fs::write(out.join("events.csv"), ev)?;
-    println!("wrote {}, {}, {}", report_path.display(), out.join("timeline.csv").display(), out.join("events.csv").display());
+    println!(
+        "wrote {}, {}, {}",
+        report_path.display(),
+        out.join("timeline.csv").display(),
+        out.join("events.csv").display()
+    );
     Ok(())
 }
 
@@ -978,7 +1091,9 @@ fn utc_now() -> String {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "this machine".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "this machine".into())
 }
 
 /// The Kafka version of the broker's jars (`kafka_2.13-<version>.jar`).

@@ -61,7 +61,9 @@ pub trait Peer {
 pub fn keel_spec(job: &JobDef, version_note: Option<&str>) -> String {
     let (format, transform) = match job.kind {
         JobKind::PassThrough => ("csv", String::new()),
-        JobKind::FilterProjection => ("json", "    filter: \"age >= 18\"\n    select: [id, name]\n".to_string()),
+        JobKind::FilterProjection => {
+            ("json", "    filter: \"age >= 18\"\n    select: [id, name]\n".to_string())
+        }
     };
     let guarantee = if job.exactly_once {
         format!("    sink.delivery-guarantee: exactly-once\n    sink.transactional-id-prefix: {}\n", job.name)
@@ -224,7 +226,9 @@ impl Peer for KeelPeer {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                bail!("the cluster did not show {want} TaskManagers and a leader within {JOB_TIMEOUT:?}: {c:?}");
+                bail!(
+                    "the cluster did not show {want} TaskManagers and a leader within {JOB_TIMEOUT:?}: {c:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -256,7 +260,6 @@ impl Peer for KeelPeer {
         self.wait_state(name, &["finished"], JOB_TIMEOUT)?;
         Ok(())
     }
-
 }
 
 #[cfg(test)]
