@@ -66,6 +66,11 @@ struct Args {
     /// exactly-once`, ...).
     #[arg(long, value_delimiter = ',')]
     runs: Vec<String>,
+    /// Throughput runs without a warm-up run first (by default every system first passes the
+    /// pass-through input once, unmeasured, so that a JVM's just-in-time compiler has done its
+    /// work before the measured runs: a first run of Flink spends most of its CPU compiling).
+    #[arg(long)]
+    no_warmup: bool,
     /// Records in each input topic of the throughput runs.
     #[arg(long, default_value_t = 1_000_000)]
     records: u64,
@@ -87,6 +92,10 @@ struct Args {
     /// loop should), so the default spaces the kills by more than that.
     #[arg(long, default_value_t = 65)]
     kill_spacing: u64,
+    /// A further option of every Keel job's Kafka source, `KEY=VALUE` (repeatable), for
+    /// experiments (e.g. `properties.queued.min.messages=10000`).
+    #[arg(long)]
+    keel_source_option: Vec<String>,
     /// Skip Keel (to try a peer alone).
     #[arg(long)]
     no_keel: bool,
@@ -277,6 +286,10 @@ fn run() -> anyhow::Result<()> {
 
     if !env.args.no_keel {
         let mut keel_peer = KeelPeer::start(&keel, &env.args.etcd_bin, &dir.join("keel"))?;
+        for o in &env.args.keel_source_option {
+            let (k, v) = o.split_once('=').ok_or_else(|| anyhow!("--keel-source-option {o:?} is not KEY=VALUE"))?;
+            keel_peer.source_options.push((k.trim().to_string(), v.trim().to_string()));
+        }
         system_parts(&env, &mut keel_peer, &mut found, true)?;
     }
     // Flink with its defaults (ZooKeeper HA, a standby JobManager), then with Keel's heartbeats.
@@ -316,6 +329,11 @@ fn system_parts(env: &Env, peer: &mut dyn Peer, found: &mut Findings, memory: bo
     let idle = worker_rss(peer);
     let mut loaded_peak = None;
     if env.args.parts.iter().any(|p| p == "throughput") {
+        if !env.args.no_warmup {
+            let (t, _) = throughput(env, peer, JobKind::PassThrough, 1, false, found)?;
+            found.tallies.pop();
+            println!("{label}: warm-up run done ({:.0} records/s), not counted", t.rate());
+        }
         for kind in JobKind::ALL {
             for parallelism in [1, 2] {
                 for exactly_once in [false, true] {

@@ -57,8 +57,9 @@ pub trait Peer {
     fn datagen(&mut self, name: &str, rows: u64) -> anyhow::Result<()>;
 }
 
-/// The Keel job spec of a [`JobDef`].
-pub fn keel_spec(job: &JobDef, version_note: Option<&str>) -> String {
+/// The Keel job spec of a [`JobDef`]; `extra` are further options of its source
+/// (`properties.queued.min.messages: 1000`, ...), for experiments.
+pub fn keel_spec(job: &JobDef, version_note: Option<&str>, extra: &[(String, String)]) -> String {
     let (format, transform) = match job.kind {
         JobKind::PassThrough => ("csv", String::new()),
         JobKind::FilterProjection => {
@@ -71,7 +72,10 @@ pub fn keel_spec(job: &JobDef, version_note: Option<&str>) -> String {
         "    sink.delivery-guarantee: at-least-once\n".to_string()
     };
     // An upgrade needs a changed spec; a client id is a change that does not alter the data.
-    let client_id = version_note.map(|v| format!("    properties.client.id: {v}\n")).unwrap_or_default();
+    let mut client_id = version_note.map(|v| format!("    properties.client.id: {v}\n")).unwrap_or_default();
+    for (k, v) in extra {
+        client_id.push_str(&format!("    {k}: {v}\n"));
+    }
     format!(
         "name: {name}\nparallelism: {p}\nconfig:\n  execution.checkpointing.interval: 1 s\nsources:\n  - name: src\n    \
          connector: kafka\n    topic: {input}\n    properties.bootstrap.servers: {bootstrap}\n    \
@@ -94,6 +98,8 @@ pub struct KeelPeer {
     dir: PathBuf,
     /// The version note of each job's current spec (changed by every upgrade).
     versions: std::collections::HashMap<String, u32>,
+    /// Further source options for every job (`--keel-source-option`).
+    pub source_options: Vec<(String, String)>,
 }
 
 impl KeelPeer {
@@ -106,7 +112,7 @@ impl KeelPeer {
             extra: Vec::new(),
         };
         let cluster = Cluster::start_with(keel, dir, &options)?;
-        Ok(KeelPeer { cluster, dir: dir.to_path_buf(), versions: Default::default() })
+        Ok(KeelPeer { cluster, dir: dir.to_path_buf(), versions: Default::default(), source_options: Vec::new() })
     }
 
     fn write_spec(&self, name: &str, yaml: &str) -> anyhow::Result<PathBuf> {
@@ -165,7 +171,7 @@ impl Peer for KeelPeer {
     }
 
     fn submit(&mut self, job: &JobDef) -> anyhow::Result<()> {
-        let spec = self.write_spec(&job.name, &keel_spec(job, None))?;
+        let spec = self.write_spec(&job.name, &keel_spec(job, None, &self.source_options))?;
         self.cluster.run(&spec)?;
         self.versions.insert(job.name.clone(), 1);
         self.wait_all_running(&job.name, job.parallelism as usize)
@@ -241,7 +247,7 @@ impl Peer for KeelPeer {
             self.keel_ok(&["rescale", "--parallelism", &p, &old.name])?;
         } else {
             let note = format!("{}-v{version}", new.name);
-            let spec = self.write_spec(&format!("{}-v{version}", new.name), &keel_spec(new, Some(&note)))?;
+            let spec = self.write_spec(&format!("{}-v{version}", new.name), &keel_spec(new, Some(&note), &self.source_options))?;
             let path = spec.to_str().ok_or_else(|| anyhow!("{} is not UTF-8", spec.display()))?;
             self.keel_ok(&["upgrade", &old.name, path])?;
         }
@@ -285,7 +291,8 @@ mod tests {
         for kind in JobKind::ALL {
             for eos in [false, true] {
                 for note in [None, Some("v2")] {
-                    let yaml = keel_spec(&job(kind, eos), note);
+                    let extra = [("properties.queued.min.messages".to_string(), "1000".to_string())];
+                    let yaml = keel_spec(&job(kind, eos), note, &extra);
                     let spec = keel_spec::JobSpec::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
                     assert_eq!(spec.parallelism, 2, "{yaml}");
                     assert_eq!(spec.sinks[0].filter.is_some(), kind == JobKind::FilterProjection, "{yaml}");
