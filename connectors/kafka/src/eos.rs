@@ -207,6 +207,22 @@ fn txn_error(e: &KafkaError, what: &str, opts: &KafkaSinkOptions, id: &str) -> K
     to_keel(e, &format!("{what} (topic {}, transactional id {id})", opts.topic), &opts.bootstrap_servers)
 }
 
+/// The marker the last transaction at the end of the input commits with: `top`, the highest
+/// segment it finishes, only when that is above the marker already `committed`.
+///
+/// An upgrade's drain commits the savepoint's transaction (with its marker) on the completion
+/// notice, and the end of the input follows at once with an empty transaction: nothing was
+/// written after the barrier. Committing that one with the same marker again changed nothing
+/// but cost broker round trips (AddOffsetsToTxn, TxnOffsetCommit, EndTxn), and the coordinator
+/// answers CONCURRENT_TRANSACTIONS to the first while it still completes the previous commit,
+/// which librdkafka retries only after `retry.backoff.ms` (100 ms): the old version finished
+/// that much later. Without a marker, and with no records, librdkafka commits the empty
+/// transaction locally (no EndTxn). With records and no new marker, the records commit alone:
+/// the marker names sealed segments only, and it already says what it would say again.
+fn final_marker(top: Option<u64>, committed: Option<u64>) -> Option<u64> {
+    top.filter(|t| Some(*t) > committed)
+}
+
 impl ExactlyOnceSink {
     /// Opens the sink of `subtask`: connects, fences earlier producers of its transactional id
     /// (aborting what they left open), finishes the transactions of `restore` that did not
@@ -708,7 +724,7 @@ impl ExactlyOnceSink {
             let path = self.current.path().to_path_buf();
             self.send_spooled(&path)?;
         }
-        self.commit(top)?;
+        self.commit(final_marker(top, self.committed))?;
         for s in self.sealed.drain(..) {
             Self::remove_file(&s.path);
         }
@@ -766,5 +782,25 @@ impl Drop for ExactlyOnceSink {
     /// next attempt opens or the transaction times out.
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::final_marker;
+
+    /// The last transaction at the end of the input carries the marker only when it moves it
+    /// forward: not again after the drain's commit set it, and never backwards.
+    #[test]
+    fn the_final_marker_is_sent_only_when_it_advances() {
+        // The drain: checkpoint 10 was committed on its notice, nothing sealed since.
+        assert_eq!(final_marker(Some(10), Some(10)), None);
+        // Sealed segments above the marker are finished by this transaction.
+        assert_eq!(final_marker(Some(12), Some(10)), Some(12));
+        assert_eq!(final_marker(Some(3), None), Some(3));
+        // Nothing sealed and no marker yet: none to send.
+        assert_eq!(final_marker(None, None), None);
+        // Never below what is committed.
+        assert_eq!(final_marker(Some(9), Some(10)), None);
     }
 }

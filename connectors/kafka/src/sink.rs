@@ -35,6 +35,9 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
 /// `transaction.timeout.ms` of exactly-once sinks unless the spec sets it: 15 min, the default
 /// `transaction.max.timeout.ms` of Kafka brokers.
 const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "900000";
+/// How long `flush` serves delivery reports before it checks again whether everything is
+/// acknowledged (see [`KafkaSinkWriter::flush_acknowledged`]).
+const FLUSH_POLL_SLICE: Duration = Duration::from_millis(1);
 /// How often `flush` refreshes the partition count (for `fixed` and `round-robin`) at most.
 const PARTITION_REFRESH: Duration = Duration::from_secs(30);
 
@@ -359,7 +362,7 @@ impl KafkaSinkWriter {
             }
             DeliveryGuarantee::AtLeastOnce | DeliveryGuarantee::ExactlyOnce { .. } => {
                 self.check_delivery()?;
-                if let Err(e) = self.producer.flush(timeout) {
+                if let Err(e) = self.flush_acknowledged(timeout) {
                     self.check_delivery()?;
                     return Err(KeelError::unavailable(
                         &self.opts.bootstrap_servers,
@@ -376,6 +379,30 @@ impl KafkaSinkWriter {
         }
         self.refresh_partitions();
         Ok(())
+    }
+
+    /// Waits up to `timeout` until every record sent is acknowledged and its delivery report
+    /// served (counted by the context's `delivery`).
+    ///
+    /// Not rust-rdkafka's `BaseProducer::flush`: it serves the delivery reports in
+    /// `BaseProducer::poll` slices of 100 ms, and that `poll` returns only when its whole
+    /// timeout has passed, not at the first report. So every flush that had anything in flight
+    /// took at least 100 ms, however fast the broker acknowledged: the exactly-once sink's
+    /// pre-commit at a barrier (an upgrade's drain savepoint waited for it) and the
+    /// at-least-once sink's barrier flush. Here the reports are served in slices of
+    /// [`FLUSH_POLL_SLICE`]: the flush ends at most that long after the last acknowledgement.
+    fn flush_acknowledged(&self, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // librdkafka's flush without waiting: tells the broker threads to send what they
+            // hold now (linger.ms counts as elapsed) and succeeds once no record is left
+            // unacknowledged or with its delivery report unserved.
+            match self.producer.flush(Duration::ZERO) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => self.producer.poll(FLUSH_POLL_SLICE),
+            }
+        }
     }
 
     /// Picks up partitions added to the topic (for `fixed` and `round-robin`), at most every

@@ -855,6 +855,13 @@ fn run_sinks(
                 for (_, s, _) in sinks.iter_mut() {
                     s.finish()?;
                 }
+                // Everything is written and committed: the task may report that it finished.
+                // Closing the sinks' Kafka clients is no part of that, and it is slow:
+                // rust-rdkafka's consumer drop (the exactly-once sink's marker consumer) waits
+                // for the group close in `poll` slices of 100 ms, which return only when their
+                // whole 100 ms have passed. An upgrade's old version reported finished that
+                // much later, and the new version waited for it.
+                drop_off_thread("close-sinks", sinks);
                 return Ok(SinkEnd::End);
             }
         }
@@ -862,6 +869,14 @@ fn run_sinks(
         for (_, s, _) in sinks.iter_mut() {
             s.flush_if_due(now)?;
         }
+    }
+}
+
+/// Drops `value` on a thread of its own, so that the caller does not wait for its teardown.
+fn drop_off_thread<T: Send + 'static>(name: &str, value: T) {
+    // When no thread can be started, the closure, and `value` with it, is dropped here.
+    if let Err(e) = std::thread::Builder::new().name(name.to_string()).spawn(move || drop(value)) {
+        tracing::debug!(error = %e, "cannot start a thread to drop on; dropped here");
     }
 }
 
@@ -885,4 +900,30 @@ async fn off_runtime<T: Send + 'static>(
         tracing::error!(error = %e, "cannot start a thread for blocking work");
     }
     rx.await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drop_off_thread;
+    use std::sync::mpsc;
+    use std::thread::ThreadId;
+
+    /// Says on which thread it is dropped.
+    struct DropProbe(mpsc::Sender<ThreadId>);
+
+    impl Drop for DropProbe {
+        fn drop(&mut self) {
+            let _ = self.0.send(std::thread::current().id());
+        }
+    }
+
+    /// `drop_off_thread` drops the value, and not on the caller's thread (whose teardown,
+    /// such as closing Kafka clients, the caller then does not wait for).
+    #[test]
+    fn the_value_is_dropped_on_another_thread() {
+        let (tx, rx) = mpsc::channel();
+        drop_off_thread("test-drop", DropProbe(tx));
+        let dropped_on = rx.recv().expect("the value is dropped");
+        assert_ne!(dropped_on, std::thread::current().id());
+    }
 }
