@@ -349,6 +349,16 @@ impl CheckpointTracker {
                 return Err(self.rejected(checkpoint_id, reason));
             }
         };
+        // An acknowledgement after the deadline is late even when the coordinator loop has not
+        // expired the checkpoint yet: the timeout holds however fast the tasks are (a savepoint
+        // with a 1 ms timeout completed once a barrier passed the sinks within a few ms).
+        if self.expire(now).is_some() {
+            let why = match self.history.iter().find(|s| s.checkpoint_id == checkpoint_id) {
+                Some(s) => format!("it already failed: {}", s.failure),
+                None => "it timed out".to_string(),
+            };
+            return Err(self.rejected(checkpoint_id, why));
+        }
         let Some(pending) = self.pending.as_mut() else {
             return Err(self.rejected(checkpoint_id, "no such checkpoint is pending"));
         };
@@ -788,6 +798,24 @@ mod tests {
         assert!(reason.contains("already failed"), "{reason}");
         // The next one is due at once: the interval has passed and there is no pause.
         assert_eq!(t.next(), Next::TriggerAt(t0 + 10 * SECOND));
+    }
+
+    /// An acknowledgement that arrives after the deadline, before anything expired the
+    /// checkpoint, fails it as timed out instead of completing it.
+    #[test]
+    fn an_ack_after_the_deadline_times_the_checkpoint_out() {
+        let t0 = Instant::now();
+        let mut t = tracker(1, settings(), t0);
+        t.trigger(1, t0, 0).expect("trigger");
+        let reason = rejected(t.acknowledge("j/v1/0#1", 1, 1, &handle(1), 1, t0 + 10 * SECOND));
+        assert!(reason.contains("timed out"), "{reason}");
+        assert_eq!(t.take_ready().map(|r| r.checkpoint_id), None);
+        let stats = t.stats(t0 + 10 * SECOND);
+        assert_eq!(stats[0].state, CheckpointState::Failed);
+        // Just before the deadline it completes.
+        t.trigger(2, t0 + 10 * SECOND, 0).expect("trigger");
+        let outcome = t.acknowledge("j/v1/0#1", 1, 2, &handle(2), 1, t0 + 19 * SECOND).expect("ack");
+        assert_eq!(outcome, AckOutcome::AllAcknowledged);
     }
 
     /// When the attempt ends, its pending checkpoint is abandoned: it fails, nothing is ready,

@@ -128,6 +128,17 @@ pub(crate) async fn run(
                     continue;
                 }
                 if let Err(error) = trigger(&ctx, &st, &job, &counter, Kind::Checkpoint).await {
+                    let pending = job.checkpoints().pending_id();
+                    if pending.is_some() {
+                        // Refused because a savepoint's requester triggered while this trigger
+                        // took its id from the HA counter (at most one checkpoint is pending).
+                        // Only this loop completes that savepoint: it waits for its acks now,
+                        // not after the COUNTER_RETRY pause (an upgrade's drain savepoint
+                        // completed 1 s late, and the output paused that much longer).
+                        tracing::debug!(job_id = %job.job_id, epoch, %error, ?pending,
+                            "a checkpoint is already pending; no periodic trigger now");
+                        continue;
+                    }
                     tracing::warn!(job_id = %job.job_id, epoch, %error, "cannot trigger a checkpoint");
                     tokio::select! {
                         biased;
