@@ -150,8 +150,9 @@ enum AttemptEnd {
     Drained(Box<Drained>),
     /// `keel stop`: stop with a savepoint (handled while the attempt runs).
     Stop(oneshot::Sender<Result<pb::TriggerSavepointResponse>>),
-    /// The job was stopped with this savepoint.
-    Stopped(pb::TriggerSavepointResponse),
+    /// The job was stopped with this savepoint; `keel stop` is answered once the job is
+    /// recorded finished.
+    Stopped(pb::TriggerSavepointResponse, oneshot::Sender<Result<pb::TriggerSavepointResponse>>),
     /// An upgraded version was not healthy in time: roll back.
     Unhealthy(String),
 }
@@ -453,10 +454,7 @@ impl Driver {
                             }
                             Ok(AttemptEnd::Stop(reply)) => {
                                 match self.stop_with_savepoint(version, &checkpointing).await {
-                                    Ok(done) => {
-                                        let _ = reply.send(Ok(done.clone()));
-                                        break Ok(AttemptEnd::Stopped(done));
-                                    }
+                                    Ok(done) => break Ok(AttemptEnd::Stopped(done, reply)),
                                     Err(DrainError::Failed(reason)) => {
                                         let _ = reply.send(Err(KeelError::precondition(format!(
                                             "{reason}; the job continues from its latest checkpoint"
@@ -485,7 +483,7 @@ impl Driver {
                         Ok(AttemptEnd::Upgrade(_)) | Ok(AttemptEnd::Drained(_)) => {
                             format!("version {version} was drained for an upgrade")
                         }
-                        Ok(AttemptEnd::Stop(_)) | Ok(AttemptEnd::Stopped(_)) => {
+                        Ok(AttemptEnd::Stop(_)) | Ok(AttemptEnd::Stopped(..)) => {
                             "the job was stopped".to_string()
                         }
                         Ok(AttemptEnd::Unhealthy(why)) => format!("version {version} is not healthy: {why}"),
@@ -527,13 +525,24 @@ impl Driver {
                     self.cancel_tasks(&tasks).await;
                     self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
                 }
-                AttemptEnd::Stopped(done) => {
+                AttemptEnd::Stopped(done, reply) => {
                     self.release(tasks.iter().map(|t| t.allocation_id.clone()).collect(), false).await;
-                    self.set_state(
-                        JobState::Finished,
-                        format!("stopped with savepoint {} ({})", done.savepoint_id, done.path),
-                    )
-                    .await?;
+                    let recorded = self
+                        .set_state(
+                            JobState::Finished,
+                            format!("stopped with savepoint {} ({})", done.savepoint_id, done.path),
+                        )
+                        .await;
+                    // Answered only now, so that `keel status` right after `keel stop` says
+                    // finished (the answer came before the state was recorded: a race).
+                    let _ = reply.send(match &recorded {
+                        Ok(()) => Ok(done),
+                        Err(e) => Err(KeelError::internal(format!(
+                            "the job stopped with savepoint {}, but its state could not be recorded: {e}",
+                            done.savepoint_id
+                        ))),
+                    });
+                    recorded?;
                     return Ok(());
                 }
                 AttemptEnd::Finished => {
