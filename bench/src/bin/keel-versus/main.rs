@@ -287,7 +287,8 @@ fn run() -> anyhow::Result<()> {
     if !env.args.no_keel {
         let mut keel_peer = KeelPeer::start(&keel, &env.args.etcd_bin, &dir.join("keel"))?;
         for o in &env.args.keel_source_option {
-            let (k, v) = o.split_once('=').ok_or_else(|| anyhow!("--keel-source-option {o:?} is not KEY=VALUE"))?;
+            let (k, v) =
+                o.split_once('=').ok_or_else(|| anyhow!("--keel-source-option {o:?} is not KEY=VALUE"))?;
             keel_peer.source_options.push((k.trim().to_string(), v.trim().to_string()));
         }
         system_parts(&env, &mut keel_peer, &mut found, true)?;

@@ -112,7 +112,12 @@ impl KeelPeer {
             extra: Vec::new(),
         };
         let cluster = Cluster::start_with(keel, dir, &options)?;
-        Ok(KeelPeer { cluster, dir: dir.to_path_buf(), versions: Default::default(), source_options: Vec::new() })
+        Ok(KeelPeer {
+            cluster,
+            dir: dir.to_path_buf(),
+            versions: Default::default(),
+            source_options: Vec::new(),
+        })
     }
 
     fn write_spec(&self, name: &str, yaml: &str) -> anyhow::Result<PathBuf> {
@@ -247,7 +252,10 @@ impl Peer for KeelPeer {
             self.keel_ok(&["rescale", "--parallelism", &p, &old.name])?;
         } else {
             let note = format!("{}-v{version}", new.name);
-            let spec = self.write_spec(&format!("{}-v{version}", new.name), &keel_spec(new, Some(&note), &self.source_options))?;
+            let spec = self.write_spec(
+                &format!("{}-v{version}", new.name),
+                &keel_spec(new, Some(&note), &self.source_options),
+            )?;
             let path = spec.to_str().ok_or_else(|| anyhow!("{} is not UTF-8", spec.display()))?;
             self.keel_ok(&["upgrade", &old.name, path])?;
         }
