@@ -412,50 +412,64 @@ fn throughput(
     let watch: BaseConsumer =
         ClientConfig::new().set("bootstrap.servers", &env.bootstrap).set("log_level", "3").create()?;
     peer.submit(&job)?;
-    // Done when the output holds every expected record (an exactly-once topic also holds the
-    // transactions' markers) and has not grown for 2 s.
-    let deadline = Instant::now() + peers::JOB_TIMEOUT;
-    let mut last = (-1, Instant::now());
-    loop {
-        let end = end_offsets(&watch, &job.output)?;
-        if end != last.0 {
-            last = (end, Instant::now());
-        }
-        if end >= i64::try_from(expected)? && last.1.elapsed() >= Duration::from_secs(2) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{}: {key}: the output has {end} of {expected} records after {:?}",
-                peer.label(),
-                peers::JOB_TIMEOUT
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_output_settled(&watch, &job.output, expected, &format!("{}: {key}", peer.label()))?;
     let (samples, peak) = sampler.finish();
     peer.cancel(&job)?;
-    let log = OutputLog::start(&env.bootstrap, &job.output, kind, exactly_once)?;
-    log.wait_distinct(expected, Duration::from_secs(1), peers::JOB_TIMEOUT)?;
-    let (seen, bad, bad_count) = log.finish()?;
-    note_bad(found, &peer.label(), &key, &bad, bad_count);
-    let tally = Tally::of(kind, env.args.records, &seen);
-    found.tallies.push((peer.label(), exactly_once, tally));
-    let first = seen.iter().map(|s| s.at_ms).min().unwrap_or_default();
-    let last = seen.iter().map(|s| s.at_ms).max().unwrap_or_default();
-    let cpu = procfs::cpu_between(&samples, first, last);
-    let t = Throughput { records: tally.count, span_s: (last - first) as f64 / 1000.0, cpu_s: cpu };
+    let (t, tally) = measure_output(env, &peer.label(), &key, &job, &samples, found)?;
     println!(
         "{}: {key}: {} records in {:.2} s = {:.0}/s, worker CPU {:.2} s, {} lost, {} duplicated",
         peer.label(),
         t.records,
         t.span_s,
         t.rate(),
-        cpu.unwrap_or(f64::NAN),
+        t.cpu_s.unwrap_or(f64::NAN),
         tally.lost,
         tally.duplicated
     );
     Ok((t, peak))
+}
+
+/// Waits until `topic` holds at least `expected` records (an exactly-once topic also holds the
+/// transactions' markers) and has not grown for 2 s: the job has passed its whole input.
+fn wait_output_settled(watch: &BaseConsumer, topic: &str, expected: u64, what: &str) -> anyhow::Result<()> {
+    let expected = i64::try_from(expected)?;
+    let deadline = Instant::now() + peers::JOB_TIMEOUT;
+    let mut last = (-1, Instant::now());
+    loop {
+        let end = end_offsets(watch, topic)?;
+        if end != last.0 {
+            last = (end, Instant::now());
+        }
+        if end >= expected && last.1.elapsed() >= Duration::from_secs(2) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: the output has {end} of {expected} records after {:?}", peers::JOB_TIMEOUT);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Reads a throughput run's whole output back, counts it against the input (recorded in
+/// `found`), and measures its rate and the CPU the `samples` show over its span.
+fn measure_output(
+    env: &Env,
+    label: &str,
+    key: &str,
+    job: &JobDef,
+    samples: &[procfs::Usage],
+    found: &mut Findings,
+) -> anyhow::Result<(Throughput, Tally)> {
+    let log = OutputLog::start(&env.bootstrap, &job.output, job.kind, job.exactly_once)?;
+    log.wait_distinct(job.kind.expected(env.args.records), Duration::from_secs(1), peers::JOB_TIMEOUT)?;
+    let (seen, bad, bad_count) = log.finish()?;
+    note_bad(found, label, key, &bad, bad_count);
+    let tally = Tally::of(job.kind, env.args.records, &seen);
+    found.tallies.push((label.to_string(), job.exactly_once, tally));
+    let first = seen.iter().map(|s| s.at_ms).min().unwrap_or_default();
+    let last = seen.iter().map(|s| s.at_ms).max().unwrap_or_default();
+    let cpu_s = procfs::cpu_between(samples, first, last);
+    Ok((Throughput { records: tally.count, span_s: (last - first) as f64 / 1000.0, cpu_s }, tally))
 }
 
 fn note_bad(found: &mut Findings, label: &str, key: &str, bad: &[String], count: u64) {
@@ -734,37 +748,11 @@ fn streams_parts(env: &Env, app: &streams::StreamsApp, found: &mut Findings) -> 
                 .create()?;
             let mut instance = StreamsInstance::start(app, &opts, &job.name)?;
             let sampler = UsageSampler::start(vec![instance.pid()]);
-            let expected = i64::try_from(env.args.records)?;
-            let deadline = Instant::now() + peers::JOB_TIMEOUT;
-            let mut last = (-1, Instant::now());
-            loop {
-                let end = end_offsets(&watch, &job.output)?;
-                if end != last.0 {
-                    last = (end, Instant::now());
-                }
-                if end >= expected && last.1.elapsed() >= Duration::from_secs(2) {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "Kafka Streams: the output has {end} of {expected} records after {:?}",
-                        peers::JOB_TIMEOUT
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            wait_output_settled(&watch, &job.output, env.args.records, &format!("{label}: {key}"))?;
             let (samples, peak) = sampler.finish();
             instance.stop()?;
-            let log = OutputLog::start(&env.bootstrap, &job.output, kind, exactly_once)?;
-            log.wait_distinct(env.args.records, Duration::from_secs(1), peers::JOB_TIMEOUT)?;
-            let (seen, bad, bad_count) = log.finish()?;
-            note_bad(found, &label, &key, &bad, bad_count);
-            let tally = Tally::of(kind, env.args.records, &seen);
-            found.tallies.push((label.clone(), exactly_once, tally));
-            let first = seen.iter().map(|s| s.at_ms).min().unwrap_or_default();
-            let last = seen.iter().map(|s| s.at_ms).max().unwrap_or_default();
-            let cpu = procfs::cpu_between(&samples, first, last);
-            let t = Throughput { records: tally.count, span_s: (last - first) as f64 / 1000.0, cpu_s: cpu };
+            let (t, tally) = measure_output(env, &label, &key, &job, &samples, found)?;
+            let cpu = t.cpu_s;
             println!(
                 "{label}: {key}: {} records in {:.2} s = {:.0}/s, CPU {:.2} s, peak RSS {} MiB, {} lost, {} duplicated",
                 t.records,
