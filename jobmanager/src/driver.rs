@@ -38,9 +38,10 @@ use keel_config::RestartConfig;
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
 use crate::coordinator::{Kind, SavepointDone};
-use crate::record::{now_ms, task_id, Placement, RestoredFrom, TaskRecord, VersionRecord};
+use crate::record::{now_ms, task_id, JobRecord, Placement, RestoredFrom, TaskRecord, VersionRecord};
 use crate::restart::{self, Decision, FailureEntry, FailureKind, RestartEntry, SplitMix64};
 use crate::upgrade::{self, Progress, RestoreStrategy, UpgradeMode, UpgradeRequest, UpgradeStrategy};
+use crate::upgrade_phase::{self, Action, Event as UpgradeEvent, Phase, SavepointRef, SlotRef, Upgrade};
 use crate::{JobHandle, JobManagerCtx, LeaderState};
 use tokio::sync::oneshot;
 
@@ -101,30 +102,8 @@ impl JobEvent {
 
 /// The old version is drained and the new one is ready to take over.
 struct Drained {
-    progress: Progress,
-    to_version: u32,
-    /// The new version's slots, allocated while the old one ran (none: stop-then-start).
-    slots: Option<Vec<pb::AllocatedSlot>>,
-    savepoint: SavepointDone,
-    savepoint_path: String,
+    savepoint: SavepointRef,
     /// When the old version wrote its last record (ms since the epoch), if known.
-    last_output_ms: Option<u64>,
-}
-
-/// An upgrade after the switch, until the new version runs.
-pub(crate) struct UpgradeRun {
-    progress: Progress,
-    /// The version replaced, and its slots: released once the new version is healthy, the
-    /// slots a rollback runs it in again otherwise.
-    old_version: u32,
-    old_slots: Vec<pb::AllocatedSlot>,
-    old_allocations: Vec<String>,
-    /// The new version must be healthy (running, first checkpoint completed) by then.
-    deadline: tokio::time::Instant,
-    /// Whether the job checkpoints periodically (else running is healthy).
-    checkpoints: bool,
-    savepoint: SavepointDone,
-    savepoint_path: String,
     last_output_ms: Option<u64>,
 }
 
@@ -174,8 +153,10 @@ pub(crate) struct Driver {
     pub events: mpsc::UnboundedReceiver<JobEvent>,
     /// Slots allocated for the next attempt (an upgrade's new version).
     pub preallocated: Option<Vec<pb::AllocatedSlot>>,
-    /// The upgrade in progress after its switch.
-    pub upgrade: Option<UpgradeRun>,
+    /// Where the progress of the upgrade in progress goes (`keel upgrade`'s stream); none after
+    /// a leader change (the client's stream went with the old leader). The upgrade's phase
+    /// itself is in the job record.
+    pub progress: Option<Progress>,
     /// The job's effective `state.checkpoints.dir` (for savepoints).
     pub checkpoints_dir: std::path::PathBuf,
     /// The job was recovered from the HA store by a new leader: its running tasks may be
@@ -242,15 +223,28 @@ impl Driver {
             tracing::warn!(job_id = %self.job.job_id, versions = ?interrupted, "upgrade interrupted before its switch; the pending version is dropped");
             self.persist().await?;
         }
+        let recovered = std::mem::take(&mut self.recovered);
+        // An upgrade a leader change interrupted before its switch is over: the old version,
+        // still active, runs on (see crate::upgrade_phase).
+        let before_switch = self.upgrade().is_some_and(|u| u.phase.before_switch());
+        if recovered && before_switch {
+            self.advance(UpgradeEvent::Recovered { slots_kept: false, now_ms: now_ms() }, &[]).await?;
+        }
         // A new leader first tries to adopt the job's running tasks (not those of an upgrade it
         // interrupted: they may be draining). Otherwise whatever an earlier attempt or an
         // earlier leader left allocated for this job is given back first: the next attempt
         // starts from a clean slate.
-        let recovered = std::mem::take(&mut self.recovered);
-        let mut adopted = if recovered && interrupted.is_empty() { self.adopt().await } else { None };
+        let mut adopted =
+            if recovered && interrupted.is_empty() && !before_switch { self.adopt().await } else { None };
         self.job.adopting.store(false, std::sync::atomic::Ordering::SeqCst);
         if adopted.is_none() {
             self.release(Vec::new(), true).await;
+        }
+        // After the switch (in the health gate, or rolling back) the new leader resumes the
+        // upgrade where it was; the gate keeps its recorded deadline.
+        if recovered && self.upgrade().is_some() {
+            let event = UpgradeEvent::Recovered { slots_kept: adopted.is_some(), now_ms: now_ms() };
+            self.advance(event, &[]).await?;
         }
         if self.job.record().cancel_requested {
             let tasks = adopted.map(|a| a.tasks).unwrap_or_default();
@@ -433,10 +427,10 @@ impl Driver {
             let end = match deployed {
                 Err(reason) => AttemptEnd::Failed(FailureKind::Deploy, reason),
                 Ok(()) => {
-                    if let Some(u) = &self.upgrade {
-                        u.progress.step(format!(
+                    if let Some(Phase::Switched { savepoint, .. }) = self.upgrade().map(|u| u.phase) {
+                        self.report(format!(
                             "version {version} deployed ({parallelism} tasks) from savepoint {}",
-                            u.savepoint.checkpoint_id
+                            savepoint.checkpoint_id
                         ));
                     }
                     let coordinator = self.start_checkpointing(&tasks, &checkpointing, version, attempt);
@@ -449,7 +443,14 @@ impl Driver {
                                     Err(DrainError::Failed(reason)) => {
                                         break Ok(AttemptEnd::Failed(FailureKind::Other, reason))
                                     }
-                                    Err(DrainError::Cancel) => break Ok(AttemptEnd::Cancel),
+                                    Err(DrainError::Cancel) => {
+                                        let event = UpgradeEvent::Aborted {
+                                            why: "the job was canceled".into(),
+                                            now_ms: now_ms(),
+                                        };
+                                        self.advance(event, &tasks).await?;
+                                        break Ok(AttemptEnd::Cancel);
+                                    }
                                 }
                             }
                             Ok(AttemptEnd::Stop(reply)) => {
@@ -496,15 +497,13 @@ impl Driver {
             // An upgraded version that fails or is not healthy in time before it passed its health
             // gate is rolled back to the version it replaced (not counted as a restart).
             let end = match end {
-                AttemptEnd::Failed(_, why) | AttemptEnd::Unhealthy(why) if self.upgrade.is_some() => {
-                    self.roll_back(&tasks, version, why).await?;
+                AttemptEnd::Failed(_, why) | AttemptEnd::Unhealthy(why) if self.in_gate() => {
+                    tracing::warn!(job_id = %self.job.job_id, version, %why, "rolling back an upgrade");
+                    self.advance(UpgradeEvent::Unhealthy { why }, &tasks).await?;
                     continue;
                 }
-                AttemptEnd::Cancel | AttemptEnd::Finished => {
-                    if let Some(u) = self.upgrade.take() {
-                        u.progress.fail(format!("version {version} ended before it was healthy"));
-                        self.release(u.old_allocations, false).await;
-                    }
+                AttemptEnd::Finished | AttemptEnd::Stopped(..) if self.upgrade().is_some() => {
+                    self.end_upgrade("the job finished", &tasks).await?;
                     end
                 }
                 other => other,
@@ -611,6 +610,7 @@ impl Driver {
             Decision::Fail { why } => {
                 tracing::error!(%job_id, attempt, kind = kind.as_str(), strategy = strategy.strategy.as_str(), %cause, reason = %why,
                     "job failed: not restarted");
+                self.end_upgrade("the job failed", &[]).await?;
                 self.job.record_mut().restart.failure =
                     Some(FailureEntry { at_ms: now, attempt, cause: cause.clone(), why: why.clone() });
                 self.set_state(JobState::Failed, format!("{cause} (not restarted: {why})")).await?;
@@ -777,10 +777,14 @@ impl Driver {
         // the tasks were adopted from an earlier leader.
         let mut running_recorded = self.job.record().state == JobState::Running
             && self.job.tasks().iter().all(|t| matches!(t.state, TaskState::Running | TaskState::Finished));
+        if running_recorded && matches!(self.upgrade().map(|u| u.phase), Some(Phase::RollingBack { .. })) {
+            // A rollback whose old version already ran under the leader before.
+            self.advance(UpgradeEvent::OldVersionRuns { now_ms: now_ms() }, &[]).await?;
+        }
         loop {
-            let event = if self.upgrade.is_some() {
+            let event = if self.in_gate() {
                 // An upgraded version on probation: look at its health between events.
-                if let Err(why) = self.check_health(running_recorded).await {
+                if let Err(why) = self.check_health(running_recorded).await? {
                     return Ok(AttemptEnd::Unhealthy(why));
                 }
                 tokio::select! {
@@ -886,8 +890,14 @@ impl Driver {
                     if all_running && !running_recorded {
                         running_recorded = true;
                         self.set_state(JobState::Running, "").await?;
-                        if let Some(u) = &self.upgrade {
-                            u.progress.step(format!("version {} runs", u.progress.to_version));
+                        match self.upgrade().map(|u| u.phase) {
+                            Some(Phase::Switched { .. }) => {
+                                self.report(format!("version {} runs", self.job.record().active_version))
+                            }
+                            Some(Phase::RollingBack { .. }) => {
+                                self.advance(UpgradeEvent::OldVersionRuns { now_ms: now_ms() }, &[]).await?;
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -929,43 +939,53 @@ impl Driver {
             ));
             return Err(DrainError::Refused);
         }
+        // Phase `registered`: the new version is recorded as pending.
         let new_parallelism = req.spec.parallelism;
-        let to_version = if let Some(n) = req.promote {
+        let to_version = {
             let mut r = self.job.record_mut();
-            if let Some(v) = r.versions.iter_mut().find(|v| v.version == n) {
-                v.state = JobState::Created;
-                v.spec_yaml = req.spec_yaml.clone();
-                v.parallelism = new_parallelism;
-            }
-            n
-        } else {
-            let mut r = self.job.record_mut();
-            let to = r.versions.iter().map(|v| v.version).max().unwrap_or(version) + 1;
-            r.versions.push(VersionRecord {
-                version: to,
-                spec_yaml: req.spec_yaml.clone(),
-                state: JobState::Created,
-                created_at_ms: now_ms(),
-                parallelism: new_parallelism,
-                restored_from: None,
-                ended_with: None,
-                start_fresh: req.restore_strategy == RestoreStrategy::None,
-            });
+            let to = match req.promote {
+                Some(n) => {
+                    if let Some(v) = r.versions.iter_mut().find(|v| v.version == n) {
+                        v.state = JobState::Created;
+                        v.spec_yaml = req.spec_yaml.clone();
+                        v.parallelism = new_parallelism;
+                    }
+                    n
+                }
+                None => {
+                    let to = r.versions.iter().map(|v| v.version).max().unwrap_or(version) + 1;
+                    r.versions.push(VersionRecord {
+                        version: to,
+                        spec_yaml: req.spec_yaml.clone(),
+                        state: JobState::Created,
+                        created_at_ms: now_ms(),
+                        parallelism: new_parallelism,
+                        restored_from: None,
+                        ended_with: None,
+                        start_fresh: req.restore_strategy == RestoreStrategy::None,
+                    });
+                    to
+                }
+            };
+            r.upgrade = Some(Upgrade::registered(version, to, now_ms()));
             to
         };
         progress.to_version = to_version;
+        self.progress = Some(progress.clone());
         if let Err(e) = self.persist().await {
+            self.progress = None;
             progress.fail(format!("cannot record version {to_version}: {e}"));
             return Err(DrainError::Refused);
         }
         progress.step(format!("registered version {to_version} (parallelism {new_parallelism}) as pending"));
+        let abort = |why: String| UpgradeEvent::Aborted { why, now_ms: now_ms() };
 
-        let slots = match req.mode {
+        // Phase `slots-allocated`: the new version's slots, while the old one runs.
+        match req.mode {
             UpgradeMode::StopStart => {
                 progress.step(format!(
                     "stop-then-start: version {version} stops before version {to_version} starts"
                 ));
-                None
             }
             UpgradeMode::Handover => {
                 let request = pb::RequestSlotsRequest {
@@ -981,28 +1001,26 @@ impl Driver {
                 };
                 match self.ctx.request_slots(request).await {
                     Ok(slots) => {
-                        progress.step(format!(
-                            "allocated {} slots for version {to_version} while version {version} keeps running",
-                            slots.len()
-                        ));
-                        Some(slots)
+                        let slots = slots.iter().map(SlotRef::of).collect();
+                        self.advance_in_drain(UpgradeEvent::SlotsAllocated(slots), tasks).await?;
                     }
                     Err(KeelError::NotEnoughSlots { needed, free, .. }) => {
                         progress.step(format!(
                             "not enough free slots to run both versions at once ({needed} needed, {free} free): \
                              falling back to stop-then-start"
                         ));
-                        None
                     }
                     Err(e) => {
-                        self.abandon_version(to_version, &format!("slot request failed: {e}")).await;
-                        progress.fail(format!("cannot allocate slots for version {to_version}: {e}"));
+                        let why = format!("cannot allocate slots for version {to_version}: {e}");
+                        self.advance_in_drain(abort(why), tasks).await?;
                         return Err(DrainError::Refused);
                     }
                 }
             }
-        };
+        }
 
+        // Phase `draining`.
+        self.advance_in_drain(UpgradeEvent::DrainStarted, tasks).await?;
         let (done, savepoint_path) = match req.upgrade_strategy {
             UpgradeStrategy::Stateful => {
                 progress.step(format!("draining version {version}: its sources stop at a savepoint barrier"));
@@ -1017,16 +1035,11 @@ impl Driver {
                 let done = match done {
                     Ok(done) => done,
                     Err(reason) => {
-                        if let Some(slots) = &slots {
-                            self.release(slots.iter().map(|s| s.allocation_id.clone()).collect(), false)
-                                .await;
-                        }
-                        self.abandon_version(to_version, &format!("the drain savepoint failed: {reason}"))
-                            .await;
-                        progress.fail(format!(
+                        let why = format!(
                             "the drain savepoint failed: {reason}; version {version} stays active and \
                              continues from its latest checkpoint"
-                        ));
+                        );
+                        self.advance_in_drain(abort(why), tasks).await?;
                         return Err(DrainError::Failed(format!(
                             "the drain savepoint of an upgrade failed: {reason}"
                         )));
@@ -1061,74 +1074,51 @@ impl Driver {
             }
         };
         // Which state the new version starts from: the job's HA pointer names it.
-        let (done, savepoint_path) = match (&req.restore_pointer, req.restore_strategy) {
-            (Some(pointer), _) => {
-                if let Err(e) = self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, pointer).await {
-                    progress
-                        .fail(format!("cannot point the job at savepoint {}: {e}", pointer.checkpoint_id));
+        let chosen = match (&req.restore_pointer, req.restore_strategy) {
+            (Some(pointer), _) => Some((pointer.clone(), "continues from its own savepoint")),
+            (None, RestoreStrategy::LatestSavepoint) => {
+                let latest = coordinator::latest_savepoint(&self.checkpoints_dir, &self.job.job_id).await;
+                latest
+                    .filter(|p| {
+                        req.upgrade_strategy == UpgradeStrategy::Stateless
+                            || p.checkpoint_id != done.checkpoint_id
+                    })
+                    .map(|p| (p, "starts from the latest savepoint"))
+            }
+            (None, _) => None,
+        };
+        let (done, savepoint_path) = match chosen {
+            Some((pointer, how)) => {
+                if let Err(e) = self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, &pointer).await {
+                    let why = format!("cannot point the job at savepoint {}: {e}", pointer.checkpoint_id);
+                    self.advance_in_drain(abort(why), tasks).await?;
                     return Err(DrainError::Failed(format!("cannot set the job's savepoint pointer: {e}")));
                 }
                 progress.step(format!(
-                    "version {to_version} continues from its own savepoint {} ({})",
+                    "version {to_version} {how} {} ({})",
                     pointer.checkpoint_id, pointer.metadata_path
                 ));
                 let done = SavepointDone {
                     checkpoint_id: pointer.checkpoint_id,
                     metadata_path: pointer.metadata_path.clone(),
                 };
-                (done, pointer.metadata_path.clone())
+                (done, pointer.metadata_path)
             }
-            (None, strategy) => match strategy {
-                RestoreStrategy::LatestState => {
-                    progress.step(match done.checkpoint_id {
-                        0 => format!("version {to_version} starts without state (the job has no checkpoint)"),
-                        id => format!("version {to_version} starts from the latest state: checkpoint {id}"),
-                    });
-                    (done, savepoint_path)
-                }
-                RestoreStrategy::LatestSavepoint => {
-                    let latest = coordinator::latest_savepoint(&self.checkpoints_dir, &self.job.job_id).await;
-                    match latest {
-                        Some(pointer)
-                            if req.upgrade_strategy == UpgradeStrategy::Stateless
-                                || pointer.checkpoint_id != done.checkpoint_id =>
-                        {
-                            if let Err(e) =
-                                self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, &pointer).await
-                            {
-                                progress.fail(format!(
-                                    "cannot point the job at savepoint {}: {e}",
-                                    pointer.checkpoint_id
-                                ));
-                                return Err(DrainError::Failed(format!(
-                                    "cannot set the job's savepoint pointer: {e}"
-                                )));
-                            }
-                            progress.step(format!(
-                                "version {to_version} starts from the latest savepoint {} ({})",
-                                pointer.checkpoint_id, pointer.metadata_path
-                            ));
-                            let done = SavepointDone {
-                                checkpoint_id: pointer.checkpoint_id,
-                                metadata_path: pointer.metadata_path.clone(),
-                            };
-                            (done, pointer.metadata_path)
-                        }
-                        _ => {
-                            progress.step(format!(
-                                "version {to_version} starts from the latest savepoint {}",
-                                done.checkpoint_id
-                            ));
-                            (done, savepoint_path)
-                        }
+            None => {
+                progress.step(match (req.restore_strategy, done.checkpoint_id) {
+                    (RestoreStrategy::None, _) => {
+                        format!("version {to_version} starts without state (restore strategy none)")
                     }
-                }
-                RestoreStrategy::None => {
-                    progress
-                        .step(format!("version {to_version} starts without state (restore strategy none)"));
-                    (done, savepoint_path)
-                }
-            },
+                    (RestoreStrategy::LatestSavepoint, id) => {
+                        format!("version {to_version} starts from the latest savepoint {id}")
+                    }
+                    (_, 0) => {
+                        format!("version {to_version} starts without state (the job has no checkpoint)")
+                    }
+                    (_, id) => format!("version {to_version} starts from the latest state: checkpoint {id}"),
+                });
+                (done, savepoint_path)
+            }
         };
         if req.promote.is_some() {
             self.job.record_mut().side = None;
@@ -1145,7 +1135,20 @@ impl Driver {
                 .max()
         };
         self.note_ended_with(version, &done, &savepoint_path);
-        Ok(Drained { progress, to_version, slots, savepoint: done, savepoint_path, last_output_ms })
+        let savepoint = SavepointRef { checkpoint_id: done.checkpoint_id, path: savepoint_path };
+        Ok(Drained { savepoint, last_output_ms })
+    }
+
+    /// [`Driver::advance`] inside a drain: a refused write means leadership is gone, which
+    /// ends the drain as a failure of the attempt (the driver then stops).
+    async fn advance_in_drain(
+        &mut self,
+        event: UpgradeEvent,
+        tasks: &[TaskRecord],
+    ) -> std::result::Result<(), DrainError> {
+        self.advance(event, tasks)
+            .await
+            .map_err(|e| DrainError::Failed(format!("cannot record the upgrade: {e}")))
     }
 
     /// `keel stop`: drains the running attempt with a savepoint, kept like `keel savepoint`'s.
@@ -1217,98 +1220,168 @@ impl Driver {
     }
 
     /// Step 4 of a handover: records the switch (one fenced write: the new version active, the
-    /// old one finished); the next attempt deploys the new version from the drain savepoint
-    /// (the job's HA pointer) into the slots allocated for it.
+    /// old one finished, the upgrade in its health gate); the next attempt deploys the new
+    /// version from the drain savepoint (the job's HA pointer) into the slots allocated for it.
     async fn switch(&mut self, d: Drained, tasks: &[TaskRecord], version: u32) -> Result<()> {
-        {
-            let mut r = self.job.record_mut();
-            if let Some(v) = r.versions.iter_mut().find(|v| v.version == version) {
-                v.state = JobState::Finished;
-            }
-            r.active_version = d.to_version;
-        }
-        self.set_state(JobState::Scheduled, format!("version {} replaces version {version}", d.to_version))
-            .await?;
-        d.progress.step(format!("switched: version {} is the active version", d.to_version));
-        let old_allocations: Vec<String> = tasks.iter().map(|t| t.allocation_id.clone()).collect();
-        let old_slots: Vec<pb::AllocatedSlot> = tasks
+        let old_slots: Vec<SlotRef> = tasks
             .iter()
-            .map(|t| pb::AllocatedSlot {
-                slot: Some(pb::SlotId { taskmanager_id: t.taskmanager_id.clone(), index: t.slot_index }),
-                allocation_id: t.allocation_id.clone(),
+            .map(|t| SlotRef {
+                taskmanager_id: t.taskmanager_id.clone(),
                 taskmanager_address: t.taskmanager_address.clone(),
+                index: t.slot_index,
+                allocation_id: t.allocation_id.clone(),
             })
             .collect();
-        let (old_allocations, old_slots) = match d.slots {
-            Some(slots) => {
-                self.preallocated = Some(slots);
-                (old_allocations, old_slots)
-            }
-            None => {
-                self.release(old_allocations, false).await;
-                d.progress.step(format!("released version {version}'s slots"));
-                (Vec::new(), Vec::new())
+        let to_version = self.upgrade().map_or(version, |u| u.to_version);
+        let checkpoints = JobSpec::parse(
+            &self
+                .job
+                .record()
+                .versions
+                .iter()
+                .find(|v| v.version == to_version)
+                .map(|v| v.spec_yaml.clone())
+                .unwrap_or_default(),
+        )
+        .ok()
+        .and_then(|spec| self.ctx.config.checkpointing.with_overrides(&spec.config).ok())
+        .is_some_and(|c| c.interval.is_some());
+        let event = UpgradeEvent::Drained {
+            savepoint: d.savepoint,
+            old_slots,
+            last_output_ms: d.last_output_ms,
+            checkpoints,
+            gate_ms: u64::try_from(self.ctx.config.upgrade_health_timeout.as_millis()).unwrap_or(u64::MAX),
+            now_ms: now_ms(),
+        };
+        self.advance(event, tasks).await
+    }
+
+    /// Ends the upgrade in progress, if any, because the job ended (`why`).
+    async fn end_upgrade(&mut self, why: &str, tasks: &[TaskRecord]) -> Result<()> {
+        let Some(u) = self.upgrade() else { return Ok(()) };
+        let event = match u.phase.before_switch() {
+            true => UpgradeEvent::Aborted { why: why.to_string(), now_ms: now_ms() },
+            false => UpgradeEvent::JobEnded { why: why.to_string(), now_ms: now_ms() },
+        };
+        self.advance(event, tasks).await
+    }
+
+    /// The job's upgrade, while it has not ended.
+    fn upgrade(&self) -> Option<Upgrade> {
+        self.job.record().upgrade.filter(|u| !u.phase.is_terminal())
+    }
+
+    /// The new version of an upgrade is inside its health gate.
+    fn in_gate(&self) -> bool {
+        matches!(self.upgrade().map(|u| u.phase), Some(Phase::Switched { .. }))
+    }
+
+    /// Hands `event` to the upgrade's state machine ([`upgrade_phase::transition`]): applies the
+    /// record edits it returns and records the new phase with one fenced write, then carries
+    /// out the other actions. `tasks`: the attempt running now (the new version's, in the gate).
+    async fn advance(&mut self, event: UpgradeEvent, tasks: &[TaskRecord]) -> Result<()> {
+        let Some(current) = self.job.record().upgrade else { return Ok(()) };
+        let (next, actions) = match upgrade_phase::transition(&current, event) {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::warn!(job_id = %self.job.job_id, %error, "upgrade event ignored");
+                return Ok(());
             }
         };
-        let checkpoints =
-            JobSpec::parse(&self.job.record().active().map(|v| v.spec_yaml.clone()).unwrap_or_default())
-                .ok()
-                .and_then(|spec| self.ctx.config.checkpointing.with_overrides(&spec.config).ok())
-                .is_some_and(|c| c.interval.is_some());
-        self.upgrade = Some(UpgradeRun {
-            progress: d.progress,
-            old_version: version,
-            old_slots,
-            deadline: tokio::time::Instant::now() + self.ctx.config.upgrade_health_timeout,
-            checkpoints,
-            old_allocations,
-            savepoint: d.savepoint,
-            savepoint_path: d.savepoint_path,
-            last_output_ms: d.last_output_ms,
-        });
+        if next == current && actions.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut r = self.job.record_mut();
+            for action in actions.iter().filter(|a| a.is_record_edit()) {
+                apply_edit(&mut r, action, &next.phase);
+            }
+            r.upgrade = Some(next.clone());
+        }
+        tracing::info!(job_id = %self.job.job_id, from_version = next.from_version, to_version = next.to_version,
+            phase = next.phase.name(), epoch = self.st.leadership.epoch, "upgrade phase");
+        self.persist().await?;
+        for action in actions.into_iter().filter(|a| !a.is_record_edit()) {
+            self.carry_out(action, tasks, &current).await;
+        }
         Ok(())
     }
 
-    /// The health gate of an upgraded version: `Ok(true)` once it runs and (with periodic
-    /// checkpoints) completed a checkpoint after the drain savepoint; then the old version's
-    /// slots go and the pause is measured once a new task reports its first output.
-    /// `Err(why)` when the deadline passed first.
-    async fn check_health(&mut self, running: bool) -> std::result::Result<bool, String> {
-        let Some(u) = &self.upgrade else { return Ok(true) };
-        let after = u.savepoint.checkpoint_id;
-        let checkpointed =
-            !u.checkpoints
-                || self.job.checkpoints().stats(Instant::now()).iter().any(|c| {
-                    c.checkpoint_id > after && c.state == crate::checkpoint::CheckpointState::Completed
-                });
-        if running && checkpointed {
-            let Some(u) = self.upgrade.take() else { return Ok(true) };
-            if !u.old_allocations.is_empty() {
-                self.release(u.old_allocations.clone(), false).await;
+    /// Carries out one effect of an upgrade transition (after its phase was recorded).
+    /// `before`: the upgrade as it was before the transition.
+    async fn carry_out(&mut self, action: Action, tasks: &[TaskRecord], before: &Upgrade) {
+        match action {
+            Action::Release(allocations) => self.release(allocations, false).await,
+            Action::CancelAttempt => {
+                self.cancel_tasks(tasks).await;
+                let mut release: Vec<String> = tasks.iter().map(|t| t.allocation_id.clone()).collect();
+                if let Some(pre) = self.preallocated.take() {
+                    release.extend(pre.into_iter().map(|s| s.allocation_id));
+                }
+                self.release(release, false).await;
             }
-            u.progress.step(format!(
-                "version {} healthy (running{}); version {}'s slots released",
-                u.progress.to_version,
-                if u.checkpoints { ", first checkpoint completed" } else { "" },
-                u.old_version
-            ));
-            self.measure_pause(u);
-            return Ok(true);
+            Action::UseSlots(slots) => self.preallocated = Some(slots.iter().map(SlotRef::to_pb).collect()),
+            Action::WatchGate { deadline_ms } => {
+                tracing::info!(job_id = %self.job.job_id, to_version = before.to_version,
+                    left_ms = deadline_ms.saturating_sub(now_ms()), "health gate of the new version");
+            }
+            Action::Report(step) => self.report(step),
+            Action::Complete => {
+                if let Phase::Switched { savepoint, checkpoints, last_output_ms, .. } = &before.phase {
+                    self.report(format!(
+                        "version {} healthy (running{}); version {}'s slots released",
+                        before.to_version,
+                        if *checkpoints { ", first checkpoint completed" } else { "" },
+                        before.from_version
+                    ));
+                    if let Some(progress) = self.progress.take() {
+                        self.measure_pause(progress, *last_output_ms, savepoint.clone());
+                    }
+                }
+            }
+            Action::Fail(why) => match self.progress.take() {
+                Some(progress) => progress.fail(why),
+                None => {
+                    tracing::warn!(job_id = %self.job.job_id, to_version = before.to_version, %why, "upgrade failed")
+                }
+            },
+            Action::FailVersion(_) | Action::Switch { .. } | Action::Reactivate { .. } => {}
         }
-        if tokio::time::Instant::now() >= u.deadline {
-            let what = if running { "complete a checkpoint" } else { "run" };
-            return Err(format!(
-                "version {} did not {what} within upgrade.health-timeout ({})",
-                u.progress.to_version,
-                keel_config::format_duration(self.ctx.config.upgrade_health_timeout)
-            ));
+    }
+
+    /// A progress step of the upgrade in progress (logged when no client listens).
+    fn report(&self, step: String) {
+        match &self.progress {
+            Some(progress) => progress.step(step),
+            None => tracing::info!(job_id = %self.job.job_id, %step, "upgrade"),
         }
-        Ok(false)
+    }
+
+    /// The health gate of an upgraded version ([`upgrade_phase::gate`]): once it runs and (with
+    /// periodic checkpoints) completed a checkpoint after the savepoint, the upgrade is done
+    /// and the old version's slots go. `Ok(Err(why))` when the deadline passed first.
+    async fn check_health(&mut self, running: bool) -> Result<std::result::Result<(), String>> {
+        let Some(u) = self.upgrade() else { return Ok(Ok(())) };
+        let Phase::Switched { savepoint, .. } = &u.phase else { return Ok(Ok(())) };
+        let after = savepoint.checkpoint_id;
+        let checkpointed = self
+            .job
+            .checkpoints()
+            .stats(Instant::now())
+            .iter()
+            .any(|c| c.checkpoint_id > after && c.state == crate::checkpoint::CheckpointState::Completed);
+        let timeout = keel_config::format_duration(self.ctx.config.upgrade_health_timeout);
+        match upgrade_phase::gate(&u, running, checkpointed, now_ms(), &timeout) {
+            Some(UpgradeEvent::Unhealthy { why }) => Ok(Err(why)),
+            Some(event) => self.advance(event, &[]).await.map(Ok),
+            None => Ok(Ok(())),
+        }
     }
 
     /// Reports the upgrade done once a task of the new version reports its first output, with
     /// the pause since the old version's last.
-    fn measure_pause(&self, u: UpgradeRun) {
+    fn measure_pause(&self, progress: Progress, last_output_ms: Option<u64>, savepoint: SavepointRef) {
         let job = self.job.clone();
         let new_tasks: Vec<String> = job.tasks().iter().map(|t| t.task_id.clone()).collect();
         tokio::spawn(async move {
@@ -1328,61 +1401,14 @@ impl Driver {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
-            let pause = match (u.last_output_ms, first) {
+            let pause = match (last_output_ms, first) {
                 (Some(last), Some(first)) => {
                     Some(i64::try_from(first).unwrap_or(i64::MAX) - i64::try_from(last).unwrap_or(0))
                 }
                 _ => None,
             };
-            u.progress.done(pause, u.savepoint.checkpoint_id, &u.savepoint_path);
+            progress.done(pause, savepoint.checkpoint_id, &savepoint.path);
         });
-    }
-
-    /// Rolls an upgrade back: the new version's tasks are canceled and its slots released, the
-    /// old version is active again (one fenced write) and restarts in its old slots from the
-    /// job's HA pointer: the drain savepoint, since an unhealthy version completed no
-    /// checkpoint.
-    async fn roll_back(&mut self, tasks: &[TaskRecord], version: u32, why: String) -> Result<()> {
-        let Some(u) = self.upgrade.take() else { return Ok(()) };
-        tracing::warn!(job_id = %self.job.job_id, from = version, to = u.old_version, %why, "rolling back an upgrade");
-        self.cancel_tasks(tasks).await;
-        let mut release: Vec<String> = tasks.iter().map(|t| t.allocation_id.clone()).collect();
-        if let Some(pre) = self.preallocated.take() {
-            release.extend(pre.into_iter().map(|s| s.allocation_id));
-        }
-        self.release(release, false).await;
-        {
-            let mut r = self.job.record_mut();
-            if let Some(v) = r.versions.iter_mut().find(|v| v.version == version) {
-                v.state = JobState::Failed;
-            }
-            if let Some(v) = r.versions.iter_mut().find(|v| v.version == u.old_version) {
-                v.state = JobState::Created;
-                v.ended_with = None;
-            }
-            r.active_version = u.old_version;
-        }
-        let message = format!("upgrade to version {version} rolled back to version {}: {why}", u.old_version);
-        self.set_state(JobState::Scheduled, message.clone()).await?;
-        if !u.old_slots.is_empty() {
-            self.preallocated = Some(u.old_slots.clone());
-        }
-        u.progress.fail(format!(
-            "{message} (version {} restarts from savepoint {})",
-            u.old_version, u.savepoint.checkpoint_id
-        ));
-        Ok(())
-    }
-
-    /// A pending version that will not run is marked failed with `why`.
-    async fn abandon_version(&self, version: u32, why: &str) {
-        if let Some(v) = self.job.record_mut().versions.iter_mut().find(|v| v.version == version) {
-            v.state = JobState::Failed;
-        }
-        self.job.record_mut().status_message = format!("upgrade to version {version} failed: {why}");
-        if let Err(e) = self.persist().await {
-            tracing::warn!(job_id = %self.job.job_id, error = %e, "cannot record the failed upgrade");
-        }
     }
 
     /// Adoption (a new leader, a job recovered from the HA store): when the job was running, the
@@ -1587,6 +1613,7 @@ impl Driver {
     }
 
     async fn finish_cancel(&mut self, tasks: &[TaskRecord]) -> Result<()> {
+        self.end_upgrade("the job was canceled", tasks).await?;
         self.job.record_mut().cancel_requested = true;
         self.set_state(JobState::Canceling, "").await?;
         self.cancel_tasks(tasks).await;
@@ -1624,6 +1651,9 @@ impl Driver {
     /// slot the job holds. Failure is logged: the ResourceManager also frees slots of lost
     /// TaskManagers, and a later attempt releases the whole job first.
     async fn release(&self, allocation_ids: Vec<String>, whole_job: bool) {
+        if allocation_ids.is_empty() && !whole_job {
+            return;
+        }
         let req = pb::ReleaseSlotsRequest {
             jobmanager: Some(self.st.stamp()),
             allocation_ids,
@@ -1633,5 +1663,42 @@ impl Driver {
         if let Err(error) = self.ctx.release_slots(req).await {
             tracing::warn!(job_id = %self.job.job_id, %error, "releasing slots failed");
         }
+    }
+}
+
+/// Applies a record edit of an upgrade transition to the job record (written with the phase).
+fn apply_edit(r: &mut JobRecord, action: &Action, phase: &Phase) {
+    let set = |r: &mut JobRecord, version: u32, state: JobState| {
+        if let Some(v) = r.versions.iter_mut().find(|v| v.version == version) {
+            v.state = state;
+        }
+    };
+    match action {
+        Action::FailVersion(version) => {
+            set(r, *version, JobState::Failed);
+            if let Phase::Failed { why, .. } = phase {
+                r.status_message = format!("upgrade to version {version} failed: {why}");
+            }
+        }
+        Action::Switch { from, to } => {
+            set(r, *from, JobState::Finished);
+            r.active_version = *to;
+            r.set_state(JobState::Scheduled);
+            r.status_message = format!("version {to} replaces version {from}");
+        }
+        Action::Reactivate { old, failed } => {
+            set(r, *failed, JobState::Failed);
+            if let Some(v) = r.versions.iter_mut().find(|v| v.version == *old) {
+                v.ended_with = None;
+            }
+            r.active_version = *old;
+            r.set_state(JobState::Scheduled);
+            let why = match phase {
+                Phase::RollingBack { why, .. } => why.as_str(),
+                _ => "",
+            };
+            r.status_message = format!("upgrade to version {failed} rolled back to version {old}: {why}");
+        }
+        _ => {}
     }
 }

@@ -26,6 +26,7 @@ pub mod driver;
 pub mod record;
 pub mod restart;
 pub mod upgrade;
+pub mod upgrade_phase;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -375,7 +376,7 @@ impl JobManager {
                 job: handle.clone(),
                 events: rx,
                 preallocated: None,
-                upgrade: None,
+                progress: None,
                 checkpoints_dir: self.ctx.config.checkpointing.dir.clone(),
                 recovered,
             };
@@ -528,6 +529,7 @@ impl JobManager {
             cancel_requested: false,
             restart: Default::default(),
             side: None,
+            upgrade: None,
         };
         if let Some(pointer) = &restore_from {
             // The new job's pointer names the earlier job's checkpoint, so every attempt of the
@@ -1515,6 +1517,7 @@ mod tests {
             cancel_requested: false,
             restart: Default::default(),
             side: None,
+            upgrade: None,
         };
         let (tx, _rx) = mpsc::unbounded_channel();
         for (job_id, adopting) in [("j", true), ("m", false)] {

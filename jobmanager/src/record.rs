@@ -5,6 +5,7 @@ use keel_proto::JobState;
 use serde::{Deserialize, Serialize};
 
 use crate::restart::RestartRecord;
+use crate::upgrade_phase::Upgrade;
 
 /// One version of a job: every spec submitted for a job is a version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +77,10 @@ pub struct JobRecord {
     /// as a job of its own until `keel promote`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub side: Option<SideRecord>,
+    /// The latest upgrade and its phase (see [`crate::upgrade_phase`]); a new leader resumes
+    /// it from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<Upgrade>,
 }
 
 /// A side-by-side version: its number in this job, and the job that runs it.
