@@ -761,3 +761,107 @@ fn a_failed_savepoint_leaves_the_job_running_and_a_full_cluster_falls_back_to_st
     assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
     Ok(())
 }
+
+/// A JobManager leader killed -9 inside the health gate of a failing new version: the next
+/// leader resumes the gate from the job record (phase `switched`, with its deadline) and still
+/// rolls the upgrade back. Version 2 adds a Kafka sink whose broker does not exist, so it never
+/// completes a checkpoint (and fails once its producer gives up); the leader is killed as soon
+/// as version 2 is the active version, before anything rolled back. Proves: the rollback is
+/// done by the new leader (its log says so, the killed one's does not), version 1 is the
+/// active version again and runs, version 2 is recorded failed, and the exactly-once output
+/// equals the input (nothing lost, nothing duplicated). Before the upgrade phase was
+/// persisted, the new leader redeployed version 2 again and again and version 1 never ran.
+#[test]
+fn a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back() -> anyhow::Result<()> {
+    let broker = Kafka::shared()?;
+    let bootstrap = broker.bootstrap().to_string();
+    let (input, output) = (unique_topic("gate-in"), unique_topic("gate-out"));
+    create_topic(&bootstrap, &input, 2)?;
+    create_topic(&bootstrap, &output, 2)?;
+    produce(&bootstrap, &input, (0..1000).map(record).collect())?;
+
+    let gate = vec!["upgrade.health-timeout=30 s".to_string()];
+    let mut sb = Sandbox::new("gate-kill", Ha::Local, &[])?;
+    sb.start("resourcemanager", "rm", &[])?;
+    sb.start("jobmanager", "jm-0", &gate)?;
+    sb.start("jobmanager", "jm-1", &gate)?;
+    sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=4".into()])?;
+    let v1 = exactly_once(spec("gate", &bootstrap, &input, &output, 2, 0), "gate-tx");
+    sb.run_spec("gate", &v1, &[])?;
+    let mut out = Output::open(&bootstrap, &output)?;
+    out.read_until(LONG, |all| all.len() >= 1000)?;
+
+    let nowhere = format!("127.0.0.1:{}", keel_tests::free_port());
+    let v2 = format!(
+        "{v1}  - name: audit\n    connector: kafka\n    from: in\n    topic: audit\n    \
+         properties.bootstrap.servers: {nowhere}\n    format: csv\n    sink.delivery-guarantee: at-least-once\n"
+    );
+    let path = sb.write_spec("gate-v2", &v2)?;
+    let client_log = sb.dir.join("upgrade-client.log");
+    let upgrade = std::process::Command::new(keel_tests::keel_bin())
+        .arg("--config")
+        .arg(&sb.config)
+        .args(["upgrade", "gate", path.to_str().unwrap_or_default()])
+        .stdout(std::fs::File::create(&client_log)?)
+        .stderr(std::fs::File::create(sb.dir.join("upgrade-client.err"))?)
+        .spawn()?;
+    let mut upgrade = upgrade;
+
+    // As soon as the switch is recorded (the progress step comes after its fenced write),
+    // the leader dies.
+    keel_tests::wait_until("the switch to version 2", LONG, || {
+        let text = std::fs::read_to_string(&client_log)?;
+        match text.contains("switched") {
+            true => Ok(Some(())),
+            false => Err(anyhow::anyhow!("upgrade progress so far: {text}")),
+        }
+    })?;
+    let leader = sb.cluster()?["jobmanager"]["leader"].as_str().unwrap_or_default().to_string();
+    let killed = sb.by_address(&leader).map(|p| p.proc.name.clone());
+    let killed = killed.ok_or_else(|| anyhow::anyhow!("leader {leader} is not a sandbox process"))?;
+    sb.proc(&killed).proc.kill9();
+    let _ = upgrade.wait();
+    let client =
+        std::fs::read_to_string(&client_log)? + &std::fs::read_to_string(sb.dir.join("upgrade-client.err"))?;
+    println!("keel upgrade, cut off by the kill:\n{client}");
+    assert!(client.contains("switched"), "the kill came after the switch: {client}");
+    assert!(!client.contains("rolled back"), "the kill came before any rollback: {client}");
+    sb.start("jobmanager", "jm-2", &gate)?;
+
+    keel_tests::wait_until("version 1 to run again", LONG, || {
+        let s = sb.status("gate")?;
+        if s["job"]["active_version"] == 1 && s["job"]["state"] == "running" {
+            Ok(Some(()))
+        } else {
+            Err(anyhow::anyhow!(
+                "version {} is {} ({})",
+                s["job"]["active_version"],
+                s["job"]["state"],
+                s["status_message"]
+            ))
+        }
+    })?;
+    let history = sb.keel_json(&["history", "gate"])?;
+    assert_eq!(history["versions"][1]["state"], "failed", "{history}");
+    let killed_log = sb.proc(&killed).proc.log_text();
+    assert!(!killed_log.contains("rolling back an upgrade"), "the killed leader rolled back already");
+    let survivors = ["jm-0", "jm-1", "jm-2"].into_iter().filter(|n| *n != killed);
+    let rolled_back_by: Vec<&str> =
+        survivors.filter(|n| sb.proc(n).proc.log_text().contains("rolling back an upgrade")).collect();
+    assert!(!rolled_back_by.is_empty(), "a new leader rolled back the upgrade");
+    println!("killed {killed} in the health gate; rolled back by {rolled_back_by:?}");
+
+    produce(&bootstrap, &input, (1000..1500).map(record).collect())?;
+    let checked = check_output(&mut out, 1500)?;
+    let lost: Vec<u64> = (0..1500).filter(|n| !checked.counts.contains_key(n)).collect();
+    let duplicated: Vec<u64> = checked.counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    println!(
+        "{} distinct of 1500, {} lost, {} duplicated",
+        checked.counts.len(),
+        lost.len(),
+        duplicated.len()
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+    Ok(())
+}
