@@ -1,6 +1,6 @@
 //! What happens to a job, as its driver ([`crate::driver`]) receives it: task reports and lost
 //! TaskManagers from the leader scope, and the user's requests from the gRPC service. Every
-//! [`JobHandle`](crate::state::JobHandle) holds the sending end of its driver's queue.
+//! job handle (`state::JobHandle`) holds the sending end of its driver's queue.
 
 use keel_proto::pb::{self, TaskState};
 use keel_proto::{KeelError, Result};
