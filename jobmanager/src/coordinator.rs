@@ -33,7 +33,7 @@ use crate::checkpoint::{
     ReadyCheckpoint, SubtaskMetadata,
 };
 use crate::record::now_ms;
-use crate::{JobHandle, JobManagerCtx, LeaderState};
+use crate::state::{JobHandle, JobManagerCtx, LeaderState};
 
 /// How long a trigger or notify call to a TaskManager may take.
 const TM_CALL_TIMEOUT: Duration = Duration::from_secs(5);

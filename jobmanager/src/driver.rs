@@ -38,11 +38,12 @@ use keel_config::RestartConfig;
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Restore, RestoreError};
 use crate::coordinator::{Kind, SavepointDone};
+use crate::events::JobEvent;
 use crate::record::{now_ms, task_id, JobRecord, Placement, RestoredFrom, TaskRecord, VersionRecord};
 use crate::restart::{self, Decision, FailureEntry, FailureKind, RestartEntry, SplitMix64};
+use crate::state::{JobHandle, JobManagerCtx, LeaderState};
 use crate::upgrade::{self, Progress, RestoreStrategy, UpgradeMode, UpgradeRequest, UpgradeStrategy};
 use crate::upgrade_phase::{self, Action, Event as UpgradeEvent, Phase, SavepointRef, SlotRef, Upgrade};
-use crate::{JobHandle, JobManagerCtx, LeaderState};
 use tokio::sync::oneshot;
 
 /// How long an `AdoptTasks` call to a TaskManager may take.
@@ -70,35 +71,6 @@ const HEALTH_POLL: Duration = Duration::from_millis(100);
 /// The checkpoint interval of a job without periodic checkpoints: its coordinator only takes
 /// savepoints.
 const NO_PERIODIC_CHECKPOINTS: Duration = Duration::from_secs(365 * 24 * 3600);
-
-#[derive(Debug)]
-pub enum JobEvent {
-    /// A task changed state (from the TaskManager's report or heartbeat). `taskmanager_stopping`:
-    /// it was canceled because its TaskManager is shutting down.
-    TaskState { task_id: String, state: TaskState, failure: String, taskmanager_stopping: bool },
-    /// A TaskManager running tasks of this job was lost.
-    TaskManagerLost { taskmanager_id: String, reason: String },
-    /// The user asked to cancel the job.
-    Cancel,
-    /// A new version replaces the active one (`keel upgrade`, `keel rescale`).
-    Upgrade(Box<UpgradeRequest>),
-    /// A savepoint of the running version (`keel savepoint`); with `stop`, the job then
-    /// finishes (`keel stop`).
-    Savepoint { reply: oneshot::Sender<Result<pb::TriggerSavepointResponse>>, stop: bool },
-}
-
-impl JobEvent {
-    /// Answers a request that arrives while the job cannot take it (not running).
-    fn refuse(self, why: &str) {
-        match self {
-            JobEvent::Upgrade(req) => req.progress.fail(why),
-            JobEvent::Savepoint { reply, .. } => {
-                let _ = reply.send(Err(KeelError::precondition(why.to_string())));
-            }
-            _ => {}
-        }
-    }
-}
 
 /// The old version is drained and the new one is ready to take over.
 struct Drained {

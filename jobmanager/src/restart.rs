@@ -37,8 +37,6 @@ use keel_proto::{KeelError, Result};
 use keel_spec::JobSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::record::JobRecord;
-
 /// How many restarts the job record keeps in its history (the newest ones); `restarts` in the
 /// record counts all of them.
 pub const HISTORY_LIMIT: usize = 20;
@@ -174,17 +172,6 @@ pub fn for_spec(cluster: &RestartConfig, spec: &JobSpec) -> Result<RestartConfig
     cluster
         .with_overrides(&spec.config)
         .map_err(|(key, reason)| KeelError::invalid_spec(format!("config.{key}"), reason))
-}
-
-/// The restart strategy of a job's active version, described for `keel status`; empty when
-/// the spec cannot be read.
-pub fn describe_for(cluster: &RestartConfig, record: &JobRecord) -> String {
-    record
-        .active()
-        .and_then(|v| JobSpec::parse(&v.spec_yaml).ok())
-        .and_then(|spec| for_spec(cluster, &spec).ok())
-        .map(|c| c.describe())
-        .unwrap_or_default()
 }
 
 impl RestartRecord {
