@@ -21,6 +21,7 @@
 //! - [`driver`]: one task per job that schedules, deploys, watches, restarts and cancels it;
 //!   each attempt is deployed from the job's latest completed checkpoint, if it has one.
 //! - [`upgrade`]: an upgrade's request, checks and progress stream; the driver runs its steps.
+//! - [`upgrade_phase`]: the upgrade's phases, a pure state machine persisted in the job record.
 //! - [`coordinator`]: the checkpoint coordinator's I/O, one loop per running attempt: trigger,
 //!   complete (metadata file, fenced HA pointer, notify), retention, and restore.
 //! - [`checkpoint`]: the checkpoint coordinator's decisions (pure: when to trigger, which
@@ -37,14 +38,14 @@
 //!                coordinator, checkpoint, record
 //! submit      -> leader, state, coordinator, checkpoint, record
 //! leader      -> driver, state, record
-//! driver      -> coordinator, upgrade, events, state, checkpoint, record, restart
+//! driver      -> coordinator, upgrade, upgrade_phase, events, state, checkpoint, record, restart
 //! status      -> state, record, restart
 //! coordinator -> state, checkpoint, record
 //! state       -> events, checkpoint, record
 //! events      -> upgrade
 //! upgrade     -> checkpoint, record
-//! record      -> restart
-//! checkpoint, restart: none
+//! record      -> restart, upgrade_phase
+//! checkpoint, restart, upgrade_phase: none
 //! ```
 //!
 //! Fencing: every request to the ResourceManager and the TaskManagers carries this leader's
