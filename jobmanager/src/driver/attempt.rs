@@ -10,7 +10,9 @@ use keel_proto::{JobState, KeelError, Result, TaskStateExt};
 
 use keel_client::detector::call_peer;
 
-use super::{AfterFailure, AttemptEnd, Driver, HEALTH_POLL, NO_PERIODIC_CHECKPOINTS, RETRY_PAUSE, TM_CALL_TIMEOUT};
+use super::{
+    AfterFailure, AttemptEnd, Driver, HEALTH_POLL, NO_PERIODIC_CHECKPOINTS, RETRY_PAUSE, TM_CALL_TIMEOUT,
+};
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Kind, Restore};
 use crate::events::JobEvent;

@@ -492,7 +492,12 @@ impl Driver {
 
     /// Reports the upgrade done once a task of the new version reports its first output, with
     /// the pause since the old version's last.
-    pub(super) fn measure_pause(&self, progress: Progress, last_output_ms: Option<u64>, savepoint: SavepointRef) {
+    pub(super) fn measure_pause(
+        &self,
+        progress: Progress,
+        last_output_ms: Option<u64>,
+        savepoint: SavepointRef,
+    ) {
         let job = self.job.clone();
         let new_tasks: Vec<String> = job.tasks().iter().map(|t| t.task_id.clone()).collect();
         tokio::spawn(async move {

@@ -22,10 +22,6 @@
 //! Trouble of the cluster itself (the ResourceManager or the HA store cannot be reached) is
 //! retried after [`RETRY_PAUSE`] without counting.
 
-mod adopt;
-mod attempt;
-mod cancel;
-mod handover;
 //!
 //! Layout: this file holds the driver and its attempt loop ([`Driver::drive`]); beside it,
 //! one file per concern, each an `impl Driver` block:
@@ -35,6 +31,11 @@ mod handover;
 //!   [`crate::upgrade_phase`]'s);
 //! - `adopt`: a new leader adopting the running tasks of the job's last attempt;
 //! - `cancel`: canceling tasks and jobs, and giving slots back.
+
+mod adopt;
+mod attempt;
+mod cancel;
+mod handover;
 
 use std::sync::Arc;
 use std::time::Duration;
