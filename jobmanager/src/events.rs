@@ -23,6 +23,21 @@ pub enum JobEvent {
     /// A savepoint of the running version (`keel savepoint`); with `stop`, the job then
     /// finishes (`keel stop`).
     Savepoint { reply: oneshot::Sender<Result<pb::TriggerSavepointResponse>>, stop: bool },
+    /// A version now runs side by side with the active one, as a job of its own
+    /// (`keel upgrade --mode side-by-side`): the driver records it in the job record.
+    SideBySide(Box<SideBySide>),
+}
+
+/// A side-by-side version to record: its number in this job, its spec, and the job that runs
+/// it. `reply` says whether it was recorded.
+#[derive(Debug)]
+pub struct SideBySide {
+    pub version: u32,
+    pub spec_yaml: String,
+    pub parallelism: u32,
+    pub job_id: String,
+    pub job_name: String,
+    pub reply: oneshot::Sender<Result<()>>,
 }
 
 impl JobEvent {
@@ -32,6 +47,9 @@ impl JobEvent {
             JobEvent::Upgrade(req) => req.progress.fail(why),
             JobEvent::Savepoint { reply, .. } => {
                 let _ = reply.send(Err(KeelError::precondition(why.to_string())));
+            }
+            JobEvent::SideBySide(side) => {
+                let _ = side.reply.send(Err(KeelError::precondition(why.to_string())));
             }
             _ => {}
         }

@@ -35,7 +35,7 @@
 //! ```text
 //! process     -> leader, service, state
 //! service     -> leader, submit (its JobManager methods), status, events, state, upgrade,
-//!                coordinator, checkpoint, record
+//!                coordinator, checkpoint
 //! submit      -> leader, state, coordinator, checkpoint, record
 //! leader      -> driver, state, record
 //! driver      -> coordinator, upgrade, upgrade_phase, events, state, checkpoint, record, restart

@@ -16,9 +16,8 @@ use tonic::{Request, Response, Status};
 
 use crate::checkpoint::{self, CheckpointPointer};
 use crate::coordinator;
-use crate::events::JobEvent;
+use crate::events::{JobEvent, SideBySide};
 use crate::leader::JobManager;
-use crate::record::{self, now_ms, VersionRecord};
 use crate::state::{JobHandle, LeaderState};
 use crate::status;
 use crate::upgrade;
@@ -83,30 +82,26 @@ impl JmService {
                 Ok(s) => s,
                 Err(e) => return progress.fail(format!("the side-by-side version could not start: {e}")),
             };
-            {
-                let mut r = job.record_mut();
-                r.versions.push(VersionRecord {
-                    version,
-                    spec_yaml: spec_yaml.clone(),
-                    state: JobState::Running,
-                    created_at_ms: now_ms(),
-                    parallelism: spec.parallelism,
-                    restored_from: None,
-                    ended_with: None,
-                    start_fresh: false,
-                });
-                r.side = Some(record::SideRecord {
-                    version,
-                    job_id: submitted.job_id.clone(),
-                    job_name: side_name.clone(),
-                });
-            }
-            let persisted = match jm.leader_state() {
-                Ok(st) => jm.ctx.jobs.put(&st.leadership, &job.job_id, &job.record()).await,
-                Err(e) => Err(e),
+            // The job's driver records the version (it is the only writer of the job record).
+            let (reply, recorded) = tokio::sync::oneshot::channel();
+            job.send(JobEvent::SideBySide(Box::new(SideBySide {
+                version,
+                spec_yaml: spec_yaml.clone(),
+                parallelism: spec.parallelism,
+                job_id: submitted.job_id.clone(),
+                job_name: side_name.clone(),
+                reply,
+            })));
+            let recorded = match recorded.await {
+                Ok(r) => r,
+                Err(_) => Err(KeelError::precondition("the job's driver stopped")),
             };
-            if let Err(e) = persisted {
-                return progress.fail(format!("cannot record the side-by-side version: {e}"));
+            if let Err(e) = recorded {
+                return progress.fail(format!(
+                    "cannot record the side-by-side version: {e}; job {side_name} ({}) runs on its own: \
+                     cancel it with `keel cancel {side_name}`",
+                    submitted.job_id
+                ));
             }
             progress.step(format!(
                 "version {version} runs side by side as job {side_name} ({}); `keel promote {}` makes it the active version",
@@ -327,7 +322,6 @@ impl JmApi for JmService {
         let job = st.resolve(&request.into_inner().job)?;
         let state = job.record().state;
         if !state.is_terminal() {
-            job.record_mut().cancel_requested = true;
             job.send(JobEvent::Cancel);
             tracing::info!(job_id = %job.job_id, "job cancel requested");
         }

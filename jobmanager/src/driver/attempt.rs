@@ -15,8 +15,8 @@ use super::{
 };
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Kind, Restore};
-use crate::events::JobEvent;
-use crate::record::{now_ms, RestoredFrom, TaskRecord};
+use crate::events::{JobEvent, SideBySide};
+use crate::record::{now_ms, RestoredFrom, SideRecord, TaskRecord, VersionRecord};
 use crate::restart::{self, Decision, FailureEntry, FailureKind, RestartEntry, SplitMix64};
 use crate::upgrade_phase::{Event as UpgradeEvent, Phase};
 
@@ -91,7 +91,7 @@ impl Driver {
         loop {
             match self.events.recv().await {
                 Some(JobEvent::Cancel) => return,
-                Some(ev @ (JobEvent::Upgrade(_) | JobEvent::Savepoint { .. })) => {
+                Some(ev @ (JobEvent::Upgrade(_) | JobEvent::Savepoint { .. } | JobEvent::SideBySide(_))) => {
                     ev.refuse("the job is not running");
                     continue;
                 }
@@ -268,6 +268,10 @@ impl Driver {
                     }
                     let _ = reply.send(Err(KeelError::precondition("the job is not running yet")));
                 }
+                JobEvent::SideBySide(side) => {
+                    let recorded = self.record_side_by_side(&side).await;
+                    let _ = side.reply.send(recorded);
+                }
                 JobEvent::Savepoint { reply, stop: false } => {
                     if !running_recorded {
                         let _ = reply.send(Err(KeelError::precondition("the job is not running yet")));
@@ -360,5 +364,42 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Records a version that runs side by side as a job of its own (one fenced write).
+    pub(super) async fn record_side_by_side(&self, side: &SideBySide) -> Result<()> {
+        {
+            let mut r = self.job.record_mut();
+            if let Some(other) = &r.side {
+                return Err(KeelError::precondition(format!(
+                    "job {} already runs version {} side by side (job {})",
+                    r.name, other.version, other.job_name
+                )));
+            }
+            if r.versions.iter().any(|v| v.version == side.version) {
+                return Err(KeelError::precondition(format!(
+                    "version {} was taken by another upgrade meanwhile",
+                    side.version
+                )));
+            }
+            r.versions.push(VersionRecord {
+                version: side.version,
+                spec_yaml: side.spec_yaml.clone(),
+                state: JobState::Running,
+                created_at_ms: now_ms(),
+                parallelism: side.parallelism,
+                restored_from: None,
+                ended_with: None,
+                start_fresh: false,
+            });
+            r.side = Some(SideRecord {
+                version: side.version,
+                job_id: side.job_id.clone(),
+                job_name: side.job_name.clone(),
+            });
+        }
+        tracing::info!(job_id = %self.job.job_id, version = side.version, side_job = %side.job_name,
+            "side-by-side version recorded");
+        self.persist().await
     }
 }
