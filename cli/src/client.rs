@@ -281,6 +281,9 @@ impl Client {
             println!("  failed at {} (attempt {}): {}", timestamp(f.time_ms), f.attempt, f.cause);
             println!("  not restarted: {}", f.reason);
         }
+        if let Some(u) = &d.upgrade {
+            println!("  {}", upgrade_line(u));
+        }
         if let Some(line) = throughput_line(d.throughput.as_ref()) {
             println!("  {line}");
         }
@@ -814,6 +817,21 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
+/// `upgrade: version 1 -> 2 switched (health gate until 12:00:01.250)`.
+fn upgrade_line(u: &pb::UpgradeStatus) -> String {
+    let mut line = format!("upgrade: version {} -> {} {}", u.from_version, u.to_version, u.phase);
+    if u.gate_deadline_ms > 0 {
+        line.push_str(&format!(" (health gate until {})", timestamp(u.gate_deadline_ms)));
+    }
+    if u.rolled_back {
+        line.push_str(" (rolled back)");
+    }
+    if !u.reason.is_empty() {
+        line.push_str(&format!(": {}", u.reason));
+    }
+    line
+}
+
 fn summary_json(j: &pb::JobSummary) -> serde_json::Value {
     json!({"job_id": j.job_id, "name": j.name, "state": j.state, "active_version": j.active_version,
            "parallelism": j.parallelism, "tasks_running": j.tasks_running, "tasks_total": j.tasks_total,
@@ -831,6 +849,9 @@ fn details_json(d: &pb::JobDetails) -> serde_json::Value {
             "attempt": r.attempt, "delay_ms": r.delay_ms, "cause": r.cause})).collect::<Vec<_>>(),
         "failure": d.failure.as_ref().map(|f| json!({"time_ms": f.time_ms, "attempt": f.attempt,
             "cause": f.cause, "reason": f.reason})),
+        "upgrade": d.upgrade.as_ref().map(|u| json!({"from_version": u.from_version, "to_version": u.to_version,
+            "phase": u.phase, "gate_deadline_ms": u.gate_deadline_ms, "reason": u.reason,
+            "rolled_back": u.rolled_back, "started_at_ms": u.started_at_ms})),
         "versions": d.versions.iter().map(|v| json!({"version": v.version, "state": v.state,
             "parallelism": v.parallelism, "created_at_ms": v.created_at_ms,
             "restored_from": v.restored_from.as_ref().map(checkpoint_ref_json)})).collect::<Vec<_>>(),

@@ -39,7 +39,7 @@
 //! submit      -> leader, state, coordinator, checkpoint, record
 //! leader      -> driver, state, record
 //! driver      -> coordinator, upgrade, upgrade_phase, events, state, checkpoint, record, restart
-//! status      -> state, record, restart
+//! status      -> state, record, restart, upgrade_phase
 //! coordinator -> state, checkpoint, record
 //! state       -> events, checkpoint, record
 //! events      -> upgrade

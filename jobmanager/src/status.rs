@@ -11,6 +11,7 @@ use keel_spec::JobSpec;
 use crate::record::{JobRecord, RestoredFrom, TaskRecord};
 use crate::restart;
 use crate::state::JobHandle;
+use crate::upgrade_phase::Upgrade;
 
 impl JobHandle {
     /// The job as `keel list` shows it.
@@ -65,6 +66,7 @@ pub(crate) fn details(config: &Config, job: &JobHandle) -> pb::JobDetails {
         restart_strategy: describe_restart(&config.restart, &r),
         restart_history: r.restart.history.iter().map(restart::RestartEntry::to_pb).collect(),
         failure: r.restart.failure.as_ref().map(restart::FailureEntry::to_pb),
+        upgrade: r.upgrade.as_ref().map(Upgrade::to_pb),
         status_message: r.status_message.clone(),
         restarts: r.restarts,
         checkpoints: checkpoints

@@ -148,6 +148,25 @@ pub struct Upgrade {
 }
 
 impl Upgrade {
+    /// What `keel status` shows of it.
+    pub fn to_pb(&self) -> pb::UpgradeStatus {
+        let (gate_deadline_ms, reason, rolled_back) = match &self.phase {
+            Phase::Switched { gate_deadline_ms, .. } => (*gate_deadline_ms, String::new(), false),
+            Phase::RollingBack { why, .. } => (0, why.clone(), false),
+            Phase::Failed { why, rolled_back, .. } => (0, why.clone(), *rolled_back),
+            _ => (0, String::new(), false),
+        };
+        pb::UpgradeStatus {
+            from_version: self.from_version,
+            to_version: self.to_version,
+            phase: self.phase.name().to_string(),
+            gate_deadline_ms,
+            reason,
+            rolled_back,
+            started_at_ms: self.started_at_ms,
+        }
+    }
+
     /// An upgrade whose new version `to_version` was just registered.
     pub fn registered(from_version: u32, to_version: u32, now_ms: u64) -> Upgrade {
         Upgrade { from_version, to_version, started_at_ms: now_ms, phase: Phase::Registered }

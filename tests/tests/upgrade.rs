@@ -843,6 +843,9 @@ fn a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back() -> anyhow::
     })?;
     let history = sb.keel_json(&["history", "gate"])?;
     assert_eq!(history["versions"][1]["state"], "failed", "{history}");
+    let upgrade = &sb.status("gate")?["upgrade"];
+    assert_eq!(upgrade["phase"], "failed", "{upgrade}");
+    assert_eq!(upgrade["rolled_back"], true, "{upgrade}");
     let killed_log = sb.proc(&killed).proc.log_text();
     assert!(!killed_log.contains("rolling back an upgrade"), "the killed leader rolled back already");
     let survivors = ["jm-0", "jm-1", "jm-2"].into_iter().filter(|n| *n != killed);
