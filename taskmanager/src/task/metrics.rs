@@ -17,7 +17,7 @@
 //! downstream (rows after decoding; records skipped as malformed go to `numRecordsInErrors`),
 //! the sink thread counts what each sink writes (bytes: encoded keys and values). The Kafka
 //! connector keeps its own gauges in atomics ([`KafkaSourceMetrics`], [`KafkaSinkMetrics`]);
-//! a ticker per task ([`tick_until`], every [`TICK`]) copies their snapshots into the registry
+//! a ticker per task (`tick_until` of the task module, every [`TICK`]) copies their snapshots into the registry
 //! and hands the task a [`Throughput`] summary for its reports.
 
 use std::collections::BTreeMap;
@@ -29,10 +29,8 @@ use keel_kafka::{
 };
 use keel_metrics::{names, Counter, ElapsedGauge, Gauge, Meter, MetricGroup, PartitionMetrics, Registry};
 use keel_proto::pb::SourcePartitions;
-use tokio_util::sync::CancellationToken;
 
-use super::chain::ChainPlan;
-use super::{Task, TaskInfo};
+use super::info::TaskInfo;
 
 /// How often the ticker copies the Kafka connector's metrics and refreshes the task's
 /// [`Throughput`].
@@ -307,6 +305,24 @@ impl SinkMeters {
     }
 }
 
+/// One operator of a task, as its metrics see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    /// Its name in the spec (the `source` or `sink` label).
+    pub name: String,
+    /// A Kafka connector: it has the connector's metrics too.
+    pub kafka: bool,
+}
+
+/// What a task runs, as its metrics see it: its operators in the order of the spec. The chain
+/// plan converts into it (`From<&ChainPlan>`), so that this module does not import the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskShape {
+    pub parallelism: u32,
+    pub sources: Vec<Operator>,
+    pub sinks: Vec<Operator>,
+}
+
 /// The metrics of one task: its sources' and sinks', in the order of the spec.
 pub struct TaskMetrics {
     pub sources: Vec<SourceMeters>,
@@ -315,8 +331,9 @@ pub struct TaskMetrics {
 }
 
 impl TaskMetrics {
-    /// Registers the metrics of the task `info` runs with `plan` in `registry`.
-    pub fn register(registry: &Registry, info: &TaskInfo, plan: &ChainPlan) -> TaskMetrics {
+    /// Registers the metrics of the task `info` that runs `shape` (a chain plan) in `registry`.
+    pub fn register(registry: &Registry, info: &TaskInfo, shape: impl Into<TaskShape>) -> TaskMetrics {
+        let shape: TaskShape = shape.into();
         let version = info.version.to_string();
         let subtask = info.subtask.to_string();
         let task = registry.group(&[
@@ -326,24 +343,22 @@ impl TaskMetrics {
             ("subtask", &subtask),
             ("task_id", &info.task_id),
         ]);
-        let sources = plan
+        let sources = shape
             .sources
             .iter()
-            .map(|s| {
-                SourceMeters::register(task.group(&[("source", &s.name)]), &s.name, s.rows.kafka.is_some())
-            })
+            .map(|s| SourceMeters::register(task.group(&[("source", &s.name)]), &s.name, s.kafka))
             .collect();
-        let sinks = plan
+        let sinks = shape
             .sinks
             .iter()
-            .map(|s| SinkMeters::register(task.group(&[("sink", &s.name)]), &s.name, s.edge.kafka.is_some()))
+            .map(|s| SinkMeters::register(task.group(&[("sink", &s.name)]), &s.name, s.kafka))
             .collect();
-        TaskMetrics { sources, sinks, parallelism: plan.parallelism }
+        TaskMetrics { sources, sinks, parallelism: shape.parallelism }
     }
 
     /// Metrics in a registry of their own, which nobody serves (tests, tools).
-    pub fn detached(info: &TaskInfo, plan: &ChainPlan) -> TaskMetrics {
-        TaskMetrics::register(&Registry::new(), info, plan)
+    pub fn detached(info: &TaskInfo, shape: impl Into<TaskShape>) -> TaskMetrics {
+        TaskMetrics::register(&Registry::new(), info, shape)
     }
 
     pub fn source(&self, index: usize) -> Option<&SourceMeters> {
@@ -375,21 +390,6 @@ impl TaskMetrics {
         for s in &self.sinks {
             lock(&s.reg).take();
         }
-    }
-}
-
-/// Every [`TICK`] until `stop`: copies the Kafka connector's metrics into the registry and
-/// gives `task` its latest [`Throughput`].
-pub async fn tick_until(task: Arc<Task>, metrics: Arc<TaskMetrics>, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(TICK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        task.set_throughput(metrics.tick());
     }
 }
 

@@ -23,8 +23,6 @@ use keel_spec::SinkConfig;
 use keel_formats::EncodedRecord as Record;
 use keel_kafka::{ExactlyOnceSink, ExactlyOnceState, KafkaSinkMetrics, KafkaSinkWriter};
 
-use super::chain::SinkSnapshot;
-
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const FLUSH_RECORDS: usize = 1000;
 
@@ -164,10 +162,11 @@ impl Sink {
     }
 
     /// At a checkpoint barrier: makes everything written so far durable (flush and fsync, or
-    /// the broker's acknowledgements); an exactly-once sink pre-commits and returns its state.
-    pub fn checkpoint(&mut self, checkpoint_id: u64) -> Result<Option<SinkSnapshot>> {
+    /// the broker's acknowledgements); an exactly-once sink pre-commits and returns its state
+    /// (which the chain puts into the task's snapshot).
+    pub fn checkpoint(&mut self, checkpoint_id: u64) -> Result<Option<ExactlyOnceState>> {
         match self {
-            Sink::KafkaExactlyOnce(k) => Ok(Some(SinkSnapshot::Kafka(k.pre_commit(checkpoint_id)?))),
+            Sink::KafkaExactlyOnce(k) => Ok(Some(k.pre_commit(checkpoint_id)?)),
             _ => {
                 self.flush(true)?;
                 Ok(None)
