@@ -113,5 +113,6 @@ impl Counting {
         }
         self.counters.records_out.fetch_add(records as u64, Ordering::Relaxed);
         self.counters.note_output();
+        self.metrics.record_task_out(records as u64);
     }
 }

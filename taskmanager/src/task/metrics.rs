@@ -27,6 +27,7 @@ use std::time::Duration;
 use keel_kafka::{
     spread_warning, KafkaSinkMetrics, KafkaSourceMetrics, SourceMetricsSnapshot, TopicPartition,
 };
+use keel_metrics::registry::DEFAULT_METER_WINDOW;
 use keel_metrics::{names, Counter, ElapsedGauge, Gauge, Meter, MetricGroup, PartitionMetrics, Registry};
 use keel_proto::pb::SourcePartitions;
 
@@ -291,8 +292,13 @@ impl SinkMeters {
         self.num_records_out.get()
     }
 
+    /// This sink's records written per second over the last minute (the task's rate counts a
+    /// record written by several sinks once: [`TaskMetrics::tick`]).
+    pub fn num_records_out_per_second(&self) -> f64 {
+        self.num_records_out_per_second.rate()
+    }
+
     fn tick(&self, out: &mut Throughput) {
-        out.records_out_per_second += self.num_records_out_per_second.rate();
         out.bytes_out_per_second += self.num_bytes_out_per_second.rate();
         let Some(kafka) = &self.kafka else { return };
         let Some(us) = kafka.snapshot().current_send_time_us else { return };
@@ -328,6 +334,10 @@ pub struct TaskMetrics {
     pub sources: Vec<SourceMeters>,
     pub sinks: Vec<SinkMeters>,
     parallelism: u32,
+    /// Records the task wrote, each once however many sinks wrote it (not exported: the
+    /// per-sink `numRecordsOut` are), and its rate for the task's reports.
+    records_out: Counter,
+    records_out_per_second: Meter,
 }
 
 impl TaskMetrics {
@@ -353,7 +363,9 @@ impl TaskMetrics {
             .iter()
             .map(|s| SinkMeters::register(task.group(&[("sink", &s.name)]), &s.name, s.kafka))
             .collect();
-        TaskMetrics { sources, sinks, parallelism: shape.parallelism }
+        let records_out = Counter::default();
+        let records_out_per_second = Meter::new(&records_out, DEFAULT_METER_WINDOW);
+        TaskMetrics { sources, sinks, parallelism: shape.parallelism, records_out, records_out_per_second }
     }
 
     /// Metrics in a registry of their own, which nobody serves (tests, tools).
@@ -369,9 +381,18 @@ impl TaskMetrics {
         self.sinks.get(index)
     }
 
-    /// Copies the Kafka connector's metrics into the registry and sums the task's throughput.
+    /// Counts `records` records written by at least one sink (each once for the task).
+    pub fn record_task_out(&self, records: u64) {
+        self.records_out.add(records);
+    }
+
+    /// Copies the Kafka connector's metrics into the registry and sums the task's throughput
+    /// (records out per second: each record once, as the task counts them out).
     pub fn tick(&self) -> Throughput {
-        let mut out = Throughput::default();
+        let mut out = Throughput {
+            records_out_per_second: self.records_out_per_second.rate(),
+            ..Throughput::default()
+        };
         for s in &self.sources {
             s.tick(self.parallelism, &mut out);
         }
