@@ -17,6 +17,11 @@
 //! checkpoint-complete notification goes to the source driver (offsets to the consumer group)
 //! and, on a channel of its own that overtakes records, to the sink thread (transactions commit).
 //! The bounded channel gives backpressure: a slow sink slows the sources down.
+//!
+//! Records travel as [`Batch`]es, one header per batch ([`super::batch`]). Both loops only do
+//! I/O: what to do on a trigger, a completion, a barrier, the end or a cancel is decided by the
+//! pure books of [`super::barrier`] ([`SourceBook`], [`SinkBook`]), which the loops feed with
+//! events and whose actions they carry out.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,7 +35,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use keel_formats::{EncodedRecord, RecordEncoder};
 use keel_kafka::{ExactlyOnceState, KafkaSinkMetrics, SourcePosition};
 use keel_spec::pipeline;
 
@@ -39,7 +43,8 @@ use super::batch::{Batch, BatchHeader, Counters, Counting, Record};
 use super::datagen::{Datagen, MAX_BATCH};
 use super::kafka::KafkaSource;
 use super::metrics::{Operator, TaskMetrics, TaskShape};
-use super::sinks::{Sink, FLUSH_INTERVAL};
+use super::sinks::{Sink, SinkEdge, FLUSH_INTERVAL};
+use super::threads::{drop_off_thread, off_runtime};
 
 /// Elements in flight between the source driver and the sink thread (each up to
 /// [`MAX_BATCH`] records).
@@ -291,11 +296,7 @@ impl ChainPlan {
                         Some(opts) => Sink::open_kafka(opts.clone(), subtask, parallelism, kafka_metrics)?,
                         None => Sink::open(&s.name, &s.config, subtask)?,
                     };
-                    let edge = SinkEdge {
-                        filter: s.edge.filter.clone(),
-                        projection: s.edge.projection.clone(),
-                        encoder: RecordEncoder::new(&s.edge.schema, &s.edge.format),
-                    };
+                    let edge = SinkEdge::new(&s.edge);
                     Ok((s.name.clone(), sink, edge))
                 })
                 .collect::<Result<Vec<_>>>()
@@ -422,33 +423,6 @@ impl SourceRt {
                 offsets: k.position.iter().map(|(tp, offset)| (tp.topic, tp.partition, offset)).collect(),
             },
         }
-    }
-}
-
-/// What one sink does with the rows of its source.
-struct SinkEdge {
-    filter: Option<keel_formats::Filter>,
-    projection: Option<keel_formats::Projection>,
-    encoder: RecordEncoder,
-}
-
-impl SinkEdge {
-    /// The rows of `rows` this sink writes, encoded; marks in `written` (one flag per row) the
-    /// rows it writes.
-    fn encode(&self, rows: &[Record], written: &mut [bool]) -> Result<Vec<EncodedRecord>> {
-        let mut out = Vec::with_capacity(rows.len());
-        for (row, written) in rows.iter().zip(written.iter_mut()) {
-            if self.filter.as_ref().is_some_and(|f| !f.matches(row)) {
-                continue;
-            }
-            let encoded = match &self.projection {
-                Some(p) => self.encoder.encode(&p.apply(row.clone())),
-                None => self.encoder.encode(row),
-            };
-            out.push(encoded?);
-            *written = true;
-        }
-        Ok(out)
     }
 }
 
@@ -894,61 +868,5 @@ impl SinkThread {
             }
         }
         Ok(None)
-    }
-}
-
-/// Drops `value` on a thread of its own, so that the caller does not wait for its teardown.
-fn drop_off_thread<T: Send + 'static>(name: &str, value: T) {
-    // When no thread can be started, the closure, and `value` with it, is dropped here.
-    if let Err(e) = std::thread::Builder::new().name(name.to_string()).spawn(move || drop(value)) {
-        tracing::debug!(error = %e, "cannot start a thread to drop on; dropped here");
-    }
-}
-
-/// Runs blocking work on a thread of its own and awaits its result (`Err` when it panicked).
-///
-/// Not `spawn_blocking`: opening a Kafka client blocks for up to its request timeout (minutes,
-/// if the spec says so) against an unreachable broker, and a task canceled meanwhile stops
-/// waiting for it at once; but the tokio runtime's shutdown waits for every `spawn_blocking`
-/// call still running, so a stopped TaskManager's process stayed alive until the call gave up.
-/// A thread of its own ends with the process.
-async fn off_runtime<T: Send + 'static>(
-    name: String,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> std::result::Result<T, tokio::sync::oneshot::error::RecvError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name(name).spawn(move || {
-        // The receiver is gone when the task was canceled meanwhile: nothing to hand over.
-        let _ = tx.send(work());
-    });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start a thread for blocking work");
-    }
-    rx.await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::drop_off_thread;
-    use std::sync::mpsc;
-    use std::thread::ThreadId;
-
-    /// Says on which thread it is dropped.
-    struct DropProbe(mpsc::Sender<ThreadId>);
-
-    impl Drop for DropProbe {
-        fn drop(&mut self) {
-            let _ = self.0.send(std::thread::current().id());
-        }
-    }
-
-    /// `drop_off_thread` drops the value, and not on the caller's thread (whose teardown,
-    /// such as closing Kafka clients, the caller then does not wait for).
-    #[test]
-    fn the_value_is_dropped_on_another_thread() {
-        let (tx, rx) = mpsc::channel();
-        drop_off_thread("test-drop", DropProbe(tx));
-        let dropped_on = rx.recv().expect("the value is dropped");
-        assert_ne!(dropped_on, std::thread::current().id());
     }
 }

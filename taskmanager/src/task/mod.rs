@@ -1,11 +1,14 @@
 //! Tasks: one subtask of one job version, running in one slot.
 //!
 //! - [`Task`]: the shared handle of a task: its identity, state, counters and controls.
-//! - [`chain`]: the operator chain a task runs (sources → bounded channel → sink thread) and
-//!   the checkpoint barrier protocol.
+//! - [`chain`]: the operator chain a task runs (sources → bounded channel → sink thread): its
+//!   plan, opening it, and the two loops that do its I/O.
+//! - [`barrier`]: the checkpoint bookkeeping of the chain (barriers, alignment, acks, drain,
+//!   commits, end, cancel) as pure state machines.
+//! - [`batch`]: the envelope records travel in from source to sink, and where they are counted.
 //! - [`datagen`], [`kafka`], [`sinks`]: the connectors.
 //! - [`metrics`]: the task's metrics in the TaskManager's registry, and its throughput for the
-//!   JobManager's reports.
+//!   JobManager's reports. [`info`]: who a task is. [`threads`]: blocking work off the runtime.
 //!
 //! States: deploying → running → finished | failed | canceled, with canceling between a cancel
 //! request and the end. [`can_transition`] is the one place that says which moves are legal; a
@@ -19,6 +22,7 @@ pub mod info;
 pub mod kafka;
 pub mod metrics;
 pub mod sinks;
+pub mod threads;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
