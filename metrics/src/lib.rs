@@ -36,6 +36,7 @@ pub mod registry;
 pub mod server;
 pub mod task;
 
-pub use registry::{Counter, ElapsedGauge, Gauge, Kind, Meter, MetricGroup, Registry, Sample};
+pub use names::Kind;
+pub use registry::{Counter, ElapsedGauge, Gauge, Meter, MetricGroup, Registry, Sample};
 pub use server::{serve, MetricsServer};
 pub use task::{PartitionMetrics, SinkMetrics, SourceMetrics};

@@ -2,8 +2,17 @@
 //!
 //! Names and meanings follow Flink (the Kafka connector's list and Flink's standard source and
 //! sink metrics); units are Flink's.
+//!
+//! A leaf module: the registry and the exposition read it, it reads neither.
 
-use crate::registry::Kind;
+/// How a metric is exposed to Prometheus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up (`_total` in Prometheus).
+    Counter,
+    /// Any value, including rates.
+    Gauge,
+}
 
 pub const NUM_RECORDS_IN: &str = "numRecordsIn";
 pub const NUM_RECORDS_IN_PER_SECOND: &str = "numRecordsInPerSecond";

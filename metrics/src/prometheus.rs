@@ -11,12 +11,22 @@
 
 use std::fmt::Write as _;
 
-use crate::registry::{Kind, Registry};
+use crate::names::Kind;
+use crate::registry::Registry;
 
 /// The `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub(crate) fn render(registry: &Registry) -> String {
+impl Registry {
+    /// The whole registry in the Prometheus text format 0.0.4.
+    pub fn render(&self) -> String {
+        render(self)
+    }
+}
+
+/// `registry` in the Prometheus text format 0.0.4 (the registry does not know this module: it
+/// only offers [`Registry::visit`]).
+pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
     registry.visit(|base, family, series| {
         let (name, kind) = match family.kind {

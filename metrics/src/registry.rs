@@ -10,16 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::names;
-
-/// How a metric is exposed to Prometheus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Only goes up (`_total` in Prometheus).
-    Counter,
-    /// Any value, including rates.
-    Gauge,
-}
+use crate::names::{self, Kind};
 
 /// A monotonically increasing count.
 #[derive(Debug, Clone, Default)]
@@ -389,11 +380,6 @@ impl Registry {
             let mut it = family.series.iter().map(|(l, s)| (l, s.metric.value()));
             f(key, family, &mut it);
         }
-    }
-
-    /// The whole registry in the Prometheus text format 0.0.4.
-    pub fn render(&self) -> String {
-        crate::prometheus::render(self)
     }
 }
 

@@ -10,9 +10,9 @@ use keel_proto::pb::{AcknowledgeCheckpointRequest, JobManagerHeartbeatRequest};
 use keel_proto::TaskStateExt;
 use tokio::sync::mpsc;
 
+use crate::failure_log::FailureLog;
 use crate::shared::Shared;
 use crate::task::{Ack, Task};
-use crate::FailureLog;
 
 /// How long one checkpoint acknowledgement is retried; the coordinator times the checkpoint
 /// out anyway after that.

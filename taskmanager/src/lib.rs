@@ -6,6 +6,8 @@
 //!   leader epochs ([`fence`]).
 //! - [`slots`]: the slot table (pure logic).
 //! - [`shared`]: the state shared by the service and the background loops.
+//! - [`deploy`]: starting a deployed task with its state reporter and checkpoint acker.
+//! - [`failure_log`]: quiet logging of a loop's repeated failures.
 //! - [`task`]: tasks, their state machine and their operator chains (sources, sinks, barriers).
 //! - [`rm`]: registration and heartbeats with the ResourceManager leader.
 //! - [`jm`]: task state reports, checkpoint acknowledgements and heartbeats to the JobManager
@@ -17,6 +19,8 @@
 //! `metrics.reporter.prom.port`), serving the metrics of its running tasks
 //! ([`task::metrics`]).
 
+pub mod deploy;
+pub mod failure_log;
 pub mod fence;
 pub mod jm;
 pub mod rm;
@@ -215,29 +219,6 @@ async fn lifecycle(
     };
     tracing::info!(taskmanager_id = %shared.id, "taskmanager stopped");
     result
-}
-
-/// Logs repeated failures of a loop without flooding: failures number 1, 2, 4, ..., 32, then
-/// every 64th, and a note when it works again.
-#[derive(Debug, Default)]
-pub(crate) struct FailureLog {
-    consecutive: u32,
-}
-
-impl FailureLog {
-    pub(crate) fn failure(&mut self, log: impl FnOnce()) {
-        self.consecutive += 1;
-        if self.consecutive.is_power_of_two() || self.consecutive & 63 == 0 {
-            log();
-        }
-    }
-
-    pub(crate) fn success(&mut self, message: &'static str) {
-        if self.consecutive > 0 {
-            tracing::info!(failures = self.consecutive, "{message}");
-        }
-        self.consecutive = 0;
-    }
 }
 
 #[cfg(test)]

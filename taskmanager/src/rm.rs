@@ -14,8 +14,8 @@ use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::failure_log::FailureLog;
 use crate::shared::Shared;
-use crate::FailureLog;
 
 /// Resident memory of this process in bytes, from `/proc/self/status` (0 when unknown).
 pub fn memory_rss_bytes() -> u64 {

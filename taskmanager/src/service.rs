@@ -169,7 +169,7 @@ impl TaskManager for TaskManagerService {
     ) -> Result<Response<DeployTaskResponse>, Status> {
         let req = request.into_inner();
         let task_id = req.task_id.clone();
-        if let Err(e) = self.shared.deploy(req) {
+        if let Err(e) = crate::deploy::deploy(&self.shared, req) {
             tracing::warn!(%task_id, error = %e, "task deployment refused");
             return Err(e.into());
         }

@@ -1,5 +1,6 @@
 //! The state of one TaskManager shared by its gRPC service and its background loops: the slot
-//! table, the tasks, the epoch fences, and the clients of the leaders.
+//! table, the tasks, the epoch fences, and the clients of the leaders. It starts nothing: a
+//! deployment is started by [`crate::deploy`], which uses it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,18 +9,14 @@ use std::time::{Duration, Instant};
 use keel_client::LeaderClient;
 use keel_ha::Role;
 use keel_metrics::Registry;
-use keel_proto::pb::{AdoptTasksRequest, AdoptedTask, DeployTaskRequest, SlotStatus, TaskStateUpdate};
+use keel_proto::pb::{AdoptTasksRequest, AdoptedTask, SlotStatus, TaskStateUpdate};
 use keel_proto::{KeelError, Result, TaskStateExt};
-use keel_spec::JobSpec;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::fence::EpochFence;
-use crate::jm;
 use crate::slots::SlotTable;
-use crate::task::{self, ChainPlan, StateLocation, Task, TaskInfo};
+use crate::task::Task;
 
 /// How long a task in a terminal state is still reported in heartbeats before it is forgotten.
 pub const TERMINAL_RETENTION: Duration = Duration::from_secs(60);
@@ -211,9 +208,7 @@ impl Shared {
             });
         }
         drop(table);
-        if !stamp.address.is_empty() {
-            *self.last_jm_address.lock().unwrap_or_else(|p| p.into_inner()) = Some(stamp.address.clone());
-        }
+        self.remember_jm_address(&stamp.address);
         tracing::info!(job_id = %req.job_id, epoch = stamp.epoch, asked = req.task_ids.len(), adopted = adopted.len(),
             "tasks adopted by a new jobmanager leader");
         Ok(adopted)
@@ -233,101 +228,11 @@ impl Shared {
         Ok(())
     }
 
-    /// Deploys a task: checks the fence and the slot, plans its chain from the spec, and starts
-    /// it with its state reporter and checkpoint acker.
-    pub fn deploy(self: &Arc<Self>, req: DeployTaskRequest) -> Result<()> {
-        if self.stopping.is_cancelled() {
-            return Err(KeelError::FailedPrecondition {
-                reason: format!("taskmanager {} is shutting down", self.id),
-            });
+    /// Remembers the address of the JobManager leader that deployed or adopted a task: the
+    /// fallback of [`Shared::jm_client`] when the HA services name no leader.
+    pub fn remember_jm_address(&self, address: &str) {
+        if !address.is_empty() {
+            *self.last_jm_address.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.to_string());
         }
-        let stamp = req.jobmanager.as_ref().ok_or_else(|| KeelError::InvalidArgument {
-            reason: "DeployTask needs the jobmanager leader stamp".into(),
-        })?;
-        self.jm_fence.observe(stamp.epoch)?;
-        self.note_jm_contact();
-        if req.task_id.is_empty() {
-            return Err(KeelError::InvalidArgument { reason: "DeployTask needs a task_id".into() });
-        }
-        let spec = JobSpec::parse(&req.spec_yaml)?;
-        let parallelism = if req.parallelism == 0 { spec.parallelism } else { req.parallelism };
-        let mut plan = ChainPlan::build(&spec, req.subtask, parallelism, &req.restore_state)?;
-        plan.state = StateLocation::of_task(&req.checkpoints_dir, &req.job_id, req.attempt);
-        let info = TaskInfo {
-            task_id: req.task_id.clone(),
-            job_id: req.job_id.clone(),
-            job_name: spec.name.clone(),
-            version: req.version,
-            subtask: req.subtask,
-            parallelism,
-            attempt: req.attempt,
-            slot_index: req.slot_index,
-            allocation_id: req.allocation_id.clone(),
-            jobmanager_epoch: stamp.epoch,
-            jobmanager_address: stamp.address.clone(),
-        };
-        let span = tracing::info_span!(
-            "task",
-            task_id = %info.task_id,
-            job_id = %info.job_id,
-            version = info.version,
-            subtask = info.subtask,
-            attempt = info.attempt,
-            epoch = info.jobmanager_epoch,
-        );
-        let (task, control_rx) = Task::new(info);
-        let predecessors = {
-            let mut table = self.lock();
-            table.slots.check_deploy(req.slot_index, &req.allocation_id, &req.job_id)?;
-            if let Some(existing) = table.tasks.get(&req.task_id) {
-                if !existing.state().is_terminal() {
-                    return Err(KeelError::AlreadyExists {
-                        what: format!(
-                            "task {} (on taskmanager {}, {})",
-                            req.task_id,
-                            self.id,
-                            existing.state().name()
-                        ),
-                    });
-                }
-                existing.forgotten().cancel();
-            }
-            let predecessors: Vec<Arc<Task>> = table
-                .tasks
-                .values()
-                .filter(|t| t.info.slot_index == req.slot_index && !t.done().is_cancelled())
-                .cloned()
-                .collect();
-            table.tasks.insert(req.task_id.clone(), task.clone());
-            table.slots.set_task(req.slot_index, &req.task_id);
-            predecessors
-        };
-        for p in &predecessors {
-            p.cancel(&format!("replaced by task {} in slot {}", req.task_id, req.slot_index));
-        }
-        if !stamp.address.is_empty() {
-            *self.last_jm_address.lock().unwrap_or_else(|p| p.into_inner()) = Some(stamp.address.clone());
-        }
-
-        let client = self.jm_client(Some(&stamp.address));
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        self.reporters
-            .spawn(jm::report_states(self.clone(), task.clone(), client.clone()).instrument(span.clone()));
-        self.reporters
-            .spawn(jm::send_acks(self.clone(), task.clone(), client, ack_rx).instrument(span.clone()));
-        let shared = self.clone();
-        let registry = self.registry.clone();
-        let slot_index = req.slot_index;
-        span.in_scope(
-            || tracing::info!(slot = slot_index, allocation_id = %req.allocation_id, "task deployed"),
-        );
-        self.tasks_tracker.spawn(
-            async move {
-                task::run(task.clone(), plan, control_rx, predecessors, ack_tx, registry).await;
-                shared.lock().slots.clear_task(slot_index, &task.info.task_id);
-            }
-            .instrument(span),
-        );
-        Ok(())
     }
 }

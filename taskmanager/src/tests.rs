@@ -302,7 +302,7 @@ fn restore_state_of_another_subtask_is_refused() {
 }
 
 /// Several sources in one subtask: each record reaches exactly the sinks whose `from` names
-/// its source.
+/// its source, and counts once for the task however many of them wrote it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_routed_to_the_sinks_of_their_source() {
     let dir = TempDir::new("routing");
@@ -324,7 +324,36 @@ async fn records_are_routed_to_the_sinks_of_their_source() {
     assert_eq!(read_numbers(&a.join("part-0")), (0..50).collect::<Vec<_>>());
     assert_eq!(read_numbers(&b.join("part-0")), (1000..1030).collect::<Vec<_>>());
     assert_eq!(counters.records_in(), 80);
-    assert_eq!(counters.records_out(), 50 + 30 + 30);
+    // Each record counts once for the task, though the records of `high` went to two sinks.
+    assert_eq!(counters.records_out(), 50 + 30);
+}
+
+/// Each record is counted once: in by the source driver, and out once for the task however
+/// many sinks wrote it, while each sink counts its own writes. One source of 40 rows feeds a
+/// file sink writing all of them and a filtered file sink writing the last 10: the task counts
+/// 40 in and 40 out (not 50), the sinks 40 and 10, and a record no sink writes is not out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_record_is_counted_once_however_many_sinks_write_it() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = TempDir::new("count-once");
+    let (all, last) = (dir.path().join("all"), dir.path().join("last"));
+    let spec = format!(
+        "name: once\nsources:\n  - {{name: n, connector: datagen, number-of-rows: 50, rows-per-second: 100000}}\nsinks:\n  - {{name: all, connector: file, from: n, path: {}, filter: \"id < 40\"}}\n  - {{name: last, connector: file, from: n, path: {}, filter: \"id >= 30 and id < 40\"}}\n",
+        all.display(),
+        last.display()
+    );
+    let registry = keel_metrics::Registry::new();
+    let chain = start_chain_in(&registry, &spec, 0, &[]).await;
+    let counters = chain.counters.clone();
+    let end = tokio::time::timeout(Duration::from_secs(20), chain.handle).await???;
+    assert_eq!(end, ChainEnd::Finished);
+    assert_eq!(read_numbers(&all.join("part-0")), (0..40).collect::<Vec<_>>());
+    assert_eq!(read_numbers(&last.join("part-0")), (30..40).collect::<Vec<_>>());
+    // 50 read; rows 40..50 pass no filter and are not out.
+    assert_eq!((counters.records_in(), counters.records_out()), (50, 40));
+    let sink = |name: &'static str| registry.sum("numRecordsOut", &[("sink", name)]);
+    assert_eq!((sink("all"), sink("last")), (Some(40.0), Some(10.0)));
+    assert_eq!(registry.sum("numRecordsIn", &[("source", "n")]), Some(50.0));
+    Ok(())
 }
 
 /// Every source and sink of a chain counts its records (and a sink its bytes) under the task's

@@ -17,9 +17,13 @@
 //! checkpoint-complete notification goes to the source driver (offsets to the consumer group)
 //! and, on a channel of its own that overtakes records, to the sink thread (transactions commit).
 //! The bounded channel gives backpressure: a slow sink slows the sources down.
+//!
+//! Records travel as [`Batch`]es, one header per batch ([`super::batch`]). Both loops only do
+//! I/O: what to do on a trigger, a completion, a barrier, the end or a cancel is decided by the
+//! pure books of [`super::barrier`] ([`SourceBook`], [`SinkBook`]), which the loops feed with
+//! events and whose actions they carry out.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,14 +35,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use keel_formats::{EncodedRecord, RecordEncoder};
 use keel_kafka::{ExactlyOnceState, KafkaSinkMetrics, SourcePosition};
 use keel_spec::pipeline;
 
+use super::barrier::{SinkAction, SinkBook, SinkEvent, SinkStop, SourceAction, SourceBook, SourceEvent};
+use super::batch::{Batch, BatchHeader, Counters, Counting, Record};
 use super::datagen::{Datagen, MAX_BATCH};
-use super::kafka::{KafkaBatch, KafkaSource};
-use super::metrics::TaskMetrics;
-use super::sinks::{Sink, FLUSH_INTERVAL};
+use super::kafka::KafkaSource;
+use super::metrics::{Operator, TaskMetrics, TaskShape};
+use super::sinks::{Sink, SinkEdge, FLUSH_INTERVAL};
+use super::threads::{drop_off_thread, off_runtime};
 
 /// Elements in flight between the source driver and the sink thread (each up to
 /// [`MAX_BATCH`] records).
@@ -47,9 +53,6 @@ const CHANNEL_CAPACITY: usize = 16;
 const MIN_TICK: Duration = Duration::from_millis(5);
 /// How long a canceled chain waits for its sink thread before giving up on it.
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
-
-/// One record flowing from the sources to the sinks: a row of the source's schema.
-pub use keel_formats::Row as Record;
 
 /// Requests delivered to a running task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,36 +152,6 @@ impl TaskSnapshot {
         serde_json::from_slice(bytes).map_err(|e| KeelError::InvalidArgument {
             reason: format!("restore_state is not a task snapshot of this TaskManager: {e}"),
         })
-    }
-}
-
-/// Records counted by a task: read by its sources, written by its sinks (a record written by two
-/// sinks counts twice).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub records_in: AtomicU64,
-    pub records_out: AtomicU64,
-    /// When the sinks wrote their first and latest record (ms since the epoch; 0: none yet).
-    pub first_output_ms: AtomicU64,
-    pub last_output_ms: AtomicU64,
-}
-
-impl Counters {
-    /// Records that the sinks wrote records now.
-    pub fn note_output(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        let _ = self.first_output_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-        self.last_output_ms.store(now, Ordering::Relaxed);
-    }
-
-    pub fn records_in(&self) -> u64 {
-        self.records_in.load(Ordering::Relaxed)
-    }
-    pub fn records_out(&self) -> u64 {
-        self.records_out.load(Ordering::Relaxed)
     }
 }
 
@@ -323,11 +296,7 @@ impl ChainPlan {
                         Some(opts) => Sink::open_kafka(opts.clone(), subtask, parallelism, kafka_metrics)?,
                         None => Sink::open(&s.name, &s.config, subtask)?,
                     };
-                    let edge = SinkEdge {
-                        filter: s.edge.filter.clone(),
-                        projection: s.edge.projection.clone(),
-                        encoder: RecordEncoder::new(&s.edge.schema, &s.edge.format),
-                    };
+                    let edge = SinkEdge::new(&s.edge);
                     Ok((s.name.clone(), sink, edge))
                 })
                 .collect::<Result<Vec<_>>>()
@@ -409,6 +378,24 @@ impl ChainPlan {
     }
 }
 
+impl From<&ChainPlan> for TaskShape {
+    fn from(plan: &ChainPlan) -> TaskShape {
+        TaskShape {
+            parallelism: plan.parallelism,
+            sources: plan
+                .sources
+                .iter()
+                .map(|s| Operator { name: s.name.clone(), kafka: s.rows.kafka.is_some() })
+                .collect(),
+            sinks: plan
+                .sinks
+                .iter()
+                .map(|s| Operator { name: s.name.clone(), kafka: s.edge.kafka.is_some() })
+                .collect(),
+        }
+    }
+}
+
 fn wrong_snapshot(name: &str, snapshot: &SourceSnapshot) -> KeelError {
     KeelError::InvalidArgument {
         reason: format!("restore_state of source '{name}' is of another connector: {snapshot:?}"),
@@ -439,30 +426,6 @@ impl SourceRt {
     }
 }
 
-/// What one sink does with the rows of its source.
-struct SinkEdge {
-    filter: Option<keel_formats::Filter>,
-    projection: Option<keel_formats::Projection>,
-    encoder: RecordEncoder,
-}
-
-impl SinkEdge {
-    fn encode(&self, rows: &[Record]) -> Result<Vec<EncodedRecord>> {
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            if self.filter.as_ref().is_some_and(|f| !f.matches(row)) {
-                continue;
-            }
-            let encoded = match &self.projection {
-                Some(p) => self.encoder.encode(&p.apply(row.clone())),
-                None => self.encoder.encode(row),
-            };
-            out.push(encoded?);
-        }
-        Ok(out)
-    }
-}
-
 /// How a chain ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChainEnd {
@@ -488,11 +451,11 @@ pub struct OpenChain {
     sources: Vec<(String, SourceRt)>,
     sinks: Vec<(String, Sink, SinkEdge)>,
     routes: Vec<Vec<usize>>,
-    kafka_rx: mpsc::Receiver<Result<KafkaBatch>>,
+    kafka_rx: mpsc::Receiver<Result<Batch>>,
 }
 
 enum Element {
-    Records { source: usize, records: Vec<Record> },
+    Records(Batch),
     Barrier(Barrier),
     End,
 }
@@ -511,40 +474,35 @@ enum SourceEnd {
     DownstreamGone,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum SinkEnd {
-    /// The end of the input was reached.
-    End,
-    /// The input stopped without an end (cancel, or the source failed).
-    Closed,
-}
-
 impl OpenChain {
     /// Runs the chain until its sources end, it is canceled or an operator fails.
     pub async fn run(self, io: ChainIo) -> Result<ChainEnd> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         let span = tracing::Span::current();
+        let counting = Counting { counters: io.counters, metrics: io.metrics };
         let driver = SourceDriver {
             sink_notify: notify_tx,
-            drained: None,
+            book: SourceBook::new(),
             kafka_rx: self.kafka_rx,
-            pending_commits: BTreeMap::new(),
             sources: self.sources,
             subtask: self.subtask,
             parallelism: self.parallelism,
             tx,
             cancel: io.cancel.clone(),
-            counters: io.counters.clone(),
-            metrics: io.metrics.clone(),
+            counting: counting.clone(),
         };
         let source = tokio::spawn(driver.run(io.control).instrument(span.clone()));
         let handle = tokio::runtime::Handle::current();
-        let (sinks, routes, acks, counters, metrics) =
-            (self.sinks, self.routes, io.acks, io.counters, io.metrics);
-        let mut sink = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| run_sinks(sinks, routes, rx, notify_rx, acks, &counters, &metrics, &handle))
-        });
+        let sink_thread = SinkThread {
+            book: SinkBook::new(self.sinks.len()),
+            sinks: self.sinks,
+            routes: self.routes,
+            acks: io.acks,
+            counting,
+        };
+        let mut sink =
+            tokio::task::spawn_blocking(move || span.in_scope(|| sink_thread.run(rx, notify_rx, &handle)));
 
         let source_result = source
             .await
@@ -563,9 +521,9 @@ impl OpenChain {
         };
         match (source_result, sink_result) {
             (_, Err(e)) | (Err(e), _) => Err(e),
-            (_, Ok(SinkEnd::End)) => Ok(ChainEnd::Finished),
-            (Ok(SourceEnd::Canceled), Ok(SinkEnd::Closed)) => Ok(ChainEnd::Canceled),
-            (Ok(end), Ok(SinkEnd::Closed)) => {
+            (_, Ok(SinkStop::End)) => Ok(ChainEnd::Finished),
+            (Ok(SourceEnd::Canceled), Ok(SinkStop::Closed)) => Ok(ChainEnd::Canceled),
+            (Ok(end), Ok(SinkStop::Closed)) => {
                 if io.cancel.is_cancelled() {
                     Ok(ChainEnd::Canceled)
                 } else {
@@ -578,23 +536,20 @@ impl OpenChain {
     }
 }
 
+/// The async side of the chain: paces the sources, forwards their batches, and carries out
+/// what its [`SourceBook`] decides on checkpoint triggers and completions.
 struct SourceDriver {
     sources: Vec<(String, SourceRt)>,
-    kafka_rx: mpsc::Receiver<Result<KafkaBatch>>,
-    /// Kafka positions of checkpoints not yet complete: committed to the consumer group when
-    /// their checkpoint completes.
-    pending_commits: BTreeMap<u64, Vec<(usize, SourcePosition)>>,
+    kafka_rx: mpsc::Receiver<Result<Batch>>,
+    /// The checkpoint bookkeeping: pending Kafka commits, the drain.
+    book: SourceBook<SourcePosition>,
     subtask: u32,
     parallelism: u32,
     tx: mpsc::Sender<Element>,
     /// Checkpoint-complete notifications for the sink thread.
     sink_notify: mpsc::UnboundedSender<u64>,
-    /// The drain checkpoint whose barrier was injected: the sources emit nothing more, and the
-    /// task ends when that checkpoint completes.
-    drained: Option<u64>,
     cancel: CancellationToken,
-    counters: Arc<Counters>,
-    metrics: Arc<TaskMetrics>,
+    counting: Counting,
 }
 
 impl SourceDriver {
@@ -607,6 +562,18 @@ impl SourceDriver {
         }
     }
 
+    /// The positions of the Kafka sources now, by source index.
+    fn kafka_positions(&self) -> Vec<(usize, SourcePosition)> {
+        self.sources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, s))| match s {
+                SourceRt::Kafka(k) => Some((i, k.position.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Sends one element; `Some(end)` when the driver must stop instead.
     async fn send(&self, element: Element) -> Option<SourceEnd> {
         tokio::select! {
@@ -617,6 +584,47 @@ impl SourceDriver {
                 Err(_) => Some(SourceEnd::DownstreamGone),
             },
         }
+    }
+
+    /// Counts a batch in and sends it on (unless every record of it was skipped).
+    async fn forward(&self, batch: Batch) -> Option<SourceEnd> {
+        self.counting.batch_in(&batch.header, batch.records.len());
+        if batch.records.is_empty() {
+            return None;
+        }
+        self.send(Element::Records(batch)).await
+    }
+
+    /// Feeds `event` to the book and carries out its actions; `Some(end)` when the driver stops.
+    async fn apply(&mut self, event: SourceEvent<SourcePosition>) -> Result<Option<SourceEnd>> {
+        for action in self.book.on(event)? {
+            match action {
+                SourceAction::InjectBarrier { checkpoint_id, is_savepoint } => {
+                    // No await since the book took the Kafka positions: the snapshot matches them.
+                    let barrier = Barrier { checkpoint_id, is_savepoint, snapshot: self.snapshot() };
+                    let drain = self.book.draining() == Some(checkpoint_id);
+                    tracing::info!(checkpoint_id, is_savepoint, drain, "checkpoint barrier injected");
+                    if let Some(end) = self.send(Element::Barrier(barrier)).await {
+                        return Ok(Some(end));
+                    }
+                }
+                SourceAction::NotifySinks { checkpoint_id } => {
+                    // The sink thread may be gone already.
+                    let _ = self.sink_notify.send(checkpoint_id);
+                }
+                SourceAction::CommitOffsets { source, position } => {
+                    // For monitoring only: recovery uses the checkpoint.
+                    if let Some((_, SourceRt::Kafka(k))) = self.sources.get(source) {
+                        k.commit(position);
+                    }
+                }
+                SourceAction::Finish => {
+                    return Ok(Some(self.send(Element::End).await.unwrap_or(SourceEnd::Exhausted)));
+                }
+                SourceAction::Abort => return Ok(Some(SourceEnd::Canceled)),
+            }
+        }
+        Ok(None)
     }
 
     async fn run(mut self, mut control: mpsc::Receiver<Control>) -> Result<SourceEnd> {
@@ -633,7 +641,7 @@ impl SourceDriver {
                     }
                 }
                 tracing::info!("sources reached their end");
-                return Ok(self.send(Element::End).await.unwrap_or(SourceEnd::Exhausted));
+                return Ok(self.apply(SourceEvent::InputEnded).await?.unwrap_or(SourceEnd::Exhausted));
             }
             let due = self
                 .sources
@@ -645,23 +653,23 @@ impl SourceDriver {
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let wake = if behind { due } else { due.max(last_round + MIN_TICK) };
+            let emitting = self.book.may_emit();
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => return Ok(SourceEnd::Canceled),
+                _ = self.cancel.cancelled() => {
+                    return Ok(self.apply(SourceEvent::Cancel).await?.unwrap_or(SourceEnd::Canceled));
+                }
                 _ = self.tx.closed() => return Ok(SourceEnd::DownstreamGone),
-                batch = self.kafka_rx.recv(), if kafka_open && self.drained.is_none() => match batch {
+                batch = self.kafka_rx.recv(), if kafka_open && emitting => match batch {
                     Some(Ok(batch)) => {
-                        if let Some((_, SourceRt::Kafka(k))) = self.sources.get_mut(batch.source) {
-                            k.position = batch.position;
+                        let source = batch.header.source;
+                        if let (Some((_, SourceRt::Kafka(k))), Some(position)) =
+                            (self.sources.get_mut(source), &batch.header.position)
+                        {
+                            k.position = position.clone();
                         }
-                        if let Some(m) = self.metrics.source(batch.source) {
-                            m.record_in(batch.rows.len() as u64, batch.bytes, batch.malformed);
-                        }
-                        if !batch.rows.is_empty() {
-                            self.counters.records_in.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-                            if let Some(end) = self.send(Element::Records { source: batch.source, records: batch.rows }).await {
-                                return Ok(end);
-                            }
+                        if let Some(end) = self.forward(batch).await {
+                            return Ok(end);
                         }
                     }
                     Some(Err(e)) => return Err(e),
@@ -676,7 +684,7 @@ impl SourceDriver {
                         }
                     }
                 },
-                _ = tokio::time::sleep_until(wake), if self.drained.is_none() => {
+                _ = tokio::time::sleep_until(wake), if emitting => {
                     let now = Instant::now();
                     last_round = now;
                     behind = false;
@@ -693,11 +701,8 @@ impl SourceDriver {
                             .into_iter()
                             .map(|v| Record { values: vec![keel_formats::Value::Int(v)] })
                             .collect();
-                        self.counters.records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
-                        if let Some(m) = self.metrics.source(idx) {
-                            m.record_in(records.len() as u64, 0, 0);
-                        }
-                        if let Some(end) = self.send(Element::Records { source: idx, records }).await {
+                        let batch = Batch { header: BatchHeader::generated(idx), records };
+                        if let Some(end) = self.forward(batch).await {
                             return Ok(end);
                         }
                     }
@@ -709,221 +714,159 @@ impl SourceDriver {
     async fn handle_control(&mut self, msg: Control) -> Result<Option<SourceEnd>> {
         match msg {
             Control::TriggerCheckpoint { checkpoint_id, timestamp_ms, is_savepoint, drain } => {
-                if self.drained.is_some() {
-                    return Err(KeelError::precondition(format!(
-                        "checkpoint {checkpoint_id}: the task is draining and takes no more checkpoints"
-                    )));
-                }
-                let snapshot = self.snapshot();
-                let kafka: Vec<(usize, SourcePosition)> = self
-                    .sources
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, (_, s))| match s {
-                        SourceRt::Kafka(k) => Some((i, k.position.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                if !kafka.is_empty() {
-                    self.pending_commits.insert(checkpoint_id, kafka);
-                }
-                tracing::info!(
-                    checkpoint_id,
-                    timestamp_ms,
-                    is_savepoint,
-                    drain,
-                    "checkpoint barrier injected"
-                );
-                if drain {
-                    // Nothing after the barrier: the sources stop here (a consistent cut).
-                    self.drained = Some(checkpoint_id);
-                }
-                Ok(self.send(Element::Barrier(Barrier { checkpoint_id, is_savepoint, snapshot })).await)
+                tracing::debug!(checkpoint_id, timestamp_ms, is_savepoint, drain, "checkpoint triggered");
+                let positions = self.kafka_positions();
+                self.apply(SourceEvent::Trigger { checkpoint_id, is_savepoint, drain, positions }).await
             }
             Control::NotifyCheckpointComplete { checkpoint_id } => {
-                // The sinks commit their transactions (the sink thread may be gone already).
-                let _ = self.sink_notify.send(checkpoint_id);
-                // Offsets reach the consumer group only now (for monitoring: recovery uses the
-                // checkpoint). Older pending checkpoints are subsumed by this one.
-                let done: Vec<u64> =
-                    self.pending_commits.range(..=checkpoint_id).map(|(id, _)| *id).collect();
-                let latest = done.last().copied();
-                for id in done {
-                    if let Some(positions) = self.pending_commits.remove(&id) {
-                        if Some(id) == latest {
-                            for (i, position) in positions {
-                                if let Some((_, SourceRt::Kafka(k))) = self.sources.get(i) {
-                                    k.commit(position);
-                                }
+                tracing::info!(checkpoint_id, "checkpoint complete");
+                let end = self.apply(SourceEvent::Complete { checkpoint_id }).await?;
+                if end.is_some() {
+                    tracing::info!(checkpoint_id, "drained: the savepoint is complete, the task finishes");
+                }
+                Ok(end)
+            }
+        }
+    }
+}
+
+/// The blocking side of the chain: writes records to the sinks their source feeds, flushes on
+/// time, and carries out what its [`SinkBook`] decides on barriers, completions and the end.
+struct SinkThread {
+    sinks: Vec<(String, Sink, SinkEdge)>,
+    /// The sinks fed by each source.
+    routes: Vec<Vec<usize>>,
+    book: SinkBook,
+    acks: mpsc::UnboundedSender<Ack>,
+    counting: Counting,
+}
+
+impl SinkThread {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Element>,
+        mut notify_rx: mpsc::UnboundedReceiver<u64>,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<SinkStop> {
+        loop {
+            let now = std::time::Instant::now();
+            let wait = self
+                .sinks
+                .iter()
+                .filter_map(|(_, s, _)| s.flush_deadline())
+                .min()
+                .map(|d| d.saturating_duration_since(now))
+                .unwrap_or(FLUSH_INTERVAL);
+            let received = handle.block_on(async {
+                tokio::select! {
+                    biased;
+                    Some(id) = notify_rx.recv() => Ok(Err(id)),
+                    r = tokio::time::timeout(wait, rx.recv()) => r.map(Ok),
+                }
+            });
+            let stop = match received {
+                Err(_elapsed) => None,
+                Ok(Err(checkpoint_id)) => self.apply(SinkEvent::Complete { checkpoint_id }, None)?,
+                // Canceled or the sources failed: nothing more is committed.
+                Ok(Ok(None)) => self.apply(SinkEvent::InputClosed, None)?,
+                Ok(Ok(Some(Element::Records(batch)))) => {
+                    self.write(&batch)?;
+                    None
+                }
+                Ok(Ok(Some(Element::Barrier(mut barrier)))) => {
+                    let event = SinkEvent::BarrierArrived { checkpoint_id: barrier.checkpoint_id };
+                    self.apply(event, Some(&mut barrier))?
+                }
+                Ok(Ok(Some(Element::End))) => self.apply(SinkEvent::InputEnd, None)?,
+            };
+            if let Some(stop) = stop {
+                if stop == SinkStop::End {
+                    // Everything is written and committed: the task may report that it
+                    // finished. Closing the sinks' Kafka clients is no part of that, and it is
+                    // slow: rust-rdkafka's consumer drop (the exactly-once sink's marker
+                    // consumer) waits for the group close in `poll` slices of 100 ms, which
+                    // return only when their whole 100 ms have passed. An upgrade's old version
+                    // reported finished that much later, and the new version waited for it.
+                    drop_off_thread("close-sinks", self.sinks);
+                }
+                return Ok(stop);
+            }
+            let now = std::time::Instant::now();
+            for (_, s, _) in self.sinks.iter_mut() {
+                s.flush_if_due(now)?;
+            }
+        }
+    }
+
+    /// Writes a batch to the sinks its source feeds and counts it: per sink, and once for the
+    /// task however many sinks wrote a record.
+    fn write(&mut self, batch: &Batch) -> Result<()> {
+        let mut written = vec![false; batch.records.len()];
+        for &i in self.routes.get(batch.header.source).map(Vec::as_slice).unwrap_or_default() {
+            if let Some((_, sink, edge)) = self.sinks.get_mut(i) {
+                let encoded = edge.encode(&batch.records, &mut written)?;
+                sink.write(&encoded)?;
+                self.counting.sink_out(i, &encoded);
+            }
+        }
+        self.counting.task_out(written.iter().filter(|w| **w).count());
+        Ok(())
+    }
+
+    /// Feeds `event` to the book and carries out its actions (`barrier`: the barrier that
+    /// arrived, which collects the sinks' states); `Some(stop)` when the thread stops.
+    fn apply(&mut self, event: SinkEvent, mut barrier: Option<&mut Barrier>) -> Result<Option<SinkStop>> {
+        let mut actions: std::collections::VecDeque<SinkAction> = self.book.on(event)?.into();
+        while let Some(action) = actions.pop_front() {
+            match action {
+                SinkAction::SnapshotSink { sink, checkpoint_id } => {
+                    if let Some((name, s, _)) = self.sinks.get_mut(sink) {
+                        if let Some(state) = s.checkpoint(checkpoint_id)? {
+                            if let Some(barrier) = barrier.as_deref_mut() {
+                                barrier.snapshot.sinks.insert(name.clone(), SinkSnapshot::Kafka(state));
                             }
                         }
                     }
+                    actions.extend(self.book.on(SinkEvent::SinkSnapshotted { sink, checkpoint_id })?);
                 }
-                tracing::info!(checkpoint_id, "checkpoint complete");
-                if self.drained.is_some_and(|d| checkpoint_id >= d) {
-                    tracing::info!(checkpoint_id, "drained: the savepoint is complete, the task finishes");
-                    return Ok(Some(self.send(Element::End).await.unwrap_or(SourceEnd::Exhausted)));
+                SinkAction::SendAck { checkpoint_id } => {
+                    tracing::debug!(checkpoint_id, "checkpoint barrier passed the sinks");
+                    let Some(barrier) = barrier.as_deref() else {
+                        return Err(KeelError::internal(format!(
+                            "checkpoint {checkpoint_id} aligned without its barrier"
+                        )));
+                    };
+                    let ack = Ack {
+                        checkpoint_id,
+                        is_savepoint: barrier.is_savepoint,
+                        state: barrier.snapshot.to_json()?,
+                    };
+                    // The task may be gone already; then nobody waits for the ack.
+                    let _ = self.acks.send(ack);
                 }
-                Ok(None)
-            }
-        }
-    }
-}
-
-/// The sink thread: writes records to the sinks their source feeds, flushes on time, on
-/// barriers and at the end.
-#[allow(clippy::too_many_arguments)]
-fn run_sinks(
-    mut sinks: Vec<(String, Sink, SinkEdge)>,
-    routes: Vec<Vec<usize>>,
-    mut rx: mpsc::Receiver<Element>,
-    mut notify_rx: mpsc::UnboundedReceiver<u64>,
-    acks: mpsc::UnboundedSender<Ack>,
-    counters: &Counters,
-    metrics: &TaskMetrics,
-    handle: &tokio::runtime::Handle,
-) -> Result<SinkEnd> {
-    let flush_all = |sinks: &mut Vec<(String, Sink, SinkEdge)>, durable: bool| -> Result<()> {
-        for (_, s, _) in sinks.iter_mut() {
-            s.flush(durable)?;
-        }
-        Ok(())
-    };
-    loop {
-        let now = std::time::Instant::now();
-        let wait = sinks
-            .iter()
-            .filter_map(|(_, s, _)| s.flush_deadline())
-            .min()
-            .map(|d| d.saturating_duration_since(now))
-            .unwrap_or(FLUSH_INTERVAL);
-        let received = handle.block_on(async {
-            tokio::select! {
-                biased;
-                Some(id) = notify_rx.recv() => Ok(Err(id)),
-                r = tokio::time::timeout(wait, rx.recv()) => r.map(Ok),
-            }
-        });
-        match received {
-            Err(_elapsed) => {}
-            Ok(Err(checkpoint_id)) => {
-                for (_, s, _) in sinks.iter_mut() {
-                    s.notify_complete(checkpoint_id)?;
-                }
-            }
-            Ok(Ok(None)) => {
-                // Canceled or the sources failed: nothing more is committed.
-                for (_, s, _) in sinks.iter_mut() {
-                    s.abort();
-                }
-                flush_all(&mut sinks, true)?;
-                return Ok(SinkEnd::Closed);
-            }
-            Ok(Ok(Some(Element::Records { source, records }))) => {
-                for &i in routes.get(source).map(Vec::as_slice).unwrap_or_default() {
-                    if let Some((_, sink, edge)) = sinks.get_mut(i) {
-                        let encoded = edge.encode(&records)?;
-                        sink.write(&encoded)?;
-                        counters.records_out.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                        if !encoded.is_empty() {
-                            counters.note_output();
-                        }
-                        if let Some(m) = metrics.sink(i) {
-                            let bytes: usize = encoded.iter().map(EncodedRecord::payload_len).sum();
-                            m.record_out(encoded.len() as u64, bytes as u64);
-                        }
+                SinkAction::CommitSinks { checkpoint_id } => {
+                    for (_, s, _) in self.sinks.iter_mut() {
+                        s.notify_complete(checkpoint_id)?;
                     }
                 }
-            }
-            Ok(Ok(Some(Element::Barrier(mut barrier)))) => {
-                for (name, s, _) in sinks.iter_mut() {
-                    if let Some(state) = s.checkpoint(barrier.checkpoint_id)? {
-                        barrier.snapshot.sinks.insert(name.clone(), state);
+                SinkAction::FlushDurable => {
+                    for (_, s, _) in self.sinks.iter_mut() {
+                        s.flush(true)?;
                     }
                 }
-                tracing::debug!(checkpoint_id = barrier.checkpoint_id, "checkpoint barrier passed the sinks");
-                let ack = Ack {
-                    checkpoint_id: barrier.checkpoint_id,
-                    is_savepoint: barrier.is_savepoint,
-                    state: barrier.snapshot.to_json()?,
-                };
-                // The task may be gone already; then nobody waits for the ack.
-                let _ = acks.send(ack);
-            }
-            Ok(Ok(Some(Element::End))) => {
-                flush_all(&mut sinks, true)?;
-                for (_, s, _) in sinks.iter_mut() {
-                    s.finish()?;
+                SinkAction::FinishSinks => {
+                    for (_, s, _) in self.sinks.iter_mut() {
+                        s.finish()?;
+                    }
                 }
-                // Everything is written and committed: the task may report that it finished.
-                // Closing the sinks' Kafka clients is no part of that, and it is slow:
-                // rust-rdkafka's consumer drop (the exactly-once sink's marker consumer) waits
-                // for the group close in `poll` slices of 100 ms, which return only when their
-                // whole 100 ms have passed. An upgrade's old version reported finished that
-                // much later, and the new version waited for it.
-                drop_off_thread("close-sinks", sinks);
-                return Ok(SinkEnd::End);
+                SinkAction::AbortSinks => {
+                    for (_, s, _) in self.sinks.iter_mut() {
+                        s.abort();
+                    }
+                }
+                SinkAction::Stop(stop) => return Ok(Some(stop)),
             }
         }
-        let now = std::time::Instant::now();
-        for (_, s, _) in sinks.iter_mut() {
-            s.flush_if_due(now)?;
-        }
-    }
-}
-
-/// Drops `value` on a thread of its own, so that the caller does not wait for its teardown.
-fn drop_off_thread<T: Send + 'static>(name: &str, value: T) {
-    // When no thread can be started, the closure, and `value` with it, is dropped here.
-    if let Err(e) = std::thread::Builder::new().name(name.to_string()).spawn(move || drop(value)) {
-        tracing::debug!(error = %e, "cannot start a thread to drop on; dropped here");
-    }
-}
-
-/// Runs blocking work on a thread of its own and awaits its result (`Err` when it panicked).
-///
-/// Not `spawn_blocking`: opening a Kafka client blocks for up to its request timeout (minutes,
-/// if the spec says so) against an unreachable broker, and a task canceled meanwhile stops
-/// waiting for it at once; but the tokio runtime's shutdown waits for every `spawn_blocking`
-/// call still running, so a stopped TaskManager's process stayed alive until the call gave up.
-/// A thread of its own ends with the process.
-async fn off_runtime<T: Send + 'static>(
-    name: String,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> std::result::Result<T, tokio::sync::oneshot::error::RecvError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name(name).spawn(move || {
-        // The receiver is gone when the task was canceled meanwhile: nothing to hand over.
-        let _ = tx.send(work());
-    });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start a thread for blocking work");
-    }
-    rx.await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::drop_off_thread;
-    use std::sync::mpsc;
-    use std::thread::ThreadId;
-
-    /// Says on which thread it is dropped.
-    struct DropProbe(mpsc::Sender<ThreadId>);
-
-    impl Drop for DropProbe {
-        fn drop(&mut self) {
-            let _ = self.0.send(std::thread::current().id());
-        }
-    }
-
-    /// `drop_off_thread` drops the value, and not on the caller's thread (whose teardown,
-    /// such as closing Kafka clients, the caller then does not wait for).
-    #[test]
-    fn the_value_is_dropped_on_another_thread() {
-        let (tx, rx) = mpsc::channel();
-        drop_off_thread("test-drop", DropProbe(tx));
-        let dropped_on = rx.recv().expect("the value is dropped");
-        assert_ne!(dropped_on, std::thread::current().id());
+        Ok(None)
     }
 }

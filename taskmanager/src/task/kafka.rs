@@ -12,28 +12,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_formats::{KafkaMessage, RecordDecoder, RecordFormat, Row, Schema};
+use keel_formats::{KafkaMessage, RecordDecoder, RecordFormat, Schema};
 use keel_kafka::{KafkaSourceOptions, KafkaSourceReader, SourcePosition};
 use keel_proto::{KeelError, Result};
 use tokio::sync::mpsc;
 
+use super::batch::{Batch, BatchHeader};
 use super::metrics::{KafkaSourceProbe, TopicSizes};
 
 /// Records read per poll.
 const POLL_BATCH: usize = 1024;
 /// How long one poll waits for records.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// Rows read from one source, and the source's position right after them.
-pub struct KafkaBatch {
-    pub source: usize,
-    pub rows: Vec<Row>,
-    /// Key and value bytes of the records read (including skipped ones).
-    pub bytes: u64,
-    /// Records skipped as malformed (`ignore-parse-errors`).
-    pub malformed: u64,
-    pub position: SourcePosition,
-}
 
 enum Command {
     Commit(SourcePosition),
@@ -62,7 +52,7 @@ impl KafkaSource {
         parallelism: u32,
         restored: Option<SourcePosition>,
         probe: KafkaSourceProbe,
-        out: mpsc::Sender<Result<KafkaBatch>>,
+        out: mpsc::Sender<Result<Batch>>,
     ) -> Result<KafkaSource> {
         let reader = KafkaSourceReader::open(opts, subtask, parallelism, restored, probe.metrics)?;
         publish_topic_sizes(&reader, &probe.topic_sizes);
@@ -112,7 +102,7 @@ fn read_loop(
     mut reader: KafkaSourceReader,
     mut decoder: RecordDecoder,
     commands: std::sync::mpsc::Receiver<Command>,
-    out: mpsc::Sender<Result<KafkaBatch>>,
+    out: mpsc::Sender<Result<Batch>>,
     topic_sizes: &TopicSizes,
     stop: &AtomicBool,
 ) {
@@ -174,7 +164,8 @@ fn read_loop(
             }
         }
         let malformed = decoder.skipped_malformed().saturating_sub(malformed_before);
-        let batch = KafkaBatch { source: index, rows, bytes, malformed, position: reader.position() };
+        let header = BatchHeader { source: index, bytes, malformed, position: Some(reader.position()) };
+        let batch = Batch { header, records: rows };
         if out.blocking_send(Ok(batch)).is_err() {
             return;
         }

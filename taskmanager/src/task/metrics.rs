@@ -17,7 +17,7 @@
 //! downstream (rows after decoding; records skipped as malformed go to `numRecordsInErrors`),
 //! the sink thread counts what each sink writes (bytes: encoded keys and values). The Kafka
 //! connector keeps its own gauges in atomics ([`KafkaSourceMetrics`], [`KafkaSinkMetrics`]);
-//! a ticker per task ([`tick_until`], every [`TICK`]) copies their snapshots into the registry
+//! a ticker per task (`tick_until` of the task module, every [`TICK`]) copies their snapshots into the registry
 //! and hands the task a [`Throughput`] summary for its reports.
 
 use std::collections::BTreeMap;
@@ -27,12 +27,11 @@ use std::time::Duration;
 use keel_kafka::{
     spread_warning, KafkaSinkMetrics, KafkaSourceMetrics, SourceMetricsSnapshot, TopicPartition,
 };
+use keel_metrics::registry::DEFAULT_METER_WINDOW;
 use keel_metrics::{names, Counter, ElapsedGauge, Gauge, Meter, MetricGroup, PartitionMetrics, Registry};
 use keel_proto::pb::SourcePartitions;
-use tokio_util::sync::CancellationToken;
 
-use super::chain::ChainPlan;
-use super::{Task, TaskInfo};
+use super::info::TaskInfo;
 
 /// How often the ticker copies the Kafka connector's metrics and refreshes the task's
 /// [`Throughput`].
@@ -293,8 +292,13 @@ impl SinkMeters {
         self.num_records_out.get()
     }
 
+    /// This sink's records written per second over the last minute (the task's rate counts a
+    /// record written by several sinks once: [`TaskMetrics::tick`]).
+    pub fn num_records_out_per_second(&self) -> f64 {
+        self.num_records_out_per_second.rate()
+    }
+
     fn tick(&self, out: &mut Throughput) {
-        out.records_out_per_second += self.num_records_out_per_second.rate();
         out.bytes_out_per_second += self.num_bytes_out_per_second.rate();
         let Some(kafka) = &self.kafka else { return };
         let Some(us) = kafka.snapshot().current_send_time_us else { return };
@@ -307,16 +311,39 @@ impl SinkMeters {
     }
 }
 
+/// One operator of a task, as its metrics see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    /// Its name in the spec (the `source` or `sink` label).
+    pub name: String,
+    /// A Kafka connector: it has the connector's metrics too.
+    pub kafka: bool,
+}
+
+/// What a task runs, as its metrics see it: its operators in the order of the spec. The chain
+/// plan converts into it (`From<&ChainPlan>`), so that this module does not import the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskShape {
+    pub parallelism: u32,
+    pub sources: Vec<Operator>,
+    pub sinks: Vec<Operator>,
+}
+
 /// The metrics of one task: its sources' and sinks', in the order of the spec.
 pub struct TaskMetrics {
     pub sources: Vec<SourceMeters>,
     pub sinks: Vec<SinkMeters>,
     parallelism: u32,
+    /// Records the task wrote, each once however many sinks wrote it (not exported: the
+    /// per-sink `numRecordsOut` are), and its rate for the task's reports.
+    records_out: Counter,
+    records_out_per_second: Meter,
 }
 
 impl TaskMetrics {
-    /// Registers the metrics of the task `info` runs with `plan` in `registry`.
-    pub fn register(registry: &Registry, info: &TaskInfo, plan: &ChainPlan) -> TaskMetrics {
+    /// Registers the metrics of the task `info` that runs `shape` (a chain plan) in `registry`.
+    pub fn register(registry: &Registry, info: &TaskInfo, shape: impl Into<TaskShape>) -> TaskMetrics {
+        let shape: TaskShape = shape.into();
         let version = info.version.to_string();
         let subtask = info.subtask.to_string();
         let task = registry.group(&[
@@ -326,24 +353,24 @@ impl TaskMetrics {
             ("subtask", &subtask),
             ("task_id", &info.task_id),
         ]);
-        let sources = plan
+        let sources = shape
             .sources
             .iter()
-            .map(|s| {
-                SourceMeters::register(task.group(&[("source", &s.name)]), &s.name, s.rows.kafka.is_some())
-            })
+            .map(|s| SourceMeters::register(task.group(&[("source", &s.name)]), &s.name, s.kafka))
             .collect();
-        let sinks = plan
+        let sinks = shape
             .sinks
             .iter()
-            .map(|s| SinkMeters::register(task.group(&[("sink", &s.name)]), &s.name, s.edge.kafka.is_some()))
+            .map(|s| SinkMeters::register(task.group(&[("sink", &s.name)]), &s.name, s.kafka))
             .collect();
-        TaskMetrics { sources, sinks, parallelism: plan.parallelism }
+        let records_out = Counter::default();
+        let records_out_per_second = Meter::new(&records_out, DEFAULT_METER_WINDOW);
+        TaskMetrics { sources, sinks, parallelism: shape.parallelism, records_out, records_out_per_second }
     }
 
     /// Metrics in a registry of their own, which nobody serves (tests, tools).
-    pub fn detached(info: &TaskInfo, plan: &ChainPlan) -> TaskMetrics {
-        TaskMetrics::register(&Registry::new(), info, plan)
+    pub fn detached(info: &TaskInfo, shape: impl Into<TaskShape>) -> TaskMetrics {
+        TaskMetrics::register(&Registry::new(), info, shape)
     }
 
     pub fn source(&self, index: usize) -> Option<&SourceMeters> {
@@ -354,9 +381,18 @@ impl TaskMetrics {
         self.sinks.get(index)
     }
 
-    /// Copies the Kafka connector's metrics into the registry and sums the task's throughput.
+    /// Counts `records` records written by at least one sink (each once for the task).
+    pub fn record_task_out(&self, records: u64) {
+        self.records_out.add(records);
+    }
+
+    /// Copies the Kafka connector's metrics into the registry and sums the task's throughput
+    /// (records out per second: each record once, as the task counts them out).
     pub fn tick(&self) -> Throughput {
-        let mut out = Throughput::default();
+        let mut out = Throughput {
+            records_out_per_second: self.records_out_per_second.rate(),
+            ..Throughput::default()
+        };
         for s in &self.sources {
             s.tick(self.parallelism, &mut out);
         }
@@ -375,21 +411,6 @@ impl TaskMetrics {
         for s in &self.sinks {
             lock(&s.reg).take();
         }
-    }
-}
-
-/// Every [`TICK`] until `stop`: copies the Kafka connector's metrics into the registry and
-/// gives `task` its latest [`Throughput`].
-pub async fn tick_until(task: Arc<Task>, metrics: Arc<TaskMetrics>, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(TICK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        task.set_throughput(metrics.tick());
     }
 }
 

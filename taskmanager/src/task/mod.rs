@@ -1,21 +1,28 @@
 //! Tasks: one subtask of one job version, running in one slot.
 //!
 //! - [`Task`]: the shared handle of a task: its identity, state, counters and controls.
-//! - [`chain`]: the operator chain a task runs (sources → bounded channel → sink thread) and
-//!   the checkpoint barrier protocol.
+//! - [`chain`]: the operator chain a task runs (sources → bounded channel → sink thread): its
+//!   plan, opening it, and the two loops that do its I/O.
+//! - [`barrier`]: the checkpoint bookkeeping of the chain (barriers, alignment, acks, drain,
+//!   commits, end, cancel) as pure state machines.
+//! - [`batch`]: the envelope records travel in from source to sink, and where they are counted.
 //! - [`datagen`], [`kafka`], [`sinks`]: the connectors.
 //! - [`metrics`]: the task's metrics in the TaskManager's registry, and its throughput for the
-//!   JobManager's reports.
+//!   JobManager's reports. [`info`]: who a task is. [`threads`]: blocking work off the runtime.
 //!
 //! States: deploying → running → finished | failed | canceled, with canceling between a cancel
 //! request and the end. [`can_transition`] is the one place that says which moves are legal; a
 //! terminal state is never left.
 
+pub mod barrier;
+pub mod batch;
 pub mod chain;
 pub mod datagen;
+pub mod info;
 pub mod kafka;
 pub mod metrics;
 pub mod sinks;
+pub mod threads;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -26,32 +33,13 @@ use keel_proto::TaskStateExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use chain::{
-    Ack, ChainEnd, ChainIo, ChainPlan, Control, Counters, Record, SinkSnapshot, StateLocation, TaskSnapshot,
-};
+pub use batch::{Counters, Record};
+pub use chain::{Ack, ChainEnd, ChainIo, ChainPlan, Control, SinkSnapshot, StateLocation, TaskSnapshot};
+pub use info::TaskInfo;
 pub use metrics::{TaskMetrics, Throughput};
 
 /// Pending control requests (checkpoint triggers, notifications) a task buffers.
 pub const CONTROL_CAPACITY: usize = 64;
-
-/// Who a task is and where it came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskInfo {
-    pub task_id: String,
-    pub job_id: String,
-    /// The job's name (from its spec), a label of the task's metrics.
-    pub job_name: String,
-    pub version: u32,
-    pub subtask: u32,
-    pub parallelism: u32,
-    pub attempt: u32,
-    pub slot_index: u32,
-    pub allocation_id: String,
-    /// Epoch of the JobManager leader that deployed the task.
-    pub jobmanager_epoch: u64,
-    /// Address of that JobManager, the fallback for reports.
-    pub jobmanager_address: String,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskStatus {
@@ -84,7 +72,7 @@ pub struct Task {
     forgotten: CancellationToken,
     control: mpsc::Sender<Control>,
     terminal_at: Mutex<Option<Instant>>,
-    /// The latest throughput while running (see [`metrics::tick_until`]).
+    /// The latest throughput while running (see [`tick_until`]).
     throughput: Mutex<Throughput>,
     /// Epoch of the JobManager leader the task answers to: the deploying one, or a later leader
     /// that adopted it (`AdoptTasks`). Its reports carry it.
@@ -303,7 +291,7 @@ async fn run_inner(
     }
     let metrics = Arc::new(TaskMetrics::register(registry, &task.info, &plan));
     let ticker_stop = CancellationToken::new();
-    let ticker = tokio::spawn(metrics::tick_until(task.clone(), metrics.clone(), ticker_stop.clone()));
+    let ticker = tokio::spawn(tick_until(task.clone(), metrics.clone(), ticker_stop.clone()));
     let end = open_and_run(task, plan, control, acks, &metrics).await;
     ticker_stop.cancel();
     if let Err(e) = ticker.await {
@@ -339,6 +327,21 @@ async fn open_and_run(
             metrics: metrics.clone(),
         })
         .await
+}
+
+/// Every [`metrics::TICK`] until `stop`: copies the Kafka connector's metrics into the registry and
+/// gives `task` its latest [`Throughput`].
+pub async fn tick_until(task: Arc<Task>, metrics: Arc<TaskMetrics>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(metrics::TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        task.set_throughput(metrics.tick());
+    }
 }
 
 #[cfg(test)]

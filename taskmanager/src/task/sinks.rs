@@ -10,7 +10,8 @@
 //!   `exactly-once`, a [`keel_kafka::ExactlyOnceSink`]: pre-commit at the barrier (its state goes
 //!   into the checkpoint), commit when the checkpoint completes.
 //!
-//! Sinks receive rows already encoded by the sink's format (`file`/`print`: one CSV line).
+//! Sinks receive rows already encoded by the sink's format (`file`/`print`: one CSV line): a
+//! [`SinkEdge`] filters, projects and encodes the rows of the sink's source.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -20,10 +21,11 @@ use std::time::{Duration, Instant};
 use keel_proto::{KeelError, Result};
 use keel_spec::SinkConfig;
 
-use keel_formats::EncodedRecord as Record;
-use keel_kafka::{ExactlyOnceSink, ExactlyOnceState, KafkaSinkMetrics, KafkaSinkWriter};
+use keel_formats::{EncodedRecord, RecordEncoder};
+use keel_spec::pipeline;
 
-use super::chain::SinkSnapshot;
+use super::batch::Record as Row;
+use keel_kafka::{ExactlyOnceSink, ExactlyOnceState, KafkaSinkMetrics, KafkaSinkWriter};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const FLUSH_RECORDS: usize = 1000;
@@ -116,7 +118,7 @@ impl Sink {
         )?)))
     }
 
-    pub fn write(&mut self, records: &[Record]) -> Result<()> {
+    pub fn write(&mut self, records: &[EncodedRecord]) -> Result<()> {
         match self {
             Sink::Print { prefix, stderr } => {
                 let mut text = Vec::with_capacity(records.len() * (prefix.len() + 12));
@@ -164,10 +166,11 @@ impl Sink {
     }
 
     /// At a checkpoint barrier: makes everything written so far durable (flush and fsync, or
-    /// the broker's acknowledgements); an exactly-once sink pre-commits and returns its state.
-    pub fn checkpoint(&mut self, checkpoint_id: u64) -> Result<Option<SinkSnapshot>> {
+    /// the broker's acknowledgements); an exactly-once sink pre-commits and returns its state
+    /// (which the chain puts into the task's snapshot).
+    pub fn checkpoint(&mut self, checkpoint_id: u64) -> Result<Option<ExactlyOnceState>> {
         match self {
-            Sink::KafkaExactlyOnce(k) => Ok(Some(SinkSnapshot::Kafka(k.pre_commit(checkpoint_id)?))),
+            Sink::KafkaExactlyOnce(k) => Ok(Some(k.pre_commit(checkpoint_id)?)),
             _ => {
                 self.flush(true)?;
                 Ok(None)
@@ -228,7 +231,42 @@ impl Sink {
     }
 }
 
-fn headers_of(r: &Record) -> Vec<(String, Vec<u8>)> {
+/// What one sink does with the rows of its source.
+pub struct SinkEdge {
+    filter: Option<keel_formats::Filter>,
+    projection: Option<keel_formats::Projection>,
+    encoder: RecordEncoder,
+}
+
+impl SinkEdge {
+    pub fn new(plan: &pipeline::SinkPlan) -> SinkEdge {
+        SinkEdge {
+            filter: plan.filter.clone(),
+            projection: plan.projection.clone(),
+            encoder: RecordEncoder::new(&plan.schema, &plan.format),
+        }
+    }
+
+    /// The rows of `rows` this sink writes, encoded; marks in `written` (one flag per row) the
+    /// rows it writes.
+    pub fn encode(&self, rows: &[Row], written: &mut [bool]) -> Result<Vec<EncodedRecord>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for (row, written) in rows.iter().zip(written.iter_mut()) {
+            if self.filter.as_ref().is_some_and(|f| !f.matches(row)) {
+                continue;
+            }
+            let encoded = match &self.projection {
+                Some(p) => self.encoder.encode(&p.apply(row.clone())),
+                None => self.encoder.encode(row),
+            };
+            out.push(encoded?);
+            *written = true;
+        }
+        Ok(out)
+    }
+}
+
+fn headers_of(r: &EncodedRecord) -> Vec<(String, Vec<u8>)> {
     r.headers.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect()
 }
 
