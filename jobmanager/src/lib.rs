@@ -433,15 +433,11 @@ impl JobManager {
         let metadata = coordinator::read_metadata(&file).await.map_err(|reason| {
             KeelError::precondition(format!("cannot start from the savepoint: {reason}"))
         })?;
-        let mut missing: Vec<String> = metadata
-            .subtasks
-            .iter()
-            .filter_map(|s| s.state.get("sources").and_then(|m| m.as_object()))
-            .flat_map(|m| m.keys().cloned())
+        let missing: Vec<String> = metadata
+            .source_names()
+            .into_iter()
             .filter(|name| !spec.sources.iter().any(|s| &s.name == name))
             .collect();
-        missing.sort();
-        missing.dedup();
         if !missing.is_empty() && !allow_non_restored_state {
             return Err(KeelError::invalid_spec(
                 "sources",
