@@ -386,7 +386,8 @@ impl JobManager {
 
     /// The checkpoint a job submitted with `--restore` starts from: the latest completed
     /// checkpoint of the most recent earlier job named `name`. Its metadata is read now, so a
-    /// missing file or another parallelism is refused at submission.
+    /// missing or unreadable file is refused at submission (another parallelism is fine: the
+    /// sources' splits are redistributed).
     async fn restore_source(
         &self,
         st: &LeaderState,

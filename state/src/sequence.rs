@@ -140,6 +140,27 @@ impl SequenceReader {
     /// Emits up to `max` numbers, smallest first.
     pub fn take(&mut self, max: usize) -> Vec<i64> {
         let mut out = Vec::with_capacity(max.min(1024));
+        if self.splits.len() == 1 {
+            // One split (no rescale yet): a plain progression, no heap upkeep per number.
+            let end = self.end;
+            let mut overflowed = false;
+            if let Some(mut top) = self.splits.peek_mut() {
+                while out.len() < max && end.is_none_or(|e| top.0.next < e) {
+                    out.push(top.0.next);
+                    match top.0.next.checked_add(top.0.step) {
+                        Some(next) => top.0.next = next,
+                        None => {
+                            overflowed = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if overflowed {
+                self.splits.clear();
+            }
+            return out;
+        }
         while out.len() < max {
             match self.next_value() {
                 Some(v) => out.push(v),
