@@ -16,6 +16,12 @@
 //!   another parallelism).
 //!
 //! No I/O here: every function is pure and tested without a network.
+//!
+//! Why a crate of its own: these are JSON shapes kept on disk (checkpoint metadata, spool
+//! references) and carried as opaque bytes in gRPC (`state_handle`, `restore_state`), not
+//! protobuf messages, so they do not belong in `keel-proto` (which only lends its error type);
+//! and the JobManager needs the Kafka parts without linking librdkafka, so they cannot stay in
+//! `keel-kafka` (which re-exports them).
 
 pub mod kafka;
 pub mod metadata;
