@@ -543,8 +543,8 @@ pub(crate) struct Restore {
 pub(crate) enum RestoreError {
     /// The HA store could not be read; worth another try.
     Ha(KeelError),
-    /// The checkpoint the pointer names cannot be used (missing or unreadable metadata, other
-    /// parallelism): the job fails with this message rather than silently starting fresh.
+    /// The checkpoint the pointer names cannot be used (missing, unreadable or inconsistent
+    /// metadata): the job fails with this message rather than silently starting fresh.
     Unusable(String),
 }
 
@@ -586,7 +586,7 @@ pub(crate) async fn load_states(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::SubtaskAck;
+    use crate::checkpoint::{SubtaskAck, TaskSnapshot};
     use keel_ha::{HaServices, Role};
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -602,7 +602,7 @@ mod tests {
                     subtask: i,
                     task_id: format!("j/v1/{i}#1"),
                     state_size: 10,
-                    state: serde_json::json!({"subtask": i}),
+                    state: TaskSnapshot::empty(i, 2),
                 })
                 .collect(),
         }
@@ -616,9 +616,10 @@ mod tests {
     }
 
     /// A leader completes a checkpoint: the metadata file holds every subtask's state, the HA
-    /// pointer names it, the tasks are notified, and the states read back for a restore.
+    /// pointer names it, the tasks are notified, and the states read back for a restore, at the
+    /// same parallelism and (redistributed) at another.
     #[tokio::test]
-    async fn leader_completes_and_restores() {
+    async fn leader_completes_and_restores() -> Result<()> {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (ha, l) = leader(tmp.path()).await;
         let pointers = CheckpointPointerStore::new(ha);
@@ -635,12 +636,15 @@ mod tests {
         let stored: Option<CheckpointPointer> = pointers.get("j").await.expect("read pointer");
         assert_eq!(stored, Some(pointer));
         let restore = load_restore(&pointers, "j", 2).await.expect("restore").expect("a checkpoint");
-        assert_eq!(restore.states, vec![b"{\"subtask\":0}".to_vec(), b"{\"subtask\":1}".to_vec()]);
-        match load_restore(&pointers, "j", 3).await {
-            // States without sources cannot be redistributed over another parallelism.
-            Err(RestoreError::Unusable(reason)) => assert!(reason.contains("cannot be rescaled"), "{reason}"),
-            other => panic!("expected an unusable checkpoint, got {other:?}"),
-        }
+        let own: Vec<Vec<u8>> =
+            (0..2).map(|i| TaskSnapshot::empty(i, 2).to_json()).collect::<std::result::Result<_, _>>()?;
+        assert_eq!(restore.states, own);
+        // Another parallelism: the states are redistributed over it.
+        let rescaled = load_restore(&pointers, "j", 3).await.expect("restore").expect("a checkpoint");
+        let three: Vec<Vec<u8>> =
+            (0..3).map(|i| TaskSnapshot::empty(i, 3).to_json()).collect::<std::result::Result<_, _>>()?;
+        assert_eq!(rescaled.states, three);
+        Ok(())
     }
 
     /// A deposed leader cannot complete a checkpoint: with its leadership token cancelled, the

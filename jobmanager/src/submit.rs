@@ -20,7 +20,8 @@ use crate::state::LeaderState;
 impl JobManager {
     /// The checkpoint a job submitted with `--restore` starts from: the latest completed
     /// checkpoint of the most recent earlier job named `name`. Its metadata is read now, so a
-    /// missing file or another parallelism is refused at submission.
+    /// missing or unreadable file is refused at submission (another parallelism is fine: the
+    /// sources' splits are redistributed).
     async fn restore_source(
         &self,
         st: &LeaderState,
@@ -67,15 +68,11 @@ impl JobManager {
         let metadata = coordinator::read_metadata(&file).await.map_err(|reason| {
             KeelError::precondition(format!("cannot start from the savepoint: {reason}"))
         })?;
-        let mut missing: Vec<String> = metadata
-            .subtasks
-            .iter()
-            .filter_map(|s| s.state.get("sources").and_then(|m| m.as_object()))
-            .flat_map(|m| m.keys().cloned())
+        let missing: Vec<String> = metadata
+            .source_names()
+            .into_iter()
             .filter(|name| !spec.sources.iter().any(|s| &s.name == name))
             .collect();
-        missing.sort();
-        missing.dedup();
         if !missing.is_empty() && !allow_non_restored_state {
             return Err(KeelError::invalid_spec(
                 "sources",

@@ -12,7 +12,7 @@
 //!    commit on the completion notice, and the old tasks finish;
 //! 4. the switch is recorded in the HA store (the new version active, the old one finished)
 //!    with one fenced write, and the new version is deployed from the drain savepoint (its
-//!    Kafka offsets redistributed when the parallelism changes);
+//!    sources' splits redistributed when the parallelism changes: `keel_state::rescale`);
 //! 5. once the new version runs, the old version's slots are released.
 //!
 //! A leader that dies before the switch leaves the old version active: the next leader
@@ -196,9 +196,10 @@ impl Progress {
 }
 
 /// The checks made before anything changes. `old` is the active version's spec. Refuses: a
-/// spec of another job (name), a parallelism above maxParallelism, a rescale of a job with a
-/// datagen source (its sequence is split by subtask), and dropping the state of a source the
-/// new version no longer has (unless `allow_non_restored_state`).
+/// spec of another job (name), a parallelism above maxParallelism, dropping the state of a
+/// source the new version no longer has (unless `allow_non_restored_state`), and a source that
+/// changes its connector. Any other parallelism is fine: every source's state is a set of
+/// splits the JobManager redistributes (`keel_state::rescale`).
 pub fn check(old: &JobSpec, new: &JobSpec, allow_non_restored_state: bool) -> Result<()> {
     if new.name != old.name {
         return Err(KeelError::invalid_spec(
@@ -211,18 +212,6 @@ pub fn check(old: &JobSpec, new: &JobSpec, allow_non_restored_state: bool) -> Re
             "parallelism",
             format!("{} is above maxParallelism {}", new.parallelism, new.max_parallelism),
         ));
-    }
-    if new.parallelism != old.parallelism {
-        if let Some(s) = old.sources.iter().find(|s| s.connector != "kafka") {
-            return Err(KeelError::invalid_spec(
-                "parallelism",
-                format!(
-                    "source '{}' ({}) cannot change parallelism (its sequence is split by subtask); \
-                     only jobs whose sources are all kafka can be rescaled",
-                    s.name, s.connector
-                ),
-            ));
-        }
     }
     let dropped: Vec<&str> = old
         .sources
@@ -345,9 +334,9 @@ mod tests {
         assert!(check(&old, &spec("j", 3, &[("in", "kafka")]), false).is_ok());
         let err = check(&old, &spec("other", 2, &[("in", "kafka")]), false).expect_err("name").to_string();
         assert!(err.contains("name"), "{err}");
+        // A datagen source rescales too (its sequence is a set of splits).
         let gen = spec("j", 1, &[("gen", "datagen")]);
-        let err = check(&gen, &spec("j", 2, &[("gen", "datagen")]), false).expect_err("datagen").to_string();
-        assert!(err.contains("source 'gen' (datagen) cannot change parallelism"), "{err}");
+        assert!(check(&gen, &spec("j", 3, &[("gen", "datagen")]), false).is_ok());
         assert!(check(&gen, &spec("j", 1, &[("gen", "datagen")]), false).is_ok());
         let renamed = spec("j", 2, &[("in2", "kafka")]);
         let err = check(&old, &renamed, false).expect_err("dropped").to_string();

@@ -212,7 +212,10 @@ async fn checkpoint_state_restores_without_gap_or_duplicate() {
     assert_eq!(ack.checkpoint_id, 7);
     let snapshot = TaskSnapshot::from_json(&ack.state).expect("snapshot json");
     let next = match snapshot.sources.get("numbers") {
-        Some(crate::task::chain::SourceSnapshot::Datagen { next_sequence }) => *next_sequence,
+        Some(crate::task::chain::SourceSnapshot::Datagen { splits }) => match splits.as_slice() {
+            [one] => one.next,
+            other => panic!("subtask 1 of 2 owns one progression, not {other:?}"),
+        },
         other => panic!("no datagen state: {other:?}"),
     };
     // Everything before the barrier is in the file when the ack arrives.
@@ -274,17 +277,20 @@ async fn unreachable_kafka_source_fails_naming_the_bootstrap_servers() {
     assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
 }
 
-/// A restore state of another subtask or parallelism is refused instead of silently
-/// duplicating or skipping numbers.
+/// A restore state of another subtask or parallelism is refused (the JobManager redistributes
+/// a checkpoint over the attempt's subtasks; a state meant for another one is a mistake),
+/// and so is a datagen split with a step below 1.
 #[test]
 fn restore_state_of_another_subtask_is_refused() {
+    use keel_state::SequenceSplit;
     let spec = JobSpec::parse(&datagen_to_file(Path::new("/tmp/unused"), 2, None, 10)).expect("spec");
+    let datagen = |next: i64, step: i64| crate::task::chain::SourceSnapshot::Datagen {
+        splits: vec![SequenceSplit { next, step }],
+    };
     let state = TaskSnapshot {
         subtask: 0,
         parallelism: 2,
-        sources: [("numbers".to_string(), crate::task::chain::SourceSnapshot::Datagen { next_sequence: 4 })]
-            .into_iter()
-            .collect(),
+        sources: [("numbers".to_string(), datagen(4, 2))].into_iter().collect(),
         sinks: Default::default(),
     };
     let json = state.to_json().expect("json");
@@ -292,13 +298,13 @@ fn restore_state_of_another_subtask_is_refused() {
     assert!(ChainPlan::build(&spec, 1, 2, &json).is_err());
     assert!(ChainPlan::build(&spec, 0, 3, &json).is_err());
     assert!(ChainPlan::build(&spec, 0, 2, b"not json").is_err());
-    let odd = TaskSnapshot {
-        sources: [("numbers".to_string(), crate::task::chain::SourceSnapshot::Datagen { next_sequence: 5 })]
-            .into_iter()
-            .collect(),
-        ..state
-    };
-    assert!(ChainPlan::build(&spec, 0, 2, &odd.to_json().expect("json")).is_err());
+    let zero_step = br#"{"subtask":0,"parallelism":2,"sources":{"numbers":{"connector":"datagen","splits":[{"next":4,"step":0}]}}}"#;
+    assert!(ChainPlan::build(&spec, 0, 2, zero_step).is_err());
+    // A snapshot of the form before splits is still restored.
+    let old =
+        br#"{"subtask":0,"parallelism":2,"sources":{"numbers":{"connector":"datagen","next_sequence":4}}}"#;
+    let plan = ChainPlan::build(&spec, 0, 2, old).expect("old form");
+    assert_eq!(plan.restore.and_then(|r| r.sources.get("numbers").cloned()), Some(datagen(4, 2)));
 }
 
 /// Several sources in one subtask: each record reaches exactly the sinks whose `from` names

@@ -84,14 +84,20 @@ fn metadata(path: &Path) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
-/// The next datagen sequence number of each subtask recorded in a checkpoint's metadata.
+/// The next datagen sequence number of each subtask recorded in a checkpoint's metadata (each
+/// subtask of a job that never rescaled owns one split: its own progression).
 fn positions(metadata: &Value) -> anyhow::Result<Vec<i64>> {
     let mut out = vec![None; PARALLELISM as usize];
     for s in metadata["subtasks"].as_array().ok_or_else(|| anyhow!("no subtasks in {metadata}"))? {
         let subtask = s["subtask"].as_u64().ok_or_else(|| anyhow!("no subtask index in {s}"))? as usize;
-        let next = s["state"]["sources"]["numbers"]["next_sequence"]
-            .as_i64()
-            .ok_or_else(|| anyhow!("no datagen position in {s}"))?;
+        let splits = s["state"]["sources"]["numbers"]["splits"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no datagen splits in {s}"))?;
+        let [split] = splits.as_slice() else {
+            anyhow::bail!("subtask {subtask} owns {} splits, not 1: {s}", splits.len())
+        };
+        anyhow::ensure!(split["step"] == PARALLELISM, "subtask {subtask}: a split of another step: {s}");
+        let next = split["next"].as_i64().ok_or_else(|| anyhow!("no datagen position in {s}"))?;
         *out.get_mut(subtask).ok_or_else(|| anyhow!("subtask {subtask} out of range"))? = Some(next);
     }
     out.into_iter().enumerate().map(|(i, p)| p.ok_or_else(|| anyhow!("subtask {i} missing"))).collect()

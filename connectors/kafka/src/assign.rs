@@ -29,41 +29,9 @@
 //! subtask, and a restored subtask would then own partitions whose offsets are in another
 //! subtask's checkpoint.
 
-use serde::{Deserialize, Serialize};
-
-/// One partition of one topic. Orders by topic, then partition.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct TopicPartition {
-    pub topic: String,
-    pub partition: i32,
-}
-
-impl TopicPartition {
-    pub fn new(topic: impl Into<String>, partition: i32) -> TopicPartition {
-        TopicPartition { topic: topic.into(), partition }
-    }
-}
-
-impl std::fmt::Display for TopicPartition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.topic, self.partition)
-    }
-}
-
-/// Java's `String.hashCode` (over UTF-16 code units, wrapping).
-fn java_hash(s: &str) -> i32 {
-    s.encode_utf16().fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(i32::from(c)))
-}
-
-/// The subtask (`0..parallelism`) that reads `partition` of `topic`. A parallelism of 0 is
-/// treated as 1.
-pub fn owner(topic: &str, partition: i32, parallelism: u32) -> u32 {
-    let p = i64::from(parallelism.max(1));
-    let start = i64::from(java_hash(topic).wrapping_mul(31) & 0x7fff_ffff) % p;
-    // Partitions are never negative on a broker; rem_euclid keeps a bogus one in range anyway.
-    let owner = (start + i64::from(partition)).rem_euclid(p);
-    u32::try_from(owner).unwrap_or(0)
-}
+/// `TopicPartition` and `owner` live in `keel-state` (the JobManager redistributes partitions
+/// by the same rule in a rescale); re-exported here.
+pub use keel_state::kafka::{owner, TopicPartition};
 
 /// The partitions of `partitions` that `subtask` of `parallelism` reads, sorted and without
 /// duplicates. See the module doc for why the assignment is stable.
@@ -119,19 +87,6 @@ mod tests {
         (0..parallelism).map(|s| assign(partitions, parallelism, s).len()).collect()
     }
 
-    /// The hash is Java's `String.hashCode`, so owners match Flink's and never depend on the
-    /// platform or the Rust version.
-    #[test]
-    fn java_hash_matches_javas_string_hashcode() {
-        assert_eq!(java_hash(""), 0);
-        assert_eq!(java_hash("a"), 97);
-        assert_eq!(java_hash("orders"), -1008770331);
-        assert_eq!(java_hash("hello world"), 1794106052);
-        // A non-BMP character counts as two UTF-16 code units, as in Java.
-        assert_eq!(java_hash("😀"), 1772899);
-    }
-
-    /// Every partition has exactly one owner, and assigning twice gives the same answer.
     #[test]
     fn every_partition_has_exactly_one_owner_and_assignment_is_deterministic() {
         let mut all = topic("orders", 7);

@@ -59,7 +59,6 @@ use rdkafka::error::KafkaResult;
 use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 
 use crate::client::to_keel;
 use crate::metrics::KafkaSinkMetrics;
@@ -68,22 +67,8 @@ use crate::sink::{KafkaSinkWriter, WriterContext};
 use crate::spool::{SpoolReader, SpoolWriter};
 
 /// The part of a checkpoint an exactly-once sink needs to finish its transactions after a
-/// failure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExactlyOnceState {
-    pub transactional_id: String,
-    /// Sealed segments not known to be committed at the barrier, oldest first.
-    pub segments: Vec<SegmentState>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SegmentState {
-    /// The checkpoint whose barrier sealed the segment.
-    pub checkpoint_id: u64,
-    /// Its spool file.
-    pub path: String,
-    pub records: u64,
-}
+/// failure (in `keel-state`, the one home of checkpoint state).
+pub use keel_state::kafka::{ExactlyOnceState, SegmentState};
 
 /// What the open transaction holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,13 +29,12 @@ use std::time::Duration;
 
 use keel_proto::{KeelError, Result};
 use keel_spec::{JobSpec, SinkConfig, SourceConfig};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use keel_kafka::{ExactlyOnceState, KafkaSinkMetrics, SourcePosition};
+use keel_kafka::{KafkaSinkMetrics, SourcePosition};
 use keel_spec::pipeline;
 
 use super::barrier::{SinkAction, SinkBook, SinkEvent, SinkStop, SourceAction, SourceBook, SourceEvent};
@@ -79,26 +78,11 @@ pub struct Ack {
     pub state: Vec<u8>,
 }
 
-/// The state of a subtask at a checkpoint: the position of each of its sources, and the open
-/// transactions of its exactly-once sinks. Sent as JSON in `AcknowledgeCheckpoint.state_handle`
-/// and given back in `DeployTaskRequest.restore_state`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskSnapshot {
-    pub subtask: u32,
-    pub parallelism: u32,
-    /// By source name.
-    pub sources: BTreeMap<String, SourceSnapshot>,
-    /// By sink name; only sinks with state (exactly-once Kafka sinks).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub sinks: BTreeMap<String, SinkSnapshot>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "connector", rename_all = "lowercase")]
-pub enum SinkSnapshot {
-    /// The transactions of an exactly-once Kafka sink not known to be committed.
-    Kafka(ExactlyOnceState),
-}
+/// The state of a subtask at a checkpoint (its sources' splits, its exactly-once sinks' open
+/// transactions), sent as JSON in `AcknowledgeCheckpoint.state_handle` and given back in
+/// `DeployTaskRequest.restore_state`. The types live in `keel-state`, shared with the
+/// JobManager, which stores them and redistributes them in a rescale.
+pub use keel_state::{SinkSnapshot, SourceSnapshot, TaskSnapshot};
 
 /// Where a task keeps files that belong to its job's checkpoints: exactly-once sinks spool
 /// their uncommitted records under `<dir>/<job_id>/eos/<sink>/<subtask>/`. The directory must be
@@ -129,29 +113,6 @@ impl StateLocation {
             s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
         };
         self.dir.join(safe(&self.job_id)).join("eos").join(safe(sink)).join(subtask.to_string())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "connector", rename_all = "lowercase")]
-pub enum SourceSnapshot {
-    /// The next sequence number the datagen source emits.
-    Datagen { next_sequence: i64 },
-    /// The next offset to read of every partition the source reads, as
-    /// `[topic, partition, offset]` (a list: JSON maps inside a tagged enum cannot have integer
-    /// keys).
-    Kafka { offsets: Vec<(String, i32, i64)> },
-}
-
-impl TaskSnapshot {
-    pub fn to_json(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| KeelError::internal(format!("cannot encode task snapshot: {e}")))
-    }
-
-    pub fn from_json(bytes: &[u8]) -> Result<TaskSnapshot> {
-        serde_json::from_slice(bytes).map_err(|e| KeelError::InvalidArgument {
-            reason: format!("restore_state is not a task snapshot of this TaskManager: {e}"),
-        })
     }
 }
 
@@ -210,12 +171,16 @@ impl ChainPlan {
         let restore = if restore_state.is_empty() {
             None
         } else {
-            let snapshot = TaskSnapshot::from_json(restore_state)?;
+            let snapshot =
+                TaskSnapshot::from_json(restore_state).map_err(|e| KeelError::InvalidArgument {
+                    reason: format!("restore_state is not a task snapshot of this TaskManager: {e}"),
+                })?;
+            // The JobManager redistributes a checkpoint's states over the subtasks of the
+            // attempt (keel_state::rescale): a state of another subtask is its mistake.
             if snapshot.subtask != subtask || snapshot.parallelism != parallelism {
                 return Err(KeelError::InvalidArgument {
                     reason: format!(
-                        "restore_state belongs to subtask {} of {}, not to subtask {subtask} of \
-                         {parallelism}; restoring into a different parallelism is not supported yet",
+                        "restore_state belongs to subtask {} of {}, not to subtask {subtask} of {parallelism}",
                         snapshot.subtask, snapshot.parallelism
                     ),
                 });
@@ -240,7 +205,7 @@ impl ChainPlan {
             match &s.config {
                 SourceConfig::Datagen(opts) => {
                     let restore = match self.restored(&s.name) {
-                        Some(SourceSnapshot::Datagen { next_sequence }) => Some(*next_sequence),
+                        Some(SourceSnapshot::Datagen { splits }) => Some(splits.as_slice()),
                         Some(other) => return Err(wrong_snapshot(&s.name, other)),
                         None => None,
                     };
@@ -318,16 +283,7 @@ impl ChainPlan {
                 match (datagen, &plan.rows.kafka, &plan.rows.format) {
                     (Some(g), _, _) => Box::pin(futures::future::ready(Ok((name, SourceRt::Datagen(g))))),
                     (None, Some(opts), Some(format)) => {
-                        let restored = match self.restored(&name) {
-                            Some(SourceSnapshot::Kafka { offsets }) => {
-                                let mut position = SourcePosition::new();
-                                for (topic, partition, offset) in offsets {
-                                    position.set(topic, *partition, *offset);
-                                }
-                                Some(position)
-                            }
-                            _ => None,
-                        };
+                        let restored = self.restored(&name).and_then(SourceSnapshot::kafka_position);
                         let (opts, schema, format, tx) =
                             (opts.clone(), plan.rows.schema.clone(), format.clone(), kafka_tx.clone());
                         let probe =
@@ -418,10 +374,8 @@ impl SourceRt {
 
     fn snapshot(&self) -> SourceSnapshot {
         match self {
-            SourceRt::Datagen(g) => SourceSnapshot::Datagen { next_sequence: g.next_sequence() },
-            SourceRt::Kafka(k) => SourceSnapshot::Kafka {
-                offsets: k.position.iter().map(|(tp, offset)| (tp.topic, tp.partition, offset)).collect(),
-            },
+            SourceRt::Datagen(g) => SourceSnapshot::Datagen { splits: g.splits() },
+            SourceRt::Kafka(k) => SourceSnapshot::kafka(&k.position),
         }
     }
 }

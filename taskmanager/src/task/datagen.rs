@@ -1,13 +1,17 @@
 //! The `datagen` source: sequence numbers split over the subtasks, paced in small batches.
 //!
-//! Subtask `i` of `p` emits `start + i`, `start + i + p`, `start + i + 2p`, ... so the subtasks
-//! together emit every number exactly once. With `number-of-rows = n` the numbers stop before
-//! `start + n`. The state of the source is the next number it will emit.
+//! The source's state is a set of splits ([`SequenceSplit`]: arithmetic progressions with their
+//! next number). Without a restored state, subtask `i` of `p` owns one, `start + i`,
+//! `start + i + p`, `start + i + 2p`, ... so the subtasks together emit every number exactly
+//! once. After a rescale the JobManager hands each subtask its share of the splits
+//! (`keel_state::rescale`); a subtask emits the numbers of its splits smallest first. With
+//! `number-of-rows = n` the numbers stop before `start + n`.
 
 use std::time::Duration;
 
 use keel_proto::{KeelError, Result};
 use keel_spec::DatagenOptions;
+use keel_state::{SequenceReader, SequenceSplit};
 use tokio::time::Instant;
 
 /// The most records emitted in one batch.
@@ -17,13 +21,8 @@ const MAX_CATCH_UP: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Datagen {
-    /// The next number to emit.
-    next: i64,
-    step: i64,
-    /// Exclusive upper bound (`start + number-of-rows`), if bounded.
-    end: Option<i64>,
-    /// Set when `next + step` overflowed: nothing more to emit.
-    overflowed: bool,
+    /// The splits this subtask owns, bounded by `start + number-of-rows`.
+    reader: SequenceReader,
     /// Rows per second of this subtask.
     rate: f64,
     /// Pacing: `emitted` records have been emitted since `epoch`.
@@ -32,74 +31,51 @@ pub struct Datagen {
 }
 
 impl Datagen {
-    /// The source of `subtask` of `parallelism`. `restore_next` is the next number from a
-    /// snapshot; it must belong to this subtask's sequence.
+    /// The source of `subtask` of `parallelism`. `restore` is the splits from a snapshot (the
+    /// JobManager gave this subtask); without it, the subtask's own progression from `start`.
     pub fn new(
         options: &DatagenOptions,
         subtask: u32,
         parallelism: u32,
-        restore_next: Option<i64>,
+        restore: Option<&[SequenceSplit]>,
     ) -> Result<Datagen> {
         if parallelism == 0 || subtask >= parallelism {
             return Err(KeelError::InvalidArgument {
                 reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
             });
         }
-        let step = i64::from(parallelism);
         let end = options.number_of_rows.and_then(|n| options.start.checked_add_unsigned(n));
-        let first = options.start.checked_add(i64::from(subtask));
-        let (next, overflowed) = match (restore_next, first) {
-            (Some(n), _) => {
-                let first = first.unwrap_or(i64::MAX);
-                if n < first || (i128::from(n) - i128::from(first)) % i128::from(step) != 0 {
+        let splits: Vec<SequenceSplit> = match restore {
+            Some(splits) => {
+                if let Some(bad) = splits.iter().find(|s| s.step < 1) {
                     return Err(KeelError::InvalidArgument {
-                        reason: format!(
-                            "restored datagen position {n} does not belong to subtask {subtask} of \
-                             {parallelism} starting at {}; restoring into a different parallelism \
-                             is not supported yet",
-                            options.start
-                        ),
+                        reason: format!("restored datagen split {bad:?} has a step below 1"),
                     });
                 }
-                (n, false)
+                splits.to_vec()
             }
-            (None, Some(first)) => (first, false),
-            (None, None) => (i64::MAX, true),
+            None => SequenceSplit::initial(options.start, subtask, parallelism).into_iter().collect(),
         };
         Ok(Datagen {
-            next,
-            step,
-            end,
-            overflowed,
+            reader: SequenceReader::new(splits, end),
             rate: options.rows_per_second / f64::from(parallelism),
             epoch: None,
             emitted: 0,
         })
     }
 
-    /// The next number this source will emit (its state).
-    pub fn next_sequence(&self) -> i64 {
-        self.next
+    /// The splits with their next numbers (this source's state).
+    pub fn splits(&self) -> Vec<SequenceSplit> {
+        self.reader.splits()
     }
 
     pub fn is_exhausted(&self) -> bool {
-        self.overflowed || self.end.is_some_and(|end| self.next >= end)
+        self.reader.is_exhausted()
     }
 
     /// Emits up to `max` numbers, without pacing.
     pub fn take(&mut self, max: usize) -> Vec<i64> {
-        let mut out = Vec::with_capacity(max.min(MAX_BATCH));
-        while out.len() < max && !self.is_exhausted() {
-            out.push(self.next);
-            match self.next.checked_add(self.step) {
-                Some(n) => self.next = n,
-                None => {
-                    self.next = i64::MAX;
-                    self.overflowed = true;
-                }
-            }
-        }
-        out
+        self.reader.take(max)
     }
 
     /// When the next record is due (now, before the first).
@@ -166,21 +142,33 @@ mod tests {
         }
     }
 
-    /// Restoring at the stored next number continues the sequence with no gap and no duplicate.
+    /// Restoring from the snapshot's splits continues the sequence with no gap and no
+    /// duplicate; a split with a step below 1 and a subtask out of range are refused.
     #[test]
     fn restore_continues_the_sequence() {
         let opts = options(1000.0, Some(50), 10);
         let mut g = Datagen::new(&opts, 1, 3, None).expect("datagen");
         let first = g.take(5);
-        let state = g.next_sequence();
-        let mut restored = Datagen::new(&opts, 1, 3, Some(state)).expect("restore");
+        let state = g.splits();
+        let mut restored = Datagen::new(&opts, 1, 3, Some(&state)).expect("restore");
         let rest = restored.take(usize::MAX);
         let mut fresh = Datagen::new(&opts, 1, 3, None).expect("datagen");
         let all = fresh.take(usize::MAX);
         assert_eq!([first, rest].concat(), all);
-        // A position of another subtask is refused.
-        assert!(Datagen::new(&opts, 1, 3, Some(state + 1)).is_err());
+        assert!(Datagen::new(&opts, 1, 3, Some(&[SequenceSplit { next: 1, step: 0 }])).is_err());
         assert!(Datagen::new(&opts, 3, 3, None).is_err());
+        // An empty set of splits is a finished source, not a fresh start.
+        assert!(Datagen::new(&opts, 0, 3, Some(&[])).expect("empty").is_exhausted());
+    }
+
+    /// A subtask owning several splits (after a rescale) emits their numbers smallest first.
+    #[test]
+    fn several_splits_are_emitted_smallest_first() {
+        let opts = options(1000.0, Some(12), 0);
+        let splits = [SequenceSplit { next: 4, step: 6 }, SequenceSplit { next: 1, step: 6 }];
+        let mut g = Datagen::new(&opts, 0, 2, Some(&splits)).expect("datagen");
+        assert_eq!(g.take(usize::MAX), vec![1, 4, 7, 10]);
+        assert!(g.is_exhausted());
     }
 
     /// An unbounded sequence ending at i64::MAX stops instead of wrapping around.

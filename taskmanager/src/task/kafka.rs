@@ -108,11 +108,7 @@ fn read_loop(
 ) {
     let needs_headers = decoder.needs_headers();
     while !stop.load(Ordering::SeqCst) {
-        while let Ok(Command::Commit(position)) = commands.try_recv() {
-            if let Err(error) = reader.commit(&position) {
-                tracing::warn!(%error, "committing offsets to the consumer group failed");
-            }
-        }
+        commit_requested(&mut reader, &commands);
         match reader.discover_if_due(Instant::now()) {
             Ok(new) if !new.is_empty() => {
                 tracing::info!(
@@ -167,7 +163,22 @@ fn read_loop(
         let header = BatchHeader { source: index, bytes, malformed, position: Some(reader.position()) };
         let batch = Batch { header, records: rows };
         if out.blocking_send(Ok(batch)).is_err() {
-            return;
+            break;
+        }
+    }
+    // The driver is gone (or stopping). A drained task asks for the commit of its drain
+    // savepoint's offsets and ends right after: that request must not be dropped with it (the
+    // loop above may be past its last check of the commands, or blocked on a full channel that
+    // the drained driver no longer reads).
+    commit_requested(&mut reader, &commands);
+}
+
+/// Commits to the consumer group every position the driver asked for (after the checkpoints
+/// holding them completed).
+fn commit_requested(reader: &mut KafkaSourceReader, commands: &std::sync::mpsc::Receiver<Command>) {
+    while let Ok(Command::Commit(position)) = commands.try_recv() {
+        if let Err(error) = reader.commit(&position) {
+            tracing::warn!(%error, "committing offsets to the consumer group failed");
         }
     }
 }
