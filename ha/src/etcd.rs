@@ -43,8 +43,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::keys::{error_chain, validate_cluster_id, validate_key, validate_prefix};
-use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, LeaseInstant, Role};
+use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
 
 /// HTTP/2 keep-alive pings while a stream is open, to notice a member that vanished without
 /// closing its connections. etcd refuses pings more often than every 5 s by default.
@@ -70,6 +71,8 @@ pub struct EtcdHaServices {
     prefix: String,
     lease_ttl: Duration,
     held: Arc<Mutex<HashMap<Role, Held>>>,
+    /// The lease clock keep-alives are timed with and deadlines read on.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for EtcdHaServices {
@@ -449,12 +452,19 @@ impl EtcdHaServices {
             prefix: format!("/keel/{cluster_id}/"),
             lease_ttl,
             held: Arc::new(Mutex::new(HashMap::new())),
+            clock: crate::clock::system(),
         })
     }
 
     /// Sets the timeout of each etcd request (default: the connect timeout, at least 5 s).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.conn.request_timeout = timeout;
+        self
+    }
+
+    /// Times keep-alives and reads lease deadlines on `clock` (default: the system clock).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -511,7 +521,7 @@ impl EtcdHaServices {
         }
         // The lease cannot expire in etcd before `sent + TTL`: it counts from when etcd
         // received the grant.
-        let sent = LeaseInstant::now();
+        let sent = self.clock.lease_now();
         let grant = self.conn.grant(self.ttl_secs()).await?;
         let lease = grant.id();
         let mut guard = LeaseGuard { conn: self.conn.clone(), lease: Some(lease) };
@@ -555,7 +565,8 @@ impl EtcdHaServices {
             address.to_string(),
             token.clone(),
             lease_deadline(sent, ttl),
-        );
+        )
+        .on_clock(self.clock.clone());
         let keeper = Keeper {
             conn: self.conn.clone(),
             key: key.to_string(),
@@ -675,7 +686,7 @@ impl Keeper {
                 return "the lease deadline passed without a successful keep-alive".into();
             }
             // Opening the stream sends a keep-alive and waits for its answer.
-            let sent = LeaseInstant::now();
+            let sent = self.leadership.clock().lease_now();
             let mut client = self.conn.client.clone();
             let (mut keeper, mut stream) = match tokio::time::timeout(
                 interval,
@@ -718,7 +729,7 @@ impl Keeper {
                 if !self.leadership.is_valid() {
                     return "the lease deadline passed without a successful keep-alive".into();
                 }
-                let sent = LeaseInstant::now();
+                let sent = self.leadership.clock().lease_now();
                 if keeper.keep_alive().await.is_err() {
                     break;
                 }

@@ -17,6 +17,7 @@
 //! (etcd: the revision at which the leader key was created; local: a counter file bumped under
 //! the lock).
 
+pub mod clock;
 pub mod etcd;
 mod keys;
 pub mod leadership;
@@ -31,6 +32,7 @@ use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use clock::{Clock, SystemClock, TestClock};
 pub use leadership::{lease_deadline, safety_margin, Leadership, LeaseInstant};
 pub use stores::{CheckpointPointerStore, Counter, JobStore};
 
