@@ -5,6 +5,11 @@
 //!   - [`etcd::EtcdHaServices`]: leases + transactions on etcd, for clusters of several machines;
 //!   - [`local::LocalHaServices`]: a lock file per role held by the leader process (the kernel
 //!     drops it when the process dies) and metadata as atomically replaced files, for one host.
+//!
+//!   A third, [`memory::MemoryHaServices`], keeps everything in memory and has fault switches
+//!   (lose the lease, fail writes, delay watches): a test seam, selected in code only.
+//! - [`clock`]: the [`Clock`] that lease deadlines (and other time-based decisions) read, so
+//!   that tests can run them on a [`TestClock`] under paused tokio time.
 //! - [`Leadership`]: what a won election hands to the leader: its epoch, a token that is
 //!   cancelled the moment leadership is lost, and (etcd) a lease deadline on the local clock
 //!   after which [`Leadership::check`] refuses even before anything else noticed (see
@@ -22,6 +27,7 @@ pub mod etcd;
 mod keys;
 pub mod leadership;
 pub mod local;
+pub mod memory;
 pub mod stores;
 
 use std::sync::Arc;
