@@ -44,6 +44,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::election::{
+    self, deadline_check, leader_key_change, Backoff, Campaign, CampaignAction, DeadlineCheck, KeepAlive,
+    KeepAliveAction, KeepAliveOutcome, LeaderKey, StepOutcome, BACKOFF_MIN,
+};
 use crate::keys::{error_chain, validate_cluster_id, validate_key, validate_prefix};
 use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
 
@@ -51,13 +55,8 @@ use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
 /// closing its connections. etcd refuses pings more often than every 5 s by default.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Retry pauses after an etcd error (re-subscribing watches).
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Pause between the attempts to reach a member when connecting.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
-/// Pause before re-opening a keep-alive stream that failed.
-const KEEP_ALIVE_RETRY: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A standby re-reads the leader key at least this often even when its watch is silent.
 const VACANCY_RECHECK: Duration = Duration::from_secs(10);
 /// How many times `increment` retries when another writer changed the counter in between.
@@ -168,24 +167,6 @@ fn parse_counter(key: &str, bytes: &[u8]) -> Result<u64> {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .ok_or_else(|| KeelError::ha(format!("counter {key} in etcd is not a decimal number")))
-}
-
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(BACKOFF_MIN)
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.0 = BACKOFF_MIN;
-    }
 }
 
 /// Which failed requests [`Conn::call`] may send again.
@@ -332,16 +313,7 @@ impl Conn {
     }
 }
 
-/// How often a leader sends a keep-alive: every tenth of the TTL (at least every 50 ms). After
-/// an answered keep-alive the leadership holds for `TTL - margin` (see [`lease_deadline`]), so
-/// when etcd stops answering (a member died, the raft leader is being replaced) a leader has at
-/// least `TTL - margin - interval` to get a keep-alive through again: 2.4 s with the default
-/// TTL of 3 s. Losing etcd's raft leader leaves etcd unable to answer for one to two election
-/// timeouts plus a vote (1 s each by default: about 1.2 to 2.2 s measured here), so the TTL
-/// must stay well above twice etcd's election timeout.
-pub fn keep_alive_interval(ttl: Duration) -> Duration {
-    (ttl / 10).max(Duration::from_millis(50))
-}
+pub use crate::election::keep_alive_interval;
 
 /// Revokes a freshly granted lease unless disarmed: a campaign step abandoned half-way (error,
 /// shutdown, dropped future) must not leave a leader key nobody keeps alive.
@@ -495,12 +467,6 @@ impl EtcdHaServices {
         }
     }
 
-    /// The lease TTL asked of etcd, in whole seconds (etcd's unit), rounded up.
-    fn ttl_secs(&self) -> i64 {
-        let ms = self.lease_ttl.as_millis();
-        i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX).max(1)
-    }
-
     fn fence(&self, leadership: &Leadership) -> Result<Compare> {
         let epoch = i64::try_from(leadership.epoch).map_err(|_| self.lost(leadership))?;
         Ok(Compare::create_revision(self.leader_key(leadership.role), CompareOp::Equal, epoch))
@@ -522,15 +488,13 @@ impl EtcdHaServices {
         // The lease cannot expire in etcd before `sent + TTL`: it counts from when etcd
         // received the grant.
         let sent = self.clock.lease_now();
-        let grant = self.conn.grant(self.ttl_secs()).await?;
+        let grant = self.conn.grant(election::ttl_secs(self.lease_ttl)).await?;
         let lease = grant.id();
         let mut guard = LeaseGuard { conn: self.conn.clone(), lease: Some(lease) };
-        let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
-        if granted.is_zero() {
-            return Err(KeelError::ha(format!("etcd granted lease {lease:x} with TTL {}", grant.ttl())));
-        }
         // The deadline we keep is never longer than what we asked for or what etcd granted.
-        let ttl = granted.min(self.lease_ttl);
+        let Some(ttl) = election::granted_ttl(self.lease_ttl, grant.ttl()) else {
+            return Err(KeelError::ha(format!("etcd granted lease {lease:x} with TTL {}", grant.ttl())));
+        };
 
         let create = Txn::new()
             .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
@@ -571,7 +535,7 @@ impl EtcdHaServices {
             conn: self.conn.clone(),
             key: key.to_string(),
             lease,
-            ttl,
+            rules: KeepAlive::new(lease, ttl),
             leadership: leadership.clone(),
         };
         let task = tokio::spawn(keeper.run());
@@ -623,7 +587,8 @@ struct Keeper {
     conn: Conn,
     key: String,
     lease: i64,
-    ttl: Duration,
+    /// What to do after each keep-alive ([`crate::election`]).
+    rules: KeepAlive,
     leadership: Leadership,
 }
 
@@ -655,13 +620,13 @@ impl Keeper {
     /// after a pause it refuses before this task had a chance to run.)
     async fn deadline_watch(&self) -> String {
         loop {
-            match self.leadership.remaining() {
-                None => return std::future::pending().await,
-                Some(left) if left.is_zero() => {
+            match deadline_check(self.leadership.remaining()) {
+                DeadlineCheck::Never => return std::future::pending().await,
+                DeadlineCheck::Passed => {
                     return "the lease deadline passed without a successful keep-alive".into()
                 }
                 // The deadline may move while we sleep; look again when the old one is due.
-                Some(left) => tokio::time::sleep(left + Duration::from_millis(1)).await,
+                DeadlineCheck::LookAgainIn(pause) => tokio::time::sleep(pause).await,
             }
         }
     }
@@ -674,43 +639,48 @@ impl Keeper {
     /// the deadline passes. While etcd elects a new raft leader nothing is answered; a short
     /// interval leaves the rest of the lease to ride that out (see [`keep_alive_interval`]).
     async fn keep_alive_loop(&self) -> String {
-        let interval = keep_alive_interval(self.ttl);
+        let interval = self.rules.interval();
         let (role, epoch) = (self.leadership.role, self.leadership.epoch);
-        let mut first = true;
+        let mut pause = None;
         loop {
-            if !first {
-                tokio::time::sleep(KEEP_ALIVE_RETRY).await;
+            if let Some(pause) = pause.take() {
+                tokio::time::sleep(pause).await;
             }
-            first = false;
-            if !self.leadership.is_valid() {
-                return "the lease deadline passed without a successful keep-alive".into();
+            if let KeepAliveAction::GiveUp { reason } = self.before_send() {
+                return reason;
             }
             // Opening the stream sends a keep-alive and waits for its answer.
             let sent = self.leadership.clock().lease_now();
             let mut client = self.conn.client.clone();
-            let (mut keeper, mut stream) = match tokio::time::timeout(
-                interval,
-                client.lease_keep_alive(self.lease),
-            )
-            .await
-            {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(e)) if is_lease_not_found(&e) => return format!("lease {:x} is gone", self.lease),
+            let opened = tokio::time::timeout(interval, client.lease_keep_alive(self.lease)).await;
+            let (outcome, pair) = match opened {
+                Ok(Ok(pair)) => (KeepAliveOutcome::Opened, Some(pair)),
+                Ok(Err(e)) if is_lease_not_found(&e) => (KeepAliveOutcome::LeaseNotFound, None),
                 Ok(Err(e)) => {
                     tracing::debug!(role = %role, epoch, error = %describe(&e), "cannot open keep-alive stream");
-                    continue;
+                    (KeepAliveOutcome::Broken, None)
                 }
                 Err(_) => {
                     tracing::debug!(role = %role, epoch, "keep-alive stream did not open in time");
+                    (KeepAliveOutcome::Broken, None)
+                }
+            };
+            let mut next_in = match self.carry_out(sent, &outcome) {
+                Err(reason) => return reason,
+                Ok(Some(next_in)) => next_in,
+                Ok(None) => {
+                    pause = Some(election::KEEP_ALIVE_RETRY);
                     continue;
                 }
             };
-            self.leadership.extend_until(lease_deadline(sent, self.ttl));
+            let Some((mut keeper, mut stream)) = pair else {
+                continue;
+            };
             loop {
                 // Idle until the next keep-alive is due. Nothing is outstanding meanwhile, so
                 // anything the stream yields is its failure or end: reopen at once rather than
                 // finding out at the next keep-alive.
-                let due = tokio::time::sleep(interval);
+                let due = tokio::time::sleep(next_in);
                 tokio::pin!(due);
                 let broken = loop {
                     tokio::select! {
@@ -726,39 +696,62 @@ impl Keeper {
                     tracing::debug!(role = %role, epoch, why, "keep-alive stream lost between keep-alives, reopening");
                     break;
                 }
-                if !self.leadership.is_valid() {
-                    return "the lease deadline passed without a successful keep-alive".into();
+                if let KeepAliveAction::GiveUp { reason } = self.before_send() {
+                    return reason;
                 }
                 let sent = self.leadership.clock().lease_now();
-                if keeper.keep_alive().await.is_err() {
-                    break;
-                }
-                match tokio::time::timeout(interval, stream.message()).await {
-                    Ok(Ok(Some(resp))) => {
-                        if resp.ttl() <= 0 {
-                            return format!(
-                                "lease {:x} expired (keep-alive answered TTL {})",
-                                self.lease,
-                                resp.ttl()
-                            );
+                let outcome = if keeper.keep_alive().await.is_err() {
+                    KeepAliveOutcome::Broken
+                } else {
+                    match tokio::time::timeout(interval, stream.message()).await {
+                        Ok(Ok(Some(resp))) => KeepAliveOutcome::Answered { ttl_secs: resp.ttl() },
+                        Ok(Ok(None)) => {
+                            tracing::debug!(role = %role, epoch, "keep-alive stream ended, reopening");
+                            KeepAliveOutcome::Broken
                         }
-                        let ttl = Duration::from_secs(resp.ttl().unsigned_abs()).min(self.ttl);
-                        self.leadership.extend_until(lease_deadline(sent, ttl));
+                        Ok(Err(e)) => {
+                            tracing::debug!(role = %role, epoch, error = %describe(&e), "keep-alive failed, reopening");
+                            KeepAliveOutcome::Broken
+                        }
+                        Err(_) => {
+                            tracing::debug!(role = %role, epoch, "keep-alive unanswered, reopening");
+                            KeepAliveOutcome::Broken
+                        }
                     }
-                    Ok(Ok(None)) => {
-                        tracing::debug!(role = %role, epoch, "keep-alive stream ended, reopening");
-                        break;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(role = %role, epoch, error = %describe(&e), "keep-alive failed, reopening");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::debug!(role = %role, epoch, "keep-alive unanswered, reopening");
-                        break;
-                    }
+                };
+                match self.carry_out(sent, &outcome) {
+                    Err(reason) => return reason,
+                    Ok(Some(next)) => next_in = next,
+                    Ok(None) => break,
                 }
             }
+            pause = Some(election::KEEP_ALIVE_RETRY);
+        }
+    }
+
+    /// The keep-alive rule before a send, on the leadership's own clock.
+    fn before_send(&self) -> KeepAliveAction {
+        // `is_valid` also cancels the token once the deadline passed.
+        let lost = !self.leadership.is_valid();
+        self.rules.before_send(lost, self.leadership.deadline(), self.leadership.clock().lease_now())
+    }
+
+    /// Carries out the rule's answer to `outcome`: `Ok(Some(next_in))` after extending the
+    /// deadline, `Ok(None)` to reopen the stream (after the rule's pause), `Err(reason)` to give
+    /// the leadership up.
+    fn carry_out(
+        &self,
+        sent: crate::LeaseInstant,
+        outcome: &KeepAliveOutcome,
+    ) -> std::result::Result<Option<Duration>, String> {
+        match self.rules.after(sent, outcome) {
+            KeepAliveAction::Extend { deadline, next_in } => {
+                self.leadership.extend_until(deadline);
+                Ok(Some(next_in))
+            }
+            KeepAliveAction::Reopen { .. } => Ok(None),
+            KeepAliveAction::GiveUp { reason } => Err(reason),
+            KeepAliveAction::Send => Ok(Some(Duration::ZERO)),
         }
     }
 
@@ -781,16 +774,12 @@ impl Keeper {
         let epoch = i64::try_from(self.leadership.epoch).unwrap_or(i64::MAX);
         let current = self.conn.get(&self.key, None).await?;
         let revision = header_revision(current.header())?;
-        match current.kvs().first() {
-            None => return Ok(format!("leader key {} is gone", self.key)),
-            Some(kv) if kv.create_revision() != epoch => {
-                return Ok(format!(
-                    "leader key {} was re-created at revision {}",
-                    self.key,
-                    kv.create_revision()
-                ))
-            }
-            Some(_) => {}
+        let seen = match current.kvs().first() {
+            None => LeaderKey::Gone,
+            Some(kv) => LeaderKey::Present { create_revision: kv.create_revision() },
+        };
+        if let Some(reason) = leader_key_change(&self.key, epoch, seen) {
+            return Ok(reason);
         }
         let mut stream = self.conn.watch(&self.key, revision + 1).await?;
         backoff.reset();
@@ -804,18 +793,14 @@ impl Keeper {
                         )));
                     }
                     for event in resp.events() {
-                        match event.event_type() {
-                            EventType::Delete => return Ok(format!("leader key {} was deleted", self.key)),
-                            EventType::Put => {
-                                let created = event.kv().map(|kv| kv.create_revision());
-                                if created != Some(epoch) {
-                                    return Ok(format!(
-                                        "leader key {} was re-created at revision {}",
-                                        self.key,
-                                        created.unwrap_or(0)
-                                    ));
-                                }
-                            }
+                        let seen = match event.event_type() {
+                            EventType::Delete => LeaderKey::Deleted,
+                            EventType::Put => LeaderKey::Present {
+                                create_revision: event.kv().map(|kv| kv.create_revision()).unwrap_or(0),
+                            },
+                        };
+                        if let Some(reason) = leader_key_change(&self.key, epoch, seen) {
+                            return Ok(reason);
                         }
                     }
                 }
@@ -888,7 +873,7 @@ impl HaServices for EtcdHaServices {
     async fn campaign(&self, role: Role, address: &str, shutdown: &CancellationToken) -> Result<Leadership> {
         let cancelled = || KeelError::Cancelled { reason: format!("campaign for {role} leadership stopped") };
         let key = self.leader_key(role);
-        let mut backoff = Backoff::new();
+        let mut rules = Campaign::new();
         loop {
             if shutdown.is_cancelled() {
                 return Err(cancelled());
@@ -898,37 +883,45 @@ impl HaServices for EtcdHaServices {
                 _ = shutdown.cancelled() => return Err(cancelled()),
                 step = self.campaign_step(role, &key, address) => step,
             };
-            let pause = match step {
-                Ok(Step::Won(leadership)) => return Ok(leadership),
-                Ok(Step::Taken { revision }) => {
-                    tracing::debug!(role = %role, revision, "leader key taken, waiting for it to go");
-                    let waited = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Err(cancelled()),
-                        waited = self.wait_for_vacancy(&key, revision) => waited,
-                    };
-                    match waited {
-                        Ok(()) => {
-                            backoff.reset();
-                            None
-                        }
-                        Err(e) => {
-                            tracing::debug!(role = %role, error = %e, "leader key watch interrupted");
-                            Some(backoff.next())
-                        }
-                    }
-                }
+            let (outcome, won, error) = match step {
+                Ok(Step::Won(leadership)) => (StepOutcome::Won, Some(leadership), None),
+                Ok(Step::Taken { revision }) => (StepOutcome::Taken { revision }, None, None),
                 Err(e @ KeelError::Unavailable { .. }) => {
                     tracing::warn!(role = %role, error = %e, "campaign step failed, retrying");
-                    Some(backoff.next())
+                    (StepOutcome::Unavailable, None, None)
                 }
-                Err(e) => return Err(e),
+                Err(e) => (StepOutcome::Failed, None, Some(e)),
             };
-            if let Some(pause) = pause {
-                tokio::select! {
+            let mut action = rules.after_step(outcome);
+            if let CampaignAction::WatchForVacancy { revision } = action {
+                tracing::debug!(role = %role, revision, "leader key taken, waiting for it to go");
+                let waited = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Err(cancelled()),
-                    _ = tokio::time::sleep(pause) => {}
+                    waited = self.wait_for_vacancy(&key, revision) => waited,
+                };
+                if let Err(e) = &waited {
+                    tracing::debug!(role = %role, error = %e, "leader key watch interrupted");
+                }
+                action = rules.after_wait(waited.is_ok());
+            }
+            match action {
+                CampaignAction::Lead => match won {
+                    Some(leadership) => return Ok(leadership),
+                    None => return Err(KeelError::internal("campaign: won without a leadership")),
+                },
+                CampaignAction::Fail => {
+                    return Err(
+                        error.unwrap_or_else(|| KeelError::internal("campaign failed without an error"))
+                    )
+                }
+                CampaignAction::TryNow | CampaignAction::WatchForVacancy { .. } => {}
+                CampaignAction::RetryAfter(pause) => {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(cancelled()),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }

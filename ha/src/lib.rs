@@ -23,6 +23,7 @@
 //! the lock).
 
 pub mod clock;
+mod election;
 pub mod etcd;
 mod keys;
 pub mod leadership;
