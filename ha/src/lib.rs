@@ -167,3 +167,47 @@ pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaService
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryHaServices;
+
+    /// The lead loop on the in-memory backend: a lost lease ends `lead` (its token fires) and
+    /// the process campaigns again and leads with a greater epoch; on shutdown the leadership
+    /// is given up and resigned, so the role is vacant for a standby at once.
+    #[tokio::test(start_paused = true)]
+    async fn run_for_leadership_leads_again_after_a_loss_and_resigns_on_shutdown() -> Result<()> {
+        let memory = MemoryHaServices::new();
+        let ha: Arc<dyn HaServices> = Arc::new(memory.clone());
+        let shutdown = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let runner =
+            tokio::spawn(run_for_leadership(ha.clone(), Role::JobManager, "a:1".into(), shutdown.clone(), {
+                let shutdown = shutdown.clone();
+                move |leadership: Leadership| {
+                    let (tx, shutdown) = (tx.clone(), shutdown.clone());
+                    async move {
+                        let _ = tx.send(leadership.epoch);
+                        tokio::select! {
+                            _ = leadership.lost().cancelled() => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    }
+                }
+            }));
+        let closed = || KeelError::internal("the lead loop stopped");
+        let first = rx.recv().await.ok_or_else(closed)?;
+        assert_eq!(memory.lose_lease(Role::JobManager), Some(first));
+        let second = rx.recv().await.ok_or_else(closed)?;
+        assert!(second > first, "a new leadership, with a greater epoch");
+        assert_eq!(ha.leader(Role::JobManager).await?.map(|l| l.epoch), Some(second));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), runner)
+            .await
+            .map_err(|_| KeelError::internal("the lead loop did not stop on shutdown"))?
+            .map_err(|e| KeelError::internal(e.to_string()))?;
+        assert_eq!(ha.leader(Role::JobManager).await?, None, "resigned on shutdown");
+        Ok(())
+    }
+}
