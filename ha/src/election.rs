@@ -146,11 +146,18 @@ pub(crate) enum KeepAliveOutcome {
     Broken,
 }
 
-/// What the keep-alive task does next.
+/// Whether the keep-alive task sends the next keep-alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BeforeSend {
+    /// Send it (opening the stream first if there is none).
+    Send,
+    /// Give the leadership up, for this reason.
+    GiveUp { reason: String },
+}
+
+/// What the keep-alive task does after a keep-alive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum KeepAliveAction {
-    /// Send the next keep-alive (opening the stream first if there is none).
-    Send,
     /// Move the leadership's deadline to `deadline`, then idle until the next keep-alive is due,
     /// `next_in` from now (reopening at once if the stream breaks meanwhile).
     Extend { deadline: LeaseInstant, next_in: Duration },
@@ -184,13 +191,13 @@ impl KeepAlive {
         lost: bool,
         deadline: Option<LeaseInstant>,
         now: LeaseInstant,
-    ) -> KeepAliveAction {
+    ) -> BeforeSend {
         if lost || deadline.is_some_and(|d| now >= d) {
-            return KeepAliveAction::GiveUp {
+            return BeforeSend::GiveUp {
                 reason: "the lease deadline passed without a successful keep-alive".into(),
             };
         }
-        KeepAliveAction::Send
+        BeforeSend::Send
     }
 
     /// After the keep-alive sent at `sent` came to `outcome`.
@@ -323,17 +330,15 @@ mod tests {
         let clock = TestClock::new();
         let k = KeepAlive::new(0xab, Duration::from_secs(3));
         let deadline = clock.lease_now() + Duration::from_secs(1);
-        assert_eq!(k.before_send(false, Some(deadline), clock.lease_now()), KeepAliveAction::Send);
-        assert_eq!(k.before_send(false, None, clock.lease_now()), KeepAliveAction::Send);
-        assert!(matches!(
-            k.before_send(true, Some(deadline), clock.lease_now()),
-            KeepAliveAction::GiveUp { .. }
-        ));
-        clock.advance(Duration::from_secs(1));
-        assert!(matches!(
-            k.before_send(false, Some(deadline), clock.lease_now()),
-            KeepAliveAction::GiveUp { .. }
-        ));
+        assert_eq!(k.before_send(false, Some(deadline), clock.lease_now()), BeforeSend::Send);
+        assert_eq!(k.before_send(false, None, clock.lease_now()), BeforeSend::Send);
+        let give_up =
+            BeforeSend::GiveUp { reason: "the lease deadline passed without a successful keep-alive".into() };
+        assert_eq!(k.before_send(true, Some(deadline), clock.lease_now()), give_up);
+        clock.advance(Duration::from_millis(999));
+        assert_eq!(k.before_send(false, Some(deadline), clock.lease_now()), BeforeSend::Send);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(k.before_send(false, Some(deadline), clock.lease_now()), give_up);
     }
 
     /// Keep-alive answers: an opened stream or an answer extends the deadline from the send

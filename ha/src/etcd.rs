@@ -45,8 +45,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::election::{
-    self, deadline_check, leader_key_change, Backoff, Campaign, CampaignAction, DeadlineCheck, KeepAlive,
-    KeepAliveAction, KeepAliveOutcome, LeaderKey, StepOutcome, BACKOFF_MIN,
+    self, deadline_check, leader_key_change, Backoff, BeforeSend, Campaign, CampaignAction, DeadlineCheck,
+    KeepAlive, KeepAliveAction, KeepAliveOutcome, LeaderKey, StepOutcome, BACKOFF_MIN,
 };
 use crate::keys::{error_chain, validate_cluster_id, validate_key, validate_prefix};
 use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
@@ -635,9 +635,11 @@ impl Keeper {
     ///
     /// A keep-alive is due every [`keep_alive_interval`]; one unanswered within that interval
     /// (or a stream that fails or ends, even between keep-alives, as when its etcd member
-    /// dies) reopens the stream after [`KEEP_ALIVE_RETRY`], on whichever member answers, until
-    /// the deadline passes. While etcd elects a new raft leader nothing is answered; a short
-    /// interval leaves the rest of the lease to ride that out (see [`keep_alive_interval`]).
+    /// dies) reopens the stream after [`crate::election::KEEP_ALIVE_RETRY`], on whichever
+    /// member answers, until the deadline passes. While etcd elects a new raft leader nothing
+    /// is answered; a short interval leaves the rest of the lease to ride that out (see
+    /// [`keep_alive_interval`]). What to do after each answer is decided by
+    /// [`crate::election::KeepAlive`]; this loop only sends, waits and carries it out.
     async fn keep_alive_loop(&self) -> String {
         let interval = self.rules.interval();
         let (role, epoch) = (self.leadership.role, self.leadership.epoch);
@@ -646,7 +648,7 @@ impl Keeper {
             if let Some(pause) = pause.take() {
                 tokio::time::sleep(pause).await;
             }
-            if let KeepAliveAction::GiveUp { reason } = self.before_send() {
+            if let BeforeSend::GiveUp { reason } = self.before_send() {
                 return reason;
             }
             // Opening the stream sends a keep-alive and waits for its answer.
@@ -665,11 +667,11 @@ impl Keeper {
                     (KeepAliveOutcome::Broken, None)
                 }
             };
-            let mut next_in = match self.carry_out(sent, &outcome) {
-                Err(reason) => return reason,
-                Ok(Some(next_in)) => next_in,
-                Ok(None) => {
-                    pause = Some(election::KEEP_ALIVE_RETRY);
+            let mut next_in = match self.apply(sent, &outcome) {
+                KeepAliveAction::GiveUp { reason } => return reason,
+                KeepAliveAction::Extend { next_in, .. } => next_in,
+                KeepAliveAction::Reopen { after } => {
+                    pause = Some(after);
                     continue;
                 }
             };
@@ -694,9 +696,10 @@ impl Keeper {
                 };
                 if let Some(why) = broken {
                     tracing::debug!(role = %role, epoch, why, "keep-alive stream lost between keep-alives, reopening");
+                    pause = Some(election::KEEP_ALIVE_RETRY);
                     break;
                 }
-                if let KeepAliveAction::GiveUp { reason } = self.before_send() {
+                if let BeforeSend::GiveUp { reason } = self.before_send() {
                     return reason;
                 }
                 let sent = self.leadership.clock().lease_now();
@@ -719,40 +722,32 @@ impl Keeper {
                         }
                     }
                 };
-                match self.carry_out(sent, &outcome) {
-                    Err(reason) => return reason,
-                    Ok(Some(next)) => next_in = next,
-                    Ok(None) => break,
+                match self.apply(sent, &outcome) {
+                    KeepAliveAction::GiveUp { reason } => return reason,
+                    KeepAliveAction::Extend { next_in: next, .. } => next_in = next,
+                    KeepAliveAction::Reopen { after } => {
+                        pause = Some(after);
+                        break;
+                    }
                 }
             }
-            pause = Some(election::KEEP_ALIVE_RETRY);
         }
     }
 
     /// The keep-alive rule before a send, on the leadership's own clock.
-    fn before_send(&self) -> KeepAliveAction {
+    fn before_send(&self) -> BeforeSend {
         // `is_valid` also cancels the token once the deadline passed.
         let lost = !self.leadership.is_valid();
         self.rules.before_send(lost, self.leadership.deadline(), self.leadership.clock().lease_now())
     }
 
-    /// Carries out the rule's answer to `outcome`: `Ok(Some(next_in))` after extending the
-    /// deadline, `Ok(None)` to reopen the stream (after the rule's pause), `Err(reason)` to give
-    /// the leadership up.
-    fn carry_out(
-        &self,
-        sent: crate::LeaseInstant,
-        outcome: &KeepAliveOutcome,
-    ) -> std::result::Result<Option<Duration>, String> {
-        match self.rules.after(sent, outcome) {
-            KeepAliveAction::Extend { deadline, next_in } => {
-                self.leadership.extend_until(deadline);
-                Ok(Some(next_in))
-            }
-            KeepAliveAction::Reopen { .. } => Ok(None),
-            KeepAliveAction::GiveUp { reason } => Err(reason),
-            KeepAliveAction::Send => Ok(Some(Duration::ZERO)),
+    /// The rule's answer to `outcome`, with its deadline extension already carried out.
+    fn apply(&self, sent: crate::LeaseInstant, outcome: &KeepAliveOutcome) -> KeepAliveAction {
+        let action = self.rules.after(sent, outcome);
+        if let KeepAliveAction::Extend { deadline, .. } = &action {
+            self.leadership.extend_until(*deadline);
         }
+        action
     }
 
     /// Returns when the leader key is gone or belongs to another leadership; re-subscribes on
