@@ -26,29 +26,34 @@
 //!
 //! Fencing: every leader-only write is a transaction guarded by
 //! `create_revision(leader key) == epoch`.
+//!
+//! Layout: this file holds the campaign, the reads and the fenced writes; `conn` the client
+//! and which requests are sent again; `keeper` the task that keeps a leadership; the decisions
+//! of the campaign and the keep-alive (what to do next, given what etcd answered, the TTL and
+//! the clock) are in `crate::election`, without I/O.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, KeyValue,
-    LeaseGrantResponse, PutOptions, ResponseHeader, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod conn;
+mod keeper;
+
+use self::conn::{describe, header_revision, is_unreachable, Conn, Retry};
+use self::keeper::Keeper;
 use crate::clock::Clock;
-use crate::election::{
-    self, deadline_check, leader_key_change, Backoff, BeforeSend, Campaign, CampaignAction, DeadlineCheck,
-    KeepAlive, KeepAliveAction, KeepAliveOutcome, LeaderKey, StepOutcome, BACKOFF_MIN,
-};
-use crate::keys::{error_chain, validate_cluster_id, validate_key, validate_prefix};
+use crate::election::{self, Backoff, Campaign, CampaignAction, KeepAlive, StepOutcome};
+use crate::keys::{validate_cluster_id, validate_key, validate_prefix};
 use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
 
 /// HTTP/2 keep-alive pings while a stream is open, to notice a member that vanished without
@@ -61,8 +66,6 @@ const CONNECT_RETRY: Duration = Duration::from_millis(50);
 const VACANCY_RECHECK: Duration = Duration::from_secs(10);
 /// How many times `increment` retries when another writer changed the counter in between.
 const MAX_INCREMENT_ATTEMPTS: usize = 100;
-/// The shortest time one attempt of an idempotent request gets before it is sent again.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// HA services on etcd. See the module documentation for the key space and the protocol.
 pub struct EtcdHaServices {
@@ -92,60 +95,6 @@ struct Held {
     task: JoinHandle<()>,
 }
 
-/// The etcd client with the endpoint list (for error messages) and the per-request timeout.
-#[derive(Clone)]
-struct Conn {
-    client: Client,
-    endpoints: Arc<str>,
-    request_timeout: Duration,
-}
-
-/// Formats an etcd client error with its causes (the client's own `Display` drops them).
-fn describe(e: &etcd_client::Error) -> String {
-    match e {
-        etcd_client::Error::TransportError(t) => error_chain(t),
-        etcd_client::Error::GRpcStatus(s) => {
-            let head = format!("{:?}: {}", s.code(), s.message());
-            match std::error::Error::source(s).map(error_chain) {
-                // The message often repeats the start of the cause chain.
-                Some(causes) if causes.starts_with(s.message()) => format!("{:?}: {causes}", s.code()),
-                Some(causes) => format!("{head}: {causes}"),
-                None => head,
-            }
-        }
-        etcd_client::Error::IoError(io) => error_chain(io),
-        other => other.to_string(),
-    }
-}
-
-/// True when the error says etcd could not be reached or could not serve the request right now
-/// (no connection, no raft leader, timeout): worth retrying elsewhere or later.
-fn is_unreachable(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown
-        ),
-        _ => false,
-    }
-}
-
-fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
-        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
-        _ => false,
-    }
-}
-
-fn header_revision(header: Option<&ResponseHeader>) -> Result<i64> {
-    header.map(|h| h.revision()).ok_or_else(|| KeelError::ha("etcd answered without a response header"))
-}
-
 fn encode_leader(address: &str, epoch: u64) -> Result<Vec<u8>> {
     serde_json::to_vec(&LeaderInfo { address: address.to_string(), epoch })
         .map_err(|e| KeelError::internal(format!("cannot encode leader record: {e}")))
@@ -167,150 +116,6 @@ fn parse_counter(key: &str, bytes: &[u8]) -> Result<u64> {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .ok_or_else(|| KeelError::ha(format!("counter {key} in etcd is not a decimal number")))
-}
-
-/// Which failed requests [`Conn::call`] may send again.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Retry {
-    /// Sending the request twice has the same effect as once (reads, fenced puts and deletes,
-    /// revokes): retried on any "unreachable" error, with a per-attempt timeout, so that a
-    /// request stuck on a member that just lost its raft leader is sent again elsewhere.
-    Idempotent,
-    /// Retried only when the request certainly never left (no connection to the member the
-    /// balancer picked); any other failure may have been applied and is returned.
-    IfNotSent,
-}
-
-/// True when the request failed before it was sent: the connection to the picked member
-/// could not be made (a dead member stays in the client's balancer and fails fast).
-fn is_not_sent(e: &etcd_client::Error) -> bool {
-    let source: Option<&(dyn std::error::Error + 'static)> = match e {
-        etcd_client::Error::TransportError(t) => Some(t),
-        etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
-        _ => None,
-    };
-    let mut cause = source;
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        if c.to_string().contains("tcp connect error") {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
-
-impl Conn {
-    fn error(&self, what: &str, e: &etcd_client::Error) -> KeelError {
-        if is_unreachable(e) {
-            KeelError::unavailable(self.endpoints.to_string(), format!("etcd {what}: {}", describe(e)))
-        } else {
-            KeelError::ha(format!("etcd {what} (endpoints {}): {}", self.endpoints, describe(e)))
-        }
-    }
-
-    fn timed_out(&self, what: &str) -> KeelError {
-        KeelError::unavailable(
-            self.endpoints.to_string(),
-            format!("etcd {what}: no answer within {:?}", self.request_timeout),
-        )
-    }
-
-    /// Runs an etcd request (built anew by `request` for every attempt) until it succeeds,
-    /// fails in a way `retry` does not cover, or the request timeout has passed.
-    async fn call<T, F, Fut>(&self, what: &str, retry: Retry, mut request: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
-    {
-        let deadline = Instant::now() + self.request_timeout;
-        let mut pause = Duration::from_millis(20);
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(self.timed_out(what));
-            }
-            let attempt_timeout = match retry {
-                Retry::Idempotent => (self.request_timeout / 4).max(ATTEMPT_TIMEOUT).min(remaining),
-                Retry::IfNotSent => remaining,
-            };
-            let e = match tokio::time::timeout(attempt_timeout, request()).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => e,
-                Err(_) if retry == Retry::Idempotent && attempt_timeout < remaining => {
-                    tracing::debug!(what, "etcd request unanswered, sending it again");
-                    continue;
-                }
-                Err(_) => return Err(self.timed_out(what)),
-            };
-            let again = match retry {
-                Retry::Idempotent => is_unreachable(&e),
-                Retry::IfNotSent => is_not_sent(&e),
-            };
-            if !again || Instant::now() + pause >= deadline {
-                return Err(self.error(what, &e));
-            }
-            tracing::debug!(what, error = %describe(&e), "etcd request failed, retrying");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(BACKOFF_MIN);
-        }
-    }
-
-    async fn get(&self, key: &str, options: Option<GetOptions>) -> Result<GetResponse> {
-        self.call("get", Retry::Idempotent, || {
-            let mut c = self.client.clone();
-            let (key, options) = (key.to_string(), options.clone());
-            async move { c.get(key, options).await }
-        })
-        .await
-    }
-
-    async fn txn(&self, what: &str, retry: Retry, txn: Txn) -> Result<TxnResponse> {
-        self.call(what, retry, || {
-            let mut c = self.client.clone();
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await
-    }
-
-    async fn grant(&self, ttl_secs: i64) -> Result<LeaseGrantResponse> {
-        self.call("lease grant", Retry::IfNotSent, || {
-            let mut c = self.client.clone();
-            async move { c.lease_grant(ttl_secs, None).await }
-        })
-        .await
-    }
-
-    /// Revokes a lease; a lease that is already gone counts as revoked.
-    async fn revoke(&self, lease: i64) -> Result<()> {
-        self.call("lease revoke", Retry::Idempotent, || {
-            let mut c = self.client.clone();
-            async move {
-                match c.lease_revoke(lease).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if is_lease_not_found(&e) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-        })
-        .await
-    }
-
-    /// Opens a watch on `key` from `start_revision`.
-    async fn watch(&self, key: &str, start_revision: i64) -> Result<WatchStream> {
-        self.call("watch", Retry::Idempotent, || {
-            let mut c = self.client.clone();
-            let key = key.to_string();
-            let options = WatchOptions::new().with_start_revision(start_revision);
-            async move { c.watch(key, Some(options)).await }
-        })
-        .await
-    }
 }
 
 pub use crate::election::keep_alive_interval;
@@ -577,232 +382,6 @@ impl EtcdHaServices {
                     }
                     Err(e) => return Err(self.conn.error("watch leader key", &e)),
                 },
-            }
-        }
-    }
-}
-
-/// Keeps one leadership alive: keep-alives, and a watch on the leader key.
-struct Keeper {
-    conn: Conn,
-    key: String,
-    lease: i64,
-    /// What to do after each keep-alive ([`crate::election`]).
-    rules: KeepAlive,
-    leadership: Leadership,
-}
-
-impl Keeper {
-    async fn run(self) {
-        let token = self.leadership.lost().clone();
-        let reason = tokio::select! {
-            biased;
-            _ = token.cancelled() => None,
-            r = self.deadline_watch() => Some(r),
-            r = self.keep_alive_loop() => Some(r),
-            r = self.watch_key_loop() => Some(r),
-        };
-        let (role, epoch) = (self.leadership.role, self.leadership.epoch);
-        if let Some(reason) = reason {
-            tracing::warn!(role = %role, epoch, reason, "etcd leadership lost");
-            self.leadership.give_up();
-        }
-        // Best effort: deleting the key at once lets a standby take over without waiting for
-        // the lease to expire.
-        if let Err(e) = self.conn.revoke(self.lease).await {
-            tracing::debug!(role = %role, epoch, error = %e, "cannot revoke leader lease");
-        }
-    }
-
-    /// Returns when the leadership's deadline has passed unrenewed, so that leader work
-    /// waiting on the `lost` token stops at the deadline even while the keep-alive loop is
-    /// blocked on an unanswered request. (`Leadership::check` does not depend on this task:
-    /// after a pause it refuses before this task had a chance to run.)
-    async fn deadline_watch(&self) -> String {
-        loop {
-            match deadline_check(self.leadership.remaining()) {
-                DeadlineCheck::Never => return std::future::pending().await,
-                DeadlineCheck::Passed => {
-                    return "the lease deadline passed without a successful keep-alive".into()
-                }
-                // The deadline may move while we sleep; look again when the old one is due.
-                DeadlineCheck::LookAgainIn(pause) => tokio::time::sleep(pause).await,
-            }
-        }
-    }
-
-    /// Returns why the lease can no longer be kept.
-    ///
-    /// A keep-alive is due every [`keep_alive_interval`]; one unanswered within that interval
-    /// (or a stream that fails or ends, even between keep-alives, as when its etcd member
-    /// dies) reopens the stream after [`crate::election::KEEP_ALIVE_RETRY`], on whichever
-    /// member answers, until the deadline passes. While etcd elects a new raft leader nothing
-    /// is answered; a short interval leaves the rest of the lease to ride that out (see
-    /// [`keep_alive_interval`]). What to do after each answer is decided by
-    /// [`crate::election::KeepAlive`]; this loop only sends, waits and carries it out.
-    async fn keep_alive_loop(&self) -> String {
-        let interval = self.rules.interval();
-        let (role, epoch) = (self.leadership.role, self.leadership.epoch);
-        let mut pause = None;
-        loop {
-            if let Some(pause) = pause.take() {
-                tokio::time::sleep(pause).await;
-            }
-            if let BeforeSend::GiveUp { reason } = self.before_send() {
-                return reason;
-            }
-            // Opening the stream sends a keep-alive and waits for its answer.
-            let sent = self.leadership.clock().lease_now();
-            let mut client = self.conn.client.clone();
-            let opened = tokio::time::timeout(interval, client.lease_keep_alive(self.lease)).await;
-            let (outcome, pair) = match opened {
-                Ok(Ok(pair)) => (KeepAliveOutcome::Opened, Some(pair)),
-                Ok(Err(e)) if is_lease_not_found(&e) => (KeepAliveOutcome::LeaseNotFound, None),
-                Ok(Err(e)) => {
-                    tracing::debug!(role = %role, epoch, error = %describe(&e), "cannot open keep-alive stream");
-                    (KeepAliveOutcome::Broken, None)
-                }
-                Err(_) => {
-                    tracing::debug!(role = %role, epoch, "keep-alive stream did not open in time");
-                    (KeepAliveOutcome::Broken, None)
-                }
-            };
-            let mut next_in = match self.apply(sent, &outcome) {
-                KeepAliveAction::GiveUp { reason } => return reason,
-                KeepAliveAction::Extend { next_in, .. } => next_in,
-                KeepAliveAction::Reopen { after } => {
-                    pause = Some(after);
-                    continue;
-                }
-            };
-            let Some((mut keeper, mut stream)) = pair else {
-                continue;
-            };
-            loop {
-                // Idle until the next keep-alive is due. Nothing is outstanding meanwhile, so
-                // anything the stream yields is its failure or end: reopen at once rather than
-                // finding out at the next keep-alive.
-                let due = tokio::time::sleep(next_in);
-                tokio::pin!(due);
-                let broken = loop {
-                    tokio::select! {
-                        _ = &mut due => break None,
-                        message = stream.message() => match message {
-                            Ok(Some(_)) => continue,
-                            Ok(None) => break Some("ended".to_string()),
-                            Err(e) => break Some(describe(&e)),
-                        },
-                    }
-                };
-                if let Some(why) = broken {
-                    tracing::debug!(role = %role, epoch, why, "keep-alive stream lost between keep-alives, reopening");
-                    pause = Some(election::KEEP_ALIVE_RETRY);
-                    break;
-                }
-                if let BeforeSend::GiveUp { reason } = self.before_send() {
-                    return reason;
-                }
-                let sent = self.leadership.clock().lease_now();
-                let outcome = if keeper.keep_alive().await.is_err() {
-                    KeepAliveOutcome::Broken
-                } else {
-                    match tokio::time::timeout(interval, stream.message()).await {
-                        Ok(Ok(Some(resp))) => KeepAliveOutcome::Answered { ttl_secs: resp.ttl() },
-                        Ok(Ok(None)) => {
-                            tracing::debug!(role = %role, epoch, "keep-alive stream ended, reopening");
-                            KeepAliveOutcome::Broken
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(role = %role, epoch, error = %describe(&e), "keep-alive failed, reopening");
-                            KeepAliveOutcome::Broken
-                        }
-                        Err(_) => {
-                            tracing::debug!(role = %role, epoch, "keep-alive unanswered, reopening");
-                            KeepAliveOutcome::Broken
-                        }
-                    }
-                };
-                match self.apply(sent, &outcome) {
-                    KeepAliveAction::GiveUp { reason } => return reason,
-                    KeepAliveAction::Extend { next_in: next, .. } => next_in = next,
-                    KeepAliveAction::Reopen { after } => {
-                        pause = Some(after);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// The keep-alive rule before a send, on the leadership's own clock.
-    fn before_send(&self) -> BeforeSend {
-        // `is_valid` also cancels the token once the deadline passed.
-        let lost = !self.leadership.is_valid();
-        self.rules.before_send(lost, self.leadership.deadline(), self.leadership.clock().lease_now())
-    }
-
-    /// The rule's answer to `outcome`, with its deadline extension already carried out.
-    fn apply(&self, sent: crate::LeaseInstant, outcome: &KeepAliveOutcome) -> KeepAliveAction {
-        let action = self.rules.after(sent, outcome);
-        if let KeepAliveAction::Extend { deadline, .. } = &action {
-            self.leadership.extend_until(*deadline);
-        }
-        action
-    }
-
-    /// Returns when the leader key is gone or belongs to another leadership; re-subscribes on
-    /// any watch failure.
-    async fn watch_key_loop(&self) -> String {
-        let mut backoff = Backoff::new();
-        loop {
-            match self.watch_key_once(&mut backoff).await {
-                Ok(reason) => return reason,
-                Err(e) => {
-                    tracing::debug!(role = %self.leadership.role, epoch = self.leadership.epoch, error = %e, "leader key watch interrupted");
-                    tokio::time::sleep(backoff.next()).await;
-                }
-            }
-        }
-    }
-
-    async fn watch_key_once(&self, backoff: &mut Backoff) -> Result<String> {
-        let epoch = i64::try_from(self.leadership.epoch).unwrap_or(i64::MAX);
-        let current = self.conn.get(&self.key, None).await?;
-        let revision = header_revision(current.header())?;
-        let seen = match current.kvs().first() {
-            None => LeaderKey::Gone,
-            Some(kv) => LeaderKey::Present { create_revision: kv.create_revision() },
-        };
-        if let Some(reason) = leader_key_change(&self.key, epoch, seen) {
-            return Ok(reason);
-        }
-        let mut stream = self.conn.watch(&self.key, revision + 1).await?;
-        backoff.reset();
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    if resp.canceled() {
-                        return Err(KeelError::ha(format!(
-                            "watch cancelled by etcd: {}",
-                            resp.cancel_reason()
-                        )));
-                    }
-                    for event in resp.events() {
-                        let seen = match event.event_type() {
-                            EventType::Delete => LeaderKey::Deleted,
-                            EventType::Put => LeaderKey::Present {
-                                create_revision: event.kv().map(|kv| kv.create_revision()).unwrap_or(0),
-                            },
-                        };
-                        if let Some(reason) = leader_key_change(&self.key, epoch, seen) {
-                            return Ok(reason);
-                        }
-                    }
-                }
-                Ok(None) => {
-                    return Err(KeelError::unavailable(self.conn.endpoints.to_string(), "etcd watch ended"))
-                }
-                Err(e) => return Err(self.conn.error("watch leader key", &e)),
             }
         }
     }
