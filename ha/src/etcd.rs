@@ -26,43 +26,46 @@
 //!
 //! Fencing: every leader-only write is a transaction guarded by
 //! `create_revision(leader key) == epoch`.
+//!
+//! Layout: this file holds the campaign, the reads and the fenced writes; `conn` the client
+//! and which requests are sent again; `keeper` the task that keeps a leadership; the decisions
+//! of the campaign and the keep-alive (what to do next, given what etcd answered, the TTL and
+//! the clock) are in `crate::election`, without I/O.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, KeyValue,
-    LeaseGrantResponse, PutOptions, ResponseHeader, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::keys::{error_chain, validate_cluster_id, validate_key, validate_prefix};
-use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, LeaseInstant, Role};
+mod conn;
+mod keeper;
+
+use self::conn::{describe, header_revision, is_unreachable, Conn, Retry};
+use self::keeper::Keeper;
+use crate::clock::Clock;
+use crate::election::{self, Backoff, Campaign, CampaignAction, KeepAlive, StepOutcome};
+use crate::keys::{validate_cluster_id, validate_key, validate_prefix};
+use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
 
 /// HTTP/2 keep-alive pings while a stream is open, to notice a member that vanished without
 /// closing its connections. etcd refuses pings more often than every 5 s by default.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Retry pauses after an etcd error (re-subscribing watches).
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Pause between the attempts to reach a member when connecting.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
-/// Pause before re-opening a keep-alive stream that failed.
-const KEEP_ALIVE_RETRY: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A standby re-reads the leader key at least this often even when its watch is silent.
 const VACANCY_RECHECK: Duration = Duration::from_secs(10);
 /// How many times `increment` retries when another writer changed the counter in between.
 const MAX_INCREMENT_ATTEMPTS: usize = 100;
-/// The shortest time one attempt of an idempotent request gets before it is sent again.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// HA services on etcd. See the module documentation for the key space and the protocol.
 pub struct EtcdHaServices {
@@ -70,6 +73,8 @@ pub struct EtcdHaServices {
     prefix: String,
     lease_ttl: Duration,
     held: Arc<Mutex<HashMap<Role, Held>>>,
+    /// The lease clock keep-alives are timed with and deadlines read on.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for EtcdHaServices {
@@ -88,60 +93,6 @@ struct Held {
     lease: i64,
     token: CancellationToken,
     task: JoinHandle<()>,
-}
-
-/// The etcd client with the endpoint list (for error messages) and the per-request timeout.
-#[derive(Clone)]
-struct Conn {
-    client: Client,
-    endpoints: Arc<str>,
-    request_timeout: Duration,
-}
-
-/// Formats an etcd client error with its causes (the client's own `Display` drops them).
-fn describe(e: &etcd_client::Error) -> String {
-    match e {
-        etcd_client::Error::TransportError(t) => error_chain(t),
-        etcd_client::Error::GRpcStatus(s) => {
-            let head = format!("{:?}: {}", s.code(), s.message());
-            match std::error::Error::source(s).map(error_chain) {
-                // The message often repeats the start of the cause chain.
-                Some(causes) if causes.starts_with(s.message()) => format!("{:?}: {causes}", s.code()),
-                Some(causes) => format!("{head}: {causes}"),
-                None => head,
-            }
-        }
-        etcd_client::Error::IoError(io) => error_chain(io),
-        other => other.to_string(),
-    }
-}
-
-/// True when the error says etcd could not be reached or could not serve the request right now
-/// (no connection, no raft leader, timeout): worth retrying elsewhere or later.
-fn is_unreachable(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown
-        ),
-        _ => false,
-    }
-}
-
-fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
-        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
-        _ => false,
-    }
-}
-
-fn header_revision(header: Option<&ResponseHeader>) -> Result<i64> {
-    header.map(|h| h.revision()).ok_or_else(|| KeelError::ha("etcd answered without a response header"))
 }
 
 fn encode_leader(address: &str, epoch: u64) -> Result<Vec<u8>> {
@@ -167,178 +118,7 @@ fn parse_counter(key: &str, bytes: &[u8]) -> Result<u64> {
         .ok_or_else(|| KeelError::ha(format!("counter {key} in etcd is not a decimal number")))
 }
 
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(BACKOFF_MIN)
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.0 = BACKOFF_MIN;
-    }
-}
-
-/// Which failed requests [`Conn::call`] may send again.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Retry {
-    /// Sending the request twice has the same effect as once (reads, fenced puts and deletes,
-    /// revokes): retried on any "unreachable" error, with a per-attempt timeout, so that a
-    /// request stuck on a member that just lost its raft leader is sent again elsewhere.
-    Idempotent,
-    /// Retried only when the request certainly never left (no connection to the member the
-    /// balancer picked); any other failure may have been applied and is returned.
-    IfNotSent,
-}
-
-/// True when the request failed before it was sent: the connection to the picked member
-/// could not be made (a dead member stays in the client's balancer and fails fast).
-fn is_not_sent(e: &etcd_client::Error) -> bool {
-    let source: Option<&(dyn std::error::Error + 'static)> = match e {
-        etcd_client::Error::TransportError(t) => Some(t),
-        etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
-        _ => None,
-    };
-    let mut cause = source;
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        if c.to_string().contains("tcp connect error") {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
-
-impl Conn {
-    fn error(&self, what: &str, e: &etcd_client::Error) -> KeelError {
-        if is_unreachable(e) {
-            KeelError::unavailable(self.endpoints.to_string(), format!("etcd {what}: {}", describe(e)))
-        } else {
-            KeelError::ha(format!("etcd {what} (endpoints {}): {}", self.endpoints, describe(e)))
-        }
-    }
-
-    fn timed_out(&self, what: &str) -> KeelError {
-        KeelError::unavailable(
-            self.endpoints.to_string(),
-            format!("etcd {what}: no answer within {:?}", self.request_timeout),
-        )
-    }
-
-    /// Runs an etcd request (built anew by `request` for every attempt) until it succeeds,
-    /// fails in a way `retry` does not cover, or the request timeout has passed.
-    async fn call<T, F, Fut>(&self, what: &str, retry: Retry, mut request: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
-    {
-        let deadline = Instant::now() + self.request_timeout;
-        let mut pause = Duration::from_millis(20);
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(self.timed_out(what));
-            }
-            let attempt_timeout = match retry {
-                Retry::Idempotent => (self.request_timeout / 4).max(ATTEMPT_TIMEOUT).min(remaining),
-                Retry::IfNotSent => remaining,
-            };
-            let e = match tokio::time::timeout(attempt_timeout, request()).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => e,
-                Err(_) if retry == Retry::Idempotent && attempt_timeout < remaining => {
-                    tracing::debug!(what, "etcd request unanswered, sending it again");
-                    continue;
-                }
-                Err(_) => return Err(self.timed_out(what)),
-            };
-            let again = match retry {
-                Retry::Idempotent => is_unreachable(&e),
-                Retry::IfNotSent => is_not_sent(&e),
-            };
-            if !again || Instant::now() + pause >= deadline {
-                return Err(self.error(what, &e));
-            }
-            tracing::debug!(what, error = %describe(&e), "etcd request failed, retrying");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(BACKOFF_MIN);
-        }
-    }
-
-    async fn get(&self, key: &str, options: Option<GetOptions>) -> Result<GetResponse> {
-        self.call("get", Retry::Idempotent, || {
-            let mut c = self.client.clone();
-            let (key, options) = (key.to_string(), options.clone());
-            async move { c.get(key, options).await }
-        })
-        .await
-    }
-
-    async fn txn(&self, what: &str, retry: Retry, txn: Txn) -> Result<TxnResponse> {
-        self.call(what, retry, || {
-            let mut c = self.client.clone();
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await
-    }
-
-    async fn grant(&self, ttl_secs: i64) -> Result<LeaseGrantResponse> {
-        self.call("lease grant", Retry::IfNotSent, || {
-            let mut c = self.client.clone();
-            async move { c.lease_grant(ttl_secs, None).await }
-        })
-        .await
-    }
-
-    /// Revokes a lease; a lease that is already gone counts as revoked.
-    async fn revoke(&self, lease: i64) -> Result<()> {
-        self.call("lease revoke", Retry::Idempotent, || {
-            let mut c = self.client.clone();
-            async move {
-                match c.lease_revoke(lease).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if is_lease_not_found(&e) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-        })
-        .await
-    }
-
-    /// Opens a watch on `key` from `start_revision`.
-    async fn watch(&self, key: &str, start_revision: i64) -> Result<WatchStream> {
-        self.call("watch", Retry::Idempotent, || {
-            let mut c = self.client.clone();
-            let key = key.to_string();
-            let options = WatchOptions::new().with_start_revision(start_revision);
-            async move { c.watch(key, Some(options)).await }
-        })
-        .await
-    }
-}
-
-/// How often a leader sends a keep-alive: every tenth of the TTL (at least every 50 ms). After
-/// an answered keep-alive the leadership holds for `TTL - margin` (see [`lease_deadline`]), so
-/// when etcd stops answering (a member died, the raft leader is being replaced) a leader has at
-/// least `TTL - margin - interval` to get a keep-alive through again: 2.4 s with the default
-/// TTL of 3 s. Losing etcd's raft leader leaves etcd unable to answer for one to two election
-/// timeouts plus a vote (1 s each by default: about 1.2 to 2.2 s measured here), so the TTL
-/// must stay well above twice etcd's election timeout.
-pub fn keep_alive_interval(ttl: Duration) -> Duration {
-    (ttl / 10).max(Duration::from_millis(50))
-}
+pub use crate::election::keep_alive_interval;
 
 /// Revokes a freshly granted lease unless disarmed: a campaign step abandoned half-way (error,
 /// shutdown, dropped future) must not leave a leader key nobody keeps alive.
@@ -449,12 +229,19 @@ impl EtcdHaServices {
             prefix: format!("/keel/{cluster_id}/"),
             lease_ttl,
             held: Arc::new(Mutex::new(HashMap::new())),
+            clock: crate::clock::system(),
         })
     }
 
     /// Sets the timeout of each etcd request (default: the connect timeout, at least 5 s).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.conn.request_timeout = timeout;
+        self
+    }
+
+    /// Times keep-alives and reads lease deadlines on `clock` (default: the system clock).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -485,12 +272,6 @@ impl EtcdHaServices {
         }
     }
 
-    /// The lease TTL asked of etcd, in whole seconds (etcd's unit), rounded up.
-    fn ttl_secs(&self) -> i64 {
-        let ms = self.lease_ttl.as_millis();
-        i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX).max(1)
-    }
-
     fn fence(&self, leadership: &Leadership) -> Result<Compare> {
         let epoch = i64::try_from(leadership.epoch).map_err(|_| self.lost(leadership))?;
         Ok(Compare::create_revision(self.leader_key(leadership.role), CompareOp::Equal, epoch))
@@ -511,16 +292,14 @@ impl EtcdHaServices {
         }
         // The lease cannot expire in etcd before `sent + TTL`: it counts from when etcd
         // received the grant.
-        let sent = LeaseInstant::now();
-        let grant = self.conn.grant(self.ttl_secs()).await?;
+        let sent = self.clock.lease_now();
+        let grant = self.conn.grant(election::ttl_secs(self.lease_ttl)).await?;
         let lease = grant.id();
         let mut guard = LeaseGuard { conn: self.conn.clone(), lease: Some(lease) };
-        let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
-        if granted.is_zero() {
-            return Err(KeelError::ha(format!("etcd granted lease {lease:x} with TTL {}", grant.ttl())));
-        }
         // The deadline we keep is never longer than what we asked for or what etcd granted.
-        let ttl = granted.min(self.lease_ttl);
+        let Some(ttl) = election::granted_ttl(self.lease_ttl, grant.ttl()) else {
+            return Err(KeelError::ha(format!("etcd granted lease {lease:x} with TTL {}", grant.ttl())));
+        };
 
         let create = Txn::new()
             .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
@@ -555,12 +334,13 @@ impl EtcdHaServices {
             address.to_string(),
             token.clone(),
             lease_deadline(sent, ttl),
-        );
+        )
+        .on_clock(self.clock.clone());
         let keeper = Keeper {
             conn: self.conn.clone(),
             key: key.to_string(),
             lease,
-            ttl,
+            rules: KeepAlive::new(lease, ttl),
             leadership: leadership.clone(),
         };
         let task = tokio::spawn(keeper.run());
@@ -602,216 +382,6 @@ impl EtcdHaServices {
                     }
                     Err(e) => return Err(self.conn.error("watch leader key", &e)),
                 },
-            }
-        }
-    }
-}
-
-/// Keeps one leadership alive: keep-alives, and a watch on the leader key.
-struct Keeper {
-    conn: Conn,
-    key: String,
-    lease: i64,
-    ttl: Duration,
-    leadership: Leadership,
-}
-
-impl Keeper {
-    async fn run(self) {
-        let token = self.leadership.lost().clone();
-        let reason = tokio::select! {
-            biased;
-            _ = token.cancelled() => None,
-            r = self.deadline_watch() => Some(r),
-            r = self.keep_alive_loop() => Some(r),
-            r = self.watch_key_loop() => Some(r),
-        };
-        let (role, epoch) = (self.leadership.role, self.leadership.epoch);
-        if let Some(reason) = reason {
-            tracing::warn!(role = %role, epoch, reason, "etcd leadership lost");
-            self.leadership.give_up();
-        }
-        // Best effort: deleting the key at once lets a standby take over without waiting for
-        // the lease to expire.
-        if let Err(e) = self.conn.revoke(self.lease).await {
-            tracing::debug!(role = %role, epoch, error = %e, "cannot revoke leader lease");
-        }
-    }
-
-    /// Returns when the leadership's deadline has passed unrenewed, so that leader work
-    /// waiting on the `lost` token stops at the deadline even while the keep-alive loop is
-    /// blocked on an unanswered request. (`Leadership::check` does not depend on this task:
-    /// after a pause it refuses before this task had a chance to run.)
-    async fn deadline_watch(&self) -> String {
-        loop {
-            match self.leadership.remaining() {
-                None => return std::future::pending().await,
-                Some(left) if left.is_zero() => {
-                    return "the lease deadline passed without a successful keep-alive".into()
-                }
-                // The deadline may move while we sleep; look again when the old one is due.
-                Some(left) => tokio::time::sleep(left + Duration::from_millis(1)).await,
-            }
-        }
-    }
-
-    /// Returns why the lease can no longer be kept.
-    ///
-    /// A keep-alive is due every [`keep_alive_interval`]; one unanswered within that interval
-    /// (or a stream that fails or ends, even between keep-alives, as when its etcd member
-    /// dies) reopens the stream after [`KEEP_ALIVE_RETRY`], on whichever member answers, until
-    /// the deadline passes. While etcd elects a new raft leader nothing is answered; a short
-    /// interval leaves the rest of the lease to ride that out (see [`keep_alive_interval`]).
-    async fn keep_alive_loop(&self) -> String {
-        let interval = keep_alive_interval(self.ttl);
-        let (role, epoch) = (self.leadership.role, self.leadership.epoch);
-        let mut first = true;
-        loop {
-            if !first {
-                tokio::time::sleep(KEEP_ALIVE_RETRY).await;
-            }
-            first = false;
-            if !self.leadership.is_valid() {
-                return "the lease deadline passed without a successful keep-alive".into();
-            }
-            // Opening the stream sends a keep-alive and waits for its answer.
-            let sent = LeaseInstant::now();
-            let mut client = self.conn.client.clone();
-            let (mut keeper, mut stream) = match tokio::time::timeout(
-                interval,
-                client.lease_keep_alive(self.lease),
-            )
-            .await
-            {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(e)) if is_lease_not_found(&e) => return format!("lease {:x} is gone", self.lease),
-                Ok(Err(e)) => {
-                    tracing::debug!(role = %role, epoch, error = %describe(&e), "cannot open keep-alive stream");
-                    continue;
-                }
-                Err(_) => {
-                    tracing::debug!(role = %role, epoch, "keep-alive stream did not open in time");
-                    continue;
-                }
-            };
-            self.leadership.extend_until(lease_deadline(sent, self.ttl));
-            loop {
-                // Idle until the next keep-alive is due. Nothing is outstanding meanwhile, so
-                // anything the stream yields is its failure or end: reopen at once rather than
-                // finding out at the next keep-alive.
-                let due = tokio::time::sleep(interval);
-                tokio::pin!(due);
-                let broken = loop {
-                    tokio::select! {
-                        _ = &mut due => break None,
-                        message = stream.message() => match message {
-                            Ok(Some(_)) => continue,
-                            Ok(None) => break Some("ended".to_string()),
-                            Err(e) => break Some(describe(&e)),
-                        },
-                    }
-                };
-                if let Some(why) = broken {
-                    tracing::debug!(role = %role, epoch, why, "keep-alive stream lost between keep-alives, reopening");
-                    break;
-                }
-                if !self.leadership.is_valid() {
-                    return "the lease deadline passed without a successful keep-alive".into();
-                }
-                let sent = LeaseInstant::now();
-                if keeper.keep_alive().await.is_err() {
-                    break;
-                }
-                match tokio::time::timeout(interval, stream.message()).await {
-                    Ok(Ok(Some(resp))) => {
-                        if resp.ttl() <= 0 {
-                            return format!(
-                                "lease {:x} expired (keep-alive answered TTL {})",
-                                self.lease,
-                                resp.ttl()
-                            );
-                        }
-                        let ttl = Duration::from_secs(resp.ttl().unsigned_abs()).min(self.ttl);
-                        self.leadership.extend_until(lease_deadline(sent, ttl));
-                    }
-                    Ok(Ok(None)) => {
-                        tracing::debug!(role = %role, epoch, "keep-alive stream ended, reopening");
-                        break;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(role = %role, epoch, error = %describe(&e), "keep-alive failed, reopening");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::debug!(role = %role, epoch, "keep-alive unanswered, reopening");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Returns when the leader key is gone or belongs to another leadership; re-subscribes on
-    /// any watch failure.
-    async fn watch_key_loop(&self) -> String {
-        let mut backoff = Backoff::new();
-        loop {
-            match self.watch_key_once(&mut backoff).await {
-                Ok(reason) => return reason,
-                Err(e) => {
-                    tracing::debug!(role = %self.leadership.role, epoch = self.leadership.epoch, error = %e, "leader key watch interrupted");
-                    tokio::time::sleep(backoff.next()).await;
-                }
-            }
-        }
-    }
-
-    async fn watch_key_once(&self, backoff: &mut Backoff) -> Result<String> {
-        let epoch = i64::try_from(self.leadership.epoch).unwrap_or(i64::MAX);
-        let current = self.conn.get(&self.key, None).await?;
-        let revision = header_revision(current.header())?;
-        match current.kvs().first() {
-            None => return Ok(format!("leader key {} is gone", self.key)),
-            Some(kv) if kv.create_revision() != epoch => {
-                return Ok(format!(
-                    "leader key {} was re-created at revision {}",
-                    self.key,
-                    kv.create_revision()
-                ))
-            }
-            Some(_) => {}
-        }
-        let mut stream = self.conn.watch(&self.key, revision + 1).await?;
-        backoff.reset();
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    if resp.canceled() {
-                        return Err(KeelError::ha(format!(
-                            "watch cancelled by etcd: {}",
-                            resp.cancel_reason()
-                        )));
-                    }
-                    for event in resp.events() {
-                        match event.event_type() {
-                            EventType::Delete => return Ok(format!("leader key {} was deleted", self.key)),
-                            EventType::Put => {
-                                let created = event.kv().map(|kv| kv.create_revision());
-                                if created != Some(epoch) {
-                                    return Ok(format!(
-                                        "leader key {} was re-created at revision {}",
-                                        self.key,
-                                        created.unwrap_or(0)
-                                    ));
-                                }
-                            }
-                        }
-                    }
-                }
-                Ok(None) => {
-                    return Err(KeelError::unavailable(self.conn.endpoints.to_string(), "etcd watch ended"))
-                }
-                Err(e) => return Err(self.conn.error("watch leader key", &e)),
             }
         }
     }
@@ -877,7 +447,7 @@ impl HaServices for EtcdHaServices {
     async fn campaign(&self, role: Role, address: &str, shutdown: &CancellationToken) -> Result<Leadership> {
         let cancelled = || KeelError::Cancelled { reason: format!("campaign for {role} leadership stopped") };
         let key = self.leader_key(role);
-        let mut backoff = Backoff::new();
+        let mut rules = Campaign::new();
         loop {
             if shutdown.is_cancelled() {
                 return Err(cancelled());
@@ -887,37 +457,45 @@ impl HaServices for EtcdHaServices {
                 _ = shutdown.cancelled() => return Err(cancelled()),
                 step = self.campaign_step(role, &key, address) => step,
             };
-            let pause = match step {
-                Ok(Step::Won(leadership)) => return Ok(leadership),
-                Ok(Step::Taken { revision }) => {
-                    tracing::debug!(role = %role, revision, "leader key taken, waiting for it to go");
-                    let waited = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Err(cancelled()),
-                        waited = self.wait_for_vacancy(&key, revision) => waited,
-                    };
-                    match waited {
-                        Ok(()) => {
-                            backoff.reset();
-                            None
-                        }
-                        Err(e) => {
-                            tracing::debug!(role = %role, error = %e, "leader key watch interrupted");
-                            Some(backoff.next())
-                        }
-                    }
-                }
+            let (outcome, won, error) = match step {
+                Ok(Step::Won(leadership)) => (StepOutcome::Won, Some(leadership), None),
+                Ok(Step::Taken { revision }) => (StepOutcome::Taken { revision }, None, None),
                 Err(e @ KeelError::Unavailable { .. }) => {
                     tracing::warn!(role = %role, error = %e, "campaign step failed, retrying");
-                    Some(backoff.next())
+                    (StepOutcome::Unavailable, None, None)
                 }
-                Err(e) => return Err(e),
+                Err(e) => (StepOutcome::Failed, None, Some(e)),
             };
-            if let Some(pause) = pause {
-                tokio::select! {
+            let mut action = rules.after_step(outcome);
+            if let CampaignAction::WatchForVacancy { revision } = action {
+                tracing::debug!(role = %role, revision, "leader key taken, waiting for it to go");
+                let waited = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Err(cancelled()),
-                    _ = tokio::time::sleep(pause) => {}
+                    waited = self.wait_for_vacancy(&key, revision) => waited,
+                };
+                if let Err(e) = &waited {
+                    tracing::debug!(role = %role, error = %e, "leader key watch interrupted");
+                }
+                action = rules.after_wait(waited.is_ok());
+            }
+            match action {
+                CampaignAction::Lead => match won {
+                    Some(leadership) => return Ok(leadership),
+                    None => return Err(KeelError::internal("campaign: won without a leadership")),
+                },
+                CampaignAction::Fail => {
+                    return Err(
+                        error.unwrap_or_else(|| KeelError::internal("campaign failed without an error"))
+                    )
+                }
+                CampaignAction::TryNow | CampaignAction::WatchForVacancy { .. } => {}
+                CampaignAction::RetryAfter(pause) => {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(cancelled()),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }

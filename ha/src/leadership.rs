@@ -22,6 +22,7 @@ use std::time::Duration;
 use keel_proto::{KeelError, Result};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{self, Clock};
 use crate::Role;
 
 /// A reading of the clock lease deadlines are measured with (see the module documentation):
@@ -48,6 +49,11 @@ impl LeaseInstant {
         use std::time::Instant;
         static BASE: OnceLock<Instant> = OnceLock::new();
         LeaseInstant(BASE.get_or_init(Instant::now).elapsed() + Duration::from_secs(1))
+    }
+
+    /// The reading `d` after the clock's origin (for test clocks; see [`crate::clock`]).
+    pub fn from_duration(d: Duration) -> LeaseInstant {
+        LeaseInstant(d)
     }
 
     /// The reading as a duration since the clock's origin (boot, on Linux): readings taken by
@@ -115,7 +121,8 @@ const NO_DEADLINE: u64 = u64::MAX;
 /// Held by a leader. The token in [`Leadership::lost`] is cancelled as soon as leadership is
 /// known to be gone (lease expired, key deleted, keep-alives failing, shutdown), and by
 /// [`Leadership::check`] / [`Leadership::is_valid`] themselves once the lease deadline has
-/// passed; see the module documentation for the deadline.
+/// passed; see the module documentation for the deadline. The deadline is compared with the
+/// [`Clock`] the leadership was made with ([`clock::system`] unless [`Leadership::on_clock`]).
 #[derive(Debug, Clone)]
 pub struct Leadership {
     pub role: Role,
@@ -125,12 +132,32 @@ pub struct Leadership {
     /// The deadline on the lease clock, in nanoseconds; [`NO_DEADLINE`] for backends whose
     /// leadership lasts as long as the process (local lock files).
     deadline_ns: Arc<AtomicU64>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Leadership {
     /// A leadership with no lease deadline (it lasts until `lost` is cancelled).
     pub fn new(role: Role, epoch: u64, address: String, lost: CancellationToken) -> Self {
-        Leadership { role, epoch, address, lost, deadline_ns: Arc::new(AtomicU64::new(NO_DEADLINE)) }
+        Leadership {
+            role,
+            epoch,
+            address,
+            lost,
+            deadline_ns: Arc::new(AtomicU64::new(NO_DEADLINE)),
+            clock: clock::system(),
+        }
+    }
+
+    /// The same leadership, its deadline read on `clock` from now on (the backends pass the
+    /// clock they measure keep-alives with; tests pass a [`crate::clock::TestClock`]).
+    pub fn on_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The clock this leadership's deadline is read on.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// A leadership held through a lease, valid until `deadline` unless extended with
@@ -166,7 +193,7 @@ impl Leadership {
         if self.lost.is_cancelled() {
             return Some(Duration::ZERO);
         }
-        self.deadline().map(|d| d.saturating_duration_since(LeaseInstant::now()))
+        self.deadline().map(|d| d.saturating_duration_since(self.clock.lease_now()))
     }
 
     /// The token cancelled when leadership is lost. Leader work runs under it.
@@ -182,7 +209,7 @@ impl Leadership {
     /// How long ago the deadline passed, if it has.
     fn overdue(&self) -> Option<Duration> {
         let deadline = self.deadline()?;
-        let now = LeaseInstant::now();
+        let now = self.clock.lease_now();
         (now >= deadline).then(|| now.saturating_duration_since(deadline))
     }
 
@@ -247,15 +274,20 @@ impl Leadership {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::TestClock;
 
-    fn lease(valid_for: Duration) -> Leadership {
-        Leadership::with_deadline(
+    /// A leadership valid for `valid_for` on a manual test clock, and the clock.
+    fn lease(valid_for: Duration) -> (Leadership, TestClock) {
+        let clock = TestClock::new();
+        let l = Leadership::with_deadline(
             Role::JobManager,
             7,
             "a:1".into(),
             CancellationToken::new(),
-            LeaseInstant::now() + valid_for,
+            clock.lease_now() + valid_for,
         )
+        .on_clock(clock.shared());
+        (l, clock)
     }
 
     /// The margin is a tenth of the TTL, capped at half a second, and the deadline is the send
@@ -265,7 +297,7 @@ mod tests {
         assert_eq!(safety_margin(Duration::from_secs(2)), Duration::from_millis(200));
         assert_eq!(safety_margin(Duration::from_secs(3)), Duration::from_millis(300));
         assert_eq!(safety_margin(Duration::from_secs(30)), Duration::from_millis(500));
-        let sent = LeaseInstant::now();
+        let sent = TestClock::new().lease_now();
         let deadline = lease_deadline(sent, Duration::from_secs(3));
         assert_eq!(deadline.saturating_duration_since(sent), Duration::from_millis(2700));
     }
@@ -287,66 +319,110 @@ mod tests {
     /// take validity away that a newer one granted, and the clones share the deadline.
     #[test]
     fn extend_never_shortens_and_is_shared_by_clones() {
-        let l = lease(Duration::from_secs(10));
+        let (l, clock) = lease(Duration::from_secs(10));
         let clone = l.clone();
         let far = l.deadline().expect("deadline");
-        l.extend_until(LeaseInstant::now() + Duration::from_secs(1));
+        l.extend_until(clock.lease_now() + Duration::from_secs(1));
         assert_eq!(l.deadline(), Some(far));
         l.extend_until(far + Duration::from_secs(5));
         assert_eq!(clone.deadline(), Some(far + Duration::from_secs(5)));
-        assert!(clone.remaining().expect("remaining") > Duration::from_secs(10));
+        assert_eq!(clone.remaining(), Some(Duration::from_secs(15)));
+    }
+
+    /// A leadership is valid up to the last instant before its deadline and refused at the
+    /// deadline itself; `remaining()` counts down on the leadership's clock.
+    #[test]
+    fn valid_until_the_deadline_and_not_at_it() {
+        let (l, clock) = lease(Duration::from_millis(20));
+        clock.advance(Duration::from_millis(19));
+        assert_eq!(l.remaining(), Some(Duration::from_millis(1)));
+        assert!(l.check().is_ok(), "valid 1 ms before the deadline");
+        clock.advance(Duration::from_millis(1));
+        assert!(l.check().is_err(), "refused at the deadline");
+        assert_eq!(l.remaining(), Some(Duration::ZERO));
     }
 
     /// The pause rule: a leader whose whole runtime was blocked past its deadline (as a
     /// SIGSTOPped process is: no task, no keep-alive task either, runs) is refused by its very
     /// first `check()` afterwards, although nothing cancelled its token in the meantime; the
-    /// check cancels the token, so leader work waiting on it stops as well.
-    #[tokio::test(flavor = "current_thread")]
+    /// check cancels the token, so leader work waiting on it stops as well. The clock jumps
+    /// past the deadline while the test holds the only runtime thread, so no task runs between
+    /// the jump and the check.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn blocked_past_the_deadline_first_check_refuses_and_cancels() {
-        let l = lease(Duration::from_millis(100));
+        let (l, clock) = lease(Duration::from_millis(100));
         let watcher = tokio::spawn({
             let token = l.lost().clone();
             async move { token.cancelled().await }
         });
         assert!(l.check().is_ok(), "valid before the deadline");
-        // Block the only runtime thread: no task can run, as in a stopped process.
-        std::thread::sleep(Duration::from_millis(250));
+        clock.advance(Duration::from_millis(250));
         assert!(!l.lost().is_cancelled(), "nothing could have noticed yet");
         let err = l.check().expect_err("the first check after the pause must refuse");
         match &err {
-            KeelError::LeadershipLost { reason } => assert!(reason.contains("deadline passed"), "{reason}"),
+            KeelError::LeadershipLost { reason } => {
+                assert!(reason.contains("deadline passed 150 ms ago"), "{reason}")
+            }
             other => panic!("expected LeadershipLost, got {other:?}"),
         }
         assert!(l.lost().is_cancelled(), "check() cancels the token");
+        // Under paused time the timeout fires at once (auto-advance) if the watcher never wakes.
         tokio::time::timeout(Duration::from_secs(5), watcher)
             .await
             .expect("leader work waiting on the token wakes up")
             .expect("join");
         assert!(!l.is_valid());
         // Extending after the loss does not revive it.
-        l.extend_until(LeaseInstant::now() + Duration::from_secs(10));
+        l.extend_until(clock.lease_now() + Duration::from_secs(10));
         assert!(l.check().is_err());
     }
 
     /// `is_valid()` applies the same rule as `check()` and also cancels the token.
     #[test]
     fn is_valid_past_the_deadline_cancels_the_token() {
-        let l = lease(Duration::from_millis(20));
+        let (l, clock) = lease(Duration::from_millis(20));
         assert!(l.is_valid());
-        std::thread::sleep(Duration::from_millis(60));
+        clock.advance(Duration::from_millis(60));
         assert!(!l.is_valid());
         assert!(l.lost().is_cancelled());
         assert_eq!(l.remaining(), Some(Duration::ZERO));
     }
 
-    /// The lease clock never goes back and counts real time.
+    /// A leadership read on a clock that follows paused tokio time expires when tokio time
+    /// passes its deadline, as the keep-alive task's timers see it.
+    #[tokio::test(start_paused = true)]
+    async fn deadline_follows_paused_tokio_time() {
+        let clock = TestClock::tokio();
+        let l = Leadership::with_deadline(
+            Role::JobManager,
+            3,
+            "a:1".into(),
+            CancellationToken::new(),
+            lease_deadline(clock.lease_now(), Duration::from_secs(3)),
+        )
+        .on_clock(clock.shared());
+        tokio::time::sleep(Duration::from_millis(2699)).await;
+        assert!(l.check().is_ok());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(l.check().is_err());
+    }
+
+    /// The lease clock never goes back and runs at least as fast as the monotonic clock
+    /// (`std::time::Instant`): an interval read inside another is not longer than it.
     #[test]
-    fn lease_clock_is_monotonic_and_counts_sleep() {
+    fn lease_clock_is_monotonic_and_counts_real_time() {
         let a = LeaseInstant::now();
-        std::thread::sleep(Duration::from_millis(30));
+        let inner_start = std::time::Instant::now();
+        let mut spins = 0u64;
+        while std::time::Instant::now() == inner_start {
+            spins = spins.wrapping_add(1);
+            std::hint::black_box(spins);
+        }
+        let inner = inner_start.elapsed();
         let b = LeaseInstant::now();
         assert!(b > a);
-        assert!(b.saturating_duration_since(a) >= Duration::from_millis(30));
+        assert!(b.saturating_duration_since(a) >= inner, "{:?} < {inner:?}", b.saturating_duration_since(a));
         assert_eq!(a.saturating_duration_since(b), Duration::ZERO);
+        assert!(a.elapsed() >= b.saturating_duration_since(a));
     }
 }

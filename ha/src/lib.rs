@@ -5,6 +5,11 @@
 //!   - [`etcd::EtcdHaServices`]: leases + transactions on etcd, for clusters of several machines;
 //!   - [`local::LocalHaServices`]: a lock file per role held by the leader process (the kernel
 //!     drops it when the process dies) and metadata as atomically replaced files, for one host.
+//!
+//!   A third, [`memory::MemoryHaServices`], keeps everything in memory and has fault switches
+//!   (lose the lease, fail writes, delay watches): a test seam, selected in code only.
+//! - [`clock`]: the [`Clock`] that lease deadlines (and other time-based decisions) read, so
+//!   that tests can run them on a [`TestClock`] under paused tokio time.
 //! - [`Leadership`]: what a won election hands to the leader: its epoch, a token that is
 //!   cancelled the moment leadership is lost, and (etcd) a lease deadline on the local clock
 //!   after which [`Leadership::check`] refuses even before anything else noticed (see
@@ -17,10 +22,13 @@
 //! (etcd: the revision at which the leader key was created; local: a counter file bumped under
 //! the lock).
 
+pub mod clock;
+mod election;
 pub mod etcd;
 mod keys;
 pub mod leadership;
 pub mod local;
+pub mod memory;
 pub mod stores;
 
 use std::sync::Arc;
@@ -31,6 +39,7 @@ use keel_proto::{KeelError, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use clock::{Clock, SystemClock, TestClock};
 pub use leadership::{lease_deadline, safety_margin, Leadership, LeaseInstant};
 pub use stores::{CheckpointPointerStore, Counter, JobStore};
 
@@ -156,5 +165,49 @@ pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaService
             etcd::EtcdHaServices::connect(endpoints, &config.cluster_id, *lease_ttl, *connect_timeout)
                 .await?,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryHaServices;
+
+    /// The lead loop on the in-memory backend: a lost lease ends `lead` (its token fires) and
+    /// the process campaigns again and leads with a greater epoch; on shutdown the leadership
+    /// is given up and resigned, so the role is vacant for a standby at once.
+    #[tokio::test(start_paused = true)]
+    async fn run_for_leadership_leads_again_after_a_loss_and_resigns_on_shutdown() -> Result<()> {
+        let memory = MemoryHaServices::new();
+        let ha: Arc<dyn HaServices> = Arc::new(memory.clone());
+        let shutdown = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let runner =
+            tokio::spawn(run_for_leadership(ha.clone(), Role::JobManager, "a:1".into(), shutdown.clone(), {
+                let shutdown = shutdown.clone();
+                move |leadership: Leadership| {
+                    let (tx, shutdown) = (tx.clone(), shutdown.clone());
+                    async move {
+                        let _ = tx.send(leadership.epoch);
+                        tokio::select! {
+                            _ = leadership.lost().cancelled() => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    }
+                }
+            }));
+        let closed = || KeelError::internal("the lead loop stopped");
+        let first = rx.recv().await.ok_or_else(closed)?;
+        assert_eq!(memory.lose_lease(Role::JobManager), Some(first));
+        let second = rx.recv().await.ok_or_else(closed)?;
+        assert!(second > first, "a new leadership, with a greater epoch");
+        assert_eq!(ha.leader(Role::JobManager).await?.map(|l| l.epoch), Some(second));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), runner)
+            .await
+            .map_err(|_| KeelError::internal("the lead loop did not stop on shutdown"))?
+            .map_err(|e| KeelError::internal(e.to_string()))?;
+        assert_eq!(ha.leader(Role::JobManager).await?, None, "resigned on shutdown");
+        Ok(())
     }
 }

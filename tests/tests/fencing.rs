@@ -6,15 +6,16 @@ use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::task_manager_client::TaskManagerClient;
 use keel_proto::pb::{self, LeaderStamp};
 use keel_proto::KeelError;
-use keel_tests::{datagen_to_file_spec, lines_in, wait_until, Ha, Sandbox};
+use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(60);
 
 /// After a JobManager failover, requests stamped with the deposed leader's epoch are refused
 /// with a typed `StaleEpoch` error that carries both epochs: by the TaskManager (deploy and
 /// cancel) and by the ResourceManager (slot release). The refused cancel has no effect: the
-/// task of the new leader keeps running. A request that reaches the standby is refused with a
-/// typed `NotLeader` error carrying the leader's address.
+/// task of the new leader keeps running (it writes on after the refusal was answered) and the
+/// refused release frees no slot. A request that reaches the standby is refused with a typed
+/// `NotLeader` error carrying the leader's address.
 #[test]
 fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
     let mut sb = Sandbox::new("fencing", Ha::Local, &[])?;
@@ -98,8 +99,14 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
 
-    // The refused cancel and release changed nothing.
-    std::thread::sleep(Duration::from_secs(1));
+    // The refused cancel and release changed nothing: the task goes on writing (100 more
+    // records, 2 s at 50/s, after the refusals were answered; a canceled task stops), and the
+    // same attempt still holds its slot.
+    let out = sb.dir.join("out");
+    let refused_at = lines_in(&out);
+    wait_until("the task to go on writing after the refused cancel", LONG, || {
+        Ok((lines_in(&out) >= refused_at + 100).then_some(()))
+    })?;
     let after = sb.status("fenced")?;
     assert_eq!(after["job"]["state"], "running");
     assert_eq!(after["tasks"][0]["task_id"], task_id.as_str());
@@ -111,9 +118,10 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
 /// A TaskManager cut off from the JobManager (here: the only JobManager is SIGSTOPped for
 /// longer than `heartbeat.timeout`) stops its tasks on its own: by then the leader would have
 /// declared it lost and deployed the tasks elsewhere, and two attempts must not write at once.
-/// Proves: the output stops growing while the JobManager is still stopped (the TaskManager
-/// canceled its tasks), and once the JobManager runs again the job is restarted in a new
-/// attempt and writes again.
+/// Proves: while the JobManager is still stopped, the TaskManager logs that it cancels every
+/// task and its tasks end (their series leave its `/metrics`, which happens when a task has
+/// ended, so the output stops), within 10 s; once the JobManager runs again the job is
+/// restarted in a new attempt and writes again.
 #[test]
 fn a_taskmanager_cut_off_from_the_jobmanager_stops_its_tasks() -> anyhow::Result<()> {
     let mut sb = Sandbox::new("cut-off", Ha::Local, &[("heartbeat.timeout", "3 s")])?;
@@ -127,18 +135,29 @@ fn a_taskmanager_cut_off_from_the_jobmanager_stops_its_tasks() -> anyhow::Result
     wait_until("output", LONG, || Ok((lines_in(&out) > 100).then_some(())))?;
     let attempt_before = sb.status("cutoff")?["tasks"][0]["attempt"].as_u64().unwrap_or(0);
 
+    let metrics = metrics_address(&mut sb, "tm-1")?;
+    let task_ids = metrics_tasks(&metrics)?;
+    assert_eq!(task_ids.len(), 2, "both subtasks run on tm-1: {task_ids:?}");
+
     sb.proc("jm").proc.signal("STOP")?;
     let stop_at = Instant::now();
-    // heartbeat.timeout (3 s) without an answer, then the tasks are canceled: the output stops.
-    let stopped = wait_until("the output to stop growing while the jobmanager is stopped", LONG, || {
-        let before = lines_in(&out);
-        std::thread::sleep(Duration::from_millis(1500));
-        Ok((lines_in(&out) == before).then(|| (before, stop_at.elapsed() - Duration::from_millis(1500))))
-    });
+    // heartbeat.timeout (3 s) without an answer: the TaskManager says it cancels every task, and
+    // the tasks end (a task's series leave the TaskManager's /metrics when it has ended; an
+    // ended task writes no more).
+    let stopped =
+        wait_until("the cut-off taskmanager to end its tasks while the jobmanager is stopped", LONG, || {
+            let said = sb
+                .proc("tm-1")
+                .proc
+                .log_text()
+                .contains("no jobmanager leader heard from for heartbeat.timeout");
+            let running = metrics_tasks(&metrics)?;
+            Ok((said && running.is_disjoint(&task_ids)).then(|| (lines_in(&out), stop_at.elapsed())))
+        });
     sb.proc("jm").proc.signal("CONT")?;
     let (stopped, after) = stopped?;
     println!(
-        "the cut-off TaskManager stopped writing at {stopped} lines, {} ms after the SIGSTOP",
+        "the cut-off TaskManager had ended its tasks at {stopped} lines, {} ms after the SIGSTOP",
         after.as_millis()
     );
     // The cut-off must come about when the leader declares the TaskManager lost (3 s), not when

@@ -27,8 +27,10 @@ fn failing_spec(sb: &Sandbox, name: &str, config: &str) -> anyhow::Result<String
 
 /// With the cluster's `restart-strategy.type: fixed-delay` and `attempts: 2`, a job that fails
 /// deterministically is restarted twice and fails for good at its third attempt; `keel status`
-/// shows the cause, the two restarts (attempt, cause, delay) and the failure. A job that sets
-/// `restart-strategy.type: none` in its spec's `config:` fails at its first failure.
+/// shows the cause, the two restarts (attempt, cause, delay) and the failure, and the failure
+/// is final (no fourth attempt by the time a later job's longer restart delay has passed). A
+/// job that sets `restart-strategy.type: none` in its spec's `config:` fails at its first
+/// failure.
 #[test]
 fn restart_strategy_limits_restarts_and_status_shows_the_history() -> anyhow::Result<()> {
     let mut sb = Sandbox::new(
@@ -70,10 +72,30 @@ fn restart_strategy_limits_restarts_and_status_shows_the_history() -> anyhow::Re
     let message = status["status_message"].as_str().unwrap_or_default();
     assert!(message.contains(cause) && message.contains("not restarted"), "{message}");
     assert_eq!(max_attempt(&status), 3);
-    // Failed stays failed: no fourth attempt.
-    std::thread::sleep(Duration::from_secs(1));
+    // Failed stays failed: no fourth attempt. A fourth attempt would be due 300 ms (the delay)
+    // after the failure, on the JobManager's clock. A sentinel job submitted after the failure
+    // was seen, failing with a restart delay of 1 s, is restarted on the same clock only later
+    // than that: once it has failed for good (after its one restart), a fourth attempt of
+    // `doomed` would have started and been logged already.
+    let sentinel = failing_spec(
+        &sb,
+        "sentinel",
+        "config:\n  restart-strategy.fixed-delay.attempts: 1\n  restart-strategy.fixed-delay.delay: 1 s\n",
+    )?;
+    sb.run_spec("sentinel", &sentinel, &["--detached"])?;
+    let sentinel = sb.wait_job_state("sentinel", "failed", LONG)?;
+    assert_eq!(sentinel["restarts"], 1, "{sentinel}");
     let later = sb.status("doomed")?;
     assert_eq!((later["job"]["state"].clone(), max_attempt(&later)), ("failed".into(), 3));
+    let doomed_id = format!("job_id={} ", later["job"]["job_id"].as_str().unwrap_or_default());
+    let attempts_failed = sb
+        .proc("jm")
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("job attempt failed") && l.contains(&doomed_id))
+        .count();
+    assert_eq!(attempts_failed, 3, "three attempts of doomed in the jobmanager's log, no fourth");
     // The text output shows the same.
     let text = sb.keel(&["status", "doomed"])?;
     let text = String::from_utf8_lossy(&text.stdout).to_string();

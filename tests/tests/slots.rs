@@ -6,12 +6,21 @@ use keel_tests::{datagen_to_file_spec, wait_until, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// A ResourceManager log line with `message` about the job `job_id`.
+fn is_slot_log(line: &str, message: &str, job_id: &str) -> bool {
+    line.contains(message) && line.contains(&format!("job_id={job_id} "))
+}
+
 fn one_slot() -> Vec<String> {
     vec!["taskmanager.numberOfTaskSlots=1".into()]
 }
 
 /// A job needing more slots than are free waits in `scheduled` (the slot request is queued),
 /// then starts as soon as a TaskManager joins, with its subtasks spread over both TaskManagers.
+/// Proves the request is all or nothing over the whole wait, not only at one look: while the
+/// job waits its one free slot stays free, and the ResourceManager's log (every allocation is
+/// logged) holds exactly one allocation for the job, of both slots, made after the second
+/// TaskManager registered; no task can run without an allocation (TaskManagers refuse it).
 #[test]
 fn job_waits_for_slots_and_starts_when_a_taskmanager_joins() -> anyhow::Result<()> {
     let mut sb = Sandbox::new("slots-wait", Ha::Local, &[("slot.request.timeout", "2 min")])?;
@@ -27,14 +36,32 @@ fn job_waits_for_slots_and_starts_when_a_taskmanager_joins() -> anyhow::Result<(
         waiting["status_message"].as_str().unwrap_or_default().contains("waiting for 2 slots"),
         "status says what the job waits for: {waiting}"
     );
-    // Still waiting a while later: nothing was deployed with half the slots.
-    std::thread::sleep(Duration::from_secs(2));
-    let still = sb.status("wide")?;
-    assert_eq!(still["job"]["state"], "scheduled");
-    assert_eq!(still["tasks"].as_array().map(|t| t.len()), Some(0));
+    let job_id = waiting["job"]["job_id"].as_str().unwrap_or_default().to_string();
+    // The request reached the ResourceManager, and the free slot was not taken for it.
+    wait_until("the slot request at the resourcemanager", LONG, || {
+        Ok(sb
+            .proc("rm")
+            .proc
+            .log_text()
+            .lines()
+            .any(|l| is_slot_log(l, "slot request", &job_id))
+            .then_some(()))
+    })?;
+    assert_eq!(waiting["tasks"].as_array().map(|t| t.len()), Some(0));
+    assert_eq!(sb.cluster()?["slots"]["free"], 1, "the free slot is not allocated to half the job");
 
     sb.start("taskmanager", "tm-2", &one_slot())?;
     let running = sb.wait_job_state("wide", "running", LONG)?;
+    let rm_log = sb.proc("rm").proc.log_text();
+    let allocations: Vec<(usize, &str)> =
+        rm_log.lines().enumerate().filter(|(_, l)| is_slot_log(l, "slots allocated", &job_id)).collect();
+    assert_eq!(allocations.len(), 1, "one allocation for the job, of every slot: {allocations:?}");
+    assert!(allocations[0].1.contains(" count=2"), "{allocations:?}");
+    let tm2_registered = rm_log
+        .lines()
+        .position(|l| l.contains("taskmanager registered") && l.contains("taskmanager_id=tm-2 "))
+        .ok_or_else(|| anyhow::anyhow!("tm-2 never registered:\n{rm_log}"))?;
+    assert!(tm2_registered < allocations[0].0, "allocated only once tm-2 had registered");
     let mut tms: Vec<String> = running["tasks"]
         .as_array()
         .map(|ts| ts.iter().map(|t| t["taskmanager_id"].as_str().unwrap_or_default().to_string()).collect())

@@ -17,7 +17,7 @@ use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Kind, Restore};
 use crate::events::{JobEvent, SideBySide};
 use crate::record::{now_ms, RestoredFrom, SideRecord, TaskRecord, VersionRecord};
-use crate::restart::{self, Decision, FailureEntry, FailureKind, RestartEntry, SplitMix64};
+use crate::restart::{self, Decision, FailureEntry, FailureKind, JitterRng, RestartEntry};
 use crate::upgrade_phase::{Event as UpgradeEvent, Phase};
 
 impl Driver {
@@ -30,7 +30,7 @@ impl Driver {
         kind: FailureKind,
         cause: String,
         strategy: &RestartConfig,
-        rng: &mut SplitMix64,
+        rng: &mut JitterRng,
     ) -> Result<AfterFailure> {
         let now = now_ms();
         let job_id = self.job.job_id.clone();

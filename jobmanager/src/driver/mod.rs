@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::coordinator::{self, RestoreError};
 use crate::events::JobEvent;
 use crate::record::{now_ms, Placement, TaskRecord};
-use crate::restart::{self, FailureKind, SplitMix64};
+use crate::restart::{self, FailureKind, JitterRng};
 use crate::state::{JobHandle, JobManagerCtx, LeaderState};
 use crate::upgrade::{Progress, UpgradeRequest};
 use crate::upgrade_phase::{Event as UpgradeEvent, Phase, SavepointRef};
@@ -229,7 +229,7 @@ impl Driver {
             let tasks = adopted.map(|a| a.tasks).unwrap_or_default();
             return self.finish_cancel(&tasks).await;
         }
-        let mut rng = SplitMix64::from_entropy();
+        let mut rng = JitterRng::from_entropy();
         loop {
             let (version, spec_yaml, parallelism) = {
                 let r = self.job.record();

@@ -3,7 +3,7 @@
 //! checkpoints every 500 ms, and a fault schedule drawn from a seed; then an exact account of
 //! every record. See docs/chaos.md.
 //!
-//! - [`rng`]: the deterministic PRNG; [`schedule`]: faults from a seed.
+//! - [`rng`]: the seeded random numbers (`rand`); [`schedule`]: faults from a seed.
 //! - [`net`]: network namespaces and partitions; [`cluster`]: the processes.
 //! - [`workload`]: the producer; [`observe`]: output reader, task and etcd watchers.
 //! - [`check`]: the accounting; [`report`]: what a run prints.
