@@ -178,7 +178,7 @@ async fn trigger(
 ) -> Result<u64> {
     let checkpoint_id = counter.next(&st.leadership).await?;
     let now = Instant::now();
-    let timestamp_ms = now_ms();
+    let timestamp_ms = ctx.clock.now_ms();
     let tasks: Vec<AttemptTask> = {
         let mut tracker = job.checkpoints();
         tracker.trigger(checkpoint_id, now, timestamp_ms)?;
@@ -692,6 +692,59 @@ mod tests {
         assert!(!notified.load(Ordering::SeqCst));
         let stored: Option<CheckpointPointer> = pointers.get("j").await.expect("read pointer");
         assert_eq!(stored, None);
+    }
+
+    /// A leader on the in-memory HA backend, for the fault switches.
+    async fn memory_leader() -> Result<(keel_ha::memory::MemoryHaServices, Leadership)> {
+        let ha = keel_ha::memory::MemoryHaServices::new();
+        let l = ha.campaign(Role::JobManager, "127.0.0.1:1", &CancellationToken::new()).await?;
+        Ok((ha, l))
+    }
+
+    /// The HA store failing the pointer write (an injected `Unavailable`): the completion fails,
+    /// no task is notified (their transactions stay open, to be committed by a later
+    /// checkpoint), and the pointer does not move; the next checkpoint completes normally.
+    #[tokio::test]
+    async fn a_failed_pointer_write_completes_nothing() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| KeelError::internal(e.to_string()))?;
+        let (ha, l) = memory_leader().await?;
+        let pointers = CheckpointPointerStore::new(Arc::new(ha.clone()));
+        let dir = tmp.path().join("chk");
+        ha.fail_next_writes(1);
+        let notified = AtomicBool::new(false);
+        let failed = finalize(&l, &pointers, &dir, "j", "job", &ready(1), |_| async {
+            notified.store(true, Ordering::SeqCst);
+        })
+        .await;
+        assert!(matches!(failed, Err(KeelError::Unavailable { .. })), "{failed:?}");
+        assert!(!notified.load(Ordering::SeqCst), "no task may be notified");
+        assert_eq!(pointers.get("j").await?.map(|p: CheckpointPointer| p.checkpoint_id), None);
+        let pointer = finalize(&l, &pointers, &dir, "j", "job", &ready(2), |_| async {}).await?;
+        assert_eq!(pointers.get("j").await?, Some(pointer));
+        Ok(())
+    }
+
+    /// A leader whose lease ended in the store without it noticing (its token has not fired):
+    /// the store's fence refuses the pointer write, so no task is notified and the pointer
+    /// stays where the previous checkpoint put it.
+    #[tokio::test]
+    async fn a_lease_lost_unnoticed_cannot_move_the_pointer() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| KeelError::internal(e.to_string()))?;
+        let (ha, l) = memory_leader().await?;
+        let pointers = CheckpointPointerStore::new(Arc::new(ha.clone()));
+        let dir = tmp.path().join("chk");
+        finalize(&l, &pointers, &dir, "j", "job", &ready(1), |_| async {}).await?;
+        ha.lose_lease_unnoticed(Role::JobManager);
+        assert!(!l.lost().is_cancelled(), "the holder was not told");
+        let notified = AtomicBool::new(false);
+        let refused = finalize(&l, &pointers, &dir, "j", "job", &ready(2), |_| async {
+            notified.store(true, Ordering::SeqCst);
+        })
+        .await;
+        assert!(matches!(refused, Err(KeelError::LeadershipLost { .. })), "{refused:?}");
+        assert!(!notified.load(Ordering::SeqCst), "no task may be notified");
+        assert_eq!(pointers.get("j").await?.map(|p: CheckpointPointer| p.checkpoint_id), Some(1));
+        Ok(())
     }
 
     /// A pointer naming a metadata file that is gone is an unusable checkpoint whose message

@@ -31,6 +31,7 @@ pub async fn run(config: Config, ha: Arc<dyn HaServices>, shutdown: Cancellation
         channels: Channels::default(),
         address,
         config,
+        clock: keel_ha::clock::system(),
     });
     let jm = Arc::new(JobManager { ctx, state: RwLock::new(None) });
     let server_shutdown = shutdown.clone();

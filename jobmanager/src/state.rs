@@ -34,6 +34,10 @@ pub(crate) struct JobManagerCtx {
     pub rm: LeaderClient,
     pub channels: Channels,
     pub leader_watch: watch::Receiver<Option<LeaderInfo>>,
+    /// The clock the driver and the checkpoint coordinator read wall-clock time from (health-gate
+    /// deadlines, restart times, checkpoint timestamps); [`keel_ha::clock::system`] outside
+    /// tests.
+    pub clock: Arc<dyn keel_ha::clock::Clock>,
 }
 
 impl JobManagerCtx {

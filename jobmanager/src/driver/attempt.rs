@@ -16,7 +16,7 @@ use super::{
 use crate::checkpoint::{AttemptTask, Settings};
 use crate::coordinator::{self, AttemptCheckpointing, Kind, Restore};
 use crate::events::{JobEvent, SideBySide};
-use crate::record::{now_ms, RestoredFrom, SideRecord, TaskRecord, VersionRecord};
+use crate::record::{RestoredFrom, SideRecord, TaskRecord, VersionRecord};
 use crate::restart::{self, Decision, FailureEntry, FailureKind, JitterRng, RestartEntry};
 use crate::upgrade_phase::{Event as UpgradeEvent, Phase};
 
@@ -32,7 +32,7 @@ impl Driver {
         strategy: &RestartConfig,
         rng: &mut JitterRng,
     ) -> Result<AfterFailure> {
-        let now = now_ms();
+        let now = self.ctx.clock.now_ms();
         let job_id = self.job.job_id.clone();
         let decision =
             restart::on_failure(strategy, &mut self.job.record_mut().restart.state, kind, now, rng);
@@ -108,7 +108,7 @@ impl Driver {
             job_id: r.pointer.job_id.clone(),
             checkpoint_id: r.pointer.checkpoint_id,
             metadata_path: r.pointer.metadata_path.clone(),
-            restored_at_ms: now_ms(),
+            restored_at_ms: self.ctx.clock.now_ms(),
         });
         if let Some(r) = restore {
             tracing::info!(job_id = %self.job.job_id, checkpoint_id = r.pointer.checkpoint_id,
@@ -236,7 +236,7 @@ impl Driver {
             && self.job.tasks().iter().all(|t| matches!(t.state, TaskState::Running | TaskState::Finished));
         if running_recorded && matches!(self.upgrade().map(|u| u.phase), Some(Phase::RollingBack { .. })) {
             // A rollback whose old version already ran under the leader before.
-            self.advance(UpgradeEvent::OldVersionRuns { now_ms: now_ms() }, &[]).await?;
+            self.advance(UpgradeEvent::OldVersionRuns { now_ms: self.ctx.clock.now_ms() }, &[]).await?;
         }
         loop {
             let event = if self.in_gate() {
@@ -356,7 +356,11 @@ impl Driver {
                                 self.report(format!("version {} runs", self.job.record().active_version))
                             }
                             Some(Phase::RollingBack { .. }) => {
-                                self.advance(UpgradeEvent::OldVersionRuns { now_ms: now_ms() }, &[]).await?;
+                                self.advance(
+                                    UpgradeEvent::OldVersionRuns { now_ms: self.ctx.clock.now_ms() },
+                                    &[],
+                                )
+                                .await?;
                             }
                             _ => {}
                         }
@@ -386,7 +390,7 @@ impl Driver {
                 version: side.version,
                 spec_yaml: side.spec_yaml.clone(),
                 state: JobState::Running,
-                created_at_ms: now_ms(),
+                created_at_ms: self.ctx.clock.now_ms(),
                 parallelism: side.parallelism,
                 restored_from: None,
                 ended_with: None,

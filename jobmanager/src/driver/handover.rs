@@ -11,7 +11,7 @@ use keel_spec::JobSpec;
 use super::{DrainError, Drained, Driver, DRAIN_FINISH_WAIT, PAUSE_MEASURE_WAIT, UPGRADE_SLOT_WAIT};
 use crate::coordinator::{self, Kind, SavepointDone};
 use crate::events::JobEvent;
-use crate::record::{now_ms, JobRecord, RestoredFrom, TaskRecord, VersionRecord};
+use crate::record::{JobRecord, RestoredFrom, TaskRecord, VersionRecord};
 use crate::upgrade::{self, Progress, RestoreStrategy, UpgradeMode, UpgradeRequest, UpgradeStrategy};
 use crate::upgrade_phase::{self, Action, Event as UpgradeEvent, Phase, SavepointRef, SlotRef, Upgrade};
 
@@ -69,7 +69,7 @@ impl Driver {
                         version: to,
                         spec_yaml: req.spec_yaml.clone(),
                         state: JobState::Created,
-                        created_at_ms: now_ms(),
+                        created_at_ms: self.ctx.clock.now_ms(),
                         parallelism: new_parallelism,
                         restored_from: None,
                         ended_with: None,
@@ -78,7 +78,7 @@ impl Driver {
                     to
                 }
             };
-            r.upgrade = Some(Upgrade::registered(version, to, now_ms()));
+            r.upgrade = Some(Upgrade::registered(version, to, self.ctx.clock.now_ms()));
             to
         };
         progress.to_version = to_version;
@@ -89,7 +89,8 @@ impl Driver {
             return Err(DrainError::Refused);
         }
         progress.step(format!("registered version {to_version} (parallelism {new_parallelism}) as pending"));
-        let abort = |why: String| UpgradeEvent::Aborted { why, now_ms: now_ms() };
+        let clock = self.ctx.clock.clone();
+        let abort = move |why: String| UpgradeEvent::Aborted { why, now_ms: clock.now_ms() };
 
         // Phase `slots-allocated`: the new version's slots, while the old one runs.
         match req.mode {
@@ -289,7 +290,7 @@ impl Driver {
                 job_id: self.job.job_id.clone(),
                 checkpoint_id: done.checkpoint_id,
                 metadata_path: path.to_string(),
-                restored_at_ms: now_ms(),
+                restored_at_ms: self.ctx.clock.now_ms(),
             });
         }
     }
@@ -363,7 +364,7 @@ impl Driver {
             last_output_ms: d.last_output_ms,
             checkpoints,
             gate_ms: u64::try_from(self.ctx.config.upgrade_health_timeout.as_millis()).unwrap_or(u64::MAX),
-            now_ms: now_ms(),
+            now_ms: self.ctx.clock.now_ms(),
         };
         self.advance(event, tasks).await
     }
@@ -372,8 +373,8 @@ impl Driver {
     pub(super) async fn end_upgrade(&mut self, why: &str, tasks: &[TaskRecord]) -> Result<()> {
         let Some(u) = self.upgrade() else { return Ok(()) };
         let event = match u.phase.before_switch() {
-            true => UpgradeEvent::Aborted { why: why.to_string(), now_ms: now_ms() },
-            false => UpgradeEvent::JobEnded { why: why.to_string(), now_ms: now_ms() },
+            true => UpgradeEvent::Aborted { why: why.to_string(), now_ms: self.ctx.clock.now_ms() },
+            false => UpgradeEvent::JobEnded { why: why.to_string(), now_ms: self.ctx.clock.now_ms() },
         };
         self.advance(event, tasks).await
     }
@@ -435,7 +436,7 @@ impl Driver {
             Action::UseSlots(slots) => self.preallocated = Some(slots.iter().map(SlotRef::to_pb).collect()),
             Action::WatchGate { deadline_ms } => {
                 tracing::info!(job_id = %self.job.job_id, to_version = before.to_version,
-                    left_ms = deadline_ms.saturating_sub(now_ms()), "health gate of the new version");
+                    left_ms = deadline_ms.saturating_sub(self.ctx.clock.now_ms()), "health gate of the new version");
             }
             Action::Report(step) => self.report(step),
             Action::Complete => {
@@ -483,7 +484,7 @@ impl Driver {
             .iter()
             .any(|c| c.checkpoint_id > after && c.state == crate::checkpoint::CheckpointState::Completed);
         let timeout = keel_config::format_duration(self.ctx.config.upgrade_health_timeout);
-        match upgrade_phase::gate(&u, running, checkpointed, now_ms(), &timeout) {
+        match upgrade_phase::gate(&u, running, checkpointed, self.ctx.clock.now_ms(), &timeout) {
             Some(UpgradeEvent::Unhealthy { why }) => Ok(Err(why)),
             Some(event) => self.advance(event, &[]).await.map(Ok),
             None => Ok(Ok(())),

@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::coordinator::{self, RestoreError};
 use crate::events::JobEvent;
-use crate::record::{now_ms, Placement, TaskRecord};
+use crate::record::{Placement, TaskRecord};
 use crate::restart::{self, FailureKind, JitterRng};
 use crate::state::{JobHandle, JobManagerCtx, LeaderState};
 use crate::upgrade::{Progress, UpgradeRequest};
@@ -207,7 +207,8 @@ impl Driver {
         // still active, runs on (see crate::upgrade_phase).
         let before_switch = self.upgrade().is_some_and(|u| u.phase.before_switch());
         if recovered && before_switch {
-            self.advance(UpgradeEvent::Recovered { slots_kept: false, now_ms: now_ms() }, &[]).await?;
+            self.advance(UpgradeEvent::Recovered { slots_kept: false, now_ms: self.ctx.clock.now_ms() }, &[])
+                .await?;
         }
         // A new leader first tries to adopt the job's running tasks (not those of an upgrade it
         // interrupted: they may be draining). Otherwise whatever an earlier attempt or an
@@ -222,7 +223,8 @@ impl Driver {
         // After the switch (in the health gate, or rolling back) the new leader resumes the
         // upgrade where it was; the gate keeps its recorded deadline.
         if recovered && self.upgrade().is_some() {
-            let event = UpgradeEvent::Recovered { slots_kept: adopted.is_some(), now_ms: now_ms() };
+            let event =
+                UpgradeEvent::Recovered { slots_kept: adopted.is_some(), now_ms: self.ctx.clock.now_ms() };
             self.advance(event, &[]).await?;
         }
         if self.job.record().cancel_requested {
@@ -425,7 +427,7 @@ impl Driver {
                                     Err(DrainError::Cancel) => {
                                         let event = UpgradeEvent::Aborted {
                                             why: "the job was canceled".into(),
-                                            now_ms: now_ms(),
+                                            now_ms: self.ctx.clock.now_ms(),
                                         };
                                         self.advance(event, &tasks).await?;
                                         break Ok(AttemptEnd::Cancel);
