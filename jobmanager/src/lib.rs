@@ -45,7 +45,8 @@
 //! events      -> upgrade
 //! upgrade     -> checkpoint, record
 //! record      -> restart, upgrade_phase
-//! checkpoint, restart, upgrade_phase: none
+//! upgrade_phase -> checkpoint
+//! checkpoint, restart: none
 //! ```
 //!
 //! Fencing: every request to the ResourceManager and the TaskManagers carries this leader's

@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use keel_proto::pb;
 
+use crate::checkpoint::CheckpointPointer;
+
 /// A slot held for one version of the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotRef {
@@ -96,6 +98,11 @@ pub enum Phase {
         checkpoints: bool,
         /// When the old version wrote its last record (ms since the epoch), if known.
         last_output_ms: Option<u64>,
+        /// The savepoint a restore strategy (or a promote) chose instead of the drain's: the
+        /// job's HA pointer is set to it only after the switch is recorded, so a leader change
+        /// before the switch restarts the old version from its own drain savepoint.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restore_pointer: Option<CheckpointPointer>,
     },
     /// The new version failed its gate: the old version is active again and restarts from the
     /// savepoint.
@@ -184,6 +191,7 @@ pub enum Event {
     /// `old_slots`: the old version's slots; `gate_ms`: `upgrade.health-timeout`.
     Drained {
         savepoint: SavepointRef,
+        restore_pointer: Option<CheckpointPointer>,
         old_slots: Vec<SlotRef>,
         last_output_ms: Option<u64>,
         checkpoints: bool,
@@ -238,6 +246,9 @@ pub enum Action {
     CancelAttempt,
     /// The next attempt of the active version deploys into these slots.
     UseSlots(Vec<SlotRef>),
+    /// Point the job's HA pointer at this savepoint, unless the new version already completed
+    /// a checkpoint of its own.
+    SetPointer(CheckpointPointer),
     /// Watch the new version's health until the deadline (ms since the epoch).
     WatchGate { deadline_ms: u64 },
     /// A progress step for `keel upgrade`.
@@ -286,9 +297,20 @@ pub fn transition(u: &Upgrade, event: Event) -> Result<(Upgrade, Vec<Action>), I
         }
         (
             Phase::Draining { slots },
-            Event::Drained { savepoint, old_slots, last_output_ms, checkpoints, gate_ms, now_ms },
+            Event::Drained {
+                savepoint,
+                restore_pointer,
+                old_slots,
+                last_output_ms,
+                checkpoints,
+                gate_ms,
+                now_ms,
+            },
         ) => {
             let mut actions = vec![Action::Switch { from, to }];
+            if let Some(pointer) = &restore_pointer {
+                actions.push(Action::SetPointer(pointer.clone()));
+            }
             let old_slots = if slots.is_empty() {
                 // Stop-then-start: the old version's slots go now; the new one asks for its own.
                 actions.push(Action::Release(allocations(&old_slots)));
@@ -307,6 +329,7 @@ pub fn transition(u: &Upgrade, event: Event) -> Result<(Upgrade, Vec<Action>), I
                 old_slots,
                 checkpoints,
                 last_output_ms,
+                restore_pointer,
             };
             (next(phase), actions)
         }
@@ -375,7 +398,14 @@ pub fn transition(u: &Upgrade, event: Event) -> Result<(Upgrade, Vec<Action>), I
             )
         }
         (
-            Phase::Switched { savepoint, gate_deadline_ms, old_slots, checkpoints, last_output_ms },
+            Phase::Switched {
+                savepoint,
+                gate_deadline_ms,
+                old_slots,
+                checkpoints,
+                last_output_ms,
+                restore_pointer,
+            },
             Event::Recovered { slots_kept, .. },
         ) => {
             // The new leader runs the new version and keeps the gate's deadline. The old
@@ -387,8 +417,12 @@ pub fn transition(u: &Upgrade, event: Event) -> Result<(Upgrade, Vec<Action>), I
                 old_slots,
                 checkpoints: *checkpoints,
                 last_output_ms: *last_output_ms,
+                restore_pointer: restore_pointer.clone(),
             };
-            (next(phase), vec![Action::WatchGate { deadline_ms: *gate_deadline_ms }])
+            // The old leader may have died between the switch and setting the pointer.
+            let mut actions: Vec<Action> = restore_pointer.iter().cloned().map(Action::SetPointer).collect();
+            actions.push(Action::WatchGate { deadline_ms: *gate_deadline_ms });
+            (next(phase), actions)
         }
         (Phase::RollingBack { .. }, Event::Recovered { .. }) => (u.clone(), Vec::new()),
         (_, event) => return Err(invalid(&event)),
@@ -440,6 +474,7 @@ mod tests {
     fn drained(now_ms: u64) -> Event {
         Event::Drained {
             savepoint: sp(),
+            restore_pointer: None,
             old_slots: vec![slot("a", 0)],
             last_output_ms: Some(5),
             checkpoints: true,
@@ -476,7 +511,8 @@ mod tests {
                 gate_deadline_ms: 1100,
                 old_slots: vec![slot("a", 0)],
                 checkpoints: true,
-                last_output_ms: Some(5)
+                last_output_ms: Some(5),
+                restore_pointer: None,
             }
         );
         assert_eq!(a[0], Action::Switch { from: 1, to: 2 });
@@ -614,6 +650,41 @@ mod tests {
         assert!(!a.iter().any(|a| matches!(a, Action::UseSlots(_))), "released slots are not reused: {a:?}");
         let (kept, _) = step(&u, Event::Recovered { slots_kept: true, now_ms: 600 });
         assert!(matches!(&kept.phase, Phase::Switched { old_slots, .. } if old_slots.len() == 1));
+    }
+
+    /// A savepoint chosen by a restore strategy (or a promote): the HA pointer is set to it
+    /// only after the switch write, and again by a new leader that finds the switch recorded
+    /// (the old one may have died before setting it); before the switch nothing sets it, so
+    /// the old version restarts from its own drain savepoint.
+    #[test]
+    fn a_chosen_savepoint_is_pointed_at_only_after_the_switch() {
+        let pointer = CheckpointPointer {
+            job_id: "j".into(),
+            checkpoint_id: 3,
+            metadata_path: "/sp/sp-3/_metadata".into(),
+            version: 1,
+            attempt: 1,
+            trigger_time_ms: 0,
+            duration_ms: 0,
+            size_bytes: 0,
+            completed_at_ms: 0,
+            epoch: 0,
+        };
+        let u = Upgrade::registered(1, 2, 0);
+        let (draining, a) = step(&u, Event::DrainStarted);
+        assert!(a.is_empty());
+        let (_, a) = step(&draining, Event::Recovered { slots_kept: false, now_ms: 1 });
+        assert!(!a.iter().any(|a| matches!(a, Action::SetPointer(_))), "{a:?}");
+        let mut event = drained(10);
+        if let Event::Drained { restore_pointer, .. } = &mut event {
+            *restore_pointer = Some(pointer.clone());
+        }
+        let (switched, a) = step(&draining, event);
+        let switch = a.iter().position(|a| matches!(a, Action::Switch { .. }));
+        let set = a.iter().position(|a| *a == Action::SetPointer(pointer.clone()));
+        assert!(matches!((switch, set), (Some(s), Some(p)) if s < p), "{a:?}");
+        let (_, a) = step(&switched, Event::Recovered { slots_kept: false, now_ms: 20 });
+        assert!(a.contains(&Action::SetPointer(pointer)), "{a:?}");
     }
 
     /// Leader failover while rolling back: the old version is already the active one, so the

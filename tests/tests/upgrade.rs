@@ -791,7 +791,10 @@ fn a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back() -> anyhow::
     let mut out = Output::open(&bootstrap, &output)?;
     out.read_until(LONG, |all| all.len() >= 1000)?;
 
-    let nowhere = format!("127.0.0.1:{}", keel_tests::free_port());
+    // A broker that never answers: a socket this test holds open and never accepts on (no
+    // other process can take the port meanwhile).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let nowhere = silent.local_addr()?.to_string();
     let v2 = format!(
         "{v1}  - name: audit\n    connector: kafka\n    from: in\n    topic: audit\n    \
          properties.bootstrap.servers: {nowhere}\n    format: csv\n    sink.delivery-guarantee: at-least-once\n"
@@ -858,6 +861,7 @@ fn a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back() -> anyhow::
     let checked = check_output(&mut out, 1500)?;
     let lost: Vec<u64> = (0..1500).filter(|n| !checked.counts.contains_key(n)).collect();
     let duplicated: Vec<u64> = checked.counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    drop(silent);
     println!(
         "{} distinct of 1500, {} lost, {} duplicated",
         checked.counts.len(),

@@ -257,6 +257,14 @@ impl Driver {
             match event {
                 JobEvent::Cancel => return Ok(AttemptEnd::Cancel),
                 JobEvent::Upgrade(req) => {
+                    if let Some(u) = self.upgrade() {
+                        req.progress.fail(format!(
+                            "the upgrade to version {} is in phase {}; try again once it is done",
+                            u.to_version,
+                            u.phase.name()
+                        ));
+                        continue;
+                    }
                     if running_recorded {
                         return Ok(AttemptEnd::Upgrade(req));
                     }

@@ -9,6 +9,7 @@ use keel_proto::{JobState, KeelError, Result, TaskStateExt};
 use keel_spec::JobSpec;
 
 use super::{DrainError, Drained, Driver, DRAIN_FINISH_WAIT, PAUSE_MEASURE_WAIT, UPGRADE_SLOT_WAIT};
+use crate::checkpoint::CheckpointPointer;
 use crate::coordinator::{self, Kind, SavepointDone};
 use crate::events::JobEvent;
 use crate::record::{JobRecord, RestoredFrom, TaskRecord, VersionRecord};
@@ -199,13 +200,11 @@ impl Driver {
             }
             (None, _) => None,
         };
+        // The job's HA pointer moves to a chosen savepoint only after the switch is recorded
+        // (Action::SetPointer): before it, the old version is still the active one.
+        let restore_pointer = chosen.as_ref().map(|(pointer, _)| pointer.clone());
         let (done, savepoint_path) = match chosen {
             Some((pointer, how)) => {
-                if let Err(e) = self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, &pointer).await {
-                    let why = format!("cannot point the job at savepoint {}: {e}", pointer.checkpoint_id);
-                    self.advance_in_drain(abort(why), tasks).await?;
-                    return Err(DrainError::Failed(format!("cannot set the job's savepoint pointer: {e}")));
-                }
                 progress.step(format!(
                     "version {to_version} {how} {} ({})",
                     pointer.checkpoint_id, pointer.metadata_path
@@ -248,7 +247,7 @@ impl Driver {
         };
         self.note_ended_with(version, &done, &savepoint_path);
         let savepoint = SavepointRef { checkpoint_id: done.checkpoint_id, path: savepoint_path };
-        Ok(Drained { savepoint, last_output_ms })
+        Ok(Drained { savepoint, restore_pointer, last_output_ms })
     }
 
     /// [`Driver::advance`] inside a drain: a refused write means leadership is gone, which
@@ -360,6 +359,7 @@ impl Driver {
         .is_some_and(|c| c.interval.is_some());
         let event = UpgradeEvent::Drained {
             savepoint: d.savepoint,
+            restore_pointer: d.restore_pointer,
             old_slots,
             last_output_ms: d.last_output_ms,
             checkpoints,
@@ -433,6 +433,22 @@ impl Driver {
                 }
                 self.release(release, false).await;
             }
+            Action::SetPointer(pointer) => {
+                // Not over a checkpoint the new version completed itself since.
+                let current: Option<CheckpointPointer> =
+                    self.ctx.pointers.get(&self.job.job_id).await.ok().flatten();
+                let own = current.is_some_and(|c| {
+                    c.version == before.to_version && c.checkpoint_id > pointer.checkpoint_id
+                });
+                if !own {
+                    if let Err(error) =
+                        self.ctx.pointers.set(&self.st.leadership, &self.job.job_id, &pointer).await
+                    {
+                        tracing::warn!(job_id = %self.job.job_id, checkpoint_id = pointer.checkpoint_id, %error,
+                            "cannot point the job at the chosen savepoint");
+                    }
+                }
+            }
             Action::UseSlots(slots) => self.preallocated = Some(slots.iter().map(SlotRef::to_pb).collect()),
             Action::WatchGate { deadline_ms } => {
                 tracing::info!(job_id = %self.job.job_id, to_version = before.to_version,
@@ -477,12 +493,13 @@ impl Driver {
         let Some(u) = self.upgrade() else { return Ok(Ok(())) };
         let Phase::Switched { savepoint, .. } = &u.phase else { return Ok(Ok(())) };
         let after = savepoint.checkpoint_id;
-        let checkpointed = self
-            .job
-            .checkpoints()
-            .stats(Instant::now())
-            .iter()
-            .any(|c| c.checkpoint_id > after && c.state == crate::checkpoint::CheckpointState::Completed);
+        // A checkpoint of the new version itself: the history also holds the old version's,
+        // some of them newer than a savepoint a restore strategy chose.
+        let checkpointed = self.job.checkpoints().stats(Instant::now()).iter().any(|c| {
+            c.checkpoint_id > after
+                && c.version == u.to_version
+                && c.state == crate::checkpoint::CheckpointState::Completed
+        });
         let timeout = keel_config::format_duration(self.ctx.config.upgrade_health_timeout);
         match upgrade_phase::gate(&u, running, checkpointed, self.ctx.clock.now_ms(), &timeout) {
             Some(UpgradeEvent::Unhealthy { why }) => Ok(Err(why)),

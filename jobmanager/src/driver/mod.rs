@@ -51,7 +51,7 @@ use crate::record::{Placement, TaskRecord};
 use crate::restart::{self, FailureKind, JitterRng};
 use crate::state::{JobHandle, JobManagerCtx, LeaderState};
 use crate::upgrade::{Progress, UpgradeRequest};
-use crate::upgrade_phase::{Event as UpgradeEvent, Phase, SavepointRef};
+use crate::upgrade_phase::{self, Event as UpgradeEvent, Phase, SavepointRef};
 
 /// How long an `AdoptTasks` call to a TaskManager may take.
 const ADOPT_CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -82,6 +82,9 @@ const NO_PERIODIC_CHECKPOINTS: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The old version is drained and the new one is ready to take over.
 struct Drained {
     savepoint: SavepointRef,
+    /// A savepoint a restore strategy chose instead of the drain's (set as the job's HA
+    /// pointer after the switch).
+    restore_pointer: Option<crate::checkpoint::CheckpointPointer>,
     /// When the old version wrote its last record (ms since the epoch), if known.
     last_output_ms: Option<u64>,
 }
@@ -185,13 +188,15 @@ impl Driver {
 
     async fn drive(&mut self) -> Result<()> {
         // A version registered by an upgrade that a leader change interrupted before its switch
-        // never ran: only the active version runs, so it is marked failed.
+        // never ran: only the active version runs, so it is marked failed. (For a record written
+        // before upgrades had a phase; otherwise the phase's `Recovered` transition does it.)
         let interrupted: Vec<u32> = {
             let mut r = self.job.record_mut();
             let active = r.active_version;
+            let legacy = r.upgrade.is_none();
             r.versions
                 .iter_mut()
-                .filter(|v| v.version != active && v.state == JobState::Created)
+                .filter(|v| legacy && v.version != active && v.state == JobState::Created)
                 .map(|v| {
                     v.state = JobState::Failed;
                     v.version
@@ -233,6 +238,15 @@ impl Driver {
         }
         let mut rng = JitterRng::from_entropy();
         loop {
+            // A health gate whose deadline passed before the new version ran (no slots yet,
+            // retries, a leader change): roll back now rather than deploy it.
+            let timeout = keel_config::format_duration(self.ctx.config.upgrade_health_timeout);
+            let overdue = self
+                .upgrade()
+                .and_then(|u| upgrade_phase::gate(&u, false, false, self.ctx.clock.now_ms(), &timeout));
+            if let Some(UpgradeEvent::Unhealthy { why }) = overdue {
+                self.advance(UpgradeEvent::Unhealthy { why }, &[]).await?;
+            }
             let (version, spec_yaml, parallelism) = {
                 let r = self.job.record();
                 let v = r
@@ -340,6 +354,12 @@ impl Driver {
                     };
                     let slots = match slots {
                         Ok(s) => s,
+                        Err(err @ KeelError::NotEnoughSlots { .. }) if self.in_gate() => {
+                            // The new version cannot even get its slots: roll back.
+                            let why = format!("version {version} got no slots: {err}");
+                            self.advance(UpgradeEvent::Unhealthy { why }, &[]).await?;
+                            continue;
+                        }
                         Err(err @ KeelError::NotEnoughSlots { .. }) => {
                             let cause = err.to_string();
                             match self
