@@ -50,8 +50,9 @@ pub struct DevArgs {
     /// Number of TaskManagers.
     #[arg(long, default_value_t = 1)]
     pub taskmanagers: u32,
-    /// Slots per TaskManager (the two demo jobs take two each).
-    #[arg(long, default_value_t = 4)]
+    /// Slots per TaskManager (the two demo jobs take two each; the rest leaves room for a
+    /// handover upgrade or rescale of one, which runs both versions at once).
+    #[arg(long, default_value_t = 8)]
     pub slots: u32,
     /// JobManager port.
     #[arg(long, default_value_t = 6123)]
