@@ -535,6 +535,23 @@ pub struct CheckpointPointer {
 }
 
 impl CheckpointPointer {
+    /// A pointer to the savepoint or checkpoint whose metadata file at `path` says `metadata`
+    /// (a savepoint named by the user, the newest kept savepoint, a promoted version's).
+    pub fn of_metadata(metadata: &CheckpointMetadata, path: &std::path::Path) -> CheckpointPointer {
+        CheckpointPointer {
+            job_id: metadata.job_id.clone(),
+            checkpoint_id: metadata.checkpoint_id,
+            metadata_path: path.display().to_string(),
+            version: metadata.version,
+            attempt: metadata.attempt,
+            trigger_time_ms: metadata.trigger_time_ms,
+            duration_ms: metadata.duration_ms,
+            size_bytes: metadata.total_size_bytes,
+            completed_at_ms: metadata.completed_at_ms,
+            epoch: 0,
+        }
+    }
+
     pub fn stat(&self) -> CheckpointStat {
         CheckpointStat {
             checkpoint_id: self.checkpoint_id,

@@ -289,18 +289,7 @@ pub(crate) async fn latest_savepoint(dir: &Path, job_id: &str) -> Option<Checkpo
         .max()?;
     let path = root.join(format!("sp-{newest}")).join(METADATA_FILE);
     let metadata = read_metadata(&path).await.ok()?;
-    Some(CheckpointPointer {
-        job_id: metadata.job_id.clone(),
-        checkpoint_id: metadata.checkpoint_id,
-        metadata_path: path.display().to_string(),
-        version: metadata.version,
-        attempt: metadata.attempt,
-        trigger_time_ms: metadata.trigger_time_ms,
-        duration_ms: metadata.duration_ms,
-        size_bytes: metadata.total_size_bytes,
-        completed_at_ms: metadata.completed_at_ms,
-        epoch: 0,
-    })
+    Some(CheckpointPointer::of_metadata(&metadata, &path))
 }
 
 /// Copies a completed savepoint's metadata to `<dir>/<job_id>/savepoints/sp-<id>/_metadata`,

@@ -261,19 +261,9 @@ impl JmApi for JmService {
                 "side version stopped at savepoint {} ({})",
                 stopped.savepoint_id, stopped.path
             ));
-            let pointer = match coordinator::read_metadata(std::path::Path::new(&stopped.path)).await {
-                Ok(m) => CheckpointPointer {
-                    job_id: m.job_id.clone(),
-                    checkpoint_id: m.checkpoint_id,
-                    metadata_path: stopped.path.clone(),
-                    version: m.version,
-                    attempt: m.attempt,
-                    trigger_time_ms: m.trigger_time_ms,
-                    duration_ms: m.duration_ms,
-                    size_bytes: m.total_size_bytes,
-                    completed_at_ms: m.completed_at_ms,
-                    epoch: 0,
-                },
+            let path = std::path::Path::new(&stopped.path);
+            let pointer = match coordinator::read_metadata(path).await {
+                Ok(m) => CheckpointPointer::of_metadata(&m, path),
                 Err(e) => return progress.fail(format!("cannot read the side version's savepoint: {e}")),
             };
             // 2. A handover of the job to the side version's spec, from that savepoint.

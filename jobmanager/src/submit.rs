@@ -83,18 +83,7 @@ impl JobManager {
                 ),
             ));
         }
-        let pointer = CheckpointPointer {
-            job_id: metadata.job_id.clone(),
-            checkpoint_id: metadata.checkpoint_id,
-            metadata_path: file.display().to_string(),
-            version: metadata.version,
-            attempt: metadata.attempt,
-            trigger_time_ms: metadata.trigger_time_ms,
-            duration_ms: metadata.duration_ms,
-            size_bytes: metadata.total_size_bytes,
-            completed_at_ms: metadata.completed_at_ms,
-            epoch: 0,
-        };
+        let pointer = CheckpointPointer::of_metadata(&metadata, &file);
         coordinator::load_states(&pointer, spec.parallelism).await.map_err(|reason| {
             KeelError::precondition(format!("cannot start from the savepoint: {reason}"))
         })?;
