@@ -5,135 +5,168 @@
 //! empty string is written quoted (`""`); with `csv.null-literal` set, that literal (unquoted)
 //! is null, a value equal to it is written quoted, and an empty unquoted field is an empty
 //! STRING or BYTES value (and null in any other column).
+//!
+//! Both directions work without allocating per message: a line is split into field spans
+//! kept in a reused [`CsvScratch`] (only a quoted field with doubled quotes is copied, into a
+//! reused buffer), values are staged into [`Staged`], and encoding appends to the caller's
+//! buffers.
 
-use std::borrow::Cow;
-use std::fmt::Write as _;
+use std::ops::Range;
 
+use crate::batch::{ColRef, Slot, Staged};
 use crate::error::FieldError;
 use crate::options::{CsvOptions, PayloadField, TimestampStandard};
 use crate::schema::DataType;
-use crate::value::Value;
+use crate::text;
 
-struct Field<'a> {
-    text: Cow<'a, str>,
+/// Where one field's text is.
+#[derive(Debug, Clone)]
+struct Span {
+    range: Range<usize>,
+    /// In [`CsvScratch::unquoted`] (a quoted field with doubled quotes) rather than the line.
+    copied: bool,
     quoted: bool,
 }
 
-/// Splits one record into fields.
-fn split<'a>(line: &'a str, opts: &CsvOptions) -> Result<Vec<Field<'a>>, String> {
-    let line = line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(line);
+/// Reused between messages by one decoder.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CsvScratch {
+    spans: Vec<Span>,
+    unquoted: String,
+}
+
+impl CsvScratch {
+    fn field<'a>(&'a self, line: &'a str, span: &Span) -> &'a str {
+        let source = if span.copied { self.unquoted.as_str() } else { line };
+        source.get(span.range.clone()).unwrap_or_default()
+    }
+}
+
+/// Splits one record (its line break already removed) into field spans.
+fn split(line: &str, opts: &CsvOptions, scratch: &mut CsvScratch) -> Result<(), String> {
+    scratch.spans.clear();
+    scratch.unquoted.clear();
     let bytes = line.as_bytes();
     let delim = opts.field_delimiter;
-    let mut fields = Vec::new();
     let mut pos = 0;
     loop {
         if opts.quote_character.is_some() && bytes.get(pos).copied() == opts.quote_character {
             let quote = bytes[pos];
-            let mut text = String::new();
-            let mut start = pos + 1;
+            let start = pos + 1;
             let mut i = start;
+            // Doubled quotes: the field is copied without them.
+            let mut copy_from: Option<usize> = None;
+            let mut seg = start;
             loop {
                 match bytes.get(i) {
-                    None => return Err(format!("field {} has an unterminated quote", fields.len() + 1)),
+                    None => {
+                        return Err(format!("field {} has an unterminated quote", scratch.spans.len() + 1))
+                    }
                     Some(&b) if b == quote => {
-                        text.push_str(&line[start..i]);
                         if bytes.get(i + 1) == Some(&quote) {
-                            text.push(char::from(quote));
+                            if copy_from.is_none() {
+                                copy_from = Some(scratch.unquoted.len());
+                            }
+                            scratch.unquoted.push_str(line.get(seg..=i).unwrap_or_default());
                             i += 2;
-                            start = i;
+                            seg = i;
                         } else {
-                            i += 1;
                             break;
                         }
                     }
                     Some(_) => i += 1,
                 }
             }
-            fields.push(Field { text: Cow::Owned(text), quoted: true });
-            pos = i;
+            let span = match copy_from {
+                Some(from) => {
+                    scratch.unquoted.push_str(line.get(seg..i).unwrap_or_default());
+                    Span { range: from..scratch.unquoted.len(), copied: true, quoted: true }
+                }
+                None => Span { range: start..i, copied: false, quoted: true },
+            };
+            scratch.spans.push(span);
+            pos = i + 1;
             match bytes.get(pos) {
                 None => break,
                 Some(&b) if b == delim => pos += 1,
-                Some(_) => return Err(format!("field {} has text after its closing quote", fields.len())),
+                Some(_) => {
+                    return Err(format!("field {} has text after its closing quote", scratch.spans.len()))
+                }
             }
         } else {
             let end = bytes[pos..].iter().position(|&b| b == delim).map_or(bytes.len(), |p| pos + p);
-            fields.push(Field { text: Cow::Borrowed(&line[pos..end]), quoted: false });
+            scratch.spans.push(Span { range: pos..end, copied: false, quoted: false });
             if end == bytes.len() {
                 break;
             }
             pos = end + 1;
         }
     }
-    Ok(fields)
+    Ok(())
 }
 
 pub(crate) fn decode(
     bytes: &[u8],
     fields: &[PayloadField],
     opts: &CsvOptions,
-    row: &mut [Value],
+    scratch: &mut CsvScratch,
+    staged: &mut Staged,
 ) -> Result<(), String> {
     let line = std::str::from_utf8(bytes).map_err(|e| format!("not valid UTF-8: {e}"))?;
-    let parts = split(line, opts)?;
-    if parts.len() != fields.len() {
+    let line = line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(line);
+    split(line, opts, scratch)?;
+    if scratch.spans.len() != fields.len() {
         return Err(format!(
             "expected {} fields ({}), found {}",
             fields.len(),
             fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "),
-            parts.len()
+            scratch.spans.len()
         ));
     }
-    for (f, part) in fields.iter().zip(parts) {
-        let value =
-            from_text(&part, f.data_type, opts).map_err(|reason| format!("field '{}': {reason}", f.name))?;
-        if let Some(slot) = row.get_mut(f.index) {
-            *slot = value;
-        }
+    for (f, span) in fields.iter().zip(&scratch.spans) {
+        let text = scratch.field(line, span);
+        let slot = from_text(text, span.quoted, f.data_type, opts, staged)
+            .map_err(|reason| format!("field '{}': {reason}", f.name))?;
+        staged.set(f.index, slot);
     }
     Ok(())
 }
 
-fn shown(text: &str) -> String {
-    let mut s = text.to_string();
-    if s.len() > 64 {
-        let mut cut = 61;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    format!("{s:?}")
-}
-
-fn from_text(field: &Field<'_>, ty: DataType, opts: &CsvOptions) -> Result<Value, String> {
-    let text = field.text.as_ref();
-    if !field.quoted {
+fn from_text(
+    text: &str,
+    quoted: bool,
+    ty: DataType,
+    opts: &CsvOptions,
+    staged: &mut Staged,
+) -> Result<Slot, String> {
+    if !quoted {
         if opts.null_literal.as_deref() == Some(text) {
-            return Ok(Value::Null);
+            return Ok(Slot::Null);
         }
         let textual = matches!(ty, DataType::String | DataType::Bytes);
         if text.is_empty() && (!textual || opts.null_literal.is_none()) {
-            return Ok(Value::Null);
+            return Ok(Slot::Null);
         }
     }
-    let mismatch = || format!("expected {ty}, found {}", shown(text));
-    let value = match ty {
-        DataType::String => Value::String(text.to_string()),
-        DataType::Boolean => match text.trim().to_ascii_lowercase().as_str() {
-            "true" => Value::Bool(true),
-            "false" => Value::Bool(false),
-            _ => return Err(mismatch()),
-        },
+    let mismatch = || format!("expected {ty}, found {}", text::shown(text));
+    let slot = match ty {
+        DataType::String => staged.push_text(text),
+        DataType::Boolean => {
+            let t = text.trim();
+            if t.eq_ignore_ascii_case("true") {
+                Slot::Bool(true)
+            } else if t.eq_ignore_ascii_case("false") {
+                Slot::Bool(false)
+            } else {
+                return Err(mismatch());
+            }
+        }
         DataType::Int | DataType::BigInt => {
             let n = text.trim().parse::<i64>().map_err(|_| mismatch())?;
-            if ty == DataType::Int && i32::try_from(n).is_err() {
-                return Err(format!("{n} is out of range for INT"));
-            }
-            Value::Int(n)
+            text::check_int(ty, n)?;
+            Slot::Int(n)
         }
-        DataType::Double => Value::Double(text.trim().parse::<f64>().map_err(|_| mismatch())?),
+        DataType::Double => Slot::Double(text.trim().parse::<f64>().map_err(|_| mismatch())?),
         DataType::Timestamp => {
             let t = text.trim();
             let ms = if !t.is_empty()
@@ -143,82 +176,82 @@ fn from_text(field: &Field<'_>, ty: DataType, opts: &CsvOptions) -> Result<Value
             } else {
                 crate::time::parse(t)
             };
-            Value::Timestamp(ms.ok_or_else(|| {
-                format!("expected TIMESTAMP like 2024-05-01 12:00:00.000, found {}", shown(text))
+            Slot::Timestamp(ms.ok_or_else(|| {
+                format!("expected TIMESTAMP like 2024-05-01 12:00:00.000, found {}", text::shown(text))
             })?)
         }
-        DataType::Bytes => Value::Bytes(
-            crate::base64::decode(text.trim())
-                .ok_or_else(|| format!("expected BYTES as base64, found {}", shown(text)))?,
-        ),
-        DataType::Map => crate::json::parse_map(text)?,
+        DataType::Bytes => text::stage_base64(text.trim(), staged)
+            .ok_or_else(|| format!("expected BYTES as base64, found {}", text::shown(text)))?,
+        DataType::Map => crate::json::stage_map(text, staged)?,
     };
-    Ok(value)
+    Ok(slot)
 }
 
+/// Appends row `row`'s payload columns as one line (no line break).
 pub(crate) fn encode(
-    row: &[Value],
+    cols: &[ColRef<'_>],
+    row: usize,
     fields: &[PayloadField],
     opts: &CsvOptions,
+    scratch: &mut String,
     out: &mut Vec<u8>,
 ) -> Result<(), FieldError> {
-    let mut text = String::new();
     for (i, f) in fields.iter().enumerate() {
         if i > 0 {
             out.push(opts.field_delimiter);
         }
-        let value = row.get(f.index).unwrap_or(&Value::Null);
-        text.clear();
-        match (f.data_type, value) {
-            (_, Value::Null) => {
-                if let Some(null) = &opts.null_literal {
-                    out.extend_from_slice(null.as_bytes());
-                }
-                continue;
+        let Some(col) = cols.get(f.index) else {
+            return Err(FieldError::new(&f.name, "the batch has no such column"));
+        };
+        if col.is_null(row) {
+            if let Some(null) = &opts.null_literal {
+                out.extend_from_slice(null.as_bytes());
             }
-            (DataType::String, Value::String(s)) => {
-                text.push_str(s);
-            }
-            (DataType::Boolean, Value::Bool(b)) => {
-                text.push_str(if *b { "true" } else { "false" });
-            }
-            (DataType::Int | DataType::BigInt, Value::Int(n)) => {
-                let _ = write!(text, "{n}");
-            }
-            (DataType::Double, Value::Double(d)) => {
-                if d.is_finite() {
-                    crate::json::write_f64(*d, &mut text);
+            continue;
+        }
+        scratch.clear();
+        let text: &str = match (f.data_type, col) {
+            (DataType::String, ColRef::String(a)) => a.value(row),
+            (DataType::Boolean, ColRef::Boolean(a)) => {
+                if a.value(row) {
+                    "true"
                 } else {
-                    text.push_str(crate::json::non_finite(*d));
+                    "false"
                 }
             }
-            (DataType::Double, Value::Int(n)) => {
-                crate::json::write_f64(*n as f64, &mut text);
+            (DataType::Int | DataType::BigInt, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
+                text::push_int(c.int(row).unwrap_or_default(), scratch);
+                scratch
             }
-            (DataType::Timestamp, Value::Timestamp(ms)) => {
-                crate::time::format(*ms, TimestampStandard::Sql, &mut text);
+            (DataType::Double, ColRef::Double(a)) => {
+                text::push_double(a.value(row), scratch);
+                scratch
             }
-            (DataType::Bytes, Value::Bytes(b)) => {
-                crate::base64::encode(b, &mut text);
+            (DataType::Double, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
+                text::push_double(c.int(row).unwrap_or_default() as f64, scratch);
+                scratch
             }
-            (DataType::Map, Value::Map(entries)) => {
+            (DataType::Timestamp, ColRef::Timestamp(a)) => {
+                crate::time::format(a.value(row), TimestampStandard::Sql, scratch);
+                scratch
+            }
+            (DataType::Bytes, ColRef::Bytes(a)) => {
+                text::push_base64(a.value(row), scratch);
+                scratch
+            }
+            (DataType::Map, c @ ColRef::Map(_)) => {
                 let mut json = Vec::new();
-                crate::json::write_map(entries, &mut json);
-                text.push_str(&String::from_utf8_lossy(&json));
+                crate::json::write_map(c, row, &mut json);
+                scratch.push_str(&String::from_utf8_lossy(&json));
+                scratch
             }
-            _ => {
-                return Err(FieldError::new(
-                    &f.name,
-                    format!("a {} value in a {} column", value.kind(), f.data_type),
-                ))
-            }
+            _ => return Err(text::type_error(f, col)),
         };
         // An empty value must not read back as null, nor a value equal to the null literal.
         // (Without quoting, an empty field is an empty value only when a null literal is set.)
         let quote_empty = opts.null_literal.is_none() || opts.quote_character.is_some();
-        let must_quote =
-            (text.is_empty() && quote_empty) || opts.null_literal.as_deref() == Some(text.as_str());
-        write_field(&text, must_quote, opts, out).map_err(|reason| FieldError::new(&f.name, reason))?;
+        let must_quote = (text.is_empty() && quote_empty) || opts.null_literal.as_deref() == Some(text);
+        write_field(text, must_quote, opts, out).map_err(|reason| FieldError::new(&f.name, reason))?;
     }
     Ok(())
 }
@@ -249,10 +282,10 @@ fn write_field(text: &str, must_quote: bool, opts: &CsvOptions, out: &mut Vec<u8
             if text.bytes().any(special) {
                 return Err(format!(
                     "{} holds the field delimiter or a line break, and csv.disable-quote-character is set",
-                    shown(text)
+                    text::shown(text)
                 ));
             }
-            return Err(format!("{} equals csv.null-literal and cannot be quoted", shown(text)));
+            return Err(format!("{} equals csv.null-literal and cannot be quoted", text::shown(text)));
         }
         _ => out.extend_from_slice(text.as_bytes()),
     }

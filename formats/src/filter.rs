@@ -21,13 +21,24 @@
 //! and MAP columns take only `is null` / `is not null`. As in SQL, a comparison with a null value
 //! is not true, so `age != 18` drops rows whose age is null; so does a comparison involving NaN.
 
-use std::cmp::Ordering;
 use std::fmt;
+use std::sync::Arc;
 
+use arrow_arith::arity::unary;
+use arrow_arith::boolean::{and, is_not_null, is_null};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int32Type, Int64Type};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, Scalar, StringArray,
+    TimestampMillisecondArray,
+};
+use arrow_ord::cmp;
+use arrow_schema::{ArrowError, DataType as ArrowType};
+use arrow_select::filter::filter_record_batch;
 use keel_proto::{KeelError, Result};
 
 use crate::schema::{DataType, Schema};
-use crate::value::{Row, Value};
+use crate::value::Row;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -37,19 +48,6 @@ enum Op {
     Le,
     Gt,
     Ge,
-}
-
-impl Op {
-    fn holds(self, ord: Ordering) -> bool {
-        match self {
-            Op::Eq => ord == Ordering::Equal,
-            Op::Ne => ord != Ordering::Equal,
-            Op::Lt => ord == Ordering::Less,
-            Op::Le => ord != Ordering::Greater,
-            Op::Gt => ord == Ordering::Greater,
-            Op::Ge => ord != Ordering::Less,
-        }
-    }
 }
 
 impl fmt::Display for Op {
@@ -92,6 +90,8 @@ struct Condition {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
     conditions: Vec<Condition>,
+    /// The input's schema (for [`Filter::matches`] on a single row).
+    schema: Schema,
 }
 
 // ----- lexer (shared with projection) -----
@@ -310,19 +310,42 @@ impl Filter {
                 }
             }
         }
-        Ok(Filter { conditions })
+        Ok(Filter { conditions, schema: schema.clone() })
     }
 
-    /// Whether `row` satisfies every condition.
+    /// Which rows of `batch` (of the schema the filter was built against) satisfy every
+    /// condition: one vectorized kernel per condition, combined with AND. A null in the mask
+    /// means not kept.
+    pub fn evaluate(&self, batch: &RecordBatch) -> Result<BooleanArray> {
+        let mut mask: Option<BooleanArray> = None;
+        for c in &self.conditions {
+            let column = batch.columns().get(c.column).ok_or_else(|| {
+                KeelError::internal(format!("filter: the batch has no column {}", c.column))
+            })?;
+            let m = condition_mask(column, &c.test).map_err(arrow_error)?;
+            mask = Some(match mask {
+                None => m,
+                Some(prev) => and(&prev, &m).map_err(arrow_error)?,
+            });
+        }
+        Ok(mask.unwrap_or_else(|| BooleanArray::from(vec![true; batch.num_rows()])))
+    }
+
+    /// The rows of `batch` that satisfy every condition (the batch itself when all do).
+    pub fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let mask = self.evaluate(batch)?;
+        if mask.true_count() == batch.num_rows() {
+            return Ok(batch.clone());
+        }
+        filter_record_batch(batch, &mask).map_err(arrow_error)
+    }
+
+    /// Whether `row` satisfies every condition (a row that does not fit the schema does not).
     pub fn matches(&self, row: &Row) -> bool {
-        self.conditions.iter().all(|c| {
-            let v = row.get(c.column);
-            match &c.test {
-                Test::IsNull => v.is_null(),
-                Test::IsNotNull => !v.is_null(),
-                Test::Compare(op, lit) => compare(v, lit).is_some_and(|ord| op.holds(ord)),
-            }
-        })
+        let Ok(batch) = crate::batch::batch_of_rows(&self.schema, std::slice::from_ref(row)) else {
+            return false;
+        };
+        self.evaluate(&batch).is_ok_and(|m| m.len() == 1 && m.is_valid(0) && m.value(0))
     }
 
     /// The number of conditions.
@@ -384,25 +407,82 @@ fn literal(tok: &Token, ty: DataType, op: Op) -> std::result::Result<Literal, St
     }
 }
 
-fn compare(v: &Value, lit: &Literal) -> Option<Ordering> {
-    match (v, lit) {
-        (Value::Int(a), Literal::Int(b)) => Some(a.cmp(b)),
-        (Value::Int(a), Literal::Double(b)) => (*a as f64).partial_cmp(b),
-        (Value::Double(a), Literal::Double(b)) => a.partial_cmp(b),
-        (Value::Double(a), Literal::Int(b)) => a.partial_cmp(&(*b as f64)),
-        (Value::String(a), Literal::Str(b)) => Some(a.as_str().cmp(b.as_str())),
-        (Value::Bool(a), Literal::Bool(b)) => Some(a.cmp(b)),
-        (Value::Timestamp(a), Literal::Timestamp(b)) | (Value::Int(a), Literal::Timestamp(b)) => {
-            Some(a.cmp(b))
+fn arrow_error(e: ArrowError) -> KeelError {
+    KeelError::internal(format!("filter: {e}"))
+}
+
+/// The mask of one condition over `column`.
+fn condition_mask(column: &ArrayRef, test: &Test) -> std::result::Result<BooleanArray, ArrowError> {
+    let (op, lit) = match test {
+        Test::IsNull => return is_null(column),
+        Test::IsNotNull => return is_not_null(column),
+        Test::Compare(op, lit) => (*op, lit),
+    };
+    let Some((left, right)) = operands(column, lit) else {
+        // A literal of another type never compares true (the parser does not build one).
+        return Ok(BooleanArray::from(vec![false; column.len()]));
+    };
+    let right = Scalar::new(right);
+    let mask = match op {
+        Op::Eq => cmp::eq(&left, &right),
+        Op::Ne => cmp::neq(&left, &right),
+        Op::Lt => cmp::lt(&left, &right),
+        Op::Le => cmp::lt_eq(&left, &right),
+        Op::Gt => cmp::gt(&left, &right),
+        Op::Ge => cmp::gt_eq(&left, &right),
+    }?;
+    // Arrow orders NaN above every number (and equal to itself); in SQL a comparison involving
+    // NaN is not true.
+    if let Some(doubles) = left.as_primitive_opt::<Float64Type>() {
+        if doubles.values().iter().any(|v| v.is_nan()) {
+            let not_nan = BooleanArray::from_unary(doubles, |v| !v.is_nan());
+            return and(&mask, &not_nan);
         }
-        _ => None,
     }
+    Ok(mask)
+}
+
+/// The column (cast where the literal needs a wider type) and the literal as a one-element
+/// array of the same type.
+fn operands(column: &ArrayRef, lit: &Literal) -> Option<(ArrayRef, ArrayRef)> {
+    let to_f64 = |c: &ArrayRef| -> Option<ArrayRef> {
+        if let Some(a) = c.as_primitive_opt::<Int32Type>() {
+            return Some(Arc::new(unary::<_, _, Float64Type>(a, f64::from)));
+        }
+        c.as_primitive_opt::<Int64Type>()
+            .map(|a| Arc::new(unary::<_, _, Float64Type>(a, |v| v as f64)) as ArrayRef)
+    };
+    let pair: (ArrayRef, ArrayRef) = match (column.data_type(), lit) {
+        (ArrowType::Int32, Literal::Int(i)) => match i32::try_from(*i) {
+            Ok(v) => (column.clone(), Arc::new(Int32Array::from(vec![v]))),
+            Err(_) => {
+                let wide = unary::<_, _, Int64Type>(column.as_primitive_opt::<Int32Type>()?, i64::from);
+                (Arc::new(wide), Arc::new(Int64Array::from(vec![*i])))
+            }
+        },
+        (ArrowType::Int64, Literal::Int(i)) => (column.clone(), Arc::new(Int64Array::from(vec![*i]))),
+        (ArrowType::Int32 | ArrowType::Int64, Literal::Double(d)) => {
+            (to_f64(column)?, Arc::new(Float64Array::from(vec![*d])))
+        }
+        (ArrowType::Float64, Literal::Double(d)) => (column.clone(), Arc::new(Float64Array::from(vec![*d]))),
+        (ArrowType::Float64, Literal::Int(i)) => {
+            (column.clone(), Arc::new(Float64Array::from(vec![*i as f64])))
+        }
+        (ArrowType::Utf8, Literal::Str(s)) => (column.clone(), Arc::new(StringArray::from(vec![s.as_str()]))),
+        (ArrowType::Boolean, Literal::Bool(b)) => (column.clone(), Arc::new(BooleanArray::from(vec![*b]))),
+        (ArrowType::Timestamp(_, _), Literal::Timestamp(ms)) => {
+            (column.clone(), Arc::new(TimestampMillisecondArray::from(vec![*ms])))
+        }
+        _ => return None,
+    };
+    Some(pair)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::schema::{ColumnDef, MetadataKey};
+    use crate::value::Value;
 
     fn schema() -> Schema {
         Schema::from_columns(

@@ -1,57 +1,72 @@
 //! `json`: one JSON object per message, one field per payload column.
+//!
+//! Decoding reads the object in one pass with serde_json, borrowing each declared field's JSON
+//! text ([`RawValue`]) from the message instead of building values; undeclared fields are
+//! skipped without being built. Once the whole object parsed, the declared fields are converted
+//! in declared order straight into the staged row. Strings without escapes, numbers and
+//! booleans cost no allocation; a string with escapes, a non-string JSON value read into a
+//! STRING column and MAP values do.
 
 use std::fmt;
-use std::fmt::Write as _;
+use std::io::Write as _;
+use std::ops::Range;
 
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
-
+use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
+use crate::batch::{ColRef, Slot, Staged};
 use crate::error::FieldError;
 use crate::options::{JsonOptions, PayloadField};
 use crate::schema::DataType;
-use crate::value::{Headers, Value};
+use crate::text;
 
-/// Parses `bytes` as an object and stores each payload column's value into `row`.
-///
-/// The object is read in one pass: declared fields are converted as they come (a MAP keeps
-/// its entries' order and repeated keys), other fields are skipped without being built. A field
-/// given twice takes its last value.
+/// Reused between messages by one decoder: where each declared field's JSON text is.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct JsonScratch {
+    found: Vec<Option<Range<usize>>>,
+}
+
+/// Parses `bytes` as an object and stages each payload column's value. A field given twice
+/// takes its last value.
 pub(crate) fn decode(
     bytes: &[u8],
     fields: &[PayloadField],
     opts: &JsonOptions,
-    row: &mut [Value],
+    scratch: &mut JsonScratch,
+    staged: &mut Staged,
 ) -> Result<(), String> {
-    let mut slots: Vec<Option<Result<Value, String>>> = vec![None; fields.len()];
+    scratch.found.clear();
+    scratch.found.resize(fields.len(), None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = de::Deserializer::deserialize_any(&mut de, ObjectVisitor { fields, slots: &mut slots })
-        .and_then(|()| de.end());
+    let visitor = ObjectVisitor { fields, base: bytes.as_ptr() as usize, found: &mut scratch.found };
+    let parsed = de::Deserializer::deserialize_any(&mut de, visitor).and_then(|()| de.end());
     if let Err(e) = parsed {
         return Err(match e.classify() {
             serde_json::error::Category::Data => e.to_string(),
             _ => format!("not valid JSON: {e}"),
         });
     }
-    for (f, slot) in fields.iter().zip(slots) {
-        let value = match slot {
+    for (f, found) in fields.iter().zip(&scratch.found) {
+        let raw = match found {
             None if opts.fail_on_missing_field => {
                 return Err(format!("field '{}' is missing (json.fail-on-missing-field is true)", f.name))
             }
-            None => Value::Null,
-            Some(Ok(v)) => v,
-            Some(Err(reason)) => return Err(format!("field '{}': {reason}", f.name)),
+            None => continue,
+            Some(r) => bytes.get(r.clone()).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("null"),
         };
-        if let Some(slot) = row.get_mut(f.index) {
-            *slot = value;
-        }
+        let slot =
+            from_json(raw, f.data_type, staged).map_err(|reason| format!("field '{}': {reason}", f.name))?;
+        staged.set(f.index, slot);
     }
     Ok(())
 }
 
 struct ObjectVisitor<'a> {
     fields: &'a [PayloadField],
-    slots: &'a mut [Option<Result<Value, String>>],
+    /// Address of the message's first byte: borrowed JSON texts are located relative to it.
+    base: usize,
+    found: &'a mut [Option<Range<usize>>],
 }
 
 impl<'de> Visitor<'de> for ObjectVisitor<'_> {
@@ -62,17 +77,14 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            match self.fields.iter().position(|f| f.name == key) {
+        while let Some(field) = map.next_key_seed(KeySeed { fields: self.fields })? {
+            match field {
                 Some(i) => {
-                    let v = if self.fields[i].data_type == DataType::Map {
-                        map.next_value_seed(MapSeed)?
-                    } else {
-                        let json: Json = map.next_value()?;
-                        from_json(&json, self.fields[i].data_type)
-                    };
-                    if let Some(slot) = self.slots.get_mut(i) {
-                        *slot = Some(v);
+                    let raw: &'de RawValue = map.next_value()?;
+                    let text = raw.get();
+                    let start = (text.as_ptr() as usize).saturating_sub(self.base);
+                    if let Some(slot) = self.found.get_mut(i) {
+                        *slot = Some(start..start + text.len());
                     }
                 }
                 None => {
@@ -84,164 +96,212 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     }
 }
 
-/// Reads a MAP value: an object of base64 strings (or nulls), in order, repeats kept; any other
-/// JSON value is a type mismatch reported as the field's error.
-struct MapSeed;
+/// A key: the index of the declared field it names, without building the key.
+struct KeySeed<'a> {
+    fields: &'a [PayloadField],
+}
 
-impl<'de> DeserializeSeed<'de> for MapSeed {
-    type Value = Result<Value, String>;
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
+        d.deserialize_str(self)
     }
 }
 
-impl<'de> Visitor<'de> for MapSeed {
-    type Value = Result<Value, String>;
+impl<'de> Visitor<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.fields.iter().position(|f| f.name == key))
+    }
+}
+
+/// The JSON text as a short rendering for error messages (compact JSON, cut at 64 bytes).
+fn shown(raw: &str) -> String {
+    let compact =
+        serde_json::from_str::<Json>(raw).map(|v| v.to_string()).unwrap_or_else(|_| raw.to_string());
+    text::cut(&compact)
+}
+
+fn mismatch(ty: DataType, raw: &str) -> String {
+    format!("expected {ty}, found {}", shown(raw))
+}
+
+/// The content of a JSON string literal; `None` when `raw` is not a string.
+fn string_of(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(std::borrow::Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(raw).ok().map(std::borrow::Cow::Owned)
+}
+
+fn is_number(raw: &str) -> bool {
+    raw.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+}
+
+/// Stages one field's JSON text as a value of `ty`.
+fn from_json(raw: &str, ty: DataType, staged: &mut Staged) -> Result<Slot, String> {
+    if raw == "null" {
+        return Ok(Slot::Null);
+    }
+    let slot = match ty {
+        DataType::String => match string_of(raw) {
+            Some(s) => staged.push_text(&s),
+            // Any other JSON value is read as its (compact) JSON text.
+            None => {
+                let text = serde_json::from_str::<Json>(raw).map(|v| v.to_string()).unwrap_or_default();
+                staged.push_text(&text)
+            }
+        },
+        DataType::Boolean => match raw {
+            "true" => Slot::Bool(true),
+            "false" => Slot::Bool(false),
+            _ => match string_of(raw) {
+                Some(s) if s.eq_ignore_ascii_case("true") => Slot::Bool(true),
+                Some(s) if s.eq_ignore_ascii_case("false") => Slot::Bool(false),
+                _ => return Err(mismatch(ty, raw)),
+            },
+        },
+        DataType::Int | DataType::BigInt => {
+            let n = if is_number(raw) {
+                raw.parse::<i64>().ok().or_else(|| {
+                    raw.parse::<f64>().ok().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64)
+                })
+            } else {
+                string_of(raw).and_then(|s| s.trim().parse::<i64>().ok())
+            };
+            let n = n.ok_or_else(|| mismatch(ty, raw))?;
+            text::check_int(ty, n)?;
+            Slot::Int(n)
+        }
+        DataType::Double => {
+            let d = if is_number(raw) {
+                raw.parse::<f64>().ok()
+            } else {
+                string_of(raw).and_then(|s| s.trim().parse::<f64>().ok())
+            };
+            Slot::Double(d.ok_or_else(|| mismatch(ty, raw))?)
+        }
+        DataType::Timestamp => {
+            if is_number(raw) {
+                Slot::Timestamp(raw.parse::<i64>().map_err(|_| mismatch(ty, raw))?)
+            } else {
+                let s = string_of(raw).ok_or_else(|| mismatch(ty, raw))?;
+                Slot::Timestamp(crate::time::parse(&s).ok_or_else(|| {
+                    format!("expected TIMESTAMP like \"2024-05-01 12:00:00.000\", found {}", shown(raw))
+                })?)
+            }
+        }
+        DataType::Bytes => {
+            let s = string_of(raw).ok_or_else(|| mismatch(ty, raw))?;
+            text::stage_base64(&s, staged)
+                .ok_or_else(|| format!("expected BYTES as base64, found {}", shown(raw)))?
+        }
+        DataType::Map => {
+            if raw.starts_with('[') {
+                return Err("expected MAP<STRING, BYTES>, found an array".to_string());
+            }
+            if !raw.starts_with('{') {
+                return Err(mismatch(ty, raw));
+            }
+            stage_entries(raw, staged)?
+        }
+    };
+    Ok(slot)
+}
+
+/// Stages a MAP written as a JSON object of base64 strings (or nulls), in order, repeats kept.
+fn stage_entries(raw: &str, staged: &mut Staged) -> Result<Slot, String> {
+    let entries: Vec<(String, Json)> = {
+        let mut de = serde_json::Deserializer::from_str(raw);
+        let v = EntriesSeed.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+        v.map_err(|e| format!("expected a MAP as a JSON object of base64 strings: {e}"))?
+    };
+    let start = staged.entries.len();
+    for (k, v) in &entries {
+        let failed = match v {
+            Json::Null => {
+                staged.push_entry(k, None);
+                None
+            }
+            Json::String(s) => match text::base64_decode(s) {
+                Some(bytes) => {
+                    staged.push_entry(k, Some(&bytes));
+                    None
+                }
+                None => Some(format!(
+                    "entry '{k}': expected BYTES as base64, found {}",
+                    text::cut(&v.to_string())
+                )),
+            },
+            other => Some(format!(
+                "entry '{k}': expected a base64 string, found {}",
+                text::cut(&other.to_string())
+            )),
+        };
+        if let Some(reason) = failed {
+            staged.entries.truncate(start);
+            return Err(reason);
+        }
+    }
+    Ok(Slot::Map(start..staged.entries.len()))
+}
+
+/// Stages a MAP given as JSON text (a CSV field).
+pub(crate) fn stage_map(text: &str, staged: &mut Staged) -> Result<Slot, String> {
+    stage_entries(text, staged)
+}
+
+/// An object's entries in order (repeated keys kept).
+struct EntriesSeed;
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed {
+    type Value = Vec<(String, Json)>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed {
+    type Value = Vec<(String, Json)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object of base64 strings")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out: Headers = Vec::new();
-        let mut failed = None;
+        let mut out = Vec::new();
         while let Some(k) = map.next_key::<String>()? {
-            let v: Json = map.next_value()?;
-            if failed.is_some() {
-                continue;
-            }
-            match &v {
-                Json::Null => out.push((k, None)),
-                Json::String(s) => match crate::base64::decode(s) {
-                    Some(bytes) => out.push((k, Some(bytes))),
-                    None => {
-                        failed = Some(format!("entry '{k}': expected BYTES as base64, found {}", shown(&v)))
-                    }
-                },
-                other => {
-                    failed = Some(format!("entry '{k}': expected a base64 string, found {}", shown(other)))
-                }
-            }
+            out.push((k, map.next_value::<Json>()?));
         }
-        Ok(failed.map_or(Ok(Value::Map(out)), Err))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Ok(Value::Null))
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Err(mismatch(DataType::Map, &Json::Bool(v))))
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Err(mismatch(DataType::Map, &Json::from(v))))
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(Err(mismatch(DataType::Map, &Json::from(v))))
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Err(mismatch(DataType::Map, &Json::from(v))))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Err(mismatch(DataType::Map, &Json::from(v))))
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-        Ok(Err("expected MAP<STRING, BYTES>, found an array".to_string()))
+        Ok(out)
     }
 }
 
-/// A short rendering of a JSON value for error messages.
-fn shown(v: &Json) -> String {
-    let mut text = v.to_string();
-    if text.len() > 64 {
-        let mut cut = 61;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str("...");
-    }
-    text
-}
-
-fn mismatch(ty: DataType, v: &Json) -> String {
-    format!("expected {ty}, found {}", shown(v))
-}
-
-fn from_json(v: &Json, ty: DataType) -> Result<Value, String> {
-    if v.is_null() {
-        return Ok(Value::Null);
-    }
-    let value = match ty {
-        DataType::String => match v {
-            Json::String(s) => Value::String(s.clone()),
-            other => Value::String(other.to_string()),
-        },
-        DataType::Boolean => match v {
-            Json::Bool(b) => Value::Bool(*b),
-            Json::String(s) if s.eq_ignore_ascii_case("true") => Value::Bool(true),
-            Json::String(s) if s.eq_ignore_ascii_case("false") => Value::Bool(false),
-            other => return Err(mismatch(ty, other)),
-        },
-        DataType::Int | DataType::BigInt => {
-            let n = match v {
-                Json::Number(n) => n.as_i64().or_else(|| {
-                    n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64)
-                }),
-                Json::String(s) => s.trim().parse::<i64>().ok(),
-                _ => None,
-            };
-            let n = n.ok_or_else(|| mismatch(ty, v))?;
-            if ty == DataType::Int && i32::try_from(n).is_err() {
-                return Err(format!("{n} is out of range for INT"));
-            }
-            Value::Int(n)
-        }
-        DataType::Double => match v {
-            Json::Number(n) => Value::Double(n.as_f64().ok_or_else(|| mismatch(ty, v))?),
-            Json::String(s) => Value::Double(s.trim().parse::<f64>().map_err(|_| mismatch(ty, v))?),
-            other => return Err(mismatch(ty, other)),
-        },
-        DataType::Timestamp => match v {
-            Json::Number(n) => Value::Timestamp(n.as_i64().ok_or_else(|| mismatch(ty, v))?),
-            Json::String(s) => Value::Timestamp(crate::time::parse(s).ok_or_else(|| {
-                format!("expected TIMESTAMP like \"2024-05-01 12:00:00.000\", found {}", shown(v))
-            })?),
-            other => return Err(mismatch(ty, other)),
-        },
-        DataType::Bytes => match v {
-            Json::String(s) => Value::Bytes(
-                crate::base64::decode(s)
-                    .ok_or_else(|| format!("expected BYTES as base64, found {}", shown(v)))?,
-            ),
-            other => return Err(mismatch(ty, other)),
-        },
-        // MAP values are read by `MapSeed`, which keeps the entries' order.
-        DataType::Map => return Err(mismatch(ty, v)),
-    };
-    Ok(value)
-}
-
-/// Writes the payload columns of `row` as one JSON object, in declared order.
+/// Appends row `row`'s payload columns as one JSON object, in declared order.
 pub(crate) fn encode(
-    row: &[Value],
+    cols: &[ColRef<'_>],
+    row: usize,
     fields: &[PayloadField],
     opts: &JsonOptions,
+    scratch: &mut String,
     out: &mut Vec<u8>,
 ) -> Result<(), FieldError> {
     out.push(b'{');
     let mut first = true;
-    let mut text = String::new();
     for f in fields {
-        let value = row.get(f.index).unwrap_or(&Value::Null);
-        if value.is_null() && opts.encode_ignore_null_fields {
+        let Some(col) = cols.get(f.index) else {
+            return Err(FieldError::new(&f.name, "the batch has no such column"));
+        };
+        let null = col.is_null(row);
+        if null && opts.encode_ignore_null_fields {
             continue;
         }
         if !first {
@@ -250,11 +310,49 @@ pub(crate) fn encode(
         first = false;
         write_str(out, &f.name);
         out.push(b':');
-        text.clear();
-        write_value(value, f, opts, &mut text, out)?;
+        if null {
+            out.extend_from_slice(b"null");
+            continue;
+        }
+        scratch.clear();
+        match (f.data_type, col) {
+            (DataType::String, ColRef::String(a)) => write_str(out, a.value(row)),
+            (DataType::Boolean, ColRef::Boolean(a)) => {
+                out.extend_from_slice(if a.value(row) { b"true" } else { b"false" })
+            }
+            (DataType::Int | DataType::BigInt, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
+                text::push_int(c.int(row).unwrap_or_default(), scratch);
+                out.extend_from_slice(scratch.as_bytes());
+            }
+            (DataType::Double, ColRef::Double(a)) => write_double(a.value(row), scratch, out),
+            (DataType::Double, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
+                write_double(c.int(row).unwrap_or_default() as f64, scratch, out)
+            }
+            (DataType::Timestamp, ColRef::Timestamp(a)) => {
+                crate::time::format(a.value(row), opts.timestamp_standard, scratch);
+                write_str(out, scratch);
+            }
+            (DataType::Bytes, ColRef::Bytes(a)) => {
+                text::push_base64(a.value(row), scratch);
+                write_str(out, scratch);
+            }
+            (DataType::Map, c @ ColRef::Map(_)) => write_map(c, row, out),
+            _ => return Err(text::type_error(f, col)),
+        }
     }
     out.push(b'}');
     Ok(())
+}
+
+/// A finite double as a number, NaN and the infinities as the strings `"NaN"`, `"Infinity"`
+/// and `"-Infinity"`.
+fn write_double(d: f64, scratch: &mut String, out: &mut Vec<u8>) {
+    text::push_double(d, scratch);
+    if d.is_finite() {
+        out.extend_from_slice(scratch.as_bytes());
+    } else {
+        write_str(out, scratch);
+    }
 }
 
 /// Writes a JSON string literal.
@@ -277,7 +375,10 @@ pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(&bytes[start..i]);
         match escape {
             Some(e) => out.extend_from_slice(e),
-            None => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            // Writing to a Vec cannot fail.
+            None => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
         }
         start = i + 1;
     }
@@ -285,53 +386,10 @@ pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-fn type_error(f: &PayloadField, value: &Value) -> FieldError {
-    FieldError::new(&f.name, format!("a {} value in a {} column", value.kind(), f.data_type))
-}
-
-fn write_value(
-    value: &Value,
-    f: &PayloadField,
-    opts: &JsonOptions,
-    text: &mut String,
-    out: &mut Vec<u8>,
-) -> Result<(), FieldError> {
-    match (f.data_type, value) {
-        (_, Value::Null) => out.extend_from_slice(b"null"),
-        (DataType::String, Value::String(s)) => write_str(out, s),
-        (DataType::Boolean, Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        (DataType::Int | DataType::BigInt, Value::Int(n)) => {
-            let _ = write!(text, "{n}");
-            out.extend_from_slice(text.as_bytes());
-        }
-        (DataType::Double, Value::Double(d)) => {
-            if d.is_finite() {
-                write_f64(*d, text);
-                out.extend_from_slice(text.as_bytes());
-            } else {
-                write_str(out, non_finite(*d));
-            }
-        }
-        (DataType::Double, Value::Int(n)) => {
-            write_f64(*n as f64, text);
-            out.extend_from_slice(text.as_bytes());
-        }
-        (DataType::Timestamp, Value::Timestamp(ms)) => {
-            crate::time::format(*ms, opts.timestamp_standard, text);
-            write_str(out, text);
-        }
-        (DataType::Bytes, Value::Bytes(b)) => {
-            crate::base64::encode(b, text);
-            write_str(out, text);
-        }
-        (DataType::Map, Value::Map(entries)) => write_map(entries, out),
-        _ => return Err(type_error(f, value)),
-    }
-    Ok(())
-}
-
-/// A MAP as a JSON object of base64 strings (null for a null value).
-pub(crate) fn write_map(entries: &Headers, out: &mut Vec<u8>) {
+/// The MAP at `row` of `col` as a JSON object of base64 strings (null for a null value).
+pub(crate) fn write_map(col: &ColRef<'_>, row: usize, out: &mut Vec<u8>) {
+    let mut entries = Vec::new();
+    col.map_entries(row, &mut entries);
     out.push(b'{');
     let mut text = String::new();
     for (i, (k, v)) in entries.iter().enumerate() {
@@ -344,32 +402,10 @@ pub(crate) fn write_map(entries: &Headers, out: &mut Vec<u8>) {
             None => out.extend_from_slice(b"null"),
             Some(bytes) => {
                 text.clear();
-                crate::base64::encode(bytes, &mut text);
+                text::push_base64(bytes, &mut text);
                 write_str(out, &text);
             }
         }
     }
     out.push(b'}');
-}
-
-/// Parses a MAP written by [`write_map`].
-pub(crate) fn parse_map(text: &str) -> Result<Value, String> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let v = MapSeed.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
-    v.map_err(|e| format!("expected a MAP as a JSON object of base64 strings: {e}"))?
-}
-
-/// Shortest text that reads back as the same `f64` (`1.0`, `0.1`, `1e300`).
-pub(crate) fn write_f64(d: f64, text: &mut String) {
-    let _ = write!(text, "{d:?}");
-}
-
-pub(crate) fn non_finite(d: f64) -> &'static str {
-    if d.is_nan() {
-        "NaN"
-    } else if d > 0.0 {
-        "Infinity"
-    } else {
-        "-Infinity"
-    }
 }

@@ -3,7 +3,8 @@
 //! Layout:
 //! - [`schema`]: [`DataType`], [`MetadataKey`], [`ColumnDef`] (what a spec's `columns:` entry
 //!   deserialises to) and the checked [`Schema`].
-//! - [`value`]: [`Value`] and [`Row`], the data a task moves (one `Value` per schema column).
+//! - [`value`]: [`Value`] and [`Row`], one row as values (tests, tools, messages); a task
+//!   moves columnar batches ([`batch`]).
 //! - [`options`]: [`FormatOptions`] for one side of a message (`format`/`value.format`,
 //!   `key.format` and each format's own options) and [`RecordFormat`], the whole key/value
 //!   layout (`key.fields`, `key.fields-prefix`, `value.fields-prefix`, `value.fields-include`),
@@ -17,7 +18,8 @@
 //!   the by-name mapping of one schema onto another.
 //! - [`error`]: [`DecodeError`] and [`EncodeError`], the per-record errors; configuration errors
 //!   are [`keel_proto::KeelError::InvalidSpec`] naming the field.
-//! - `time`, `base64`: timestamp and BYTES text forms (private helpers).
+//! - [`batch`]: the Arrow form of a schema's rows, [`BatchBuilder`], and the one-row view.
+//! - `time`, `text`: timestamp, number and BYTES (base64) text forms (private helpers).
 //!
 //! # Spec shapes
 //!
@@ -57,6 +59,7 @@
 //! `json.fail-on-missing-field`); in CSV it is an empty unquoted field (an empty string is
 //! written quoted, `""`, as PostgreSQL does), or `csv.null-literal` when set.
 
+pub mod batch;
 pub mod error;
 pub mod filter;
 pub mod options;
@@ -65,12 +68,13 @@ pub mod record;
 pub mod schema;
 pub mod value;
 
-mod base64;
 mod csv;
 mod json;
 mod raw;
+mod text;
 mod time;
 
+pub use batch::{arrow_schema, BatchBuilder};
 pub use error::{DecodeError, EncodeError, Part};
 pub use filter::Filter;
 pub use options::{
@@ -78,7 +82,7 @@ pub use options::{
     TimestampStandard,
 };
 pub use projection::Projection;
-pub use record::{EncodedRecord, KafkaMessage, RecordDecoder, RecordEncoder};
+pub use record::{EncodedBatch, EncodedRecord, KafkaMessage, OutRecord, RecordDecoder, RecordEncoder};
 pub use schema::{ColumnDef, DataType, MetadataKey, Schema};
 pub use value::{Headers, Row, Value};
 

@@ -12,21 +12,28 @@
 //! [`Projection::by_name`] builds the mapping from one schema onto another by column name (a
 //! source's rows onto the columns a sink declares).
 
+use std::sync::Arc;
+
+use arrow_arith::arity::unary;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int32Type, Int64Type};
+use arrow_array::{new_null_array, Array, ArrayRef, RecordBatch, RecordBatchOptions};
+use arrow_schema::{DataType as ArrowType, SchemaRef};
 use keel_proto::{KeelError, Result};
 
 use crate::filter::{column_name, is_keyword, lex};
 use crate::schema::{ColumnDef, DataType, Schema};
-use crate::value::{Row, Value};
+use crate::value::Row;
 
 /// A mapping from input rows to output rows, built against a schema.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Projection {
     /// Per output column: the input column, or `None` for a constant null.
     sources: Vec<Option<usize>>,
-    /// Per output column: whether it is the last use of its input column (so the value can be
-    /// moved instead of cloned).
-    take: Vec<bool>,
+    input: Schema,
     output: Schema,
+    /// `output` as an Arrow schema (the batches [`Projection::apply_batch`] returns).
+    arrow: SchemaRef,
 }
 
 impl Projection {
@@ -63,7 +70,7 @@ impl Projection {
             columns.push(ColumnDef::new(alias, data_type));
         }
         let output = Schema::from_columns(field, &columns)?;
-        Ok(Projection::new(sources, output))
+        Ok(Projection::new(sources, input, output))
     }
 
     /// Maps `input` rows onto `target`'s columns by name. `field` is the path of the target's
@@ -101,14 +108,12 @@ impl Projection {
                 }
             }
         }
-        Ok(Projection::new(sources, target.clone()))
+        Ok(Projection::new(sources, input, target.clone()))
     }
 
-    fn new(sources: Vec<Option<usize>>, output: Schema) -> Projection {
-        let take = (0..sources.len())
-            .map(|k| sources[k].is_none_or(|s| !sources[k + 1..].contains(&Some(s))))
-            .collect();
-        Projection { sources, take, output }
+    fn new(sources: Vec<Option<usize>>, input: &Schema, output: Schema) -> Projection {
+        let arrow = crate::batch::arrow_schema(&output);
+        Projection { sources, input: input.clone(), output, arrow }
     }
 
     /// The schema of the rows [`Projection::apply`] returns.
@@ -116,24 +121,53 @@ impl Projection {
         &self.output
     }
 
-    /// Builds the output row, moving values out of `row` where it can. An INT value headed for
-    /// a DOUBLE column (see [`Projection::by_name`]) is converted.
-    pub fn apply(&self, row: Row) -> Row {
-        let mut input = row.values;
-        let mut out = Vec::with_capacity(self.sources.len());
-        for (k, src) in self.sources.iter().enumerate() {
-            let v = match src.and_then(|i| input.get_mut(i)) {
-                None => Value::Null,
-                Some(slot) if self.take[k] => std::mem::take(slot),
-                Some(slot) => slot.clone(),
+    /// The output batch: the selected columns of `batch` shared, not copied; a constant null
+    /// column where the input has none; an INT column headed for a BIGINT or DOUBLE one, or a BIGINT one for a DOUBLE one (see
+    /// [`Projection::by_name`]) converted by a vectorized cast.
+    pub fn apply_batch(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let rows = batch.num_rows();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.sources.len());
+        for (field, src) in self.arrow.fields().iter().zip(&self.sources) {
+            let column = match src.and_then(|i| batch.columns().get(i)) {
+                None => new_null_array(field.data_type(), rows),
+                Some(c) if c.data_type() == field.data_type() => c.clone(),
+                Some(c) => match (
+                    c.as_primitive_opt::<Int32Type>(),
+                    c.as_primitive_opt::<Int64Type>(),
+                    field.data_type(),
+                ) {
+                    (Some(a), _, ArrowType::Int64) => {
+                        Arc::new(unary::<_, _, Int64Type>(a, i64::from)) as ArrayRef
+                    }
+                    (Some(a), _, ArrowType::Float64) => Arc::new(unary::<_, _, Float64Type>(a, f64::from)),
+                    (_, Some(a), ArrowType::Float64) => Arc::new(unary::<_, _, Float64Type>(a, |v| v as f64)),
+                    _ => {
+                        return Err(KeelError::internal(format!(
+                            "projection: column {} is {} in the batch, not {}",
+                            field.name(),
+                            c.data_type(),
+                            field.data_type()
+                        )))
+                    }
+                },
             };
-            let v = match (v, self.output.column(k).map(|c| c.data_type)) {
-                (Value::Int(n), Some(DataType::Double)) => Value::Double(n as f64),
-                (v, _) => v,
-            };
-            out.push(v);
+            columns.push(column);
         }
-        Row::new(out)
+        let options = RecordBatchOptions::new().with_row_count(Some(rows));
+        RecordBatch::try_new_with_options(self.arrow.clone(), columns, &options)
+            .map_err(|e| KeelError::internal(format!("projection: {e}")))
+    }
+
+    /// The output row of `row` (tests, tools; the data path uses [`Projection::apply_batch`]).
+    /// A row that does not fit the input schema gives a row of nulls.
+    pub fn apply(&self, row: Row) -> Row {
+        let out = crate::batch::batch_of_rows(&self.input, std::slice::from_ref(&row))
+            .ok()
+            .and_then(|b| self.apply_batch(&b).ok());
+        match out {
+            Some(b) => crate::batch::row_of(&b, 0),
+            None => Row::nulls(self.output.len()),
+        }
     }
 }
 
@@ -141,6 +175,7 @@ impl Projection {
 mod tests {
     use super::*;
     use crate::schema::MetadataKey;
+    use crate::value::Value;
 
     fn input() -> Schema {
         Schema::from_columns(

@@ -1,20 +1,30 @@
-//! Kafka messages ⇄ rows.
+//! Kafka messages ⇄ columnar batches.
 //!
-//! A [`RecordDecoder`] turns a message (key, value and the record's topic, partition, offset,
-//! timestamp and headers) into a [`Row`] of its schema; a [`RecordEncoder`] turns a row into
-//! the key, value, timestamp and headers to produce. Both are built once per subtask from a
-//! checked [`Schema`] and [`RecordFormat`]; a decoder is not shared between threads (it counts
-//! what it skips).
+//! A [`RecordDecoder`] appends a message (key, value and the record's topic, partition,
+//! offset, timestamp and headers) as one row of a [`BatchBuilder`] of its schema; a
+//! [`RecordEncoder`] encodes a batch's rows into the keys and values to produce
+//! ([`EncodedBatch`], one reused buffer) and hands each row out with its timestamp and headers
+//! ([`OutRecord`]). Both are built once per subtask from a checked [`Schema`] and
+//! [`RecordFormat`]; a decoder is not shared between threads (it counts what it skips, and
+//! keeps the buffers it decodes into). Neither allocates per message once warm, except for the
+//! rare values listed in the json codec.
 //!
 //! Skipping: a message whose value (or key) does not parse is skipped and counted when the
 //! format of the part that failed has `ignore-parse-errors` set, and is a [`DecodeError`]
 //! otherwise. A tombstone (a message without a value) is skipped and counted apart when the
 //! value format is json or csv, as Flink does; with raw it is a row whose value column is null.
 
+use std::ops::Range;
+
+use arrow_array::RecordBatch;
+
+use crate::batch::{row_of, BatchBuilder, ColRef, Slot, Staged};
+use crate::csv::CsvScratch;
 use crate::error::{DecodeError, EncodeError, FieldError, Part};
+use crate::json::JsonScratch;
 use crate::options::{FormatKind, FormatOptions, PayloadField, RecordFormat};
 use crate::schema::{DataType, MetadataKey, Schema};
-use crate::value::{Headers, Row, Value};
+use crate::value::{Headers, Row};
 
 /// One consumed Kafka message, borrowed from the client's buffers.
 #[derive(Debug, Clone, Copy)]
@@ -38,33 +48,51 @@ struct SideCodec {
     part: Part,
 }
 
+/// A decoder's reused buffers.
+#[derive(Debug, Default)]
+struct Scratch {
+    staged: Staged,
+    csv: CsvScratch,
+    json: JsonScratch,
+}
+
 impl SideCodec {
-    fn decode(&self, bytes: Option<&[u8]>, row: &mut [Value]) -> Result<(), String> {
+    fn decode(&self, bytes: Option<&[u8]>, scratch: &mut Scratch) -> Result<(), String> {
+        let Scratch { staged, csv, json } = scratch;
         match &self.format {
-            FormatOptions::Raw(_) => crate::raw::decode(bytes, &self.fields, row),
+            FormatOptions::Raw(_) => crate::raw::decode(bytes, &self.fields, staged),
             // A null key leaves the key columns null; a null value never gets here.
-            FormatOptions::Json(o) => bytes.map_or(Ok(()), |b| crate::json::decode(b, &self.fields, o, row)),
-            FormatOptions::Csv(o) => bytes.map_or(Ok(()), |b| crate::csv::decode(b, &self.fields, o, row)),
+            FormatOptions::Json(o) => {
+                bytes.map_or(Ok(()), |b| crate::json::decode(b, &self.fields, o, json, staged))
+            }
+            FormatOptions::Csv(o) => {
+                bytes.map_or(Ok(()), |b| crate::csv::decode(b, &self.fields, o, csv, staged))
+            }
         }
     }
 
-    fn encode(&self, row: &[Value]) -> Result<Option<Vec<u8>>, EncodeError> {
+    /// Appends row `row`'s payload to `out`; `false` (nothing appended) for a null raw payload.
+    fn encode(
+        &self,
+        cols: &[ColRef<'_>],
+        row: usize,
+        text: &mut String,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, EncodeError> {
         let wrap = |e: FieldError| EncodeError {
             column: e.column,
             part: Some((self.part, self.format.kind())),
             reason: e.reason,
         };
         match &self.format {
-            FormatOptions::Raw(_) => crate::raw::encode(row, &self.fields).map_err(wrap),
+            FormatOptions::Raw(_) => crate::raw::encode(cols, row, &self.fields, out).map_err(wrap),
             FormatOptions::Json(o) => {
-                let mut out = Vec::with_capacity(16 * self.fields.len() + 2);
-                crate::json::encode(row, &self.fields, o, &mut out).map_err(wrap)?;
-                Ok(Some(out))
+                crate::json::encode(cols, row, &self.fields, o, text, out).map_err(wrap)?;
+                Ok(true)
             }
             FormatOptions::Csv(o) => {
-                let mut out = Vec::with_capacity(8 * self.fields.len());
-                crate::csv::encode(row, &self.fields, o, &mut out).map_err(wrap)?;
-                Ok(Some(out))
+                crate::csv::encode(cols, row, &self.fields, o, text, out).map_err(wrap)?;
+                Ok(true)
             }
         }
     }
@@ -81,13 +109,14 @@ fn codecs(schema: &Schema, format: &RecordFormat) -> (SideCodec, Option<SideCode
     (value, key)
 }
 
-/// Kafka message → [`Row`].
-#[derive(Debug, Clone)]
+/// Kafka messages → rows of a columnar batch.
+#[derive(Debug)]
 pub struct RecordDecoder {
-    width: usize,
+    schema: Schema,
     value: SideCodec,
     key: Option<SideCodec>,
     metadata: Vec<(usize, MetadataKey, DataType)>,
+    scratch: Scratch,
     skipped_malformed: u64,
     skipped_tombstones: u64,
     last_skipped: Option<DecodeError>,
@@ -104,14 +133,20 @@ impl RecordDecoder {
             .filter_map(|(i, c)| c.metadata.map(|k| (i, k, c.data_type)))
             .collect();
         RecordDecoder {
-            width: schema.len(),
+            schema: schema.clone(),
             value,
             key,
             metadata,
+            scratch: Scratch { staged: Staged::new(schema.len()), ..Scratch::default() },
             skipped_malformed: 0,
             skipped_tombstones: 0,
             last_skipped: None,
         }
+    }
+
+    /// A builder for the batches this decoder fills, sized for `capacity` rows.
+    pub fn builder(&self, capacity: usize) -> BatchBuilder {
+        BatchBuilder::new(&self.schema, capacity)
     }
 
     /// Whether the schema reads the headers (so the caller can avoid collecting them).
@@ -119,54 +154,81 @@ impl RecordDecoder {
         self.metadata.iter().any(|(_, k, _)| *k == MetadataKey::Headers)
     }
 
-    /// The row of `msg`; `Ok(None)` when the message is skipped (malformed with
+    /// Decodes `msg` and appends its row to `out` (a builder of this decoder's schema:
+    /// [`RecordDecoder::builder`]). `Ok(false)` when the message is skipped (malformed with
     /// `ignore-parse-errors` on, or a tombstone; both counted); `Err` when it is malformed and
-    /// the failing part's format has `ignore-parse-errors` off.
-    pub fn decode(&mut self, msg: &KafkaMessage<'_>) -> Result<Option<Row>, DecodeError> {
+    /// the failing part's format has `ignore-parse-errors` off. Nothing is appended unless the
+    /// whole message decoded.
+    pub fn decode_into(
+        &mut self,
+        msg: &KafkaMessage<'_>,
+        out: &mut BatchBuilder,
+    ) -> Result<bool, DecodeError> {
         if msg.value.is_none() && self.value.format.kind() != FormatKind::Raw {
             self.skipped_tombstones += 1;
-            return Ok(None);
+            return Ok(false);
         }
-        let mut values = vec![Value::Null; self.width];
+        self.scratch.staged.reset();
         if let Some(key) = &self.key {
-            if let Err(reason) = key.decode(msg.key, &mut values) {
+            if let Err(reason) = key.decode(msg.key, &mut self.scratch) {
                 let (ignore, part, format) = (key.format.ignore_parse_errors(), key.part, key.format.kind());
                 return self.malformed(msg, ignore, part, format, reason);
             }
         }
-        if let Err(reason) = self.value.decode(msg.value, &mut values) {
+        if let Err(reason) = self.value.decode(msg.value, &mut self.scratch) {
             let (ignore, format) = (self.value.format.ignore_parse_errors(), self.value.format.kind());
             return self.malformed(msg, ignore, Part::Value, format, reason);
         }
+        let staged = &mut self.scratch.staged;
         for &(index, key, data_type) in &self.metadata {
-            let v = match key {
-                MetadataKey::Topic => Value::String(msg.topic.to_string()),
-                MetadataKey::Partition => Value::Int(i64::from(msg.partition)),
-                MetadataKey::Offset => Value::Int(msg.offset),
+            let slot = match key {
+                MetadataKey::Topic => staged.push_text(msg.topic),
+                MetadataKey::Partition => Slot::Int(i64::from(msg.partition)),
+                MetadataKey::Offset => Slot::Int(msg.offset),
                 MetadataKey::Timestamp => match (msg.timestamp, data_type) {
-                    (None, _) => Value::Null,
-                    (Some(ts), DataType::Timestamp) => Value::Timestamp(ts),
-                    (Some(ts), _) => Value::Int(ts),
+                    (None, _) => Slot::Null,
+                    (Some(ts), DataType::Timestamp) => Slot::Timestamp(ts),
+                    (Some(ts), _) => Slot::Int(ts),
                 },
-                MetadataKey::Headers => Value::Map(
-                    msg.headers.iter().map(|(k, v)| ((*k).to_string(), v.map(<[u8]>::to_vec))).collect(),
-                ),
+                MetadataKey::Headers => {
+                    let start = staged.entries.len();
+                    for (k, v) in msg.headers {
+                        staged.push_entry(k, *v);
+                    }
+                    Slot::Map(start..staged.entries.len())
+                }
             };
-            if let Some(slot) = values.get_mut(index) {
-                *slot = v;
-            }
+            staged.set(index, slot);
         }
-        Ok(Some(Row::new(values)))
+        out.append_staged(staged).map_err(|reason| DecodeError {
+            topic: msg.topic.to_string(),
+            partition: msg.partition,
+            offset: msg.offset,
+            part: Part::Value,
+            format: self.value.format.kind(),
+            reason: format!("internal: {reason}"),
+        })?;
+        Ok(true)
     }
 
-    fn malformed(
+    /// The row of `msg` alone (tests, tools): `Ok(None)` when the message is skipped. The data
+    /// path uses [`RecordDecoder::decode_into`].
+    pub fn decode(&mut self, msg: &KafkaMessage<'_>) -> Result<Option<Row>, DecodeError> {
+        let mut builder = self.builder(1);
+        if !self.decode_into(msg, &mut builder)? {
+            return Ok(None);
+        }
+        Ok(Some(row_of(&builder.finish(), 0)))
+    }
+
+    fn malformed<T: Default>(
         &mut self,
         msg: &KafkaMessage<'_>,
         ignore: bool,
         part: Part,
         format: FormatKind,
         reason: String,
-    ) -> Result<Option<Row>, DecodeError> {
+    ) -> Result<T, DecodeError> {
         let err = DecodeError {
             topic: msg.topic.to_string(),
             partition: msg.partition,
@@ -178,7 +240,7 @@ impl RecordDecoder {
         if ignore {
             self.skipped_malformed += 1;
             self.last_skipped = Some(err);
-            Ok(None)
+            Ok(T::default())
         } else {
             Err(err)
         }
@@ -200,7 +262,7 @@ impl RecordDecoder {
     }
 }
 
-/// What to produce for one row.
+/// What to produce for one row, owned (tests, tools; the data path uses [`EncodedBatch`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedRecord {
     /// `None` without `key.fields`, or for a raw key whose column is null.
@@ -220,10 +282,66 @@ impl EncodedRecord {
     }
 }
 
-/// [`Row`] → Kafka message. Read-only metadata columns (topic, partition, offset) are ignored.
+/// Where one row's key and value are in [`EncodedBatch::buf`].
+type EncodedRow = (Option<Range<usize>>, Option<Range<usize>>);
+
+/// The keys and values of a batch's rows, encoded into one buffer that is reused from one batch
+/// to the next.
+#[derive(Debug, Default)]
+pub struct EncodedBatch {
+    buf: Vec<u8>,
+    /// Per row: where its key and value are in `buf` (`None`: no key, or a null raw payload).
+    rows: Vec<EncodedRow>,
+    text: String,
+}
+
+impl EncodedBatch {
+    pub fn new() -> EncodedBatch {
+        EncodedBatch::default()
+    }
+
+    /// Rows encoded.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The key of row `i`.
+    pub fn key(&self, i: usize) -> Option<&[u8]> {
+        let r = self.rows.get(i)?.0.clone()?;
+        self.buf.get(r)
+    }
+
+    /// The value of row `i` (`None`: a tombstone).
+    pub fn value(&self, i: usize) -> Option<&[u8]> {
+        let r = self.rows.get(i)?.1.clone()?;
+        self.buf.get(r)
+    }
+
+    /// Bytes of every key and value, for `numBytesOut`.
+    pub fn payload_len(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// One row to produce, borrowed from its batch and its [`EncodedBatch`].
+#[derive(Debug, Clone, Copy)]
+pub struct OutRecord<'a> {
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    /// From the `timestamp` metadata column; `None` lets the producer choose.
+    pub timestamp: Option<i64>,
+    /// From the `headers` metadata column.
+    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
+}
+
+/// Rows → Kafka messages. Read-only metadata columns (topic, partition, offset) are ignored.
 #[derive(Debug, Clone)]
 pub struct RecordEncoder {
-    width: usize,
+    schema: Schema,
     value: SideCodec,
     key: Option<SideCodec>,
     timestamp: Option<(usize, String)>,
@@ -242,7 +360,7 @@ impl RecordEncoder {
                 .and_then(|i| schema.column(i).map(|c| (i, c.name.clone())))
         };
         RecordEncoder {
-            width: schema.len(),
+            schema: schema.clone(),
             value,
             key,
             timestamp: find(MetadataKey::Timestamp),
@@ -250,49 +368,137 @@ impl RecordEncoder {
         }
     }
 
-    pub fn encode(&self, row: &Row) -> Result<EncodedRecord, EncodeError> {
-        if row.len() != self.width {
+    fn check_width(&self, columns: usize) -> Result<(), EncodeError> {
+        if columns != self.schema.len() {
             return Err(EncodeError {
                 column: "*".into(),
                 part: None,
-                reason: format!("the row has {} values but the schema has {} columns", row.len(), self.width),
+                reason: format!(
+                    "the row has {columns} values but the schema has {} columns",
+                    self.schema.len()
+                ),
             });
         }
-        let values = row.values.as_slice();
-        let key = match &self.key {
-            Some(k) => k.encode(values)?,
-            None => None,
-        };
-        let value = self.value.encode(values)?;
-        let timestamp = match &self.timestamp {
-            None => None,
-            Some((i, name)) => match row.get(*i) {
-                Value::Null => None,
-                Value::Timestamp(ms) | Value::Int(ms) => Some(*ms),
-                other => {
-                    return Err(EncodeError {
-                        column: name.clone(),
-                        part: None,
-                        reason: format!("the record timestamp must be a TIMESTAMP, got {}", other.kind()),
-                    })
+        Ok(())
+    }
+
+    /// Encodes the keys and values of every row of `batch` (of this encoder's schema) into
+    /// `out`, replacing what it held.
+    pub fn encode_batch(&self, batch: &RecordBatch, out: &mut EncodedBatch) -> Result<(), EncodeError> {
+        self.check_width(batch.num_columns())?;
+        out.buf.clear();
+        out.rows.clear();
+        let cols = ColRef::all(batch);
+        for row in 0..batch.num_rows() {
+            let key = match &self.key {
+                Some(k) => {
+                    let start = out.buf.len();
+                    let wrote = k.encode(&cols, row, &mut out.text, &mut out.buf)?;
+                    wrote.then_some(start..out.buf.len())
                 }
-            },
-        };
-        let headers = match &self.headers {
-            None => Vec::new(),
-            Some((i, name)) => match row.get(*i) {
-                Value::Null => Vec::new(),
-                Value::Map(h) => h.clone(),
-                other => {
-                    return Err(EncodeError {
-                        column: name.clone(),
-                        part: None,
-                        reason: format!("the record headers must be a MAP, got {}", other.kind()),
-                    })
-                }
-            },
-        };
-        Ok(EncodedRecord { key, value, timestamp, headers })
+                None => None,
+            };
+            let start = out.buf.len();
+            let wrote = self.value.encode(&cols, row, &mut out.text, &mut out.buf)?;
+            let value = wrote.then_some(start..out.buf.len());
+            out.rows.push((key, value));
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every row of `batch` as a record to produce: its key and value from
+    /// `encoded` (which [`RecordEncoder::encode_batch`] filled from `batch`), its timestamp and
+    /// headers from the metadata columns.
+    pub fn for_each<E: From<EncodeError>>(
+        &self,
+        batch: &RecordBatch,
+        encoded: &EncodedBatch,
+        mut f: impl FnMut(&OutRecord<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let cols = ColRef::all(batch);
+        let mut headers = Vec::new();
+        for row in 0..encoded.len().min(batch.num_rows()) {
+            headers.clear();
+            let timestamp = self.timestamp_of(&cols, row)?;
+            self.headers_of(&cols, row, &mut headers)?;
+            f(&OutRecord { key: encoded.key(row), value: encoded.value(row), timestamp, headers: &headers })?;
+        }
+        Ok(())
+    }
+
+    fn timestamp_of(&self, cols: &[ColRef<'_>], row: usize) -> Result<Option<i64>, EncodeError> {
+        let Some((i, name)) = &self.timestamp else { return Ok(None) };
+        match cols.get(*i) {
+            None => Ok(None),
+            Some(c) if c.is_null(row) => Ok(None),
+            Some(ColRef::Timestamp(a)) => Ok(Some(a.value(row))),
+            Some(c @ (ColRef::Int(_) | ColRef::BigInt(_))) => Ok(c.int(row)),
+            Some(other) => Err(EncodeError {
+                column: name.clone(),
+                part: None,
+                reason: format!("the record timestamp must be a TIMESTAMP, got {}", other.kind()),
+            }),
+        }
+    }
+
+    fn headers_of<'a>(
+        &self,
+        cols: &[ColRef<'a>],
+        row: usize,
+        out: &mut Vec<(&'a str, Option<&'a [u8]>)>,
+    ) -> Result<(), EncodeError> {
+        let Some((i, name)) = &self.headers else { return Ok(()) };
+        match cols.get(*i) {
+            None => Ok(()),
+            Some(c) if c.is_null(row) => Ok(()),
+            Some(c @ ColRef::Map(_)) => {
+                c.map_entries(row, out);
+                Ok(())
+            }
+            Some(other) => Err(EncodeError {
+                column: name.clone(),
+                part: None,
+                reason: format!("the record headers must be a MAP, got {}", other.kind()),
+            }),
+        }
+    }
+
+    /// The record of `row` alone (tests, tools; the data path uses
+    /// [`RecordEncoder::encode_batch`]). A value that does not fit its column is an error
+    /// naming the column.
+    pub fn encode(&self, row: &Row) -> Result<EncodedRecord, EncodeError> {
+        self.check_width(row.len())?;
+        let batch =
+            crate::batch::batch_of_rows(&self.schema, std::slice::from_ref(row)).map_err(|(i, reason)| {
+                let column = self.schema.column(i).map(|c| c.name.clone()).unwrap_or_default();
+                let part = if Some(i) == self.timestamp.as_ref().map(|t| t.0)
+                    || Some(i) == self.headers.as_ref().map(|h| h.0)
+                {
+                    None
+                } else {
+                    let in_key = self.key.as_ref().filter(|k| k.fields.iter().any(|f| f.index == i));
+                    let side = in_key.unwrap_or(&self.value);
+                    Some((side.part, side.format.kind()))
+                };
+                EncodeError { column, part, reason }
+            })?;
+        let mut encoded = EncodedBatch::new();
+        self.encode_batch(&batch, &mut encoded)?;
+        let mut record = None;
+        self.for_each(&batch, &encoded, |r| -> Result<(), EncodeError> {
+            record = Some(EncodedRecord {
+                key: r.key.map(<[u8]>::to_vec),
+                value: r.value.map(<[u8]>::to_vec),
+                timestamp: r.timestamp,
+                headers: r.headers.iter().map(|(k, v)| ((*k).to_string(), v.map(<[u8]>::to_vec))).collect(),
+            });
+            Ok(())
+        })?;
+        record.ok_or_else(|| EncodeError {
+            column: "*".into(),
+            part: None,
+            reason: "no row was encoded".into(),
+        })
     }
 }
 

@@ -90,7 +90,7 @@ impl fmt::Display for Value {
             Value::String(s) => f.write_str(s),
             Value::Bytes(b) => {
                 let mut out = String::new();
-                crate::base64::encode(b, &mut out);
+                crate::text::push_base64(b, &mut out);
                 f.write_str(&out)
             }
             Value::Timestamp(ms) => f.write_str(&crate::format_timestamp(*ms)),
@@ -103,7 +103,7 @@ impl fmt::Display for Value {
                     match v {
                         Some(bytes) => {
                             let mut out = String::new();
-                            crate::base64::encode(bytes, &mut out);
+                            crate::text::push_base64(bytes, &mut out);
                             write!(f, "{k}={out}")?;
                         }
                         None => write!(f, "{k}=NULL")?,

@@ -4,6 +4,7 @@ use keel_proto::KeelError;
 
 use super::*;
 use crate::schema::ColumnDef;
+use crate::value::Value;
 
 fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
