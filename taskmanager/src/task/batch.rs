@@ -11,13 +11,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use keel_formats::EncodedRecord;
+use arrow_array::RecordBatch;
 use keel_kafka::SourcePosition;
 
 use super::metrics::TaskMetrics;
-
-/// One record flowing from the sources to the sinks: a row of the source's schema.
-pub use keel_formats::Row as Record;
 
 /// What travels with a batch of records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +39,23 @@ impl BatchHeader {
     }
 }
 
-/// Records of one source, in order, with their header.
+/// Records of one source, in order, as one columnar batch of the source's schema, with their
+/// header.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub header: BatchHeader,
-    pub records: Vec<Record>,
+    pub records: RecordBatch,
+}
+
+impl Batch {
+    /// Records in the batch.
+    pub fn len(&self) -> usize {
+        self.records.num_rows()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.num_rows() == 0
+    }
 }
 
 /// Records counted by a task: read by its sources, and written by its sinks (a record written
@@ -98,11 +107,11 @@ impl Counting {
         }
     }
 
-    /// Sink `sink` wrote `encoded` (its own count and bytes, `numRecordsOut` of that sink).
-    pub fn sink_out(&self, sink: usize, encoded: &[EncodedRecord]) {
+    /// Sink `sink` wrote `records` records of `bytes` key and value bytes (its own
+    /// `numRecordsOut`; a blackhole writes no bytes).
+    pub fn sink_out(&self, sink: usize, records: usize, bytes: usize) {
         if let Some(m) = self.metrics.sink(sink) {
-            let bytes: usize = encoded.iter().map(EncodedRecord::payload_len).sum();
-            m.record_out(encoded.len() as u64, bytes as u64);
+            m.record_out(records as u64, bytes as u64);
         }
     }
 

@@ -27,6 +27,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow_arith::boolean::or_kleene;
+use arrow_array::{ArrayRef, BooleanArray, Int64Array, RecordBatch};
+use arrow_schema::SchemaRef;
 use keel_proto::{KeelError, Result};
 use keel_spec::{JobSpec, SinkConfig, SourceConfig};
 use tokio::sync::mpsc;
@@ -38,7 +41,7 @@ use keel_kafka::{KafkaSinkMetrics, SourcePosition};
 use keel_spec::pipeline;
 
 use super::barrier::{SinkAction, SinkBook, SinkEvent, SinkStop, SourceAction, SourceBook, SourceEvent};
-use super::batch::{Batch, BatchHeader, Counters, Counting, Record};
+use super::batch::{Batch, BatchHeader, Counters, Counting};
 use super::datagen::{Datagen, MAX_BATCH};
 use super::kafka::KafkaSource;
 use super::metrics::{Operator, TaskMetrics, TaskShape};
@@ -330,7 +333,8 @@ impl ChainPlan {
                 r.push(i);
             }
         }
-        Ok(OpenChain { subtask, parallelism: self.parallelism, sources, sinks, routes, kafka_rx })
+        let schemas = self.sources.iter().map(|s| keel_formats::arrow_schema(&s.rows.schema)).collect();
+        Ok(OpenChain { subtask, parallelism: self.parallelism, sources, schemas, sinks, routes, kafka_rx })
     }
 }
 
@@ -403,6 +407,8 @@ pub struct OpenChain {
     subtask: u32,
     parallelism: u32,
     sources: Vec<(String, SourceRt)>,
+    /// The Arrow schema of each source's batches.
+    schemas: Vec<SchemaRef>,
     sinks: Vec<(String, Sink, SinkEdge)>,
     routes: Vec<Vec<usize>>,
     kafka_rx: mpsc::Receiver<Result<Batch>>,
@@ -440,6 +446,7 @@ impl OpenChain {
             book: SourceBook::new(),
             kafka_rx: self.kafka_rx,
             sources: self.sources,
+            schemas: self.schemas,
             subtask: self.subtask,
             parallelism: self.parallelism,
             tx,
@@ -494,6 +501,7 @@ impl OpenChain {
 /// what its [`SourceBook`] decides on checkpoint triggers and completions.
 struct SourceDriver {
     sources: Vec<(String, SourceRt)>,
+    schemas: Vec<SchemaRef>,
     kafka_rx: mpsc::Receiver<Result<Batch>>,
     /// The checkpoint bookkeeping: pending Kafka commits, the drain.
     book: SourceBook<SourcePosition>,
@@ -542,8 +550,8 @@ impl SourceDriver {
 
     /// Counts a batch in and sends it on (unless every record of it was skipped).
     async fn forward(&self, batch: Batch) -> Option<SourceEnd> {
-        self.counting.batch_in(&batch.header, batch.records.len());
-        if batch.records.is_empty() {
+        self.counting.batch_in(&batch.header, batch.len());
+        if batch.is_empty() {
             return None;
         }
         self.send(Element::Records(batch)).await
@@ -651,10 +659,11 @@ impl SourceDriver {
                             continue;
                         }
                         behind |= values.len() >= MAX_BATCH;
-                        let records: Vec<Record> = values
-                            .into_iter()
-                            .map(|v| Record { values: vec![keel_formats::Value::Int(v)] })
-                            .collect();
+                        let Some(schema) = self.schemas.get(idx) else { continue };
+                        // The numbers become the batch's one column without a copy.
+                        let column: ArrayRef = Arc::new(Int64Array::from(values));
+                        let records = RecordBatch::try_new(schema.clone(), vec![column])
+                            .map_err(|e| KeelError::internal(format!("datagen batch: {e}")))?;
                         let batch = Batch { header: BatchHeader::generated(idx), records };
                         if let Some(end) = self.forward(batch).await {
                             return Ok(end);
@@ -753,17 +762,30 @@ impl SinkThread {
     }
 
     /// Writes a batch to the sinks its source feeds and counts it: per sink, and once for the
-    /// task however many sinks wrote a record.
+    /// task however many sinks wrote a record (the union of the sinks' filter masks).
     fn write(&mut self, batch: &Batch) -> Result<()> {
-        let mut written = vec![false; batch.records.len()];
+        let mut all = false;
+        let mut union: Option<BooleanArray> = None;
         for &i in self.routes.get(batch.header.source).map(Vec::as_slice).unwrap_or_default() {
             if let Some((_, sink, edge)) = self.sinks.get_mut(i) {
-                let encoded = edge.encode(&batch.records, &mut written)?;
-                sink.write(&encoded)?;
-                self.counting.sink_out(i, &encoded);
+                let selected = edge.select(&batch.records)?;
+                match selected.mask {
+                    None => all = true,
+                    Some(m) if !all => {
+                        union = Some(match union {
+                            None => m,
+                            Some(u) => or_kleene(&u, &m)
+                                .map_err(|e| KeelError::internal(format!("counting written records: {e}")))?,
+                        })
+                    }
+                    Some(_) => {}
+                }
+                let bytes = sink.write(&selected.rows, edge)?;
+                self.counting.sink_out(i, selected.rows.num_rows(), bytes);
             }
         }
-        self.counting.task_out(written.iter().filter(|w| **w).count());
+        let written = if all { batch.len() } else { union.map_or(0, |u| u.true_count()) };
+        self.counting.task_out(written);
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! A Kafka source on its own thread.
 //!
 //! librdkafka's consumer is blocking, so each Kafka source of a subtask runs a reader thread
-//! that polls, decodes messages into rows with the source's format and hands batches to the
+//! that polls, decodes messages with the source's format straight into a columnar batch and hands batches to the
 //! async source driver through a bounded channel (backpressure: a full channel stops polling).
 //! Every batch carries the reader's position right after its records; the driver keeps the
 //! position of the last batch it forwarded, and that is what a checkpoint barrier snapshots:
@@ -107,6 +107,7 @@ fn read_loop(
     stop: &AtomicBool,
 ) {
     let needs_headers = decoder.needs_headers();
+    let mut builder = decoder.builder(POLL_BATCH);
     while !stop.load(Ordering::SeqCst) {
         commit_requested(&mut reader, &commands);
         match reader.discover_if_due(Instant::now()) {
@@ -131,7 +132,6 @@ fn read_loop(
         if records.is_empty() {
             continue;
         }
-        let mut rows = Vec::with_capacity(records.len());
         let mut bytes = 0u64;
         let malformed_before = decoder.skipped_malformed();
         for r in &records {
@@ -150,18 +150,14 @@ fn read_loop(
                 key: r.key.as_deref(),
                 value: r.value.as_deref(),
             };
-            match decoder.decode(&msg) {
-                Ok(Some(row)) => rows.push(row),
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = out.blocking_send(Err(e.into()));
-                    return;
-                }
+            if let Err(e) = decoder.decode_into(&msg, &mut builder) {
+                let _ = out.blocking_send(Err(e.into()));
+                return;
             }
         }
         let malformed = decoder.skipped_malformed().saturating_sub(malformed_before);
         let header = BatchHeader { source: index, bytes, malformed, position: Some(reader.position()) };
-        let batch = Batch { header, records: rows };
+        let batch = Batch { header, records: builder.finish() };
         if out.blocking_send(Ok(batch)).is_err() {
             break;
         }

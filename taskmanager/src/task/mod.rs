@@ -33,7 +33,7 @@ use keel_proto::TaskStateExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use batch::{Counters, Record};
+pub use batch::Counters;
 pub use chain::{Ack, ChainEnd, ChainIo, ChainPlan, Control, SinkSnapshot, StateLocation, TaskSnapshot};
 pub use info::TaskInfo;
 pub use metrics::{TaskMetrics, Throughput};

@@ -10,8 +10,9 @@
 //!   `exactly-once`, a [`keel_kafka::ExactlyOnceSink`]: pre-commit at the barrier (its state goes
 //!   into the checkpoint), commit when the checkpoint completes.
 //!
-//! Sinks receive rows already encoded by the sink's format (`file`/`print`: one CSV line): a
-//! [`SinkEdge`] filters, projects and encodes the rows of the sink's source.
+//! A sink receives the columnar batches of its source, filtered and projected by its
+//! [`SinkEdge`], and encodes them with the sink's format (`file`/`print`: one CSV line per row)
+//! into the edge's reused buffer, only if it writes bytes at all: a blackhole encodes nothing.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -21,10 +22,11 @@ use std::time::{Duration, Instant};
 use keel_proto::{KeelError, Result};
 use keel_spec::SinkConfig;
 
-use keel_formats::{EncodedRecord, RecordEncoder};
+use arrow_array::{BooleanArray, RecordBatch};
+use arrow_select::filter::filter_record_batch;
+use keel_formats::{EncodedBatch, RecordEncoder};
 use keel_spec::pipeline;
 
-use super::batch::Record as Row;
 use keel_kafka::{ExactlyOnceSink, ExactlyOnceState, KafkaSinkMetrics, KafkaSinkWriter};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -118,51 +120,54 @@ impl Sink {
         )?)))
     }
 
-    pub fn write(&mut self, records: &[EncodedRecord]) -> Result<()> {
+    /// Writes the rows of `batch` (already filtered and projected by `edge`), encoding them
+    /// with `edge`'s encoder only if this sink writes bytes; returns the key and value bytes
+    /// written.
+    pub fn write(&mut self, batch: &RecordBatch, edge: &mut SinkEdge) -> Result<usize> {
+        if matches!(self, Sink::Blackhole) || batch.num_rows() == 0 {
+            return Ok(0);
+        }
+        edge.encoder.encode_batch(batch, &mut edge.encoded)?;
+        let encoded = &edge.encoded;
         match self {
+            Sink::Blackhole => {}
             Sink::Print { prefix, stderr } => {
-                let mut text = Vec::with_capacity(records.len() * (prefix.len() + 12));
-                for r in records {
+                let text = &mut edge.text;
+                text.clear();
+                for i in 0..encoded.len() {
                     text.extend_from_slice(prefix.as_bytes());
-                    text.extend_from_slice(r.value.as_deref().unwrap_or_default());
+                    text.extend_from_slice(encoded.value(i).unwrap_or_default());
                     text.push(b'\n');
                 }
                 let result = if *stderr {
                     let mut out = std::io::stderr().lock();
-                    out.write_all(&text).and_then(|_| out.flush())
+                    out.write_all(text).and_then(|_| out.flush())
                 } else {
                     let mut out = std::io::stdout().lock();
-                    out.write_all(&text).and_then(|_| out.flush())
+                    out.write_all(text).and_then(|_| out.flush())
                 };
-                result.map_err(|e| KeelError::internal(format!("print sink: cannot write: {e}")))
+                result.map_err(|e| KeelError::internal(format!("print sink: cannot write: {e}")))?;
             }
-            Sink::Blackhole => Ok(()),
             Sink::File(f) => {
-                for r in records {
+                for i in 0..encoded.len() {
                     f.writer
-                        .write_all(r.value.as_deref().unwrap_or_default())
+                        .write_all(encoded.value(i).unwrap_or_default())
                         .and_then(|_| f.writer.write_all(b"\n"))
                         .map_err(|e| io_error("write", &f.path, e))?;
                 }
-                f.pending += records.len();
+                f.pending += encoded.len();
                 if f.pending >= FLUSH_RECORDS {
                     f.flush(false)?;
                 }
-                Ok(())
             }
-            Sink::Kafka(k) => {
-                for r in records {
-                    k.send(r.key.as_deref(), r.value.as_deref(), &headers_of(r), r.timestamp)?;
-                }
-                Ok(())
-            }
-            Sink::KafkaExactlyOnce(k) => {
-                for r in records {
-                    k.send(r.key.as_deref(), r.value.as_deref(), &headers_of(r), r.timestamp)?;
-                }
-                Ok(())
-            }
+            Sink::Kafka(k) => edge
+                .encoder
+                .for_each(batch, encoded, |r| k.send(r.key, r.value, &headers_of(r.headers), r.timestamp))?,
+            Sink::KafkaExactlyOnce(k) => edge
+                .encoder
+                .for_each(batch, encoded, |r| k.send(r.key, r.value, &headers_of(r.headers), r.timestamp))?,
         }
+        Ok(encoded.payload_len())
     }
 
     /// At a checkpoint barrier: makes everything written so far durable (flush and fsync, or
@@ -231,11 +236,23 @@ impl Sink {
     }
 }
 
-/// What one sink does with the rows of its source.
+/// What one sink does with the rows of its source: a filter, a projection and an encoder, with
+/// the buffers they reuse from one batch to the next.
 pub struct SinkEdge {
     filter: Option<keel_formats::Filter>,
     projection: Option<keel_formats::Projection>,
     encoder: RecordEncoder,
+    encoded: EncodedBatch,
+    /// Print sinks: the text of one batch.
+    text: Vec<u8>,
+}
+
+/// The rows of a batch one sink writes.
+pub struct Selected {
+    /// Filtered and projected.
+    pub rows: RecordBatch,
+    /// Which input rows they are (`None`: all of them).
+    pub mask: Option<BooleanArray>,
 }
 
 impl SinkEdge {
@@ -244,30 +261,38 @@ impl SinkEdge {
             filter: plan.filter.clone(),
             projection: plan.projection.clone(),
             encoder: RecordEncoder::new(&plan.schema, &plan.format),
+            encoded: EncodedBatch::new(),
+            text: Vec::new(),
         }
     }
 
-    /// The rows of `rows` this sink writes, encoded; marks in `written` (one flag per row) the
-    /// rows it writes.
-    pub fn encode(&self, rows: &[Row], written: &mut [bool]) -> Result<Vec<EncodedRecord>> {
-        let mut out = Vec::with_capacity(rows.len());
-        for (row, written) in rows.iter().zip(written.iter_mut()) {
-            if self.filter.as_ref().is_some_and(|f| !f.matches(row)) {
-                continue;
+    /// The rows of `batch` this sink writes: the filter's kernels pick them, the projection
+    /// selects their columns (shared with `batch`, not copied).
+    pub fn select(&self, batch: &RecordBatch) -> Result<Selected> {
+        let (rows, mask) = match &self.filter {
+            None => (batch.clone(), None),
+            Some(f) => {
+                let mask = f.evaluate(batch)?;
+                let rows = if mask.true_count() == batch.num_rows() {
+                    batch.clone()
+                } else {
+                    filter_record_batch(batch, &mask)
+                        .map_err(|e| KeelError::internal(format!("filter: {e}")))?
+                };
+                (rows, Some(mask))
             }
-            let encoded = match &self.projection {
-                Some(p) => self.encoder.encode(&p.apply(row.clone())),
-                None => self.encoder.encode(row),
-            };
-            out.push(encoded?);
-            *written = true;
-        }
-        Ok(out)
+        };
+        let rows = match &self.projection {
+            Some(p) => p.apply_batch(&rows)?,
+            None => rows,
+        };
+        Ok(Selected { rows, mask })
     }
 }
 
-fn headers_of(r: &EncodedRecord) -> Vec<(String, Vec<u8>)> {
-    r.headers.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect()
+/// Headers as the Kafka writers take them (a header without a value is written empty).
+fn headers_of(headers: &[(&str, Option<&[u8]>)]) -> Vec<(String, Vec<u8>)> {
+    headers.iter().map(|(k, v)| ((*k).to_string(), v.unwrap_or_default().to_vec())).collect()
 }
 
 impl FileSink {
