@@ -139,28 +139,32 @@ impl SequenceReader {
 
     /// Emits up to `max` numbers, smallest first.
     pub fn take(&mut self, max: usize) -> Vec<i64> {
-        let mut out = Vec::with_capacity(max.min(1024));
         if self.splits.len() == 1 {
-            // One split (no rescale yet): a plain progression, no heap upkeep per number.
+            // One split (no rescale yet): a plain progression, computed as a whole: how many
+            // numbers are left before the end (or before i64 overflows), then one tight loop.
             let end = self.end;
-            let mut overflowed = false;
+            let mut exhausted = false;
+            let mut out = Vec::new();
             if let Some(mut top) = self.splits.peek_mut() {
-                while out.len() < max && end.is_none_or(|e| top.0.next < e) {
-                    out.push(top.0.next);
-                    match top.0.next.checked_add(top.0.step) {
-                        Some(next) => top.0.next = next,
-                        None => {
-                            overflowed = true;
-                            break;
-                        }
-                    }
+                let (next, step) = (i128::from(top.0.next), i128::from(top.0.step.max(1)));
+                let limit = end.map_or(i128::from(i64::MAX) + 1, i128::from);
+                let left = if next < limit { (limit - next - 1) / step + 1 } else { 0 };
+                let n = left.min(max as i128);
+                let count = usize::try_from(n).unwrap_or(0);
+                out.reserve_exact(count);
+                let (first, step64) = (top.0.next, top.0.step.max(1));
+                out.extend((0..count as i64).map(|k| first + k * step64));
+                match i64::try_from(next + n * step) {
+                    Ok(after) => top.0.next = after,
+                    Err(_) => exhausted = true,
                 }
             }
-            if overflowed {
+            if exhausted {
                 self.splits.clear();
             }
             return out;
         }
+        let mut out = Vec::with_capacity(max.min(8192));
         while out.len() < max {
             match self.next_value() {
                 Some(v) => out.push(v),

@@ -15,7 +15,7 @@ use keel_state::{SequenceReader, SequenceSplit};
 use tokio::time::Instant;
 
 /// The most records emitted in one batch.
-pub const MAX_BATCH: usize = 1024;
+pub const MAX_BATCH: usize = 8192;
 /// A source that fell behind its rate (backpressure, a pause) catches up by at most this much.
 const MAX_CATCH_UP: Duration = Duration::from_secs(1);
 
