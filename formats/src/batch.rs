@@ -242,10 +242,16 @@ impl BatchBuilder {
     }
 
     /// Appends the staged row. Slots were staged by the codecs for their column's type; a slot
-    /// of another kind is an internal error and appends nothing.
+    /// of another kind, or a number out of an INT column's range (an `offset` metadata column
+    /// declared INT), is an error naming the column index, and appends nothing.
     pub(crate) fn append_staged(&mut self, staged: &Staged) -> Result<(), String> {
         // Check first, so that a bad slot leaves no partial row.
         for (i, (slot, t)) in staged.slots.iter().zip(&self.types).enumerate() {
+            if let (DataType::Int, Slot::Int(n)) = (t, slot) {
+                if i32::try_from(*n).is_err() {
+                    return Err(format!("column {i}: {n} is out of range for INT"));
+                }
+            }
             let fits = matches!(
                 (t, slot),
                 (_, Slot::Null)

@@ -206,7 +206,7 @@ impl RecordDecoder {
             offset: msg.offset,
             part: Part::Value,
             format: self.value.format.kind(),
-            reason: format!("internal: {reason}"),
+            reason: format!("{reason} (schema: {})", self.schema.describe()),
         })?;
         Ok(true)
     }

@@ -513,3 +513,43 @@ fn decoding_arbitrary_bytes_never_panics() {
         let _ = csv.decode(&msg(Some(&bytes), Some(&bytes)));
     }
 }
+
+/// An `offset` metadata column declared INT cannot hold an offset past 2^31 - 1: the message
+/// is refused naming its topic, partition and offset and the range, and nothing is appended
+/// (before batches, the value was kept as a 64-bit number in a 32-bit column).
+#[test]
+fn an_offset_past_the_int_range_is_refused_naming_the_record() {
+    let cols = [
+        ColumnDef::new("id", DataType::BigInt),
+        ColumnDef::metadata("off", DataType::Int, MetadataKey::Offset),
+    ];
+    let (_, mut dec, _) = setup(&cols, &[("format", "json")]);
+    let mut builder = dec.builder(4);
+    let mut m = msg(None, Some(b"{\"id\":1}"));
+    assert_eq!(dec.decode_into(&m, &mut builder), Ok(true));
+    m.offset = 3_000_000_000;
+    let err = dec.decode_into(&m, &mut builder).expect_err("out of range");
+    assert_eq!((err.topic.as_str(), err.partition, err.offset), ("people", 3, 3_000_000_000));
+    assert!(err.reason.contains("3000000000 is out of range for INT"), "{err}");
+    assert_eq!(builder.len(), 1);
+}
+
+/// A malformed message in the middle of a batch, skipped with `ignore-parse-errors`, leaves
+/// no partial row behind: the batch holds exactly the good messages, in order.
+#[test]
+fn a_skipped_message_leaves_no_partial_row_in_the_batch() {
+    let (_, mut dec, _) = setup(&id_name_age(), &[("format", "csv"), ("csv.ignore-parse-errors", "true")]);
+    let mut builder = dec.builder(4);
+    for line in ["1,ann,30", "2,bob,notanumber", "3,cy,40"] {
+        dec.decode_into(&msg(None, Some(line.as_bytes())), &mut builder).expect("no error");
+    }
+    let rows = crate::batch::rows_of(&builder.finish());
+    assert_eq!(
+        rows,
+        vec![
+            Row::new(vec![Value::Int(1), Value::from("ann"), Value::Int(30)]),
+            Row::new(vec![Value::Int(3), Value::from("cy"), Value::Int(40)]),
+        ]
+    );
+    assert_eq!(dec.skipped_malformed(), 1);
+}
