@@ -28,10 +28,20 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::client::{log, to_keel};
 use crate::metrics::KafkaSinkMetrics;
-use crate::options::{DeliveryGuarantee, KafkaSinkOptions, SinkPartitioner};
+use crate::options::{
+    set_defaults, sink_queue_defaults, DeliveryGuarantee, KafkaSinkOptions, SinkPartitioner,
+};
 
-/// How long `send` serves delivery reports per round while the producer queue is full.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
+/// How long `send` serves delivery reports per round while the producer queue is full, before
+/// it tries again. Short: rdkafka's `poll` returns only when its whole time has passed, and
+/// the queue is bounded ([`crate::options::sink_queue_defaults`]), so it fills under load
+/// and the first free room must be used at once.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
+/// `send` serves delivery reports (a `poll` without waiting) once every this many records
+/// rather than after each: a report frees its record's memory in librdkafka and counts it
+/// acknowledged, neither needs to happen per record, and a poll costs a lock round of the
+/// client's queue. `flush` and a full queue serve them all.
+const SENDS_PER_POLL: u32 = 64;
 /// `transaction.timeout.ms` of exactly-once sinks unless the spec sets it: 15 min, the default
 /// `transaction.max.timeout.ms` of Kafka brokers.
 const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "900000";
@@ -121,6 +131,8 @@ pub struct KafkaSinkWriter {
     partitions_checked: Instant,
     /// The next partition of `round-robin`.
     next_partition: i32,
+    /// Records sent since delivery reports were last served ([`SENDS_PER_POLL`]).
+    unpolled_sends: u32,
 }
 
 impl KafkaSinkWriter {
@@ -167,30 +179,7 @@ impl KafkaSinkWriter {
                 reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
             });
         }
-        let mut config = ClientConfig::new();
-        for (k, v) in &opts.client_properties {
-            config.set(k, v);
-        }
-        if let Some(id) = transactional_id {
-            config.set("transactional.id", id);
-            if !opts.client_properties.contains_key("transaction.timeout.ms") {
-                // A pre-committed transaction waits for its checkpoint to complete; the broker
-                // must not abort it meanwhile (Kafka's default broker maximum).
-                config.set("transaction.timeout.ms", DEFAULT_TRANSACTION_TIMEOUT_MS);
-            }
-        }
-        if !opts.client_properties.contains_key("partitioner") {
-            // The Java client's hash, so that keys land where Flink would put them.
-            config.set("partitioner", "murmur2_random");
-        }
-        if !opts.client_properties.contains_key("client.id") {
-            config.set("client.id", format!("keel-sink-{subtask}"));
-        }
-        if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
-            // As the source: reconnect within 1 s after a broker outage (librdkafka's default
-            // backs off up to 10 s).
-            config.set("reconnect.backoff.max.ms", crate::source::RECONNECT_BACKOFF_MAX_MS);
-        }
+        let config = producer_config(&opts, subtask, transactional_id);
         let context = WriterContext {
             subtask,
             topic: opts.topic.clone(),
@@ -212,6 +201,7 @@ impl KafkaSinkWriter {
             partitions: 0,
             partitions_checked: Instant::now(),
             next_partition: 0,
+            unpolled_sends: 0,
             opts,
         };
         let count = writer.partition_count(writer.opts.request_timeout)?;
@@ -285,11 +275,15 @@ impl KafkaSinkWriter {
 
     /// Hands one record to the producer. Blocks (serving delivery reports) while the producer's
     /// queue is full. With `at-least-once`, fails once any earlier delivery has failed.
+    ///
+    /// `headers` are (name, value) in order; a header without a value has `None`. Nothing is
+    /// allocated here for a record without headers (librdkafka copies the key and value into a
+    /// message of its own; the headers of a record that has some into a header list).
     pub fn send(
         &mut self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-        headers: &[(String, Vec<u8>)],
+        headers: &[(&str, Option<&[u8]>)],
         timestamp_ms: Option<i64>,
     ) -> Result<()> {
         self.check_delivery()?;
@@ -323,8 +317,8 @@ impl KafkaSinkWriter {
         if !headers.is_empty() {
             let mut owned = OwnedHeaders::new_with_capacity(headers.len());
             for (k, v) in headers {
-                header_bytes += k.len() + v.len();
-                owned = owned.insert(Header { key: k, value: Some(v) });
+                header_bytes += k.len() + v.map_or(0, <[u8]>::len);
+                owned = owned.insert(Header { key: k, value: *v });
             }
             record = record.headers(owned);
         }
@@ -332,8 +326,11 @@ impl KafkaSinkWriter {
             match self.producer.send(record) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: serve delivery reports (they free room) in short slices and
+                    // try again after each (a `poll` returns only when its whole time is up).
                     record = back;
                     self.producer.poll(QUEUE_FULL_WAIT);
+                    self.unpolled_sends = 0;
                     self.check_delivery()?;
                 }
                 Err((e, _)) => {
@@ -348,7 +345,11 @@ impl KafkaSinkWriter {
         let bytes = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + header_bytes;
         self.metrics.num_records_out.fetch_add(1, Ordering::Relaxed);
         self.metrics.num_bytes_out.fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.producer.poll(Duration::ZERO);
+        self.unpolled_sends += 1;
+        if self.unpolled_sends >= SENDS_PER_POLL {
+            self.producer.poll(Duration::ZERO);
+            self.unpolled_sends = 0;
+        }
         Ok(())
     }
 
@@ -461,6 +462,39 @@ impl KafkaSinkWriter {
     pub(crate) fn partitions(&self) -> i32 {
         self.partitions
     }
+}
+
+/// The producer's configuration: the spec's `properties.*`, the transactional id of an
+/// exactly-once sink, and Keel's defaults where the spec is silent (transaction timeout,
+/// partitioner, client id, reconnect backoff, the queue bounds of
+/// [`crate::options::sink_queue_defaults`]).
+fn producer_config(opts: &KafkaSinkOptions, subtask: u32, transactional_id: Option<&str>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in &opts.client_properties {
+        config.set(k, v);
+    }
+    if let Some(id) = transactional_id {
+        config.set("transactional.id", id);
+        if !opts.client_properties.contains_key("transaction.timeout.ms") {
+            // A pre-committed transaction waits for its checkpoint to complete; the broker
+            // must not abort it meanwhile (Kafka's default broker maximum).
+            config.set("transaction.timeout.ms", DEFAULT_TRANSACTION_TIMEOUT_MS);
+        }
+    }
+    if !opts.client_properties.contains_key("partitioner") {
+        // The Java client's hash, so that keys land where Flink would put them.
+        config.set("partitioner", "murmur2_random");
+    }
+    if !opts.client_properties.contains_key("client.id") {
+        config.set("client.id", format!("keel-sink-{subtask}"));
+    }
+    if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
+        // As the source: reconnect within 1 s after a broker outage (librdkafka's default
+        // backs off up to 10 s).
+        config.set("reconnect.backoff.max.ms", crate::source::RECONNECT_BACKOFF_MAX_MS);
+    }
+    set_defaults(&mut config, &opts.client_properties, &sink_queue_defaults(opts.batch_records));
+    config
 }
 
 impl Drop for KafkaSinkWriter {

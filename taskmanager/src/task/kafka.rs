@@ -119,45 +119,42 @@ fn read_loop(
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "partition discovery failed"),
         }
-        let records = match reader.poll(POLL_BATCH, POLL_TIMEOUT) {
-            Ok(r) => r,
+        let mut rows = Vec::new();
+        let mut bytes = 0u64;
+        let malformed_before = decoder.skipped_malformed();
+        let polled = reader.poll_each(POLL_BATCH, POLL_TIMEOUT, |m| {
+            bytes += (m.key.map_or(0, <[u8]>::len) + m.value.map_or(0, <[u8]>::len)) as u64;
+            // A header without a value reads as an empty one, as before poll_each.
+            let headers: Vec<(&str, Option<&[u8]>)> = if needs_headers {
+                m.headers().map(|(k, v)| (k, Some(v.unwrap_or_default()))).collect()
+            } else {
+                Vec::new()
+            };
+            let msg = KafkaMessage {
+                topic: m.topic,
+                partition: m.partition,
+                offset: m.offset,
+                timestamp: m.timestamp_ms,
+                headers: &headers,
+                key: m.key,
+                value: m.value,
+            };
+            if let Some(row) = decoder.decode(&msg)? {
+                rows.push(row);
+            }
+            Ok(())
+        });
+        let polled = match polled {
+            Ok(n) => n,
             Err(e) => {
                 let _ = out.blocking_send(Err(e));
                 return;
             }
         };
-        // Discovery runs in `discover_if_due` and in `poll`.
+        // Discovery runs in `discover_if_due` and in `poll_each`.
         publish_topic_sizes(&reader, topic_sizes);
-        if records.is_empty() {
+        if polled == 0 {
             continue;
-        }
-        let mut rows = Vec::with_capacity(records.len());
-        let mut bytes = 0u64;
-        let malformed_before = decoder.skipped_malformed();
-        for r in &records {
-            bytes += (r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len)) as u64;
-            let headers: Vec<(&str, Option<&[u8]>)> = if needs_headers {
-                r.headers.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))).collect()
-            } else {
-                Vec::new()
-            };
-            let msg = KafkaMessage {
-                topic: &r.topic,
-                partition: r.partition,
-                offset: r.offset,
-                timestamp: r.timestamp_ms,
-                headers: &headers,
-                key: r.key.as_deref(),
-                value: r.value.as_deref(),
-            };
-            match decoder.decode(&msg) {
-                Ok(Some(row)) => rows.push(row),
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = out.blocking_send(Err(e.into()));
-                    return;
-                }
-            }
         }
         let malformed = decoder.skipped_malformed().saturating_sub(malformed_before);
         let header = BatchHeader { source: index, bytes, malformed, position: Some(reader.position()) };

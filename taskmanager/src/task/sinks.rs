@@ -266,8 +266,10 @@ impl SinkEdge {
     }
 }
 
-fn headers_of(r: &EncodedRecord) -> Vec<(String, Vec<u8>)> {
-    r.headers.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect()
+/// The record's headers as the Kafka sinks take them; a header without a value is sent with
+/// an empty one, as before. Allocates only for a record with headers.
+fn headers_of(r: &EncodedRecord) -> Vec<(&str, Option<&[u8]>)> {
+    r.headers.iter().map(|(k, v)| (k.as_str(), Some(v.as_deref().unwrap_or_default()))).collect()
 }
 
 impl FileSink {
