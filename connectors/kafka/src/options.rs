@@ -970,6 +970,28 @@ mod tests {
         assert_eq!(field, "sources[0].scan.check.duplicated.group.id");
     }
 
+    /// The queue bounds follow the batch size (8 batches' worth prefetched, 16 unacknowledged),
+    /// never below 1000 messages nor above librdkafka's maximum, and options read from a spec
+    /// carry the default batch size.
+    #[test]
+    fn queue_defaults_follow_the_batch_size() {
+        let get = |defaults: Vec<(&'static str, String)>, key: &str| {
+            defaults.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        };
+        assert_eq!(get(source_queue_defaults(1024), "queued.min.messages").as_deref(), Some("8192"));
+        assert_eq!(get(source_queue_defaults(1), "queued.min.messages").as_deref(), Some("1000"));
+        assert_eq!(
+            get(source_queue_defaults(usize::MAX), "queued.min.messages").as_deref(),
+            Some("10000000")
+        );
+        assert_eq!(get(sink_queue_defaults(1024), "queue.buffering.max.messages").as_deref(), Some("16384"));
+        assert_eq!(get(sink_queue_defaults(0), "queue.buffering.max.messages").as_deref(), Some("1000"));
+        assert_eq!(
+            source(&[("topic", "t"), ("properties.group.id", "g")]).map(|o| o.batch_records).ok(),
+            Some(DEFAULT_BATCH_RECORDS)
+        );
+    }
+
     #[test]
     fn sink_options() {
         let sink = |pairs: &[(&str, &str)]| KafkaSinkOptions::from_spec("sinks[1]", &opts(pairs));

@@ -506,3 +506,56 @@ impl Drop for KafkaSinkWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn options_with(pairs: &[(&str, &str)]) -> Result<KafkaSinkOptions> {
+        let mut options: BTreeMap<String, String> =
+            [("topic", "out"), ("properties.bootstrap.servers", "b:9092")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        options.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        KafkaSinkOptions::from_spec("sinks[0]", &options)
+    }
+
+    /// What librdkafka's configuration of the producer says for `key`.
+    fn producer_property(
+        opts: &KafkaSinkOptions,
+        transactional_id: Option<&str>,
+        key: &str,
+    ) -> Result<String> {
+        let native = producer_config(opts, 0, transactional_id)
+            .create_native_config()
+            .map_err(|e| KeelError::internal(format!("librdkafka refuses the configuration: {e}")))?;
+        native.get(key).map_err(|e| KeelError::internal(format!("{key}: {e}")))
+    }
+
+    /// The producer's queue bounds: Keel's, sized from the batch, where the spec is silent
+    /// (also for an exactly-once sink's transactional producer); the spec's where it sets one
+    /// (`properties.queue.buffering.max.messages` wins), as librdkafka reads its configuration.
+    #[test]
+    fn the_producer_queue_is_sized_from_the_batch_unless_the_spec_says_otherwise() -> Result<()> {
+        let default = options_with(&[])?;
+        assert_eq!(producer_property(&default, None, "queue.buffering.max.messages")?, "16384");
+        assert_eq!(producer_property(&default, None, "queue.buffering.max.kbytes")?, "8192");
+        assert_eq!(producer_property(&default, Some("p-0"), "queue.buffering.max.messages")?, "16384");
+
+        let mut smaller = options_with(&[])?;
+        smaller.batch_records = 256;
+        assert_eq!(producer_property(&smaller, None, "queue.buffering.max.messages")?, "4096");
+
+        let user = options_with(&[("properties.queue.buffering.max.messages", "100000")])?;
+        assert_eq!(producer_property(&user, None, "queue.buffering.max.messages")?, "100000");
+        assert_eq!(
+            producer_property(&user, None, "queue.buffering.max.kbytes")?,
+            "8192",
+            "the other stays Keel's"
+        );
+        Ok(())
+    }
+}

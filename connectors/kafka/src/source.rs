@@ -1273,6 +1273,53 @@ mod tests {
         out
     }
 
+    fn options_with(pairs: &[(&str, &str)]) -> Result<KafkaSourceOptions> {
+        let mut options: BTreeMap<String, String> = [
+            ("topic", "t"),
+            ("properties.bootstrap.servers", "b:9092"),
+            ("scan.startup.mode", "earliest-offset"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        options.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        KafkaSourceOptions::from_spec("sources[0]", &options)
+    }
+
+    /// What librdkafka's configuration of the consumer says for `key`.
+    fn consumer_property(opts: &KafkaSourceOptions, key: &str) -> Result<String> {
+        let native = consumer_config(opts, 0)
+            .create_native_config()
+            .map_err(|e| KeelError::internal(format!("librdkafka refuses the configuration: {e}")))?;
+        native.get(key).map_err(|e| KeelError::internal(format!("{key}: {e}")))
+    }
+
+    /// The consumer's queue bounds: Keel's, sized from the batch, where the spec is silent;
+    /// the spec's where it sets one (`properties.queued.min.messages` and
+    /// `properties.fetch.queue.backoff.ms` win), as librdkafka itself reads its configuration.
+    /// (librdkafka lowers `fetch.max.bytes` to the queue's byte bound when it creates the
+    /// client, unless the spec sets it.)
+    #[test]
+    fn the_consumer_queue_is_sized_from_the_batch_unless_the_spec_says_otherwise() -> Result<()> {
+        let default = options_with(&[])?;
+        assert_eq!(consumer_property(&default, "queued.min.messages")?, "8192");
+        assert_eq!(consumer_property(&default, "queued.max.messages.kbytes")?, "8192");
+        assert_eq!(consumer_property(&default, "fetch.queue.backoff.ms")?, "2");
+
+        let mut larger = options_with(&[])?;
+        larger.batch_records = 4096;
+        assert_eq!(consumer_property(&larger, "queued.min.messages")?, "32768");
+
+        let user = options_with(&[
+            ("properties.queued.min.messages", "50"),
+            ("properties.fetch.queue.backoff.ms", "1000"),
+        ])?;
+        assert_eq!(consumer_property(&user, "queued.min.messages")?, "50");
+        assert_eq!(consumer_property(&user, "fetch.queue.backoff.ms")?, "1000");
+        assert_eq!(consumer_property(&user, "queued.max.messages.kbytes")?, "8192", "the others stay Keel's");
+        Ok(())
+    }
+
     /// Every broker refusing connections for longer than `properties.default.api.timeout.ms`
     /// makes `poll` fail with `Unavailable` naming the bootstrap servers (librdkafka's mock
     /// cluster, broker set down). Proves an outage does not leave a running source idling
