@@ -80,7 +80,7 @@ const NO_GROUP_ID: &str = "keel-source-without-group";
 /// message is kept across polls (see [`KafkaSourceReader::poll_each`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaRecord {
-    /// Shared by all records of the partition (no allocation per record).
+    /// `poll` shares one between consecutive records of the same topic.
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
