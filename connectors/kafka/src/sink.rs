@@ -32,11 +32,14 @@ use crate::options::{
     set_defaults, sink_queue_defaults, DeliveryGuarantee, KafkaSinkOptions, SinkPartitioner,
 };
 
-/// How long `send` serves delivery reports per round while the producer queue is full, before
-/// it tries again. Short: rdkafka's `poll` returns only when its whole time has passed, and
-/// the queue is bounded ([`crate::options::sink_queue_defaults`]), so it fills under load
-/// and the first free room must be used at once.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
+/// How long `send` pauses between two attempts while the producer queue is full; after each
+/// pause it serves the delivery reports that arrived (they free room) and tries again. Not a
+/// blocking `poll` with a timeout: rdkafka's returns only when its whole time has passed and
+/// spins (librdkafka's waits have millisecond steps, rdkafka rounds the last one down to 0),
+/// which cost a core and starved librdkafka's own threads, and the queue is bounded
+/// ([`crate::options::sink_queue_defaults`]), so it fills under load and must be refilled at
+/// once when there is room.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_micros(200);
 /// `send` serves delivery reports (a `poll` without waiting) once every this many records
 /// rather than after each: a report frees its record's memory in librdkafka and counts it
 /// acknowledged, neither needs to happen per record, and a poll costs a lock round of the
@@ -322,14 +325,19 @@ impl KafkaSinkWriter {
             }
             record = record.headers(owned);
         }
+        let mut full = false;
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // Backpressure: serve delivery reports (they free room) in short slices and
-                    // try again after each (a `poll` returns only when its whole time is up).
+                    // Backpressure: serve the delivery reports (they free room) and try again,
+                    // pausing briefly from the second try on.
                     record = back;
-                    self.producer.poll(QUEUE_FULL_WAIT);
+                    if full {
+                        std::thread::sleep(QUEUE_FULL_PAUSE);
+                    }
+                    full = true;
+                    self.producer.poll(Duration::ZERO);
                     self.unpolled_sends = 0;
                     self.check_delivery()?;
                 }
