@@ -489,12 +489,18 @@ impl ExactlyOnceSink {
         Ok(())
     }
 
-    /// Sends every record of a spool file into the open transaction.
+    /// Sends every record of a spool file into the open transaction. Allocates per record
+    /// only for a record with headers (the list of them).
     fn send_spooled(&mut self, path: &Path) -> Result<u64> {
         let mut reader = SpoolReader::open(path)?;
         let mut n = 0;
         while let Some(r) = reader.next_record()? {
-            self.writer.send(r.key.as_deref(), r.value.as_deref(), &r.headers, r.timestamp_ms)?;
+            if r.header_count() == 0 {
+                self.writer.send(r.key, r.value, &[], r.timestamp_ms)?;
+            } else {
+                let headers: Vec<(&str, Option<&[u8]>)> = r.headers().collect();
+                self.writer.send(r.key, r.value, &headers, r.timestamp_ms)?;
+            }
             n += 1;
         }
         Ok(n)
@@ -564,12 +570,14 @@ impl ExactlyOnceSink {
         SpoolWriter::create(path)
     }
 
-    /// Writes one record: spooled always, and sent at once while the sink is live.
+    /// Writes one record: spooled always (appended to the spool's buffer), and sent at once
+    /// while the sink is live. `headers` as [`KafkaSinkWriter::send`] takes them; nothing is
+    /// allocated here per record.
     pub fn send(
         &mut self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-        headers: &[(String, Vec<u8>)],
+        headers: &[(&str, Option<&[u8]>)],
         timestamp_ms: Option<i64>,
     ) -> Result<()> {
         self.current.append(key, value, headers, timestamp_ms)?;

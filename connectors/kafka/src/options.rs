@@ -34,6 +34,28 @@
 //! | `sink.partitioner` | `default` (by key hash), `fixed` (subtask i writes partition i % partitions), `round-robin` |
 //! | `sink.delivery-guarantee` | `none`, `at-least-once` (default), `exactly-once` (needs `sink.transactional-id-prefix`, unique among running jobs, and checkpointing) |
 //! | `sink.transactional-id-prefix` | see above |
+//!
+//! # The clients' queues
+//!
+//! librdkafka's defaults are sized for a process with one big client: a consumer prefetches
+//! up to `queued.min.messages` = 100,000 messages per partition or `queued.max.messages.kbytes`
+//! = 64 MiB, in responses of up to `fetch.max.bytes` = 50 MiB, and a producer queues up to
+//! `queue.buffering.max.messages` = 100,000 messages or `queue.buffering.max.kbytes` = 1 GiB.
+//! Every queued message also costs librdkafka a few hundred bytes of its own, so a Kafka
+//! pass-through TaskManager grew to 76 MB where a datagen job takes 12 MB. Keel bounds the
+//! queues by the batch the caller handles (`B` = `batch_records`) instead, unless the spec sets
+//! the property (`properties.*` always wins):
+//!
+//! | client | property | Keel's default | why |
+//! | --- | --- | --- | --- |
+//! | source | `queued.min.messages` | 8 × B (8192) | the fetcher keeps this many messages ready: 8 polls' worth, enough to cover a fetch round trip at millions of records per second |
+//! | source | `queued.max.messages.kbytes` | 8192 (8 MiB) | bounds the prefetched bytes (records of 1 KB hit it at the same 8192); librdkafka also keeps `fetch.max.bytes` at or below it unless the spec sets that |
+//! | source | `fetch.queue.backoff.ms` | 2 | how long the fetcher waits before it looks again at a queue that is above those bounds; librdkafka's 1000 ms would leave a small queue empty for most of a second |
+//! | sink | `queue.buffering.max.messages` | 16 × B (16384) | records handed over and not yet acknowledged: 16 batches, more than `linger.ms` (5 ms) plus an acknowledgement's round trip hold at a million records per second |
+//! | sink | `queue.buffering.max.kbytes` | 8192 (8 MiB) | bounds the queued bytes of large records |
+//!
+//! A full producer queue is backpressure (`send` waits for acknowledgements), a full consumer
+//! queue only pauses fetching.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,6 +71,57 @@ use crate::assign::TopicPartition;
 pub const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// Default of `properties.default.api.timeout.ms` (source) and `properties.max.block.ms` (sink).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Records per batch the caller reads or writes unless it says otherwise
+/// ([`KafkaSourceOptions::batch_records`], [`KafkaSinkOptions::batch_records`]): the
+/// TaskManager's poll batch. The clients' queues are sized from it.
+pub const DEFAULT_BATCH_RECORDS: usize = 1024;
+
+/// Records the source's fetcher keeps ready, per batch of the caller.
+const SOURCE_QUEUED_BATCHES: usize = 8;
+/// Prefetched bytes of a source, at most (KiB).
+const SOURCE_QUEUE_KBYTES: usize = 8 * 1024;
+/// How long the fetcher backs off from a full queue (ms).
+const SOURCE_QUEUE_BACKOFF_MS: u32 = 2;
+/// Records a sink's producer may hold unacknowledged, per batch of the caller.
+const SINK_QUEUED_BATCHES: usize = 16;
+/// Bytes a sink's producer may hold unacknowledged (KiB).
+const SINK_QUEUE_KBYTES: usize = 8 * 1024;
+
+/// librdkafka properties Keel sets on a source's consumer unless the spec sets them: the
+/// queue bounds of [the module doc](self), for `batch_records` records per poll.
+pub fn source_queue_defaults(batch_records: usize) -> Vec<(&'static str, String)> {
+    let messages = batch_records.max(1).saturating_mul(SOURCE_QUEUED_BATCHES).clamp(1_000, 10_000_000);
+    vec![
+        ("queued.min.messages", messages.to_string()),
+        ("queued.max.messages.kbytes", SOURCE_QUEUE_KBYTES.to_string()),
+        ("fetch.queue.backoff.ms", SOURCE_QUEUE_BACKOFF_MS.to_string()),
+    ]
+}
+
+/// librdkafka properties Keel sets on a sink's producer unless the spec sets them: the queue
+/// bounds of [the module doc](self), for `batch_records` records per batch.
+pub fn sink_queue_defaults(batch_records: usize) -> Vec<(&'static str, String)> {
+    let messages = batch_records.max(1).saturating_mul(SINK_QUEUED_BATCHES).clamp(1_000, 10_000_000);
+    vec![
+        ("queue.buffering.max.messages", messages.to_string()),
+        ("queue.buffering.max.kbytes", SINK_QUEUE_KBYTES.to_string()),
+    ]
+}
+
+/// Sets each of `defaults` on `config` unless `properties` (the spec's `properties.*`, without
+/// the prefix) sets it.
+pub(crate) fn set_defaults(
+    config: &mut ClientConfig,
+    properties: &BTreeMap<String, String>,
+    defaults: &[(&'static str, String)],
+) {
+    for (key, value) in defaults {
+        if !properties.contains_key(*key) {
+            config.set(*key, value);
+        }
+    }
+}
 
 /// Properties Flink overwrites and Keel ignores likewise (bytes are handed out as they are).
 const IGNORED_PROPERTIES: &[&str] =
@@ -129,6 +202,10 @@ pub struct KafkaSourceOptions {
     pub client_properties: BTreeMap<String, String>,
     /// Where the options sit in the spec (`sources[0]`), for error messages.
     pub field_prefix: String,
+    /// Records the caller asks for per poll ([`crate::KafkaSourceReader::poll_each`]); the
+    /// consumer's prefetch is sized from it ([the module doc](self)). Not a spec option:
+    /// [`DEFAULT_BATCH_RECORDS`] unless the caller sets it before opening the reader.
+    pub batch_records: usize,
 }
 
 /// `sink.partitioner`.
@@ -176,6 +253,10 @@ pub struct KafkaSinkOptions {
     /// librdkafka properties (without the `properties.` prefix).
     pub client_properties: BTreeMap<String, String>,
     pub field_prefix: String,
+    /// Records the caller writes per batch; the producer's queue is sized from it
+    /// ([the module doc](self)). Not a spec option: [`DEFAULT_BATCH_RECORDS`] unless the caller sets it
+    /// before opening the writer.
+    pub batch_records: usize,
 }
 
 struct Fields<'a> {
@@ -532,6 +613,7 @@ impl KafkaSourceOptions {
             request_timeout,
             client_properties,
             field_prefix: field_prefix.to_string(),
+            batch_records: DEFAULT_BATCH_RECORDS,
         })
     }
 }
@@ -598,6 +680,7 @@ impl KafkaSinkOptions {
             request_timeout,
             client_properties,
             field_prefix: field_prefix.to_string(),
+            batch_records: DEFAULT_BATCH_RECORDS,
         })
     }
 }
@@ -885,6 +968,28 @@ mod tests {
             .expect_err("duplicate check"),
         );
         assert_eq!(field, "sources[0].scan.check.duplicated.group.id");
+    }
+
+    /// The queue bounds follow the batch size (8 batches' worth prefetched, 16 unacknowledged),
+    /// never below 1000 messages nor above librdkafka's maximum, and options read from a spec
+    /// carry the default batch size.
+    #[test]
+    fn queue_defaults_follow_the_batch_size() {
+        let get = |defaults: Vec<(&'static str, String)>, key: &str| {
+            defaults.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        };
+        assert_eq!(get(source_queue_defaults(1024), "queued.min.messages").as_deref(), Some("8192"));
+        assert_eq!(get(source_queue_defaults(1), "queued.min.messages").as_deref(), Some("1000"));
+        assert_eq!(
+            get(source_queue_defaults(usize::MAX), "queued.min.messages").as_deref(),
+            Some("10000000")
+        );
+        assert_eq!(get(sink_queue_defaults(1024), "queue.buffering.max.messages").as_deref(), Some("16384"));
+        assert_eq!(get(sink_queue_defaults(0), "queue.buffering.max.messages").as_deref(), Some("1000"));
+        assert_eq!(
+            source(&[("topic", "t"), ("properties.group.id", "g")]).map(|o| o.batch_records).ok(),
+            Some(DEFAULT_BATCH_RECORDS)
+        );
     }
 
     #[test]

@@ -28,10 +28,23 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::client::{log, to_keel};
 use crate::metrics::KafkaSinkMetrics;
-use crate::options::{DeliveryGuarantee, KafkaSinkOptions, SinkPartitioner};
+use crate::options::{
+    set_defaults, sink_queue_defaults, DeliveryGuarantee, KafkaSinkOptions, SinkPartitioner,
+};
 
-/// How long `send` serves delivery reports per round while the producer queue is full.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
+/// How long `send` pauses between two attempts while the producer queue is full; after each
+/// pause it serves the delivery reports that arrived (they free room) and tries again. Not a
+/// blocking `poll` with a timeout: rdkafka's returns only when its whole time has passed and
+/// spins (librdkafka's waits have millisecond steps, rdkafka rounds the last one down to 0),
+/// which cost a core and starved librdkafka's own threads, and the queue is bounded
+/// ([`crate::options::sink_queue_defaults`]), so it fills under load and must be refilled at
+/// once when there is room.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_micros(200);
+/// `send` serves delivery reports (a `poll` without waiting) once every this many records
+/// rather than after each: a report frees its record's memory in librdkafka and counts it
+/// acknowledged, neither needs to happen per record, and a poll costs a lock round of the
+/// client's queue. `flush` and a full queue serve them all.
+const SENDS_PER_POLL: u32 = 64;
 /// `transaction.timeout.ms` of exactly-once sinks unless the spec sets it: 15 min, the default
 /// `transaction.max.timeout.ms` of Kafka brokers.
 const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "900000";
@@ -121,6 +134,8 @@ pub struct KafkaSinkWriter {
     partitions_checked: Instant,
     /// The next partition of `round-robin`.
     next_partition: i32,
+    /// Records sent since delivery reports were last served ([`SENDS_PER_POLL`]).
+    unpolled_sends: u32,
 }
 
 impl KafkaSinkWriter {
@@ -167,30 +182,7 @@ impl KafkaSinkWriter {
                 reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
             });
         }
-        let mut config = ClientConfig::new();
-        for (k, v) in &opts.client_properties {
-            config.set(k, v);
-        }
-        if let Some(id) = transactional_id {
-            config.set("transactional.id", id);
-            if !opts.client_properties.contains_key("transaction.timeout.ms") {
-                // A pre-committed transaction waits for its checkpoint to complete; the broker
-                // must not abort it meanwhile (Kafka's default broker maximum).
-                config.set("transaction.timeout.ms", DEFAULT_TRANSACTION_TIMEOUT_MS);
-            }
-        }
-        if !opts.client_properties.contains_key("partitioner") {
-            // The Java client's hash, so that keys land where Flink would put them.
-            config.set("partitioner", "murmur2_random");
-        }
-        if !opts.client_properties.contains_key("client.id") {
-            config.set("client.id", format!("keel-sink-{subtask}"));
-        }
-        if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
-            // As the source: reconnect within 1 s after a broker outage (librdkafka's default
-            // backs off up to 10 s).
-            config.set("reconnect.backoff.max.ms", crate::source::RECONNECT_BACKOFF_MAX_MS);
-        }
+        let config = producer_config(&opts, subtask, transactional_id);
         let context = WriterContext {
             subtask,
             topic: opts.topic.clone(),
@@ -212,6 +204,7 @@ impl KafkaSinkWriter {
             partitions: 0,
             partitions_checked: Instant::now(),
             next_partition: 0,
+            unpolled_sends: 0,
             opts,
         };
         let count = writer.partition_count(writer.opts.request_timeout)?;
@@ -285,11 +278,15 @@ impl KafkaSinkWriter {
 
     /// Hands one record to the producer. Blocks (serving delivery reports) while the producer's
     /// queue is full. With `at-least-once`, fails once any earlier delivery has failed.
+    ///
+    /// `headers` are (name, value) in order; a header without a value has `None`. Nothing is
+    /// allocated here for a record without headers (librdkafka copies the key and value into a
+    /// message of its own; the headers of a record that has some into a header list).
     pub fn send(
         &mut self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-        headers: &[(String, Vec<u8>)],
+        headers: &[(&str, Option<&[u8]>)],
         timestamp_ms: Option<i64>,
     ) -> Result<()> {
         self.check_delivery()?;
@@ -323,17 +320,25 @@ impl KafkaSinkWriter {
         if !headers.is_empty() {
             let mut owned = OwnedHeaders::new_with_capacity(headers.len());
             for (k, v) in headers {
-                header_bytes += k.len() + v.len();
-                owned = owned.insert(Header { key: k, value: Some(v) });
+                header_bytes += k.len() + v.map_or(0, <[u8]>::len);
+                owned = owned.insert(Header { key: k, value: *v });
             }
             record = record.headers(owned);
         }
+        let mut full = false;
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: serve the delivery reports (they free room) and try again,
+                    // pausing briefly from the second try on.
                     record = back;
-                    self.producer.poll(QUEUE_FULL_WAIT);
+                    if full {
+                        std::thread::sleep(QUEUE_FULL_PAUSE);
+                    }
+                    full = true;
+                    self.producer.poll(Duration::ZERO);
+                    self.unpolled_sends = 0;
                     self.check_delivery()?;
                 }
                 Err((e, _)) => {
@@ -348,7 +353,11 @@ impl KafkaSinkWriter {
         let bytes = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + header_bytes;
         self.metrics.num_records_out.fetch_add(1, Ordering::Relaxed);
         self.metrics.num_bytes_out.fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.producer.poll(Duration::ZERO);
+        self.unpolled_sends += 1;
+        if self.unpolled_sends >= SENDS_PER_POLL {
+            self.producer.poll(Duration::ZERO);
+            self.unpolled_sends = 0;
+        }
         Ok(())
     }
 
@@ -463,6 +472,39 @@ impl KafkaSinkWriter {
     }
 }
 
+/// The producer's configuration: the spec's `properties.*`, the transactional id of an
+/// exactly-once sink, and Keel's defaults where the spec is silent (transaction timeout,
+/// partitioner, client id, reconnect backoff, the queue bounds of
+/// [`crate::options::sink_queue_defaults`]).
+fn producer_config(opts: &KafkaSinkOptions, subtask: u32, transactional_id: Option<&str>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in &opts.client_properties {
+        config.set(k, v);
+    }
+    if let Some(id) = transactional_id {
+        config.set("transactional.id", id);
+        if !opts.client_properties.contains_key("transaction.timeout.ms") {
+            // A pre-committed transaction waits for its checkpoint to complete; the broker
+            // must not abort it meanwhile (Kafka's default broker maximum).
+            config.set("transaction.timeout.ms", DEFAULT_TRANSACTION_TIMEOUT_MS);
+        }
+    }
+    if !opts.client_properties.contains_key("partitioner") {
+        // The Java client's hash, so that keys land where Flink would put them.
+        config.set("partitioner", "murmur2_random");
+    }
+    if !opts.client_properties.contains_key("client.id") {
+        config.set("client.id", format!("keel-sink-{subtask}"));
+    }
+    if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
+        // As the source: reconnect within 1 s after a broker outage (librdkafka's default
+        // backs off up to 10 s).
+        config.set("reconnect.backoff.max.ms", crate::source::RECONNECT_BACKOFF_MAX_MS);
+    }
+    set_defaults(&mut config, &opts.client_properties, &sink_queue_defaults(opts.batch_records));
+    config
+}
+
 impl Drop for KafkaSinkWriter {
     fn drop(&mut self) {
         let left = self.in_flight();
@@ -470,5 +512,58 @@ impl Drop for KafkaSinkWriter {
             tracing::debug!(subtask = self.subtask, topic = %self.opts.topic, records = left,
                 "kafka sink closed with unacknowledged records");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn options_with(pairs: &[(&str, &str)]) -> Result<KafkaSinkOptions> {
+        let mut options: BTreeMap<String, String> =
+            [("topic", "out"), ("properties.bootstrap.servers", "b:9092")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        options.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        KafkaSinkOptions::from_spec("sinks[0]", &options)
+    }
+
+    /// What librdkafka's configuration of the producer says for `key`.
+    fn producer_property(
+        opts: &KafkaSinkOptions,
+        transactional_id: Option<&str>,
+        key: &str,
+    ) -> Result<String> {
+        let native = producer_config(opts, 0, transactional_id)
+            .create_native_config()
+            .map_err(|e| KeelError::internal(format!("librdkafka refuses the configuration: {e}")))?;
+        native.get(key).map_err(|e| KeelError::internal(format!("{key}: {e}")))
+    }
+
+    /// The producer's queue bounds: Keel's, sized from the batch, where the spec is silent
+    /// (also for an exactly-once sink's transactional producer); the spec's where it sets one
+    /// (`properties.queue.buffering.max.messages` wins), as librdkafka reads its configuration.
+    #[test]
+    fn the_producer_queue_is_sized_from_the_batch_unless_the_spec_says_otherwise() -> Result<()> {
+        let default = options_with(&[])?;
+        assert_eq!(producer_property(&default, None, "queue.buffering.max.messages")?, "16384");
+        assert_eq!(producer_property(&default, None, "queue.buffering.max.kbytes")?, "8192");
+        assert_eq!(producer_property(&default, Some("p-0"), "queue.buffering.max.messages")?, "16384");
+
+        let mut smaller = options_with(&[])?;
+        smaller.batch_records = 256;
+        assert_eq!(producer_property(&smaller, None, "queue.buffering.max.messages")?, "4096");
+
+        let user = options_with(&[("properties.queue.buffering.max.messages", "100000")])?;
+        assert_eq!(producer_property(&user, None, "queue.buffering.max.messages")?, "100000");
+        assert_eq!(
+            producer_property(&user, None, "queue.buffering.max.kbytes")?,
+            "8192",
+            "the other stays Keel's"
+        );
+        Ok(())
     }
 }

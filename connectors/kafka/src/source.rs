@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! open ──▶ list partitions ──▶ keep own (assign::owner) ──▶ resolve start offsets ──▶ assign
-//!            poll ─┬─▶ records (position advances)
-//!                  └─▶ discovery when due: new partitions start at the earliest offset
+//!            poll_each ─┬─▶ messages, borrowed, to a visitor (position advances per message taken)
+//!                       └─▶ discovery when due: new partitions start at the earliest offset
 //!            position() ──▶ checkpoint state;  commit(position) when the checkpoint completes
 //! ```
 //!
@@ -44,7 +44,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedHeaders, Headers, Message};
 use rdkafka::metadata::Metadata;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
@@ -53,7 +53,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::assign::{assign, spread_warning, TopicPartition};
 use crate::client::{is_transient, log, to_keel};
 use crate::metrics::{now_ms, KafkaSourceMetrics, PartitionMetrics};
-use crate::options::{KafkaSourceOptions, OffsetReset, StartupMode, Subscription};
+use crate::options::{
+    set_defaults, source_queue_defaults, KafkaSourceOptions, OffsetReset, StartupMode, Subscription,
+};
 use crate::position::SourcePosition;
 
 /// Longest a discovery round may block the poll loop waiting for metadata.
@@ -74,10 +76,11 @@ pub(crate) const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
 /// The group id of a consumer whose source has no `properties.group.id`.
 const NO_GROUP_ID: &str = "keel-source-without-group";
 
-/// One record read from Kafka.
+/// One record read from Kafka, owned: what [`KafkaSourceReader::poll`] returns, and how a
+/// message is kept across polls (see [`KafkaSourceReader::poll_each`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaRecord {
-    /// Shared by all records of the partition (no allocation per record).
+    /// `poll` shares one between consecutive records of the same topic.
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
@@ -85,15 +88,119 @@ pub struct KafkaRecord {
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    /// A header without a value has an empty one.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// In message order; a header without a value has `None`.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl KafkaRecord {
+    /// An owned copy of `message`, whose topic is `topic`.
+    fn of(message: &SourceMessage<'_>, topic: Arc<str>) -> KafkaRecord {
+        KafkaRecord {
+            topic,
+            partition: message.partition,
+            offset: message.offset,
+            timestamp_ms: message.timestamp_ms,
+            key: message.key.map(<[u8]>::to_vec),
+            value: message.value.map(<[u8]>::to_vec),
+            headers: message.headers().map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec))).collect(),
+        }
+    }
+
+    /// This record as the message [`KafkaSourceReader::poll_each`] hands out.
+    pub fn as_message(&self) -> SourceMessage<'_> {
+        SourceMessage {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            headers: MessageHeaders::Owned(&self.headers),
+        }
+    }
+}
+
+/// One message as [`KafkaSourceReader::poll_each`] hands it to its visitor: borrowed from the
+/// Kafka client's buffers (nothing is copied), valid only during the visit.
+#[derive(Clone, Copy)]
+pub struct SourceMessage<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// Create time or log-append time, as the topic is configured; `None` when absent.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    headers: MessageHeaders<'a>,
+}
+
+/// Where a [`SourceMessage`]'s headers live.
+#[derive(Clone, Copy)]
+enum MessageHeaders<'a> {
+    None,
+    /// In the client's message.
+    Client(&'a BorrowedHeaders),
+    /// In a [`KafkaRecord`] (a message held across polls).
+    Owned(&'a [(String, Option<Vec<u8>>)]),
+}
+
+impl<'a> SourceMessage<'a> {
+    /// The headers in message order, as (name, value); a header without a value has `None`.
+    /// Reads them where they are, without allocating.
+    pub fn headers(&self) -> SourceHeaders<'a> {
+        SourceHeaders { headers: self.headers, index: 0 }
+    }
+
+    /// How many headers the message has.
+    pub fn header_count(&self) -> usize {
+        match self.headers {
+            MessageHeaders::None => 0,
+            MessageHeaders::Client(h) => h.count(),
+            MessageHeaders::Owned(h) => h.len(),
+        }
+    }
+
+    /// Key, value and header bytes: what `numBytesIn` counts.
     fn size(&self) -> u64 {
-        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-        let total = self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len) + headers;
+        let headers: usize = self.headers().map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len)).sum();
+        let total = self.key.map_or(0, <[u8]>::len) + self.value.map_or(0, <[u8]>::len) + headers;
         u64::try_from(total).unwrap_or(u64::MAX)
+    }
+}
+
+impl std::fmt::Debug for SourceMessage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceMessage")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("timestamp_ms", &self.timestamp_ms)
+            .field("key", &self.key)
+            .field("value", &self.value)
+            .field("headers", &self.headers().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The headers of a [`SourceMessage`]: (name, value), in message order.
+pub struct SourceHeaders<'a> {
+    headers: MessageHeaders<'a>,
+    index: usize,
+}
+
+impl<'a> Iterator for SourceHeaders<'a> {
+    type Item = (&'a str, Option<&'a [u8]>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = match self.headers {
+            MessageHeaders::None => None,
+            MessageHeaders::Client(h) => h.try_get(self.index).map(|h| (h.key, h.value)),
+            MessageHeaders::Owned(h) => h.get(self.index).map(|(k, v)| (k.as_str(), v.as_deref())),
+        };
+        if item.is_some() {
+            self.index += 1;
+        }
+        item
     }
 }
 
@@ -153,12 +260,25 @@ impl ClientContext for ReaderContext {
 
 impl ConsumerContext for ReaderContext {}
 
-enum Fetched {
-    Record(KafkaRecord),
-    /// An error that was logged, or a record of a partition not assigned.
-    Skipped,
-    /// Nothing within the wait.
-    Nothing,
+/// What one poll handed out, for the metrics.
+#[derive(Default)]
+struct Handed {
+    records: usize,
+    bytes: u64,
+    /// The timestamp of the last record handed out that has one (`currentEmitEventTimeLag`).
+    timestamp_ms: Option<i64>,
+    /// The timestamp of the last record fetched that has one (`currentFetchEventTimeLag`).
+    fetched_timestamp_ms: Option<i64>,
+}
+
+impl Handed {
+    fn took(&mut self, message: &SourceMessage<'_>) {
+        self.records += 1;
+        self.bytes = self.bytes.saturating_add(message.size());
+        if message.timestamp_ms.is_some() {
+            self.timestamp_ms = message.timestamp_ms;
+        }
+    }
 }
 
 struct PartitionState {
@@ -182,7 +302,8 @@ pub struct KafkaSourceReader {
     /// Partition count of each whole-topic subscription seen so far (for spread warnings).
     topic_sizes: BTreeMap<String, usize>,
     next_discovery: Option<Instant>,
-    /// A record fetched by a `poll` that was not to hand any out.
+    /// A message fetched by a poll that was not to hand any out, or that its visitor refused:
+    /// the next poll hands it out first.
     held: Option<KafkaRecord>,
     /// When `poll` last probed the cluster during an outage.
     last_probe: Option<Instant>,
@@ -205,37 +326,7 @@ impl KafkaSourceReader {
                 reason: format!("subtask {subtask} is not within parallelism {parallelism}"),
             });
         }
-        let mut config = ClientConfig::new();
-        for (k, v) in &opts.client_properties {
-            config.set(k, v);
-        }
-        config
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set(
-                "auto.offset.reset",
-                match opts.auto_offset_reset {
-                    Some(OffsetReset::Earliest) => "earliest",
-                    Some(OffsetReset::Latest) => "latest",
-                    None => "error",
-                },
-            );
-        if !opts.client_properties.contains_key("statistics.interval.ms") {
-            config.set("statistics.interval.ms", DEFAULT_STATISTICS_INTERVAL_MS);
-        }
-        if !opts.client_properties.contains_key("client.id") {
-            config.set("client.id", format!("keel-source-{subtask}"));
-        }
-        if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
-            // The Java client's default: back within a second of a broker's return, not ten.
-            config.set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
-        }
-        if opts.group_id.is_none() {
-            // librdkafka assigns partitions only to a consumer with a group id. This one never
-            // joins the group nor commits to it (commit is a no-op without properties.group.id).
-            config.set("group.id", NO_GROUP_ID);
-        }
+        let config = consumer_config(&opts, subtask);
         let context = ReaderContext {
             subtask,
             bootstrap: opts.bootstrap_servers.clone(),
@@ -315,57 +406,145 @@ impl KafkaSourceReader {
         Ok(reader)
     }
 
-    /// Reads up to `max_records` records, waiting up to `timeout` for the first one (and not
-    /// at all for the rest). Runs partition discovery first when it is due. Transient broker
-    /// errors are logged and yield fewer (or no) records; fatal ones are `Err`, and so is an
-    /// outage longer than `properties.default.api.timeout.ms` (see the module doc; a poll
-    /// during an outage may block up to a second longer, probing).
+    /// Reads up to `max_records` messages and hands each to `visit`, borrowed from the client
+    /// (no copy), in the order read; returns how many `visit` took. Waits up to `timeout` for
+    /// the first message (and not at all for the rest). Runs partition discovery first when
+    /// it is due. Transient broker errors are logged and yield fewer (or no) messages; fatal
+    /// ones are `Err`, and so is an outage longer than `properties.default.api.timeout.ms`
+    /// (see the module doc; a poll during an outage may block up to a second longer, probing).
+    ///
+    /// The position moves past each message as `visit` returns `Ok` for it. An `Err` from
+    /// `visit` means it did not take the message: the poll stops and returns that error, the
+    /// position stays right after the last message taken, and the refused message is kept
+    /// (copied) and handed out first by the next poll, so nothing is skipped.
     ///
     /// Polling also serves the client's callbacks (statistics, logs, errors), so keep calling
     /// it. With `max_records` 0 it only does that, for up to `timeout` (say, while downstream
-    /// is backpressured): a record that arrives meanwhile is held back for the next call, and
-    /// the position does not move.
-    pub fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<KafkaRecord>> {
+    /// is backpressured): a message that arrives meanwhile is kept (copied) for the next call,
+    /// and the position does not move.
+    pub fn poll_each(
+        &mut self,
+        max_records: usize,
+        timeout: Duration,
+        mut visit: impl FnMut(&SourceMessage<'_>) -> Result<()>,
+    ) -> Result<usize> {
         self.check_fatal()?;
         self.discover_if_due(Instant::now())?;
         let deadline = Instant::now() + timeout;
+        let mut handed = Handed::default();
+        let outcome = self.visit_messages(max_records, deadline, &mut visit, &mut handed);
+        self.record_metrics(&handed);
+        outcome?;
+        self.check_reachable(handed.records > 0 || self.held.is_some())?;
+        Ok(handed.records)
+    }
+
+    /// [`Self::poll_each`] with an owned copy of every record (allocations per record: for
+    /// tests and tools, not for the data path).
+    pub fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<KafkaRecord>> {
         let mut out: Vec<KafkaRecord> = Vec::with_capacity(max_records.min(1024));
+        let mut topic: Option<Arc<str>> = None;
+        self.poll_each(max_records, timeout, |m| {
+            let shared = match &topic {
+                Some(t) if **t == *m.topic => t.clone(),
+                _ => topic.insert(Arc::from(m.topic)).clone(),
+            };
+            out.push(KafkaRecord::of(m, shared));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The loop of [`Self::poll_each`]; `handed` counts what `visit` took (and what was
+    /// fetched), also when it fails.
+    fn visit_messages(
+        &mut self,
+        max_records: usize,
+        deadline: Instant,
+        visit: &mut impl FnMut(&SourceMessage<'_>) -> Result<()>,
+        handed: &mut Handed,
+    ) -> Result<()> {
         if max_records > 0 {
             if let Some(record) = self.held.take() {
-                self.hand_out(&record);
-                out.push(record);
+                let message = record.as_message();
+                if let Err(e) = visit(&message) {
+                    self.held = Some(record);
+                    return Err(e);
+                }
+                handed.took(&message);
+                if let Some(state) =
+                    self.assigned.get_mut(&*record.topic).and_then(|t| t.get_mut(&record.partition))
+                {
+                    state.next_offset = record.offset + 1;
+                }
             }
         }
+        // A handle of its own on the consumer: a message borrowed from it does not borrow `self`.
+        let consumer = self.consumer.clone();
         loop {
-            let full = if max_records == 0 { self.held.is_some() } else { out.len() >= max_records };
+            let full = if max_records == 0 { self.held.is_some() } else { handed.records >= max_records };
             if full {
-                break;
+                return Ok(());
             }
-            let wait = if out.is_empty() {
+            let wait = if handed.records == 0 {
                 deadline.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
             };
-            match self.fetch_one(wait)? {
-                Fetched::Record(record) => {
-                    if max_records == 0 {
-                        self.held = Some(record);
-                    } else {
-                        self.hand_out(&record);
-                        out.push(record);
+            let m = match consumer.poll(wait) {
+                // A timeout, or an event that is not a record (statistics, an error).
+                None => {
+                    if handed.records > 0 || Instant::now() >= deadline {
+                        return Ok(());
                     }
+                    continue;
                 }
-                Fetched::Skipped => {}
-                Fetched::Nothing => {
-                    if !out.is_empty() || Instant::now() >= deadline {
-                        break;
-                    }
+                Some(Err(e)) => {
+                    self.consume_error(e)?;
+                    continue;
                 }
+                Some(Ok(m)) => m,
+            };
+            let topic = m.topic();
+            let Some(state) = self.assigned.get_mut(topic).and_then(|t| t.get_mut(&m.partition())) else {
+                tracing::debug!(topic, partition = m.partition(), "record of a partition not assigned");
+                continue;
+            };
+            if m.offset() < state.next_offset {
+                // Only an offset reset moves a position back (properties.auto.offset.reset
+                // after the position fell out of range).
+                tracing::warn!(
+                    subtask = self.subtask,
+                    topic,
+                    partition = m.partition(),
+                    from = state.next_offset,
+                    to = m.offset(),
+                    "position reset by properties.auto.offset.reset"
+                );
             }
+            let message = SourceMessage {
+                topic,
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+                key: m.key(),
+                value: m.payload(),
+                headers: m.headers().map_or(MessageHeaders::None, MessageHeaders::Client),
+            };
+            if message.timestamp_ms.is_some() {
+                handed.fetched_timestamp_ms = message.timestamp_ms;
+            }
+            if max_records == 0 {
+                self.held = Some(KafkaRecord::of(&message, state.topic.clone()));
+                continue;
+            }
+            if let Err(e) = visit(&message) {
+                self.held = Some(KafkaRecord::of(&message, state.topic.clone()));
+                return Err(e);
+            }
+            state.next_offset = message.offset + 1;
+            handed.took(&message);
         }
-        self.record_metrics(&out);
-        self.check_reachable(!out.is_empty() || self.held.is_some())?;
-        Ok(out)
     }
 
     /// During an outage (librdkafka reported every broker connection down): ends it when
@@ -415,76 +594,17 @@ impl KafkaSourceReader {
         }
     }
 
-    /// One record from the client, or why there is none.
-    fn fetch_one(&mut self, wait: Duration) -> Result<Fetched> {
-        let error = match self.consumer.poll(wait) {
-            // A timeout, or an event that is not a record (statistics, an error).
-            None => return Ok(Fetched::Nothing),
-            Some(Err(e)) => e,
-            Some(Ok(m)) => {
-                let Some(state) = self.assigned.get(m.topic()).and_then(|t| t.get(&m.partition())) else {
-                    tracing::debug!(
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        "record of a partition not assigned"
-                    );
-                    return Ok(Fetched::Skipped);
-                };
-                if m.offset() < state.next_offset {
-                    // Only an offset reset moves a position back (properties.auto.offset.reset
-                    // after the position fell out of range).
-                    tracing::warn!(
-                        subtask = self.subtask,
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        from = state.next_offset,
-                        to = m.offset(),
-                        "position reset by properties.auto.offset.reset"
-                    );
-                }
-                let headers = match m.headers() {
-                    None => Vec::new(),
-                    Some(h) => h
-                        .iter()
-                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                        .collect(),
-                };
-                let timestamp_ms = m.timestamp().to_millis();
-                if let Some(ts) = timestamp_ms {
-                    self.metrics.fetch_lag_ms.store((now_ms() - ts).max(0), Ordering::Relaxed);
-                }
-                return Ok(Fetched::Record(KafkaRecord {
-                    topic: state.topic.clone(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp_ms,
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                }));
-            }
-        };
-        self.consume_error(error)?;
-        Ok(Fetched::Skipped)
-    }
-
-    /// Moves the position past `record`, which is being handed out.
-    fn hand_out(&mut self, record: &KafkaRecord) {
-        if let Some(state) = self.assigned.get_mut(&*record.topic).and_then(|t| t.get_mut(&record.partition))
-        {
-            state.next_offset = record.offset + 1;
+    fn record_metrics(&mut self, handed: &Handed) {
+        let m = &self.metrics;
+        let now_ms = now_ms();
+        if let Some(ts) = handed.fetched_timestamp_ms {
+            m.fetch_lag_ms.store((now_ms - ts).max(0), Ordering::Relaxed);
         }
-    }
-
-    fn record_metrics(&mut self, out: &[KafkaRecord]) {
-        if !out.is_empty() {
-            let m = &self.metrics;
-            let bytes: u64 = out.iter().map(KafkaRecord::size).sum();
-            m.num_records_in.fetch_add(u64::try_from(out.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
-            m.num_bytes_in.fetch_add(bytes, Ordering::Relaxed);
-            let now_ms = now_ms();
+        if handed.records > 0 {
+            m.num_records_in.fetch_add(u64::try_from(handed.records).unwrap_or(u64::MAX), Ordering::Relaxed);
+            m.num_bytes_in.fetch_add(handed.bytes, Ordering::Relaxed);
             m.last_record_at_ms.store(now_ms, Ordering::Relaxed);
-            if let Some(ts) = out.iter().rev().find_map(|r| r.timestamp_ms) {
+            if let Some(ts) = handed.timestamp_ms {
                 m.emit_lag_ms.store((now_ms - ts).max(0), Ordering::Relaxed);
             }
             for partitions in self.assigned.values() {
@@ -923,6 +1043,45 @@ impl KafkaSourceReader {
     }
 }
 
+/// The consumer's configuration: the spec's `properties.*`, what Keel forces (no auto commit,
+/// its own offset reset), and Keel's defaults where the spec is silent (statistics, client id,
+/// reconnect backoff, the queue bounds of [`crate::options::source_queue_defaults`]).
+fn consumer_config(opts: &KafkaSourceOptions, subtask: u32) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in &opts.client_properties {
+        config.set(k, v);
+    }
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match opts.auto_offset_reset {
+                Some(OffsetReset::Earliest) => "earliest",
+                Some(OffsetReset::Latest) => "latest",
+                None => "error",
+            },
+        );
+    if !opts.client_properties.contains_key("statistics.interval.ms") {
+        config.set("statistics.interval.ms", DEFAULT_STATISTICS_INTERVAL_MS);
+    }
+    if !opts.client_properties.contains_key("client.id") {
+        config.set("client.id", format!("keel-source-{subtask}"));
+    }
+    if !opts.client_properties.contains_key("reconnect.backoff.max.ms") {
+        // The Java client's default: back within a second of a broker's return, not ten.
+        config.set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
+    }
+    if opts.group_id.is_none() {
+        // librdkafka assigns partitions only to a consumer with a group id. This one never
+        // joins the group nor commits to it (commit is a no-op without properties.group.id).
+        config.set("group.id", NO_GROUP_ID);
+    }
+    set_defaults(&mut config, &opts.client_properties, &source_queue_defaults(opts.batch_records));
+    config
+}
+
 /// The thread that commits offsets to the consumer group, one synchronous commit at a time.
 /// A synchronous commit waits for the group coordinator, up to `session.timeout.ms` when there
 /// is none, which is why it does not run on the poll loop.
@@ -1112,6 +1271,53 @@ mod tests {
             out.extend(reader.poll(100, Duration::from_millis(100)).expect("poll").iter().map(|r| r.offset));
         }
         out
+    }
+
+    fn options_with(pairs: &[(&str, &str)]) -> Result<KafkaSourceOptions> {
+        let mut options: BTreeMap<String, String> = [
+            ("topic", "t"),
+            ("properties.bootstrap.servers", "b:9092"),
+            ("scan.startup.mode", "earliest-offset"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        options.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        KafkaSourceOptions::from_spec("sources[0]", &options)
+    }
+
+    /// What librdkafka's configuration of the consumer says for `key`.
+    fn consumer_property(opts: &KafkaSourceOptions, key: &str) -> Result<String> {
+        let native = consumer_config(opts, 0)
+            .create_native_config()
+            .map_err(|e| KeelError::internal(format!("librdkafka refuses the configuration: {e}")))?;
+        native.get(key).map_err(|e| KeelError::internal(format!("{key}: {e}")))
+    }
+
+    /// The consumer's queue bounds: Keel's, sized from the batch, where the spec is silent;
+    /// the spec's where it sets one (`properties.queued.min.messages` and
+    /// `properties.fetch.queue.backoff.ms` win), as librdkafka itself reads its configuration.
+    /// (librdkafka lowers `fetch.max.bytes` to the queue's byte bound when it creates the
+    /// client, unless the spec sets it.)
+    #[test]
+    fn the_consumer_queue_is_sized_from_the_batch_unless_the_spec_says_otherwise() -> Result<()> {
+        let default = options_with(&[])?;
+        assert_eq!(consumer_property(&default, "queued.min.messages")?, "8192");
+        assert_eq!(consumer_property(&default, "queued.max.messages.kbytes")?, "8192");
+        assert_eq!(consumer_property(&default, "fetch.queue.backoff.ms")?, "2");
+
+        let mut larger = options_with(&[])?;
+        larger.batch_records = 4096;
+        assert_eq!(consumer_property(&larger, "queued.min.messages")?, "32768");
+
+        let user = options_with(&[
+            ("properties.queued.min.messages", "50"),
+            ("properties.fetch.queue.backoff.ms", "1000"),
+        ])?;
+        assert_eq!(consumer_property(&user, "queued.min.messages")?, "50");
+        assert_eq!(consumer_property(&user, "fetch.queue.backoff.ms")?, "1000");
+        assert_eq!(consumer_property(&user, "queued.max.messages.kbytes")?, "8192", "the others stay Keel's");
+        Ok(())
     }
 
     /// Every broker refusing connections for longer than `properties.default.api.timeout.ms`

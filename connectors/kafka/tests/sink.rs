@@ -36,12 +36,12 @@ fn at_least_once_flush_means_every_record_sent_is_in_the_topic() {
     let opts = sink_options(bootstrap, &[("topic", &topic)]);
     let mut writer = KafkaSinkWriter::open(opts, 0, 1, metrics.clone()).expect("open");
     const N: u64 = 2000;
-    let headers = vec![("trace".to_string(), b"abc".to_vec())];
+    let headers: &[(&str, Option<&[u8]>)] = &[("trace", Some(b"abc"))];
     for n in 0..N {
         let key = format!("k{}", n % 17);
         let value = n.to_string();
         writer
-            .send(Some(key.as_bytes()), Some(value.as_bytes()), &headers, Some(1_700_000_000_000))
+            .send(Some(key.as_bytes()), Some(value.as_bytes()), headers, Some(1_700_000_000_000))
             .expect("send");
     }
     writer.flush(Duration::from_secs(10)).expect("flush");
@@ -58,7 +58,7 @@ fn at_least_once_flush_means_every_record_sent_is_in_the_topic() {
     assert_eq!(numbers(&got), (0..N).collect::<Vec<_>>());
     let sample = got.iter().find(|r| r.number() == Some(42)).expect("record 42");
     assert_eq!(sample.key.as_deref(), Some(&b"k8"[..]));
-    assert_eq!(sample.headers, headers);
+    assert_eq!(sample.headers, vec![("trace".to_string(), b"abc".to_vec())]);
     assert_eq!(sample.timestamp_ms, Some(1_700_000_000_000));
     // The default partitioner keeps a key on one partition.
     let mut partition_of_key: BTreeMap<Vec<u8>, i32> = BTreeMap::new();

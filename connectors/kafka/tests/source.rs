@@ -636,3 +636,115 @@ fn an_out_of_range_position_needs_auto_offset_reset() {
         KafkaSourceReader::open(opts, 0, 1, Some(restored), KafkaSourceMetrics::new()).expect("open");
     assert_eq!(numbers(&read_n(&mut reader, 5)), vec![0, 1, 2, 3, 4]);
 }
+
+/// The number a numbered record's value holds.
+fn value_number(value: Option<&[u8]>) -> anyhow::Result<u64> {
+    let text = std::str::from_utf8(value.ok_or_else(|| anyhow::anyhow!("no value"))?)?;
+    Ok(text.parse()?)
+}
+
+/// poll_each: a visitor's `Err` stops the poll with that error, the position stays right
+/// after the last message the visitor took, and the next poll hands the refused message out
+/// first, so every record is taken exactly once and in order. Polls with `max_records` 0
+/// before it (which may keep a message back) hand out nothing and leave the position alone.
+#[test]
+fn poll_each_keeps_the_position_after_the_last_message_taken() -> anyhow::Result<()> {
+    let kafka = Kafka::shared()?;
+    let bootstrap = kafka.bootstrap();
+    let topic = unique_topic("visit");
+    create_topic(bootstrap, &topic, 1)?;
+    produce_numbered_to(bootstrap, &topic, 0, 0..10)?;
+    let mut reader = open(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+
+    for _ in 0..3 {
+        let n = reader.poll_each(0, Duration::from_millis(300), |m| {
+            Err(KeelError::internal(format!("visited with max_records 0: offset {}", m.offset)))
+        })?;
+        assert_eq!(n, 0);
+        assert_eq!(reader.position().get(&topic, 0), Some(0));
+    }
+
+    let mut taken: Vec<u64> = Vec::new();
+    let deadline = Instant::now() + common::READ_TIMEOUT;
+    let refusal = loop {
+        assert!(Instant::now() < deadline, "record 3 never reached the visitor; took {taken:?}");
+        let polled = reader.poll_each(100, Duration::from_millis(200), |m| {
+            let n = value_number(m.value).map_err(|e| KeelError::internal(e.to_string()))?;
+            if n == 3 {
+                return Err(KeelError::internal("record 3 refused"));
+            }
+            taken.push(n);
+            Ok(())
+        });
+        match polled {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(refusal.to_string().contains("record 3 refused"), "{refusal}");
+    assert_eq!(taken, vec![0, 1, 2]);
+    assert_eq!(reader.position().get(&topic, 0), Some(3), "right after the last message taken");
+
+    let mut offsets: Vec<i64> = Vec::new();
+    while taken.len() < 10 {
+        assert!(Instant::now() < deadline, "read {taken:?}");
+        let before = taken.len();
+        let n = reader.poll_each(100, Duration::from_millis(200), |m| {
+            taken.push(value_number(m.value).map_err(|e| KeelError::internal(e.to_string()))?);
+            offsets.push(m.offset);
+            Ok(())
+        })?;
+        assert_eq!(n, taken.len() - before, "poll_each counts what the visitor took");
+    }
+    assert_eq!(taken, (0..10).collect::<Vec<_>>(), "the refused record first, then the rest, once each");
+    assert_eq!(offsets.first(), Some(&3));
+    assert_eq!(reader.position().get(&topic, 0), Some(10));
+    assert!(read_for(&mut reader, Duration::from_millis(300)).is_empty(), "no record twice");
+    Ok(())
+}
+
+/// poll_each hands the visitor each message's headers, in order and borrowed: a header with a
+/// value, one with an empty value, one without a value (`None`, not empty) and a repeated
+/// name, as the sink wrote them from borrowed headers; a message without headers has none.
+/// `poll`'s owned copy keeps the same distinction.
+#[test]
+fn poll_each_hands_the_headers_to_the_visitor() -> anyhow::Result<()> {
+    let kafka = Kafka::shared()?;
+    let bootstrap = kafka.bootstrap();
+    let topic = unique_topic("headers");
+    create_topic(bootstrap, &topic, 1)?;
+    let headers: &[(&str, Option<&[u8]>)] =
+        &[("a", Some(b"1")), ("empty", Some(b"")), ("none", None), ("a", Some(b"2"))];
+    let mut writer = keel_kafka::KafkaSinkWriter::open(
+        common::sink_options(bootstrap, &[("topic", &topic)]),
+        0,
+        1,
+        keel_kafka::KafkaSinkMetrics::new(),
+    )?;
+    writer.send(Some(b"k"), Some(b"with"), headers, Some(1_700_000_000_000))?;
+    writer.send(None, Some(b"without"), &[], None)?;
+    writer.flush(Duration::from_secs(10))?;
+
+    type Seen = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Option<Vec<u8>>)>, usize);
+    let mut seen: Vec<Seen> = Vec::new();
+    let mut reader = open(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let deadline = Instant::now() + common::READ_TIMEOUT;
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "read {} of 2 records", seen.len());
+        reader.poll_each(10, Duration::from_millis(200), |m| {
+            let hs = m.headers().map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec))).collect();
+            seen.push((m.key.map(<[u8]>::to_vec), m.value.map(<[u8]>::to_vec), hs, m.header_count()));
+            Ok(())
+        })?;
+    }
+    let owned = |hs: &[(&str, Option<&[u8]>)]| -> Vec<(String, Option<Vec<u8>>)> {
+        hs.iter().map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec))).collect()
+    };
+    assert_eq!(seen[0], (Some(b"k".to_vec()), Some(b"with".to_vec()), owned(headers), 4));
+    assert_eq!(seen[1], (None, Some(b"without".to_vec()), Vec::new(), 0));
+
+    let mut again = open(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let records = read_n(&mut again, 2);
+    assert_eq!(records.first().map(|r| r.headers.clone()), Some(owned(headers)));
+    Ok(())
+}

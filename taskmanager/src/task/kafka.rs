@@ -108,6 +108,9 @@ fn read_loop(
 ) {
     let needs_headers = decoder.needs_headers();
     let mut builder = decoder.builder(POLL_BATCH);
+    // The headers of one message, for a schema with a `headers` column: one vector whose
+    // allocation is reused from message to message.
+    let mut spare_headers: Vec<(&str, Option<&[u8]>)> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         commit_requested(&mut reader, &commands);
         match reader.discover_if_due(Instant::now()) {
@@ -120,40 +123,39 @@ fn read_loop(
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "partition discovery failed"),
         }
-        let records = match reader.poll(POLL_BATCH, POLL_TIMEOUT) {
-            Ok(r) => r,
+        let mut bytes = 0u64;
+        let malformed_before = decoder.skipped_malformed();
+        // Each message is decoded where the client holds it, straight into the builder.
+        let polled = reader.poll_each(POLL_BATCH, POLL_TIMEOUT, |m| {
+            bytes += (m.key.map_or(0, <[u8]>::len) + m.value.map_or(0, <[u8]>::len)) as u64;
+            let mut headers = recycle(std::mem::take(&mut spare_headers));
+            if needs_headers {
+                headers.extend(m.headers());
+            }
+            let msg = KafkaMessage {
+                topic: m.topic,
+                partition: m.partition,
+                offset: m.offset,
+                timestamp: m.timestamp_ms,
+                headers: &headers,
+                key: m.key,
+                value: m.value,
+            };
+            let decoded = decoder.decode_into(&msg, &mut builder);
+            spare_headers = recycle(headers);
+            decoded.map(|_| ()).map_err(KeelError::from)
+        });
+        let polled = match polled {
+            Ok(n) => n,
             Err(e) => {
                 let _ = out.blocking_send(Err(e));
                 return;
             }
         };
-        // Discovery runs in `discover_if_due` and in `poll`.
+        // Discovery runs in `discover_if_due` and in `poll_each`.
         publish_topic_sizes(&reader, topic_sizes);
-        if records.is_empty() {
+        if polled == 0 {
             continue;
-        }
-        let mut bytes = 0u64;
-        let malformed_before = decoder.skipped_malformed();
-        for r in &records {
-            bytes += (r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len)) as u64;
-            let headers: Vec<(&str, Option<&[u8]>)> = if needs_headers {
-                r.headers.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))).collect()
-            } else {
-                Vec::new()
-            };
-            let msg = KafkaMessage {
-                topic: &r.topic,
-                partition: r.partition,
-                offset: r.offset,
-                timestamp: r.timestamp_ms,
-                headers: &headers,
-                key: r.key.as_deref(),
-                value: r.value.as_deref(),
-            };
-            if let Err(e) = decoder.decode_into(&msg, &mut builder) {
-                let _ = out.blocking_send(Err(e.into()));
-                return;
-            }
         }
         let malformed = decoder.skipped_malformed().saturating_sub(malformed_before);
         let header = BatchHeader { source: index, bytes, malformed, position: Some(reader.position()) };
@@ -177,4 +179,11 @@ fn commit_requested(reader: &mut KafkaSourceReader, commands: &std::sync::mpsc::
             tracing::warn!(%error, "committing offsets to the consumer group failed");
         }
     }
+}
+
+/// The same (emptied) vector, for borrows of another lifetime: its allocation is reused, as an
+/// in-place collect of an empty vector keeps it.
+fn recycle<'b>(mut v: Vec<(&str, Option<&[u8]>)>) -> Vec<(&'b str, Option<&'b [u8]>)> {
+    v.clear();
+    v.into_iter().map(|_| ("", None)).collect()
 }

@@ -160,12 +160,12 @@ impl Sink {
                     f.flush(false)?;
                 }
             }
-            Sink::Kafka(k) => edge
-                .encoder
-                .for_each(batch, encoded, |r| k.send(r.key, r.value, &headers_of(r.headers), r.timestamp))?,
-            Sink::KafkaExactlyOnce(k) => edge
-                .encoder
-                .for_each(batch, encoded, |r| k.send(r.key, r.value, &headers_of(r.headers), r.timestamp))?,
+            Sink::Kafka(k) => {
+                edge.encoder.for_each(batch, encoded, |r| k.send(r.key, r.value, r.headers, r.timestamp))?
+            }
+            Sink::KafkaExactlyOnce(k) => {
+                edge.encoder.for_each(batch, encoded, |r| k.send(r.key, r.value, r.headers, r.timestamp))?
+            }
         }
         Ok(encoded.payload_len())
     }
@@ -288,11 +288,6 @@ impl SinkEdge {
         };
         Ok(Selected { rows, mask })
     }
-}
-
-/// Headers as the Kafka writers take them (a header without a value is written empty).
-fn headers_of(headers: &[(&str, Option<&[u8]>)]) -> Vec<(String, Vec<u8>)> {
-    headers.iter().map(|(k, v)| ((*k).to_string(), v.unwrap_or_default().to_vec())).collect()
 }
 
 impl FileSink {
