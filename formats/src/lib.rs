@@ -9,8 +9,9 @@
 //!   `key.format` and each format's own options) and [`RecordFormat`], the whole key/value
 //!   layout (`key.fields`, `key.fields-prefix`, `value.fields-prefix`, `value.fields-include`),
 //!   both read from a connector's Flink-style options.
-//! - [`record`]: [`RecordDecoder`] (Kafka message → [`Row`]) and [`RecordEncoder`]
-//!   ([`Row`] → key, value, timestamp, headers).
+//! - [`record`]: [`RecordDecoder`] (Kafka message → a row of a [`BatchBuilder`]) and [`RecordEncoder`]
+//!   (a batch's rows → keys and values in one reused buffer, with each row's timestamp and
+//!   headers).
 //! - `json`, `csv`, `raw`: the three formats (private; reached through the record codecs).
 //! - [`filter`]: [`Filter`], a conjunction of comparisons on single columns (`age >= 18 and
 //!   name is not null`).

@@ -23,7 +23,7 @@
 //! | `partition` | INT or BIGINT | yes | no (ignored) |
 //! | `offset` | BIGINT or INT | yes | no (ignored) |
 //! | `timestamp` | TIMESTAMP or BIGINT (epoch ms) | yes (null when the record has none) | yes, as the record timestamp |
-//! | `headers` | MAP | yes | yes, as the record headers |
+//! | `headers` | MAP | yes (a header without a value is a null entry) | yes, as the record headers (a null entry is a header without a value) |
 
 use std::fmt;
 use std::str::FromStr;
