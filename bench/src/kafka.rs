@@ -554,3 +554,28 @@ pub fn wait_all_committed(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every format's input value reads back as its own id, and a value that is not an input
+    /// record passed through (another record's name or age, a field more or less, not JSON) is
+    /// refused rather than counted.
+    #[test]
+    fn output_ids_are_read_and_wrong_values_refused() -> anyhow::Result<()> {
+        for format in [Format::Raw, Format::Csv, Format::Json] {
+            for id in [0, 17, 99, 123_456] {
+                assert_eq!(format.output_id(&format.input_value(id, 100))?, Some(id), "{format:?} {id}");
+            }
+        }
+        assert_eq!(Format::Raw.output_id(b"short")?, None);
+        assert_eq!(Format::Json.output_id(br#"{"age":7,"name":"name-7","id":7}"#)?, Some(7));
+        assert!(Format::Csv.output_id(b"7,name-8,7").is_err());
+        assert!(Format::Json.output_id(br#"{"id":7,"name":"name-7","age":8}"#).is_err());
+        assert!(Format::Json.output_id(br#"{"id":7,"name":"name-7"}"#).is_err());
+        assert!(Format::Json.output_id(br#"{"id":7,"name":"name-7","age":7,"x":1}"#).is_err());
+        assert!(Format::Json.output_id(b"7,name-7,7").is_err());
+        Ok(())
+    }
+}
