@@ -25,8 +25,9 @@
 //! - (e) without Kafka: `dg`: datagen -> blackhole, parallelism 1, `--dg-records` rows, 1 s
 //!   checkpoints, unpaced; `dg-fp`: the same with the sink's `filter: "id >= <half>"` (keeps
 //!   half) and `select: [id as n]`. Their span is read from the TaskManager's task counters
-//!   (`GET /metrics`, scraped every 10 ms): from the first scrape with a row out of the source to
-//!   the first with every row written by the sink. TaskManager CPU is taken over the whole job
+//!   (`GET /metrics`, scraped every 10 ms): from the first row out of the source to the last row
+//!   written by the sink, each placed between two scrapes at the span's rate (see
+//!   [`scrape::span`]). TaskManager CPU is taken over the whole job
 //!   (`keel run` until the job is finished), as the figure, and over that span.
 //! - (f) `lat`: end-to-end latency at `--lat-rate` records/s: a p1 raw pass-through job
 //!   (at-least-once, 1 s checkpoints) runs while this process produces to its input in real
@@ -34,6 +35,9 @@
 //!   create timestamp; the output topic is created with `message.timestamp.type=LogAppendTime`.
 //!   A record's latency is its output's append time (the broker's clock) minus its input's create
 //!   time (this process's clock): the same host, the same clock, no skew. p50, p99 and max.
+//!   `lat-bare`: the same load through the one-thread bare loop. Before the first of them the
+//!   broker gets `--lat-broker-warmup` seconds of that load, unmeasured (a fresh broker answered
+//!   it with latencies of seconds for its first 10-20 s, the bare loop's too).
 //!
 //! Every Kafka run writes to an output topic of its own (2 partitions) with a consumer group of
 //! its own, and is measured the same way: the output is read back with `read_committed` (so an
@@ -95,7 +99,7 @@ struct Args {
     /// p1-eos, p2-eos (exactly-once, 1 s checkpoints); p1-csv, p1-json (p1 with that format on
     /// source and sink), bare-csv, bare-json (the bare loop over those inputs); dg (datagen ->
     /// blackhole), dg-fp (datagen -> filter + projection -> blackhole); lat (end-to-end latency
-    /// at --lat-rate records/s).
+    /// of a Keel job at --lat-rate records/s), lat-bare (the same load through the bare loop).
     #[arg(long, value_delimiter = ',', default_value = "bare,bare2,p1,p1-chk,p2,p2-chk,p1-eos,p2-eos")]
     runs: Vec<String>,
     /// Rows the dg and dg-fp runs generate.
