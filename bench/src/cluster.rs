@@ -257,6 +257,23 @@ impl Cluster {
             .ok_or_else(|| anyhow!("the cluster has no TaskManager"))
     }
 
+    /// The address (`host:port`) of the first TaskManager's `GET /metrics`, from the line
+    /// `keel taskmanager metrics on ADDRESS` of its log.
+    pub fn taskmanager_metrics_address(&self) -> anyhow::Result<String> {
+        let tm = self
+            .procs
+            .iter()
+            .find(|p| p.name.starts_with("tm"))
+            .ok_or_else(|| anyhow!("the cluster has no TaskManager"))?;
+        let text =
+            std::fs::read_to_string(&tm.log).with_context(|| format!("reading {}", tm.log.display()))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("keel taskmanager metrics on "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{} names no metrics address", tm.log.display()))
+    }
+
     /// The process ids of the role processes named `prefix*` (`tm`, `jm`).
     pub fn pids(&self, prefix: &str) -> Vec<u32> {
         self.procs.iter().filter(|p| p.name.starts_with(prefix)).map(|p| p.child.id()).collect()

@@ -1,5 +1,6 @@
-//! The Kafka side of the benchmark: writing the input, the bare rdkafka pass-through loop (run
-//! (a)), and reading an output topic back to count its records and find their time span.
+//! The Kafka side of the benchmark: writing the input (raw, CSV or JSON values, see [`Format`]),
+//! the bare rdkafka pass-through loop (run (a)), reading an output topic back to count its
+//! records and find their time span, and the paced producer of the latency run.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -14,6 +15,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
+
+use crate::workload::JobKind;
 
 /// How long a producer may wait for acknowledgements at its final flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
@@ -40,6 +43,64 @@ pub fn value(seq: u64, size: usize) -> Vec<u8> {
     let mut v = format!("{seq:0SEQ_DIGITS$}").into_bytes();
     v.resize(size, b'x');
     v
+}
+
+/// The values of an input topic, and how an output record's id is read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// [`value`]: the sequence number, zero-padded to 12 digits, then `x` up to `--size` bytes.
+    Raw,
+    /// `{id},name-{id},{age}` with `age = id % 100` (the workload's pass-through input).
+    Csv,
+    /// `{"id":{id},"name":"name-{id}","age":{age}}`.
+    Json,
+}
+
+impl Format {
+    /// The name in the job spec (`format: ...`) and in topic names.
+    pub fn key(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Csv => "csv",
+            Format::Json => "json",
+        }
+    }
+
+    /// The value of input record `seq` (`size` matters for [`Format::Raw`] only).
+    pub fn input_value(self, seq: u64, size: usize) -> Vec<u8> {
+        match self {
+            Format::Raw => value(seq, size),
+            Format::Csv => JobKind::PassThrough.encode(seq),
+            Format::Json => JobKind::FilterProjection.encode(seq),
+        }
+    }
+
+    /// The sequence number of an output record, which must be the input record passed through
+    /// (for JSON: an object with exactly the fields `id`, `name` and `age` of that record, in any
+    /// order and spacing). `Ok(None)` for a raw value too short to carry one.
+    pub fn output_id(self, value: &[u8]) -> anyhow::Result<Option<u64>> {
+        match self {
+            Format::Raw => Ok(value
+                .get(..SEQ_DIGITS)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| d.parse::<u64>().ok())),
+            Format::Csv => JobKind::PassThrough.output_id(value).map(Some),
+            Format::Json => {
+                let text = std::str::from_utf8(value).map_err(|_| anyhow!("not UTF-8"))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(text).with_context(|| format!("{text:?} is not JSON"))?;
+                let obj = v.as_object().ok_or_else(|| anyhow!("{text:?} is not a JSON object"))?;
+                let id =
+                    obj.get("id").and_then(|i| i.as_u64()).ok_or_else(|| anyhow!("{text:?} has no id"))?;
+                let name = obj.get("name").and_then(|n| n.as_str());
+                let age = obj.get("age").and_then(|a| a.as_u64());
+                if obj.len() != 3 || name != Some(&format!("name-{id}")) || age != Some(JobKind::age(id)) {
+                    bail!("{text:?} is not input record {id}");
+                }
+                Ok(Some(id))
+            }
+        }
+    }
 }
 
 /// Counts acknowledgements and keeps the first delivery error.
@@ -111,18 +172,20 @@ fn finish(producer: &Prod, topic: &str) -> anyhow::Result<u64> {
     Ok(d.acked.load(Ordering::Relaxed))
 }
 
-/// Writes `records` values of `size` bytes to `topic`, record `i` to partition `i % partitions`.
+/// Writes `records` values of `format` (raw: of `size` bytes) to `topic`, record `i` to
+/// partition `i % partitions`.
 pub fn produce_input(
     bootstrap: &str,
     topic: &str,
     partitions: i32,
     records: u64,
+    format: Format,
     size: usize,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let producer = producer(bootstrap, &[("linger.ms", "5")])?;
     for seq in 0..records {
-        let v = value(seq, size);
+        let v = format.input_value(seq, size);
         let partition = i32::try_from(seq % u64::try_from(partitions.max(1))?)?;
         send(&producer, BaseRecord::to(topic).payload(v.as_slice()).partition(partition), topic)?;
         producer.poll(Duration::ZERO);
@@ -276,6 +339,15 @@ pub struct OutputStats {
     /// Smallest and largest record timestamp (ms since the epoch).
     pub first_ts: i64,
     pub last_ts: i64,
+    /// Records that are not an input record passed through (the value is wrong), and the
+    /// first such, with where it was.
+    pub bad: u64,
+    pub first_bad: Option<String>,
+    /// Records whose timestamp is the broker's append time (`LogAppendTime` topics).
+    pub append_time: u64,
+    /// Per sequence number `0..expect`, the timestamp of its first sighting (`i64::MIN`:
+    /// never seen); empty unless asked for.
+    pub times: Vec<i64>,
 }
 
 impl OutputStats {
@@ -287,21 +359,29 @@ impl OutputStats {
 
 /// Reads `topic` from the beginning until `expect` records arrived and no more came for a
 /// second; counts them, the distinct sequence numbers among them (of `0..expect`, values of
-/// [`value`]), and their first and last timestamps.
+/// `format`; for [`Format::Raw`] only when `size` leaves room for one), the values that are
+/// not an input record passed through, and their first and last timestamps. With
+/// `keep_times`, also each sequence number's first timestamp.
+#[allow(clippy::too_many_arguments)]
 pub fn read_output(
     bootstrap: &str,
     topic: &str,
     group: &str,
     expect: u64,
+    format: Format,
     size: usize,
+    keep_times: bool,
     timeout: Duration,
 ) -> anyhow::Result<OutputStats> {
     const QUIET: Duration = Duration::from_secs(1);
     let consumer = reader(bootstrap, topic, group, None)?;
     let deadline = Instant::now() + timeout;
     let mut seen = vec![0u64; usize::try_from(expect / 64 + 1)?];
-    let check_seq = size >= SEQ_DIGITS;
+    let check_seq = format != Format::Raw || size >= SEQ_DIGITS;
     let mut stats = OutputStats { first_ts: i64::MAX, last_ts: i64::MIN, ..OutputStats::default() };
+    if keep_times {
+        stats.times = vec![i64::MIN; usize::try_from(expect)?];
+    }
     let mut distinct = 0u64;
     let mut last_record = Instant::now();
     loop {
@@ -322,20 +402,42 @@ pub fn read_output(
                     .timestamp()
                     .to_millis()
                     .ok_or_else(|| anyhow!("a record of {topic} has no timestamp"))?;
+                if matches!(m.timestamp(), rdkafka::Timestamp::LogAppendTime(_)) {
+                    stats.append_time += 1;
+                }
                 stats.first_ts = stats.first_ts.min(ts);
                 stats.last_ts = stats.last_ts.max(ts);
-                let seq = m
-                    .payload()
-                    .and_then(|v| v.get(..SEQ_DIGITS))
-                    .and_then(|d| std::str::from_utf8(d).ok())
-                    .and_then(|d| d.parse::<u64>().ok())
-                    .filter(|s| *s < expect);
-                if let Some(seq) = seq.filter(|_| check_seq) {
-                    let (word, bit) = (usize::try_from(seq / 64)?, seq % 64);
-                    if let Some(w) = seen.get_mut(word) {
-                        if *w & (1 << bit) == 0 {
-                            *w |= 1 << bit;
-                            distinct += 1;
+                if !check_seq {
+                    continue;
+                }
+                let seq = match format.output_id(m.payload().unwrap_or_default()) {
+                    Ok(Some(seq)) if seq < expect => seq,
+                    Ok(other) => {
+                        stats.bad += 1;
+                        stats.first_bad.get_or_insert_with(|| {
+                            format!(
+                                "partition {} offset {}: sequence number {other:?} is not below {expect}",
+                                m.partition(),
+                                m.offset()
+                            )
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        stats.bad += 1;
+                        stats.first_bad.get_or_insert_with(|| {
+                            format!("partition {} offset {}: {e:#}", m.partition(), m.offset())
+                        });
+                        continue;
+                    }
+                };
+                let (word, bit) = (usize::try_from(seq / 64)?, seq % 64);
+                if let Some(w) = seen.get_mut(word) {
+                    if *w & (1 << bit) == 0 {
+                        *w |= 1 << bit;
+                        distinct += 1;
+                        if let Some(t) = stats.times.get_mut(usize::try_from(seq)?) {
+                            *t = ts;
                         }
                     }
                 }
@@ -344,6 +446,82 @@ pub fn read_output(
     }
     stats.distinct = check_seq.then_some(distinct);
     Ok(stats)
+}
+
+/// Commits offset 0 of `topic`'s partition 0 for a group of its own, retrying until the broker
+/// takes it (at most `timeout`); returns how long that took. On a fresh broker the first offset
+/// commit waits for the group coordinator (the `__consumer_offsets` topic is created then); a job
+/// that commits its source offsets after each checkpoint would otherwise meet that wait inside
+/// a measurement.
+pub fn warm_group_coordinator(bootstrap: &str, topic: &str, timeout: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let consumer: BaseConsumer = client(bootstrap)
+        .set("group.id", format!("keel-bench-warm-{}", now_ms()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("creating a consumer")?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(0))?;
+    loop {
+        match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(e) if started.elapsed() > timeout => {
+                bail!("committing an offset of {topic} failed for {timeout:?}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// What [`produce_paced`] wrote.
+pub struct Paced {
+    /// Per sequence number, the create timestamp it was produced with (ms since the epoch).
+    pub created: Vec<i64>,
+    /// Wall clock when the first and the last record were handed to the producer.
+    pub started_ms: i64,
+    pub ended_ms: i64,
+}
+
+/// Writes `records` raw values of `size` bytes to `topic` at `rate` records per second in real
+/// time (record `i` is due `i / rate` seconds after the start; the thread sleeps until then),
+/// record `i` to partition `i % partitions`, each with an explicit create timestamp: the wall
+/// clock when it was handed to the producer. The producer does not linger (`linger.ms=0`),
+/// acks=all; every record must be acknowledged.
+pub fn produce_paced(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    records: u64,
+    size: usize,
+    rate: f64,
+) -> anyhow::Result<Paced> {
+    let producer = producer(bootstrap, &[("linger.ms", "0")])?;
+    let mut created = Vec::with_capacity(usize::try_from(records)?);
+    let started = Instant::now();
+    let started_ms = now_ms();
+    for seq in 0..records {
+        let due = started + Duration::from_secs_f64(seq as f64 / rate);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let v = value(seq, size);
+        let partition = i32::try_from(seq % u64::try_from(partitions.max(1))?)?;
+        let ts = now_ms();
+        send(
+            &producer,
+            BaseRecord::to(topic).payload(v.as_slice()).partition(partition).timestamp(ts),
+            topic,
+        )?;
+        created.push(ts);
+        producer.poll(Duration::ZERO);
+    }
+    let ended_ms = now_ms();
+    let acked = finish(&producer, topic)?;
+    if acked != records {
+        bail!("{acked} of {records} paced records acknowledged");
+    }
+    Ok(Paced { created, started_ms, ended_ms })
 }
 
 /// Waits until every partition of `topic` has its last stable offset (what `read_committed`
@@ -374,5 +552,30 @@ pub fn wait_all_committed(
             bail!("{topic} still has open transactions after {timeout:?}: {}", open.join(", "));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every format's input value reads back as its own id, and a value that is not an input
+    /// record passed through (another record's name or age, a field more or less, not JSON) is
+    /// refused rather than counted.
+    #[test]
+    fn output_ids_are_read_and_wrong_values_refused() -> anyhow::Result<()> {
+        for format in [Format::Raw, Format::Csv, Format::Json] {
+            for id in [0, 17, 99, 123_456] {
+                assert_eq!(format.output_id(&format.input_value(id, 100))?, Some(id), "{format:?} {id}");
+            }
+        }
+        assert_eq!(Format::Raw.output_id(b"short")?, None);
+        assert_eq!(Format::Json.output_id(br#"{"age":7,"name":"name-7","id":7}"#)?, Some(7));
+        assert!(Format::Csv.output_id(b"7,name-8,7").is_err());
+        assert!(Format::Json.output_id(br#"{"id":7,"name":"name-7","age":8}"#).is_err());
+        assert!(Format::Json.output_id(br#"{"id":7,"name":"name-7"}"#).is_err());
+        assert!(Format::Json.output_id(br#"{"id":7,"name":"name-7","age":7,"x":1}"#).is_err());
+        assert!(Format::Json.output_id(b"7,name-7,7").is_err());
+        Ok(())
     }
 }

@@ -8,5 +8,6 @@ pub mod flink;
 pub mod kafka;
 pub mod procfs;
 pub mod report;
+pub mod scrape;
 pub mod streams;
 pub mod workload;

@@ -30,6 +30,14 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     Ok(Memory { rss_kib: field("VmRSS:")?, hwm_kib: field("VmHWM:")? })
 }
 
+/// Resets the process's peak resident size (`VmHWM`) to its present size, by writing `5` to
+/// `/proc/<pid>/clear_refs` (Linux 4.0 and later; the process's owner may): the next
+/// [`memory`] then shows the peak since this call.
+pub fn reset_peak(pid: u32) -> anyhow::Result<()> {
+    let path = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&path, "5").with_context(|| format!("writing 5 to {path}"))
+}
+
 /// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, else 100).
 fn ticks_per_second() -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();
@@ -189,6 +197,23 @@ mod tests {
         assert_eq!(cpu_between(&samples, 1100, 1250), Some(1.0));
         assert_eq!(cpu_between(&samples, 0, 5000), Some(1.6));
         assert_eq!(cpu_between(&[], 0, 1), None);
+    }
+
+    /// After a reset the peak is the present size again, not the larger one before it.
+    #[test]
+    fn the_peak_can_be_reset() -> anyhow::Result<()> {
+        let me = std::process::id();
+        let big = vec![1u8; 64 << 20];
+        let with_big = memory(me)?.hwm_kib;
+        drop(std::hint::black_box(big));
+        reset_peak(me)?;
+        let after = memory(me)?;
+        assert!(
+            after.hwm_kib < with_big,
+            "VmHWM {} KiB after the reset, {with_big} KiB before",
+            after.hwm_kib
+        );
+        Ok(())
     }
 
     #[test]

@@ -6,6 +6,17 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keel::{Output, Session};
 
+/// The global allocator: mimalloc with `--features mimalloc`, jemalloc with `--features
+/// jemalloc` (mimalloc when both are on, so that `--all-features` builds), else the system
+/// allocator.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: a high-availability cluster runtime for streaming jobs")]
 struct Cli {
