@@ -50,9 +50,11 @@ const SEND_TIME_EVERY: u64 = 64;
 /// `transaction.timeout.ms` of exactly-once sinks unless the spec sets it: 15 min, the default
 /// `transaction.max.timeout.ms` of Kafka brokers.
 const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "900000";
-/// How long `flush` serves delivery reports before it checks again whether everything is
-/// acknowledged (see [`KafkaSinkWriter::flush_acknowledged`]).
-const FLUSH_POLL_SLICE: Duration = Duration::from_millis(1);
+/// How long `flush` pauses between two checks whether everything is acknowledged (see
+/// [`KafkaSinkWriter::flush_acknowledged`]).
+const FLUSH_PAUSE: Duration = Duration::from_micros(200);
+/// Delivery report events `flush` serves per check at most (each holds a batch of reports).
+const FLUSH_EVENTS_PER_CHECK: usize = 16;
 /// How often `flush` refreshes the partition count (for `fixed` and `round-robin`) at most.
 const PARTITION_REFRESH: Duration = Duration::from_secs(30);
 
@@ -421,8 +423,11 @@ impl KafkaSinkWriter {
     /// timeout has passed, not at the first report. So every flush that had anything in flight
     /// took at least 100 ms, however fast the broker acknowledged: the exactly-once sink's
     /// pre-commit at a barrier (an upgrade's drain savepoint waited for it) and the
-    /// at-least-once sink's barrier flush. Here the reports are served in slices of
-    /// [`FLUSH_POLL_SLICE`]: the flush ends at most that long after the last acknowledgement.
+    /// at-least-once sink's barrier flush. Nor `poll` with a short timeout: it spins through
+    /// its last millisecond (rdkafka rounds librdkafka's wait down to 0 ms). Here the reports
+    /// that arrived are served without waiting, then the flush pauses for [`FLUSH_PAUSE`]: it
+    /// ends at most about that long after the last acknowledgement, and waits without
+    /// spinning.
     fn flush_acknowledged(&self, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -432,7 +437,12 @@ impl KafkaSinkWriter {
             match self.producer.flush(Duration::ZERO) {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => self.producer.poll(FLUSH_POLL_SLICE),
+                Err(_) => {
+                    for _ in 0..FLUSH_EVENTS_PER_CHECK {
+                        self.producer.poll(Duration::ZERO);
+                    }
+                    std::thread::sleep(FLUSH_PAUSE);
+                }
             }
         }
     }
