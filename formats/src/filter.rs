@@ -418,10 +418,16 @@ fn condition_mask(column: &ArrayRef, test: &Test) -> std::result::Result<Boolean
         Test::IsNotNull => return is_not_null(column),
         Test::Compare(op, lit) => (*op, lit),
     };
-    let Some((left, right)) = operands(column, lit) else {
+    let Some((mut left, right)) = operands(column, lit) else {
         // A literal of another type never compares true (the parser does not build one).
         return Ok(BooleanArray::from(vec![false; column.len()]));
     };
+    // Arrow orders doubles by IEEE total order, where -0.0 < +0.0; in SQL they are equal.
+    if let Some(doubles) = left.as_primitive_opt::<Float64Type>() {
+        if doubles.values().iter().any(|v| *v == 0.0 && v.is_sign_negative()) {
+            left = Arc::new(unary::<_, _, Float64Type>(doubles, |v| v + 0.0));
+        }
+    }
     let right = Scalar::new(right);
     let mask = match op {
         Op::Eq => cmp::eq(&left, &right),
@@ -462,9 +468,11 @@ fn operands(column: &ArrayRef, lit: &Literal) -> Option<(ArrayRef, ArrayRef)> {
         },
         (ArrowType::Int64, Literal::Int(i)) => (column.clone(), Arc::new(Int64Array::from(vec![*i]))),
         (ArrowType::Int32 | ArrowType::Int64, Literal::Double(d)) => {
-            (to_f64(column)?, Arc::new(Float64Array::from(vec![*d])))
+            (to_f64(column)?, Arc::new(Float64Array::from(vec![*d + 0.0])))
         }
-        (ArrowType::Float64, Literal::Double(d)) => (column.clone(), Arc::new(Float64Array::from(vec![*d]))),
+        (ArrowType::Float64, Literal::Double(d)) => {
+            (column.clone(), Arc::new(Float64Array::from(vec![*d + 0.0])))
+        }
         (ArrowType::Float64, Literal::Int(i)) => {
             (column.clone(), Arc::new(Float64Array::from(vec![*i as f64])))
         }
@@ -516,6 +524,20 @@ mod tests {
 
     fn keeps(filter: &str, r: &Row) -> bool {
         Filter::parse("sinks[0].filter", filter, &schema()).expect(filter).matches(r)
+    }
+
+    /// -0.0 equals 0 as in SQL (Arrow's total order puts it below +0.0): a -0.0 value and a
+    /// `-0.0` literal compare like 0.
+    #[test]
+    fn negative_zero_compares_equal_to_zero() {
+        let r = row(1, Some("a"), Some(1), -0.0, true, 0);
+        assert!(keeps("score = 0", &r));
+        assert!(keeps("score >= 0", &r));
+        assert!(!keeps("score < 0", &r));
+        let zero = row(1, Some("a"), Some(0), 0.0, true, 0);
+        assert!(keeps("score = -0.0", &zero));
+        assert!(keeps("age = -0.0", &zero));
+        assert!(!keeps("score > -0.0", &zero));
     }
 
     #[test]

@@ -182,7 +182,8 @@ fn from_json(raw: &str, ty: DataType, staged: &mut Staged) -> Result<Slot, Strin
         }
         DataType::Double => {
             let d = if is_number(raw) {
-                raw.parse::<f64>().ok()
+                // A number past f64's range is not a value (serde_json refuses it too).
+                raw.parse::<f64>().ok().filter(|d| d.is_finite())
             } else {
                 string_of(raw).and_then(|s| s.trim().parse::<f64>().ok())
             };
@@ -253,8 +254,11 @@ fn stage_entries(raw: &str, staged: &mut Staged) -> Result<Slot, String> {
     Ok(Slot::Map(start..staged.entries.len()))
 }
 
-/// Stages a MAP given as JSON text (a CSV field).
+/// Stages a MAP given as JSON text (a CSV field); the text `null` is a null MAP.
 pub(crate) fn stage_map(text: &str, staged: &mut Staged) -> Result<Slot, String> {
+    if text.trim() == "null" {
+        return Ok(Slot::Null);
+    }
     stage_entries(text, staged)
 }
 

@@ -6,8 +6,8 @@
 //! ([`EncodedBatch`], one reused buffer) and hands each row out with its timestamp and headers
 //! ([`OutRecord`]). Both are built once per subtask from a checked [`Schema`] and
 //! [`RecordFormat`]; a decoder is not shared between threads (it counts what it skips, and
-//! keeps the buffers it decodes into). Neither allocates per message once warm, except for the
-//! rare values listed in the json codec.
+//! keeps the buffers it decodes into). Neither allocates per message once warm, except for
+//! MAP payload values (json and csv) and the rare values listed in the json codec.
 //!
 //! Skipping: a message whose value (or key) does not parse is skipped and counted when the
 //! format of the part that failed has `ignore-parse-errors` set, and is a [`DecodeError`]
@@ -200,14 +200,13 @@ impl RecordDecoder {
             };
             staged.set(index, slot);
         }
-        out.append_staged(staged).map_err(|reason| DecodeError {
-            topic: msg.topic.to_string(),
-            partition: msg.partition,
-            offset: msg.offset,
-            part: Part::Value,
-            format: self.value.format.kind(),
-            reason: format!("{reason} (schema: {})", self.schema.describe()),
-        })?;
+        if let Err(reason) = out.append_staged(staged) {
+            // A value the schema cannot hold (an offset past an INT metadata column's range):
+            // the record cannot be read as declared, like a malformed one.
+            let reason = format!("{reason} (schema: {})", self.schema.describe());
+            let (ignore, format) = (self.value.format.ignore_parse_errors(), self.value.format.kind());
+            return self.malformed(msg, ignore, Part::Value, format, reason);
+        }
         Ok(true)
     }
 

@@ -21,7 +21,7 @@
 //! | --- | --- | --- | --- |
 //! | `topic` | STRING | yes | no (ignored, like Flink's `VIRTUAL`) |
 //! | `partition` | INT or BIGINT | yes | no (ignored) |
-//! | `offset` | BIGINT or INT | yes | no (ignored) |
+//! | `offset` | BIGINT or INT (an offset past 2^31 - 1 cannot be read into INT: the record is malformed) | yes | no (ignored) |
 //! | `timestamp` | TIMESTAMP or BIGINT (epoch ms) | yes (null when the record has none) | yes, as the record timestamp |
 //! | `headers` | MAP | yes (a header without a value is a null entry) | yes, as the record headers (a null entry is a header without a value) |
 

@@ -9,11 +9,21 @@ use crate::error::FieldError;
 use crate::options::PayloadField;
 use crate::schema::DataType;
 
-/// Standard base64 (RFC 4648); written with padding, read with or without it.
+/// Standard base64 (RFC 4648); written with padding, read with or without it (and, as Keel
+/// always read it, ignoring the unused bits of the last symbol).
 const BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
 );
+
+/// `text` without up to two trailing `=` (padding is optional, and a stray one was always
+/// accepted).
+fn unpadded(text: &str) -> &str {
+    let t = text.strip_suffix('=').unwrap_or(text);
+    t.strip_suffix('=').unwrap_or(t)
+}
 
 pub(crate) fn push_base64(bytes: &[u8], out: &mut String) {
     BASE64.encode_string(bytes, out);
@@ -23,7 +33,7 @@ pub(crate) fn push_base64(bytes: &[u8], out: &mut String) {
 /// base64.
 pub(crate) fn stage_base64(text: &str, staged: &mut Staged) -> Option<Slot> {
     let start = staged.bytes.len();
-    match BASE64.decode_vec(text, &mut staged.bytes) {
+    match BASE64.decode_vec(unpadded(text), &mut staged.bytes) {
         Ok(()) => Some(Slot::Bytes(start..staged.bytes.len())),
         Err(_) => {
             staged.bytes.truncate(start);
@@ -34,7 +44,7 @@ pub(crate) fn stage_base64(text: &str, staged: &mut Staged) -> Option<Slot> {
 
 /// Decodes base64 into a new vector (MAP entries read from JSON).
 pub(crate) fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    BASE64.decode(text).ok()
+    BASE64.decode(unpadded(text)).ok()
 }
 
 pub(crate) fn push_int(n: i64, out: &mut String) {
@@ -123,6 +133,12 @@ mod tests {
         assert_eq!(stage_base64("Zm9v", &mut staged), Some(Slot::Bytes(0..3)));
         assert_eq!(stage_base64("Zm9v!", &mut staged), None);
         assert_eq!(staged.bytes, b"foo");
+        // As before the base64 crate: the unused bits of the last symbol are ignored, and a
+        // stray padding character is accepted.
+        assert_eq!(base64_decode("Zh==").as_deref(), Some(&b"f"[..]));
+        assert_eq!(base64_decode("Zm9v=").as_deref(), Some(&b"foo"[..]));
+        assert_eq!(base64_decode("=").as_deref(), Some(&b""[..]));
+        assert_eq!(base64_decode("Zm9v==="), None);
         let all: Vec<u8> = (0..=255).collect();
         let mut text = String::new();
         push_base64(&all, &mut text);

@@ -151,9 +151,11 @@ impl SequenceReader {
                 let left = if next < limit { (limit - next - 1) / step + 1 } else { 0 };
                 let n = left.min(max as i128);
                 let count = usize::try_from(n).unwrap_or(0);
-                out.reserve_exact(count);
+                out.reserve(count.min(1 << 16));
                 let (first, step64) = (top.0.next, top.0.step.max(1));
-                out.extend((0..count as i64).map(|k| first + k * step64));
+                // first + k * step stays within i64 for k < count (`left` saw to it), although
+                // k * step alone may not: wrapping arithmetic gives the exact value.
+                out.extend((0..count as i64).map(|k| first.wrapping_add(k.wrapping_mul(step64))));
                 match i64::try_from(next + n * step) {
                     Ok(after) => top.0.next = after,
                     Err(_) => exhausted = true,

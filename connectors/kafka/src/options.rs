@@ -101,11 +101,22 @@ pub fn source_queue_defaults(batch_records: usize) -> Vec<(&'static str, String)
 
 /// librdkafka properties Keel sets on a sink's producer unless the spec sets them: the queue
 /// bounds of [the module doc](self), for `batch_records` records per batch.
-pub fn sink_queue_defaults(batch_records: usize) -> Vec<(&'static str, String)> {
+///
+/// The byte bound is never below twice the largest record the producer accepts
+/// (`message.max.bytes` of `properties`): librdkafka refuses a record larger than the queue's
+/// byte bound as "queue full" forever, which would stall the sink instead of failing it.
+pub fn sink_queue_defaults(
+    batch_records: usize,
+    properties: &BTreeMap<String, String>,
+) -> Vec<(&'static str, String)> {
     let messages = batch_records.max(1).saturating_mul(SINK_QUEUED_BATCHES).clamp(1_000, 10_000_000);
+    let largest_kbytes = properties
+        .get("message.max.bytes")
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(0, |b| b.div_ceil(1024).saturating_mul(2));
     vec![
         ("queue.buffering.max.messages", messages.to_string()),
-        ("queue.buffering.max.kbytes", SINK_QUEUE_KBYTES.to_string()),
+        ("queue.buffering.max.kbytes", SINK_QUEUE_KBYTES.max(largest_kbytes).to_string()),
     ]
 }
 
@@ -984,8 +995,26 @@ mod tests {
             get(source_queue_defaults(usize::MAX), "queued.min.messages").as_deref(),
             Some("10000000")
         );
-        assert_eq!(get(sink_queue_defaults(1024), "queue.buffering.max.messages").as_deref(), Some("16384"));
-        assert_eq!(get(sink_queue_defaults(0), "queue.buffering.max.messages").as_deref(), Some("1000"));
+        let none = BTreeMap::new();
+        assert_eq!(
+            get(sink_queue_defaults(1024, &none), "queue.buffering.max.messages").as_deref(),
+            Some("16384")
+        );
+        assert_eq!(
+            get(sink_queue_defaults(0, &none), "queue.buffering.max.messages").as_deref(),
+            Some("1000")
+        );
+        assert_eq!(
+            get(sink_queue_defaults(1024, &none), "queue.buffering.max.kbytes").as_deref(),
+            Some("8192")
+        );
+        // A producer allowed records of 20 MB gets a queue that holds two of them.
+        let large: BTreeMap<String, String> =
+            [("message.max.bytes".to_string(), "20000000".to_string())].into();
+        assert_eq!(
+            get(sink_queue_defaults(1024, &large), "queue.buffering.max.kbytes").as_deref(),
+            Some("39064")
+        );
         assert_eq!(
             source(&[("topic", "t"), ("properties.group.id", "g")]).map(|o| o.batch_records).ok(),
             Some(DEFAULT_BATCH_RECORDS)

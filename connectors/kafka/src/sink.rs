@@ -534,7 +534,11 @@ fn producer_config(opts: &KafkaSinkOptions, subtask: u32, transactional_id: Opti
         // backs off up to 10 s).
         config.set("reconnect.backoff.max.ms", crate::source::RECONNECT_BACKOFF_MAX_MS);
     }
-    set_defaults(&mut config, &opts.client_properties, &sink_queue_defaults(opts.batch_records));
+    set_defaults(
+        &mut config,
+        &opts.client_properties,
+        &sink_queue_defaults(opts.batch_records, &opts.client_properties),
+    );
     config
 }
 

@@ -553,3 +553,21 @@ fn a_skipped_message_leaves_no_partial_row_in_the_batch() {
     );
     assert_eq!(dec.skipped_malformed(), 1);
 }
+
+/// A CSV field `null` in a MAP column is a null MAP, as before batches.
+#[test]
+fn a_csv_map_field_null_reads_as_null() {
+    let cols = [ColumnDef::new("id", DataType::BigInt), ColumnDef::new("h", DataType::Map)];
+    let (_, mut dec, _) = setup(&cols, &[("format", "csv")]);
+    let row = decode_value(&mut dec, "1,null").expect("decodes").expect("a row");
+    assert_eq!(row, Row::new(vec![Value::Int(1), Value::Null]));
+}
+
+/// A JSON number past the range of a double is refused, not read as infinity.
+#[test]
+fn a_json_double_out_of_range_is_refused() {
+    let cols = [ColumnDef::new("d", DataType::Double)];
+    let (_, mut dec, _) = setup(&cols, &[("format", "json")]);
+    let err = decode_value(&mut dec, "{\"d\":1e400}").expect_err("out of range");
+    assert!(err.reason.contains("expected DOUBLE"), "{err}");
+}
