@@ -1302,13 +1302,14 @@ mod tests {
     #[test]
     fn the_consumer_queue_is_sized_from_the_batch_unless_the_spec_says_otherwise() -> Result<()> {
         let default = options_with(&[])?;
-        assert_eq!(consumer_property(&default, "queued.min.messages")?, "8192");
+        assert_eq!(consumer_property(&default, "queued.min.messages")?, "2048");
+        assert_eq!(consumer_property(&default, "fetch.message.max.bytes")?, "262144");
         assert_eq!(consumer_property(&default, "queued.max.messages.kbytes")?, "8192");
         assert_eq!(consumer_property(&default, "fetch.queue.backoff.ms")?, "2");
 
         let mut larger = options_with(&[])?;
         larger.batch_records = 4096;
-        assert_eq!(consumer_property(&larger, "queued.min.messages")?, "32768");
+        assert_eq!(consumer_property(&larger, "queued.min.messages")?, "8192");
 
         let user = options_with(&[
             ("properties.queued.min.messages", "50"),
