@@ -33,6 +33,9 @@ pub const MAX_MAX_PARALLELISM: u32 = 32768;
 
 const TOP_LEVEL_KEYS: &[&str] = &["name", "parallelism", "maxParallelism", "config", "sources", "sinks"];
 
+/// The keys of a source or sink entry that are not connector options.
+pub const ENTRY_KEYS: &[&str] = &["name", "connector", "from", "columns", "filter", "select"];
+
 /// A validated job spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -219,6 +222,63 @@ impl JobSpec {
             }
         }
         Ok(spec)
+    }
+
+    /// The spec as YAML in the form a user writes (options at the entry level, columns as
+    /// `{name, type, metadata}`), such that `JobSpec::parse(&spec.to_yaml())` gives `spec` back.
+    /// An option whose key is one of [`ENTRY_KEYS`] cannot be written this way; callers that
+    /// build specs refuse such options first.
+    pub fn to_yaml(&self) -> String {
+        use serde_yaml::Mapping;
+        fn s(v: &str) -> Value {
+            Value::String(v.to_string())
+        }
+        fn entry(c: &ConnectorSpec) -> Value {
+            let mut m = Mapping::new();
+            m.insert(s("name"), s(&c.name));
+            m.insert(s("connector"), s(&c.connector));
+            if let Some(from) = &c.from {
+                m.insert(s("from"), s(from));
+            }
+            for (k, v) in &c.options {
+                m.insert(s(k), s(v));
+            }
+            if !c.columns.is_empty() {
+                let columns = c
+                    .columns
+                    .iter()
+                    .map(|col| {
+                        let mut cm = Mapping::new();
+                        cm.insert(s("name"), s(&col.name));
+                        cm.insert(s("type"), s(&col.data_type.to_string()));
+                        if let Some(k) = col.metadata {
+                            cm.insert(s("metadata"), s(k.name()));
+                        }
+                        Value::Mapping(cm)
+                    })
+                    .collect();
+                m.insert(s("columns"), Value::Sequence(columns));
+            }
+            if let Some(f) = &c.filter {
+                m.insert(s("filter"), s(f));
+            }
+            if !c.select.is_empty() {
+                m.insert(s("select"), Value::Sequence(c.select.iter().map(|i| s(i)).collect()));
+            }
+            Value::Mapping(m)
+        }
+        let mut top = Mapping::new();
+        top.insert(s("name"), s(&self.name));
+        top.insert(s("parallelism"), Value::Number(self.parallelism.into()));
+        top.insert(s("maxParallelism"), Value::Number(self.max_parallelism.into()));
+        if !self.config.is_empty() {
+            let config = self.config.iter().map(|(k, v)| (s(k), s(v))).collect::<Mapping>();
+            top.insert(s("config"), Value::Mapping(config));
+        }
+        top.insert(s("sources"), Value::Sequence(self.sources.iter().map(entry).collect()));
+        top.insert(s("sinks"), Value::Sequence(self.sinks.iter().map(entry).collect()));
+        // Serialising a mapping of strings, numbers and lists cannot fail.
+        serde_yaml::to_string(&Value::Mapping(top)).unwrap_or_default()
     }
 
     /// The `sink.transactional-id-prefix` of every exactly-once Kafka sink, with its field
