@@ -83,7 +83,9 @@ pub use options::{
     TimestampStandard,
 };
 pub use projection::Projection;
-pub use record::{EncodedBatch, EncodedRecord, KafkaMessage, OutRecord, RecordDecoder, RecordEncoder};
+pub use record::{
+    EncodedBatch, EncodedRecord, KafkaMessage, OutRecord, RecordDecoder, RecordEncoder, TimestampType,
+};
 pub use schema::{ColumnDef, DataType, MetadataKey, Schema};
 pub use value::{Headers, Row, Value};
 

@@ -26,6 +26,30 @@ use crate::options::{FormatKind, FormatOptions, PayloadField, RecordFormat};
 use crate::schema::{DataType, MetadataKey, Schema};
 use crate::value::{Headers, Row};
 
+/// How a record's timestamp was set (Kafka's timestamp type), what a `timestamp-type` column
+/// reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TimestampType {
+    /// The record has no timestamp.
+    #[default]
+    NoTimestampType,
+    /// Set by the producer.
+    CreateTime,
+    /// Set by the broker when it appended the record (topic `message.timestamp.type`).
+    LogAppendTime,
+}
+
+impl TimestampType {
+    /// The name a `timestamp-type` column holds (Kafka's `TimestampType.name`, as in Flink).
+    pub fn name(self) -> &'static str {
+        match self {
+            TimestampType::NoTimestampType => "NoTimestampType",
+            TimestampType::CreateTime => "CreateTime",
+            TimestampType::LogAppendTime => "LogAppendTime",
+        }
+    }
+}
+
 /// One consumed Kafka message, borrowed from the client's buffers.
 #[derive(Debug, Clone, Copy)]
 pub struct KafkaMessage<'a> {
@@ -34,6 +58,11 @@ pub struct KafkaMessage<'a> {
     pub offset: i64,
     /// Milliseconds since the epoch; `None` when the record has no timestamp.
     pub timestamp: Option<i64>,
+    /// How the timestamp was set ([`TimestampType::NoTimestampType`] without one).
+    pub timestamp_type: TimestampType,
+    /// The partition leader's epoch when the record was written; `None` when unknown (an old
+    /// message format, or a client that does not tell).
+    pub leader_epoch: Option<i32>,
     /// Only read when the schema has a `headers` column; pass `&[]` when
     /// [`RecordDecoder::needs_headers`] is false.
     pub headers: &'a [(&'a str, Option<&'a [u8]>)],
@@ -190,6 +219,8 @@ impl RecordDecoder {
                     (Some(ts), DataType::Timestamp) => Slot::Timestamp(ts),
                     (Some(ts), _) => Slot::Int(ts),
                 },
+                MetadataKey::TimestampType => staged.push_text(msg.timestamp_type.name()),
+                MetadataKey::LeaderEpoch => msg.leader_epoch.map_or(Slot::Null, |e| Slot::Int(i64::from(e))),
                 MetadataKey::Headers => {
                     let start = staged.entries.len();
                     for (k, v) in msg.headers {

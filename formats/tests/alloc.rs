@@ -100,6 +100,8 @@ fn run(format: &str) -> Result<(u64, u64, u64), Box<dyn std::error::Error>> {
             partition: 0,
             offset: offset as i64,
             timestamp: None,
+            timestamp_type: keel_formats::TimestampType::NoTimestampType,
+            leader_epoch: None,
             headers: &[],
             key: None,
             value: buf.get(range.clone()),
