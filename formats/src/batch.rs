@@ -640,6 +640,53 @@ mod tests {
         }
     }
 
+    /// DATE and DECIMAL columns are Arrow Date32 and Decimal128(p, s) arrays whose rows read
+    /// back as the values appended; an INT or a DECIMAL of another scale is rescaled to the
+    /// column's (half up), and one past the precision appends nothing and names the column.
+    #[test]
+    fn date_and_decimal_rows_round_trip_and_rescale() -> Result<(), String> {
+        let schema = Schema::from_columns(
+            "c",
+            &[
+                ColumnDef::new("d", DataType::Date),
+                ColumnDef::new("p", DataType::Decimal { precision: 4, scale: 1 }),
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+        let dec = |unscaled, scale| Value::Decimal { unscaled, scale };
+        let mut b = BatchBuilder::new(&schema, 2);
+        let rows = [
+            Row::new(vec![Value::Date(-3), dec(-9_999, 1)]),
+            Row::new(vec![Value::Null, Value::Null]),
+            Row::new(vec![Value::Date(7), Value::Int(12)]),
+            Row::new(vec![Value::Date(7), dec(1_235, 2)]),
+        ];
+        for r in &rows {
+            b.append_row(r).map_err(|(i, e)| format!("{i}: {e}"))?;
+        }
+        assert_eq!(
+            b.append_row(&Row::new(vec![Value::Null, Value::Int(1000)])),
+            Err((1, "1000 is out of range for DECIMAL(4, 1)".into()))
+        );
+        assert_eq!(
+            b.append_row(&Row::new(vec![Value::Int(1), Value::Null])),
+            Err((0, "a INT value in a DATE column".into()))
+        );
+        let batch = b.finish();
+        assert_eq!(batch.column(0).data_type(), &ArrowType::Date32);
+        assert_eq!(batch.column(1).data_type(), &ArrowType::Decimal128(4, 1));
+        assert_eq!(
+            rows_of(&batch),
+            vec![
+                rows[0].clone(),
+                rows[1].clone(),
+                Row::new(vec![Value::Date(7), dec(120, 1)]),
+                Row::new(vec![Value::Date(7), dec(124, 1)]),
+            ]
+        );
+        Ok(())
+    }
+
     /// A value that does not fit its column appends nothing and names the column.
     #[test]
     fn a_misfit_value_appends_nothing() {

@@ -1,7 +1,7 @@
 //! Kafka messages ⇄ columnar batches.
 //!
 //! A [`RecordDecoder`] appends a message (key, value and the record's topic, partition,
-//! offset, timestamp and headers) as one row of a [`BatchBuilder`] of its schema; a
+//! offset, timestamp, timestamp type, headers and leader epoch) as one row of a [`BatchBuilder`] of its schema; a
 //! [`RecordEncoder`] encodes a batch's rows into the keys and values to produce
 //! ([`EncodedBatch`], one reused buffer) and hands each row out with its timestamp and headers
 //! ([`OutRecord`]). Both are built once per subtask from a checked [`Schema`] and
