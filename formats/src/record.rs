@@ -1,13 +1,13 @@
 //! Kafka messages ⇄ columnar batches.
 //!
 //! A [`RecordDecoder`] appends a message (key, value and the record's topic, partition,
-//! offset, timestamp, timestamp type, headers and leader epoch) as one row of a [`BatchBuilder`] of its schema; a
-//! [`RecordEncoder`] encodes a batch's rows into the keys and values to produce
-//! ([`EncodedBatch`], one reused buffer) and hands each row out with its timestamp and headers
-//! ([`OutRecord`]). Both are built once per subtask from a checked [`Schema`] and
-//! [`RecordFormat`]; a decoder is not shared between threads (it counts what it skips, and
-//! keeps the buffers it decodes into). Neither allocates per message once warm, except for
-//! MAP payload values (json and csv) and the rare values listed in the json codec.
+//! offset, timestamp, timestamp type, headers and leader epoch) as one row of a
+//! [`BatchBuilder`] of its schema; a [`RecordEncoder`] encodes a batch's rows into the keys and
+//! values to produce ([`EncodedBatch`], one reused buffer) and hands each row out with its
+//! timestamp and headers ([`OutRecord`]). Both are built once per subtask from a checked
+//! [`Schema`] and [`RecordFormat`]; a decoder is not shared between threads (it counts what it
+//! skips, and keeps the buffers it decodes into). Neither allocates per message once warm,
+//! except for MAP payload values (json and csv) and the rare values listed in the json codec.
 //!
 //! Skipping: a message whose value (or key) does not parse is skipped and counted when the
 //! format of the part that failed has `ignore-parse-errors` set, and is a [`DecodeError`]
