@@ -13,6 +13,8 @@
 //! | TIMESTAMP | `Timestamp(Millisecond)` (UTC, no zone attached) |
 //! | BYTES | `Binary` |
 //! | MAP (headers) | `Map<Utf8, Binary>` (entries in order, a key may repeat) |
+//! | DATE | `Date32` (days since 1970-01-01) |
+//! | DECIMAL(p, s) | `Decimal128(p, s)` |
 //!
 //! A [`BatchBuilder`] appends rows column by column. A decoder first stages the values of one
 //! message ([`Staged`]: numbers inline, text and bytes in reused buffers), and commits them only
@@ -27,11 +29,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, MapBuilder, StringBuilder,
-    TimestampMillisecondBuilder,
+    BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder, Int32Builder,
+    Int64Builder, MapBuilder, StringBuilder, TimestampMillisecondBuilder,
 };
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
+use arrow_array::types::{
+    Date32Type, Decimal128Type, Float64Type, Int32Type, Int64Type, TimestampMillisecondType,
+};
 use arrow_array::{Array, ArrayRef, RecordBatch, RecordBatchOptions};
 use arrow_schema::{DataType as ArrowType, Field, Schema as ArrowSchema, SchemaRef, TimeUnit};
 
@@ -50,6 +54,8 @@ pub fn arrow_type(t: DataType) -> ArrowType {
         DataType::Bytes => ArrowType::Binary,
         // Exactly what a MapBuilder produces (field names, nullability).
         DataType::Map => map_builder(0).finish().data_type().clone(),
+        DataType::Date => ArrowType::Date32,
+        DataType::Decimal { precision, scale } => ArrowType::Decimal128(precision, scale),
     }
 }
 
@@ -86,6 +92,10 @@ pub(crate) enum Slot {
     Bytes(Range<usize>),
     /// Entries of [`Staged::entries`].
     Map(Range<usize>),
+    /// Days since 1970-01-01.
+    Date(i32),
+    /// The unscaled value at its column's scale (checked against its precision when parsed).
+    Decimal(i128),
 }
 
 /// The values of one message being decoded, one [`Slot`] per schema column. Reused from one
@@ -157,6 +167,8 @@ enum Column {
     Timestamp(TimestampMillisecondBuilder),
     Bytes(BinaryBuilder),
     Map(MapBuilder<StringBuilder, BinaryBuilder>),
+    Date(Date32Builder),
+    Decimal(Decimal128Builder),
 }
 
 impl Column {
@@ -170,6 +182,11 @@ impl Column {
             DataType::Timestamp => Column::Timestamp(TimestampMillisecondBuilder::with_capacity(rows)),
             DataType::Bytes => Column::Bytes(BinaryBuilder::with_capacity(rows, data)),
             DataType::Map => Column::Map(map_builder(rows)),
+            DataType::Date => Column::Date(Date32Builder::with_capacity(rows)),
+            DataType::Decimal { precision, scale } => Column::Decimal(
+                Decimal128Builder::with_capacity(rows)
+                    .with_data_type(ArrowType::Decimal128(precision, scale)),
+            ),
         }
     }
 
@@ -185,6 +202,8 @@ impl Column {
             Column::Map(b) => {
                 let _ = b.append(false);
             }
+            Column::Date(b) => b.append_null(),
+            Column::Decimal(b) => b.append_null(),
         }
     }
 
@@ -198,6 +217,8 @@ impl Column {
             Column::Timestamp(b) => Arc::new(b.finish()),
             Column::Bytes(b) => Arc::new(b.finish()),
             Column::Map(b) => Arc::new(b.finish()),
+            Column::Date(b) => Arc::new(b.finish()),
+            Column::Decimal(b) => Arc::new(b.finish()),
         }
     }
 }
@@ -262,6 +283,8 @@ impl BatchBuilder {
                     | (DataType::Timestamp, Slot::Timestamp(_))
                     | (DataType::Bytes, Slot::Bytes(_))
                     | (DataType::Map, Slot::Map(_))
+                    | (DataType::Date, Slot::Date(_))
+                    | (DataType::Decimal { .. }, Slot::Decimal(_))
             );
             if !fits {
                 return Err(format!("column {i} ({t}) was given {slot:?}"));
@@ -289,6 +312,8 @@ impl BatchBuilder {
                     }
                     let _ = b.append(true);
                 }
+                (Column::Date(b), Slot::Date(v)) => b.append_value(*v),
+                (Column::Decimal(b), Slot::Decimal(v)) => b.append_value(*v),
                 (c, _) => c.append_null(),
             }
         }
@@ -296,11 +321,19 @@ impl BatchBuilder {
         Ok(())
     }
 
-    /// Appends `row`, converting INT to DOUBLE where the column wants it; a value that does not
-    /// fit its column is an error naming the column index, and appends nothing.
+    /// Appends `row`, converting INT to DOUBLE and INT or DECIMAL to a DECIMAL column's scale
+    /// (rounding half up) where the column wants it; a value that does not fit its column is
+    /// an error naming the column index, and appends nothing.
     pub fn append_row(&mut self, row: &Row) -> Result<(), (usize, String)> {
         for (i, t) in self.types.iter().enumerate() {
             let v = row.get(i);
+            if let DataType::Decimal { .. } = t {
+                match decimal_value(*t, v) {
+                    Some(Ok(_)) => continue,
+                    Some(Err(reason)) => return Err((i, reason)),
+                    None => {}
+                }
+            }
             let fits = matches!(
                 (t, v),
                 (_, Value::Null)
@@ -311,6 +344,7 @@ impl BatchBuilder {
                     | (DataType::Timestamp, Value::Timestamp(_) | Value::Int(_))
                     | (DataType::Bytes, Value::Bytes(_))
                     | (DataType::Map, Value::Map(_))
+                    | (DataType::Date, Value::Date(_))
             ) || matches!((t, v), (DataType::Int, Value::Int(n)) if i32::try_from(*n).is_ok());
             if !fits {
                 let reason = match (t, v) {
@@ -320,7 +354,7 @@ impl BatchBuilder {
                 return Err((i, reason));
             }
         }
-        for (i, column) in self.columns.iter_mut().enumerate() {
+        for (i, (column, t)) in self.columns.iter_mut().zip(&self.types).enumerate() {
             match (column, row.get(i)) {
                 (c, Value::Null) => c.append_null(),
                 (Column::String(b), Value::String(s)) => b.append_value(s),
@@ -341,6 +375,11 @@ impl BatchBuilder {
                     }
                     let _ = b.append(true);
                 }
+                (Column::Date(b), Value::Date(v)) => b.append_value(*v),
+                (Column::Decimal(b), v) => match decimal_value(*t, v) {
+                    Some(Ok(unscaled)) => b.append_value(unscaled),
+                    _ => b.append_null(),
+                },
                 (c, _) => c.append_null(),
             }
         }
@@ -374,6 +413,21 @@ impl BatchBuilder {
         RecordBatch::try_new(self.schema.clone(), arrays)
             .unwrap_or_else(|_| RecordBatch::new_empty(self.schema.clone()))
     }
+}
+
+/// The unscaled value of `v` in a DECIMAL column of type `t`: `None` when `v` is no number a
+/// DECIMAL takes (INT or DECIMAL), an error when it does not fit the precision.
+fn decimal_value(t: DataType, v: &Value) -> Option<Result<i128, String>> {
+    let DataType::Decimal { precision, scale } = t else { return None };
+    let (unscaled, from) = match v {
+        Value::Int(n) => (i128::from(*n), 0),
+        Value::Decimal { unscaled, scale } => (*unscaled, *scale),
+        _ => return None,
+    };
+    Some(
+        crate::text::rescale_decimal(unscaled, from, precision, scale)
+            .ok_or_else(|| format!("{v} is out of range for {t}")),
+    )
 }
 
 /// A batch of `rows` (each must fit `schema`: see [`BatchBuilder::append_row`]).
@@ -413,6 +467,10 @@ pub fn value_at(array: &dyn Array, i: usize) -> Value {
             Value::Timestamp(array.as_primitive::<TimestampMillisecondType>().value(i))
         }
         ArrowType::Binary => Value::Bytes(array.as_binary::<i32>().value(i).to_vec()),
+        ArrowType::Date32 => Value::Date(array.as_primitive::<Date32Type>().value(i)),
+        ArrowType::Decimal128(_, scale) => {
+            Value::Decimal { unscaled: array.as_primitive::<Decimal128Type>().value(i), scale: *scale }
+        }
         ArrowType::Map(_, _) => {
             let entries = array.as_map().value(i);
             let keys = entries.column(0).as_string::<i32>();
@@ -441,6 +499,8 @@ pub(crate) enum ColRef<'a> {
     Timestamp(&'a arrow_array::TimestampMillisecondArray),
     Bytes(&'a arrow_array::BinaryArray),
     Map(&'a arrow_array::MapArray),
+    Date(&'a arrow_array::Date32Array),
+    Decimal(&'a arrow_array::Decimal128Array),
     /// A column of a type no Keel column has.
     Other(&'a dyn Array),
 }
@@ -458,6 +518,8 @@ impl<'a> ColRef<'a> {
             }
             ArrowType::Binary => ColRef::Bytes(array.as_binary::<i32>()),
             ArrowType::Map(_, _) => ColRef::Map(array.as_map()),
+            ArrowType::Date32 => ColRef::Date(array.as_primitive::<Date32Type>()),
+            ArrowType::Decimal128(_, _) => ColRef::Decimal(array.as_primitive::<Decimal128Type>()),
             _ => ColRef::Other(array),
         }
     }
@@ -477,6 +539,8 @@ impl<'a> ColRef<'a> {
             ColRef::Timestamp(a) => a,
             ColRef::Bytes(a) => a,
             ColRef::Map(a) => a,
+            ColRef::Date(a) => a,
+            ColRef::Decimal(a) => a,
             ColRef::Other(a) => a,
         }
     }
@@ -496,6 +560,8 @@ impl<'a> ColRef<'a> {
             ColRef::Timestamp(_) => "TIMESTAMP",
             ColRef::Bytes(_) => "BYTES",
             ColRef::Map(_) => "MAP",
+            ColRef::Date(_) => "DATE",
+            ColRef::Decimal(_) => "DECIMAL",
             ColRef::Other(_) => "UNKNOWN",
         }
     }
@@ -572,6 +638,53 @@ mod tests {
             assert_eq!(rows_of(&batch), rows);
             assert!(b.is_empty());
         }
+    }
+
+    /// DATE and DECIMAL columns are Arrow Date32 and Decimal128(p, s) arrays whose rows read
+    /// back as the values appended; an INT or a DECIMAL of another scale is rescaled to the
+    /// column's (half up), and one past the precision appends nothing and names the column.
+    #[test]
+    fn date_and_decimal_rows_round_trip_and_rescale() -> Result<(), String> {
+        let schema = Schema::from_columns(
+            "c",
+            &[
+                ColumnDef::new("d", DataType::Date),
+                ColumnDef::new("p", DataType::Decimal { precision: 4, scale: 1 }),
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+        let dec = |unscaled, scale| Value::Decimal { unscaled, scale };
+        let mut b = BatchBuilder::new(&schema, 2);
+        let rows = [
+            Row::new(vec![Value::Date(-3), dec(-9_999, 1)]),
+            Row::new(vec![Value::Null, Value::Null]),
+            Row::new(vec![Value::Date(7), Value::Int(12)]),
+            Row::new(vec![Value::Date(7), dec(1_235, 2)]),
+        ];
+        for r in &rows {
+            b.append_row(r).map_err(|(i, e)| format!("{i}: {e}"))?;
+        }
+        assert_eq!(
+            b.append_row(&Row::new(vec![Value::Null, Value::Int(1000)])),
+            Err((1, "1000 is out of range for DECIMAL(4, 1)".into()))
+        );
+        assert_eq!(
+            b.append_row(&Row::new(vec![Value::Int(1), Value::Null])),
+            Err((0, "a INT value in a DATE column".into()))
+        );
+        let batch = b.finish();
+        assert_eq!(batch.column(0).data_type(), &ArrowType::Date32);
+        assert_eq!(batch.column(1).data_type(), &ArrowType::Decimal128(4, 1));
+        assert_eq!(
+            rows_of(&batch),
+            vec![
+                rows[0].clone(),
+                rows[1].clone(),
+                Row::new(vec![Value::Date(7), dec(120, 1)]),
+                Row::new(vec![Value::Date(7), dec(124, 1)]),
+            ]
+        );
+        Ok(())
     }
 
     /// A value that does not fit its column appends nothing and names the column.

@@ -183,6 +183,11 @@ fn from_text(
         DataType::Bytes => text::stage_base64(text.trim(), staged)
             .ok_or_else(|| format!("expected BYTES as base64, found {}", text::shown(text)))?,
         DataType::Map => crate::json::stage_map(text, staged)?,
+        DataType::Date => Slot::Date(
+            crate::time::parse_date(text)
+                .ok_or_else(|| format!("expected DATE like 2024-05-01, found {}", text::shown(text)))?,
+        ),
+        DataType::Decimal { precision, scale } => Slot::Decimal(text::parse_decimal(text, precision, scale)?),
     };
     Ok(slot)
 }
@@ -237,6 +242,16 @@ pub(crate) fn encode(
             }
             (DataType::Bytes, ColRef::Bytes(a)) => {
                 text::push_base64(a.value(row), scratch);
+                scratch
+            }
+            (DataType::Date, ColRef::Date(a)) => {
+                crate::time::format_date(a.value(row), scratch);
+                scratch
+            }
+            (DataType::Decimal { precision, scale }, ColRef::Decimal(a)) => {
+                let unscaled =
+                    text::decimal_at(a, row, precision, scale).map_err(|r| FieldError::new(&f.name, r))?;
+                text::push_decimal(unscaled, scale, scratch);
                 scratch
             }
             (DataType::Map, c @ ColRef::Map(_)) => {

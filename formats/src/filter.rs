@@ -403,7 +403,9 @@ fn literal(tok: &Token, ty: DataType, op: Op) -> std::result::Result<Literal, St
             }
             other => Err(format!("compare it with a timestamp string or epoch milliseconds, not {other}")),
         },
-        DataType::Bytes | DataType::Map => Err("it takes only 'is null' and 'is not null'".into()),
+        DataType::Bytes | DataType::Map | DataType::Date | DataType::Decimal { .. } => {
+            Err("it takes only 'is null' and 'is not null'".into())
+        }
     }
 }
 

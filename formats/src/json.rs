@@ -213,6 +213,22 @@ fn from_json(raw: &str, ty: DataType, staged: &mut Staged) -> Result<Slot, Strin
             }
             stage_entries(raw, staged)?
         }
+        DataType::Date => {
+            let days = string_of(raw).and_then(|s| crate::time::parse_date(&s));
+            Slot::Date(
+                days.ok_or_else(|| format!("expected DATE like \"2024-05-01\", found {}", shown(raw)))?,
+            )
+        }
+        DataType::Decimal { precision, scale } => {
+            // The number's own text, so no digit is lost to a double; or a string.
+            let unscaled = if is_number(raw) {
+                text::parse_decimal(raw, precision, scale)?
+            } else {
+                let s = string_of(raw).ok_or_else(|| mismatch(ty, raw))?;
+                text::parse_decimal(&s, precision, scale)?
+            };
+            Slot::Decimal(unscaled)
+        }
     };
     Ok(slot)
 }
@@ -341,6 +357,16 @@ pub(crate) fn encode(
                 write_str(out, scratch);
             }
             (DataType::Map, c @ ColRef::Map(_)) => write_map(c, row, out),
+            (DataType::Date, ColRef::Date(a)) => {
+                crate::time::format_date(a.value(row), scratch);
+                write_str(out, scratch);
+            }
+            (DataType::Decimal { precision, scale }, ColRef::Decimal(a)) => {
+                let unscaled =
+                    text::decimal_at(a, row, precision, scale).map_err(|r| FieldError::new(&f.name, r))?;
+                text::push_decimal(unscaled, scale, scratch);
+                out.extend_from_slice(scratch.as_bytes());
+            }
             _ => return Err(text::type_error(f, col)),
         }
     }

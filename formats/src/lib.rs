@@ -20,7 +20,8 @@
 //! - [`error`]: [`DecodeError`] and [`EncodeError`], the per-record errors; configuration errors
 //!   are [`keel_proto::KeelError::InvalidSpec`] naming the field.
 //! - [`batch`]: the Arrow form of a schema's rows, [`BatchBuilder`], and the one-row view.
-//! - `time`, `text`: timestamp, number and BYTES (base64) text forms (private helpers).
+//! - `time`, `text`: timestamp, date, number, DECIMAL and BYTES (base64) text forms (private
+//!   helpers).
 //!
 //! # Spec shapes
 //!
@@ -55,6 +56,12 @@
 //! | TIMESTAMP | `"2024-05-01 12:00:00.000"` (UTC; `json.timestamp-format.standard: ISO-8601` writes `2024-05-01T12:00:00.000Z`); reads either form, an offset, or epoch milliseconds as a number | same, SQL form | - |
 //! | BYTES | base64 string | base64 | the whole payload |
 //! | MAP (headers) | object of base64 strings (null for a null header value) | that JSON object as one field | - |
+//! | DATE | `"2024-05-01"` (a string only, as Flink) | `2024-05-01` | - |
+//! | DECIMAL(p, s) | number with exactly `s` fraction digits (`12.50`); reads a number (its own text, no double in between) or a numeric string | `12.50` | - |
+//!
+//! DECIMAL text is read with arrow-cast's `parse_decimal` (sign, fraction, exponent): digits
+//! past the scale round half up (away from zero), as Flink does; a value with more than
+//! `p - s` integer digits (also once rounded) does not fit and the record is malformed.
 //!
 //! A null is JSON `null` (a missing field also reads as null unless
 //! `json.fail-on-missing-field`); in CSV it is an empty unquoted field (an empty string is
@@ -83,7 +90,9 @@ pub use options::{
     TimestampStandard,
 };
 pub use projection::Projection;
-pub use record::{EncodedBatch, EncodedRecord, KafkaMessage, OutRecord, RecordDecoder, RecordEncoder};
+pub use record::{
+    EncodedBatch, EncodedRecord, KafkaMessage, OutRecord, RecordDecoder, RecordEncoder, TimestampType,
+};
 pub use schema::{ColumnDef, DataType, MetadataKey, Schema};
 pub use value::{Headers, Row, Value};
 

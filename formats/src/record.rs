@@ -1,13 +1,13 @@
 //! Kafka messages ⇄ columnar batches.
 //!
 //! A [`RecordDecoder`] appends a message (key, value and the record's topic, partition,
-//! offset, timestamp and headers) as one row of a [`BatchBuilder`] of its schema; a
-//! [`RecordEncoder`] encodes a batch's rows into the keys and values to produce
-//! ([`EncodedBatch`], one reused buffer) and hands each row out with its timestamp and headers
-//! ([`OutRecord`]). Both are built once per subtask from a checked [`Schema`] and
-//! [`RecordFormat`]; a decoder is not shared between threads (it counts what it skips, and
-//! keeps the buffers it decodes into). Neither allocates per message once warm, except for
-//! MAP payload values (json and csv) and the rare values listed in the json codec.
+//! offset, timestamp, timestamp type, headers and leader epoch) as one row of a
+//! [`BatchBuilder`] of its schema; a [`RecordEncoder`] encodes a batch's rows into the keys and
+//! values to produce ([`EncodedBatch`], one reused buffer) and hands each row out with its
+//! timestamp and headers ([`OutRecord`]). Both are built once per subtask from a checked
+//! [`Schema`] and [`RecordFormat`]; a decoder is not shared between threads (it counts what it
+//! skips, and keeps the buffers it decodes into). Neither allocates per message once warm,
+//! except for MAP payload values (json and csv) and the rare values listed in the json codec.
 //!
 //! Skipping: a message whose value (or key) does not parse is skipped and counted when the
 //! format of the part that failed has `ignore-parse-errors` set, and is a [`DecodeError`]
@@ -26,6 +26,30 @@ use crate::options::{FormatKind, FormatOptions, PayloadField, RecordFormat};
 use crate::schema::{DataType, MetadataKey, Schema};
 use crate::value::{Headers, Row};
 
+/// How a record's timestamp was set (Kafka's timestamp type), what a `timestamp-type` column
+/// reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TimestampType {
+    /// The record has no timestamp.
+    #[default]
+    NoTimestampType,
+    /// Set by the producer.
+    CreateTime,
+    /// Set by the broker when it appended the record (topic `message.timestamp.type`).
+    LogAppendTime,
+}
+
+impl TimestampType {
+    /// The name a `timestamp-type` column holds (Kafka's `TimestampType.name`, as in Flink).
+    pub fn name(self) -> &'static str {
+        match self {
+            TimestampType::NoTimestampType => "NoTimestampType",
+            TimestampType::CreateTime => "CreateTime",
+            TimestampType::LogAppendTime => "LogAppendTime",
+        }
+    }
+}
+
 /// One consumed Kafka message, borrowed from the client's buffers.
 #[derive(Debug, Clone, Copy)]
 pub struct KafkaMessage<'a> {
@@ -34,6 +58,11 @@ pub struct KafkaMessage<'a> {
     pub offset: i64,
     /// Milliseconds since the epoch; `None` when the record has no timestamp.
     pub timestamp: Option<i64>,
+    /// How the timestamp was set ([`TimestampType::NoTimestampType`] without one).
+    pub timestamp_type: TimestampType,
+    /// The partition leader's epoch when the record was written; `None` when unknown (an old
+    /// message format, or a client that does not tell).
+    pub leader_epoch: Option<i32>,
     /// Only read when the schema has a `headers` column; pass `&[]` when
     /// [`RecordDecoder::needs_headers`] is false.
     pub headers: &'a [(&'a str, Option<&'a [u8]>)],
@@ -190,6 +219,8 @@ impl RecordDecoder {
                     (Some(ts), DataType::Timestamp) => Slot::Timestamp(ts),
                     (Some(ts), _) => Slot::Int(ts),
                 },
+                MetadataKey::TimestampType => staged.push_text(msg.timestamp_type.name()),
+                MetadataKey::LeaderEpoch => msg.leader_epoch.map_or(Slot::Null, |e| Slot::Int(i64::from(e))),
                 MetadataKey::Headers => {
                     let start = staged.entries.len();
                     for (k, v) in msg.headers {

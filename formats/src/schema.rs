@@ -12,7 +12,10 @@
 //! Types (case-insensitive; aliases in brackets): `STRING` (`VARCHAR`, `VARCHAR(n)`),
 //! `BOOLEAN` (`BOOL`), `INT` (`INTEGER`), `BIGINT`, `DOUBLE`, `TIMESTAMP` (`TIMESTAMP(3)`,
 //! `TIMESTAMP_LTZ`, `TIMESTAMP_LTZ(3)`; milliseconds, UTC), `BYTES` (`VARBINARY`), `MAP`
-//! (`MAP<STRING, BYTES>`, the type of Kafka headers).
+//! (`MAP<STRING, BYTES>`, the type of Kafka headers), `DATE` (a calendar date, no zone),
+//! `DECIMAL(p, s)` (`DECIMAL(p)` = `DECIMAL(p, 0)`, `DECIMAL` = `DECIMAL(10, 0)` as in Flink;
+//! `NUMERIC` and `DEC` alike; an exact number of at most `p` digits, `s` of them after the
+//! point, `1 <= p <= 38`, `0 <= s <= p`).
 //!
 //! A column with `metadata` is not part of the message key or value but of the Kafka record
 //! around it (Flink's `METADATA FROM '<key>'`):
@@ -23,7 +26,9 @@
 //! | `partition` | INT or BIGINT | yes | no (ignored) |
 //! | `offset` | BIGINT or INT (an offset past 2^31 - 1 cannot be read into INT: the record is malformed) | yes | no (ignored) |
 //! | `timestamp` | TIMESTAMP or BIGINT (epoch ms) | yes (null when the record has none) | yes, as the record timestamp |
+//! | `timestamp-type` | STRING | yes: `NoTimestampType`, `CreateTime` or `LogAppendTime`, as Flink | no (ignored) |
 //! | `headers` | MAP | yes (a header without a value is a null entry) | yes, as the record headers (a null entry is a header without a value) |
+//! | `leader-epoch` | INT or BIGINT | yes (null when unknown) | no (ignored) |
 
 use std::fmt;
 use std::str::FromStr;
@@ -47,9 +52,19 @@ pub enum DataType {
     Bytes,
     /// `MAP<STRING, BYTES>`: Kafka headers.
     Map,
+    /// A calendar date: days since 1970-01-01 (proleptic Gregorian calendar, no zone).
+    Date,
+    /// An exact decimal number of at most `precision` digits, `scale` of them after the
+    /// point: `1 <= precision <= 38`, `0 <= scale <= precision` ([`DataType::decimal`] checks).
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
 }
 
 impl DataType {
+    /// One of each kind of type; DECIMAL stands for every precision and scale (as
+    /// [`DataType::DEFAULT_DECIMAL`]).
     pub const ALL: &'static [DataType] = &[
         DataType::String,
         DataType::Boolean,
@@ -59,9 +74,34 @@ impl DataType {
         DataType::Timestamp,
         DataType::Bytes,
         DataType::Map,
+        DataType::Date,
+        DataType::DEFAULT_DECIMAL,
     ];
 
-    /// The canonical name, as written back into a spec.
+    /// `DECIMAL` without precision and scale: `DECIMAL(10, 0)`, as in Flink.
+    pub const DEFAULT_DECIMAL: DataType = DataType::Decimal { precision: 10, scale: 0 };
+
+    /// The largest DECIMAL precision (Arrow's Decimal128, Flink's DECIMAL).
+    pub const MAX_DECIMAL_PRECISION: u8 = 38;
+
+    /// `DECIMAL(precision, scale)`, checked: `1 <= precision <= 38`, `0 <= scale <= precision`.
+    pub fn decimal(precision: u8, scale: i8) -> std::result::Result<DataType, String> {
+        if !(1..=Self::MAX_DECIMAL_PRECISION).contains(&precision) {
+            return Err(format!(
+                "DECIMAL precision must be between 1 and {}, found {precision}",
+                Self::MAX_DECIMAL_PRECISION
+            ));
+        }
+        if scale < 0 || scale as u8 > precision {
+            return Err(format!(
+                "DECIMAL scale must be between 0 and the precision ({precision}), found {scale}"
+            ));
+        }
+        Ok(DataType::Decimal { precision, scale })
+    }
+
+    /// The name of the type's kind (`DECIMAL` for every precision and scale; [`fmt::Display`]
+    /// writes the full canonical name, `DECIMAL(10, 2)`).
     pub fn name(self) -> &'static str {
         match self {
             DataType::String => "STRING",
@@ -72,11 +112,20 @@ impl DataType {
             DataType::Timestamp => "TIMESTAMP",
             DataType::Bytes => "BYTES",
             DataType::Map => "MAP<STRING, BYTES>",
+            DataType::Date => "DATE",
+            DataType::Decimal { .. } => "DECIMAL",
         }
     }
 
     /// Parses a type name (case-insensitive, with the aliases listed in the module docs).
     pub fn parse(text: &str) -> Option<DataType> {
+        Self::parse_checked(text).ok()
+    }
+
+    /// Parses a type name; the error says what is wrong (an unknown name, or a DECIMAL
+    /// precision or scale out of range).
+    fn parse_checked(text: &str) -> std::result::Result<DataType, String> {
+        let unknown = || format!("unknown type '{text}'; known types: {}", DataType::known_list());
         let upper: String =
             text.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_uppercase();
         let t = match upper.as_str() {
@@ -88,33 +137,75 @@ impl DataType {
             "TIMESTAMP" | "TIMESTAMP(3)" | "TIMESTAMP_LTZ" | "TIMESTAMP_LTZ(3)" => DataType::Timestamp,
             "BYTES" | "VARBINARY" => DataType::Bytes,
             "MAP" | "MAP<STRING,BYTES>" => DataType::Map,
+            "DATE" => DataType::Date,
+            "DECIMAL" | "DEC" | "NUMERIC" => DataType::DEFAULT_DECIMAL,
             other => {
-                let n = other.strip_prefix("VARCHAR(")?.strip_suffix(')')?;
+                if let Some(args) = ["DECIMAL(", "DEC(", "NUMERIC("]
+                    .iter()
+                    .find_map(|p| other.strip_prefix(p))
+                    .and_then(|rest| rest.strip_suffix(')'))
+                {
+                    return Self::decimal_of(args).ok_or_else(unknown)?;
+                }
+                let n =
+                    other.strip_prefix("VARCHAR(").and_then(|r| r.strip_suffix(')')).ok_or_else(unknown)?;
                 if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
+                    return Err(unknown());
                 }
                 DataType::String
             }
         };
-        Some(t)
+        Ok(t)
+    }
+
+    /// The `p` or `p,s` of `DECIMAL(p, s)` (whitespace already removed): `None` when they are
+    /// not numbers, an error when they are out of range.
+    fn decimal_of(args: &str) -> Option<std::result::Result<DataType, String>> {
+        let (p, s) = args.split_once(',').map_or((args, None), |(p, s)| (p, Some(s)));
+        // Digits only; a number too long for u64 is out of range all the same.
+        let number = |t: &str| {
+            (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse::<u64>().unwrap_or(u64::MAX))
+        };
+        let p = number(p)?;
+        let s = match s {
+            Some(s) => number(s)?,
+            None => 0,
+        };
+        let max = u64::from(Self::MAX_DECIMAL_PRECISION);
+        if !(1..=max).contains(&p) {
+            return Some(Err(format!("DECIMAL precision must be between 1 and {max}, found {p}")));
+        }
+        if s > p {
+            return Some(Err(format!("DECIMAL scale must be between 0 and the precision ({p}), found {s}")));
+        }
+        // Both are at most 38 now.
+        Some(DataType::decimal(p as u8, s as i8))
     }
 
     fn known_list() -> String {
-        DataType::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+        let mut names: Vec<&str> = DataType::ALL
+            .iter()
+            .map(|t| if matches!(t, DataType::Decimal { .. }) { "DECIMAL(p, s)" } else { t.name() })
+            .collect();
+        names.dedup();
+        names.join(", ")
     }
 }
 
 impl fmt::Display for DataType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            DataType::Decimal { precision, scale } => write!(f, "DECIMAL({precision}, {scale})"),
+            other => f.write_str(other.name()),
+        }
     }
 }
 
 impl FromStr for DataType {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        DataType::parse(s)
-            .ok_or_else(|| format!("unknown type '{s}'; known types: {}", DataType::known_list()))
+        DataType::parse_checked(s)
     }
 }
 
@@ -127,7 +218,7 @@ impl TryFrom<String> for DataType {
 
 impl From<DataType> for String {
     fn from(t: DataType) -> String {
-        t.name().to_string()
+        t.to_string()
     }
 }
 
@@ -139,7 +230,13 @@ pub enum MetadataKey {
     Partition,
     Offset,
     Timestamp,
+    /// How the record's timestamp was set: `NoTimestampType`, `CreateTime`, `LogAppendTime`.
+    #[serde(rename = "timestamp-type")]
+    TimestampType,
     Headers,
+    /// The leader epoch of the partition when the record was written (null when unknown).
+    #[serde(rename = "leader-epoch")]
+    LeaderEpoch,
 }
 
 impl MetadataKey {
@@ -148,7 +245,9 @@ impl MetadataKey {
         MetadataKey::Partition,
         MetadataKey::Offset,
         MetadataKey::Timestamp,
+        MetadataKey::TimestampType,
         MetadataKey::Headers,
+        MetadataKey::LeaderEpoch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -157,7 +256,9 @@ impl MetadataKey {
             MetadataKey::Partition => "partition",
             MetadataKey::Offset => "offset",
             MetadataKey::Timestamp => "timestamp",
+            MetadataKey::TimestampType => "timestamp-type",
             MetadataKey::Headers => "headers",
+            MetadataKey::LeaderEpoch => "leader-epoch",
         }
     }
 
@@ -168,15 +269,17 @@ impl MetadataKey {
     /// The column types this metadata can be read into.
     pub fn allowed_types(self) -> &'static [DataType] {
         match self {
-            MetadataKey::Topic => &[DataType::String],
-            MetadataKey::Partition | MetadataKey::Offset => &[DataType::Int, DataType::BigInt],
+            MetadataKey::Topic | MetadataKey::TimestampType => &[DataType::String],
+            MetadataKey::Partition | MetadataKey::Offset | MetadataKey::LeaderEpoch => {
+                &[DataType::Int, DataType::BigInt]
+            }
             MetadataKey::Timestamp => &[DataType::Timestamp, DataType::BigInt],
             MetadataKey::Headers => &[DataType::Map],
         }
     }
 
-    /// Whether a sink writes it (the record timestamp and headers); the others are read-only
-    /// and a sink ignores them.
+    /// Whether a sink writes it (the record timestamp and headers); the others (topic,
+    /// partition, offset, timestamp-type, leader-epoch) are read-only and a sink ignores them.
     pub fn writable(self) -> bool {
         matches!(self, MetadataKey::Timestamp | MetadataKey::Headers)
     }
@@ -519,9 +622,105 @@ mod tests {
         ] {
             assert_eq!(DataType::parse(text), Some(t), "{text}");
         }
-        for bad in ["INTT", "VARCHAR()", "VARCHAR(x)", "TIMESTAMP(6)", "DECIMAL(10,2)", ""] {
+        for bad in ["INTT", "VARCHAR()", "VARCHAR(x)", "TIMESTAMP(6)", "DECIMAL(10,2", "DATE(3)", ""] {
             assert_eq!(DataType::parse(bad), None, "{bad}");
         }
+    }
+
+    /// DATE and DECIMAL parse in every spelling the module docs list (DECIMAL's default
+    /// precision 10 and scale 0, the aliases NUMERIC and DEC), keep their precision and scale
+    /// through Display and serde, and map to Date32 and Decimal128(p, s).
+    #[test]
+    fn date_and_decimal_names_parse_with_flinks_defaults() -> Result<()> {
+        let dec = |precision, scale| DataType::Decimal { precision, scale };
+        for (text, t) in [
+            ("DATE", DataType::Date),
+            ("date", DataType::Date),
+            ("DECIMAL", dec(10, 0)),
+            ("DECIMAL(5)", dec(5, 0)),
+            ("DECIMAL(10, 2)", dec(10, 2)),
+            ("decimal( 38 ,38 )", dec(38, 38)),
+            ("NUMERIC(12,4)", dec(12, 4)),
+            ("numeric", dec(10, 0)),
+            ("DEC(1)", dec(1, 0)),
+            ("dec", dec(10, 0)),
+        ] {
+            assert_eq!(DataType::parse(text), Some(t), "{text}");
+        }
+        assert_eq!(dec(10, 2).to_string(), "DECIMAL(10, 2)");
+        assert_eq!(DataType::parse(&dec(10, 2).to_string()), Some(dec(10, 2)));
+        let cols: Vec<ColumnDef> =
+            serde_yaml::from_str("- {name: p, type: 'numeric(7,3)'}\n- {name: d, type: date}\n")
+                .map_err(|e| KeelError::invalid_spec("yaml", e.to_string()))?;
+        assert_eq!(cols, vec![ColumnDef::new("p", dec(7, 3)), ColumnDef::new("d", DataType::Date)]);
+        let json =
+            serde_json::to_string(&cols).map_err(|e| KeelError::invalid_spec("json", e.to_string()))?;
+        assert_eq!(json, r#"[{"name":"p","type":"DECIMAL(7, 3)"},{"name":"d","type":"DATE"}]"#);
+        assert_eq!(crate::batch::arrow_type(dec(7, 3)), arrow_schema::DataType::Decimal128(7, 3));
+        assert_eq!(crate::batch::arrow_type(DataType::Date), arrow_schema::DataType::Date32);
+        assert_eq!(DataType::decimal(38, 0), Ok(dec(38, 0)));
+        assert!(DataType::decimal(0, 0).is_err());
+        assert!(DataType::decimal(5, 6).is_err());
+        assert!(DataType::decimal(5, -1).is_err());
+        Ok(())
+    }
+
+    /// A DECIMAL precision outside 1..=38 or a scale outside 0..=precision is refused at the
+    /// column's `type` key, saying which bound was crossed; unknown names still list DATE and
+    /// DECIMAL among the known types.
+    #[test]
+    fn a_decimal_out_of_range_is_refused_naming_the_field_and_the_bound() {
+        for (text, needle) in [
+            ("DECIMAL(0, 0)", "precision must be between 1 and 38, found 0"),
+            ("DECIMAL(39)", "precision must be between 1 and 38, found 39"),
+            ("DECIMAL(99999999999999999999999, 2)", "precision must be between 1 and 38"),
+            ("DECIMAL(5, 6)", "scale must be between 0 and the precision (5), found 6"),
+            ("NUMERIC(10, -1)", "unknown type"),
+            ("DECIMAL(a, 2)", "unknown type"),
+            ("DECIMAL(10, 2, 3)", "unknown type"),
+        ] {
+            let err = ColumnDef::list_from_yaml(
+                "sinks[1].columns",
+                &yaml(&format!("- {{name: p, type: '{text}'}}")),
+            )
+            .expect_err(text);
+            let (field, reason) = invalid_field(err);
+            assert_eq!(field, "sinks[1].columns[0].type", "{text}");
+            assert!(reason.contains(needle), "{text}: {reason}");
+        }
+        let reason = "x".parse::<DataType>().expect_err("unknown");
+        assert!(reason.contains("DATE, DECIMAL(p, s)"), "{reason}");
+    }
+
+    /// `timestamp-type` (STRING) and `leader-epoch` (INT or BIGINT) are metadata keys, read-only
+    /// like topic, partition and offset, and refuse other column types.
+    #[test]
+    fn timestamp_type_and_leader_epoch_are_read_only_metadata() -> Result<()> {
+        let cols = ColumnDef::list_from_yaml(
+            "s.columns",
+            &yaml("- {name: tt, type: STRING, metadata: timestamp-type}\n- {name: e, type: INT, metadata: Leader-Epoch}\n"),
+        )?;
+        assert_eq!(cols[0].metadata, Some(MetadataKey::TimestampType));
+        assert_eq!(cols[1].metadata, Some(MetadataKey::LeaderEpoch));
+        Schema::from_columns("s.columns", &cols)?;
+        let json =
+            serde_json::to_string(&cols).map_err(|e| KeelError::invalid_spec("json", e.to_string()))?;
+        assert!(
+            json.contains(r#""metadata":"timestamp-type""#) && json.contains(r#""metadata":"leader-epoch""#)
+        );
+        assert!(!MetadataKey::TimestampType.writable() && !MetadataKey::LeaderEpoch.writable());
+        Schema::from_columns(
+            "s.columns",
+            &[ColumnDef::metadata("e", DataType::BigInt, MetadataKey::LeaderEpoch)],
+        )?;
+        let bad = [ColumnDef::metadata("tt", DataType::Int, MetadataKey::TimestampType)];
+        let (field, reason) = invalid_field(Schema::from_columns("s.columns", &bad).expect_err("INT"));
+        assert_eq!(field, "s.columns[0].type");
+        assert!(reason.contains("metadata 'timestamp-type' is read into STRING, not INT"), "{reason}");
+        let bad = [ColumnDef::metadata("e", DataType::String, MetadataKey::LeaderEpoch)];
+        let (_, reason) = invalid_field(Schema::from_columns("s.columns", &bad).expect_err("STRING"));
+        assert!(reason.contains("INT or BIGINT"), "{reason}");
+        Ok(())
     }
 
     #[test]
@@ -544,7 +743,7 @@ mod tests {
             ("- {type: INT}", "sources[0].columns[0].name"),
             ("- {name: a}", "sources[0].columns[0].type"),
             ("- {name: a, type: INT, nullable: true}", "sources[0].columns[0].nullable"),
-            ("- {name: a, type: INT, metadata: leader-epoch}", "sources[0].columns[0].metadata"),
+            ("- {name: a, type: INT, metadata: leader_epoch}", "sources[0].columns[0].metadata"),
         ];
         for (text, want) in cases {
             let err = ColumnDef::list_from_yaml("sources[0].columns", &yaml(text)).expect_err(text);

@@ -1,4 +1,5 @@
-//! Timestamps as text: epoch milliseconds (UTC) ⇄ `yyyy-MM-dd HH:mm:ss.SSS`.
+//! Timestamps and dates as text: epoch milliseconds (UTC) ⇄ `yyyy-MM-dd HH:mm:ss.SSS`, days
+//! since 1970-01-01 ⇄ `yyyy-MM-dd`.
 //!
 //! Calendar arithmetic follows Howard Hinnant's `days_from_civil` / `civil_from_days`
 //! (proleptic Gregorian calendar).
@@ -61,6 +62,25 @@ pub(crate) fn format(epoch_ms: i64, standard: TimestampStandard, out: &mut Strin
     }
 }
 
+/// Appends a date (days since 1970-01-01) as `yyyy-MM-dd` (ISO-8601's calendar date, as Flink
+/// writes a DATE; a year past 9999 has more digits, one before 1 a minus sign).
+pub(crate) fn format_date(days: i32, out: &mut String) {
+    let (y, m, d) = civil_from_days(i64::from(days));
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{y:04}-{m:02}-{d:02}");
+}
+
+/// Parses a date written `yyyy-MM-dd` (surrounding whitespace ignored; nothing else, as
+/// Flink's ISO_LOCAL_DATE) into days since 1970-01-01.
+pub(crate) fn parse_date(text: &str) -> Option<i32> {
+    let mut c = Cursor { bytes: text.trim().as_bytes(), pos: 0 };
+    let days = date_part(&mut c)?;
+    if !c.done() {
+        return None;
+    }
+    i32::try_from(days).ok()
+}
+
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -102,18 +122,7 @@ impl Cursor<'_> {
 /// unless an offset is given; digits past milliseconds are truncated).
 pub(crate) fn parse(text: &str) -> Option<i64> {
     let mut c = Cursor { bytes: text.trim().as_bytes(), pos: 0 };
-    let y = c.digits(4)?;
-    if !c.eat(b'-') {
-        return None;
-    }
-    let m = c.digits(2)?;
-    if !c.eat(b'-') {
-        return None;
-    }
-    let d = c.digits(2)?;
-    if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
-        return None;
-    }
+    let days = date_part(&mut c)?;
     let mut ms_of_day = 0;
     if !c.done() {
         if !(c.eat(b' ') || c.eat(b'T') || c.eat(b't')) {
@@ -166,7 +175,24 @@ pub(crate) fn parse(text: &str) -> Option<i64> {
     if !c.done() {
         return None;
     }
-    days_from_civil(y, m, d).checked_mul(MS_PER_DAY)?.checked_add(ms_of_day)
+    days.checked_mul(MS_PER_DAY)?.checked_add(ms_of_day)
+}
+
+/// Reads `yyyy-MM-dd` at the cursor: the days since 1970-01-01 of a real calendar date.
+fn date_part(c: &mut Cursor<'_>) -> Option<i64> {
+    let y = c.digits(4)?;
+    if !c.eat(b'-') {
+        return None;
+    }
+    let m = c.digits(2)?;
+    if !c.eat(b'-') {
+        return None;
+    }
+    let d = c.digits(2)?;
+    if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
+        return None;
+    }
+    Some(days_from_civil(y, m, d))
 }
 
 #[cfg(test)]
@@ -220,6 +246,44 @@ mod tests {
             "２０２０-01-01",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    /// Dates: known days both ways, the leap-day rules, and strictly `yyyy-MM-dd`.
+    #[test]
+    fn dates_format_and_parse_as_yyyy_mm_dd() {
+        let date = |days: i32| {
+            let mut s = String::new();
+            format_date(days, &mut s);
+            s
+        };
+        for (days, text) in [
+            (0, "1970-01-01"),
+            (-1, "1969-12-31"),
+            (11_016, "2000-02-29"),
+            (19_844, "2024-05-01"),
+            (-719_528, "0000-01-01"),
+            (2_932_896, "9999-12-31"),
+        ] {
+            assert_eq!(date(days), text);
+            assert_eq!(parse_date(text), Some(days), "{text}");
+        }
+        assert_eq!(parse_date(" 2024-05-01\t"), Some(19_844));
+        for bad in [
+            "",
+            "2024-5-1",
+            "2024-05-01 00:00",
+            "2024-05-01T00:00:00Z",
+            "20240501",
+            "1900-02-29",
+            "2024-04-31",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad:?}");
+        }
+        let mut days = -719_528; // 0000-01-01
+        while days <= 2_932_896 {
+            assert_eq!(parse_date(&date(days)), Some(days), "{days}");
+            days += 997;
         }
     }
 

@@ -20,6 +20,13 @@ pub enum Value {
     /// Milliseconds since the Unix epoch, UTC.
     Timestamp(i64),
     Map(Headers),
+    /// Days since 1970-01-01 (a DATE).
+    Date(i32),
+    /// An exact decimal number: `unscaled / 10^scale` (a DECIMAL; `12.50` is `1250` at scale 2).
+    Decimal {
+        unscaled: i128,
+        scale: i8,
+    },
 }
 
 impl Value {
@@ -38,6 +45,8 @@ impl Value {
             Value::Bytes(_) => "BYTES",
             Value::Timestamp(_) => "TIMESTAMP",
             Value::Map(_) => "MAP",
+            Value::Date(_) => "DATE",
+            Value::Decimal { .. } => "DECIMAL",
         }
     }
 
@@ -79,7 +88,8 @@ impl Value {
 }
 
 /// Human-readable text (as a print sink would show it): strings unquoted, BYTES as base64,
-/// timestamps in the SQL form, maps as `{k=base64, ...}`.
+/// timestamps in the SQL form, dates as `2024-05-01`, decimals with all their scale's digits
+/// (`12.50`), maps as `{k=base64, ...}`.
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -94,6 +104,16 @@ impl fmt::Display for Value {
                 f.write_str(&out)
             }
             Value::Timestamp(ms) => f.write_str(&crate::format_timestamp(*ms)),
+            Value::Date(days) => {
+                let mut out = String::new();
+                crate::time::format_date(*days, &mut out);
+                f.write_str(&out)
+            }
+            Value::Decimal { unscaled, scale } => {
+                let mut out = String::new();
+                crate::text::push_decimal(*unscaled, *scale, &mut out);
+                f.write_str(&out)
+            }
             Value::Map(entries) => {
                 f.write_str("{")?;
                 for (i, (k, v)) in entries.iter().enumerate() {
@@ -225,8 +245,13 @@ mod tests {
             Value::Timestamp(0),
             Value::Bytes(b"hi".to_vec()),
             Value::Map(vec![("k".into(), Some(b"v".to_vec())), ("n".into(), None)]),
+            Value::Date(-1),
+            Value::Decimal { unscaled: -1250, scale: 3 },
         ]);
-        assert_eq!(row.to_string(), "[1, ann, NULL, 2.5, 1970-01-01 00:00:00.000, aGk=, {k=dg==, n=NULL}]");
+        assert_eq!(
+            row.to_string(),
+            "[1, ann, NULL, 2.5, 1970-01-01 00:00:00.000, aGk=, {k=dg==, n=NULL}, 1969-12-31, -1.250]"
+        );
         assert_eq!(row.get(99), &Value::Null);
     }
 }

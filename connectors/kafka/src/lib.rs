@@ -49,5 +49,5 @@ pub use options::{
 };
 pub use position::SourcePosition;
 pub use sink::KafkaSinkWriter;
-pub use source::{KafkaRecord, KafkaSourceReader, SourceHeaders, SourceMessage};
+pub use source::{KafkaRecord, KafkaSourceReader, SourceHeaders, SourceMessage, TimestampType};
 pub use txn_timeout::{broker_transaction_max_timeout, check_transaction_timeout, transaction_timeout};

@@ -86,6 +86,10 @@ pub struct KafkaRecord {
     pub offset: i64,
     /// Create time or log-append time, as the topic is configured; `None` when absent.
     pub timestamp_ms: Option<i64>,
+    /// Which of the two the timestamp is.
+    pub timestamp_type: TimestampType,
+    /// The partition leader's epoch when the record was written; `None` when unknown.
+    pub leader_epoch: Option<i32>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     /// In message order; a header without a value has `None`.
@@ -100,6 +104,8 @@ impl KafkaRecord {
             partition: message.partition,
             offset: message.offset,
             timestamp_ms: message.timestamp_ms,
+            timestamp_type: message.timestamp_type,
+            leader_epoch: message.leader_epoch,
             key: message.key.map(<[u8]>::to_vec),
             value: message.value.map(<[u8]>::to_vec),
             headers: message.headers().map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec))).collect(),
@@ -113,6 +119,8 @@ impl KafkaRecord {
             partition: self.partition,
             offset: self.offset,
             timestamp_ms: self.timestamp_ms,
+            timestamp_type: self.timestamp_type,
+            leader_epoch: self.leader_epoch,
             key: self.key.as_deref(),
             value: self.value.as_deref(),
             headers: MessageHeaders::Owned(&self.headers),
@@ -129,9 +137,48 @@ pub struct SourceMessage<'a> {
     pub offset: i64,
     /// Create time or log-append time, as the topic is configured; `None` when absent.
     pub timestamp_ms: Option<i64>,
+    /// Which of the two the timestamp is ([`TimestampType::NotAvailable`] without one).
+    pub timestamp_type: TimestampType,
+    /// The partition leader's epoch when the record was written; `None` when the broker or
+    /// the message format does not tell (KIP-320).
+    pub leader_epoch: Option<i32>,
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
     headers: MessageHeaders<'a>,
+}
+
+/// How a record's timestamp was set: Kafka's timestamp type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TimestampType {
+    /// The record has no timestamp.
+    #[default]
+    NotAvailable,
+    /// Set by the producer.
+    CreateTime,
+    /// Set by the broker when it appended the record (the topic's `message.timestamp.type`).
+    LogAppendTime,
+}
+
+impl TimestampType {
+    fn of(timestamp: rdkafka::Timestamp) -> TimestampType {
+        match timestamp {
+            rdkafka::Timestamp::NotAvailable => TimestampType::NotAvailable,
+            rdkafka::Timestamp::CreateTime(_) => TimestampType::CreateTime,
+            rdkafka::Timestamp::LogAppendTime(_) => TimestampType::LogAppendTime,
+        }
+    }
+}
+
+/// The leader epoch of a consumed message (`None` when unknown). rdkafka has no safe accessor
+/// for it, so this calls librdkafka's `rd_kafka_message_leader_epoch` on the message's pointer.
+#[allow(unsafe_code)]
+fn leader_epoch(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i32> {
+    // SAFETY: `message.ptr()` points to the rd_kafka_message_t that `message` wraps, which
+    // stays valid while `message` is borrowed here; it was consumed without error (rdkafka
+    // turns an error message into an `Err` before handing out a BorrowedMessage), which is
+    // what librdkafka requires of this call; the function only reads the message.
+    let epoch = unsafe { rdkafka::bindings::rd_kafka_message_leader_epoch(message.ptr()) };
+    (epoch >= 0).then_some(epoch)
 }
 
 /// Where a [`SourceMessage`]'s headers live.
@@ -175,6 +222,8 @@ impl std::fmt::Debug for SourceMessage<'_> {
             .field("partition", &self.partition)
             .field("offset", &self.offset)
             .field("timestamp_ms", &self.timestamp_ms)
+            .field("timestamp_type", &self.timestamp_type)
+            .field("leader_epoch", &self.leader_epoch)
             .field("key", &self.key)
             .field("value", &self.value)
             .field("headers", &self.headers().collect::<Vec<_>>())
@@ -527,6 +576,8 @@ impl KafkaSourceReader {
                 partition: m.partition(),
                 offset: m.offset(),
                 timestamp_ms: m.timestamp().to_millis(),
+                timestamp_type: TimestampType::of(m.timestamp()),
+                leader_epoch: leader_epoch(&m),
                 key: m.key(),
                 value: m.payload(),
                 headers: m.headers().map_or(MessageHeaders::None, MessageHeaders::Client),

@@ -748,3 +748,72 @@ fn poll_each_hands_the_headers_to_the_visitor() -> anyhow::Result<()> {
     assert_eq!(records.first().map(|r| r.headers.clone()), Some(owned(headers)));
     Ok(())
 }
+
+/// The timestamp type and the leader epoch reach the visitor and `poll`'s owned copy: a topic
+/// with producer timestamps gives `CreateTime` and the producer's time, one with
+/// `message.timestamp.type=LogAppendTime` gives `LogAppendTime` and the broker's time (not the
+/// producer's); the broker tells the partition leader's epoch (KIP-320), so it is known and
+/// not negative.
+#[test]
+fn messages_carry_the_timestamp_type_and_the_leader_epoch() -> anyhow::Result<()> {
+    use keel_kafka::TimestampType;
+    let kafka = Kafka::shared()?;
+    let bootstrap = kafka.bootstrap();
+    let create_time = unique_topic("ts-create");
+    let append_time = unique_topic("ts-append");
+    keel_testkit::create_topic(bootstrap, &create_time, 1)?;
+    keel_testkit::create_topic_with(
+        bootstrap,
+        &append_time,
+        1,
+        &[("message.timestamp.type", "LogAppendTime")],
+    )?;
+    let producer_time = 1_600_000_000_000;
+    for topic in [&create_time, &append_time] {
+        let records = (0..3)
+            .map(|n| Produce {
+                value: n.to_string(),
+                timestamp_ms: Some(producer_time),
+                ..Produce::default()
+            })
+            .collect();
+        produce(bootstrap, topic, records)?;
+    }
+    let before = keel_kafka_now_ms() - 60_000;
+
+    for (topic, want) in
+        [(&create_time, TimestampType::CreateTime), (&append_time, TimestampType::LogAppendTime)]
+    {
+        let mut seen = Vec::new();
+        let mut reader = open(bootstrap, &[("topic", topic), ("scan.startup.mode", "earliest-offset")]);
+        let deadline = Instant::now() + common::READ_TIMEOUT;
+        while seen.len() < 3 {
+            assert!(Instant::now() < deadline, "{topic}: read {} of 3 records", seen.len());
+            reader.poll_each(10, Duration::from_millis(200), |m| {
+                seen.push((m.timestamp_type, m.timestamp_ms, m.leader_epoch));
+                Ok(())
+            })?;
+        }
+        for (tt, ts, epoch) in seen {
+            assert_eq!(tt, want, "{topic}");
+            let ts = ts.ok_or_else(|| anyhow::anyhow!("{topic}: no timestamp"))?;
+            if want == TimestampType::CreateTime {
+                assert_eq!(ts, producer_time);
+            } else {
+                assert!(ts >= before, "{topic}: the broker's append time, not the producer's: {ts}");
+            }
+            assert!(epoch.is_some_and(|e| e >= 0), "{topic}: leader epoch {epoch:?}");
+        }
+        let mut again = open(bootstrap, &[("topic", topic), ("scan.startup.mode", "earliest-offset")]);
+        for r in read_n(&mut again, 3) {
+            assert_eq!(r.timestamp_type, want, "{topic}: owned copy");
+            assert!(
+                r.leader_epoch.is_some_and(|e| e >= 0),
+                "{topic}: owned copy's epoch {:?}",
+                r.leader_epoch
+            );
+            assert_eq!(r.as_message().timestamp_type, want);
+        }
+    }
+    Ok(())
+}

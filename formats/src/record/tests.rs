@@ -19,7 +19,17 @@ fn setup(columns: &[ColumnDef], pairs: &[(&str, &str)]) -> (Schema, RecordDecode
 }
 
 fn msg<'a>(key: Option<&'a [u8]>, value: Option<&'a [u8]>) -> KafkaMessage<'a> {
-    KafkaMessage { topic: "people", partition: 3, offset: 1042, timestamp: Some(0), headers: &[], key, value }
+    KafkaMessage {
+        topic: "people",
+        partition: 3,
+        offset: 1042,
+        timestamp: Some(0),
+        timestamp_type: TimestampType::CreateTime,
+        leader_epoch: Some(0),
+        headers: &[],
+        key,
+        value,
+    }
 }
 
 fn decode_value(dec: &mut RecordDecoder, value: &str) -> Result<Option<Row>, DecodeError> {
@@ -354,6 +364,8 @@ fn metadata_columns_are_read_from_the_record() {
         partition: 7,
         offset: 1 << 40,
         timestamp: Some(1_700_000_000_000),
+        timestamp_type: TimestampType::LogAppendTime,
+        leader_epoch: Some(4),
         headers: &headers,
         key: None,
         value: Some(b"{\"id\": 5}"),
@@ -570,4 +582,185 @@ fn a_json_double_out_of_range_is_refused() {
     let (_, mut dec, _) = setup(&cols, &[("format", "json")]);
     let err = decode_value(&mut dec, "{\"d\":1e400}").expect_err("out of range");
     assert!(err.reason.contains("expected DOUBLE"), "{err}");
+}
+
+fn dec(unscaled: i128, scale: i8) -> Value {
+    Value::Decimal { unscaled, scale }
+}
+
+/// An id, a DATE and two DECIMALs (the widest precision, and a small one with a scale).
+fn dated_amounts() -> Vec<ColumnDef> {
+    vec![
+        ColumnDef::new("id", DataType::BigInt),
+        ColumnDef::new("day", DataType::Date),
+        ColumnDef::new("big", DataType::Decimal { precision: 38, scale: 9 }),
+        ColumnDef::new("price", DataType::Decimal { precision: 5, scale: 2 }),
+    ]
+}
+
+/// DATE and DECIMAL values (extremes of the calendar and of 38 digits, negatives, zeros,
+/// nulls) come back unchanged from json and csv, with and without a null literal.
+#[test]
+fn date_and_decimal_round_trip_in_json_and_csv() {
+    let max = 10i128.pow(38) - 1;
+    let rows = vec![
+        Row::new(vec![Value::Int(1), Value::Date(19_844), dec(max, 9), dec(1250, 2)]),
+        Row::new(vec![Value::Int(2), Value::Date(-719_528), dec(-max, 9), dec(-99_999, 2)]),
+        Row::new(vec![Value::Int(3), Value::Date(2_932_896), dec(0, 9), dec(5, 2)]),
+        Row::new(vec![Value::Int(4), Value::Null, Value::Null, Value::Null]),
+    ];
+    for pairs in [
+        &[("format", "json")][..],
+        &[("format", "json"), ("json.encode.ignore-null-fields", "true")],
+        &[("format", "csv")],
+        &[("format", "csv"), ("csv.null-literal", "\\N")],
+        &[("format", "csv"), ("csv.disable-quote-character", "true"), ("csv.null-literal", "NULL")],
+    ] {
+        round_trip(pairs, &dated_amounts(), &rows);
+    }
+}
+
+/// Writing: a DATE is `yyyy-MM-dd` (a JSON string), a DECIMAL is plain text with exactly its
+/// scale's digits (a JSON number, never a string or an exponent).
+#[test]
+fn date_and_decimal_are_written_as_flink_writes_them() {
+    let row = Row::new(vec![Value::Int(7), Value::Date(19_844), dec(-125, 3), dec(1250, 2)]);
+    let (_, _, json) = setup(&dated_amounts(), &[("format", "json")]);
+    let rec = json.encode(&row).expect("encodes");
+    assert_eq!(
+        rec.value.as_deref(),
+        Some(&br#"{"id":7,"day":"2024-05-01","big":-0.125000000,"price":12.50}"#[..])
+    );
+    let (_, _, csv) = setup(&dated_amounts(), &[("format", "csv")]);
+    let rec = csv.encode(&row).expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&b"7,2024-05-01,-0.125000000,12.50"[..]));
+}
+
+/// JSON DECIMALs are read from the number's own text, so digits past a double's 17 survive;
+/// a string holding a number is read too; extra digits round half up (away from zero).
+#[test]
+fn json_decimals_are_exact_and_round_half_up() {
+    let (_, mut dec_json, _) = setup(&dated_amounts(), &[("format", "json")]);
+    let row = decode_value(
+        &mut dec_json,
+        r#"{"id": 1, "day": "2024-05-01", "big": 12345678901234567890.123456789, "price": "-1.005"}"#,
+    )
+    .expect("decodes")
+    .expect("a row");
+    assert_eq!(
+        row.values,
+        vec![
+            Value::Int(1),
+            Value::Date(19_844),
+            dec(12_345_678_901_234_567_890_123_456_789, 9),
+            dec(-101, 2)
+        ]
+    );
+    for (text, want) in [("1.004", 100), ("1.005", 101), ("2.675", 268), ("1e2", 10_000), (" 3 ", 300)] {
+        let doc = format!(r#"{{"price": "{text}"}}"#);
+        let row = decode_value(&mut dec_json, &doc).expect(text).expect("row");
+        assert_eq!(row.get(3), &dec(want, 2), "{text}");
+    }
+    let row = decode_value(&mut dec_json, r#"{"price": 0.125}"#).expect("number").expect("row");
+    assert_eq!(row.get(3), &dec(13, 2));
+}
+
+/// CSV DECIMALs round half up to the scale as well; a quoted field is read the same.
+#[test]
+fn csv_decimals_round_half_up() {
+    let (_, mut d, _) = setup(&dated_amounts(), &[("format", "csv")]);
+    let row = decode_value(&mut d, "1,1970-01-02,0.0000000005,\"-2.345\"").expect("decodes").expect("row");
+    assert_eq!(row.values, vec![Value::Int(1), Value::Date(1), dec(1, 9), dec(-235, 2)]);
+}
+
+/// A DATE or DECIMAL that does not parse, or a DECIMAL past its precision (also once rounded),
+/// is a malformed record: the error names topic, partition, offset and the field, and with
+/// `ignore-parse-errors` the record is skipped and counted.
+#[test]
+fn malformed_dates_and_decimals_are_errors_naming_the_record() {
+    let json_cases = [
+        (r#"{"day": "2024-02-30"}"#, "field 'day': expected DATE like \"2024-05-01\", found \"2024-02-30\""),
+        (r#"{"day": 19844}"#, "field 'day': expected DATE like \"2024-05-01\", found 19844"),
+        (r#"{"day": "2024-05-01 10:00:00"}"#, "field 'day': expected DATE"),
+        (r#"{"price": "abc"}"#, "field 'price': expected DECIMAL(5, 2), found \"abc\""),
+        (r#"{"price": true}"#, "field 'price': expected DECIMAL(5, 2), found true"),
+        (r#"{"price": 1000}"#, "field 'price': \"1000\" is out of range for DECIMAL(5, 2)"),
+        (r#"{"price": 999.995}"#, "field 'price': \"999.995\" is out of range for DECIMAL(5, 2)"),
+        (r#"{"big": 1e30}"#, "field 'big': \"1e30\" is out of range for DECIMAL(38, 9)"),
+    ];
+    let csv_cases = [
+        ("1,2024-13-01,,", "field 'day': expected DATE like 2024-05-01, found \"2024-13-01\""),
+        ("1,,,12.5.1", "field 'price': expected DECIMAL(5, 2), found \"12.5.1\""),
+        ("1,,,-1000", "field 'price': \"-1000\" is out of range for DECIMAL(5, 2)"),
+        ("1,,,NaN", "field 'price': expected DECIMAL(5, 2), found \"NaN\""),
+    ];
+    for (format, cases) in [("json", &json_cases[..]), ("csv", &csv_cases[..])] {
+        let (_, mut strict, _) = setup(&dated_amounts(), &[("format", format)]);
+        let ignore = format!("{format}.ignore-parse-errors");
+        let (_, mut lenient, _) = setup(&dated_amounts(), &[("format", format), (ignore.as_str(), "true")]);
+        for (text, needle) in cases {
+            let err = decode_value(&mut strict, text).expect_err(text);
+            let shown = err.to_string();
+            assert!(shown.contains("'people' partition 3 offset 1042"), "{shown}");
+            assert!(err.reason.contains(needle), "{text}: {}", err.reason);
+            assert_eq!(decode_value(&mut lenient, text).expect("skipped"), None, "{text}");
+        }
+        assert_eq!(lenient.skipped_malformed(), cases.len() as u64);
+    }
+}
+
+/// A row built from values fits a DECIMAL column by rescaling INT and DECIMAL values to the
+/// column's scale (rounding half up); one past the precision is refused naming the column.
+#[test]
+fn rows_fit_decimal_columns_by_rescaling() {
+    let (_, _, enc) = setup(&dated_amounts(), &[("format", "csv")]);
+    let row = Row::new(vec![Value::Int(1), Value::Null, Value::Int(-3), dec(12_345, 3)]);
+    let rec = enc.encode(&row).expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&b"1,,-3.000000000,12.35"[..]));
+    let err = enc
+        .encode(&Row::new(vec![Value::Int(1), Value::Null, Value::Null, Value::Int(1000)]))
+        .expect_err("4 digits");
+    assert_eq!(err.column, "price");
+    assert!(err.reason.contains("1000 is out of range for DECIMAL(5, 2)"), "{err}");
+    let err = enc
+        .encode(&Row::new(vec![Value::Int(1), Value::from("x"), Value::Null, Value::Null]))
+        .expect_err("text");
+    assert_eq!(err.column, "day");
+    assert!(err.reason.contains("a STRING value in a DATE column"), "{err}");
+}
+
+/// `timestamp-type` reads Kafka's timestamp type by Flink's names and `leader-epoch` the
+/// epoch (null when unknown, and in a BIGINT column too); a sink ignores both.
+#[test]
+fn timestamp_type_and_leader_epoch_are_read_from_the_record() {
+    let cols = vec![
+        ColumnDef::new("id", DataType::BigInt),
+        ColumnDef::metadata("tt", DataType::String, MetadataKey::TimestampType),
+        ColumnDef::metadata("epoch", DataType::Int, MetadataKey::LeaderEpoch),
+    ];
+    let (_, mut d, enc) = setup(&cols, &[("format", "json")]);
+    let base = msg(None, Some(b"{\"id\": 5}"));
+    for (tt, epoch, want_tt, want_epoch) in [
+        (TimestampType::CreateTime, Some(3), "CreateTime", Value::Int(3)),
+        (TimestampType::LogAppendTime, Some(0), "LogAppendTime", Value::Int(0)),
+        (TimestampType::NoTimestampType, None, "NoTimestampType", Value::Null),
+    ] {
+        let m = KafkaMessage { timestamp_type: tt, leader_epoch: epoch, ..base };
+        let row = d.decode(&m).expect("decodes").expect("row");
+        assert_eq!(row.values, vec![Value::Int(5), Value::from(want_tt), want_epoch]);
+    }
+    let rec = enc
+        .encode(&Row::new(vec![Value::Int(5), Value::from("CreateTime"), Value::Int(3)]))
+        .expect("encodes");
+    assert_eq!(rec.value.as_deref(), Some(&b"{\"id\":5}"[..]));
+    assert_eq!((rec.timestamp, rec.headers.len()), (None, 0));
+
+    let wide = [
+        ColumnDef::new("line", DataType::String),
+        ColumnDef::metadata("epoch", DataType::BigInt, MetadataKey::LeaderEpoch),
+    ];
+    let (_, mut d, _) = setup(&wide, &[("format", "raw")]);
+    let m = KafkaMessage { leader_epoch: Some(i32::MAX), ..base };
+    let row = d.decode(&m).expect("decodes").expect("row");
+    assert_eq!(row.values, vec![Value::from("{\"id\": 5}"), Value::Int(i64::from(i32::MAX))]);
 }

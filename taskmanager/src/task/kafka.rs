@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_formats::{KafkaMessage, RecordDecoder, RecordFormat, Schema};
+use keel_formats::{KafkaMessage, RecordDecoder, RecordFormat, Schema, TimestampType};
 use keel_kafka::{KafkaSourceOptions, KafkaSourceReader, SourcePosition};
 use keel_proto::{KeelError, Result};
 use tokio::sync::mpsc;
@@ -137,6 +137,12 @@ fn read_loop(
                 partition: m.partition,
                 offset: m.offset,
                 timestamp: m.timestamp_ms,
+                timestamp_type: match m.timestamp_type {
+                    keel_kafka::TimestampType::NotAvailable => TimestampType::NoTimestampType,
+                    keel_kafka::TimestampType::CreateTime => TimestampType::CreateTime,
+                    keel_kafka::TimestampType::LogAppendTime => TimestampType::LogAppendTime,
+                },
+                leader_epoch: m.leader_epoch,
                 headers: &headers,
                 key: m.key,
                 value: m.value,
