@@ -123,10 +123,8 @@ impl Client {
         from_savepoint: Option<&str>,
         allow_non_restored_state: bool,
     ) -> anyhow::Result<()> {
-        let spec_yaml = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read job spec {}", file.display()))?;
-        // Validate here first: the same check the JobManager makes, without a round trip.
-        keel_spec::JobSpec::parse(&spec_yaml).with_context(|| format!("job spec {}", file.display()))?;
+        // Validated here first: the same check the JobManager makes, without a round trip.
+        let spec_yaml = crate::spec_file::read(file)?.yaml;
         let req = pb::SubmitJobRequest {
             spec_yaml,
             restore,
@@ -367,12 +365,7 @@ impl Client {
         options: &UpgradeOptions,
     ) -> anyhow::Result<()> {
         let spec_yaml = match file {
-            Some(f) => {
-                let yaml = std::fs::read_to_string(f)
-                    .with_context(|| format!("cannot read job spec {}", f.display()))?;
-                keel_spec::JobSpec::parse(&yaml).with_context(|| format!("job spec {}", f.display()))?;
-                yaml
-            }
+            Some(f) => crate::spec_file::read(f)?.yaml,
             None => String::new(),
         };
         let req = pb::UpgradeJobRequest {

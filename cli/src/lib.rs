@@ -8,6 +8,7 @@
 
 pub mod client;
 mod format;
+pub mod spec_file;
 
 use std::future::Future;
 use std::path::PathBuf;

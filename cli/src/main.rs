@@ -44,9 +44,12 @@ enum Command {
     Jobmanager,
     /// Run a TaskManager.
     Taskmanager,
-    /// Submit a job spec and wait until it runs.
+    /// Submit a job spec (YAML, or a Flink SQL script ending in `.sql`) and wait until it runs.
     Run {
         file: PathBuf,
+        /// Check the spec and print its plan, like `keel explain`, without submitting it.
+        #[arg(long)]
+        dry_run: bool,
         /// Return right after submission instead of waiting for the job to run.
         #[arg(long, short = 'd')]
         detached: bool,
@@ -61,6 +64,15 @@ enum Command {
         /// With --from-savepoint: drop the state of sources the spec no longer has.
         #[arg(long, requires = "from_savepoint")]
         allow_non_restored_state: bool,
+    },
+    /// Check a job spec (YAML or SQL) with no cluster and print its plan: the sources with
+    /// their formats and columns, each sink's filter, projection and columns. Exits non-zero
+    /// with the error when the spec is invalid.
+    Explain {
+        file: PathBuf,
+        /// Print the YAML spec the cluster would be sent instead (for a SQL script, its YAML twin).
+        #[arg(long)]
+        yaml: bool,
     },
     /// List jobs.
     List,
@@ -166,11 +178,18 @@ fn main() -> ExitCode {
         Command::Resourcemanager => session.role(keel::RoleCmd::ResourceManager),
         Command::Jobmanager => session.role(keel::RoleCmd::JobManager),
         Command::Taskmanager => session.role(keel::RoleCmd::TaskManager),
-        Command::Run { file, detached, restore, from_savepoint, allow_non_restored_state } => {
-            session.client(|c| async move {
-                c.run(&file, detached, restore, from_savepoint.as_deref(), allow_non_restored_state).await
-            })
-        }
+        Command::Run { file, dry_run: true, .. } => keel::spec_file::explain(&file, false),
+        Command::Explain { file, yaml } => keel::spec_file::explain(&file, yaml),
+        Command::Run {
+            file,
+            dry_run: false,
+            detached,
+            restore,
+            from_savepoint,
+            allow_non_restored_state,
+        } => session.client(|c| async move {
+            c.run(&file, detached, restore, from_savepoint.as_deref(), allow_non_restored_state).await
+        }),
         Command::List => session.client(|c| async move { c.list().await }),
         Command::Status { job } => session.client(|c| async move { c.status(&job).await }),
         Command::Cancel { job, detached } => {

@@ -281,6 +281,84 @@ impl JobSpec {
         serde_yaml::to_string(&Value::Mapping(top)).unwrap_or_default()
     }
 
+    /// The plan in words, for `keel explain`: each source with its connector, format and
+    /// columns; each sink with its input, filter, projection, output columns and connector.
+    /// The spec is assumed valid (from [`JobSpec::parse`]); a part that does not plan is shown
+    /// with its error.
+    pub fn explain(&self) -> String {
+        use std::fmt::Write as _;
+        fn columns(schema: &keel_formats::Schema) -> String {
+            schema
+                .columns()
+                .iter()
+                .map(|c| match c.metadata {
+                    Some(k) => format!("{} {} (metadata {})", c.name, c.data_type, k),
+                    None => format!("{} {}", c.name, c.data_type),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        fn connector(c: &ConnectorSpec) -> String {
+            let mut out = c.connector.clone();
+            for key in [
+                "topic",
+                "topic-pattern",
+                "format",
+                "key.format",
+                "value.format",
+                "key.fields",
+                "sink.delivery-guarantee",
+                "rows-per-second",
+                "number-of-rows",
+                "path",
+            ] {
+                if let Some(v) = c.options.get(key) {
+                    let _ = write!(out, ", {key} {v}");
+                }
+            }
+            out
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "job {} (parallelism {}, maxParallelism {})",
+            self.name, self.parallelism, self.max_parallelism
+        );
+        for (k, v) in &self.config {
+            let _ = writeln!(out, "  config {k} = {v}");
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            let _ = writeln!(out, "source {}: {}", s.name, connector(s));
+            match self.source_plan(i) {
+                Ok(p) => {
+                    let _ = writeln!(out, "  columns: {}", columns(&p.schema));
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "  error: {e}");
+                }
+            }
+        }
+        for (i, s) in self.sinks.iter().enumerate() {
+            let _ =
+                writeln!(out, "sink {} <- {}: {}", s.name, s.from.as_deref().unwrap_or("?"), connector(s));
+            if let Some(f) = &s.filter {
+                let _ = writeln!(out, "  filter: {f}");
+            }
+            if !s.select.is_empty() {
+                let _ = writeln!(out, "  select: {}", s.select.join(", "));
+            }
+            match self.sink_plan(i) {
+                Ok(p) => {
+                    let _ = writeln!(out, "  columns: {}", columns(&p.schema));
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "  error: {e}");
+                }
+            }
+        }
+        out
+    }
+
     /// The `sink.transactional-id-prefix` of every exactly-once Kafka sink, with its field
     /// (`sinks[1].sink.transactional-id-prefix`).
     pub fn transactional_id_prefixes(&self) -> Vec<(String, String)> {

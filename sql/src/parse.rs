@@ -13,7 +13,7 @@ use sqlparser::ast::{self, Spanned};
 use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
-use sqlparser::tokenizer::{Span, Token, TokenWithSpan};
+use sqlparser::tokenizer::{Span, Token, TokenWithSpan, Tokenizer};
 
 /// The dialect scripts are parsed with: the generic one takes Flink's expressions, backquoted
 /// identifiers and `!=`; everything Flink-specific at the statement level is parsed here.
@@ -22,6 +22,9 @@ pub(crate) const DIALECT: GenericDialect = GenericDialect {};
 /// A parsed script, in statement order within each kind.
 #[derive(Debug, Default)]
 pub(crate) struct Script {
+    /// Every token of the script with its position, to find a clause's keyword (sqlparser's
+    /// spans cover a clause's expressions, not its keyword).
+    pub tokens: Vec<TokenWithSpan>,
     pub sets: Vec<SetStmt>,
     pub tables: Vec<TableDef>,
     pub inserts: Vec<InsertStmt>,
@@ -90,6 +93,18 @@ pub(crate) fn sql_error(reason: impl Into<String>) -> KeelError {
     KeelError::invalid_spec("sql", reason)
 }
 
+/// The span of the last keyword `word` (e.g. `GROUP`) at or before `before`: where the clause
+/// whose contents start at `before` begins. `before` itself when there is none.
+pub(crate) fn keyword_at(tokens: &[TokenWithSpan], before: Span, word: &str) -> Span {
+    let limit = (before.start.line, before.start.column);
+    tokens
+        .iter()
+        .take_while(|t| (t.span.start.line, t.span.start.column) <= limit)
+        .filter(|t| word_is(t, word))
+        .last()
+        .map_or(before, |t| t.span)
+}
+
 fn syntax(e: ParserError) -> KeelError {
     let text = match e {
         ParserError::TokenizerError(s) | ParserError::ParserError(s) => s,
@@ -101,7 +116,10 @@ fn syntax(e: ParserError) -> KeelError {
 /// Parses a whole script.
 pub(crate) fn parse_script(sql: &str) -> Result<Script> {
     let mut p = Parser::new(&DIALECT).try_with_sql(sql).map_err(syntax)?;
-    let mut script = Script::default();
+    let tokens = Tokenizer::new(&DIALECT, sql)
+        .tokenize_with_location()
+        .map_err(|e| sql_error(format!("syntax error: {e}")))?;
+    let mut script = Script { tokens, ..Script::default() };
     loop {
         while p.consume_token(&Token::SemiColon) {}
         let tok = p.peek_token();

@@ -22,7 +22,7 @@ use keel_spec::{ConnectorSpec, JobSpec};
 use sqlparser::ast::{self, Spanned};
 use sqlparser::tokenizer::Span;
 
-use crate::parse::{at, sql_error, ColumnKind, InsertStmt, Script, TableDef};
+use crate::parse::{at, keyword_at, sql_error, ColumnKind, InsertStmt, Script, TableDef};
 
 /// Where each spec field came from in the script, to put SQL positions on the spec's errors.
 #[derive(Debug, Default)]
@@ -92,7 +92,7 @@ pub(crate) fn plan(script: &Script, default_name: &str) -> Result<Planned> {
     let mut sinks: Vec<ConnectorSpec> = Vec::new();
     for insert in &script.inserts {
         let sink_table = lookup(&tables, &insert.sink.value, insert.sink.span)?;
-        let query = Query::of(insert)?;
+        let query = Query::of(insert, &script.tokens)?;
         let source_table = lookup(&tables, &query.table, query.table_span)?;
         if !sources.iter().any(|s| s.name == source_table.name) {
             sources.push(source_spec(source_table)?);
@@ -326,16 +326,17 @@ fn refuse(what: &str, span: Span) -> KeelError {
 }
 
 impl<'a> Query<'a> {
-    fn of(insert: &'a InsertStmt) -> Result<Query<'a>> {
+    fn of(insert: &'a InsertStmt, tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Result<Query<'a>> {
         let q = &*insert.query;
+        let kw = |span: Span, word: &str| keyword_at(tokens, span, word);
         if let Some(with) = &q.with {
             return Err(refuse("WITH (a common table expression)", with.span()));
         }
         if let Some(o) = &q.order_by {
-            return Err(refuse("ORDER BY", o.span()));
+            return Err(refuse("ORDER BY", kw(o.span(), "ORDER")));
         }
         if let Some(l) = &q.limit_clause {
-            return Err(refuse("LIMIT", l.span()));
+            return Err(refuse("LIMIT", kw(l.span(), "LIMIT")));
         }
         if q.fetch.is_some() {
             return Err(refuse("FETCH", q.span()));
@@ -343,7 +344,17 @@ impl<'a> Query<'a> {
         let select = match &*q.body {
             ast::SetExpr::Select(s) => s,
             ast::SetExpr::SetOperation { op, left, .. } => {
-                return Err(refuse(&op.to_string().to_uppercase(), left.span().union(&q.body.span())))
+                let op = op.to_string().to_uppercase();
+                let after_left = Span::new(left.span().end, left.span().end);
+                let at_op = tokens
+                    .iter()
+                    .find(|t| {
+                        (t.span.start.line, t.span.start.column)
+                            >= (after_left.start.line, after_left.start.column)
+                            && t.token.to_string().eq_ignore_ascii_case(&op)
+                    })
+                    .map_or(q.body.span(), |t| t.span);
+                return Err(refuse(&op, at_op));
             }
             ast::SetExpr::Values(v) => return Err(refuse("VALUES", v.span())),
             ast::SetExpr::Query(inner) => return Err(refuse("a parenthesized query", inner.span())),
@@ -359,12 +370,12 @@ impl<'a> Query<'a> {
         match &select.group_by {
             ast::GroupByExpr::All(_) => return Err(refuse("GROUP BY", head)),
             ast::GroupByExpr::Expressions(e, _) if !e.is_empty() => {
-                return Err(refuse("GROUP BY", e[0].span()))
+                return Err(refuse("GROUP BY", kw(e[0].span(), "GROUP")))
             }
             ast::GroupByExpr::Expressions(..) => {}
         }
         if let Some(h) = &select.having {
-            return Err(refuse("HAVING", h.span()));
+            return Err(refuse("HAVING", kw(h.span(), "HAVING")));
         }
         if let Some(w) = select.named_window.first() {
             return Err(refuse("WINDOW", w.span()));
@@ -381,7 +392,7 @@ impl<'a> Query<'a> {
             [_, second, ..] => return Err(refuse("a join (several tables in FROM)", second.span())),
         };
         if let Some(join) = from.joins.first() {
-            return Err(refuse("JOIN", join.span()));
+            return Err(refuse("JOIN", kw(join.span(), "JOIN")));
         }
         let (name, alias) = match &from.relation {
             ast::TableFactor::Table { name, alias, args: None, .. } => (name, alias),
