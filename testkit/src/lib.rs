@@ -447,6 +447,18 @@ impl TopicReader {
     }
 }
 
+/// Commits `offset` for `group` on every partition of `topic`, as a consumer group that has read
+/// up to there would have (a job started with `scan.startup.mode: group-offsets` resumes there).
+pub fn commit_offsets(bootstrap: &str, group: &str, topic: &str, offset: i64) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = client_config(bootstrap).set("group.id", group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..i32::try_from(partition_count(bootstrap, topic)?)? {
+        tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
+    }
+    consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+    Ok(())
+}
+
 /// The offsets `group` has committed for each partition of `topic` (`None`: nothing committed).
 pub fn committed_offsets(
     bootstrap: &str,

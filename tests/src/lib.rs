@@ -377,8 +377,27 @@ impl Sandbox {
 
     /// Writes a job spec into the sandbox and returns its path.
     pub fn write_spec(&self, name: &str, yaml: &str) -> anyhow::Result<PathBuf> {
-        let path = self.dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, yaml)?;
+        self.write_file(&format!("{name}.yaml"), yaml)
+    }
+
+    /// Writes `text` to `file_name` in the sandbox (a SQL script: `job.sql`); returns its path.
+    pub fn write_file(&self, file_name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(file_name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Writes a Flink SQL script as `<name>.sql` and submits it with `keel run [extra] FILE`;
+    /// fails with keel's stderr when the run fails. Returns the script's path.
+    pub fn run_sql(&self, name: &str, sql: &str, extra: &[&str]) -> anyhow::Result<PathBuf> {
+        let path = self.write_file(&format!("{name}.sql"), sql)?;
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        args.push(path.to_str().unwrap_or_default());
+        let out = self.keel(&args)?;
+        if !out.status.success() {
+            bail!("keel {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
         Ok(path)
     }
 
