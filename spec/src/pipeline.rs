@@ -7,6 +7,10 @@
 //!   projects them with its `select` (all columns when absent). A `kafka` sink encodes the
 //!   resulting rows with its own format options; `file` and `print` write one CSV line per row
 //!   (for a single column, just its value).
+//! - A `kafka` sink may declare `columns`: then its rows must be those columns, by name and
+//!   type, in that order, and metadata columns among them (`timestamp`, `headers`) are written
+//!   as the record's timestamp and headers rather than into the payload. (A SQL sink table
+//!   compiles to exactly this: the SELECT list is named and ordered after its columns.)
 
 use std::collections::BTreeMap;
 
@@ -114,7 +118,11 @@ pub(crate) fn sink_plan(spec: &JobSpec, index: usize) -> Result<SinkPlan> {
         ));
     }
     let (format, kafka) = if s.connector == "kafka" {
-        let schema_for_format = schema.clone();
+        let schema_for_format = if s.columns.is_empty() {
+            schema.clone()
+        } else {
+            declared_sink_columns(&base, &s.columns, &schema)?
+        };
         let format =
             RecordFormat::from_options(&base, &options_with_default_raw(&s.options), &schema_for_format)?;
         let kafka = keel_kafka::KafkaSinkOptions::from_spec(&base, &s.options)?;
@@ -133,4 +141,42 @@ pub(crate) fn sink_plan(spec: &JobSpec, index: usize) -> Result<SinkPlan> {
         (RecordFormat::from_options(&base, &o, &schema)?, None)
     };
     Ok(SinkPlan { name: s.name.clone(), source, filter, projection, schema, format, kafka })
+}
+
+/// A Kafka sink's declared `columns`: the rows it receives (its source's, filtered and
+/// projected) must have these columns, by name and type, in this order; the declaration adds
+/// what the rows cannot carry: which columns are metadata the sink writes (`timestamp`,
+/// `headers`). Errors name `sinks[i].columns[j]`.
+fn declared_sink_columns(base: &str, columns: &[ColumnDef], rows: &Schema) -> Result<Schema> {
+    let field = format!("{base}.columns");
+    let declared = Schema::from_columns(&field, columns)?;
+    let got = rows.columns();
+    let describe = |cols: &[ColumnDef]| {
+        cols.iter().map(|c| format!("{} {}", c.name, c.data_type)).collect::<Vec<_>>().join(", ")
+    };
+    for (j, want) in declared.columns().iter().enumerate() {
+        match got.get(j) {
+            Some(have) if have.name == want.name && have.data_type == want.data_type => {}
+            _ => return Err(KeelError::invalid_spec(
+                format!("{field}[{j}]"),
+                format!(
+                    "the sink's rows are ({}) but its columns are ({}): select the columns in this order, \
+                         with these names and types",
+                    describe(got),
+                    describe(declared.columns())
+                ),
+            )),
+        }
+    }
+    if got.len() > declared.columns().len() {
+        return Err(KeelError::invalid_spec(
+            &field,
+            format!(
+                "the sink's rows are ({}) but its columns are ({}): the rows have more columns",
+                describe(got),
+                describe(declared.columns())
+            ),
+        ));
+    }
+    Ok(declared)
 }

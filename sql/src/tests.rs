@@ -279,3 +279,24 @@ fn syntax_errors_name_line_and_column() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A sink table's writable metadata column (`timestamp`) stays metadata in the sink's plan, so
+/// the record timestamp is written rather than a payload field; VIRTUAL metadata columns of a
+/// sink are not written at all; a SELECT whose types differ from the sink's columns is refused
+/// naming the column.
+#[test]
+fn sink_metadata_columns_are_written_as_metadata() -> Result<()> {
+    let sink = "CREATE TABLE stamped (id BIGINT, ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp', \
+                t STRING METADATA FROM 'topic' VIRTUAL) WITH ('connector' = 'kafka', 'topic' = 'o', \
+                'properties.bootstrap.servers' = 'b:9092', 'format' = 'json');\n";
+    let spec = compile(&format!("{SOURCE}{sink}INSERT INTO stamped SELECT id, ts FROM src;"), "stamps")?.spec;
+    let plan = spec.sink_plan(0)?;
+    let columns = plan.schema.columns();
+    assert_eq!(columns.len(), 2, "the VIRTUAL column is not written: {columns:?}");
+    assert_eq!(columns[1].metadata, Some(keel_formats::MetadataKey::Timestamp));
+    assert_refused(
+        &format!("{SOURCE}{sink}INSERT INTO stamped SELECT name, ts FROM src;"),
+        "table stamped, column id (line 2, column 23): the sink's rows are (id STRING, ts TIMESTAMP)",
+    )?;
+    Ok(())
+}
