@@ -15,11 +15,13 @@
 //! | MAP (headers) | `Map<Utf8, Binary>` (entries in order, a key may repeat) |
 //! | DATE | `Date32` (days since 1970-01-01) |
 //! | DECIMAL(p, s) | `Decimal128(p, s)` |
+//! | ROW<name TYPE, ...> | `Struct` of the fields, by name and in order (each nullable) |
 //!
 //! A [`BatchBuilder`] appends rows column by column. A decoder first stages the values of one
 //! message ([`Staged`]: numbers inline, text and bytes in reused buffers), and commits them only
 //! once the whole message parsed, so a message that fails half-way leaves no partial row. After
-//! [`BatchBuilder::finish`] the builders start again with the capacity the last batch needed:
+//! [`BatchBuilder::finish`] the builders start again with the capacity the last batch needed
+//! (a ROW column's builders too, field by field):
 //! in the steady state a batch costs a fixed number of allocations, whatever its row count.
 //!
 //! [`Row`] and [`Value`] remain the one-row view of a batch ([`row_of`], [`batch_of_rows`]):
@@ -36,14 +38,15 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Date32Type, Decimal128Type, Float64Type, Int32Type, Int64Type, TimestampMillisecondType,
 };
-use arrow_array::{Array, ArrayRef, RecordBatch, RecordBatchOptions};
-use arrow_schema::{DataType as ArrowType, Field, Schema as ArrowSchema, SchemaRef, TimeUnit};
+use arrow_array::{Array, ArrayRef, RecordBatch, RecordBatchOptions, StructArray};
+use arrow_buffer::NullBufferBuilder;
+use arrow_schema::{DataType as ArrowType, Field, Fields, Schema as ArrowSchema, SchemaRef, TimeUnit};
 
-use crate::schema::{DataType, Schema};
+use crate::schema::{DataType, RowField, Schema};
 use crate::value::{Row, Value};
 
 /// The Arrow type of a column of type `t`.
-pub fn arrow_type(t: DataType) -> ArrowType {
+pub fn arrow_type(t: &DataType) -> ArrowType {
     match t {
         DataType::String => ArrowType::Utf8,
         DataType::Boolean => ArrowType::Boolean,
@@ -55,14 +58,20 @@ pub fn arrow_type(t: DataType) -> ArrowType {
         // Exactly what a MapBuilder produces (field names, nullability).
         DataType::Map => map_builder(0).finish().data_type().clone(),
         DataType::Date => ArrowType::Date32,
-        DataType::Decimal { precision, scale } => ArrowType::Decimal128(precision, scale),
+        DataType::Decimal { precision, scale } => ArrowType::Decimal128(*precision, *scale),
+        DataType::Row(fields) => ArrowType::Struct(struct_fields(fields)),
     }
+}
+
+/// The Arrow fields of a ROW's fields (same names and order; every field nullable).
+fn struct_fields(fields: &[RowField]) -> Fields {
+    fields.iter().map(|f| Field::new(f.name.clone(), arrow_type(&f.data_type), true)).collect()
 }
 
 /// The Arrow schema of `schema` (same names and order; every field nullable).
 pub fn arrow_schema(schema: &Schema) -> SchemaRef {
     let fields: Vec<Field> =
-        schema.columns().iter().map(|c| Field::new(c.name.clone(), arrow_type(c.data_type), true)).collect();
+        schema.columns().iter().map(|c| Field::new(c.name.clone(), arrow_type(&c.data_type), true)).collect();
     Arc::new(ArrowSchema::new(fields))
 }
 
@@ -96,6 +105,8 @@ pub(crate) enum Slot {
     Date(i32),
     /// The unscaled value at its column's scale (checked against its precision when parsed).
     Decimal(i128),
+    /// A ROW's fields, in order: slots of [`Staged::children`].
+    Row(Range<usize>),
 }
 
 /// The values of one message being decoded, one [`Slot`] per schema column. Reused from one
@@ -107,6 +118,9 @@ pub(crate) struct Staged {
     pub bytes: Vec<u8>,
     /// MAP entries: a key in `text`, a value in `bytes` (or none).
     pub entries: Vec<(Range<usize>, Option<Range<usize>>)>,
+    /// The field values of ROW slots (a ROW's fields are consecutive; a nested ROW's are
+    /// further on).
+    pub children: Vec<Slot>,
 }
 
 impl Staged {
@@ -120,6 +134,21 @@ impl Staged {
         self.text.clear();
         self.bytes.clear();
         self.entries.clear();
+        self.children.clear();
+    }
+
+    /// Reserves the slots of a ROW of `width` fields, all null: fill them with
+    /// [`Staged::set_child`], and stage the ROW as `Slot::Row(range)`.
+    pub fn push_row(&mut self, width: usize) -> Range<usize> {
+        let start = self.children.len();
+        self.children.resize(start + width, Slot::Null);
+        start..self.children.len()
+    }
+
+    pub fn set_child(&mut self, index: usize, slot: Slot) {
+        if let Some(s) = self.children.get_mut(index) {
+            *s = slot;
+        }
     }
 
     pub fn set(&mut self, column: usize, slot: Slot) {
@@ -169,10 +198,59 @@ enum Column {
     Map(MapBuilder<StringBuilder, BinaryBuilder>),
     Date(Date32Builder),
     Decimal(Decimal128Builder),
+    Row(RowColumn),
+}
+
+/// A ROW column: a builder per field, and the rows' own validity.
+struct RowColumn {
+    fields: Fields,
+    types: Vec<DataType>,
+    children: Vec<Column>,
+    /// Byte capacity each field's builder starts a batch with (as [`BatchBuilder`] keeps it).
+    data_capacity: Vec<usize>,
+    nulls: NullBufferBuilder,
+}
+
+impl RowColumn {
+    fn new(fields: &[RowField], rows: usize, data: usize) -> RowColumn {
+        let types: Vec<DataType> = fields.iter().map(|f| f.data_type.clone()).collect();
+        RowColumn {
+            fields: struct_fields(fields),
+            children: types.iter().map(|t| Column::new(t, rows, data)).collect(),
+            data_capacity: vec![data; types.len()],
+            types,
+            nulls: NullBufferBuilder::new(rows),
+        }
+    }
+
+    fn append_null(&mut self) {
+        self.nulls.append_null();
+        self.children.iter_mut().for_each(Column::append_null);
+    }
+
+    /// The rows so far as a struct array; the field builders start again sized for `rows`
+    /// rows (and the data their fields held).
+    fn finish_renew(&mut self, rows: usize) -> ArrayRef {
+        let arrays: Vec<ArrayRef> = self
+            .children
+            .iter_mut()
+            .zip(&self.types)
+            .zip(self.data_capacity.iter_mut())
+            .map(|((c, t), d)| c.finish_renew(t, rows, d))
+            .collect();
+        let len = arrays.first().map_or(0, |a| a.len());
+        let nulls = self.nulls.finish();
+        self.nulls = NullBufferBuilder::new(rows);
+        // The field arrays have the fields' types and one length by construction.
+        match StructArray::try_new(self.fields.clone(), arrays, nulls) {
+            Ok(a) => Arc::new(a),
+            Err(_) => Arc::new(StructArray::new_null(self.fields.clone(), len)),
+        }
+    }
 }
 
 impl Column {
-    fn new(t: DataType, rows: usize, data: usize) -> Column {
+    fn new(t: &DataType, rows: usize, data: usize) -> Column {
         match t {
             DataType::String => Column::String(StringBuilder::with_capacity(rows, data)),
             DataType::Boolean => Column::Boolean(BooleanBuilder::with_capacity(rows)),
@@ -185,8 +263,9 @@ impl Column {
             DataType::Date => Column::Date(Date32Builder::with_capacity(rows)),
             DataType::Decimal { precision, scale } => Column::Decimal(
                 Decimal128Builder::with_capacity(rows)
-                    .with_data_type(ArrowType::Decimal128(precision, scale)),
+                    .with_data_type(ArrowType::Decimal128(*precision, *scale)),
             ),
+            DataType::Row(fields) => Column::Row(RowColumn::new(fields, rows, data)),
         }
     }
 
@@ -204,11 +283,15 @@ impl Column {
             }
             Column::Date(b) => b.append_null(),
             Column::Decimal(b) => b.append_null(),
+            Column::Row(r) => r.append_null(),
         }
     }
 
-    fn finish(&mut self) -> ArrayRef {
-        match self {
+    /// The values so far as an array; the column starts again sized for `rows` rows and for
+    /// the larger of `data` and the bytes this array holds (`data` is updated).
+    fn finish_renew(&mut self, t: &DataType, rows: usize, data: &mut usize) -> ArrayRef {
+        let array: ArrayRef = match self {
+            Column::Row(r) => return r.finish_renew(rows),
             Column::String(b) => Arc::new(b.finish()),
             Column::Boolean(b) => Arc::new(b.finish()),
             Column::Int(b) => Arc::new(b.finish()),
@@ -219,8 +302,168 @@ impl Column {
             Column::Map(b) => Arc::new(b.finish()),
             Column::Date(b) => Arc::new(b.finish()),
             Column::Decimal(b) => Arc::new(b.finish()),
+        };
+        let used = match array.data_type() {
+            ArrowType::Utf8 => array.as_string::<i32>().values().len(),
+            ArrowType::Binary => array.as_binary::<i32>().values().len(),
+            _ => 0,
+        };
+        *data = (*data).max(used);
+        *self = Column::new(t, rows, *data);
+        array
+    }
+
+    /// Appends a staged value ([`check_slot`] said it fits; a slot of another kind appends a
+    /// null).
+    fn append_slot(&mut self, slot: &Slot, staged: &Staged) {
+        let text = |r: &Range<usize>| staged.text.get(r.clone()).unwrap_or_default();
+        let bytes = |r: &Range<usize>| staged.bytes.get(r.clone()).unwrap_or_default();
+        match (self, slot) {
+            (c, Slot::Null) => c.append_null(),
+            (Column::String(b), Slot::Text(r)) => b.append_value(text(r)),
+            (Column::Boolean(b), Slot::Bool(v)) => b.append_value(*v),
+            (Column::Int(b), Slot::Int(v)) => b.append_value(i32::try_from(*v).unwrap_or_default()),
+            (Column::BigInt(b), Slot::Int(v)) => b.append_value(*v),
+            (Column::Double(b), Slot::Double(v)) => b.append_value(*v),
+            (Column::Timestamp(b), Slot::Timestamp(v)) => b.append_value(*v),
+            (Column::Bytes(b), Slot::Bytes(r)) => b.append_value(bytes(r)),
+            (Column::Map(b), Slot::Map(r)) => {
+                for (k, v) in staged.entries.get(r.clone()).unwrap_or_default() {
+                    b.keys().append_value(text(k));
+                    match v {
+                        Some(v) => b.values().append_value(bytes(v)),
+                        None => b.values().append_null(),
+                    }
+                }
+                let _ = b.append(true);
+            }
+            (Column::Date(b), Slot::Date(v)) => b.append_value(*v),
+            (Column::Decimal(b), Slot::Decimal(v)) => b.append_value(*v),
+            (Column::Row(r), Slot::Row(range)) => {
+                r.nulls.append_non_null();
+                let slots = staged.children.get(range.clone()).unwrap_or_default();
+                for (i, child) in r.children.iter_mut().enumerate() {
+                    child.append_slot(slots.get(i).unwrap_or(&Slot::Null), staged);
+                }
+            }
+            (c, _) => c.append_null(),
         }
     }
+
+    /// Appends a value ([`check_value`] said it fits; a value of another kind appends a null).
+    fn append_value(&mut self, t: &DataType, v: &Value) {
+        match (self, v) {
+            (c, Value::Null) => c.append_null(),
+            (Column::String(b), Value::String(s)) => b.append_value(s),
+            (Column::Boolean(b), Value::Bool(v)) => b.append_value(*v),
+            (Column::Int(b), Value::Int(v)) => b.append_value(i32::try_from(*v).unwrap_or_default()),
+            (Column::BigInt(b), Value::Int(v)) => b.append_value(*v),
+            (Column::Double(b), Value::Double(v)) => b.append_value(*v),
+            (Column::Double(b), Value::Int(v)) => b.append_value(*v as f64),
+            (Column::Timestamp(b), Value::Timestamp(v) | Value::Int(v)) => b.append_value(*v),
+            (Column::Bytes(b), Value::Bytes(v)) => b.append_value(v),
+            (Column::Map(b), Value::Map(entries)) => {
+                for (k, v) in entries {
+                    b.keys().append_value(k);
+                    match v {
+                        Some(v) => b.values().append_value(v),
+                        None => b.values().append_null(),
+                    }
+                }
+                let _ = b.append(true);
+            }
+            (Column::Date(b), Value::Date(v)) => b.append_value(*v),
+            (Column::Decimal(b), v) => match decimal_value(t, v) {
+                Some(Ok(unscaled)) => b.append_value(unscaled),
+                _ => b.append_null(),
+            },
+            (Column::Row(r), Value::Row(values)) => {
+                r.nulls.append_non_null();
+                for (i, (child, t)) in r.children.iter_mut().zip(&r.types).enumerate() {
+                    child.append_value(t, values.get(i).unwrap_or(&Value::Null));
+                }
+            }
+            (c, _) => c.append_null(),
+        }
+    }
+}
+
+/// Whether a staged `slot` fits a column of type `t`: `Err` says why not, as the tail of a
+/// message that starts with the column (`: 1099511627776 is out of range for INT`,
+/// ` (INT) was given Text(0..1)`, `.owner (STRING) was given Int(1)`).
+fn check_slot(t: &DataType, slot: &Slot, staged: &Staged) -> Result<(), String> {
+    if let (DataType::Int, Slot::Int(n)) = (t, slot) {
+        if i32::try_from(*n).is_err() {
+            return Err(format!(": {n} is out of range for INT"));
+        }
+    }
+    if let (DataType::Row(fields), Slot::Row(range)) = (t, slot) {
+        let Some(slots) = staged.children.get(range.clone()).filter(|s| s.len() == fields.len()) else {
+            return Err(format!(" ({t}) was given {} field values", range.len()));
+        };
+        for (f, s) in fields.iter().zip(slots) {
+            check_slot(&f.data_type, s, staged).map_err(|e| format!(".{}{e}", f.name))?;
+        }
+        return Ok(());
+    }
+    let fits = matches!(
+        (t, slot),
+        (_, Slot::Null)
+            | (DataType::String, Slot::Text(_))
+            | (DataType::Boolean, Slot::Bool(_))
+            | (DataType::Int | DataType::BigInt, Slot::Int(_))
+            | (DataType::Double, Slot::Double(_))
+            | (DataType::Timestamp, Slot::Timestamp(_))
+            | (DataType::Bytes, Slot::Bytes(_))
+            | (DataType::Map, Slot::Map(_))
+            | (DataType::Date, Slot::Date(_))
+            | (DataType::Decimal { .. }, Slot::Decimal(_))
+    );
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(" ({t}) was given {slot:?}"))
+    }
+}
+
+/// Whether `v` fits a column of type `t` (see [`BatchBuilder::append_row`]): `Err` is the
+/// reason, naming the ROW field it is in (`field 'owner': a INT value in a STRING column`).
+fn check_value(t: &DataType, v: &Value) -> Result<(), String> {
+    if let DataType::Decimal { .. } = t {
+        match decimal_value(t, v) {
+            Some(Ok(_)) => return Ok(()),
+            Some(Err(reason)) => return Err(reason),
+            None => {}
+        }
+    }
+    if let (DataType::Row(fields), Value::Row(values)) = (t, v) {
+        if values.len() != fields.len() {
+            return Err(format!("{} values for the {} fields of {t}", values.len(), fields.len()));
+        }
+        for (f, v) in fields.iter().zip(values) {
+            check_value(&f.data_type, v).map_err(|e| format!("field '{}': {e}", f.name))?;
+        }
+        return Ok(());
+    }
+    let fits = matches!(
+        (t, v),
+        (_, Value::Null)
+            | (DataType::String, Value::String(_))
+            | (DataType::Boolean, Value::Bool(_))
+            | (DataType::BigInt, Value::Int(_))
+            | (DataType::Double, Value::Double(_) | Value::Int(_))
+            | (DataType::Timestamp, Value::Timestamp(_) | Value::Int(_))
+            | (DataType::Bytes, Value::Bytes(_))
+            | (DataType::Map, Value::Map(_))
+            | (DataType::Date, Value::Date(_))
+    ) || matches!((t, v), (DataType::Int, Value::Int(n)) if i32::try_from(*n).is_ok());
+    if fits {
+        return Ok(());
+    }
+    Err(match (t, v) {
+        (DataType::Int, Value::Int(n)) => format!("{n} is out of range for INT"),
+        _ => format!("a {} value in a {t} column", v.kind()),
+    })
 }
 
 /// Appends rows of one schema and finishes them into [`RecordBatch`]es.
@@ -243,9 +486,9 @@ impl std::fmt::Debug for BatchBuilder {
 impl BatchBuilder {
     /// A builder for batches of `schema`, sized for `capacity` rows to start with.
     pub fn new(schema: &Schema, capacity: usize) -> BatchBuilder {
-        let types: Vec<DataType> = schema.columns().iter().map(|c| c.data_type).collect();
+        let types: Vec<DataType> = schema.columns().iter().map(|c| c.data_type.clone()).collect();
         let data_capacity = vec![capacity * 16; types.len()];
-        let columns = types.iter().zip(&data_capacity).map(|(t, d)| Column::new(*t, capacity, *d)).collect();
+        let columns = types.iter().zip(&data_capacity).map(|(t, d)| Column::new(t, capacity, *d)).collect();
         BatchBuilder { schema: arrow_schema(schema), types, columns, rows: 0, capacity, data_capacity }
     }
 
@@ -268,120 +511,25 @@ impl BatchBuilder {
     pub(crate) fn append_staged(&mut self, staged: &Staged) -> Result<(), String> {
         // Check first, so that a bad slot leaves no partial row.
         for (i, (slot, t)) in staged.slots.iter().zip(&self.types).enumerate() {
-            if let (DataType::Int, Slot::Int(n)) = (t, slot) {
-                if i32::try_from(*n).is_err() {
-                    return Err(format!("column {i}: {n} is out of range for INT"));
-                }
-            }
-            let fits = matches!(
-                (t, slot),
-                (_, Slot::Null)
-                    | (DataType::String, Slot::Text(_))
-                    | (DataType::Boolean, Slot::Bool(_))
-                    | (DataType::Int | DataType::BigInt, Slot::Int(_))
-                    | (DataType::Double, Slot::Double(_))
-                    | (DataType::Timestamp, Slot::Timestamp(_))
-                    | (DataType::Bytes, Slot::Bytes(_))
-                    | (DataType::Map, Slot::Map(_))
-                    | (DataType::Date, Slot::Date(_))
-                    | (DataType::Decimal { .. }, Slot::Decimal(_))
-            );
-            if !fits {
-                return Err(format!("column {i} ({t}) was given {slot:?}"));
-            }
+            check_slot(t, slot, staged).map_err(|e| format!("column {i}{e}"))?;
         }
         for (column, slot) in self.columns.iter_mut().zip(&staged.slots) {
-            let text = |r: &Range<usize>| staged.text.get(r.clone()).unwrap_or_default();
-            let bytes = |r: &Range<usize>| staged.bytes.get(r.clone()).unwrap_or_default();
-            match (column, slot) {
-                (c, Slot::Null) => c.append_null(),
-                (Column::String(b), Slot::Text(r)) => b.append_value(text(r)),
-                (Column::Boolean(b), Slot::Bool(v)) => b.append_value(*v),
-                (Column::Int(b), Slot::Int(v)) => b.append_value(i32::try_from(*v).unwrap_or_default()),
-                (Column::BigInt(b), Slot::Int(v)) => b.append_value(*v),
-                (Column::Double(b), Slot::Double(v)) => b.append_value(*v),
-                (Column::Timestamp(b), Slot::Timestamp(v)) => b.append_value(*v),
-                (Column::Bytes(b), Slot::Bytes(r)) => b.append_value(bytes(r)),
-                (Column::Map(b), Slot::Map(r)) => {
-                    for (k, v) in staged.entries.get(r.clone()).unwrap_or_default() {
-                        b.keys().append_value(text(k));
-                        match v {
-                            Some(v) => b.values().append_value(bytes(v)),
-                            None => b.values().append_null(),
-                        }
-                    }
-                    let _ = b.append(true);
-                }
-                (Column::Date(b), Slot::Date(v)) => b.append_value(*v),
-                (Column::Decimal(b), Slot::Decimal(v)) => b.append_value(*v),
-                (c, _) => c.append_null(),
-            }
+            column.append_slot(slot, staged);
         }
         self.rows += 1;
         Ok(())
     }
 
     /// Appends `row`, converting INT to DOUBLE and INT or DECIMAL to a DECIMAL column's scale
-    /// (rounding half up) where the column wants it; a value that does not fit its column is
-    /// an error naming the column index, and appends nothing.
+    /// (rounding half up) where the column wants it (inside ROW values too); a value that does
+    /// not fit its column is an error naming the column index (and the ROW field), and appends
+    /// nothing.
     pub fn append_row(&mut self, row: &Row) -> Result<(), (usize, String)> {
         for (i, t) in self.types.iter().enumerate() {
-            let v = row.get(i);
-            if let DataType::Decimal { .. } = t {
-                match decimal_value(*t, v) {
-                    Some(Ok(_)) => continue,
-                    Some(Err(reason)) => return Err((i, reason)),
-                    None => {}
-                }
-            }
-            let fits = matches!(
-                (t, v),
-                (_, Value::Null)
-                    | (DataType::String, Value::String(_))
-                    | (DataType::Boolean, Value::Bool(_))
-                    | (DataType::BigInt, Value::Int(_))
-                    | (DataType::Double, Value::Double(_) | Value::Int(_))
-                    | (DataType::Timestamp, Value::Timestamp(_) | Value::Int(_))
-                    | (DataType::Bytes, Value::Bytes(_))
-                    | (DataType::Map, Value::Map(_))
-                    | (DataType::Date, Value::Date(_))
-            ) || matches!((t, v), (DataType::Int, Value::Int(n)) if i32::try_from(*n).is_ok());
-            if !fits {
-                let reason = match (t, v) {
-                    (DataType::Int, Value::Int(n)) => format!("{n} is out of range for INT"),
-                    _ => format!("a {} value in a {t} column", v.kind()),
-                };
-                return Err((i, reason));
-            }
+            check_value(t, row.get(i)).map_err(|reason| (i, reason))?;
         }
         for (i, (column, t)) in self.columns.iter_mut().zip(&self.types).enumerate() {
-            match (column, row.get(i)) {
-                (c, Value::Null) => c.append_null(),
-                (Column::String(b), Value::String(s)) => b.append_value(s),
-                (Column::Boolean(b), Value::Bool(v)) => b.append_value(*v),
-                (Column::Int(b), Value::Int(v)) => b.append_value(i32::try_from(*v).unwrap_or_default()),
-                (Column::BigInt(b), Value::Int(v)) => b.append_value(*v),
-                (Column::Double(b), Value::Double(v)) => b.append_value(*v),
-                (Column::Double(b), Value::Int(v)) => b.append_value(*v as f64),
-                (Column::Timestamp(b), Value::Timestamp(v) | Value::Int(v)) => b.append_value(*v),
-                (Column::Bytes(b), Value::Bytes(v)) => b.append_value(v),
-                (Column::Map(b), Value::Map(entries)) => {
-                    for (k, v) in entries {
-                        b.keys().append_value(k);
-                        match v {
-                            Some(v) => b.values().append_value(v),
-                            None => b.values().append_null(),
-                        }
-                    }
-                    let _ = b.append(true);
-                }
-                (Column::Date(b), Value::Date(v)) => b.append_value(*v),
-                (Column::Decimal(b), v) => match decimal_value(*t, v) {
-                    Some(Ok(unscaled)) => b.append_value(unscaled),
-                    _ => b.append_null(),
-                },
-                (c, _) => c.append_null(),
-            }
+            column.append_value(t, row.get(i));
         }
         self.rows += 1;
         Ok(())
@@ -396,18 +544,8 @@ impl BatchBuilder {
         }
         self.capacity = self.capacity.max(rows);
         let mut arrays = Vec::with_capacity(self.columns.len());
-        for (i, column) in self.columns.iter_mut().enumerate() {
-            let array = column.finish();
-            let data = match array.data_type() {
-                ArrowType::Utf8 => array.as_string::<i32>().values().len(),
-                ArrowType::Binary => array.as_binary::<i32>().values().len(),
-                _ => 0,
-            };
-            if let (Some(d), Some(t)) = (self.data_capacity.get_mut(i), self.types.get(i)) {
-                *d = (*d).max(data);
-                *column = Column::new(*t, self.capacity, *d);
-            }
-            arrays.push(array);
+        for ((column, t), d) in self.columns.iter_mut().zip(&self.types).zip(self.data_capacity.iter_mut()) {
+            arrays.push(column.finish_renew(t, self.capacity, d));
         }
         // The arrays have the schema's types and one length by construction.
         RecordBatch::try_new(self.schema.clone(), arrays)
@@ -417,8 +555,8 @@ impl BatchBuilder {
 
 /// The unscaled value of `v` in a DECIMAL column of type `t`: `None` when `v` is no number a
 /// DECIMAL takes (INT or DECIMAL), an error when it does not fit the precision.
-fn decimal_value(t: DataType, v: &Value) -> Option<Result<i128, String>> {
-    let DataType::Decimal { precision, scale } = t else { return None };
+fn decimal_value(t: &DataType, v: &Value) -> Option<Result<i128, String>> {
+    let DataType::Decimal { precision, scale } = *t else { return None };
     let (unscaled, from) = match v {
         Value::Int(n) => (i128::from(*n), 0),
         Value::Decimal { unscaled, scale } => (*unscaled, *scale),
@@ -471,6 +609,9 @@ pub fn value_at(array: &dyn Array, i: usize) -> Value {
         ArrowType::Decimal128(_, scale) => {
             Value::Decimal { unscaled: array.as_primitive::<Decimal128Type>().value(i), scale: *scale }
         }
+        ArrowType::Struct(_) => {
+            Value::Row(array.as_struct().columns().iter().map(|c| value_at(c.as_ref(), i)).collect())
+        }
         ArrowType::Map(_, _) => {
             let entries = array.as_map().value(i);
             let keys = entries.column(0).as_string::<i32>();
@@ -501,6 +642,7 @@ pub(crate) enum ColRef<'a> {
     Map(&'a arrow_array::MapArray),
     Date(&'a arrow_array::Date32Array),
     Decimal(&'a arrow_array::Decimal128Array),
+    Row(&'a StructArray),
     /// A column of a type no Keel column has.
     Other(&'a dyn Array),
 }
@@ -520,6 +662,7 @@ impl<'a> ColRef<'a> {
             ArrowType::Map(_, _) => ColRef::Map(array.as_map()),
             ArrowType::Date32 => ColRef::Date(array.as_primitive::<Date32Type>()),
             ArrowType::Decimal128(_, _) => ColRef::Decimal(array.as_primitive::<Decimal128Type>()),
+            ArrowType::Struct(_) => ColRef::Row(array.as_struct()),
             _ => ColRef::Other(array),
         }
     }
@@ -541,6 +684,7 @@ impl<'a> ColRef<'a> {
             ColRef::Map(a) => a,
             ColRef::Date(a) => a,
             ColRef::Decimal(a) => a,
+            ColRef::Row(a) => a,
             ColRef::Other(a) => a,
         }
     }
@@ -562,6 +706,7 @@ impl<'a> ColRef<'a> {
             ColRef::Map(_) => "MAP",
             ColRef::Date(_) => "DATE",
             ColRef::Decimal(_) => "DECIMAL",
+            ColRef::Row(_) => "ROW",
             ColRef::Other(_) => "UNKNOWN",
         }
     }

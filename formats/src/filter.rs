@@ -249,7 +249,7 @@ impl Filter {
             let column = schema
                 .index_of(name)
                 .ok_or_else(|| err(format!("unknown column '{name}'; columns: {}", schema.names())))?;
-            let data_type = schema.column(column).map_or(DataType::String, |c| c.data_type);
+            let data_type = schema.column(column).map_or(DataType::String, |c| c.data_type.clone());
             pos += 1;
             // Operator.
             let tok = tokens
@@ -294,7 +294,7 @@ impl Filter {
                 let lit_tok =
                     tokens.get(pos).ok_or_else(|| err(format!("expected a value after '{name} {op}'")))?;
                 pos += 1;
-                let literal = literal(lit_tok, data_type, op)
+                let literal = literal(lit_tok, data_type.clone(), op)
                     .map_err(|reason| err(format!("'{name}' is {data_type}: {reason}")))?;
                 Test::Compare(op, literal)
             };
@@ -403,7 +403,7 @@ fn literal(tok: &Token, ty: DataType, op: Op) -> std::result::Result<Literal, St
             }
             other => Err(format!("compare it with a timestamp string or epoch milliseconds, not {other}")),
         },
-        DataType::Bytes | DataType::Map | DataType::Date | DataType::Decimal { .. } => {
+        DataType::Bytes | DataType::Map | DataType::Date | DataType::Decimal { .. } | DataType::Row(_) => {
             Err("it takes only 'is null' and 'is not null'".into())
         }
     }

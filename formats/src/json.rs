@@ -3,9 +3,15 @@
 //! Decoding reads the object in one pass with serde_json, borrowing each declared field's JSON
 //! text ([`RawValue`]) from the message instead of building values; undeclared fields are
 //! skipped without being built. Once the whole object parsed, the declared fields are converted
-//! in declared order straight into the staged row. Strings without escapes, numbers and
-//! booleans cost no allocation; a string with escapes, a non-string JSON value read into a
-//! STRING column and MAP values do.
+//! in declared order straight into the staged row. A ROW column is a nested object read the
+//! same way (its fields by name, undeclared ones skipped, missing ones null unless
+//! `json.fail-on-missing-field`; a JSON `null` is a null row), staged as consecutive field
+//! slots; an error inside names the field's path (`field 'properties.owner': ...`). Strings
+//! without escapes, numbers, booleans and rows cost no allocation; a string with escapes, a
+//! non-string JSON value read into a STRING column and MAP values do.
+//!
+//! Encoding writes each column as its JSON form, a ROW as a nested object of its fields in
+//! declared order (`json.encode.ignore-null-fields` leaves out null fields inside rows too).
 
 use std::fmt;
 use std::io::Write as _;
@@ -18,13 +24,51 @@ use serde_json::Value as Json;
 use crate::batch::{ColRef, Slot, Staged};
 use crate::error::FieldError;
 use crate::options::{JsonOptions, PayloadField};
-use crate::schema::DataType;
+use crate::schema::{DataType, RowField};
 use crate::text;
 
-/// Reused between messages by one decoder: where each declared field's JSON text is.
+/// Reused between messages by one decoder: where each declared field's JSON text is (while a
+/// ROW is read, its fields' follow those of the object around it).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct JsonScratch {
     found: Vec<Option<Range<usize>>>,
+}
+
+/// Why a field did not decode.
+#[derive(Debug)]
+struct Fail {
+    /// The path of the ROW field it happened in, below the column (empty at the column itself;
+    /// `owner`, `address.city`).
+    path: String,
+    /// `None`: the field is missing and `json.fail-on-missing-field` is set.
+    reason: Option<String>,
+}
+
+impl From<String> for Fail {
+    fn from(reason: String) -> Fail {
+        Fail { path: String::new(), reason: Some(reason) }
+    }
+}
+
+impl Fail {
+    fn missing(name: &str) -> Fail {
+        Fail { path: name.to_string(), reason: None }
+    }
+
+    /// The same failure seen from the ROW around field `name`.
+    fn inside(mut self, name: &str) -> Fail {
+        self.path = if self.path.is_empty() { name.to_string() } else { format!("{name}.{}", self.path) };
+        self
+    }
+
+    /// The message for a failure in column `column`.
+    fn message(&self, column: &str) -> String {
+        let path = if self.path.is_empty() { column.to_string() } else { format!("{column}.{}", self.path) };
+        match &self.reason {
+            Some(reason) => format!("field '{path}': {reason}"),
+            None => format!("field '{path}' is missing (json.fail-on-missing-field is true)"),
+        }
+    }
 }
 
 /// Parses `bytes` as an object and stages each payload column's value. A field given twice
@@ -39,7 +83,11 @@ pub(crate) fn decode(
     scratch.found.clear();
     scratch.found.resize(fields.len(), None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let visitor = ObjectVisitor { fields, base: bytes.as_ptr() as usize, found: &mut scratch.found };
+    let visitor = ObjectVisitor {
+        names: Names::Payload(fields),
+        base: bytes.as_ptr() as usize,
+        found: &mut scratch.found,
+    };
     let parsed = de::Deserializer::deserialize_any(&mut de, visitor).and_then(|()| de.end());
     if let Err(e) = parsed {
         return Err(match e.classify() {
@@ -47,23 +95,36 @@ pub(crate) fn decode(
             _ => format!("not valid JSON: {e}"),
         });
     }
-    for (f, found) in fields.iter().zip(&scratch.found) {
-        let raw = match found {
-            None if opts.fail_on_missing_field => {
-                return Err(format!("field '{}' is missing (json.fail-on-missing-field is true)", f.name))
-            }
+    for (i, f) in fields.iter().enumerate() {
+        let raw = match scratch.found.get(i).cloned().flatten() {
+            None if opts.fail_on_missing_field => return Err(Fail::missing("").message(&f.name)),
             None => continue,
-            Some(r) => bytes.get(r.clone()).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("null"),
+            Some(r) => bytes.get(r).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("null"),
         };
-        let slot =
-            from_json(raw, f.data_type, staged).map_err(|reason| format!("field '{}': {reason}", f.name))?;
+        let slot = from_json(raw, &f.data_type, opts, scratch, staged).map_err(|e| e.message(&f.name))?;
         staged.set(f.index, slot);
     }
     Ok(())
 }
 
+/// The declared fields an object is read for: a message's payload columns, or a ROW's fields.
+#[derive(Clone, Copy)]
+enum Names<'a> {
+    Payload(&'a [PayloadField]),
+    Row(&'a [RowField]),
+}
+
+impl Names<'_> {
+    fn position(self, key: &str) -> Option<usize> {
+        match self {
+            Names::Payload(fields) => fields.iter().position(|f| f.name == key),
+            Names::Row(fields) => fields.iter().position(|f| f.name == key),
+        }
+    }
+}
+
 struct ObjectVisitor<'a> {
-    fields: &'a [PayloadField],
+    names: Names<'a>,
     /// Address of the message's first byte: borrowed JSON texts are located relative to it.
     base: usize,
     found: &'a mut [Option<Range<usize>>],
@@ -77,7 +138,7 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(field) = map.next_key_seed(KeySeed { fields: self.fields })? {
+        while let Some(field) = map.next_key_seed(KeySeed { names: self.names })? {
             match field {
                 Some(i) => {
                     let raw: &'de RawValue = map.next_value()?;
@@ -98,7 +159,7 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
 
 /// A key: the index of the declared field it names, without building the key.
 struct KeySeed<'a> {
-    fields: &'a [PayloadField],
+    names: Names<'a>,
 }
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
@@ -117,7 +178,7 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.fields.iter().position(|f| f.name == key))
+        Ok(self.names.position(key))
     }
 }
 
@@ -128,7 +189,7 @@ fn shown(raw: &str) -> String {
     text::cut(&compact)
 }
 
-fn mismatch(ty: DataType, raw: &str) -> String {
+fn mismatch(ty: &DataType, raw: &str) -> String {
     format!("expected {ty}, found {}", shown(raw))
 }
 
@@ -146,7 +207,13 @@ fn is_number(raw: &str) -> bool {
 }
 
 /// Stages one field's JSON text as a value of `ty`.
-fn from_json(raw: &str, ty: DataType, staged: &mut Staged) -> Result<Slot, String> {
+fn from_json(
+    raw: &str,
+    ty: &DataType,
+    opts: &JsonOptions,
+    scratch: &mut JsonScratch,
+    staged: &mut Staged,
+) -> Result<Slot, Fail> {
     if raw == "null" {
         return Ok(Slot::Null);
     }
@@ -165,7 +232,7 @@ fn from_json(raw: &str, ty: DataType, staged: &mut Staged) -> Result<Slot, Strin
             _ => match string_of(raw) {
                 Some(s) if s.eq_ignore_ascii_case("true") => Slot::Bool(true),
                 Some(s) if s.eq_ignore_ascii_case("false") => Slot::Bool(false),
-                _ => return Err(mismatch(ty, raw)),
+                _ => return Err(mismatch(ty, raw).into()),
             },
         },
         DataType::Int | DataType::BigInt => {
@@ -206,10 +273,10 @@ fn from_json(raw: &str, ty: DataType, staged: &mut Staged) -> Result<Slot, Strin
         }
         DataType::Map => {
             if raw.starts_with('[') {
-                return Err("expected MAP<STRING, BYTES>, found an array".to_string());
+                return Err("expected MAP<STRING, BYTES>, found an array".to_string().into());
             }
             if !raw.starts_with('{') {
-                return Err(mismatch(ty, raw));
+                return Err(mismatch(ty, raw).into());
             }
             stage_entries(raw, staged)?
         }
@@ -222,15 +289,58 @@ fn from_json(raw: &str, ty: DataType, staged: &mut Staged) -> Result<Slot, Strin
         DataType::Decimal { precision, scale } => {
             // The number's own text, so no digit is lost to a double; or a string.
             let unscaled = if is_number(raw) {
-                text::parse_decimal(raw, precision, scale)?
+                text::parse_decimal(raw, *precision, *scale)?
             } else {
                 let s = string_of(raw).ok_or_else(|| mismatch(ty, raw))?;
-                text::parse_decimal(&s, precision, scale)?
+                text::parse_decimal(&s, *precision, *scale)?
             };
             Slot::Decimal(unscaled)
         }
+        DataType::Row(fields) => {
+            if !raw.starts_with('{') {
+                return Err(mismatch(ty, raw).into());
+            }
+            stage_row(raw, fields, opts, scratch, staged)?
+        }
     };
     Ok(slot)
+}
+
+/// Stages a ROW written as a JSON object (`raw` starts with `{`): its fields by name, the
+/// others skipped.
+fn stage_row(
+    raw: &str,
+    fields: &[RowField],
+    opts: &JsonOptions,
+    scratch: &mut JsonScratch,
+    staged: &mut Staged,
+) -> Result<Slot, Fail> {
+    let start = scratch.found.len();
+    scratch.found.resize(start + fields.len(), None);
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let visitor = ObjectVisitor {
+        names: Names::Row(fields),
+        base: raw.as_ptr() as usize,
+        found: scratch.found.get_mut(start..).unwrap_or_default(),
+    };
+    // The message parsed as a whole already: this only locates the fields.
+    de::Deserializer::deserialize_any(&mut de, visitor)
+        .and_then(|()| de.end())
+        .map_err(|e| format!("expected {}: {e}", DataType::Row(fields.into())))?;
+    let range = staged.push_row(fields.len());
+    for (i, f) in fields.iter().enumerate() {
+        let slot = match scratch.found.get(start + i).cloned().flatten() {
+            None if opts.fail_on_missing_field => return Err(Fail::missing(&f.name)),
+            None => Slot::Null,
+            Some(r) => {
+                let text = raw.get(r).unwrap_or("null");
+                from_json(text, &f.data_type, opts, scratch, staged).map_err(|e| e.inside(&f.name))?
+            }
+        };
+        staged.set_child(range.start + i, slot);
+    }
+    scratch.found.truncate(start);
+    Ok(Slot::Row(range))
 }
 
 /// Stages a MAP written as a JSON object of base64 strings (or nulls), in order, repeats kept.
@@ -334,43 +444,98 @@ pub(crate) fn encode(
             out.extend_from_slice(b"null");
             continue;
         }
-        scratch.clear();
-        match (f.data_type, col) {
-            (DataType::String, ColRef::String(a)) => write_str(out, a.value(row)),
-            (DataType::Boolean, ColRef::Boolean(a)) => {
-                out.extend_from_slice(if a.value(row) { b"true" } else { b"false" })
-            }
-            (DataType::Int | DataType::BigInt, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
-                text::push_int(c.int(row).unwrap_or_default(), scratch);
-                out.extend_from_slice(scratch.as_bytes());
-            }
-            (DataType::Double, ColRef::Double(a)) => write_double(a.value(row), scratch, out),
-            (DataType::Double, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
-                write_double(c.int(row).unwrap_or_default() as f64, scratch, out)
-            }
-            (DataType::Timestamp, ColRef::Timestamp(a)) => {
-                crate::time::format(a.value(row), opts.timestamp_standard, scratch);
-                write_str(out, scratch);
-            }
-            (DataType::Bytes, ColRef::Bytes(a)) => {
-                text::push_base64(a.value(row), scratch);
-                write_str(out, scratch);
-            }
-            (DataType::Map, c @ ColRef::Map(_)) => write_map(c, row, out),
-            (DataType::Date, ColRef::Date(a)) => {
-                crate::time::format_date(a.value(row), scratch);
-                write_str(out, scratch);
-            }
-            (DataType::Decimal { precision, scale }, ColRef::Decimal(a)) => {
-                let unscaled =
-                    text::decimal_at(a, row, precision, scale).map_err(|r| FieldError::new(&f.name, r))?;
-                text::push_decimal(unscaled, scale, scratch);
-                out.extend_from_slice(scratch.as_bytes());
-            }
-            _ => return Err(text::type_error(f, col)),
-        }
+        write_value(&f.data_type, col, row, opts, scratch, out).map_err(|e| {
+            let column = if e.path.is_empty() { f.name.clone() } else { format!("{}.{}", f.name, e.path) };
+            FieldError { column, reason: e.reason.unwrap_or_default() }
+        })?;
     }
     out.push(b'}');
+    Ok(())
+}
+
+/// Appends the (non-null) ROW at `row` of `col`, a column of type `ty`, as a JSON object
+/// (csv's text of a ROW); the error is the path of the field below the column, and why.
+pub(crate) fn write_nested(
+    ty: &DataType,
+    col: &ColRef<'_>,
+    row: usize,
+    scratch: &mut String,
+    out: &mut Vec<u8>,
+) -> Result<(), (String, String)> {
+    write_value(ty, col, row, &JsonOptions::default(), scratch, out)
+        .map_err(|e| (e.path, e.reason.unwrap_or_default()))
+}
+
+/// Appends the (non-null) value at `row` of `col`, a column of type `ty`.
+fn write_value(
+    ty: &DataType,
+    col: &ColRef<'_>,
+    row: usize,
+    opts: &JsonOptions,
+    scratch: &mut String,
+    out: &mut Vec<u8>,
+) -> Result<(), Fail> {
+    scratch.clear();
+    match (ty, col) {
+        (DataType::String, ColRef::String(a)) => write_str(out, a.value(row)),
+        (DataType::Boolean, ColRef::Boolean(a)) => {
+            out.extend_from_slice(if a.value(row) { b"true" } else { b"false" })
+        }
+        (DataType::Int | DataType::BigInt, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
+            text::push_int(c.int(row).unwrap_or_default(), scratch);
+            out.extend_from_slice(scratch.as_bytes());
+        }
+        (DataType::Double, ColRef::Double(a)) => write_double(a.value(row), scratch, out),
+        (DataType::Double, c @ (ColRef::Int(_) | ColRef::BigInt(_))) => {
+            write_double(c.int(row).unwrap_or_default() as f64, scratch, out)
+        }
+        (DataType::Timestamp, ColRef::Timestamp(a)) => {
+            crate::time::format(a.value(row), opts.timestamp_standard, scratch);
+            write_str(out, scratch);
+        }
+        (DataType::Bytes, ColRef::Bytes(a)) => {
+            text::push_base64(a.value(row), scratch);
+            write_str(out, scratch);
+        }
+        (DataType::Map, c @ ColRef::Map(_)) => write_map(c, row, out),
+        (DataType::Date, ColRef::Date(a)) => {
+            crate::time::format_date(a.value(row), scratch);
+            write_str(out, scratch);
+        }
+        (DataType::Decimal { precision, scale }, ColRef::Decimal(a)) => {
+            let unscaled = text::decimal_at(a, row, *precision, *scale)?;
+            text::push_decimal(unscaled, *scale, scratch);
+            out.extend_from_slice(scratch.as_bytes());
+        }
+        (DataType::Row(fields), ColRef::Row(a)) => {
+            out.push(b'{');
+            let mut first = true;
+            for (i, f) in fields.iter().enumerate() {
+                let Some(child) = a.columns().get(i) else {
+                    return Err(Fail::from("the ROW value has no such field".to_string()).inside(&f.name));
+                };
+                let child = ColRef::of(child.as_ref());
+                let null = child.is_null(row);
+                if null && opts.encode_ignore_null_fields {
+                    continue;
+                }
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                write_str(out, &f.name);
+                out.push(b':');
+                if null {
+                    out.extend_from_slice(b"null");
+                } else {
+                    write_value(&f.data_type, &child, row, opts, scratch, out)
+                        .map_err(|e| e.inside(&f.name))?;
+                }
+            }
+            out.push(b'}');
+        }
+        _ => return Err(format!("a {} value in a {ty} column", col.kind()).into()),
+    }
     Ok(())
 }
 

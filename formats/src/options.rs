@@ -369,12 +369,45 @@ pub(crate) struct PayloadField {
 
 impl RecordFormat {
     /// Reads and checks the format options of a Kafka source or sink against its schema.
-    /// `field_prefix` is the path of the connector (`sources[0]`).
+    /// `field_prefix` is the path of the connector (`sources[0]`). A ROW column in a csv or raw
+    /// payload is refused, naming the column's type (`sources[0].columns[2].type`): only json
+    /// carries nested rows.
     pub fn from_options(
         field_prefix: &str,
         options: &BTreeMap<String, String>,
         schema: &Schema,
     ) -> Result<RecordFormat> {
+        let format = Self::read(field_prefix, options, schema)?;
+        let sides = [(Some(&format.value), format.value_payload(schema))]
+            .into_iter()
+            .chain(std::iter::once((format.key.as_ref(), format.key_payload(schema))));
+        for (side, payload) in sides {
+            let Some(side) = side.filter(|f| f.kind() != FormatKind::Json) else { continue };
+            if let Some(p) = payload.iter().find(|p| matches!(p.data_type, DataType::Row(_))) {
+                let name = schema.column(p.index).map_or(p.name.as_str(), |c| c.name.as_str());
+                return Err(KeelError::invalid_spec(
+                    format!("{field_prefix}.columns[{}].type", p.index),
+                    format!(
+                        "ROW columns need the json format; column '{name}' is {} and its format is {}",
+                        p.data_type,
+                        side.kind()
+                    ),
+                ));
+            }
+        }
+        Ok(format)
+    }
+
+    /// The format of a `print` or `file` sink: one CSV line per row, with default options
+    /// (a ROW column is written as its JSON object, as a MAP is). `field_prefix` is the sink's
+    /// path (`sinks[1]`).
+    pub fn text_lines(field_prefix: &str, schema: &Schema) -> Result<RecordFormat> {
+        let options: BTreeMap<String, String> = [("format".to_string(), "csv".to_string())].into();
+        Self::read(field_prefix, &options, schema)
+    }
+
+    /// [`RecordFormat::from_options`] but for the ROW check.
+    fn read(field_prefix: &str, options: &BTreeMap<String, String>, schema: &Schema) -> Result<RecordFormat> {
         let field = |key: &str| format!("{field_prefix}.{key}");
         let value =
             FormatOptions::from_options(field_prefix, FormatSide::Value, options)?.ok_or_else(|| {
@@ -525,7 +558,7 @@ impl RecordFormat {
             .filter_map(|(i, name)| {
                 let c = schema.column(i)?;
                 let external = name.strip_prefix(self.value_fields_prefix.as_str()).unwrap_or(name);
-                Some(PayloadField { index: i, name: external.to_string(), data_type: c.data_type })
+                Some(PayloadField { index: i, name: external.to_string(), data_type: c.data_type.clone() })
             })
             .collect()
     }
@@ -537,7 +570,7 @@ impl RecordFormat {
                 let index = schema.index_of(name)?;
                 let c = schema.column(index)?;
                 let external = name.strip_prefix(self.key_fields_prefix.as_str()).unwrap_or(name);
-                Some(PayloadField { index, name: external.to_string(), data_type: c.data_type })
+                Some(PayloadField { index, name: external.to_string(), data_type: c.data_type.clone() })
             })
             .collect()
     }

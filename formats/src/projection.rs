@@ -65,7 +65,7 @@ impl Projection {
                     "output column '{alias}' is already selected by {field}[{j}]; rename one with `as`"
                 )));
             }
-            let data_type = input.column(index).map_or(DataType::String, |c| c.data_type);
+            let data_type = input.column(index).map_or(DataType::String, |c| c.data_type.clone());
             sources.push(Some(index));
             columns.push(ColumnDef::new(alias, data_type));
         }
@@ -83,10 +83,10 @@ impl Projection {
         for (i, c) in target.columns().iter().enumerate() {
             match input.index_of(&c.name) {
                 Some(j) => {
-                    let from = input.column(j).map_or(c.data_type, |ic| ic.data_type);
-                    let fits = from == c.data_type
+                    let from = input.column(j).map_or(&c.data_type, |ic| &ic.data_type);
+                    let fits = *from == c.data_type
                         || matches!(
-                            (from, c.data_type),
+                            (from, &c.data_type),
                             (DataType::Int, DataType::BigInt)
                                 | (DataType::Int, DataType::Double)
                                 | (DataType::BigInt, DataType::Double)

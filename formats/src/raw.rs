@@ -37,7 +37,7 @@ pub(crate) fn encode(
     if col.is_null(row) {
         return Ok(false);
     }
-    match (f.data_type, col) {
+    match (&f.data_type, col) {
         (DataType::String, ColRef::String(a)) => out.extend_from_slice(a.value(row).as_bytes()),
         (DataType::Bytes, ColRef::Bytes(a)) => out.extend_from_slice(a.value(row)),
         _ => return Err(crate::text::type_error(f, col)),

@@ -159,7 +159,7 @@ impl RecordDecoder {
             .columns()
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| c.metadata.map(|k| (i, k, c.data_type)))
+            .filter_map(|(i, c)| c.metadata.map(|k| (i, k, c.data_type.clone())))
             .collect();
         RecordDecoder {
             schema: schema.clone(),
@@ -209,7 +209,8 @@ impl RecordDecoder {
             return self.malformed(msg, ignore, Part::Value, format, reason);
         }
         let staged = &mut self.scratch.staged;
-        for &(index, key, data_type) in &self.metadata {
+        for (index, key, data_type) in &self.metadata {
+            let (index, key) = (*index, *key);
             let slot = match key {
                 MetadataKey::Topic => staged.push_text(msg.topic),
                 MetadataKey::Partition => Slot::Int(i64::from(msg.partition)),

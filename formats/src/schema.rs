@@ -15,7 +15,11 @@
 //! (`MAP<STRING, BYTES>`, the type of Kafka headers), `DATE` (a calendar date, no zone),
 //! `DECIMAL(p, s)` (`DECIMAL(p)` = `DECIMAL(p, 0)`, `DECIMAL` = `DECIMAL(10, 0)` as in Flink;
 //! `NUMERIC` and `DEC` alike; an exact number of at most `p` digits, `s` of them after the
-//! point, `1 <= p <= 38`, `0 <= s <= p`).
+//! point, `1 <= p <= 38`, `0 <= s <= p`), `ROW<name TYPE, ...>` (also `ROW(name TYPE, ...)`,
+//! as Flink writes both: a nested record with named, typed fields, which may be rows
+//! themselves; a field name that is not a plain identifier is written in backquotes,
+//! `` ROW<`owner id` STRING> ``, a backquote inside it doubled; only the json format carries
+//! ROW columns).
 //!
 //! A column with `metadata` is not part of the message key or value but of the Kafka record
 //! around it (Flink's `METADATA FROM '<key>'`):
@@ -32,13 +36,14 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use keel_proto::{KeelError, Result};
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value as Yaml;
 
 /// A column type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum DataType {
     String,
@@ -60,11 +65,27 @@ pub enum DataType {
         precision: u8,
         scale: i8,
     },
+    /// `ROW<name TYPE, ...>`: a nested record of named, typed fields (at least one; names
+    /// unique, case-sensitive). Build one with [`DataType::row`], which checks the names.
+    Row(Arc<[RowField]>),
+}
+
+/// One field of a [`DataType::Row`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowField {
+    pub name: String,
+    pub data_type: DataType,
+}
+
+impl RowField {
+    pub fn new(name: impl Into<String>, data_type: DataType) -> RowField {
+        RowField { name: name.into(), data_type }
+    }
 }
 
 impl DataType {
-    /// One of each kind of type; DECIMAL stands for every precision and scale (as
-    /// [`DataType::DEFAULT_DECIMAL`]).
+    /// One of each kind of type but ROW (which has no constant form); DECIMAL stands for every
+    /// precision and scale (as [`DataType::DEFAULT_DECIMAL`]).
     pub const ALL: &'static [DataType] = &[
         DataType::String,
         DataType::Boolean,
@@ -100,9 +121,34 @@ impl DataType {
         Ok(DataType::Decimal { precision, scale })
     }
 
-    /// The name of the type's kind (`DECIMAL` for every precision and scale; [`fmt::Display`]
-    /// writes the full canonical name, `DECIMAL(10, 2)`).
-    pub fn name(self) -> &'static str {
+    /// `ROW<...>` of `fields`, checked: at least one field, names neither empty nor repeated.
+    pub fn row(fields: Vec<RowField>) -> std::result::Result<DataType, String> {
+        if fields.is_empty() {
+            return Err("a ROW needs at least one field".to_string());
+        }
+        for (i, f) in fields.iter().enumerate() {
+            if f.name.is_empty() {
+                return Err("a ROW field name must not be empty".to_string());
+            }
+            if fields[..i].iter().any(|p| p.name == f.name) {
+                return Err(format!("ROW field '{}' is declared twice", f.name));
+            }
+        }
+        Ok(DataType::Row(fields.into()))
+    }
+
+    /// The fields of a ROW type; `None` for every other type.
+    pub fn row_fields(&self) -> Option<&[RowField]> {
+        match self {
+            DataType::Row(fields) => Some(fields),
+            _ => None,
+        }
+    }
+
+    /// The name of the type's kind (`DECIMAL` for every precision and scale, `ROW` for every
+    /// row; [`fmt::Display`] writes the full canonical name, `DECIMAL(10, 2)`,
+    /// `ROW<owner STRING, engine STRING>`).
+    pub fn name(&self) -> &'static str {
         match self {
             DataType::String => "STRING",
             DataType::Boolean => "BOOLEAN",
@@ -114,6 +160,7 @@ impl DataType {
             DataType::Map => "MAP<STRING, BYTES>",
             DataType::Date => "DATE",
             DataType::Decimal { .. } => "DECIMAL",
+            DataType::Row(_) => "ROW",
         }
     }
 
@@ -122,9 +169,23 @@ impl DataType {
         Self::parse_checked(text).ok()
     }
 
-    /// Parses a type name; the error says what is wrong (an unknown name, or a DECIMAL
-    /// precision or scale out of range).
+    /// Parses a type name; the error says what is wrong (an unknown name, a DECIMAL precision
+    /// or scale out of range, a malformed ROW).
     fn parse_checked(text: &str) -> std::result::Result<DataType, String> {
+        let mut p = TypeParser { text, pos: 0 };
+        let t = p.parse_type()?;
+        p.skip_ws();
+        if p.pos < text.len() {
+            return Err(format!(
+                "unexpected {} after the type {t} in '{text}'",
+                p.rest().chars().next().map_or_else(String::new, |c| format!("'{c}'"))
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Parses the name of a type other than ROW (whitespace is ignored).
+    fn parse_flat(text: &str) -> std::result::Result<DataType, String> {
         let unknown = || format!("unknown type '{text}'; known types: {}", DataType::known_list());
         let upper: String =
             text.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_uppercase();
@@ -189,7 +250,147 @@ impl DataType {
             .map(|t| if matches!(t, DataType::Decimal { .. }) { "DECIMAL(p, s)" } else { t.name() })
             .collect();
         names.dedup();
+        names.push("ROW<name TYPE, ...>");
         names.join(", ")
+    }
+}
+
+/// A plain identifier (`owner`, `_x1`): a ROW field name written without backquotes.
+fn is_plain_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Reads one type at a time from a type name, for ROW's nested fields.
+struct TypeParser<'a> {
+    text: &'a str,
+    /// A byte offset into `text`, always at a char boundary.
+    pos: usize,
+}
+
+impl<'a> TypeParser<'a> {
+    fn rest(&self) -> &'a str {
+        self.text.get(self.pos..).unwrap_or_default()
+    }
+
+    fn skip_ws(&mut self) {
+        let rest = self.rest();
+        self.pos += rest.len() - rest.trim_start().len();
+    }
+
+    /// Consumes `c` if it comes next.
+    fn eat(&mut self, c: char) -> bool {
+        if self.rest().starts_with(c) {
+            self.pos += c.len_utf8();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// One type: a ROW, read field by field, or any other type name, which ends before a `,`,
+    /// `>` or `)` outside its own brackets (`DECIMAL(10, 2)`, `MAP<STRING, BYTES>`).
+    fn parse_type(&mut self) -> std::result::Result<DataType, String> {
+        self.skip_ws();
+        let rest = self.rest();
+        if rest.len() >= 3 && rest.get(..3).is_some_and(|w| w.eq_ignore_ascii_case("ROW")) {
+            let after = rest.get(3..).unwrap_or_default().trim_start();
+            if after.starts_with('<') || after.starts_with('(') {
+                self.pos += 3;
+                return self.parse_row();
+            }
+        }
+        let mut depth = 0usize;
+        let mut end = rest.len();
+        for (i, c) in rest.char_indices() {
+            match c {
+                '<' | '(' => depth += 1,
+                '>' | ')' | ',' if depth == 0 => {
+                    end = i;
+                    break;
+                }
+                '>' | ')' => depth -= 1,
+                _ => {}
+            }
+        }
+        let name = rest.get(..end).unwrap_or_default();
+        self.pos += end;
+        if name.trim().is_empty() {
+            return Err(match rest.chars().next() {
+                Some(c) => format!("expected a type, found '{c}' in '{}'", self.text),
+                None => format!("expected a type at the end of '{}'", self.text),
+            });
+        }
+        DataType::parse_flat(name)
+    }
+
+    /// The fields of a ROW, from its opening `<` or `(` to the matching closer.
+    fn parse_row(&mut self) -> std::result::Result<DataType, String> {
+        self.skip_ws();
+        let close = if self.eat('<') {
+            '>'
+        } else if self.eat('(') {
+            ')'
+        } else {
+            return Err(format!("expected '<' after ROW in '{}'", self.text));
+        };
+        let mut fields = Vec::new();
+        loop {
+            self.skip_ws();
+            if fields.is_empty() && self.eat(close) {
+                return Err(format!("a ROW needs at least one field, in '{}'", self.text));
+            }
+            let name = self.field_name()?;
+            let data_type = self.parse_type()?;
+            fields.push(RowField { name, data_type });
+            self.skip_ws();
+            if self.eat(',') {
+                continue;
+            }
+            if self.eat(close) {
+                break;
+            }
+            return Err(match self.rest().chars().next() {
+                Some(c) => {
+                    format!("expected ',' or '{close}' after ROW field, found '{c}' in '{}'", self.text)
+                }
+                None => format!("the ROW is not closed with '{close}' in '{}'", self.text),
+            });
+        }
+        DataType::row(fields).map_err(|e| format!("{e}, in '{}'", self.text))
+    }
+
+    /// A field name: a plain identifier, or any text in backquotes (a doubled backquote stands
+    /// for one).
+    fn field_name(&mut self) -> std::result::Result<String, String> {
+        self.skip_ws();
+        if self.eat('`') {
+            let mut name = String::new();
+            loop {
+                let Some(c) = self.rest().chars().next() else {
+                    return Err(format!("a backquoted ROW field name is not closed in '{}'", self.text));
+                };
+                self.pos += c.len_utf8();
+                if c == '`' {
+                    if !self.eat('`') {
+                        return Ok(name);
+                    }
+                }
+                name.push(c);
+            }
+        }
+        let rest = self.rest();
+        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+        let name = rest.get(..end).unwrap_or_default();
+        if !is_plain_name(name) {
+            return Err(match rest.chars().next() {
+                Some(c) => format!("expected a ROW field name, found '{c}' in '{}'", self.text),
+                None => format!("expected a ROW field name at the end of '{}'", self.text),
+            });
+        }
+        self.pos += end;
+        Ok(name.to_string())
     }
 }
 
@@ -197,6 +398,21 @@ impl fmt::Display for DataType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DataType::Decimal { precision, scale } => write!(f, "DECIMAL({precision}, {scale})"),
+            DataType::Row(fields) => {
+                f.write_str("ROW<")?;
+                for (i, field) in fields.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    if is_plain_name(&field.name) {
+                        f.write_str(&field.name)?;
+                    } else {
+                        write!(f, "`{}`", field.name.replace('`', "``"))?;
+                    }
+                    write!(f, " {}", field.data_type)?;
+                }
+                f.write_str(">")
+            }
             other => f.write_str(other.name()),
         }
     }
@@ -656,8 +872,8 @@ mod tests {
         let json =
             serde_json::to_string(&cols).map_err(|e| KeelError::invalid_spec("json", e.to_string()))?;
         assert_eq!(json, r#"[{"name":"p","type":"DECIMAL(7, 3)"},{"name":"d","type":"DATE"}]"#);
-        assert_eq!(crate::batch::arrow_type(dec(7, 3)), arrow_schema::DataType::Decimal128(7, 3));
-        assert_eq!(crate::batch::arrow_type(DataType::Date), arrow_schema::DataType::Date32);
+        assert_eq!(crate::batch::arrow_type(&dec(7, 3)), arrow_schema::DataType::Decimal128(7, 3));
+        assert_eq!(crate::batch::arrow_type(&DataType::Date), arrow_schema::DataType::Date32);
         assert_eq!(DataType::decimal(38, 0), Ok(dec(38, 0)));
         assert!(DataType::decimal(0, 0).is_err());
         assert!(DataType::decimal(5, 6).is_err());

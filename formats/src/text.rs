@@ -154,8 +154,8 @@ pub(crate) fn decimal_at(
 }
 
 /// An INT value must fit 32 bits.
-pub(crate) fn check_int(ty: DataType, n: i64) -> Result<(), String> {
-    if ty == DataType::Int && i32::try_from(n).is_err() {
+pub(crate) fn check_int(ty: &DataType, n: i64) -> Result<(), String> {
+    if *ty == DataType::Int && i32::try_from(n).is_err() {
         return Err(format!("{n} is out of range for INT"));
     }
     Ok(())

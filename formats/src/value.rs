@@ -27,6 +27,8 @@ pub enum Value {
         unscaled: i128,
         scale: i8,
     },
+    /// The field values of a ROW, in the row type's field order.
+    Row(Vec<Value>),
 }
 
 impl Value {
@@ -47,6 +49,7 @@ impl Value {
             Value::Map(_) => "MAP",
             Value::Date(_) => "DATE",
             Value::Decimal { .. } => "DECIMAL",
+            Value::Row(_) => "ROW",
         }
     }
 
@@ -89,7 +92,8 @@ impl Value {
 
 /// Human-readable text (as a print sink would show it): strings unquoted, BYTES as base64,
 /// timestamps in the SQL form, dates as `2024-05-01`, decimals with all their scale's digits
-/// (`12.50`), maps as `{k=base64, ...}`.
+/// (`12.50`), maps as `{k=base64, ...}`, rows as their field values in brackets
+/// (`[Alibaba Cloud, Flink]`, as a [`Row`]).
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -114,6 +118,7 @@ impl fmt::Display for Value {
                 crate::text::push_decimal(*unscaled, *scale, &mut out);
                 f.write_str(&out)
             }
+            Value::Row(values) => write_values(f, values),
             Value::Map(entries) => {
                 f.write_str("{")?;
                 for (i, (k, v)) in entries.iter().enumerate() {
@@ -220,15 +225,20 @@ impl From<Vec<Value>> for Row {
 impl fmt::Display for Row {
     /// The values in brackets, as a print sink shows them: `[1, alice, 30]`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[")?;
-        for (i, v) in self.values.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{v}")?;
-        }
-        f.write_str("]")
+        write_values(f, &self.values)
     }
+}
+
+/// `[v1, v2, ...]`.
+fn write_values(f: &mut fmt::Formatter<'_>, values: &[Value]) -> fmt::Result {
+    f.write_str("[")?;
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{v}")?;
+    }
+    f.write_str("]")
 }
 
 #[cfg(test)]
@@ -247,10 +257,12 @@ mod tests {
             Value::Map(vec![("k".into(), Some(b"v".to_vec())), ("n".into(), None)]),
             Value::Date(-1),
             Value::Decimal { unscaled: -1250, scale: 3 },
+            Value::Row(vec![Value::from("Alibaba Cloud"), Value::Null, Value::Row(vec![Value::Int(2)])]),
         ]);
         assert_eq!(
             row.to_string(),
-            "[1, ann, NULL, 2.5, 1970-01-01 00:00:00.000, aGk=, {k=dg==, n=NULL}, 1969-12-31, -1.250]"
+            "[1, ann, NULL, 2.5, 1970-01-01 00:00:00.000, aGk=, {k=dg==, n=NULL}, 1969-12-31, -1.250, \
+             [Alibaba Cloud, NULL, [2]]]"
         );
         assert_eq!(row.get(99), &Value::Null);
     }

@@ -136,9 +136,7 @@ pub(crate) fn sink_plan(spec: &JobSpec, index: usize) -> Result<SinkPlan> {
             kafka: Some(kafka),
         });
     } else {
-        let mut o = BTreeMap::new();
-        o.insert("format".to_string(), "csv".to_string());
-        (RecordFormat::from_options(&base, &o, &schema)?, None)
+        (RecordFormat::text_lines(&base, &schema)?, None)
     };
     Ok(SinkPlan { name: s.name.clone(), source, filter, projection, schema, format, kafka })
 }
@@ -157,15 +155,17 @@ fn declared_sink_columns(base: &str, columns: &[ColumnDef], rows: &Schema) -> Re
     for (j, want) in declared.columns().iter().enumerate() {
         match got.get(j) {
             Some(have) if have.name == want.name && have.data_type == want.data_type => {}
-            _ => return Err(KeelError::invalid_spec(
-                format!("{field}[{j}]"),
-                format!(
+            _ => {
+                return Err(KeelError::invalid_spec(
+                    format!("{field}[{j}]"),
+                    format!(
                     "the sink's rows are ({}) but its columns are ({}): select the columns in this order, \
                          with these names and types",
                     describe(got),
                     describe(declared.columns())
                 ),
-            )),
+                ))
+            }
         }
     }
     if got.len() > declared.columns().len() {
