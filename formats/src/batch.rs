@@ -832,6 +832,65 @@ mod tests {
         Ok(())
     }
 
+    /// ROW columns are Arrow structs whose rows read back as the values appended (a null row,
+    /// null fields, a nested row, a DECIMAL field rescaled), over several batches of one
+    /// builder; a value that does not fit a field appends nothing and names the field.
+    #[test]
+    fn row_values_round_trip_through_struct_columns() -> Result<(), String> {
+        let row_type: DataType = "ROW<a STRING, b ROW<c INT, d DECIMAL(4, 1)>>".parse()?;
+        let columns = [ColumnDef::new("id", DataType::Int), ColumnDef::new("p", row_type)];
+        let schema = Schema::from_columns("c", &columns).map_err(|e| e.to_string())?;
+        let dec = |unscaled| Value::Decimal { unscaled, scale: 1 };
+        let rows = [
+            Row::new(vec![
+                Value::Int(1),
+                Value::Row(vec![Value::from("x"), Value::Row(vec![Value::Int(2), dec(15)])]),
+            ]),
+            Row::new(vec![Value::Int(2), Value::Null]),
+            Row::new(vec![Value::Null, Value::Row(vec![Value::Null, Value::Null])]),
+            Row::new(vec![
+                Value::Int(3),
+                Value::Row(vec![Value::from(""), Value::Row(vec![Value::Null, Value::Null])]),
+            ]),
+        ];
+        let mut b = BatchBuilder::new(&schema, 1);
+        for _ in 0..3 {
+            for r in &rows {
+                b.append_row(r).map_err(|(i, e)| format!("{i}: {e}"))?;
+            }
+            let batch = b.finish();
+            assert!(matches!(batch.column(1).data_type(), ArrowType::Struct(f) if f.len() == 2));
+            assert_eq!(batch.column(1).null_count(), 1);
+            assert_eq!(rows_of(&batch), rows);
+        }
+        let inner = |d| Value::Row(vec![Value::Null, Value::Row(vec![Value::Null, d])]);
+        b.append_row(&Row::new(vec![Value::Null, inner(Value::Int(7))]))
+            .map_err(|(i, e)| format!("{i}: {e}"))?;
+        assert_eq!(row_of(&b.finish(), 0).get(1), &inner(dec(70)));
+        let p = "ROW<a STRING, b ROW<c INT, d DECIMAL(4, 1)>>";
+        for (bad, reason) in [
+            (
+                Value::Row(vec![Value::Int(1), Value::Null]),
+                "field 'a': a INT value in a STRING column".to_string(),
+            ),
+            (
+                Value::Row(vec![Value::Null, Value::Row(vec![Value::Int(1 << 40), Value::Null])]),
+                "field 'b': field 'c': 1099511627776 is out of range for INT".to_string(),
+            ),
+            (
+                inner(Value::Int(1000)),
+                "field 'b': field 'd': 1000 is out of range for DECIMAL(4, 1)".to_string(),
+            ),
+            (Value::Row(vec![Value::Null]), format!("1 values for the 2 fields of {p}")),
+            (Value::from("x"), format!("a STRING value in a {p} column")),
+        ] {
+            assert_eq!(b.append_row(&Row::new(vec![Value::Int(1), bad])), Err((1, reason)));
+        }
+        assert!(b.is_empty());
+        assert_eq!(b.finish().num_rows(), 0);
+        Ok(())
+    }
+
     /// A value that does not fit its column appends nothing and names the column.
     #[test]
     fn a_misfit_value_appends_nothing() {

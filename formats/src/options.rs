@@ -377,25 +377,7 @@ impl RecordFormat {
         options: &BTreeMap<String, String>,
         schema: &Schema,
     ) -> Result<RecordFormat> {
-        let format = Self::read(field_prefix, options, schema)?;
-        let sides = [(Some(&format.value), format.value_payload(schema))]
-            .into_iter()
-            .chain(std::iter::once((format.key.as_ref(), format.key_payload(schema))));
-        for (side, payload) in sides {
-            let Some(side) = side.filter(|f| f.kind() != FormatKind::Json) else { continue };
-            if let Some(p) = payload.iter().find(|p| matches!(p.data_type, DataType::Row(_))) {
-                let name = schema.column(p.index).map_or(p.name.as_str(), |c| c.name.as_str());
-                return Err(KeelError::invalid_spec(
-                    format!("{field_prefix}.columns[{}].type", p.index),
-                    format!(
-                        "ROW columns need the json format; column '{name}' is {} and its format is {}",
-                        p.data_type,
-                        side.kind()
-                    ),
-                ));
-            }
-        }
-        Ok(format)
+        Self::read(field_prefix, options, schema, false)
     }
 
     /// The format of a `print` or `file` sink: one CSV line per row, with default options
@@ -403,11 +385,17 @@ impl RecordFormat {
     /// path (`sinks[1]`).
     pub fn text_lines(field_prefix: &str, schema: &Schema) -> Result<RecordFormat> {
         let options: BTreeMap<String, String> = [("format".to_string(), "csv".to_string())].into();
-        Self::read(field_prefix, &options, schema)
+        Self::read(field_prefix, &options, schema, true)
     }
 
-    /// [`RecordFormat::from_options`] but for the ROW check.
-    fn read(field_prefix: &str, options: &BTreeMap<String, String>, schema: &Schema) -> Result<RecordFormat> {
+    /// [`RecordFormat::from_options`]; with `rows_as_text` a csv payload may hold ROW columns
+    /// (written as JSON text).
+    fn read(
+        field_prefix: &str,
+        options: &BTreeMap<String, String>,
+        schema: &Schema,
+        rows_as_text: bool,
+    ) -> Result<RecordFormat> {
         let field = |key: &str| format!("{field_prefix}.{key}");
         let value =
             FormatOptions::from_options(field_prefix, FormatSide::Value, options)?.ok_or_else(|| {
@@ -510,6 +498,26 @@ impl RecordFormat {
             value_fields_prefix,
             value_fields_include,
         };
+
+        if !rows_as_text {
+            let sides = [(Some(&format.value), format.value_payload(schema))]
+                .into_iter()
+                .chain(std::iter::once((format.key.as_ref(), format.key_payload(schema))));
+            for (side, payload) in sides {
+                let Some(side) = side.filter(|f| f.kind() != FormatKind::Json) else { continue };
+                if let Some(p) = payload.iter().find(|p| matches!(p.data_type, DataType::Row(_))) {
+                    let name = schema.column(p.index).map_or(p.name.as_str(), |c| c.name.as_str());
+                    return Err(KeelError::invalid_spec(
+                        format!("{field_prefix}.columns[{}].type", p.index),
+                        format!(
+                            "ROW columns need the json format; column '{name}' is {} and its format is {}",
+                            p.data_type,
+                            side.kind()
+                        ),
+                    ));
+                }
+            }
+        }
 
         // Payload shapes: prefixes and raw's single column.
         for c in format.value_fields(schema) {

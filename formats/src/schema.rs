@@ -908,6 +908,123 @@ mod tests {
         assert!(reason.contains("DATE, DECIMAL(p, s)"), "{reason}");
     }
 
+    /// ROW types parse in both bracket forms, with backquoted and plain field names, nested
+    /// rows closed by `>>` or `>>>`, whitespace or none, case-insensitive type names; their
+    /// Display is canonical (`ROW<name TYPE, ...>`, backquotes only where needed) and parses
+    /// back to the same type; serde writes it; Arrow maps it to a struct of the fields.
+    #[test]
+    fn row_types_parse_in_every_spelling_and_display_round_trips() -> Result<()> {
+        let parse = |t: &str| t.parse::<DataType>().map_err(|e| KeelError::invalid_spec(t, e));
+        let field = |n: &str, t: DataType| RowField::new(n, t);
+        let owner_engine =
+            DataType::row(vec![field("owner", DataType::String), field("engine", DataType::String)])
+                .map_err(|e| KeelError::invalid_spec("row", e))?;
+        for text in [
+            "ROW<`owner` STRING, engine STRING>",
+            "ROW(owner STRING, engine VARCHAR(100))",
+            "row<owner string,engine varchar>",
+            "  ROW < `owner`   STRING , `engine` STRING >  ",
+            // How the SQL front-end joins the DDL's tokens.
+            "ROW<`owner`STRING,engine STRING>",
+        ] {
+            assert_eq!(parse(text)?, owner_engine, "{text}");
+        }
+        assert_eq!(owner_engine.to_string(), "ROW<owner STRING, engine STRING>");
+        assert_eq!(owner_engine.name(), "ROW");
+
+        let nested = parse("ROW<a INT, b ROW<c DECIMAL(10, 2), d ROW(e MAP<STRING, BYTES>)>>")?;
+        let want = DataType::Row(
+            vec![
+                field("a", DataType::Int),
+                field(
+                    "b",
+                    DataType::Row(
+                        vec![
+                            field("c", DataType::Decimal { precision: 10, scale: 2 }),
+                            field("d", DataType::Row(vec![field("e", DataType::Map)].into())),
+                        ]
+                        .into(),
+                    ),
+                ),
+            ]
+            .into(),
+        );
+        assert_eq!(nested, want);
+        let text = nested.to_string();
+        assert_eq!(text, "ROW<a INT, b ROW<c DECIMAL(10, 2), d ROW<e MAP<STRING, BYTES>>>>");
+        assert_eq!(parse(&text)?, nested);
+        assert_eq!(parse("ROW<x ROW<y ROW<z INT>>>")?.to_string(), "ROW<x ROW<y ROW<z INT>>>");
+
+        let odd = parse("ROW<`owner id` STRING, `a``b` INT, `ROW` BOOLEAN, `1st` DATE, _x2 BIGINT>")?;
+        let names: Vec<&str> = odd.row_fields().unwrap_or_default().iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["owner id", "a`b", "ROW", "1st", "_x2"]);
+        assert_eq!(
+            odd.to_string(),
+            "ROW<`owner id` STRING, `a``b` INT, ROW BOOLEAN, `1st` DATE, _x2 BIGINT>"
+        );
+        assert_eq!(parse(&odd.to_string())?, odd);
+
+        let cols: Vec<ColumnDef> =
+            serde_yaml::from_str("- {name: properties, type: 'row<`owner` string, engine string>'}\n")
+                .map_err(|e| KeelError::invalid_spec("yaml", e.to_string()))?;
+        assert_eq!(cols, vec![ColumnDef::new("properties", owner_engine.clone())]);
+        let json =
+            serde_json::to_string(&cols).map_err(|e| KeelError::invalid_spec("json", e.to_string()))?;
+        assert_eq!(json, r#"[{"name":"properties","type":"ROW<owner STRING, engine STRING>"}]"#);
+        let back: Vec<ColumnDef> =
+            serde_json::from_str(&json).map_err(|e| KeelError::invalid_spec("json", e.to_string()))?;
+        assert_eq!(back, cols);
+
+        let arrow_field = |n: &str, t| arrow_schema::Field::new(n, t, true);
+        assert_eq!(
+            crate::batch::arrow_type(&owner_engine),
+            arrow_schema::DataType::Struct(
+                vec![
+                    arrow_field("owner", arrow_schema::DataType::Utf8),
+                    arrow_field("engine", arrow_schema::DataType::Utf8)
+                ]
+                .into()
+            )
+        );
+        Ok(())
+    }
+
+    /// A malformed ROW type is refused at the column's `type` key, saying what is wrong;
+    /// [`DataType::row`] refuses no fields, empty names and repeated names.
+    #[test]
+    fn a_malformed_row_type_is_refused_naming_the_field_and_the_fault() -> Result<()> {
+        for (text, needle) in [
+            ("ROW<>", "a ROW needs at least one field"),
+            ("ROW()", "a ROW needs at least one field"),
+            ("ROW<a>", "expected a type, found '>'"),
+            ("ROW<a INT", "the ROW is not closed with '>'"),
+            ("ROW<a INT)", "expected ',' or '>' after ROW field, found ')'"),
+            ("ROW(a INT>", "expected ',' or ')' after ROW field, found '>'"),
+            ("ROW<a INT,>", "expected a ROW field name, found '>'"),
+            ("ROW<a INT, a STRING>", "ROW field 'a' is declared twice"),
+            ("ROW<a INTT>", "unknown type 'INTT'"),
+            ("ROW<a DECIMAL(50)>", "DECIMAL precision must be between 1 and 38, found 50"),
+            ("ROW<`a INT>", "a backquoted ROW field name is not closed"),
+            ("ROW<1a INT>", "expected a ROW field name, found '1'"),
+            ("ROW<a INT> x", "unexpected 'x' after the type ROW<a INT>"),
+            ("ROW<a INT 'comment'>", "unknown type 'INT 'comment''"),
+            ("ROW", "unknown type 'ROW'"),
+        ] {
+            let doc = yaml(&format!("- {{name: p, type: \"{text}\"}}"));
+            let Err(err) = ColumnDef::list_from_yaml("sources[0].columns", &doc) else {
+                return Err(KeelError::invalid_spec(text, "was accepted"));
+            };
+            let (field, reason) = invalid_field(err);
+            assert_eq!(field, "sources[0].columns[0].type", "{text}");
+            assert!(reason.contains(needle), "{text}: {reason}");
+        }
+        assert!(DataType::row(Vec::new()).is_err());
+        assert!(DataType::row(vec![RowField::new("", DataType::Int)]).is_err());
+        let reason = "x".parse::<DataType>().err().unwrap_or_default();
+        assert!(reason.contains("ROW<name TYPE, ...>"), "{reason}");
+        Ok(())
+    }
+
     /// `timestamp-type` (STRING) and `leader-epoch` (INT or BIGINT) are metadata keys, read-only
     /// like topic, partition and offset, and refuse other column types.
     #[test]

@@ -222,9 +222,9 @@ fn connector_options(t: &TableDef) -> (String, BTreeMap<String, String>) {
 /// A column as the spec declares it (physical or metadata; computed columns have none).
 fn column_def(c: &crate::parse::ColumnDecl) -> Option<ColumnDef> {
     match &c.kind {
-        ColumnKind::Physical { data_type } => Some(ColumnDef::new(&c.name, *data_type)),
+        ColumnKind::Physical { data_type } => Some(ColumnDef::new(&c.name, data_type.clone())),
         ColumnKind::Metadata { data_type, key, .. } => {
-            MetadataKey::parse(key).map(|k| ColumnDef::metadata(&c.name, *data_type, k))
+            MetadataKey::parse(key).map(|k| ColumnDef::metadata(&c.name, data_type.clone(), k))
         }
         ColumnKind::Computed(_) => None,
     }

@@ -764,3 +764,231 @@ fn timestamp_type_and_leader_epoch_are_read_from_the_record() {
     let row = d.decode(&m).expect("decodes").expect("row");
     assert_eq!(row.values, vec![Value::from("{\"id\": 5}"), Value::Int(i64::from(i32::MAX))]);
 }
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn column(name: &str, type_name: &str) -> Result<ColumnDef, String> {
+    Ok(ColumnDef::new(name, type_name.parse::<DataType>()?))
+}
+
+fn try_setup(
+    columns: &[ColumnDef],
+    pairs: &[(&str, &str)],
+) -> Result<(RecordDecoder, RecordEncoder), KeelError> {
+    let schema = Schema::from_columns("sources[0].columns", columns)?;
+    let format = RecordFormat::from_options("sources[0]", &opts(pairs), &schema)?;
+    Ok((RecordDecoder::new(&schema, &format), RecordEncoder::new(&schema, &format)))
+}
+
+/// The columns of seed 002's Example 5, as its DDL declares them.
+fn example_5() -> Result<Vec<ColumnDef>, String> {
+    Ok(vec![
+        column("id", "VARCHAR")?,
+        column("name", "VARCHAR")?,
+        column("properties", "ROW<`owner` STRING, engine STRING>")?,
+    ])
+}
+
+/// Seed 002's Example 5 message decodes into a ROW column whose Arrow form is a struct of the
+/// declared fields; the JSON number given for the VARCHAR `id` is read as its text, as for any
+/// STRING column; and the row encodes back to the same object.
+#[test]
+fn seed_example_5_nested_json_reads_into_a_row_column_and_back() -> TestResult {
+    let (mut dec, enc) = try_setup(&example_5()?, &[("format", "json")])?;
+    let message =
+        r#"{"id": 101, "name": "VVP", "properties": {"owner": "Alibaba Cloud", "engine": "Flink"}}"#;
+    let mut builder = dec.builder(4);
+    assert!(dec.decode_into(&msg(None, Some(message.as_bytes())), &mut builder)?);
+    let batch = builder.finish();
+    let props = batch.column(2).as_any().downcast_ref::<arrow_array::StructArray>().ok_or("a struct")?;
+    let names: Vec<&str> = props.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["owner", "engine"]);
+    let owner = props.column(0).as_any().downcast_ref::<arrow_array::StringArray>().ok_or("utf8")?;
+    assert_eq!(owner.value(0), "Alibaba Cloud");
+    let row = row_of(&batch, 0);
+    assert_eq!(
+        row,
+        Row::new(vec![
+            Value::from("101"),
+            Value::from("VVP"),
+            Value::Row(vec![Value::from("Alibaba Cloud"), Value::from("Flink")]),
+        ])
+    );
+    let rec = enc.encode(&row)?;
+    assert_eq!(
+        rec.value.as_deref(),
+        Some(&br#"{"id":"101","name":"VVP","properties":{"owner":"Alibaba Cloud","engine":"Flink"}}"#[..])
+    );
+    Ok(())
+}
+
+/// ROW values survive a JSON round trip: nested rows, a null row, null fields, a null nested
+/// row, and every scalar type inside a row.
+#[test]
+fn json_rows_round_trip_with_nulls_and_nesting() -> TestResult {
+    let columns = vec![
+        column("id", "INT")?,
+        column(
+            "p",
+            "ROW<a STRING, b ROW<c INT, d DECIMAL(5, 2), m MAP<STRING, BYTES>>, t TIMESTAMP, y BYTES>",
+        )?,
+        column("q", "ROW(`x y` DATE, z DOUBLE)")?,
+    ];
+    let inner = |c: Value, d: Value, m: Value| Value::Row(vec![c, d, m]);
+    let rows = vec![
+        Row::new(vec![
+            Value::Int(1),
+            Value::Row(vec![
+                Value::from("with \"quotes\", and ünïcödé"),
+                inner(
+                    Value::Int(-7),
+                    Value::Decimal { unscaled: 12_345, scale: 2 },
+                    Value::Map(vec![("k".into(), Some(b"v".to_vec()))]),
+                ),
+                Value::Timestamp(1_609_331_594_123),
+                Value::Bytes(vec![0, 255]),
+            ]),
+            Value::Row(vec![Value::Date(19_844), Value::Double(0.5)]),
+        ]),
+        Row::new(vec![Value::Int(2), Value::Null, Value::Row(vec![Value::Null, Value::Null])]),
+        Row::new(vec![
+            Value::Null,
+            Value::Row(vec![Value::Null, Value::Null, Value::Null, Value::Null]),
+            Value::Null,
+        ]),
+        Row::new(vec![
+            Value::Int(3),
+            Value::Row(vec![
+                Value::from(""),
+                inner(Value::Null, Value::Null, Value::Null),
+                Value::Null,
+                Value::Null,
+            ]),
+            Value::Null,
+        ]),
+    ];
+    round_trip(&[("format", "json")], &columns, &rows);
+    round_trip(&[("format", "json"), ("json.encode.ignore-null-fields", "true")], &columns, &rows);
+    let (_, enc) = try_setup(&columns, &[("format", "json"), ("json.encode.ignore-null-fields", "true")])?;
+    let rec = enc.encode(&rows[3])?;
+    assert_eq!(rec.value.as_deref(), Some(&br#"{"id":3,"p":{"a":"","b":{}}}"#[..]));
+    let (_, enc) = try_setup(&columns, &[("format", "json")])?;
+    let rec = enc.encode(&rows[1])?;
+    assert_eq!(rec.value.as_deref(), Some(&br#"{"id":2,"p":null,"q":{"x y":null,"z":null}}"#[..]));
+    Ok(())
+}
+
+/// Inside a row, as at the top level: an undeclared field is skipped, a missing one is null,
+/// and with `json.fail-on-missing-field` a missing one fails the record naming its path.
+#[test]
+fn a_missing_field_inside_a_row_is_null_unless_fail_on_missing_field() -> TestResult {
+    let columns = vec![column("id", "INT")?, column("p", "ROW<a STRING, b ROW<c INT, d INT>>")?];
+    let (mut dec, _) = try_setup(&columns, &[("format", "json")])?;
+    let doc = r#"{"p": {"zz": [1, {"a": 2}], "a": "x", "b": {"d": 4}}, "id": 1}"#;
+    let row = decode_value(&mut dec, doc)?.ok_or("skipped")?;
+    assert_eq!(
+        row.values,
+        vec![Value::Int(1), Value::Row(vec![Value::from("x"), Value::Row(vec![Value::Null, Value::Int(4)])])]
+    );
+    let row = decode_value(&mut dec, r#"{"id": 1, "p": {}}"#)?.ok_or("skipped")?;
+    assert_eq!(row.get(1), &Value::Row(vec![Value::Null, Value::Null]));
+    let (mut strict, _) = try_setup(&columns, &[("format", "json"), ("json.fail-on-missing-field", "true")])?;
+    let err = decode_value(&mut strict, doc).expect_err("c is missing");
+    assert_eq!(err.reason, "field 'p.b.c' is missing (json.fail-on-missing-field is true)");
+    // A null row has no fields to miss.
+    let row = decode_value(&mut strict, r#"{"id": 1, "p": null}"#)?.ok_or("skipped")?;
+    assert_eq!(row.get(1), &Value::Null);
+    Ok(())
+}
+
+/// A field of the wrong JSON type inside a row is a malformed record that names the topic,
+/// partition, offset and the field's path; a row given as anything but an object names the
+/// column; and the failed message leaves no partial row in the batch.
+#[test]
+fn a_wrong_typed_field_inside_a_row_names_the_record_and_the_field_path() -> TestResult {
+    let columns =
+        vec![column("id", "INT")?, column("properties", "ROW<owner STRING, n INT, deep ROW<at DATE>>")?];
+    let (mut dec, _) = try_setup(&columns, &[("format", "json")])?;
+    let err = decode_value(&mut dec, r#"{"id": 1, "properties": {"owner": "x", "n": "abc"}}"#)
+        .expect_err("n is no INT");
+    assert_eq!(
+        err.to_string(),
+        "malformed record at topic 'people' partition 3 offset 1042: value (json): field 'properties.n': \
+         expected INT, found \"abc\""
+    );
+    for (doc, reason) in [
+        (
+            r#"{"properties": {"deep": {"at": 5}}}"#,
+            "field 'properties.deep.at': expected DATE like \"2024-05-01\", found 5",
+        ),
+        (
+            r#"{"properties": 5}"#,
+            "field 'properties': expected ROW<owner STRING, n INT, deep ROW<at DATE>>, found 5",
+        ),
+        (
+            r#"{"properties": [1]}"#,
+            "field 'properties': expected ROW<owner STRING, n INT, deep ROW<at DATE>>, found [1]",
+        ),
+        (r#"{"properties": {"deep": "x"}}"#, "field 'properties.deep': expected ROW<at DATE>, found \"x\""),
+    ] {
+        assert_eq!(decode_value(&mut dec, doc).expect_err(doc).reason, reason);
+    }
+    let mut builder = dec.builder(4);
+    let good = br#"{"id": 7, "properties": {"owner": "o", "n": 1, "deep": {"at": "2024-05-01"}}}"#;
+    let bad = br#"{"id": 8, "properties": {"owner": "o", "n": 2, "deep": {"at": "never"}}}"#;
+    assert!(dec.decode_into(&msg(None, Some(bad)), &mut builder).is_err());
+    assert!(dec.decode_into(&msg(None, Some(good)), &mut builder)?);
+    let batch = builder.finish();
+    assert_eq!(batch.num_rows(), 1);
+    assert_eq!(
+        row_of(&batch, 0).get(1),
+        &Value::Row(vec![Value::from("o"), Value::Int(1), Value::Row(vec![Value::Date(19_844)])])
+    );
+    let (mut skip, _) = try_setup(&columns, &[("format", "json"), ("json.ignore-parse-errors", "true")])?;
+    assert_eq!(skip.decode(&msg(None, Some(bad)))?, None);
+    assert_eq!(skip.skipped_malformed(), 1);
+    Ok(())
+}
+
+/// csv and raw payloads refuse a ROW column when the format is checked, naming the column's
+/// type field; json takes it, in the value and in the key.
+#[test]
+fn csv_and_raw_refuse_row_columns_naming_the_column() -> TestResult {
+    let columns = vec![column("id", "INT")?, column("name", "STRING")?, column("props", "ROW<a INT>")?];
+    for pairs in
+        [vec![("format", "csv")], vec![("format", "json"), ("key.format", "csv"), ("key.fields", "props")]]
+    {
+        let Err(KeelError::InvalidSpec { field, reason }) = try_setup(&columns, &pairs) else {
+            return Err(format!("{pairs:?} was accepted").into());
+        };
+        assert_eq!(field, "sources[0].columns[2].type", "{pairs:?}");
+        assert!(
+            reason.starts_with("ROW columns need the json format; column 'props' is ROW<a INT>"),
+            "{reason}"
+        );
+    }
+    let Err(KeelError::InvalidSpec { field, reason }) =
+        try_setup(&[column("props", "ROW<a INT>")?], &[("format", "raw")])
+    else {
+        return Err("raw took a ROW".into());
+    };
+    assert_eq!(field, "sources[0].columns[0].type");
+    assert!(reason.contains("format is raw"), "{reason}");
+    try_setup(&columns, &[("format", "json"), ("key.format", "json"), ("key.fields", "props")])?;
+    Ok(())
+}
+
+/// A print or file sink's CSV line carries a ROW column as its JSON object, quoted as one field.
+#[test]
+fn print_lines_write_a_row_as_its_json_object() -> TestResult {
+    let columns = vec![column("id", "INT")?, column("p", "ROW<a STRING, b ROW<c INT>>")?];
+    let schema = Schema::from_columns("c", &columns)?;
+    let enc = RecordEncoder::new(&schema, &RecordFormat::text_lines("sinks[0]", &schema)?);
+    let row =
+        Row::new(vec![Value::Int(1), Value::Row(vec![Value::from("x"), Value::Row(vec![Value::Null])])]);
+    let rec = enc.encode(&row)?;
+    assert_eq!(rec.value.as_deref(), Some(&br#"1,"{""a"":""x"",""b"":{""c"":null}}""#[..]));
+    let rec = enc.encode(&Row::new(vec![Value::Int(2), Value::Null]))?;
+    assert_eq!(rec.value.as_deref(), Some(&b"2,"[..]));
+    Ok(())
+}
