@@ -2,13 +2,14 @@
 //!
 //! Decoding reads the object in one pass with serde_json, borrowing each declared field's JSON
 //! text ([`RawValue`]) from the message instead of building values; undeclared fields are
-//! skipped without being built. Once the whole object parsed, the declared fields are converted
-//! in declared order straight into the staged row. A ROW column is a nested object read the
-//! same way (its fields by name, undeclared ones skipped, missing ones null unless
-//! `json.fail-on-missing-field`; a JSON `null` is a null row), staged as consecutive field
-//! slots; an error inside names the field's path (`field 'properties.owner': ...`). Strings
-//! without escapes, numbers, booleans and rows cost no allocation; a string with escapes, a
-//! non-string JSON value read into a STRING column and MAP values do.
+//! skipped without being built. A ROW column's object is walked in the same pass, its declared
+//! fields located the same way (undeclared ones skipped). Once the whole object parsed, the
+//! declared fields are converted in declared order straight into the staged row, a ROW's
+//! fields into consecutive slots after it (missing ones null unless
+//! `json.fail-on-missing-field`; a JSON `null` is a null row); an error inside a row names the
+//! field's path (`field 'properties.owner': ...`). Strings without escapes, numbers, booleans
+//! and rows cost no allocation; a string with escapes, a non-string JSON value read into a
+//! STRING column, MAP values and undeclared values nested two levels deep do.
 //!
 //! Encoding writes each column as its JSON form, a ROW as a nested object of its fields in
 //! declared order (`json.encode.ignore-null-fields` leaves out null fields inside rows too).
@@ -17,7 +18,7 @@ use std::fmt;
 use std::io::Write as _;
 use std::ops::Range;
 
-use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
@@ -27,11 +28,25 @@ use crate::options::{JsonOptions, PayloadField};
 use crate::schema::{DataType, RowField};
 use crate::text;
 
-/// Reused between messages by one decoder: where each declared field's JSON text is (while a
-/// ROW is read, its fields' follow those of the object around it).
+/// Reused between messages by one decoder: what was found for each declared field, the
+/// payload's first, then each ROW object's fields in a block of their own.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct JsonScratch {
-    found: Vec<Option<Range<usize>>>,
+    found: Vec<Option<Found>>,
+}
+
+/// What the message holds for one declared field.
+#[derive(Debug, Clone)]
+enum Found {
+    /// The value's JSON text: a range of the message.
+    Raw(Range<usize>),
+    /// A ROW field's object: its declared fields start at this index of
+    /// [`JsonScratch::found`].
+    Row(usize),
+    /// `null` for a ROW field.
+    Null,
+    /// Anything else for a ROW field, shown for the error message.
+    NotObject(String),
 }
 
 /// Why a field did not decode.
@@ -87,6 +102,7 @@ pub(crate) fn decode(
         names: Names::Payload(fields),
         base: bytes.as_ptr() as usize,
         found: &mut scratch.found,
+        block: 0,
     };
     let parsed = de::Deserializer::deserialize_any(&mut de, visitor).and_then(|()| de.end());
     if let Err(e) = parsed {
@@ -96,15 +112,49 @@ pub(crate) fn decode(
         });
     }
     for (i, f) in fields.iter().enumerate() {
-        let raw = match scratch.found.get(i).cloned().flatten() {
+        let found = match scratch.found.get_mut(i).and_then(Option::take) {
             None if opts.fail_on_missing_field => return Err(Fail::missing("").message(&f.name)),
             None => continue,
-            Some(r) => bytes.get(r).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("null"),
+            Some(found) => found,
         };
-        let slot = from_json(raw, &f.data_type, opts, scratch, staged).map_err(|e| e.message(&f.name))?;
+        let slot =
+            stage(found, &f.data_type, bytes, opts, scratch, staged).map_err(|e| e.message(&f.name))?;
         staged.set(f.index, slot);
     }
     Ok(())
+}
+
+/// Stages what was found for a field of type `ty`.
+fn stage(
+    found: Found,
+    ty: &DataType,
+    bytes: &[u8],
+    opts: &JsonOptions,
+    scratch: &mut JsonScratch,
+    staged: &mut Staged,
+) -> Result<Slot, Fail> {
+    match (found, ty) {
+        (Found::Raw(r), _) => {
+            let raw = bytes.get(r).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("null");
+            from_json(raw, ty, staged)
+        }
+        (Found::Null, _) => Ok(Slot::Null),
+        (Found::Row(block), DataType::Row(fields)) => {
+            let range = staged.push_row(fields.len());
+            for (i, f) in fields.iter().enumerate() {
+                let slot = match scratch.found.get_mut(block + i).and_then(Option::take) {
+                    None if opts.fail_on_missing_field => return Err(Fail::missing(&f.name)),
+                    None => Slot::Null,
+                    Some(found) => stage(found, &f.data_type, bytes, opts, scratch, staged)
+                        .map_err(|e| e.inside(&f.name))?,
+                };
+                staged.set_child(range.start + i, slot);
+            }
+            Ok(Slot::Row(range))
+        }
+        (Found::Row(_), _) => Err(format!("expected {ty}, found an object").into()),
+        (Found::NotObject(shown), _) => Err(format!("expected {ty}, found {shown}").into()),
+    }
 }
 
 /// The declared fields an object is read for: a message's payload columns, or a ROW's fields.
@@ -114,20 +164,37 @@ enum Names<'a> {
     Row(&'a [RowField]),
 }
 
-impl Names<'_> {
+impl<'a> Names<'a> {
     fn position(self, key: &str) -> Option<usize> {
         match self {
             Names::Payload(fields) => fields.iter().position(|f| f.name == key),
             Names::Row(fields) => fields.iter().position(|f| f.name == key),
         }
     }
+
+    fn len(self) -> usize {
+        match self {
+            Names::Payload(fields) => fields.len(),
+            Names::Row(fields) => fields.len(),
+        }
+    }
+
+    /// The fields of field `i` when it is a ROW.
+    fn row_fields(self, i: usize) -> Option<&'a [RowField]> {
+        match self {
+            Names::Payload(fields) => fields.get(i)?.data_type.row_fields(),
+            Names::Row(fields) => fields.get(i)?.data_type.row_fields(),
+        }
+    }
 }
 
+/// Locates the declared fields of one object: their entries are `found[block..block + n]`.
 struct ObjectVisitor<'a> {
     names: Names<'a>,
     /// Address of the message's first byte: borrowed JSON texts are located relative to it.
     base: usize,
-    found: &'a mut [Option<Range<usize>>],
+    found: &'a mut Vec<Option<Found>>,
+    block: usize,
 }
 
 impl<'de> Visitor<'de> for ObjectVisitor<'_> {
@@ -139,21 +206,88 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(field) = map.next_key_seed(KeySeed { names: self.names })? {
-            match field {
-                Some(i) => {
+            let Some(i) = field else {
+                map.next_value::<de::IgnoredAny>()?;
+                continue;
+            };
+            let found = match self.names.row_fields(i) {
+                Some(fields) => map.next_value_seed(RowSeed {
+                    names: Names::Row(fields),
+                    base: self.base,
+                    found: &mut *self.found,
+                })?,
+                None => {
                     let raw: &'de RawValue = map.next_value()?;
                     let text = raw.get();
                     let start = (text.as_ptr() as usize).saturating_sub(self.base);
-                    if let Some(slot) = self.found.get_mut(i) {
-                        *slot = Some(start..start + text.len());
-                    }
+                    Found::Raw(start..start + text.len())
                 }
-                None => {
-                    map.next_value::<de::IgnoredAny>()?;
-                }
+            };
+            if let Some(slot) = self.found.get_mut(self.block + i) {
+                *slot = Some(found);
             }
         }
         Ok(())
+    }
+}
+
+/// A ROW field's value: an object is walked for its declared fields (in a new block of
+/// `found`); anything else is kept for the conversion to refuse (or, `null`, to read as null).
+struct RowSeed<'a> {
+    names: Names<'a>,
+    base: usize,
+    found: &'a mut Vec<Option<Found>>,
+}
+
+impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = Found;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Found, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_> {
+    type Value = Found;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object or null")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Found, A::Error> {
+        let block = self.found.len();
+        self.found.resize(block + self.names.len(), None);
+        ObjectVisitor { names: self.names, base: self.base, found: self.found, block }.visit_map(map)?;
+        Ok(Found::Row(block))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Found, E> {
+        Ok(Found::Null)
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Found, E> {
+        Ok(Found::NotObject(v.to_string()))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Found, E> {
+        Ok(Found::NotObject(v.to_string()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Found, E> {
+        Ok(Found::NotObject(v.to_string()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Found, E> {
+        Ok(Found::NotObject(v.to_string()))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Found, E> {
+        Ok(Found::NotObject(text::cut(&Json::from(v).to_string())))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Found, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Found::NotObject("an array".to_string()))
     }
 }
 
@@ -207,13 +341,7 @@ fn is_number(raw: &str) -> bool {
 }
 
 /// Stages one field's JSON text as a value of `ty`.
-fn from_json(
-    raw: &str,
-    ty: &DataType,
-    opts: &JsonOptions,
-    scratch: &mut JsonScratch,
-    staged: &mut Staged,
-) -> Result<Slot, Fail> {
+fn from_json(raw: &str, ty: &DataType, staged: &mut Staged) -> Result<Slot, Fail> {
     if raw == "null" {
         return Ok(Slot::Null);
     }
@@ -296,51 +424,10 @@ fn from_json(
             };
             Slot::Decimal(unscaled)
         }
-        DataType::Row(fields) => {
-            if !raw.starts_with('{') {
-                return Err(mismatch(ty, raw).into());
-            }
-            stage_row(raw, fields, opts, scratch, staged)?
-        }
+        // A ROW field's value is located as an object (or null) when the message is parsed.
+        DataType::Row(_) => return Err(mismatch(ty, raw).into()),
     };
     Ok(slot)
-}
-
-/// Stages a ROW written as a JSON object (`raw` starts with `{`): its fields by name, the
-/// others skipped.
-fn stage_row(
-    raw: &str,
-    fields: &[RowField],
-    opts: &JsonOptions,
-    scratch: &mut JsonScratch,
-    staged: &mut Staged,
-) -> Result<Slot, Fail> {
-    let start = scratch.found.len();
-    scratch.found.resize(start + fields.len(), None);
-    let mut de = serde_json::Deserializer::from_str(raw);
-    let visitor = ObjectVisitor {
-        names: Names::Row(fields),
-        base: raw.as_ptr() as usize,
-        found: scratch.found.get_mut(start..).unwrap_or_default(),
-    };
-    // The message parsed as a whole already: this only locates the fields.
-    de::Deserializer::deserialize_any(&mut de, visitor)
-        .and_then(|()| de.end())
-        .map_err(|e| format!("expected {}: {e}", DataType::Row(fields.into())))?;
-    let range = staged.push_row(fields.len());
-    for (i, f) in fields.iter().enumerate() {
-        let slot = match scratch.found.get(start + i).cloned().flatten() {
-            None if opts.fail_on_missing_field => return Err(Fail::missing(&f.name)),
-            None => Slot::Null,
-            Some(r) => {
-                let text = raw.get(r).unwrap_or("null");
-                from_json(text, &f.data_type, opts, scratch, staged).map_err(|e| e.inside(&f.name))?
-            }
-        };
-        staged.set_child(range.start + i, slot);
-    }
-    scratch.found.truncate(start);
-    Ok(Slot::Row(range))
 }
 
 /// Stages a MAP written as a JSON object of base64 strings (or nulls), in order, repeats kept.

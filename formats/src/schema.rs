@@ -372,10 +372,8 @@ impl<'a> TypeParser<'a> {
                     return Err(format!("a backquoted ROW field name is not closed in '{}'", self.text));
                 };
                 self.pos += c.len_utf8();
-                if c == '`' {
-                    if !self.eat('`') {
-                        return Ok(name);
-                    }
+                if c == '`' && !self.eat('`') {
+                    return Ok(name);
                 }
                 name.push(c);
             }

@@ -927,7 +927,7 @@ fn a_wrong_typed_field_inside_a_row_names_the_record_and_the_field_path() -> Tes
         ),
         (
             r#"{"properties": [1]}"#,
-            "field 'properties': expected ROW<owner STRING, n INT, deep ROW<at DATE>>, found [1]",
+            "field 'properties': expected ROW<owner STRING, n INT, deep ROW<at DATE>>, found an array",
         ),
         (r#"{"properties": {"deep": "x"}}"#, "field 'properties.deep': expected ROW<at DATE>, found \"x\""),
     ] {
