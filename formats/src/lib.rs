@@ -58,12 +58,13 @@
 //! | MAP (headers) | object of base64 strings (null for a null header value) | that JSON object as one field | - |
 //! | DATE | `"2024-05-01"` (a string only, as Flink) | `2024-05-01` | - |
 //! | DECIMAL(p, s) | number with exactly `s` fraction digits (`12.50`); reads a number (its own text, no double in between) or a numeric string | `12.50` | - |
+//! | ROW<...> | object of the fields by name, in declared order (undeclared fields skipped when read) | refused (a print or file sink's line: the JSON object as one field) | refused |
 //!
 //! DECIMAL text is read with arrow-cast's `parse_decimal` (sign, fraction, exponent): digits
 //! past the scale round half up (away from zero), as Flink does; a value with more than
 //! `p - s` integer digits (also once rounded) does not fit and the record is malformed.
 //!
-//! A null is JSON `null` (a missing field also reads as null unless
+//! A null is JSON `null` (a missing field, also inside a ROW, reads as null unless
 //! `json.fail-on-missing-field`); in CSV it is an empty unquoted field (an empty string is
 //! written quoted, `""`, as PostgreSQL does), or `csv.null-literal` when set.
 
