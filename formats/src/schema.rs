@@ -172,7 +172,7 @@ impl DataType {
     /// Parses a type name; the error says what is wrong (an unknown name, a DECIMAL precision
     /// or scale out of range, a malformed ROW).
     fn parse_checked(text: &str) -> std::result::Result<DataType, String> {
-        let mut p = TypeParser { text, pos: 0 };
+        let mut p = TypeParser { text, pos: 0, depth: 0 };
         let t = p.parse_type()?;
         p.skip_ws();
         if p.pos < text.len() {
@@ -267,7 +267,12 @@ struct TypeParser<'a> {
     text: &'a str,
     /// A byte offset into `text`, always at a char boundary.
     pos: usize,
+    /// How many ROWs the parser is inside.
+    depth: usize,
 }
+
+/// How deep ROW types may nest (a bound on the recursion of everything that walks a type).
+pub const MAX_ROW_DEPTH: usize = 32;
 
 impl<'a> TypeParser<'a> {
     fn rest(&self) -> &'a str {
@@ -327,6 +332,17 @@ impl<'a> TypeParser<'a> {
 
     /// The fields of a ROW, from its opening `<` or `(` to the matching closer.
     fn parse_row(&mut self) -> std::result::Result<DataType, String> {
+        self.depth += 1;
+        if self.depth > MAX_ROW_DEPTH {
+            let text = crate::text::cut(self.text);
+            return Err(format!("ROW types nest at most {MAX_ROW_DEPTH} deep, in '{text}'"));
+        }
+        let row = self.parse_row_fields();
+        self.depth -= 1;
+        row
+    }
+
+    fn parse_row_fields(&mut self) -> std::result::Result<DataType, String> {
         self.skip_ws();
         let close = if self.eat('<') {
             '>'
@@ -1018,6 +1034,15 @@ mod tests {
         }
         assert!(DataType::row(Vec::new()).is_err());
         assert!(DataType::row(vec![RowField::new("", DataType::Int)]).is_err());
+        // Nesting is bounded, so that a hostile type name cannot exhaust the stack.
+        let nested = |depth: usize| format!("{}INT{}", "ROW<a ".repeat(depth), ">".repeat(depth));
+        let deepest =
+            nested(MAX_ROW_DEPTH).parse::<DataType>().map_err(|e| KeelError::invalid_spec("deep", e))?;
+        assert_eq!(deepest.to_string(), nested(MAX_ROW_DEPTH));
+        let reason = nested(MAX_ROW_DEPTH + 1).parse::<DataType>().err().unwrap_or_default();
+        assert!(reason.starts_with("ROW types nest at most 32 deep"), "{reason}");
+        let reason = nested(100_000).parse::<DataType>().err().unwrap_or_default();
+        assert!(reason.starts_with("ROW types nest at most 32 deep"), "{reason}");
         let reason = "x".parse::<DataType>().err().unwrap_or_default();
         assert!(reason.contains("ROW<name TYPE, ...>"), "{reason}");
         Ok(())

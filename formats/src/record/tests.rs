@@ -1,3 +1,4 @@
+use arrow_array::Array as _;
 use std::collections::BTreeMap;
 
 use keel_proto::KeelError;
@@ -990,5 +991,53 @@ fn print_lines_write_a_row_as_its_json_object() -> TestResult {
     assert_eq!(rec.value.as_deref(), Some(&br#"1,"{""a"":""x"",""b"":{""c"":null}}""#[..]));
     let rec = enc.encode(&Row::new(vec![Value::Int(2), Value::Null]))?;
     assert_eq!(rec.value.as_deref(), Some(&b"2,"[..]));
+    Ok(())
+}
+
+/// Hostile JSON for ROW columns never panics and never leaves a partial row: objects where
+/// rows are declared and the reverse, repeated and escaped keys, deep nesting, random bytes.
+/// A key given twice takes its last value, inside a row too; escaped keys match their field.
+#[test]
+fn rows_decode_hostile_json_without_panicking() -> TestResult {
+    let columns = vec![column("a", "ROW<b ROW<c INT, d STRING>, e BOOLEAN>")?, column("f", "STRING")?];
+    let (mut dec, _) = try_setup(&columns, &[("format", "json"), ("json.ignore-parse-errors", "true")])?;
+    let row = decode_value(&mut dec, r#"{"a": {"b": {"c": 1}, "b": {"d": "x"}}, "\u0061": {"e": true}}"#)?;
+    assert_eq!(row.ok_or("skipped")?.get(0), &Value::Row(vec![Value::Null, Value::Bool(true)]));
+    let row = decode_value(&mut dec, r#"{"a": {"\u0062": {"c": 2, "c": 3}}}"#)?.ok_or("skipped")?;
+    assert_eq!(row.get(0), &Value::Row(vec![Value::Row(vec![Value::Int(3), Value::Null]), Value::Null]));
+    let deep = format!("{{\"a\": {{\"x\": {}1{}}}}}", "[".repeat(200), "]".repeat(200));
+    let mut builder = dec.builder(8);
+    for doc in [
+        deep.as_str(),
+        r#"{"a": {"b": [1, {"c": 1}]}}"#,
+        r#"{"a": {"b": {"c": {"c": 1}}}}"#,
+        r#"{"a": {"b": {"c": 1, "d": 2}}, "f": {"a": {}}}"#,
+        r#"{"a": {"b": {"c": 1}, "e": "maybe"}}"#,
+        r#"{"a": {"b": {"c": 1}}"#,
+        r#"{"a": "#,
+        r#"{"a": {"b": null, "e": null}, "a": 7}"#,
+    ] {
+        let _ = dec.decode_into(&msg(None, Some(doc.as_bytes())), &mut builder);
+    }
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let alphabet = b"{}[]:,\"abcdef0123 nulltrue\\u";
+    for _ in 0..5000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = (seed % 48) as usize;
+        let mut bytes: Vec<u8> = b"{\"a\":".to_vec();
+        bytes.extend((0..len).map(|i| alphabet[((seed >> (i % 50)) as usize + i * 7) % alphabet.len()]));
+        let _ = dec.decode_into(&msg(None, Some(&bytes)), &mut builder);
+    }
+    // Whatever was appended is whole rows: every struct level has the batch's length.
+    let batch = builder.finish();
+    let a = batch.column(0).as_any().downcast_ref::<arrow_array::StructArray>().ok_or("struct")?;
+    let b = a.column(0).as_any().downcast_ref::<arrow_array::StructArray>().ok_or("struct")?;
+    assert!(
+        a.len() == batch.num_rows() && b.len() == batch.num_rows() && b.column(1).len() == batch.num_rows()
+    );
+    assert_eq!(dec.skipped_malformed() + batch.num_rows() as u64, 5000 + 8);
+    assert!(batch.num_rows() >= 1 && dec.skipped_malformed() >= 5);
     Ok(())
 }
