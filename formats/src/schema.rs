@@ -7,6 +7,7 @@
 //!   - {name: id, type: BIGINT}
 //!   - {name: name, type: STRING}
 //!   - {name: ts, type: TIMESTAMP, metadata: timestamp}
+//!   - {name: properties, type: 'ROW<`owner` STRING, engine STRING>'}   # json only
 //! ```
 //!
 //! Types (case-insensitive; aliases in brackets): `STRING` (`VARCHAR`, `VARCHAR(n)`),
@@ -18,8 +19,8 @@
 //! point, `1 <= p <= 38`, `0 <= s <= p`), `ROW<name TYPE, ...>` (also `ROW(name TYPE, ...)`,
 //! as Flink writes both: a nested record with named, typed fields, which may be rows
 //! themselves; a field name that is not a plain identifier is written in backquotes,
-//! `` ROW<`owner id` STRING> ``, a backquote inside it doubled; only the json format carries
-//! ROW columns).
+//! `` ROW<`owner id` STRING> ``, a backquote inside it doubled; rows nest at most
+//! [`MAX_ROW_DEPTH`] deep; only the json format carries ROW columns).
 //!
 //! A column with `metadata` is not part of the message key or value but of the Kafka record
 //! around it (Flink's `METADATA FROM '<key>'`):
