@@ -7,6 +7,8 @@
 //!   statements write `s`). The SELECT list maps onto the target columns by position (the listed
 //!   columns, else every column of `s` except computed and `VIRTUAL` metadata ones) and each item
 //!   is named after its target column. `WHERE` is the sink's `filter`.
+//! - One table can be read by one statement and written by another, as in Flink: a Kafka table's
+//!   `scan.*` options apply only where it is read, its `sink.*` options only where it is written.
 //! - Computed columns (`c AS expr`) are replaced by their expression wherever a statement uses
 //!   them; `SELECT *` includes them.
 //! - `SET 'pipeline.name'` names the job (else the file name); `SET 'parallelism.default'` and
@@ -123,7 +125,13 @@ pub(crate) fn plan(script: &Script, default_name: &str) -> Result<Planned> {
         let writes = origins.sinks.iter().filter(|(t, _, _)| *t == sink_table.name).count();
         let sink_name =
             if writes == 0 { sink_table.name.clone() } else { format!("{}_{}", sink_table.name, writes + 1) };
-        let (connector, options) = connector_options(sink_table);
+        let (connector, mut options) = connector_options(sink_table);
+        if connector == "kafka" {
+            // One table may serve as source and sink (as in Flink): its scan options do not apply here.
+            options.retain(|k, _| {
+                !(k.starts_with("scan.") && keel_spec::connectors::KAFKA_SOURCE_OPTIONS.contains(&k.as_str()))
+            });
+        }
         let columns =
             if connector == "kafka" { targets.iter().map(|c| c.def.clone()).collect() } else { Vec::new() };
         sinks.push(ConnectorSpec {
@@ -231,7 +239,11 @@ fn column_def(c: &crate::parse::ColumnDecl) -> Option<ColumnDef> {
 }
 
 fn source_spec(t: &TableDef) -> Result<ConnectorSpec> {
-    let (connector, options) = connector_options(t);
+    let (connector, mut options) = connector_options(t);
+    if connector == "kafka" {
+        // Sink options of a table that is read do not apply (Flink validates them, then ignores them).
+        options.retain(|k, _| !keel_spec::connectors::KAFKA_SINK_OPTIONS.contains(&k.as_str()));
+    }
     let mut columns: Vec<ColumnDef> = t.columns.iter().filter_map(column_def).collect();
     if connector == "datagen" {
         // Keel's datagen emits one column, `id BIGINT`; the table must declare just that.
