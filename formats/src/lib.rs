@@ -62,6 +62,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod expr;
 pub mod filter;
 pub mod options;
 pub mod projection;
