@@ -483,34 +483,35 @@ impl Compiler<'_> {
 
     /// A column reference: the exact name, else the one column whose name matches ignoring case.
     fn column(&self, name: &str, span: Span) -> R<Typed> {
-        let index =
-            match self.schema.index_of(name) {
-                Some(i) => i,
-                None => {
-                    let mut matches = self
-                        .schema
-                        .columns()
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| c.name.eq_ignore_ascii_case(name))
-                        .map(|(i, _)| i);
-                    match (matches.next(), matches.next()) {
-                        (Some(i), None) => i,
-                        (Some(_), Some(_)) => return err(
+        let index = match self.schema.index_of(name) {
+            Some(i) => i,
+            None => {
+                let mut matches = self
+                    .schema
+                    .columns()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.name.eq_ignore_ascii_case(name))
+                    .map(|(i, _)| i);
+                match (matches.next(), matches.next()) {
+                    (Some(i), None) => i,
+                    (Some(_), Some(_)) => {
+                        return err(
                             span,
                             format!(
                                 "column `{name}` is ambiguous (names differ only in case); write it exactly"
                             ),
-                        ),
-                        _ => {
-                            return err(
-                                span,
-                                format!("unknown column `{name}`; columns: {}", self.schema.names()),
-                            )
-                        }
+                        )
+                    }
+                    _ => {
+                        return err(
+                            span,
+                            format!("unknown column `{name}`; columns: {}", self.schema.names()),
+                        )
                     }
                 }
-            };
+            }
+        };
         let ty = self.schema.column(index).map(|c| c.data_type);
         match ty {
             Some(ty) => Ok(Typed::new(Node::Column(index), ty)),
@@ -896,6 +897,9 @@ fn not_if(t: Typed, negated: bool) -> Typed {
 /// A comparison, with its operands brought to one type: numbers promote, NULL takes the other
 /// side's type, a string or integer literal compared with a TIMESTAMP is read as a timestamp.
 fn compare(l: Typed, r: Typed, op: CmpOp, span: Span) -> R<Typed> {
+    if matches!(l.node, Node::Null) || matches!(r.node, Node::Null) {
+        return err(span, "a comparison with NULL is never true; use IS NULL or IS NOT NULL");
+    }
     let (l, r) = match (l.ty, r.ty) {
         (None, None) => {
             let b = DataType::Boolean;

@@ -63,6 +63,19 @@ fn parser_error(e: ParserError) -> ExprError {
     ExprError::new(Span::empty(), text)
 }
 
+/// [`parser_error`], with an error at the end of the text placed there.
+fn text_error(e: ParserError, text: &str) -> ExprError {
+    let mut e = parser_error(e);
+    if e.span == Span::empty() && e.reason.ends_with("found: EOF") {
+        let line = text.split('\n').count().max(1) as u64;
+        let column = text.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u64 + 1;
+        let end = Location::new(line, column);
+        e.span = Span::new(end, end);
+        e.reason = format!("{}the end", e.reason.trim_end_matches("EOF"));
+    }
+    e
+}
+
 fn parser(text: &str) -> Result<Parser<'static>, ExprError> {
     static DIALECT: FlinkDialect = FlinkDialect;
     Parser::new(&DIALECT).try_with_sql(text).map_err(parser_error)
@@ -83,7 +96,7 @@ pub fn parse_expr(text: &str) -> Result<ast::Expr, ExprError> {
     if p.peek_token().token == Token::EOF {
         return Err(ExprError::new(Span::empty(), "empty expression"));
     }
-    let expr = p.parse_expr().map_err(parser_error)?;
+    let expr = p.parse_expr().map_err(|e| text_error(e, text))?;
     expect_end(&p, "expression")?;
     Ok(expr)
 }
@@ -94,7 +107,7 @@ pub fn parse_select_item(text: &str) -> Result<(ast::Expr, Option<Ident>), ExprE
     if p.peek_token().token == Token::EOF {
         return Err(ExprError::new(Span::empty(), "empty select item"));
     }
-    let item = p.parse_select_item().map_err(parser_error)?;
+    let item = p.parse_select_item().map_err(|e| text_error(e, text))?;
     expect_end(&p, "select item")?;
     match item {
         SelectItem::UnnamedExpr(e) => Ok((e, None)),
