@@ -575,6 +575,9 @@ impl Compiler<'_> {
                 };
                 let l = self.compile(left, span)?;
                 let r = self.compile(right, span)?;
+                if matches!(l.node, Node::Null) || matches!(r.node, Node::Null) {
+                    return err(span, "a comparison with NULL is never true; use IS NULL or IS NOT NULL");
+                }
                 compare(l, r, cmp, span)
             }
             B::Plus | B::Minus | B::Multiply | B::Divide | B::Modulo => {
@@ -897,9 +900,6 @@ fn not_if(t: Typed, negated: bool) -> Typed {
 /// A comparison, with its operands brought to one type: numbers promote, NULL takes the other
 /// side's type, a string or integer literal compared with a TIMESTAMP is read as a timestamp.
 fn compare(l: Typed, r: Typed, op: CmpOp, span: Span) -> R<Typed> {
-    if matches!(l.node, Node::Null) || matches!(r.node, Node::Null) {
-        return err(span, "a comparison with NULL is never true; use IS NULL or IS NOT NULL");
-    }
     let (l, r) = match (l.ty, r.ty) {
         (None, None) => {
             let b = DataType::Boolean;

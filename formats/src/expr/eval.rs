@@ -16,7 +16,6 @@ use arrow_array::{
 use arrow_cast::cast::{cast_with_options, CastOptions};
 use arrow_ord::cmp;
 use arrow_schema::ArrowError;
-use arrow_select::filter::prep_null_mask_filter;
 use arrow_select::nullif::nullif;
 use arrow_select::zip::zip;
 use keel_proto::{KeelError, Result};
@@ -127,12 +126,21 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// `b` with nulls as false (Arrow's `prep_null_mask_filter` expects a null buffer).
+fn true_only(b: &BooleanArray) -> BooleanArray {
+    if b.null_count() == 0 {
+        b.clone()
+    } else {
+        arrow_select::filter::prep_null_mask_filter(b)
+    }
+}
+
 /// A boolean value as a mask of `rows` rows: true where true, false where false or null.
 fn mask_of(v: Val, rows: usize) -> Result<BooleanArray> {
     let a = v.into_array(rows)?;
     let b =
         a.as_boolean_opt().ok_or_else(|| KeelError::internal("expression: a condition is not BOOLEAN"))?;
-    Ok(prep_null_mask_filter(b))
+    Ok(true_only(b))
 }
 
 fn boolean(v: &Val) -> Result<&BooleanArray> {
@@ -187,11 +195,7 @@ pub(super) fn eval(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
             let r = if right.may_fail() {
                 let lb = l.clone().into_array(ctx.rows)?;
                 let lb = lb.as_boolean_opt().ok_or_else(|| KeelError::internal("expression: not BOOLEAN"))?;
-                let decided = if is_and {
-                    prep_null_mask_filter(&not(lb).map_err(arrow_error)?)
-                } else {
-                    prep_null_mask_filter(lb)
-                };
+                let decided = if is_and { true_only(&not(lb).map_err(arrow_error)?) } else { true_only(lb) };
                 let open = not(&decided).map_err(arrow_error)?;
                 eval(right, &ctx.narrowed(&open)?)?
             } else {
@@ -217,11 +221,7 @@ pub(super) fn eval(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
         Node::IsBool { input, value, negated } => {
             let v = eval(input, ctx)?;
             let b = boolean(&v)?;
-            let hit = if *value {
-                prep_null_mask_filter(b)
-            } else {
-                prep_null_mask_filter(&not(b).map_err(arrow_error)?)
-            };
+            let hit = if *value { true_only(b) } else { true_only(&not(b).map_err(arrow_error)?) };
             let out = if *negated { not(&hit).map_err(arrow_error)? } else { hit };
             Ok(wrap(Arc::new(out), &[&v]))
         }
@@ -507,10 +507,10 @@ fn arith(
             Some(DataType::Int) => Arc::new(Int32Array::from(vec![0])),
             _ => Arc::new(arrow_array::Int64Array::from(vec![0i64])),
         };
-        let zeros = prep_null_mask_filter(&cmp::eq(&r, &Scalar::new(zero.clone())).map_err(arrow_error)?);
+        let zeros = true_only(&cmp::eq(&r, &Scalar::new(zero.clone())).map_err(arrow_error)?);
         if zeros.true_count() > 0 {
             let (la, ra, scalar) = aligned(l, r, ctx.rows)?;
-            let zeros = prep_null_mask_filter(&cmp::eq(&ra, &Scalar::new(zero)).map_err(arrow_error)?);
+            let zeros = true_only(&cmp::eq(&ra, &Scalar::new(zero)).map_err(arrow_error)?);
             let counted = and(&zeros, &is_not_null(&la).map_err(arrow_error)?).map_err(arrow_error)?;
             let fails = if scalar {
                 counted.true_count() > 0 && ctx.any_active()
