@@ -41,6 +41,7 @@ pub struct Filter {
 fn conjuncts(e: &ast::Expr) -> usize {
     match e {
         ast::Expr::BinaryOp { left, op: BinaryOperator::And, right } => conjuncts(left) + conjuncts(right),
+        ast::Expr::Nested(inner) => conjuncts(inner),
         _ => 1,
     }
 }
@@ -100,7 +101,8 @@ impl Filter {
         self.evaluate(&batch).is_ok_and(|m| m.len() == 1 && m.is_valid(0) && m.value(0))
     }
 
-    /// The number of conditions joined by a top-level AND (1 for any other condition).
+    /// The number of conditions joined by AND at the top (parentheses around ANDs do not
+    /// count; 1 for any other condition).
     pub fn len(&self) -> usize {
         self.conjuncts
     }
@@ -316,5 +318,49 @@ mod tests {
                 other => panic!("{f}: expected an error, got {other:?}"),
             }
         }
+    }
+
+    /// A filter is any BOOLEAN SQL condition: OR, parentheses, NOT, IN, LIKE, CASE and
+    /// functions work, and `len` counts the top-level AND conditions.
+    #[test]
+    fn any_sql_condition_filters() -> std::result::Result<(), KeelError> {
+        let adult = row(1, Some("ann"), Some(30), 2.5, true, 0);
+        let child = row(2, Some("Bob"), Some(10), 9.0, false, 0);
+        for (f, want_adult, want_child) in [
+            ("age >= 18 OR name = 'Bob'", true, true),
+            ("(age >= 18 OR score > 5) AND NOT active", false, true),
+            ("name IN ('ann', 'zed')", true, false),
+            ("UPPER(name) LIKE 'B%'", false, true),
+            ("CASE WHEN active THEN age > 20 ELSE score > 100 END", true, false),
+            ("age BETWEEN 5 AND 15", false, true),
+            ("CHAR_LENGTH(`order-id`) = 3", true, true),
+        ] {
+            assert_eq!(keeps(f, &adult), want_adult, "{f}");
+            assert_eq!(keeps(f, &child), want_child, "{f}");
+        }
+        assert!(Filter::parse("f", "a_b OR c", &schema()).is_err());
+        assert_eq!(Filter::parse("f", "age > 1 OR age < 0", &schema())?.len(), 1);
+        assert_eq!(Filter::parse("f", "(age > 1 AND age < 9) AND id = 1", &schema())?.len(), 3);
+        Ok(())
+    }
+
+    /// The mask has no nulls (a NULL condition is not kept), and a condition that fails on a
+    /// row (integer division by zero) fails the batch instead of dropping or keeping it.
+    #[test]
+    fn evaluate_gives_a_null_free_mask_and_reports_failures() -> std::result::Result<(), KeelError> {
+        let s = schema();
+        let rows = [row(1, Some("a"), Some(30), 1.0, true, 0), row(2, Some("b"), None, 1.0, true, 0)];
+        let batch = crate::batch::batch_of_rows(&s, &rows)
+            .map_err(|(i, e)| KeelError::internal(format!("{i}: {e}")))?;
+        let mask = Filter::parse("f", "age > 18", &s)?.evaluate(&batch)?;
+        assert_eq!(mask.null_count(), 0);
+        assert_eq!(mask, BooleanArray::from(vec![true, false]));
+        assert_eq!(Filter::parse("f", "age > 18", &s)?.apply(&batch)?.num_rows(), 1);
+        let failing = Filter::parse("f", "100 / (age - 30) > 1", &s)?;
+        match failing.apply(&batch) {
+            Err(e) => assert!(e.to_string().contains("division by zero in `100 / (age - 30)`"), "{e}"),
+            Ok(b) => panic!("kept {} rows", b.num_rows()),
+        }
+        Ok(())
     }
 }

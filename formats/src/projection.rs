@@ -38,7 +38,7 @@ enum Source {
     /// A constant null (a metadata column only a source can fill).
     Null,
     /// A computed value.
-    Expr(CompiledExpr),
+    Expr(Box<CompiledExpr>),
 }
 
 /// A mapping from input rows to output rows, built against a schema.
@@ -89,7 +89,7 @@ impl Projection {
             columns.push(ColumnDef::new(name, expr.data_type()));
             sources.push(match expr.column() {
                 Some(c) => Source::Column(c),
-                None => Source::Expr(expr),
+                None => Source::Expr(Box::new(expr)),
             });
         }
         let output = Schema::from_columns(field, &columns)?;
@@ -336,5 +336,43 @@ mod tests {
     fn a_short_row_yields_nulls_instead_of_panicking() {
         let p = Projection::parse("s", &items(&["age", "id"]), &input()).expect("valid");
         assert_eq!(p.apply(Row::new(vec![Value::Int(1)])).values, vec![Value::Null, Value::Int(1)]);
+    }
+
+    /// Items are SQL expressions: computed columns take the expression's type and the alias
+    /// as name; a bare column keeps the input's name (as declared, even when written in
+    /// another case) and is the input's array itself, not a copy.
+    #[test]
+    fn select_computes_expressions_and_shares_bare_columns() -> std::result::Result<(), KeelError> {
+        let p = Projection::parse(
+            "sinks[0].select",
+            &items(&[
+                "ID",
+                "UPPER(name) AS loud",
+                "age * 2 + off AS x",
+                "CAST(age AS STRING) s",
+                "age > 18 AS adult",
+            ]),
+            &input(),
+        )?;
+        assert_eq!(
+            p.output_schema().columns(),
+            &[
+                ColumnDef::new("id", DataType::Int),
+                ColumnDef::new("loud", DataType::String),
+                ColumnDef::new("x", DataType::BigInt),
+                ColumnDef::new("s", DataType::String),
+                ColumnDef::new("adult", DataType::Boolean),
+            ]
+        );
+        assert_eq!(
+            p.apply(sample()).values,
+            vec![Value::Int(1), Value::from("ANN"), Value::Int(137), Value::from("30"), Value::Bool(true)]
+        );
+        let batch = crate::batch::batch_of_rows(&input(), &[sample(), sample()])
+            .map_err(|(i, e)| KeelError::internal(format!("{i}: {e}")))?;
+        let out = p.apply_batch(&batch)?;
+        assert!(Arc::ptr_eq(out.column(0), batch.column(0)));
+        assert_eq!(out.num_rows(), 2);
+        Ok(())
     }
 }

@@ -833,7 +833,7 @@ impl Compiler<'_> {
                 let ty = unify([a.ty, b.ty]).ok().flatten().unwrap_or(ty);
                 let eq = compare(a.clone(), b, CmpOp::Eq, span)?;
                 let Some(a) = coerce(a, ty) else {
-                    return err(span, format!("NULLIF arguments have different types"));
+                    return err(span, "NULLIF arguments have different types");
                 };
                 let null = literal(new_null_array(&arrow_type(ty), 1), ty);
                 Ok(Typed::new(Node::Case { whens: vec![(eq, null)], otherwise: Some(a.boxed()) }, ty))
