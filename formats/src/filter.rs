@@ -38,12 +38,22 @@ pub struct Filter {
     schema: Schema,
 }
 
+/// The number of conditions joined by AND at the top (without recursion: a chain of ANDs can
+/// be as deep as it is long).
 fn conjuncts(e: &ast::Expr) -> usize {
-    match e {
-        ast::Expr::BinaryOp { left, op: BinaryOperator::And, right } => conjuncts(left) + conjuncts(right),
-        ast::Expr::Nested(inner) => conjuncts(inner),
-        _ => 1,
+    let mut count = 0;
+    let mut todo = vec![e];
+    while let Some(e) = todo.pop() {
+        match e {
+            ast::Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
+                todo.push(left);
+                todo.push(right);
+            }
+            ast::Expr::Nested(inner) => todo.push(inner),
+            _ => count += 1,
+        }
     }
+    count
 }
 
 impl Filter {
@@ -51,6 +61,10 @@ impl Filter {
     /// `field` is the path of the filter in the spec (`sinks[0].filter`); every error names
     /// it, and its reason ends with the position in `text` when known (` (at column 5)`).
     pub fn parse(field: &str, text: &str, schema: &Schema) -> Result<Filter> {
+        crate::expr::with_deep_stack(|| Filter::parse_here(field, text, schema))
+    }
+
+    fn parse_here(field: &str, text: &str, schema: &Schema) -> Result<Filter> {
         let err = |e: ExprError| KeelError::invalid_spec(field, e.to_string());
         if text.trim().is_empty() {
             return Err(KeelError::invalid_spec(

@@ -56,6 +56,10 @@ impl Projection {
     /// `input`. `field` is the path of the list in the spec (`sinks[0].select`); errors name
     /// the item (`sinks[0].select[1]`) and end with the position in its text when known.
     pub fn parse(field: &str, items: &[String], input: &Schema) -> Result<Projection> {
+        crate::expr::with_deep_stack(|| Projection::parse_here(field, items, input))
+    }
+
+    fn parse_here(field: &str, items: &[String], input: &Schema) -> Result<Projection> {
         if items.is_empty() {
             return Err(KeelError::invalid_spec(field, "select at least one column"));
         }

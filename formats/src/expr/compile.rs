@@ -253,7 +253,14 @@ fn widen(t: Typed, to: DataType) -> Typed {
 /// The compiler: the schema and the span to blame when a node has none.
 pub(super) struct Compiler<'a> {
     pub schema: &'a Schema,
+    /// How deep [`Compiler::compile`] is nested now.
+    pub depth: std::cell::Cell<usize>,
 }
+
+/// The deepest nesting compiled (evaluation recurses as deep; a long chain of AND or OR is
+/// balanced first and does not count). Compiling and evaluating grow their stack as needed
+/// (`stacker`); the bound keeps a pathological expression from costing more than that.
+pub(super) const MAX_DEPTH: usize = 500;
 
 type R<T> = Result<T, ExprError>;
 
@@ -303,6 +310,20 @@ const WINDOW_FUNCTIONS: &[&str] =
 
 impl Compiler<'_> {
     pub(super) fn compile(&self, expr: &ast::Expr, outer: Span) -> R<Typed> {
+        let depth = self.depth.get() + 1;
+        if depth > MAX_DEPTH {
+            return err(
+                span_or(expr, outer),
+                format!("the expression is nested too deeply (more than {MAX_DEPTH} levels)"),
+            );
+        }
+        self.depth.set(depth);
+        let out = stacker::maybe_grow(super::RED_ZONE, super::SEGMENT, || self.compile_node(expr, outer));
+        self.depth.set(depth - 1);
+        out
+    }
+
+    fn compile_node(&self, expr: &ast::Expr, outer: Span) -> R<Typed> {
         let span = span_or(expr, outer);
         use ast::Expr as E;
         match expr {
@@ -389,17 +410,15 @@ impl Compiler<'_> {
             E::In { expr: inner, target, negated, .. } => match target {
                 ast::InTarget::List(list) => {
                     let x = self.compile(inner, span)?;
-                    let mut any: Option<Typed> = None;
+                    let mut tests = Vec::with_capacity(list.len());
                     for item in list {
                         let item_span = span_or(item, span);
                         let v = self.compile(item, item_span)?;
-                        let eq = compare(x.clone(), v, CmpOp::Eq, item_span)?;
-                        any = Some(match any {
-                            None => eq,
-                            Some(prev) => Typed::new(Node::Or(prev.boxed(), eq.boxed()), DataType::Boolean),
-                        });
+                        tests.push(compare(x.clone(), v, CmpOp::Eq, item_span)?);
                     }
-                    let Some(any) = any else { return err(span, "IN needs at least one value") };
+                    let Some(any) = balanced(tests, false) else {
+                        return err(span, "IN needs at least one value");
+                    };
                     Ok(not_if(any, *negated))
                 }
                 ast::InTarget::Subquery(_) => err(span, "subqueries (IN (SELECT ...)) are not supported"),
@@ -558,11 +577,28 @@ impl Compiler<'_> {
         use BinaryOperator as B;
         match op {
             B::And | B::Or => {
-                let what = if matches!(op, B::And) { "AND" } else { "OR" };
-                let l = self.boolean(left, span, what)?.boxed();
-                let r = self.boolean(right, span, what)?.boxed();
-                let node = if matches!(op, B::And) { Node::And(l, r) } else { Node::Or(l, r) };
-                Ok(Typed::new(node, DataType::Boolean))
+                let is_and = matches!(op, B::And);
+                let what = if is_and { "AND" } else { "OR" };
+                // A chain `a AND b AND c ...` is a left-deep tree: walk it without recursing
+                // and compile it as a balanced one (same result: AND and OR are associative).
+                let mut operands = vec![right];
+                let mut at = left;
+                loop {
+                    match at {
+                        ast::Expr::BinaryOp { left: l, op: o, right: r } if o == op => {
+                            operands.push(r);
+                            at = l;
+                        }
+                        _ => break,
+                    }
+                }
+                operands.push(at);
+                operands.reverse();
+                let mut compiled = Vec::with_capacity(operands.len());
+                for o in operands {
+                    compiled.push(self.boolean(o, span, what)?);
+                }
+                Ok(balanced(compiled, is_and).unwrap_or(Typed { node: Node::Null, ty: None }))
             }
             B::Eq | B::NotEq | B::Lt | B::LtEq | B::Gt | B::GtEq => {
                 let cmp = match op {
@@ -887,6 +923,24 @@ impl Compiler<'_> {
             _ => err(span, format!("unknown function {name}")),
         }
     }
+}
+
+/// `items` joined by AND (`is_and`) or OR as a balanced tree (its depth is the log of their
+/// number); `None` when there are none.
+fn balanced(mut items: Vec<Typed>, is_and: bool) -> Option<Typed> {
+    while items.len() > 1 {
+        let mut next = Vec::with_capacity(items.len().div_ceil(2));
+        let mut it = items.into_iter();
+        while let Some(a) = it.next() {
+            next.push(match it.next() {
+                Some(b) if is_and => Typed::new(Node::And(a.boxed(), b.boxed()), DataType::Boolean),
+                Some(b) => Typed::new(Node::Or(a.boxed(), b.boxed()), DataType::Boolean),
+                None => a,
+            });
+        }
+        items = next;
+    }
+    items.pop()
 }
 
 fn not_if(t: Typed, negated: bool) -> Typed {

@@ -156,240 +156,322 @@ fn aligned(a: Val, b: Val, rows: usize) -> Result<(ArrayRef, ArrayRef, bool)> {
 }
 
 pub(super) fn eval(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    stacker::maybe_grow(super::RED_ZONE, super::SEGMENT, || eval_node(t, ctx))
+}
+
+fn eval_node(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
     match &t.node {
         Node::Null => Err(KeelError::internal("expression: an untyped NULL reached evaluation")),
-        Node::Column(i) => {
-            let batch = ctx.batch.ok_or_else(|| KeelError::internal("expression: no batch"))?;
-            let column = batch
-                .columns()
-                .get(*i)
-                .ok_or_else(|| KeelError::internal(format!("expression: the batch has no column {i}")))?;
-            Ok(Val::Array(column.clone()))
-        }
+        Node::Column(..) => eval_column(t, ctx),
         Node::Literal(a) => Ok(Val::Scalar(a.clone())),
-        Node::Cast { input, safe, text } => {
-            let to = t.ty.ok_or_else(|| KeelError::internal("expression: CAST without a type"))?;
-            let v = eval(input, ctx)?;
-            cast(v, input.ty, to, *safe, text, ctx)
-        }
-        Node::Arith { op, left, right, text } => {
-            let l = eval(left, ctx)?;
-            let r = eval(right, ctx)?;
-            arith(*op, l, r, t.ty, text, ctx)
-        }
-        Node::Neg(a) => {
-            let v = eval(a, ctx)?;
-            let out = numeric::neg_wrapping(v.inner().as_ref()).map_err(arrow_error)?;
-            Ok(wrap(out, &[&v]))
-        }
-        Node::Compare { op, left, right } => {
-            let l = eval(left, ctx)?;
-            let r = eval(right, ctx)?;
-            compare(*op, l, r, ctx.rows)
-        }
-        Node::And(left, right) | Node::Or(left, right) => {
-            let is_and = matches!(t.node, Node::And(..));
-            let l = eval(left, ctx)?;
-            // The right side counts only where the left does not decide: a division in
-            // `b <> 0 AND a / b > 1` is not checked where b = 0.
-            let r = if right.may_fail() {
-                let lb = l.clone().into_array(ctx.rows)?;
-                let lb = lb.as_boolean_opt().ok_or_else(|| KeelError::internal("expression: not BOOLEAN"))?;
-                let decided = if is_and { true_only(&not(lb).map_err(arrow_error)?) } else { true_only(lb) };
-                let open = not(&decided).map_err(arrow_error)?;
-                eval(right, &ctx.narrowed(&open)?)?
-            } else {
-                eval(right, ctx)?
-            };
-            let (la, ra, scalar) = aligned(l, r, ctx.rows)?;
-            let (lb, rb) = (boolean(&Val::Array(la))?.clone(), boolean(&Val::Array(ra))?.clone());
-            let out = if is_and { and_kleene(&lb, &rb) } else { or_kleene(&lb, &rb) }.map_err(arrow_error)?;
-            let out: ArrayRef = Arc::new(out);
-            Ok(if scalar { Val::Scalar(out) } else { Val::Array(out) })
-        }
-        Node::Not(a) => {
-            let v = eval(a, ctx)?;
-            let out = not(boolean(&v)?).map_err(arrow_error)?;
-            Ok(wrap(Arc::new(out), &[&v]))
-        }
-        Node::IsNull { input, negated } => {
-            let v = eval(input, ctx)?;
-            let out =
-                if *negated { is_not_null(v.inner()) } else { is_null(v.inner()) }.map_err(arrow_error)?;
-            Ok(wrap(Arc::new(out), &[&v]))
-        }
-        Node::IsBool { input, value, negated } => {
-            let v = eval(input, ctx)?;
-            let b = boolean(&v)?;
-            let hit = if *value { true_only(b) } else { true_only(&not(b).map_err(arrow_error)?) };
-            let out = if *negated { not(&hit).map_err(arrow_error)? } else { hit };
-            Ok(wrap(Arc::new(out), &[&v]))
-        }
-        Node::Like { input, pattern, negated } => {
-            let s = eval(input, ctx)?;
-            let p = eval(pattern, ctx)?;
-            let out =
-                if *negated { arrow_string::like::nlike(&s, &p) } else { arrow_string::like::like(&s, &p) }
-                    .map_err(arrow_error)?;
-            Ok(wrap(Arc::new(out), &[&s, &p]))
-        }
+        Node::Cast { .. } => eval_cast(t, ctx),
+        Node::Arith { .. } => eval_arith(t, ctx),
+        Node::Neg(..) => eval_neg(t, ctx),
+        Node::Compare { .. } => eval_compare(t, ctx),
+        Node::And(..) | Node::Or(..) => eval_and_pair(t, ctx),
+        Node::Not(..) => eval_not(t, ctx),
+        Node::IsNull { .. } => eval_isnull(t, ctx),
+        Node::IsBool { .. } => eval_isbool(t, ctx),
+        Node::Like { .. } => eval_like(t, ctx),
         Node::Case { whens, otherwise } => case(t, whens, otherwise.as_deref(), ctx),
         Node::Coalesce(list) => coalesce(t, list, ctx),
-        Node::Upper(a) | Node::Lower(a) => {
-            let upper = matches!(t.node, Node::Upper(_));
-            let v = eval(a, ctx)?;
-            let s = strings(&v)?;
-            let mut b = StringBuilder::with_capacity(s.len(), s.value_data().len());
-            for x in s.iter() {
-                match x {
-                    None => b.append_null(),
-                    Some(x) => {
-                        for c in x.chars() {
-                            if upper {
-                                c.to_uppercase().try_for_each(|u| b.write_char(u))
-                            } else {
-                                c.to_lowercase().try_for_each(|u| b.write_char(u))
-                            }
-                            .map_err(|e| KeelError::internal(format!("expression: {e}")))?;
-                        }
-                        b.append_value("");
+        Node::Upper(..) | Node::Lower(..) => eval_upper_pair(t, ctx),
+        Node::CharLength(..) => eval_charlength(t, ctx),
+        Node::Concat(..) => eval_concat(t, ctx),
+        Node::Substring { .. } => eval_substring(t, ctx),
+        Node::Trim { .. } => eval_trim(t, ctx),
+        Node::JsonValue { .. } => eval_jsonvalue(t, ctx),
+    }
+}
+
+fn eval_column(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Column(i) = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let batch = ctx.batch.ok_or_else(|| KeelError::internal("expression: no batch"))?;
+    let column = batch
+        .columns()
+        .get(*i)
+        .ok_or_else(|| KeelError::internal(format!("expression: the batch has no column {i}")))?;
+    Ok(Val::Array(column.clone()))
+}
+
+fn eval_cast(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Cast { input, safe, text } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let to = t.ty.ok_or_else(|| KeelError::internal("expression: CAST without a type"))?;
+    let v = eval(input, ctx)?;
+    cast(v, input.ty, to, *safe, text, ctx)
+}
+
+fn eval_arith(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Arith { op, left, right, text } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let l = eval(left, ctx)?;
+    let r = eval(right, ctx)?;
+    arith(*op, l, r, t.ty, text, ctx)
+}
+
+fn eval_neg(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Neg(a) = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let v = eval(a, ctx)?;
+    let out = numeric::neg_wrapping(v.inner().as_ref()).map_err(arrow_error)?;
+    Ok(wrap(out, &[&v]))
+}
+
+fn eval_compare(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Compare { op, left, right } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let l = eval(left, ctx)?;
+    let r = eval(right, ctx)?;
+    compare(*op, l, r, ctx.rows)
+}
+
+fn eval_and_pair(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let (Node::And(left, right) | Node::Or(left, right)) = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let is_and = matches!(t.node, Node::And(..));
+    let l = eval(left, ctx)?;
+    // The right side counts only where the left does not decide: a division in
+    // `b <> 0 AND a / b > 1` is not checked where b = 0.
+    let r = if right.may_fail() {
+        let lb = l.clone().into_array(ctx.rows)?;
+        let lb = lb.as_boolean_opt().ok_or_else(|| KeelError::internal("expression: not BOOLEAN"))?;
+        let decided = if is_and { true_only(&not(lb).map_err(arrow_error)?) } else { true_only(lb) };
+        let open = not(&decided).map_err(arrow_error)?;
+        eval(right, &ctx.narrowed(&open)?)?
+    } else {
+        eval(right, ctx)?
+    };
+    let (la, ra, scalar) = aligned(l, r, ctx.rows)?;
+    let (lb, rb) = (boolean(&Val::Array(la))?.clone(), boolean(&Val::Array(ra))?.clone());
+    let out = if is_and { and_kleene(&lb, &rb) } else { or_kleene(&lb, &rb) }.map_err(arrow_error)?;
+    let out: ArrayRef = Arc::new(out);
+    Ok(if scalar { Val::Scalar(out) } else { Val::Array(out) })
+}
+
+fn eval_not(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Not(a) = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let v = eval(a, ctx)?;
+    let out = not(boolean(&v)?).map_err(arrow_error)?;
+    Ok(wrap(Arc::new(out), &[&v]))
+}
+
+fn eval_isnull(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::IsNull { input, negated } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let v = eval(input, ctx)?;
+    let out = if *negated { is_not_null(v.inner()) } else { is_null(v.inner()) }.map_err(arrow_error)?;
+    Ok(wrap(Arc::new(out), &[&v]))
+}
+
+fn eval_isbool(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::IsBool { input, value, negated } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let v = eval(input, ctx)?;
+    let b = boolean(&v)?;
+    let hit = if *value { true_only(b) } else { true_only(&not(b).map_err(arrow_error)?) };
+    let out = if *negated { not(&hit).map_err(arrow_error)? } else { hit };
+    Ok(wrap(Arc::new(out), &[&v]))
+}
+
+fn eval_like(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Like { input, pattern, negated } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let s = eval(input, ctx)?;
+    let p = eval(pattern, ctx)?;
+    let out = if *negated { arrow_string::like::nlike(&s, &p) } else { arrow_string::like::like(&s, &p) }
+        .map_err(arrow_error)?;
+    Ok(wrap(Arc::new(out), &[&s, &p]))
+}
+
+fn eval_upper_pair(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let (Node::Upper(a) | Node::Lower(a)) = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let upper = matches!(t.node, Node::Upper(_));
+    let v = eval(a, ctx)?;
+    let s = strings(&v)?;
+    let mut b = StringBuilder::with_capacity(s.len(), s.value_data().len());
+    for x in s.iter() {
+        match x {
+            None => b.append_null(),
+            Some(x) => {
+                for c in x.chars() {
+                    if upper {
+                        c.to_uppercase().try_for_each(|u| b.write_char(u))
+                    } else {
+                        c.to_lowercase().try_for_each(|u| b.write_char(u))
                     }
-                }
-            }
-            Ok(wrap(Arc::new(b.finish()), &[&v]))
-        }
-        Node::CharLength(a) => {
-            let v = eval(a, ctx)?;
-            let s = strings(&v)?;
-            let out: Int32Array =
-                s.iter().map(|x| x.map(|x| i32::try_from(x.chars().count()).unwrap_or(i32::MAX))).collect();
-            Ok(wrap(Arc::new(out), &[&v]))
-        }
-        Node::Concat(list) => {
-            let vals = list.iter().map(|a| eval(a, ctx)).collect::<Result<Vec<_>>>()?;
-            let refs: Vec<&Val> = vals.iter().collect();
-            let n = out_rows(&refs, ctx.rows);
-            let arrays = vals.iter().map(strings).collect::<Result<Vec<_>>>()?;
-            let bytes: usize = arrays.iter().map(|a| a.value_data().len()).sum();
-            let mut b = StringBuilder::with_capacity(n, bytes);
-            for i in 0..n {
-                let mut null = false;
-                for (a, v) in arrays.iter().zip(&vals) {
-                    let j = if v.is_scalar() { 0 } else { i };
-                    if a.is_null(j) {
-                        null = true;
-                        break;
-                    }
-                }
-                if null {
-                    b.append_null();
-                    continue;
-                }
-                for (a, v) in arrays.iter().zip(&vals) {
-                    let j = if v.is_scalar() { 0 } else { i };
-                    b.write_str(a.value(j)).map_err(|e| KeelError::internal(format!("expression: {e}")))?;
+                    .map_err(|e| KeelError::internal(format!("expression: {e}")))?;
                 }
                 b.append_value("");
             }
-            Ok(wrap(Arc::new(b.finish()), &refs))
-        }
-        Node::Substring { input, from, len } => {
-            let sv = eval(input, ctx)?;
-            let fv = eval(from, ctx)?;
-            let lv = match len {
-                Some(l) => Some(eval(l, ctx)?),
-                None => None,
-            };
-            let mut refs = vec![&sv, &fv];
-            refs.extend(lv.iter());
-            let n = out_rows(&refs, ctx.rows);
-            let s = strings(&sv)?;
-            let f = int64s(&fv)?;
-            let l = lv.as_ref().map(int64s).transpose()?;
-            let mut b = StringBuilder::with_capacity(n, s.value_data().len());
-            for i in 0..n {
-                let si = if sv.is_scalar() { 0 } else { i };
-                let fi = if fv.is_scalar() { 0 } else { i };
-                let len = match (&l, &lv) {
-                    (Some(a), Some(v)) => {
-                        let li = if v.is_scalar() { 0 } else { i };
-                        if a.is_null(li) {
-                            b.append_null();
-                            continue;
-                        }
-                        Some(a.value(li))
-                    }
-                    _ => None,
-                };
-                if s.is_null(si) || f.is_null(fi) {
-                    b.append_null();
-                    continue;
-                }
-                b.append_value(substring(s.value(si), f.value(fi), len));
-            }
-            Ok(wrap(Arc::new(b.finish()), &refs))
-        }
-        Node::Trim { input, chars, leading, trailing } => {
-            let sv = eval(input, ctx)?;
-            let cv = match chars {
-                Some(c) => Some(eval(c, ctx)?),
-                None => None,
-            };
-            let mut refs = vec![&sv];
-            refs.extend(cv.iter());
-            let n = out_rows(&refs, ctx.rows);
-            let s = strings(&sv)?;
-            let c = cv.as_ref().map(strings).transpose()?;
-            let mut b = StringBuilder::with_capacity(n, s.value_data().len());
-            for i in 0..n {
-                let si = if sv.is_scalar() { 0 } else { i };
-                let set = match (&c, &cv) {
-                    (Some(a), Some(v)) => {
-                        let ci = if v.is_scalar() { 0 } else { i };
-                        if a.is_null(ci) {
-                            b.append_null();
-                            continue;
-                        }
-                        a.value(ci)
-                    }
-                    _ => " ",
-                };
-                if s.is_null(si) {
-                    b.append_null();
-                    continue;
-                }
-                let mut x = s.value(si);
-                let hit = |ch: char| set.contains(ch);
-                if *leading {
-                    x = x.trim_start_matches(hit);
-                }
-                if *trailing {
-                    x = x.trim_end_matches(hit);
-                }
-                b.append_value(x);
-            }
-            Ok(wrap(Arc::new(b.finish()), &refs))
-        }
-        Node::JsonValue { input, path } => {
-            let v = eval(input, ctx)?;
-            let s = strings(&v)?;
-            let mut b = StringBuilder::with_capacity(s.len(), s.value_data().len() / 4);
-            for x in s.iter() {
-                match x.and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok()) {
-                    None => b.append_null(),
-                    Some(doc) => match walk(&doc, path) {
-                        Some(serde_json::Value::String(text)) => b.append_value(text),
-                        Some(n @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
-                            write!(b, "{n}").map_err(|e| KeelError::internal(format!("expression: {e}")))?;
-                            b.append_value("");
-                        }
-                        _ => b.append_null(),
-                    },
-                }
-            }
-            Ok(wrap(Arc::new(b.finish()), &[&v]))
         }
     }
+    Ok(wrap(Arc::new(b.finish()), &[&v]))
+}
+
+fn eval_charlength(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::CharLength(a) = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let v = eval(a, ctx)?;
+    let s = strings(&v)?;
+    let out: Int32Array =
+        s.iter().map(|x| x.map(|x| i32::try_from(x.chars().count()).unwrap_or(i32::MAX))).collect();
+    Ok(wrap(Arc::new(out), &[&v]))
+}
+
+fn eval_concat(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Concat(list) = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let vals = list.iter().map(|a| eval(a, ctx)).collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&Val> = vals.iter().collect();
+    let n = out_rows(&refs, ctx.rows);
+    let arrays = vals.iter().map(strings).collect::<Result<Vec<_>>>()?;
+    let bytes: usize = arrays.iter().map(|a| a.value_data().len()).sum();
+    let mut b = StringBuilder::with_capacity(n, bytes);
+    for i in 0..n {
+        let mut null = false;
+        for (a, v) in arrays.iter().zip(&vals) {
+            let j = if v.is_scalar() { 0 } else { i };
+            if a.is_null(j) {
+                null = true;
+                break;
+            }
+        }
+        if null {
+            b.append_null();
+            continue;
+        }
+        for (a, v) in arrays.iter().zip(&vals) {
+            let j = if v.is_scalar() { 0 } else { i };
+            b.write_str(a.value(j)).map_err(|e| KeelError::internal(format!("expression: {e}")))?;
+        }
+        b.append_value("");
+    }
+    Ok(wrap(Arc::new(b.finish()), &refs))
+}
+
+fn eval_substring(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Substring { input, from, len } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let sv = eval(input, ctx)?;
+    let fv = eval(from, ctx)?;
+    let lv = match len {
+        Some(l) => Some(eval(l, ctx)?),
+        None => None,
+    };
+    let mut refs = vec![&sv, &fv];
+    refs.extend(lv.iter());
+    let n = out_rows(&refs, ctx.rows);
+    let s = strings(&sv)?;
+    let f = int64s(&fv)?;
+    let l = lv.as_ref().map(int64s).transpose()?;
+    let mut b = StringBuilder::with_capacity(n, s.value_data().len());
+    for i in 0..n {
+        let si = if sv.is_scalar() { 0 } else { i };
+        let fi = if fv.is_scalar() { 0 } else { i };
+        let len = match (&l, &lv) {
+            (Some(a), Some(v)) => {
+                let li = if v.is_scalar() { 0 } else { i };
+                if a.is_null(li) {
+                    b.append_null();
+                    continue;
+                }
+                Some(a.value(li))
+            }
+            _ => None,
+        };
+        if s.is_null(si) || f.is_null(fi) {
+            b.append_null();
+            continue;
+        }
+        b.append_value(substring(s.value(si), f.value(fi), len));
+    }
+    Ok(wrap(Arc::new(b.finish()), &refs))
+}
+
+fn eval_trim(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::Trim { input, chars, leading, trailing } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let sv = eval(input, ctx)?;
+    let cv = match chars {
+        Some(c) => Some(eval(c, ctx)?),
+        None => None,
+    };
+    let mut refs = vec![&sv];
+    refs.extend(cv.iter());
+    let n = out_rows(&refs, ctx.rows);
+    let s = strings(&sv)?;
+    let c = cv.as_ref().map(strings).transpose()?;
+    let mut b = StringBuilder::with_capacity(n, s.value_data().len());
+    for i in 0..n {
+        let si = if sv.is_scalar() { 0 } else { i };
+        let set = match (&c, &cv) {
+            (Some(a), Some(v)) => {
+                let ci = if v.is_scalar() { 0 } else { i };
+                if a.is_null(ci) {
+                    b.append_null();
+                    continue;
+                }
+                a.value(ci)
+            }
+            _ => " ",
+        };
+        if s.is_null(si) {
+            b.append_null();
+            continue;
+        }
+        let mut x = s.value(si);
+        let hit = |ch: char| set.contains(ch);
+        if *leading {
+            x = x.trim_start_matches(hit);
+        }
+        if *trailing {
+            x = x.trim_end_matches(hit);
+        }
+        b.append_value(x);
+    }
+    Ok(wrap(Arc::new(b.finish()), &refs))
+}
+
+fn eval_jsonvalue(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
+    let Node::JsonValue { input, path } = &t.node else {
+        return Err(KeelError::internal("expression: node mismatch"));
+    };
+    let v = eval(input, ctx)?;
+    let s = strings(&v)?;
+    let mut b = StringBuilder::with_capacity(s.len(), s.value_data().len() / 4);
+    for x in s.iter() {
+        match x.and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok()) {
+            None => b.append_null(),
+            Some(doc) => match walk(&doc, path) {
+                Some(serde_json::Value::String(text)) => b.append_value(text),
+                Some(n @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    write!(b, "{n}").map_err(|e| KeelError::internal(format!("expression: {e}")))?;
+                    b.append_value("");
+                }
+                _ => b.append_null(),
+            },
+        }
+    }
+    Ok(wrap(Arc::new(b.finish()), &[&v]))
 }
 
 /// The number of output rows of a row-wise function of `inputs`: 1 when all are scalars.

@@ -75,10 +75,9 @@ mod tests;
 
 use arrow_array::{ArrayRef, RecordBatch};
 use sqlparser::ast::{self, Spanned};
-use sqlparser::tokenizer::Span;
 
 pub use dialect::FlinkDialect;
-pub use parse::{parse_expr, parse_select_item, sql_type, ExprError};
+pub use parse::{parse_expr, parse_select_item, sql_type, ExprError, MAX_TEXT};
 
 use crate::schema::{DataType, Schema};
 use compile::{Compiler, Node, Typed};
@@ -89,30 +88,43 @@ use compile::{Compiler, Node, Typed};
 pub struct CompiledExpr {
     root: Typed,
     ty: DataType,
-    ast: ast::Expr,
+    /// The expression as SQL text (sqlparser's rendering).
+    text: String,
 }
 
 impl PartialEq for CompiledExpr {
     fn eq(&self, other: &Self) -> bool {
-        self.ty == other.ty && self.ast == other.ast
+        self.ty == other.ty && self.text == other.text
     }
+}
+
+/// When less stack than this is left, a recursive step continues on a new segment.
+const RED_ZONE: usize = 128 * 1024;
+/// The size of such a segment.
+const SEGMENT: usize = 2 * 1024 * 1024;
+
+/// Runs `f` on a stack with room for a deep syntax tree: sqlparser's spans, display, clone
+/// and drop of an expression recurse as deep as the tree (a chain `a + b + c ...` is as deep
+/// as it is long). Used around parsing and compiling; the statement parser can use it too.
+pub fn with_deep_stack<T>(f: impl FnOnce() -> T) -> T {
+    // Reserved, not committed: only the pages a deep tree touches are used.
+    stacker::maybe_grow(32 * 1024 * 1024, 256 * 1024 * 1024, f)
 }
 
 /// Compiles `expr` against `schema` (the columns of the batches it will be evaluated on).
 pub fn compile(expr: &ast::Expr, schema: &Schema) -> Result<CompiledExpr, ExprError> {
-    let compiler = Compiler { schema };
-    let root = compiler.compile(expr, expr.span())?;
-    let Some(ty) = root.ty else {
-        return Err(ExprError::new(
-            span_of(expr),
-            "the expression is always NULL and has no type; write CAST(NULL AS <type>)",
-        ));
-    };
-    Ok(CompiledExpr { root, ty, ast: expr.clone() })
-}
-
-fn span_of(expr: &ast::Expr) -> Span {
-    expr.span()
+    with_deep_stack(|| {
+        let compiler = Compiler { schema, depth: std::cell::Cell::new(0) };
+        let span = expr.span();
+        let root = compiler.compile(expr, span)?;
+        let Some(ty) = root.ty else {
+            return Err(ExprError::new(
+                span,
+                "the expression is always NULL and has no type; write CAST(NULL AS <type>)",
+            ));
+        };
+        Ok(CompiledExpr { root, ty, text: expr.to_string() })
+    })
 }
 
 impl CompiledExpr {
@@ -121,9 +133,9 @@ impl CompiledExpr {
         self.ty
     }
 
-    /// The syntax tree it was compiled from.
-    pub fn ast(&self) -> &ast::Expr {
-        &self.ast
+    /// The expression as SQL text.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// The input column it is, when it is a bare column reference.

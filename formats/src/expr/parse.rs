@@ -90,8 +90,26 @@ fn expect_end(parser: &Parser<'_>, what: &str) -> Result<(), ExprError> {
     Err(ExprError::new(next.span, format!("unexpected {} after the {what}", next.token)))
 }
 
-/// Parses one SQL expression (the whole of `text`).
+/// The longest expression text taken (its syntax tree can be as deep as it is long).
+pub const MAX_TEXT: usize = 64 * 1024;
+
+fn check_length(text: &str) -> Result<(), ExprError> {
+    if text.len() > MAX_TEXT {
+        return Err(ExprError::new(
+            Span::empty(),
+            format!("the expression is {} bytes long; at most {MAX_TEXT} are taken", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses one SQL expression (the whole of `text`, at most [`MAX_TEXT`] bytes).
 pub fn parse_expr(text: &str) -> Result<ast::Expr, ExprError> {
+    check_length(text)?;
+    super::with_deep_stack(|| parse_expr_here(text))
+}
+
+fn parse_expr_here(text: &str) -> Result<ast::Expr, ExprError> {
     let mut p = parser(text)?;
     if p.peek_token().token == Token::EOF {
         return Err(ExprError::new(Span::empty(), "empty expression"));
@@ -101,8 +119,14 @@ pub fn parse_expr(text: &str) -> Result<ast::Expr, ExprError> {
     Ok(expr)
 }
 
-/// Parses one item of a select list, `<expr> [AS] <alias>` (the whole of `text`).
+/// Parses one item of a select list, `<expr> [AS] <alias>` (the whole of `text`, at most
+/// [`MAX_TEXT`] bytes).
 pub fn parse_select_item(text: &str) -> Result<(ast::Expr, Option<Ident>), ExprError> {
+    check_length(text)?;
+    super::with_deep_stack(|| parse_select_item_here(text))
+}
+
+fn parse_select_item_here(text: &str) -> Result<(ast::Expr, Option<Ident>), ExprError> {
     let mut p = parser(text)?;
     if p.peek_token().token == Token::EOF {
         return Err(ExprError::new(Span::empty(), "empty select item"));

@@ -608,3 +608,37 @@ fn arbitrary_text_never_panics() -> TestResult {
     }
     Ok(())
 }
+
+/// Very deep or long expressions are handled without overflowing the stack (a chain of `+`
+/// is as deep as it is long): a long AND / OR chain or IN list compiles and evaluates, an
+/// arithmetic chain deeper than the limit is refused, text beyond the limit is refused.
+#[test]
+fn deep_and_long_expressions_do_not_overflow() -> TestResult {
+    // Through the public paths (Filter / Projection parse), on a thread with a small stack.
+    let run_on_small_stack = |text: String| -> std::thread::Result<Result<Option<usize>, String>> {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || -> Result<Option<usize>, String> {
+                let s = schema().map_err(|e| e.to_string())?;
+                let b = batch().map_err(|e| e.to_string())?;
+                let items = [format!("({text}) IS NOT NULL AS x")];
+                let p = crate::Projection::parse("select", &items, &s).map_err(|e| e.to_string())?;
+                Ok(Some(p.apply_batch(&b).map_err(|e| e.to_string())?.num_rows()))
+            })
+            .map_err(|e| Box::new(e.to_string()) as Box<dyn std::any::Any + Send>)?
+            .join()
+    };
+    let ors = vec!["age > 1"; 3000].join(" OR ");
+    assert_eq!(run_on_small_stack(ors).map_err(|_| "panicked")?, Ok(Some(4)));
+    let list = (0..5000).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    assert_eq!(run_on_small_stack(format!("age IN ({list})")).map_err(|_| "panicked")?, Ok(Some(4)));
+    let sum = vec!["age"; 400].join(" + ");
+    assert_eq!(run_on_small_stack(sum).map_err(|_| "panicked")?, Ok(Some(4)));
+    let chain = vec!["age"; 10000].join("+");
+    let got = run_on_small_stack(chain).map_err(|_| "panicked")?;
+    assert!(matches!(&got, Err(e) if e.contains("nested too deeply (more than 500 levels)")), "{got:?}");
+    let long = vec!["age"; 20000].join(" + ");
+    let got = run_on_small_stack(long).map_err(|_| "panicked")?;
+    assert!(matches!(&got, Err(e) if e.contains("at most 65536 are taken")), "{got:?}");
+    Ok(())
+}
