@@ -65,6 +65,21 @@
 //! function SUM is not supported"), window functions (`OVER`, ROW_NUMBER, LAG, ...), unknown
 //! functions ("unknown function FOO"), and every other construct ("`x` is not supported",
 //! e.g. INTERVAL, EXTRACT, ILIKE, field access).
+//!
+//! # Errors and limits
+//!
+//! An [`ExprError`] displays as its reason followed by ` (at column N)` (or ` (at line L,
+//! column N)` past the first line) when the position is known: sqlparser's syntax errors keep
+//! their line and column, a missing end (`age >`) points after the text, and a compile error
+//! points at the construct (sqlparser's span coverage is partial: a CAST points at its operand,
+//! a binary operator at its left operand). Errors during evaluation (division by zero, a CAST
+//! of a bad value) are [`keel_proto::KeelError::FailedPrecondition`] naming the expression.
+//!
+//! A text is at most [`MAX_TEXT`] bytes, and an expression at most 500 levels deep (a chain
+//! `a + b + c ...` is as deep as it is long; chains of AND or OR and IN lists do not count,
+//! they are compiled as balanced trees). Parsing and compiling run on a grown stack
+//! ([`with_deep_stack`]) because sqlparser's spans, display and drop recurse as deep as the
+//! tree; evaluation grows its stack as needed, so no expression overflows a thread's stack.
 
 mod compile;
 mod dialect;

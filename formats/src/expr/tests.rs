@@ -642,3 +642,30 @@ fn deep_and_long_expressions_do_not_overflow() -> TestResult {
     assert!(matches!(&got, Err(e) if e.contains("at most 65536 are taken")), "{got:?}");
     Ok(())
 }
+
+/// sqlparser's rendering of a parsed expression parses back to an expression with the same
+/// type and values (the SQL front-end can hand expressions on as text).
+#[test]
+fn rendered_expressions_parse_back_the_same() -> TestResult {
+    for text in [
+        "`name` || 'x''y'",
+        "CAST(ts AS TIMESTAMP_LTZ(3))",
+        "TRY_CAST(name AS INT)",
+        "SUBSTRING(name FROM 2 FOR 1)",
+        "SUBSTRING(name, 2, 1)",
+        "TRIM(LEADING 'a' FROM name)",
+        "JSON_VALUE(j, '$[''a b'']')",
+        "ts > TIMESTAMP '2024-05-01 12:00:00'",
+        "CASE id WHEN 1 THEN 'one' ELSE 'other' END",
+        "age NOT BETWEEN 1 AND 20 OR name NOT LIKE 'a!%' ESCAPE '!'",
+        "IF(active IS NOT TRUE, -age, age % 3)",
+        "age IN (1, 2, NULL)",
+    ] {
+        let first = parse_expr(text)?;
+        let rendered = first.to_string();
+        let (t1, v1) = run(text)?;
+        let (t2, v2) = run(&rendered)?;
+        assert_eq!((t1, &v1), (t2, &v2), "{text} -> {rendered}");
+    }
+    Ok(())
+}
