@@ -147,8 +147,8 @@ fn parse_select_item_here(text: &str) -> Result<(ast::Expr, Option<Ident>), Expr
 }
 
 /// The Keel type of a SQL type name: STRING, VARCHAR[(n)], CHAR(n), INT, INTEGER, BIGINT,
-/// BOOLEAN, DOUBLE, TIMESTAMP[(p)] and TIMESTAMP_LTZ[(p)] with p <= 3 (milliseconds), BYTES,
-/// VARBINARY[(n)]. `None` for any other type.
+/// BOOLEAN, DOUBLE, TIMESTAMP[(p)] [WITHOUT TIME ZONE] and TIMESTAMP_LTZ[(p)] with p <= 3
+/// (milliseconds), BYTES, VARBINARY[(n)]. `None` for any other type (the caller names it).
 pub fn sql_type(t: &ast::DataType) -> Option<DataType> {
     use ast::DataType as T;
     let precision_ok = |p: &Option<u64>| p.is_none_or(|p| p <= 3);
@@ -160,7 +160,9 @@ pub fn sql_type(t: &ast::DataType) -> Option<DataType> {
         T::BigInt(None) => Some(DataType::BigInt),
         T::Boolean | T::Bool => Some(DataType::Boolean),
         T::Double(ast::ExactNumberInfo::None) | T::DoublePrecision => Some(DataType::Double),
-        T::Timestamp(p, ast::TimezoneInfo::None) if precision_ok(p) => Some(DataType::Timestamp),
+        T::Timestamp(p, ast::TimezoneInfo::None | ast::TimezoneInfo::WithoutTimeZone) if precision_ok(p) => {
+            Some(DataType::Timestamp)
+        }
         T::Bytes(None) | T::Varbinary(_) => Some(DataType::Bytes),
         T::Custom(name, modifiers) => {
             let [part] = name.0.as_slice() else { return None };

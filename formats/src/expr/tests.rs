@@ -501,6 +501,8 @@ fn sql_type_names() -> TestResult {
         ("TIMESTAMP(3)", Some(DataType::Timestamp)),
         ("TIMESTAMP_LTZ", Some(DataType::Timestamp)),
         ("TIMESTAMP_LTZ(3)", Some(DataType::Timestamp)),
+        ("TIMESTAMP(3) WITHOUT TIME ZONE", Some(DataType::Timestamp)),
+        ("TIMESTAMP WITH TIME ZONE", None),
         ("BYTES", Some(DataType::Bytes)),
         ("VARBINARY", Some(DataType::Bytes)),
         ("TIMESTAMP(6)", None),
