@@ -65,7 +65,7 @@ impl Filter {
     }
 
     fn parse_here(field: &str, text: &str, schema: &Schema) -> Result<Filter> {
-        let err = |e: ExprError| KeelError::invalid_spec(field, e.to_string());
+        let err = |e: ExprError| e.to_spec_error(field);
         if text.trim().is_empty() {
             return Err(KeelError::invalid_spec(
                 field,

@@ -67,7 +67,7 @@ impl Projection {
         let mut columns: Vec<ColumnDef> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let item_field = format!("{field}[{i}]");
-            let err = |e: ExprError| KeelError::invalid_spec(&item_field, e.to_string());
+            let err = |e: ExprError| e.to_spec_error(&item_field);
             let (tree, alias) = parse_select_item(item).map_err(err)?;
             let expr = compile(&tree, input).map_err(err)?;
             let name = match (&alias, expr.column()) {

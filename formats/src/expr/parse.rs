@@ -22,6 +22,12 @@ impl ExprError {
         ExprError { span, reason: reason.into() }
     }
 
+    /// As a spec error of `field`: `KeelError::InvalidSpec` with this error's text (reason and
+    /// position) as the reason.
+    pub fn to_spec_error(&self, field: &str) -> keel_proto::KeelError {
+        keel_proto::KeelError::invalid_spec(field, self.to_string())
+    }
+
     /// The position as text: ` (at column N)` on the first line, ` (at line L, column N)`
     /// after it, nothing when unknown.
     pub fn position(&self) -> String {
