@@ -23,6 +23,9 @@ use crate::schema::{DataType, Schema};
 pub(super) struct Typed {
     pub node: Node,
     pub ty: Option<DataType>,
+    /// Whether evaluating it can fail on some rows (a division, a CAST): such nodes are told
+    /// which rows count (see `Ctx::active`). Computed once, when built.
+    fails: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +131,18 @@ pub(super) enum Node {
 
 impl Typed {
     fn new(node: Node, ty: DataType) -> Typed {
-        Typed { node, ty: Some(ty) }
+        let fails = node_may_fail(&node);
+        Typed { node, ty: Some(ty), fails }
+    }
+
+    /// The untyped NULL literal.
+    fn null() -> Typed {
+        Typed { node: Node::Null, ty: None, fails: false }
+    }
+
+    /// Whether evaluating it can fail on some rows.
+    pub(super) fn may_fail(&self) -> bool {
+        self.fails
     }
 
     fn boxed(self) -> Box<Typed> {
@@ -146,40 +160,37 @@ impl Typed {
             _ => None,
         }
     }
+}
 
-    /// Whether evaluating the node can fail on some rows (a division, a CAST): such nodes are
-    /// told which rows count (see `Ctx::active`).
-    pub(super) fn may_fail(&self) -> bool {
-        match &self.node {
-            Node::Null | Node::Column(_) | Node::Literal(_) => false,
-            Node::Cast { safe, input, .. } => !safe || input.may_fail(),
-            Node::Arith { op, left, right, .. } => {
-                matches!(op, ArithOp::Div | ArithOp::Rem) || left.may_fail() || right.may_fail()
-            }
-            Node::Neg(a)
-            | Node::Not(a)
-            | Node::IsNull { input: a, .. }
-            | Node::IsBool { input: a, .. }
-            | Node::Upper(a)
-            | Node::Lower(a)
-            | Node::CharLength(a)
-            | Node::JsonValue { input: a, .. } => a.may_fail(),
-            Node::Compare { left, right, .. }
-            | Node::And(left, right)
-            | Node::Or(left, right)
-            | Node::Like { input: left, pattern: right, .. } => left.may_fail() || right.may_fail(),
-            Node::Case { whens, otherwise } => {
-                whens.iter().any(|(c, v)| c.may_fail() || v.may_fail())
-                    || otherwise.as_ref().is_some_and(|o| o.may_fail())
-            }
-            Node::Coalesce(list) | Node::Concat(list) => list.iter().any(Typed::may_fail),
-            Node::Substring { input, from, len } => {
-                input.may_fail() || from.may_fail() || len.as_ref().is_some_and(|l| l.may_fail())
-            }
-            Node::Trim { input, chars, .. } => {
-                input.may_fail() || chars.as_ref().is_some_and(|c| c.may_fail())
-            }
+/// Whether evaluating `node` can fail on some rows, from its children (shallow).
+fn node_may_fail(node: &Node) -> bool {
+    match node {
+        Node::Null | Node::Column(_) | Node::Literal(_) => false,
+        Node::Cast { safe, input, .. } => !safe || input.may_fail(),
+        Node::Arith { op, left, right, .. } => {
+            matches!(op, ArithOp::Div | ArithOp::Rem) || left.may_fail() || right.may_fail()
         }
+        Node::Neg(a)
+        | Node::Not(a)
+        | Node::IsNull { input: a, .. }
+        | Node::IsBool { input: a, .. }
+        | Node::Upper(a)
+        | Node::Lower(a)
+        | Node::CharLength(a)
+        | Node::JsonValue { input: a, .. } => a.may_fail(),
+        Node::Compare { left, right, .. }
+        | Node::And(left, right)
+        | Node::Or(left, right)
+        | Node::Like { input: left, pattern: right, .. } => left.may_fail() || right.may_fail(),
+        Node::Case { whens, otherwise } => {
+            whens.iter().any(|(c, v)| c.may_fail() || v.may_fail())
+                || otherwise.as_ref().is_some_and(|o| o.may_fail())
+        }
+        Node::Coalesce(list) | Node::Concat(list) => list.iter().any(Typed::may_fail),
+        Node::Substring { input, from, len } => {
+            input.may_fail() || from.may_fail() || len.as_ref().is_some_and(|l| l.may_fail())
+        }
+        Node::Trim { input, chars, .. } => input.may_fail() || chars.as_ref().is_some_and(|c| c.may_fail()),
     }
 }
 
@@ -598,7 +609,7 @@ impl Compiler<'_> {
                 for o in operands {
                     compiled.push(self.boolean(o, span, what)?);
                 }
-                Ok(balanced(compiled, is_and).unwrap_or(Typed { node: Node::Null, ty: None }))
+                Ok(balanced(compiled, is_and).unwrap_or(Typed::null()))
             }
             B::Eq | B::NotEq | B::Lt | B::LtEq | B::Gt | B::GtEq => {
                 let cmp = match op {
@@ -635,7 +646,7 @@ impl Compiler<'_> {
                 }
                 let Ok(Some(ty)) = unify([l.ty, r.ty]) else {
                     // NULL op NULL: a null of no particular type.
-                    return Ok(Typed { node: Node::Null, ty: None });
+                    return Ok(Typed::null());
                 };
                 let (Some(l), Some(r)) = (coerce(l, ty), coerce(r, ty)) else {
                     return err(span, format!("operator {op} needs numbers"));
@@ -695,7 +706,7 @@ impl Compiler<'_> {
 
     fn cast(&self, input: Typed, to: DataType, safe: bool, expr: &ast::Expr, span: Span) -> R<Typed> {
         let Some(from) = input.ty else {
-            return Ok(coerce(input, to).unwrap_or(Typed { node: Node::Null, ty: None }));
+            return Ok(coerce(input, to).unwrap_or(Typed::null()));
         };
         if from == to {
             return Ok(input);
@@ -758,7 +769,7 @@ impl Compiler<'_> {
         let types = whens.iter().map(|(_, r, _)| r.ty).chain(otherwise.iter().map(|(o, _)| o.ty));
         let ty = match unify(types) {
             Ok(Some(t)) => t,
-            Ok(None) => return Ok(Typed { node: Node::Null, ty: None }),
+            Ok(None) => return Ok(Typed::null()),
             Err((a, b)) => return err(span, format!("CASE results have different types: {a} and {b}")),
         };
         let fit = |t: Typed, s: Span| {
@@ -853,7 +864,7 @@ impl Compiler<'_> {
                 }
                 let ty = match unify(list.iter().map(|t| t.ty)) {
                     Ok(Some(t)) => t,
-                    Ok(None) => return Ok(Typed { node: Node::Null, ty: None }),
+                    Ok(None) => return Ok(Typed::null()),
                     Err((a, b)) => {
                         return err(span, format!("COALESCE arguments have different types: {a} and {b}"))
                     }
@@ -865,7 +876,7 @@ impl Compiler<'_> {
                 arity(2)?;
                 let a = self.compile(args[0], span_or(args[0], span))?;
                 let b = self.compile(args[1], span_or(args[1], span))?;
-                let Some(ty) = a.ty.or(b.ty) else { return Ok(Typed { node: Node::Null, ty: None }) };
+                let Some(ty) = a.ty.or(b.ty) else { return Ok(Typed::null()) };
                 let ty = unify([a.ty, b.ty]).ok().flatten().unwrap_or(ty);
                 let eq = compare(a.clone(), b, CmpOp::Eq, span)?;
                 let Some(a) = coerce(a, ty) else {
@@ -881,7 +892,7 @@ impl Compiler<'_> {
                 let b = self.compile(args[2], span_or(args[2], span))?;
                 let ty = match unify([a.ty, b.ty]) {
                     Ok(Some(t)) => t,
-                    Ok(None) => return Ok(Typed { node: Node::Null, ty: None }),
+                    Ok(None) => return Ok(Typed::null()),
                     Err((x, y)) => return err(span, format!("IF results have different types: {x} and {y}")),
                 };
                 let (Some(a), Some(b)) = (coerce(a, ty), coerce(b, ty)) else {
@@ -1042,7 +1053,7 @@ fn value_literal(v: &Value, negate: bool, span: Span) -> R<Typed> {
             Ok(literal(Arc::new(StringArray::from(vec![s.as_str()])), DataType::String))
         }
         Value::Boolean(b) => Ok(literal(Arc::new(BooleanArray::from(vec![*b])), DataType::Boolean)),
-        Value::Null => Ok(Typed { node: Node::Null, ty: None }),
+        Value::Null => Ok(Typed::null()),
         other => err(span, format!("literal {other} is not supported")),
     }
 }
