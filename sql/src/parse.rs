@@ -10,14 +10,14 @@
 use keel_formats::DataType;
 use keel_proto::{KeelError, Result};
 use sqlparser::ast::{self, Spanned};
-use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::{Span, Token, TokenWithSpan, Tokenizer};
 
-/// The dialect scripts are parsed with: the generic one takes Flink's expressions, backquoted
-/// identifiers and `!=`; everything Flink-specific at the statement level is parsed here.
-pub(crate) const DIALECT: GenericDialect = GenericDialect {};
+/// The dialect scripts are parsed with, the one the spec's expressions are parsed with too:
+/// Flink's expressions, backquoted identifiers and `!=`; everything Flink-specific at the
+/// statement level is parsed here.
+pub(crate) const DIALECT: keel_formats::FlinkDialect = keel_formats::FlinkDialect;
 
 /// A parsed script, in statement order within each kind.
 #[derive(Debug, Default)]
@@ -430,7 +430,11 @@ fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
         }
         text
     } else {
-        p.parse_data_type().map_err(syntax)?.to_string()
+        let parsed = p.parse_data_type().map_err(syntax)?;
+        if let Some(t) = keel_formats::expr::sql_type(&parsed) {
+            return Ok(t);
+        }
+        parsed.to_string()
     };
     if word_is(&start, "ROW") || word_is(&start, "ARRAY") || word_is(&start, "MULTISET") {
         return Err(sql_error(format!(

@@ -112,14 +112,32 @@ pub(crate) fn plan(script: &Script, default_name: &str) -> Result<Planned> {
                 targets.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
             )));
         }
+        let input = input_schema(source_table)?;
         let mut select = Vec::with_capacity(items.len());
         let mut spans = Vec::with_capacity(items.len());
-        for ((expr, span), target) in items.into_iter().zip(&targets) {
-            select.push(format!("{expr} AS {}", quote(&target.name)));
+        for (j, ((expr, span), target)) in items.into_iter().zip(&targets).enumerate() {
+            let what = || {
+                format!("INSERT INTO {}, select item {} for column {}", sink_table.name, j + 1, target.name)
+            };
+            let text = typed_item(expr, span, &input, target.def.data_type, &what)?;
+            select.push(format!("{text} AS {}", quote(&target.name)));
             spans.push(span);
         }
         let filter = match &query.selection {
-            Some(e) => Some(rewrite(e.clone(), source_table, &query.qualifiers)?.to_string()),
+            Some(e) => {
+                let rewritten = rewrite(e.clone(), source_table, &query.qualifiers)?;
+                let what = || format!("the WHERE of INSERT INTO {}", sink_table.name);
+                let compiled = compile_at(&rewritten, e.span(), &input, &what)?;
+                if compiled.data_type() != keel_formats::DataType::Boolean {
+                    return Err(sql_error(format!(
+                        "{} ({}) must be a condition (BOOLEAN), not {}",
+                        what(),
+                        at(e.span()),
+                        compiled.data_type()
+                    )));
+                }
+                Some(rewritten.to_string())
+            }
             None => None,
         };
         let writes = origins.sinks.iter().filter(|(t, _, _)| *t == sink_table.name).count();
@@ -267,6 +285,62 @@ fn source_spec(t: &TableDef) -> Result<ConnectorSpec> {
         filter: None,
         select: Vec::new(),
     })
+}
+
+/// The rows a table gives its readers: its physical and metadata columns (computed ones are
+/// inlined where used); a datagen table's `id BIGINT`.
+fn input_schema(t: &TableDef) -> Result<keel_formats::Schema> {
+    let columns: Vec<ColumnDef> = t.columns.iter().filter_map(column_def).collect();
+    keel_formats::Schema::from_columns(&t.name, &columns)
+        .map_err(|e| sql_error(format!("table {} ({}): {e}", t.name, at(t.span))))
+}
+
+/// Compiles an expression of the script against `input`; errors name `what` and the position
+/// (the construct's, else `fallback`'s).
+fn compile_at(
+    expr: &ast::Expr,
+    fallback: Span,
+    input: &keel_formats::Schema,
+    what: &dyn Fn() -> String,
+) -> Result<keel_formats::CompiledExpr> {
+    keel_formats::expr::compile(expr, input).map_err(|e| {
+        let span = if e.span.start.line == 0 { fallback } else { e.span };
+        sql_error(format!("{} ({}): {}", what(), at(span), e.reason))
+    })
+}
+
+/// Whether a value of type `from` goes into a column of type `to` without loss, so that an
+/// INSERT casts it implicitly (as Flink widens numbers): INT into BIGINT, DOUBLE or DECIMAL;
+/// BIGINT into DOUBLE or DECIMAL; DECIMAL into DOUBLE or another DECIMAL.
+fn widens(from: keel_formats::DataType, to: keel_formats::DataType) -> bool {
+    use keel_formats::DataType as T;
+    matches!(
+        (from, to),
+        (T::Int, T::BigInt | T::Double | T::Decimal { .. })
+            | (T::BigInt, T::Double | T::Decimal { .. })
+            | (T::Decimal { .. }, T::Double | T::Decimal { .. })
+    )
+}
+
+/// A select item as the spec's text, of the target column's type: a `NULL` becomes
+/// `CAST(NULL AS <type>)`, a narrower number is cast up; another type is left for the spec's
+/// check of the sink's columns to refuse, naming the column.
+fn typed_item(
+    expr: ast::Expr,
+    span: Span,
+    input: &keel_formats::Schema,
+    target: keel_formats::DataType,
+    what: &dyn Fn() -> String,
+) -> Result<String> {
+    if matches!(&expr, ast::Expr::Value(v) if v.value == ast::Value::Null) {
+        return Ok(format!("CAST(NULL AS {target})"));
+    }
+    let compiled = compile_at(&expr, span, input, what)?;
+    let from = compiled.data_type();
+    if from != target && widens(from, target) {
+        return Ok(format!("CAST({expr} AS {target})"));
+    }
+    Ok(expr.to_string())
 }
 
 /// A column an INSERT writes.
@@ -461,7 +535,12 @@ impl<'a> Query<'a> {
             .columns
             .iter()
             .map(|c| {
-                let e = ast::Expr::Identifier(ast::Ident::with_quote('`', &c.name));
+                let ident = if quote(&c.name) == c.name {
+                    ast::Ident::new(&c.name)
+                } else {
+                    ast::Ident::with_quote('`', &c.name)
+                };
+                let e = ast::Expr::Identifier(ident);
                 Ok((rewrite(e, table, &self.qualifiers)?, span))
             })
             .collect()

@@ -154,7 +154,8 @@ fn parse_select_item_here(text: &str) -> Result<(ast::Expr, Option<Ident>), Expr
 
 /// The Keel type of a SQL type name: STRING, VARCHAR[(n)], CHAR(n), INT, INTEGER, BIGINT,
 /// BOOLEAN, DOUBLE, TIMESTAMP[(p)] [WITHOUT TIME ZONE] and TIMESTAMP_LTZ[(p)] with p <= 3
-/// (milliseconds), BYTES, VARBINARY[(n)]. `None` for any other type (the caller names it).
+/// (milliseconds), BYTES, VARBINARY[(n)], DATE, DECIMAL[(p[, s])] (NUMERIC, DEC), and the other
+/// names `DataType::parse` takes. `None` for any other type (the caller names it).
 pub fn sql_type(t: &ast::DataType) -> Option<DataType> {
     use ast::DataType as T;
     let precision_ok = |p: &Option<u64>| p.is_none_or(|p| p <= 3);
@@ -184,6 +185,7 @@ pub fn sql_type(t: &ast::DataType) -> Option<DataType> {
                 _ => None,
             }
         }
-        _ => None,
+        // DATE, DECIMAL(p, s) / NUMERIC / DEC, and any other name a column type may have.
+        other => DataType::parse(&other.to_string()),
     }
 }
