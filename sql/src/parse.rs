@@ -403,10 +403,14 @@ fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
     {
         let mut text = String::new();
         let mut depth = 0i32;
+        let mut opened = false;
         loop {
             let tok = p.next_token();
             match &tok.token {
-                Token::Lt => depth += 1,
+                Token::Lt => {
+                    depth += 1;
+                    opened = true;
+                }
                 Token::Gt => depth -= 1,
                 Token::ShiftRight => depth -= 2,
                 Token::EOF => {
@@ -424,7 +428,7 @@ fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
                 text.push(' ');
             }
             text.push_str(&tok.token.to_string());
-            if depth <= 0 {
+            if opened && depth <= 0 {
                 break;
             }
         }

@@ -442,7 +442,7 @@ impl<'a> Query<'a> {
                     .map_or(q.body.span(), |t| t.span);
                 return Err(refuse(&op, at_op));
             }
-            ast::SetExpr::Values(v) => return Err(refuse("VALUES", v.span())),
+            ast::SetExpr::Values(v) => return Err(refuse("VALUES", kw(v.span(), "VALUES"))),
             ast::SetExpr::Query(inner) => return Err(refuse("a parenthesized query", inner.span())),
             other => return Err(refuse("this kind of query", other.span())),
         };

@@ -215,6 +215,8 @@ fn unsupported_constructs_are_refused_with_their_position() -> Result<()> {
         ),
         ("INSERT INTO dst (id, nope) SELECT id, name FROM src;", "unknown column nope".to_string()),
         ("CREATE VIEW v AS SELECT 1;", "CREATE VIEW".to_string()),
+        ("INSERT INTO dst VALUES (1, 'a');", format!("VALUES (line {line}, column 17) is not supported")),
+        ("SELECT * FROM src;", format!("SELECT (line {line}, column 1) is not supported")),
         ("DELETE FROM src;", format!("DELETE (line {line}, column 1) is not supported")),
     ];
     for (stmt, expected) in cases {
@@ -245,6 +247,9 @@ fn bad_tables_are_refused_with_their_position() -> Result<()> {
             "unknown metadata key 'ofset' (line 1, column 66)",
         ),
         ("CREATE TABLE src (id BIGINT) WITH ('connector' = 'kafka') LIKE other;", "LIKE"),
+        ("CREATE TABLE src (id BIGINT)\n  PARTITIONED BY (id) WITH ('connector' = 'kafka');", "PARTITIONED BY (line 2, column 3) is not supported"),
+        ("CREATE TABLE cat.src (id BIGINT) WITH ('connector' = 'kafka');", "table name cat.src (line 1, column 14) must be a single name"),
+        ("CREATE TABLE src (id BIGINT, c ARRAY<INT>) WITH ('connector' = 'kafka');", "type ARRAY<INT> (line 1, column 32) is not supported yet"),
     ];
     for (table, expected) in cases {
         assert_refused(&format!("{table}\n{SINK}{tail}"), expected)?;
@@ -321,5 +326,23 @@ fn select_items_are_typed_against_the_target_columns() -> Result<()> {
         &format!("{SOURCE}{SINK}INSERT INTO dst SELECT id, UPPER(age) FROM src;"),
         "INSERT INTO dst, select item 2 for column name (line 3, column 34): UPPER needs a STRING argument, found INT",
     )?;
+    Ok(())
+}
+
+/// The README's SQL job (`deploy/adults.sql`) compiles: the example users copy stays valid.
+#[test]
+fn the_readme_sql_job_compiles() -> Result<()> {
+    let spec = compile(include_str!("../../deploy/adults.sql"), "adults")?.spec;
+    assert_eq!((spec.name.as_str(), spec.parallelism), ("adults", 2));
+    assert_eq!(
+        spec.sinks[0].select,
+        [
+            "CAST(id AS BIGINT) AS id",
+            "UPPER(TRIM(name)) AS name",
+            "age AS age",
+            "CAST(ts AS DATE) AS since",
+            "ts AS ts"
+        ]
+    );
     Ok(())
 }
