@@ -13,10 +13,11 @@
 //!   (a batch's rows → keys and values in one reused buffer, with each row's timestamp and
 //!   headers).
 //! - `json`, `csv`, `raw`: the three formats (private; reached through the record codecs).
-//! - [`filter`]: [`Filter`], a conjunction of comparisons on single columns (`age >= 18 and
-//!   name is not null`).
-//! - [`projection`]: [`Projection`], select and rename (`select: [id, name as full_name]`), and
-//!   the by-name mapping of one schema onto another.
+//! - [`expr`]: SQL expressions (`sqlparser` with [`expr::FlinkDialect`]) compiled against a
+//!   schema to Arrow kernels: [`expr::parse_expr`], [`expr::compile`], [`expr::CompiledExpr`].
+//! - [`filter`]: [`Filter`], a SQL condition (`age >= 18 AND name IS NOT NULL`).
+//! - [`projection`]: [`Projection`], select items `<expr> [AS <name>]` (`select: [id, name AS
+//!   full_name, UPPER(city) AS city]`), and the by-name mapping of one schema onto another.
 //! - [`error`]: [`DecodeError`] and [`EncodeError`], the per-record errors; configuration errors
 //!   are [`keel_proto::KeelError::InvalidSpec`] naming the field.
 //! - [`batch`]: the Arrow form of a schema's rows, [`BatchBuilder`], and the one-row view.
@@ -38,8 +39,8 @@
 //!       - {name: age, type: INT}
 //!       - {name: ts, type: TIMESTAMP, metadata: timestamp}
 //!       - {name: part, type: INT, metadata: partition}
-//!     filter: "age >= 18 and name is not null"
-//!     select: [id, name as full_name, age]
+//!     filter: "age >= 18 AND name IS NOT NULL"
+//!     select: [id, name AS full_name, "age + 1 AS next_age"]
 //! ```
 //!
 //! Where `filter` and `select` sit in a spec is the spec crate's choice; [`Filter::parse`] and
@@ -70,6 +71,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod expr;
 pub mod filter;
 pub mod options;
 pub mod projection;
@@ -85,6 +87,7 @@ mod time;
 
 pub use batch::{arrow_schema, BatchBuilder};
 pub use error::{DecodeError, EncodeError, Part};
+pub use expr::{CompiledExpr, ExprError, FlinkDialect};
 pub use filter::Filter;
 pub use options::{
     CsvOptions, FieldsInclude, FormatKind, FormatOptions, FormatSide, JsonOptions, RawOptions, RecordFormat,

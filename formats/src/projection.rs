@@ -1,13 +1,17 @@
-//! [`Projection`]: select, reorder and rename columns.
+//! [`Projection`]: compute, select, reorder and rename columns.
 //!
 //! ```yaml
-//! select: [id, name as full_name, "`order-id` as order_id"]
+//! select: [id, "name AS full_name", "`order-id` AS order_id", "UPPER(country) AS country", "age + 1 AS next_age"]
 //! ```
 //!
-//! Each item is a column name (bare or in backquotes, as in a [`crate::Filter`]), optionally
-//! followed by `as <new name>` (case-insensitive). A column may be selected more than once under
-//! different names. The output columns keep their types and lose their metadata role: a
-//! selected `offset` column is plain data downstream.
+//! Each item is a SQL expression (anything [`crate::expr`] supports) optionally followed by
+//! `[AS] <name>` (the select list of a SQL job). The output column is named by the alias, else,
+//! for a bare column, by that column's name; any other expression needs a name ("give the
+//! expression a name: `<expr> AS <name>`"). Output names must be distinct. A column may be
+//! selected more than once under different names. A bare column is passed on as it is (the
+//! same Arrow array, not copied); an expression is evaluated over the whole batch. The output
+//! columns have the expressions' types and no metadata role: a selected `offset` column is
+//! plain data downstream.
 //!
 //! [`Projection::by_name`] builds the mapping from one schema onto another by column name (a
 //! source's rows onto the columns a sink declares).
@@ -20,16 +24,27 @@ use arrow_array::types::{Float64Type, Int32Type, Int64Type};
 use arrow_array::{new_null_array, Array, ArrayRef, RecordBatch, RecordBatchOptions};
 use arrow_schema::{DataType as ArrowType, SchemaRef};
 use keel_proto::{KeelError, Result};
+use sqlparser::ast::{self, Spanned};
 
-use crate::filter::{column_name, is_keyword, lex};
+use crate::expr::{compile, parse_select_item, CompiledExpr, ExprError};
 use crate::schema::{ColumnDef, DataType, Schema};
 use crate::value::Row;
+
+/// Where one output column comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    /// An input column, passed on (converted where [`Projection::by_name`] allows).
+    Column(usize),
+    /// A constant null (a metadata column only a source can fill).
+    Null,
+    /// A computed value.
+    Expr(Box<CompiledExpr>),
+}
 
 /// A mapping from input rows to output rows, built against a schema.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Projection {
-    /// Per output column: the input column, or `None` for a constant null.
-    sources: Vec<Option<usize>>,
+    sources: Vec<Source>,
     input: Schema,
     output: Schema,
     /// `output` as an Arrow schema (the batches [`Projection::apply_batch`] returns).
@@ -37,9 +52,14 @@ pub struct Projection {
 }
 
 impl Projection {
-    /// Parses `select` items against `input`. `field` is the path of the list in the spec
-    /// (`sinks[0].select`); errors name the item (`sinks[0].select[1]`).
+    /// Parses and compiles `select` items (`<expr> [AS <name>]`, see the module docs) against
+    /// `input`. `field` is the path of the list in the spec (`sinks[0].select`); errors name
+    /// the item (`sinks[0].select[1]`) and end with the position in its text when known.
     pub fn parse(field: &str, items: &[String], input: &Schema) -> Result<Projection> {
+        crate::expr::with_deep_stack(|| Projection::parse_here(field, items, input))
+    }
+
+    fn parse_here(field: &str, items: &[String], input: &Schema) -> Result<Projection> {
         if items.is_empty() {
             return Err(KeelError::invalid_spec(field, "select at least one column"));
         }
@@ -47,27 +67,34 @@ impl Projection {
         let mut columns: Vec<ColumnDef> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let item_field = format!("{field}[{i}]");
-            let err = |reason: String| KeelError::invalid_spec(&item_field, reason);
-            let tokens = lex(item).map_err(err)?;
-            let (name, alias) = match tokens.as_slice() {
-                [col] => (column_name(col), column_name(col)),
-                [col, as_kw, alias] if is_keyword(as_kw, "as") => (column_name(col), column_name(alias)),
-                _ => (None, None),
+            let err = |e: ExprError| e.to_spec_error(&item_field);
+            let (tree, alias) = parse_select_item(item).map_err(err)?;
+            let expr = compile(&tree, input).map_err(err)?;
+            let name = match (&alias, expr.column()) {
+                (Some(a), _) => a.value.clone(),
+                (None, Some(c))
+                    if matches!(tree, ast::Expr::Identifier(_) | ast::Expr::CompoundIdentifier(_)) =>
+                {
+                    input.column(c).map_or_else(|| tree.to_string(), |col| col.name.clone())
+                }
+                _ => {
+                    return Err(err(ExprError::new(
+                        tree.span(),
+                        format!("give the expression a name: `{tree} AS <name>`"),
+                    )))
+                }
             };
-            let (Some(name), Some(alias)) = (name, alias) else {
-                return Err(err(format!("expected `<column>` or `<column> as <name>`, found {item:?}")));
-            };
-            let index = input
-                .index_of(name)
-                .ok_or_else(|| err(format!("unknown column '{name}'; columns: {}", input.names())))?;
-            if let Some(j) = columns.iter().position(|c| c.name == alias) {
-                return Err(err(format!(
-                    "output column '{alias}' is already selected by {field}[{j}]; rename one with `as`"
+            if let Some(j) = columns.iter().position(|c| c.name == name) {
+                return Err(err(ExprError::new(
+                    alias.as_ref().map_or_else(|| tree.span(), |a| a.span),
+                    format!("output column '{name}' is already selected by {field}[{j}]; rename one with AS"),
                 )));
             }
-            let data_type = input.column(index).map_or(DataType::String, |c| c.data_type.clone());
-            sources.push(Some(index));
-            columns.push(ColumnDef::new(alias, data_type));
+            columns.push(ColumnDef::new(name, expr.data_type()));
+            sources.push(match expr.column() {
+                Some(c) => Source::Column(c),
+                None => Source::Expr(Box::new(expr)),
+            });
         }
         let output = Schema::from_columns(field, &columns)?;
         Ok(Projection::new(sources, input, output))
@@ -83,10 +110,10 @@ impl Projection {
         for (i, c) in target.columns().iter().enumerate() {
             match input.index_of(&c.name) {
                 Some(j) => {
-                    let from = input.column(j).map_or(&c.data_type, |ic| &ic.data_type);
-                    let fits = *from == c.data_type
+                    let from = input.column(j).map_or(c.data_type.clone(), |ic| ic.data_type.clone());
+                    let fits = from == c.data_type
                         || matches!(
-                            (from, &c.data_type),
+                            (&from, &c.data_type),
                             (DataType::Int, DataType::BigInt)
                                 | (DataType::Int, DataType::Double)
                                 | (DataType::BigInt, DataType::Double)
@@ -97,9 +124,9 @@ impl Projection {
                             format!("column '{}' is {} here but {from} in the input", c.name, c.data_type),
                         ));
                     }
-                    sources.push(Some(j));
+                    sources.push(Source::Column(j));
                 }
-                None if c.metadata.is_some_and(|k| !k.writable()) => sources.push(None),
+                None if c.metadata.is_some_and(|k| !k.writable()) => sources.push(Source::Null),
                 None => {
                     return Err(KeelError::invalid_spec(
                         format!("{field}[{i}]"),
@@ -111,7 +138,7 @@ impl Projection {
         Ok(Projection::new(sources, input, target.clone()))
     }
 
-    fn new(sources: Vec<Option<usize>>, input: &Schema, output: Schema) -> Projection {
+    fn new(sources: Vec<Source>, input: &Schema, output: Schema) -> Projection {
         let arrow = crate::batch::arrow_schema(&output);
         Projection { sources, input: input.clone(), output, arrow }
     }
@@ -121,34 +148,44 @@ impl Projection {
         &self.output
     }
 
-    /// The output batch: the selected columns of `batch` shared, not copied; a constant null
-    /// column where the input has none; an INT column headed for a BIGINT or DOUBLE one, or a BIGINT one for a DOUBLE one (see
-    /// [`Projection::by_name`]) converted by a vectorized cast.
+    /// The output batch: selected columns of `batch` shared, not copied; expressions
+    /// evaluated over the whole batch; a constant null column where the input has none; an INT
+    /// column headed for a BIGINT or DOUBLE one, or a BIGINT one for a DOUBLE one (see
+    /// [`Projection::by_name`]) converted by a vectorized cast. Fails when an expression does
+    /// (a division by zero, a CAST of a bad value).
     pub fn apply_batch(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         let rows = batch.num_rows();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.sources.len());
         for (field, src) in self.arrow.fields().iter().zip(&self.sources) {
-            let column = match src.and_then(|i| batch.columns().get(i)) {
-                None => new_null_array(field.data_type(), rows),
-                Some(c) if c.data_type() == field.data_type() => c.clone(),
-                Some(c) => match (
-                    c.as_primitive_opt::<Int32Type>(),
-                    c.as_primitive_opt::<Int64Type>(),
-                    field.data_type(),
-                ) {
-                    (Some(a), _, ArrowType::Int64) => {
-                        Arc::new(unary::<_, _, Int64Type>(a, i64::from)) as ArrayRef
-                    }
-                    (Some(a), _, ArrowType::Float64) => Arc::new(unary::<_, _, Float64Type>(a, f64::from)),
-                    (_, Some(a), ArrowType::Float64) => Arc::new(unary::<_, _, Float64Type>(a, |v| v as f64)),
-                    _ => {
-                        return Err(KeelError::internal(format!(
-                            "projection: column {} is {} in the batch, not {}",
-                            field.name(),
-                            c.data_type(),
-                            field.data_type()
-                        )))
-                    }
+            let column = match src {
+                Source::Expr(e) => e.evaluate(batch)?,
+                Source::Null => new_null_array(field.data_type(), rows),
+                Source::Column(i) => match batch.columns().get(*i) {
+                    None => new_null_array(field.data_type(), rows),
+                    Some(c) if c.data_type() == field.data_type() => c.clone(),
+                    Some(c) => match (
+                        c.as_primitive_opt::<Int32Type>(),
+                        c.as_primitive_opt::<Int64Type>(),
+                        field.data_type(),
+                    ) {
+                        (Some(a), _, ArrowType::Int64) => {
+                            Arc::new(unary::<_, _, Int64Type>(a, i64::from)) as ArrayRef
+                        }
+                        (Some(a), _, ArrowType::Float64) => {
+                            Arc::new(unary::<_, _, Float64Type>(a, f64::from))
+                        }
+                        (_, Some(a), ArrowType::Float64) => {
+                            Arc::new(unary::<_, _, Float64Type>(a, |v| v as f64))
+                        }
+                        _ => {
+                            return Err(KeelError::internal(format!(
+                                "projection: column {} is {} in the batch, not {}",
+                                field.name(),
+                                c.data_type(),
+                                field.data_type()
+                            )))
+                        }
+                    },
                 },
             };
             columns.push(column);
@@ -159,7 +196,8 @@ impl Projection {
     }
 
     /// The output row of `row` (tests, tools; the data path uses [`Projection::apply_batch`]).
-    /// A row that does not fit the input schema gives a row of nulls.
+    /// A row that does not fit the input schema, or on which an expression fails, gives a row
+    /// of nulls.
     pub fn apply(&self, row: Row) -> Row {
         let out = crate::batch::batch_of_rows(&self.input, std::slice::from_ref(&row))
             .ok()
@@ -219,15 +257,40 @@ mod tests {
         assert_eq!(p.apply(sample()).values, vec![Value::from("ann"), Value::from("ann"), Value::Int(1)]);
     }
 
+    /// Bad items are refused with the item's field, the problem and its position (the texts
+    /// changed with the SQL parser and now say where).
     #[test]
     fn select_errors_name_the_item() {
         for (list, want, needle) in [
-            (vec!["id", "nme"], "sinks[0].select[1]", "unknown column 'nme'"),
+            (
+                vec!["id", "nme"],
+                "sinks[0].select[1]",
+                "unknown column `nme`; columns: id, name, age, off (at column 1)",
+            ),
             (vec!["id", "age as id"], "sinks[0].select[1]", "already selected"),
-            (vec!["id as"], "sinks[0].select[0]", "expected"),
-            (vec!["id, name"], "sinks[0].select[0]", "expected"),
-            (vec!["id to x"], "sinks[0].select[0]", "expected"),
-            (vec!["as"], "sinks[0].select[0]", "expected"),
+            (
+                vec!["id as"],
+                "sinks[0].select[0]",
+                "Expected: an identifier after AS, found: the end (at column 6)",
+            ),
+            (vec!["id, name"], "sinks[0].select[0]", "unexpected , after the select item (at column 3)"),
+            (vec!["id to x"], "sinks[0].select[0]", "unexpected x after the select item (at column 7)"),
+            (vec!["as"], "sinks[0].select[0]", "unknown column `as`"),
+            (
+                vec!["id", "age + 1"],
+                "sinks[0].select[1]",
+                "give the expression a name: `age + 1 AS <name>` (at column 1)",
+            ),
+            (
+                vec!["UPPER(age) AS a"],
+                "sinks[0].select[0]",
+                "UPPER needs a STRING argument, found INT (at column 7)",
+            ),
+            (
+                vec!["COUNT(*) AS n"],
+                "sinks[0].select[0]",
+                "aggregate function COUNT is not supported (at column 1)",
+            ),
         ] {
             match Projection::parse("sinks[0].select", &items(&list), &input()) {
                 Err(KeelError::InvalidSpec { field, reason }) => {
@@ -277,5 +340,43 @@ mod tests {
     fn a_short_row_yields_nulls_instead_of_panicking() {
         let p = Projection::parse("s", &items(&["age", "id"]), &input()).expect("valid");
         assert_eq!(p.apply(Row::new(vec![Value::Int(1)])).values, vec![Value::Null, Value::Int(1)]);
+    }
+
+    /// Items are SQL expressions: computed columns take the expression's type and the alias
+    /// as name; a bare column keeps the input's name (as declared, even when written in
+    /// another case) and is the input's array itself, not a copy.
+    #[test]
+    fn select_computes_expressions_and_shares_bare_columns() -> std::result::Result<(), KeelError> {
+        let p = Projection::parse(
+            "sinks[0].select",
+            &items(&[
+                "ID",
+                "UPPER(name) AS loud",
+                "age * 2 + off AS x",
+                "CAST(age AS STRING) s",
+                "age > 18 AS adult",
+            ]),
+            &input(),
+        )?;
+        assert_eq!(
+            p.output_schema().columns(),
+            &[
+                ColumnDef::new("id", DataType::Int),
+                ColumnDef::new("loud", DataType::String),
+                ColumnDef::new("x", DataType::BigInt),
+                ColumnDef::new("s", DataType::String),
+                ColumnDef::new("adult", DataType::Boolean),
+            ]
+        );
+        assert_eq!(
+            p.apply(sample()).values,
+            vec![Value::Int(1), Value::from("ANN"), Value::Int(137), Value::from("30"), Value::Bool(true)]
+        );
+        let batch = crate::batch::batch_of_rows(&input(), &[sample(), sample()])
+            .map_err(|(i, e)| KeelError::internal(format!("{i}: {e}")))?;
+        let out = p.apply_batch(&batch)?;
+        assert!(Arc::ptr_eq(out.column(0), batch.column(0)));
+        assert_eq!(out.num_rows(), 2);
+        Ok(())
     }
 }

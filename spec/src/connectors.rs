@@ -109,7 +109,9 @@ const KAFKA_COMMON_OPTIONS: &[&str] = &[
     "value.fields-include",
     "value.fields-prefix",
 ];
-const KAFKA_SOURCE_OPTIONS: &[&str] = &[
+/// Options of a Kafka source only (a SQL table used as a sink ignores its `scan.*` options, as
+/// in Flink, where one table serves both).
+pub const KAFKA_SOURCE_OPTIONS: &[&str] = &[
     "topic-pattern",
     "scan.startup.mode",
     "scan.startup.specific-offsets",
@@ -118,7 +120,8 @@ const KAFKA_SOURCE_OPTIONS: &[&str] = &[
     "scan.header-filter",
     "scan.check.duplicated.group.id",
 ];
-const KAFKA_SINK_OPTIONS: &[&str] =
+/// Options of a Kafka sink only (ignored when a SQL table is read).
+pub const KAFKA_SINK_OPTIONS: &[&str] =
     &["sink.partitioner", "sink.delivery-guarantee", "sink.transactional-id-prefix", "sink.parallelism"];
 
 pub(crate) fn source_config(spec: &ConnectorSpec, base: &str) -> Result<SourceConfig> {

@@ -10,14 +10,14 @@
 use keel_formats::DataType;
 use keel_proto::{KeelError, Result};
 use sqlparser::ast::{self, Spanned};
-use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::{Span, Token, TokenWithSpan, Tokenizer};
 
-/// The dialect scripts are parsed with: the generic one takes Flink's expressions, backquoted
-/// identifiers and `!=`; everything Flink-specific at the statement level is parsed here.
-pub(crate) const DIALECT: GenericDialect = GenericDialect {};
+/// The dialect scripts are parsed with, the one the spec's expressions are parsed with too:
+/// Flink's expressions, backquoted identifiers and `!=`; everything Flink-specific at the
+/// statement level is parsed here.
+pub(crate) const DIALECT: keel_formats::FlinkDialect = keel_formats::FlinkDialect;
 
 /// A parsed script, in statement order within each kind.
 #[derive(Debug, Default)]
@@ -403,10 +403,14 @@ fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
     {
         let mut text = String::new();
         let mut depth = 0i32;
+        let mut opened = false;
         loop {
             let tok = p.next_token();
             match &tok.token {
-                Token::Lt => depth += 1,
+                Token::Lt => {
+                    depth += 1;
+                    opened = true;
+                }
                 Token::Gt => depth -= 1,
                 Token::ShiftRight => depth -= 2,
                 Token::EOF => {
@@ -424,13 +428,17 @@ fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
                 text.push(' ');
             }
             text.push_str(&tok.token.to_string());
-            if depth <= 0 {
+            if opened && depth <= 0 {
                 break;
             }
         }
         text
     } else {
-        p.parse_data_type().map_err(syntax)?.to_string()
+        let parsed = p.parse_data_type().map_err(syntax)?;
+        if let Some(t) = keel_formats::expr::sql_type(&parsed) {
+            return Ok(t);
+        }
+        parsed.to_string()
     };
     if word_is(&start, "ROW") || word_is(&start, "ARRAY") || word_is(&start, "MULTISET") {
         return Err(sql_error(format!(

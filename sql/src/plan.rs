@@ -7,6 +7,8 @@
 //!   statements write `s`). The SELECT list maps onto the target columns by position (the listed
 //!   columns, else every column of `s` except computed and `VIRTUAL` metadata ones) and each item
 //!   is named after its target column. `WHERE` is the sink's `filter`.
+//! - One table can be read by one statement and written by another, as in Flink: a Kafka table's
+//!   `scan.*` options apply only where it is read, its `sink.*` options only where it is written.
 //! - Computed columns (`c AS expr`) are replaced by their expression wherever a statement uses
 //!   them; `SELECT *` includes them.
 //! - `SET 'pipeline.name'` names the job (else the file name); `SET 'parallelism.default'` and
@@ -110,20 +112,44 @@ pub(crate) fn plan(script: &Script, default_name: &str) -> Result<Planned> {
                 targets.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
             )));
         }
+        let input = input_schema(source_table)?;
         let mut select = Vec::with_capacity(items.len());
         let mut spans = Vec::with_capacity(items.len());
-        for ((expr, span), target) in items.into_iter().zip(&targets) {
-            select.push(format!("{expr} AS {}", quote(&target.name)));
+        for (j, ((expr, span), target)) in items.into_iter().zip(&targets).enumerate() {
+            let what = || {
+                format!("INSERT INTO {}, select item {} for column {}", sink_table.name, j + 1, target.name)
+            };
+            let text = typed_item(expr, span, &input, &target.def.data_type, &what)?;
+            select.push(format!("{text} AS {}", quote(&target.name)));
             spans.push(span);
         }
         let filter = match &query.selection {
-            Some(e) => Some(rewrite(e.clone(), source_table, &query.qualifiers)?.to_string()),
+            Some(e) => {
+                let rewritten = rewrite(e.clone(), source_table, &query.qualifiers)?;
+                let what = || format!("the WHERE of INSERT INTO {}", sink_table.name);
+                let compiled = compile_at(&rewritten, e.span(), &input, &what)?;
+                if compiled.data_type() != keel_formats::DataType::Boolean {
+                    return Err(sql_error(format!(
+                        "{} ({}) must be a condition (BOOLEAN), not {}",
+                        what(),
+                        at(e.span()),
+                        compiled.data_type()
+                    )));
+                }
+                Some(rewritten.to_string())
+            }
             None => None,
         };
         let writes = origins.sinks.iter().filter(|(t, _, _)| *t == sink_table.name).count();
         let sink_name =
             if writes == 0 { sink_table.name.clone() } else { format!("{}_{}", sink_table.name, writes + 1) };
-        let (connector, options) = connector_options(sink_table);
+        let (connector, mut options) = connector_options(sink_table);
+        if connector == "kafka" {
+            // One table may serve as source and sink (as in Flink): its scan options do not apply here.
+            options.retain(|k, _| {
+                !(k.starts_with("scan.") && keel_spec::connectors::KAFKA_SOURCE_OPTIONS.contains(&k.as_str()))
+            });
+        }
         let columns =
             if connector == "kafka" { targets.iter().map(|c| c.def.clone()).collect() } else { Vec::new() };
         sinks.push(ConnectorSpec {
@@ -231,7 +257,11 @@ fn column_def(c: &crate::parse::ColumnDecl) -> Option<ColumnDef> {
 }
 
 fn source_spec(t: &TableDef) -> Result<ConnectorSpec> {
-    let (connector, options) = connector_options(t);
+    let (connector, mut options) = connector_options(t);
+    if connector == "kafka" {
+        // Sink options of a table that is read do not apply (Flink validates them, then ignores them).
+        options.retain(|k, _| !keel_spec::connectors::KAFKA_SINK_OPTIONS.contains(&k.as_str()));
+    }
     let mut columns: Vec<ColumnDef> = t.columns.iter().filter_map(column_def).collect();
     if connector == "datagen" {
         // Keel's datagen emits one column, `id BIGINT`; the table must declare just that.
@@ -255,6 +285,62 @@ fn source_spec(t: &TableDef) -> Result<ConnectorSpec> {
         filter: None,
         select: Vec::new(),
     })
+}
+
+/// The rows a table gives its readers: its physical and metadata columns (computed ones are
+/// inlined where used); a datagen table's `id BIGINT`.
+fn input_schema(t: &TableDef) -> Result<keel_formats::Schema> {
+    let columns: Vec<ColumnDef> = t.columns.iter().filter_map(column_def).collect();
+    keel_formats::Schema::from_columns(&t.name, &columns)
+        .map_err(|e| sql_error(format!("table {} ({}): {e}", t.name, at(t.span))))
+}
+
+/// Compiles an expression of the script against `input`; errors name `what` and the position
+/// (the construct's, else `fallback`'s).
+fn compile_at(
+    expr: &ast::Expr,
+    fallback: Span,
+    input: &keel_formats::Schema,
+    what: &dyn Fn() -> String,
+) -> Result<keel_formats::CompiledExpr> {
+    keel_formats::expr::compile(expr, input).map_err(|e| {
+        let span = if e.span.start.line == 0 { fallback } else { e.span };
+        sql_error(format!("{} ({}): {}", what(), at(span), e.reason))
+    })
+}
+
+/// Whether a value of type `from` goes into a column of type `to` without loss, so that an
+/// INSERT casts it implicitly (as Flink widens numbers): INT into BIGINT, DOUBLE or DECIMAL;
+/// BIGINT into DOUBLE or DECIMAL; DECIMAL into DOUBLE or another DECIMAL.
+fn widens(from: &keel_formats::DataType, to: &keel_formats::DataType) -> bool {
+    use keel_formats::DataType as T;
+    matches!(
+        (from, to),
+        (T::Int, T::BigInt | T::Double | T::Decimal { .. })
+            | (T::BigInt, T::Double | T::Decimal { .. })
+            | (T::Decimal { .. }, T::Double | T::Decimal { .. })
+    )
+}
+
+/// A select item as the spec's text, of the target column's type: a `NULL` becomes
+/// `CAST(NULL AS <type>)`, a narrower number is cast up; another type is left for the spec's
+/// check of the sink's columns to refuse, naming the column.
+fn typed_item(
+    expr: ast::Expr,
+    span: Span,
+    input: &keel_formats::Schema,
+    target: &keel_formats::DataType,
+    what: &dyn Fn() -> String,
+) -> Result<String> {
+    if matches!(&expr, ast::Expr::Value(v) if v.value == ast::Value::Null) {
+        return Ok(format!("CAST(NULL AS {target})"));
+    }
+    let compiled = compile_at(&expr, span, input, what)?;
+    let from = compiled.data_type();
+    if &from != target && widens(&from, target) {
+        return Ok(format!("CAST({expr} AS {target})"));
+    }
+    Ok(expr.to_string())
 }
 
 /// A column an INSERT writes.
@@ -356,7 +442,7 @@ impl<'a> Query<'a> {
                     .map_or(q.body.span(), |t| t.span);
                 return Err(refuse(&op, at_op));
             }
-            ast::SetExpr::Values(v) => return Err(refuse("VALUES", v.span())),
+            ast::SetExpr::Values(v) => return Err(refuse("VALUES", kw(v.span(), "VALUES"))),
             ast::SetExpr::Query(inner) => return Err(refuse("a parenthesized query", inner.span())),
             other => return Err(refuse("this kind of query", other.span())),
         };
@@ -449,7 +535,12 @@ impl<'a> Query<'a> {
             .columns
             .iter()
             .map(|c| {
-                let e = ast::Expr::Identifier(ast::Ident::with_quote('`', &c.name));
+                let ident = if quote(&c.name) == c.name {
+                    ast::Ident::new(&c.name)
+                } else {
+                    ast::Ident::with_quote('`', &c.name)
+                };
+                let e = ast::Expr::Identifier(ident);
                 Ok((rewrite(e, table, &self.qualifiers)?, span))
             })
             .collect()

@@ -134,7 +134,7 @@ fn sets_and_statement_sets() -> Result<()> {
          SET 'execution.checkpointing.interval' = '2 s';\n{SOURCE}{SINK}\
          EXECUTE STATEMENT SET BEGIN\n\
          INSERT INTO dst SELECT id, name FROM src WHERE age < 18;\n\
-         INSERT INTO dst SELECT s.id, s.name FROM src AS s WHERE s.age >= 18;\n\
+         INSERT INTO dst SELECT s.id, UPPER(s.name) FROM src AS s WHERE s.age >= 18;\n\
          END;"
     );
     let spec = compile(&sql, "ignored")?.spec;
@@ -143,7 +143,7 @@ fn sets_and_statement_sets() -> Result<()> {
     assert_eq!(spec.config.get("execution.checkpointing.interval").map(String::as_str), Some("2 s"));
     assert_eq!(spec.sources.len(), 1);
     assert_eq!(spec.sinks.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["dst", "dst_2"]);
-    assert_eq!(spec.sinks[1].select, ["id AS id", "name AS name"], "the alias qualifier is dropped");
+    assert_eq!(spec.sinks[1].select, ["id AS id", "UPPER(name) AS name"], "the alias qualifier is dropped");
     assert_eq!(spec.sinks[1].filter.as_deref(), Some("age >= 18"));
     Ok(())
 }
@@ -151,7 +151,6 @@ fn sets_and_statement_sets() -> Result<()> {
 /// `SELECT *` is every column of the FROM table, computed ones inlined; an INSERT's column list
 /// picks the targets.
 #[test]
-#[ignore = "needs SQL expressions in select (the expression engine lands next)"]
 fn star_computed_columns_and_column_lists() -> Result<()> {
     let sink = "CREATE TABLE wide (id BIGINT, name STRING, age INT, `part` INT, ts TIMESTAMP(3), d INT) \
                 WITH ('connector' = 'kafka', 'topic' = 'w', 'properties.bootstrap.servers' = 'b:9092', 'format' = 'json');\n";
@@ -159,7 +158,7 @@ fn star_computed_columns_and_column_lists() -> Result<()> {
     let spec = compile(&sql, "star")?.spec;
     assert_eq!(
         spec.sinks[0].select,
-        ["`id` AS id", "`name` AS name", "`age` AS age", "`part` AS `part`", "`ts` AS ts", "(age + 1) AS d"]
+        ["id AS id", "name AS name", "age AS age", "part AS part", "ts AS ts", "(age + 1) AS d"]
     );
     let sql = format!("{SOURCE}{SINK}INSERT INTO dst (name, id) SELECT name, id FROM src;");
     let spec = compile(&sql, "list")?.spec;
@@ -216,6 +215,8 @@ fn unsupported_constructs_are_refused_with_their_position() -> Result<()> {
         ),
         ("INSERT INTO dst (id, nope) SELECT id, name FROM src;", "unknown column nope".to_string()),
         ("CREATE VIEW v AS SELECT 1;", "CREATE VIEW".to_string()),
+        ("INSERT INTO dst VALUES (1, 'a');", format!("VALUES (line {line}, column 17) is not supported")),
+        ("SELECT * FROM src;", format!("SELECT (line {line}, column 1) is not supported")),
         ("DELETE FROM src;", format!("DELETE (line {line}, column 1) is not supported")),
     ];
     for (stmt, expected) in cases {
@@ -246,6 +247,9 @@ fn bad_tables_are_refused_with_their_position() -> Result<()> {
             "unknown metadata key 'ofset' (line 1, column 66)",
         ),
         ("CREATE TABLE src (id BIGINT) WITH ('connector' = 'kafka') LIKE other;", "LIKE"),
+        ("CREATE TABLE src (id BIGINT)\n  PARTITIONED BY (id) WITH ('connector' = 'kafka');", "PARTITIONED BY (line 2, column 3) is not supported"),
+        ("CREATE TABLE cat.src (id BIGINT) WITH ('connector' = 'kafka');", "table name cat.src (line 1, column 14) must be a single name"),
+        ("CREATE TABLE src (id BIGINT, c ARRAY<INT>) WITH ('connector' = 'kafka');", "type ARRAY<INT> (line 1, column 32) is not supported yet"),
     ];
     for (table, expected) in cases {
         assert_refused(&format!("{table}\n{SINK}{tail}"), expected)?;
@@ -298,5 +302,47 @@ fn sink_metadata_columns_are_written_as_metadata() -> Result<()> {
         &format!("{SOURCE}{sink}INSERT INTO stamped SELECT name, ts FROM src;"),
         "table stamped, column id (line 2, column 23): the sink's rows are (id STRING, ts TIMESTAMP)",
     )?;
+    Ok(())
+}
+
+/// The SELECT list is typed against the source: a narrower number is cast up to its target
+/// column (INT into BIGINT), a NULL takes the column's type, a WHERE that is not a condition and
+/// an expression of the wrong types are refused with the position of the construct.
+#[test]
+fn select_items_are_typed_against_the_target_columns() -> Result<()> {
+    let spec = compile(&format!("{SOURCE}{SINK}INSERT INTO dst SELECT age, NULL FROM src;"), "typed")?.spec;
+    assert_eq!(spec.sinks[0].select, ["CAST(age AS BIGINT) AS id", "CAST(NULL AS STRING) AS name"]);
+    let plan = spec.sink_plan(0)?;
+    assert_eq!(plan.schema.columns()[0].data_type, keel_formats::DataType::BigInt);
+    assert_refused(
+        &format!("{SOURCE}{SINK}INSERT INTO dst SELECT id, name FROM src WHERE age + 1;"),
+        "the WHERE of INSERT INTO dst (line 3, column 48) must be a condition (BOOLEAN), not INT",
+    )?;
+    assert_refused(
+        &format!("{SOURCE}{SINK}INSERT INTO dst SELECT id, name FROM src WHERE name > 3;"),
+        "the WHERE of INSERT INTO dst (line 3, column 48): cannot compare STRING with INT",
+    )?;
+    assert_refused(
+        &format!("{SOURCE}{SINK}INSERT INTO dst SELECT id, UPPER(age) FROM src;"),
+        "INSERT INTO dst, select item 2 for column name (line 3, column 34): UPPER needs a STRING argument, found INT",
+    )?;
+    Ok(())
+}
+
+/// The README's SQL job (`deploy/adults.sql`) compiles: the example users copy stays valid.
+#[test]
+fn the_readme_sql_job_compiles() -> Result<()> {
+    let spec = compile(include_str!("../../deploy/adults.sql"), "adults")?.spec;
+    assert_eq!((spec.name.as_str(), spec.parallelism), ("adults", 2));
+    assert_eq!(
+        spec.sinks[0].select,
+        [
+            "CAST(id AS BIGINT) AS id",
+            "UPPER(TRIM(name)) AS name",
+            "age AS age",
+            "CAST(ts AS DATE) AS since",
+            "ts AS ts"
+        ]
+    );
     Ok(())
 }
