@@ -393,13 +393,15 @@ fn parse_column(p: &mut Parser, table: &str) -> Result<ColumnDecl> {
     Ok(ColumnDecl { name, span, kind })
 }
 
-/// A column type. `MAP<...>` (and `ROW<...>`, `ARRAY<...>`) are read token by token, as
-/// sqlparser's generic dialect does not take them; the rest through sqlparser's type parser.
+/// A column type. `MAP<...>`, `ROW<...>` / `ROW(...)` (and `ARRAY<...>`, refused) are read
+/// token by token, as sqlparser's generic dialect does not take them; the rest through
+/// sqlparser's type parser.
 /// Both end in `DataType::parse`, the same names and aliases a YAML spec accepts.
 fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
     let start = p.peek_token();
+    let next = p.peek_nth_token(1).token;
     let text = if ["MAP", "ROW", "ARRAY", "MULTISET"].iter().any(|w| word_is(&start, w))
-        && p.peek_nth_token(1).token == Token::Lt
+        && (next == Token::Lt || (word_is(&start, "ROW") && next == Token::LParen))
     {
         let mut text = String::new();
         let mut depth = 0i32;
@@ -407,11 +409,11 @@ fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
         loop {
             let tok = p.next_token();
             match &tok.token {
-                Token::Lt => {
+                Token::Lt | Token::LParen => {
                     depth += 1;
                     opened = true;
                 }
-                Token::Gt => depth -= 1,
+                Token::Gt | Token::RParen => depth -= 1,
                 Token::ShiftRight => depth -= 2,
                 Token::EOF => {
                     return Err(sql_error(format!(
@@ -440,7 +442,7 @@ fn parse_type(p: &mut Parser, table: &str, column: &str) -> Result<DataType> {
         }
         parsed.to_string()
     };
-    if word_is(&start, "ROW") || word_is(&start, "ARRAY") || word_is(&start, "MULTISET") {
+    if word_is(&start, "ARRAY") || word_is(&start, "MULTISET") {
         return Err(sql_error(format!(
             "table {table}, column {column}: type {text} ({}) is not supported yet",
             at(start.span)

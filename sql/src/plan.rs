@@ -562,9 +562,16 @@ fn rewrite_with(
     let flow = ast::visit_expressions_mut(&mut expr, |e| {
         match e {
             ast::Expr::CompoundIdentifier(parts)
-                if parts.len() == 2 && qualifiers.contains(&parts[0].value) =>
+                if parts.len() >= 2
+                    && qualifiers.contains(&parts[0].value)
+                    && table.columns.iter().any(|c| c.name == parts[1].value) =>
             {
-                *e = ast::Expr::Identifier(parts[1].clone());
+                // `s.id` -> `id`; `s.properties.owner` -> `properties.owner` (a ROW's field).
+                *e = if parts.len() == 2 {
+                    ast::Expr::Identifier(parts[1].clone())
+                } else {
+                    ast::Expr::CompoundIdentifier(parts[1..].to_vec())
+                };
             }
             ast::Expr::Function(f) => {
                 if f.over.is_some() {

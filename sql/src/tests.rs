@@ -250,6 +250,7 @@ fn bad_tables_are_refused_with_their_position() -> Result<()> {
         ("CREATE TABLE src (id BIGINT)\n  PARTITIONED BY (id) WITH ('connector' = 'kafka');", "PARTITIONED BY (line 2, column 3) is not supported"),
         ("CREATE TABLE cat.src (id BIGINT) WITH ('connector' = 'kafka');", "table name cat.src (line 1, column 14) must be a single name"),
         ("CREATE TABLE src (id BIGINT, c ARRAY<INT>) WITH ('connector' = 'kafka');", "type ARRAY<INT> (line 1, column 32) is not supported yet"),
+        ("CREATE TABLE src (id BIGINT, c ROW<a INT, a INT>) WITH ('connector' = 'kafka');", "table src, column c (line 1, column 32)"),
     ];
     for (table, expected) in cases {
         assert_refused(&format!("{table}\n{SINK}{tail}"), expected)?;
@@ -344,5 +345,44 @@ fn the_readme_sql_job_compiles() -> Result<()> {
             "ts AS ts"
         ]
     );
+    Ok(())
+}
+
+/// ROW columns (both spellings, nested) read by field in the SELECT list and WHERE, qualified
+/// or not: seed 002's Example 5 table.
+#[test]
+fn row_columns_are_read_by_field() -> Result<()> {
+    let source = "CREATE TEMPORARY TABLE kafka_source (
+  id          VARCHAR,
+  `name`      VARCHAR,
+  properties  ROW<`owner` STRING, engine STRING>,
+  extra       ROW(a INT, b ROW<c STRING>)
+) WITH (
+  'connector' = 'kafka',
+  'topic' = 'xxx',
+  'properties.bootstrap.servers' = 'xxx',
+  'scan.startup.mode' = 'earliest-offset',
+  'format' = 'json'
+);
+";
+    let sink = "CREATE TABLE owners (id STRING, owner STRING, c STRING, p ROW<owner STRING, engine STRING>) \
+                WITH ('connector' = 'kafka', 'topic' = 'o', 'properties.bootstrap.servers' = 'b:1', 'format' = 'json');\n";
+    let sql = format!(
+        "{source}{sink}INSERT INTO owners SELECT s.id, s.properties.owner, extra.b.c, properties FROM kafka_source s \
+         WHERE properties.engine = 'Flink';"
+    );
+    let spec = compile(&sql, "ex5")?.spec;
+    assert_eq!(
+        spec.sinks[0].select,
+        ["id AS id", "properties.owner AS owner", "extra.b.c AS c", "properties AS p"]
+    );
+    assert_eq!(spec.sinks[0].filter.as_deref(), Some("properties.engine = 'Flink'"));
+    assert_eq!(spec.sources[0].columns[3].data_type.to_string(), "ROW<a INT, b ROW<c STRING>>");
+    assert_refused(
+        &format!(
+            "{source}{sink}INSERT INTO owners SELECT id, properties.ownr, id, properties FROM kafka_source;"
+        ),
+        "the ROW has no field `ownr`; its fields: owner, engine",
+    )?;
     Ok(())
 }

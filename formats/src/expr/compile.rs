@@ -123,6 +123,11 @@ pub(super) enum Node {
         trailing: bool,
     },
     CharLength(Box<Typed>),
+    /// Field `index` of a ROW value (`properties.owner`); null where the row is null.
+    Field {
+        input: Box<Typed>,
+        index: usize,
+    },
     JsonValue {
         input: Box<Typed>,
         path: Vec<PathStep>,
@@ -177,6 +182,7 @@ fn node_may_fail(node: &Node) -> bool {
         | Node::Upper(a)
         | Node::Lower(a)
         | Node::CharLength(a)
+        | Node::Field { input: a, .. }
         | Node::JsonValue { input: a, .. } => a.may_fail(),
         Node::Compare { left, right, .. }
         | Node::And(left, right)
@@ -235,6 +241,27 @@ fn unify(
         });
     }
     Ok(acc)
+}
+
+/// Field `name` of the ROW value `t` (exact name first, else the one field whose name differs
+/// only in case).
+fn field(t: Typed, name: &ast::Ident, span: Span) -> R<Typed> {
+    let Some(DataType::Row(fields)) = t.ty.clone() else {
+        return err(span, format!("`.{}`: {} is not a ROW, it has no fields", name.value, t.type_name()));
+    };
+    let index = fields.iter().position(|f| f.name == name.value).or_else(|| {
+        let mut m = fields.iter().enumerate().filter(|(_, f)| f.name.eq_ignore_ascii_case(&name.value));
+        match (m.next(), m.next()) {
+            (Some((i, _)), None) => Some(i),
+            _ => None,
+        }
+    });
+    let Some(index) = index else {
+        let known = fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ");
+        return err(span, format!("the ROW has no field `{}`; its fields: {known}", name.value));
+    };
+    let ty = fields[index].data_type.clone();
+    Ok(Typed::new(Node::Field { input: t.boxed(), index }, ty))
 }
 
 /// `t` as type `to`: a NULL literal becomes a typed null, a number widens; `None` when it
@@ -341,7 +368,22 @@ impl Compiler<'_> {
             E::Identifier(ident) => self.column(&ident.value, span),
             E::CompoundIdentifier(parts) => {
                 let name = parts.iter().map(|p| p.value.as_str()).collect::<Vec<_>>().join(".");
-                self.column(&name, span)
+                if self.schema.index_of(&name).is_some() {
+                    return self.column(&name, span);
+                }
+                match parts.split_first() {
+                    // `row.field[.field ...]`: a ROW column's fields.
+                    Some((first, fields))
+                        if !fields.is_empty() && self.schema.index_of(&first.value).is_some() =>
+                    {
+                        let mut t = self.column(&first.value, span)?;
+                        for f in fields {
+                            t = field(t, f, span)?;
+                        }
+                        Ok(t)
+                    }
+                    _ => self.column(&name, span),
+                }
             }
             E::Nested(inner) => self.compile(inner, span),
             E::Value(v) => value_literal(&v.value, false, span),

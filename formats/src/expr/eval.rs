@@ -181,7 +181,26 @@ fn eval_node(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {
         Node::Substring { .. } => eval_substring(t, ctx),
         Node::Trim { .. } => eval_trim(t, ctx),
         Node::JsonValue { .. } => eval_jsonvalue(t, ctx),
+        Node::Field { input, index } => eval_field(input, *index, ctx),
     }
+}
+
+/// A ROW's field: the struct's child array, null where the row is null.
+fn eval_field(input: &Typed, index: usize, ctx: &Ctx<'_>) -> Result<Val> {
+    let v = eval(input, ctx)?;
+    let scalar = v.is_scalar();
+    let array = v.into_array(if scalar { 1 } else { ctx.rows })?;
+    let rows = array
+        .as_struct_opt()
+        .ok_or_else(|| KeelError::internal("expression: field access on a value that is not a ROW"))?;
+    let child = rows
+        .columns()
+        .get(index)
+        .ok_or_else(|| KeelError::internal(format!("expression: the ROW has no field {index}")))?;
+    let nulls = arrow_buffer::NullBuffer::union(rows.nulls(), child.nulls());
+    let data = child.to_data().into_builder().nulls(nulls).build().map_err(arrow_error)?;
+    let out = arrow_array::make_array(data);
+    Ok(if scalar { Val::Scalar(out) } else { Val::Array(out) })
 }
 
 fn eval_column(t: &Typed, ctx: &Ctx<'_>) -> Result<Val> {

@@ -16,8 +16,9 @@
 //!
 //! - **Columns**: a name, bare or in backquotes (`` `order-id` ``). The exact name first,
 //!   else the one column whose name differs only in case; otherwise
-//!   "unknown column `x`; columns: a, b, c". A dotted name (`a.b`) is looked up as one
-//!   column named `a.b`.
+//!   "unknown column `x`; columns: a, b, c". A dotted name (`a.b`) is a column named `a.b`
+//!   if there is one, else field `b` of the ROW column `a` (`a.b.c` for nested rows; exact
+//!   field name first, else the one that differs only in case); a field of a null row is null.
 //! - **Literals**: integers (INT if they fit in 32 bits, else BIGINT; beyond 64 bits an
 //!   error), decimals and exponents (DOUBLE), `'strings'` (`''` is a quote), `TRUE` / `FALSE`,
 //!   `TIMESTAMP '2024-05-01 12:00:00'`, `NULL` (it takes the type its context gives it; a
@@ -64,7 +65,7 @@
 //! Subqueries (`(SELECT ...)`, `IN (SELECT ...)`, `EXISTS`), aggregate functions ("aggregate
 //! function SUM is not supported"), window functions (`OVER`, ROW_NUMBER, LAG, ...), unknown
 //! functions ("unknown function FOO"), and every other construct ("`x` is not supported",
-//! e.g. INTERVAL, EXTRACT, ILIKE, field access).
+//! e.g. INTERVAL, EXTRACT, ILIKE, `(expr).field`).
 //!
 //! # Errors and limits
 //!

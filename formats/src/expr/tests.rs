@@ -668,3 +668,41 @@ fn rendered_expressions_parse_back_the_same() -> TestResult {
     }
     Ok(())
 }
+
+/// `row.field` reads a ROW column's field (nested rows too), null where the row is null;
+/// an unknown field and a field of a non-ROW column are refused by name.
+#[test]
+fn row_fields_are_read_by_name() -> TestResult {
+    let ty: DataType = "ROW<owner STRING, inner ROW<n INT>>".parse()?;
+    let schema =
+        Schema::from_columns("columns", &[ColumnDef::new("id", DataType::BigInt), ColumnDef::new("p", ty)])?;
+    let rows = vec![
+        crate::value::Row::new(vec![
+            Value::Int(1),
+            Value::Row(vec![Value::String("ann".into()), Value::Row(vec![Value::Int(7)])]),
+        ]),
+        crate::value::Row::new(vec![Value::Int(2), Value::Null]),
+        crate::value::Row::new(vec![Value::Int(3), Value::Row(vec![Value::Null, Value::Null])]),
+    ];
+    let batch = crate::batch::batch_of_rows(&schema, &rows).map_err(|(i, e)| format!("row {i}: {e}"))?;
+    let eval = |text: &str| -> Result<(DataType, Vec<Value>), Box<dyn Error>> {
+        let e = compile(&parse_expr(text)?, &schema).map_err(|e| format!("{text}: {e}"))?;
+        let out = e.evaluate(&batch)?;
+        Ok((e.data_type(), (0..out.len()).map(|i| value_at(out.as_ref(), i)).collect()))
+    };
+    assert_eq!(
+        eval("p.owner")?,
+        (DataType::String, vec![Value::String("ann".into()), Value::Null, Value::Null])
+    );
+    assert_eq!(eval("UPPER(p.owner)")?.1, vec![Value::String("ANN".into()), Value::Null, Value::Null]);
+    assert_eq!(eval("p.inner.n")?, (DataType::Int, vec![Value::Int(7), Value::Null, Value::Null]));
+    let refused = |text: &str| {
+        compile(&parse_expr(text).map_err(|e| e.to_string())?, &schema).map(|_| ()).map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        refused("p.nope"),
+        Err("the ROW has no field `nope`; its fields: owner, inner (at column 1)".into())
+    );
+    assert_eq!(refused("id.x"), Err("`.x`: BIGINT is not a ROW, it has no fields (at column 1)".into()));
+    Ok(())
+}
