@@ -89,10 +89,11 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-/// Caps glibc's malloc arenas (`taskmanager.memory.malloc-arenas`). A TaskManager's threads
-/// (librdkafka runs several per client) would otherwise each get an arena, and every arena keeps
-/// its own high-water mark resident. Done with glibc's own tunable rather than another allocator:
-/// mimalloc and jemalloc both measured a higher peak RSS here (README, "The data path's figures").
+/// Caps glibc's malloc arenas (`taskmanager.memory.malloc-arenas`, off by default). A
+/// TaskManager's threads (librdkafka runs several per client) otherwise each get an arena, and
+/// every arena keeps its own high-water mark resident; fewer arenas save memory at a CPU cost
+/// (contention on the shared arena), measured in docs/kafka.md ("Memory"). Done with glibc's own
+/// tunable rather than another allocator: mimalloc and jemalloc both measured a higher peak RSS.
 #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"), not(feature = "jemalloc")))]
 #[allow(unsafe_code)]
 fn limit_malloc_arenas(arenas: u32) {
