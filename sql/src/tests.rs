@@ -6,32 +6,11 @@ use keel_spec::JobSpec;
 use crate::compile;
 
 /// Seed 002's Example 1, verbatim but for the brokers and the group id.
-pub(crate) const EXAMPLE_1: &str = "CREATE TEMPORARY TABLE kafka_source (
-  id INT,
-  name STRING,
-  age INT
-) WITH (
-  'connector' = 'kafka',
-  'topic' = 'source',
-  'properties.bootstrap.servers' = '127.0.0.1:9092',
-  'properties.group.id' = 'example-1',
-  'format' = 'csv'
-);
-
-CREATE TEMPORARY TABLE kafka_sink (
-  id INT,
-  name STRING,
-  age INT
-) WITH (
-  'connector' = 'kafka',
-  'topic' = 'sink',
-  'properties.bootstrap.servers' = '127.0.0.1:9092',
-  'properties.group.id' = 'example-1',
-  'format' = 'csv'
-);
-
-INSERT INTO kafka_sink SELECT id, name, age FROM kafka_source;
-";
+fn example_1() -> String {
+    include_str!("../testdata/seed-002-example-1.sql")
+        .replace("<yourKafkaBrokers>", "127.0.0.1:9092")
+        .replace("<yourKafkaConsumerGroupId>", "example-1")
+}
 
 fn refused(sql: &str) -> Result<String> {
     match compile(sql, "job") {
@@ -60,7 +39,7 @@ const SINK: &str = "CREATE TABLE dst (id BIGINT, name STRING) WITH ('connector' 
 /// options, the SELECT list named after the sink's columns, and the job named after the file.
 #[test]
 fn example_1_maps_tables_onto_a_source_and_a_sink() -> Result<()> {
-    let c = compile(EXAMPLE_1, "example-1")?;
+    let c = compile(&example_1(), "example-1")?;
     let spec = &c.spec;
     assert_eq!(spec.name, "example-1");
     assert_eq!(spec.parallelism, 1);

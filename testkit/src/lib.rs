@@ -447,6 +447,23 @@ impl TopicReader {
     }
 }
 
+/// Reads exactly `n` records from `topic` (each value as text), waiting up to `timeout` for
+/// them, and checks that no further record follows (a second reader finds no `n + 1`-th within
+/// 3 s: a duplicate written later than that is not caught here).
+pub fn read_exactly(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let records = consume_all(bootstrap, topic, &unique_topic("reader"), n, timeout)?;
+    let more = consume_all(bootstrap, topic, &unique_topic("reader"), n + 1, Duration::from_secs(3));
+    if more.is_ok() {
+        bail!("{topic} holds more than {n} records");
+    }
+    Ok(records.iter().map(|r| r.value_str()).collect())
+}
+
 /// Commits `offset` for `group` on every partition of `topic`, as a consumer group that has read
 /// up to there would have (a job started with `scan.startup.mode: group-offsets` resumes there).
 pub fn commit_offsets(bootstrap: &str, group: &str, topic: &str, offset: i64) -> anyhow::Result<()> {

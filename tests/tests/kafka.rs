@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_testkit::{
-    add_partitions, committed_offsets, consume_all, create_topic, group_offsets_by_kafka_admin, produce,
+    add_partitions, committed_offsets, create_topic, group_offsets_by_kafka_admin, produce, read_exactly,
     unique_topic, Kafka, Produce,
 };
 use keel_tests::{wait_until, Ha, Sandbox};
@@ -18,14 +18,6 @@ fn cluster(test: &str) -> anyhow::Result<Sandbox> {
     sb.start("jobmanager", "jm", &[])?;
     sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=2".into()])?;
     Ok(sb)
-}
-
-/// Reads exactly `n` records from `topic` and checks that no further record follows.
-fn read_exactly(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<Vec<String>> {
-    let records = consume_all(bootstrap, topic, &unique_topic("reader"), n, LONG)?;
-    let more = consume_all(bootstrap, topic, &unique_topic("reader"), n + 1, Duration::from_secs(3));
-    assert!(more.is_err(), "{topic} holds more than {n} records");
-    Ok(records.iter().map(|r| r.value_str()).collect())
 }
 
 /// Seed 002's first example: CSV rows `id,name,age` from topic `source` to topic `sink` through a
@@ -72,7 +64,7 @@ sinks:
     );
     sb.run_spec("csv-copy", &spec, &[])?;
 
-    let mut output = read_exactly(&bootstrap, &sink, input.len())?;
+    let mut output = read_exactly(&bootstrap, &sink, input.len(), LONG)?;
     let mut expected = input.clone();
     output.sort();
     expected.sort();
@@ -124,7 +116,7 @@ sinks:
 "#
     );
     let path = sb.run_spec("numbers", &spec, &[])?;
-    read_exactly(&bootstrap, &output, 300)?;
+    read_exactly(&bootstrap, &output, 300, LONG)?;
     // A checkpoint triggered after all 300 came out holds the end offsets.
     let after = sb.status("numbers")?["checkpoints"]
         .as_array()
@@ -152,7 +144,7 @@ sinks:
     let run = sb.keel(&["run", "--restore", path.to_str().unwrap_or_default()])?;
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 
-    let out = read_exactly(&bootstrap, &output, 600)?;
+    let out = read_exactly(&bootstrap, &output, 600, LONG)?;
     let mut numbers: Vec<u64> = out.iter().map(|v| v.parse()).collect::<Result<_, _>>()?;
     numbers.sort_unstable();
     assert_eq!(numbers, (0..600).collect::<Vec<u64>>(), "every number exactly once");
@@ -180,7 +172,7 @@ fn offsets_are_not_committed_without_a_checkpoint() -> anyhow::Result<()> {
         "name: nocommit\nsources:\n  - {{name: in, connector: kafka, topic: {input}, properties.bootstrap.servers: '{bootstrap}', properties.group.id: {group}, scan.startup.mode: earliest-offset}}\nsinks:\n  - {{name: out, connector: kafka, topic: {output}, properties.bootstrap.servers: '{bootstrap}'}}\n"
     );
     sb.run_spec("nocommit", &spec, &[])?;
-    read_exactly(&bootstrap, &output, 50)?;
+    read_exactly(&bootstrap, &output, 50, LONG)?;
     let committed = committed_offsets(&bootstrap, &group, &input)?;
     assert_eq!(committed, BTreeMap::from([(0, None)]), "nothing committed without a checkpoint");
     Ok(())
@@ -229,7 +221,7 @@ sinks:
         )
     };
     sb.run_spec("skip", &spec("skip", &skip_out, true), &[])?;
-    let mut out = read_exactly(&bootstrap, &skip_out, 2)?;
+    let mut out = read_exactly(&bootstrap, &skip_out, 2, LONG)?;
     out.sort();
     assert_eq!(out, vec!["1,a".to_string(), "3,c".to_string()]);
 
@@ -299,7 +291,7 @@ sinks:
 "#
     );
     sb.run_spec("discovery", &spec, &[])?;
-    read_exactly(&bootstrap, &output, 10)?;
+    read_exactly(&bootstrap, &output, 10, LONG)?;
     let attempt = sb.status("discovery")?["tasks"][0]["attempt"].clone();
 
     create_topic(&bootstrap, &second, 1)?;
@@ -308,7 +300,7 @@ sinks:
         &second,
         (10..20).map(|n| Produce { value: n.to_string(), ..Produce::default() }).collect(),
     )?;
-    let out = read_exactly(&bootstrap, &output, 20)?;
+    let out = read_exactly(&bootstrap, &output, 20, LONG)?;
     let mut numbers: Vec<u64> = out.iter().map(|v| v.parse()).collect::<Result<_, _>>()?;
     numbers.sort_unstable();
     assert_eq!(numbers, (0..20).collect::<Vec<u64>>());
@@ -357,7 +349,7 @@ sinks:
 "#
     );
     sb.run_spec("grow", &spec, &[])?;
-    read_exactly(&bootstrap, &output, 20)?;
+    read_exactly(&bootstrap, &output, 20, LONG)?;
     let attempts = |s: &serde_json::Value| -> Vec<serde_json::Value> {
         s["tasks"].as_array().map(|ts| ts.iter().map(|t| t["attempt"].clone()).collect()).unwrap_or_default()
     };
@@ -366,7 +358,7 @@ sinks:
     add_partitions(&bootstrap, &input, 3)?;
     // Produced at once, before discovery can have seen the partition: read from earliest.
     produce(&bootstrap, &input, to(2, 1000..1050))?;
-    let out = read_exactly(&bootstrap, &output, 70)?;
+    let out = read_exactly(&bootstrap, &output, 70, LONG)?;
     let mut new: Vec<u64> = out.iter().filter_map(|v| v.parse().ok()).filter(|n| *n >= 1000).collect();
     new.sort_unstable();
     assert_eq!(new, (1000..1050).collect::<Vec<u64>>(), "the new partition, from its first record, once");

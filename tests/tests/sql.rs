@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_testkit::{
-    commit_offsets, consume_all, create_topic, produce, unique_topic, Kafka, Produce, TopicReader,
+    commit_offsets, consume_all, create_topic, produce, read_exactly, unique_topic, Kafka, Produce,
+    TopicReader,
 };
 use keel_tests::{wait_until, Ha, Sandbox};
 
@@ -24,40 +25,7 @@ fn cluster(test: &str, slots: u32) -> anyhow::Result<Sandbox> {
 
 /// Seed 002's Example 1 as its users write it; `<yourKafkaBrokers>` and
 /// `<yourKafkaConsumerGroupId>` are the only things a test substitutes.
-const EXAMPLE_1: &str = "CREATE TEMPORARY TABLE kafka_source (
-  id INT,
-  name STRING,
-  age INT
-) WITH (
-  'connector' = 'kafka',
-  'topic' = 'source',
-  'properties.bootstrap.servers' = '<yourKafkaBrokers>',
-  'properties.group.id' = '<yourKafkaConsumerGroupId>',
-  'format' = 'csv'
-);
-
-CREATE TEMPORARY TABLE kafka_sink (
-  id INT,
-  name STRING,
-  age INT
-) WITH (
-  'connector' = 'kafka',
-  'topic' = 'sink',
-  'properties.bootstrap.servers' = '<yourKafkaBrokers>',
-  'properties.group.id' = '<yourKafkaConsumerGroupId>',
-  'format' = 'csv'
-);
-
-INSERT INTO kafka_sink SELECT id, name, age FROM kafka_source;
-";
-
-/// Reads exactly `n` records from `topic` and checks that no further record follows.
-fn read_exactly(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<Vec<String>> {
-    let records = consume_all(bootstrap, topic, &unique_topic("reader"), n, LONG)?;
-    let more = consume_all(bootstrap, topic, &unique_topic("reader"), n + 1, Duration::from_secs(3));
-    assert!(more.is_err(), "{topic} holds more than {n} records");
-    Ok(records.iter().map(|r| r.value_str()).collect())
-}
+const EXAMPLE_1: &str = include_str!("../../sql/testdata/seed-002-example-1.sql");
 
 /// Seed 002's Example 1, verbatim but for the brokers and the group id, run with `keel run
 /// example-1.sql` on a cluster: CSV rows from topic `source` to topic `sink`. The example sets no
@@ -86,7 +54,7 @@ fn seed_example_1_runs_verbatim_and_its_output_equals_its_input() -> anyhow::Res
     let status = sb.status("example-1")?;
     assert_eq!(status["job"]["state"], "running", "the job is named after the file: {status}");
 
-    let mut output = read_exactly(&bootstrap, "sink", input.len())?;
+    let mut output = read_exactly(&bootstrap, "sink", input.len(), LONG)?;
     let mut expected = input;
     output.sort();
     expected.sort();
