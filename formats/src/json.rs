@@ -517,27 +517,43 @@ pub(crate) fn encode(
         let Some(col) = cols.get(f.index) else {
             return Err(FieldError::new(&f.name, "the batch has no such column"));
         };
-        let null = col.is_null(row);
-        if null && opts.encode_ignore_null_fields {
-            continue;
-        }
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        write_str(out, &f.name);
-        out.push(b':');
-        if null {
-            out.extend_from_slice(b"null");
-            continue;
-        }
-        write_value(&f.data_type, col, row, opts, scratch, out).map_err(|e| {
-            let column = if e.path.is_empty() { f.name.clone() } else { format!("{}.{}", f.name, e.path) };
-            FieldError { column, reason: e.reason.unwrap_or_default() }
-        })?;
+        write_member(&f.name, &f.data_type, col, row, opts, scratch, out, &mut first)
+            .map_err(|e| FieldError { column: e.path, reason: e.reason.unwrap_or_default() })?;
     }
     out.push(b'}');
     Ok(())
+}
+
+/// Appends `"name":value` of `col` at `row` to an object being written (a comma first unless
+/// `first`), or nothing for a null with `json.encode.ignore-null-fields`. The payload's top
+/// level and a ROW's object both write their members through here; an error's path starts at
+/// `name`.
+#[allow(clippy::too_many_arguments)] // the encoder's state, passed down as write_value takes it
+fn write_member(
+    name: &str,
+    ty: &DataType,
+    col: &ColRef<'_>,
+    row: usize,
+    opts: &JsonOptions,
+    scratch: &mut String,
+    out: &mut Vec<u8>,
+    first: &mut bool,
+) -> Result<(), Fail> {
+    let null = col.is_null(row);
+    if null && opts.encode_ignore_null_fields {
+        return Ok(());
+    }
+    if !*first {
+        out.push(b',');
+    }
+    *first = false;
+    write_str(out, name);
+    out.push(b':');
+    if null {
+        out.extend_from_slice(b"null");
+        return Ok(());
+    }
+    write_value(ty, col, row, opts, scratch, out).map_err(|e| e.inside(name))
 }
 
 /// Appends the (non-null) ROW at `row` of `col`, a column of type `ty`, as a JSON object
@@ -602,22 +618,7 @@ fn write_value(
                     return Err(Fail::from("the ROW value has no such field".to_string()).inside(&f.name));
                 };
                 let child = ColRef::of(child.as_ref());
-                let null = child.is_null(row);
-                if null && opts.encode_ignore_null_fields {
-                    continue;
-                }
-                if !first {
-                    out.push(b',');
-                }
-                first = false;
-                write_str(out, &f.name);
-                out.push(b':');
-                if null {
-                    out.extend_from_slice(b"null");
-                } else {
-                    write_value(&f.data_type, &child, row, opts, scratch, out)
-                        .map_err(|e| e.inside(&f.name))?;
-                }
+                write_member(&f.name, &f.data_type, &child, row, opts, scratch, out, &mut first)?;
             }
             out.push(b'}');
         }
