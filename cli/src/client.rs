@@ -54,6 +54,10 @@ fn describe_ha(config: &Config) -> String {
         HaBackend::Etcd { endpoints, .. } => {
             format!("etcd {} (cluster {})", endpoints.join(","), config.ha.cluster_id)
         }
+        HaBackend::Raft { members, .. } => {
+            let members: Vec<String> = members.iter().map(|(id, a)| format!("{id}={a}")).collect();
+            format!("raft members {} (cluster {})", members.join(","), config.ha.cluster_id)
+        }
     }
 }
 

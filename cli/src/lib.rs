@@ -32,6 +32,7 @@ pub enum RoleCmd {
     ResourceManager,
     JobManager,
     TaskManager,
+    HaMember,
 }
 
 /// The global flags of one invocation.
@@ -118,6 +119,39 @@ fn limit_malloc_arenas(arenas: u32) {
     tracing::debug!(arenas, "taskmanager.memory.malloc-arenas applies to glibc's allocator only");
 }
 
+/// `keel ha-member`: one member of the Raft HA store, listening on its own address from
+/// `high-availability.raft.members`; prints `keel ha-member listening on <address>` when bound.
+async fn run_ha_member(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let keel_config::HaBackend::Raft { members, member_id, storage_dir, .. } = &config.ha.backend else {
+        anyhow::bail!(
+            "keel ha-member runs a member of the raft HA backend: set high-availability.type: raft"
+        );
+    };
+    let Some(id) = *member_id else {
+        anyhow::bail!("keel ha-member needs high-availability.raft.member-id (one of the ids in high-availability.raft.members)");
+    };
+    let address = members
+        .iter()
+        .find(|(m, _)| *m == id)
+        .map(|(_, a)| a.clone())
+        .with_context(|| format!("member {id} is not in high-availability.raft.members"))?;
+    let (host, port) = address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .with_context(|| format!("member {id}: address {address} is not host:port"))?;
+    let (incoming, bound) = keel_client::bind(&host, port).await?;
+    println!("keel ha-member listening on {bound}");
+    let settings = keel_ha::raft::MemberSettings {
+        id,
+        members: members.iter().cloned().collect(),
+        dir: storage_dir.join(format!("raft-{id}")),
+        timing: keel_ha::raft::Timing::default(),
+    };
+    tracing::info!(member = id, %bound, dir = %settings.dir.display(), "ha-member started");
+    keel_ha::raft::member::run(settings, incoming, shutdown).await?;
+    Ok(())
+}
+
 impl Session {
     pub fn load_config(&self) -> anyhow::Result<Config> {
         Ok(Config::load(&ConfigSources::from_process(self.config_file.clone(), self.set.clone()))?)
@@ -134,11 +168,17 @@ impl Session {
         runtime()?.block_on(async move {
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
+            if let RoleCmd::HaMember = role {
+                run_ha_member(&config, shutdown).await?;
+                tracing::info!("stopped");
+                return Ok(());
+            }
             let ha = keel_ha::connect(&config.ha).await?;
             match role {
                 RoleCmd::ResourceManager => keel_resourcemanager::run(config, ha, shutdown).await?,
                 RoleCmd::JobManager => keel_jobmanager::run(config, ha, shutdown).await?,
                 RoleCmd::TaskManager => keel_taskmanager::run(config, ha, shutdown).await?,
+                RoleCmd::HaMember => {}
             }
             tracing::info!("stopped");
             Ok(())

@@ -44,6 +44,9 @@ enum Command {
     Jobmanager,
     /// Run a TaskManager.
     Taskmanager,
+    /// Run a member of the embedded Raft HA store (`high-availability.type: raft`), the one
+    /// `high-availability.raft.member-id` names.
+    HaMember,
     /// Submit a job spec (YAML, or a Flink SQL script ending in `.sql`) and wait until it runs.
     Run {
         file: PathBuf,
@@ -178,6 +181,7 @@ fn main() -> ExitCode {
         Command::Resourcemanager => session.role(keel::RoleCmd::ResourceManager),
         Command::Jobmanager => session.role(keel::RoleCmd::JobManager),
         Command::Taskmanager => session.role(keel::RoleCmd::TaskManager),
+        Command::HaMember => session.role(keel::RoleCmd::HaMember),
         Command::Run { file, dry_run: true, .. } => keel::spec_file::explain(&file, false),
         Command::Explain { file, yaml } => keel::spec_file::explain(&file, yaml),
         Command::Run {

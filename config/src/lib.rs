@@ -63,11 +63,15 @@ pub fn env_var_for(key: &str) -> String {
 
 /// Every key Keel knows.
 pub const KEYS: &[KeyInfo] = &[
-    KeyInfo { key: "high-availability.type", default: "local", help: "HA backend: `local` (lock files on one host) or `etcd`" },
+    KeyInfo { key: "high-availability.type", default: "local", help: "HA backend: `local` (lock files on one host), `etcd`, or `raft` (embedded members, no other server)" },
     KeyInfo { key: "high-availability.storageDir", default: "/tmp/keel/ha", help: "directory of the local HA backend (lock files, metadata)" },
     KeyInfo { key: "high-availability.cluster-id", default: "default", help: "name of the cluster; separates clusters sharing one etcd or storage dir" },
     KeyInfo { key: "high-availability.etcd.endpoints", default: "127.0.0.1:2379", help: "comma-separated etcd client endpoints (host:port)" },
     KeyInfo { key: "high-availability.etcd.lease-ttl", default: "3 s", help: "TTL of a leader's etcd lease; a dead leader is replaced after about this long" },
+    KeyInfo { key: "high-availability.raft.members", default: "", help: "the Raft members of `high-availability.type: raft`, comma-separated `id=host:port` (3 or 5; each runs `keel ha-member`)" },
+    KeyInfo { key: "high-availability.raft.member-id", default: "", help: "which of the Raft members this `keel ha-member` process is (its id); its data goes under `high-availability.storageDir`/raft-<id>" },
+    KeyInfo { key: "high-availability.raft.lease-ttl", default: "3 s", help: "TTL of a leader's session in the Raft store; a dead leader is replaced after about this long" },
+    KeyInfo { key: "high-availability.raft.connect-timeout", default: "5 s", help: "how long to wait for a Raft leader to answer before failing with an error naming the members" },
     KeyInfo { key: "high-availability.etcd.connect-timeout", default: "5 s", help: "how long to wait for etcd before failing with an error naming the endpoints" },
     KeyInfo { key: "heartbeat.interval", default: "1 s", help: "how often TaskManagers send heartbeats" },
     KeyInfo { key: "heartbeat.timeout", default: "5 s", help: "a TaskManager without heartbeat for this long is declared lost" },
@@ -110,8 +114,59 @@ fn key_info(key: &str) -> Option<&'static KeyInfo> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HaBackend {
-    Local { storage_dir: PathBuf },
-    Etcd { endpoints: Vec<String>, lease_ttl: Duration, connect_timeout: Duration },
+    Local {
+        storage_dir: PathBuf,
+    },
+    Etcd {
+        endpoints: Vec<String>,
+        lease_ttl: Duration,
+        connect_timeout: Duration,
+    },
+    Raft {
+        /// Every member: (id, host:port), sorted by id.
+        members: Vec<(u64, String)>,
+        /// This process's member id (`keel ha-member` only).
+        member_id: Option<u64>,
+        /// Where a member keeps its data (under `raft-<id>`).
+        storage_dir: PathBuf,
+        lease_ttl: Duration,
+        connect_timeout: Duration,
+    },
+}
+
+/// Parses `high-availability.raft.members`: comma-separated `id=host:port`, ids unique and
+/// greater than zero.
+pub fn parse_raft_members(text: &str) -> std::result::Result<Vec<(u64, String)>, String> {
+    let mut members: Vec<(u64, String)> = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((id, address)) = item.split_once('=') else {
+            return Err(format!("member {item:?} is not `id=host:port`"));
+        };
+        let id: u64 =
+            id.trim().parse().map_err(|_| format!("member {item:?}: id {:?} is not a number", id.trim()))?;
+        if id == 0 {
+            return Err(format!("member {item:?}: ids start at 1"));
+        }
+        let address = address.trim();
+        let port_ok = address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!("member {item:?}: address {address:?} is not host:port"));
+        }
+        if members.iter().any(|(other, _)| *other == id) {
+            return Err(format!("member id {id} is named twice"));
+        }
+        if members.iter().any(|(_, other)| other == address) {
+            return Err(format!("address {address} is named twice"));
+        }
+        members.push((id, address.to_string()));
+    }
+    if members.is_empty() {
+        return Err("at least one member is needed (3 or 5 to survive the loss of one or two)".into());
+    }
+    members.sort();
+    Ok(members)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,10 +349,36 @@ impl Config {
                     connect_timeout: duration("high-availability.etcd.connect-timeout")?,
                 }
             }
+            "raft" => {
+                let members = parse_raft_members(&string("high-availability.raft.members"))
+                    .map_err(|reason| invalid("high-availability.raft.members", reason))?;
+                let id = string("high-availability.raft.member-id");
+                let member_id = if id.is_empty() {
+                    None
+                } else {
+                    let id: u64 = id.parse().map_err(|_| {
+                        invalid("high-availability.raft.member-id", format!("{id:?} is not a member id"))
+                    })?;
+                    if !members.iter().any(|(m, _)| *m == id) {
+                        return Err(invalid(
+                            "high-availability.raft.member-id",
+                            format!("{id} is not among high-availability.raft.members"),
+                        ));
+                    }
+                    Some(id)
+                };
+                HaBackend::Raft {
+                    members,
+                    member_id,
+                    storage_dir: PathBuf::from(string("high-availability.storageDir")),
+                    lease_ttl: duration("high-availability.raft.lease-ttl")?,
+                    connect_timeout: duration("high-availability.raft.connect-timeout")?,
+                }
+            }
             other => {
                 return Err(invalid(
                     "high-availability.type",
-                    format!("unknown backend {other:?}; expected `local` or `etcd`"),
+                    format!("unknown backend {other:?}; expected `local`, `etcd` or `raft`"),
                 ))
             }
         };

@@ -1,8 +1,10 @@
 //! HA services: leader election, leader discovery and fenced metadata, behind one interface.
 //!
 //! Layout:
-//! - [`HaServices`]: the interface every role uses. Two real backends implement it:
+//! - [`HaServices`]: the interface every role uses. Three real backends implement it:
 //!   - [`etcd::EtcdHaServices`]: leases + transactions on etcd, for clusters of several machines;
+//!   - [`raft::RaftHaServices`]: the same on Keel's own replicated store, a Raft group (tikv's
+//!     raft-rs) of `keel ha-member` processes, for clusters of several machines without etcd;
 //!   - [`local::LocalHaServices`]: a lock file per role held by the leader process (the kernel
 //!     drops it when the process dies) and metadata as atomically replaced files, for one host.
 //!
@@ -29,6 +31,7 @@ mod keys;
 pub mod leadership;
 pub mod local;
 pub mod memory;
+pub mod raft;
 pub mod stores;
 
 use std::sync::Arc;
@@ -44,7 +47,8 @@ pub use leadership::{lease_deadline, safety_margin, Leadership, LeaseInstant};
 pub use stores::{CheckpointPointerStore, Counter, JobStore};
 
 /// The roles that elect a leader. TaskManagers are all equal and do not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     ResourceManager,
     JobManager,
@@ -155,7 +159,7 @@ pub async fn run_for_leadership<F, Fut>(
 }
 
 /// Builds the HA services the configuration asks for. Fails with an error naming the etcd
-/// endpoints when none can be reached within the connect timeout.
+/// endpoints (or the Raft members) when none can be reached within the connect timeout.
 pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaServices>> {
     match &config.backend {
         keel_config::HaBackend::Local { storage_dir } => {
@@ -165,6 +169,13 @@ pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaService
             etcd::EtcdHaServices::connect(endpoints, &config.cluster_id, *lease_ttl, *connect_timeout)
                 .await?,
         )),
+        keel_config::HaBackend::Raft { members, lease_ttl, connect_timeout, .. } => {
+            let addresses: Vec<String> = members.iter().map(|(_, a)| a.clone()).collect();
+            Ok(Arc::new(
+                raft::RaftHaServices::connect(&addresses, &config.cluster_id, *lease_ttl, *connect_timeout)
+                    .await?,
+            ))
+        }
     }
 }
 

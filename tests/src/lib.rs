@@ -4,6 +4,8 @@
 //! - [`Sandbox`]: a directory of its own, a config file, and every process a test starts; all
 //!   of them are killed when the sandbox is dropped. Ports come from binding `127.0.0.1:0`.
 //! - [`EtcdCluster`]: one or three real etcd members on loopback.
+//! - [`RaftCluster`]: `keel ha-member` processes, the members of the `raft` HA backend.
+//! - [`Backend`] and [`on_backends!`]: one HA test body run on local, etcd and raft.
 //! - [`KeelProc`]: one `keel` role process, with its address and log.
 //! - [`wait_until`]: polls a condition with a timeout and a message saying what was awaited.
 //!
@@ -217,10 +219,197 @@ impl EtcdCluster {
     }
 }
 
+/// `keel ha-member` processes on loopback: the members of the `raft` HA backend.
+pub struct RaftCluster {
+    pub members: Vec<Option<Proc>>,
+    ports: Vec<u16>,
+    config: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl RaftCluster {
+    /// Starts `size` members on free ports and waits until the group has a leader. A member
+    /// whose port another process took meanwhile exits at once: then the whole group is started
+    /// again on other ports, up to three times.
+    pub fn start(dir: &Path, size: usize) -> anyhow::Result<RaftCluster> {
+        let mut last_error = None;
+        for attempt in 0..3 {
+            let dir = dir.join(format!("try{attempt}"));
+            std::fs::create_dir_all(&dir)?;
+            let ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+            let config = dir.join("members.yaml");
+            let mut cluster = RaftCluster { members: Vec::new(), ports, config, dir };
+            std::fs::write(
+                &cluster.config,
+                format!(
+                    "high-availability.type: raft\nhigh-availability.raft.members: \"{}\"\nhigh-availability.storageDir: {}\n",
+                    cluster.members_setting(),
+                    cluster.dir.join("data").display()
+                ),
+            )?;
+            let started: anyhow::Result<()> = (|| {
+                for i in 0..size {
+                    let p = cluster.spawn(i)?;
+                    cluster.members.push(Some(p));
+                }
+                cluster.wait_for_leader(Duration::from_secs(30)).map(|_| ())
+            })();
+            match started {
+                Ok(()) => return Ok(cluster),
+                Err(e) => {
+                    eprintln!("raft members (try {attempt}) did not elect a leader, starting again on other ports: {e:#}");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("raft members did not start")))
+    }
+
+    /// `high-availability.raft.members` for these members (ids from 1).
+    pub fn members_setting(&self) -> String {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The address of member `i` (0-based; its id is `i + 1`).
+    pub fn address(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    fn spawn(&self, i: usize) -> anyhow::Result<Proc> {
+        let name = format!("member{}", i + 1);
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = Command::new(keel_bin())
+            .arg("ha-member")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--set")
+            .arg(format!("high-availability.raft.member-id={}", i + 1))
+            .env("KEEL_LOG", "info,keel=debug,raft=info,h2=warn,tower=warn,hyper=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .context("cannot start keel ha-member")?;
+        Ok(Proc { name, child, log })
+    }
+
+    /// Member `i`'s view of the group (its `MemberStatus`).
+    pub fn status(&self, i: usize) -> anyhow::Result<keel_proto::pb::HaMemberStatusResponse> {
+        let address = self.address(i);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2));
+            let channel = endpoint.connect().await?;
+            let mut client = keel_proto::pb::ha_member_client::HaMemberClient::new(channel);
+            Ok(client.member_status(keel_proto::pb::HaMemberStatusRequest {}).await?.into_inner())
+        })
+    }
+
+    /// The member that leads the group, as a running member that calls itself leader says.
+    pub fn leader(&mut self) -> Option<usize> {
+        (0..self.ports.len()).find(|&i| {
+            self.members[i].as_mut().is_some_and(|p| p.is_running())
+                && self.status(i).is_ok_and(|s| s.state == "leader")
+        })
+    }
+
+    /// Waits until some member leads the group; returns it.
+    pub fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<usize> {
+        wait_until("a raft member to lead", timeout, || {
+            for (i, m) in self.members.iter_mut().enumerate() {
+                if let Some(p) = m {
+                    if !p.is_running() {
+                        bail!("raft member {} exited; log:\n{}", i + 1, p.log_text());
+                    }
+                }
+            }
+            Ok(self.leader())
+        })
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts member `i` again (after a kill) on its port and data.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i);
+        let p = self.spawn(i)?;
+        self.members[i] = Some(p);
+        Ok(())
+    }
+
+    /// SIGSTOP / SIGCONT of member `i`.
+    pub fn pause(&self, i: usize) -> anyhow::Result<()> {
+        self.members[i].as_ref().ok_or_else(|| anyhow!("member {} is not running", i + 1))?.signal("STOP")
+    }
+
+    pub fn resume(&self, i: usize) -> anyhow::Result<()> {
+        self.members[i].as_ref().ok_or_else(|| anyhow!("member {} is not running", i + 1))?.signal("CONT")
+    }
+}
+
 /// Which HA backend a sandbox uses.
 pub enum Ha {
     Local,
     Etcd(String),
+    /// `high-availability.raft.members`.
+    Raft(String),
+}
+
+/// The HA backends the HA tests run on (see [`on_backends`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    Etcd,
+    Raft,
+}
+
+impl Backend {
+    /// The key of the leader lease TTL (`None`: the local backend has no lease).
+    pub fn lease_ttl_key(self) -> Option<&'static str> {
+        match self {
+            Backend::Local => None,
+            Backend::Etcd => Some("high-availability.etcd.lease-ttl"),
+            Backend::Raft => Some("high-availability.raft.lease-ttl"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Local => "local",
+            Backend::Etcd => "etcd",
+            Backend::Raft => "raft",
+        }
+    }
+}
+
+/// Runs one HA test body on several backends: `on_backends!(name, body, [Local, Etcd, Raft]);`
+/// makes the tests `name::local`, `name::etcd` and `name::raft`, each calling
+/// `body(Backend::X)`.
+#[macro_export]
+macro_rules! on_backends {
+    ($name:ident, $body:ident, [$($backend:ident),+ $(,)?]) => {
+        mod $name {
+            $(
+                #[test]
+                #[allow(non_snake_case)]
+                fn $backend() -> anyhow::Result<()> {
+                    super::$body($crate::Backend::$backend)
+                }
+            )+
+        }
+    };
 }
 
 /// A `keel` role process with its address.
@@ -236,6 +425,7 @@ pub struct Sandbox {
     pub config: PathBuf,
     pub procs: Vec<KeelProc>,
     pub etcd: Option<EtcdCluster>,
+    pub raft: Option<RaftCluster>,
 }
 
 impl Sandbox {
@@ -268,6 +458,10 @@ impl Sandbox {
                 lines.push("high-availability.type: etcd".into());
                 lines.push(format!("high-availability.etcd.endpoints: \"{endpoints}\""));
             }
+            Ha::Raft(members) => {
+                lines.push("high-availability.type: raft".into());
+                lines.push(format!("high-availability.raft.members: \"{members}\""));
+            }
         }
         for (k, v) in settings {
             lines.retain(|l| !l.starts_with(&format!("{k}:")));
@@ -276,7 +470,32 @@ impl Sandbox {
         let config = dir.join("keel.yaml");
         let mut f = std::fs::File::create(&config)?;
         writeln!(f, "{}", lines.join("\n"))?;
-        Ok(Sandbox { dir, config, procs: Vec::new(), etcd: None })
+        Ok(Sandbox { dir, config, procs: Vec::new(), etcd: None, raft: None })
+    }
+
+    /// A sandbox on `backend`: three etcd members or three Raft members of its own for etcd and
+    /// raft. `settings` may name `lease-ttl` for either with [`Backend::lease_ttl_key`].
+    pub fn on(backend: Backend, test: &str, settings: &[(&str, &str)]) -> anyhow::Result<Sandbox> {
+        let test = format!("{test}-{}", backend.name());
+        match backend {
+            Backend::Local => Sandbox::new(&test, Ha::Local, settings),
+            Backend::Etcd => Sandbox::with_etcd(&test, 3, settings),
+            Backend::Raft => Sandbox::with_raft(&test, 3, settings),
+        }
+    }
+
+    /// A sandbox on a fresh group of `members` Raft members (`keel ha-member` processes).
+    pub fn with_raft(test: &str, members: usize, settings: &[(&str, &str)]) -> anyhow::Result<Sandbox> {
+        let raft_dir = std::env::temp_dir().join(format!(
+            "keel-test-{test}-raft-{}-{}",
+            std::process::id(),
+            SANDBOX_SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&raft_dir)?;
+        let raft = RaftCluster::start(&raft_dir, members)?;
+        let mut sb = Sandbox::new(test, Ha::Raft(raft.members_setting()), settings)?;
+        sb.raft = Some(raft);
+        Ok(sb)
     }
 
     /// A sandbox on a fresh etcd cluster of `members` members.
@@ -459,11 +678,20 @@ impl Drop for Sandbox {
         if failed {
             self.dump_logs();
         }
+        if failed {
+            if let Some(raft) = &self.raft {
+                for m in raft.members.iter().flatten() {
+                    eprintln!("===== raft {} =====\n{}", m.name, m.log_text());
+                }
+            }
+        }
         self.procs.clear();
         let etcd_dir = self.etcd.as_ref().map(|e| e.dir.clone());
+        let raft_dir = self.raft.as_ref().and_then(|r| r.dir.parent().map(Path::to_path_buf));
         self.etcd = None;
+        self.raft = None;
         if !failed && std::env::var_os("KEEL_TEST_KEEP").is_none() {
-            for dir in std::iter::once(self.dir.clone()).chain(etcd_dir) {
+            for dir in std::iter::once(self.dir.clone()).chain(etcd_dir).chain(raft_dir) {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }

@@ -1,8 +1,12 @@
-//! Leader failover of the JobManager and the ResourceManager, with real processes.
+//! Leader failover of the JobManager and the ResourceManager, with real processes, on each HA
+//! backend: local (lock files), etcd (3 members) and raft (3 `keel ha-member` processes), with a
+//! lease TTL of 3 s where there is a lease.
 
 use std::time::{Duration, Instant};
 
-use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Ha, Sandbox};
+use keel_tests::{
+    datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, on_backends, wait_until, Backend, Sandbox,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -55,7 +59,7 @@ fn wait_for_job(
 /// keeps growing, and checkpoints complete again under the new leader (the adopted tasks
 /// answer its triggers and their acknowledgements are accepted). If adoption did not happen the
 /// tasks would carry a new attempt number. Returns the time from the kill to the adoption.
-fn jobmanager_failover(mut sb: Sandbox, backend: &str) -> anyhow::Result<Duration> {
+fn jobmanager_failover(mut sb: Sandbox, backend: Backend) -> anyhow::Result<Duration> {
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
@@ -114,29 +118,28 @@ fn jobmanager_failover(mut sb: Sandbox, backend: &str) -> anyhow::Result<Duratio
         "{after}"
     );
     println!(
-        "jobmanager takeover on {backend}: {} ms (kill -9 to the running tasks adopted by the new leader)",
+        "jobmanager takeover on {}: {} ms (kill -9 to the running tasks adopted by the new leader)",
+        backend.name(),
         takeover.as_millis()
     );
     Ok(takeover)
 }
 
-/// etcd (3 members on loopback, lease TTL 3 s): the standby JobManager takes over after the
-/// leader's lease expires and recovers the running job.
-#[test]
-fn jobmanager_leader_killed_on_etcd_standby_recovers_job() -> anyhow::Result<()> {
-    let sb = Sandbox::with_etcd("jm-failover-etcd", 3, &[("high-availability.etcd.lease-ttl", "3 s")])?;
-    jobmanager_failover(sb, "etcd (3 members, lease TTL 3 s)")?;
-    Ok(())
+/// A sandbox on `backend` with a lease TTL of 3 s (etcd, raft).
+fn sandbox(backend: Backend, test: &str) -> anyhow::Result<Sandbox> {
+    match backend.lease_ttl_key() {
+        Some(key) => Sandbox::on(backend, test, &[(key, "3 s")]),
+        None => Sandbox::on(backend, test, &[]),
+    }
 }
 
-/// local backend (lock files, two JobManagers on one host): the kernel releases the dead
-/// leader's lock and the standby takes over and recovers the running job.
-#[test]
-fn jobmanager_leader_killed_on_local_backend_standby_recovers_job() -> anyhow::Result<()> {
-    let sb = Sandbox::new("jm-failover-local", Ha::Local, &[])?;
-    jobmanager_failover(sb, "local")?;
+/// The standby JobManager takes over once the leader is gone (its lease expired on etcd and
+/// raft; the kernel released its lock file on local) and adopts the running job.
+fn jobmanager_leader_killed(backend: Backend) -> anyhow::Result<()> {
+    jobmanager_failover(sandbox(backend, "jm-failover")?, backend)?;
     Ok(())
 }
+on_backends!(jobmanager_leader_killed_standby_recovers_job, jobmanager_leader_killed, [Local, Etcd, Raft]);
 
 /// Kills the JobManager leader and, at the same moment, one of the two TaskManagers running
 /// the job's tasks (kill -9 both). Proves that a new leader does not adopt part of an attempt:
@@ -146,9 +149,8 @@ fn jobmanager_leader_killed_on_local_backend_standby_recovers_job() -> anyhow::R
 /// write beside its successor). Also prints how long the new leader took to decide: it restarts
 /// as soon as every TaskManager that holds a slot of the job has reported, not after waiting
 /// out three heartbeats.
-#[test]
-fn jobmanager_and_taskmanager_killed_together_job_restarts_without_partial_adoption() -> anyhow::Result<()> {
-    let mut sb = Sandbox::new("jm-tm-killed", Ha::Local, &[])?;
+fn jobmanager_and_taskmanager_killed(backend: Backend) -> anyhow::Result<()> {
+    let mut sb = sandbox(backend, "jm-tm-killed")?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
@@ -233,9 +235,8 @@ fn jobmanager_and_taskmanager_killed_together_job_restarts_without_partial_adopt
 /// re-register with the standby, whose slot table is rebuilt from their reports (the job's
 /// slots show as used), and the running job is not restarted (same attempt, no restart, output
 /// keeps growing).
-#[test]
-fn resourcemanager_leader_killed_taskmanagers_reregister_job_untouched() -> anyhow::Result<()> {
-    let mut sb = Sandbox::with_etcd("rm-failover", 1, &[("high-availability.etcd.lease-ttl", "3 s")])?;
+fn resourcemanager_leader_killed(backend: Backend) -> anyhow::Result<()> {
+    let mut sb = sandbox(backend, "rm-failover")?;
     sb.start("resourcemanager", "rm-a", &[])?;
     sb.start("resourcemanager", "rm-b", &[])?;
     sb.start("jobmanager", "jm", &[])?;
@@ -264,7 +265,8 @@ fn resourcemanager_leader_killed_taskmanagers_reregister_job_untouched() -> anyh
     })?;
     let takeover = killed_at.elapsed();
     println!(
-        "resourcemanager takeover (etcd, lease TTL 3 s): {} ms (kill -9 to slot table rebuilt)",
+        "resourcemanager takeover on {} (lease TTL 3 s where leased): {} ms (kill -9 to slot table rebuilt)",
+        backend.name(),
         takeover.as_millis()
     );
 
@@ -276,3 +278,13 @@ fn resourcemanager_leader_killed_taskmanagers_reregister_job_untouched() -> anyh
     assert_eq!(after["restarts"], 0);
     Ok(())
 }
+on_backends!(
+    jobmanager_and_taskmanager_killed_together_job_restarts_without_partial_adoption,
+    jobmanager_and_taskmanager_killed,
+    [Local, Etcd, Raft]
+);
+on_backends!(
+    resourcemanager_leader_killed_taskmanagers_reregister_job_untouched,
+    resourcemanager_leader_killed,
+    [Local, Etcd, Raft]
+);

@@ -1,4 +1,5 @@
-//! Fencing by leader epochs, checked against real processes over gRPC.
+//! Fencing by leader epochs, checked against real processes over gRPC, on each HA backend (local,
+//! etcd with 3 members, raft with 3 `keel ha-member` processes).
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,9 @@ use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::task_manager_client::TaskManagerClient;
 use keel_proto::pb::{self, LeaderStamp};
 use keel_proto::KeelError;
-use keel_tests::{datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, wait_until, Ha, Sandbox};
+use keel_tests::{
+    datagen_to_file_spec, lines_in, metrics_address, metrics_tasks, on_backends, wait_until, Backend, Sandbox,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -16,9 +19,8 @@ const LONG: Duration = Duration::from_secs(60);
 /// task of the new leader keeps running (it writes on after the refusal was answered) and the
 /// refused release frees no slot. A request that reaches the standby is refused with a typed
 /// `NotLeader` error carrying the leader's address.
-#[test]
-fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
-    let mut sb = Sandbox::new("fencing", Ha::Local, &[])?;
+fn deposed_jobmanager_epoch(backend: Backend) -> anyhow::Result<()> {
+    let mut sb = Sandbox::on(backend, "fencing", &[])?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
@@ -122,9 +124,8 @@ fn deposed_jobmanager_epoch_is_rejected_everywhere() -> anyhow::Result<()> {
 /// task and its tasks end (their series leave its `/metrics`, which happens when a task has
 /// ended, so the output stops), within 10 s; once the JobManager runs again the job is
 /// restarted in a new attempt and writes again.
-#[test]
-fn a_taskmanager_cut_off_from_the_jobmanager_stops_its_tasks() -> anyhow::Result<()> {
-    let mut sb = Sandbox::new("cut-off", Ha::Local, &[("heartbeat.timeout", "3 s")])?;
+fn taskmanager_cut_off(backend: Backend) -> anyhow::Result<()> {
+    let mut sb = Sandbox::on(backend, "cut-off", &[("heartbeat.timeout", "3 s")])?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm", &[])?;
     sb.start("taskmanager", "tm-1", &["taskmanager.numberOfTaskSlots=2".into()])?;
@@ -174,3 +175,9 @@ fn a_taskmanager_cut_off_from_the_jobmanager_stops_its_tasks() -> anyhow::Result
     println!("job restarted: {}", status["status_message"]);
     Ok(())
 }
+on_backends!(deposed_jobmanager_epoch_is_rejected_everywhere, deposed_jobmanager_epoch, [Local, Etcd, Raft]);
+on_backends!(
+    a_taskmanager_cut_off_from_the_jobmanager_stops_its_tasks,
+    taskmanager_cut_off,
+    [Local, Etcd, Raft]
+);
