@@ -46,14 +46,33 @@ pub fn client(address: &str) -> Result<HaMemberClient<tonic::transport::Channel>
     Ok(HaMemberClient::new(endpoint.connect_lazy()))
 }
 
+/// A test seam: while set, the member neither sends nor takes Raft messages and answers clients
+/// `Unavailable`, as a member cut off from the network.
+#[derive(Debug, Clone, Default)]
+pub struct Isolation(Arc<std::sync::atomic::AtomicBool>);
+
+impl Isolation {
+    pub fn set(&self, cut_off: bool) {
+        self.0.store(cut_off, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// The Ready loop's outbox: a queue per peer, drained by that peer's task.
 struct PeerQueues {
     peers: HashMap<u64, mpsc::Sender<Vec<Message>>>,
     node: NodeHandle,
+    isolation: Isolation,
 }
 
 impl Outbox for PeerQueues {
     fn send(&mut self, messages: Vec<Message>) {
+        if self.isolation.is_set() {
+            return;
+        }
         let mut by_peer: BTreeMap<u64, Vec<Message>> = BTreeMap::new();
         for m in messages {
             by_peer.entry(m.to).or_default().push(m);
@@ -117,6 +136,7 @@ async fn peer_loop(
 pub struct MemberService {
     node: NodeHandle,
     leaders: watch::Receiver<LeaderTable>,
+    isolation: Isolation,
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> std::result::Result<T, Status> {
@@ -131,6 +151,13 @@ fn reply(r: Result<Reply>) -> std::result::Result<Response<pb::HaReply>, Status>
 }
 
 impl MemberService {
+    fn reachable(&self) -> std::result::Result<(), Status> {
+        if self.isolation.is_set() {
+            return Err(KeelError::unavailable(&self.node.address, "cut off (test isolation)").into());
+        }
+        Ok(())
+    }
+
     async fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
             Ok(r) => r,
@@ -150,6 +177,7 @@ impl HaMember for MemberService {
         &self,
         request: Request<pb::RaftMessages>,
     ) -> std::result::Result<Response<pb::RaftMessagesAck>, Status> {
+        self.reachable()?;
         let request = request.into_inner();
         let mut messages = Vec::with_capacity(request.messages.len());
         for bytes in &request.messages {
@@ -168,6 +196,7 @@ impl HaMember for MemberService {
         &self,
         request: Request<pb::HaProposeRequest>,
     ) -> std::result::Result<Response<pb::HaReply>, Status> {
+        self.reachable()?;
         let command: Command = decode_json(&request.into_inner().command, "command")?;
         reply(self.bounded(self.node.propose(command)).await)
     }
@@ -176,6 +205,7 @@ impl HaMember for MemberService {
         &self,
         request: Request<pb::HaReadRequest>,
     ) -> std::result::Result<Response<pb::HaReply>, Status> {
+        self.reachable()?;
         let query: Query = decode_json(&request.into_inner().query, "query")?;
         reply(self.bounded(self.node.read(query)).await)
     }
@@ -186,6 +216,7 @@ impl HaMember for MemberService {
         &self,
         request: Request<pb::HaWatchLeaderRequest>,
     ) -> std::result::Result<Response<Self::WatchLeaderStream>, Status> {
+        self.reachable()?;
         let leader = request.into_inner().leader;
         let mut rx = self.leaders.clone();
         let stream = async_stream(move |tx| async move {
@@ -243,6 +274,8 @@ where
 pub struct Member {
     pub service: MemberService,
     pub node: NodeHandle,
+    /// Test seam: cuts the member off (see [`Isolation`]).
+    pub isolation: Isolation,
     /// How the Ready loop ended, once it has.
     done: tokio::sync::oneshot::Receiver<Result<()>>,
 }
@@ -264,7 +297,8 @@ impl Member {
             peers.insert(id, qtx);
             tokio::spawn(peer_loop(settings.id, id, address.clone(), qrx, handle.clone()));
         }
-        let outbox = PeerQueues { peers, node: handle.clone() };
+        let isolation = Isolation::default();
+        let outbox = PeerQueues { peers, node: handle.clone(), isolation: isolation.clone() };
         let id = settings.id;
         let (done_tx, done) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -277,7 +311,12 @@ impl Member {
                 let _ = done_tx.send(r);
             })
             .map_err(|e| KeelError::internal(format!("cannot start the raft thread: {e}")))?;
-        Ok(Member { service: MemberService { node: handle.clone(), leaders }, node: handle, done })
+        Ok(Member {
+            service: MemberService { node: handle.clone(), leaders, isolation: isolation.clone() },
+            node: handle,
+            isolation,
+            done,
+        })
     }
 
     pub fn server(&self) -> HaMemberServer<MemberService> {

@@ -21,6 +21,8 @@ pub mod machine;
 pub mod member;
 pub mod node;
 pub mod storage;
+#[cfg(test)]
+mod tests;
 
 pub use client::RaftHaServices;
 pub use member::{Member, MemberService};

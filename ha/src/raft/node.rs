@@ -331,6 +331,15 @@ impl Node {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
+        if !self.raw.raft.commit_to_current_term() {
+            // raft-rs drops a read-index request silently until the leader has committed an
+            // entry of its own term (moments after it is elected): refuse it instead.
+            let _ = reply.send(Err(KeelError::unavailable(
+                self.address(),
+                "this raft member was just elected and serves reads once its first entry commits",
+            )));
+            return;
+        }
         let id = self.request_id();
         self.reads.insert(id, (query, reply));
         self.raw.read_index(context(self.incarnation, id));

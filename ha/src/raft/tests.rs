@@ -1,0 +1,339 @@
+//! The Raft backend end to end inside one test process: three members with their gRPC services
+//! on loopback, their data in temporary directories, and [`RaftHaServices`] clients, under
+//! member faults (a member stopped and started again from its directory, a member cut off).
+//! Real time, real sockets, real fsyncs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keel_proto::{KeelError, Result};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::member::Member;
+use super::node::{MemberSettings, MemberStatus, Timing};
+use super::RaftHaServices;
+use crate::{HaServices, Leadership, LeaseInstant, Role};
+
+/// Generous bound on anything the tests wait for.
+const LONG: Duration = Duration::from_secs(30);
+
+fn err(e: impl std::fmt::Display) -> KeelError {
+    KeelError::internal(e)
+}
+
+/// A member with its server, startable again from its directory on the same port.
+struct Running {
+    member: Member,
+    server: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+struct Group {
+    settings: Vec<MemberSettings>,
+    running: Vec<Option<Running>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Group {
+    async fn start(n: usize, timing: Timing) -> Result<Group> {
+        let dir = tempfile::tempdir().map_err(err)?;
+        let mut listeners = Vec::new();
+        let mut members = BTreeMap::new();
+        for i in 0..n {
+            let l = TcpListener::bind("127.0.0.1:0").await.map_err(err)?;
+            let id = u64::try_from(i).map_err(err)? + 1;
+            members.insert(id, l.local_addr().map_err(err)?.to_string());
+            listeners.push(l);
+        }
+        let settings: Vec<MemberSettings> = members
+            .keys()
+            .map(|&id| MemberSettings {
+                id,
+                members: members.clone(),
+                dir: dir.path().join(format!("raft-{id}")),
+                timing,
+            })
+            .collect();
+        let mut group = Group { settings, running: Vec::new(), _dir: dir };
+        for (i, l) in listeners.into_iter().enumerate() {
+            let r = group.serve(i, l)?;
+            group.running.push(Some(r));
+        }
+        Ok(group)
+    }
+
+    fn serve(&self, i: usize, listener: TcpListener) -> Result<Running> {
+        let member = Member::start(self.settings[i].clone(), crate::clock::system())?;
+        let stop = CancellationToken::new();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder().add_service(member.server());
+        let until = stop.clone();
+        let server = tokio::spawn(async move {
+            let _ = server.serve_with_incoming_shutdown(incoming, until.cancelled_owned()).await;
+        });
+        Ok(Running { member, server, stop })
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.settings[0].members.values().cloned().collect()
+    }
+
+    /// Stops member `i` (its server and its Ready loop); its directory stays.
+    async fn stop(&mut self, i: usize) -> Result<()> {
+        if let Some(mut r) = self.running[i].take() {
+            r.stop.cancel();
+            r.server.abort();
+            let _ = r.server.await;
+            r.member.stop();
+            r.member.stopped().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts member `i` again from its directory, on its address.
+    async fn restart(&mut self, i: usize) -> Result<()> {
+        let address = self.settings[i].members[&self.settings[i].id].clone();
+        let listener = tokio::time::timeout(LONG, async {
+            loop {
+                match TcpListener::bind(&address).await {
+                    Ok(l) => return l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+        .map_err(|_| err(format!("cannot listen on {address} again")))?;
+        let r = self.serve(i, listener)?;
+        self.running[i] = Some(r);
+        Ok(())
+    }
+
+    fn isolate(&self, i: usize, cut_off: bool) {
+        if let Some(r) = &self.running[i] {
+            r.member.isolation.set(cut_off);
+        }
+    }
+
+    async fn status(&self, i: usize) -> Option<MemberStatus> {
+        match &self.running[i] {
+            Some(r) => r.member.node.status().await.ok(),
+            None => None,
+        }
+    }
+
+    /// Waits until a running, not isolated member leads; returns it.
+    async fn leader(&self) -> Result<usize> {
+        wait_for("a raft leader", || async {
+            for i in 0..self.running.len() {
+                let cut_off = self.running[i].as_ref().is_none_or(|r| r.member.isolation.is_set());
+                if cut_off {
+                    continue;
+                }
+                if self.status(i).await.is_some_and(|s| s.state == "leader") {
+                    return Some(i);
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    async fn client(&self, ttl: Duration) -> Result<RaftHaServices> {
+        RaftHaServices::connect(&self.addresses(), "test", ttl, Duration::from_secs(10)).await
+    }
+}
+
+/// Polls `probe` every 20 ms until it gives a value, up to [`LONG`].
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(err(format!("timed out waiting for {what}")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `leadership`'s deadline lies beyond `past`: a keep-alive sent after `past` was
+/// acknowledged by the group.
+async fn renewed_after(leadership: &Leadership, past: LeaseInstant) -> Result<()> {
+    wait_for("a keep-alive acknowledged after the fault", || async {
+        let ttl_after = leadership.deadline().is_some_and(|d| d > past);
+        ttl_after.then_some(())
+    })
+    .await
+}
+
+/// A deposed leader's fenced write never applies: leader A's session is left to expire (its
+/// keep-alives stopped), B wins with a greater epoch and writes; then A writes with its old
+/// epoch through a leadership whose local deadline check still passes (as a leader paused
+/// between its check and its write), and the store refuses it: `LeadershipLost`, and the key
+/// keeps B's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_fenced_write_never_applies() -> Result<()> {
+    let group = Group::start(3, Timing::default()).await?;
+    let ttl = Duration::from_secs(1);
+    let a = group.client(ttl).await?;
+    let b = group.client(ttl).await?;
+    let never = CancellationToken::new();
+    let la = a.campaign(Role::JobManager, "a:1", &never).await?;
+    a.put(&la, "jobs/x", b"from a".to_vec()).await?;
+    assert!(a.stop_keep_alive_for_tests(Role::JobManager));
+    let lb = tokio::time::timeout(LONG, b.campaign(Role::JobManager, "b:1", &never)).await.map_err(err)??;
+    assert!(lb.epoch > la.epoch, "epochs grow: {} then {}", la.epoch, lb.epoch);
+    b.put(&lb, "jobs/x", b"from b".to_vec()).await?;
+    // A's own check refuses once its deadline passed...
+    assert!(matches!(a.put(&la, "jobs/x", b"stale".to_vec()).await, Err(KeelError::LeadershipLost { .. })));
+    // ...and the store refuses even a write whose local check passed.
+    let unchecked = Leadership::new(Role::JobManager, la.epoch, "a:1".into(), CancellationToken::new());
+    for result in [
+        a.put(&unchecked, "jobs/x", b"stale".to_vec()).await.map(|_| 0),
+        a.delete(&unchecked, "jobs/x").await.map(|_| 0),
+        a.increment(&unchecked, "counter").await,
+    ] {
+        assert!(matches!(result, Err(KeelError::LeadershipLost { .. })), "{result:?}");
+    }
+    assert_eq!(b.get("jobs/x").await?, Some(b"from b".to_vec()));
+    assert_eq!(b.get("counter").await?, None);
+    assert_eq!(b.leader(Role::JobManager).await?.map(|l| l.epoch), Some(lb.epoch));
+    Ok(())
+}
+
+/// Losing one member of three changes no role's leader: the Raft leader is stopped while a
+/// JobManager and a ResourceManager lead (lease TTL 3 s); the remaining two elect a new Raft
+/// leader, both leaderships get a keep-alive acknowledged after the loss, keep their epochs and
+/// were never given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_member_of_three_changes_no_roles_leader() -> Result<()> {
+    let mut group = Group::start(3, Timing::default()).await?;
+    let ha = group.client(Duration::from_secs(3)).await?;
+    let never = CancellationToken::new();
+    let jm = ha.campaign(Role::JobManager, "jm:1", &never).await?;
+    let rm = ha.campaign(Role::ResourceManager, "rm:1", &never).await?;
+    let raft_leader = group.leader().await?;
+    let lost_at = LeaseInstant::now();
+    group.stop(raft_leader).await?;
+    let new_leader = group.leader().await?;
+    assert_ne!(new_leader, raft_leader);
+    renewed_after(&jm, lost_at + Duration::from_secs(3)).await?;
+    renewed_after(&rm, lost_at + Duration::from_secs(3)).await?;
+    assert!(!jm.lost().is_cancelled() && !rm.lost().is_cancelled(), "a leadership was given up");
+    assert_eq!(ha.leader(Role::JobManager).await?.map(|l| l.epoch), Some(jm.epoch));
+    assert_eq!(ha.leader(Role::ResourceManager).await?.map(|l| l.epoch), Some(rm.epoch));
+    ha.put(&jm, "still", b"leading".to_vec()).await?;
+    // The stopped member comes back and catches up.
+    group.restart(raft_leader).await?;
+    let target = group.status(new_leader).await.map(|s| s.commit_index).unwrap_or(0);
+    wait_for("the restarted member to catch up", || async {
+        group.status(raft_leader).await.is_some_and(|s| s.applied_index >= target).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Losing a majority makes every leader step down: with two of three members stopped no
+/// keep-alive is acknowledged, so both leaderships end (their `lost` tokens fire) by their
+/// deadlines. When the majority returns, a campaign wins again with a greater epoch, and what
+/// was written before is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_majority_makes_leaders_step_down_and_the_group_recovers() -> Result<()> {
+    let mut group = Group::start(3, Timing::default()).await?;
+    let ha = group.client(Duration::from_secs(1)).await?;
+    let never = CancellationToken::new();
+    let jm = ha.campaign(Role::JobManager, "jm:1", &never).await?;
+    let rm = ha.campaign(Role::ResourceManager, "rm:1", &never).await?;
+    ha.put(&jm, "before", b"1".to_vec()).await?;
+    group.stop(0).await?;
+    group.stop(1).await?;
+    tokio::time::timeout(LONG, jm.lost().cancelled()).await.map_err(err)?;
+    tokio::time::timeout(LONG, rm.lost().cancelled()).await.map_err(err)?;
+    assert!(jm.check().is_err() && rm.check().is_err());
+    group.restart(0).await?;
+    group.restart(1).await?;
+    let again =
+        tokio::time::timeout(LONG, ha.campaign(Role::JobManager, "jm:2", &never)).await.map_err(err)??;
+    assert!(again.epoch > jm.epoch.max(rm.epoch));
+    assert_eq!(ha.get("before").await?, Some(b"1".to_vec()));
+    Ok(())
+}
+
+/// A member that was down while the log was compacted catches up from a snapshot, and one that
+/// is restarted recovers its own state from disk: with a snapshot every 20 entries, member 3
+/// is stopped, 100 writes are made, and it is started again; it reaches the leader's applied
+/// index, and its snapshot index shows it installed a snapshot rather than replaying entries it
+/// no longer had. Then the old leader is cut off, and a linearizable read through the new one
+/// (of the two others) sees the last write; every member's disk use stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_was_down_catches_up_from_a_snapshot() -> Result<()> {
+    let timing = Timing { snapshot_every: 20, ..Timing::default() };
+    let mut group = Group::start(3, timing).await?;
+    let ha = group.client(Duration::from_secs(30)).await?;
+    let never = CancellationToken::new();
+    let jm = ha.campaign(Role::JobManager, "jm:1", &never).await?;
+    group.stop(2).await?;
+    for i in 0..100u32 {
+        ha.put(&jm, "n", i.to_string().into_bytes()).await?;
+    }
+    let leader = group.leader().await?;
+    let target = group.status(leader).await.map(|s| s.applied_index).unwrap_or(0);
+    group.restart(2).await?;
+    let caught_up = wait_for("member 3 to catch up", || async {
+        group.status(2).await.filter(|s| s.applied_index >= target)
+    })
+    .await?;
+    assert!(caught_up.snapshot_index > 0, "no snapshot was installed: {caught_up:?}");
+    group.isolate(leader, true);
+    let new_leader = group.leader().await?;
+    assert_ne!(new_leader, leader);
+    assert_eq!(ha.get("n").await?, Some(b"99".to_vec()));
+    // Disk use stays bounded: each member's files hold at most a snapshot's worth of log.
+    for i in 0..3 {
+        if let Some(s) = group.status(i).await {
+            assert!(s.disk_bytes < 64 * 1024, "member {} uses {} bytes", i + 1, s.disk_bytes);
+        }
+    }
+    Ok(())
+}
+
+/// A read never comes from a member cut off from the majority: once the Raft leader is
+/// isolated, a write through the new leader is seen by every later read, and the isolated
+/// member refuses reads instead of answering from its stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_serves_no_stale_read() -> Result<()> {
+    let group = Group::start(3, Timing::default()).await?;
+    let ha = group.client(Duration::from_secs(30)).await?;
+    let never = CancellationToken::new();
+    let jm = ha.campaign(Role::JobManager, "jm:1", &never).await?;
+    ha.put(&jm, "k", b"old".to_vec()).await?;
+    let old_leader = group.leader().await?;
+    group.isolate(old_leader, true);
+    ha.put(&jm, "k", b"new".to_vec()).await?;
+    assert_eq!(ha.get("k").await?, Some(b"new".to_vec()));
+    // The isolated member itself answers no read.
+    let old = group.running[old_leader].as_ref().ok_or_else(|| err("member gone"))?;
+    let query = super::machine::Query::Get { key: "test/meta/k".into() };
+    match tokio::time::timeout(Duration::from_secs(5), old.member.node.read(query)).await {
+        Ok(Ok(reply)) => panic!("an isolated member answered a read: {reply:?}"),
+        Ok(Err(_)) | Err(_) => {}
+    }
+    Ok(())
+}
+
+impl Drop for Group {
+    /// Stops every member's server and Ready loop (their threads would outlive the test).
+    fn drop(&mut self) {
+        for r in self.running.iter().flatten() {
+            r.stop.cancel();
+            r.server.abort();
+            r.member.stop();
+        }
+    }
+}
