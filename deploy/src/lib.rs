@@ -3,8 +3,9 @@
 //! Layout:
 //! - [`run_dev_cluster`]: `keel dev`, a local cluster of one ResourceManager, one JobManager and
 //!   N TaskManagers as child processes of the `keel` binary, on the `local` HA backend by
-//!   default (or etcd with `--ha etcd`), each with its own log file; stops every child on
-//!   Ctrl-C / SIGTERM, TaskManagers first.
+//!   default (or etcd with `--ha etcd`, or three `keel ha-member` processes with `--ha raft`),
+//!   each with its own log file; stops every child on Ctrl-C / SIGTERM, TaskManagers first
+//!   and the Raft members last.
 //! - [`kafka`]: the Apache Kafka broker `keel dev --demo` (or `--kafka`) starts beside it (one
 //!   KRaft node on 127.0.0.1:9092), stopped last.
 //! - `deploy/dev-cluster.yaml`, `deploy/demo-job.yaml`, `deploy/demo-kafka-job.yaml`: the dev
@@ -33,7 +34,12 @@ const DEMO_TOPICS: [(&str, i32); 2] = [("people-in", 2), ("people-out", 2)];
 pub enum HaChoice {
     Local,
     Etcd,
+    /// Three `keel ha-member` processes (the embedded Raft store) on 127.0.0.1.
+    Raft,
 }
+
+/// Members of the dev cluster's Raft store with `--ha raft`.
+const DEV_RAFT_MEMBERS: u16 = 3;
 
 /// Flags of `keel dev`.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,9 +47,13 @@ pub struct DevArgs {
     /// Directory for the cluster's config, HA metadata, logs and demo output.
     #[arg(long, default_value = ".keel-dev")]
     pub dir: PathBuf,
-    /// HA backend: `local` (embedded, nothing to install) or `etcd`.
+    /// HA backend: `local` (embedded, nothing to install), `etcd`, or `raft` (three
+    /// `keel ha-member` processes of Keel's own Raft store, nothing to install).
     #[arg(long, value_enum, default_value = "local")]
     pub ha: HaChoice,
+    /// First port of the Raft members with `--ha raft` (they take this and the next two).
+    #[arg(long, default_value_t = 6130)]
+    pub raft_port: u16,
     /// etcd endpoints for `--ha etcd` (comma-separated host:port).
     #[arg(long, default_value = "127.0.0.1:2379")]
     pub etcd_endpoints: String,
@@ -179,7 +189,7 @@ async fn spawn_role(
     for s in set {
         cmd.arg("--set").arg(s);
     }
-    if name != role {
+    if role == "taskmanager" && name != role {
         cmd.arg("--set").arg(format!("taskmanager.id={name}"));
     }
     let mut child = cmd
@@ -236,6 +246,13 @@ pub async fn run_dev_cluster(
         }
         config.push_str(&format!("high-availability.etcd.endpoints: \"{}\"\n", args.etcd_endpoints));
     }
+    if args.ha == HaChoice::Raft {
+        config = config.replace("high-availability.type: local", "high-availability.type: raft");
+        let members: Vec<String> = (0..DEV_RAFT_MEMBERS)
+            .map(|i| format!("{}=127.0.0.1:{}", i + 1, args.raft_port.saturating_add(i)))
+            .collect();
+        config.push_str(&format!("high-availability.raft.members: \"{}\"\n", members.join(",")));
+    }
     let config_path = dir.join("keel.yaml");
     std::fs::write(&config_path, config)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
@@ -251,6 +268,14 @@ pub async fn run_dev_cluster(
     };
     let mut children: Vec<ChildProc> = Vec::new();
     let start_roles = async {
+        if args.ha == HaChoice::Raft {
+            for i in 1..=DEV_RAFT_MEMBERS {
+                let mut member_set = set.clone();
+                member_set.push(format!("high-availability.raft.member-id={i}"));
+                let name = format!("ha-member-{i}");
+                children.push(spawn_role(&exe, "ha-member", &name, &config_path, &member_set, &logs).await?);
+            }
+        }
         children
             .push(spawn_role(&exe, "resourcemanager", "resourcemanager", &config_path, &set, &logs).await?);
         children.push(spawn_role(&exe, "jobmanager", "jobmanager", &config_path, &set, &logs).await?);
@@ -300,6 +325,7 @@ pub async fn run_dev_cluster(
         match args.ha {
             HaChoice::Local => "local",
             HaChoice::Etcd => "etcd",
+            HaChoice::Raft => "raft",
         }
     );
     println!("  {:<16} {:>7}  {:<21}  LOG", "PROCESS", "PID", "ADDRESS");

@@ -29,6 +29,7 @@ mod election;
 pub mod etcd;
 mod keys;
 pub mod leadership;
+pub mod linearizability;
 pub mod local;
 pub mod memory;
 pub mod raft;

@@ -38,6 +38,9 @@ use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
 /// and a leader watch re-reads it this often (a member cut off from the group could show a
 /// stale leader).
 const RECHECK: Duration = Duration::from_secs(2);
+/// How long one member may take to answer before the request goes to the next one (a member
+/// that hangs, e.g. stopped with SIGSTOP, must not hold the request until its deadline).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The pause after a round in which no member answered as leader (an election is under way).
 const NO_LEADER_PAUSE: Duration = Duration::from_millis(50);
 
@@ -343,15 +346,24 @@ impl Inner {
             loop {
                 let (address, client) = &self.members[i];
                 let mut client = client.clone();
-                let result = match &request {
-                    Request::Propose(c) => {
-                        let command = serde_json::to_vec(c).map_err(KeelError::internal)?;
-                        client.propose(pb::HaProposeRequest { command }).await
+                let call = async {
+                    match &request {
+                        Request::Propose(c) => {
+                            let command = serde_json::to_vec(c).map_err(KeelError::internal)?;
+                            Ok(client.propose(pb::HaProposeRequest { command }).await)
+                        }
+                        Request::Read(q) => {
+                            let query = serde_json::to_vec(q).map_err(KeelError::internal)?;
+                            Ok(client.read(pb::HaReadRequest { query }).await)
+                        }
                     }
-                    Request::Read(q) => {
-                        let query = serde_json::to_vec(q).map_err(KeelError::internal)?;
-                        client.read(pb::HaReadRequest { query }).await
-                    }
+                };
+                let result = match tokio::time::timeout(ATTEMPT_TIMEOUT.min(timeout), call).await {
+                    Ok(r) => r?,
+                    Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer within {:?}",
+                        ATTEMPT_TIMEOUT.min(timeout)
+                    ))),
                 };
                 let error = match result {
                     Ok(resp) => {

@@ -46,8 +46,8 @@ pub fn client(address: &str) -> Result<HaMemberClient<tonic::transport::Channel>
     Ok(HaMemberClient::new(endpoint.connect_lazy()))
 }
 
-/// A test seam: while set, the member neither sends nor takes Raft messages and answers clients
-/// `Unavailable`, as a member cut off from the network.
+/// A test seam: while set, the member neither sends nor takes Raft messages, as a member cut off
+/// from the other members by a network partition (clients still reach it).
 #[derive(Debug, Clone, Default)]
 pub struct Isolation(Arc<std::sync::atomic::AtomicBool>);
 
@@ -196,7 +196,6 @@ impl HaMember for MemberService {
         &self,
         request: Request<pb::HaProposeRequest>,
     ) -> std::result::Result<Response<pb::HaReply>, Status> {
-        self.reachable()?;
         let command: Command = decode_json(&request.into_inner().command, "command")?;
         reply(self.bounded(self.node.propose(command)).await)
     }
@@ -205,7 +204,6 @@ impl HaMember for MemberService {
         &self,
         request: Request<pb::HaReadRequest>,
     ) -> std::result::Result<Response<pb::HaReply>, Status> {
-        self.reachable()?;
         let query: Query = decode_json(&request.into_inner().query, "query")?;
         reply(self.bounded(self.node.read(query)).await)
     }
@@ -216,7 +214,6 @@ impl HaMember for MemberService {
         &self,
         request: Request<pb::HaWatchLeaderRequest>,
     ) -> std::result::Result<Response<Self::WatchLeaderStream>, Status> {
-        self.reachable()?;
         let leader = request.into_inner().leader;
         let mut rx = self.leaders.clone();
         let stream = async_stream(move |tx| async move {
@@ -276,6 +273,8 @@ pub struct Member {
     pub node: NodeHandle,
     /// Test seam: cuts the member off (see [`Isolation`]).
     pub isolation: Isolation,
+    /// Test seam: freezes the member's Ready loop (see [`Node::freeze_switch`]).
+    pub frozen: Arc<std::sync::atomic::AtomicBool>,
     /// How the Ready loop ended, once it has.
     done: tokio::sync::oneshot::Receiver<Result<()>>,
 }
@@ -285,6 +284,7 @@ impl Member {
     /// member's own address (for errors and `NOT_LEADER` hints).
     pub fn start(settings: MemberSettings, clock: Arc<dyn Clock>) -> Result<Member> {
         let (node, leaders) = Node::open(&settings, clock)?;
+        let frozen = node.freeze_switch();
         let (tx, rx) = std::sync::mpsc::channel();
         let address = settings.members.get(&settings.id).cloned().unwrap_or_default();
         let handle = NodeHandle { tx, address };
@@ -315,6 +315,7 @@ impl Member {
             service: MemberService { node: handle.clone(), leaders, isolation: isolation.clone() },
             node: handle,
             isolation,
+            frozen,
             done,
         })
     }

@@ -145,6 +145,8 @@ pub struct Node {
     snapshot_index: u64,
     was_leader: bool,
     leaders: watch::Sender<LeaderTable>,
+    /// Test seam: while set, the Ready loop stands still (see [`Node::freeze_switch`]).
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A request id and the run it belongs to, as a proposal's context.
@@ -226,9 +228,18 @@ impl Node {
                 snapshot_index,
                 was_leader: false,
                 leaders,
+                frozen: Arc::default(),
             },
             leaders_rx,
         ))
+    }
+
+    /// A test seam: while the switch is on, the Ready loop does nothing (no ticks, no inputs
+    /// taken), as a member process stopped with SIGSTOP, except that its gRPC service still
+    /// takes requests and queues them. Once it is off again, the member sees the queue and
+    /// the time that passed at once, as a resumed process does.
+    pub fn freeze_switch(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.frozen.clone()
     }
 
     /// Runs the Ready loop until the input channel closes. A storage failure ends it with the
@@ -236,6 +247,9 @@ impl Node {
     pub fn run(mut self, inputs: Receiver<Input>, mut outbox: impl Outbox) -> Result<()> {
         let mut next_tick = Instant::now() + self.timing.tick;
         loop {
+            while self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let wait = next_tick.saturating_duration_since(Instant::now());
             match inputs.recv_timeout(wait) {
                 Ok(input) => {
