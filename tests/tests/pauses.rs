@@ -1,9 +1,14 @@
 //! Fencing under pauses: a leader stopped with SIGSTOP past its lease, replaced, and resumed
-//! with SIGCONT must step down without acting. Real etcd (3 members, lease TTL 2 s), real
-//! `keel` processes, and only observable state: what the TaskManagers report (their slot
-//! reports through the ResourceManager, their own `/metrics`), the job's status, the
-//! checkpoint metadata files and the HA pointer's history in etcd, and what the resumed
-//! process answers.
+//! with SIGCONT must step down without acting. On both leased HA backends, etcd (3 members)
+//! and raft (3 `keel ha-member` processes), lease TTL 2 s; real `keel` processes, and only
+//! observable state: what the TaskManagers report (their slot reports through the
+//! ResourceManager, their own `/metrics`), the job's status, the checkpoint metadata files, the
+//! HA pointer's history (etcd keeps it; the raft store keeps no history, so there the final
+//! pointer is checked), and what the resumed process answers.
+//!
+//! The local backend has no lease: a stopped leader keeps its lock file (the kernel holds the
+//! lock for the stopped process), so no standby can take over and there is nobody to fence; these
+//! tests do not apply to it.
 //!
 //! The window that matters is right after SIGCONT: the resumed process has not yet heard from
 //! etcd that its lease is gone, and its timers (heartbeat expiry, checkpoint triggers) and the
@@ -23,7 +28,8 @@ use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::pb::{self, SlotAllocation};
 use keel_proto::KeelError;
 use keel_tests::{
-    datagen_to_file_spec, lines_in, metadata_files, metrics_address, metrics_tasks, wait_until, Sandbox,
+    datagen_to_file_spec, lines_in, metadata_files, metrics_address, metrics_tasks, on_backends, wait_until,
+    Backend, Sandbox,
 };
 use serde_json::Value;
 use tokio::runtime::Handle;
@@ -285,6 +291,25 @@ fn pointer_history(sb: &Sandbox, job_id: &str, after_revision: u64) -> anyhow::R
     result
 }
 
+/// The job's HA checkpoint pointer as the raft store holds it now (a linearizable read; the
+/// store keeps no history).
+fn current_pointer(sb: &Sandbox, job_id: &str) -> anyhow::Result<Option<Value>> {
+    let raft = sb.raft.as_ref().ok_or_else(|| anyhow!("the sandbox has no raft members"))?;
+    let members: Vec<String> = (0..raft.members.len()).map(|i| raft.address(i)).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let value = rt.block_on(async {
+        let ha = keel_ha::raft::RaftHaServices::connect(
+            &members,
+            "test",
+            Duration::from_secs(3),
+            Duration::from_secs(10),
+        )
+        .await?;
+        keel_ha::HaServices::get(&ha, &format!("checkpoints/{job_id}")).await
+    })?;
+    value.map(|v| serde_json::from_slice(&v).context("the HA pointer is not JSON")).transpose()
+}
+
 // ----- the tests ----------------------------------------------------------------------------
 
 /// The JobManager leader is SIGSTOPped while a job checkpointing every 300 ms runs, the standby
@@ -300,9 +325,8 @@ fn pointer_history(sb: &Sandbox, job_id: &str, after_revision: u64) -> anyhow::R
 ///   of the key) carries the new epoch;
 /// - stepped down: it answers `LeaderInfo` as a standby naming the new leader, and `ListJobs`
 ///   with `NotLeader` carrying the new leader's address, and the new leader keeps its epoch.
-#[test]
-fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
-    let mut sb = Sandbox::with_etcd("pause-jm", 3, &[("high-availability.etcd.lease-ttl", TTL)])?;
+fn paused_jobmanager_leader(backend: Backend) -> anyhow::Result<()> {
+    let mut sb = leased_sandbox(backend, "pause-jm", &[])?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
@@ -435,13 +459,18 @@ fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
         late.is_empty(),
         "checkpoint metadata of the old leader's attempt written after it was stopped: {late:?}"
     );
-    let history = pointer_history(&sb, &job_id, new_epoch)?;
+    let history = match backend {
+        Backend::Etcd => pointer_history(&sb, &job_id, new_epoch)?,
+        // The raft store keeps no history: the pointer as it is now.
+        _ => current_pointer(&sb, &job_id)?.into_iter().collect(),
+    };
     let foreign: Vec<&Value> = history.iter().filter(|p| p["epoch"].as_u64() != Some(new_epoch)).collect();
     println!(
-        "checkpoints: last before the stop {last_before_stop}, {} metadata files; HA pointer moved {} times since \
-         revision {new_epoch}, all by epoch {new_epoch}",
+        "checkpoints: last before the stop {last_before_stop}, {} metadata files; {} HA pointer value(s) since \
+         epoch {new_epoch} ({}), all by epoch {new_epoch}",
         files.len(),
-        history.len()
+        history.len(),
+        if backend == Backend::Etcd { "etcd's history of the key" } else { "the current value" }
     );
     assert!(!history.is_empty(), "the new leader moved the pointer");
     assert!(foreign.is_empty(), "the HA pointer was moved by another epoch than {new_epoch}: {foreign:?}");
@@ -461,9 +490,8 @@ fn paused_jobmanager_leader_steps_down_without_acting() -> anyhow::Result<()> {
 ///   second one is running;
 /// - stepped down: it answers `ClusterOverview` with `NotLeader` naming the new leader, which
 ///   keeps its epoch and both TaskManagers.
-#[test]
-fn paused_resourcemanager_leader_steps_down_without_allocating() -> anyhow::Result<()> {
-    paused_resourcemanager("pause-rm", Duration::from_secs(3), &[("heartbeat.timeout", "20 s")])
+fn paused_resourcemanager_short(backend: Backend) -> anyhow::Result<()> {
+    paused_resourcemanager(backend, "pause-rm", Duration::from_secs(3), &[("heartbeat.timeout", "20 s")])
 }
 
 /// The same with a pause longer than `heartbeat.timeout` (5 s, the default): when the old
@@ -474,15 +502,26 @@ fn paused_resourcemanager_leader_steps_down_without_allocating() -> anyhow::Resu
 /// before acting on its own timers: its heartbeat-expiry tick could run before anything had
 /// cancelled the leadership's token after the resume, and broadcast `TaskManagerLost` for every
 /// TaskManager to a JobManager still subscribed to the stopped process.
-#[test]
-fn paused_past_heartbeat_timeout_resourcemanager_tells_no_jobmanager_anything() -> anyhow::Result<()> {
-    paused_resourcemanager("pause-rm-long", PAUSE_AT_LEAST, &[])
+fn paused_resourcemanager_long(backend: Backend) -> anyhow::Result<()> {
+    paused_resourcemanager(backend, "pause-rm-long", PAUSE_AT_LEAST, &[])
 }
 
-fn paused_resourcemanager(test: &str, pause: Duration, settings: &[(&str, &str)]) -> anyhow::Result<()> {
-    let mut all = vec![("high-availability.etcd.lease-ttl", TTL)];
+/// A sandbox on `backend` (etcd or raft, 3 members) with the lease TTL of these tests.
+fn leased_sandbox(backend: Backend, test: &str, settings: &[(&str, &str)]) -> anyhow::Result<Sandbox> {
+    let key =
+        backend.lease_ttl_key().ok_or_else(|| anyhow!("the {} backend has no lease", backend.name()))?;
+    let mut all = vec![(key, TTL)];
     all.extend_from_slice(settings);
-    let mut sb = Sandbox::with_etcd(test, 3, &all)?;
+    Sandbox::on(backend, test, &all)
+}
+
+fn paused_resourcemanager(
+    backend: Backend,
+    test: &str,
+    pause: Duration,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let mut sb = leased_sandbox(backend, test, settings)?;
     sb.start("resourcemanager", "rm-a", &[])?;
     sb.start("resourcemanager", "rm-b", &[])?;
     sb.start("jobmanager", "jm", &[])?;
@@ -599,3 +638,15 @@ fn paused_resourcemanager(test: &str, pause: Duration, settings: &[(&str, &str)]
     assert_eq!(c["taskmanagers"].as_array().map(|a| a.len()), Some(2));
     Ok(())
 }
+
+on_backends!(paused_jobmanager_leader_steps_down_without_acting, paused_jobmanager_leader, [Etcd, Raft]);
+on_backends!(
+    paused_resourcemanager_leader_steps_down_without_allocating,
+    paused_resourcemanager_short,
+    [Etcd, Raft]
+);
+on_backends!(
+    paused_past_heartbeat_timeout_resourcemanager_tells_no_jobmanager_anything,
+    paused_resourcemanager_long,
+    [Etcd, Raft]
+);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_testkit::{create_topic, produce, unique_topic, Kafka, Produce, TestRecord, TopicReader};
-use keel_tests::{Ha, Sandbox};
+use keel_tests::{on_backends, Backend, Ha, Sandbox};
 
 const LONG: Duration = Duration::from_secs(120);
 const KEYS: u64 = 10;
@@ -512,16 +512,14 @@ fn cancel_on_update_and_a_stateless_restart_without_state() -> anyhow::Result<()
 /// it, and no version that did not run stays pending; and over all the kills no record is
 /// lost (at-least-once: duplicates only from replaying what came after the latest completed
 /// checkpoint, reported).
-#[test]
-fn a_jobmanager_leader_killed_during_upgrades_leaves_one_active_version_and_loses_nothing(
-) -> anyhow::Result<()> {
+fn jobmanager_killed_during_upgrades(backend: Backend) -> anyhow::Result<()> {
     let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("crash-in"), unique_topic("crash-out"));
     create_topic(&bootstrap, &input, 4)?;
     create_topic(&bootstrap, &output, 2)?;
 
-    let mut sb = Sandbox::new("upgrade-crash", Ha::Local, &[])?;
+    let mut sb = Sandbox::on(backend, "upgrade-crash", &[])?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-0", &[])?;
     sb.start("jobmanager", "jm-1", &[])?;
@@ -771,8 +769,7 @@ fn a_failed_savepoint_leaves_the_job_running_and_a_full_cluster_falls_back_to_st
 /// active version again and runs, version 2 is recorded failed, and the exactly-once output
 /// equals the input (nothing lost, nothing duplicated). Before the upgrade phase was
 /// persisted, the new leader redeployed version 2 again and again and version 1 never ran.
-#[test]
-fn a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back() -> anyhow::Result<()> {
+fn leader_killed_in_the_health_gate(backend: Backend) -> anyhow::Result<()> {
     let broker = Kafka::shared()?;
     let bootstrap = broker.bootstrap().to_string();
     let (input, output) = (unique_topic("gate-in"), unique_topic("gate-out"));
@@ -781,7 +778,7 @@ fn a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back() -> anyhow::
     produce(&bootstrap, &input, (0..1000).map(record).collect())?;
 
     let gate = vec!["upgrade.health-timeout=30 s".to_string()];
-    let mut sb = Sandbox::new("gate-kill", Ha::Local, &[])?;
+    let mut sb = Sandbox::on(backend, "gate-kill", &[])?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-0", &gate)?;
     sb.start("jobmanager", "jm-1", &gate)?;
@@ -872,3 +869,14 @@ fn a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back() -> anyhow::
     assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
     Ok(())
 }
+
+on_backends!(
+    a_jobmanager_leader_killed_during_upgrades_leaves_one_active_version_and_loses_nothing,
+    jobmanager_killed_during_upgrades,
+    [Local, Etcd, Raft]
+);
+on_backends!(
+    a_leader_killed_in_the_health_gate_still_rolls_the_upgrade_back,
+    leader_killed_in_the_health_gate,
+    [Local, Etcd, Raft]
+);
