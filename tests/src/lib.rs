@@ -29,10 +29,12 @@ pub fn keel_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KEEL_BIN") {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test-exe> -> target/<profile>/keel
+    // target/<profile>/deps/<test-exe> -> target/<profile>/keel; a binary of this crate
+    // (target/<profile>/keel-ha-bench) finds it beside itself.
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("cannot find the test executable: {e}"));
+    let beside = exe.parent().map(|d| d.join("keel")).filter(|p| p.exists());
     let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap_or_else(|| Path::new("."));
-    let bin = profile_dir.join("keel");
+    let bin = beside.unwrap_or_else(|| profile_dir.join("keel"));
     assert!(
         bin.exists(),
         "keel binary not found at {}; build it first with `cargo build -p keel` (scripts/test.sh does) or set KEEL_BIN",

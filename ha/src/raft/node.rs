@@ -8,7 +8,8 @@
 //! 1. send the leader's messages at once (they do not wait for this member's own fsync);
 //! 2. install a received snapshot (storage, then machine);
 //! 3. apply committed entries to the machine, answering the clients whose proposals they are;
-//! 4. append new entries and the hard state to disk, **fsynced**;
+//! 4. append new entries and the hard state to disk in one write, **fsynced** (unless only the
+//!    commit index moved: raft-rs's `must_sync`);
 //! 5. only then send the messages that acknowledge them (votes, append responses);
 //! 6. advance, and repeat 3-5 for the light ready;
 //! 7. answer reads whose read-index this member has now applied;
@@ -413,12 +414,12 @@ impl Node {
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed);
-        if !rd.entries().is_empty() {
-            self.raw.mut_store().append(rd.entries()).map_err(|e| dir_error("append", e))?;
-        }
-        if let Some(hs) = rd.hs() {
-            self.raw.mut_store().set_hard_state(hs).map_err(|e| dir_error("hard state", e))?;
-        }
+        // New entries and the hard state in one write, fsynced once (not when only the commit
+        // index moved: raft-rs's must_sync).
+        self.raw
+            .mut_store()
+            .persist(rd.entries(), rd.hs(), rd.must_sync())
+            .map_err(|e| dir_error("persist", e))?;
         if let Some(ss) = rd.ss() {
             self.on_role(ss.raft_state, ss.leader_id);
         }

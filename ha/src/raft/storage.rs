@@ -4,7 +4,9 @@
 //! `RawNode<DiskStorage>`. Reads are answered from memory; every change ([`DiskStorage::append`],
 //! [`DiskStorage::set_hard_state`], [`DiskStorage::set_commit`], [`DiskStorage::apply_snapshot`],
 //! [`DiskStorage::compact`]) is on disk and fsynced before it returns, so the member may acknowledge
-//! it to its peers as soon as the call returns.
+//! it to its peers as soon as the call returns; the one exception is a change of the commit index
+//! alone ([`DiskStorage::set_commit`], or [`DiskStorage::persist`] without `sync`), which is
+//! written but not fsynced (see there).
 //!
 //! # Files
 //!
@@ -295,8 +297,64 @@ impl DiskStorage {
         self.write_hard_state(hs.clone())
     }
 
+    /// Appends `entries` (as [`DiskStorage::append`]) and then saves `hs` (as
+    /// [`DiskStorage::set_hard_state`]) in one write, fsynced once when `sync` is set: the Ready
+    /// loop passes raft-rs's `Ready::must_sync`, which is false only when nothing but the commit
+    /// index changed. A commit index need not be durable: a member that loses it learns it from
+    /// the leader again, and applies from its snapshot on every start anyway. Either part may be
+    /// empty.
+    pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>, sync: bool) -> io::Result<()> {
+        let hs = hs.filter(|h| **h != self.hard_state);
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        self.check_usable()?;
+        let mut buf = Vec::new();
+        let mut keep = None;
+        let mut last = self.last();
+        if let Some(first) = entries.first() {
+            let first_index = self.first();
+            if first.index < first_index || first.index > last.saturating_add(1) {
+                return Err(invalid_input(format!(
+                    "append at index {} outside [{first_index}, {}]",
+                    first.index,
+                    last.saturating_add(1)
+                )));
+            }
+            if entries.windows(2).any(|w| matches!(w, [a, b] if b.index != a.index.saturating_add(1))) {
+                return Err(invalid_input("appended entries are not contiguous".to_string()));
+            }
+            if first.index <= self.hard_state.commit {
+                return Err(invalid_input(format!(
+                    "append at index {} would overwrite committed entries (commit index {})",
+                    first.index, self.hard_state.commit
+                )));
+            }
+            for e in entries {
+                push_record(&mut buf, KIND_ENTRY, e)?;
+            }
+            keep = Some(usize::try_from(first.index - first_index).map_err(io::Error::other)?);
+            last = entries.last().map_or(last, |e| e.index);
+        }
+        if let Some(h) = hs {
+            if h.commit > last {
+                return Err(invalid_input(format!("commit index {} beyond the last index {last}", h.commit)));
+            }
+            push_record(&mut buf, KIND_HARD_STATE, h)?;
+        }
+        self.write_log(&buf, sync)?;
+        if let Some(keep) = keep {
+            self.entries.truncate(keep);
+            self.entries.extend_from_slice(entries);
+        }
+        if let Some(h) = hs {
+            self.hard_state = h.clone();
+        }
+        Ok(())
+    }
+
     /// Raises the stored commit index (LightReady's commit index); a lower or equal one changes
-    /// nothing. Fsynced before it returns.
+    /// nothing. Written but not fsynced (see [`DiskStorage::persist`] for why that is safe).
     pub fn set_commit(&mut self, commit: u64) -> io::Result<()> {
         if commit <= self.hard_state.commit {
             return Ok(());
@@ -309,7 +367,11 @@ impl DiskStorage {
             )));
         }
         let hs = HardState { commit, ..self.hard_state.clone() };
-        self.write_hard_state(hs)
+        let mut buf = Vec::new();
+        push_record(&mut buf, KIND_HARD_STATE, &hs)?;
+        self.write_log(&buf, false)?;
+        self.hard_state = hs;
+        Ok(())
     }
 
     /// A snapshot received from the leader: it replaces the state; log entries up to its index are
@@ -436,7 +498,12 @@ impl DiskStorage {
     /// Appends `buf` to the log and fsyncs it. On failure, cuts the file back to its last complete
     /// record (if it can) and refuses every later change.
     fn write_to_log(&mut self, buf: &[u8]) -> io::Result<()> {
-        let written = self.log.write_all(buf).and_then(|()| self.log.sync_data());
+        self.write_log(buf, true)
+    }
+
+    /// Appends `buf` to the log, fsynced when `sync`. On failure, as [`Self::write_to_log`].
+    fn write_log(&mut self, buf: &[u8], sync: bool) -> io::Result<()> {
+        let written = self.log.write_all(buf).and_then(|()| if sync { self.log.sync_data() } else { Ok(()) });
         match written {
             Ok(()) => {
                 self.log_len += u64::try_from(buf.len()).map_err(io::Error::other)?;
@@ -885,6 +952,35 @@ mod tests {
         let s = DiskStorage::open(dir.path(), &[1, 2, 3])?;
         assert_eq!(s.last_index()?, 5);
         assert_eq!(s.entries(4, 6, None, ctx())?, vec![entry(4, 3, b"x"), entry(5, 3, b"y")]);
+        Ok(())
+    }
+
+    /// `persist` writes entries and hard state together with the same meaning as `append` then
+    /// `set_hard_state` (an overwrite of a suffix included), both survive a reopen, and it refuses
+    /// a commit index beyond the entries it writes.
+    #[test]
+    fn persist_writes_entries_and_hard_state_together() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let mut s = DiskStorage::open(dir.path(), &[1, 2, 3])?;
+        s.persist(
+            &[entry(1, 1, b"a"), entry(2, 1, b"b")],
+            Some(&HardState { term: 1, vote: 1, commit: 2 }),
+            true,
+        )?;
+        s.persist(&[entry(3, 1, b"c"), entry(4, 1, b"d")], None, true)?;
+        s.persist(&[entry(4, 2, b"D")], Some(&HardState { term: 2, vote: 3, commit: 3 }), true)?;
+        // Only the commit moves: written without fsync, still read back after a reopen.
+        s.persist(&[], Some(&HardState { term: 2, vote: 3, commit: 4 }), false)?;
+        assert!(s
+            .persist(&[entry(5, 2, b"e")], Some(&HardState { term: 2, vote: 3, commit: 6 }), true)
+            .is_err());
+        drop(s);
+        let s = DiskStorage::open(dir.path(), &[1, 2, 3])?;
+        assert_eq!(
+            all_entries(&s)?,
+            vec![entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c"), entry(4, 2, b"D")]
+        );
+        assert_eq!(s.initial_state()?.hard_state, HardState { term: 2, vote: 3, commit: 4 });
         Ok(())
     }
 
