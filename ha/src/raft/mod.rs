@@ -21,6 +21,7 @@ pub mod machine;
 pub mod member;
 pub mod node;
 pub mod storage;
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

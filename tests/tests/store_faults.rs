@@ -1,5 +1,7 @@
-//! The outside world failing, etcd half: losing one etcd member of three, and losing etcd's
-//! quorum, while a `datagen -> file` job checkpointing every 300 ms runs on real processes.
+//! The outside world failing, HA store half: losing one member of three, and losing the store's
+//! quorum, while a `datagen -> file` job checkpointing every 300 ms runs on real processes; on
+//! both replicated HA stores, etcd (3 members) and Keel's own raft store (3 `keel ha-member`
+//! processes), one test body each.
 //! Times are measured and printed, never asserted; properties are checked on observable state
 //! (epochs, the job's attempts, what each process answers, the TaskManagers' `/metrics`, the
 //! checkpoint metadata files).
@@ -14,7 +16,8 @@ use keel_proto::pb::job_manager_client::JobManagerClient;
 use keel_proto::pb::resource_manager_client::ResourceManagerClient;
 use keel_proto::KeelError;
 use keel_tests::{
-    datagen_to_file_spec, lines_in, metadata_files, metrics_address, metrics_tasks, wait_until, Sandbox,
+    datagen_to_file_spec, lines_in, metadata_files, metrics_address, metrics_tasks, on_backends, wait_until,
+    Backend, Sandbox,
 };
 use serde_json::Value;
 use tokio::runtime::Handle;
@@ -27,8 +30,10 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn settings() -> [(&'static str, &'static str); 1] {
-    [("high-availability.etcd.lease-ttl", "6 s")]
+fn settings(backend: Backend) -> anyhow::Result<[(&'static str, &'static str); 1]> {
+    let key =
+        backend.lease_ttl_key().ok_or_else(|| anyhow!("the {} backend has no members", backend.name()))?;
+    Ok([(key, "6 s")])
 }
 
 /// A `datagen -> file` job of parallelism 2 checkpointing every 300 ms that keeps every
@@ -143,17 +148,25 @@ fn allocations(rt: &Handle, address: &str) -> anyhow::Result<Vec<(String, String
         .collect())
 }
 
-/// The etcd members' client ports, in member order.
-fn etcd_ports(sb: &Sandbox) -> anyhow::Result<Vec<u16>> {
-    let etcd = sb.etcd.as_ref().ok_or_else(|| anyhow!("the sandbox has no etcd"))?;
-    etcd.endpoints()
-        .split(',')
-        .map(|e| e.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).ok_or_else(|| anyhow!("endpoint {e}")))
+/// The store members' ports (etcd: client ports), in member order.
+fn member_ports(sb: &Sandbox) -> anyhow::Result<Vec<u16>> {
+    let addresses: Vec<String> = match (&sb.etcd, &sb.raft) {
+        (Some(etcd), _) => etcd.endpoints().split(',').map(String::from).collect(),
+        (None, Some(raft)) => (0..raft.members.len()).map(|i| raft.address(i)).collect(),
+        (None, None) => bail!("the sandbox has no HA store members"),
+    };
+    addresses
+        .iter()
+        .map(|e| e.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).ok_or_else(|| anyhow!("address {e}")))
         .collect()
 }
 
-/// The index of the etcd member that is raft leader (`etcdctl endpoint status`), if one is.
-fn raft_leader(sb: &Sandbox) -> Option<usize> {
+/// The index of the member that leads the store (etcd's raft leader from `etcdctl endpoint
+/// status`; the raft group's leader from its members' status), if one does.
+fn store_leader(sb: &mut Sandbox) -> Option<usize> {
+    if let Some(raft) = sb.raft.as_mut() {
+        return raft.leader();
+    }
     let etcd = sb.etcd.as_ref()?;
     let endpoints = etcd.endpoints();
     let out = std::process::Command::new("etcdctl")
@@ -172,10 +185,37 @@ fn raft_leader(sb: &Sandbox) -> Option<usize> {
     endpoints.split(',').position(|e| leader.ends_with(e))
 }
 
-/// How many established TCP connections process `pid` has to each etcd member (by member
+fn kill_member(sb: &mut Sandbox, i: usize) -> anyhow::Result<()> {
+    match (sb.etcd.as_mut(), sb.raft.as_mut()) {
+        (Some(etcd), _) => etcd.kill(i),
+        (None, Some(raft)) => raft.kill(i),
+        (None, None) => bail!("the sandbox has no HA store members"),
+    }
+    Ok(())
+}
+
+/// Starts member `i` again and waits until the store serves with it (etcd: healthy; raft: the
+/// member follows a leader).
+fn restart_member(sb: &mut Sandbox, i: usize) -> anyhow::Result<()> {
+    match (sb.etcd.as_mut(), sb.raft.as_mut()) {
+        (Some(etcd), _) => {
+            etcd.restart(i)?;
+            etcd.wait_healthy(Duration::from_secs(60))
+        }
+        (None, Some(raft)) => {
+            raft.restart(i)?;
+            wait_until(&format!("raft member {} to follow a leader", i + 1), Duration::from_secs(60), || {
+                Ok(raft.status(i).ok().filter(|s| s.raft_leader != 0).map(|_| ()))
+            })
+        }
+        (None, None) => bail!("the sandbox has no HA store members"),
+    }
+}
+
+/// How many established TCP connections process `pid` has to each store member (by member
 /// index), from /proc: the client keeps one per member it has talked to, and its streams
 /// (keep-alives, watches) ride on them.
-fn etcd_connections(pid: u32, ports: &[u16]) -> BTreeMap<usize, usize> {
+fn member_connections(pid: u32, ports: &[u16]) -> BTreeMap<usize, usize> {
     let mut inodes = BTreeSet::new();
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.flatten() {
@@ -212,10 +252,10 @@ struct Cluster {
     metrics: Vec<String>,
 }
 
-/// 3 etcd members; one ResourceManager, two JobManagers, one TaskManager with 2 slots; the
+/// 3 store members; one ResourceManager, two JobManagers, one TaskManager with 2 slots; the
 /// checkpointing job running with 3 completed checkpoints.
-fn start(test: &str) -> anyhow::Result<Cluster> {
-    let mut sb = Sandbox::with_etcd(test, 3, &settings())?;
+fn start(backend: Backend, test: &str) -> anyhow::Result<Cluster> {
+    let mut sb = Sandbox::on(backend, test, &settings(backend)?)?;
     sb.start("resourcemanager", "rm", &[])?;
     sb.start("jobmanager", "jm-a", &[])?;
     sb.start("jobmanager", "jm-b", &[])?;
@@ -233,17 +273,16 @@ fn start(test: &str) -> anyhow::Result<Cluster> {
     Ok(Cluster { sb, rt: tokio::runtime::Runtime::new()?, job_id, out, metrics })
 }
 
-/// Killing one etcd member of three, each in turn (so the member that the leaders' lease
+/// Killing one store member of three, each in turn (so the member that the leaders' lease
 /// keep-alives and watches are attached to is among them), changes nothing: both leaders keep
 /// their epochs (no re-election, not even of the same process), the job keeps its attempt and
 /// its restart count, and checkpoints go on completing (at least 5 after each kill, over more
 /// than a lease TTL). Prints, per member, how many connections each leader had to it, the time
 /// from the kill to the next completed checkpoint, and the largest gap between completions.
-#[test]
-fn one_etcd_member_down_changes_nothing() -> anyhow::Result<()> {
-    let mut c = start("etcd-member")?;
+fn one_member_down(backend: Backend) -> anyhow::Result<()> {
+    let mut c = start(backend, "store-member")?;
     let sb = &mut c.sb;
-    let ports = etcd_ports(sb)?;
+    let ports = member_ports(sb)?;
     let before = sb.status(&c.job_id)?;
     let attempt = max_attempt(&before);
     let restarts = before["restarts"].clone();
@@ -256,29 +295,33 @@ fn one_etcd_member_down_changes_nothing() -> anyhow::Result<()> {
     let rm_pid = sb.proc("rm").proc.pid();
 
     for member in 0..ports.len() {
-        let raft = raft_leader(sb);
-        let jm_conns = etcd_connections(jm_pid, &ports);
-        let rm_conns = etcd_connections(rm_pid, &ports);
-        let etcd = sb.etcd.as_mut().ok_or_else(|| anyhow!("no etcd"))?;
+        let store_leader = store_leader(sb);
+        let jm_conns = member_connections(jm_pid, &ports);
+        let rm_conns = member_connections(rm_pid, &ports);
         let killed_ms = now_ms();
         let killed = Instant::now();
-        etcd.kill(member);
+        kill_member(sb, member)?;
 
         let lines = lines_in(&c.out);
-        wait_until(&format!("checkpoints to go on without etcd member {member}"), LONG, || {
-            let done = completed_since(sb, &c.job_id, killed_ms)?.len();
-            Ok((done >= 5 && killed.elapsed() > TTL + Duration::from_secs(1) && lines_in(&c.out) > lines)
-                .then_some(()))
-        })?;
+        wait_until(
+            &format!("checkpoints to go on without {} member {member}", backend.name()),
+            LONG,
+            || {
+                let done = completed_since(sb, &c.job_id, killed_ms)?.len();
+                Ok((done >= 5 && killed.elapsed() > TTL + Duration::from_secs(1) && lines_in(&c.out) > lines)
+                    .then_some(()))
+            },
+        )?;
         let first = completed_since(sb, &c.job_id, killed_ms)?.first().map(|t| t - killed_ms).unwrap_or(0);
         let gap = largest_gap(sb, &c.job_id, killed_ms, now_ms())?;
         let cluster = sb.cluster()?;
         let status = sb.status(&c.job_id)?;
         println!(
-            "etcd member {member} killed ({}; jobmanager leader had {} connection(s) to it, resourcemanager {}): \
+            "{} member {member} killed ({}; jobmanager leader had {} connection(s) to it, resourcemanager {}): \
              next checkpoint completed {first} ms after the kill, largest gap between completions {gap} ms, \
              epochs jobmanager {} resourcemanager {}",
-            if raft == Some(member) { "etcd's raft leader" } else { "a raft follower" },
+            backend.name(),
+            if store_leader == Some(member) { "the store's leader" } else { "a follower" },
             jm_conns.get(&member).copied().unwrap_or(0),
             rm_conns.get(&member).copied().unwrap_or(0),
             cluster["jobmanager"]["epoch"],
@@ -294,22 +337,19 @@ fn one_etcd_member_down_changes_nothing() -> anyhow::Result<()> {
         assert_eq!(max_attempt(&status), attempt, "the job must not be redeployed");
         assert_eq!(status["restarts"], restarts, "the job must not restart");
 
-        let etcd = sb.etcd.as_mut().ok_or_else(|| anyhow!("no etcd"))?;
-        etcd.restart(member)?;
-        etcd.wait_healthy(Duration::from_secs(60))?;
+        restart_member(sb, member)?;
     }
     Ok(())
 }
 
-/// Losing etcd's quorum (2 of 3 members killed) makes both leaders step down within about a
+/// Losing the store's quorum (2 of 3 members killed) makes both leaders step down within about a
 /// lease TTL: each process answers as a standby, and from the step-down on no checkpoint
 /// completes (no metadata file is written) and no task is deployed (the TaskManager runs no
 /// task it did not run before the fault). When quorum is back, leaders are elected again
 /// (higher epochs). Prints the time from the fault to each step-down and from quorum back to
 /// the new leaders.
-#[test]
-fn etcd_quorum_loss_leaders_step_down_and_are_elected_again() -> anyhow::Result<()> {
-    quorum_loss("etcd-quorum", false)
+fn quorum_loss_step_down(backend: Backend) -> anyhow::Result<()> {
+    quorum_loss(backend, "store-quorum", false)
 }
 
 /// As above, and then the job runs again under the new JobManager leader, completes a
@@ -320,13 +360,12 @@ fn etcd_quorum_loss_leaders_step_down_and_are_elected_again() -> anyhow::Result<
 /// of deposed JobManager epochs: when both leaders are re-elected at once, the new JobManager
 /// releases its job's slots before the TaskManager re-registers, which then reports them still
 /// allocated under the old epoch; the job waited for slots until `slot.request.timeout`.
-#[test]
-fn etcd_quorum_loss_then_the_job_recovers_when_quorum_returns() -> anyhow::Result<()> {
-    quorum_loss("etcd-quorum-job", true)
+fn quorum_loss_job_recovers(backend: Backend) -> anyhow::Result<()> {
+    quorum_loss(backend, "store-quorum-job", true)
 }
 
-fn quorum_loss(test: &str, job_must_recover: bool) -> anyhow::Result<()> {
-    let mut c = start(test)?;
+fn quorum_loss(backend: Backend, test: &str, job_must_recover: bool) -> anyhow::Result<()> {
+    let mut c = start(backend, test)?;
     let rt = c.rt.handle().clone();
     let sb = &mut c.sb;
     let cluster = sb.cluster()?;
@@ -347,11 +386,8 @@ fn quorum_loss(test: &str, job_must_recover: bool) -> anyhow::Result<()> {
 
     let fault_ms = now_ms();
     let fault = Instant::now();
-    {
-        let etcd = sb.etcd.as_mut().ok_or_else(|| anyhow!("no etcd"))?;
-        etcd.kill(1);
-        etcd.kill(2);
-    }
+    kill_member(sb, 1)?;
+    kill_member(sb, 2)?;
 
     // Step-down: every JobManager and the ResourceManager answer as standbys. Meanwhile, the
     // TaskManager's tasks are sampled.
@@ -379,7 +415,7 @@ fn quorum_loss(test: &str, job_must_recover: bool) -> anyhow::Result<()> {
         let standbys =
             !jms.iter().any(|a| jm_leads(&rt, a).unwrap_or(true)) && !rm_leads(&rt, &rm).unwrap_or(true);
         if !standbys {
-            bail!("a leader acts without etcd quorum");
+            bail!("a leader acts without the store's quorum");
         }
         Ok((fault.elapsed() > jm_down.max(rm_down) + TTL).then_some(()))
     })?;
@@ -395,20 +431,20 @@ fn quorum_loss(test: &str, job_must_recover: bool) -> anyhow::Result<()> {
     );
     assert!(after_down.is_empty(), "checkpoints completed after the jobmanager stood down: {after_down:?}");
     let deployed: Vec<&String> = seen_tasks.difference(&tasks_before).collect();
-    assert!(deployed.is_empty(), "tasks deployed without etcd quorum: {deployed:?}");
+    assert!(deployed.is_empty(), "tasks deployed without the store's quorum: {deployed:?}");
 
     // Quorum is back once a second member serves again (with a raft leader): that moment is
     // what recovery is measured from. The third member rejoins afterwards.
     let restarting = Instant::now();
-    {
-        let etcd = sb.etcd.as_mut().ok_or_else(|| anyhow!("no etcd"))?;
-        etcd.restart(1)?;
-        etcd.wait_healthy(Duration::from_secs(60))?;
-    }
+    restart_member(sb, 1)?;
     let quorum = restarting.elapsed();
     let back = Instant::now();
     let back_ms = now_ms();
-    sb.etcd.as_mut().ok_or_else(|| anyhow!("no etcd"))?.restart(2)?;
+    match (sb.etcd.as_mut(), sb.raft.as_mut()) {
+        (Some(etcd), _) => etcd.restart(2)?,
+        (None, Some(raft)) => raft.restart(2)?,
+        (None, None) => bail!("the sandbox has no HA store members"),
+    }
     let (leaders, cluster) = wait_until("leaders elected again", LONG, || {
         let c = sb.cluster()?;
         let jm = c["jobmanager"]["epoch"].as_u64().unwrap_or(0);
@@ -454,3 +490,7 @@ fn quorum_loss(test: &str, job_must_recover: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+on_backends!(one_store_member_down_changes_nothing, one_member_down, [Etcd, Raft]);
+on_backends!(quorum_loss_leaders_step_down_and_are_elected_again, quorum_loss_step_down, [Etcd, Raft]);
+on_backends!(quorum_loss_then_the_job_recovers_when_quorum_returns, quorum_loss_job_recovers, [Etcd, Raft]);
