@@ -508,9 +508,11 @@ fn run_in(
     report.violations.extend(etcd_state.violations.iter().cloned());
     report.notes.extend(etcd_state.notes.iter().cloned());
     if opts.ha == Backend::Raft {
+        let (first, last) = etcd_state.rounds_ms;
+        let period = last.saturating_sub(first) / etcd_state.rounds.saturating_sub(1).max(1);
         report.notes.push(format!(
-            "raft HA store sampled in {} rounds of linearizable reads ({} failed: no Raft leader answered in time); \
-             pointer moves and leaderships that lasted less than a round are not seen",
+            "raft HA store sampled in {} rounds of linearizable reads, one every {period} ms on average ({} failed: no \
+             Raft leader answered in time); pointer moves and leaderships that lasted less than a round are not seen",
             etcd_state.rounds, etcd_state.failed_rounds
         ));
     }

@@ -485,9 +485,11 @@ pub struct HaState {
     pub watch_restarts: u64,
     /// Metadata files that could not be read (deleted by retention before the read).
     pub unread_metadata: u64,
-    /// Raft: sampling rounds, and rounds whose reads failed (no Raft leader answered).
+    /// Raft: sampling rounds, rounds whose reads failed (no Raft leader answered), and when
+    /// the first and the last round ended (ms since the run started).
     pub rounds: u64,
     pub failed_rounds: u64,
+    pub rounds_ms: (u64, u64),
 }
 
 impl HaState {
@@ -777,9 +779,11 @@ impl HaWatcher {
                         let before_ms = ms_since(start);
                         let pointers = ha.list("checkpoints/").await?;
                         let pointers_ms = ms_since(start);
-                        let after = ha.leader(Role::JobManager).await?;
+                        // Both after the pointer read; one does not need the other.
+                        let (after, rm) =
+                            tokio::join!(ha.leader(Role::JobManager), ha.leader(Role::ResourceManager));
+                        let (after, rm) = (after?, rm?);
                         let after_ms = ms_since(start);
-                        let rm = ha.leader(Role::ResourceManager).await?;
                         Ok::<_, keel_proto::KeelError>((before, before_ms, pointers, pointers_ms, after, after_ms, rm))
                     };
                     let Ok((before, before_ms, pointers, pointers_ms, after, after_ms, rm)) = read.await else {
@@ -796,6 +800,10 @@ impl HaWatcher {
                     {
                         let mut s = lock(&t_state);
                         s.rounds += 1;
+                        if s.rounds_ms.0 == 0 {
+                            s.rounds_ms.0 = after_ms;
+                        }
+                        s.rounds_ms.1 = after_ms;
                         let info = |l: Option<keel_ha::LeaderInfo>| l.map(|l| (l.epoch, l.address));
                         note(&mut s, &mut last_leader, "jobmanager", info(before), round, before_ms);
                         for (key, value) in pointers {
