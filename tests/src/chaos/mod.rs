@@ -230,7 +230,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut cluster = Cluster::layout(&dir, keel, network.as_ref(), &cluster_id, opts.ha)?;
     report.ha = match opts.ha {
         Backend::Raft => format!(
-            "raft: 3 keel ha-member processes ({}); checkpoint pointers and leaders sampled every 50 ms",
+            "raft: 3 keel ha-member processes ({}); checkpoint pointers and leaders sampled (rounds of linearizable reads 50 ms apart)",
             cluster.raft_members
         ),
         _ => format!("etcd: 3 members ({}), watched", cluster.etcd_endpoints),
