@@ -689,13 +689,43 @@ fn inject(
     let resolved = keel_testkit::wait_until("the fault's target", Duration::from_secs(30), || {
         resolve(cluster, fault, w.output).map(Some)
     });
-    let (target, about) = match resolved {
+    let (mut target, mut about) = match resolved {
         Ok(t) => t,
         Err(e) => {
             outcome.error = Some(format!("cannot resolve the target: {e:#}"));
             return outcome;
         }
     };
+    // `keel cluster` asks a JobManager, and a deposed one that has just come back from a
+    // partition may still name itself from a stale leader watch (seen once on raft). The HA
+    // store decides: a newer leadership there is the one a leader fault hits.
+    let role = match fault.kind {
+        FaultKind::KillJmLeader | FaultKind::PauseJmLeader | FaultKind::PartitionJmLeader => {
+            Some("jobmanager")
+        }
+        FaultKind::KillRmLeader | FaultKind::PauseRmLeader | FaultKind::PartitionRmLeader => {
+            Some("resourcemanager")
+        }
+        _ => None,
+    };
+    if let Some(role) = role {
+        let said = about.rsplit("epoch ").next().and_then(|e| e.parse::<u64>().ok());
+        let store = lock(&w.etcd.state)
+            .leaders
+            .iter()
+            .rfind(|l| l.role == role)
+            .and_then(|l| l.epoch.map(|e| (e, l.address.clone())));
+        if let (Some(said), Some((epoch, address))) = (said, store) {
+            if let Some(node) = cluster.by_address(&address).filter(|_| epoch > said) {
+                outcome.notes.push(format!(
+                    "keel cluster named {target} (epoch {said}) as the {role} leader, but the HA store's is epoch \
+                     {epoch} ({address}): that one is hit"
+                ));
+                target = node.name.clone();
+                about = format!("{role} leader, epoch {epoch}, from the HA store");
+            }
+        }
+    }
     outcome.target = format!("{target} ({about})");
     let restarts_before = cluster.keel_json(&["status", JOB]).ok().and_then(|s| s["restarts"].as_u64());
     let hold = Duration::from_millis(fault.hold_ms);
