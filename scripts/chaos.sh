@@ -6,6 +6,7 @@
 #   scripts/chaos.sh --seed 42 --duration 10m --mode exactly-once
 #   scripts/chaos.sh --seed 42 --kinds kill-broker-leader,pause-broker,partition-broker --faults 6
 #   scripts/chaos.sh --seed 42 --faults 20 --list      # print the schedule only
+#   scripts/chaos.sh --seed 42 --duration 5m --ha raft # the raft HA store (keel ha-member) instead of etcd
 # The seed is printed first; a failing run prints the command that replays it. Network
 # partitions need root and iproute2 (network namespaces); without them they are skipped.
 set -euo pipefail

@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo build -p keel && cargo run -p keel-tests --bin keel-chaos -- --seed 42 --duration 10m
 //! cargo run -p keel-tests --bin keel-chaos -- --seed 42 --duration 10m --mode exactly-once
+//! cargo run -p keel-tests --bin keel-chaos -- --seed 42 --duration 5m --ha raft   # raft HA store
 //! cargo run -p keel-tests --bin keel-chaos -- --seed 42 --faults 20 --list   # the schedule only
 //! ```
 //!
@@ -15,9 +16,10 @@ use std::time::Duration;
 
 use keel_tests::chaos::schedule::{schedule, FaultKind};
 use keel_tests::chaos::{run, Options};
+use keel_tests::Backend;
 
 const USAGE: &str =
-    "usage: keel-chaos [--seed N] [--duration 10m | --faults N] [--mode at-least-once|exactly-once]
+    "usage: keel-chaos [--seed N] [--duration 10m | --faults N] [--mode at-least-once|exactly-once] [--ha etcd|raft]
                   [--kinds kill-tm,kill-jm-leader,...] [--rate RECORDS_PER_S] [--no-network]
                   [--recovery-timeout 90s] [--checkpoint-interval 500ms] [--no-etcd-pre-vote] [--keel PATH] [--keep] [--list]";
 
@@ -50,6 +52,13 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
                 opts.faults = Some(value("--faults")?.parse().map_err(|e| format!("--faults: {e}"))?)
             }
             "--mode" => opts.mode = value("--mode")?.parse()?,
+            "--ha" => {
+                opts.ha = match value("--ha")?.as_str() {
+                    "etcd" => Backend::Etcd,
+                    "raft" => Backend::Raft,
+                    other => return Err(format!("--ha: unknown backend {other:?}; etcd or raft")),
+                }
+            }
             "--kinds" => {
                 opts.kinds = value("--kinds")?
                     .split(',')
@@ -116,7 +125,11 @@ fn main() -> ExitCode {
             eprintln!("{USAGE}");
             eprintln!(
                 "fault kinds: {}",
-                FaultKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+                FaultKind::EVERY.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+            );
+            eprintln!(
+                "default kinds: all but pause-ha-member on --ha etcd (as before it existed), all on --ha raft; \
+                 kill-ha-member and partition-ha-member are other names of restart-etcd and partition-etcd-member"
             );
             return ExitCode::from(2);
         }
@@ -141,7 +154,7 @@ fn main() -> ExitCode {
         std::process::exit(130);
     });
     if list {
-        for f in schedule(opts.seed, &opts.kinds, opts.faults.unwrap_or(30)) {
+        for f in schedule(opts.seed, &opts.schedule_kinds(), opts.faults.unwrap_or(30)) {
             println!("{f}");
         }
         return ExitCode::SUCCESS;

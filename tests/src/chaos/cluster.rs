@@ -1,4 +1,5 @@
-//! The processes of a chaos run: 3 etcd members, 3 Apache Kafka nodes (KRaft, each broker and
+//! The processes of a chaos run: 3 members of the HA store (etcd members, or `keel ha-member`
+//! processes on the raft backend), 3 Apache Kafka nodes (KRaft, each broker and
 //! controller; replication factor 3, `min.insync.replicas` 2), 2 ResourceManagers,
 //! 2 JobManagers and 3 TaskManagers, each on its own address: in its own network namespace
 //! ([`super::net::Network`]) or, without namespaces, on loopback with ports of its own.
@@ -22,6 +23,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
 use super::net::Network;
+use crate::Backend;
 
 /// How long a started process may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,6 +37,8 @@ const VERB_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
     Etcd(usize),
+    /// A member of the Raft HA store (`keel ha-member`) with this member id.
+    RaftMember(u64),
     /// An Apache Kafka node (broker and controller) with this `node.id`.
     Kafka(i32),
     ResourceManager,
@@ -50,6 +54,11 @@ impl Role {
             Role::TaskManager => Some("taskmanager"),
             _ => None,
         }
+    }
+
+    /// A member of the HA store (etcd or Raft).
+    pub fn is_ha_member(self) -> bool {
+        matches!(self, Role::Etcd(_) | Role::RaftMember(_))
     }
 }
 
@@ -69,6 +78,27 @@ pub const LAYOUT: [(&str, Role, u8); 13] = [
     ("tm2", Role::TaskManager, 52),
     ("tm3", Role::TaskManager, 53),
 ];
+
+/// The Raft members that replace the etcd members on `--ha raft`: same addresses (namespaces).
+pub const RAFT_MEMBERS: [(&str, Role, u8); 3] = [
+    ("member1", Role::RaftMember(1), 11),
+    ("member2", Role::RaftMember(2), 12),
+    ("member3", Role::RaftMember(3), 13),
+];
+
+/// The layout of a run on `ha`: [`LAYOUT`], its etcd members replaced by [`RAFT_MEMBERS`] on raft.
+pub fn layout(ha: Backend) -> Vec<(&'static str, Role, u8)> {
+    LAYOUT
+        .iter()
+        .map(|n| match (ha, n.1) {
+            (Backend::Raft, Role::Etcd(i)) => RAFT_MEMBERS.get(i).copied().unwrap_or(*n),
+            _ => *n,
+        })
+        .collect()
+}
+
+/// The client port of a Raft member in namespace mode.
+const RAFT_PORT: u16 = 6130;
 
 /// Pids of every process the runs of this process started (a signal handler kills them).
 static STARTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
@@ -178,6 +208,10 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub broker: BrokerKind,
     pub etcd_endpoints: String,
+    /// The HA backend: etcd, or raft (`keel ha-member` processes instead of etcd).
+    pub ha: Backend,
+    /// `high-availability.raft.members` (raft only).
+    pub raft_members: String,
     pub cluster_id: String,
     /// Start etcd members with `--pre-vote` (the runner turns it on unless `--no-etcd-pre-vote`).
     pub etcd_pre_vote: bool,
@@ -232,9 +266,13 @@ impl Cluster {
         keel: PathBuf,
         net: Option<&Network>,
         cluster_id: &str,
+        ha: Backend,
     ) -> anyhow::Result<Cluster> {
+        if !matches!(ha, Backend::Etcd | Backend::Raft) {
+            bail!("the chaos suite runs on the etcd or the raft HA backend, not {}", ha.name());
+        }
         let mut nodes = Vec::new();
-        for (name, role, _) in LAYOUT {
+        for (name, role, _) in layout(ha) {
             let (ip, ns) = match net {
                 Some(n) => {
                     let node = n.node(name)?;
@@ -244,6 +282,7 @@ impl Cluster {
             };
             let (port, port2) = match (net.is_some(), role) {
                 (true, Role::Etcd(_)) => (2379, 2380),
+                (true, Role::RaftMember(_)) => (RAFT_PORT, 0),
                 (true, Role::Kafka(_)) => (9092, 9093),
                 (true, Role::ResourceManager) => (6124, 0),
                 (true, Role::JobManager) => (6123, 0),
@@ -268,6 +307,14 @@ impl Cluster {
             .map(Node::address)
             .collect::<Vec<_>>()
             .join(",");
+        let raft_members = nodes
+            .iter()
+            .filter_map(|n| match n.role {
+                Role::RaftMember(id) => Some(format!("{id}={}", n.address())),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         Ok(Cluster {
             dir: dir.to_path_buf(),
             keel,
@@ -275,6 +322,8 @@ impl Cluster {
             nodes,
             broker: BrokerKind::NotStarted,
             etcd_endpoints,
+            ha,
+            raft_members,
             cluster_id: cluster_id.to_string(),
             metrics: Default::default(),
             etcd_pre_vote: false,
@@ -436,6 +485,109 @@ impl Cluster {
         bail!("no etcd leader in {out}")
     }
 
+    // ----- the HA store's members (etcd or Raft) -----
+
+    /// The names of the HA store's members (etcd0..2 or member1..3).
+    pub fn ha_member_names(&self) -> Vec<String> {
+        self.names_of(Role::is_ha_member)
+    }
+
+    /// Starts the HA store's three members and waits until the store serves.
+    pub fn start_ha_store(&mut self) -> anyhow::Result<()> {
+        match self.ha {
+            Backend::Raft => {
+                // The members read the run's config file (members, storage directory).
+                self.write_config()?;
+                for name in self.ha_member_names() {
+                    self.spawn_member(&name)?;
+                }
+                for name in self.ha_member_names() {
+                    self.wait_member_listening(&name)?;
+                }
+            }
+            _ => {
+                for name in self.ha_member_names() {
+                    self.start_etcd(&name, "new")?;
+                }
+            }
+        }
+        self.wait_ha_store_healthy(Duration::from_secs(60))
+    }
+
+    /// Waits until the HA store is whole: every etcd member healthy; every Raft member answering
+    /// and naming the same Raft leader, which calls itself leader.
+    pub fn wait_ha_store_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        if self.ha != Backend::Raft {
+            return self.wait_etcd_healthy(timeout);
+        }
+        wait_until("the raft members to agree on a leader", timeout, || {
+            let mut leaders = BTreeSet::new();
+            let mut leading = 0;
+            for name in self.ha_member_names() {
+                let status = member_status(&self.node(&name)?.address())?;
+                leaders.insert(status.raft_leader);
+                leading += usize::from(status.state == "leader");
+            }
+            Ok((leaders.len() == 1 && !leaders.contains(&0) && leading == 1).then_some(()))
+        })
+    }
+
+    /// The name of the member that leads the HA store now: the etcd leader, or the Raft member
+    /// that calls itself leader (the one with the highest term if a cut-off one still does).
+    pub fn ha_leader(&self) -> anyhow::Result<String> {
+        if self.ha != Backend::Raft {
+            return self.etcd_leader();
+        }
+        let mut best: Option<(u64, String)> = None;
+        for n in self.nodes.iter().filter(|n| matches!(n.role, Role::RaftMember(_))) {
+            if n.proc.is_none() || n.paused {
+                continue;
+            }
+            if let Ok(s) = member_status(&n.address()) {
+                if s.state == "leader" && best.as_ref().is_none_or(|(t, _)| s.term > *t) {
+                    best = Some((s.term, n.name.clone()));
+                }
+            }
+        }
+        best.map(|(_, name)| name).ok_or_else(|| anyhow!("no raft member leads now"))
+    }
+
+    /// Starts a `keel ha-member` process for Raft member node `name` (its id, its address from
+    /// the members setting, its data under `high-availability.storageDir`/raft-<id>).
+    fn spawn_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node(name)?;
+        let Role::RaftMember(id) = node.role else { bail!("{name} is not a raft member") };
+        let mut c = self.command(node.ns.as_deref(), &self.keel);
+        c.arg("ha-member")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--set")
+            .arg(format!("high-availability.raft.member-id={id}"))
+            .env("KEEL_LOG", "info,keel=debug,raft=info,h2=warn,tower=warn,hyper=warn");
+        self.spawn(name, c, false)
+    }
+
+    fn wait_member_listening(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.node_mut(name)?;
+        wait_until(&format!("{name} to listen"), START_TIMEOUT, || {
+            let Some(p) = node.proc.as_mut() else { bail!("{name} has no process") };
+            let log = p.log_text();
+            if log.contains("keel ha-member listening on ") {
+                return Ok(Some(()));
+            }
+            if !p.running() {
+                bail!("{name} exited; log tail:\n{}", tail(&log, 30));
+            }
+            Ok(None)
+        })
+    }
+
+    /// Starts Raft member `name` again (same id, same data) and waits until it listens.
+    pub fn start_member(&mut self, name: &str) -> anyhow::Result<()> {
+        self.spawn_member(name)?;
+        self.wait_member_listening(name)
+    }
+
     // ----- Kafka -----
 
     /// Starts the Kafka cluster: three nodes of the run's own, each on its node's address
@@ -580,10 +732,21 @@ impl Cluster {
     pub fn write_config(&self) -> anyhow::Result<()> {
         let rm = self.node("rm1")?;
         let jm = self.node("jm1")?;
+        let store = match self.ha {
+            Backend::Raft => [
+                "high-availability.type: raft".to_string(),
+                format!("high-availability.raft.members: \"{}\"", self.raft_members),
+            ],
+            _ => [
+                "high-availability.type: etcd".to_string(),
+                format!("high-availability.etcd.endpoints: \"{}\"", self.etcd_endpoints),
+            ],
+        };
+        let [store_type, store_members] = store;
         let lines = [
-            "high-availability.type: etcd".to_string(),
+            store_type,
             format!("high-availability.cluster-id: {}", self.cluster_id),
-            format!("high-availability.etcd.endpoints: \"{}\"", self.etcd_endpoints),
+            store_members,
             format!("high-availability.storageDir: {}", self.dir.join("ha").display()),
             format!("state.checkpoints.dir: {}", self.dir.join("checkpoints").display()),
             format!("resourcemanager.rpc.address: {}", rm.ip),
@@ -657,11 +820,13 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts a node's process again after a kill (etcd rejoins as an existing member).
+    /// Starts a node's process again after a kill (etcd rejoins as an existing member, a Raft
+    /// member with its id and data).
     pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let role = self.node(name)?.role;
         match role {
             Role::Etcd(_) => self.start_etcd(name, "existing"),
+            Role::RaftMember(_) => self.start_member(name),
             Role::Kafka(_) => {
                 self.spawn_kafka(name)?;
                 self.wait_kafka(name)
@@ -778,6 +943,20 @@ pub struct Leaders {
     pub rm: String,
     pub rm_epoch: u64,
     pub taskmanagers: usize,
+}
+
+/// A Raft member's view of its group (its `MemberStatus`), within 2 s.
+pub fn member_status(address: &str) -> anyhow::Result<keel_proto::pb::HaMemberStatusResponse> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let address = address.to_string();
+    rt.block_on(async move {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2));
+        let channel = endpoint.connect().await?;
+        let mut client = keel_proto::pb::ha_member_client::HaMemberClient::new(channel);
+        Ok(client.member_status(keel_proto::pb::HaMemberStatusRequest {}).await?.into_inner())
+    })
 }
 
 /// The last `n` lines of `text`.

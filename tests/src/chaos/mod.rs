@@ -1,11 +1,12 @@
-//! The chaos suite: a real cluster (3 etcd members, 3 Apache Kafka brokers with replication
+//! The chaos suite: a real cluster (3 members of the HA store: etcd members, or `keel
+//! ha-member` processes with `--ha raft`; 3 Apache Kafka brokers with replication
 //! factor 3 and `min.insync.replicas` 2, 2 ResourceManagers, 2 JobManagers, 3 TaskManagers), a job copying a numbered workload Kafka -> Kafka with
 //! checkpoints every 500 ms, and a fault schedule drawn from a seed; then an exact account of
 //! every record. See docs/chaos.md.
 //!
 //! - [`rng`]: the seeded random numbers (`rand`); [`schedule`]: faults from a seed.
 //! - [`net`]: network namespaces and partitions; [`cluster`]: the processes.
-//! - [`workload`]: the producer; [`observe`]: output reader, task and etcd watchers.
+//! - [`workload`]: the producer; [`observe`]: output reader, task and HA-store watchers.
 //! - [`check`]: the accounting; [`report`]: what a run prints.
 //!
 //! [`run`] does it all and returns a [`report::Report`]; `report.violations` lists what
@@ -31,9 +32,10 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::Backend;
 use check::InRecord;
-use cluster::{Cluster, Role, LAYOUT};
-use observe::{lock, ms_since, EtcdWatcher, OutputReader, TaskWatcher};
+use cluster::{Cluster, Role};
+use observe::{lock, ms_since, HaWatcher, OutputReader, TaskWatcher};
 use report::{FaultOutcome, Report};
 use schedule::{Fault, FaultKind};
 use workload::{Workload, IN_PARTITIONS};
@@ -78,8 +80,11 @@ pub struct Options {
     pub duration: Option<Duration>,
     /// ... or exactly this many faults (the first ones of the seed's schedule).
     pub faults: Option<usize>,
-    /// Fault kinds to draw from; empty: all.
+    /// Fault kinds to draw from; empty: the backend's defaults ([`schedule::default_kinds`]).
     pub kinds: Vec<FaultKind>,
+    /// The HA backend: [`Backend::Etcd`] (three etcd members) or [`Backend::Raft`] (three
+    /// `keel ha-member` processes in their place).
+    pub ha: Backend,
     pub mode: Mode,
     /// Records per second of the workload.
     pub rate: u64,
@@ -105,6 +110,7 @@ impl Default for Options {
             duration: None,
             faults: Some(5),
             kinds: Vec::new(),
+            ha: Backend::Etcd,
             mode: Mode::AtLeastOnce,
             rate: 200,
             network: true,
@@ -118,6 +124,15 @@ impl Default for Options {
 }
 
 impl Options {
+    /// The kinds the schedule draws from: those given, or the backend's defaults.
+    pub fn schedule_kinds(&self) -> Vec<FaultKind> {
+        if self.kinds.is_empty() {
+            schedule::default_kinds(self.ha == Backend::Raft)
+        } else {
+            self.kinds.clone()
+        }
+    }
+
     /// The command that replays this run.
     pub fn replay_command(&self) -> String {
         let mut c = format!("cargo run -p keel-tests --bin keel-chaos -- --seed {}", self.seed);
@@ -129,6 +144,9 @@ impl Options {
         }
         if !self.kinds.is_empty() {
             c += &format!(" --kinds {}", self.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(","));
+        }
+        if self.ha == Backend::Raft {
+            c += " --ha raft";
         }
         if self.mode == Mode::ExactlyOnce {
             c += " --mode exactly-once";
@@ -168,10 +186,14 @@ fn run_dir() -> anyhow::Result<PathBuf> {
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let start = Instant::now();
     let dir = run_dir()?;
+    if !matches!(opts.ha, Backend::Etcd | Backend::Raft) {
+        bail!("the chaos suite runs on --ha etcd or --ha raft, not {}", opts.ha.name());
+    }
     println!(
-        "chaos: seed {} mode {} rate {}/s; run directory {}",
+        "chaos: seed {} mode {} ha {} rate {}/s; run directory {}",
         opts.seed,
         opts.mode.name(),
+        opts.ha.name(),
         opts.rate,
         dir.display()
     );
@@ -197,7 +219,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         report.network = format!("loopback: no network namespaces ({why}); partitions skipped");
         None
     } else {
-        let layout: Vec<(&str, u8)> = LAYOUT.iter().map(|(n, _, o)| (*n, *o)).collect();
+        let layout: Vec<(&str, u8)> = cluster::layout(opts.ha).iter().map(|(n, _, o)| (*n, *o)).collect();
         let net = net::Network::create(&layout)?;
         report.network = net.describe();
         Some(net)
@@ -205,7 +227,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     println!("chaos: {}", report.network);
 
     let cluster_id = format!("chaos-{}", std::process::id());
-    let mut cluster = Cluster::layout(&dir, keel, network.as_ref(), &cluster_id)?;
+    let mut cluster = Cluster::layout(&dir, keel, network.as_ref(), &cluster_id, opts.ha)?;
+    report.ha = match opts.ha {
+        Backend::Raft => format!(
+            "raft: 3 keel ha-member processes ({}); checkpoint pointers and leaders sampled (rounds of linearizable reads 50 ms apart)",
+            cluster.raft_members
+        ),
+        _ => format!("etcd: 3 members ({}), watched", cluster.etcd_endpoints),
+    };
     cluster.etcd_pre_vote = opts.etcd_pre_vote;
     let result = run_in(opts, start, &mut cluster, network, &mut report);
     if let Err(e) = &result {
@@ -231,10 +260,7 @@ fn run_in(
     mut network: Option<net::Network>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    for name in cluster.names_of(|r| matches!(r, Role::Etcd(_))) {
-        cluster.start_etcd(&name, "new")?;
-    }
-    cluster.wait_etcd_healthy(Duration::from_secs(60))?;
+    cluster.start_ha_store()?;
     let kafka_started = Instant::now();
     cluster.start_brokers()?;
     let bootstrap = cluster.bootstrap();
@@ -258,8 +284,14 @@ fn run_in(
     keel_testkit::create_topic(&bootstrap, &input, IN_PARTITIONS as i32)?;
     keel_testkit::create_topic(&bootstrap, &output, OUT_PARTITIONS)?;
 
-    let mut etcd =
-        EtcdWatcher::start(cluster.etcd_endpoints.clone(), &cluster.cluster_id, input.clone(), start)?;
+    let mut etcd = match opts.ha {
+        Backend::Raft => {
+            let members: Vec<String> =
+                cluster.nodes.iter().filter(|n| n.role.is_ha_member()).map(|n| n.address()).collect();
+            HaWatcher::start_raft(members, &cluster.cluster_id, input.clone(), start)?
+        }
+        _ => HaWatcher::start(cluster.etcd_endpoints.clone(), &cluster.cluster_id, input.clone(), start)?,
+    };
     cluster.write_config()?;
     for name in ["rm1", "rm2", "jm1", "jm2", "tm1", "tm2", "tm3"] {
         cluster.start_keel(name)?;
@@ -309,7 +341,7 @@ fn run_in(
 
     // The schedule.
     let count = opts.faults.unwrap_or(100_000);
-    let faults = schedule::schedule(opts.seed, &opts.kinds, count);
+    let faults = schedule::schedule(opts.seed, &opts.schedule_kinds(), count);
     let schedule_start = Instant::now();
     for fault in faults {
         if opts.duration.is_some_and(|d| schedule_start.elapsed() >= d) {
@@ -475,6 +507,15 @@ fn run_in(
     report.completed = etcd_state.completed.clone();
     report.violations.extend(etcd_state.violations.iter().cloned());
     report.notes.extend(etcd_state.notes.iter().cloned());
+    if opts.ha == Backend::Raft {
+        let (first, last) = etcd_state.rounds_ms;
+        let period = last.saturating_sub(first) / etcd_state.rounds.saturating_sub(1).max(1);
+        report.notes.push(format!(
+            "raft HA store sampled in {} rounds of linearizable reads, one every {period} ms on average ({} failed: no \
+             Raft leader answered in time); pointer moves and leaderships that lasted less than a round are not seen",
+            etcd_state.rounds, etcd_state.failed_rounds
+        ));
+    }
     report.overlaps = lock(&tasks.state).overlaps.clone();
     let committed_ends = out_state.read_ends.clone();
     drop(out_state);
@@ -596,17 +637,15 @@ fn resolve(cluster: &Cluster, fault: &Fault, output: &str) -> anyhow::Result<(St
                 .collect();
             (name, format!("a broker; leads output partitions {leads:?}"))
         }
-        FaultKind::RestartEtcd | FaultKind::PartitionEtcdMember => {
-            let leader = cluster.etcd_leader()?;
+        FaultKind::RestartEtcd | FaultKind::PartitionEtcdMember | FaultKind::PauseHaMember => {
+            let leader = cluster.ha_leader()?;
+            let store = if cluster.ha == Backend::Raft { "raft" } else { "etcd" };
             if (fault.pick / 2).is_multiple_of(2) {
-                (leader, "etcd leader".into())
+                (leader, format!("{store} leader"))
             } else {
-                let followers: Vec<String> = cluster
-                    .names_of(|r| matches!(r, Role::Etcd(_)))
-                    .into_iter()
-                    .filter(|n| *n != leader)
-                    .collect();
-                (pick(&followers), "etcd follower".into())
+                let followers: Vec<String> =
+                    cluster.ha_member_names().into_iter().filter(|n| *n != leader).collect();
+                (pick(&followers), format!("{store} follower"))
             }
         }
     })
@@ -623,7 +662,7 @@ fn output_leader(cluster: &Cluster, output: &str, pick: u64) -> anyhow::Result<(
 struct Watch<'a> {
     reader: &'a OutputReader,
     workload: &'a Workload,
-    etcd: &'a EtcdWatcher,
+    etcd: &'a HaWatcher,
     start: Instant,
     opts: &'a Options,
     /// The job's output topic.
@@ -650,13 +689,43 @@ fn inject(
     let resolved = keel_testkit::wait_until("the fault's target", Duration::from_secs(30), || {
         resolve(cluster, fault, w.output).map(Some)
     });
-    let (target, about) = match resolved {
+    let (mut target, mut about) = match resolved {
         Ok(t) => t,
         Err(e) => {
             outcome.error = Some(format!("cannot resolve the target: {e:#}"));
             return outcome;
         }
     };
+    // `keel cluster` asks a JobManager, and a deposed one that has just come back from a
+    // partition may still name itself from a stale leader watch (seen once on raft). The HA
+    // store decides: a newer leadership there is the one a leader fault hits.
+    let role = match fault.kind {
+        FaultKind::KillJmLeader | FaultKind::PauseJmLeader | FaultKind::PartitionJmLeader => {
+            Some("jobmanager")
+        }
+        FaultKind::KillRmLeader | FaultKind::PauseRmLeader | FaultKind::PartitionRmLeader => {
+            Some("resourcemanager")
+        }
+        _ => None,
+    };
+    if let Some(role) = role {
+        let said = about.rsplit("epoch ").next().and_then(|e| e.parse::<u64>().ok());
+        let store = lock(&w.etcd.state)
+            .leaders
+            .iter()
+            .rfind(|l| l.role == role)
+            .and_then(|l| l.epoch.map(|e| (e, l.address.clone())));
+        if let (Some(said), Some((epoch, address))) = (said, store) {
+            if let Some(node) = cluster.by_address(&address).filter(|_| epoch > said) {
+                outcome.notes.push(format!(
+                    "keel cluster named {target} (epoch {said}) as the {role} leader, but the HA store's is epoch \
+                     {epoch} ({address}): that one is hit"
+                ));
+                target = node.name.clone();
+                about = format!("{role} leader, epoch {epoch}, from the HA store");
+            }
+        }
+    }
     outcome.target = format!("{target} ({about})");
     let restarts_before = cluster.keel_json(&["status", JOB]).ok().and_then(|s| s["restarts"].as_u64());
     let hold = Duration::from_millis(fault.hold_ms);
@@ -699,15 +768,21 @@ fn inject(
                 cluster.kill9(&target)?;
                 std::thread::sleep(hold);
                 cluster.restart(&target)?;
-                cluster.wait_etcd_healthy(Duration::from_secs(60))?;
+                cluster.wait_ha_store_healthy(Duration::from_secs(60))?;
+            }
+            FaultKind::PauseHaMember => {
+                cluster.pause(&target)?;
+                std::thread::sleep(hold);
+                cluster.resume(&target)?;
+                cluster.wait_ha_store_healthy(Duration::from_secs(60))?;
             }
             _ => {
                 let net = network.ok_or_else(|| anyhow!("no network"))?;
                 let control: Vec<String> =
                     ["rm1", "rm2", "jm1", "jm2"].iter().map(|s| s.to_string()).collect();
-                let everyone: Vec<String> = LAYOUT.iter().map(|(n, _, _)| n.to_string()).collect();
+                let everyone: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
                 let tms = cluster.names_of(|r| r == Role::TaskManager);
-                let etcds = cluster.names_of(|r| matches!(r, Role::Etcd(_)));
+                let etcds = cluster.ha_member_names();
                 let me = vec![target.clone()];
                 let cut = match fault.kind {
                     FaultKind::PartitionJmLeader | FaultKind::PartitionRmLeader => {
@@ -828,7 +903,7 @@ fn progress_line(
     start: Instant,
     workload: &Workload,
     reader: &OutputReader,
-    etcd: &EtcdWatcher,
+    etcd: &HaWatcher,
     tasks: &TaskWatcher,
 ) -> String {
     let now = Instant::now();

@@ -124,6 +124,8 @@ pub struct Report {
     pub replay: String,
     pub dir: PathBuf,
     pub network: String,
+    /// The HA store: its backend and members, and how it is observed.
+    pub ha: String,
     pub broker: String,
     pub hides_aborted: Option<bool>,
     pub faults: Vec<FaultOutcome>,
@@ -158,6 +160,7 @@ impl Report {
             replay: opts.replay_command(),
             dir: dir.to_path_buf(),
             network: String::new(),
+            ha: String::new(),
             broker: String::new(),
             hides_aborted: None,
             faults: Vec::new(),
@@ -371,11 +374,10 @@ impl Report {
                 ));
             }
         }
-        // Losing one etcd member of three changes nothing (issue 5, point 7): no leader changes.
+        // Losing one member of three of the HA store (etcd or Raft) changes nothing (issue 5,
+        // point 7; issue 17): no leader changes.
         for f in &self.faults {
-            if !matches!(f.fault.kind, FaultKind::RestartEtcd | FaultKind::PartitionEtcdMember)
-                || f.skipped.is_some()
-            {
+            if !f.fault.kind.is_ha_member_fault() || f.skipped.is_some() {
                 continue;
             }
             // Up to 10 s after the heal, but not into the next fault (which may well change a
@@ -407,7 +409,7 @@ impl Report {
             let changes: Vec<String> = changes.into_iter().map(|c| c.2).filter(|t| !t.is_empty()).collect();
             if !changes.is_empty() {
                 self.violations.push(format!(
-                    "fault {} ({}): losing one etcd member of three must change nothing, but: {}",
+                    "fault {} ({}): losing one member of three of the HA store must change nothing, but: {}",
                     f.fault,
                     f.target,
                     changes.join(", ")
@@ -489,6 +491,7 @@ impl fmt::Display for Report {
         writeln!(f, "replay: {}", self.replay)?;
         writeln!(f, "load average (1 min) at the start {}, at the end {}", self.load.0, self.load.1)?;
         writeln!(f, "network: {}", self.network)?;
+        writeln!(f, "ha store: {}", self.ha)?;
         writeln!(f, "broker: {}", self.broker)?;
         writeln!(f, "faults:")?;
         writeln!(
@@ -614,7 +617,7 @@ impl fmt::Display for Report {
                 secs(max)
             )?;
         }
-        writeln!(f, "checkpoints completed (pointer moves seen on etcd): {}", self.checkpoints)?;
+        writeln!(f, "checkpoints completed (pointer moves seen on the HA store): {}", self.checkpoints)?;
         let epochs = |role: &str| {
             self.leaders
                 .iter()
@@ -715,6 +718,9 @@ mod tests {
     }
 
     #[test]
+    /// Losing one member of the HA store (a partition of an etcd member, a paused member) must
+    /// change no leader, and a ResourceManager leader fault must not restart the job: each seen
+    /// in the observations is a violation; the same leadership written again is no change.
     fn leader_changes_after_losing_one_etcd_member_and_restarts_after_a_resourcemanager_fault_are_violations()
     {
         let mut r = report();
@@ -732,6 +738,17 @@ mod tests {
         r.judge();
         assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
         assert!(r.violations[0].contains("resourcemanager lost its leader at +4.0s"), "{}", r.violations[0]);
+
+        // The same rule for a paused member of the HA store (etcd or Raft).
+        let mut r = report();
+        r.faults.push(outcome(1, FaultKind::PauseHaMember, 10_000, 5_000));
+        r.leaders = vec![leader("jobmanager", Some(4), 0), leader("jobmanager", Some(90), 12_000)];
+        r.judge();
+        assert!(
+            r.violations.iter().any(|v| v.contains("HA store must change nothing")),
+            "{:?}",
+            r.violations
+        );
 
         let mut r = report();
         let mut o = outcome(1, FaultKind::KillRmLeader, 10_000, 1_000);
