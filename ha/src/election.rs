@@ -241,6 +241,23 @@ pub(crate) fn deadline_check(remaining: Option<Duration>) -> DeadlineCheck {
     }
 }
 
+/// Returns once `leadership`'s deadline has passed unrenewed (never, without a deadline), so
+/// that leader work waiting on its `lost` token stops at the deadline even while a keep-alive
+/// is stuck on an unanswered request; what to do is decided by [`deadline_check`]. (Used by
+/// the etcd and raft keep-alive tasks; `Leadership::check` does not depend on it.)
+pub(crate) async fn watch_deadline(leadership: &crate::Leadership) -> String {
+    loop {
+        match deadline_check(leadership.remaining()) {
+            DeadlineCheck::Never => return std::future::pending().await,
+            DeadlineCheck::Passed => {
+                return "the lease deadline passed without a successful keep-alive".into()
+            }
+            // The deadline may move while we sleep; look again when the old one is due.
+            DeadlineCheck::LookAgainIn(pause) => tokio::time::sleep(pause).await,
+        }
+    }
+}
+
 /// The leader key as a read or a watch event shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LeaderKey {

@@ -159,6 +159,25 @@ pub async fn run_for_leadership<F, Fut>(
     }
 }
 
+/// True when an error's chain of causes shows that a request never left this process: the TCP
+/// connection to the server was refused (both gRPC clients, etcd's and the raft members', fail
+/// fast on a server that is down, and only such a request may be sent again when sending it
+/// twice could apply it twice).
+pub(crate) fn refused_before_sending(mut cause: Option<&(dyn std::error::Error + 'static)>) -> bool {
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        if c.to_string().contains("tcp connect error") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Builds the HA services the configuration asks for. Fails with an error naming the etcd
 /// endpoints (or the Raft members) when none can be reached within the connect timeout.
 pub async fn connect(config: &keel_config::HaConfig) -> Result<Arc<dyn HaServices>> {

@@ -91,19 +91,7 @@ pub(super) fn is_not_sent(e: &etcd_client::Error) -> bool {
         etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
         _ => None,
     };
-    let mut cause = source;
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        if c.to_string().contains("tcp connect error") {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    crate::refused_before_sending(source)
 }
 
 impl Conn {

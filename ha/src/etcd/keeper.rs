@@ -6,8 +6,7 @@ use keel_proto::{KeelError, Result};
 
 use super::conn::{describe, header_revision, is_lease_not_found, Conn};
 use crate::election::{
-    self, deadline_check, leader_key_change, Backoff, BeforeSend, DeadlineCheck, KeepAlive, KeepAliveAction,
-    KeepAliveOutcome, LeaderKey,
+    self, leader_key_change, Backoff, BeforeSend, KeepAlive, KeepAliveAction, KeepAliveOutcome, LeaderKey,
 };
 use crate::Leadership;
 
@@ -48,16 +47,7 @@ impl Keeper {
     /// blocked on an unanswered request. (`Leadership::check` does not depend on this task:
     /// after a pause it refuses before this task had a chance to run.)
     async fn deadline_watch(&self) -> String {
-        loop {
-            match deadline_check(self.leadership.remaining()) {
-                DeadlineCheck::Never => return std::future::pending().await,
-                DeadlineCheck::Passed => {
-                    return "the lease deadline passed without a successful keep-alive".into()
-                }
-                // The deadline may move while we sleep; look again when the old one is due.
-                DeadlineCheck::LookAgainIn(pause) => tokio::time::sleep(pause).await,
-            }
-        }
+        election::watch_deadline(&self.leadership).await
     }
 
     /// Returns why the lease can no longer be kept.

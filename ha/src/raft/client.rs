@@ -39,7 +39,8 @@ use crate::{lease_deadline, HaServices, LeaderInfo, Leadership, Role};
 /// stale leader).
 const RECHECK: Duration = Duration::from_secs(2);
 /// How long one member may take to answer before the request goes to the next one (a member
-/// that hangs, e.g. stopped with SIGSTOP, must not hold the request until its deadline).
+/// that hangs, e.g. stopped with SIGSTOP, must not hold the request until its deadline); at most
+/// half a request's budget, and a member that did not answer is not asked first next time.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The pause after a round in which no member answered as leader (an election is under way).
 const NO_LEADER_PAUSE: Duration = Duration::from_millis(50);
@@ -97,19 +98,7 @@ impl std::fmt::Debug for RaftHaServices {
 
 /// True when the call failed before the request left (no connection to the member).
 fn is_not_sent(status: &tonic::Status) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        if c.to_string().contains("tcp connect error") {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    crate::refused_before_sending(std::error::Error::source(status))
 }
 
 fn unexpected(what: &str, reply: &Reply) -> KeelError {
@@ -340,8 +329,14 @@ impl Inner {
     async fn send(&self, what: &str, request: Request, retry: Retry, timeout: Duration) -> Result<Reply> {
         let n = self.members.len();
         let mut last: Option<KeelError> = None;
+        // Each member gets at most half the budget (and at most ATTEMPT_TIMEOUT), so that a
+        // member that hangs (stopped with SIGSTOP, say) leaves time to ask another one.
+        let per_attempt = ATTEMPT_TIMEOUT.min(timeout / 2);
         let attempt = async {
             let mut i = self.preferred.load(Ordering::Relaxed) % n;
+            // Members that failed during this call: their `NOT_LEADER` hints are not followed
+            // back to them.
+            let mut failed = vec![false; n];
             let mut misses = 0usize;
             loop {
                 let (address, client) = &self.members[i];
@@ -358,12 +353,11 @@ impl Inner {
                         }
                     }
                 };
-                let result = match tokio::time::timeout(ATTEMPT_TIMEOUT.min(timeout), call).await {
+                let result = match tokio::time::timeout(per_attempt, call).await {
                     Ok(r) => r?,
-                    Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                        "no answer within {:?}",
-                        ATTEMPT_TIMEOUT.min(timeout)
-                    ))),
+                    Err(_) => {
+                        Err(tonic::Status::deadline_exceeded(format!("no answer within {per_attempt:?}")))
+                    }
                 };
                 let error = match result {
                     Ok(resp) => {
@@ -379,7 +373,7 @@ impl Inner {
                         match e {
                             KeelError::NotLeader { leader: Some(ref hint), .. } => {
                                 match self.members.iter().position(|(a, _)| a == hint) {
-                                    Some(j) if j != i => {
+                                    Some(j) if j != i && !failed[j] => {
                                         i = j;
                                         last = Some(e);
                                         continue;
@@ -389,8 +383,16 @@ impl Inner {
                                 e
                             }
                             KeelError::NotLeader { .. } => e,
-                            KeelError::Unavailable { .. } if not_sent || retry == Retry::Idempotent => e,
-                            other => return Err(other),
+                            KeelError::Unavailable { .. } if not_sent || retry == Retry::Idempotent => {
+                                // Later requests start elsewhere too.
+                                failed[i] = true;
+                                self.preferred.store((i + 1) % n, Ordering::Relaxed);
+                                e
+                            }
+                            other => {
+                                self.preferred.store((i + 1) % n, Ordering::Relaxed);
+                                return Err(other);
+                            }
                         }
                     }
                 };
@@ -399,6 +401,7 @@ impl Inner {
                 i = (i + 1) % n;
                 misses += 1;
                 if misses.is_multiple_of(n) {
+                    failed.iter_mut().for_each(|f| *f = false);
                     tokio::time::sleep(NO_LEADER_PAUSE).await;
                 }
             }
@@ -447,15 +450,7 @@ impl Keeper {
     }
 
     async fn deadline_watch(&self) -> String {
-        loop {
-            match election::deadline_check(self.leadership.remaining()) {
-                election::DeadlineCheck::Never => return std::future::pending().await,
-                election::DeadlineCheck::Passed => {
-                    return "the lease deadline passed without a successful keep-alive".into()
-                }
-                election::DeadlineCheck::LookAgainIn(pause) => tokio::time::sleep(pause).await,
-            }
-        }
+        election::watch_deadline(&self.leadership).await
     }
 
     async fn keep_alive_loop(&self) -> String {

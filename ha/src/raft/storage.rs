@@ -248,53 +248,13 @@ impl DiskStorage {
     /// commit index (raft-rs never rewrites committed entries), and they must be contiguous.
     /// Fsynced before it returns.
     pub fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        self.check_usable()?;
-        let (first_index, last_index) = (self.first(), self.last());
-        if first.index < first_index || first.index > last_index.saturating_add(1) {
-            return Err(invalid_input(format!(
-                "append at index {} outside [{first_index}, {}]",
-                first.index,
-                last_index.saturating_add(1)
-            )));
-        }
-        if entries.windows(2).any(|w| matches!(w, [a, b] if b.index != a.index.saturating_add(1))) {
-            return Err(invalid_input("appended entries are not contiguous".to_string()));
-        }
-        if first.index <= self.hard_state.commit {
-            return Err(invalid_input(format!(
-                "append at index {} would overwrite committed entries (commit index {})",
-                first.index, self.hard_state.commit
-            )));
-        }
-        let mut buf = Vec::new();
-        for e in entries {
-            push_record(&mut buf, KIND_ENTRY, e)?;
-        }
-        self.write_to_log(&buf)?;
-        let keep = usize::try_from(first.index - first_index).map_err(io::Error::other)?;
-        self.entries.truncate(keep);
-        self.entries.extend_from_slice(entries);
-        Ok(())
+        self.persist(entries, None, true)
     }
 
     /// Saves the hard state (term, vote, commit). Its commit may not exceed the last index.
     /// Fsynced before it returns.
     pub fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()> {
-        if *hs == self.hard_state {
-            return Ok(());
-        }
-        self.check_usable()?;
-        if hs.commit > self.last() {
-            return Err(invalid_input(format!(
-                "commit index {} beyond the last index {}",
-                hs.commit,
-                self.last()
-            )));
-        }
-        self.write_hard_state(hs.clone())
+        self.persist(&[], Some(hs), true)
     }
 
     /// Appends `entries` (as [`DiskStorage::append`]) and then saves `hs` (as
@@ -486,22 +446,8 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Appends a hard state record and makes it the hard state.
-    fn write_hard_state(&mut self, hs: HardState) -> io::Result<()> {
-        let mut buf = Vec::new();
-        push_record(&mut buf, KIND_HARD_STATE, &hs)?;
-        self.write_to_log(&buf)?;
-        self.hard_state = hs;
-        Ok(())
-    }
-
-    /// Appends `buf` to the log and fsyncs it. On failure, cuts the file back to its last complete
-    /// record (if it can) and refuses every later change.
-    fn write_to_log(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.write_log(buf, true)
-    }
-
-    /// Appends `buf` to the log, fsynced when `sync`. On failure, as [`Self::write_to_log`].
+    /// Appends `buf` to the log, fsynced when `sync`. On failure, cuts the file back to its last
+    /// complete record (if it can) and refuses every later change.
     fn write_log(&mut self, buf: &[u8], sync: bool) -> io::Result<()> {
         let written = self.log.write_all(buf).and_then(|()| if sync { self.log.sync_data() } else { Ok(()) });
         match written {

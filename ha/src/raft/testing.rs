@@ -14,14 +14,14 @@ use super::node::{MemberSettings, MemberStatus, Timing};
 use super::RaftHaServices;
 
 /// Generous bound on anything the group waits for.
-const LONG: Duration = Duration::from_secs(30);
+pub(crate) const LONG: Duration = Duration::from_secs(30);
 
-fn err(e: impl std::fmt::Display) -> KeelError {
+pub(crate) fn err(e: impl std::fmt::Display) -> KeelError {
     KeelError::internal(e)
 }
 
 /// Polls `probe` every 20 ms until it gives a value, up to [`LONG`].
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> Result<T>
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

@@ -9,33 +9,8 @@ use keel_proto::{KeelError, Result};
 use tokio_util::sync::CancellationToken;
 
 use super::node::Timing;
-use super::testing::LocalGroup;
+use super::testing::{err, wait_for, LocalGroup, LONG};
 use crate::{HaServices, Leadership, LeaseInstant, Role};
-
-/// Generous bound on anything the tests wait for.
-const LONG: Duration = Duration::from_secs(30);
-
-fn err(e: impl std::fmt::Display) -> KeelError {
-    KeelError::internal(e)
-}
-
-/// Polls `probe` every 20 ms until it gives a value, up to [`LONG`].
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        if let Some(v) = probe().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(err(format!("timed out waiting for {what}")));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Waits until `leadership`'s deadline lies beyond `past`: a keep-alive sent after `past` was
 /// acknowledged by the group.
@@ -114,6 +89,31 @@ async fn losing_one_member_of_three_changes_no_roles_leader() -> Result<()> {
         group.status(raft_leader).await.is_some_and(|s| s.applied_index >= target).then_some(())
     })
     .await?;
+    Ok(())
+}
+
+/// A Raft leader member that hangs (its Ready loop frozen, as a process stopped with SIGSTOP,
+/// while its socket still takes requests) costs no role its leader: the clients' keep-alives
+/// stop waiting for it and reach the member elected in its place, so the leadership is renewed
+/// past the moment the freeze began plus the TTL (which it could not be if every keep-alive
+/// kept going to the frozen member), and keeps its epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_raft_leader_costs_no_role_its_leader() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(err)?;
+    let group = LocalGroup::start(dir.path(), 3, Timing::default()).await?;
+    let ttl = Duration::from_secs(6);
+    let ha = group.client(ttl).await?;
+    let never = CancellationToken::new();
+    let jm = ha.campaign(Role::JobManager, "jm:1", &never).await?;
+    let raft_leader = group.leader().await?;
+    let frozen_at = LeaseInstant::now();
+    group.freeze(raft_leader, true);
+    let new_leader = group.leader().await?;
+    assert_ne!(new_leader, raft_leader);
+    renewed_after(&jm, frozen_at + ttl).await?;
+    assert!(!jm.lost().is_cancelled(), "the leadership was given up");
+    assert_eq!(ha.leader(Role::JobManager).await?.map(|l| l.epoch), Some(jm.epoch));
+    group.freeze(raft_leader, false);
     Ok(())
 }
 
