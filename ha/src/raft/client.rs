@@ -41,7 +41,9 @@ const RECHECK: Duration = Duration::from_secs(2);
 /// How long one member may take to answer before the request goes to the next one (a member
 /// that hangs, e.g. stopped with SIGSTOP, must not hold the request until its deadline); at most
 /// half a request's budget, and a member that did not answer is not asked first next time.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+/// The most a keep-alive may take (see `Keeper::keep_alive_loop`).
+const KEEP_ALIVE_BUDGET: Duration = Duration::from_secs(2);
 /// The pause after a round in which no member answered as leader (an election is under way).
 const NO_LEADER_PAUSE: Duration = Duration::from_millis(50);
 
@@ -467,9 +469,12 @@ impl Keeper {
             }
             let sent = clock.lease_now();
             let request = Request::Propose(Command::KeepAlive { session: self.session });
-            // One interval per try, so that an unanswered keep-alive is sent again (elsewhere)
-            // well before the deadline.
-            let outcome = match self.inner.send("keep-alive", request, Retry::Idempotent, interval).await {
+            // The keep-alive may take what is left of the lease (at most 2 s, at least an
+            // interval): right after a Raft leader is lost, the new one must be elected and
+            // commit before it answers, and a loaded machine slows both down. Each member gets
+            // at most half of it, so a member that hangs does not take it all.
+            let budget = self.leadership.remaining().unwrap_or(interval).clamp(interval, KEEP_ALIVE_BUDGET);
+            let outcome = match self.inner.send("keep-alive", request, Retry::Idempotent, budget).await {
                 Ok(Reply::Done) => KeepAliveOutcome::Opened,
                 Ok(Reply::NoSession { .. }) => KeepAliveOutcome::LeaseNotFound,
                 Ok(_) | Err(_) => KeepAliveOutcome::Broken,
