@@ -606,6 +606,12 @@ impl Client {
             .await
             .map_err(|e| self.unreachable("jobmanager", e))?;
         let rm = self.overview().await?;
+        let members = match &self.config.ha.backend {
+            HaBackend::Raft { members, .. } => {
+                Some(keel_ha::raft::client::member_statuses(members, Duration::from_secs(2)).await)
+            }
+            _ => None,
+        };
         if self.output == Output::Json {
             let tms: Vec<serde_json::Value> = rm
                 .taskmanagers
@@ -625,11 +631,39 @@ impl Client {
                                         "leader_for_ms": rm.leader_for_ms},
                     "taskmanagers": tms,
                     "slots": {"total": rm.slots_total, "free": rm.slots_free, "used": rm.slots_total - rm.slots_free},
+                    "ha_members": members.as_ref().map(|ms| ms.iter().map(|(id, address, status)| match status {
+                        Ok(s) => json!({"id": id, "address": address, "state": s.state, "raft_leader": s.raft_leader,
+                                        "term": s.term, "commit_index": s.commit_index, "applied_index": s.applied_index,
+                                        "snapshot_index": s.snapshot_index, "disk_bytes": s.disk_bytes}),
+                        Err(e) => json!({"id": id, "address": address, "error": e.to_string()}),
+                    }).collect::<Vec<_>>()),
                 })
             );
             return Ok(());
         }
         println!("HA services: {}", self.ha_description);
+        if let Some(members) = &members {
+            let rows: Vec<Vec<String>> = members
+                .iter()
+                .map(|(id, address, status)| match status {
+                    Ok(s) => vec![
+                        id.to_string(),
+                        address.clone(),
+                        s.state.clone(),
+                        s.term.to_string(),
+                        s.applied_index.to_string(),
+                        s.snapshot_index.to_string(),
+                        size(s.disk_bytes),
+                    ],
+                    Err(e) => vec![id.to_string(), address.clone(), format!("unreachable: {e}")],
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["MEMBER", "ADDRESS", "STATE", "TERM", "APPLIED", "SNAPSHOT", "DISK"], &rows)
+            );
+            println!();
+        }
         print!(
             "{}",
             table(

@@ -491,6 +491,26 @@ impl Keeper {
     }
 }
 
+/// Every member's view of the group (`MemberStatus`), each asked with `timeout`; a member that
+/// does not answer gives its error. For `keel cluster`.
+pub async fn member_statuses(
+    members: &[(u64, String)],
+    timeout: Duration,
+) -> Vec<(u64, String, Result<pb::HaMemberStatusResponse>)> {
+    let asks = members.iter().map(|(id, address)| async move {
+        let status = async {
+            let mut client = super::member::client(address)?;
+            match tokio::time::timeout(timeout, client.member_status(pb::HaMemberStatusRequest {})).await {
+                Ok(Ok(r)) => Ok(r.into_inner()),
+                Ok(Err(status)) => Err(KeelError::from_status(&status, address)),
+                Err(_) => Err(KeelError::unavailable(address, format!("no answer within {timeout:?}"))),
+            }
+        };
+        (*id, address.clone(), status.await)
+    });
+    futures::future::join_all(asks).await
+}
+
 fn leader_info(event: &pb::HaLeaderEvent) -> Option<LeaderInfo> {
     event.address.as_ref().map(|a| LeaderInfo { address: a.clone(), epoch: event.epoch })
 }

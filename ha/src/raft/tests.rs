@@ -202,12 +202,10 @@ async fn a_resumed_deposed_leader_serves_no_stale_read() -> Result<()> {
     old.member.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
     old.member.isolation.set(true);
     ha.put(&jm, "k", b"new".to_vec()).await?;
-    let node = old.member.node.clone();
-    let read =
-        tokio::spawn(
-            async move { node.read(super::machine::Query::Get { key: "test/meta/k".into() }).await },
-        );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The read is in the frozen member's queue before it thaws (sent without waiting).
+    let (reply, read) = tokio::sync::oneshot::channel();
+    let query = super::machine::Query::Get { key: "test/meta/k".into() };
+    old.member.node.tx.send(super::node::Input::Read { query, reply }).map_err(err)?;
     old.member.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
     let answer = tokio::time::timeout(Duration::from_secs(10), read).await;
     let stale = super::machine::Reply::Value { value: Some(b"old".to_vec()) };
@@ -315,12 +313,14 @@ async fn the_store_is_linearizable_under_member_faults() -> Result<()> {
                     group.running[leader].as_ref().ok_or_else(|| err("member gone"))?.member.node.clone();
                 let mut reads = Vec::new();
                 for (i, key) in ["a", "b", "c"].into_iter().enumerate() {
-                    let (node, history) = (node.clone(), history.clone());
+                    // Queued at the frozen member now (sent without waiting), answered once it thaws.
+                    let pending = history.begin(100 + i as u64, Op::Get { key: key.into() });
+                    let query = super::machine::Query::Get { key: format!("test/meta/{key}") };
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    node.tx.send(super::node::Input::Read { query, reply }).map_err(err)?;
                     reads.push(tokio::spawn(async move {
-                        let pending = history.begin(100 + i as u64, Op::Get { key: key.into() });
-                        let query = super::machine::Query::Get { key: format!("test/meta/{key}") };
-                        match node.read(query).await {
-                            Ok(super::machine::Reply::Value { value }) => {
+                        match answer.await {
+                            Ok(Ok(super::machine::Reply::Value { value })) => {
                                 pending.finish(Outcome::Value(value))
                             }
                             _ => pending.finish(Outcome::Unknown),
