@@ -90,22 +90,116 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-/// Caps glibc's malloc arenas (`taskmanager.memory.malloc-arenas`, off by default). A
-/// TaskManager's threads (librdkafka runs several per client) otherwise each get an arena, and
-/// every arena keeps its own high-water mark resident; fewer arenas save memory at a CPU cost
-/// (contention on the shared arena), measured in docs/kafka.md ("Memory"). Done with glibc's own
-/// tunable rather than another allocator: mimalloc and jemalloc both measured a higher peak RSS.
+/// glibc allocator settings of a TaskManager (`taskmanager.memory.malloc-*`), applied with
+/// glibc's own `mallopt` and `malloc_trim` rather than another allocator: mimalloc and jemalloc
+/// both measured a higher peak RSS (docs/kafka.md, "Memory").
+///
+/// A TaskManager's threads (librdkafka runs several per client) each get an arena, and every
+/// arena keeps its high-water mark resident: fewer arenas save memory at a CPU cost (contention
+/// on the shared arena), a fixed mmap threshold keeps large buffers out of the arenas, and a
+/// periodic trim hands the arenas' free pages back.
 #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"), not(feature = "jemalloc")))]
 #[allow(unsafe_code)]
-fn limit_malloc_arenas(arenas: u32) {
-    let n = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
-    // SAFETY: mallopt only sets a glibc allocator parameter; M_ARENA_MAX takes any positive
-    // value, and it is called before this process starts a second thread.
-    let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, n) } == 1;
-    if ok {
-        tracing::info!(arenas, "malloc arenas limited");
-    } else {
-        tracing::warn!(arenas, "mallopt(M_ARENA_MAX) refused; glibc's default arenas stay");
+mod malloc_tuning {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Sets `M_ARENA_MAX` and `M_MMAP_THRESHOLD`. Must run before the process starts a second
+    /// thread: each thread's first allocation picks its arena.
+    pub fn configure(arenas: Option<u32>, mmap_threshold: Option<u64>) {
+        if let Some(arenas) = arenas {
+            let n = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
+            // SAFETY: mallopt only sets a glibc allocator parameter; M_ARENA_MAX takes any
+            // positive value.
+            if unsafe { libc::mallopt(libc::M_ARENA_MAX, n) } == 1 {
+                tracing::info!(arenas, "malloc arenas limited");
+            } else {
+                tracing::warn!(arenas, "mallopt(M_ARENA_MAX) refused; glibc's default arenas stay");
+            }
+        }
+        if let Some(bytes) = mmap_threshold {
+            // The config caps it at 32 MiB, so it fits.
+            let n = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+            // SAFETY: as above; glibc refuses (returns 0) a value beyond its maximum.
+            if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, n) } == 1 {
+                tracing::info!(bytes, "malloc mmap threshold fixed");
+            } else {
+                tracing::warn!(bytes, "mallopt(M_MMAP_THRESHOLD) refused; glibc's default stays");
+            }
+        }
+    }
+
+    /// Trims the arenas every `interval` on a thread of its own, until [`Trimming`] is dropped.
+    /// The thread allocates nothing, so it takes no arena of its own.
+    pub fn start_trimming(interval: Duration) -> std::io::Result<Trimming> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new().name("malloc-trim".into()).spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                // SAFETY: malloc_trim takes each arena's lock and returns free pages to the OS;
+                // it is safe to call from any thread at any time.
+                unsafe { libc::malloc_trim(0) };
+            }
+        })?;
+        Ok(Trimming { stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// The trimming thread; dropping it stops the thread and waits for it.
+    pub struct Trimming {
+        stop: Option<mpsc::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Drop for Trimming {
+        fn drop(&mut self) {
+            drop(self.stop.take());
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn resident_kib() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .expect("VmRSS in /proc/self/status")
+        }
+
+        /// Proves that the trimming thread hands freed arena memory back: 64 MiB of blocks below
+        /// the mmap threshold are freed behind a block that stays live, so glibc's own top-of-heap
+        /// trim cannot return them; only `malloc_trim` can, and resident memory must drop.
+        #[test]
+        fn the_trimming_thread_returns_freed_arena_pages() {
+            // Allocated and freed on a thread of its own: a fresh arena, away from other tests'.
+            let before = std::thread::spawn(|| {
+                let blocks: Vec<Vec<u8>> = (0..1024).map(|i| vec![i as u8; 64 * 1024]).collect();
+                let keep = vec![1u8; 1024];
+                let resident = resident_kib();
+                drop(blocks);
+                std::hint::black_box(&keep);
+                (resident, keep)
+            })
+            .join()
+            .expect("allocating thread");
+            let trimming = start_trimming(Duration::from_millis(20)).expect("start trimming");
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while resident_kib() + 32 * 1024 > before.0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "resident {} KiB, {} KiB with the blocks: freed pages were not returned",
+                    resident_kib(),
+                    before.0
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(trimming);
+        }
     }
 }
 
@@ -115,8 +209,21 @@ fn limit_malloc_arenas(arenas: u32) {
     not(feature = "mimalloc"),
     not(feature = "jemalloc")
 )))]
-fn limit_malloc_arenas(arenas: u32) {
-    tracing::debug!(arenas, "taskmanager.memory.malloc-arenas applies to glibc's allocator only");
+mod malloc_tuning {
+    use std::time::Duration;
+
+    pub fn configure(arenas: Option<u32>, mmap_threshold: Option<u64>) {
+        if arenas.is_some() || mmap_threshold.is_some() {
+            tracing::debug!("taskmanager.memory.malloc-* apply to glibc's allocator only");
+        }
+    }
+
+    pub struct Trimming;
+
+    pub fn start_trimming(_interval: Duration) -> std::io::Result<Trimming> {
+        tracing::debug!("taskmanager.memory.malloc-trim-interval applies to glibc's allocator only");
+        Ok(Trimming)
+    }
 }
 
 /// `keel ha-member`: one member of the Raft HA store, listening on its own address from
@@ -161,9 +268,18 @@ impl Session {
     pub fn role(&self, role: RoleCmd) -> anyhow::Result<()> {
         init_logging();
         let config = self.load_config()?;
-        if let (RoleCmd::TaskManager, Some(arenas)) = (&role, config.taskmanager_malloc_arenas) {
+        // Dropped when the role returns, which ends the trimming thread.
+        let mut _trimming = None;
+        if let RoleCmd::TaskManager = role {
             // Before the runtime starts any thread: each thread's first allocation picks its arena.
-            limit_malloc_arenas(arenas);
+            malloc_tuning::configure(
+                config.taskmanager_malloc_arenas,
+                config.taskmanager_malloc_mmap_threshold,
+            );
+            if let Some(interval) = config.taskmanager_malloc_trim_interval {
+                _trimming =
+                    Some(malloc_tuning::start_trimming(interval).context("starting the malloc-trim thread")?);
+            }
         }
         runtime()?.block_on(async move {
             let shutdown = CancellationToken::new();

@@ -78,6 +78,8 @@ pub const KEYS: &[KeyInfo] = &[
     KeyInfo { key: "heartbeat.rpc-failure-threshold", default: "2", help: "a TaskManager that this many consecutive RPCs could not reach (connection refused, reset, unreachable; not timeouts) is declared lost before heartbeat.timeout; the ResourceManager leader pings every TaskManager each heartbeat.interval, again within 100 ms after a ping that could not reach one, and at once when its liveness stream breaks; -1 disables" },
     KeyInfo { key: "taskmanager.numberOfTaskSlots", default: "1", help: "number of task slots a TaskManager offers" },
     KeyInfo { key: "taskmanager.memory.malloc-arenas", default: "0", help: "glibc malloc arenas a TaskManager may use (mallopt M_ARENA_MAX, set at its start); 0 leaves glibc's default (an arena per allocating thread, up to 8 per core; MALLOC_ARENA_MAX in the environment also applies). Fewer arenas trade CPU for memory: on a Kafka pass-through (keel-bench, 500k records, A/B on one machine) 1 arena gave a peak RSS of 29-32 MiB against 34-46 MiB, at 15-30 % more CPU per record; 2 arenas 30-37 MiB at 10-20 % more; no effect with another allocator; not a Flink key" },
+    KeyInfo { key: "taskmanager.memory.malloc-trim-interval", default: "1 s", help: "how often a TaskManager hands the free pages of glibc's malloc arenas back to the OS (malloc_trim, on a thread of its own); 0 never. Every thread that allocates gets an arena, and an arena keeps the pages of what it once held after it is freed. With the mmap threshold below it took a Kafka pass-through's peak RSS from 38-50 MiB to 26-30 MiB at no measurable CPU cost (docs/kafka.md, \"Memory\"); no effect with another allocator; not a Flink key" },
+    KeyInfo { key: "taskmanager.memory.malloc-mmap-threshold", default: "256 kb", help: "allocations of at least this size (`256 kb`, `1 mb`, a bare number is bytes; at most 32 mb) get pages of their own, handed back to the OS when freed (mallopt M_MMAP_THRESHOLD, set at a TaskManager's start); 0 leaves glibc's default, which starts at 128 kb and rises to the largest block freed so far, after which librdkafka's fetch and produce buffers stay in the arenas. 64 kb measured 5x slower on datagen (its batch buffers then get fresh pages every batch); 256 kb no slower. See docs/kafka.md (\"Memory\"); no effect with another allocator; not a Flink key" },
     KeyInfo { key: "taskmanager.id", default: "", help: "TaskManager id; generated from host and port when empty" },
     KeyInfo { key: "slot.request.timeout", default: "5 min", help: "how long a slot request waits for free slots before failing" },
     KeyInfo { key: "upgrade.health-timeout", default: "1 min", help: "a new job version must run and complete its first checkpoint within this time of its start, or the upgrade rolls back to the old version from the drain savepoint" },
@@ -197,6 +199,12 @@ pub struct Config {
     /// `taskmanager.memory.malloc-arenas`: glibc's `M_ARENA_MAX` for a TaskManager; `None`
     /// (`0`) leaves glibc's default.
     pub taskmanager_malloc_arenas: Option<u32>,
+    /// `taskmanager.memory.malloc-trim-interval`: how often a TaskManager calls `malloc_trim`;
+    /// `None` (`0`): never.
+    pub taskmanager_malloc_trim_interval: Option<Duration>,
+    /// `taskmanager.memory.malloc-mmap-threshold`: glibc's `M_MMAP_THRESHOLD` for a TaskManager,
+    /// in bytes; `None` (`0`) leaves glibc's dynamic default.
+    pub taskmanager_malloc_mmap_threshold: Option<u64>,
     pub taskmanager_id: Option<String>,
     pub slot_request_timeout: Duration,
     /// `upgrade.health-timeout`: how long a new version has to run and complete its first
@@ -409,6 +417,16 @@ impl Config {
                 format!("not a whole number (0 for glibc's default): {e}"),
             )
         })?;
+        let trim_interval = parse_duration(get("taskmanager.memory.malloc-trim-interval").0)
+            .map_err(|r| invalid("taskmanager.memory.malloc-trim-interval", r))?;
+        let mmap_threshold = parse_memory_size(get("taskmanager.memory.malloc-mmap-threshold").0)
+            .map_err(|r| invalid("taskmanager.memory.malloc-mmap-threshold", r))?;
+        if mmap_threshold > MAX_MMAP_THRESHOLD {
+            return Err(invalid(
+                "taskmanager.memory.malloc-mmap-threshold",
+                format!("at most {} mb (glibc's limit on 64-bit)", MAX_MMAP_THRESHOLD >> 20),
+            ));
+        }
         let tm_id = string("taskmanager.id");
         let rpc_failure_threshold = match string("heartbeat.rpc-failure-threshold").as_str() {
             "-1" => None,
@@ -437,6 +455,8 @@ impl Config {
             heartbeat_timeout,
             slots_per_taskmanager: slots,
             taskmanager_malloc_arenas: (malloc_arenas > 0).then_some(malloc_arenas),
+            taskmanager_malloc_trim_interval: (!trim_interval.is_zero()).then_some(trim_interval),
+            taskmanager_malloc_mmap_threshold: (mmap_threshold > 0).then_some(mmap_threshold),
             taskmanager_id: (!tm_id.is_empty()).then_some(tm_id),
             slot_request_timeout: duration("slot.request.timeout")?,
             upgrade_health_timeout: duration("upgrade.health-timeout")?,
@@ -995,6 +1015,27 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_micros((value * millis_per_unit * 1000.0).round() as u64))
 }
 
+/// The largest `M_MMAP_THRESHOLD` glibc takes on 64-bit (`HEAP_MAX_SIZE / 2`, 32 MiB).
+const MAX_MMAP_THRESHOLD: u64 = 32 << 20;
+
+/// Parses a Flink-style memory size: a whole number followed by an optional unit (`b`, `kb`,
+/// `mb`, `gb` and their short and long forms, powers of 1024, any case). A bare number is bytes.
+pub fn parse_memory_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: u64 =
+        num.parse().map_err(|_| format!("{text:?} is not a memory size (expected e.g. `256 kb`, `1 mb`)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" | "bytes" => 0,
+        "k" | "kb" | "kibibytes" => 10,
+        "m" | "mb" | "mebibytes" => 20,
+        "g" | "gb" | "gibibytes" => 30,
+        other => return Err(format!("unknown memory unit {other:?} in {text:?}")),
+    };
+    value.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1136,6 +1177,54 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("3 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn memory_sizes_parse_like_flink() {
+        assert_eq!(parse_memory_size("4096"), Ok(4096));
+        assert_eq!(parse_memory_size("256 kb"), Ok(256 << 10));
+        assert_eq!(parse_memory_size("1MB"), Ok(1 << 20));
+        assert_eq!(parse_memory_size("2 g"), Ok(2 << 30));
+        assert!(parse_memory_size("1.5 mb").is_err());
+        assert!(parse_memory_size("3 parsecs").is_err());
+        assert!(parse_memory_size("").is_err());
+        assert!(parse_memory_size("99999999999999999999 gb").is_err());
+    }
+
+    #[test]
+    fn malloc_tuning_keys_are_typed_and_checked() {
+        let c = Config::defaults();
+        assert_eq!(c.taskmanager_malloc_trim_interval, Some(Duration::from_secs(1)));
+        assert_eq!(c.taskmanager_malloc_mmap_threshold, Some(256 << 10));
+        let c = Config::load(&ConfigSources {
+            flags: vec![
+                "taskmanager.memory.malloc-trim-interval=200 ms".into(),
+                "taskmanager.memory.malloc-mmap-threshold=1 mb".into(),
+            ],
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(c.taskmanager_malloc_trim_interval, Some(Duration::from_millis(200)));
+        assert_eq!(c.taskmanager_malloc_mmap_threshold, Some(1 << 20));
+        let c = Config::load(&ConfigSources {
+            flags: vec![
+                "taskmanager.memory.malloc-trim-interval=0".into(),
+                "taskmanager.memory.malloc-mmap-threshold=0".into(),
+            ],
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(c.taskmanager_malloc_trim_interval, None, "0: never");
+        assert_eq!(c.taskmanager_malloc_mmap_threshold, None, "0: glibc's default");
+        for (flag, key) in [
+            ("taskmanager.memory.malloc-mmap-threshold=64 mb", "malloc-mmap-threshold"),
+            ("taskmanager.memory.malloc-mmap-threshold=lots", "malloc-mmap-threshold"),
+            ("taskmanager.memory.malloc-trim-interval=soon", "malloc-trim-interval"),
+        ] {
+            let err = Config::load(&ConfigSources { flags: vec![flag.into()], ..Default::default() })
+                .expect_err(flag);
+            assert!(err.to_string().contains(key), "{flag}: {err}");
+        }
     }
 
     #[test]
