@@ -108,24 +108,22 @@ mod malloc_tuning {
     /// thread: each thread's first allocation picks its arena.
     pub fn configure(arenas: Option<u32>, mmap_threshold: Option<u64>) {
         if let Some(arenas) = arenas {
-            let n = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
-            // SAFETY: mallopt only sets a glibc allocator parameter; M_ARENA_MAX takes any
-            // positive value.
-            if unsafe { libc::mallopt(libc::M_ARENA_MAX, n) } == 1 {
-                tracing::info!(arenas, "malloc arenas limited");
-            } else {
-                tracing::warn!(arenas, "mallopt(M_ARENA_MAX) refused; glibc's default arenas stay");
-            }
+            set(libc::M_ARENA_MAX, "M_ARENA_MAX", arenas.into());
         }
         if let Some(bytes) = mmap_threshold {
-            // The config caps it at 32 MiB, so it fits.
-            let n = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-            // SAFETY: as above; glibc refuses (returns 0) a value beyond its maximum.
-            if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, n) } == 1 {
-                tracing::info!(bytes, "malloc mmap threshold fixed");
-            } else {
-                tracing::warn!(bytes, "mallopt(M_MMAP_THRESHOLD) refused; glibc's default stays");
-            }
+            // The config caps it at 32 MiB; glibc refuses a value beyond its maximum.
+            set(libc::M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD", bytes);
+        }
+    }
+
+    fn set(param: libc::c_int, name: &'static str, value: u64) {
+        let n = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a glibc allocator parameter; it refuses (returns 0) a
+        // value out of range.
+        if unsafe { libc::mallopt(param, n) } == 1 {
+            tracing::info!(param = name, value, "mallopt set");
+        } else {
+            tracing::warn!(param = name, value, "mallopt refused; glibc's default stays");
         }
     }
 
