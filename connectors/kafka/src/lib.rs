@@ -36,6 +36,7 @@ pub mod spool;
 pub mod txn_timeout;
 
 mod client;
+mod fetch;
 
 pub use assign::{assign, owner, spread_warning, TopicPartition};
 pub use eos::{ExactlyOnceSink, ExactlyOnceState, SegmentState};

@@ -44,7 +44,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedHeaders, Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::metadata::Metadata;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
@@ -52,6 +52,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::assign::{assign, spread_warning, TopicPartition};
 use crate::client::{is_transient, log, to_keel};
+use crate::fetch::{FetchQueue, Fetched, RawHeaders, RawMessage};
 use crate::metrics::{now_ms, KafkaSourceMetrics, PartitionMetrics};
 use crate::options::{
     set_defaults, source_queue_defaults, KafkaSourceOptions, OffsetReset, StartupMode, Subscription,
@@ -159,26 +160,26 @@ pub enum TimestampType {
     LogAppendTime,
 }
 
-impl TimestampType {
-    fn of(timestamp: rdkafka::Timestamp) -> TimestampType {
-        match timestamp {
-            rdkafka::Timestamp::NotAvailable => TimestampType::NotAvailable,
-            rdkafka::Timestamp::CreateTime(_) => TimestampType::CreateTime,
-            rdkafka::Timestamp::LogAppendTime(_) => TimestampType::LogAppendTime,
+impl<'a> SourceMessage<'a> {
+    /// `raw` (which is not an error) of `topic`, read in place.
+    fn of_raw(raw: RawMessage<'a>, topic: &'a str) -> SourceMessage<'a> {
+        let timestamp = raw.timestamp();
+        SourceMessage {
+            topic,
+            partition: raw.partition(),
+            offset: raw.offset(),
+            timestamp_ms: timestamp.map(|(ms, _)| ms),
+            timestamp_type: match timestamp {
+                None => TimestampType::NotAvailable,
+                Some((_, true)) => TimestampType::CreateTime,
+                Some((_, false)) => TimestampType::LogAppendTime,
+            },
+            leader_epoch: raw.leader_epoch(),
+            key: raw.key(),
+            value: raw.value(),
+            headers: raw.headers().map_or(MessageHeaders::None, MessageHeaders::Client),
         }
     }
-}
-
-/// The leader epoch of a consumed message (`None` when unknown). rdkafka has no safe accessor
-/// for it, so this calls librdkafka's `rd_kafka_message_leader_epoch` on the message's pointer.
-#[allow(unsafe_code)]
-fn leader_epoch(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i32> {
-    // SAFETY: `message.ptr()` points to the rd_kafka_message_t that `message` wraps, which
-    // stays valid while `message` is borrowed here; it was consumed without error (rdkafka
-    // turns an error message into an `Err` before handing out a BorrowedMessage), which is
-    // what librdkafka requires of this call; the function only reads the message.
-    let epoch = unsafe { rdkafka::bindings::rd_kafka_message_leader_epoch(message.ptr()) };
-    (epoch >= 0).then_some(epoch)
 }
 
 /// Where a [`SourceMessage`]'s headers live.
@@ -186,8 +187,8 @@ fn leader_epoch(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i32> 
 enum MessageHeaders<'a> {
     None,
     /// In the client's message.
-    Client(&'a BorrowedHeaders),
-    /// In a [`KafkaRecord`] (a message held across polls).
+    Client(RawHeaders<'a>),
+    /// In a [`KafkaRecord`].
     Owned(&'a [(String, Option<Vec<u8>>)]),
 }
 
@@ -243,7 +244,7 @@ impl<'a> Iterator for SourceHeaders<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         let item = match self.headers {
             MessageHeaders::None => None,
-            MessageHeaders::Client(h) => h.try_get(self.index).map(|h| (h.key, h.value)),
+            MessageHeaders::Client(h) => h.get(self.index),
             MessageHeaders::Owned(h) => h.get(self.index).map(|(k, v)| (k.as_str(), v.as_deref())),
         };
         if item.is_some() {
@@ -341,6 +342,11 @@ pub struct KafkaSourceReader {
     /// Commits offsets off the poll loop; `None` without `properties.group.id`. Declared
     /// before `consumer` so that it stops (and lets go of the consumer) first.
     committer: Option<Committer>,
+    /// Messages fetched and not all handed out yet: the next poll hands out the rest first.
+    /// Declared before `fetch` and `consumer`, whose client they belong to.
+    fetched: Fetched,
+    /// The queue the assigned partitions fetch into (see [`crate::fetch`]).
+    fetch: FetchQueue<ReaderContext>,
     consumer: Arc<BaseConsumer<ReaderContext>>,
     opts: KafkaSourceOptions,
     subtask: u32,
@@ -351,9 +357,6 @@ pub struct KafkaSourceReader {
     /// Partition count of each whole-topic subscription seen so far (for spread warnings).
     topic_sizes: BTreeMap<String, usize>,
     next_discovery: Option<Instant>,
-    /// A message fetched by a poll that was not to hand any out, or that its visitor refused:
-    /// the next poll hands it out first.
-    held: Option<KafkaRecord>,
     /// When `poll` last probed the cluster during an outage.
     last_probe: Option<Instant>,
 }
@@ -426,8 +429,12 @@ impl KafkaSourceReader {
             )?),
             None => None,
         };
+        let fetch = FetchQueue::new(consumer.clone())
+            .ok_or_else(|| KeelError::internal("the Kafka client gave no queue to fetch into"))?;
         let mut reader = KafkaSourceReader {
             committer,
+            fetched: Fetched::default(),
+            fetch,
             consumer,
             subtask,
             parallelism,
@@ -435,7 +442,6 @@ impl KafkaSourceReader {
             assigned: HashMap::new(),
             topic_sizes: BTreeMap::new(),
             next_discovery: opts.discovery_interval.map(|i| Instant::now() + i),
-            held: None,
             last_probe: None,
             opts,
         };
@@ -464,13 +470,12 @@ impl KafkaSourceReader {
     ///
     /// The position moves past each message as `visit` returns `Ok` for it. An `Err` from
     /// `visit` means it did not take the message: the poll stops and returns that error, the
-    /// position stays right after the last message taken, and the refused message is kept
-    /// (copied) and handed out first by the next poll, so nothing is skipped.
+    /// position stays right after the last message taken, and the refused message is handed
+    /// out first by the next poll, so nothing is skipped.
     ///
     /// Polling also serves the client's callbacks (statistics, logs, errors), so keep calling
     /// it. With `max_records` 0 it only does that, for up to `timeout` (say, while downstream
-    /// is backpressured): a message that arrives meanwhile is kept (copied) for the next call,
-    /// and the position does not move.
+    /// is backpressured), and fetches nothing.
     pub fn poll_each(
         &mut self,
         max_records: usize,
@@ -479,12 +484,13 @@ impl KafkaSourceReader {
     ) -> Result<usize> {
         self.check_fatal()?;
         self.discover_if_due(Instant::now())?;
-        let deadline = Instant::now() + timeout;
         let mut handed = Handed::default();
-        let outcome = self.visit_messages(max_records, deadline, &mut visit, &mut handed);
+        let outcome = self.serve_events(if max_records == 0 { timeout } else { Duration::ZERO });
+        let outcome =
+            outcome.and_then(|()| self.visit_messages(max_records, timeout, &mut visit, &mut handed));
         self.record_metrics(&handed);
         outcome?;
-        self.check_reachable(handed.records > 0 || self.held.is_some())?;
+        self.check_reachable(handed.records > 0 || !self.fetched.is_done())?;
         Ok(handed.records)
     }
 
@@ -504,98 +510,153 @@ impl KafkaSourceReader {
         Ok(out)
     }
 
-    /// The loop of [`Self::poll_each`]; `handed` counts what `visit` took (and what was
-    /// fetched), also when it fails.
-    fn visit_messages(
-        &mut self,
-        max_records: usize,
-        deadline: Instant,
-        visit: &mut impl FnMut(&SourceMessage<'_>) -> Result<()>,
-        handed: &mut Handed,
-    ) -> Result<()> {
-        if max_records > 0 {
-            if let Some(record) = self.held.take() {
-                let message = record.as_message();
-                if let Err(e) = visit(&message) {
-                    self.held = Some(record);
-                    return Err(e);
-                }
-                handed.took(&message);
-                if let Some(state) =
-                    self.assigned.get_mut(&*record.topic).and_then(|t| t.get_mut(&record.partition))
-                {
-                    state.next_offset = record.offset + 1;
+    /// Serves what waits on the consumer's own queue (statistics, logs, client errors: the
+    /// callbacks of [`ReaderContext`]); with a `wait`, blocks that long doing so. No record
+    /// arrives there: every assigned partition fetches into [`Self::fetch`].
+    fn serve_events(&mut self, wait: Duration) -> Result<()> {
+        /// At most this many per poll, so that a flood of logs cannot stall the records.
+        const MAX_EVENTS: usize = 64;
+        if wait.is_zero() && self.fetch.events_waiting() == 0 {
+            return Ok(());
+        }
+        for served in 0..MAX_EVENTS {
+            if served > 0 && self.fetch.events_waiting() == 0 {
+                break;
+            }
+            match self.consumer.poll(if served == 0 { wait } else { Duration::ZERO }) {
+                None => {}
+                Some(Err(e)) => self.consume_error(e)?,
+                Some(Ok(m)) => {
+                    return Err(KeelError::internal(format!(
+                        "record {} [{}] at offset {} reached the consumer's queue instead of the fetch queue",
+                        m.topic(),
+                        m.partition(),
+                        m.offset()
+                    )))
                 }
             }
         }
-        // A handle of its own on the consumer: a message borrowed from it does not borrow `self`.
-        let consumer = self.consumer.clone();
+        Ok(())
+    }
+
+    /// The loop of [`Self::poll_each`]: hands out what is left of the last fetch, then fetches
+    /// more; `handed` counts what `visit` took (and what was fetched), also when it fails.
+    fn visit_messages(
+        &mut self,
+        max_records: usize,
+        timeout: Duration,
+        visit: &mut impl FnMut(&SourceMessage<'_>) -> Result<()>,
+        handed: &mut Handed,
+    ) -> Result<()> {
+        if max_records == 0 {
+            return Ok(());
+        }
+        // Taken out of `self` while its messages are borrowed; put back however this ends.
+        let mut fetched = std::mem::take(&mut self.fetched);
+        let outcome = self.visit_fetched(&mut fetched, max_records, timeout, visit, handed);
+        if fetched.is_done() {
+            fetched.clear();
+        }
+        self.fetched = fetched;
+        outcome
+    }
+
+    fn visit_fetched(
+        &mut self,
+        fetched: &mut Fetched,
+        max_records: usize,
+        timeout: Duration,
+        visit: &mut impl FnMut(&SourceMessage<'_>) -> Result<()>,
+        handed: &mut Handed,
+    ) -> Result<()> {
         loop {
-            let full = if max_records == 0 { self.held.is_some() } else { handed.records >= max_records };
-            if full {
+            if handed.records >= max_records {
                 return Ok(());
             }
-            let wait = if handed.records == 0 {
-                deadline.saturating_duration_since(Instant::now())
-            } else {
-                Duration::ZERO
-            };
-            let m = match consumer.poll(wait) {
-                // A timeout, or an event that is not a record (statistics, an error).
-                None => {
-                    if handed.records > 0 || Instant::now() >= deadline {
-                        return Ok(());
+            if fetched.is_done() {
+                fetched.clear();
+                let want = max_records - handed.records;
+                let mut n =
+                    self.fetch.consume(fetched, want, Duration::ZERO).map_err(|e| self.fetch_error(&e))?;
+                if n == 0 && handed.records == 0 && !timeout.is_zero() {
+                    // librdkafka waits for all it is asked for: wait for one, then take the rest.
+                    n = self.fetch.consume(fetched, 1, timeout).map_err(|e| self.fetch_error(&e))?;
+                    if n > 0 {
+                        self.fetch
+                            .consume(fetched, want - 1, Duration::ZERO)
+                            .map_err(|e| self.fetch_error(&e))?;
                     }
-                    continue;
                 }
-                Some(Err(e)) => {
-                    self.consume_error(e)?;
-                    continue;
+                if fetched.is_done() {
+                    return Ok(());
                 }
-                Some(Ok(m)) => m,
-            };
-            let topic = m.topic();
-            let Some(state) = self.assigned.get_mut(topic).and_then(|t| t.get_mut(&m.partition())) else {
-                tracing::debug!(topic, partition = m.partition(), "record of a partition not assigned");
-                continue;
-            };
-            if m.offset() < state.next_offset {
+            }
+            self.visit_run(fetched, max_records, visit, handed)?;
+        }
+    }
+
+    /// Hands out the next messages of `fetched` that are of one partition (an error message
+    /// alone is a run of its own), until `max_records` were handed out in all.
+    fn visit_run(
+        &mut self,
+        fetched: &Fetched,
+        max_records: usize,
+        visit: &mut impl FnMut(&SourceMessage<'_>) -> Result<()>,
+        handed: &mut Handed,
+    ) -> Result<()> {
+        let first = fetched.view(fetched.next());
+        if let Some(error) = first.error() {
+            fetched.advance();
+            return self.consume_error(error);
+        }
+        let (handle, partition) = (first.topic_handle(), first.partition());
+        let Some(topic) = first.topic() else {
+            fetched.advance();
+            tracing::warn!(partition, offset = first.offset(), "record of a topic whose name is not UTF-8");
+            return Ok(());
+        };
+        let Some(state) = self.assigned.get_mut(topic).and_then(|t| t.get_mut(&partition)) else {
+            fetched.advance();
+            tracing::debug!(topic, partition, "record of a partition not assigned");
+            return Ok(());
+        };
+        while fetched.next() < fetched.len() && handed.records < max_records {
+            let raw = fetched.view(fetched.next());
+            if raw.topic_handle() != handle || raw.partition() != partition || raw.error().is_some() {
+                break;
+            }
+            if raw.offset() < state.next_offset {
                 // Only an offset reset moves a position back (properties.auto.offset.reset
                 // after the position fell out of range).
                 tracing::warn!(
                     subtask = self.subtask,
                     topic,
-                    partition = m.partition(),
+                    partition,
                     from = state.next_offset,
-                    to = m.offset(),
+                    to = raw.offset(),
                     "position reset by properties.auto.offset.reset"
                 );
             }
-            let message = SourceMessage {
-                topic,
-                partition: m.partition(),
-                offset: m.offset(),
-                timestamp_ms: m.timestamp().to_millis(),
-                timestamp_type: TimestampType::of(m.timestamp()),
-                leader_epoch: leader_epoch(&m),
-                key: m.key(),
-                value: m.payload(),
-                headers: m.headers().map_or(MessageHeaders::None, MessageHeaders::Client),
-            };
+            let message = SourceMessage::of_raw(raw, topic);
             if message.timestamp_ms.is_some() {
                 handed.fetched_timestamp_ms = message.timestamp_ms;
             }
-            if max_records == 0 {
-                self.held = Some(KafkaRecord::of(&message, state.topic.clone()));
-                continue;
-            }
-            if let Err(e) = visit(&message) {
-                self.held = Some(KafkaRecord::of(&message, state.topic.clone()));
-                return Err(e);
-            }
+            visit(&message)?;
+            fetched.advance();
             state.next_offset = message.offset + 1;
             handed.took(&message);
         }
+        Ok(())
+    }
+
+    /// The batch consume call itself failed (librdkafka refuses only a queue that is not a
+    /// consumer's, so this is not expected).
+    fn fetch_error(&self, error: &KafkaError) -> KeelError {
+        to_keel(
+            error,
+            &format!("fetching subtask {}'s partitions", self.subtask),
+            &self.opts.bootstrap_servers,
+        )
     }
 
     /// During an outage (librdkafka reported every broker connection down): ends it when
@@ -884,6 +945,11 @@ impl KafkaSourceReader {
             tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset)).map_err(|e| {
                 KeelError::internal(format!("start offset {offset} of {tp}: {}", error_chain(&e)))
             })?;
+        }
+        for tp in starts.keys() {
+            self.fetch
+                .route(&tp.topic, tp.partition)
+                .map_err(|e| KeelError::internal(format!("routing {tp}: {e}")))?;
         }
         self.consumer.incremental_assign(&tpl).map_err(|e| {
             to_keel(&e, &format!("assigning partitions {}", describe(starts)), &self.opts.bootstrap_servers)
