@@ -52,7 +52,7 @@
 //! | source | `queued.max.messages.kbytes` | 8192 (8 MiB) | bounds the prefetched bytes (records of 1 KB hit it at the same 8192); librdkafka also keeps `fetch.max.bytes` at or below it unless the spec sets that |
 //! | source | `fetch.message.max.bytes` | 262144 (256 KiB) | bytes per partition and fetch (librdkafka grows it for a larger record): librdkafka keeps a structure of about 370 bytes per fetched message, which `queued.max.messages.kbytes` does not count, so a 1 MB fetch of 20-byte records held about 7 MB; measured: TaskManager peak RSS of a CSV pass-through 54-65 -> 37 MiB, CPU per record not worse |
 //! | source | `fetch.queue.backoff.ms` | 2 | how long the fetcher waits before it looks again at a queue that is above those bounds; librdkafka's 1000 ms would leave a small queue empty for most of a second |
-//! | sink | `queue.buffering.max.messages` | 16 × B (16384) | records handed over and not yet acknowledged: 16 batches, more than `linger.ms` (5 ms) plus an acknowledgement's round trip hold at a million records per second |
+//! | sink | `queue.buffering.max.messages` | 8 × B (8192) | records handed over and not yet acknowledged: 8 batches, what `linger.ms` (5 ms) plus an acknowledgement's round trip hold at over half a million records per second; each costs librdkafka a few hundred bytes besides the record (measured: raw pass-through peak RSS 31-33 -> 27-30 MiB with 16 -> 8 batches, 585k -> 530k records/s; 4 batches cut it to 390k) |
 //! | sink | `queue.buffering.max.kbytes` | 8192 (8 MiB) | bounds the queued bytes of large records |
 //!
 //! A full producer queue is backpressure (`send` waits for acknowledgements), a full consumer
@@ -89,7 +89,7 @@ const SOURCE_PARTITION_FETCH_BYTES: usize = 256 * 1024;
 /// How long the fetcher backs off from a full queue (ms).
 const SOURCE_QUEUE_BACKOFF_MS: u32 = 2;
 /// Records a sink's producer may hold unacknowledged, per batch of the caller.
-const SINK_QUEUED_BATCHES: usize = 16;
+const SINK_QUEUED_BATCHES: usize = 8;
 /// Bytes a sink's producer may hold unacknowledged (KiB).
 const SINK_QUEUE_KBYTES: usize = 8 * 1024;
 
@@ -987,7 +987,7 @@ mod tests {
         assert_eq!(field, "sources[0].scan.check.duplicated.group.id");
     }
 
-    /// The queue bounds follow the batch size (8 batches' worth prefetched, 16 unacknowledged),
+    /// The queue bounds follow the batch size (2 batches' worth prefetched, 8 unacknowledged),
     /// never below 1000 messages nor above librdkafka's maximum, and options read from a spec
     /// carry the default batch size.
     #[test]
@@ -1005,7 +1005,7 @@ mod tests {
         let none = BTreeMap::new();
         assert_eq!(
             get(sink_queue_defaults(1024, &none), "queue.buffering.max.messages").as_deref(),
-            Some("16384")
+            Some("8192")
         );
         assert_eq!(
             get(sink_queue_defaults(0, &none), "queue.buffering.max.messages").as_deref(),

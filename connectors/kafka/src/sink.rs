@@ -586,13 +586,13 @@ mod tests {
     #[test]
     fn the_producer_queue_is_sized_from_the_batch_unless_the_spec_says_otherwise() -> Result<()> {
         let default = options_with(&[])?;
-        assert_eq!(producer_property(&default, None, "queue.buffering.max.messages")?, "16384");
+        assert_eq!(producer_property(&default, None, "queue.buffering.max.messages")?, "8192");
         assert_eq!(producer_property(&default, None, "queue.buffering.max.kbytes")?, "8192");
-        assert_eq!(producer_property(&default, Some("p-0"), "queue.buffering.max.messages")?, "16384");
+        assert_eq!(producer_property(&default, Some("p-0"), "queue.buffering.max.messages")?, "8192");
 
         let mut smaller = options_with(&[])?;
         smaller.batch_records = 256;
-        assert_eq!(producer_property(&smaller, None, "queue.buffering.max.messages")?, "4096");
+        assert_eq!(producer_property(&smaller, None, "queue.buffering.max.messages")?, "2048");
 
         let user = options_with(&[("properties.queue.buffering.max.messages", "100000")])?;
         assert_eq!(producer_property(&user, None, "queue.buffering.max.messages")?, "100000");

@@ -48,9 +48,12 @@ use super::metrics::{Operator, TaskMetrics, TaskShape};
 use super::sinks::{Sink, SinkEdge, FLUSH_INTERVAL};
 use super::threads::{drop_off_thread, off_runtime};
 
-/// Elements in flight between the source driver and the sink thread (each up to
-/// [`MAX_BATCH`] records).
-const CHANNEL_CAPACITY: usize = 16;
+/// Elements in flight between the Kafka readers and the source driver, and again between the
+/// driver and the sink thread (each up to [`MAX_BATCH`] records). Each hand-off is one channel
+/// send per batch whatever the capacity; a larger one only holds more batches in memory when
+/// the sink is the slower side (measured: Kafka pass-through peak RSS 2-3 MiB lower with 4
+/// than with 16, records/s and datagen rows per CPU-second unchanged).
+const CHANNEL_CAPACITY: usize = 4;
 /// Shortest pause between two pacing rounds of a source that is not behind.
 const MIN_TICK: Duration = Duration::from_millis(5);
 /// How long a canceled chain waits for its sink thread before giving up on it.
