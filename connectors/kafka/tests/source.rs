@@ -749,6 +749,72 @@ fn poll_each_hands_the_headers_to_the_visitor() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A header name that is not UTF-8 (the protocol carries bytes; another client may write
+/// them) does not stop the reader: it reads as U+FFFD, its value and the record's other
+/// headers and value arrive intact, in order. (rdkafka's own header accessor unwraps the name
+/// as UTF-8 and would panic the reading thread on this record.)
+#[test]
+#[allow(unsafe_code)]
+fn a_header_name_that_is_not_utf8_reads_as_a_replacement_character() -> anyhow::Result<()> {
+    use rdkafka::bindings as rdsys;
+    use rdkafka::producer::{BaseProducer, Producer};
+    let kafka = Kafka::shared()?;
+    let bootstrap = kafka.bootstrap();
+    let topic = unique_topic("bad-header");
+    create_topic(bootstrap, &topic, 1)?;
+    let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let topic_c = std::ffi::CString::new(topic.clone())?;
+    let (bad_name, good_name) = (c"\xff\xfeid", c"ok");
+    let (value, one, two) = (b"payload", b"1", b"2");
+    let vu = |vtype, u| rdsys::rd_kafka_vu_t { vtype, u };
+    let header = |name: &std::ffi::CStr, val: &[u8]| rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+        header: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+            name: name.as_ptr(),
+            val: val.as_ptr().cast(),
+            size: isize::try_from(val.len()).unwrap_or(0),
+        },
+    };
+    let vus = [
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 { cstr: topic_c.as_ptr() },
+        ),
+        vu(
+            rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                mem: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                    ptr: value.as_ptr().cast_mut().cast(),
+                    size: value.len(),
+                },
+            },
+        ),
+        vu(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER, header(bad_name, one)),
+        vu(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER, header(good_name, two)),
+    ];
+    // SAFETY: a live producer; every pointer in `vus` outlives the call, which copies the
+    // value and the headers (librdkafka's default is to copy).
+    let error = unsafe { rdsys::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len()) };
+    anyhow::ensure!(error.is_null(), "rd_kafka_produceva refused the record");
+    producer.flush(Duration::from_secs(10))?;
+
+    let mut reader = open(bootstrap, &[("topic", &topic), ("scan.startup.mode", "earliest-offset")]);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + common::READ_TIMEOUT;
+    while seen.is_empty() {
+        assert!(Instant::now() < deadline, "the record never arrived");
+        reader.poll_each(10, Duration::from_millis(200), |m| {
+            let hs: Vec<(String, Option<Vec<u8>>)> =
+                m.headers().map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec))).collect();
+            seen.push((m.value.map(<[u8]>::to_vec), hs));
+            Ok(())
+        })?;
+    }
+    let want = vec![("\u{fffd}".to_string(), Some(one.to_vec())), ("ok".to_string(), Some(two.to_vec()))];
+    assert_eq!(seen, vec![(Some(value.to_vec()), want)]);
+    assert_eq!(reader.position().get(&topic, 0), Some(1));
+    Ok(())
+}
+
 /// The timestamp type and the leader epoch reach the visitor and `poll`'s owned copy: a topic
 /// with producer timestamps gives `CreateTime` and the producer's time, one with
 /// `message.timestamp.type=LogAppendTime` gives `LogAppendTime` and the broker's time (not the
