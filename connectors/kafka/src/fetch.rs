@@ -16,6 +16,17 @@
 //!
 //! Messages are read where librdkafka holds them ([`Fetched::view`]): key, value and headers
 //! are borrowed, nothing is copied.
+//!
+//! Two consequences, read in librdkafka 2.12.1's source:
+//! - When a partition's fetching stops (unassign, close), librdkafka drops its forwarding but
+//!   keeps the mark that the application set one, so a partition assigned again must be
+//!   routed again first. Keel's reader never unassigns (it only adds partitions).
+//! - A partition error that librdkafka raises from metadata rather than from a fetch (a desired
+//!   partition that is missing, a topic that does not exist or is no longer authorized) is an
+//!   error operation on the partition's queue. The batch call serves it by logging it at
+//!   error level, naming topic and partition (rdkafka sets no error callback); the event API
+//!   returned it as an error instead. Errors of a fetch (offset out of range, a fetch refused
+//!   for authorization) still arrive as error messages and fail or warn as before.
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
@@ -29,6 +40,10 @@ use rdkafka::bindings as rdsys;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaRespErr;
+
+/// At most this many messages are taken per [`FetchQueue::consume`] call (the vector that
+/// receives them keeps room for as many).
+const MAX_PER_CALL: usize = 4096;
 
 /// A queue of the consumer's own that the assigned partitions fetch into.
 pub(crate) struct FetchQueue<C: ConsumerContext + 'static> {
@@ -86,15 +101,17 @@ impl<C: ConsumerContext + 'static> FetchQueue<C> {
         unsafe { rdsys::rd_kafka_queue_length(self.events.as_ptr()) }
     }
 
-    /// Appends up to `max` messages to `into`, waiting up to `timeout` for them (`ZERO`: takes
-    /// what is there). librdkafka waits for all `max` within the timeout, so ask for one
-    /// message when waiting and for the rest without. Returns how many were appended.
+    /// Appends up to `max` messages (at most [`MAX_PER_CALL`]) to `into`, waiting up to
+    /// `timeout` for them (`ZERO`: takes what is there). librdkafka waits for all `max` within
+    /// the timeout, so ask for one message when waiting and for the rest without. Returns how
+    /// many were appended.
     pub(crate) fn consume(
         &self,
         into: &mut Fetched,
         max: usize,
         timeout: Duration,
     ) -> Result<usize, KafkaError> {
+        let max = max.min(MAX_PER_CALL);
         into.messages.reserve(max);
         let spare = into.messages.spare_capacity_mut();
         let max = max.min(spare.len());

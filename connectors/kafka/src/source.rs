@@ -484,10 +484,11 @@ impl KafkaSourceReader {
     ) -> Result<usize> {
         self.check_fatal()?;
         self.discover_if_due(Instant::now())?;
+        let deadline = Instant::now() + timeout;
         let mut handed = Handed::default();
         let outcome = self.serve_events(if max_records == 0 { timeout } else { Duration::ZERO });
         let outcome =
-            outcome.and_then(|()| self.visit_messages(max_records, timeout, &mut visit, &mut handed));
+            outcome.and_then(|()| self.visit_messages(max_records, deadline, &mut visit, &mut handed));
         self.record_metrics(&handed);
         outcome?;
         self.check_reachable(handed.records > 0 || !self.fetched.is_done())?;
@@ -544,7 +545,7 @@ impl KafkaSourceReader {
     fn visit_messages(
         &mut self,
         max_records: usize,
-        timeout: Duration,
+        deadline: Instant,
         visit: &mut impl FnMut(&SourceMessage<'_>) -> Result<()>,
         handed: &mut Handed,
     ) -> Result<()> {
@@ -553,7 +554,7 @@ impl KafkaSourceReader {
         }
         // Taken out of `self` while its messages are borrowed; put back however this ends.
         let mut fetched = std::mem::take(&mut self.fetched);
-        let outcome = self.visit_fetched(&mut fetched, max_records, timeout, visit, handed);
+        let outcome = self.visit_fetched(&mut fetched, max_records, deadline, visit, handed);
         if fetched.is_done() {
             fetched.clear();
         }
@@ -565,7 +566,7 @@ impl KafkaSourceReader {
         &mut self,
         fetched: &mut Fetched,
         max_records: usize,
-        timeout: Duration,
+        deadline: Instant,
         visit: &mut impl FnMut(&SourceMessage<'_>) -> Result<()>,
         handed: &mut Handed,
     ) -> Result<()> {
@@ -578,9 +579,12 @@ impl KafkaSourceReader {
                 let want = max_records - handed.records;
                 let mut n =
                     self.fetch.consume(fetched, want, Duration::ZERO).map_err(|e| self.fetch_error(&e))?;
-                if n == 0 && handed.records == 0 && !timeout.is_zero() {
+                // Waits only until the poll's deadline, however many error messages or skipped
+                // records came before.
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if n == 0 && handed.records == 0 && !wait.is_zero() {
                     // librdkafka waits for all it is asked for: wait for one, then take the rest.
-                    n = self.fetch.consume(fetched, 1, timeout).map_err(|e| self.fetch_error(&e))?;
+                    n = self.fetch.consume(fetched, 1, wait).map_err(|e| self.fetch_error(&e))?;
                     if n > 0 {
                         self.fetch
                             .consume(fetched, want - 1, Duration::ZERO)
