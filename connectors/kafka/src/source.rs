@@ -580,9 +580,13 @@ impl KafkaSourceReader {
                 let mut n =
                     self.fetch.consume(fetched, want, Duration::ZERO).map_err(|e| self.fetch_error(&e))?;
                 // Waits only until the poll's deadline, however many error messages or skipped
-                // records came before.
-                let wait = deadline.saturating_duration_since(Instant::now());
-                if n == 0 && handed.records == 0 && !wait.is_zero() {
+                // records came before (the clock is read only when nothing was there).
+                let wait = if n == 0 && handed.records == 0 {
+                    deadline.saturating_duration_since(Instant::now())
+                } else {
+                    Duration::ZERO
+                };
+                if !wait.is_zero() {
                     // librdkafka waits for all it is asked for: wait for one, then take the rest.
                     n = self.fetch.consume(fetched, 1, wait).map_err(|e| self.fetch_error(&e))?;
                     if n > 0 {
