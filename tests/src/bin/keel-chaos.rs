@@ -21,7 +21,7 @@ use keel_tests::Backend;
 const USAGE: &str =
     "usage: keel-chaos [--seed N] [--duration 10m | --faults N] [--mode at-least-once|exactly-once] [--ha etcd|raft]
                   [--kinds kill-tm,kill-jm-leader,...] [--rate RECORDS_PER_S] [--no-network]
-                  [--recovery-timeout 90s] [--checkpoint-interval 500ms] [--no-etcd-pre-vote] [--keel PATH] [--keep] [--list]";
+                  [--recovery-timeout 90s] [--checkpoint-interval 500ms] [--lease-ttl 3s] [--no-etcd-pre-vote] [--keel PATH] [--keep] [--list]";
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -73,6 +73,7 @@ fn parse(args: &[String]) -> Result<(Options, bool), String> {
             "--checkpoint-interval" => {
                 opts.checkpoint_interval = parse_duration(&value("--checkpoint-interval")?)?
             }
+            "--lease-ttl" => opts.lease_ttl = parse_duration(&value("--lease-ttl")?)?,
             "--keep" => opts.keep = true,
             "--etcd-pre-vote" => opts.etcd_pre_vote = true,
             "--no-etcd-pre-vote" => opts.etcd_pre_vote = false,

@@ -215,6 +215,8 @@ pub struct Cluster {
     pub cluster_id: String,
     /// Start etcd members with `--pre-vote` (the runner turns it on unless `--no-etcd-pre-vote`).
     pub etcd_pre_vote: bool,
+    /// The leader lease TTL written into the config (the runner sets it from its options).
+    pub lease_ttl: Duration,
     /// Each TaskManager's metrics address (`host:port`), updated at every start.
     pub metrics: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
@@ -327,6 +329,7 @@ impl Cluster {
             cluster_id: cluster_id.to_string(),
             metrics: Default::default(),
             etcd_pre_vote: false,
+            lease_ttl: super::DEFAULT_LEASE_TTL,
         })
     }
 
@@ -754,6 +757,10 @@ impl Cluster {
             format!("jobmanager.rpc.address: {}", jm.ip),
             format!("jobmanager.rpc.port: {}", jm.port),
             "taskmanager.rpc.port: 0".to_string(),
+            match self.ha.lease_ttl_key() {
+                Some(key) => format!("{key}: {} ms", self.lease_ttl.as_millis()),
+                None => String::new(),
+            },
         ];
         let mut f = std::fs::File::create(&self.config)?;
         writeln!(f, "{}", lines.join("\n"))?;

@@ -97,11 +97,17 @@ pub struct Options {
     /// Start the etcd members with `--pre-vote` (etcd 3.4's default is off; on here, as in
     /// `deploy/`; `--no-etcd-pre-vote` turns it off).
     pub etcd_pre_vote: bool,
+    /// The leader lease TTL of the HA backend (`high-availability.etcd.lease-ttl` or
+    /// `high-availability.raft.lease-ttl`); Keel's default is 3 s.
+    pub lease_ttl: Duration,
     /// Keep the run directory (logs) even when the run passed.
     pub keep: bool,
     /// The keel binary; `None`: [`crate::keel_bin`].
     pub keel: Option<PathBuf>,
 }
+
+/// Keel's default leader lease TTL on etcd and raft.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
 
 impl Default for Options {
     fn default() -> Options {
@@ -118,6 +124,7 @@ impl Default for Options {
             keep: false,
             checkpoint_interval: Duration::from_millis(500),
             etcd_pre_vote: true,
+            lease_ttl: DEFAULT_LEASE_TTL,
             keel: None,
         }
     }
@@ -159,6 +166,9 @@ impl Options {
         }
         if !self.etcd_pre_vote {
             c += " --no-etcd-pre-vote";
+        }
+        if self.lease_ttl != DEFAULT_LEASE_TTL {
+            c += &format!(" --lease-ttl {}ms", self.lease_ttl.as_millis());
         }
         if self.checkpoint_interval != Options::default().checkpoint_interval {
             c += &format!(" --checkpoint-interval {}ms", self.checkpoint_interval.as_millis());
@@ -235,7 +245,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         ),
         _ => format!("etcd: 3 members ({}), watched", cluster.etcd_endpoints),
     };
+    report.ha += &format!("; leader lease TTL {:?}", opts.lease_ttl);
     cluster.etcd_pre_vote = opts.etcd_pre_vote;
+    cluster.lease_ttl = opts.lease_ttl;
     let result = run_in(opts, start, &mut cluster, network, &mut report);
     if let Err(e) = &result {
         report.violations.push(format!("the run stopped: {e:#}"));
